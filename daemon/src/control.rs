@@ -1,0 +1,266 @@
+//! The local control socket: how `swbd send/recv/status` talk to a running
+//! daemon. A Unix socket (mode 0600), one JSON object per line each way:
+//! the CLI writes a [`Request`], the daemon answers with one [`Reply`].
+//!
+//! `recv` leases messages to the asking connection; they are acknowledged
+//! to the relay only when the same connection sends `ack` for them. If the
+//! connection closes first, the messages go back to the inbox (nothing is
+//! lost when `swbd recv` is killed between receiving and printing).
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// Largest request line the daemon reads (a 64 KiB body in base64 plus JSON).
+pub const MAX_REQUEST_LINE: usize = 128 * 1024;
+
+/// A request from the CLI.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Connection state.
+    Status,
+    /// Send a message. Waits up to `timeout_ms` for the relay's answer
+    /// (and for a connection, if the daemon is reconnecting).
+    Send {
+        /// Recipient name.
+        to: String,
+        /// Body, base64 (standard alphabet).
+        body_b64: String,
+        /// How long to wait for an answer.
+        timeout_ms: u64,
+    },
+    /// Take up to `max` messages, waiting up to `wait_ms` for the first.
+    Recv {
+        /// Wait time for the first message.
+        wait_ms: u64,
+        /// Most messages to return.
+        max: usize,
+    },
+    /// Acknowledge messages taken with `recv` on this connection.
+    Ack {
+        /// Message ids (hex).
+        ids: Vec<String>,
+    },
+}
+
+/// A received message as the CLI sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InMessage {
+    /// Message id (32 hex digits).
+    pub id: String,
+    /// Sender name.
+    pub from: String,
+    /// Body, base64.
+    pub body_b64: String,
+    /// When the relay accepted it, milliseconds since the Unix epoch.
+    pub sent_at_ms: u64,
+}
+
+impl InMessage {
+    /// Decoded body bytes.
+    pub fn body(&self) -> Vec<u8> {
+        base64::engine::general_purpose::STANDARD
+            .decode(&self.body_b64)
+            .unwrap_or_default()
+    }
+}
+
+/// The daemon's view of its connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusInfo {
+    /// `connecting`, `connected` or `stopped`.
+    pub state: String,
+    /// Requested peer name.
+    pub name: String,
+    /// Relay address in use or being tried.
+    pub relay: String,
+    /// Relay id (when connected).
+    pub relay_id: Option<String>,
+    /// Namespace (when connected).
+    pub namespace: Option<String>,
+    /// When the current connection was established (RFC 3339).
+    pub connected_since: Option<String>,
+    /// Round-trip time to the relay in milliseconds (when connected).
+    pub rtt_ms: Option<f64>,
+    /// Messages received and not yet taken by `recv`.
+    pub inbox: usize,
+    /// Sends waiting for an answer.
+    pub pending_sends: usize,
+    /// Reconnection attempts since the last success.
+    pub attempts: u32,
+    /// The last connection error, if any.
+    pub last_error: Option<String>,
+}
+
+/// One answer from the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    /// Answer to `status`.
+    Status(StatusInfo),
+    /// Answer to `send`: the relay accepted the message.
+    Sent {
+        /// Message id.
+        id: String,
+        /// Whether the recipient was attached.
+        online: bool,
+    },
+    /// Answer to `recv`.
+    Messages {
+        /// Possibly empty.
+        messages: Vec<InMessage>,
+    },
+    /// Answer to `ack`.
+    Acked {
+        /// How many ids were leased to this connection and are now acknowledged.
+        acked: usize,
+    },
+    /// Any failure.
+    Error {
+        /// Stable code (`mailbox_full`, `not_connected`, …).
+        code: String,
+        /// What to do.
+        message: String,
+    },
+}
+
+/// Errors of the control client.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Nothing listens on the socket.
+    #[error("no daemon is running at {path} ({reason}); start one with `swbd up`, or point --control / SWB_CONTROL at its socket")]
+    NotRunning {
+        /// Socket path.
+        path: String,
+        /// OS error.
+        reason: String,
+    },
+    /// I/O on an established connection failed.
+    #[error("control socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The daemon answered something unexpected.
+    #[error("unexpected answer from the daemon: {0}")]
+    Protocol(String),
+    /// The daemon (or the relay behind it) refused.
+    #[error("{message}")]
+    Remote {
+        /// Stable code.
+        code: String,
+        /// Sentence.
+        message: String,
+    },
+}
+
+/// Result of a successful send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sent {
+    /// Message id.
+    pub id: String,
+    /// Whether the recipient was attached.
+    pub online: bool,
+}
+
+/// A connection to a daemon's control socket.
+#[derive(Debug)]
+pub struct Client {
+    rd: BufReader<tokio::net::unix::OwnedReadHalf>,
+    wr: tokio::net::unix::OwnedWriteHalf,
+    line: String,
+}
+
+impl Client {
+    /// Connects to the socket at `path`.
+    pub async fn connect(path: &Path) -> Result<Self, ControlError> {
+        let s = UnixStream::connect(path)
+            .await
+            .map_err(|e| ControlError::NotRunning {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?;
+        let (r, w) = s.into_split();
+        Ok(Self {
+            rd: BufReader::new(r),
+            wr: w,
+            line: String::new(),
+        })
+    }
+
+    /// Sends one request and reads one reply; `Reply::Error` becomes `Err`.
+    pub async fn call(&mut self, req: &Request) -> Result<Reply, ControlError> {
+        let mut out = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
+        out.push(b'\n');
+        self.wr.write_all(&out).await?;
+        self.line.clear();
+        let n = self.rd.read_line(&mut self.line).await?;
+        if n == 0 {
+            return Err(ControlError::Protocol(
+                "the daemon closed the connection (did it stop?)".into(),
+            ));
+        }
+        match serde_json::from_str::<Reply>(&self.line) {
+            Ok(Reply::Error { code, message }) => Err(ControlError::Remote { code, message }),
+            Ok(r) => Ok(r),
+            Err(e) => Err(ControlError::Protocol(e.to_string())),
+        }
+    }
+
+    /// The daemon's status.
+    pub async fn status(&mut self) -> Result<StatusInfo, ControlError> {
+        match self.call(&Request::Status).await? {
+            Reply::Status(s) => Ok(s),
+            other => Err(ControlError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends `body` to `to`; returns once the relay accepted it.
+    pub async fn send(&mut self, to: &str, body: &[u8], timeout: Duration) -> Result<Sent, ControlError> {
+        let req = Request::Send {
+            to: to.to_string(),
+            body_b64: base64::engine::general_purpose::STANDARD.encode(body),
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        match self.call(&req).await? {
+            Reply::Sent { id, online } => Ok(Sent { id, online }),
+            other => Err(ControlError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Takes up to `max` messages, waiting up to `wait` for the first. They
+    /// must be acknowledged with [`Client::ack`] on this same client.
+    pub async fn recv(&mut self, wait: Duration, max: usize) -> Result<Vec<InMessage>, ControlError> {
+        let req = Request::Recv {
+            wait_ms: wait.as_millis() as u64,
+            max,
+        };
+        match self.call(&req).await? {
+            Reply::Messages { messages } => Ok(messages),
+            other => Err(ControlError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Acknowledges messages taken with `recv` on this client.
+    pub async fn ack(&mut self, ids: Vec<String>) -> Result<usize, ControlError> {
+        match self.call(&Request::Ack { ids }).await? {
+            Reply::Acked { acked } => Ok(acked),
+            other => Err(ControlError::Protocol(format!("{other:?}"))),
+        }
+    }
+}
+
+/// The control socket path used when neither `--control` nor `SWB_CONTROL`
+/// is given: `$XDG_RUNTIME_DIR/swbd/control.sock`, else
+/// `/tmp/swbd-<uid>/control.sock`.
+pub fn default_control_path() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("swbd").join("control.sock");
+    }
+    // SAFETY-free way to learn the uid: the owner of our own /proc entry.
+    let uid = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(0);
+    PathBuf::from(format!("/tmp/swbd-{uid}")).join("control.sock")
+}

@@ -1,0 +1,316 @@
+//! The Switchboard client daemon (`swbd up`): keeps one QUIC connection to
+//! its relay and serves a local control socket for the CLI.
+//!
+//! # Flow
+//!
+//! ```text
+//! Daemon::spawn ─► main task ─┬─ connection actor (conn.rs): connect → Hello → Welcome → serve;
+//! │                           │    reconnects with capped exponential backoff + jitter;
+//! │                           │    stops for good on refusals that retrying cannot fix
+//! │                           │    (bad key, revoked key, bad name, replaced by another daemon)
+//! │                           └─ control server (server.rs): Unix socket, JSON lines
+//! DaemonHandle { control_path(), state(), shutdown(), join() }
+//! ```
+//!
+//! # Delivery contract
+//!
+//! A message delivered by the relay sits in the daemon's inbox until a CLI
+//! takes it with `recv` and acknowledges it; only then does the daemon send
+//! `Ack` to the relay. A daemon crash or reconnect therefore redelivers
+//! instead of losing; ids seen or recently acknowledged are dropped as
+//! duplicates. Sends carry a daemon-chosen id and are retried on the next
+//! connection until the relay answered, so a reconnect never duplicates them.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+mod conn;
+pub mod control;
+mod inbox;
+mod server;
+pub mod tls;
+
+pub use control::{default_control_path, Client, ControlError};
+pub use swb_wire::{Refusal, Welcome};
+pub use tls::Trust;
+
+/// An API key. `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps a key (surrounding whitespace removed).
+    pub fn new(k: impl Into<String>) -> Self {
+        Self(k.into().trim().to_string())
+    }
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// Everything a daemon needs.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Relay addresses (`host:port`; port 7443 if omitted), tried in order.
+    pub relays: Vec<String>,
+    /// TLS server name to verify instead of the host of the relay address.
+    pub server_name: Option<String>,
+    /// How the relay's certificate is verified.
+    pub trust: Trust,
+    /// Peer name to register.
+    pub name: String,
+    /// API key.
+    pub api_key: ApiKey,
+    /// Where the control socket is created.
+    pub control_path: PathBuf,
+    /// QUIC keep-alive interval.
+    pub keepalive: Duration,
+    /// The connection is considered dead after this much silence.
+    pub idle_timeout: Duration,
+    /// Time allowed for one connection attempt (QUIC + Hello).
+    pub connect_timeout: Duration,
+    /// First reconnect delay.
+    pub backoff_min: Duration,
+    /// Largest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+impl DaemonConfig {
+    /// A config with default timings.
+    pub fn new(relay: impl Into<String>, trust: Trust, name: impl Into<String>, api_key: ApiKey, control_path: PathBuf) -> Self {
+        Self {
+            relays: vec![relay.into()],
+            server_name: None,
+            trust,
+            name: name.into(),
+            api_key,
+            control_path,
+            keepalive: Duration::from_secs(4),
+            idle_timeout: Duration::from_secs(12),
+            connect_timeout: Duration::from_secs(10),
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Default relay port when an address has none.
+pub const DEFAULT_RELAY_PORT: u16 = 7443;
+
+/// The daemon's connection state, observable through [`DaemonHandle::state`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConnState {
+    /// Trying to (re)connect.
+    Connecting {
+        /// Relay being tried.
+        relay: String,
+        /// Failed attempts since the last success.
+        attempts: u32,
+        /// Last error.
+        last_error: Option<String>,
+    },
+    /// Registered at a relay.
+    Connected {
+        /// Relay address.
+        relay: String,
+        /// What the relay said.
+        welcome: Welcome,
+        /// When.
+        since: SystemTime,
+    },
+    /// Stopped for good; `error` says why (none: asked to stop).
+    Stopped {
+        /// The fatal error.
+        error: Option<String>,
+    },
+}
+
+impl ConnState {
+    /// Whether registered at a relay.
+    pub fn is_connected(&self) -> bool {
+        matches!(self, ConnState::Connected { .. })
+    }
+}
+
+/// Errors that stop a daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The relay refused in a way retrying cannot fix.
+    #[error("the relay refused this daemon: {0}")]
+    Refused(Refusal),
+    /// The relay's certificate did not verify.
+    #[error("{0}")]
+    Untrusted(String),
+    /// TLS trust configuration.
+    #[error(transparent)]
+    Trust(#[from] tls::TrustError),
+    /// Bad configuration.
+    #[error("{0}")]
+    Config(String),
+    /// The control socket could not be set up.
+    #[error("control socket {path}: {reason}")]
+    Control {
+        /// Socket path.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl DaemonError {
+    /// The refusal code, when the relay refused.
+    pub fn code(&self) -> Option<swb_wire::Code> {
+        match self {
+            DaemonError::Refused(r) => Some(r.code),
+            _ => None,
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: DaemonConfig,
+    pub(crate) state: watch::Sender<ConnState>,
+    pub(crate) inbox: Mutex<inbox::Inbox>,
+    /// Bumped whenever the inbox gains messages.
+    pub(crate) inbox_gen: watch::Sender<u64>,
+    pub(crate) conn: Mutex<Option<quinn::Connection>>,
+    pub(crate) cmd_tx: mpsc::Sender<conn::Cmd>,
+    pub(crate) pending_sends: AtomicUsize,
+}
+
+impl Shared {
+    pub(crate) fn inbox(&self) -> std::sync::MutexGuard<'_, inbox::Inbox> {
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The daemon entry point.
+#[derive(Debug)]
+pub struct Daemon;
+
+/// A running daemon. Dropping it stops the daemon.
+#[derive(Debug)]
+pub struct DaemonHandle {
+    control_path: PathBuf,
+    state: watch::Receiver<ConnState>,
+    cancel: CancellationToken,
+    task: Option<JoinHandle<Result<(), DaemonError>>>,
+}
+
+impl Daemon {
+    /// Validates the config, binds the control socket and starts connecting.
+    pub async fn spawn(mut config: DaemonConfig) -> Result<DaemonHandle, DaemonError> {
+        config.name = swb_wire::normalize_name(&config.name)
+            .map_err(|e| DaemonError::Config(format!("--name {:?}: {e}", config.name)))?;
+        if config.relays.is_empty() {
+            return Err(DaemonError::Config("no relay address given (--relay HOST:PORT)".into()));
+        }
+        if config.api_key.expose().is_empty() {
+            return Err(DaemonError::Config(
+                "no API key: set SWB_API_KEY or pass --api-key-file".into(),
+            ));
+        }
+        let note = tls::VerifyNote::default();
+        let tls = tls::client_config(&config.trust, swb_wire::ALPN, note.clone())?;
+        let listener = server::bind(&config.control_path)?;
+        let (cmd_tx, cmd_rx) = mpsc::channel(256);
+        let (state, state_rx) = watch::channel(ConnState::Connecting {
+            relay: config.relays[0].clone(),
+            attempts: 0,
+            last_error: None,
+        });
+        let control_path = config.control_path.clone();
+        let shared = Arc::new(Shared {
+            config,
+            state,
+            inbox: Mutex::new(inbox::Inbox::default()),
+            inbox_gen: watch::channel(0).0,
+            conn: Mutex::new(None),
+            cmd_tx,
+            pending_sends: AtomicUsize::new(0),
+        });
+        let cancel = CancellationToken::new();
+        let task = {
+            let cancel = cancel.clone();
+            let span = tracing::info_span!("daemon", peer = %shared.config.name);
+            tokio::spawn(tracing::Instrument::instrument(
+                async move {
+                    let server_cancel = cancel.child_token();
+                    let actor = async {
+                        let r = conn::run(shared.clone(), cmd_rx, tls, note, cancel).await;
+                        server_cancel.cancel();
+                        r
+                    };
+                    let (r, ()) = tokio::join!(actor, server::serve(listener, shared.clone(), server_cancel.clone()));
+                    r
+                },
+                span,
+            ))
+        };
+        Ok(DaemonHandle {
+            control_path,
+            state: state_rx,
+            cancel,
+            task: Some(task),
+        })
+    }
+}
+
+impl DaemonHandle {
+    /// The control socket path.
+    pub fn control_path(&self) -> &std::path::Path {
+        &self.control_path
+    }
+
+    /// A receiver of connection state changes.
+    pub fn state(&self) -> watch::Receiver<ConnState> {
+        self.state.clone()
+    }
+
+    /// Waits until connected, or until the daemon stopped (then the error).
+    pub async fn connected(&self) -> Result<Welcome, String> {
+        let mut rx = self.state.clone();
+        let s = rx
+            .wait_for(|s| matches!(s, ConnState::Connected { .. } | ConnState::Stopped { .. }))
+            .await
+            .map_err(|_| "daemon task ended".to_string())?
+            .clone();
+        match s {
+            ConnState::Connected { welcome, .. } => Ok(welcome),
+            ConnState::Stopped { error } => Err(error.unwrap_or_else(|| "stopped".into())),
+            ConnState::Connecting { .. } => Err("unreachable".into()),
+        }
+    }
+
+    /// Asks the daemon to stop (closes the relay connection and the socket).
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits for the daemon to end; the error, if it stopped for one.
+    pub async fn join(mut self) -> Result<(), DaemonError> {
+        match self.task.take() {
+            Some(t) => t
+                .await
+                .unwrap_or_else(|e| Err(DaemonError::Config(format!("daemon task failed: {e}")))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for DaemonHandle {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}

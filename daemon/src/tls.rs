@@ -1,0 +1,232 @@
+//! How the daemon trusts its relay: a pinned certificate fingerprint (dev
+//! relays), a CA file, or the system's roots. There is no way to skip
+//! verification.
+
+use ring::digest;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// How to verify the relay's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// Accept exactly the certificate whose SHA-256 is this (`sha256:<hex>`).
+    Fingerprint(String),
+    /// Verify the chain against the CA certificates in this PEM file.
+    CaFile(PathBuf),
+    /// Verify the chain against the operating system's roots.
+    System,
+}
+
+/// Errors building the TLS client configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    /// The fingerprint is not `sha256:` plus 64 hex digits.
+    #[error("relay fingerprint {0:?} is not valid: expected sha256: followed by 64 hex digits (as `swbd relay --dev` prints)")]
+    BadFingerprint(String),
+    /// The CA file could not be read or holds no certificate.
+    #[error("CA file {path}: {reason}")]
+    Ca {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No system roots could be loaded.
+    #[error("no system root certificates found ({0}); pass --ca FILE or --relay-fingerprint")]
+    NoSystemRoots(String),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// Parses `sha256:<64 hex>` (case-insensitive; `:` separators inside the hex allowed).
+pub fn parse_fingerprint(s: &str) -> Result<[u8; 32], TrustError> {
+    let bad = || TrustError::BadFingerprint(s.to_string());
+    let lower = s.trim().to_ascii_lowercase();
+    let hex: String = lower
+        .strip_prefix("sha256:")
+        .ok_or_else(bad)?
+        .chars()
+        .filter(|c| *c != ':')
+        .collect();
+    if hex.len() != 64 || !hex.is_ascii() {
+        return Err(bad());
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(out)
+}
+
+fn fmt_fp(d: &[u8]) -> String {
+    let mut s = String::from("sha256:");
+    for b in d {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+/// Remembers why the last verification failed, so the daemon can say it in
+/// words instead of as a TLS alert number.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct VerifyNote(Arc<Mutex<Option<String>>>);
+
+impl VerifyNote {
+    pub(crate) fn take(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|mut n| n.take())
+    }
+    fn set(&self, s: String) {
+        if let Ok(mut n) = self.0.lock() {
+            *n = Some(s);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Pinned {
+    want: [u8; 32],
+    provider: Arc<CryptoProvider>,
+    note: VerifyNote,
+}
+
+impl ServerCertVerifier for Pinned {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let got = digest::digest(&digest::SHA256, end_entity.as_ref());
+        let diff = got
+            .as_ref()
+            .iter()
+            .zip(self.want.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if std::hint::black_box(diff) == 0 {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            self.note.set(format!(
+                "the relay's certificate is {}, not the pinned {}; check --relay-fingerprint (the relay prints it, and writes <data-dir>/fingerprint)",
+                fmt_fp(got.as_ref()),
+                fmt_fp(&self.want)
+            ));
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Builds the rustls client config (TLS 1.3, ring) for `trust` and `alpn`.
+pub(crate) fn client_config(
+    trust: &Trust,
+    alpn: &[u8],
+    note: VerifyNote,
+) -> Result<rustls::ClientConfig, TrustError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TrustError::Config(e.to_string()))?;
+    let mut cfg = match trust {
+        Trust::Fingerprint(fp) => {
+            let want = parse_fingerprint(fp)?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Pinned {
+                    want,
+                    provider,
+                    note,
+                }))
+                .with_no_client_auth()
+        }
+        Trust::CaFile(path) => {
+            let ca_err = |reason: String| TrustError::Ca {
+                path: path.display().to_string(),
+                reason,
+            };
+            let mut roots = rustls::RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| ca_err(e.to_string()))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ca_err(e.to_string()))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(ca_err("no usable CERTIFICATE block".into()));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::System => {
+            let loaded = rustls_native_certs::load_native_certs();
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, _) = roots.add_parsable_certificates(loaded.certs);
+            if added == 0 {
+                let why = loaded
+                    .errors
+                    .first()
+                    .map(|e| e.to_string())
+                    .unwrap_or_else(|| "empty store".into());
+                return Err(TrustError::NoSystemRoots(why));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+    };
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_parsing() {
+        let hex = "ab".repeat(32);
+        assert_eq!(parse_fingerprint(&format!("sha256:{hex}")).unwrap(), [0xab; 32]);
+        assert_eq!(parse_fingerprint(&format!("SHA256:{}", hex.to_uppercase())).unwrap(), [0xab; 32]);
+        assert!(parse_fingerprint(&hex).is_err());
+        assert!(parse_fingerprint("sha256:abcd").is_err());
+        assert!(parse_fingerprint(&format!("sha256:{}", "zz".repeat(32))).is_err());
+    }
+}

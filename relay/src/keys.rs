@@ -1,0 +1,403 @@
+//! API keys: generation, the keys file, and verification.
+//!
+//! A key looks like `swbk_<id>_<secret>`: `id` is 12 hex digits and public
+//! (it names the key in the file and in logs), `secret` is 32 random bytes in
+//! hex. The keys file stores only `sha256(key)`, the namespace and whether the
+//! key is revoked, so a relay can verify any key locally, with no round trip,
+//! and every relay sharing the file accepts the same keys. Keys are high-entropy
+//! random strings, so a plain SHA-256 (not a password hash) is the right tool.
+//! The comparison of hashes is constant-time.
+
+use ring::digest;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+
+const PREFIX: &str = "swbk_";
+const ID_HEX: usize = 12;
+const SECRET_HEX: usize = 64;
+
+/// Errors of the keys file.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    /// Reading or writing the file failed.
+    #[error("keys file {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid.
+    #[error("keys file {path} is not valid: {reason}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A namespace name is not acceptable.
+    #[error("namespace {0:?} is not valid: use 1-63 letters, digits or '-'")]
+    BadNamespace(String),
+    /// No key with that id in the file.
+    #[error("no key with id {0} in the keys file (see `swbd keys list`)")]
+    NoSuchKey(String),
+}
+
+/// Why a presented key is not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// Malformed, unknown, or wrong secret.
+    #[error("the API key is not valid")]
+    Unauthorized,
+    /// The key exists but was revoked.
+    #[error("the API key was revoked")]
+    Revoked,
+}
+
+/// One entry of the keys file.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyEntry {
+    /// Public id (the `<id>` part of the key).
+    pub id: String,
+    /// Namespace the key belongs to.
+    pub namespace: String,
+    /// `sha256:<hex>` of the whole key string.
+    pub hash: String,
+    /// Free-form label.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub label: String,
+    /// Creation time, seconds since the Unix epoch.
+    #[serde(default)]
+    pub created_unix: u64,
+    /// A revoked key is refused with `key_revoked`.
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+impl fmt::Debug for KeyEntry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyEntry")
+            .field("id", &self.id)
+            .field("namespace", &self.namespace)
+            .field("revoked", &self.revoked)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The keys file (TOML): a list of `[[key]]` tables.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysFile {
+    /// The keys.
+    #[serde(default, rename = "key")]
+    pub keys: Vec<KeyEntry>,
+}
+
+/// A verified key: which one and which namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Public key id.
+    pub id: String,
+    /// Namespace.
+    pub namespace: String,
+}
+
+/// A freshly created key: the plain key (shown once) and its file entry.
+pub struct NewKey {
+    /// The plain API key. Show it once; it is stored nowhere.
+    pub key: String,
+    /// The entry to store.
+    pub entry: KeyEntry,
+}
+
+impl fmt::Debug for NewKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewKey")
+            .field("entry", &self.entry)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn hash_key(key: &str) -> String {
+    format!(
+        "sha256:{}",
+        hex(digest::digest(&digest::SHA256, key.as_bytes()).as_ref())
+    )
+}
+
+/// Constant-time equality of two byte strings of possibly different length.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// Checks that a namespace is a DNS-label-like string.
+pub fn validate_namespace(ns: &str) -> Result<(), KeysError> {
+    match swb_wire::normalize_name(ns) {
+        Ok(n) if n == ns => Ok(()),
+        _ => Err(KeysError::BadNamespace(ns.to_string())),
+    }
+}
+
+/// Creates a new random key for `namespace`.
+pub fn generate(namespace: &str, label: &str) -> Result<NewKey, KeysError> {
+    validate_namespace(namespace)?;
+    use ring::rand::SecureRandom;
+    let rng = ring::rand::SystemRandom::new();
+    let mut raw = [0u8; ID_HEX / 2 + SECRET_HEX / 2];
+    rng.fill(&mut raw).map_err(|_| KeysError::Io {
+        path: String::new(),
+        source: std::io::Error::other("system random number generator failed"),
+    })?;
+    let id = hex(&raw[..ID_HEX / 2]);
+    let key = format!("{PREFIX}{id}_{}", hex(&raw[ID_HEX / 2..]));
+    let created_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Ok(NewKey {
+        entry: KeyEntry {
+            id,
+            namespace: namespace.to_string(),
+            hash: hash_key(&key),
+            label: label.to_string(),
+            created_unix,
+            revoked: false,
+        },
+        key,
+    })
+}
+
+/// The public id of a key string, if it has the right shape.
+pub fn key_id(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(PREFIX)?;
+    let (id, secret) = rest.split_once('_')?;
+    let ok = id.len() == ID_HEX
+        && secret.len() == SECRET_HEX
+        && id.bytes().chain(secret.bytes()).all(|b| b.is_ascii_hexdigit());
+    ok.then_some(id)
+}
+
+impl KeysFile {
+    /// Parses TOML text.
+    pub fn parse(text: &str, path: &str) -> Result<Self, KeysError> {
+        let f: KeysFile = toml::from_str(text).map_err(|e| KeysError::Parse {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })?;
+        let mut seen = std::collections::HashSet::new();
+        for k in &f.keys {
+            if !seen.insert(k.id.as_str()) {
+                return Err(KeysError::Parse {
+                    path: path.to_string(),
+                    reason: format!("key id {} appears twice", k.id),
+                });
+            }
+            validate_namespace(&k.namespace).map_err(|e| KeysError::Parse {
+                path: path.to_string(),
+                reason: e.to_string(),
+            })?;
+        }
+        Ok(f)
+    }
+
+    /// Reads the file; a missing file is an empty key set.
+    pub fn load(path: &Path) -> Result<Self, KeysError> {
+        match std::fs::read_to_string(path) {
+            Ok(t) => Self::parse(&t, &path.display().to_string()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(KeysError::Io {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    /// Writes the file atomically (temp file + rename), mode 0600.
+    pub fn save(&self, path: &Path) -> Result<(), KeysError> {
+        let io = |source| KeysError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let text = toml::to_string_pretty(self).map_err(|e| KeysError::Parse {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(
+            ".{}.tmp{}",
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("keys"),
+            std::process::id()
+        ));
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io)?;
+            f.write_all(b"# Switchboard API keys. Holds only hashes; managed by `swbd keys`.\n")
+                .map_err(io)?;
+            f.write_all(text.as_bytes()).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Marks the key with this id (or the id of this full key) revoked.
+    /// Returns the entry.
+    pub fn revoke(&mut self, id_or_key: &str) -> Result<&KeyEntry, KeysError> {
+        let id = key_id(id_or_key).unwrap_or(id_or_key);
+        let e = self
+            .keys
+            .iter_mut()
+            .find(|k| k.id == id)
+            .ok_or_else(|| KeysError::NoSuchKey(id.to_string()))?;
+        e.revoked = true;
+        Ok(e)
+    }
+}
+
+/// In-memory index of a keys file, for verification.
+#[derive(Debug, Default, Clone)]
+pub struct KeyStore {
+    by_id: HashMap<String, KeyEntry>,
+}
+
+impl KeyStore {
+    /// Indexes a parsed file.
+    pub fn new(file: &KeysFile) -> Self {
+        Self {
+            by_id: file
+                .keys
+                .iter()
+                .map(|k| (k.id.clone(), k.clone()))
+                .collect(),
+        }
+    }
+
+    /// Verifies a presented key: shape, known id, constant-time hash match,
+    /// not revoked.
+    pub fn verify(&self, key: &str) -> Result<KeyInfo, AuthError> {
+        let id = key_id(key).ok_or(AuthError::Unauthorized)?;
+        let entry = self.by_id.get(id).ok_or(AuthError::Unauthorized)?;
+        if !ct_eq(hash_key(key).as_bytes(), entry.hash.as_bytes()) {
+            return Err(AuthError::Unauthorized);
+        }
+        if entry.revoked {
+            return Err(AuthError::Revoked);
+        }
+        Ok(KeyInfo {
+            id: entry.id.clone(),
+            namespace: entry.namespace.clone(),
+        })
+    }
+
+    /// Whether the key with this id is still usable.
+    pub fn is_active(&self, id: &str) -> bool {
+        self.by_id.get(id).is_some_and(|e| !e.revoked)
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Whether there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_key_verifies_and_file_holds_no_plain_key() {
+        let k = generate("acme", "ci").unwrap();
+        let file = KeysFile {
+            keys: vec![k.entry.clone()],
+        };
+        let text = toml::to_string(&file).unwrap();
+        let secret = k.key.rsplit('_').next().unwrap();
+        assert!(!text.contains(secret));
+        let store = KeyStore::new(&file);
+        assert_eq!(store.verify(&k.key).unwrap().namespace, "acme");
+    }
+
+    #[test]
+    fn wrong_secret_unknown_id_and_garbage_are_unauthorized() {
+        let k = generate("acme", "").unwrap();
+        let store = KeyStore::new(&KeysFile {
+            keys: vec![k.entry.clone()],
+        });
+        let mut wrong = k.key.clone();
+        let last = wrong.pop().unwrap();
+        wrong.push(if last == '0' { '1' } else { '0' });
+        assert_eq!(store.verify(&wrong), Err(AuthError::Unauthorized));
+        let other = generate("acme", "").unwrap();
+        assert_eq!(store.verify(&other.key), Err(AuthError::Unauthorized));
+        assert_eq!(store.verify("hello"), Err(AuthError::Unauthorized));
+        assert_eq!(store.verify(""), Err(AuthError::Unauthorized));
+    }
+
+    #[test]
+    fn revoked_key_is_refused_as_revoked() {
+        let k = generate("acme", "").unwrap();
+        let mut file = KeysFile {
+            keys: vec![k.entry.clone()],
+        };
+        file.revoke(&k.key).unwrap();
+        assert_eq!(KeyStore::new(&file).verify(&k.key), Err(AuthError::Revoked));
+        assert!(matches!(file.revoke("nope"), Err(KeysError::NoSuchKey(_))));
+    }
+
+    #[test]
+    fn file_round_trips_and_refuses_unknown_fields_and_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        let k = generate("acme", "x").unwrap();
+        let file = KeysFile {
+            keys: vec![k.entry.clone()],
+        };
+        file.save(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(KeysFile::load(&path).unwrap(), file);
+        assert!(KeysFile::parse("[[key]]\nid='a'\nnamespace='b'\nhash='c'\nbogus=1\n", "t").is_err());
+        let dup = "[[key]]\nid='a'\nnamespace='b'\nhash='c'\n[[key]]\nid='a'\nnamespace='b'\nhash='c'\n";
+        assert!(KeysFile::parse(dup, "t").is_err());
+        assert!(generate("Bad NS", "").is_err());
+    }
+
+    #[test]
+    fn debug_of_new_key_hides_the_key() {
+        let k = generate("acme", "").unwrap();
+        assert!(!format!("{k:?}").contains(&k.key));
+    }
+}

@@ -1,0 +1,434 @@
+//! The Switchboard relay: a QUIC endpoint (ALPN `swb/1`) that authenticates
+//! daemons by API key, registers them by `(namespace, name)`, holds their
+//! mailboxes and delivers messages end to end.
+//!
+//! # Flow
+//!
+//! ```text
+//! accept loop ──► connection task (one per daemon, owned by the loop's JoinSet)
+//!                   ├─ control stream: preamble, Hello → Welcome | Refused
+//!                   ├─ Send → Registry::enqueue → SendAccepted | SendRefused
+//!                   ├─ Registry notifies → Deliver frames (from a cursor)
+//!                   └─ Ack → Registry::ack (the only way mail is forgotten, besides TTL)
+//! main loop also: keys file poll (and `reload_keys()` for SIGHUP), TTL sweep
+//! ```
+//!
+//! # Contract
+//!
+//! [`Relay::spawn`] binds and returns a [`RelayHandle`]; every task the relay
+//! starts is owned by it and ends on [`RelayHandle::shutdown`] (sessions get a
+//! `Goodbye{shutting_down}` first) or when the handle is dropped.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+pub mod keys;
+mod registry;
+mod session;
+pub mod tls;
+
+pub use keys::{KeyStore, KeysFile};
+pub use registry::MailboxLimits;
+pub use tls::Identity;
+
+use registry::Registry;
+
+/// Where the relay's API keys come from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// A keys file, re-read when it changes and on [`RelayHandle::reload_keys`].
+    File(PathBuf),
+    /// A fixed set (tests, demo).
+    Static(KeysFile),
+}
+
+/// Everything a relay needs. Build with [`RelayConfig::new`] and adjust fields.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// UDP address to bind; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// TLS certificate and key.
+    pub identity: Identity,
+    /// API keys.
+    pub keys: KeySource,
+    /// This relay's id, told to daemons in `Welcome`.
+    pub relay_id: String,
+    /// Mailbox bounds.
+    pub limits: MailboxLimits,
+    /// How often the keys file is checked for changes.
+    pub keys_poll: Duration,
+    /// A connection silent this long is closed (daemons keep alive well within it).
+    pub idle_timeout: Duration,
+    /// Time a new connection has to finish TLS and send its `Hello`.
+    pub hello_timeout: Duration,
+    /// How long shutdown waits for sessions to say goodbye.
+    pub shutdown_grace: Duration,
+}
+
+impl RelayConfig {
+    /// A config with defaults for everything but address, identity and keys.
+    pub fn new(listen: SocketAddr, identity: Identity, keys: KeySource) -> Self {
+        Self {
+            listen,
+            identity,
+            keys,
+            relay_id: "relay".into(),
+            limits: MailboxLimits::default(),
+            keys_poll: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(15),
+            hello_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Errors starting a relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Binding the UDP socket failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The keys file could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] keys::KeysError),
+}
+
+/// Counters, for logs, tests and (later) metrics.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    sessions: AtomicU64,
+    refused_hello: AtomicU64,
+    accepted: AtomicU64,
+    refused_send: AtomicU64,
+    acked: AtomicU64,
+    expired: AtomicU64,
+    delivered: AtomicU64,
+}
+
+/// A snapshot of the relay's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Sessions welcomed.
+    pub sessions: u64,
+    /// Hellos refused (bad key, revoked, bad name, version).
+    pub refused_hello: u64,
+    /// Messages accepted into a mailbox.
+    pub accepted: u64,
+    /// Sends refused.
+    pub refused_send: u64,
+    /// Deliver frames written (redeliveries included).
+    pub delivered: u64,
+    /// Messages acknowledged and forgotten.
+    pub acked: u64,
+    /// Messages dropped because their TTL expired.
+    pub expired: u64,
+    /// Messages held now.
+    pub held: u64,
+    /// Sessions attached now.
+    pub attached: u64,
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: RelayConfig,
+    pub(crate) keys: RwLock<Arc<KeyStore>>,
+    pub(crate) registry: Mutex<Registry>,
+    pub(crate) counters: Counters,
+}
+
+impl Shared {
+    pub(crate) fn keys(&self) -> Arc<KeyStore> {
+        match self.keys.read() {
+            Ok(k) => k.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub(crate) fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // A panic while holding the lock would be a bug; keep serving.
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Installs a new key set and ends sessions whose key is gone or revoked.
+    fn install_keys(&self, store: KeyStore) -> usize {
+        let n = store.len();
+        let store = Arc::new(store);
+        match self.keys.write() {
+            Ok(mut k) => *k = store.clone(),
+            Err(p) => *p.into_inner() = store.clone(),
+        }
+        let mut closed = 0;
+        for s in self.registry().sessions() {
+            if !store.is_active(&s.key_id) {
+                s.end_with(swb_wire::Refusal::new(
+                    swb_wire::Code::KEY_REVOKED,
+                    "the API key of this daemon was revoked; ask the relay's operator for a new key",
+                ));
+                closed += 1;
+            }
+        }
+        if closed > 0 {
+            info!(sessions = closed, "closed sessions of revoked keys");
+        }
+        n
+    }
+}
+
+/// The relay entry point.
+#[derive(Debug)]
+pub struct Relay;
+
+/// A running relay. Dropping it shuts the relay down.
+#[derive(Debug)]
+pub struct RelayHandle {
+    local_addr: SocketAddr,
+    fingerprint: String,
+    cancel: CancellationToken,
+    shared: Arc<SharedRef>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Opaque wrapper so `RelayHandle` can derive `Debug`.
+struct SharedRef(Arc<Shared>);
+
+impl std::fmt::Debug for SharedRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shared")
+    }
+}
+
+fn read_keys(source: &KeySource) -> Result<(KeyStore, Option<Vec<u8>>), keys::KeysError> {
+    match source {
+        KeySource::Static(f) => Ok((KeyStore::new(f), None)),
+        KeySource::File(p) => {
+            let bytes = match std::fs::read(p) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(source) => {
+                    return Err(keys::KeysError::Io {
+                        path: p.display().to_string(),
+                        source,
+                    })
+                }
+            };
+            let text = String::from_utf8_lossy(&bytes);
+            let file = KeysFile::parse(&text, &p.display().to_string())?;
+            Ok((KeyStore::new(&file), Some(bytes)))
+        }
+    }
+}
+
+impl Relay {
+    /// Binds the endpoint and starts serving. Must run inside a tokio runtime.
+    pub async fn spawn(config: RelayConfig) -> Result<RelayHandle, RelayError> {
+        let (store, keys_bytes) = read_keys(&config.keys)?;
+        let tls = config.identity.server_config(&[swb_wire::ALPN])?;
+        let qcfg = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| tls::TlsError::Config(e.to_string()))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(qcfg));
+        let mut transport = quinn::TransportConfig::default();
+        // One control stream per daemon for now; later issues raise this for
+        // port-forwarding streams. Fewer streams = less per-connection state.
+        transport.max_concurrent_bidi_streams(1u32.into());
+        transport.max_concurrent_uni_streams(0u32.into());
+        transport.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(config.idle_timeout)
+                .unwrap_or_else(|_| quinn::IdleTimeout::from(quinn::VarInt::from_u32(15_000))),
+        ));
+        transport.datagram_receive_buffer_size(None);
+        server.transport_config(Arc::new(transport));
+        let endpoint =
+            quinn::Endpoint::server(server, config.listen).map_err(|source| RelayError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let local_addr = endpoint.local_addr().map_err(|source| RelayError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let fingerprint = config.identity.fingerprint();
+        let shared = Arc::new(Shared {
+            registry: Mutex::new(Registry::new(config.limits.clone())),
+            keys: RwLock::new(Arc::new(store)),
+            counters: Counters::default(),
+            config,
+        });
+        let cancel = CancellationToken::new();
+        let span = tracing::info_span!("relay", relay = %shared.config.relay_id);
+        let task = tokio::spawn(
+            run(endpoint, shared.clone(), cancel.clone(), keys_bytes).instrument(span),
+        );
+        info!(%local_addr, relay = %shared.config.relay_id, "relay listening");
+        Ok(RelayHandle {
+            local_addr,
+            fingerprint,
+            cancel,
+            shared: Arc::new(SharedRef(shared)),
+            task: Some(task),
+        })
+    }
+}
+
+impl RelayHandle {
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `sha256:<hex>` of the relay's certificate.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Starts a graceful shutdown: sessions get a goodbye, then the endpoint closes.
+    pub fn shutdown(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Waits until every task of the relay has ended.
+    pub async fn join(mut self) {
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+
+    /// Re-reads the keys file now (what SIGHUP does). Returns the key count.
+    pub fn reload_keys(&self) -> Result<usize, keys::KeysError> {
+        let shared = &self.shared.0;
+        let (store, _) = read_keys(&shared.config.keys)?;
+        Ok(shared.install_keys(store))
+    }
+
+    /// Peers attached to this relay in `namespace`: name and attach time.
+    pub fn attached(&self, namespace: &str) -> Vec<(String, std::time::SystemTime)> {
+        self.shared.0.registry().attached(namespace)
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> RelayStats {
+        let s = &self.shared.0;
+        let c = &s.counters;
+        let reg = s.registry();
+        RelayStats {
+            sessions: c.sessions.load(Ordering::Relaxed),
+            refused_hello: c.refused_hello.load(Ordering::Relaxed),
+            accepted: c.accepted.load(Ordering::Relaxed),
+            refused_send: c.refused_send.load(Ordering::Relaxed),
+            delivered: c.delivered.load(Ordering::Relaxed),
+            acked: c.acked.load(Ordering::Relaxed),
+            expired: c.expired.load(Ordering::Relaxed),
+            held: reg.held_messages() as u64,
+            attached: reg.sessions().len() as u64,
+        }
+    }
+}
+
+impl Drop for RelayHandle {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// The relay's main task: accepts connections and owns every session task;
+/// also polls the keys file and sweeps expired mail.
+async fn run(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    mut keys_bytes: Option<Vec<u8>>,
+) {
+    let mut sessions = tokio::task::JoinSet::new();
+    let mut keys_tick = tokio::time::interval(shared.config.keys_poll);
+    keys_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let sweep_every = (shared.config.limits.ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    let mut sweep_tick = tokio::time::interval(sweep_every);
+    sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut conn_seq = 0u64;
+    loop {
+        // Ranked: shutdown first, then new connections, then housekeeping.
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                conn_seq += 1;
+                let span = tracing::debug_span!("conn", conn = conn_seq, remote = %incoming.remote_address());
+                sessions.spawn(
+                    session::run(shared.clone(), incoming, cancel.child_token()).instrument(span),
+                );
+            }
+            Some(done) = sessions.join_next() => {
+                if let Err(e) = done {
+                    if e.is_panic() {
+                        tracing::error!("session task panicked: {e}");
+                    }
+                }
+            }
+            _ = keys_tick.tick() => {
+                if let KeySource::File(path) = &shared.config.keys {
+                    poll_keys(&shared, path, &mut keys_bytes);
+                }
+            }
+            _ = sweep_tick.tick() => {
+                let n = shared.registry().expire(tokio::time::Instant::now());
+                if n > 0 {
+                    shared.counters.expired.fetch_add(n as u64, Ordering::Relaxed);
+                    info!(messages = n, "expired undelivered messages (TTL {:?})", shared.config.limits.ttl);
+                }
+            }
+        }
+    }
+    // Drain: sessions saw the cancellation (their tokens are children) and
+    // say goodbye; give them a grace period, then stop the rest.
+    endpoint.set_server_config(None);
+    let grace = shared.config.shutdown_grace;
+    if tokio::time::timeout(grace, async { while sessions.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        warn!(left = sessions.len(), "sessions did not end within {grace:?}; aborting them");
+        sessions.abort_all();
+        while sessions.join_next().await.is_some() {}
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"relay shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+    info!("relay stopped");
+}
+
+fn poll_keys(shared: &Shared, path: &std::path::Path, last: &mut Option<Vec<u8>>) {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            if last.is_some() {
+                warn!(path = %path.display(), "cannot read keys file: {e}; keeping the keys in memory");
+                *last = None;
+            }
+            return;
+        }
+    };
+    if last.as_deref() == Some(&bytes[..]) {
+        return;
+    }
+    *last = Some(bytes.clone());
+    match KeysFile::parse(&String::from_utf8_lossy(&bytes), &path.display().to_string()) {
+        Ok(f) => {
+            let n = shared.install_keys(KeyStore::new(&f));
+            info!(keys = n, "keys file changed; reloaded");
+        }
+        Err(e) => warn!("{e}; keeping the previous keys"),
+    }
+}

@@ -1,0 +1,415 @@
+//! One daemon connection: handshake, then an actor loop over the control
+//! stream that handles sends and acks and flushes the mailbox.
+
+use crate::registry::{Enqueued, SessionCtl};
+use crate::Shared;
+use bytes::BytesMut;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use swb_wire::{
+    Code, Frame, FrameReader, Limits, Preamble, Refusal, SendAccepted, SendRefused, Welcome,
+    MAX_MESSAGE_BODY, PROTOCOL_VERSION,
+};
+use tokio::io::AsyncReadExt;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, Instrument};
+
+/// Application close codes of a client connection.
+pub(crate) const CLOSE_NORMAL: u32 = 0;
+pub(crate) const CLOSE_REFUSED: u32 = 1;
+pub(crate) const CLOSE_PROTOCOL: u32 = 2;
+
+/// Bytes of mail bodies written per flush before yielding to other branches.
+const FLUSH_BYTES: usize = 256 * 1024;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+enum End {
+    /// Peer closed or the connection failed: nothing more to say.
+    Gone,
+    /// The relay ends the session with this goodbye.
+    Goodbye(Refusal),
+    /// The peer broke the protocol.
+    Protocol(String),
+}
+
+struct Io {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    reader: FrameReader,
+    out: BytesMut,
+}
+
+impl Io {
+    fn queue(&mut self, f: &Frame) -> Result<(), End> {
+        f.encode(&mut self.out)
+            .map_err(|e| End::Protocol(format!("cannot encode {:?}: {e}", f.frame_type())))
+    }
+
+    async fn flush(&mut self, cancel: &CancellationToken) -> Result<(), End> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let buf = self.out.split().freeze();
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => Err(End::Gone),
+            r = self.send.write_all(&buf) => r.map_err(|e| {
+                debug!("write failed: {e}");
+                End::Gone
+            }),
+        }
+    }
+
+    /// Reads until one frame is complete.
+    async fn read_frame(&mut self) -> Result<Frame, End> {
+        loop {
+            if let Some(f) = self.reader.next_frame().map_err(|e| End::Protocol(e.to_string()))? {
+                return Ok(f);
+            }
+            self.read_some().await?;
+        }
+    }
+
+    /// One read into the frame buffer. Cancel-safe.
+    async fn read_some(&mut self) -> Result<(), End> {
+        let buf = self.reader.buf();
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        match self.recv.read_buf(buf).await {
+            Ok(0) => Err(End::Gone),
+            Ok(_) => Ok(()),
+            Err(e) => {
+                debug!("read failed: {e}");
+                Err(End::Gone)
+            }
+        }
+    }
+}
+
+/// Handles one incoming connection to its end.
+pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: CancellationToken) {
+    let hello_timeout = shared.config.hello_timeout;
+    let remote = incoming.remote_address();
+    let conn = tokio::select! {
+        _ = cancel.cancelled() => return,
+        c = tokio::time::timeout(hello_timeout, incoming) => match c {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => { debug!("handshake failed: {e}"); return; }
+            Err(_) => { debug!("handshake timed out"); return; }
+        },
+    };
+    let stream = tokio::select! {
+        _ = cancel.cancelled() => {
+            conn.close(CLOSE_NORMAL.into(), b"relay shutting down");
+            return;
+        }
+        s = tokio::time::timeout(hello_timeout, conn.accept_bi()) => s,
+    };
+    let (send, recv) = match stream {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            debug!("no control stream: {e}");
+            return;
+        }
+        Err(_) => {
+            conn.close(CLOSE_PROTOCOL.into(), b"no control stream within the hello timeout");
+            return;
+        }
+    };
+    let mut io = Io {
+        send,
+        recv,
+        reader: FrameReader::new(),
+        out: BytesMut::with_capacity(1024),
+    };
+    Preamble {
+        version: PROTOCOL_VERSION,
+    }
+    .encode(&mut io.out);
+
+    let hello = tokio::select! {
+        _ = cancel.cancelled() => Err(End::Goodbye(Refusal::new(Code::SHUTTING_DOWN, "the relay is shutting down; reconnect shortly"))),
+        r = tokio::time::timeout(hello_timeout, read_hello(&mut io)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(End::Goodbye(Refusal::new(Code::TIMEOUT, format!("no Hello within {hello_timeout:?}")))),
+        },
+    };
+    let hello = match hello {
+        Ok(h) => h,
+        Err(end) => {
+            shared.counters.refused_hello.fetch_add(1, Ordering::Relaxed);
+            finish(&conn, &mut io, end, true).await;
+            return;
+        }
+    };
+
+    // Authenticate and register.
+    let refuse = |code, msg: String| End::Goodbye(Refusal::new(code, msg));
+    let checked = (|| {
+        if hello.version != PROTOCOL_VERSION {
+            return Err(refuse(
+                Code::UNSUPPORTED_VERSION,
+                format!(
+                    "this relay speaks protocol version {PROTOCOL_VERSION}, the daemon {}; upgrade the older side",
+                    hello.version
+                ),
+            ));
+        }
+        let info = shared.keys().verify(&hello.key).map_err(|e| match e {
+            crate::keys::AuthError::Unauthorized => refuse(
+                Code::UNAUTHORIZED,
+                "the API key is not valid; check SWB_API_KEY or --api-key-file".into(),
+            ),
+            crate::keys::AuthError::Revoked => refuse(
+                Code::KEY_REVOKED,
+                "the API key was revoked; ask the relay's operator for a new key".into(),
+            ),
+        })?;
+        let name = swb_wire::normalize_name(&hello.name)
+            .map_err(|e| refuse(Code::BAD_NAME, format!("{e}: {:?}", hello.name)))?;
+        Ok((info, name))
+    })();
+    let (info, name) = match checked {
+        Ok(v) => v,
+        Err(end) => {
+            shared.counters.refused_hello.fetch_add(1, Ordering::Relaxed);
+            if let End::Goodbye(r) = &end {
+                info!(%remote, code = %r.code, "hello refused");
+            }
+            finish(&conn, &mut io, end, true).await;
+            return;
+        }
+    };
+    let ns = info.namespace.clone();
+    let (ctl, replaced, limits) = {
+        let mut reg = shared.registry();
+        let id = reg.next_session_id();
+        let ctl = Arc::new(SessionCtl::new(id, info.id.clone(), remote, cancel));
+        let replaced = reg.attach(&ns, &name, ctl.clone());
+        (ctl, replaced, reg.limits().clone())
+    };
+    if let Some(old) = replaced {
+        info!(%ns, peer = %name, old = %old.remote, new = %remote, "name taken over by a new connection");
+        old.end_with(Refusal::new(
+            Code::REPLACED,
+            format!(
+                "another daemon attached as {name} (from {remote}); this one stops. Use a different --name on each machine"
+            ),
+        ));
+    }
+    shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("session", %ns, peer = %name, session = ctl.id, key = %info.id);
+    async {
+        info!(%remote, "attached");
+        let welcome = Frame::Welcome(Welcome {
+            namespace: ns.clone(),
+            name: name.clone(),
+            relay_id: shared.config.relay_id.clone(),
+            session: ctl.id,
+            server_time_ms: now_ms(),
+            limits: Limits {
+                max_message_body: MAX_MESSAGE_BODY as u32,
+                mailbox_messages: limits.messages as u32,
+                mailbox_bytes: limits.bytes as u64,
+                message_ttl_secs: limits.ttl.as_secs(),
+            },
+        });
+        let end = match io.queue(&welcome) {
+            Ok(()) => serve(&shared, &ctl, &mut io, &ns, &name).await,
+            Err(e) => e,
+        };
+        shared.registry().detach(&ns, &name, ctl.id);
+        let end = match end {
+            // A cancellation carries its reason in the ctl; none means shutdown.
+            End::Gone if ctl.cancel.is_cancelled() => End::Goodbye(ctl.end_reason().unwrap_or_else(|| {
+                Refusal::new(Code::SHUTTING_DOWN, "the relay is shutting down; the daemon reconnects by itself")
+            })),
+            other => other,
+        };
+        match &end {
+            End::Gone => debug!("detached"),
+            End::Goodbye(r) => info!(code = %r.code, "session ended by relay"),
+            End::Protocol(p) => info!("protocol error: {p}"),
+        }
+        finish(&conn, &mut io, end, false).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+async fn read_hello(io: &mut Io) -> Result<swb_wire::Hello, End> {
+    loop {
+        match io.reader.preamble() {
+            Ok(Some(p)) => {
+                if p.version != PROTOCOL_VERSION {
+                    // Still read the Hello if it decodes; otherwise refuse by preamble.
+                    return Err(End::Goodbye(Refusal::new(
+                        Code::UNSUPPORTED_VERSION,
+                        format!(
+                            "this relay speaks protocol version {PROTOCOL_VERSION}, the daemon {}; upgrade the older side",
+                            p.version
+                        ),
+                    )));
+                }
+                break;
+            }
+            Ok(None) => io.read_some().await?,
+            Err(e) => return Err(End::Protocol(e.to_string())),
+        }
+    }
+    match io.read_frame().await? {
+        Frame::Hello(h) => Ok(h),
+        other => Err(End::Protocol(format!(
+            "expected Hello, got {:?}",
+            other.frame_type()
+        ))),
+    }
+}
+
+/// The session's actor loop. Returns why it ended.
+async fn serve(shared: &Shared, ctl: &SessionCtl, io: &mut Io, ns: &str, name: &str) -> End {
+    let cancel = ctl.cancel.clone();
+    if let Err(e) = io.flush(&cancel).await {
+        return e;
+    }
+    let mut cursor = 0u64;
+    // Deliver whatever waited while the peer was away.
+    ctl.notify.notify_one();
+    loop {
+        // Ranked: cancellation first (replaced, revoked, shutdown), then new
+        // mail, then frames from the daemon.
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return End::Gone,
+            _ = ctl.notify.notified() => {
+                let batch = shared.registry().pending(ns, name, cursor, FLUSH_BYTES);
+                cursor = batch.cursor;
+                if batch.more {
+                    ctl.notify.notify_one();
+                }
+                shared.counters.delivered.fetch_add(batch.frames.len() as u64, Ordering::Relaxed);
+                for d in batch.frames {
+                    if let Err(e) = io.queue(&Frame::Deliver(d)) {
+                        return e;
+                    }
+                }
+            }
+            r = io.read_some() => {
+                if let Err(e) = r {
+                    return e;
+                }
+                loop {
+                    match io.reader.next_frame() {
+                        Ok(Some(f)) => {
+                            if let Err(e) = handle(shared, io, ns, name, f) {
+                                return e;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => return End::Protocol(e.to_string()),
+                    }
+                }
+            }
+        }
+        if let Err(e) = io.flush(&cancel).await {
+            return e;
+        }
+    }
+}
+
+fn handle(shared: &Shared, io: &mut Io, ns: &str, name: &str, f: Frame) -> Result<(), End> {
+    match f {
+        Frame::Send(s) => {
+            let refusal = if s.body.len() > MAX_MESSAGE_BODY {
+                Some(Refusal::new(
+                    Code::BODY_TOO_LARGE,
+                    format!(
+                        "the message body has {} bytes; the limit is {MAX_MESSAGE_BODY}. Send large data over a stream instead",
+                        s.body.len()
+                    ),
+                ))
+            } else {
+                match swb_wire::normalize_name(&s.to) {
+                    Err(e) => Some(Refusal::new(Code::BAD_NAME, format!("{e}: {:?}", s.to))),
+                    Ok(to) => match shared.registry().enqueue(
+                        ns,
+                        name,
+                        &to,
+                        s.id,
+                        s.body,
+                        now_ms(),
+                        tokio::time::Instant::now(),
+                    ) {
+                        Enqueued::Accepted { online } => {
+                            shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                            debug!(to = %to, id = %s.id, online, "message accepted");
+                            io.queue(&Frame::SendAccepted(SendAccepted {
+                                req: s.req,
+                                id: s.id,
+                                online,
+                            }))?;
+                            None
+                        }
+                        Enqueued::Refused(r) => Some(r),
+                    },
+                }
+            };
+            if let Some(refusal) = refusal {
+                shared.counters.refused_send.fetch_add(1, Ordering::Relaxed);
+                debug!(code = %refusal.code, "send refused");
+                io.queue(&Frame::SendRefused(SendRefused { req: s.req, refusal }))?;
+            }
+            Ok(())
+        }
+        Frame::Ack(a) => {
+            let n = shared.registry().ack(ns, name, &a.ids);
+            shared.counters.acked.fetch_add(n as u64, Ordering::Relaxed);
+            Ok(())
+        }
+        Frame::Ping(p) => io.queue(&Frame::Pong(p)),
+        Frame::Pong(_) => Ok(()),
+        other => Err(End::Protocol(format!(
+            "unexpected {:?} frame from a daemon",
+            other.frame_type()
+        ))),
+    }
+}
+
+/// Says goodbye (or refuses) and closes the connection, giving the peer a
+/// moment to read the last frame.
+async fn finish(conn: &quinn::Connection, io: &mut Io, end: End, at_hello: bool) {
+    let never = CancellationToken::new();
+    let (code, reason) = match end {
+        End::Gone => {
+            conn.close(CLOSE_NORMAL.into(), b"");
+            return;
+        }
+        End::Goodbye(r) => {
+            let reason = r.code.as_str().as_bytes().to_vec();
+            let f = if at_hello {
+                Frame::Refused(r)
+            } else {
+                Frame::Goodbye(r)
+            };
+            let _ = io.queue(&f);
+            (CLOSE_REFUSED, reason)
+        }
+        End::Protocol(p) => {
+            let _ = io.queue(&Frame::Goodbye(Refusal::new(Code::PROTOCOL, p)));
+            (CLOSE_PROTOCOL, b"protocol_error".to_vec())
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.flush(&never)).await;
+    let _ = io.send.finish();
+    // The daemon closes once it read the frame; do not wait longer than this.
+    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    conn.close(code.into(), &reason);
+}

@@ -1,0 +1,357 @@
+//! The core relay path: registration, messages, refusals, reconnects.
+
+use anyhow::Result;
+use bytes::Bytes;
+use std::time::Duration;
+use swb_daemon::{ConnState, ControlError, DaemonError};
+use swb_relay::MailboxLimits;
+use swb_tests::{RawClient, RelayOptions, TestDaemon, TestRelay, WAIT};
+use swb_wire::{Code, Frame, MessageId, MAX_MESSAGE_BODY};
+
+fn code_of(r: Result<swb_daemon::control::Sent, ControlError>) -> String {
+    match r {
+        Err(ControlError::Remote { code, .. }) => code,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn refused_code(r: Result<(), DaemonError>) -> Code {
+    match r {
+        Err(DaemonError::Refused(x)) => x.code,
+        other => panic!("expected the relay to refuse, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn daemon_registers_and_reports_status() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let d = TestDaemon::start(&relay, &key, "London").await?;
+    let st = d.client().await?.status().await?;
+    assert_eq!(st.state, "connected");
+    assert_eq!(st.name, "london", "names are case-folded");
+    assert_eq!(st.namespace.as_deref(), Some("acme"));
+    assert_eq!(st.relay_id.as_deref(), Some("test-relay"));
+    assert!(st.connected_since.is_some());
+    assert!(st.rtt_ms.is_some());
+    let attached = relay.handle().attached("acme");
+    assert_eq!(attached.len(), 1);
+    assert_eq!(attached[0].0, "london");
+    Ok(())
+}
+
+#[tokio::test]
+async fn messages_flow_both_ways() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let london = TestDaemon::start(&relay, &key, "london").await?;
+    let laptop = TestDaemon::start(&relay, &key, "laptop").await?;
+
+    let sent = laptop.send("london", b"deploy done").await?;
+    assert!(sent.online);
+    let got = london.recv(10).await?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].from, "laptop");
+    assert_eq!(got[0].body(), b"deploy done");
+    assert_eq!(got[0].id, sent.id);
+
+    london.send("LAPTOP.switchboard", b"thanks").await?;
+    let got = laptop.recv(10).await?;
+    assert_eq!((got[0].from.as_str(), got[0].body()), ("london", b"thanks".to_vec()));
+
+    // Acknowledged mail is gone from the relay.
+    let stats = relay.handle().stats();
+    assert_eq!(stats.accepted, 2);
+    assert_eq!(stats.acked, 2);
+    assert_eq!(stats.held, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn many_messages_arrive_in_order() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "a").await?;
+    let b = TestDaemon::start(&relay, &key, "b").await?;
+    let mut c = a.client().await?;
+    for i in 0..200 {
+        c.send("b", format!("m{i}").as_bytes(), WAIT).await?;
+    }
+    let mut got = Vec::new();
+    while got.len() < 200 {
+        got.extend(b.recv(1000).await?);
+    }
+    let bodies: Vec<String> = got.iter().map(|m| String::from_utf8(m.body()).unwrap()).collect();
+    let want: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, want);
+    Ok(())
+}
+
+#[tokio::test]
+async fn offline_peer_gets_its_mail_when_it_attaches() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let laptop = TestDaemon::start(&relay, &key, "laptop").await?;
+    let sent = laptop.send("london", b"while you were away").await?;
+    assert!(!sent.online, "london is not attached yet");
+    let london = TestDaemon::start(&relay, &key, "london").await?;
+    let got = london.recv(10).await?;
+    assert_eq!(got[0].body(), b"while you were away");
+    assert_eq!(got[0].from, "laptop");
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_key_is_refused_and_the_daemon_stops() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let _real = relay.create_key("acme")?;
+    let fake = swb_relay::keys::generate("acme", "")?.key;
+    let d = TestDaemon::spawn(relay.daemon_config(&fake, "x", Default::default())).await?;
+    assert_eq!(refused_code(d.join().await?), Code::UNAUTHORIZED);
+    let d = TestDaemon::spawn(relay.daemon_config("not-a-key", "x", Default::default())).await?;
+    assert_eq!(refused_code(d.join().await?), Code::UNAUTHORIZED);
+    Ok(())
+}
+
+#[tokio::test]
+async fn revoked_key_is_refused_with_its_own_code() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    relay.revoke_key_in_file(&key)?;
+    relay.handle().reload_keys()?;
+    let d = TestDaemon::spawn(relay.daemon_config(&key, "x", Default::default())).await?;
+    assert_eq!(refused_code(d.join().await?), Code::KEY_REVOKED);
+    Ok(())
+}
+
+#[tokio::test]
+async fn revoking_a_key_in_the_file_closes_its_live_sessions() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let doomed = relay.create_key("acme")?;
+    let kept = relay.create_key("acme")?;
+    let d = TestDaemon::start(&relay, &doomed, "doomed").await?;
+    let other = TestDaemon::start(&relay, &kept, "other").await?;
+    // Only the file changes: the relay's poll must notice by itself.
+    relay.revoke_key_in_file(&doomed)?;
+    assert_eq!(refused_code(d.join().await?), Code::KEY_REVOKED);
+    // Everyone else goes on.
+    other.send("other", b"still here").await?;
+    assert_eq!(other.recv(1).await?[0].body(), b"still here");
+    Ok(())
+}
+
+#[tokio::test]
+async fn malformed_name_is_refused_by_daemon_and_relay() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    // The daemon checks before connecting...
+    let e = TestDaemon::spawn(relay.daemon_config(&key, "bad name!", Default::default()))
+        .await
+        .err()
+        .expect("daemon must refuse a bad name");
+    assert!(e.to_string().contains("bad name!"), "{e}");
+    // ...and the relay checks too, for clients that do not.
+    let (_c, f) = RawClient::hello(&relay, &key, "bad name!").await?;
+    match f {
+        Frame::Refused(r) => assert_eq!(r.code, Code::BAD_NAME),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    // Sending to a malformed name is refused too.
+    let d = TestDaemon::start(&relay, &key, "ok").await?;
+    assert_eq!(code_of(d.send("no_underscores", b"x").await), "bad_name");
+    Ok(())
+}
+
+#[tokio::test]
+async fn oversized_body_is_refused_by_daemon_and_relay() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let d = TestDaemon::start(&relay, &key, "a").await?;
+    let big = vec![b'x'; MAX_MESSAGE_BODY + 1];
+    assert_eq!(code_of(d.send("a", &big).await), "body_too_large");
+    // Exactly the limit is fine.
+    d.send("a", &big[..MAX_MESSAGE_BODY]).await?;
+
+    let (mut raw, f) = RawClient::hello(&relay, &key, "raw").await?;
+    assert!(matches!(f, Frame::Welcome(_)));
+    raw.write_frame(&Frame::Send(swb_wire::Send {
+        req: 7,
+        id: MessageId([1; 16]),
+        to: "a".into(),
+        body: Bytes::from(big),
+    }))
+    .await?;
+    match raw.read_frame().await? {
+        Frame::SendRefused(r) => {
+            assert_eq!(r.req, 7);
+            assert_eq!(r.refusal.code, Code::BODY_TOO_LARGE);
+        }
+        other => panic!("expected SendRefused, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn full_mailbox_is_a_refusal_the_sender_sees() -> Result<()> {
+    let relay = TestRelay::spawn_with(RelayOptions {
+        limits: MailboxLimits {
+            messages: 3,
+            ..MailboxLimits::default()
+        },
+        ..RelayOptions::default()
+    })
+    .await?;
+    let key = relay.create_key("acme")?;
+    let d = TestDaemon::start(&relay, &key, "sender").await?;
+    for i in 0..3 {
+        d.send("offline", format!("{i}").as_bytes()).await?;
+    }
+    assert_eq!(code_of(d.send("offline", b"one too many").await), "mailbox_full");
+    // Nothing accepted was lost: the recipient gets exactly the three.
+    let r = TestDaemon::start(&relay, &key, "offline").await?;
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.extend(r.recv(10).await?);
+    }
+    assert_eq!(got.iter().map(|m| m.body()).collect::<Vec<_>>(), vec![b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]);
+    // Room again.
+    d.send("offline", b"fits now").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn other_namespace_looks_exactly_like_a_name_nobody_holds() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let acme = relay.create_key("acme")?;
+    let globex = relay.create_key("globex")?;
+    let alice = TestDaemon::start(&relay, &acme, "alice").await?;
+    let london_globex = TestDaemon::start(&relay, &globex, "london").await?;
+    let peer_globex = TestDaemon::start(&relay, &globex, "peer").await?;
+
+    let to_other_ns = alice.send("london", b"leak?").await?;
+    let to_nobody = alice.send("nobody", b"hello?").await?;
+    assert_eq!(to_other_ns.online, to_nobody.online);
+    assert!(!to_other_ns.online);
+
+    // london (globex) receives the marker from its own namespace first and
+    // nothing else: a leaked message would sit before it in the mailbox.
+    peer_globex.send("london", b"marker").await?;
+    let mut c = london_globex.client().await?;
+    let got = c.recv(WAIT, 100).await?;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].body(), b"marker");
+    assert!(c.recv(Duration::ZERO, 100).await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn daemon_reconnects_by_itself_after_a_relay_restart() -> Result<()> {
+    let mut relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let d = TestDaemon::start(&relay, &key, "london").await?;
+    let first_since = match d.wait_state(|s| s.is_connected()).await? {
+        ConnState::Connected { since, .. } => since,
+        _ => unreachable!(),
+    };
+    relay.restart().await?;
+    // It hears the goodbye, then reconnects to the new relay: a new
+    // connection has a later `since`.
+    d.wait_state(|s| matches!(s, ConnState::Connected { since, .. } if *since > first_since))
+        .await?;
+    assert_eq!(relay.handle().stats().attached, 1);
+    d.send("london", b"after restart").await?;
+    assert_eq!(d.recv(1).await?[0].body(), b"after restart");
+    Ok(())
+}
+
+#[tokio::test]
+async fn message_taken_but_not_acknowledged_comes_back() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "a").await?;
+    let b = TestDaemon::start(&relay, &key, "b").await?;
+    a.send("b", b"precious").await?;
+    {
+        // A `swbd recv` that dies before acknowledging.
+        let mut c = b.client().await?;
+        let got = c.recv(WAIT, 10).await?;
+        assert_eq!(got[0].body(), b"precious");
+    }
+    let got = b.recv(10).await?;
+    assert_eq!(got[0].body(), b"precious");
+    Ok(())
+}
+
+#[tokio::test]
+async fn unacknowledged_message_is_redelivered_after_the_daemon_reconnects() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "a").await?;
+    let b = TestDaemon::start(&relay, &key, "b").await?;
+    let sent = a.send("b", b"survives a crash").await?;
+    // b's daemon holds it (delivered) but nobody acknowledged it...
+    let mut c = b.client().await?;
+    let got = c.recv(WAIT, 10).await?;
+    assert_eq!(got[0].id, sent.id);
+    // ...then the daemon dies.
+    b.handle.shutdown();
+    b.join().await??;
+    assert_eq!(relay.handle().stats().held, 1, "the relay still holds it");
+    let b2 = TestDaemon::start(&relay, &key, "b").await?;
+    let got = b2.recv(10).await?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id, sent.id, "same id: the receiver can drop duplicates");
+    assert_eq!(got[0].body(), b"survives a crash");
+    Ok(())
+}
+
+#[tokio::test]
+async fn second_daemon_with_the_same_name_takes_over_and_the_first_stops() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let first = TestDaemon::start(&relay, &key, "london").await?;
+    let second = TestDaemon::start(&relay, &key, "london").await?;
+    let err = first.join().await?.expect_err("the first daemon must stop");
+    assert_eq!(err.code(), Some(Code::REPLACED));
+    assert!(err.to_string().contains("another daemon"), "{err}");
+    // The second one works and is not disturbed.
+    second.send("london", b"mine now").await?;
+    assert_eq!(second.recv(1).await?[0].body(), b"mine now");
+    assert!(second.handle.state().borrow().is_connected());
+    Ok(())
+}
+
+#[tokio::test]
+async fn garbage_on_a_connection_does_not_disturb_others() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let d = TestDaemon::start(&relay, &key, "steady").await?;
+    let mut bad = RawClient::open(&relay, b"GET / HTTP/1.1\r\n\r\n").await?;
+    let _ = bad.read_preamble().await;
+    // The relay says why and closes the bad connection.
+    let closed = tokio::time::timeout(WAIT, bad.conn.closed()).await?;
+    assert!(matches!(closed, quinn::ConnectionError::ApplicationClosed(_)), "{closed:?}");
+    // A frame header announcing 4 GiB is refused before allocation.
+    let mut huge = bytes::BytesMut::new();
+    swb_wire::Preamble { version: 1 }.encode(&mut huge);
+    huge.extend_from_slice(&[1, 0xff, 0xff, 0xff, 0xff]);
+    let bad2 = RawClient::open(&relay, &huge).await?;
+    tokio::time::timeout(WAIT, bad2.conn.closed()).await?;
+    d.send("steady", b"fine").await?;
+    assert_eq!(d.recv(1).await?[0].body(), b"fine");
+    Ok(())
+}
+
+#[tokio::test]
+async fn unsupported_protocol_version_is_refused_with_a_reason() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let mut b = bytes::BytesMut::new();
+    swb_wire::Preamble { version: 99 }.encode(&mut b);
+    let mut c = RawClient::open(&relay, &b).await?;
+    assert_eq!(c.read_preamble().await?.version, swb_wire::PROTOCOL_VERSION);
+    match c.read_frame().await? {
+        Frame::Refused(r) => assert_eq!(r.code, Code::UNSUPPORTED_VERSION),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    Ok(())
+}

@@ -1,0 +1,702 @@
+//! The Switchboard wire protocol: every frame that crosses a socket, its
+//! encoding, and the limits that bound it. Pure: bytes in, frames out; no
+//! sockets, no clock, no tokio.
+//!
+//! # Layout
+//!
+//! A connection's control stream (the first bidirectional QUIC stream the
+//! daemon opens) starts, in each direction, with a [`Preamble`]:
+//!
+//! ```text
+//! +---+---+---+---+---+---+
+//! | S | W | B | D | ver   |     magic (4 bytes) + protocol version (u16, big endian)
+//! +---+---+---+---+---+---+
+//! ```
+//!
+//! and then carries frames:
+//!
+//! ```text
+//! +------+---------------+-----------------------+
+//! | type | length (u32)  | body (length bytes)   |   type: u8, see [`FrameType`]
+//! +------+---------------+-----------------------+   length: big endian, <= MAX_FRAME_LEN
+//! ```
+//!
+//! The body is the [postcard](https://docs.rs/postcard) encoding of the
+//! frame's struct. The length is always explicit, so a receiver never infers
+//! a size, can check it against [`MAX_FRAME_LEN`] before allocating, and can
+//! skip frame types it does not know (a newer peer may send them).
+//!
+//! # Versions
+//!
+//! - 1: Hello/Welcome/Refused, Send/SendAccepted/SendRefused, Deliver/Ack,
+//!   Ping/Pong, Goodbye.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+mod name;
+pub use name::{normalize_name, NameError, DNS_SUFFIX};
+
+/// The four bytes that open every control stream, in both directions.
+pub const MAGIC: [u8; 4] = *b"SWBD";
+/// The protocol version this crate speaks. See the changelog in the crate docs.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Length of the [`Preamble`] on the wire.
+pub const PREAMBLE_LEN: usize = 6;
+/// Length of a frame header: type (1) + length (4).
+pub const HEADER_LEN: usize = 5;
+/// Largest message body a peer may send (64 KiB).
+pub const MAX_MESSAGE_BODY: usize = 64 * 1024;
+/// Largest peer name, in bytes: a DNS label.
+pub const MAX_NAME_LEN: usize = 63;
+/// Largest API key accepted in a `Hello`.
+pub const MAX_KEY_LEN: usize = 256;
+/// Largest human-readable reason carried in a refusal.
+pub const MAX_REASON_LEN: usize = 1024;
+/// Largest number of ids in one `Ack` frame.
+pub const MAX_ACK_IDS: usize = 1024;
+/// Largest frame body. Room for a maximal message plus its envelope, and a
+/// little more so that a body slightly over [`MAX_MESSAGE_BODY`] still
+/// decodes and can be refused with a specific code instead of a protocol error.
+pub const MAX_FRAME_LEN: usize = MAX_MESSAGE_BODY + 16 * 1024;
+/// ALPN protocol id of a client (daemon) connection.
+pub const ALPN: &[u8] = b"swb/1";
+
+/// Frame type numbers. Never reuse a number; retire it with a comment instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum FrameType {
+    /// Daemon → relay: first frame of a session.
+    Hello = 1,
+    /// Relay → daemon: the session is registered.
+    Welcome = 2,
+    /// Relay → daemon: the session is refused; the relay closes afterwards.
+    Refused = 3,
+    /// Daemon → relay: send a message.
+    Send = 4,
+    /// Relay → daemon: a `Send` was accepted.
+    SendAccepted = 5,
+    /// Relay → daemon: a `Send` was refused.
+    SendRefused = 6,
+    /// Relay → daemon: a message for this peer.
+    Deliver = 7,
+    /// Daemon → relay: the application took these messages; forget them.
+    Ack = 8,
+    /// Either direction: please answer with `Pong`.
+    Ping = 9,
+    /// Either direction: answer to `Ping`.
+    Pong = 10,
+    /// Relay → daemon: the session ends (replaced, revoked, shutdown).
+    Goodbye = 11,
+}
+
+impl FrameType {
+    /// Maps a wire byte to a known frame type.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        Some(match b {
+            1 => Self::Hello,
+            2 => Self::Welcome,
+            3 => Self::Refused,
+            4 => Self::Send,
+            5 => Self::SendAccepted,
+            6 => Self::SendRefused,
+            7 => Self::Deliver,
+            8 => Self::Ack,
+            9 => Self::Ping,
+            10 => Self::Pong,
+            11 => Self::Goodbye,
+            _ => return None,
+        })
+    }
+}
+
+/// A stable refusal code. Unknown codes from a newer peer are kept as numbers.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Code(pub u16);
+
+macro_rules! codes {
+    ($($name:ident = $n:expr, $s:expr;)*) => {
+        impl Code {
+            $(
+                #[doc = concat!("`", $s, "`")]
+                pub const $name: Code = Code($n);
+            )*
+            /// The stable snake_case name of this code, as printed and used in JSON.
+            pub fn as_str(self) -> &'static str {
+                match self.0 {
+                    $($n => $s,)*
+                    _ => "unknown",
+                }
+            }
+            /// Parses a stable name back into a code.
+            pub fn from_name(s: &str) -> Option<Code> {
+                match s {
+                    $($s => Some(Code($n)),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+codes! {
+    PROTOCOL = 1, "protocol_error";
+    UNSUPPORTED_VERSION = 2, "unsupported_version";
+    UNAUTHORIZED = 3, "unauthorized";
+    KEY_REVOKED = 4, "key_revoked";
+    BAD_NAME = 5, "bad_name";
+    BODY_TOO_LARGE = 6, "body_too_large";
+    MAILBOX_FULL = 7, "mailbox_full";
+    NAMESPACE_FULL = 8, "namespace_full";
+    REPLACED = 9, "replaced";
+    SHUTTING_DOWN = 10, "shutting_down";
+    TIMEOUT = 11, "timeout";
+    INTERNAL = 12, "internal";
+}
+
+impl fmt::Debug for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}({})", self.as_str(), self.0)
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A message id: 16 random bytes chosen by the sender's daemon, so a send
+/// retried after a reconnect is recognised instead of duplicated.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct MessageId(pub [u8; 16]);
+
+impl MessageId {
+    /// Parses the 32-hex-digit form printed by `Display`.
+    pub fn parse_hex(s: &str) -> Option<Self> {
+        if s.len() != 32 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(out))
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Magic and version that open a control stream in each direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Preamble {
+    /// The protocol version of the sender.
+    pub version: u16,
+}
+
+impl Preamble {
+    /// Writes the 6 preamble bytes.
+    pub fn encode(&self, dst: &mut impl BufMut) {
+        dst.put_slice(&MAGIC);
+        dst.put_u16(self.version);
+    }
+
+    /// Reads a preamble from the start of `src`. `Ok(None)` means more bytes
+    /// are needed; on success the preamble bytes are consumed.
+    pub fn decode(src: &mut BytesMut) -> Result<Option<Self>, DecodeError> {
+        if src.len() < PREAMBLE_LEN {
+            // Reject a wrong magic as early as we can see it.
+            if !MAGIC.starts_with(&src[..src.len().min(4)]) {
+                return Err(DecodeError::BadMagic);
+            }
+            return Ok(None);
+        }
+        if src[..4] != MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        src.advance(4);
+        let version = src.get_u16();
+        Ok(Some(Self { version }))
+    }
+}
+
+/// Daemon → relay, first frame: who I am.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Protocol version of the daemon.
+    pub version: u16,
+    /// The API key. Never logged: `Debug` masks it.
+    pub key: String,
+    /// The requested peer name (normalised by the relay).
+    pub name: String,
+    /// Free-form client identification, e.g. `swbd/0.1.0`.
+    pub agent: String,
+}
+
+impl fmt::Debug for Hello {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Hello")
+            .field("version", &self.version)
+            .field("key", &"<redacted>")
+            .field("name", &self.name)
+            .field("agent", &self.agent)
+            .finish()
+    }
+}
+
+/// Limits the relay enforces for this session, told to the daemon so it can
+/// refuse early with the same answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest message body in bytes.
+    pub max_message_body: u32,
+    /// Messages a mailbox holds at most.
+    pub mailbox_messages: u32,
+    /// Bytes of bodies a mailbox holds at most.
+    pub mailbox_bytes: u64,
+    /// Seconds an undelivered message is kept.
+    pub message_ttl_secs: u64,
+}
+
+/// Relay → daemon: the session is registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The namespace of the key.
+    pub namespace: String,
+    /// The peer name as registered (case-folded).
+    pub name: String,
+    /// The relay's id.
+    pub relay_id: String,
+    /// The session number on this relay, for logs.
+    pub session: u64,
+    /// Relay clock at registration, milliseconds since the Unix epoch.
+    pub server_time_ms: u64,
+    /// Limits in force.
+    pub limits: Limits,
+}
+
+/// A refusal or goodbye: stable code plus a sentence that says what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    /// Stable code.
+    pub code: Code,
+    /// Human sentence, at most [`MAX_REASON_LEN`] bytes.
+    pub message: String,
+}
+
+impl Refusal {
+    /// Builds a refusal, truncating the message to [`MAX_REASON_LEN`].
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.len() > MAX_REASON_LEN {
+            let mut end = MAX_REASON_LEN;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+        }
+        Self { code, message }
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// Daemon → relay: send `body` to peer `to` of the same namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Send {
+    /// Request number chosen by the daemon, echoed in the answer.
+    pub req: u64,
+    /// Message id chosen by the daemon (retries reuse it).
+    pub id: MessageId,
+    /// Recipient name.
+    pub to: String,
+    /// Message body, at most [`MAX_MESSAGE_BODY`] bytes.
+    pub body: Bytes,
+}
+
+/// Relay → daemon: the message is in the recipient's mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendAccepted {
+    /// Echo of `Send::req`.
+    pub req: u64,
+    /// Echo of `Send::id`.
+    pub id: MessageId,
+    /// Whether the recipient was attached when the message was accepted.
+    /// A name of another namespace looks exactly like a name nobody holds.
+    pub online: bool,
+}
+
+/// Relay → daemon: the message was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendRefused {
+    /// Echo of `Send::req`.
+    pub req: u64,
+    /// Why.
+    pub refusal: Refusal,
+}
+
+/// Relay → daemon: a message for this peer. Delivered again after a
+/// reconnect until acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deliver {
+    /// Message id (drop duplicates by it).
+    pub id: MessageId,
+    /// Sender's name.
+    pub from: String,
+    /// Body.
+    pub body: Bytes,
+    /// When the relay accepted it, milliseconds since the Unix epoch.
+    pub sent_at_ms: u64,
+}
+
+/// Daemon → relay: these messages were taken by the application.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// At most [`MAX_ACK_IDS`] ids.
+    pub ids: Vec<MessageId>,
+}
+
+/// Ping / Pong payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    /// Echoed back in the `Pong`.
+    pub nonce: u64,
+}
+
+/// Every frame of protocol version 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// See [`FrameType::Hello`].
+    Hello(Hello),
+    /// See [`FrameType::Welcome`].
+    Welcome(Welcome),
+    /// See [`FrameType::Refused`].
+    Refused(Refusal),
+    /// See [`FrameType::Send`].
+    Send(Send),
+    /// See [`FrameType::SendAccepted`].
+    SendAccepted(SendAccepted),
+    /// See [`FrameType::SendRefused`].
+    SendRefused(SendRefused),
+    /// See [`FrameType::Deliver`].
+    Deliver(Deliver),
+    /// See [`FrameType::Ack`].
+    Ack(Ack),
+    /// See [`FrameType::Ping`].
+    Ping(Ping),
+    /// See [`FrameType::Pong`].
+    Pong(Ping),
+    /// See [`FrameType::Goodbye`].
+    Goodbye(Refusal),
+}
+
+/// Errors while encoding a frame.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EncodeError {
+    /// The encoded body would exceed [`MAX_FRAME_LEN`].
+    #[error("frame body of {len} bytes exceeds the limit of {MAX_FRAME_LEN}")]
+    TooLarge {
+        /// Encoded length.
+        len: usize,
+    },
+    /// postcard failed (should not happen for our types).
+    #[error("encoding failed: {0}")]
+    Postcard(String),
+}
+
+/// Errors while decoding. Any of them ends the connection: the stream can no
+/// longer be trusted to be in sync.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The stream did not start with [`MAGIC`].
+    #[error("not a Switchboard stream (bad magic)")]
+    BadMagic,
+    /// A frame header announced more than [`MAX_FRAME_LEN`] bytes.
+    #[error("frame of type {ty} announces {len} bytes, more than the limit of {MAX_FRAME_LEN}")]
+    FrameTooLarge {
+        /// Frame type byte.
+        ty: u8,
+        /// Announced length.
+        len: u32,
+    },
+    /// The body of a known frame type did not decode.
+    #[error("malformed {ty:?} frame: {reason}")]
+    Malformed {
+        /// Frame type.
+        ty: FrameType,
+        /// postcard's reason.
+        reason: String,
+    },
+    /// A field exceeds its named limit.
+    #[error("{field} has {len} bytes, more than the limit of {max}")]
+    FieldTooLarge {
+        /// Which field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+impl Frame {
+    /// The frame's type number.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Frame::Hello(_) => FrameType::Hello,
+            Frame::Welcome(_) => FrameType::Welcome,
+            Frame::Refused(_) => FrameType::Refused,
+            Frame::Send(_) => FrameType::Send,
+            Frame::SendAccepted(_) => FrameType::SendAccepted,
+            Frame::SendRefused(_) => FrameType::SendRefused,
+            Frame::Deliver(_) => FrameType::Deliver,
+            Frame::Ack(_) => FrameType::Ack,
+            Frame::Ping(_) => FrameType::Ping,
+            Frame::Pong(_) => FrameType::Pong,
+            Frame::Goodbye(_) => FrameType::Goodbye,
+        }
+    }
+
+    fn body_len(&self) -> Result<usize, EncodeError> {
+        fn len<T: Serialize>(v: &T) -> Result<usize, EncodeError> {
+            postcard::experimental::serialized_size(v)
+                .map_err(|e| EncodeError::Postcard(e.to_string()))
+        }
+        match self {
+            Frame::Hello(v) => len(v),
+            Frame::Welcome(v) => len(v),
+            Frame::Refused(v) | Frame::Goodbye(v) => len(v),
+            Frame::Send(v) => len(v),
+            Frame::SendAccepted(v) => len(v),
+            Frame::SendRefused(v) => len(v),
+            Frame::Deliver(v) => len(v),
+            Frame::Ack(v) => len(v),
+            Frame::Ping(v) | Frame::Pong(v) => len(v),
+        }
+    }
+
+    /// Exact number of bytes [`Frame::encode`] writes (header included).
+    pub fn encoded_len(&self) -> Result<usize, EncodeError> {
+        Ok(HEADER_LEN + self.body_len()?)
+    }
+
+    /// Appends header and body to `dst`. Fails, writing nothing, if the body
+    /// would exceed [`MAX_FRAME_LEN`].
+    pub fn encode(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
+        let len = self.body_len()?;
+        if len > MAX_FRAME_LEN {
+            return Err(EncodeError::TooLarge { len });
+        }
+        dst.reserve(HEADER_LEN + len);
+        dst.put_u8(self.frame_type() as u8);
+        dst.put_u32(len as u32);
+        let start = dst.len();
+        dst.resize(start + len, 0);
+        let out = &mut dst[start..];
+        let res = match self {
+            Frame::Hello(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::Welcome(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::Refused(v) | Frame::Goodbye(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::Send(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::SendAccepted(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::SendRefused(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::Deliver(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::Ack(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::Ping(v) | Frame::Pong(v) => postcard::to_slice(v, out).map(|s| s.len()),
+        };
+        match res {
+            Ok(n) if n == len => Ok(()),
+            Ok(n) => {
+                dst.truncate(start - HEADER_LEN);
+                Err(EncodeError::Postcard(format!(
+                    "size mismatch: computed {len}, wrote {n}"
+                )))
+            }
+            Err(e) => {
+                dst.truncate(start - HEADER_LEN);
+                Err(EncodeError::Postcard(e.to_string()))
+            }
+        }
+    }
+
+    /// Encodes into a fresh buffer.
+    pub fn to_bytes(&self) -> Result<Bytes, EncodeError> {
+        let mut b = BytesMut::new();
+        self.encode(&mut b)?;
+        Ok(b.freeze())
+    }
+}
+
+/// The outcome of one [`decode`] step.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// A complete frame; `consumed` bytes of input were used.
+    Frame {
+        /// The frame.
+        frame: Frame,
+        /// Bytes consumed from the input.
+        consumed: usize,
+    },
+    /// A frame of a type this version does not know; skip `consumed` bytes.
+    Unknown {
+        /// The type byte.
+        ty: u8,
+        /// Bytes to skip.
+        consumed: usize,
+    },
+    /// Not enough input yet; at least `needed` bytes in total are required.
+    Incomplete {
+        /// Total bytes needed before the next attempt can make progress.
+        needed: usize,
+    },
+}
+
+fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), DecodeError> {
+    if len > max {
+        return Err(DecodeError::FieldTooLarge { field, len, max });
+    }
+    Ok(())
+}
+
+fn body<'a, T: Deserialize<'a>>(ty: FrameType, b: &'a [u8]) -> Result<T, DecodeError> {
+    let (v, rest) = postcard::take_from_bytes(b).map_err(|e| DecodeError::Malformed {
+        ty,
+        reason: e.to_string(),
+    })?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Malformed {
+            ty,
+            reason: format!("{} trailing bytes", rest.len()),
+        });
+    }
+    Ok(v)
+}
+
+/// Decodes one frame from the start of `src` without consuming it; the
+/// caller advances by `consumed`. Checks the announced length against
+/// [`MAX_FRAME_LEN`] before anything is allocated.
+pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
+    if src.len() < HEADER_LEN {
+        return Ok(Decoded::Incomplete { needed: HEADER_LEN });
+    }
+    let ty_byte = src[0];
+    let len = u32::from_be_bytes([src[1], src[2], src[3], src[4]]);
+    if len as usize > MAX_FRAME_LEN {
+        return Err(DecodeError::FrameTooLarge { ty: ty_byte, len });
+    }
+    let total = HEADER_LEN + len as usize;
+    if src.len() < total {
+        return Ok(Decoded::Incomplete { needed: total });
+    }
+    let b = &src[HEADER_LEN..total];
+    let Some(ty) = FrameType::from_u8(ty_byte) else {
+        return Ok(Decoded::Unknown {
+            ty: ty_byte,
+            consumed: total,
+        });
+    };
+    let frame = match ty {
+        FrameType::Hello => {
+            let h: Hello = body(ty, b)?;
+            check_len("hello.key", h.key.len(), MAX_KEY_LEN)?;
+            check_len("hello.name", h.name.len(), MAX_NAME_LEN * 4)?;
+            Frame::Hello(h)
+        }
+        FrameType::Welcome => Frame::Welcome(body(ty, b)?),
+        FrameType::Refused => Frame::Refused(body(ty, b)?),
+        FrameType::Send => Frame::Send(body(ty, b)?),
+        FrameType::SendAccepted => Frame::SendAccepted(body(ty, b)?),
+        FrameType::SendRefused => Frame::SendRefused(body(ty, b)?),
+        FrameType::Deliver => Frame::Deliver(body(ty, b)?),
+        FrameType::Ack => {
+            let a: Ack = body(ty, b)?;
+            check_len("ack.ids", a.ids.len(), MAX_ACK_IDS)?;
+            Frame::Ack(a)
+        }
+        FrameType::Ping => Frame::Ping(body(ty, b)?),
+        FrameType::Pong => Frame::Pong(body(ty, b)?),
+        FrameType::Goodbye => Frame::Goodbye(body(ty, b)?),
+    };
+    Ok(Decoded::Frame {
+        frame,
+        consumed: total,
+    })
+}
+
+/// Buffers bytes read from a stream and yields whole frames; unknown frame
+/// types are skipped (and counted). The owner reads into [`FrameReader::buf`].
+#[derive(Debug, Default)]
+pub struct FrameReader {
+    buf: BytesMut,
+    skipped: u64,
+}
+
+impl FrameReader {
+    /// An empty reader.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The buffer to read stream bytes into.
+    pub fn buf(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Number of unknown frames skipped so far.
+    pub fn skipped(&self) -> u64 {
+        self.skipped
+    }
+
+    /// Reads the preamble once at the start of the stream.
+    pub fn preamble(&mut self) -> Result<Option<Preamble>, DecodeError> {
+        Preamble::decode(&mut self.buf)
+    }
+
+    /// Next complete frame, `Ok(None)` if more bytes are needed. Reserves
+    /// room for the announced frame (bounded by [`MAX_FRAME_LEN`]).
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
+        loop {
+            match decode(&self.buf)? {
+                Decoded::Frame { frame, consumed } => {
+                    self.buf.advance(consumed);
+                    return Ok(Some(frame));
+                }
+                Decoded::Unknown { consumed, .. } => {
+                    self.buf.advance(consumed);
+                    self.skipped += 1;
+                }
+                Decoded::Incomplete { needed } => {
+                    self.buf.reserve(needed.saturating_sub(self.buf.len()));
+                    return Ok(None);
+                }
+            }
+        }
+    }
+
+    /// Whether bytes of an unfinished frame are buffered (an EOF now would
+    /// cut a frame in half).
+    pub fn has_partial(&self) -> bool {
+        !self.buf.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,202 @@
+use super::*;
+use proptest::prelude::*;
+
+fn arb_id() -> impl Strategy<Value = MessageId> {
+    any::<[u8; 16]>().prop_map(MessageId)
+}
+
+fn arb_bytes(max: usize) -> impl Strategy<Value = Bytes> {
+    proptest::collection::vec(any::<u8>(), 0..max).prop_map(Bytes::from)
+}
+
+fn arb_refusal() -> impl Strategy<Value = Refusal> {
+    (any::<u16>(), ".{0,64}").prop_map(|(c, m)| Refusal {
+        code: Code(c),
+        message: m,
+    })
+}
+
+fn arb_frame() -> impl Strategy<Value = Frame> {
+    prop_oneof![
+        (any::<u16>(), ".{0,100}", "[a-z0-9-]{0,63}", ".{0,20}").prop_map(|(version, key, name, agent)| {
+            Frame::Hello(Hello { version, key, name, agent })
+        }),
+        (".{0,20}", "[a-z]{0,63}", ".{0,10}", any::<u64>(), any::<u64>(), any::<(u32, u32, u64, u64)>()).prop_map(
+            |(namespace, name, relay_id, session, server_time_ms, l)| Frame::Welcome(Welcome {
+                namespace,
+                name,
+                relay_id,
+                session,
+                server_time_ms,
+                limits: Limits {
+                    max_message_body: l.0,
+                    mailbox_messages: l.1,
+                    mailbox_bytes: l.2,
+                    message_ttl_secs: l.3
+                },
+            })
+        ),
+        arb_refusal().prop_map(Frame::Refused),
+        (any::<u64>(), arb_id(), "[a-z]{0,63}", arb_bytes(2048))
+            .prop_map(|(req, id, to, body)| Frame::Send(Send { req, id, to, body })),
+        (any::<u64>(), arb_id(), any::<bool>())
+            .prop_map(|(req, id, online)| Frame::SendAccepted(SendAccepted { req, id, online })),
+        (any::<u64>(), arb_refusal()).prop_map(|(req, refusal)| Frame::SendRefused(SendRefused { req, refusal })),
+        (arb_id(), "[a-z]{0,63}", arb_bytes(2048), any::<u64>()).prop_map(|(id, from, body, sent_at_ms)| {
+            Frame::Deliver(Deliver { id, from, body, sent_at_ms })
+        }),
+        proptest::collection::vec(arb_id(), 0..50).prop_map(|ids| Frame::Ack(Ack { ids })),
+        any::<u64>().prop_map(|nonce| Frame::Ping(Ping { nonce })),
+        any::<u64>().prop_map(|nonce| Frame::Pong(Ping { nonce })),
+        arb_refusal().prop_map(Frame::Goodbye),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn every_frame_round_trips_and_encoded_len_is_exact(frame in arb_frame()) {
+        let mut buf = BytesMut::new();
+        frame.encode(&mut buf).unwrap();
+        prop_assert_eq!(buf.len(), frame.encoded_len().unwrap());
+        match decode(&buf).unwrap() {
+            Decoded::Frame { frame: back, consumed } => {
+                prop_assert_eq!(consumed, buf.len());
+                prop_assert_eq!(back, frame);
+            }
+            other => prop_assert!(false, "unexpected {:?}", other),
+        }
+    }
+
+    #[test]
+    fn byte_at_a_time_reader_yields_the_same_frames(frames in proptest::collection::vec(arb_frame(), 1..8)) {
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            f.encode(&mut wire).unwrap();
+        }
+        let mut r = FrameReader::new();
+        let mut out = Vec::new();
+        for b in wire.iter() {
+            r.buf().put_u8(*b);
+            while let Some(f) = r.next_frame().unwrap() {
+                out.push(f);
+            }
+        }
+        prop_assert_eq!(out, frames);
+        prop_assert!(!r.has_partial());
+    }
+
+    #[test]
+    fn decoder_never_panics_on_garbage(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode(&data);
+    }
+}
+
+#[test]
+fn oversized_frame_header_is_refused_before_allocation() {
+    let mut b = BytesMut::new();
+    b.put_u8(FrameType::Send as u8);
+    b.put_u32(u32::MAX);
+    assert_eq!(
+        decode(&b),
+        Err(DecodeError::FrameTooLarge {
+            ty: 4,
+            len: u32::MAX
+        })
+    );
+    let mut r = FrameReader::new();
+    r.buf().extend_from_slice(&b);
+    assert!(r.next_frame().is_err());
+    assert!(r.buf().capacity() < 1024, "reader must not reserve for a refused frame");
+}
+
+#[test]
+fn unknown_frame_types_are_skipped() {
+    let mut r = FrameReader::new();
+    // type 200, 3 bytes of body, then a Ping.
+    r.buf().extend_from_slice(&[200, 0, 0, 0, 3, 1, 2, 3]);
+    Frame::Ping(Ping { nonce: 7 }).encode(r.buf()).unwrap();
+    assert_eq!(r.next_frame().unwrap(), Some(Frame::Ping(Ping { nonce: 7 })));
+    assert_eq!(r.skipped(), 1);
+}
+
+#[test]
+fn incomplete_is_explicit() {
+    let bytes = Frame::Ping(Ping { nonce: 300 }).to_bytes().unwrap();
+    assert_eq!(decode(&bytes[..2]), Ok(Decoded::Incomplete { needed: HEADER_LEN }));
+    assert_eq!(
+        decode(&bytes[..HEADER_LEN]),
+        Ok(Decoded::Incomplete { needed: bytes.len() })
+    );
+}
+
+#[test]
+fn trailing_bytes_inside_a_frame_are_malformed() {
+    let mut b = BytesMut::new();
+    b.put_u8(FrameType::Ping as u8);
+    b.put_u32(3);
+    b.extend_from_slice(&[1, 0, 0]);
+    assert!(matches!(decode(&b), Err(DecodeError::Malformed { .. })));
+}
+
+#[test]
+fn encode_refuses_oversized_frames_and_writes_nothing() {
+    let f = Frame::Send(Send {
+        req: 1,
+        id: MessageId([0; 16]),
+        to: "x".into(),
+        body: Bytes::from(vec![0u8; MAX_FRAME_LEN + 1]),
+    });
+    let mut b = BytesMut::new();
+    assert!(matches!(f.encode(&mut b), Err(EncodeError::TooLarge { .. })));
+    assert!(b.is_empty());
+}
+
+#[test]
+fn a_body_just_over_the_message_limit_still_fits_a_frame() {
+    // The relay must be able to decode it to refuse it with body_too_large.
+    let f = Frame::Send(Send {
+        req: 1,
+        id: MessageId([0; 16]),
+        to: "a".repeat(MAX_NAME_LEN),
+        body: Bytes::from(vec![0u8; MAX_MESSAGE_BODY + 1]),
+    });
+    assert!(f.encoded_len().unwrap() - HEADER_LEN <= MAX_FRAME_LEN);
+}
+
+#[test]
+fn preamble_round_trip_and_bad_magic() {
+    let mut b = BytesMut::new();
+    Preamble { version: 1 }.encode(&mut b);
+    assert_eq!(Preamble::decode(&mut b.clone()), Ok(Some(Preamble { version: 1 })));
+    assert_eq!(Preamble::decode(&mut BytesMut::from(&b[..3])), Ok(None));
+    assert_eq!(
+        Preamble::decode(&mut BytesMut::from(&b"GET / HTTP/1.1"[..])),
+        Err(DecodeError::BadMagic)
+    );
+    assert_eq!(Preamble::decode(&mut BytesMut::from(&b"X"[..])), Err(DecodeError::BadMagic));
+}
+
+#[test]
+fn hello_debug_never_shows_the_key() {
+    let h = Hello {
+        version: 1,
+        key: "swbk_secret".into(),
+        name: "n".into(),
+        agent: "a".into(),
+    };
+    assert!(!format!("{h:?}").contains("secret"));
+}
+
+#[test]
+fn codes_have_stable_names() {
+    assert_eq!(Code::MAILBOX_FULL.as_str(), "mailbox_full");
+    assert_eq!(Code::from_name("mailbox_full"), Some(Code::MAILBOX_FULL));
+    assert_eq!(Code(999).as_str(), "unknown");
+}
+
+#[test]
+fn message_id_hex_round_trip() {
+    let id = MessageId([0xab; 16]);
+    assert_eq!(MessageId::parse_hex(&id.to_string()), Some(id));
+    assert_eq!(MessageId::parse_hex("zz"), None);
+}
