@@ -404,6 +404,22 @@ impl Actor {
         }
     }
 
+    /// Handles every complete frame in the read buffer.
+    fn drain(&mut self, link: &mut Link, out: &mut Vec<Frame>) -> Result<(), End> {
+        loop {
+            match link.reader.next_frame() {
+                Ok(Some(f)) => {
+                    if let Err(end) = self.on_frame(f, out) {
+                        link.conn.close(0u32.into(), b"goodbye");
+                        return Err(end);
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(End::Lost(format!("relay sent bad data: {e}"))),
+            }
+        }
+    }
+
     async fn serve(&mut self, mut link: Link, cancel: &CancellationToken) -> End {
         // Resend what the previous connection left unanswered, and acks.
         let mut first: Vec<Frame> = Vec::new();
@@ -424,6 +440,17 @@ impl Actor {
             return End::Lost(e);
         }
         self.pending_acks.clear();
+        // Frames that arrived together with the Welcome (mail held while
+        // this peer was away) are already buffered.
+        let mut out = Vec::new();
+        if let Err(end) = self.drain(&mut link, &mut out) {
+            return end;
+        }
+        if !out.is_empty() {
+            if let Err(e) = link.write(&out).await {
+                return End::Lost(link.close_reason(&e));
+            }
+        }
         loop {
             // Ranked: shutdown, then local commands, then relay frames.
             let out: Vec<Frame> = tokio::select! {
@@ -448,18 +475,8 @@ impl Actor {
                         return End::Lost(e);
                     }
                     let mut out = Vec::new();
-                    loop {
-                        match link.reader.next_frame() {
-                            Ok(Some(f)) => match self.on_frame(f, &mut out) {
-                                Ok(()) => {}
-                                Err(end) => {
-                                    link.conn.close(0u32.into(), b"goodbye");
-                                    return end;
-                                }
-                            },
-                            Ok(None) => break,
-                            Err(e) => return End::Lost(format!("relay sent bad data: {e}")),
-                        }
+                    if let Err(end) = self.drain(&mut link, &mut out) {
+                        return end;
                     }
                     out
                 }

@@ -103,6 +103,22 @@ impl TestRelay {
         self.handle.as_ref().expect("relay is running")
     }
 
+    /// Waits until the relay's counters satisfy `pred` (they change as
+    /// frames are processed; this re-checks them until [`WAIT`] runs out).
+    pub async fn wait_stats(&self, what: &str, pred: impl Fn(&swb_relay::RelayStats) -> bool) -> Result<swb_relay::RelayStats> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let s = self.handle().stats();
+            if pred(&s) {
+                return Ok(s);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("timed out waiting for relay stats: {what}; last {s:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Path of the relay's keys file.
     pub fn keys_path(&self) -> PathBuf {
         self.dir.path().join("keys.toml")
@@ -207,6 +223,24 @@ impl TestDaemon {
         let msgs = c.recv(WAIT, max).await?;
         c.ack(msgs.iter().map(|m| m.id.clone()).collect()).await?;
         Ok(msgs)
+    }
+
+    /// Receives and acknowledges until exactly `n` messages arrived; fails
+    /// if they do not within [`WAIT`] or if more arrive.
+    pub async fn recv_n(&self, n: usize) -> Result<Vec<InMessage>> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut got = Vec::new();
+        while got.len() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                bail!("received {} of {n} messages within {WAIT:?}", got.len());
+            }
+            let mut c = self.client().await?;
+            let msgs = c.recv(left, n - got.len()).await?;
+            c.ack(msgs.iter().map(|m| m.id.clone()).collect()).await?;
+            got.extend(msgs);
+        }
+        Ok(got)
     }
 
     /// Waits until the daemon's state satisfies `pred`.
