@@ -1,1 +1,153 @@
-fn main(){}
+//! `swbd`: the Switchboard command — relay, daemon, client commands and the demo.
+//!
+//! Thin by design: every command parses flags, calls into `swb-relay` or
+//! `swb-daemon`, and formats the result. Usage errors exit 2 (clap), runtime
+//! errors exit 1 with one line on stderr that says what to do.
+
+mod client;
+mod demo;
+mod keys;
+mod relay;
+mod up;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// Switchboard: reach machines without public addresses through a relay mesh.
+#[derive(Debug, Parser)]
+#[command(name = "swbd", version, propagate_version = true, max_term_width = 100)]
+struct Cli {
+    /// Control socket of the local daemon (`swbd up` creates it; the other
+    /// commands talk to it).
+    #[arg(long, global = true, env = "SWB_CONTROL", value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Print data as JSON (one object per line) instead of human text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log output (repeat for more); `RUST_LOG` overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a dev relay and two peers in this process, exchange messages, and
+    /// print what happened and how to do it with separate processes.
+    Demo(demo::DemoArgs),
+    /// Run a relay.
+    Relay(relay::RelayArgs),
+    /// Run the daemon: keep a connection to the relay and serve the control socket.
+    Up(up::UpArgs),
+    /// Send a message to a peer of your namespace (exit 0 once the relay accepted it).
+    Send(client::SendArgs),
+    /// Receive messages: prints `FROM<TAB>BODY` per message and acknowledges them.
+    Recv(client::RecvArgs),
+    /// Show the daemon's connection: relay, name, namespace, since when, round trip.
+    Status,
+    /// Manage API keys in a relay's keys file.
+    #[command(subcommand)]
+    Keys(keys::KeysCommand),
+}
+
+/// A duration flag: plain seconds (`10`, `0.5`) or humantime (`500ms`, `2m`).
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 && secs <= 86_400.0 * 365.0 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        return Err(format!("{s:?} is not a duration between 0 and one year"));
+    }
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration (like 10, 1.5, 500ms, 2m): {e}"))
+}
+
+/// Shared flags of the commands that talk to the daemon.
+#[derive(Debug, Clone)]
+pub(crate) struct Output {
+    /// Control socket.
+    pub(crate) control: PathBuf,
+    /// JSON output.
+    pub(crate) json: bool,
+}
+
+fn init_logs(default: &str, verbose: u8) {
+    let default = match verbose {
+        0 => default.to_string(),
+        1 => "info,swb_relay=debug,swb_daemon=debug".into(),
+        _ => "debug".into(),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log_default = match cli.command {
+        Command::Relay(_) | Command::Up(_) => "info",
+        _ => "warn",
+    };
+    init_logs(log_default, cli.verbose);
+    let out = Output {
+        control: cli.control.clone().unwrap_or_else(swb_daemon::default_control_path),
+        json: cli.json,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("swbd: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Demo(a) => demo::run(a, &out).await,
+            Command::Relay(a) => relay::run(a).await,
+            Command::Up(a) => up::run(a, &out).await,
+            Command::Send(a) => client::send(a, &out).await,
+            Command::Recv(a) => client::recv(a, &out).await,
+            Command::Status => client::status(&out).await,
+            Command::Keys(k) => keys::run(k, &out),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the outermost context, then its causes.
+            let mut line = e.to_string();
+            for cause in e.chain().skip(1) {
+                line.push_str(": ");
+                line.push_str(&cause.to_string());
+            }
+            eprintln!("swbd: error: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_accept_seconds_and_humantime() {
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+}

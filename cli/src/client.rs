@@ -1,0 +1,171 @@
+//! Commands that talk to a running daemon over its control socket:
+//! `send`, `recv`, `status`.
+
+use crate::{parse_duration, Output};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use swb_daemon::control::{InMessage, StatusInfo};
+use swb_daemon::Client;
+use swb_wire::MAX_MESSAGE_BODY;
+
+#[derive(Debug, Args)]
+pub(crate) struct SendArgs {
+    /// Recipient: a peer name of your namespace (`london` or `london.switchboard`).
+    #[arg(value_name = "TO")]
+    to: String,
+    /// Message body. Omit it or pass `-` to read the body from stdin.
+    #[arg(value_name = "BODY")]
+    body: Option<OsString>,
+    /// How long to wait for the relay to accept (also covers a daemon that
+    /// is reconnecting).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RecvArgs {
+    /// Wait this long for the first message (seconds, or like `500ms`, `2m`).
+    /// 0 returns at once with what is waiting.
+    #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_duration)]
+    wait: Duration,
+    /// Take at most this many messages.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    max: u32,
+}
+
+fn read_body(arg: Option<OsString>) -> Result<Vec<u8>> {
+    use std::os::unix::ffi::OsStringExt;
+    match arg {
+        Some(b) if b != "-" => Ok(b.into_vec()),
+        _ => {
+            // Read one byte more than allowed, so an oversized body is
+            // reported instead of silently cut.
+            let mut body = Vec::new();
+            std::io::stdin()
+                .lock()
+                .take(MAX_MESSAGE_BODY as u64 + 1)
+                .read_to_end(&mut body)
+                .context("cannot read the message body from stdin")?;
+            Ok(body)
+        }
+    }
+}
+
+pub(crate) async fn send(a: SendArgs, out: &Output) -> Result<()> {
+    let body = read_body(a.body)?;
+    if body.len() > MAX_MESSAGE_BODY {
+        bail!(
+            "the message body is larger than the limit of {MAX_MESSAGE_BODY} bytes; send large data over a stream instead"
+        );
+    }
+    let mut c = Client::connect(&out.control).await?;
+    let sent = c
+        .send(&a.to, &body, a.timeout)
+        .await
+        .with_context(|| format!("message to {} not sent", a.to))?;
+    if out.json {
+        println!("{}", serde_json::json!({"id": sent.id, "to": a.to, "online": sent.online}));
+    } else if sent.online {
+        eprintln!("swbd: delivered to the relay for {} (id {})", a.to, sent.id);
+    } else {
+        eprintln!(
+            "swbd: {} is not attached right now; the relay holds the message until it is (id {})",
+            a.to, sent.id
+        );
+    }
+    Ok(())
+}
+
+fn message_json(m: &InMessage) -> serde_json::Value {
+    let body = m.body();
+    let mut v = serde_json::json!({
+        "id": m.id,
+        "from": m.from,
+        "sent_at_ms": m.sent_at_ms,
+        "body_b64": m.body_b64,
+    });
+    if let Ok(text) = String::from_utf8(body) {
+        v["body"] = serde_json::Value::String(text);
+    }
+    v
+}
+
+pub(crate) async fn recv(a: RecvArgs, out: &Output) -> Result<()> {
+    let mut c = Client::connect(&out.control).await?;
+    let msgs = c.recv(a.wait, a.max as usize).await.context("cannot receive")?;
+    if msgs.is_empty() {
+        if !out.json {
+            eprintln!("swbd: no messages within {}", humantime::format_duration(a.wait));
+        }
+        return Ok(());
+    }
+    {
+        // Print everything first; acknowledge only what reached stdout. If
+        // writing fails (closed pipe), nothing is acknowledged and the
+        // daemon hands the messages out again.
+        let stdout = std::io::stdout();
+        let mut w = stdout.lock();
+        for m in &msgs {
+            if out.json {
+                writeln!(w, "{}", message_json(m))
+            } else {
+                w.write_all(m.from.as_bytes())
+                    .and_then(|()| w.write_all(b"\t"))
+                    .and_then(|()| w.write_all(&m.body()))
+                    .and_then(|()| w.write_all(b"\n"))
+            }
+            .context("cannot write to stdout; the messages were not acknowledged")?;
+        }
+        w.flush().context("cannot write to stdout; the messages were not acknowledged")?;
+    }
+    c.ack(msgs.iter().map(|m| m.id.clone()).collect())
+        .await
+        .context("printed, but could not acknowledge; they will be received again")?;
+    Ok(())
+}
+
+fn ago(since: SystemTime) -> String {
+    let secs = SystemTime::now().duration_since(since).map(|d| d.as_secs()).unwrap_or(0);
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+fn print_status(s: &StatusInfo) {
+    println!("state:      {}", s.state);
+    println!("name:       {}", s.name);
+    println!("namespace:  {}", s.namespace.as_deref().unwrap_or("-"));
+    match &s.relay_id {
+        Some(id) => println!("relay:      {} ({id})", s.relay),
+        None => println!("relay:      {}", s.relay),
+    }
+    if let Some(since) = &s.connected_since {
+        let t = humantime::parse_rfc3339(since).unwrap_or(UNIX_EPOCH);
+        println!("connected:  since {since} ({} ago)", ago(t));
+    }
+    if let Some(rtt) = s.rtt_ms {
+        println!("rtt:        {rtt:.2} ms");
+    }
+    println!("inbox:      {} waiting", s.inbox);
+    if s.pending_sends > 0 {
+        println!("sending:    {} waiting for the relay", s.pending_sends);
+    }
+    if s.state != "connected" {
+        println!("attempts:   {}", s.attempts);
+    }
+    if let Some(e) = &s.last_error {
+        println!("last error: {e}");
+    }
+}
+
+pub(crate) async fn status(out: &Output) -> Result<()> {
+    let mut c = Client::connect(&out.control).await?;
+    let s = c.status().await?;
+    if out.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        print_status(&s);
+    }
+    Ok(())
+}

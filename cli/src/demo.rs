@@ -1,0 +1,248 @@
+//! `swbd demo`: the first-run experience. A dev relay and peers in this
+//! process, on free loopback ports, with temporary directories; messages
+//! both ways, mail for a peer that attaches later, a burst; timings; then
+//! the commands to do the same with separate processes. Exit 0 only if
+//! every step worked.
+
+use crate::Output;
+use anyhow::{bail, ensure, Context, Result};
+use clap::Args;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use swb_daemon::{ApiKey, Client, Daemon, DaemonConfig, DaemonHandle, Trust};
+use swb_relay::keys::{self, KeysFile};
+use swb_relay::{Identity, KeySource, Relay, RelayConfig};
+
+#[derive(Debug, Args)]
+pub(crate) struct DemoArgs {
+    /// Messages in the burst step.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    burst: u32,
+}
+
+/// Longest any single step may take before the demo gives up.
+const STEP_LIMIT: Duration = Duration::from_secs(20);
+
+struct Steps {
+    started: Instant,
+    json: bool,
+}
+
+impl Steps {
+    async fn run<T>(&self, what: &str, f: impl Future<Output = Result<T>>) -> Result<(T, Duration)> {
+        let t = Instant::now();
+        let r = tokio::time::timeout(STEP_LIMIT, f)
+            .await
+            .map_err(|_| anyhow::anyhow!("{what}: no result within {STEP_LIMIT:?}"))?
+            .with_context(|| format!("demo step failed: {what}"))?;
+        let took = t.elapsed();
+        if !self.json {
+            println!("  ok  {what:<64} {:>9}", fmt_dur(took));
+        }
+        Ok((r, took))
+    }
+}
+
+fn fmt_dur(d: Duration) -> String {
+    if d < Duration::from_millis(10) {
+        format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+    } else {
+        format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+    }
+}
+
+async fn start_daemon(relay: &str, fp: &str, key: &str, name: &str, dir: &std::path::Path) -> Result<DaemonHandle> {
+    let cfg = DaemonConfig::new(
+        relay,
+        Trust::Fingerprint(fp.to_string()),
+        name,
+        ApiKey::new(key),
+        dir.join(format!("{name}.sock")),
+    );
+    let d = Daemon::spawn(cfg).await?;
+    d.connected().await.map_err(|e| anyhow::anyhow!("{name} could not connect: {e}"))?;
+    Ok(d)
+}
+
+async fn recv_one(d: &DaemonHandle) -> Result<(String, Vec<u8>)> {
+    let mut c = Client::connect(d.control_path()).await?;
+    let msgs = c.recv(STEP_LIMIT, 1).await?;
+    let Some(m) = msgs.into_iter().next() else {
+        bail!("nothing arrived");
+    };
+    c.ack(vec![m.id.clone()]).await?;
+    Ok((m.from.clone(), m.body()))
+}
+
+pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
+    let steps = Steps {
+        started: Instant::now(),
+        json: out.json,
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("swbd-demo-")
+        .tempdir()
+        .context("cannot create a temporary directory")?;
+    if !out.json {
+        println!("Switchboard demo: a dev relay and peers in this process, on loopback.\n");
+    }
+
+    let ((relay, key), relay_t) = steps
+        .run("start a dev relay (self-signed TLS, one API key)", async {
+            let identity = Identity::dev_in_dir(&dir.path().join("relay"), &[])?;
+            let new = keys::generate("demo", "swbd demo")?;
+            let file = KeysFile {
+                keys: vec![new.entry],
+            };
+            let cfg = RelayConfig::new(
+                "127.0.0.1:0".parse()?,
+                identity,
+                KeySource::Static(file),
+            );
+            Ok((Relay::spawn(cfg).await?, new.key))
+        })
+        .await?;
+    let addr = relay.local_addr().to_string();
+    let fp = relay.fingerprint().to_string();
+
+    let ((london, laptop), attach_t) = steps
+        .run("attach peers london and laptop (QUIC + TLS + Hello)", async {
+            let (a, b) = tokio::join!(
+                start_daemon(&addr, &fp, &key, "london", dir.path()),
+                start_daemon(&addr, &fp, &key, "laptop", dir.path()),
+            );
+            Ok((a?, b?))
+        })
+        .await?;
+
+    let (_, one_way_t) = steps
+        .run("laptop -> london 'deploy done' (send, receive, acknowledge)", async {
+            let mut c = Client::connect(laptop.control_path()).await?;
+            let sent = c.send("london", b"deploy done", STEP_LIMIT).await?;
+            ensure!(sent.online, "london should be attached");
+            let (from, body) = recv_one(&london).await?;
+            ensure!(from == "laptop" && body == b"deploy done", "london got {from:?} {body:?}");
+            Ok(())
+        })
+        .await?;
+
+    let (_, back_t) = steps
+        .run("london -> laptop 'thanks'", async {
+            let mut c = Client::connect(london.control_path()).await?;
+            c.send("laptop", b"thanks", STEP_LIMIT).await?;
+            let (from, body) = recv_one(&laptop).await?;
+            ensure!(from == "london" && body == b"thanks", "laptop got {from:?} {body:?}");
+            Ok(())
+        })
+        .await?;
+
+    let (paris, offline_t) = steps
+        .run("laptop -> paris while paris is offline; paris attaches, gets it", async {
+            let mut c = Client::connect(laptop.control_path()).await?;
+            let sent = c.send("paris", b"welcome back", STEP_LIMIT).await?;
+            ensure!(!sent.online, "paris should not be attached yet");
+            let paris = start_daemon(&addr, &fp, &key, "paris", dir.path()).await?;
+            let (from, body) = recv_one(&paris).await?;
+            ensure!(from == "laptop" && body == b"welcome back", "paris got {from:?} {body:?}");
+            Ok(paris)
+        })
+        .await?;
+
+    let n = a.burst as usize;
+    let (_, burst_t) = steps
+        .run(&format!("burst: {n} messages laptop -> london, in order"), async {
+            let mut tx = Client::connect(laptop.control_path()).await?;
+            let send = async {
+                for i in 0..n {
+                    tx.send("london", format!("m{i}").as_bytes(), STEP_LIMIT).await?;
+                }
+                anyhow::Ok(())
+            };
+            let recv = async {
+                let mut rx = Client::connect(london.control_path()).await?;
+                let mut next = 0usize;
+                while next < n {
+                    let msgs = rx.recv(STEP_LIMIT, n - next).await?;
+                    ensure!(!msgs.is_empty(), "burst stalled after {next} messages");
+                    for m in &msgs {
+                        let want = format!("m{next}");
+                        ensure!(m.body() == want.as_bytes(), "out of order: got {:?}, want {want}", String::from_utf8_lossy(&m.body()));
+                        next += 1;
+                    }
+                    rx.ack(msgs.into_iter().map(|m| m.id).collect()).await?;
+                }
+                anyhow::Ok(())
+            };
+            let (s, r) = tokio::join!(send, recv);
+            s?;
+            r
+        })
+        .await?;
+
+    let (stats, _) = steps
+        .run("the relay holds no mail: everything was acknowledged", async {
+            // Acknowledgements travel daemon -> relay after `recv` returns;
+            // give them the step's time limit to land.
+            loop {
+                let s = relay.stats();
+                if s.held == 0 && s.acked == s.accepted {
+                    return Ok(s);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await?;
+
+    for d in [london, laptop, paris] {
+        d.shutdown();
+        d.join().await?;
+    }
+    relay.shutdown();
+    relay.join().await;
+
+    let total = steps.started.elapsed();
+    let per_msg = burst_t / n as u32;
+    let rate = n as f64 / burst_t.as_secs_f64();
+    if out.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "ok": true,
+                "relay_start_ms": relay_t.as_secs_f64() * 1e3,
+                "attach_ms": attach_t.as_secs_f64() * 1e3,
+                "message_ms": one_way_t.as_secs_f64() * 1e3,
+                "reply_ms": back_t.as_secs_f64() * 1e3,
+                "offline_ms": offline_t.as_secs_f64() * 1e3,
+                "burst_messages": n,
+                "burst_ms": burst_t.as_secs_f64() * 1e3,
+                "burst_msgs_per_sec": rate,
+                "accepted": stats.accepted,
+                "acked": stats.acked,
+                "total_ms": total.as_secs_f64() * 1e3,
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "\nAll steps worked in {}. {} messages accepted and acknowledged end to end;",
+        fmt_dur(total),
+        stats.accepted
+    );
+    println!(
+        "the burst ran at {rate:.0} messages/s ({} per message, each one send -> relay accepted -> delivered -> acknowledged).",
+        fmt_dur(per_msg)
+    );
+    println!(
+        "\nThe same with separate processes (each in its own terminal):\n\n\
+         \x20 swbd keys create --keys keys.toml --namespace acme        # prints the key\n\
+         \x20 swbd relay --dev --data-dir ./relay --keys keys.toml --listen 127.0.0.1:7443\n\
+         \x20 export SWB_API_KEY=<the key>\n\
+         \x20 swbd up --relay 127.0.0.1:7443 --relay-fingerprint $(cat relay/fingerprint) --name london --control /tmp/london.sock\n\
+         \x20 swbd up --relay 127.0.0.1:7443 --relay-fingerprint $(cat relay/fingerprint) --name laptop --control /tmp/laptop.sock\n\
+         \x20 swbd --control /tmp/laptop.sock send london 'deploy done'\n\
+         \x20 swbd --control /tmp/london.sock recv --wait 10\n\
+         \x20 swbd --control /tmp/london.sock status\n\n\
+         (From a checkout, `cargo run --release --` stands for `swbd`; or `cargo install --path cli`.)"
+    );
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! `swbd keys create|revoke|list`: the relay's keys file. The file holds
+//! only hashes; a new key is printed once, alone on stdout.
+
+use crate::Output;
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use std::io::Write;
+use std::path::PathBuf;
+use swb_relay::keys::{self, KeysFile};
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum KeysCommand {
+    /// Create a key for a namespace. Prints the key alone on stdout (shown
+    /// only this once); the file keeps only its hash. Running relays pick it up.
+    Create {
+        /// The relay's keys file (created if missing).
+        #[arg(long, value_name = "FILE")]
+        keys: PathBuf,
+        /// Namespace the key belongs to: peers see only peers of their namespace.
+        #[arg(long, value_name = "NS")]
+        namespace: String,
+        /// A note to recognise the key by in `swbd keys list`.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// Revoke a key by id (or by the full key). Running relays close its
+    /// connections and refuse it from then on.
+    Revoke {
+        /// The relay's keys file.
+        #[arg(long, value_name = "FILE")]
+        keys: PathBuf,
+        /// Key id as `swbd keys list` shows it, or the whole key.
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+    /// List the keys in the file (ids, namespaces, labels; never the keys).
+    List {
+        /// The relay's keys file.
+        #[arg(long, value_name = "FILE")]
+        keys: PathBuf,
+    },
+}
+
+pub(crate) fn run(cmd: KeysCommand, out: &Output) -> Result<()> {
+    match cmd {
+        KeysCommand::Create {
+            keys: path,
+            namespace,
+            label,
+        } => {
+            let mut file = KeysFile::load(&path)?;
+            let new = keys::generate(&namespace, &label)?;
+            let id = new.entry.id.clone();
+            file.keys.push(new.entry);
+            file.save(&path)?;
+            if out.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"key": new.key, "id": id, "namespace": namespace})
+                );
+            } else {
+                println!("{}", new.key);
+            }
+            eprintln!(
+                "swbd: created key {id} for namespace {namespace} in {}; this is the only time the key is shown",
+                path.display()
+            );
+            Ok(())
+        }
+        KeysCommand::Revoke { keys: path, id } => {
+            if !path.exists() {
+                anyhow::bail!("keys file {} does not exist", path.display());
+            }
+            let mut file = KeysFile::load(&path)?;
+            let (id, ns) = {
+                let e = file.revoke(&id)?;
+                (e.id.clone(), e.namespace.clone())
+            };
+            file.save(&path)?;
+            if out.json {
+                println!("{}", serde_json::json!({"revoked": id, "namespace": ns}));
+            } else {
+                println!("revoked key {id} (namespace {ns}); running relays close its connections");
+            }
+            Ok(())
+        }
+        KeysCommand::List { keys: path } => {
+            let file = KeysFile::load(&path)
+                .with_context(|| format!("cannot list keys of {}", path.display()))?;
+            let stdout = std::io::stdout();
+            let mut w = stdout.lock();
+            if out.json {
+                for k in &file.keys {
+                    writeln!(
+                        w,
+                        "{}",
+                        serde_json::json!({
+                            "id": k.id, "namespace": k.namespace, "label": k.label,
+                            "created_unix": k.created_unix, "revoked": k.revoked,
+                        })
+                    )?;
+                }
+            } else {
+                writeln!(w, "{:<14} {:<20} {:<8} {:<22} LABEL", "ID", "NAMESPACE", "STATE", "CREATED")?;
+                for k in &file.keys {
+                    let created = humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(k.created_unix),
+                    );
+                    let state = if k.revoked { "revoked" } else { "active" };
+                    writeln!(w, "{:<14} {:<20} {:<8} {:<22} {}", k.id, k.namespace, state, created, k.label)?;
+                }
+            }
+            Ok(())
+        }
+    }
+}

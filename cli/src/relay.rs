@@ -1,0 +1,115 @@
+//! `swbd relay`: run a relay in the foreground until SIGINT/SIGTERM.
+//! SIGHUP re-reads the keys file (it is also re-read when it changes).
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use swb_relay::keys::KeysFile;
+use swb_relay::{Identity, KeySource, Relay, RelayConfig};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+#[derive(Debug, Args)]
+pub(crate) struct RelayArgs {
+    /// Development mode: create (then reuse) a self-signed certificate in
+    /// --data-dir and print its fingerprint for `swbd up --relay-fingerprint`.
+    #[arg(long)]
+    dev: bool,
+    /// Where a dev relay keeps its certificate, key and `fingerprint` file.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// API keys file (`swbd keys create` writes it). Default: <data-dir>/keys.toml.
+    #[arg(long, value_name = "FILE")]
+    keys: Option<PathBuf>,
+    /// UDP address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7443")]
+    listen: SocketAddr,
+    /// Certificate chain (PEM) for production; requires --key.
+    #[arg(long, value_name = "FILE", conflicts_with = "dev", requires = "key")]
+    cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(long, value_name = "FILE", conflicts_with = "dev", requires = "cert")]
+    key: Option<PathBuf>,
+    /// Extra DNS names or addresses the dev certificate is valid for
+    /// (besides localhost, 127.0.0.1 and ::1). Used only when the
+    /// certificate is first created.
+    #[arg(long = "dev-name", value_name = "NAME", requires = "dev")]
+    dev_names: Vec<String>,
+    /// This relay's id, shown to daemons and in logs.
+    #[arg(long, value_name = "ID", default_value = "relay")]
+    relay_id: String,
+}
+
+pub(crate) async fn run(a: RelayArgs) -> Result<()> {
+    let identity = if a.dev {
+        let Some(dir) = &a.data_dir else {
+            bail!("--dev needs --data-dir DIR to keep its certificate in (it is created if missing)");
+        };
+        Identity::dev_in_dir(dir, &a.dev_names)?
+    } else {
+        match (&a.cert, &a.key) {
+            (Some(c), Some(k)) => Identity::from_pem_files(c, k)?,
+            _ => bail!(
+                "a relay needs --cert FILE --key FILE (PEM), or --dev --data-dir DIR for a self-signed development certificate"
+            ),
+        }
+    };
+    let keys_path = match (&a.keys, &a.data_dir) {
+        (Some(k), _) => k.clone(),
+        (None, Some(d)) => d.join("keys.toml"),
+        (None, None) => bail!("--keys FILE is required (create keys with `swbd keys create --keys FILE --namespace NS`)"),
+    };
+    let n = KeysFile::load(&keys_path)
+        .with_context(|| "cannot start the relay".to_string())?
+        .keys
+        .iter()
+        .filter(|k| !k.revoked)
+        .count();
+    if n == 0 {
+        warn!(
+            keys = %keys_path.display(),
+            "no active API keys yet; create one with `swbd keys create --keys {} --namespace NS` (the relay picks it up)",
+            keys_path.display()
+        );
+    }
+    let mut config = RelayConfig::new(a.listen, identity, KeySource::File(keys_path.clone()));
+    config.relay_id = a.relay_id.clone();
+    let handle = Relay::spawn(config).await?;
+    let addr = handle.local_addr();
+    let fp = handle.fingerprint().to_string();
+    let shown = if addr.ip().is_unspecified() {
+        format!("<this-host>:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    println!("relay listening on {addr} (udp)");
+    println!("fingerprint {fp}");
+    if let Some(d) = a.data_dir.as_ref().filter(|_| a.dev) {
+        println!("(also written to {})", d.join("fingerprint").display());
+    }
+    println!("keys file {} ({n} active)", keys_path.display());
+    println!("connect a peer with:");
+    if a.dev {
+        println!("  SWB_API_KEY=... swbd up --relay {shown} --relay-fingerprint {fp} --name NAME");
+    } else {
+        println!("  SWB_API_KEY=... swbd up --relay {shown} --name NAME   (add --ca FILE if the certificate is not from a public CA)");
+    }
+
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match handle.reload_keys() {
+                Ok(n) => info!(keys = n, "SIGHUP: keys file re-read"),
+                Err(e) => warn!("SIGHUP: keeping the previous keys: {e}"),
+            },
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    info!("shutting down: telling peers goodbye");
+    handle.shutdown();
+    handle.join().await;
+    Ok(())
+}

@@ -1,0 +1,90 @@
+//! `swbd up`: run the daemon in the foreground until SIGINT/SIGTERM, or
+//! until the relay refuses it for good (bad or revoked key, name taken over).
+
+use crate::Output;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::PathBuf;
+use swb_daemon::{ApiKey, ConnState, Daemon, DaemonConfig, DaemonError, Trust};
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::info;
+
+#[derive(Debug, Args)]
+pub(crate) struct UpArgs {
+    /// Relay address `HOST[:PORT]` (port 7443 if omitted). Repeat to give
+    /// fallbacks, tried in order.
+    #[arg(long = "relay", value_name = "HOST:PORT", required = true)]
+    relays: Vec<String>,
+    /// Accept exactly the relay certificate with this SHA-256 fingerprint
+    /// (`sha256:HEX`, as `swbd relay --dev` prints). For dev relays.
+    #[arg(long, value_name = "sha256:HEX", conflicts_with = "ca")]
+    relay_fingerprint: Option<String>,
+    /// Verify the relay's certificate chain against the CA certificates in
+    /// this PEM file instead of the system roots.
+    #[arg(long, value_name = "FILE")]
+    ca: Option<PathBuf>,
+    /// TLS name to verify the relay as, when it differs from the --relay host.
+    #[arg(long, value_name = "NAME")]
+    server_name: Option<String>,
+    /// This peer's name in the namespace: a DNS label (letters, digits, '-').
+    #[arg(long, value_name = "NAME")]
+    name: String,
+    /// Read the API key from this file instead of the SWB_API_KEY variable.
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
+}
+
+fn api_key(a: &UpArgs) -> Result<ApiKey> {
+    if let Some(f) = &a.api_key_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read --api-key-file {}", f.display()))?;
+        let k = text.trim();
+        if k.is_empty() {
+            bail!("--api-key-file {} is empty", f.display());
+        }
+        return Ok(ApiKey::new(k));
+    }
+    match std::env::var("SWB_API_KEY") {
+        Ok(k) if !k.trim().is_empty() => Ok(ApiKey::new(k)),
+        _ => bail!(
+            "no API key: set SWB_API_KEY or pass --api-key-file FILE (a relay operator creates keys with `swbd keys create`)"
+        ),
+    }
+}
+
+pub(crate) async fn run(a: UpArgs, out: &Output) -> Result<()> {
+    let key = api_key(&a)?;
+    let trust = match (&a.relay_fingerprint, &a.ca) {
+        (Some(fp), _) => Trust::Fingerprint(fp.clone()),
+        (None, Some(ca)) => Trust::CaFile(ca.clone()),
+        (None, None) => Trust::System,
+    };
+    let mut cfg = DaemonConfig::new(a.relays[0].clone(), trust, a.name.clone(), key, out.control.clone());
+    cfg.relays = a.relays.clone();
+    cfg.server_name = a.server_name.clone();
+    let handle = Daemon::spawn(cfg).await?;
+    info!(control = %handle.control_path().display(), "control socket ready");
+
+    let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut state = handle.state();
+    let stopped = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break false,
+            _ = term.recv() => break false,
+            r = state.changed() => {
+                if r.is_err() || matches!(&*state.borrow(), ConnState::Stopped { .. }) {
+                    break true;
+                }
+            }
+        }
+    };
+    if !stopped {
+        info!("stopping");
+        handle.shutdown();
+    }
+    match handle.join().await {
+        Ok(()) => Ok(()),
+        Err(e @ DaemonError::Refused(_)) => Err(anyhow::anyhow!("{e}")),
+        Err(e) => Err(e.into()),
+    }
+}
