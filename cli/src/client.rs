@@ -69,7 +69,7 @@ pub(crate) async fn send(a: SendArgs, out: &Output) -> Result<()> {
     if out.json {
         println!("{}", serde_json::json!({"id": sent.id, "to": a.to, "online": sent.online}));
     } else if sent.online {
-        eprintln!("swbd: delivered to the relay for {} (id {})", a.to, sent.id);
+        eprintln!("swbd: sent to {} (id {})", a.to, sent.id);
     } else {
         eprintln!(
             "swbd: {} is not attached right now; the relay holds the message until it is (id {})",

@@ -147,6 +147,8 @@ pub(crate) struct Shared {
     pub(crate) keys: RwLock<Arc<KeyStore>>,
     pub(crate) registry: Mutex<Registry>,
     pub(crate) counters: Counters,
+    /// Keys file contents last installed, and when the file was last read.
+    keys_seen: Mutex<(Option<Vec<u8>>, Option<std::time::Instant>)>,
 }
 
 impl Shared {
@@ -160,6 +162,47 @@ impl Shared {
     pub(crate) fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
         // A panic while holding the lock would be a bug; keep serving.
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Re-reads the keys file if it changed (file source only). `min_gap`
+    /// rate-limits reads: a flood of bad keys costs at most one read per gap.
+    /// Returns whether a new key set was installed.
+    pub(crate) fn refresh_keys(&self, min_gap: Duration) -> bool {
+        let KeySource::File(path) = &self.config.keys else {
+            return false;
+        };
+        let mut seen = self.keys_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if seen.1.is_some_and(|t| now.duration_since(t) < min_gap) {
+            return false;
+        }
+        seen.1 = Some(now);
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                if seen.0.is_some() {
+                    warn!(path = %path.display(), "cannot read keys file: {e}; keeping the keys in memory");
+                    seen.0 = None;
+                }
+                return false;
+            }
+        };
+        if seen.0.as_deref() == Some(&bytes[..]) {
+            return false;
+        }
+        seen.0 = Some(bytes.clone());
+        match KeysFile::parse(&String::from_utf8_lossy(&bytes), &path.display().to_string()) {
+            Ok(f) => {
+                let n = self.install_keys(KeyStore::new(&f));
+                info!(keys = n, "keys file changed; reloaded");
+                true
+            }
+            Err(e) => {
+                warn!("{e}; keeping the previous keys");
+                false
+            }
+        }
     }
 
     /// Installs a new key set and ends sessions whose key is gone or revoked.
@@ -264,12 +307,13 @@ impl Relay {
             registry: Mutex::new(Registry::new(config.limits.clone())),
             keys: RwLock::new(Arc::new(store)),
             counters: Counters::default(),
+            keys_seen: Mutex::new((keys_bytes, Some(std::time::Instant::now()))),
             config,
         });
         let cancel = CancellationToken::new();
         let span = tracing::info_span!("relay", relay = %shared.config.relay_id);
         let task = tokio::spawn(
-            run(endpoint, shared.clone(), cancel.clone(), keys_bytes).instrument(span),
+            run(endpoint, shared.clone(), cancel.clone()).instrument(span),
         );
         info!(%local_addr, relay = %shared.config.relay_id, "relay listening");
         Ok(RelayHandle {
@@ -308,7 +352,8 @@ impl RelayHandle {
     /// Re-reads the keys file now (what SIGHUP does). Returns the key count.
     pub fn reload_keys(&self) -> Result<usize, keys::KeysError> {
         let shared = &self.shared.0;
-        let (store, _) = read_keys(&shared.config.keys)?;
+        let (store, bytes) = read_keys(&shared.config.keys)?;
+        shared.keys_seen.lock().unwrap_or_else(|p| p.into_inner()).0 = bytes;
         Ok(shared.install_keys(store))
     }
 
@@ -348,7 +393,6 @@ async fn run(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     cancel: CancellationToken,
-    mut keys_bytes: Option<Vec<u8>>,
 ) {
     let mut sessions = tokio::task::JoinSet::new();
     let mut keys_tick = tokio::time::interval(shared.config.keys_poll);
@@ -378,9 +422,7 @@ async fn run(
                 }
             }
             _ = keys_tick.tick() => {
-                if let KeySource::File(path) = &shared.config.keys {
-                    poll_keys(&shared, path, &mut keys_bytes);
-                }
+                shared.refresh_keys(Duration::ZERO);
             }
             _ = sweep_tick.tick() => {
                 let n = shared.registry().expire(tokio::time::Instant::now());
@@ -408,27 +450,3 @@ async fn run(
     info!("relay stopped");
 }
 
-fn poll_keys(shared: &Shared, path: &std::path::Path, last: &mut Option<Vec<u8>>) {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => {
-            if last.is_some() {
-                warn!(path = %path.display(), "cannot read keys file: {e}; keeping the keys in memory");
-                *last = None;
-            }
-            return;
-        }
-    };
-    if last.as_deref() == Some(&bytes[..]) {
-        return;
-    }
-    *last = Some(bytes.clone());
-    match KeysFile::parse(&String::from_utf8_lossy(&bytes), &path.display().to_string()) {
-        Ok(f) => {
-            let n = shared.install_keys(KeyStore::new(&f));
-            info!(keys = n, "keys file changed; reloaded");
-        }
-        Err(e) => warn!("{e}; keeping the previous keys"),
-    }
-}

@@ -23,6 +23,9 @@ pub(crate) const CLOSE_PROTOCOL: u32 = 2;
 /// Bytes of mail bodies written per flush before yielding to other branches.
 const FLUSH_BYTES: usize = 256 * 1024;
 
+/// Least time between keys-file reads triggered by unknown keys.
+const KEYS_REFRESH_GAP: Duration = Duration::from_millis(100);
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -163,7 +166,14 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
                 ),
             ));
         }
-        let info = shared.keys().verify(&hello.key).map_err(|e| match e {
+        let mut verified = shared.keys().verify(&hello.key);
+        if verified == Err(crate::keys::AuthError::Unauthorized)
+            && shared.refresh_keys(KEYS_REFRESH_GAP)
+        {
+            // A key created moments ago works before the next poll.
+            verified = shared.keys().verify(&hello.key);
+        }
+        let info = verified.map_err(|e| match e {
             crate::keys::AuthError::Unauthorized => refuse(
                 Code::UNAUTHORIZED,
                 "the API key is not valid; check SWB_API_KEY or --api-key-file".into(),

@@ -4,6 +4,7 @@ use anyhow::Result;
 use bytes::Bytes;
 use std::time::Duration;
 use swb_daemon::{ConnState, ControlError, DaemonError};
+use swb_relay::keys::{self, KeysFile};
 use swb_relay::MailboxLimits;
 use swb_tests::{RawClient, RelayOptions, TestDaemon, TestRelay, WAIT};
 use swb_wire::{Code, Frame, MessageId, MAX_MESSAGE_BODY};
@@ -346,5 +347,24 @@ async fn unsupported_protocol_version_is_refused_with_a_reason() -> Result<()> {
         Frame::Refused(r) => assert_eq!(r.code, Code::UNSUPPORTED_VERSION),
         other => panic!("expected Refused, got {other:?}"),
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn key_created_while_the_relay_runs_works_at_once() -> Result<()> {
+    // The periodic poll is an hour away and nobody calls reload: the relay
+    // must look at the keys file itself when it sees an unknown key.
+    let relay = TestRelay::spawn_with(RelayOptions {
+        keys_poll: Duration::from_secs(3600),
+        ..RelayOptions::default()
+    })
+    .await?;
+    let path = relay.keys_path();
+    let mut file = KeysFile::load(&path)?;
+    let k = keys::generate("acme", "late")?;
+    file.keys.push(k.entry);
+    file.save(&path)?;
+    let d = TestDaemon::start(&relay, &k.key, "late").await?;
+    assert_eq!(d.client().await?.status().await?.namespace.as_deref(), Some("acme"));
     Ok(())
 }
