@@ -38,6 +38,8 @@ pub struct RelayOptions {
     pub limits: MailboxLimits,
     /// Keys file poll interval.
     pub keys_poll: Duration,
+    /// TLS identity; an ephemeral self-signed one when `None`.
+    pub identity: Option<Identity>,
 }
 
 impl Default for RelayOptions {
@@ -45,6 +47,7 @@ impl Default for RelayOptions {
         Self {
             limits: MailboxLimits::default(),
             keys_poll: Duration::from_millis(50),
+            identity: None,
         }
     }
 }
@@ -68,7 +71,10 @@ impl TestRelay {
     pub async fn spawn_with(opts: RelayOptions) -> Result<Self> {
         init_logs();
         let dir = tempfile::tempdir()?;
-        let identity = Identity::ephemeral()?;
+        let identity = match &opts.identity {
+            Some(i) => i.clone(),
+            None => Identity::ephemeral()?,
+        };
         let handle = Self::start(&dir, &identity, &opts, "127.0.0.1:0".parse()?).await?;
         Ok(Self {
             addr: handle.local_addr(),
