@@ -67,7 +67,10 @@ pub(crate) async fn send(a: SendArgs, out: &Output) -> Result<()> {
         .await
         .with_context(|| format!("message to {} not sent", a.to))?;
     if out.json {
-        println!("{}", serde_json::json!({"id": sent.id, "to": a.to, "online": sent.online}));
+        println!(
+            "{}",
+            serde_json::json!({"id": sent.id, "to": a.to, "online": sent.online})
+        );
     } else if sent.online {
         eprintln!("swbd: sent to {} (id {})", a.to, sent.id);
     } else {
@@ -95,10 +98,16 @@ fn message_json(m: &InMessage) -> serde_json::Value {
 
 pub(crate) async fn recv(a: RecvArgs, out: &Output) -> Result<()> {
     let mut c = Client::connect(&out.control).await?;
-    let msgs = c.recv(a.wait, a.max as usize).await.context("cannot receive")?;
+    let msgs = c
+        .recv(a.wait, a.max as usize)
+        .await
+        .context("cannot receive")?;
     if msgs.is_empty() {
         if !out.json {
-            eprintln!("swbd: no messages within {}", humantime::format_duration(a.wait));
+            eprintln!(
+                "swbd: no messages within {}",
+                humantime::format_duration(a.wait)
+            );
         }
         return Ok(());
     }
@@ -119,7 +128,8 @@ pub(crate) async fn recv(a: RecvArgs, out: &Output) -> Result<()> {
             }
             .context("cannot write to stdout; the messages were not acknowledged")?;
         }
-        w.flush().context("cannot write to stdout; the messages were not acknowledged")?;
+        w.flush()
+            .context("cannot write to stdout; the messages were not acknowledged")?;
     }
     c.ack(msgs.iter().map(|m| m.id.clone()).collect())
         .await
@@ -128,7 +138,10 @@ pub(crate) async fn recv(a: RecvArgs, out: &Output) -> Result<()> {
 }
 
 fn ago(since: SystemTime) -> String {
-    let secs = SystemTime::now().duration_since(since).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = SystemTime::now()
+        .duration_since(since)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 

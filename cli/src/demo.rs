@@ -29,7 +29,11 @@ struct Steps {
 }
 
 impl Steps {
-    async fn run<T>(&self, what: &str, f: impl Future<Output = Result<T>>) -> Result<(T, Duration)> {
+    async fn run<T>(
+        &self,
+        what: &str,
+        f: impl Future<Output = Result<T>>,
+    ) -> Result<(T, Duration)> {
         let t = Instant::now();
         let r = tokio::time::timeout(STEP_LIMIT, f)
             .await
@@ -51,7 +55,13 @@ fn fmt_dur(d: Duration) -> String {
     }
 }
 
-async fn start_daemon(relay: &str, fp: &str, key: &str, name: &str, dir: &std::path::Path) -> Result<DaemonHandle> {
+async fn start_daemon(
+    relay: &str,
+    fp: &str,
+    key: &str,
+    name: &str,
+    dir: &std::path::Path,
+) -> Result<DaemonHandle> {
     let cfg = DaemonConfig::new(
         relay,
         Trust::Fingerprint(fp.to_string()),
@@ -60,7 +70,9 @@ async fn start_daemon(relay: &str, fp: &str, key: &str, name: &str, dir: &std::p
         dir.join(format!("{name}.sock")),
     );
     let d = Daemon::spawn(cfg).await?;
-    d.connected().await.map_err(|e| anyhow::anyhow!("{name} could not connect: {e}"))?;
+    d.connected()
+        .await
+        .map_err(|e| anyhow::anyhow!("{name} could not connect: {e}"))?;
     Ok(d)
 }
 
@@ -94,11 +106,7 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
             let file = KeysFile {
                 keys: vec![new.entry],
             };
-            let cfg = RelayConfig::new(
-                "127.0.0.1:0".parse()?,
-                identity,
-                KeySource::Static(file),
-            );
+            let cfg = RelayConfig::new("127.0.0.1:0".parse()?, identity, KeySource::Static(file));
             Ok((Relay::spawn(cfg).await?, new.key))
         })
         .await?;
@@ -106,24 +114,33 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
     let fp = relay.fingerprint().to_string();
 
     let ((london, laptop), attach_t) = steps
-        .run("attach peers london and laptop (QUIC + TLS + Hello)", async {
-            let (a, b) = tokio::join!(
-                start_daemon(&addr, &fp, &key, "london", dir.path()),
-                start_daemon(&addr, &fp, &key, "laptop", dir.path()),
-            );
-            Ok((a?, b?))
-        })
+        .run(
+            "attach peers london and laptop (QUIC + TLS + Hello)",
+            async {
+                let (a, b) = tokio::join!(
+                    start_daemon(&addr, &fp, &key, "london", dir.path()),
+                    start_daemon(&addr, &fp, &key, "laptop", dir.path()),
+                );
+                Ok((a?, b?))
+            },
+        )
         .await?;
 
     let (_, one_way_t) = steps
-        .run("laptop -> london 'deploy done' (send, receive, acknowledge)", async {
-            let mut c = Client::connect(laptop.control_path()).await?;
-            let sent = c.send("london", b"deploy done", STEP_LIMIT).await?;
-            ensure!(sent.online, "london should be attached");
-            let (from, body) = recv_one(&london).await?;
-            ensure!(from == "laptop" && body == b"deploy done", "london got {from:?} {body:?}");
-            Ok(())
-        })
+        .run(
+            "laptop -> london 'deploy done' (send, receive, acknowledge)",
+            async {
+                let mut c = Client::connect(laptop.control_path()).await?;
+                let sent = c.send("london", b"deploy done", STEP_LIMIT).await?;
+                ensure!(sent.online, "london should be attached");
+                let (from, body) = recv_one(&london).await?;
+                ensure!(
+                    from == "laptop" && body == b"deploy done",
+                    "london got {from:?} {body:?}"
+                );
+                Ok(())
+            },
+        )
         .await?;
 
     let (_, back_t) = steps
@@ -131,66 +148,86 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
             let mut c = Client::connect(london.control_path()).await?;
             c.send("laptop", b"thanks", STEP_LIMIT).await?;
             let (from, body) = recv_one(&laptop).await?;
-            ensure!(from == "london" && body == b"thanks", "laptop got {from:?} {body:?}");
+            ensure!(
+                from == "london" && body == b"thanks",
+                "laptop got {from:?} {body:?}"
+            );
             Ok(())
         })
         .await?;
 
     let (paris, offline_t) = steps
-        .run("laptop -> paris while paris is offline; paris attaches, gets it", async {
-            let mut c = Client::connect(laptop.control_path()).await?;
-            let sent = c.send("paris", b"welcome back", STEP_LIMIT).await?;
-            ensure!(!sent.online, "paris should not be attached yet");
-            let paris = start_daemon(&addr, &fp, &key, "paris", dir.path()).await?;
-            let (from, body) = recv_one(&paris).await?;
-            ensure!(from == "laptop" && body == b"welcome back", "paris got {from:?} {body:?}");
-            Ok(paris)
-        })
+        .run(
+            "laptop -> paris while paris is offline; paris attaches, gets it",
+            async {
+                let mut c = Client::connect(laptop.control_path()).await?;
+                let sent = c.send("paris", b"welcome back", STEP_LIMIT).await?;
+                ensure!(!sent.online, "paris should not be attached yet");
+                let paris = start_daemon(&addr, &fp, &key, "paris", dir.path()).await?;
+                let (from, body) = recv_one(&paris).await?;
+                ensure!(
+                    from == "laptop" && body == b"welcome back",
+                    "paris got {from:?} {body:?}"
+                );
+                Ok(paris)
+            },
+        )
         .await?;
 
     let n = a.burst as usize;
     let (_, burst_t) = steps
-        .run(&format!("burst: {n} messages laptop -> london, in order"), async {
-            let mut tx = Client::connect(laptop.control_path()).await?;
-            let send = async {
-                for i in 0..n {
-                    tx.send("london", format!("m{i}").as_bytes(), STEP_LIMIT).await?;
-                }
-                anyhow::Ok(())
-            };
-            let recv = async {
-                let mut rx = Client::connect(london.control_path()).await?;
-                let mut next = 0usize;
-                while next < n {
-                    let msgs = rx.recv(STEP_LIMIT, n - next).await?;
-                    ensure!(!msgs.is_empty(), "burst stalled after {next} messages");
-                    for m in &msgs {
-                        let want = format!("m{next}");
-                        ensure!(m.body() == want.as_bytes(), "out of order: got {:?}, want {want}", String::from_utf8_lossy(&m.body()));
-                        next += 1;
+        .run(
+            &format!("burst: {n} messages laptop -> london, in order"),
+            async {
+                let mut tx = Client::connect(laptop.control_path()).await?;
+                let send = async {
+                    for i in 0..n {
+                        tx.send("london", format!("m{i}").as_bytes(), STEP_LIMIT)
+                            .await?;
                     }
-                    rx.ack(msgs.into_iter().map(|m| m.id).collect()).await?;
-                }
-                anyhow::Ok(())
-            };
-            let (s, r) = tokio::join!(send, recv);
-            s?;
-            r
-        })
+                    anyhow::Ok(())
+                };
+                let recv = async {
+                    let mut rx = Client::connect(london.control_path()).await?;
+                    let mut next = 0usize;
+                    while next < n {
+                        let msgs = rx.recv(STEP_LIMIT, n - next).await?;
+                        ensure!(!msgs.is_empty(), "burst stalled after {next} messages");
+                        for m in &msgs {
+                            let want = format!("m{next}");
+                            ensure!(
+                                m.body() == want.as_bytes(),
+                                "out of order: got {:?}, want {want}",
+                                String::from_utf8_lossy(&m.body())
+                            );
+                            next += 1;
+                        }
+                        rx.ack(msgs.into_iter().map(|m| m.id).collect()).await?;
+                    }
+                    anyhow::Ok(())
+                };
+                let (s, r) = tokio::join!(send, recv);
+                s?;
+                r
+            },
+        )
         .await?;
 
     let (stats, _) = steps
-        .run("the relay holds no mail: everything was acknowledged", async {
-            // Acknowledgements travel daemon -> relay after `recv` returns;
-            // give them the step's time limit to land.
-            loop {
-                let s = relay.stats();
-                if s.held == 0 && s.acked == s.accepted {
-                    return Ok(s);
+        .run(
+            "the relay holds no mail: everything was acknowledged",
+            async {
+                // Acknowledgements travel daemon -> relay after `recv` returns;
+                // give them the step's time limit to land.
+                loop {
+                    let s = relay.stats();
+                    if s.held == 0 && s.acked == s.accepted {
+                        return Ok(s);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
+            },
+        )
         .await?;
 
     for d in [london, laptop, paris] {

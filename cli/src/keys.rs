@@ -101,13 +101,21 @@ pub(crate) fn run(cmd: KeysCommand, out: &Output) -> Result<()> {
                     )?;
                 }
             } else {
-                writeln!(w, "{:<14} {:<20} {:<8} {:<22} LABEL", "ID", "NAMESPACE", "STATE", "CREATED")?;
+                writeln!(
+                    w,
+                    "{:<14} {:<20} {:<8} {:<22} LABEL",
+                    "ID", "NAMESPACE", "STATE", "CREATED"
+                )?;
                 for k in &file.keys {
                     let created = humantime::format_rfc3339_seconds(
                         std::time::UNIX_EPOCH + std::time::Duration::from_secs(k.created_unix),
                     );
                     let state = if k.revoked { "revoked" } else { "active" };
-                    writeln!(w, "{:<14} {:<20} {:<8} {:<22} {}", k.id, k.namespace, state, created, k.label)?;
+                    writeln!(
+                        w,
+                        "{:<14} {:<20} {:<8} {:<22} {}",
+                        k.id, k.namespace, state, created, k.label
+                    )?;
                 }
             }
             Ok(())

@@ -56,12 +56,13 @@ enum Command {
 /// A duration flag: plain seconds (`10`, `0.5`) or humantime (`500ms`, `2m`).
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 && secs <= 86_400.0 * 365.0 {
+        if (0.0..=86_400.0 * 365.0).contains(&secs) {
             return Ok(Duration::from_secs_f64(secs));
         }
         return Err(format!("{s:?} is not a duration between 0 and one year"));
     }
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration (like 10, 1.5, 500ms, 2m): {e}"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration (like 10, 1.5, 500ms, 2m): {e}"))
 }
 
 /// Shared flags of the commands that talk to the daemon.
@@ -97,10 +98,16 @@ fn main() -> ExitCode {
     };
     init_logs(log_default, cli.verbose);
     let out = Output {
-        control: cli.control.clone().unwrap_or_else(swb_daemon::default_control_path),
+        control: cli
+            .control
+            .clone()
+            .unwrap_or_else(swb_daemon::default_control_path),
         json: cli.json,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("swbd: error: cannot start the async runtime: {e}");

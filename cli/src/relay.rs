@@ -6,7 +6,7 @@ use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use swb_relay::keys::KeysFile;
-use swb_relay::{Identity, KeySource, Relay, RelayConfig};
+use swb_relay::{Identity, KeySource, MailboxLimits, Relay, RelayConfig};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
@@ -39,12 +39,26 @@ pub(crate) struct RelayArgs {
     /// This relay's id, shown to daemons and in logs.
     #[arg(long, value_name = "ID", default_value = "relay")]
     relay_id: String,
+    /// Messages one peer's mailbox holds at most; more is refused with `mailbox_full`.
+    #[arg(long, value_name = "N", default_value_t = MailboxLimits::default().messages)]
+    mailbox_messages: usize,
+    /// Body bytes one peer's mailbox holds at most.
+    #[arg(long, value_name = "BYTES", default_value_t = MailboxLimits::default().bytes)]
+    mailbox_bytes: usize,
+    /// How long an undelivered message is kept before it expires.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = crate::parse_duration)]
+    message_ttl: std::time::Duration,
+    /// Body bytes all mailboxes of one namespace hold at most.
+    #[arg(long, value_name = "BYTES", default_value_t = MailboxLimits::default().namespace_bytes)]
+    namespace_bytes: usize,
 }
 
 pub(crate) async fn run(a: RelayArgs) -> Result<()> {
     let identity = if a.dev {
         let Some(dir) = &a.data_dir else {
-            bail!("--dev needs --data-dir DIR to keep its certificate in (it is created if missing)");
+            bail!(
+                "--dev needs --data-dir DIR to keep its certificate in (it is created if missing)"
+            );
         };
         Identity::dev_in_dir(dir, &a.dev_names)?
     } else {
@@ -75,6 +89,19 @@ pub(crate) async fn run(a: RelayArgs) -> Result<()> {
     }
     let mut config = RelayConfig::new(a.listen, identity, KeySource::File(keys_path.clone()));
     config.relay_id = a.relay_id.clone();
+    if a.mailbox_messages == 0 || a.mailbox_bytes < swb_wire::MAX_MESSAGE_BODY {
+        bail!(
+            "--mailbox-messages must be at least 1 and --mailbox-bytes at least {} (one largest message)",
+            swb_wire::MAX_MESSAGE_BODY
+        );
+    }
+    config.limits = MailboxLimits {
+        messages: a.mailbox_messages,
+        bytes: a.mailbox_bytes,
+        ttl: a.message_ttl,
+        namespace_bytes: a.namespace_bytes.max(a.mailbox_bytes),
+        ..MailboxLimits::default()
+    };
     let handle = Relay::spawn(config).await?;
     let addr = handle.local_addr();
     let fp = handle.fingerprint().to_string();

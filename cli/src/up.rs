@@ -59,7 +59,13 @@ pub(crate) async fn run(a: UpArgs, out: &Output) -> Result<()> {
         (None, Some(ca)) => Trust::CaFile(ca.clone()),
         (None, None) => Trust::System,
     };
-    let mut cfg = DaemonConfig::new(a.relays[0].clone(), trust, a.name.clone(), key, out.control.clone());
+    let mut cfg = DaemonConfig::new(
+        a.relays[0].clone(),
+        trust,
+        a.name.clone(),
+        key,
+        out.control.clone(),
+    );
     cfg.relays = a.relays.clone();
     cfg.server_name = a.server_name.clone();
     let handle = Daemon::spawn(cfg).await?;

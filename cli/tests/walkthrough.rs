@@ -47,7 +47,10 @@ async fn run_ok(args: &[&str]) -> Result<String> {
 }
 
 /// Reads lines until one contains `needle`; returns it.
-async fn line_with<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut Lines<R>, needle: &str) -> Result<String> {
+async fn line_with<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut Lines<R>,
+    needle: &str,
+) -> Result<String> {
     tokio::time::timeout(WAIT, async {
         while let Some(l) = lines.next_line().await? {
             if l.contains(needle) {
@@ -85,8 +88,14 @@ async fn start_relay(data: &Path, keys: &Path) -> Result<RelayProc> {
         .context("address in the listening line")?
         .to_string();
     let fp_line = line_with(&mut out, "fingerprint sha256:").await?;
-    let fingerprint = fp_line.trim_start_matches("fingerprint ").trim().to_string();
-    let up_line = line_with(&mut out, "swbd up --relay").await?.trim().to_string();
+    let fingerprint = fp_line
+        .trim_start_matches("fingerprint ")
+        .trim()
+        .to_string();
+    let up_line = line_with(&mut out, "swbd up --relay")
+        .await?
+        .trim()
+        .to_string();
     Ok(RelayProc {
         child,
         addr,
@@ -104,7 +113,16 @@ struct UpProc {
 async fn start_up(relay: &RelayProc, key: &str, name: &str, control: &Path) -> Result<UpProc> {
     let mut child = swbd()
         .env("SWB_API_KEY", key)
-        .args(["up", "--relay", &relay.addr, "--relay-fingerprint", &relay.fingerprint, "--name", name, "--control"])
+        .args([
+            "up",
+            "--relay",
+            &relay.addr,
+            "--relay-fingerprint",
+            &relay.fingerprint,
+            "--name",
+            name,
+            "--control",
+        ])
         .arg(control)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -145,20 +163,37 @@ async fn readme_walkthrough_with_separate_processes() -> Result<()> {
     let data = dir.path().join("relay");
 
     // keys create: the key alone on stdout; the file holds no plain key.
-    let out = run(&["keys", "create", "--keys", &ctl(&keys), "--namespace", "acme"]).await?;
+    let out = run(&[
+        "keys",
+        "create",
+        "--keys",
+        &ctl(&keys),
+        "--namespace",
+        "acme",
+    ])
+    .await?;
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let key = stdout.trim().to_string();
     assert_eq!(stdout, format!("{key}\n"), "only the key on stdout");
     assert!(key.starts_with("swbk_"), "{key}");
-    assert!(!std::fs::read_to_string(&keys)?.contains(&key), "the file must not hold the key");
+    assert!(
+        !std::fs::read_to_string(&keys)?.contains(&key),
+        "the file must not hold the key"
+    );
 
     // The dev relay prints its fingerprint and the exact `swbd up` line, and
     // writes the fingerprint file.
     let mut relay = start_relay(&data, &keys).await?;
-    assert_eq!(std::fs::read_to_string(data.join("fingerprint"))?.trim(), relay.fingerprint);
+    assert_eq!(
+        std::fs::read_to_string(data.join("fingerprint"))?.trim(),
+        relay.fingerprint
+    );
     assert!(
-        relay.up_line.contains(&format!("--relay {} --relay-fingerprint {}", relay.addr, relay.fingerprint)),
+        relay.up_line.contains(&format!(
+            "--relay {} --relay-fingerprint {}",
+            relay.addr, relay.fingerprint
+        )),
         "{}",
         relay.up_line
     );
@@ -170,14 +205,27 @@ async fn readme_walkthrough_with_separate_processes() -> Result<()> {
 
     // The socket is private to its user.
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&london_sock)?.permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&london_sock)?.permissions().mode() & 0o777,
+        0o600
+    );
 
     // send exits 0 once accepted; recv prints FROM<TAB>BODY.
-    run_ok(&["--control", &ctl(&laptop_sock), "send", "london", "deploy done"]).await?;
+    run_ok(&[
+        "--control",
+        &ctl(&laptop_sock),
+        "send",
+        "london",
+        "deploy done",
+    ])
+    .await?;
     let got = run_ok(&["--control", &ctl(&london_sock), "recv", "--wait", "10"]).await?;
     assert_eq!(got, "laptop\tdeploy done\n");
     // Acknowledged: a second recv finds nothing.
-    assert_eq!(run_ok(&["--control", &ctl(&london_sock), "recv"]).await?, "");
+    assert_eq!(
+        run_ok(&["--control", &ctl(&london_sock), "recv"]).await?,
+        ""
+    );
 
     // SWB_CONTROL works like --control; the body may come from stdin; --json.
     let mut c = swbd();
@@ -194,7 +242,15 @@ async fn readme_walkthrough_with_separate_processes() -> Result<()> {
     }
     let out = tokio::time::timeout(WAIT, child.wait_with_output()).await??;
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let json = run_ok(&["--control", &ctl(&london_sock), "--json", "recv", "--wait", "10"]).await?;
+    let json = run_ok(&[
+        "--control",
+        &ctl(&london_sock),
+        "--json",
+        "recv",
+        "--wait",
+        "10",
+    ])
+    .await?;
     let v: serde_json::Value = serde_json::from_str(json.trim())?;
     assert_eq!(v["from"], "laptop");
     assert_eq!(v["body"], "from stdin ✓");
@@ -205,8 +261,11 @@ async fn readme_walkthrough_with_separate_processes() -> Result<()> {
     for want in ["connected", "london", "acme", &relay.addr, "since", "rtt:"] {
         assert!(status.contains(want), "status lacks {want:?}:\n{status}");
     }
-    let v: serde_json::Value =
-        serde_json::from_str(run_ok(&["--control", &ctl(&london_sock), "--json", "status"]).await?.trim())?;
+    let v: serde_json::Value = serde_json::from_str(
+        run_ok(&["--control", &ctl(&london_sock), "--json", "status"])
+            .await?
+            .trim(),
+    )?;
     assert_eq!(v["state"], "connected");
     assert!(v["rtt_ms"].as_f64().is_some());
 
@@ -218,14 +277,34 @@ async fn readme_walkthrough_with_separate_processes() -> Result<()> {
     assert!(err.contains("letters, digits and '-'"), "{err}");
     let out = run(&["--control", &ctl(&dir.path().join("nobody.sock")), "status"]).await?;
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("swbd up"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("swbd up"),
+        "{}",
+        text(&out.stderr)
+    );
     // Usage errors: exit 2.
-    assert_eq!(run(&["recv", "--wait", "soon"]).await?.status.code(), Some(2));
+    assert_eq!(
+        run(&["recv", "--wait", "soon"]).await?.status.code(),
+        Some(2)
+    );
     assert_eq!(run(&["frobnicate"]).await?.status.code(), Some(2));
     // `up` without a key says where a key comes from.
-    let out = run(&["up", "--relay", &relay.addr, "--name", "x", "--control", &ctl(&dir.path().join("x.sock"))]).await?;
+    let out = run(&[
+        "up",
+        "--relay",
+        &relay.addr,
+        "--name",
+        "x",
+        "--control",
+        &ctl(&dir.path().join("x.sock")),
+    ])
+    .await?;
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("SWB_API_KEY"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("SWB_API_KEY"),
+        "{}",
+        text(&out.stderr)
+    );
 
     // A second daemon named london takes over; the first exits 1 and says why.
     let london2_sock = dir.path().join("london2.sock");
@@ -236,7 +315,17 @@ async fn readme_walkthrough_with_separate_processes() -> Result<()> {
 
     // Revocation: `swbd keys revoke` + SIGHUP closes the key's sessions, and
     // the daemon exits 1 saying the key was revoked.
-    let k2 = run_ok(&["keys", "create", "--keys", &ctl(&keys), "--namespace", "acme", "--label", "ci"]).await?;
+    let k2 = run_ok(&[
+        "keys",
+        "create",
+        "--keys",
+        &ctl(&keys),
+        "--namespace",
+        "acme",
+        "--label",
+        "ci",
+    ])
+    .await?;
     let mut ci = start_up(&relay, k2.trim(), "ci", &dir.path().join("ci.sock")).await?;
     let list = run_ok(&["--json", "keys", "list", "--keys", &ctl(&keys)]).await?;
     let id = list
@@ -247,16 +336,32 @@ async fn readme_walkthrough_with_separate_processes() -> Result<()> {
         .context("the ci key in keys list")?;
     run_ok(&["keys", "revoke", "--keys", &ctl(&keys), &id]).await?;
     let pid = relay.child.id().context("relay pid")?;
-    let st = tokio::time::timeout(WAIT, Command::new("kill").args(["-HUP", &pid.to_string()]).status()).await??;
+    let st = tokio::time::timeout(
+        WAIT,
+        Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status(),
+    )
+    .await??;
     assert!(st.success());
     let (code, err) = exit_of(&mut ci).await?;
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("key_revoked"), "{err}");
     let list = run_ok(&["keys", "list", "--keys", &ctl(&keys)]).await?;
-    assert!(list.lines().any(|l| l.contains(&id) && l.contains("revoked")), "{list}");
+    assert!(
+        list.lines()
+            .any(|l| l.contains(&id) && l.contains("revoked")),
+        "{list}"
+    );
 
     // The relay stops cleanly on SIGTERM.
-    let st = tokio::time::timeout(WAIT, Command::new("kill").args(["-TERM", &pid.to_string()]).status()).await??;
+    let st = tokio::time::timeout(
+        WAIT,
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status(),
+    )
+    .await??;
     assert!(st.success());
     let st = tokio::time::timeout(WAIT, relay.child.wait()).await??;
     assert!(st.success(), "relay exit: {st}");
@@ -265,12 +370,25 @@ async fn readme_walkthrough_with_separate_processes() -> Result<()> {
 
 #[tokio::test]
 async fn demo_exits_zero_and_prints_the_steps() -> Result<()> {
-    let out = tokio::time::timeout(Duration::from_secs(60), swbd().args(["demo", "--burst", "50"]).output()).await??;
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        swbd().args(["demo", "--burst", "50"]).output(),
+    )
+    .await??;
     let stdout = text(&out.stdout);
-    assert!(out.status.success(), "demo failed: {}\n{}", stdout, text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "demo failed: {}\n{}",
+        stdout,
+        text(&out.stderr)
+    );
     assert!(stdout.contains("All steps worked"), "{stdout}");
     assert!(stdout.contains("swbd up --relay"), "{stdout}");
-    let out = tokio::time::timeout(Duration::from_secs(60), swbd().args(["--json", "demo", "--burst", "50"]).output()).await??;
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        swbd().args(["--json", "demo", "--burst", "50"]).output(),
+    )
+    .await??;
     let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim())?;
     assert_eq!(v["ok"], true);
     assert_eq!(v["burst_messages"], 50);
@@ -283,6 +401,10 @@ async fn relay_outside_dev_mode_needs_a_certificate() -> Result<()> {
     let keys = dir.path().join("keys.toml");
     let out = run(&["relay", "--keys", &ctl(&keys), "--listen", "127.0.0.1:0"]).await?;
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("--cert"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--cert"),
+        "{}",
+        text(&out.stderr)
+    );
     Ok(())
 }

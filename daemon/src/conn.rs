@@ -10,7 +10,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use swb_wire::{Ack, Code, Frame, FrameReader, Hello, MessageId, Preamble, Refusal, PROTOCOL_VERSION};
+use swb_wire::{
+    Ack, Code, Frame, FrameReader, Hello, MessageId, Preamble, Refusal, PROTOCOL_VERSION,
+};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -42,7 +44,11 @@ struct PendingSend {
 fn is_fatal(code: Code) -> bool {
     matches!(
         code,
-        Code::UNAUTHORIZED | Code::KEY_REVOKED | Code::BAD_NAME | Code::UNSUPPORTED_VERSION | Code::REPLACED
+        Code::UNAUTHORIZED
+            | Code::KEY_REVOKED
+            | Code::BAD_NAME
+            | Code::UNSUPPORTED_VERSION
+            | Code::REPLACED
     )
 }
 
@@ -98,7 +104,9 @@ impl Link {
 
     fn close_reason(&self, fallback: &str) -> String {
         match self.conn.close_reason() {
-            Some(quinn::ConnectionError::TimedOut) => "the relay stopped answering (idle timeout)".into(),
+            Some(quinn::ConnectionError::TimedOut) => {
+                "the relay stopped answering (idle timeout)".into()
+            }
             Some(e) => e.to_string(),
             None => fallback.to_string(),
         }
@@ -147,9 +155,7 @@ pub(crate) async fn run(
     let mut client_cfg = quinn::ClientConfig::new(Arc::new(qcfg));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(shared.config.keepalive));
-    transport.max_idle_timeout(
-        quinn::IdleTimeout::try_from(shared.config.idle_timeout).ok(),
-    );
+    transport.max_idle_timeout(quinn::IdleTimeout::try_from(shared.config.idle_timeout).ok());
     transport.max_concurrent_bidi_streams(0u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
     transport.datagram_receive_buffer_size(None);
@@ -169,14 +175,20 @@ pub(crate) async fn run(
         Ok(()) => None,
         Err(e) => Some(e.to_string()),
     };
-    actor.shared.state.send_replace(ConnState::Stopped { error });
+    actor
+        .shared
+        .state
+        .send_replace(ConnState::Stopped { error });
     for (_, p) in std::mem::take(&mut actor.pending) {
         let _ = p.reply.send(Err(Refusal::new(
             Code::SHUTTING_DOWN,
             "the daemon stopped before the relay answered; the message was not confirmed",
         )));
     }
-    for ep in [actor.endpoints.0.take(), actor.endpoints.1.take()].into_iter().flatten() {
+    for ep in [actor.endpoints.0.take(), actor.endpoints.1.take()]
+        .into_iter()
+        .flatten()
+    {
         ep.close(0u32.into(), b"daemon stopping");
         let _ = tokio::time::timeout(Duration::from_millis(500), ep.wait_idle()).await;
     }
@@ -193,7 +205,8 @@ impl Actor {
         let mut last_logged: Option<String> = None;
         let mut relay_idx = 0usize;
         loop {
-            let relay = self.shared.config.relays[relay_idx % self.shared.config.relays.len()].clone();
+            let relay =
+                self.shared.config.relays[relay_idx % self.shared.config.relays.len()].clone();
             let attempt = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Ok(()),
@@ -207,7 +220,8 @@ impl Actor {
                         info!(relay = %relay, addr = %link.addr, ns = %welcome.namespace, "connected to relay");
                     }
                     attempts = 0;
-                    *self.shared.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(link.conn.clone());
+                    *self.shared.conn.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(link.conn.clone());
                     self.shared.state.send_replace(ConnState::Connected {
                         relay: relay.clone(),
                         welcome,
@@ -246,7 +260,8 @@ impl Actor {
                 }
             };
             self.shared.state.send_replace(ConnState::Connecting {
-                relay: self.shared.config.relays[relay_idx % self.shared.config.relays.len()].clone(),
+                relay: self.shared.config.relays[relay_idx % self.shared.config.relays.len()]
+                    .clone(),
                 attempts,
                 last_error: Some(err),
             });
@@ -272,7 +287,12 @@ impl Actor {
 
     fn absorb(&mut self, cmd: Cmd) -> Option<Frame> {
         match cmd {
-            Cmd::Send { to, id, body, reply } => {
+            Cmd::Send {
+                to,
+                id,
+                body,
+                reply,
+            } => {
                 let req = self.next_req;
                 self.next_req += 1;
                 let frame = Frame::Send(swb_wire::Send {
@@ -281,8 +301,18 @@ impl Actor {
                     to: to.clone(),
                     body: body.clone(),
                 });
-                self.pending.insert(req, PendingSend { to, id, body, reply });
-                self.shared.pending_sends.store(self.pending.len(), Ordering::Relaxed);
+                self.pending.insert(
+                    req,
+                    PendingSend {
+                        to,
+                        id,
+                        body,
+                        reply,
+                    },
+                );
+                self.shared
+                    .pending_sends
+                    .store(self.pending.len(), Ordering::Relaxed);
                 Some(frame)
             }
             Cmd::Ack(ids) => {
@@ -306,7 +336,8 @@ impl Actor {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let ep = quinn::Endpoint::client(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+        let ep =
+            quinn::Endpoint::client(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
         *slot = Some(ep.clone());
         Ok(ep)
     }
@@ -319,7 +350,10 @@ impl Actor {
         }
     }
 
-    async fn connect_inner(&mut self, relay: &str) -> Result<(Link, swb_wire::Welcome), ConnectError> {
+    async fn connect_inner(
+        &mut self,
+        relay: &str,
+    ) -> Result<(Link, swb_wire::Welcome), ConnectError> {
         let (host, port) = split_host_port(relay);
         let addr = tokio::net::lookup_host((host.as_str(), port))
             .await
@@ -330,7 +364,11 @@ impl Actor {
         let server_name = self.shared.config.server_name.clone().unwrap_or(host);
         let connecting = ep
             .connect_with(self.client_cfg.clone(), addr, &server_name)
-            .map_err(|e| ConnectError::Fatal(DaemonError::Config(format!("cannot connect to {relay}: {e}"))))?;
+            .map_err(|e| {
+                ConnectError::Fatal(DaemonError::Config(format!(
+                    "cannot connect to {relay}: {e}"
+                )))
+            })?;
         let conn = match connecting.await {
             Ok(c) => c,
             Err(e) => {
@@ -363,7 +401,9 @@ impl Actor {
             agent: concat!("swbd/", env!("CARGO_PKG_VERSION")).into(),
         })
         .encode(&mut first)
-        .map_err(|e| ConnectError::Fatal(DaemonError::Config(format!("cannot encode Hello: {e}"))))?;
+        .map_err(|e| {
+            ConnectError::Fatal(DaemonError::Config(format!("cannot encode Hello: {e}")))
+        })?;
         send.write_all(&first)
             .await
             .map_err(|e| ConnectError::Retry(e.to_string()))?;
@@ -424,7 +464,9 @@ impl Actor {
         // Resend what the previous connection left unanswered, and acks.
         let mut first: Vec<Frame> = Vec::new();
         self.pending.retain(|_, p| !p.reply.is_closed());
-        self.shared.pending_sends.store(self.pending.len(), Ordering::Relaxed);
+        self.shared
+            .pending_sends
+            .store(self.pending.len(), Ordering::Relaxed);
         for (req, p) in &self.pending {
             first.push(Frame::Send(swb_wire::Send {
                 req: *req,
@@ -434,7 +476,9 @@ impl Actor {
             }));
         }
         for chunk in self.pending_acks.chunks(swb_wire::MAX_ACK_IDS) {
-            first.push(Frame::Ack(Ack { ids: chunk.to_vec() }));
+            first.push(Frame::Ack(Ack {
+                ids: chunk.to_vec(),
+            }));
         }
         if let Err(e) = link.write(&first).await {
             return End::Lost(e);
@@ -528,7 +572,9 @@ impl Actor {
                 )))
             }
         }
-        self.shared.pending_sends.store(self.pending.len(), Ordering::Relaxed);
+        self.shared
+            .pending_sends
+            .store(self.pending.len(), Ordering::Relaxed);
         Ok(())
     }
 }
@@ -540,7 +586,10 @@ pub(crate) fn split_host_port(s: &str) -> (String, u16) {
     }
     if let Some(rest) = s.strip_prefix('[') {
         if let Some((h, p)) = rest.split_once(']') {
-            let port = p.strip_prefix(':').and_then(|p| p.parse().ok()).unwrap_or(crate::DEFAULT_RELAY_PORT);
+            let port = p
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(crate::DEFAULT_RELAY_PORT);
             return (h.to_string(), port);
         }
     }
@@ -572,9 +621,18 @@ mod tests {
 
     #[test]
     fn host_port_forms() {
-        assert_eq!(split_host_port("127.0.0.1:7443"), ("127.0.0.1".into(), 7443));
-        assert_eq!(split_host_port("relay.example.com"), ("relay.example.com".into(), 7443));
-        assert_eq!(split_host_port("relay.example.com:9"), ("relay.example.com".into(), 9));
+        assert_eq!(
+            split_host_port("127.0.0.1:7443"),
+            ("127.0.0.1".into(), 7443)
+        );
+        assert_eq!(
+            split_host_port("relay.example.com"),
+            ("relay.example.com".into(), 7443)
+        );
+        assert_eq!(
+            split_host_port("relay.example.com:9"),
+            ("relay.example.com".into(), 9)
+        );
         assert_eq!(split_host_port("[::1]:8"), ("::1".into(), 8));
         assert_eq!(split_host_port("[::1]"), ("::1".into(), 7443));
     }

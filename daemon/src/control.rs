@@ -217,7 +217,12 @@ impl Client {
     }
 
     /// Sends `body` to `to`; returns once the relay accepted it.
-    pub async fn send(&mut self, to: &str, body: &[u8], timeout: Duration) -> Result<Sent, ControlError> {
+    pub async fn send(
+        &mut self,
+        to: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<Sent, ControlError> {
         let req = Request::Send {
             to: to.to_string(),
             body_b64: base64::engine::general_purpose::STANDARD.encode(body),
@@ -231,7 +236,11 @@ impl Client {
 
     /// Takes up to `max` messages, waiting up to `wait` for the first. They
     /// must be acknowledged with [`Client::ack`] on this same client.
-    pub async fn recv(&mut self, wait: Duration, max: usize) -> Result<Vec<InMessage>, ControlError> {
+    pub async fn recv(
+        &mut self,
+        wait: Duration,
+        max: usize,
+    ) -> Result<Vec<InMessage>, ControlError> {
         let req = Request::Recv {
             wait_ms: wait.as_millis() as u64,
             max,

@@ -88,7 +88,13 @@ pub struct DaemonConfig {
 
 impl DaemonConfig {
     /// A config with default timings.
-    pub fn new(relay: impl Into<String>, trust: Trust, name: impl Into<String>, api_key: ApiKey, control_path: PathBuf) -> Self {
+    pub fn new(
+        relay: impl Into<String>,
+        trust: Trust,
+        name: impl Into<String>,
+        api_key: ApiKey,
+        control_path: PathBuf,
+    ) -> Self {
         Self {
             relays: vec![relay.into()],
             server_name: None,
@@ -214,7 +220,9 @@ impl Daemon {
         config.name = swb_wire::normalize_name(&config.name)
             .map_err(|e| DaemonError::Config(format!("--name {:?}: {e}", config.name)))?;
         if config.relays.is_empty() {
-            return Err(DaemonError::Config("no relay address given (--relay HOST:PORT)".into()));
+            return Err(DaemonError::Config(
+                "no relay address given (--relay HOST:PORT)".into(),
+            ));
         }
         if config.api_key.expose().is_empty() {
             return Err(DaemonError::Config(
@@ -252,7 +260,10 @@ impl Daemon {
                         server_cancel.cancel();
                         r
                     };
-                    let (r, ()) = tokio::join!(actor, server::serve(listener, shared.clone(), server_cancel.clone()));
+                    let (r, ()) = tokio::join!(
+                        actor,
+                        server::serve(listener, shared.clone(), server_cancel.clone())
+                    );
                     r
                 },
                 span,

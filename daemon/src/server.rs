@@ -49,11 +49,14 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
                 "another daemon is already serving this socket; stop it first or use another --control path".into(),
             ));
         }
-        std::fs::remove_file(path).map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
+        std::fs::remove_file(path)
+            .map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
     }
     let tmp = path.with_file_name(format!(
         ".{}.{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("control"),
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("control"),
         std::process::id()
     ));
     let _ = std::fs::remove_file(&tmp);
@@ -106,7 +109,10 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
             Ok(_) => {}
         }
         let reply = if line.len() > MAX_REQUEST_LINE {
-            let r = err("request_too_large", format!("request exceeds {MAX_REQUEST_LINE} bytes"));
+            let r = err(
+                "request_too_large",
+                format!("request exceeds {MAX_REQUEST_LINE} bytes"),
+            );
             let _ = write_reply(&mut w, &r).await;
             break;
         } else {
@@ -132,10 +138,19 @@ async fn write_reply(w: &mut tokio::net::unix::OwnedWriteHalf, r: &Reply) -> std
     w.write_all(&out).await
 }
 
-async fn answer(shared: &Arc<Shared>, req: Request, leased: &mut Vec<Deliver>, cancel: &CancellationToken) -> Reply {
+async fn answer(
+    shared: &Arc<Shared>,
+    req: Request,
+    leased: &mut Vec<Deliver>,
+    cancel: &CancellationToken,
+) -> Reply {
     match req {
         Request::Status => Reply::Status(status(shared)),
-        Request::Send { to, body_b64, timeout_ms } => {
+        Request::Send {
+            to,
+            body_b64,
+            timeout_ms,
+        } => {
             let timeout = Duration::from_millis(timeout_ms).min(MAX_WAIT);
             send(shared, to, body_b64, timeout).await
         }
@@ -161,7 +176,13 @@ async fn answer(shared: &Arc<Shared>, req: Request, leased: &mut Vec<Deliver>, c
                     return Reply::Messages { messages: out };
                 }
                 if let ConnState::Stopped { error } = &*shared.state.borrow() {
-                    return err("stopped", format!("the daemon stopped: {}", error.as_deref().unwrap_or("asked to")));
+                    return err(
+                        "stopped",
+                        format!(
+                            "the daemon stopped: {}",
+                            error.as_deref().unwrap_or("asked to")
+                        ),
+                    );
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return err("stopped", "the daemon is stopping"),
@@ -184,7 +205,10 @@ async fn answer(shared: &Arc<Shared>, req: Request, leased: &mut Vec<Deliver>, c
             if !acked.is_empty() {
                 shared.inbox().acked(&acked);
                 if shared.cmd_tx.send(Cmd::Ack(acked.clone())).await.is_err() {
-                    return err("stopped", "the daemon is stopping; the relay will deliver these again");
+                    return err(
+                        "stopped",
+                        "the daemon is stopping; the relay will deliver these again",
+                    );
                 }
             }
             Reply::Acked { acked: acked.len() }
@@ -220,7 +244,10 @@ async fn send(shared: &Arc<Shared>, to: String, body_b64: String, timeout: Durat
     match ready {
         Err(_) => {
             let why = match &*shared.state.borrow() {
-                ConnState::Connecting { last_error: Some(e), .. } => format!(" (last error: {e})"),
+                ConnState::Connecting {
+                    last_error: Some(e),
+                    ..
+                } => format!(" (last error: {e})"),
                 _ => String::new(),
             };
             return err(
@@ -231,7 +258,13 @@ async fn send(shared: &Arc<Shared>, to: String, body_b64: String, timeout: Durat
         Ok(Err(_)) => return err("stopped", "the daemon is stopping"),
         Ok(Ok(s)) => {
             if let ConnState::Stopped { error } = &s {
-                return err("stopped", format!("the daemon stopped: {}", error.as_deref().unwrap_or("asked to")));
+                return err(
+                    "stopped",
+                    format!(
+                        "the daemon stopped: {}",
+                        error.as_deref().unwrap_or("asked to")
+                    ),
+                );
             }
         }
     }
@@ -283,13 +316,21 @@ fn status(shared: &Shared) -> StatusInfo {
         last_error: None,
     };
     match st {
-        ConnState::Connecting { relay, attempts, last_error } => {
+        ConnState::Connecting {
+            relay,
+            attempts,
+            last_error,
+        } => {
             s.state = "connecting".into();
             s.relay = relay;
             s.attempts = attempts;
             s.last_error = last_error;
         }
-        ConnState::Connected { relay, welcome, since } => {
+        ConnState::Connected {
+            relay,
+            welcome,
+            since,
+        } => {
             s.state = "connected".into();
             s.relay = relay;
             s.relay_id = Some(welcome.relay_id);

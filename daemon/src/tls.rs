@@ -223,8 +223,14 @@ mod tests {
     #[test]
     fn fingerprint_parsing() {
         let hex = "ab".repeat(32);
-        assert_eq!(parse_fingerprint(&format!("sha256:{hex}")).unwrap(), [0xab; 32]);
-        assert_eq!(parse_fingerprint(&format!("SHA256:{}", hex.to_uppercase())).unwrap(), [0xab; 32]);
+        assert_eq!(
+            parse_fingerprint(&format!("sha256:{hex}")).unwrap(),
+            [0xab; 32]
+        );
+        assert_eq!(
+            parse_fingerprint(&format!("SHA256:{}", hex.to_uppercase())).unwrap(),
+            [0xab; 32]
+        );
         assert!(parse_fingerprint(&hex).is_err());
         assert!(parse_fingerprint("sha256:abcd").is_err());
         assert!(parse_fingerprint(&format!("sha256:{}", "zz".repeat(32))).is_err());

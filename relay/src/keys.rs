@@ -190,7 +190,10 @@ pub fn key_id(key: &str) -> Option<&str> {
     let (id, secret) = rest.split_once('_')?;
     let ok = id.len() == ID_HEX
         && secret.len() == SECRET_HEX
-        && id.bytes().chain(secret.bytes()).all(|b| b.is_ascii_hexdigit());
+        && id
+            .bytes()
+            .chain(secret.bytes())
+            .all(|b| b.is_ascii_hexdigit());
     ok.then_some(id)
 }
 
@@ -245,9 +248,7 @@ impl KeysFile {
             .unwrap_or(Path::new("."));
         let tmp = dir.join(format!(
             ".{}.tmp{}",
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("keys"),
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("keys"),
             std::process::id()
         ));
         {
@@ -389,8 +390,11 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(KeysFile::load(&path).unwrap(), file);
-        assert!(KeysFile::parse("[[key]]\nid='a'\nnamespace='b'\nhash='c'\nbogus=1\n", "t").is_err());
-        let dup = "[[key]]\nid='a'\nnamespace='b'\nhash='c'\n[[key]]\nid='a'\nnamespace='b'\nhash='c'\n";
+        assert!(
+            KeysFile::parse("[[key]]\nid='a'\nnamespace='b'\nhash='c'\nbogus=1\n", "t").is_err()
+        );
+        let dup =
+            "[[key]]\nid='a'\nnamespace='b'\nhash='c'\n[[key]]\nid='a'\nnamespace='b'\nhash='c'\n";
         assert!(KeysFile::parse(dup, "t").is_err());
         assert!(generate("Bad NS", "").is_err());
     }

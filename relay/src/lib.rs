@@ -192,7 +192,10 @@ impl Shared {
             return false;
         }
         seen.0 = Some(bytes.clone());
-        match KeysFile::parse(&String::from_utf8_lossy(&bytes), &path.display().to_string()) {
+        match KeysFile::parse(
+            &String::from_utf8_lossy(&bytes),
+            &path.display().to_string(),
+        ) {
             Ok(f) => {
                 let n = self.install_keys(KeyStore::new(&f));
                 info!(keys = n, "keys file changed; reloaded");
@@ -312,9 +315,7 @@ impl Relay {
         });
         let cancel = CancellationToken::new();
         let span = tracing::info_span!("relay", relay = %shared.config.relay_id);
-        let task = tokio::spawn(
-            run(endpoint, shared.clone(), cancel.clone()).instrument(span),
-        );
+        let task = tokio::spawn(run(endpoint, shared.clone(), cancel.clone()).instrument(span));
         info!(%local_addr, relay = %shared.config.relay_id, "relay listening");
         Ok(RelayHandle {
             local_addr,
@@ -389,15 +390,12 @@ impl Drop for RelayHandle {
 
 /// The relay's main task: accepts connections and owns every session task;
 /// also polls the keys file and sweeps expired mail.
-async fn run(
-    endpoint: quinn::Endpoint,
-    shared: Arc<Shared>,
-    cancel: CancellationToken,
-) {
+async fn run(endpoint: quinn::Endpoint, shared: Arc<Shared>, cancel: CancellationToken) {
     let mut sessions = tokio::task::JoinSet::new();
     let mut keys_tick = tokio::time::interval(shared.config.keys_poll);
     keys_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let sweep_every = (shared.config.limits.ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(30));
+    let sweep_every =
+        (shared.config.limits.ttl / 10).clamp(Duration::from_millis(100), Duration::from_secs(30));
     let mut sweep_tick = tokio::time::interval(sweep_every);
     sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut conn_seq = 0u64;
@@ -437,11 +435,16 @@ async fn run(
     // say goodbye; give them a grace period, then stop the rest.
     endpoint.set_server_config(None);
     let grace = shared.config.shutdown_grace;
-    if tokio::time::timeout(grace, async { while sessions.join_next().await.is_some() {} })
-        .await
-        .is_err()
+    if tokio::time::timeout(grace, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
     {
-        warn!(left = sessions.len(), "sessions did not end within {grace:?}; aborting them");
+        warn!(
+            left = sessions.len(),
+            "sessions did not end within {grace:?}; aborting them"
+        );
         sessions.abort_all();
         while sessions.join_next().await.is_some() {}
     }
@@ -449,4 +452,3 @@ async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
     info!("relay stopped");
 }
-

@@ -316,7 +316,9 @@ impl Registry {
                 .map(|(s, _)| *s)
                 .collect()
         } else {
-            ids.iter().filter_map(|id| mb.by_id.get(id).copied()).collect()
+            ids.iter()
+                .filter_map(|id| mb.by_id.get(id).copied())
+                .collect()
         };
         for seq in &seqs {
             if let Some(m) = mb.msgs.remove(seq) {
@@ -408,21 +410,40 @@ mod tests {
     }
 
     fn send(r: &mut Registry, ns: &str, to: &str, n: u8, len: usize) -> Enqueued {
-        r.enqueue(ns, "a", to, id(n), Bytes::from(vec![0; len]), 0, Instant::now())
+        r.enqueue(
+            ns,
+            "a",
+            to,
+            id(n),
+            Bytes::from(vec![0; len]),
+            0,
+            Instant::now(),
+        )
     }
 
     #[tokio::test]
     async fn mailbox_count_and_byte_limits_refuse_before_storing() {
         let mut r = reg(2, 100);
-        assert_eq!(send(&mut r, "ns", "b", 1, 10), Enqueued::Accepted { online: false });
-        assert_eq!(send(&mut r, "ns", "b", 2, 10), Enqueued::Accepted { online: false });
+        assert_eq!(
+            send(&mut r, "ns", "b", 1, 10),
+            Enqueued::Accepted { online: false }
+        );
+        assert_eq!(
+            send(&mut r, "ns", "b", 2, 10),
+            Enqueued::Accepted { online: false }
+        );
         let Enqueued::Refused(x) = send(&mut r, "ns", "b", 3, 10) else {
             panic!("expected refusal")
         };
         assert_eq!(x.code, Code::MAILBOX_FULL);
         let mut r = reg(10, 100);
-        assert!(matches!(send(&mut r, "ns", "b", 1, 90), Enqueued::Accepted { .. }));
-        assert!(matches!(send(&mut r, "ns", "b", 2, 11), Enqueued::Refused(ref x) if x.code == Code::MAILBOX_FULL));
+        assert!(matches!(
+            send(&mut r, "ns", "b", 1, 90),
+            Enqueued::Accepted { .. }
+        ));
+        assert!(
+            matches!(send(&mut r, "ns", "b", 2, 11), Enqueued::Refused(ref x) if x.code == Code::MAILBOX_FULL)
+        );
         assert_eq!(r.held_messages(), 1);
     }
 
@@ -438,14 +459,25 @@ mod tests {
     async fn namespace_limits_apply_per_namespace() {
         let mut r = reg(10, 1000);
         for (i, to) in ["b", "c", "d"].iter().enumerate() {
-            assert!(matches!(send(&mut r, "ns", to, i as u8, 1), Enqueued::Accepted { .. }));
+            assert!(matches!(
+                send(&mut r, "ns", to, i as u8, 1),
+                Enqueued::Accepted { .. }
+            ));
         }
-        assert!(matches!(send(&mut r, "ns", "e", 9, 1), Enqueued::Refused(ref x) if x.code == Code::NAMESPACE_FULL));
+        assert!(
+            matches!(send(&mut r, "ns", "e", 9, 1), Enqueued::Refused(ref x) if x.code == Code::NAMESPACE_FULL)
+        );
         // Another namespace is unaffected.
-        assert!(matches!(send(&mut r, "other", "e", 9, 1), Enqueued::Accepted { .. }));
+        assert!(matches!(
+            send(&mut r, "other", "e", 9, 1),
+            Enqueued::Accepted { .. }
+        ));
         // Acknowledging frees the mailbox slot.
         assert_eq!(r.ack("ns", "b", &[id(0)]), 1);
-        assert!(matches!(send(&mut r, "ns", "e", 9, 1), Enqueued::Accepted { .. }));
+        assert!(matches!(
+            send(&mut r, "ns", "e", 9, 1),
+            Enqueued::Accepted { .. }
+        ));
     }
 
     #[tokio::test]
@@ -461,7 +493,10 @@ mod tests {
         assert_eq!(r.pending("ns", "b", 0, 1000).frames.len(), 2);
         r.ack("ns", "b", &[id(1)]);
         let b3 = r.pending("ns", "b", 0, 1000);
-        assert_eq!(b3.frames.iter().map(|d| d.id).collect::<Vec<_>>(), vec![id(2)]);
+        assert_eq!(
+            b3.frames.iter().map(|d| d.id).collect::<Vec<_>>(),
+            vec![id(2)]
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -73,7 +73,11 @@ impl Io {
     /// Reads until one frame is complete.
     async fn read_frame(&mut self) -> Result<Frame, End> {
         loop {
-            if let Some(f) = self.reader.next_frame().map_err(|e| End::Protocol(e.to_string()))? {
+            if let Some(f) = self
+                .reader
+                .next_frame()
+                .map_err(|e| End::Protocol(e.to_string()))?
+            {
                 return Ok(f);
             }
             self.read_some().await?;
@@ -123,7 +127,10 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
             return;
         }
         Err(_) => {
-            conn.close(CLOSE_PROTOCOL.into(), b"no control stream within the hello timeout");
+            conn.close(
+                CLOSE_PROTOCOL.into(),
+                b"no control stream within the hello timeout",
+            );
             return;
         }
     };
@@ -148,7 +155,10 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
     let hello = match hello {
         Ok(h) => h,
         Err(end) => {
-            shared.counters.refused_hello.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .refused_hello
+                .fetch_add(1, Ordering::Relaxed);
             finish(&conn, &mut io, end, true).await;
             return;
         }
@@ -190,7 +200,10 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
     let (info, name) = match checked {
         Ok(v) => v,
         Err(end) => {
-            shared.counters.refused_hello.fetch_add(1, Ordering::Relaxed);
+            shared
+                .counters
+                .refused_hello
+                .fetch_add(1, Ordering::Relaxed);
             if let End::Goodbye(r) = &end {
                 info!(%remote, code = %r.code, "hello refused");
             }
@@ -239,9 +252,14 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
         shared.registry().detach(&ns, &name, ctl.id);
         let end = match end {
             // A cancellation carries its reason in the ctl; none means shutdown.
-            End::Gone if ctl.cancel.is_cancelled() => End::Goodbye(ctl.end_reason().unwrap_or_else(|| {
-                Refusal::new(Code::SHUTTING_DOWN, "the relay is shutting down; the daemon reconnects by itself")
-            })),
+            End::Gone if ctl.cancel.is_cancelled() => {
+                End::Goodbye(ctl.end_reason().unwrap_or_else(|| {
+                    Refusal::new(
+                        Code::SHUTTING_DOWN,
+                        "the relay is shutting down; the daemon reconnects by itself",
+                    )
+                }))
+            }
             other => other,
         };
         match &end {
@@ -375,7 +393,10 @@ fn handle(shared: &Shared, io: &mut Io, ns: &str, name: &str, f: Frame) -> Resul
             if let Some(refusal) = refusal {
                 shared.counters.refused_send.fetch_add(1, Ordering::Relaxed);
                 debug!(code = %refusal.code, "send refused");
-                io.queue(&Frame::SendRefused(SendRefused { req: s.req, refusal }))?;
+                io.queue(&Frame::SendRefused(SendRefused {
+                    req: s.req,
+                    refusal,
+                }))?;
             }
             Ok(())
         }

@@ -10,7 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use swb_daemon::control::{InMessage, Sent};
-use swb_daemon::{ApiKey, Client, ConnState, ControlError, Daemon, DaemonConfig, DaemonHandle, Trust};
+use swb_daemon::{
+    ApiKey, Client, ConnState, ControlError, Daemon, DaemonConfig, DaemonHandle, Trust,
+};
 use swb_relay::keys::{self, KeysFile};
 use swb_relay::{Identity, KeySource, MailboxLimits, Relay, RelayConfig, RelayHandle};
 use swb_wire::{Frame, FrameReader, Hello, Preamble, PROTOCOL_VERSION};
@@ -85,8 +87,17 @@ impl TestRelay {
         })
     }
 
-    async fn start(dir: &TempDir, identity: &Identity, opts: &RelayOptions, listen: SocketAddr) -> Result<RelayHandle> {
-        let mut cfg = RelayConfig::new(listen, identity.clone(), KeySource::File(dir.path().join("keys.toml")));
+    async fn start(
+        dir: &TempDir,
+        identity: &Identity,
+        opts: &RelayOptions,
+        listen: SocketAddr,
+    ) -> Result<RelayHandle> {
+        let mut cfg = RelayConfig::new(
+            listen,
+            identity.clone(),
+            KeySource::File(dir.path().join("keys.toml")),
+        );
         cfg.limits = opts.limits.clone();
         cfg.keys_poll = opts.keys_poll;
         cfg.relay_id = "test-relay".into();
@@ -111,7 +122,11 @@ impl TestRelay {
 
     /// Waits until the relay's counters satisfy `pred` (they change as
     /// frames are processed; this re-checks them until [`WAIT`] runs out).
-    pub async fn wait_stats(&self, what: &str, pred: impl Fn(&swb_relay::RelayStats) -> bool) -> Result<swb_relay::RelayStats> {
+    pub async fn wait_stats(
+        &self,
+        what: &str,
+        pred: impl Fn(&swb_relay::RelayStats) -> bool,
+    ) -> Result<swb_relay::RelayStats> {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let s = self.handle().stats();
@@ -284,10 +299,12 @@ fn raw_client_config(relay: &TestRelay) -> Result<quinn::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     // The ephemeral certificate is self-signed: trusting it as a root is pinning it.
     roots.add(relay.identity.chain[0].clone())?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     tls.alpn_protocols = vec![swb_wire::ALPN.to_vec()];
     let q = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     Ok(quinn::ClientConfig::new(Arc::new(q)))

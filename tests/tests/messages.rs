@@ -58,10 +58,15 @@ async fn messages_flow_both_ways() -> Result<()> {
 
     london.send("LAPTOP.switchboard", b"thanks").await?;
     let got = laptop.recv(10).await?;
-    assert_eq!((got[0].from.as_str(), got[0].body()), ("london", b"thanks".to_vec()));
+    assert_eq!(
+        (got[0].from.as_str(), got[0].body()),
+        ("london", b"thanks".to_vec())
+    );
 
     // Acknowledged mail is gone from the relay.
-    let stats = relay.wait_stats("both acknowledged", |s| s.acked == 2).await?;
+    let stats = relay
+        .wait_stats("both acknowledged", |s| s.acked == 2)
+        .await?;
     assert_eq!(stats.accepted, 2);
     assert_eq!(stats.held, 0);
     Ok(())
@@ -78,7 +83,10 @@ async fn many_messages_arrive_in_order() -> Result<()> {
         c.send("b", format!("m{i}").as_bytes(), WAIT).await?;
     }
     let got = b.recv_n(200).await?;
-    let bodies: Vec<String> = got.iter().map(|m| String::from_utf8(m.body()).unwrap()).collect();
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8(m.body()).unwrap())
+        .collect();
     let want: Vec<String> = (0..200).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies, want);
     Ok(())
@@ -203,11 +211,17 @@ async fn full_mailbox_is_a_refusal_the_sender_sees() -> Result<()> {
     for i in 0..3 {
         d.send("offline", format!("{i}").as_bytes()).await?;
     }
-    assert_eq!(code_of(d.send("offline", b"one too many").await), "mailbox_full");
+    assert_eq!(
+        code_of(d.send("offline", b"one too many").await),
+        "mailbox_full"
+    );
     // Nothing accepted was lost: the recipient gets exactly the three.
     let r = TestDaemon::start(&relay, &key, "offline").await?;
     let got = r.recv_n(3).await?;
-    assert_eq!(got.iter().map(|m| m.body()).collect::<Vec<_>>(), vec![b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]);
+    assert_eq!(
+        got.iter().map(|m| m.body()).collect::<Vec<_>>(),
+        vec![b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]
+    );
     // Room again.
     d.send("offline", b"fits now").await?;
     Ok(())
@@ -294,7 +308,10 @@ async fn unacknowledged_message_is_redelivered_after_the_daemon_reconnects() -> 
     let b2 = TestDaemon::start(&relay, &key, "b").await?;
     let got = b2.recv(10).await?;
     assert_eq!(got.len(), 1);
-    assert_eq!(got[0].id, sent.id, "same id: the receiver can drop duplicates");
+    assert_eq!(
+        got[0].id, sent.id,
+        "same id: the receiver can drop duplicates"
+    );
     assert_eq!(got[0].body(), b"survives a crash");
     Ok(())
 }
@@ -324,7 +341,10 @@ async fn garbage_on_a_connection_does_not_disturb_others() -> Result<()> {
     let _ = bad.read_preamble().await;
     // The relay says why and closes the bad connection.
     let closed = tokio::time::timeout(WAIT, bad.conn.closed()).await?;
-    assert!(matches!(closed, quinn::ConnectionError::ApplicationClosed(_)), "{closed:?}");
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+        "{closed:?}"
+    );
     // A frame header announcing 4 GiB is refused before allocation.
     let mut huge = bytes::BytesMut::new();
     swb_wire::Preamble { version: 1 }.encode(&mut huge);
@@ -365,6 +385,9 @@ async fn key_created_while_the_relay_runs_works_at_once() -> Result<()> {
     file.keys.push(k.entry);
     file.save(&path)?;
     let d = TestDaemon::start(&relay, &k.key, "late").await?;
-    assert_eq!(d.client().await?.status().await?.namespace.as_deref(), Some("acme"));
+    assert_eq!(
+        d.client().await?.status().await?.namespace.as_deref(),
+        Some("acme")
+    );
     Ok(())
 }

@@ -19,9 +19,10 @@ struct Pki {
 fn pki(dir: &Path, tag: &str) -> Result<Pki> {
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("switchboard test CA {tag}"));
+    ca_params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("switchboard test CA {tag}"),
+    );
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
     let leaf_key = KeyPair::generate()?;
     let leaf = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?
@@ -47,7 +48,12 @@ async fn relay_with(identity: Identity) -> Result<TestRelay> {
 }
 
 /// Starts a daemon with `trust` and returns how it ended (it must end).
-async fn refused(relay: &TestRelay, key: &str, trust: Trust, server_name: Option<&str>) -> Result<String> {
+async fn refused(
+    relay: &TestRelay,
+    key: &str,
+    trust: Trust,
+    server_name: Option<&str>,
+) -> Result<String> {
     let mut cfg = relay.daemon_config(key, "peer", PathBuf::new());
     cfg.trust = trust;
     cfg.server_name = server_name.map(String::from);
@@ -98,8 +104,17 @@ async fn certificate_for_another_name_is_refused() -> Result<()> {
     let pki = pki(dir.path(), "n")?;
     let relay = relay_with(pki.identity).await?;
     let key = relay.create_key("acme")?;
-    let why = refused(&relay, &key, Trust::CaFile(pki.ca_pem), Some("relay.example.com")).await?;
-    assert!(why.contains("relay.example.com") || why.contains("name"), "{why}");
+    let why = refused(
+        &relay,
+        &key,
+        Trust::CaFile(pki.ca_pem),
+        Some("relay.example.com"),
+    )
+    .await?;
+    assert!(
+        why.contains("relay.example.com") || why.contains("name"),
+        "{why}"
+    );
     Ok(())
 }
 
@@ -109,7 +124,10 @@ async fn wrong_fingerprint_is_refused_and_names_both() -> Result<()> {
     let key = relay.create_key("acme")?;
     let wrong = format!("sha256:{}", "ab".repeat(32));
     let why = refused(&relay, &key, Trust::Fingerprint(wrong.clone()), None).await?;
-    assert!(why.contains(&relay.fingerprint()), "should show the relay's fingerprint: {why}");
+    assert!(
+        why.contains(&relay.fingerprint()),
+        "should show the relay's fingerprint: {why}"
+    );
     Ok(())
 }
 
@@ -119,7 +137,11 @@ async fn malformed_fingerprint_is_a_config_error_before_connecting() -> Result<(
     let key = relay.create_key("acme")?;
     let mut cfg = relay.daemon_config(&key, "peer", PathBuf::new());
     cfg.trust = Trust::Fingerprint("sha256:nothex".into());
-    let err = TestDaemon::spawn(cfg).await.err().map(|e| e.to_string()).unwrap_or_default();
+    let err = TestDaemon::spawn(cfg)
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(err.contains("64 hex digits"), "{err}");
     Ok(())
 }

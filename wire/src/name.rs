@@ -53,7 +53,10 @@ mod tests {
     #[test]
     fn folds_case_and_strips_suffix() {
         assert_eq!(normalize_name("London").as_deref(), Ok("london"));
-        assert_eq!(normalize_name("LONDON.Switchboard").as_deref(), Ok("london"));
+        assert_eq!(
+            normalize_name("LONDON.Switchboard").as_deref(),
+            Ok("london")
+        );
         assert_eq!(normalize_name("a-1").as_deref(), Ok("a-1"));
     }
 

@@ -18,33 +18,56 @@ fn arb_refusal() -> impl Strategy<Value = Refusal> {
 
 fn arb_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (any::<u16>(), ".{0,100}", "[a-z0-9-]{0,63}", ".{0,20}").prop_map(|(version, key, name, agent)| {
-            Frame::Hello(Hello { version, key, name, agent })
-        }),
-        (".{0,20}", "[a-z]{0,63}", ".{0,10}", any::<u64>(), any::<u64>(), any::<(u32, u32, u64, u64)>()).prop_map(
-            |(namespace, name, relay_id, session, server_time_ms, l)| Frame::Welcome(Welcome {
-                namespace,
-                name,
-                relay_id,
-                session,
-                server_time_ms,
-                limits: Limits {
-                    max_message_body: l.0,
-                    mailbox_messages: l.1,
-                    mailbox_bytes: l.2,
-                    message_ttl_secs: l.3
-                },
-            })
+        (any::<u16>(), ".{0,100}", "[a-z0-9-]{0,63}", ".{0,20}").prop_map(
+            |(version, key, name, agent)| {
+                Frame::Hello(Hello {
+                    version,
+                    key,
+                    name,
+                    agent,
+                })
+            }
         ),
+        (
+            ".{0,20}",
+            "[a-z]{0,63}",
+            ".{0,10}",
+            any::<u64>(),
+            any::<u64>(),
+            any::<(u32, u32, u64, u64)>()
+        )
+            .prop_map(|(namespace, name, relay_id, session, server_time_ms, l)| {
+                Frame::Welcome(Welcome {
+                    namespace,
+                    name,
+                    relay_id,
+                    session,
+                    server_time_ms,
+                    limits: Limits {
+                        max_message_body: l.0,
+                        mailbox_messages: l.1,
+                        mailbox_bytes: l.2,
+                        message_ttl_secs: l.3,
+                    },
+                })
+            }),
         arb_refusal().prop_map(Frame::Refused),
         (any::<u64>(), arb_id(), "[a-z]{0,63}", arb_bytes(2048))
             .prop_map(|(req, id, to, body)| Frame::Send(Send { req, id, to, body })),
         (any::<u64>(), arb_id(), any::<bool>())
             .prop_map(|(req, id, online)| Frame::SendAccepted(SendAccepted { req, id, online })),
-        (any::<u64>(), arb_refusal()).prop_map(|(req, refusal)| Frame::SendRefused(SendRefused { req, refusal })),
-        (arb_id(), "[a-z]{0,63}", arb_bytes(2048), any::<u64>()).prop_map(|(id, from, body, sent_at_ms)| {
-            Frame::Deliver(Deliver { id, from, body, sent_at_ms })
-        }),
+        (any::<u64>(), arb_refusal())
+            .prop_map(|(req, refusal)| Frame::SendRefused(SendRefused { req, refusal })),
+        (arb_id(), "[a-z]{0,63}", arb_bytes(2048), any::<u64>()).prop_map(
+            |(id, from, body, sent_at_ms)| {
+                Frame::Deliver(Deliver {
+                    id,
+                    from,
+                    body,
+                    sent_at_ms,
+                })
+            }
+        ),
         proptest::collection::vec(arb_id(), 0..50).prop_map(|ids| Frame::Ack(Ack { ids })),
         any::<u64>().prop_map(|nonce| Frame::Ping(Ping { nonce })),
         any::<u64>().prop_map(|nonce| Frame::Pong(Ping { nonce })),
@@ -106,7 +129,10 @@ fn oversized_frame_header_is_refused_before_allocation() {
     let mut r = FrameReader::new();
     r.buf().extend_from_slice(&b);
     assert!(r.next_frame().is_err());
-    assert!(r.buf().capacity() < 1024, "reader must not reserve for a refused frame");
+    assert!(
+        r.buf().capacity() < 1024,
+        "reader must not reserve for a refused frame"
+    );
 }
 
 #[test]
@@ -115,17 +141,25 @@ fn unknown_frame_types_are_skipped() {
     // type 200, 3 bytes of body, then a Ping.
     r.buf().extend_from_slice(&[200, 0, 0, 0, 3, 1, 2, 3]);
     Frame::Ping(Ping { nonce: 7 }).encode(r.buf()).unwrap();
-    assert_eq!(r.next_frame().unwrap(), Some(Frame::Ping(Ping { nonce: 7 })));
+    assert_eq!(
+        r.next_frame().unwrap(),
+        Some(Frame::Ping(Ping { nonce: 7 }))
+    );
     assert_eq!(r.skipped(), 1);
 }
 
 #[test]
 fn incomplete_is_explicit() {
     let bytes = Frame::Ping(Ping { nonce: 300 }).to_bytes().unwrap();
-    assert_eq!(decode(&bytes[..2]), Ok(Decoded::Incomplete { needed: HEADER_LEN }));
+    assert_eq!(
+        decode(&bytes[..2]),
+        Ok(Decoded::Incomplete { needed: HEADER_LEN })
+    );
     assert_eq!(
         decode(&bytes[..HEADER_LEN]),
-        Ok(Decoded::Incomplete { needed: bytes.len() })
+        Ok(Decoded::Incomplete {
+            needed: bytes.len()
+        })
     );
 }
 
@@ -147,7 +181,10 @@ fn encode_refuses_oversized_frames_and_writes_nothing() {
         body: Bytes::from(vec![0u8; MAX_FRAME_LEN + 1]),
     });
     let mut b = BytesMut::new();
-    assert!(matches!(f.encode(&mut b), Err(EncodeError::TooLarge { .. })));
+    assert!(matches!(
+        f.encode(&mut b),
+        Err(EncodeError::TooLarge { .. })
+    ));
     assert!(b.is_empty());
 }
 
@@ -167,13 +204,19 @@ fn a_body_just_over_the_message_limit_still_fits_a_frame() {
 fn preamble_round_trip_and_bad_magic() {
     let mut b = BytesMut::new();
     Preamble { version: 1 }.encode(&mut b);
-    assert_eq!(Preamble::decode(&mut b.clone()), Ok(Some(Preamble { version: 1 })));
+    assert_eq!(
+        Preamble::decode(&mut b.clone()),
+        Ok(Some(Preamble { version: 1 }))
+    );
     assert_eq!(Preamble::decode(&mut BytesMut::from(&b[..3])), Ok(None));
     assert_eq!(
         Preamble::decode(&mut BytesMut::from(&b"GET / HTTP/1.1"[..])),
         Err(DecodeError::BadMagic)
     );
-    assert_eq!(Preamble::decode(&mut BytesMut::from(&b"X"[..])), Err(DecodeError::BadMagic));
+    assert_eq!(
+        Preamble::decode(&mut BytesMut::from(&b"X"[..])),
+        Err(DecodeError::BadMagic)
+    );
 }
 
 #[test]
