@@ -378,7 +378,7 @@ impl Actor {
                 if let quinn::ConnectionError::TransportError(t) = &e {
                     if t.code.to_string().contains("CRYPTO") || t.reason.contains("certificate") {
                         return Err(ConnectError::Fatal(DaemonError::Untrusted(format!(
-                            "TLS with {relay} failed: {e}; check --ca / --relay-fingerprint / --relay-name"
+                            "TLS with {relay} failed: {e}; check --ca / --relay-fingerprint / --server-name"
                         ))));
                     }
                 }
