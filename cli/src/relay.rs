@@ -6,7 +6,7 @@ use clap::Args;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use swb_relay::keys::KeysFile;
-use swb_relay::{Identity, KeySource, MailboxLimits, Relay, RelayConfig};
+use swb_relay::{HttpListen, Identity, KeySource, MailboxLimits, Relay, RelayConfig};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
@@ -22,9 +22,12 @@ pub(crate) struct RelayArgs {
     /// API keys file (`swbd keys create` writes it). Default: <data-dir>/keys.toml.
     #[arg(long, value_name = "FILE")]
     keys: Option<PathBuf>,
-    /// UDP address to listen on.
+    /// Address to listen on: QUIC on this UDP port, HTTPS on the same TCP port.
     #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7443")]
     listen: SocketAddr,
+    /// TCP address of the HTTPS + JSON endpoint instead of --listen's, or `off`.
+    #[arg(long, value_name = "ADDR|off", value_parser = parse_http_listen)]
+    http_listen: Option<HttpListen>,
     /// Certificate chain (PEM) for production; requires --key.
     #[arg(long, value_name = "FILE", conflicts_with = "dev", requires = "key")]
     cert: Option<PathBuf>,
@@ -51,6 +54,15 @@ pub(crate) struct RelayArgs {
     /// Body bytes all mailboxes of one namespace hold at most.
     #[arg(long, value_name = "BYTES", default_value_t = MailboxLimits::default().namespace_bytes)]
     namespace_bytes: usize,
+}
+
+fn parse_http_listen(s: &str) -> Result<HttpListen, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(HttpListen::Off);
+    }
+    s.parse()
+        .map(HttpListen::At)
+        .map_err(|e| format!("{s:?} is not an address like 127.0.0.1:8443, or `off`: {e}"))
 }
 
 pub(crate) async fn run(a: RelayArgs) -> Result<()> {
@@ -89,6 +101,9 @@ pub(crate) async fn run(a: RelayArgs) -> Result<()> {
     }
     let mut config = RelayConfig::new(a.listen, identity, KeySource::File(keys_path.clone()));
     config.relay_id = a.relay_id.clone();
+    if let Some(h) = a.http_listen {
+        config.http_listen = h;
+    }
     if a.mailbox_messages == 0 || a.mailbox_bytes < swb_wire::MAX_MESSAGE_BODY {
         bail!(
             "--mailbox-messages must be at least 1 and --mailbox-bytes at least {} (one largest message)",
@@ -111,11 +126,27 @@ pub(crate) async fn run(a: RelayArgs) -> Result<()> {
         addr.to_string()
     };
     println!("relay listening on {addr} (udp)");
+    if let Some(h) = handle.http_addr() {
+        println!("https listening on {h} (tcp): HTTP + JSON API, see /v1/openapi.json");
+    }
     println!("fingerprint {fp}");
     if let Some(d) = a.data_dir.as_ref().filter(|_| a.dev) {
         println!("(also written to {})", d.join("fingerprint").display());
     }
     println!("keys file {} ({n} active)", keys_path.display());
+    if let (Some(h), Some(d)) = (handle.http_addr(), a.data_dir.as_ref().filter(|_| a.dev)) {
+        let host = if h.ip().is_unspecified() {
+            "localhost".to_string()
+        } else {
+            h.ip().to_string()
+        };
+        println!("try the HTTP API with:");
+        println!(
+            "  curl --cacert {} -H \"Authorization: Bearer $SWB_API_KEY\" https://{host}:{}/v1/peers",
+            d.join("relay.crt").display(),
+            h.port()
+        );
+    }
     println!("connect a peer with:");
     if a.dev {
         println!("  SWB_API_KEY=... swbd up --relay {shown} --relay-fingerprint {fp} --name NAME");

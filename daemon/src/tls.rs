@@ -159,6 +159,17 @@ impl ServerCertVerifier for Pinned {
     }
 }
 
+impl Trust {
+    /// A rustls client config (TLS 1.3) that verifies a relay this way and
+    /// offers these ALPN protocols: for clients of the relay's other doors
+    /// (HTTPS) that want the same trust rules as the daemon.
+    pub fn rustls_config(&self, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TrustError> {
+        let mut cfg = client_config(self, b"", VerifyNote::default())?;
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        Ok(cfg)
+    }
+}
+
 /// Builds the rustls client config (TLS 1.3, ring) for `trust` and `alpn`.
 pub(crate) fn client_config(
     trust: &Trust,

@@ -28,13 +28,15 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+mod http;
 pub mod keys;
 mod registry;
 mod session;
 pub mod tls;
 
+pub use http::{openapi, HttpLimits, MAX_REQUEST_BODY};
 pub use keys::{KeyStore, KeysFile};
-pub use registry::MailboxLimits;
+pub use registry::{MailboxLimits, Peer, Via};
 pub use tls::Identity;
 
 use registry::Registry;
@@ -69,6 +71,22 @@ pub struct RelayConfig {
     pub hello_timeout: Duration,
     /// How long shutdown waits for sessions to say goodbye.
     pub shutdown_grace: Duration,
+    /// Where the HTTPS + JSON endpoint listens.
+    pub http_listen: HttpListen,
+    /// Limits of the HTTPS endpoint.
+    pub http: HttpLimits,
+}
+
+/// Where the HTTPS endpoint listens (TCP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpListen {
+    /// The address and port QUIC got, over TCP. With port 0, if TCP cannot
+    /// have the same port number, any free one.
+    SameAsQuic,
+    /// This address.
+    At(SocketAddr),
+    /// No HTTPS endpoint.
+    Off,
 }
 
 impl RelayConfig {
@@ -84,6 +102,8 @@ impl RelayConfig {
             idle_timeout: Duration::from_secs(15),
             hello_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(3),
+            http_listen: HttpListen::SameAsQuic,
+            http: HttpLimits::default(),
         }
     }
 }
@@ -91,7 +111,7 @@ impl RelayConfig {
 /// Errors starting a relay.
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
-    /// Binding the UDP socket failed.
+    /// Binding a socket failed.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         /// The address.
@@ -241,6 +261,7 @@ pub struct Relay;
 #[derive(Debug)]
 pub struct RelayHandle {
     local_addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
     fingerprint: String,
     cancel: CancellationToken,
     shared: Arc<SharedRef>,
@@ -305,6 +326,37 @@ impl Relay {
             addr: config.listen,
             source,
         })?;
+        let http_listener = match config.http_listen {
+            HttpListen::Off => None,
+            HttpListen::At(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RelayError::Bind { addr, source })?,
+            ),
+            HttpListen::SameAsQuic => {
+                let same = SocketAddr::new(config.listen.ip(), local_addr.port());
+                match tokio::net::TcpListener::bind(same).await {
+                    Ok(l) => Some(l),
+                    Err(_) if config.listen.port() == 0 => {
+                        let any = SocketAddr::new(config.listen.ip(), 0);
+                        Some(
+                            tokio::net::TcpListener::bind(any)
+                                .await
+                                .map_err(|source| RelayError::Bind { addr: any, source })?,
+                        )
+                    }
+                    Err(source) => return Err(RelayError::Bind { addr: same, source }),
+                }
+            }
+        };
+        let http_addr = match &http_listener {
+            Some(l) => Some(l.local_addr().map_err(|source| RelayError::Bind {
+                addr: config.listen,
+                source,
+            })?),
+            None => None,
+        };
+        let http_tls = Arc::new(config.identity.server_config(&[b"h2", b"http/1.1"])?);
         let fingerprint = config.identity.fingerprint();
         let shared = Arc::new(Shared {
             registry: Mutex::new(Registry::new(config.limits.clone())),
@@ -315,10 +367,17 @@ impl Relay {
         });
         let cancel = CancellationToken::new();
         let span = tracing::info_span!("relay", relay = %shared.config.relay_id);
-        let task = tokio::spawn(run(endpoint, shared.clone(), cancel.clone()).instrument(span));
-        info!(%local_addr, relay = %shared.config.relay_id, "relay listening");
+        let http_task = http_listener.map(|l| {
+            tokio::spawn(
+                http::serve(l, http_tls, shared.clone(), cancel.clone()).instrument(span.clone()),
+            )
+        });
+        let task =
+            tokio::spawn(run(endpoint, shared.clone(), cancel.clone(), http_task).instrument(span));
+        info!(%local_addr, ?http_addr, relay = %shared.config.relay_id, "relay listening");
         Ok(RelayHandle {
             local_addr,
+            http_addr,
             fingerprint,
             cancel,
             shared: Arc::new(SharedRef(shared)),
@@ -331,6 +390,11 @@ impl RelayHandle {
     /// The bound UDP address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The bound TCP address of the HTTPS endpoint, if it runs.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
     }
 
     /// `sha256:<hex>` of the relay's certificate.
@@ -358,9 +422,13 @@ impl RelayHandle {
         Ok(shared.install_keys(store))
     }
 
-    /// Peers attached to this relay in `namespace`: name and attach time.
-    pub fn attached(&self, namespace: &str) -> Vec<(String, std::time::SystemTime)> {
-        self.shared.0.registry().attached(namespace)
+    /// Peers attached to this relay in `namespace` (over QUIC, or polling
+    /// over HTTP), sorted by name.
+    pub fn peers(&self, namespace: &str) -> Vec<Peer> {
+        self.shared
+            .0
+            .registry()
+            .peers(namespace, tokio::time::Instant::now())
     }
 
     /// Current counters.
@@ -390,8 +458,17 @@ impl Drop for RelayHandle {
 
 /// The relay's main task: accepts connections and owns every session task;
 /// also polls the keys file and sweeps expired mail.
-async fn run(endpoint: quinn::Endpoint, shared: Arc<Shared>, cancel: CancellationToken) {
+async fn run(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    http_task: Option<JoinHandle<()>>,
+) {
     let mut sessions = tokio::task::JoinSet::new();
+    let lease_every = (shared.config.limits.visibility / 4)
+        .clamp(Duration::from_millis(20), Duration::from_secs(1));
+    let mut lease_tick = tokio::time::interval(lease_every);
+    lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut keys_tick = tokio::time::interval(shared.config.keys_poll);
     keys_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let sweep_every =
@@ -422,6 +499,12 @@ async fn run(endpoint: quinn::Endpoint, shared: Arc<Shared>, cancel: Cancellatio
             _ = keys_tick.tick() => {
                 shared.refresh_keys(Duration::ZERO);
             }
+            _ = lease_tick.tick() => {
+                let n = shared.registry().sweep_leases(tokio::time::Instant::now());
+                if n > 0 {
+                    tracing::debug!(messages = n, "http leases ran out; mail handed out again");
+                }
+            }
             _ = sweep_tick.tick() => {
                 let n = shared.registry().expire(tokio::time::Instant::now());
                 if n > 0 {
@@ -447,6 +530,9 @@ async fn run(endpoint: quinn::Endpoint, shared: Arc<Shared>, cancel: Cancellatio
         );
         sessions.abort_all();
         while sessions.join_next().await.is_some() {}
+    }
+    if let Some(t) = http_task {
+        let _ = t.await;
     }
     endpoint.close(quinn::VarInt::from_u32(0), b"relay shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;

@@ -6,9 +6,12 @@
 //! holds in one's own (accepted, queued, `online: false`).
 //!
 //! A message stays in its mailbox until the recipient's application
-//! acknowledges it, or its TTL expires (counted and logged). Sessions read
-//! mailboxes with a cursor, so a new session of the same name starts from the
-//! beginning and everything unacknowledged is delivered again.
+//! acknowledges it, or its TTL expires (counted and logged). Handing a
+//! message out *leases* it: to the QUIC session it was delivered on (until
+//! that session ends), or to an HTTP poll (until the visibility timeout
+//! passes). An unacknowledged message whose lease ends is handed out again,
+//! so a crashed daemon or a dropped HTTP response loses nothing; message ids
+//! let receivers drop the duplicates this can cause.
 
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
@@ -33,6 +36,10 @@ pub struct MailboxLimits {
     pub namespace_bytes: usize,
     /// Non-empty mailboxes one namespace has at most (default 10 000).
     pub namespace_mailboxes: usize,
+    /// How long a message received over HTTP stays leased before it is
+    /// handed out again unless acknowledged; also how long an HTTP poller
+    /// counts as attached after its last poll (default 30 s).
+    pub visibility: Duration,
 }
 
 impl Default for MailboxLimits {
@@ -43,6 +50,7 @@ impl Default for MailboxLimits {
             ttl: Duration::from_secs(24 * 3600),
             namespace_bytes: 256 * 1024 * 1024,
             namespace_mailboxes: 10_000,
+            visibility: Duration::from_secs(30),
         }
     }
 }
@@ -93,6 +101,18 @@ impl SessionCtl {
     }
 }
 
+/// Who holds a handed-out message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    /// Not handed out (or its holder is gone).
+    Free,
+    /// Delivered on this QUIC session; free again once it is not the
+    /// registered session of the name any more.
+    Session(u64),
+    /// Taken by an HTTP poll; free again at this instant.
+    Http(Instant),
+}
+
 #[derive(Debug)]
 struct Stored {
     id: MessageId,
@@ -100,6 +120,7 @@ struct Stored {
     body: Bytes,
     sent_at_ms: u64,
     expires_at: Instant,
+    lease: Lease,
 }
 
 #[derive(Debug, Default)]
@@ -108,12 +129,89 @@ struct Mailbox {
     msgs: BTreeMap<u64, Stored>,
     by_id: HashMap<MessageId, u64>,
     bytes: usize,
+    /// Messages with an HTTP lease (so the lease sweep skips the rest).
+    http_leased: usize,
+    /// Lowest sequence number that became deliverable again behind the
+    /// session's cursor (an HTTP lease ran out).
+    rewind: Option<u64>,
+}
+
+/// A name receiving over HTTP: attached while a poll is open or was open
+/// within the visibility timeout.
+#[derive(Debug, Default)]
+struct HttpPresence {
+    open_polls: usize,
+    last_poll: Option<Instant>,
+    since: Option<SystemTime>,
 }
 
 #[derive(Debug, Default)]
 struct Slot {
     session: Option<Arc<SessionCtl>>,
     mailbox: Mailbox,
+    http: HttpPresence,
+    /// Wakes HTTP long polls of this name.
+    http_notify: Arc<Notify>,
+}
+
+impl Slot {
+    fn http_active(&self, now: Instant, visibility: Duration) -> bool {
+        self.http.open_polls > 0 || self.http.last_poll.is_some_and(|t| now < t + visibility)
+    }
+
+    fn online(&self, now: Instant, visibility: Duration) -> bool {
+        self.session.is_some() || self.http_active(now, visibility)
+    }
+
+    fn is_idle(&self, now: Instant, visibility: Duration) -> bool {
+        self.session.is_none() && self.mailbox.msgs.is_empty() && !self.http_active(now, visibility)
+    }
+
+    fn wake(&self) {
+        if let Some(s) = &self.session {
+            s.notify.notify_one();
+        }
+        self.http_notify.notify_waiters();
+    }
+}
+
+/// A message handed to an HTTP poll.
+#[derive(Debug, Clone)]
+pub(crate) struct Taken {
+    pub(crate) id: MessageId,
+    pub(crate) from: String,
+    pub(crate) body: Bytes,
+    pub(crate) sent_at_ms: u64,
+}
+
+/// How a peer is attached, for `GET /v1/peers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// A daemon's QUIC connection.
+    Quic,
+    /// HTTP long polls.
+    Http,
+}
+
+impl Via {
+    /// `quic` or `http`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Quic => "quic",
+            Via::Http => "http",
+        }
+    }
+}
+
+/// A name attached now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The peer name.
+    pub name: String,
+    /// Attached since.
+    pub since: SystemTime,
+    /// How.
+    pub via: Via,
 }
 
 #[derive(Debug, Default)]
@@ -190,8 +288,11 @@ impl Registry {
         if let Some(slot) = self.slots.get_mut(&k) {
             if slot.session.as_ref().is_some_and(|s| s.id == session) {
                 slot.session = None;
+                // Its leases are free again: HTTP pollers of the name may
+                // take the messages now.
+                slot.http_notify.notify_waiters();
             }
-            if slot.session.is_none() && slot.mailbox.msgs.is_empty() {
+            if slot.is_idle(Instant::now(), self.limits.visibility) {
                 self.slots.remove(&k);
             }
         }
@@ -213,7 +314,7 @@ impl Registry {
         let lim = &self.limits;
         let k = key(ns, to);
         let slot = self.slots.get(&k);
-        let online = slot.is_some_and(|s| s.session.is_some());
+        let online = slot.is_some_and(|s| s.online(now, lim.visibility));
         if let Some(s) = slot {
             if let Some(seq) = s.mailbox.by_id.get(&id) {
                 if s.mailbox.msgs.get(seq).is_some_and(|m| &*m.from == from) {
@@ -260,6 +361,7 @@ impl Registry {
                 body,
                 sent_at_ms,
                 expires_at: now + ttl,
+                lease: Lease::Free,
             },
         );
         let u = self.usage.entry(k.0.clone()).or_default();
@@ -267,39 +369,161 @@ impl Registry {
         if mb_len == 0 {
             u.mailboxes += 1;
         }
-        if let Some(s) = &slot.session {
-            s.notify.notify_one();
-        }
+        slot.wake();
         Enqueued::Accepted { online }
     }
 
-    /// Mail of `(ns, name)` from `cursor` on, at most `max_bytes` of bodies
-    /// (always at least one message if there is one).
-    pub(crate) fn pending(&self, ns: &str, name: &str, cursor: u64, max_bytes: usize) -> Batch {
+    /// Mail for `session` of `(ns, name)` from `cursor` on, at most
+    /// `max_bytes` of bodies (always at least one message if there is one).
+    /// What it returns is leased to the session. Skips messages an HTTP poll
+    /// holds; when such a lease runs out, the mailbox rewinds the cursor.
+    pub(crate) fn pending(
+        &mut self,
+        ns: &str,
+        name: &str,
+        session: u64,
+        cursor: u64,
+        max_bytes: usize,
+        now: Instant,
+    ) -> Batch {
         let mut b = Batch {
             frames: Vec::new(),
             cursor,
             more: false,
         };
-        let Some(slot) = self.slots.get(&key(ns, name)) else {
+        let Some(slot) = self.slots.get_mut(&key(ns, name)) else {
             return b;
         };
+        let mb = &mut slot.mailbox;
+        let start = match mb.rewind.take() {
+            Some(r) if r < cursor => r,
+            _ => cursor,
+        };
         let mut bytes = 0;
-        for (seq, m) in slot.mailbox.msgs.range(cursor..) {
-            if !b.frames.is_empty() && bytes + m.body.len() > max_bytes {
-                b.more = true;
+        let mut released = 0;
+        for (seq, m) in mb.msgs.range_mut(start..) {
+            let deliverable = match m.lease {
+                Lease::Free => true,
+                Lease::Session(s) => s != session,
+                Lease::Http(until) => until <= now,
+            };
+            if deliverable {
+                if !b.frames.is_empty() && bytes + m.body.len() > max_bytes {
+                    b.more = true;
+                    break;
+                }
+                bytes += m.body.len();
+                if matches!(m.lease, Lease::Http(_)) {
+                    released += 1;
+                }
+                m.lease = Lease::Session(session);
+                b.frames.push(Deliver {
+                    id: m.id,
+                    from: m.from.to_string(),
+                    body: m.body.clone(),
+                    sent_at_ms: m.sent_at_ms,
+                });
+            }
+            b.cursor = seq + 1;
+        }
+        mb.http_leased -= released;
+        b
+    }
+
+    /// Starts an HTTP poll of `(ns, name)`: marks the name attached over
+    /// HTTP and returns what wakes the poll. Pair with [`Self::http_poll_end`].
+    pub(crate) fn http_poll_begin(&mut self, ns: &str, name: &str, now: Instant) -> Arc<Notify> {
+        let visibility = self.limits.visibility;
+        let slot = self.slots.entry(key(ns, name)).or_default();
+        if !slot.http_active(now, visibility) {
+            slot.http.since = Some(SystemTime::now());
+        }
+        slot.http.open_polls += 1;
+        slot.http.last_poll = Some(now);
+        slot.http_notify.clone()
+    }
+
+    /// Ends an HTTP poll begun with [`Self::http_poll_begin`].
+    pub(crate) fn http_poll_end(&mut self, ns: &str, name: &str, now: Instant) {
+        if let Some(slot) = self.slots.get_mut(&key(ns, name)) {
+            slot.http.open_polls = slot.http.open_polls.saturating_sub(1);
+            slot.http.last_poll = Some(now);
+        }
+    }
+
+    /// Takes up to `max` messages of `(ns, name)` for an HTTP poll, leasing
+    /// them for the visibility timeout.
+    pub(crate) fn http_take(
+        &mut self,
+        ns: &str,
+        name: &str,
+        max: usize,
+        now: Instant,
+    ) -> Vec<Taken> {
+        let until = now + self.limits.visibility;
+        let Some(slot) = self.slots.get_mut(&key(ns, name)) else {
+            return Vec::new();
+        };
+        let current = slot.session.as_ref().map(|s| s.id);
+        let mb = &mut slot.mailbox;
+        let mut out = Vec::new();
+        for m in mb.msgs.values_mut() {
+            if out.len() >= max {
                 break;
             }
-            bytes += m.body.len();
-            b.frames.push(Deliver {
+            let free = match m.lease {
+                Lease::Free => true,
+                Lease::Session(s) => Some(s) != current,
+                Lease::Http(t) => t <= now,
+            };
+            if !free {
+                continue;
+            }
+            if !matches!(m.lease, Lease::Http(_)) {
+                mb.http_leased += 1;
+            }
+            m.lease = Lease::Http(until);
+            out.push(Taken {
                 id: m.id,
                 from: m.from.to_string(),
                 body: m.body.clone(),
                 sent_at_ms: m.sent_at_ms,
             });
-            b.cursor = seq + 1;
         }
-        b
+        out
+    }
+
+    /// Frees HTTP leases that ran out (waking whoever can take the
+    /// messages) and forgets idle HTTP pollers. Returns how many leases.
+    pub(crate) fn sweep_leases(&mut self, now: Instant) -> usize {
+        let visibility = self.limits.visibility;
+        let mut freed = 0;
+        let mut idle = Vec::new();
+        for (k, slot) in self.slots.iter_mut() {
+            let mb = &mut slot.mailbox;
+            if mb.http_leased > 0 {
+                let mut n = 0;
+                for (seq, m) in mb.msgs.iter_mut() {
+                    if matches!(m.lease, Lease::Http(t) if t <= now) {
+                        m.lease = Lease::Free;
+                        mb.rewind = Some(mb.rewind.map_or(*seq, |r| r.min(*seq)));
+                        n += 1;
+                    }
+                }
+                mb.http_leased -= n;
+                if n > 0 {
+                    freed += n;
+                    slot.wake();
+                }
+            }
+            if slot.is_idle(now, visibility) {
+                idle.push(k.clone());
+            }
+        }
+        for k in idle {
+            self.slots.remove(&k);
+        }
+        freed
     }
 
     fn remove_msg(&mut self, k: &Key, pred: impl Fn(&Stored) -> bool, ids: &[MessageId]) -> usize {
@@ -325,6 +549,9 @@ impl Registry {
                 mb.by_id.remove(&m.id);
                 mb.bytes -= m.body.len();
                 freed += m.body.len();
+                if matches!(m.lease, Lease::Http(_)) {
+                    mb.http_leased -= 1;
+                }
             }
         }
         let removed = before_len - mb.msgs.len();
@@ -338,7 +565,7 @@ impl Registry {
                 self.usage.remove(&k.0);
             }
         }
-        if now_empty && slot.session.is_none() {
+        if slot.is_idle(Instant::now(), self.limits.visibility) {
             self.slots.remove(k);
         }
         removed
@@ -373,15 +600,32 @@ impl Registry {
             .collect()
     }
 
-    /// Names attached in `ns`, with the time they attached, sorted by name.
-    pub(crate) fn attached(&self, ns: &str) -> Vec<(String, SystemTime)> {
-        let mut v: Vec<_> = self
+    /// Names attached in `ns` (over QUIC, or polling over HTTP), sorted.
+    pub(crate) fn peers(&self, ns: &str, now: Instant) -> Vec<Peer> {
+        let visibility = self.limits.visibility;
+        let mut v: Vec<Peer> = self
             .slots
             .iter()
             .filter(|((n, _), _)| &**n == ns)
-            .filter_map(|((_, name), s)| s.session.as_ref().map(|c| (name.to_string(), c.since)))
+            .filter_map(|((_, name), s)| {
+                if let Some(c) = &s.session {
+                    Some(Peer {
+                        name: name.to_string(),
+                        since: c.since,
+                        via: Via::Quic,
+                    })
+                } else if s.http_active(now, visibility) {
+                    Some(Peer {
+                        name: name.to_string(),
+                        since: s.http.since.unwrap_or_else(SystemTime::now),
+                        via: Via::Http,
+                    })
+                } else {
+                    None
+                }
+            })
             .collect();
-        v.sort();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
 
@@ -402,6 +646,7 @@ mod tests {
             ttl: Duration::from_secs(10),
             namespace_bytes: 1000,
             namespace_mailboxes: 3,
+            visibility: Duration::from_secs(5),
         })
     }
 
@@ -483,20 +728,73 @@ mod tests {
     #[tokio::test]
     async fn cursor_restarts_for_a_new_session_and_ack_removes() {
         let mut r = reg(10, 1000);
+        let now = Instant::now();
         send(&mut r, "ns", "b", 1, 1);
         send(&mut r, "ns", "b", 2, 1);
-        let b = r.pending("ns", "b", 0, 1);
+        let b = r.pending("ns", "b", 7, 0, 1, now);
         assert_eq!(b.frames.len(), 1);
         assert!(b.more);
-        let b2 = r.pending("ns", "b", b.cursor, 1000);
+        let b2 = r.pending("ns", "b", 7, b.cursor, 1000, now);
         assert_eq!(b2.frames.len(), 1);
-        assert_eq!(r.pending("ns", "b", 0, 1000).frames.len(), 2);
+        // Session 7 has both; a new session 8 gets both again.
+        assert_eq!(r.pending("ns", "b", 7, 0, 1000, now).frames.len(), 0);
+        assert_eq!(r.pending("ns", "b", 8, 0, 1000, now).frames.len(), 2);
         r.ack("ns", "b", &[id(1)]);
-        let b3 = r.pending("ns", "b", 0, 1000);
+        let b3 = r.pending("ns", "b", 9, 0, 1000, now);
         assert_eq!(
             b3.frames.iter().map(|d| d.id).collect::<Vec<_>>(),
             vec![id(2)]
         );
+    }
+
+    #[tokio::test]
+    async fn http_lease_hides_a_message_until_it_runs_out() {
+        let mut r = reg(10, 1000);
+        let t0 = Instant::now();
+        send(&mut r, "ns", "b", 1, 1);
+        send(&mut r, "ns", "b", 2, 1);
+        let got = r.http_take("ns", "b", 1, t0);
+        assert_eq!(got.iter().map(|m| m.id).collect::<Vec<_>>(), vec![id(1)]);
+        // A second poll gets only the other one; then nothing.
+        assert_eq!(r.http_take("ns", "b", 10, t0).len(), 1);
+        assert!(r.http_take("ns", "b", 10, t0).is_empty());
+        // A session attached meanwhile skips HTTP-leased mail...
+        let b = r.pending("ns", "b", 3, 0, 1000, t0);
+        assert!(b.frames.is_empty());
+        // ...until the lease runs out: the sweep frees it and rewinds.
+        r.ack("ns", "b", &[id(2)]);
+        let later = t0 + Duration::from_secs(6);
+        assert_eq!(r.sweep_leases(later), 1);
+        let b = r.pending("ns", "b", 3, b.cursor, 1000, later);
+        assert_eq!(
+            b.frames.iter().map(|d| d.id).collect::<Vec<_>>(),
+            vec![id(1)]
+        );
+        assert_eq!(r.held_messages(), 1);
+    }
+
+    #[tokio::test]
+    async fn http_pollers_count_as_attached_within_the_visibility_timeout() {
+        let mut r = reg(10, 1000);
+        let t0 = Instant::now();
+        assert_eq!(
+            send(&mut r, "ns", "b", 1, 1),
+            Enqueued::Accepted { online: false }
+        );
+        r.http_poll_begin("ns", "b", t0);
+        assert_eq!(r.peers("ns", t0).len(), 1);
+        assert_eq!(r.peers("ns", t0)[0].via, Via::Http);
+        assert!(r.peers("other", t0).is_empty());
+        r.http_poll_end("ns", "b", t0);
+        assert_eq!(
+            send(&mut r, "ns", "b", 2, 1),
+            Enqueued::Accepted { online: true }
+        );
+        let later = t0 + Duration::from_secs(6);
+        assert!(r.peers("ns", later).is_empty());
+        r.ack("ns", "b", &[id(1), id(2)]);
+        r.sweep_leases(later);
+        assert!(r.slots.is_empty(), "idle slots are forgotten");
     }
 
     #[tokio::test(start_paused = true)]

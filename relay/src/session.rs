@@ -24,7 +24,7 @@ pub(crate) const CLOSE_PROTOCOL: u32 = 2;
 const FLUSH_BYTES: usize = 256 * 1024;
 
 /// Least time between keys-file reads triggered by unknown keys.
-const KEYS_REFRESH_GAP: Duration = Duration::from_millis(100);
+pub(crate) const KEYS_REFRESH_GAP: Duration = Duration::from_millis(100);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -318,7 +318,7 @@ async fn serve(shared: &Shared, ctl: &SessionCtl, io: &mut Io, ns: &str, name: &
             biased;
             _ = cancel.cancelled() => return End::Gone,
             _ = ctl.notify.notified() => {
-                let batch = shared.registry().pending(ns, name, cursor, FLUSH_BYTES);
+                let batch = shared.registry().pending(ns, name, ctl.id, cursor, FLUSH_BYTES, tokio::time::Instant::now());
                 cursor = batch.cursor;
                 if batch.more {
                     ctl.notify.notify_one();

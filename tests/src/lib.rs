@@ -42,6 +42,8 @@ pub struct RelayOptions {
     pub keys_poll: Duration,
     /// TLS identity; an ephemeral self-signed one when `None`.
     pub identity: Option<Identity>,
+    /// HTTPS endpoint limits.
+    pub http: swb_relay::HttpLimits,
 }
 
 impl Default for RelayOptions {
@@ -50,6 +52,7 @@ impl Default for RelayOptions {
             limits: MailboxLimits::default(),
             keys_poll: Duration::from_millis(50),
             identity: None,
+            http: swb_relay::HttpLimits::default(),
         }
     }
 }
@@ -102,12 +105,26 @@ impl TestRelay {
         cfg.keys_poll = opts.keys_poll;
         cfg.relay_id = "test-relay".into();
         cfg.shutdown_grace = Duration::from_secs(2);
+        cfg.http = opts.http.clone();
         Ok(Relay::spawn(cfg).await?)
     }
 
     /// The relay's UDP address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The relay's HTTPS address (TCP).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.handle()
+            .http_addr()
+            .expect("the test relay serves HTTPS")
+    }
+
+    /// An HTTPS client for this relay that authenticates with `key`
+    /// (`None`: no Authorization header).
+    pub fn http(&self, key: Option<&str>) -> Result<HttpClient> {
+        HttpClient::new(self.http_addr(), &self.fingerprint(), key)
     }
 
     /// `sha256:<hex>` of the relay certificate.
@@ -384,5 +401,120 @@ impl RawClient {
         let b = f.to_bytes()?;
         self.send.write_all(&b).await?;
         Ok(())
+    }
+}
+
+/// One HTTP answer: status, headers and the body parsed as JSON.
+#[derive(Debug)]
+pub struct HttpReply {
+    /// Status code.
+    pub status: u16,
+    /// Response headers.
+    pub headers: hyper::HeaderMap,
+    /// The body as JSON (`Null` if it is not JSON).
+    pub json: serde_json::Value,
+}
+
+impl HttpReply {
+    /// `error.code` of an error answer, or "".
+    pub fn code(&self) -> &str {
+        self.json["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+/// A minimal HTTPS client over hyper + rustls that pins the relay's
+/// certificate: one connection per request, HTTP/1.1 or HTTP/2.
+#[derive(Clone)]
+pub struct HttpClient {
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    key: Option<String>,
+    /// Use HTTP/2 (negotiated by ALPN) instead of HTTP/1.1.
+    pub http2: bool,
+}
+
+impl HttpClient {
+    /// A client for the relay at `addr` with certificate `fingerprint`.
+    pub fn new(addr: SocketAddr, fingerprint: &str, key: Option<&str>) -> Result<Self> {
+        let tls =
+            Trust::Fingerprint(fingerprint.to_string()).rustls_config(&[b"h2", b"http/1.1"])?;
+        Ok(Self {
+            addr,
+            tls: Arc::new(tls),
+            key: key.map(String::from),
+            http2: false,
+        })
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> Result<HttpReply> {
+        self.request("GET", path, None).await
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post(&self, path: &str, body: &serde_json::Value) -> Result<HttpReply> {
+        self.request("POST", path, Some(serde_json::to_vec(body)?))
+            .await
+    }
+
+    /// Any request with a raw body.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<HttpReply> {
+        use http_body_util::BodyExt;
+        let mut tls = (*self.tls).clone();
+        tls.alpn_protocols = if self.http2 {
+            vec![b"h2".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+        let name = rustls::pki_types::ServerName::from(self.addr.ip());
+        let stream = connector.connect(name, tcp).await?;
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("https://{}{path}", self.addr))
+            .header("content-type", "application/json");
+        if !self.http2 {
+            req = req.header("host", self.addr.to_string());
+        }
+        if let Some(k) = &self.key {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let req = req.body(http_body_util::Full::new(bytes::Bytes::from(
+            body.unwrap_or_default(),
+        )))?;
+        let resp = if self.http2 {
+            let (mut send, conn) =
+                hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+                    .await?;
+            let driver = tokio::spawn(conn);
+            let r = send.send_request(req).await;
+            drop(send);
+            let r = r?;
+            let (parts, body) = r.into_parts();
+            let bytes = body.collect().await?.to_bytes();
+            driver.abort();
+            (parts, bytes)
+        } else {
+            let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
+            let driver = tokio::spawn(conn);
+            let r = send.send_request(req).await?;
+            let (parts, body) = r.into_parts();
+            let bytes = body.collect().await?.to_bytes();
+            driver.abort();
+            (parts, bytes)
+        };
+        let (parts, bytes) = resp;
+        Ok(HttpReply {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            json: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        })
     }
 }

@@ -35,9 +35,10 @@ async fn daemon_registers_and_reports_status() -> Result<()> {
     assert_eq!(st.relay_id.as_deref(), Some("test-relay"));
     assert!(st.connected_since.is_some());
     assert!(st.rtt_ms.is_some());
-    let attached = relay.handle().attached("acme");
-    assert_eq!(attached.len(), 1);
-    assert_eq!(attached[0].0, "london");
+    let peers = relay.handle().peers("acme");
+    assert_eq!(peers.len(), 1);
+    assert_eq!(peers[0].name, "london");
+    assert_eq!(peers[0].via, swb_relay::Via::Quic);
     Ok(())
 }
 

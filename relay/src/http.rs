@@ -1,0 +1,815 @@
+//! The HTTPS + JSON endpoint: a second door into the same namespaces and
+//! mailboxes, for scripts and machines without the daemon.
+//!
+//! Served on TCP next to QUIC (same certificate; HTTP/1.1 and HTTP/2 by
+//! ALPN). Every request but `/healthz` and `/v1/openapi.json` carries
+//! `Authorization: Bearer <API key>`. Every error is
+//! `{"error":{"code","message"}}` with a stable code. The routes, and the
+//! OpenAPI document describing them, come from one table ([`ENDPOINTS`]),
+//! so the two cannot drift.
+
+use crate::keys::{AuthError, KeyInfo};
+use crate::registry::{Enqueued, Taken};
+use crate::Shared;
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{on, MethodFilter};
+use axum::Router;
+use base64::Engine;
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use swb_wire::{Code, MessageId, MAX_ACK_IDS, MAX_MESSAGE_BODY};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Largest request body: a 64 KiB message written as JSON-escaped text
+/// (up to 6 bytes per byte, `\u0001`) plus the other fields.
+pub const MAX_REQUEST_BODY: usize = 6 * MAX_MESSAGE_BODY + 16 * 1024;
+
+/// Limits of the HTTP endpoint. Defaults are documented in the README.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Longest `wait` a receive may ask for (default 60 s).
+    pub max_wait: Duration,
+    /// Long polls open at once per API key (default 32); more get `429`.
+    pub max_polls_per_key: usize,
+    /// Most messages one receive returns (default 1000).
+    pub max_batch: usize,
+    /// TCP connections served at once (default 4096); more are closed.
+    pub max_connections: usize,
+    /// Time a client has to finish TLS and send its request headers (default 10 s).
+    pub header_timeout: Duration,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_wait: Duration::from_secs(60),
+            max_polls_per_key: 32,
+            max_batch: 1000,
+            max_connections: 4096,
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// An error answer: status, stable code, and a sentence that says what to do.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut r = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"switchboard\""),
+            );
+        }
+        r
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok(status: StatusCode, v: Value) -> ApiResult {
+    Ok((status, axum::Json(v)).into_response())
+}
+
+/// State of the HTTP endpoint.
+#[derive(Clone)]
+pub(crate) struct Api {
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    polls: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// Which handler an endpoint runs.
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Send,
+    Receive,
+    Ack,
+    Peers,
+    Health,
+    OpenApi,
+}
+
+/// One route: method, path, handler, and its OpenAPI description.
+struct Endpoint {
+    method: &'static str,
+    path: &'static str,
+    op: Op,
+    auth: bool,
+    summary: &'static str,
+    responses: &'static [(u16, &'static str)],
+}
+
+/// Every route the endpoint serves. The router and the OpenAPI document are
+/// both built from this table.
+const ENDPOINTS: &[Endpoint] = &[
+    Endpoint {
+        method: "post",
+        path: "/v1/messages",
+        op: Op::Send,
+        auth: true,
+        summary: "Send a message to a peer of the key's namespace",
+        responses: &[
+            (202, "Accepted: {\"id\", \"online\"}"),
+            (400, "Bad JSON, unknown field, or bad name (bad_request, bad_name)"),
+            (401, "Missing, invalid or revoked API key"),
+            (413, "Body larger than 64 KiB (body_too_large) or request too large"),
+            (429, "Recipient's mailbox or the namespace is full (mailbox_full, namespace_full)"),
+        ],
+    },
+    Endpoint {
+        method: "get",
+        path: "/v1/messages",
+        op: Op::Receive,
+        auth: true,
+        summary: "Receive mail of a name, waiting up to `wait` seconds for the first message; messages are leased until acknowledged",
+        responses: &[
+            (200, "{\"messages\": [{\"id\", \"from\", \"body\" or \"body_b64\", \"sent_at\", \"sent_at_ms\"}]} (empty on timeout)"),
+            (400, "Bad or unknown query parameter (bad_request, bad_name)"),
+            (401, "Missing, invalid or revoked API key"),
+            (429, "Too many long polls open for this key (too_many_polls)"),
+        ],
+    },
+    Endpoint {
+        method: "post",
+        path: "/v1/messages/ack",
+        op: Op::Ack,
+        auth: true,
+        summary: "Acknowledge received messages: the relay forgets them",
+        responses: &[
+            (200, "{\"acked\": n}: how many of the ids were held"),
+            (400, "Bad JSON, unknown field, bad name or bad id"),
+            (401, "Missing, invalid or revoked API key"),
+        ],
+    },
+    Endpoint {
+        method: "get",
+        path: "/v1/peers",
+        op: Op::Peers,
+        auth: true,
+        summary: "Names attached now in the key's namespace",
+        responses: &[
+            (200, "{\"peers\": [{\"name\", \"since\", \"via\": \"quic\"|\"http\"}]}"),
+            (401, "Missing, invalid or revoked API key"),
+        ],
+    },
+    Endpoint {
+        method: "get",
+        path: "/healthz",
+        op: Op::Health,
+        auth: false,
+        summary: "Liveness",
+        responses: &[(200, "{\"status\": \"ok\"}")],
+    },
+    Endpoint {
+        method: "get",
+        path: "/v1/openapi.json",
+        op: Op::OpenApi,
+        auth: false,
+        summary: "This document",
+        responses: &[(200, "OpenAPI 3.1 document")],
+    },
+];
+
+fn method_filter(m: &str) -> MethodFilter {
+    match m {
+        "post" => MethodFilter::POST,
+        "put" => MethodFilter::PUT,
+        "delete" => MethodFilter::DELETE,
+        _ => MethodFilter::GET,
+    }
+}
+
+/// Request and parameter schemas, by operation.
+fn op_details(op: Op) -> Value {
+    let name = json!({"type": "string", "pattern": "^[A-Za-z0-9-]{1,63}(\\.switchboard)?$"});
+    match op {
+        Op::Send => json!({
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": false,
+                "required": ["from", "to"],
+                "properties": {
+                    "from": name, "to": name,
+                    "body": {"type": "string", "description": "UTF-8 text; or use body_b64"},
+                    "body_b64": {"type": "string", "description": "bytes, standard base64"},
+                    "id": {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "optional: a retried send with the same id is stored once"}
+                }
+            }}}}
+        }),
+        Op::Receive => json!({
+            "parameters": [
+                {"name": "as", "in": "query", "required": true, "schema": name},
+                {"name": "wait", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 60, "default": 0}},
+                {"name": "max", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}
+            ]
+        }),
+        Op::Ack => json!({
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": false,
+                "required": ["as", "ids"],
+                "properties": {
+                    "as": name,
+                    "ids": {"type": "array", "maxItems": MAX_ACK_IDS, "items": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+                }
+            }}}}
+        }),
+        _ => json!({}),
+    }
+}
+
+/// The OpenAPI 3.1 document of [`ENDPOINTS`].
+pub fn openapi() -> Value {
+    let error = json!({"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}}
+    }}});
+    let mut paths = serde_json::Map::new();
+    for e in ENDPOINTS {
+        let mut responses = serde_json::Map::new();
+        for (status, desc) in e.responses {
+            let schema = if *status >= 400 {
+                json!({"$ref": "#/components/schemas/Error"})
+            } else {
+                json!({"type": "object"})
+            };
+            responses.insert(
+                status.to_string(),
+                json!({"description": desc, "content": {"application/json": {"schema": schema}}}),
+            );
+        }
+        let mut op = json!({
+            "summary": e.summary,
+            "operationId": format!("{:?}", e.op).to_lowercase(),
+            "responses": responses,
+        });
+        if !e.auth {
+            op["security"] = json!([]);
+        }
+        if let (Value::Object(o), Value::Object(extra)) = (&mut op, op_details(e.op)) {
+            o.extend(extra);
+        }
+        let entry = paths.entry(e.path).or_insert_with(|| json!({}));
+        entry[e.method] = op;
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Switchboard relay HTTP API", "version": "1"},
+        "security": [{"bearer": []}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "An API key (swbk_...)"}},
+            "schemas": {"Error": error}
+        },
+        "paths": paths,
+    })
+}
+
+/// The router over [`ENDPOINTS`].
+pub(crate) fn router(api: Api) -> Router {
+    let mut r = Router::new();
+    let mut by_path: Vec<(&str, axum::routing::MethodRouter<Api>)> = Vec::new();
+    for e in ENDPOINTS {
+        let filter = method_filter(e.method);
+        let mr = match e.op {
+            Op::Send => on(filter, send),
+            Op::Receive => on(filter, receive),
+            Op::Ack => on(filter, ack),
+            Op::Peers => on(filter, peers),
+            Op::Health => on(filter, health),
+            Op::OpenApi => on(filter, openapi_doc),
+        };
+        match by_path.iter_mut().find(|(p, _)| *p == e.path) {
+            Some((_, existing)) => {
+                let merged = std::mem::take(existing).merge(mr);
+                *existing = merged;
+            }
+            None => by_path.push((e.path, mr)),
+        }
+    }
+    for (path, mr) in by_path {
+        r = r.route(path, mr.fallback(method_not_allowed));
+    }
+    r.fallback(not_found).with_state(api)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; GET /v1/openapi.json lists them",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method; GET /v1/openapi.json lists them",
+    )
+}
+
+impl Api {
+    /// Checks the bearer key. An unknown key makes the relay look at its
+    /// keys file once (rate-limited), like the QUIC handshake does.
+    fn auth(&self, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
+        let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+        let Some(v) = headers.get(header::AUTHORIZATION) else {
+            return Err(unauthorized(
+                "missing API key: send the header `Authorization: Bearer <API key>`",
+            ));
+        };
+        let key = v
+            .to_str()
+            .ok()
+            .and_then(|s| {
+                s.strip_prefix("Bearer ")
+                    .or_else(|| s.strip_prefix("bearer "))
+            })
+            .map(str::trim)
+            .ok_or_else(|| unauthorized("the Authorization header must be `Bearer <API key>`"))?;
+        let mut r = self.shared.keys().verify(key);
+        if r == Err(AuthError::Unauthorized)
+            && self.shared.refresh_keys(crate::session::KEYS_REFRESH_GAP)
+        {
+            r = self.shared.keys().verify(key);
+        }
+        r.map_err(|e| match e {
+            AuthError::Unauthorized => {
+                unauthorized("the API key is not valid; check the key you were given")
+            }
+            AuthError::Revoked => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "key_revoked",
+                "the API key was revoked; ask the relay's operator for a new key",
+            ),
+        })
+    }
+}
+
+fn name(field: &str, raw: &str) -> Result<String, ApiError> {
+    swb_wire::normalize_name(raw).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_name",
+            format!("{field}: {e}: {raw:?}"),
+        )
+    })
+}
+
+async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let bytes: Bytes = axum::body::to_bytes(body, MAX_REQUEST_BODY)
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!("the request body is larger than {MAX_REQUEST_BODY} bytes"),
+            )
+        })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
+}
+
+fn random_id() -> Result<MessageId, ApiError> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 16];
+    ring::rand::SystemRandom::new().fill(&mut b).map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "no randomness",
+        )
+    })?;
+    Ok(MessageId(b))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendReq {
+    from: String,
+    to: String,
+    body: Option<String>,
+    body_b64: Option<String>,
+    id: Option<String>,
+}
+
+fn refusal_status(code: Code) -> StatusCode {
+    match code {
+        Code::MAILBOX_FULL | Code::NAMESPACE_FULL => StatusCode::TOO_MANY_REQUESTS,
+        Code::BODY_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+        Code::BAD_NAME => StatusCode::BAD_REQUEST,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+async fn send(State(api): State<Api>, headers: HeaderMap, body: Body) -> ApiResult {
+    let key = api.auth(&headers)?;
+    let req: SendReq = read_json(body).await?;
+    let from = name("from", &req.from)?;
+    let to = name("to", &req.to)?;
+    let payload: Bytes = match (req.body, req.body_b64) {
+        (Some(t), None) => Bytes::from(t.into_bytes()),
+        (None, Some(b)) => base64::engine::general_purpose::STANDARD
+            .decode(b.as_bytes())
+            .map(Bytes::from)
+            .map_err(|e| ApiError::bad(format!("body_b64 is not valid base64: {e}")))?,
+        _ => {
+            return Err(ApiError::bad(
+                "give exactly one of `body` (text) and `body_b64` (bytes)",
+            ))
+        }
+    };
+    if payload.len() > MAX_MESSAGE_BODY {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Code::BODY_TOO_LARGE.as_str(),
+            format!(
+                "the message body has {} bytes; the limit is {MAX_MESSAGE_BODY}",
+                payload.len()
+            ),
+        ));
+    }
+    let id = match req.id {
+        Some(s) => MessageId::parse_hex(&s.to_ascii_lowercase())
+            .ok_or_else(|| ApiError::bad(format!("id {s:?} is not 32 hex digits")))?,
+        None => random_id()?,
+    };
+    let shared = &api.shared;
+    let r = shared.registry().enqueue(
+        &key.namespace,
+        &from,
+        &to,
+        id,
+        payload,
+        now_ms(),
+        tokio::time::Instant::now(),
+    );
+    match r {
+        Enqueued::Accepted { online } => {
+            shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+            debug!(to = %to, %id, online, "message accepted over http");
+            ok(
+                StatusCode::ACCEPTED,
+                json!({"id": id.to_string(), "online": online}),
+            )
+        }
+        Enqueued::Refused(r) => {
+            shared.counters.refused_send.fetch_add(1, Ordering::Relaxed);
+            Err(ApiError::new(
+                refusal_status(r.code),
+                r.code.as_str(),
+                r.message,
+            ))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReceiveQuery {
+    #[serde(rename = "as")]
+    as_name: Option<String>,
+    wait: Option<String>,
+    max: Option<String>,
+}
+
+/// Counts a key's open long polls; the count drops when this does.
+struct PollSlot {
+    polls: Arc<Mutex<HashMap<String, usize>>>,
+    key_id: String,
+}
+
+impl Drop for PollSlot {
+    fn drop(&mut self) {
+        let mut p = self.polls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = p.get_mut(&self.key_id) {
+            *n -= 1;
+            if *n == 0 {
+                p.remove(&self.key_id);
+            }
+        }
+    }
+}
+
+/// Marks a name attached over HTTP for the poll's lifetime.
+struct Presence {
+    shared: Arc<Shared>,
+    ns: String,
+    name: String,
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        self.shared
+            .registry()
+            .http_poll_end(&self.ns, &self.name, tokio::time::Instant::now());
+    }
+}
+
+fn message_json(m: &Taken) -> Value {
+    let sent = UNIX_EPOCH + Duration::from_millis(m.sent_at_ms);
+    let mut v = json!({
+        "id": m.id.to_string(),
+        "from": m.from,
+        "sent_at": humantime::format_rfc3339_millis(sent).to_string(),
+        "sent_at_ms": m.sent_at_ms,
+    });
+    match std::str::from_utf8(&m.body) {
+        Ok(t) => v["body"] = Value::String(t.to_string()),
+        Err(_) => {
+            v["body_b64"] = Value::String(base64::engine::general_purpose::STANDARD.encode(&m.body))
+        }
+    }
+    v
+}
+
+fn parse_query<T: serde::de::DeserializeOwned>(q: Option<String>) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(q.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::bad(format!("bad query: {e}")))
+}
+
+async fn receive(State(api): State<Api>, headers: HeaderMap, RawQuery(q): RawQuery) -> ApiResult {
+    let key = api.auth(&headers)?;
+    let q: ReceiveQuery = parse_query(q)?;
+    let lim = &api.shared.config.http;
+    let as_name = q
+        .as_name
+        .ok_or_else(|| ApiError::bad("the query needs as=NAME: whose mail to receive"))?;
+    let me = name("as", &as_name)?;
+    let max_wait = lim.max_wait.as_secs();
+    let wait = match q.wait.as_deref() {
+        None => 0,
+        Some(w) => w
+            .parse::<u64>()
+            .ok()
+            .filter(|w| *w <= max_wait)
+            .ok_or_else(|| {
+                ApiError::bad(format!("wait={w}: give whole seconds from 0 to {max_wait}"))
+            })?,
+    };
+    let max = match q.max.as_deref() {
+        None => 100.min(lim.max_batch),
+        Some(m) => m
+            .parse::<usize>()
+            .ok()
+            .filter(|m| (1..=lim.max_batch).contains(m))
+            .ok_or_else(|| {
+                ApiError::bad(format!(
+                    "max={m}: give a number from 1 to {}",
+                    lim.max_batch
+                ))
+            })?,
+    };
+    let _slot = {
+        let mut p = api.polls.lock().unwrap_or_else(|e| e.into_inner());
+        let n = p.entry(key.id.clone()).or_insert(0);
+        if *n >= lim.max_polls_per_key {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_polls",
+                format!(
+                    "this API key already has {} receives open (the limit); wait for one to return",
+                    lim.max_polls_per_key
+                ),
+            ));
+        }
+        *n += 1;
+        PollSlot {
+            polls: api.polls.clone(),
+            key_id: key.id.clone(),
+        }
+    };
+    let shared = &api.shared;
+    let notify =
+        shared
+            .registry()
+            .http_poll_begin(&key.namespace, &me, tokio::time::Instant::now());
+    let _presence = Presence {
+        shared: shared.clone(),
+        ns: key.namespace.clone(),
+        name: me.clone(),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
+    loop {
+        // Register for wake-ups before looking, so mail that lands between
+        // the look and the wait is not missed.
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let got =
+            shared
+                .registry()
+                .http_take(&key.namespace, &me, max, tokio::time::Instant::now());
+        if !got.is_empty() {
+            shared
+                .counters
+                .delivered
+                .fetch_add(got.len() as u64, Ordering::Relaxed);
+            let msgs: Vec<Value> = got.iter().map(message_json).collect();
+            return ok(StatusCode::OK, json!({"messages": msgs}));
+        }
+        tokio::select! {
+            _ = api.cancel.cancelled() => return ok(StatusCode::OK, json!({"messages": []})),
+            _ = tokio::time::sleep_until(deadline) => return ok(StatusCode::OK, json!({"messages": []})),
+            _ = &mut notified => {}
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckReq {
+    #[serde(rename = "as")]
+    as_name: String,
+    ids: Vec<String>,
+}
+
+async fn ack(State(api): State<Api>, headers: HeaderMap, body: Body) -> ApiResult {
+    let key = api.auth(&headers)?;
+    let req: AckReq = read_json(body).await?;
+    let me = name("as", &req.as_name)?;
+    if req.ids.len() > MAX_ACK_IDS {
+        return Err(ApiError::bad(format!(
+            "{} ids; acknowledge at most {MAX_ACK_IDS} at a time",
+            req.ids.len()
+        )));
+    }
+    let ids = req
+        .ids
+        .iter()
+        .map(|s| {
+            MessageId::parse_hex(&s.to_ascii_lowercase())
+                .ok_or_else(|| ApiError::bad(format!("id {s:?} is not 32 hex digits")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let n = api.shared.registry().ack(&key.namespace, &me, &ids);
+    api.shared
+        .counters
+        .acked
+        .fetch_add(n as u64, Ordering::Relaxed);
+    ok(StatusCode::OK, json!({"acked": n}))
+}
+
+async fn peers(State(api): State<Api>, headers: HeaderMap, RawQuery(q): RawQuery) -> ApiResult {
+    let key = api.auth(&headers)?;
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoParams {}
+    let _: NoParams = parse_query(q)?;
+    let list: Vec<Value> = api
+        .shared
+        .registry()
+        .peers(&key.namespace, tokio::time::Instant::now())
+        .into_iter()
+        .map(|p| {
+            json!({
+                "name": p.name,
+                "since": humantime::format_rfc3339_seconds(p.since).to_string(),
+                "via": p.via.as_str(),
+            })
+        })
+        .collect();
+    ok(StatusCode::OK, json!({"peers": list}))
+}
+
+async fn health() -> ApiResult {
+    ok(StatusCode::OK, json!({"status": "ok"}))
+}
+
+async fn openapi_doc() -> ApiResult {
+    ok(StatusCode::OK, openapi())
+}
+
+/// Accepts TCP connections, does TLS, and serves HTTP/1.1 or HTTP/2 until
+/// `cancel`; then lets open requests finish (long polls return at once).
+pub(crate) async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let lim = shared.config.http.clone();
+    let api = Api {
+        shared,
+        cancel: cancel.clone(),
+        polls: Arc::new(Mutex::new(HashMap::new())),
+    };
+    let app = router(api);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(lim.header_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(64u32)
+        .keep_alive_interval(Duration::from_secs(30));
+    let builder = Arc::new(builder);
+    let slots = Arc::new(tokio::sync::Semaphore::new(lim.max_connections));
+    let mut conns = JoinSet::new();
+    loop {
+        let (tcp, remote) = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    warn!("https accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            debug!(%remote, "too many https connections; closing this one");
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let builder = builder.clone();
+        let cancel = cancel.clone();
+        let header_timeout = lim.header_timeout;
+        conns.spawn(async move {
+            let _permit = permit;
+            let _ = tcp.set_nodelay(true);
+            let tls = match tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    debug!(%remote, "tls handshake failed: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%remote, "tls handshake timed out");
+                    return;
+                }
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let conn = builder.serve_connection(TokioIo::new(tls), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        debug!(%remote, "https connection ended: {e}");
+                    }
+                }
+                _ = cancel.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.as_mut()).await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(3), async {
+        while conns.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        conns.abort_all();
+    }
+    info!("https endpoint stopped");
+}
