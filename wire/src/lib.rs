@@ -60,6 +60,10 @@ pub const MAX_ACK_IDS: usize = 1024;
 /// little more so that a body slightly over [`MAX_MESSAGE_BODY`] still
 /// decodes and can be refused with a specific code instead of a protocol error.
 pub const MAX_FRAME_LEN: usize = MAX_MESSAGE_BODY + 16 * 1024;
+/// Largest first frame of a data stream (`StreamOpen`, `StreamIncoming`,
+/// `StreamReply`): read with an exact-length read, so no payload byte is
+/// consumed with it.
+pub const MAX_STREAM_HEADER: usize = 2048;
 /// ALPN protocol id of a client (daemon) connection.
 pub const ALPN: &[u8] = b"swb/1";
 
@@ -89,6 +93,12 @@ pub enum FrameType {
     Pong = 10,
     /// Relay → daemon: the session ends (replaced, revoked, shutdown).
     Goodbye = 11,
+    /// Daemon → relay, first frame of a data stream: connect me to a port of a peer.
+    StreamOpen = 12,
+    /// Relay → daemon, first frame of a data stream: a peer wants this port.
+    StreamIncoming = 13,
+    /// Answer to `StreamOpen` / `StreamIncoming`, before any payload byte.
+    StreamReply = 14,
 }
 
 impl FrameType {
@@ -106,6 +116,9 @@ impl FrameType {
             9 => Self::Ping,
             10 => Self::Pong,
             11 => Self::Goodbye,
+            12 => Self::StreamOpen,
+            13 => Self::StreamIncoming,
+            14 => Self::StreamReply,
             _ => return None,
         })
     }
@@ -153,6 +166,10 @@ codes! {
     SHUTTING_DOWN = 10, "shutting_down";
     TIMEOUT = 11, "timeout";
     INTERNAL = 12, "internal";
+    PEER_OFFLINE = 13, "peer_offline";
+    PORT_NOT_EXPOSED = 14, "port_not_exposed";
+    CONNECTION_REFUSED = 15, "connection_refused";
+    TOO_MANY_STREAMS = 16, "too_many_streams";
 }
 
 impl fmt::Debug for Code {
@@ -374,6 +391,32 @@ pub struct Ack {
     pub ids: Vec<MessageId>,
 }
 
+/// Daemon → relay: open a byte stream to `port` of peer `to` (same
+/// namespace). Payload flows only after a [`StreamReply`] without refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamOpen {
+    /// Target peer name.
+    pub to: String,
+    /// Port on the target, as the caller names it (the target maps it).
+    pub port: u16,
+}
+
+/// Relay → target daemon: peer `from` asks for `port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamIncoming {
+    /// Caller's peer name.
+    pub from: String,
+    /// Requested port.
+    pub port: u16,
+}
+
+/// The answer to a stream request: `None` means accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamReply {
+    /// Why not, if refused.
+    pub refusal: Option<Refusal>,
+}
+
 /// Ping / Pong payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {
@@ -406,6 +449,12 @@ pub enum Frame {
     Pong(Ping),
     /// See [`FrameType::Goodbye`].
     Goodbye(Refusal),
+    /// See [`FrameType::StreamOpen`].
+    StreamOpen(StreamOpen),
+    /// See [`FrameType::StreamIncoming`].
+    StreamIncoming(StreamIncoming),
+    /// See [`FrameType::StreamReply`].
+    StreamReply(StreamReply),
 }
 
 /// Errors while encoding a frame.
@@ -472,6 +521,9 @@ impl Frame {
             Frame::Ping(_) => FrameType::Ping,
             Frame::Pong(_) => FrameType::Pong,
             Frame::Goodbye(_) => FrameType::Goodbye,
+            Frame::StreamOpen(_) => FrameType::StreamOpen,
+            Frame::StreamIncoming(_) => FrameType::StreamIncoming,
+            Frame::StreamReply(_) => FrameType::StreamReply,
         }
     }
 
@@ -490,6 +542,9 @@ impl Frame {
             Frame::Deliver(v) => len(v),
             Frame::Ack(v) => len(v),
             Frame::Ping(v) | Frame::Pong(v) => len(v),
+            Frame::StreamOpen(v) => len(v),
+            Frame::StreamIncoming(v) => len(v),
+            Frame::StreamReply(v) => len(v),
         }
     }
 
@@ -521,6 +576,9 @@ impl Frame {
             Frame::Deliver(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::Ack(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::Ping(v) | Frame::Pong(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::StreamOpen(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::StreamIncoming(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::StreamReply(v) => postcard::to_slice(v, out).map(|s| s.len()),
         };
         match res {
             Ok(n) if n == len => Ok(()),
@@ -634,6 +692,17 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
         FrameType::Ping => Frame::Ping(body(ty, b)?),
         FrameType::Pong => Frame::Pong(body(ty, b)?),
         FrameType::Goodbye => Frame::Goodbye(body(ty, b)?),
+        FrameType::StreamOpen => {
+            let o: StreamOpen = body(ty, b)?;
+            check_len("stream_open.to", o.to.len(), MAX_NAME_LEN * 4)?;
+            Frame::StreamOpen(o)
+        }
+        FrameType::StreamIncoming => {
+            let i: StreamIncoming = body(ty, b)?;
+            check_len("stream_incoming.from", i.from.len(), MAX_NAME_LEN * 4)?;
+            Frame::StreamIncoming(i)
+        }
+        FrameType::StreamReply => Frame::StreamReply(body(ty, b)?),
     };
     Ok(Decoded::Frame {
         frame,
