@@ -36,6 +36,55 @@ pub(crate) struct RecvArgs {
     max: u32,
 }
 
+#[derive(Debug, Args)]
+pub(crate) struct ConnectArgs {
+    /// Peer: `london` or `london.switchboard` (case-insensitive).
+    #[arg(value_name = "HOST")]
+    host: String,
+    /// Port the peer exposes.
+    #[arg(value_name = "PORT", default_value_t = 22)]
+    port: u16,
+    /// How long to wait for the daemon's relay connection, if it has none.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+/// `NAME` from `NAME` or `NAME.switchboard` (any case, trailing dot ok).
+fn peer_of(host: &str) -> &str {
+    let h = host.trim_end_matches('.');
+    match h.len().checked_sub(".switchboard".len()) {
+        Some(i) if h.is_char_boundary(i) && h[i..].eq_ignore_ascii_case(".switchboard") => &h[..i],
+        _ => h,
+    }
+}
+
+pub(crate) async fn connect(a: ConnectArgs, out: &Output) -> Result<()> {
+    let peer = peer_of(&a.host);
+    let c = Client::connect(&out.control).await?;
+    let stream = c
+        .connect_stream(peer, a.port, a.timeout)
+        .await
+        .with_context(|| format!("cannot connect to port {} of {peer}", a.port))?;
+    let (mut rd, mut wr) = stream.into_split();
+    let up = async {
+        let mut stdin = tokio::io::stdin();
+        let r = tokio::io::copy(&mut stdin, &mut wr).await;
+        // EOF on stdin closes only our sending side.
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut wr).await;
+        r
+    };
+    let down = async {
+        let mut stdout = tokio::io::stdout();
+        let r = tokio::io::copy(&mut rd, &mut stdout).await;
+        let _ = tokio::io::AsyncWriteExt::flush(&mut stdout).await;
+        r
+    };
+    let (u, d) = tokio::join!(up, down);
+    d.context("stream to stdout")?;
+    u.context("stdin to stream")?;
+    Ok(())
+}
+
 fn read_body(arg: Option<OsString>) -> Result<Vec<u8>> {
     use std::os::unix::ffi::OsStringExt;
     match arg {

@@ -48,6 +48,9 @@ enum Command {
     Recv(client::RecvArgs),
     /// Show the daemon's connection: relay, name, namespace, since when, round trip.
     Status,
+    /// Open a byte stream to a port a peer exposes and connect it to
+    /// stdin/stdout (for ssh: -o ProxyCommand="swbd connect %h %p").
+    Connect(client::ConnectArgs),
     /// Manage API keys in a relay's keys file.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -122,6 +125,7 @@ fn main() -> ExitCode {
             Command::Send(a) => client::send(a, &out).await,
             Command::Recv(a) => client::recv(a, &out).await,
             Command::Status => client::status(&out).await,
+            Command::Connect(a) => client::connect(a, &out).await,
             Command::Keys(k) => keys::run(k, &out),
         }
     });

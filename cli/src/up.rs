@@ -5,7 +5,7 @@ use crate::Output;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
-use swb_daemon::{ApiKey, ConnState, Daemon, DaemonConfig, DaemonError, Trust};
+use swb_daemon::{ApiKey, ConnState, Daemon, DaemonConfig, DaemonError, Exposure, SocksConfig, Trust};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
@@ -32,6 +32,60 @@ pub(crate) struct UpArgs {
     /// Read the API key from this file instead of the SWB_API_KEY variable.
     #[arg(long, value_name = "FILE")]
     api_key_file: Option<PathBuf>,
+    /// Accept streams from peers for this port: `22` forwards to
+    /// 127.0.0.1:22, `8080=HOST:PORT` elsewhere. Repeat for more ports; all
+    /// other ports are refused.
+    #[arg(long, value_name = "PORT[=HOST:PORT]", value_parser = parse_exposure)]
+    expose: Vec<Exposure>,
+    /// Local SOCKS5 listener for reaching peers as NAME.switchboard:PORT
+    /// (default 127.0.0.1:1080), or `off`.
+    #[arg(long, value_name = "ADDR|off")]
+    socks: Option<String>,
+    /// Require this SOCKS username; the password comes from the
+    /// SWB_SOCKS_PASSWORD variable.
+    #[arg(long, value_name = "USER")]
+    socks_user: Option<String>,
+}
+
+/// Default SOCKS listener.
+pub(crate) const DEFAULT_SOCKS: &str = "127.0.0.1:1080";
+
+fn parse_exposure(s: &str) -> Result<Exposure, String> {
+    s.parse()
+}
+
+fn socks_config(a: &UpArgs) -> Result<Option<SocksConfig>> {
+    let (addr, required) = match a.socks.as_deref() {
+        Some(s) if s.eq_ignore_ascii_case("off") => {
+            if a.socks_user.is_some() {
+                bail!("--socks-user makes no sense with --socks off");
+            }
+            return Ok(None);
+        }
+        Some(s) => (s, true),
+        None => (DEFAULT_SOCKS, false),
+    };
+    let listen = addr
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--socks {addr:?} is not an address like 127.0.0.1:1080 (or `off`): {e}"))?;
+    let auth = match &a.socks_user {
+        None => None,
+        Some(u) => {
+            let pass = std::env::var("SWB_SOCKS_PASSWORD").unwrap_or_default();
+            if pass.is_empty() {
+                bail!("--socks-user needs the password in the SWB_SOCKS_PASSWORD variable");
+            }
+            if u.len() > 255 || pass.len() > 255 {
+                bail!("SOCKS username and password are at most 255 bytes each");
+            }
+            Some((u.clone(), pass))
+        }
+    };
+    Ok(Some(SocksConfig {
+        listen,
+        auth,
+        required,
+    }))
 }
 
 fn api_key(a: &UpArgs) -> Result<ApiKey> {
@@ -68,8 +122,18 @@ pub(crate) async fn run(a: UpArgs, out: &Output) -> Result<()> {
     );
     cfg.relays = a.relays.clone();
     cfg.server_name = a.server_name.clone();
+    cfg.expose = a.expose.clone();
+    cfg.socks = socks_config(&a)?;
+    let mut ports: Vec<u16> = cfg.expose.iter().map(|e| e.port).collect();
+    ports.sort_unstable();
+    if ports.windows(2).any(|w| w[0] == w[1]) {
+        bail!("a port is given twice in --expose");
+    }
     let handle = Daemon::spawn(cfg).await?;
     info!(control = %handle.control_path().display(), "control socket ready");
+    for e in &a.expose {
+        info!(port = e.port, target = %e.target, "exposed to peers of the namespace");
+    }
 
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
     let mut state = handle.state();

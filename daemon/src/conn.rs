@@ -16,6 +16,7 @@ use swb_wire::{
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use tracing::{debug, info, warn};
 
 /// Result of a send as the relay answered it: `Ok(online)` or the refusal.
@@ -156,7 +157,8 @@ pub(crate) async fn run(
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(shared.config.keepalive));
     transport.max_idle_timeout(quinn::IdleTimeout::try_from(shared.config.idle_timeout).ok());
-    transport.max_concurrent_bidi_streams(0u32.into());
+    // Streams the relay opens to us: peers connecting to exposed ports.
+    transport.max_concurrent_bidi_streams(1024u32.into());
     transport.max_concurrent_uni_streams(0u32.into());
     transport.datagram_receive_buffer_size(None);
     client_cfg.transport_config(Arc::new(transport));
@@ -227,7 +229,18 @@ impl Actor {
                         welcome,
                         since: SystemTime::now(),
                     });
+                    let streams_stop = CancellationToken::new();
+                    let streams = tokio::spawn(
+                        crate::streams::accept_loop(
+                            self.shared.clone(),
+                            link.conn.clone(),
+                            streams_stop.clone(),
+                        )
+                        .instrument(tracing::Span::current()),
+                    );
                     let end = self.serve(link, &cancel).await;
+                    streams_stop.cancel();
+                    let _ = streams.await;
                     *self.shared.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     match end {
                         End::Shutdown => return Ok(()),

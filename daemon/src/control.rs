@@ -45,6 +45,16 @@ pub enum Request {
         /// Message ids (hex).
         ids: Vec<String>,
     },
+    /// Open a byte stream to `port` of peer `to`. After a `connected`
+    /// reply, the control connection carries the stream's bytes both ways.
+    Connect {
+        /// Peer name.
+        to: String,
+        /// Port the peer exposes.
+        port: u16,
+        /// How long to wait for a relay connection, if the daemon has none.
+        timeout_ms: u64,
+    },
 }
 
 /// A received message as the CLI sees it.
@@ -113,6 +123,13 @@ pub enum Reply {
     Messages {
         /// Possibly empty.
         messages: Vec<InMessage>,
+    },
+    /// Answer to `connect`: from now on the connection is the stream.
+    Connected {
+        /// Peer name.
+        to: String,
+        /// Port.
+        port: u16,
     },
     /// Answer to `ack`.
     Acked {
@@ -249,6 +266,33 @@ impl Client {
             Reply::Messages { messages } => Ok(messages),
             other => Err(ControlError::Protocol(format!("{other:?}"))),
         }
+    }
+
+    /// Opens a byte stream to `port` of `to` and returns the socket that
+    /// carries it (EOF on our write half travels as a half-close).
+    pub async fn connect_stream(
+        mut self,
+        to: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<UnixStream, ControlError> {
+        let req = Request::Connect {
+            to: to.to_string(),
+            port,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        match self.call(&req).await? {
+            Reply::Connected { .. } => {}
+            other => return Err(ControlError::Protocol(format!("{other:?}"))),
+        }
+        if !self.rd.buffer().is_empty() {
+            return Err(ControlError::Protocol(
+                "the daemon sent stream bytes before the stream was set up".into(),
+            ));
+        }
+        let rd = self.rd.into_inner();
+        rd.reunite(self.wr)
+            .map_err(|e| ControlError::Protocol(e.to_string()))
     }
 
     /// Acknowledges messages taken with `recv` on this client.

@@ -8,7 +8,10 @@
 //! │                           │    reconnects with capped exponential backoff + jitter;
 //! │                           │    stops for good on refusals that retrying cannot fix
 //! │                           │    (bad key, revoked key, bad name, replaced by another daemon)
-//! │                           └─ control server (server.rs): Unix socket, JSON lines
+//! │                           ├─ per connection: stream acceptor (streams.rs) for exposed ports
+//! │                           ├─ SOCKS5 listener (socks.rs): NAME.switchboard:PORT → stream
+//! │                           └─ control server (server.rs): Unix socket, JSON lines; `connect`
+//! │                                turns a control connection into a byte stream to a peer
 //! DaemonHandle { control_path(), state(), shutdown(), join() }
 //! ```
 //!
@@ -33,10 +36,14 @@ mod conn;
 pub mod control;
 mod inbox;
 mod server;
+pub mod socks;
+pub mod streams;
 pub mod tls;
 
 pub use control::{default_control_path, Client, ControlError};
 pub use swb_wire::{Refusal, Welcome};
+pub use socks::SocksConfig;
+pub use streams::{Exposure, StreamError};
 pub use tls::Trust;
 
 /// An API key. `Debug` never shows it.
@@ -84,6 +91,10 @@ pub struct DaemonConfig {
     pub backoff_min: Duration,
     /// Largest reconnect delay.
     pub backoff_max: Duration,
+    /// Ports peers may open streams to, and where they lead.
+    pub expose: Vec<Exposure>,
+    /// The local SOCKS5 listener, if any.
+    pub socks: Option<SocksConfig>,
 }
 
 impl DaemonConfig {
@@ -107,6 +118,8 @@ impl DaemonConfig {
             connect_timeout: Duration::from_secs(10),
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
+            expose: Vec::new(),
+            socks: None,
         }
     }
 }
@@ -209,6 +222,7 @@ pub struct Daemon;
 #[derive(Debug)]
 pub struct DaemonHandle {
     control_path: PathBuf,
+    socks_addr: Option<std::net::SocketAddr>,
     state: watch::Receiver<ConnState>,
     cancel: CancellationToken,
     task: Option<JoinHandle<Result<(), DaemonError>>>,
@@ -232,6 +246,26 @@ impl Daemon {
         let note = tls::VerifyNote::default();
         let tls = tls::client_config(&config.trust, swb_wire::ALPN, note.clone())?;
         let listener = server::bind(&config.control_path)?;
+        let socks_listener = match &config.socks {
+            None => None,
+            Some(sc) => match tokio::net::TcpListener::bind(sc.listen).await {
+                Ok(l) => Some(l),
+                Err(e) if !sc.required => {
+                    tracing::warn!(
+                        "SOCKS disabled: cannot listen on {} ({e}); another daemon may have it. Pass --socks ADDR or --socks off",
+                        sc.listen
+                    );
+                    None
+                }
+                Err(e) => {
+                    return Err(DaemonError::Config(format!(
+                        "cannot listen for SOCKS on {}: {e}; pick another address with --socks ADDR",
+                        sc.listen
+                    )))
+                }
+            },
+        };
+        let socks_addr = socks_listener.as_ref().and_then(|l| l.local_addr().ok());
         let (cmd_tx, cmd_rx) = mpsc::channel(256);
         let (state, state_rx) = watch::channel(ConnState::Connecting {
             relay: config.relays[0].clone(),
@@ -260,17 +294,27 @@ impl Daemon {
                         server_cancel.cancel();
                         r
                     };
-                    let (r, ()) = tokio::join!(
+                    let socks = async {
+                        if let Some(l) = socks_listener {
+                            socks::serve(l, shared.clone(), server_cancel.clone()).await;
+                        }
+                    };
+                    let (r, (), ()) = tokio::join!(
                         actor,
-                        server::serve(listener, shared.clone(), server_cancel.clone())
+                        server::serve(listener, shared.clone(), server_cancel.clone()),
+                        socks
                     );
                     r
                 },
                 span,
             ))
         };
+        if let Some(a) = socks_addr {
+            tracing::info!(%a, "SOCKS5 listening: NAME.switchboard:PORT reaches exposed ports");
+        }
         Ok(DaemonHandle {
             control_path,
+            socks_addr,
             state: state_rx,
             cancel,
             task: Some(task),
@@ -282,6 +326,11 @@ impl DaemonHandle {
     /// The control socket path.
     pub fn control_path(&self) -> &std::path::Path {
         &self.control_path
+    }
+
+    /// The bound SOCKS5 address, if the listener runs.
+    pub fn socks_addr(&self) -> Option<std::net::SocketAddr> {
+        self.socks_addr
     }
 
     /// A receiver of connection state changes.

@@ -118,6 +118,31 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
         } else {
             match serde_json::from_slice::<Request>(&line) {
                 Err(e) => err("bad_request", format!("cannot parse request: {e}")),
+                Ok(Request::Connect {
+                    to,
+                    port,
+                    timeout_ms,
+                }) => {
+                    let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
+                    match crate::streams::open(&shared, &to, port, wait).await {
+                        Err(e) => err(&e.code, e.message),
+                        Ok((send, recv)) => {
+                            let ok = Reply::Connected { to: to.clone(), port };
+                            if write_reply(&mut w, &ok).await.is_err() {
+                                break;
+                            }
+                            // The control connection is the stream now.
+                            let (up, down, clean) =
+                                crate::streams::splice(rd, w, send, recv).await;
+                            debug!(%to, port, up, down, clean, "connect stream ended");
+                            if !leased.is_empty() {
+                                shared.inbox().give_back(leased);
+                                shared.inbox_gen.send_modify(|g| *g += 1);
+                            }
+                            return;
+                        }
+                    }
+                }
                 Ok(req) => answer(&shared, req, &mut leased, &cancel).await,
             }
         };
@@ -191,6 +216,7 @@ async fn answer(
                 }
             }
         }
+        Request::Connect { .. } => err("bad_request", "connect is handled by the connection loop"),
         Request::Ack { ids } => {
             let mut acked = Vec::new();
             for s in &ids {

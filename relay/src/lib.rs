@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 mod http;
+mod streams;
 pub mod keys;
 mod registry;
 mod session;
@@ -75,6 +76,11 @@ pub struct RelayConfig {
     pub http_listen: HttpListen,
     /// Limits of the HTTPS endpoint.
     pub http: HttpLimits,
+    /// Data streams one peer may have open at once, as caller and target
+    /// together (default 256); more are refused with `too_many_streams`.
+    pub max_streams_per_peer: usize,
+    /// Time a stream has to send its header and the target to answer (default 10 s).
+    pub stream_setup_timeout: Duration,
 }
 
 /// Where the HTTPS endpoint listens (TCP).
@@ -104,6 +110,8 @@ impl RelayConfig {
             shutdown_grace: Duration::from_secs(3),
             http_listen: HttpListen::SameAsQuic,
             http: HttpLimits::default(),
+            max_streams_per_peer: 256,
+            stream_setup_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -137,6 +145,8 @@ pub(crate) struct Counters {
     acked: AtomicU64,
     expired: AtomicU64,
     delivered: AtomicU64,
+    streams_opened: AtomicU64,
+    streams_refused: AtomicU64,
 }
 
 /// A snapshot of the relay's counters.
@@ -160,6 +170,10 @@ pub struct RelayStats {
     pub held: u64,
     /// Sessions attached now.
     pub attached: u64,
+    /// Data streams spliced.
+    pub streams_opened: u64,
+    /// Data streams refused (by the relay or the target).
+    pub streams_refused: u64,
 }
 
 pub(crate) struct Shared {
@@ -307,9 +321,11 @@ impl Relay {
             .map_err(|e| tls::TlsError::Config(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(qcfg));
         let mut transport = quinn::TransportConfig::default();
-        // One control stream per daemon for now; later issues raise this for
-        // port-forwarding streams. Fewer streams = less per-connection state.
-        transport.max_concurrent_bidi_streams(1u32.into());
+        // The control stream plus data streams. The application cap
+        // (`max_streams_per_peer`) refuses with a reason; QUIC's limit sits a
+        // little above it so the refusal can be delivered.
+        let quic_streams = (config.max_streams_per_peer + 16).min(u32::MAX as usize) as u32;
+        transport.max_concurrent_bidi_streams(quic_streams.into());
         transport.max_concurrent_uni_streams(0u32.into());
         transport.max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(config.idle_timeout)
@@ -444,6 +460,8 @@ impl RelayHandle {
             delivered: c.delivered.load(Ordering::Relaxed),
             acked: c.acked.load(Ordering::Relaxed),
             expired: c.expired.load(Ordering::Relaxed),
+            streams_opened: c.streams_opened.load(Ordering::Relaxed),
+            streams_refused: c.streams_refused.load(Ordering::Relaxed),
             held: reg.held_messages() as u64,
             attached: reg.sessions().len() as u64,
         }

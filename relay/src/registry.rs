@@ -68,6 +68,10 @@ pub(crate) struct SessionCtl {
     /// Ends the session; `end` says why.
     pub(crate) cancel: CancellationToken,
     end: Mutex<Option<Refusal>>,
+    /// The daemon's connection: the relay opens streams to it here.
+    pub(crate) conn: quinn::Connection,
+    /// Data streams open on this connection (as caller or target).
+    pub(crate) streams: std::sync::atomic::AtomicUsize,
 }
 
 impl SessionCtl {
@@ -76,6 +80,7 @@ impl SessionCtl {
         key_id: String,
         remote: SocketAddr,
         cancel: CancellationToken,
+        conn: quinn::Connection,
     ) -> Self {
         Self {
             id,
@@ -85,6 +90,8 @@ impl SessionCtl {
             notify: Notify::new(),
             cancel,
             end: Mutex::new(None),
+            conn,
+            streams: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -280,6 +287,11 @@ impl Registry {
     ) -> Option<Arc<SessionCtl>> {
         let slot = self.slots.entry(key(ns, name)).or_default();
         slot.session.replace(ctl)
+    }
+
+    /// The session attached as `(ns, name)`, if any.
+    pub(crate) fn session(&self, ns: &str, name: &str) -> Option<Arc<SessionCtl>> {
+        self.slots.get(&key(ns, name))?.session.clone()
     }
 
     /// Removes a session if it is still the registered one.

@@ -215,7 +215,13 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
     let (ctl, replaced, limits) = {
         let mut reg = shared.registry();
         let id = reg.next_session_id();
-        let ctl = Arc::new(SessionCtl::new(id, info.id.clone(), remote, cancel));
+        let ctl = Arc::new(SessionCtl::new(
+            id,
+            info.id.clone(),
+            remote,
+            cancel,
+            conn.clone(),
+        ));
         let replaced = reg.attach(&ns, &name, ctl.clone());
         (ctl, replaced, reg.limits().clone())
     };
@@ -245,10 +251,24 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
                 message_ttl_secs: limits.ttl.as_secs(),
             },
         });
+        let streams_stop = CancellationToken::new();
+        let streams = tokio::spawn(
+            crate::streams::accept_loop(
+                shared.clone(),
+                conn.clone(),
+                ctl.clone(),
+                ns.clone(),
+                name.clone(),
+                streams_stop.clone(),
+            )
+            .in_current_span(),
+        );
         let end = match io.queue(&welcome) {
             Ok(()) => serve(&shared, &ctl, &mut io, &ns, &name).await,
             Err(e) => e,
         };
+        streams_stop.cancel();
+        let _ = streams.await;
         shared.registry().detach(&ns, &name, ctl.id);
         let end = match end {
             // A cancellation carries its reason in the ctl; none means shutdown.

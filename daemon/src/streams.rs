@@ -1,0 +1,322 @@
+//! Byte streams: exposed ports (inbound) and `connect` / SOCKS (outbound).
+//!
+//! Outbound: open a QUIC stream on the relay connection, send
+//! `StreamOpen{to, port}`, wait for `StreamReply`; only then bytes flow.
+//! Inbound: the relay opens a stream with `StreamIncoming{from, port}`; we
+//! check the port is exposed, connect to its local target, answer, splice.
+//! Splicing copies both ways with half-close (EOF → FIN → shutdown(write))
+//! and maps resets to errors, so nothing is cut silently.
+
+use crate::{ConnState, Shared};
+use bytes::BytesMut;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use swb_wire::{
+    decode, Code, Decoded, Frame, Refusal, StreamOpen, StreamReply, HEADER_LEN, MAX_STREAM_HEADER,
+};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, Instrument};
+
+/// Application error code of a stream reset by a daemon.
+const RESET_DAEMON: u32 = 2;
+/// Buffer per direction when copying to and from a local socket.
+const COPY_BUF: usize = 64 * 1024;
+
+/// A port this daemon accepts streams for, and where it forwards them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exposure {
+    /// The port callers name.
+    pub port: u16,
+    /// Local `host:port` the stream is connected to.
+    pub target: String,
+}
+
+impl FromStr for Exposure {
+    type Err = String;
+
+    /// `22` (to `127.0.0.1:22`) or `8080=HOST:PORT`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not PORT or PORT=HOST:PORT (e.g. 22, 8080=127.0.0.1:3000)");
+        let (port, target) = match s.split_once('=') {
+            Some((p, t)) => (p.trim(), Some(t.trim())),
+            None => (s.trim(), None),
+        };
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(bad());
+        }
+        let target = match target {
+            None => format!("127.0.0.1:{port}"),
+            Some(t) => {
+                let (host, p) = t.rsplit_once(':').ok_or_else(bad)?;
+                let p: u16 = p.parse().map_err(|_| bad())?;
+                if host.is_empty() || p == 0 {
+                    return Err(bad());
+                }
+                t.to_string()
+            }
+        };
+        Ok(Self { port, target })
+    }
+}
+
+impl fmt::Display for Exposure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.port, self.target)
+    }
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct StreamError {
+    /// Stable code (`peer_offline`, `port_not_exposed`, `not_connected`, …).
+    pub code: String,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+impl StreamError {
+    fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Refusal> for StreamError {
+    fn from(r: Refusal) -> Self {
+        Self {
+            code: r.code.as_str().into(),
+            message: r.message,
+        }
+    }
+}
+
+/// Reads exactly one frame from the start of a stream (no payload byte).
+async fn read_header(recv: &mut quinn::RecvStream) -> Result<Frame, String> {
+    let mut head = [0u8; HEADER_LEN];
+    recv.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > MAX_STREAM_HEADER {
+        return Err(format!("stream header of {len} bytes exceeds {MAX_STREAM_HEADER}"));
+    }
+    let mut buf = BytesMut::zeroed(HEADER_LEN + len);
+    buf[..HEADER_LEN].copy_from_slice(&head);
+    recv.read_exact(&mut buf[HEADER_LEN..])
+        .await
+        .map_err(|e| e.to_string())?;
+    match decode(&buf) {
+        Ok(Decoded::Frame { frame, .. }) => Ok(frame),
+        Ok(_) => Err("unknown stream header type".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), String> {
+    let mut b = BytesMut::new();
+    f.encode(&mut b).map_err(|e| e.to_string())?;
+    send.write_all(&b).await.map_err(|e| e.to_string())
+}
+
+/// The current relay connection, waiting up to `wait` for one.
+async fn connection(shared: &Shared, wait: Duration) -> Result<quinn::Connection, StreamError> {
+    let mut rx = shared.state.subscribe();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if let Some(c) = shared.conn.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(c);
+        }
+        let why = match &*rx.borrow_and_update() {
+            ConnState::Stopped { error } => {
+                return Err(StreamError::new(
+                    "stopped",
+                    format!("the daemon stopped: {}", error.as_deref().unwrap_or("asked to")),
+                ))
+            }
+            ConnState::Connecting { last_error, .. } => last_error.clone(),
+            ConnState::Connected { .. } => None,
+        };
+        tokio::select! {
+            r = rx.changed() => if r.is_err() {
+                return Err(StreamError::new("stopped", "the daemon is stopping"));
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(StreamError::new(
+                    "not_connected",
+                    format!(
+                        "the daemon is not connected to its relay{}; check `swbd status`",
+                        why.map(|w| format!(" ({w})")).unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+    }
+}
+
+/// Opens a stream to `port` of peer `to`. Returns once the target accepted.
+pub(crate) async fn open(
+    shared: &Shared,
+    to: &str,
+    port: u16,
+    wait: Duration,
+) -> Result<(quinn::SendStream, quinn::RecvStream), StreamError> {
+    let to = swb_wire::normalize_name(to)
+        .map_err(|e| StreamError::new(Code::BAD_NAME.as_str(), format!("{e}: {to:?}")))?;
+    let conn = connection(shared, wait).await?;
+    let lost = |e: String| StreamError::new("relay_error", format!("the relay connection failed: {e}"));
+    let setup = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
+        write_frame(&mut send, &Frame::StreamOpen(StreamOpen { to: to.clone(), port }))
+            .await
+            .map_err(lost)?;
+        match read_header(&mut recv).await.map_err(lost)? {
+            Frame::StreamReply(StreamReply { refusal: None }) => Ok((send, recv)),
+            Frame::StreamReply(StreamReply { refusal: Some(r) }) => Err(StreamError::from(r)),
+            other => Err(lost(format!("unexpected {:?}", other.frame_type()))),
+        }
+    };
+    tokio::time::timeout(wait.max(Duration::from_secs(1)) + Duration::from_secs(10), setup)
+        .await
+        .map_err(|_| StreamError::new(Code::TIMEOUT.as_str(), format!("no answer from {to} in time")))?
+}
+
+/// Copies a local socket and a QUIC stream into each other until both
+/// directions end. EOF becomes FIN and FIN becomes shutdown(write); a
+/// reset or error on one side resets / closes the other. Returns
+/// `(bytes local → stream, bytes stream → local, clean)`.
+pub(crate) async fn splice<R, W>(
+    mut local_rd: R,
+    mut local_wr: W,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> (u64, u64, bool)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let up = async {
+        let mut buf = vec![0u8; COPY_BUF];
+        let mut n = 0u64;
+        loop {
+            match local_rd.read(&mut buf).await {
+                Ok(0) => return (n, send.finish().is_ok()),
+                Ok(k) => {
+                    if send.write_all(&buf[..k]).await.is_err() {
+                        return (n, false);
+                    }
+                    n += k as u64;
+                }
+                Err(_) => {
+                    let _ = send.reset(quinn::VarInt::from_u32(RESET_DAEMON));
+                    return (n, false);
+                }
+            }
+        }
+    };
+    let down = async {
+        let mut n = 0u64;
+        loop {
+            match recv.read_chunk(COPY_BUF, true).await {
+                Ok(Some(chunk)) => {
+                    if local_wr.write_all(&chunk.bytes).await.is_err() {
+                        let _ = recv.stop(quinn::VarInt::from_u32(RESET_DAEMON));
+                        return (n, false);
+                    }
+                    n += chunk.bytes.len() as u64;
+                }
+                Ok(None) => {
+                    let ok = local_wr.flush().await.is_ok() && local_wr.shutdown().await.is_ok();
+                    return (n, ok);
+                }
+                Err(_) => {
+                    let _ = local_wr.shutdown().await;
+                    return (n, false);
+                }
+            }
+        }
+    };
+    let ((a, ok_a), (b, ok_b)) = tokio::join!(up, down);
+    (a, b, ok_a && ok_b)
+}
+
+/// Accepts the streams the relay opens to us (peers connecting to our
+/// exposed ports) until `stop`; owns their tasks.
+pub(crate) async fn accept_loop(shared: Arc<Shared>, conn: quinn::Connection, stop: CancellationToken) {
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    tasks.spawn(incoming(shared.clone(), send, recv).in_current_span());
+                }
+                Err(_) => break,
+            },
+        }
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn answer(send: &mut quinn::SendStream, refusal: Option<Refusal>) -> Result<(), String> {
+    write_frame(send, &Frame::StreamReply(StreamReply { refusal })).await
+}
+
+async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let req = match tokio::time::timeout(Duration::from_secs(10), read_header(&mut recv)).await {
+        Ok(Ok(Frame::StreamIncoming(i))) => i,
+        _ => {
+            let _ = send.reset(quinn::VarInt::from_u32(RESET_DAEMON));
+            return;
+        }
+    };
+    let me = &shared.config.name;
+    let Some(exp) = shared.config.expose.iter().find(|e| e.port == req.port) else {
+        let exposed: Vec<String> = shared.config.expose.iter().map(|e| e.port.to_string()).collect();
+        let msg = if exposed.is_empty() {
+            format!("{me} does not expose port {} (it exposes no ports; start it with --expose {})", req.port, req.port)
+        } else {
+            format!("{me} does not expose port {} (it exposes {})", req.port, exposed.join(", "))
+        };
+        debug!(from = %req.from, port = req.port, "refused: not exposed");
+        let _ = answer(&mut send, Some(Refusal::new(Code::PORT_NOT_EXPOSED, msg))).await;
+        let _ = send.finish();
+        return;
+    };
+    let tcp = match tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::net::TcpStream::connect(exp.target.as_str()),
+    )
+    .await
+    {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let msg = format!("{me} exposes port {} but nothing accepts connections on {} there ({e})", req.port, exp.target);
+            let _ = answer(&mut send, Some(Refusal::new(Code::CONNECTION_REFUSED, msg))).await;
+            let _ = send.finish();
+            return;
+        }
+        Err(_) => {
+            let msg = format!("{me} exposes port {} but {} did not accept within 5s", req.port, exp.target);
+            let _ = answer(&mut send, Some(Refusal::new(Code::CONNECTION_REFUSED, msg))).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    let _ = tcp.set_nodelay(true);
+    if answer(&mut send, None).await.is_err() {
+        return;
+    }
+    info!(from = %req.from, port = req.port, target = %exp.target, "stream accepted");
+    let (rd, wr) = tcp.into_split();
+    let (up, down, clean) = splice(rd, wr, send, recv).await;
+    debug!(from = %req.from, sent = up, received = down, clean, "stream ended");
+}

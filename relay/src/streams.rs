@@ -1,0 +1,278 @@
+//! Byte streams between peers: the relay splices a caller's QUIC stream to
+//! a stream it opens on the target's connection.
+//!
+//! Setup: caller → `StreamOpen{to, port}`; relay → target
+//! `StreamIncoming{from, port}`; target → `StreamReply`; relay forwards the
+//! reply to the caller. Only after an accepting reply do payload bytes flow.
+//! Then one task per stream pair copies chunks both ways: QUIC flow control
+//! is the backpressure (a slow reader stops the writer end to end), the
+//! relay holds at most one chunk per direction, FIN travels as FIN
+//! (half-close) and a reset as a reset with the same code.
+
+use crate::registry::SessionCtl;
+use crate::Shared;
+use bytes::BytesMut;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use swb_wire::{
+    decode, Code, Decoded, Frame, Refusal, StreamIncoming, StreamReply, HEADER_LEN,
+    MAX_STREAM_HEADER,
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, Instrument};
+
+/// Application error code for a stream reset by the relay itself.
+pub(crate) const RESET_RELAY: u32 = 1;
+/// Largest chunk moved at once per direction.
+const CHUNK: usize = 64 * 1024;
+
+/// Errors reading a stream's first frame.
+#[derive(Debug)]
+pub(crate) enum HeaderError {
+    /// The stream ended or failed.
+    Io(String),
+    /// Not a valid first frame.
+    Protocol(String),
+}
+
+impl std::fmt::Display for HeaderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HeaderError::Io(e) | HeaderError::Protocol(e) => f.write_str(e),
+        }
+    }
+}
+
+/// Reads exactly one frame (at most [`MAX_STREAM_HEADER`] bytes) from the
+/// start of a stream, consuming nothing beyond it.
+pub(crate) async fn read_header(recv: &mut quinn::RecvStream) -> Result<Frame, HeaderError> {
+    let mut head = [0u8; HEADER_LEN];
+    recv.read_exact(&mut head)
+        .await
+        .map_err(|e| HeaderError::Io(e.to_string()))?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > MAX_STREAM_HEADER {
+        return Err(HeaderError::Protocol(format!(
+            "stream header of {len} bytes exceeds {MAX_STREAM_HEADER}"
+        )));
+    }
+    let mut buf = BytesMut::zeroed(HEADER_LEN + len);
+    buf[..HEADER_LEN].copy_from_slice(&head);
+    recv.read_exact(&mut buf[HEADER_LEN..])
+        .await
+        .map_err(|e| HeaderError::Io(e.to_string()))?;
+    match decode(&buf) {
+        Ok(Decoded::Frame { frame, .. }) => Ok(frame),
+        Ok(_) => Err(HeaderError::Protocol("unknown stream header type".into())),
+        Err(e) => Err(HeaderError::Protocol(e.to_string())),
+    }
+}
+
+/// Writes one frame to a stream.
+pub(crate) async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), String> {
+    let mut b = BytesMut::new();
+    f.encode(&mut b).map_err(|e| e.to_string())?;
+    send.write_all(&b).await.map_err(|e| e.to_string())
+}
+
+/// Copies one direction until FIN, reset or failure, propagating each.
+/// Returns the bytes moved.
+pub(crate) async fn pipe(mut from: quinn::RecvStream, mut to: quinn::SendStream) -> u64 {
+    let mut n = 0u64;
+    loop {
+        match from.read_chunk(CHUNK, true).await {
+            Ok(Some(chunk)) => {
+                n += chunk.bytes.len() as u64;
+                if let Err(e) = to.write_chunk(chunk.bytes).await {
+                    let code = match e {
+                        quinn::WriteError::Stopped(c) => c,
+                        _ => quinn::VarInt::from_u32(RESET_RELAY),
+                    };
+                    let _ = from.stop(code);
+                    return n;
+                }
+            }
+            Ok(None) => {
+                let _ = to.finish();
+                return n;
+            }
+            Err(quinn::ReadError::Reset(code)) => {
+                let _ = to.reset(code);
+                return n;
+            }
+            Err(_) => {
+                let _ = to.reset(quinn::VarInt::from_u32(RESET_RELAY));
+                return n;
+            }
+        }
+    }
+}
+
+/// One open stream counted against a connection's cap; uncounted on drop.
+pub(crate) struct StreamSlot(Arc<SessionCtl>);
+
+impl StreamSlot {
+    /// Takes a slot if fewer than `cap` streams are open on `ctl`.
+    pub(crate) fn try_take(ctl: &Arc<SessionCtl>, cap: usize) -> Option<Self> {
+        let c: &AtomicUsize = &ctl.streams;
+        c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1))
+            .ok()
+            .map(|_| Self(ctl.clone()))
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Accepts the data streams a daemon opens, until `stop`. Owns every
+/// stream task; they end with it (the connection is gone by then anyway).
+pub(crate) async fn accept_loop(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    ctl: Arc<SessionCtl>,
+    ns: String,
+    name: String,
+    stop: CancellationToken,
+) {
+    let mut tasks = JoinSet::new();
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    seq += 1;
+                    let span = tracing::debug_span!("stream", n = seq);
+                    tasks.spawn(
+                        open(shared.clone(), ctl.clone(), ns.clone(), name.clone(), send, recv)
+                            .instrument(span),
+                    );
+                }
+                Err(_) => break,
+            },
+        }
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn refuse(mut send: quinn::SendStream, shared: &Shared, code: Code, message: String) {
+    shared
+        .counters
+        .streams_refused
+        .fetch_add(1, Ordering::Relaxed);
+    debug!(%code, "stream refused: {message}");
+    let reply = Frame::StreamReply(StreamReply {
+        refusal: Some(Refusal::new(code, message)),
+    });
+    if write_frame(&mut send, &reply).await.is_ok() {
+        let _ = send.finish();
+        // Let the reply reach the caller before the stream state goes away.
+        let _ = tokio::time::timeout(Duration::from_secs(2), send.stopped()).await;
+    }
+}
+
+/// Handles one stream a daemon opened: find the target, ask it, splice.
+async fn open(
+    shared: Arc<Shared>,
+    ctl: Arc<SessionCtl>,
+    ns: String,
+    name: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let setup = shared.config.stream_setup_timeout;
+    let cap = shared.config.max_streams_per_peer;
+    let req = match tokio::time::timeout(setup, read_header(&mut recv)).await {
+        Ok(Ok(Frame::StreamOpen(o))) => o,
+        Ok(Ok(other)) => {
+            debug!("stream began with {:?}", other.frame_type());
+            let _ = send.reset(quinn::VarInt::from_u32(RESET_RELAY));
+            let _ = recv.stop(quinn::VarInt::from_u32(RESET_RELAY));
+            return;
+        }
+        Ok(Err(e)) => {
+            debug!("bad stream header: {e}");
+            let _ = send.reset(quinn::VarInt::from_u32(RESET_RELAY));
+            let _ = recv.stop(quinn::VarInt::from_u32(RESET_RELAY));
+            return;
+        }
+        Err(_) => {
+            let _ = send.reset(quinn::VarInt::from_u32(RESET_RELAY));
+            let _ = recv.stop(quinn::VarInt::from_u32(RESET_RELAY));
+            return;
+        }
+    };
+    let Some(_caller_slot) = StreamSlot::try_take(&ctl, cap) else {
+        let msg = format!("this peer has {cap} streams open through the relay, the limit; close some first");
+        return refuse(send, &shared, Code::TOO_MANY_STREAMS, msg).await;
+    };
+    let to = match swb_wire::normalize_name(&req.to) {
+        Ok(t) => t,
+        Err(e) => return refuse(send, &shared, Code::BAD_NAME, format!("{e}: {:?}", req.to)).await,
+    };
+    // Same namespace only: a peer of another namespace is exactly as
+    // absent as a name nobody holds.
+    let Some(target) = shared.registry().session(&ns, &to) else {
+        let msg = format!("{to} is not attached to the relay (offline, or no such peer)");
+        return refuse(send, &shared, Code::PEER_OFFLINE, msg).await;
+    };
+    let Some(_target_slot) = StreamSlot::try_take(&target, cap) else {
+        let msg = format!("{to} has {cap} streams open, the limit; try again later");
+        return refuse(send, &shared, Code::TOO_MANY_STREAMS, msg).await;
+    };
+    let opened = tokio::time::timeout(setup, async {
+        let (mut tsend, mut trecv) = target.conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_frame(
+            &mut tsend,
+            &Frame::StreamIncoming(StreamIncoming {
+                from: name.clone(),
+                port: req.port,
+            }),
+        )
+        .await?;
+        match read_header(&mut trecv).await.map_err(|e| e.to_string())? {
+            Frame::StreamReply(r) => Ok((tsend, trecv, r)),
+            other => Err(format!("target answered {:?}", other.frame_type())),
+        }
+    })
+    .await;
+    let (tsend, trecv, reply) = match opened {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            let msg = format!("{to} did not answer the stream request: {e}");
+            return refuse(send, &shared, Code::PEER_OFFLINE, msg).await;
+        }
+        Err(_) => {
+            let msg = format!("{to} did not answer the stream request within {setup:?}");
+            return refuse(send, &shared, Code::TIMEOUT, msg).await;
+        }
+    };
+    let accepted = reply.refusal.is_none();
+    if let Err(e) = write_frame(&mut send, &Frame::StreamReply(reply)).await {
+        debug!("caller went away during setup: {e}");
+        return;
+    }
+    if !accepted {
+        shared
+            .counters
+            .streams_refused
+            .fetch_add(1, Ordering::Relaxed);
+        let _ = send.finish();
+        return;
+    }
+    shared
+        .counters
+        .streams_opened
+        .fetch_add(1, Ordering::Relaxed);
+    debug!(%to, port = req.port, "stream spliced");
+    let (up, down) = tokio::join!(pipe(recv, tsend), pipe(trecv, send));
+    debug!(up, down, "stream ended");
+}
