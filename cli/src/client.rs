@@ -65,7 +65,7 @@ pub(crate) async fn connect(a: ConnectArgs, out: &Output) -> Result<()> {
         .connect_stream(peer, a.port, a.timeout)
         .await
         .with_context(|| format!("cannot connect to port {} of {peer}", a.port))?;
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let up = async {
         let mut stdin = tokio::io::stdin();
         let r = tokio::io::copy(&mut stdin, &mut wr).await;

@@ -145,6 +145,11 @@ pub enum Reply {
     },
 }
 
+/// A byte stream to a peer's port, through the daemon (from
+/// [`Client::connect_stream`]). Shutting down its write side is a half-close.
+pub type PeerStream =
+    tokio::io::Join<BufReader<tokio::net::unix::OwnedReadHalf>, tokio::net::unix::OwnedWriteHalf>;
+
 /// Errors of the control client.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -275,7 +280,7 @@ impl Client {
         to: &str,
         port: u16,
         timeout: Duration,
-    ) -> Result<UnixStream, ControlError> {
+    ) -> Result<PeerStream, ControlError> {
         let req = Request::Connect {
             to: to.to_string(),
             port,
@@ -285,14 +290,9 @@ impl Client {
             Reply::Connected { .. } => {}
             other => return Err(ControlError::Protocol(format!("{other:?}"))),
         }
-        if !self.rd.buffer().is_empty() {
-            return Err(ControlError::Protocol(
-                "the daemon sent stream bytes before the stream was set up".into(),
-            ));
-        }
-        let rd = self.rd.into_inner();
-        rd.reunite(self.wr)
-            .map_err(|e| ControlError::Protocol(e.to_string()))
+        // Bytes the peer sent right away may already sit in the reader's
+        // buffer: keep the buffered reader as the read side.
+        Ok(tokio::io::join(self.rd, self.wr))
     }
 
     /// Acknowledges messages taken with `recv` on this client.

@@ -44,6 +44,8 @@ pub struct RelayOptions {
     pub identity: Option<Identity>,
     /// HTTPS endpoint limits.
     pub http: swb_relay::HttpLimits,
+    /// Data streams per peer.
+    pub max_streams_per_peer: usize,
 }
 
 impl Default for RelayOptions {
@@ -53,6 +55,7 @@ impl Default for RelayOptions {
             keys_poll: Duration::from_millis(50),
             identity: None,
             http: swb_relay::HttpLimits::default(),
+            max_streams_per_peer: 256,
         }
     }
 }
@@ -106,6 +109,7 @@ impl TestRelay {
         cfg.relay_id = "test-relay".into();
         cfg.shutdown_grace = Duration::from_secs(2);
         cfg.http = opts.http.clone();
+        cfg.max_streams_per_peer = opts.max_streams_per_peer;
         Ok(Relay::spawn(cfg).await?)
     }
 
@@ -233,6 +237,31 @@ impl TestDaemon {
             .context("daemon did not connect in time")?
             .map_err(|e| anyhow::anyhow!("daemon stopped: {e}"))?;
         Ok(d)
+    }
+
+    /// Starts a daemon with a config adjusted by `f` (exposures, SOCKS…) and
+    /// waits until the relay welcomed it.
+    pub async fn start_with(
+        relay: &TestRelay,
+        key: &str,
+        name: &str,
+        f: impl FnOnce(&mut DaemonConfig),
+    ) -> Result<Self> {
+        let mut cfg = relay.daemon_config(key, name, PathBuf::new());
+        f(&mut cfg);
+        let d = Self::spawn(cfg).await?;
+        tokio::time::timeout(WAIT, d.handle.connected())
+            .await
+            .context("daemon did not connect in time")?
+            .map_err(|e| anyhow::anyhow!("daemon stopped: {e}"))?;
+        Ok(d)
+    }
+
+    /// Opens a byte stream to `port` of `to` through this daemon (what
+    /// `swbd connect` does).
+    pub async fn open_stream(&self, to: &str, port: u16) -> Result<swb_daemon::control::PeerStream, ControlError> {
+        let c = Client::connect(self.handle.control_path()).await?;
+        c.connect_stream(to, port, Duration::from_secs(5)).await
     }
 
     /// Starts a daemon from a config (its control path is replaced by one in
@@ -516,5 +545,153 @@ impl HttpClient {
             headers: parts.headers,
             json: serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
         })
+    }
+}
+
+/// A TCP server on `127.0.0.1:0` that reads each connection to EOF, then
+/// answers with the SHA-256 of what it read (32 bytes) and closes: a
+/// half-close and integrity check in one.
+pub struct HashServer {
+    /// Its address.
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HashServer {
+    /// Starts the server.
+    pub async fn start() -> Result<Self> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    a = l.accept() => {
+                        let Ok((mut s, _)) = a else { continue };
+                        conns.spawn(async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+                            let mut buf = vec![0u8; 64 * 1024];
+                            loop {
+                                match s.read(&mut buf).await {
+                                    Ok(0) => break,
+                                    Ok(n) => ctx.update(&buf[..n]),
+                                    Err(_) => return,
+                                }
+                            }
+                            let _ = s.write_all(ctx.finish().as_ref()).await;
+                            let _ = s.shutdown().await;
+                        });
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        Ok(Self { addr, task })
+    }
+}
+
+impl Drop for HashServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Deterministic pseudo-random bytes for integrity tests.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut v = vec![0u8; len];
+    rng.fill(&mut v);
+    v
+}
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, data).as_ref().to_vec()
+}
+
+/// Sends `len` pseudo-random bytes (seeded) into `stream`, half-closes, and
+/// returns (SHA-256 of what was sent, what came back).
+pub async fn send_and_collect<S>(stream: S, seed: u64, len: u64) -> Result<(Vec<u8>, Vec<u8>)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let writer = async {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            rng.fill(&mut buf[..n]);
+            ctx.update(&buf[..n]);
+            wr.write_all(&buf[..n]).await?;
+            left -= n as u64;
+        }
+        wr.shutdown().await?;
+        anyhow::Ok(ctx.finish().as_ref().to_vec())
+    };
+    let reader = async {
+        let mut back = Vec::new();
+        rd.read_to_end(&mut back).await?;
+        anyhow::Ok(back)
+    };
+    let (sent, back) = tokio::join!(writer, reader);
+    Ok((sent?, back?))
+}
+
+/// A tiny HTTP/1.x server on `127.0.0.1:0` answering every request with
+/// `body` (for SOCKS clients such as curl and proxychains).
+pub struct TinyHttp {
+    /// Its address.
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TinyHttp {
+    /// Starts the server.
+    pub async fn start(body: &'static str) -> Result<Self> {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = l.local_addr()?;
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                tokio::select! {
+                    a = l.accept() => {
+                        let Ok((mut s, _)) = a else { continue };
+                        conns.spawn(async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let mut req = Vec::new();
+                            let mut buf = [0u8; 4096];
+                            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                                match s.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                                }
+                                if req.len() > 64 * 1024 {
+                                    return;
+                                }
+                            }
+                            let resp = format!(
+                                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                                body.len()
+                            );
+                            let _ = s.write_all(resp.as_bytes()).await;
+                            let _ = s.shutdown().await;
+                        });
+                    }
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
+            }
+        });
+        Ok(Self { addr, task })
+    }
+}
+
+impl Drop for TinyHttp {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
