@@ -4,6 +4,7 @@
 //! `swb-daemon`, and formats the result. Usage errors exit 2 (clap), runtime
 //! errors exit 1 with one line on stderr that says what to do.
 
+mod bench;
 mod client;
 mod demo;
 mod keys;
@@ -51,6 +52,9 @@ enum Command {
     /// Open a byte stream to a port a peer exposes and connect it to
     /// stdin/stdout (for ssh: -o ProxyCommand="swbd connect %h %p").
     Connect(client::ConnectArgs),
+    /// Benchmarks that print their figures against a baseline measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Manage API keys in a relay's keys file.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
@@ -127,6 +131,7 @@ fn main() -> ExitCode {
             Command::Status => client::status(&out).await,
             Command::Connect(a) => client::connect(a, &out).await,
             Command::Keys(k) => keys::run(k, &out),
+            Command::Bench(b) => bench::run(b, &out).await,
         }
     });
     match result {

@@ -5,7 +5,9 @@ use crate::Output;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
-use swb_daemon::{ApiKey, ConnState, Daemon, DaemonConfig, DaemonError, Exposure, SocksConfig, Trust};
+use swb_daemon::{
+    ApiKey, ConnState, Daemon, DaemonConfig, DaemonError, Exposure, SocksConfig, Trust,
+};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 
@@ -65,9 +67,9 @@ fn socks_config(a: &UpArgs) -> Result<Option<SocksConfig>> {
         Some(s) => (s, true),
         None => (DEFAULT_SOCKS, false),
     };
-    let listen = addr
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--socks {addr:?} is not an address like 127.0.0.1:1080 (or `off`): {e}"))?;
+    let listen = addr.parse().map_err(|e| {
+        anyhow::anyhow!("--socks {addr:?} is not an address like 127.0.0.1:1080 (or `off`): {e}")
+    })?;
     let auth = match &a.socks_user {
         None => None,
         Some(u) => {

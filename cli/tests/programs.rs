@@ -57,7 +57,16 @@ impl Drop for Sshd {
 
 async fn keygen(path: &Path) -> Result<()> {
     let out = run(Command::new(need("ssh-keygen", "openssh-client")?)
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "switchboard-test", "-f"])
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "switchboard-test",
+            "-f",
+        ])
         .arg(path))
     .await?;
     ensure!(out.status.success(), "ssh-keygen: {}", text(&out.stderr));
@@ -69,10 +78,14 @@ async fn start_sshd(dir: &Path) -> Result<Sshd> {
     keygen(&dir.join("host_key")).await?;
     keygen(&dir.join("id_ed25519")).await?;
     std::fs::copy(dir.join("id_ed25519.pub"), dir.join("authorized_keys"))?;
-    let sftp = ["/usr/lib/openssh/sftp-server", "/usr/libexec/openssh/sftp-server", "/usr/libexec/sftp-server"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .context("sftp-server not found (openssh-server)")?;
+    let sftp = [
+        "/usr/lib/openssh/sftp-server",
+        "/usr/libexec/openssh/sftp-server",
+        "/usr/libexec/sftp-server",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .context("sftp-server not found (openssh-server)")?;
     let cfg = dir.join("sshd_config");
     std::fs::write(
         &cfg,
@@ -144,7 +157,10 @@ fn ssh_args(dir: &Path, control: &Path) -> Vec<String> {
         "-o".into(),
         "BatchMode=yes".into(),
         "-o".into(),
-        format!("ProxyCommand={SWBD} --control {} connect %h %p", control.display()),
+        format!(
+            "ProxyCommand={SWBD} --control {} connect %h %p",
+            control.display()
+        ),
     ]
 }
 
@@ -163,8 +179,14 @@ async fn openssh_through_proxycommand_runs_a_command_and_copies_64_mib() -> Resu
     // The host key, pinned for the name ssh sees: strict checking stays on.
     let host_pub = std::fs::read_to_string(d.join("host_key.pub"))?;
     let mut parts = host_pub.split_whitespace();
-    let (kt, kb) = (parts.next().context("key type")?, parts.next().context("key")?);
-    std::fs::write(d.join("known_hosts"), format!("london.switchboard {kt} {kb}\n"))?;
+    let (kt, kb) = (
+        parts.next().context("key type")?,
+        parts.next().context("key")?,
+    );
+    std::fs::write(
+        d.join("known_hosts"),
+        format!("london.switchboard {kt} {kb}\n"),
+    )?;
 
     let relay = TestRelay::spawn().await?;
     let key = relay.create_key("acme")?;
@@ -211,7 +233,11 @@ async fn openssh_through_proxycommand_runs_a_command_and_copies_64_mib() -> Resu
         .arg("true"))
     .await?;
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("does not expose port 2222"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("does not expose port 2222"),
+        "{}",
+        text(&out.stderr)
+    );
     Ok(())
 }
 
@@ -242,35 +268,60 @@ async fn socks_clients_curl_ncat_and_proxychains_reach_an_exposed_http_server() 
     let out = run(Command::new(need("curl", "curl")?)
         .env_remove("ALL_PROXY")
         .env_remove("all_proxy")
-        .args(["-sS", "--max-time", "20", "--socks5-hostname", &proxy.to_string()])
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--socks5-hostname",
+            &proxy.to_string(),
+        ])
         .arg("http://london.switchboard:8080/"))
     .await?;
     ensure!(out.status.success(), "curl: {}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "hello from london\n");
     // curl sees a refusal as a SOCKS error, not a hang.
     let out = run(Command::new(need("curl", "curl")?)
-        .args(["-sS", "--max-time", "20", "--socks5-hostname", &proxy.to_string()])
+        .args([
+            "-sS",
+            "--max-time",
+            "20",
+            "--socks5-hostname",
+            &proxy.to_string(),
+        ])
         .arg("http://london.switchboard:9999/"))
     .await?;
     assert!(!out.status.success());
 
     // ncat --proxy-type socks5
     let mut ncat = Command::new(need("ncat", "ncat")?);
-    ncat.args(["--proxy", &proxy.to_string(), "--proxy-type", "socks5", "--proxy-dns", "remote"])
-        .args(["london.switchboard", "8080"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    ncat.args([
+        "--proxy",
+        &proxy.to_string(),
+        "--proxy-type",
+        "socks5",
+        "--proxy-dns",
+        "remote",
+    ])
+    .args(["london.switchboard", "8080"])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
     let mut child = ncat.spawn()?;
     {
         use tokio::io::AsyncWriteExt;
         let mut stdin = child.stdin.take().context("stdin")?;
-        stdin.write_all(b"GET / HTTP/1.0\r\nHost: london\r\n\r\n").await?;
+        stdin
+            .write_all(b"GET / HTTP/1.0\r\nHost: london\r\n\r\n")
+            .await?;
     }
     let out = tokio::time::timeout(WAIT, child.wait_with_output()).await??;
     ensure!(out.status.success(), "ncat: {}", text(&out.stderr));
-    assert!(text(&out.stdout).ends_with("hello from london\n"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).ends_with("hello from london\n"),
+        "{}",
+        text(&out.stdout)
+    );
 
     // proxychains4 with a config naming our SOCKS port.
     let dir = tempfile::tempdir()?;
@@ -291,7 +342,11 @@ async fn socks_clients_curl_ncat_and_proxychains_reach_an_exposed_http_server() 
         .arg(need("curl", "curl")?)
         .args(["-sS", "--max-time", "20", "http://london.switchboard:8080/"]))
     .await?;
-    ensure!(out.status.success(), "proxychains4 curl: {}", text(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "proxychains4 curl: {}",
+        text(&out.stderr)
+    );
     assert_eq!(text(&out.stdout), "hello from london\n");
     Ok(())
 }
@@ -315,11 +370,17 @@ async fn swbd_connect_half_closes_and_reports_refusals() -> Result<()> {
     // stdin → stream, EOF → half-close, the server's answer → stdout, exit 0.
     let payload = swb_tests::pattern(11, 3 << 20);
     let mut c = Command::new(SWBD);
-    c.args(["--control", &control, "connect", "London.Switchboard", "7000"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    c.args([
+        "--control",
+        &control,
+        "connect",
+        "London.Switchboard",
+        "7000",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
     let mut child = c.spawn()?;
     let mut stdin = child.stdin.take().context("stdin")?;
     let writer = {
@@ -342,7 +403,8 @@ async fn swbd_connect_half_closes_and_reports_refusals() -> Result<()> {
         ("paris.switchboard", "22", "paris is not attached"),
         ("bad_name", "22", "letters, digits"),
     ] {
-        let out = run(Command::new(SWBD).args(["--control", &control, "connect", host, port])).await?;
+        let out =
+            run(Command::new(SWBD).args(["--control", &control, "connect", host, port])).await?;
         assert_eq!(out.status.code(), Some(1), "{host}");
         let err = text(&out.stderr);
         assert_eq!(err.lines().count(), 1, "{err}");

@@ -121,6 +121,9 @@ async fn start_up(relay: &RelayProc, key: &str, name: &str, control: &Path) -> R
             &relay.fingerprint,
             "--name",
             name,
+            // Tests use no fixed ports: not the default SOCKS 127.0.0.1:1080.
+            "--socks",
+            "off",
             "--control",
         ])
         .arg(control)
@@ -295,6 +298,8 @@ async fn readme_walkthrough_with_separate_processes() -> Result<()> {
         &relay.addr,
         "--name",
         "x",
+        "--socks",
+        "off",
         "--control",
         &ctl(&dir.path().join("x.sock")),
     ])

@@ -143,6 +143,19 @@ struct Actor {
     note: VerifyNote,
 }
 
+/// Socket buffer size asked for on the QUIC socket (capped by the kernel's
+/// `net.core.rmem_max` / `wmem_max`): the ~208 KiB default overflows under
+/// bursts, and each dropped datagram halves the congestion window.
+const UDP_BUFFER: usize = 4 << 20;
+
+fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let sock = std::net::UdpSocket::bind(addr)?;
+    let s = socket2::SockRef::from(&sock);
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
+    Ok(sock)
+}
+
 /// Runs until shutdown or a fatal refusal.
 pub(crate) async fn run(
     shared: Arc<Shared>,
@@ -349,8 +362,16 @@ impl Actor {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let ep =
-            quinn::Endpoint::client(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+        let ep = udp_socket(bind)
+            .and_then(|sock| {
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    sock,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
+            .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
         *slot = Some(ep.clone());
         Ok(ep)
     }

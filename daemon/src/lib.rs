@@ -41,9 +41,9 @@ pub mod streams;
 pub mod tls;
 
 pub use control::{default_control_path, Client, ControlError};
-pub use swb_wire::{Refusal, Welcome};
 pub use socks::SocksConfig;
 pub use streams::{Exposure, StreamError};
+pub use swb_wire::{Refusal, Welcome};
 pub use tls::Trust;
 
 /// An API key. `Debug` never shows it.
@@ -257,12 +257,10 @@ impl Daemon {
                     );
                     None
                 }
-                Err(e) => {
-                    return Err(DaemonError::Config(format!(
-                        "cannot listen for SOCKS on {}: {e}; pick another address with --socks ADDR",
-                        sc.listen
-                    )))
-                }
+                Err(e) => return Err(DaemonError::Config(format!(
+                    "cannot listen for SOCKS on {}: {e}; pick another address with --socks ADDR",
+                    sc.listen
+                ))),
             },
         };
         let socks_addr = socks_listener.as_ref().and_then(|l| l.local_addr().ok());

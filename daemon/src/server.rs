@@ -127,13 +127,15 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                     match crate::streams::open(&shared, &to, port, wait).await {
                         Err(e) => err(&e.code, e.message),
                         Ok((send, recv)) => {
-                            let ok = Reply::Connected { to: to.clone(), port };
+                            let ok = Reply::Connected {
+                                to: to.clone(),
+                                port,
+                            };
                             if write_reply(&mut w, &ok).await.is_err() {
                                 break;
                             }
                             // The control connection is the stream now.
-                            let (up, down, clean) =
-                                crate::streams::splice(rd, w, send, recv).await;
+                            let (up, down, clean) = crate::streams::splice(rd, w, send, recv).await;
                             debug!(%to, port, up, down, clean, "connect stream ended");
                             if !leased.is_empty() {
                                 shared.inbox().give_back(leased);

@@ -151,7 +151,10 @@ async fn handshake(
         }
     };
     let host = host.trim_end_matches('.').to_string();
-    let Some(name) = host.strip_suffix(SUFFIX).filter(|n| !n.is_empty() && !n.contains('.')) else {
+    let Some(name) = host
+        .strip_suffix(SUFFIX)
+        .filter(|n| !n.is_empty() && !n.contains('.'))
+    else {
         let _ = tcp.write_all(&refuse(Reply::NotAllowed)).await;
         return Ok(None);
     };
@@ -181,7 +184,11 @@ async fn client(shared: Arc<Shared>, mut tcp: TcpStream) {
         }
         Ok((mut send, recv)) => {
             let bound = tcp.local_addr().ok();
-            if tcp.write_all(&socks::reply(Reply::Succeeded, bound)).await.is_err() {
+            if tcp
+                .write_all(&socks::reply(Reply::Succeeded, bound))
+                .await
+                .is_err()
+            {
                 return;
             }
             // A client that pipelined payload after its request.

@@ -24,7 +24,7 @@ use tracing::{debug, info, Instrument};
 /// Application error code of a stream reset by a daemon.
 const RESET_DAEMON: u32 = 2;
 /// Buffer per direction when copying to and from a local socket.
-const COPY_BUF: usize = 64 * 1024;
+const COPY_BUF: usize = 256 * 1024;
 
 /// A port this daemon accepts streams for, and where it forwards them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,10 +101,14 @@ impl From<Refusal> for StreamError {
 /// Reads exactly one frame from the start of a stream (no payload byte).
 async fn read_header(recv: &mut quinn::RecvStream) -> Result<Frame, String> {
     let mut head = [0u8; HEADER_LEN];
-    recv.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+    recv.read_exact(&mut head)
+        .await
+        .map_err(|e| e.to_string())?;
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
     if len > MAX_STREAM_HEADER {
-        return Err(format!("stream header of {len} bytes exceeds {MAX_STREAM_HEADER}"));
+        return Err(format!(
+            "stream header of {len} bytes exceeds {MAX_STREAM_HEADER}"
+        ));
     }
     let mut buf = BytesMut::zeroed(HEADER_LEN + len);
     buf[..HEADER_LEN].copy_from_slice(&head);
@@ -129,14 +133,22 @@ async fn connection(shared: &Shared, wait: Duration) -> Result<quinn::Connection
     let mut rx = shared.state.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        if let Some(c) = shared.conn.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        if let Some(c) = shared
+            .conn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        {
             return Ok(c);
         }
         let why = match &*rx.borrow_and_update() {
             ConnState::Stopped { error } => {
                 return Err(StreamError::new(
                     "stopped",
-                    format!("the daemon stopped: {}", error.as_deref().unwrap_or("asked to")),
+                    format!(
+                        "the daemon stopped: {}",
+                        error.as_deref().unwrap_or("asked to")
+                    ),
                 ))
             }
             ConnState::Connecting { last_error, .. } => last_error.clone(),
@@ -169,21 +181,36 @@ pub(crate) async fn open(
     let to = swb_wire::normalize_name(to)
         .map_err(|e| StreamError::new(Code::BAD_NAME.as_str(), format!("{e}: {to:?}")))?;
     let conn = connection(shared, wait).await?;
-    let lost = |e: String| StreamError::new("relay_error", format!("the relay connection failed: {e}"));
+    let lost =
+        |e: String| StreamError::new("relay_error", format!("the relay connection failed: {e}"));
     let setup = async {
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
-        write_frame(&mut send, &Frame::StreamOpen(StreamOpen { to: to.clone(), port }))
-            .await
-            .map_err(lost)?;
+        write_frame(
+            &mut send,
+            &Frame::StreamOpen(StreamOpen {
+                to: to.clone(),
+                port,
+            }),
+        )
+        .await
+        .map_err(lost)?;
         match read_header(&mut recv).await.map_err(lost)? {
             Frame::StreamReply(StreamReply { refusal: None }) => Ok((send, recv)),
             Frame::StreamReply(StreamReply { refusal: Some(r) }) => Err(StreamError::from(r)),
             other => Err(lost(format!("unexpected {:?}", other.frame_type()))),
         }
     };
-    tokio::time::timeout(wait.max(Duration::from_secs(1)) + Duration::from_secs(10), setup)
-        .await
-        .map_err(|_| StreamError::new(Code::TIMEOUT.as_str(), format!("no answer from {to} in time")))?
+    tokio::time::timeout(
+        wait.max(Duration::from_secs(1)) + Duration::from_secs(10),
+        setup,
+    )
+    .await
+    .map_err(|_| {
+        StreamError::new(
+            Code::TIMEOUT.as_str(),
+            format!("no answer from {to} in time"),
+        )
+    })?
 }
 
 /// Copies a local socket and a QUIC stream into each other until both
@@ -201,13 +228,17 @@ where
     W: AsyncWrite + Unpin,
 {
     let up = async {
-        let mut buf = vec![0u8; COPY_BUF];
+        let mut buf = BytesMut::with_capacity(COPY_BUF);
         let mut n = 0u64;
         loop {
-            match local_rd.read(&mut buf).await {
+            if buf.capacity() < COPY_BUF / 4 {
+                buf.reserve(COPY_BUF);
+            }
+            match local_rd.read_buf(&mut buf).await {
                 Ok(0) => return (n, send.finish().is_ok()),
                 Ok(k) => {
-                    if send.write_all(&buf[..k]).await.is_err() {
+                    // Hand the bytes to QUIC without copying them again.
+                    if send.write_chunk(buf.split().freeze()).await.is_err() {
                         return (n, false);
                     }
                     n += k as u64;
@@ -221,14 +252,17 @@ where
     };
     let down = async {
         let mut n = 0u64;
+        // One read gathers every chunk available (often one per packet), so
+        // the local socket sees few large writes instead of many small ones.
+        let mut buf = vec![0u8; COPY_BUF];
         loop {
-            match recv.read_chunk(COPY_BUF, true).await {
-                Ok(Some(chunk)) => {
-                    if local_wr.write_all(&chunk.bytes).await.is_err() {
+            match recv.read(&mut buf).await {
+                Ok(Some(k)) => {
+                    if local_wr.write_all(&buf[..k]).await.is_err() {
                         let _ = recv.stop(quinn::VarInt::from_u32(RESET_DAEMON));
                         return (n, false);
                     }
-                    n += chunk.bytes.len() as u64;
+                    n += k as u64;
                 }
                 Ok(None) => {
                     let ok = local_wr.flush().await.is_ok() && local_wr.shutdown().await.is_ok();
@@ -247,7 +281,11 @@ where
 
 /// Accepts the streams the relay opens to us (peers connecting to our
 /// exposed ports) until `stop`; owns their tasks.
-pub(crate) async fn accept_loop(shared: Arc<Shared>, conn: quinn::Connection, stop: CancellationToken) {
+pub(crate) async fn accept_loop(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    stop: CancellationToken,
+) {
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
@@ -280,11 +318,23 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
     };
     let me = &shared.config.name;
     let Some(exp) = shared.config.expose.iter().find(|e| e.port == req.port) else {
-        let exposed: Vec<String> = shared.config.expose.iter().map(|e| e.port.to_string()).collect();
+        let exposed: Vec<String> = shared
+            .config
+            .expose
+            .iter()
+            .map(|e| e.port.to_string())
+            .collect();
         let msg = if exposed.is_empty() {
-            format!("{me} does not expose port {} (it exposes no ports; start it with --expose {})", req.port, req.port)
+            format!(
+                "{me} does not expose port {} (it exposes no ports; start it with --expose {})",
+                req.port, req.port
+            )
         } else {
-            format!("{me} does not expose port {} (it exposes {})", req.port, exposed.join(", "))
+            format!(
+                "{me} does not expose port {} (it exposes {})",
+                req.port,
+                exposed.join(", ")
+            )
         };
         debug!(from = %req.from, port = req.port, "refused: not exposed");
         let _ = answer(&mut send, Some(Refusal::new(Code::PORT_NOT_EXPOSED, msg))).await;
@@ -299,13 +349,19 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
     {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
-            let msg = format!("{me} exposes port {} but nothing accepts connections on {} there ({e})", req.port, exp.target);
+            let msg = format!(
+                "{me} exposes port {} but nothing accepts connections on {} there ({e})",
+                req.port, exp.target
+            );
             let _ = answer(&mut send, Some(Refusal::new(Code::CONNECTION_REFUSED, msg))).await;
             let _ = send.finish();
             return;
         }
         Err(_) => {
-            let msg = format!("{me} exposes port {} but {} did not accept within 5s", req.port, exp.target);
+            let msg = format!(
+                "{me} exposes port {} but {} did not accept within 5s",
+                req.port, exp.target
+            );
             let _ = answer(&mut send, Some(Refusal::new(Code::CONNECTION_REFUSED, msg))).await;
             let _ = send.finish();
             return;

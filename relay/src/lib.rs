@@ -29,10 +29,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
 mod http;
-mod streams;
 pub mod keys;
 mod registry;
 mod session;
+mod streams;
 pub mod tls;
 
 pub use http::{openapi, HttpLimits, MAX_REQUEST_BODY};
@@ -267,6 +267,21 @@ impl Shared {
     }
 }
 
+/// Socket buffer size asked for on QUIC sockets (the kernel caps it at
+/// `net.core.rmem_max` / `wmem_max`). The default (~208 KiB) overflows
+/// under bursts, and a dropped datagram halves the congestion window.
+pub const UDP_BUFFER: usize = 4 << 20;
+
+/// A UDP socket bound to `addr` with large buffers, for quinn.
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let sock = std::net::UdpSocket::bind(addr)?;
+    let s = socket2::SockRef::from(&sock);
+    // Best effort: a smaller buffer still works.
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
+    Ok(sock)
+}
+
 /// The relay entry point.
 #[derive(Debug)]
 pub struct Relay;
@@ -333,8 +348,16 @@ impl Relay {
         ));
         transport.datagram_receive_buffer_size(None);
         server.transport_config(Arc::new(transport));
-        let endpoint =
-            quinn::Endpoint::server(server, config.listen).map_err(|source| RelayError::Bind {
+        let endpoint = udp_socket(config.listen)
+            .and_then(|sock| {
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(server),
+                    sock,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
+            .map_err(|source| RelayError::Bind {
                 addr: config.listen,
                 source,
             })?;

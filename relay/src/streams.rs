@@ -25,8 +25,8 @@ use tracing::{debug, Instrument};
 
 /// Application error code for a stream reset by the relay itself.
 pub(crate) const RESET_RELAY: u32 = 1;
-/// Largest chunk moved at once per direction.
-const CHUNK: usize = 64 * 1024;
+/// Most chunks moved per wake-up and direction.
+const BATCH: usize = 32;
 
 /// Errors reading a stream's first frame.
 #[derive(Debug)]
@@ -81,11 +81,14 @@ pub(crate) async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Resu
 /// Returns the bytes moved.
 pub(crate) async fn pipe(mut from: quinn::RecvStream, mut to: quinn::SendStream) -> u64 {
     let mut n = 0u64;
+    // Chunks come as they arrived (often one packet each); moving a batch
+    // per wake-up keeps the per-packet cost low. Zero-copy both ways.
+    let mut bufs: [bytes::Bytes; BATCH] = std::array::from_fn(|_| bytes::Bytes::new());
     loop {
-        match from.read_chunk(CHUNK, true).await {
-            Ok(Some(chunk)) => {
-                n += chunk.bytes.len() as u64;
-                if let Err(e) = to.write_chunk(chunk.bytes).await {
+        match from.read_chunks(&mut bufs).await {
+            Ok(Some(k)) => {
+                n += bufs[..k].iter().map(|b| b.len() as u64).sum::<u64>();
+                if let Err(e) = to.write_all_chunks(&mut bufs[..k]).await {
                     let code = match e {
                         quinn::WriteError::Stopped(c) => c,
                         _ => quinn::VarInt::from_u32(RESET_RELAY),
@@ -117,9 +120,11 @@ impl StreamSlot {
     /// Takes a slot if fewer than `cap` streams are open on `ctl`.
     pub(crate) fn try_take(ctl: &Arc<SessionCtl>, cap: usize) -> Option<Self> {
         let c: &AtomicUsize = &ctl.streams;
-        c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < cap).then_some(n + 1))
-            .ok()
-            .map(|_| Self(ctl.clone()))
+        c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < cap).then_some(n + 1)
+        })
+        .ok()
+        .map(|_| Self(ctl.clone()))
     }
 }
 
@@ -211,7 +216,9 @@ async fn open(
         }
     };
     let Some(_caller_slot) = StreamSlot::try_take(&ctl, cap) else {
-        let msg = format!("this peer has {cap} streams open through the relay, the limit; close some first");
+        let msg = format!(
+            "this peer has {cap} streams open through the relay, the limit; close some first"
+        );
         return refuse(send, &shared, Code::TOO_MANY_STREAMS, msg).await;
     };
     let to = match swb_wire::normalize_name(&req.to) {

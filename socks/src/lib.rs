@@ -263,7 +263,10 @@ pub fn parse_request(buf: &[u8]) -> Result<Parsed<Request>, Error> {
             let mut o = [0u8; 16];
             o.copy_from_slice(&buf[4..20]);
             let port = u16::from_be_bytes([buf[20], buf[21]]);
-            (Addr::Ip(SocketAddr::new(Ipv6Addr::from(o).into(), port)), end)
+            (
+                Addr::Ip(SocketAddr::new(Ipv6Addr::from(o).into(), port)),
+                end,
+            )
         }
         t => return Err(Error::AddressType(t)),
     };
@@ -342,7 +345,11 @@ mod tests {
     fn user_pass() {
         let msg = [1, 3, b'b', b'o', b'b', 2, b'p', b'w'];
         for i in 0..msg.len() {
-            assert_eq!(parse_user_pass(&msg[..i]), Ok(Parsed::Incomplete), "prefix {i}");
+            assert_eq!(
+                parse_user_pass(&msg[..i]),
+                Ok(Parsed::Incomplete),
+                "prefix {i}"
+            );
         }
         let Ok(Parsed::Done(up, n)) = parse_user_pass(&msg) else {
             panic!()
@@ -400,12 +407,18 @@ mod tests {
 
     #[test]
     fn replies() {
-        assert_eq!(reply(Reply::HostUnreachable, None), vec![5, 4, 0, 1, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            reply(Reply::HostUnreachable, None),
+            vec![5, 4, 0, 1, 0, 0, 0, 0, 0, 0]
+        );
         assert_eq!(
             reply(Reply::Succeeded, Some("10.0.0.1:1080".parse().unwrap())),
             vec![5, 0, 0, 1, 10, 0, 0, 1, 0x04, 0x38]
         );
-        assert_eq!(reply(Reply::Succeeded, Some("[::1]:1".parse().unwrap())).len(), 22);
+        assert_eq!(
+            reply(Reply::Succeeded, Some("[::1]:1".parse().unwrap())).len(),
+            22
+        );
     }
 
     proptest! {

@@ -259,7 +259,11 @@ impl TestDaemon {
 
     /// Opens a byte stream to `port` of `to` through this daemon (what
     /// `swbd connect` does).
-    pub async fn open_stream(&self, to: &str, port: u16) -> Result<swb_daemon::control::PeerStream, ControlError> {
+    pub async fn open_stream(
+        &self,
+        to: &str,
+        port: u16,
+    ) -> Result<swb_daemon::control::PeerStream, ControlError> {
         let c = Client::connect(self.handle.control_path()).await?;
         c.connect_stream(to, port, Duration::from_secs(5)).await
     }
@@ -607,7 +611,9 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 /// SHA-256 of `data`.
 pub fn sha256(data: &[u8]) -> Vec<u8> {
-    ring::digest::digest(&ring::digest::SHA256, data).as_ref().to_vec()
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .to_vec()
 }
 
 /// Sends `len` pseudo-random bytes (seeded) into `stream`, half-closes, and

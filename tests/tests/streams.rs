@@ -20,7 +20,10 @@ fn expose(port: u16, target: SocketAddr) -> Exposure {
 async fn pair(relay: &TestRelay, key: &str) -> Result<(TestDaemon, TestDaemon, HashServer)> {
     let hs = HashServer::start().await?;
     let addr = hs.addr;
-    let london = TestDaemon::start_with(relay, key, "london", |c| c.expose = vec![expose(9000, addr)]).await?;
+    let london = TestDaemon::start_with(relay, key, "london", |c| {
+        c.expose = vec![expose(9000, addr)]
+    })
+    .await?;
     let laptop = TestDaemon::start(relay, key, "laptop").await?;
     Ok((london, laptop, hs))
 }
@@ -44,8 +47,14 @@ async fn one_gibibyte_arrives_intact() -> Result<()> {
     let (sent, back) = tokio::time::timeout(Duration::from_secs(600), send_and_collect(s, 1, len))
         .await
         .context("1 GiB did not get through in 10 minutes")??;
-    assert_eq!(back, sent, "SHA-256 of what arrived differs from what was sent");
-    eprintln!("1 GiB through the relay in {:.1?} (debug build)", t.elapsed());
+    assert_eq!(
+        back, sent,
+        "SHA-256 of what arrived differs from what was sent"
+    );
+    eprintln!(
+        "1 GiB through the relay in {:.1?} (debug build)",
+        t.elapsed()
+    );
     Ok(())
 }
 
@@ -66,7 +75,9 @@ async fn two_hundred_concurrent_streams_each_intact() -> Result<()> {
         n += 1;
     }
     assert_eq!(n, 200);
-    relay.wait_stats("all 200 spliced", |s| s.streams_opened >= 200).await?;
+    relay
+        .wait_stats("all 200 spliced", |s| s.streams_opened >= 200)
+        .await?;
     Ok(())
 }
 
@@ -87,7 +98,10 @@ async fn half_close_still_receives_the_full_reply() -> Result<()> {
     });
     let relay = TestRelay::spawn().await?;
     let key = relay.create_key("acme")?;
-    let _london = TestDaemon::start_with(&relay, &key, "london", |c| c.expose = vec![expose(80, addr)]).await?;
+    let _london = TestDaemon::start_with(&relay, &key, "london", |c| {
+        c.expose = vec![expose(80, addr)]
+    })
+    .await?;
     let laptop = TestDaemon::start(&relay, &key, "laptop").await?;
     let mut s = laptop.open_stream("london", 80).await?;
     s.write_all(b"request, then EOF").await?;
@@ -122,7 +136,10 @@ async fn refusals_say_what_went_wrong() -> Result<()> {
         let l = std::net::TcpListener::bind("127.0.0.1:0")?;
         l.local_addr()?
     };
-    let _rome = TestDaemon::start_with(&relay, &key, "rome", |c| c.expose = vec![expose(5000, dead)]).await?;
+    let _rome = TestDaemon::start_with(&relay, &key, "rome", |c| {
+        c.expose = vec![expose(5000, dead)]
+    })
+    .await?;
     let (code, msg) = code_of(laptop.open_stream("rome", 5000).await);
     assert_eq!(code, "connection_refused");
     assert!(msg.contains(&dead.to_string()), "{msg}");
@@ -138,9 +155,15 @@ async fn peer_of_another_namespace_looks_like_nobody() -> Result<()> {
     let laptop = TestDaemon::start(&relay, &acme, "laptop").await?;
     let before = code_of(laptop.open_stream("london", 9000).await);
     let addr = hs.addr;
-    let _their_london = TestDaemon::start_with(&relay, &globex, "london", |c| c.expose = vec![expose(9000, addr)]).await?;
+    let _their_london = TestDaemon::start_with(&relay, &globex, "london", |c| {
+        c.expose = vec![expose(9000, addr)]
+    })
+    .await?;
     let after = code_of(laptop.open_stream("london", 9000).await);
-    assert_eq!(before, after, "another namespace's peer must not be observable");
+    assert_eq!(
+        before, after,
+        "another namespace's peer must not be observable"
+    );
     assert_eq!(after.0, "peer_offline");
     Ok(())
 }
@@ -166,7 +189,9 @@ async fn too_many_streams_is_refused_and_frees_up_again() -> Result<()> {
     let c = loop {
         match laptop.open_stream("london", 9000).await {
             Ok(c) => break c,
-            Err(ControlError::Remote { code, .. }) if code == "too_many_streams" && tokio::time::Instant::now() < deadline => {
+            Err(ControlError::Remote { code, .. })
+                if code == "too_many_streams" && tokio::time::Instant::now() < deadline =>
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             Err(e) => return Err(e.into()),
@@ -180,7 +205,12 @@ async fn too_many_streams_is_refused_and_frees_up_again() -> Result<()> {
 
 /// Raw SOCKS5 client: greeting (with optional user/pass), CONNECT to a
 /// domain; returns the reply code and the connected socket.
-async fn socks_connect(proxy: SocketAddr, host: &str, port: u16, auth: Option<(&str, &str)>) -> Result<(u8, TcpStream)> {
+async fn socks_connect(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+    auth: Option<(&str, &str)>,
+) -> Result<(u8, TcpStream)> {
     let mut s = TcpStream::connect(proxy).await?;
     let method = if auth.is_some() { 2 } else { 0 };
     s.write_all(&[5, 1, method]).await?;
@@ -238,8 +268,14 @@ async fn socks_reply_codes_match_each_failure() -> Result<()> {
     let key = relay.create_key("acme")?;
     let hs = HashServer::start().await?;
     let addr = hs.addr;
-    let _london = TestDaemon::start_with(&relay, &key, "london", |c| c.expose = vec![expose(9000, addr)]).await?;
-    let laptop = TestDaemon::start_with(&relay, &key, "laptop", |c| c.socks = Some(socks_on_any_port(None))).await?;
+    let _london = TestDaemon::start_with(&relay, &key, "london", |c| {
+        c.expose = vec![expose(9000, addr)]
+    })
+    .await?;
+    let laptop = TestDaemon::start_with(&relay, &key, "laptop", |c| {
+        c.socks = Some(socks_on_any_port(None))
+    })
+    .await?;
     let proxy = laptop.handle.socks_addr().context("socks address")?;
 
     // Success, and bytes flow with half-close.
@@ -248,23 +284,61 @@ async fn socks_reply_codes_match_each_failure() -> Result<()> {
     let (sent, back) = send_and_collect(s, 9, 100_000).await?;
     assert_eq!(sent, back);
 
-    assert_eq!(socks_connect(proxy, "paris.switchboard", 9000, None).await?.0, 4, "offline: host unreachable");
-    assert_eq!(socks_connect(proxy, "london.switchboard", 22, None).await?.0, 5, "not exposed: refused");
-    assert_eq!(socks_connect(proxy, "example.com", 80, None).await?.0, 2, "outside .switchboard: not allowed");
-    assert_eq!(socks_connect(proxy, "switchboard", 80, None).await?.0, 2, "bare suffix: not allowed");
-    assert_eq!(socks_raw(proxy, &[5, 1, 0, 1, 10, 0, 0, 1, 0, 80]).await?, 2, "an IP: not allowed");
+    assert_eq!(
+        socks_connect(proxy, "paris.switchboard", 9000, None)
+            .await?
+            .0,
+        4,
+        "offline: host unreachable"
+    );
+    assert_eq!(
+        socks_connect(proxy, "london.switchboard", 22, None)
+            .await?
+            .0,
+        5,
+        "not exposed: refused"
+    );
+    assert_eq!(
+        socks_connect(proxy, "example.com", 80, None).await?.0,
+        2,
+        "outside .switchboard: not allowed"
+    );
+    assert_eq!(
+        socks_connect(proxy, "switchboard", 80, None).await?.0,
+        2,
+        "bare suffix: not allowed"
+    );
+    assert_eq!(
+        socks_raw(proxy, &[5, 1, 0, 1, 10, 0, 0, 1, 0, 80]).await?,
+        2,
+        "an IP: not allowed"
+    );
     let mut bind = vec![5, 2, 0, 3, 18];
     bind.extend_from_slice(b"london.switchboard");
     bind.extend_from_slice(&[0, 80]);
-    assert_eq!(socks_raw(proxy, &bind).await?, 7, "BIND: command not supported");
+    assert_eq!(
+        socks_raw(proxy, &bind).await?,
+        7,
+        "BIND: command not supported"
+    );
     let mut udp = bind.clone();
     udp[1] = 3;
-    assert_eq!(socks_raw(proxy, &udp).await?, 7, "UDP ASSOCIATE: command not supported");
+    assert_eq!(
+        socks_raw(proxy, &udp).await?,
+        7,
+        "UDP ASSOCIATE: command not supported"
+    );
 
     // Stream cap 1: hold one open, the next is a general failure.
     let (code, held) = socks_connect(proxy, "london.switchboard", 9000, None).await?;
     assert_eq!(code, 0);
-    assert_eq!(socks_connect(proxy, "london.switchboard", 9000, None).await?.0, 1, "too many streams: general failure");
+    assert_eq!(
+        socks_connect(proxy, "london.switchboard", 9000, None)
+            .await?
+            .0,
+        1,
+        "too many streams: general failure"
+    );
     drop(held);
 
     // A client speaking something else is dropped; the listener lives on.
@@ -272,7 +346,10 @@ async fn socks_reply_codes_match_each_failure() -> Result<()> {
     junk.write_all(b"GET / HTTP/1.1\r\n\r\n").await?;
     let mut buf = [0u8; 16];
     assert_eq!(tokio::time::timeout(WAIT, junk.read(&mut buf)).await??, 0);
-    assert_eq!(socks_connect(proxy, "paris.switchboard", 1, None).await?.0, 4);
+    assert_eq!(
+        socks_connect(proxy, "paris.switchboard", 1, None).await?.0,
+        4
+    );
     Ok(())
 }
 
@@ -282,19 +359,31 @@ async fn socks_username_and_password_when_configured() -> Result<()> {
     let key = relay.create_key("acme")?;
     let hs = HashServer::start().await?;
     let addr = hs.addr;
-    let _london = TestDaemon::start_with(&relay, &key, "london", |c| c.expose = vec![expose(9000, addr)]).await?;
+    let _london = TestDaemon::start_with(&relay, &key, "london", |c| {
+        c.expose = vec![expose(9000, addr)]
+    })
+    .await?;
     let laptop = TestDaemon::start_with(&relay, &key, "laptop", |c| {
         c.socks = Some(socks_on_any_port(Some(("alice", "s3cret"))))
     })
     .await?;
     let proxy = laptop.handle.socks_addr().context("socks address")?;
-    assert_eq!(socks_connect(proxy, "london.switchboard", 9000, None).await?.0, 0xff, "no-auth offer refused");
     assert_eq!(
-        socks_connect(proxy, "london.switchboard", 9000, Some(("alice", "wrong"))).await?.0,
+        socks_connect(proxy, "london.switchboard", 9000, None)
+            .await?
+            .0,
+        0xff,
+        "no-auth offer refused"
+    );
+    assert_eq!(
+        socks_connect(proxy, "london.switchboard", 9000, Some(("alice", "wrong")))
+            .await?
+            .0,
         0xfe,
         "bad password"
     );
-    let (code, s) = socks_connect(proxy, "london.switchboard", 9000, Some(("alice", "s3cret"))).await?;
+    let (code, s) =
+        socks_connect(proxy, "london.switchboard", 9000, Some(("alice", "s3cret"))).await?;
     assert_eq!(code, 0);
     let (sent, back) = send_and_collect(s, 3, 1000).await?;
     assert_eq!(sent, back);
@@ -315,7 +404,9 @@ async fn target_closing_early_ends_the_stream_cleanly() -> Result<()> {
     });
     let relay = TestRelay::spawn().await?;
     let key = relay.create_key("acme")?;
-    let _london = TestDaemon::start_with(&relay, &key, "london", |c| c.expose = vec![expose(1, addr)]).await?;
+    let _london =
+        TestDaemon::start_with(&relay, &key, "london", |c| c.expose = vec![expose(1, addr)])
+            .await?;
     let laptop = TestDaemon::start(&relay, &key, "laptop").await?;
     let mut s = laptop.open_stream("london", 1).await?;
     let mut got = Vec::new();

@@ -52,10 +52,12 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 })
             }),
         arb_refusal().prop_map(Frame::Refused),
-        ("[a-z0-9-]{0,63}", any::<u16>()).prop_map(|(to, port)| Frame::StreamOpen(StreamOpen { to, port })),
+        ("[a-z0-9-]{0,63}", any::<u16>())
+            .prop_map(|(to, port)| Frame::StreamOpen(StreamOpen { to, port })),
         ("[a-z0-9-]{0,63}", any::<u16>())
             .prop_map(|(from, port)| Frame::StreamIncoming(StreamIncoming { from, port })),
-        proptest::option::of(arb_refusal()).prop_map(|refusal| Frame::StreamReply(StreamReply { refusal })),
+        proptest::option::of(arb_refusal())
+            .prop_map(|refusal| Frame::StreamReply(StreamReply { refusal })),
         (any::<u64>(), arb_id(), "[a-z]{0,63}", arb_bytes(2048))
             .prop_map(|(req, id, to, body)| Frame::Send(Send { req, id, to, body })),
         (any::<u64>(), arb_id(), any::<bool>())
