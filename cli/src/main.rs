@@ -77,6 +77,8 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
 pub(crate) struct Output {
     /// Control socket.
     pub(crate) control: PathBuf,
+    /// Whether `control` came from `--control` / `SWB_CONTROL` (not the default).
+    pub(crate) control_given: bool,
     /// JSON output.
     pub(crate) json: bool,
 }
@@ -104,7 +106,9 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     init_logs(log_default, cli.verbose);
+    let control_given = cli.control.is_some();
     let out = Output {
+        control_given,
         control: cli
             .control
             .clone()

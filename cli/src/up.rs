@@ -13,9 +13,13 @@ use tracing::info;
 
 #[derive(Debug, Args)]
 pub(crate) struct UpArgs {
+    /// Read settings from this TOML file (keys as the long flags, with `_`
+    /// for `-`; `relay` and `expose` are lists). Flags override the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Relay address `HOST[:PORT]` (port 7443 if omitted). Repeat to give
     /// fallbacks, tried in order.
-    #[arg(long = "relay", value_name = "HOST:PORT", required = true)]
+    #[arg(long = "relay", value_name = "HOST:PORT")]
     relays: Vec<String>,
     /// Accept exactly the relay certificate with this SHA-256 fingerprint
     /// (`sha256:HEX`, as `swbd relay --dev` prints). For dev relays.
@@ -30,7 +34,7 @@ pub(crate) struct UpArgs {
     server_name: Option<String>,
     /// This peer's name in the namespace: a DNS label (letters, digits, '-').
     #[arg(long, value_name = "NAME")]
-    name: String,
+    name: Option<String>,
     /// Read the API key from this file instead of the SWB_API_KEY variable.
     #[arg(long, value_name = "FILE")]
     api_key_file: Option<PathBuf>,
@@ -47,6 +51,60 @@ pub(crate) struct UpArgs {
     /// SWB_SOCKS_PASSWORD variable.
     #[arg(long, value_name = "USER")]
     socks_user: Option<String>,
+}
+
+/// `swbd up --config FILE`: the same settings as the flags.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpFile {
+    #[serde(default)]
+    relay: Vec<String>,
+    relay_fingerprint: Option<String>,
+    ca: Option<PathBuf>,
+    server_name: Option<String>,
+    name: Option<String>,
+    api_key_file: Option<PathBuf>,
+    control: Option<PathBuf>,
+    #[serde(default)]
+    expose: Vec<String>,
+    socks: Option<String>,
+    socks_user: Option<String>,
+}
+
+/// Fills what the flags left open from `--config`; returns the control
+/// path the file names, if any.
+fn merge_file(a: &mut UpArgs) -> Result<Option<PathBuf>> {
+    let Some(path) = a.config.clone() else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read --config {}", path.display()))?;
+    let f: UpFile = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("--config {} is not valid: {e}", path.display()))?;
+    if a.relays.is_empty() {
+        a.relays = f.relay;
+    }
+    if a.relay_fingerprint.is_none() && a.ca.is_none() {
+        a.relay_fingerprint = f.relay_fingerprint;
+        a.ca = f.ca;
+    }
+    a.server_name = a.server_name.take().or(f.server_name);
+    a.name = a.name.take().or(f.name);
+    a.api_key_file = a.api_key_file.take().or(f.api_key_file);
+    if a.expose.is_empty() {
+        a.expose = f
+            .expose
+            .iter()
+            .map(|e| e.parse::<Exposure>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("--config {}: expose: {e}", path.display()))?;
+    }
+    a.socks = a.socks.take().or(f.socks);
+    a.socks_user = a.socks_user.take().or(f.socks_user);
+    if a.relay_fingerprint.is_some() && a.ca.is_some() {
+        bail!("give either relay_fingerprint or ca, not both");
+    }
+    Ok(f.control)
 }
 
 /// Default SOCKS listener.
@@ -108,20 +166,25 @@ fn api_key(a: &UpArgs) -> Result<ApiKey> {
     }
 }
 
-pub(crate) async fn run(a: UpArgs, out: &Output) -> Result<()> {
+pub(crate) async fn run(mut a: UpArgs, out: &Output) -> Result<()> {
+    let file_control = merge_file(&mut a)?;
+    let control = match file_control {
+        Some(c) if !out.control_given => c,
+        _ => out.control.clone(),
+    };
+    if a.relays.is_empty() {
+        bail!("no relay: pass --relay HOST:PORT (or `relay = [...]` in --config)");
+    }
+    let Some(name) = a.name.clone() else {
+        bail!("no name: pass --name NAME (or `name = \"...\"` in --config)");
+    };
     let key = api_key(&a)?;
     let trust = match (&a.relay_fingerprint, &a.ca) {
         (Some(fp), _) => Trust::Fingerprint(fp.clone()),
         (None, Some(ca)) => Trust::CaFile(ca.clone()),
         (None, None) => Trust::System,
     };
-    let mut cfg = DaemonConfig::new(
-        a.relays[0].clone(),
-        trust,
-        a.name.clone(),
-        key,
-        out.control.clone(),
-    );
+    let mut cfg = DaemonConfig::new(a.relays[0].clone(), trust, name, key, control);
     cfg.relays = a.relays.clone();
     cfg.server_name = a.server_name.clone();
     cfg.expose = a.expose.clone();

@@ -413,3 +413,59 @@ async fn relay_outside_dev_mode_needs_a_certificate() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn up_reads_its_settings_from_a_config_file() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = dir.path().join("keys.toml");
+    let key = run_ok(&[
+        "keys",
+        "create",
+        "--keys",
+        &ctl(&keys),
+        "--namespace",
+        "acme",
+    ])
+    .await?;
+    let mut relay = start_relay(&dir.path().join("relay"), &keys).await?;
+    let sock = dir.path().join("cfg.sock");
+    let cfg = dir.path().join("swbd.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "relay = [\"{}\"]\nrelay_fingerprint = \"{}\"\nname = \"from-file\"\ncontrol = \"{}\"\n\
+             expose = [\"22\", \"8080=127.0.0.1:3000\"]\nsocks = \"off\"\n",
+            relay.addr,
+            relay.fingerprint,
+            sock.display()
+        ),
+    )?;
+    let mut child = swbd()
+        .env("SWB_API_KEY", key.trim())
+        .args(["up", "--config", &ctl(&cfg)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut stderr = BufReader::new(child.stderr.take().context("stderr")?).lines();
+    line_with(&mut stderr, "connected to relay").await?;
+    let v: serde_json::Value = serde_json::from_str(
+        run_ok(&["--control", &ctl(&sock), "--json", "status"])
+            .await?
+            .trim(),
+    )?;
+    assert_eq!(v["name"], "from-file");
+
+    // A setting the daemon does not know is an error, not ignored.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"x\"\ncolour = \"red\"\n")?;
+    let out = run(&["up", "--config", &ctl(&bad)]).await?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("colour"),
+        "{}",
+        text(&out.stderr)
+    );
+    child.kill().await?;
+    relay.child.kill().await?;
+    Ok(())
+}

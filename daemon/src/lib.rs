@@ -257,10 +257,12 @@ impl Daemon {
                     );
                     None
                 }
-                Err(e) => return Err(DaemonError::Config(format!(
+                Err(e) => {
+                    return Err(DaemonError::Config(format!(
                     "cannot listen for SOCKS on {}: {e}; pick another address with --socks ADDR",
                     sc.listen
-                ))),
+                )))
+                }
             },
         };
         let socks_addr = socks_listener.as_ref().and_then(|l| l.local_addr().ok());

@@ -376,3 +376,34 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
     let (up, down, clean) = splice(rd, wr, send, recv).await;
     debug!(from = %req.from, sent = up, received = down, clean, "stream ended");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposure_forms() {
+        let e: Exposure = "22".parse().unwrap();
+        assert_eq!((e.port, e.target.as_str()), (22, "127.0.0.1:22"));
+        let e: Exposure = "8080=localhost:3000".parse().unwrap();
+        assert_eq!((e.port, e.target.as_str()), (8080, "localhost:3000"));
+        let e: Exposure = "443=[::1]:8443".parse().unwrap();
+        assert_eq!(e.target, "[::1]:8443");
+        for bad in [
+            "",
+            "0",
+            "70000",
+            "ssh",
+            "22=",
+            "22=host",
+            "22=:80",
+            "22=host:0",
+            "22=host:x",
+        ] {
+            assert!(
+                bad.parse::<Exposure>().is_err(),
+                "{bad:?} should be refused"
+            );
+        }
+    }
+}
