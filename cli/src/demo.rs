@@ -9,7 +9,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 use std::future::Future;
 use std::time::{Duration, Instant};
-use swb_daemon::{ApiKey, Client, Daemon, DaemonConfig, DaemonHandle, Trust};
+use swb_daemon::{ApiKey, Client, Daemon, DaemonConfig, DaemonHandle, Exposure, Trust};
 use swb_relay::keys::{self, KeysFile};
 use swb_relay::{Identity, KeySource, Relay, RelayConfig};
 
@@ -41,7 +41,7 @@ impl Steps {
             .with_context(|| format!("demo step failed: {what}"))?;
         let took = t.elapsed();
         if !self.json {
-            println!("  ok  {what:<64} {:>9}", fmt_dur(took));
+            println!("  ok  {what:<66} {:>9}", fmt_dur(took));
         }
         Ok((r, took))
     }
@@ -61,14 +61,16 @@ async fn start_daemon(
     key: &str,
     name: &str,
     dir: &std::path::Path,
+    expose: Vec<Exposure>,
 ) -> Result<DaemonHandle> {
-    let cfg = DaemonConfig::new(
+    let mut cfg = DaemonConfig::new(
         relay,
         Trust::Fingerprint(fp.to_string()),
         name,
         ApiKey::new(key),
         dir.join(format!("{name}.sock")),
     );
+    cfg.expose = expose;
     let d = Daemon::spawn(cfg).await?;
     d.connected()
         .await
@@ -111,6 +113,18 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
         })
         .await?;
     let addr = relay.local_addr().to_string();
+    // What london exposes on port 8080: an echo server on loopback.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let echo_addr = echo.local_addr()?;
+    let echo_task = tokio::spawn(async move {
+        while let Ok((s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
+            });
+        }
+    });
     let fp = relay.fingerprint().to_string();
 
     let ((london, laptop), attach_t) = steps
@@ -118,8 +132,18 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
             "attach peers london and laptop (QUIC + TLS + Hello)",
             async {
                 let (a, b) = tokio::join!(
-                    start_daemon(&addr, &fp, &key, "london", dir.path()),
-                    start_daemon(&addr, &fp, &key, "laptop", dir.path()),
+                    start_daemon(
+                        &addr,
+                        &fp,
+                        &key,
+                        "london",
+                        dir.path(),
+                        vec![Exposure {
+                            port: 8080,
+                            target: echo_addr.to_string(),
+                        }]
+                    ),
+                    start_daemon(&addr, &fp, &key, "laptop", dir.path(), Vec::new()),
                 );
                 Ok((a?, b?))
             },
@@ -163,7 +187,7 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
                 let mut c = Client::connect(laptop.control_path()).await?;
                 let sent = c.send("paris", b"welcome back", STEP_LIMIT).await?;
                 ensure!(!sent.online, "paris should not be attached yet");
-                let paris = start_daemon(&addr, &fp, &key, "paris", dir.path()).await?;
+                let paris = start_daemon(&addr, &fp, &key, "paris", dir.path(), Vec::new()).await?;
                 let (from, body) = recv_one(&paris).await?;
                 ensure!(
                     from == "laptop" && body == b"welcome back",
@@ -213,6 +237,54 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
         )
         .await?;
 
+    const STREAM_BYTES: usize = 16 << 20;
+    let (_, stream_t) = steps
+        .run(
+            "laptop -> london:8080 stream (as swbd connect does), 16 MiB echoed",
+            async {
+                let c = Client::connect(laptop.control_path()).await?;
+                let s = c
+                    .connect_stream("london.switchboard", 8080, STEP_LIMIT)
+                    .await?;
+                let (mut r, mut w) = tokio::io::split(s);
+                let data: Vec<u8> = (0..STREAM_BYTES).map(|i| (i % 251) as u8).collect();
+                let write = async {
+                    tokio::io::AsyncWriteExt::write_all(&mut w, &data).await?;
+                    tokio::io::AsyncWriteExt::shutdown(&mut w).await?;
+                    anyhow::Ok(())
+                };
+                let read = async {
+                    let mut back = Vec::with_capacity(STREAM_BYTES);
+                    tokio::io::AsyncReadExt::read_to_end(&mut r, &mut back).await?;
+                    anyhow::Ok(back)
+                };
+                let (w, back) = tokio::join!(write, read);
+                w?;
+                ensure!(back? == data, "the echo differs from what was sent");
+                Ok(())
+            },
+        )
+        .await?;
+    let (refusal, _) = steps
+        .run(
+            "laptop -> london:22 is refused: london does not expose it",
+            async {
+                let c = Client::connect(laptop.control_path()).await?;
+                match c.connect_stream("london", 22, STEP_LIMIT).await {
+                    Ok(_) => bail!("port 22 should be refused"),
+                    Err(swb_daemon::ControlError::Remote { code, message }) => {
+                        ensure!(
+                            code == "port_not_exposed",
+                            "unexpected refusal {code}: {message}"
+                        );
+                        Ok(message)
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            },
+        )
+        .await?;
+
     let (stats, _) = steps
         .run(
             "the relay holds no mail: everything was acknowledged",
@@ -236,6 +308,7 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
     }
     relay.shutdown();
     relay.join().await;
+    echo_task.abort();
 
     let total = steps.started.elapsed();
     let per_msg = burst_t / n as u32;
@@ -253,6 +326,9 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
                 "burst_messages": n,
                 "burst_ms": burst_t.as_secs_f64() * 1e3,
                 "burst_msgs_per_sec": rate,
+                "stream_bytes": STREAM_BYTES,
+                "stream_ms": stream_t.as_secs_f64() * 1e3,
+                "stream_mb_per_sec": (2 * STREAM_BYTES) as f64 / stream_t.as_secs_f64() / 1e6,
                 "accepted": stats.accepted,
                 "acked": stats.acked,
                 "total_ms": total.as_secs_f64() * 1e3,
@@ -270,15 +346,21 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
         fmt_dur(per_msg)
     );
     println!(
+        "a 16 MiB stream went to london's port 8080 and back at {:.0} MB/s each way; port 22 was refused: \"{refusal}\".",
+        STREAM_BYTES as f64 / stream_t.as_secs_f64() / 1e6
+    );
+    println!(
         "\nThe same with separate processes (each in its own terminal):\n\n\
          \x20 swbd keys create --keys keys.toml --namespace acme        # prints the key\n\
          \x20 swbd relay --dev --data-dir ./relay --keys keys.toml --listen 127.0.0.1:7443\n\
          \x20 export SWB_API_KEY=<the key>\n\
-         \x20 swbd up --relay 127.0.0.1:7443 --relay-fingerprint $(cat relay/fingerprint) --name london --control /tmp/london.sock\n\
+         \x20 swbd up --relay 127.0.0.1:7443 --relay-fingerprint $(cat relay/fingerprint) --name london --control /tmp/london.sock --expose 22 --socks off\n\
          \x20 swbd up --relay 127.0.0.1:7443 --relay-fingerprint $(cat relay/fingerprint) --name laptop --control /tmp/laptop.sock\n\
          \x20 swbd --control /tmp/laptop.sock send london 'deploy done'\n\
          \x20 swbd --control /tmp/london.sock recv --wait 10\n\
-         \x20 swbd --control /tmp/london.sock status\n\n\
+         \x20 swbd --control /tmp/london.sock status\n\
+         \x20 ssh -o ProxyCommand=\"swbd --control /tmp/laptop.sock connect %h %p\" user@london.switchboard\n\
+         \x20 curl --socks5-hostname 127.0.0.1:1080 http://london.switchboard:8080/   # with --expose 8080 on london\n\n\
          (From a checkout, `cargo run --release --` stands for `swbd`; or `cargo install --path cli`.)"
     );
     Ok(())
