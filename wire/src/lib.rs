@@ -63,7 +63,15 @@ pub const MAX_FRAME_LEN: usize = MAX_MESSAGE_BODY + 16 * 1024;
 /// Largest first frame of a data stream (`StreamOpen`, `StreamIncoming`,
 /// `StreamReply`): read with an exact-length read, so no payload byte is
 /// consumed with it.
-pub const MAX_STREAM_HEADER: usize = 2048;
+pub const MAX_STREAM_HEADER: usize = 32 * 1024;
+/// Largest status: the sum of key and value lengths.
+pub const MAX_STATUS_BYTES: usize = 4096;
+/// Most keys in a status.
+pub const MAX_STATUS_KEYS: usize = 32;
+/// Longest status key.
+pub const MAX_STATUS_KEY_LEN: usize = 64;
+/// Most peers one watch may name.
+pub const MAX_WATCH_NAMES: usize = 256;
 /// ALPN protocol id of a client (daemon) connection.
 pub const ALPN: &[u8] = b"swb/1";
 
@@ -99,6 +107,15 @@ pub enum FrameType {
     StreamIncoming = 13,
     /// Answer to `StreamOpen` / `StreamIncoming`, before any payload byte.
     StreamReply = 14,
+    /// Daemon → relay, first frame of a stream: send these peers' status,
+    /// then (unless `once`) every change.
+    StatusWatch = 15,
+    /// Relay → daemon on a status stream: one peer's status and presence.
+    StatusUpdate = 16,
+    /// Daemon → relay, first frame of a stream: change my status.
+    SetStatus = 17,
+    /// Daemon → relay, first frame of a stream: every known peer's status.
+    PeersQuery = 18,
 }
 
 impl FrameType {
@@ -119,6 +136,10 @@ impl FrameType {
             12 => Self::StreamOpen,
             13 => Self::StreamIncoming,
             14 => Self::StreamReply,
+            15 => Self::StatusWatch,
+            16 => Self::StatusUpdate,
+            17 => Self::SetStatus,
+            18 => Self::PeersQuery,
             _ => return None,
         })
     }
@@ -170,6 +191,8 @@ codes! {
     PORT_NOT_EXPOSED = 14, "port_not_exposed";
     CONNECTION_REFUSED = 15, "connection_refused";
     TOO_MANY_STREAMS = 16, "too_many_streams";
+    STATUS_TOO_LARGE = 17, "status_too_large";
+    BAD_STATUS = 18, "bad_status";
 }
 
 impl fmt::Debug for Code {
@@ -417,6 +440,92 @@ pub struct StreamReply {
     pub refusal: Option<Refusal>,
 }
 
+/// Daemon → relay: watch these peers (same namespace). The relay answers
+/// with a [`StreamReply`], then one [`StatusUpdate`] per peer (the current
+/// value), then, unless `once`, an update per change until the stream ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusWatch {
+    /// Peer names, at most [`MAX_WATCH_NAMES`].
+    pub names: Vec<String>,
+    /// Only the current values, then FIN.
+    pub once: bool,
+}
+
+/// One peer's status and presence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusUpdate {
+    /// Peer name.
+    pub name: String,
+    /// Grows with every change; 0 for a name nobody ever held.
+    pub version: u64,
+    /// Attached now.
+    pub online: bool,
+    /// When `online` last changed, ms since the Unix epoch (0: never).
+    pub since_ms: u64,
+    /// When the status fields last changed, ms since the Unix epoch (0: never).
+    pub updated_ms: u64,
+    /// The status, sorted by key.
+    pub fields: Vec<(String, String)>,
+    /// This watcher missed updates of this peer (it fell behind); this is
+    /// the newest value.
+    pub lagged: bool,
+}
+
+/// Daemon → relay: merge `set` into my status and remove `clear`; with
+/// `replace`, `set` becomes the whole status. Answered with a
+/// [`StreamReply`] and, if accepted, the resulting [`StatusUpdate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetStatus {
+    /// Keys to set.
+    pub set: Vec<(String, String)>,
+    /// Keys to remove.
+    pub clear: Vec<String>,
+    /// Replace the whole status.
+    pub replace: bool,
+}
+
+/// Checks a status change against the named limits and key syntax.
+/// `current` is the status it applies to; returns the result.
+pub fn apply_status(
+    current: &std::collections::BTreeMap<String, String>,
+    change: &SetStatus,
+) -> Result<std::collections::BTreeMap<String, String>, Refusal> {
+    let bad = |m: String| Refusal::new(Code::BAD_STATUS, m);
+    for k in change.set.iter().map(|(k, _)| k).chain(&change.clear) {
+        let ok = !k.is_empty()
+            && k.len() <= MAX_STATUS_KEY_LEN
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
+        if !ok {
+            return Err(bad(format!(
+                "status key {k:?}: use 1-{MAX_STATUS_KEY_LEN} letters, digits, '_', '-', '.', ':'"
+            )));
+        }
+    }
+    let mut next = if change.replace {
+        std::collections::BTreeMap::new()
+    } else {
+        current.clone()
+    };
+    for k in &change.clear {
+        next.remove(k);
+    }
+    for (k, v) in &change.set {
+        next.insert(k.clone(), v.clone());
+    }
+    let bytes: usize = next.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if next.len() > MAX_STATUS_KEYS || bytes > MAX_STATUS_BYTES {
+        return Err(Refusal::new(
+            Code::STATUS_TOO_LARGE,
+            format!(
+                "the status would have {} keys and {bytes} bytes; the limits are {MAX_STATUS_KEYS} keys and {MAX_STATUS_BYTES} bytes",
+                next.len()
+            ),
+        ));
+    }
+    Ok(next)
+}
+
 /// Ping / Pong payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {
@@ -455,6 +564,14 @@ pub enum Frame {
     StreamIncoming(StreamIncoming),
     /// See [`FrameType::StreamReply`].
     StreamReply(StreamReply),
+    /// See [`FrameType::StatusWatch`].
+    StatusWatch(StatusWatch),
+    /// See [`FrameType::StatusUpdate`].
+    StatusUpdate(StatusUpdate),
+    /// See [`FrameType::SetStatus`].
+    SetStatus(SetStatus),
+    /// See [`FrameType::PeersQuery`].
+    PeersQuery,
 }
 
 /// Errors while encoding a frame.
@@ -524,6 +641,10 @@ impl Frame {
             Frame::StreamOpen(_) => FrameType::StreamOpen,
             Frame::StreamIncoming(_) => FrameType::StreamIncoming,
             Frame::StreamReply(_) => FrameType::StreamReply,
+            Frame::StatusWatch(_) => FrameType::StatusWatch,
+            Frame::StatusUpdate(_) => FrameType::StatusUpdate,
+            Frame::SetStatus(_) => FrameType::SetStatus,
+            Frame::PeersQuery => FrameType::PeersQuery,
         }
     }
 
@@ -545,6 +666,10 @@ impl Frame {
             Frame::StreamOpen(v) => len(v),
             Frame::StreamIncoming(v) => len(v),
             Frame::StreamReply(v) => len(v),
+            Frame::StatusWatch(v) => len(v),
+            Frame::StatusUpdate(v) => len(v),
+            Frame::SetStatus(v) => len(v),
+            Frame::PeersQuery => Ok(0),
         }
     }
 
@@ -579,6 +704,10 @@ impl Frame {
             Frame::StreamOpen(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::StreamIncoming(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::StreamReply(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::StatusWatch(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::StatusUpdate(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::SetStatus(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::PeersQuery => Ok(0),
         };
         match res {
             Ok(n) if n == len => Ok(()),
@@ -703,6 +832,27 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
             Frame::StreamIncoming(i)
         }
         FrameType::StreamReply => Frame::StreamReply(body(ty, b)?),
+        FrameType::StatusWatch => {
+            let w: StatusWatch = body(ty, b)?;
+            check_len("status_watch.names", w.names.len(), MAX_WATCH_NAMES)?;
+            Frame::StatusWatch(w)
+        }
+        FrameType::StatusUpdate => Frame::StatusUpdate(body(ty, b)?),
+        FrameType::SetStatus => {
+            let s: SetStatus = body(ty, b)?;
+            check_len("set_status.set", s.set.len(), MAX_STATUS_KEYS * 4)?;
+            check_len("set_status.clear", s.clear.len(), MAX_STATUS_KEYS * 4)?;
+            Frame::SetStatus(s)
+        }
+        FrameType::PeersQuery => {
+            if !b.is_empty() {
+                return Err(DecodeError::Malformed {
+                    ty,
+                    reason: "trailing bytes".into(),
+                });
+            }
+            Frame::PeersQuery
+        }
     };
     Ok(Decoded::Frame {
         frame,
