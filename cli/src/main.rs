@@ -9,6 +9,7 @@ mod client;
 mod demo;
 mod keys;
 mod relay;
+mod status;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -49,6 +50,14 @@ enum Command {
     Recv(client::RecvArgs),
     /// Show the daemon's connection: relay, name, namespace, since when, round trip.
     Status,
+    /// Merge KEY=VALUE pairs into this peer's status (--clear KEY removes).
+    SetStatus(status::SetStatusArgs),
+    /// Show peers' current status and presence.
+    GetStatus(status::NamesArgs),
+    /// Show peers' status, then every change, until interrupted.
+    Watch(status::NamesArgs),
+    /// Every known peer of the namespace: online/offline, since, status.
+    Peers(status::PeersArgs),
     /// Open a byte stream to a port a peer exposes and connect it to
     /// stdin/stdout (for ssh: -o ProxyCommand="swbd connect %h %p").
     Connect(client::ConnectArgs),
@@ -134,6 +143,10 @@ fn main() -> ExitCode {
             Command::Recv(a) => client::recv(a, &out).await,
             Command::Status => client::status(&out).await,
             Command::Connect(a) => client::connect(a, &out).await,
+            Command::SetStatus(a) => status::set_status(a, &out).await,
+            Command::GetStatus(a) => status::get_status(a, &out).await,
+            Command::Watch(a) => status::watch(a, &out).await,
+            Command::Peers(a) => status::peers(a, &out).await,
             Command::Keys(k) => keys::run(k, &out),
             Command::Bench(b) => bench::run(b, &out).await,
         }

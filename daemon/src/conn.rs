@@ -243,14 +243,26 @@ impl Actor {
                         since: SystemTime::now(),
                     });
                     let streams_stop = CancellationToken::new();
-                    let streams = tokio::spawn(
-                        crate::streams::accept_loop(
-                            self.shared.clone(),
-                            link.conn.clone(),
-                            streams_stop.clone(),
-                        )
-                        .instrument(tracing::Span::current()),
-                    );
+                    let streams = tokio::spawn({
+                        let shared = self.shared.clone();
+                        let conn = link.conn.clone();
+                        let stop = streams_stop.clone();
+                        async move {
+                            // Republish our status on this connection while
+                            // serving the streams peers open to us.
+                            let republish = async {
+                                tokio::select! {
+                                    _ = crate::status::republish(&shared) => {}
+                                    _ = stop.cancelled() => {}
+                                }
+                            };
+                            tokio::join!(
+                                crate::streams::accept_loop(shared.clone(), conn, stop.clone()),
+                                republish
+                            );
+                        }
+                        .instrument(tracing::Span::current())
+                    });
                     let end = self.serve(link, &cancel).await;
                     streams_stop.cancel();
                     let _ = streams.await;

@@ -7,6 +7,7 @@
 //! connection closes first, the messages go back to the inbox (nothing is
 //! lost when `swbd recv` is killed between receiving and printing).
 
+pub use crate::status::StatusView;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -44,6 +45,37 @@ pub enum Request {
     Ack {
         /// Message ids (hex).
         ids: Vec<String>,
+    },
+    /// Merge `set` into this peer's status, remove `clear`.
+    SetStatus {
+        /// Keys to set.
+        #[serde(default)]
+        set: std::collections::BTreeMap<String, String>,
+        /// Keys to remove.
+        #[serde(default)]
+        clear: Vec<String>,
+        /// How long to wait for a relay connection to publish on.
+        timeout_ms: u64,
+    },
+    /// Current status of these peers.
+    GetStatus {
+        /// Peer names.
+        names: Vec<String>,
+        /// How long to wait for a relay connection.
+        timeout_ms: u64,
+    },
+    /// Current status of these peers, then every change, one `update`
+    /// reply per line, until either side closes.
+    Watch {
+        /// Peer names.
+        names: Vec<String>,
+        /// How long to wait for a relay connection.
+        timeout_ms: u64,
+    },
+    /// Every known peer of the namespace with presence and status.
+    Peers {
+        /// How long to wait for a relay connection.
+        timeout_ms: u64,
     },
     /// Open a byte stream to `port` of peer `to`. After a `connected`
     /// reply, the control connection carries the stream's bytes both ways.
@@ -131,6 +163,22 @@ pub enum Reply {
         /// Port.
         port: u16,
     },
+    /// Answer to `set-status`.
+    StatusSet {
+        /// The status as published (or as kept locally, if not published).
+        status: StatusView,
+        /// Whether the relay has it; if not, it is published on reconnect.
+        published: bool,
+    },
+    /// Answer to `get-status` and `peers`.
+    Statuses {
+        /// One per peer.
+        statuses: Vec<StatusView>,
+    },
+    /// Answer to `watch`: updates follow, one per line.
+    Watching {},
+    /// One watched peer's status.
+    Update(StatusView),
     /// Answer to `ack`.
     Acked {
         /// How many ids were leased to this connection and are now acknowledged.
@@ -293,6 +341,81 @@ impl Client {
         // Bytes the peer sent right away may already sit in the reader's
         // buffer: keep the buffered reader as the read side.
         Ok(tokio::io::join(self.rd, self.wr))
+    }
+
+    /// Sets and clears keys of this peer's status.
+    pub async fn set_status(
+        &mut self,
+        set: std::collections::BTreeMap<String, String>,
+        clear: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(StatusView, bool), ControlError> {
+        let req = Request::SetStatus {
+            set,
+            clear,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        match self.call(&req).await? {
+            Reply::StatusSet { status, published } => Ok((status, published)),
+            other => Err(ControlError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Current status of `names`.
+    pub async fn get_status(
+        &mut self,
+        names: Vec<String>,
+        timeout: Duration,
+    ) -> Result<Vec<StatusView>, ControlError> {
+        let req = Request::GetStatus {
+            names,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        match self.call(&req).await? {
+            Reply::Statuses { statuses } => Ok(statuses),
+            other => Err(ControlError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Every known peer.
+    pub async fn peers(&mut self, timeout: Duration) -> Result<Vec<StatusView>, ControlError> {
+        let req = Request::Peers {
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        match self.call(&req).await? {
+            Reply::Statuses { statuses } => Ok(statuses),
+            other => Err(ControlError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// Starts watching `names`; then call [`Client::next_update`].
+    pub async fn watch(
+        &mut self,
+        names: Vec<String>,
+        timeout: Duration,
+    ) -> Result<(), ControlError> {
+        let req = Request::Watch {
+            names,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        match self.call(&req).await? {
+            Reply::Watching {} => Ok(()),
+            other => Err(ControlError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// The next update of a watch; `None` when the watch ended.
+    pub async fn next_update(&mut self) -> Result<Option<StatusView>, ControlError> {
+        self.line.clear();
+        if self.rd.read_line(&mut self.line).await? == 0 {
+            return Ok(None);
+        }
+        match serde_json::from_str::<Reply>(&self.line) {
+            Ok(Reply::Update(v)) => Ok(Some(v)),
+            Ok(Reply::Error { code, message }) => Err(ControlError::Remote { code, message }),
+            Ok(other) => Err(ControlError::Protocol(format!("{other:?}"))),
+            Err(e) => Err(ControlError::Protocol(e.to_string())),
+        }
     }
 
     /// Acknowledges messages taken with `recv` on this client.

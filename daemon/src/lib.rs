@@ -37,6 +37,7 @@ pub mod control;
 mod inbox;
 mod server;
 pub mod socks;
+pub mod status;
 pub mod streams;
 pub mod tls;
 
@@ -206,6 +207,8 @@ pub(crate) struct Shared {
     pub(crate) conn: Mutex<Option<quinn::Connection>>,
     pub(crate) cmd_tx: mpsc::Sender<conn::Cmd>,
     pub(crate) pending_sends: AtomicUsize,
+    /// This peer's own status (serialises publications).
+    pub(crate) own_status: tokio::sync::Mutex<status::OwnStatus>,
 }
 
 impl Shared {
@@ -281,6 +284,7 @@ impl Daemon {
             conn: Mutex::new(None),
             cmd_tx,
             pending_sends: AtomicUsize::new(0),
+            own_status: tokio::sync::Mutex::new(status::OwnStatus::default()),
         });
         let cancel = CancellationToken::new();
         let task = {

@@ -145,6 +145,23 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                         }
                     }
                 }
+                Ok(Request::Watch { names, timeout_ms }) => {
+                    let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
+                    match watch_open(&shared, names, wait).await {
+                        Err(e) => err(&e.code, e.message),
+                        Ok((send, recv)) => {
+                            if write_reply(&mut w, &Reply::Watching {}).await.is_err() {
+                                break;
+                            }
+                            watch_forward(rd, w, send, recv).await;
+                            if !leased.is_empty() {
+                                shared.inbox().give_back(leased);
+                                shared.inbox_gen.send_modify(|g| *g += 1);
+                            }
+                            return;
+                        }
+                    }
+                }
                 Ok(req) => answer(&shared, req, &mut leased, &cancel).await,
             }
         };
@@ -157,6 +174,55 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
         shared.inbox().give_back(leased);
         shared.inbox_gen.send_modify(|g| *g += 1);
     }
+}
+
+async fn watch_open(
+    shared: &Shared,
+    names: Vec<String>,
+    wait: Duration,
+) -> Result<(quinn::SendStream, quinn::RecvStream), crate::streams::StreamError> {
+    if names.is_empty() {
+        return Err(crate::streams::StreamError {
+            code: "bad_request".into(),
+            message: "name at least one peer to watch".into(),
+        });
+    }
+    let first = swb_wire::Frame::StatusWatch(swb_wire::StatusWatch { names, once: false });
+    crate::status::open(shared, first, wait).await
+}
+
+/// Copies status updates to the CLI until the relay ends the watch or the
+/// CLI goes away (then the watch stream is finished, which ends it there).
+async fn watch_forward(
+    mut rd: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let mut probe = [0u8; 64];
+    loop {
+        tokio::select! {
+            f = crate::status::next_frame(&mut recv) => match f {
+                Ok(Some(swb_wire::Frame::StatusUpdate(u))) => {
+                    if write_reply(&mut w, &Reply::Update(u.into())).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = write_reply(&mut w, &err(&e.code, e.message)).await;
+                    break;
+                }
+            },
+            r = rd.read(&mut probe) => {
+                if !matches!(r, Ok(n) if n > 0) {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = send.finish();
 }
 
 async fn write_reply(w: &mut tokio::net::unix::OwnedWriteHalf, r: &Reply) -> std::io::Result<()> {
@@ -218,7 +284,37 @@ async fn answer(
                 }
             }
         }
-        Request::Connect { .. } => err("bad_request", "connect is handled by the connection loop"),
+        Request::Connect { .. } | Request::Watch { .. } => {
+            err("bad_request", "handled by the connection loop")
+        }
+        Request::SetStatus {
+            set,
+            clear,
+            timeout_ms,
+        } => {
+            let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
+            match crate::status::set(shared, set, clear, wait).await {
+                Ok((status, published)) => Reply::StatusSet { status, published },
+                Err(e) => err(&e.code, e.message),
+            }
+        }
+        Request::GetStatus { names, timeout_ms } => {
+            let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
+            if names.is_empty() {
+                return err("bad_request", "name at least one peer");
+            }
+            match crate::status::get(shared, names, wait).await {
+                Ok(statuses) => Reply::Statuses { statuses },
+                Err(e) => err(&e.code, e.message),
+            }
+        }
+        Request::Peers { timeout_ms } => {
+            let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
+            match crate::status::peers(shared, wait).await {
+                Ok(statuses) => Reply::Statuses { statuses },
+                Err(e) => err(&e.code, e.message),
+            }
+        }
         Request::Ack { ids } => {
             let mut acked = Vec::new();
             for s in &ids {

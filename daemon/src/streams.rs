@@ -99,7 +99,7 @@ impl From<Refusal> for StreamError {
 }
 
 /// Reads exactly one frame from the start of a stream (no payload byte).
-async fn read_header(recv: &mut quinn::RecvStream) -> Result<Frame, String> {
+pub(crate) async fn read_header(recv: &mut quinn::RecvStream) -> Result<Frame, String> {
     let mut head = [0u8; HEADER_LEN];
     recv.read_exact(&mut head)
         .await
@@ -122,14 +122,17 @@ async fn read_header(recv: &mut quinn::RecvStream) -> Result<Frame, String> {
     }
 }
 
-async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), String> {
+pub(crate) async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), String> {
     let mut b = BytesMut::new();
     f.encode(&mut b).map_err(|e| e.to_string())?;
     send.write_all(&b).await.map_err(|e| e.to_string())
 }
 
 /// The current relay connection, waiting up to `wait` for one.
-async fn connection(shared: &Shared, wait: Duration) -> Result<quinn::Connection, StreamError> {
+pub(crate) async fn connection(
+    shared: &Shared,
+    wait: Duration,
+) -> Result<quinn::Connection, StreamError> {
     let mut rx = shared.state.subscribe();
     let deadline = tokio::time::Instant::now() + wait;
     loop {

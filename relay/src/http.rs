@@ -119,6 +119,9 @@ enum Op {
     Receive,
     Ack,
     Peers,
+    SetStatus,
+    GetStatus,
+    WatchStatus,
     Health,
     OpenApi,
 }
@@ -180,9 +183,47 @@ const ENDPOINTS: &[Endpoint] = &[
         path: "/v1/peers",
         op: Op::Peers,
         auth: true,
-        summary: "Names attached now in the key's namespace",
+        summary: "Every known name of the key's namespace: presence, status, and for those attached now how",
         responses: &[
-            (200, "{\"peers\": [{\"name\", \"since\", \"via\": \"quic\"|\"http\"}]}"),
+            (200, "{\"peers\": [{\"name\", \"online\", \"since\", \"via\": \"quic\"|\"http\"|null, \"version\", \"updated\", \"status\"}]}"),
+            (401, "Missing, invalid or revoked API key"),
+        ],
+    },
+    Endpoint {
+        method: "put",
+        path: "/v1/status",
+        op: Op::SetStatus,
+        auth: true,
+        summary: "Merge `set` into a peer's status and remove the `clear` keys",
+        responses: &[
+            (200, "The new status: {\"name\", \"version\", \"online\", \"since\", \"updated\", \"status\"}"),
+            (400, "Bad JSON, unknown field, bad name or key (bad_request, bad_name, bad_status)"),
+            (401, "Missing, invalid or revoked API key"),
+            (413, "Status over 32 keys or 4096 bytes (status_too_large)"),
+        ],
+    },
+    Endpoint {
+        method: "get",
+        path: "/v1/status/watch",
+        op: Op::WatchStatus,
+        auth: true,
+        summary: "Server-sent events: the current status of each of `peers` (comma-separated), then one event per change; comment keep-alives every 15 s. Without `peers`, the status of the peer named `watch`",
+        responses: &[
+            (200, "text/event-stream of `status` events, data as GET /v1/status/{name} plus \"lagged\""),
+            (400, "Bad or unknown query parameter, bad name, more than 256 peers"),
+            (401, "Missing, invalid or revoked API key"),
+            (429, "Too many long polls and watches open for this key (too_many_polls)"),
+        ],
+    },
+    Endpoint {
+        method: "get",
+        path: "/v1/status/{name}",
+        op: Op::GetStatus,
+        auth: true,
+        summary: "A peer's status and presence (a name nobody holds: version 0, offline, empty)",
+        responses: &[
+            (200, "{\"name\", \"version\", \"online\", \"since\", \"updated\", \"status\"}"),
+            (400, "Bad name (bad_name)"),
             (401, "Missing, invalid or revoked API key"),
         ],
     },
@@ -246,6 +287,23 @@ fn op_details(op: Op) -> Value {
                 }
             }}}}
         }),
+        Op::SetStatus => json!({
+            "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": false,
+                "required": ["as"],
+                "properties": {
+                    "as": name,
+                    "set": {"type": "object", "additionalProperties": {"type": "string"}, "maxProperties": swb_wire::MAX_STATUS_KEYS},
+                    "clear": {"type": "array", "items": {"type": "string"}}
+                }
+            }}}}
+        }),
+        Op::GetStatus => json!({
+            "parameters": [{"name": "name", "in": "path", "required": true, "schema": name}]
+        }),
+        Op::WatchStatus => json!({
+            "parameters": [{"name": "peers", "in": "query", "required": true, "schema": {"type": "string", "description": "comma-separated peer names, at most 256"}}]
+        }),
         _ => json!({}),
     }
 }
@@ -307,6 +365,9 @@ pub(crate) fn router(api: Api) -> Router {
             Op::Receive => on(filter, receive),
             Op::Ack => on(filter, ack),
             Op::Peers => on(filter, peers),
+            Op::SetStatus => on(filter, set_status),
+            Op::GetStatus => on(filter, get_status),
+            Op::WatchStatus => on(filter, watch_status),
             Op::Health => on(filter, health),
             Op::OpenApi => on(filter, openapi_doc),
         };
@@ -341,6 +402,27 @@ async fn method_not_allowed() -> ApiError {
 }
 
 impl Api {
+    /// Counts one long poll or watch of `key_id` against the per-key cap.
+    fn take_poll_slot(&self, key_id: &str) -> Result<PollSlot, ApiError> {
+        let max = self.shared.config.http.max_polls_per_key;
+        let mut p = self.polls.lock().unwrap_or_else(|e| e.into_inner());
+        let n = p.entry(key_id.to_string()).or_insert(0);
+        if *n >= max {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_polls",
+                format!(
+                    "this API key already has {max} receives and watches open (the limit); close one first"
+                ),
+            ));
+        }
+        *n += 1;
+        Ok(PollSlot {
+            polls: self.polls.clone(),
+            key_id: key_id.to_string(),
+        })
+    }
+
     /// Checks the bearer key. An unknown key makes the relay look at its
     /// keys file once (rate-limited), like the QUIC handshake does.
     fn auth(&self, headers: &HeaderMap) -> Result<KeyInfo, ApiError> {
@@ -598,25 +680,7 @@ async fn receive(State(api): State<Api>, headers: HeaderMap, RawQuery(q): RawQue
                 ))
             })?,
     };
-    let _slot = {
-        let mut p = api.polls.lock().unwrap_or_else(|e| e.into_inner());
-        let n = p.entry(key.id.clone()).or_insert(0);
-        if *n >= lim.max_polls_per_key {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_polls",
-                format!(
-                    "this API key already has {} receives open (the limit); wait for one to return",
-                    lim.max_polls_per_key
-                ),
-            ));
-        }
-        *n += 1;
-        PollSlot {
-            polls: api.polls.clone(),
-            key_id: key.id.clone(),
-        }
-    };
+    let _slot = api.take_poll_slot(&key.id)?;
     let shared = &api.shared;
     let notify =
         shared
@@ -694,20 +758,142 @@ async fn peers(State(api): State<Api>, headers: HeaderMap, RawQuery(q): RawQuery
     #[serde(deny_unknown_fields)]
     struct NoParams {}
     let _: NoParams = parse_query(q)?;
-    let list: Vec<Value> = api
-        .shared
-        .registry()
-        .peers(&key.namespace, tokio::time::Instant::now())
-        .into_iter()
-        .map(|p| {
-            json!({
-                "name": p.name,
-                "since": humantime::format_rfc3339_seconds(p.since).to_string(),
-                "via": p.via.as_str(),
-            })
+    let now = tokio::time::Instant::now();
+    let (attached, known) = {
+        let reg = api.shared.registry();
+        (
+            reg.peers(&key.namespace, now),
+            reg.status.known(&key.namespace),
+        )
+    };
+    let list: Vec<Value> = known
+        .iter()
+        .map(|s| {
+            let mut v = s.to_json();
+            let via = attached
+                .iter()
+                .find(|p| p.name == *s.name)
+                .map(|p| p.via.as_str());
+            v["via"] = json!(via);
+            v
         })
         .collect();
     ok(StatusCode::OK, json!({"peers": list}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetStatusReq {
+    #[serde(rename = "as")]
+    as_name: String,
+    #[serde(default)]
+    set: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    clear: Vec<String>,
+}
+
+async fn set_status(State(api): State<Api>, headers: HeaderMap, body: Body) -> ApiResult {
+    let key = api.auth(&headers)?;
+    let req: SetStatusReq = read_json(body).await?;
+    let me = name("as", &req.as_name)?;
+    let change = swb_wire::SetStatus {
+        set: req.set.into_iter().collect(),
+        clear: req.clear,
+        replace: false,
+    };
+    let r = api.shared.registry().status.set_fields(
+        &key.namespace,
+        &me,
+        &change,
+        tokio::time::Instant::now(),
+    );
+    match r {
+        Ok(s) => ok(StatusCode::OK, s.to_json()),
+        Err(refusal) => {
+            let status = if refusal.code == Code::STATUS_TOO_LARGE {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            Err(ApiError::new(
+                status,
+                refusal.code.as_str(),
+                refusal.message,
+            ))
+        }
+    }
+}
+
+async fn get_status(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    axum::extract::Path(who): axum::extract::Path<String>,
+) -> ApiResult {
+    let key = api.auth(&headers)?;
+    let who = name("name", &who)?;
+    let s = api.shared.registry().status.get(&key.namespace, &who);
+    ok(StatusCode::OK, s.to_json())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WatchQuery {
+    peers: Option<String>,
+}
+
+async fn watch_status(
+    State(api): State<Api>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> ApiResult {
+    let key = api.auth(&headers)?;
+    let q: WatchQuery = parse_query(q)?;
+    let Some(peers) = q.peers else {
+        // `/v1/status/watch` without `peers` is the status of a peer named `watch`.
+        let s = api.shared.registry().status.get(&key.namespace, "watch");
+        return ok(StatusCode::OK, s.to_json());
+    };
+    let raw: Vec<String> = peers
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect();
+    if raw.is_empty() || raw.len() > swb_wire::MAX_WATCH_NAMES {
+        return Err(ApiError::bad(format!(
+            "peers= names 1 to {} peers, comma-separated",
+            swb_wire::MAX_WATCH_NAMES
+        )));
+    }
+    let names = crate::status_streams::names(&raw)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_name", e))?;
+    let slot = api.take_poll_slot(&key.id)?;
+    let watcher = crate::status_streams::StatusWatcher::new(&api.shared, &key.namespace, &names);
+    let event = |s: &crate::Snapshot, lagged: bool| {
+        let mut v = s.to_json();
+        v["lagged"] = json!(lagged);
+        axum::response::sse::Event::default()
+            .event("status")
+            .id(s.version.to_string())
+            .data(v.to_string())
+    };
+    // The poll slot lives as long as the event stream.
+    let stream = futures_util::stream::unfold((watcher, slot), move |(mut w, slot)| async move {
+        let (snap, lagged) = w.next().await?;
+        Some((
+            Ok::<_, std::convert::Infallible>(event(&snap, lagged)),
+            (w, slot),
+        ))
+    });
+    use futures_util::StreamExt;
+    let stream = stream.take_until(api.cancel.clone().cancelled_owned());
+    Ok(axum::response::sse::Sse::new(stream)
+        .keep_alive(
+            axum::response::sse::KeepAlive::new()
+                .interval(Duration::from_secs(15))
+                .text("keep-alive"),
+        )
+        .into_response())
 }
 
 async fn health() -> ApiResult {

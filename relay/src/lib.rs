@@ -32,12 +32,16 @@ mod http;
 pub mod keys;
 mod registry;
 mod session;
+mod status;
+mod status_streams;
 mod streams;
 pub mod tls;
 
 pub use http::{openapi, HttpLimits, MAX_REQUEST_BODY};
 pub use keys::{KeyStore, KeysFile};
 pub use registry::{MailboxLimits, Peer, Via};
+pub use status::{Snapshot, MIN_PUBLISH_INTERVAL};
+pub use status_streams::StatusWatcher;
 pub use tls::Identity;
 
 use registry::Registry;
@@ -81,6 +85,8 @@ pub struct RelayConfig {
     pub max_streams_per_peer: usize,
     /// Time a stream has to send its header and the target to answer (default 10 s).
     pub stream_setup_timeout: Duration,
+    /// How long an offline peer's status is kept (default 24 h).
+    pub status_retention: Duration,
 }
 
 /// Where the HTTPS endpoint listens (TCP).
@@ -112,6 +118,7 @@ impl RelayConfig {
             http: HttpLimits::default(),
             max_streams_per_peer: 256,
             stream_setup_timeout: Duration::from_secs(10),
+            status_retention: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -398,7 +405,10 @@ impl Relay {
         let http_tls = Arc::new(config.identity.server_config(&[b"h2", b"http/1.1"])?);
         let fingerprint = config.identity.fingerprint();
         let shared = Arc::new(Shared {
-            registry: Mutex::new(Registry::new(config.limits.clone())),
+            registry: Mutex::new(Registry::new(
+                config.limits.clone(),
+                config.status_retention,
+            )),
             keys: RwLock::new(Arc::new(store)),
             counters: Counters::default(),
             keys_seen: Mutex::new((keys_bytes, Some(std::time::Instant::now()))),
@@ -470,6 +480,34 @@ impl RelayHandle {
             .peers(namespace, tokio::time::Instant::now())
     }
 
+    /// Changes a peer's status as `set-status` does (for embedding and tests).
+    pub fn set_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        set: Vec<(String, String)>,
+        clear: Vec<String>,
+    ) -> Result<Arc<Snapshot>, swb_wire::Refusal> {
+        let change = swb_wire::SetStatus {
+            set,
+            clear,
+            replace: false,
+        };
+        self.shared.0.registry().status.set_fields(
+            namespace,
+            name,
+            &change,
+            tokio::time::Instant::now(),
+        )
+    }
+
+    /// Watches peers' status as a watch stream does (for embedding and tests).
+    pub fn watch_status(&self, namespace: &str, names: &[&str]) -> Result<StatusWatcher, String> {
+        let raw: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let names = status_streams::names(&raw)?;
+        Ok(StatusWatcher::new(&self.shared.0, namespace, &names))
+    }
+
     /// Current counters.
     pub fn stats(&self) -> RelayStats {
         let s = &self.shared.0;
@@ -509,6 +547,8 @@ async fn run(
     let lease_every = (shared.config.limits.visibility / 4)
         .clamp(Duration::from_millis(20), Duration::from_secs(1));
     let mut lease_tick = tokio::time::interval(lease_every);
+    let mut status_tick = tokio::time::interval(status::MIN_PUBLISH_INTERVAL / 2);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut keys_tick = tokio::time::interval(shared.config.keys_poll);
     keys_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -539,6 +579,12 @@ async fn run(
             }
             _ = keys_tick.tick() => {
                 shared.refresh_keys(Duration::ZERO);
+            }
+            _ = status_tick.tick() => {
+                let mut reg = shared.registry();
+                if reg.status.has_dirty() {
+                    reg.status.flush(tokio::time::Instant::now());
+                }
             }
             _ = lease_tick.tick() => {
                 let n = shared.registry().sweep_leases(tokio::time::Instant::now());

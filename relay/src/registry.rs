@@ -249,6 +249,8 @@ type Key = (Arc<str>, Arc<str>);
 #[derive(Debug)]
 pub(crate) struct Registry {
     slots: HashMap<Key, Slot>,
+    /// Status and presence of every peer.
+    pub(crate) status: crate::status::StatusBoard,
     usage: HashMap<Arc<str>, NsUsage>,
     limits: MailboxLimits,
     next_session: u64,
@@ -259,9 +261,10 @@ fn key(ns: &str, name: &str) -> Key {
 }
 
 impl Registry {
-    pub(crate) fn new(limits: MailboxLimits) -> Self {
+    pub(crate) fn new(limits: MailboxLimits, status_retention: Duration) -> Self {
         Self {
             slots: HashMap::new(),
+            status: crate::status::StatusBoard::new(status_retention),
             usage: HashMap::new(),
             limits,
             next_session: 1,
@@ -286,7 +289,9 @@ impl Registry {
         ctl: Arc<SessionCtl>,
     ) -> Option<Arc<SessionCtl>> {
         let slot = self.slots.entry(key(ns, name)).or_default();
-        slot.session.replace(ctl)
+        let old = slot.session.replace(ctl);
+        self.status.set_presence(ns, name, true, Instant::now());
+        old
     }
 
     /// The session attached as `(ns, name)`, if any.
@@ -304,7 +309,11 @@ impl Registry {
                 // take the messages now.
                 slot.http_notify.notify_waiters();
             }
-            if slot.is_idle(Instant::now(), self.limits.visibility) {
+            let now = Instant::now();
+            if !slot.online(now, self.limits.visibility) {
+                self.status.set_presence(ns, name, false, now);
+            }
+            if slot.is_idle(now, self.limits.visibility) {
                 self.slots.remove(&k);
             }
         }
@@ -452,7 +461,9 @@ impl Registry {
         }
         slot.http.open_polls += 1;
         slot.http.last_poll = Some(now);
-        slot.http_notify.clone()
+        let notify = slot.http_notify.clone();
+        self.status.set_presence(ns, name, true, now);
+        notify
     }
 
     /// Ends an HTTP poll begun with [`Self::http_poll_begin`].
@@ -535,6 +546,18 @@ impl Registry {
         for k in idle {
             self.slots.remove(&k);
         }
+        // Presence: names the board calls online that are not any more
+        // (HTTP pollers gone quiet, slots forgotten).
+        for (ns, name) in self.status.online() {
+            let online = self
+                .slots
+                .get(&(ns.clone(), name.clone()))
+                .is_some_and(|s| s.online(now, visibility));
+            if !online {
+                self.status.set_presence(&ns, &name, false, now);
+            }
+        }
+        self.status.sweep(now);
         freed
     }
 
@@ -652,14 +675,17 @@ mod tests {
     use super::*;
 
     fn reg(messages: usize, bytes: usize) -> Registry {
-        Registry::new(MailboxLimits {
-            messages,
-            bytes,
-            ttl: Duration::from_secs(10),
-            namespace_bytes: 1000,
-            namespace_mailboxes: 3,
-            visibility: Duration::from_secs(5),
-        })
+        Registry::new(
+            MailboxLimits {
+                messages,
+                bytes,
+                ttl: Duration::from_secs(10),
+                namespace_bytes: 1000,
+                namespace_mailboxes: 3,
+                visibility: Duration::from_secs(5),
+            },
+            Duration::from_secs(3600),
+        )
     }
 
     fn id(n: u8) -> MessageId {

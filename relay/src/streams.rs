@@ -168,7 +168,12 @@ pub(crate) async fn accept_loop(
     while tasks.join_next().await.is_some() {}
 }
 
-async fn refuse(mut send: quinn::SendStream, shared: &Shared, code: Code, message: String) {
+pub(crate) async fn refuse(
+    mut send: quinn::SendStream,
+    shared: &Shared,
+    code: Code,
+    message: String,
+) {
     shared
         .counters
         .streams_refused
@@ -197,6 +202,15 @@ async fn open(
     let cap = shared.config.max_streams_per_peer;
     let req = match tokio::time::timeout(setup, read_header(&mut recv)).await {
         Ok(Ok(Frame::StreamOpen(o))) => o,
+        Ok(Ok(f @ (Frame::StatusWatch(_) | Frame::SetStatus(_) | Frame::PeersQuery))) => {
+            let Some(_slot) = StreamSlot::try_take(&ctl, cap) else {
+                let msg = format!(
+                    "this peer has {cap} streams open through the relay, the limit; close some first"
+                );
+                return refuse(send, &shared, Code::TOO_MANY_STREAMS, msg).await;
+            };
+            return crate::status_streams::serve(&shared, &ns, &name, f, send, recv).await;
+        }
         Ok(Ok(other)) => {
             debug!("stream began with {:?}", other.frame_type());
             let _ = send.reset(quinn::VarInt::from_u32(RESET_RELAY));

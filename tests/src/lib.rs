@@ -701,3 +701,59 @@ impl Drop for TinyHttp {
         self.task.abort();
     }
 }
+
+/// A UDP forwarder between one client and a relay that can be cut: after
+/// [`UdpCut::cut`] every datagram is dropped both ways, as when a machine
+/// loses power or its network. Daemons connect to [`UdpCut::addr`].
+pub struct UdpCut {
+    /// Where clients send.
+    pub addr: SocketAddr,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl UdpCut {
+    /// Starts forwarding to `target`.
+    pub async fn start(target: SocketAddr) -> Result<Self> {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        back.connect(target).await?;
+        let addr = front.local_addr()?;
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cut.clone();
+        let task = tokio::spawn(async move {
+            let mut client: Option<SocketAddr> = None;
+            let mut a = vec![0u8; 65536];
+            let mut b = vec![0u8; 65536];
+            loop {
+                tokio::select! {
+                    r = front.recv_from(&mut a) => {
+                        let Ok((n, from)) = r else { continue };
+                        client = Some(from);
+                        if !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                            let _ = back.send(&a[..n]).await;
+                        }
+                    }
+                    r = back.recv(&mut b) => {
+                        let Ok(n) = r else { continue };
+                        if let (Some(c), false) = (client, flag.load(std::sync::atomic::Ordering::Relaxed)) {
+                            let _ = front.send_to(&b[..n], c).await;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Self { addr, cut, task })
+    }
+
+    /// Drops everything from now on.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for UdpCut {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -384,14 +384,17 @@ async fn openapi_document_lists_exactly_the_routes_served() -> Result<()> {
             "GET /v1/messages",
             "GET /v1/openapi.json",
             "GET /v1/peers",
+            "GET /v1/status/watch",
+            "GET /v1/status/{name}",
             "POST /v1/messages",
             "POST /v1/messages/ack",
+            "PUT /v1/status",
         ]
     );
     // Every documented route is served: never 404/405.
     for route in &routes {
         let (method, path) = route.split_once(' ').context("route")?;
-        let body = (method == "POST").then(|| b"{}".to_vec());
+        let body = (method == "POST" || method == "PUT").then(|| b"{}".to_vec());
         let r = http.request(method, path, body).await?;
         assert!(
             r.status != 404 && r.status != 405,

@@ -58,30 +58,39 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             .prop_map(|(from, port)| Frame::StreamIncoming(StreamIncoming { from, port })),
         proptest::option::of(arb_refusal())
             .prop_map(|refusal| Frame::StreamReply(StreamReply { refusal })),
-        (proptest::collection::vec("[a-z0-9-]{1,20}", 0..5), any::<bool>())
+        (
+            proptest::collection::vec("[a-z0-9-]{1,20}", 0..5),
+            any::<bool>()
+        )
             .prop_map(|(names, once)| Frame::StatusWatch(StatusWatch { names, once })),
         (
             "[a-z]{0,10}",
             any::<(u64, bool, u64, u64, bool)>(),
             proptest::collection::vec(("[a-z]{1,8}", ".{0,20}"), 0..4)
         )
-            .prop_map(|(name, (version, online, since_ms, updated_ms, lagged), fields)| {
-                Frame::StatusUpdate(StatusUpdate {
-                    name,
-                    version,
-                    online,
-                    since_ms,
-                    updated_ms,
-                    fields,
-                    lagged,
-                })
-            }),
+            .prop_map(
+                |(name, (version, online, since_ms, updated_ms, lagged), fields)| {
+                    Frame::StatusUpdate(StatusUpdate {
+                        name,
+                        version,
+                        online,
+                        since_ms,
+                        updated_ms,
+                        fields,
+                        lagged,
+                    })
+                }
+            ),
         (
             proptest::collection::vec(("[a-z]{1,8}", ".{0,20}"), 0..4),
             proptest::collection::vec("[a-z]{1,8}", 0..3),
             any::<bool>()
         )
-            .prop_map(|(set, clear, replace)| Frame::SetStatus(SetStatus { set, clear, replace })),
+            .prop_map(|(set, clear, replace)| Frame::SetStatus(SetStatus {
+                set,
+                clear,
+                replace
+            })),
         Just(Frame::PeersQuery),
         (any::<u64>(), arb_id(), "[a-z]{0,63}", arb_bytes(2048))
             .prop_map(|(req, id, to, body)| Frame::Send(Send { req, id, to, body })),
@@ -279,7 +288,10 @@ fn message_id_hex_round_trip() {
 fn status_changes_are_checked_against_the_limits() {
     use std::collections::BTreeMap;
     let set = |kv: &[(&str, &str)]| SetStatus {
-        set: kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        set: kv
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
         clear: vec![],
         replace: false,
     };
@@ -301,11 +313,24 @@ fn status_changes_are_checked_against_the_limits() {
     )
     .unwrap();
     assert_eq!(replaced.len(), 1);
-    assert_eq!(apply_status(&cur, &set(&[("bad key", "1")])).unwrap_err().code, Code::BAD_STATUS);
-    assert_eq!(apply_status(&cur, &set(&[("", "1")])).unwrap_err().code, Code::BAD_STATUS);
+    assert_eq!(
+        apply_status(&cur, &set(&[("bad key", "1")]))
+            .unwrap_err()
+            .code,
+        Code::BAD_STATUS
+    );
+    assert_eq!(
+        apply_status(&cur, &set(&[("", "1")])).unwrap_err().code,
+        Code::BAD_STATUS
+    );
     let big = "v".repeat(MAX_STATUS_BYTES);
-    assert_eq!(apply_status(&cur, &set(&[("k", &big)])).unwrap_err().code, Code::STATUS_TOO_LARGE);
-    let many: Vec<(String, String)> = (0..=MAX_STATUS_KEYS).map(|i| (format!("k{i}"), String::new())).collect();
+    assert_eq!(
+        apply_status(&cur, &set(&[("k", &big)])).unwrap_err().code,
+        Code::STATUS_TOO_LARGE
+    );
+    let many: Vec<(String, String)> = (0..=MAX_STATUS_KEYS)
+        .map(|i| (format!("k{i}"), String::new()))
+        .collect();
     let r = apply_status(
         &BTreeMap::new(),
         &SetStatus {

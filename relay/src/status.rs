@@ -1,0 +1,374 @@
+//! Status and presence: every peer's last published status (a small
+//! key/value map) and whether it is attached, kept at its home relay.
+//!
+//! Each `(namespace, name)` has one `watch` channel: every local watcher
+//! (QUIC status stream or HTTP event stream) subscribes to it, so a change
+//! is published once however many watch it, and a slow watcher only ever
+//! finds the newest value (memory stays one value per peer). Field changes
+//! are published at most every [`MIN_PUBLISH_INTERVAL`] per peer; a burst
+//! coalesces into the newest value. Presence changes publish at once.
+//!
+//! A name nobody ever held reads as version 0, offline, no fields — and so
+//! does a name of another namespace, because nothing here is looked up
+//! across namespaces. Watching a name creates its channel, so a watcher may
+//! wait for a peer that has not attached yet.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use swb_wire::{Refusal, SetStatus, StatusUpdate};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Least time between two field publications of one peer.
+pub const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// One peer's status as published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    /// Peer name.
+    pub name: Arc<str>,
+    /// Grows with every change (relay-wide counter); 0: never held.
+    pub version: u64,
+    /// Version of the previously published snapshot of this peer.
+    pub prev_version: u64,
+    /// Attached now.
+    pub online: bool,
+    /// When `online` last changed (None: never).
+    pub since: Option<SystemTime>,
+    /// When the fields last changed (None: never).
+    pub updated: Option<SystemTime>,
+    /// The status.
+    pub fields: Arc<BTreeMap<String, String>>,
+}
+
+fn ms(t: Option<SystemTime>) -> u64 {
+    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn rfc3339(t: Option<SystemTime>) -> serde_json::Value {
+    match t {
+        Some(t) => serde_json::Value::String(humantime::format_rfc3339_millis(t).to_string()),
+        None => serde_json::Value::Null,
+    }
+}
+
+impl Snapshot {
+    fn unknown(name: &str) -> Self {
+        Self {
+            name: Arc::from(name),
+            version: 0,
+            prev_version: 0,
+            online: false,
+            since: None,
+            updated: None,
+            fields: Arc::new(BTreeMap::new()),
+        }
+    }
+
+    /// The wire form.
+    pub fn to_update(&self, lagged: bool) -> StatusUpdate {
+        StatusUpdate {
+            name: self.name.to_string(),
+            version: self.version,
+            online: self.online,
+            since_ms: ms(self.since),
+            updated_ms: ms(self.updated),
+            fields: self
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            lagged,
+        }
+    }
+
+    /// The JSON form of the HTTP API.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": &*self.name,
+            "version": self.version,
+            "online": self.online,
+            "since": rfc3339(self.since),
+            "updated": rfc3339(self.updated),
+            "status": &*self.fields,
+        })
+    }
+}
+
+type Key = (Arc<str>, Arc<str>);
+
+struct Entry {
+    tx: watch::Sender<Arc<Snapshot>>,
+    /// Newest value, published or waiting for the publish interval.
+    current: Arc<Snapshot>,
+    last_publish: Option<Instant>,
+    /// Offline since (for the retention TTL).
+    offline_at: Option<Instant>,
+}
+
+/// All statuses of this relay.
+pub(crate) struct StatusBoard {
+    entries: HashMap<Key, Entry>,
+    next_version: u64,
+    dirty: HashSet<Key>,
+    /// How long an offline peer's status is kept.
+    retention: Duration,
+}
+
+impl std::fmt::Debug for StatusBoard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusBoard")
+            .field("entries", &self.entries.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl StatusBoard {
+    pub(crate) fn new(retention: Duration) -> Self {
+        Self {
+            entries: HashMap::new(),
+            next_version: 1,
+            dirty: HashSet::new(),
+            retention,
+        }
+    }
+
+    fn entry(&mut self, ns: &str, name: &str) -> (&mut Entry, Key) {
+        let k: Key = (Arc::from(ns), Arc::from(name));
+        let e = self.entries.entry(k.clone()).or_insert_with(|| {
+            let s = Arc::new(Snapshot::unknown(name));
+            Entry {
+                tx: watch::Sender::new(s.clone()),
+                current: s,
+                last_publish: None,
+                offline_at: None,
+            }
+        });
+        (e, k)
+    }
+
+    fn bump(&mut self) -> u64 {
+        let v = self.next_version;
+        self.next_version += 1;
+        v
+    }
+
+    fn publish(e: &mut Entry, now: Instant) {
+        let prev = e.tx.borrow().version;
+        let mut s = (*e.current).clone();
+        s.prev_version = prev;
+        let s = Arc::new(s);
+        e.current = s.clone();
+        e.tx.send_replace(s);
+        e.last_publish = Some(now);
+    }
+
+    /// Marks a peer attached or not; publishes at once if it changed.
+    pub(crate) fn set_presence(&mut self, ns: &str, name: &str, online: bool, now: Instant) {
+        if self
+            .entries
+            .get(&(Arc::from(ns), Arc::from(name)))
+            .is_some_and(|e| e.current.online == online)
+        {
+            return;
+        }
+        let v = self.bump();
+        let (e, k) = self.entry(ns, name);
+        let mut s = (*e.current).clone();
+        s.version = v;
+        s.online = online;
+        s.since = Some(SystemTime::now());
+        e.current = Arc::new(s);
+        e.offline_at = (!online).then_some(now);
+        Self::publish(e, now);
+        self.dirty.remove(&k);
+    }
+
+    /// Applies a status change of `(ns, name)`; returns the new snapshot.
+    pub(crate) fn set_fields(
+        &mut self,
+        ns: &str,
+        name: &str,
+        change: &SetStatus,
+        now: Instant,
+    ) -> Result<Arc<Snapshot>, Refusal> {
+        let next = {
+            let (e, _) = self.entry(ns, name);
+            swb_wire::apply_status(&e.current.fields, change)?
+        };
+        let v = self.bump();
+        let (e, k) = self.entry(ns, name);
+        let mut s = (*e.current).clone();
+        s.version = v;
+        s.fields = Arc::new(next);
+        s.updated = Some(SystemTime::now());
+        e.current = Arc::new(s);
+        let wait = e
+            .last_publish
+            .is_some_and(|t| now < t + MIN_PUBLISH_INTERVAL);
+        if !wait {
+            Self::publish(e, now);
+        }
+        let out = e.current.clone();
+        if wait {
+            self.dirty.insert(k);
+        } else {
+            self.dirty.remove(&k);
+        }
+        Ok(out)
+    }
+
+    /// A subscription to `(ns, name)`: its current value and every change.
+    pub(crate) fn subscribe(&mut self, ns: &str, name: &str) -> watch::Receiver<Arc<Snapshot>> {
+        self.entry(ns, name).0.tx.subscribe()
+    }
+
+    /// The newest value of `(ns, name)`.
+    pub(crate) fn get(&self, ns: &str, name: &str) -> Arc<Snapshot> {
+        match self.entries.get(&(Arc::from(ns), Arc::from(name))) {
+            Some(e) => e.current.clone(),
+            None => Arc::new(Snapshot::unknown(name)),
+        }
+    }
+
+    /// Every name of `ns` that was ever held (and is still retained), sorted.
+    pub(crate) fn known(&self, ns: &str) -> Vec<Arc<Snapshot>> {
+        let mut v: Vec<_> = self
+            .entries
+            .iter()
+            .filter(|((n, _), e)| &**n == ns && e.current.version > 0)
+            .map(|(_, e)| e.current.clone())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Names of `ns` the board says are online.
+    pub(crate) fn online(&self) -> Vec<(Arc<str>, Arc<str>)> {
+        self.entries
+            .iter()
+            .filter(|(_, e)| e.current.online)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Whether coalesced changes wait for [`Self::flush`].
+    pub(crate) fn has_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Publishes coalesced changes whose interval has passed.
+    pub(crate) fn flush(&mut self, now: Instant) {
+        let due: Vec<Key> = self
+            .dirty
+            .iter()
+            .filter(|k| {
+                self.entries.get(*k).is_some_and(|e| {
+                    e.last_publish
+                        .is_none_or(|t| now >= t + MIN_PUBLISH_INTERVAL)
+                })
+            })
+            .cloned()
+            .collect();
+        for k in due {
+            self.dirty.remove(&k);
+            if let Some(e) = self.entries.get_mut(&k) {
+                Self::publish(e, now);
+            }
+        }
+    }
+
+    /// Forgets offline peers past retention that nobody watches (a watched
+    /// one keeps its channel but loses its fields), and channels of names
+    /// nobody held and nobody watches any more.
+    pub(crate) fn sweep(&mut self, now: Instant) {
+        let retention = self.retention;
+        let expired: Vec<Key> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.offline_at.is_some_and(|t| now >= t + retention))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in expired {
+            let watched = self
+                .entries
+                .get(&k)
+                .is_some_and(|e| e.tx.receiver_count() > 0);
+            if watched {
+                let v = self.bump();
+                if let Some(e) = self.entries.get_mut(&k) {
+                    let mut s = Snapshot::unknown(&k.1);
+                    s.version = v;
+                    s.since = e.current.since;
+                    e.current = Arc::new(s);
+                    e.offline_at = None;
+                    Self::publish(e, now);
+                }
+            } else {
+                self.entries.remove(&k);
+                self.dirty.remove(&k);
+            }
+        }
+        // Channels of names nobody held and nobody watches any more.
+        self.entries
+            .retain(|_, e| e.current.version > 0 || e.tx.receiver_count() > 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(k: &str, v: &str) -> SetStatus {
+        SetStatus {
+            set: vec![(k.into(), v.into())],
+            clear: vec![],
+            replace: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bursts_coalesce_and_watchers_end_on_the_newest_value() {
+        let mut b = StatusBoard::new(Duration::from_secs(60));
+        let mut rx = b.subscribe("ns", "a");
+        assert_eq!(rx.borrow_and_update().version, 0);
+        let t0 = Instant::now();
+        for i in 0..10_000 {
+            b.set_fields("ns", "a", &set("n", &i.to_string()), t0)
+                .unwrap();
+        }
+        // The first change went out at once; the rest wait for the interval.
+        assert_eq!(rx.borrow_and_update().fields["n"], "0");
+        b.flush(t0 + MIN_PUBLISH_INTERVAL);
+        let s = rx.borrow_and_update().clone();
+        assert_eq!(s.fields["n"], "9999");
+        assert!(
+            s.prev_version < s.version - 1,
+            "intermediate versions were skipped"
+        );
+        assert!(!rx.has_changed().unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn presence_and_retention() {
+        let mut b = StatusBoard::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        b.set_presence("ns", "a", true, t0);
+        b.set_fields("ns", "a", &set("k", "v"), t0).unwrap();
+        assert!(b.get("ns", "a").online);
+        assert_eq!(
+            b.get("other", "a").version,
+            0,
+            "other namespaces see nothing"
+        );
+        b.set_presence("ns", "a", false, t0);
+        b.sweep(t0 + Duration::from_secs(5));
+        assert_eq!(b.get("ns", "a").fields.len(), 1, "offline keeps its status");
+        b.sweep(t0 + Duration::from_secs(11));
+        assert_eq!(b.get("ns", "a").version, 0, "forgotten after retention");
+        assert!(b.known("ns").is_empty());
+    }
+}
