@@ -315,18 +315,35 @@ async fn readme_walkthrough_with_separate_processes() -> Result<()> {
     let l = ctl(&london_sock);
     let p = ctl(&laptop_sock);
     let out = run_ok(&["--control", &l, "set-status", "load=0.31", "build=4711"]).await?;
-    assert!(out.contains("build=4711") && out.contains("load=0.31"), "{out}");
+    assert!(
+        out.contains("build=4711") && out.contains("load=0.31"),
+        "{out}"
+    );
     run_ok(&["--control", &l, "set-status", "--clear", "build"]).await?;
     let out = run_ok(&["--control", &p, "get-status", "london"]).await?;
-    assert!(out.starts_with("london\tonline") && out.contains("load=0.31") && !out.contains("build"), "{out}");
-    let v: serde_json::Value =
-        serde_json::from_str(run_ok(&["--control", &p, "--json", "get-status", "london"]).await?.trim())?;
+    assert!(
+        out.starts_with("london\tonline") && out.contains("load=0.31") && !out.contains("build"),
+        "{out}"
+    );
+    let v: serde_json::Value = serde_json::from_str(
+        run_ok(&["--control", &p, "--json", "get-status", "london"])
+            .await?
+            .trim(),
+    )?;
     assert_eq!(v["status"]["load"], "0.31");
     let out = run_ok(&["--control", &p, "peers"]).await?;
-    assert!(out.lines().any(|l| l.starts_with("london") && l.contains("online") && l.contains("load=0.31")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("london") && l.contains("online") && l.contains("load=0.31")),
+        "{out}"
+    );
     let out = run(&["--control", &l, "set-status", "nonsense"]).await?;
     assert_eq!(out.status.code(), Some(1));
-    assert!(text(&out.stderr).contains("KEY=VALUE"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("KEY=VALUE"),
+        "{}",
+        text(&out.stderr)
+    );
     let mut watch = swbd()
         .args(["--control", &p, "--json", "watch", "london"])
         .stdout(Stdio::piped())
