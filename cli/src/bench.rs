@@ -19,6 +19,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 pub(crate) enum BenchCommand {
     /// Single-stream goodput: direct quinn vs. through a relay.
     Stream(StreamArgs),
+    /// Placement: balance, movement on join/leave, and lookup time of the
+    /// home-relay ring at 10, 100 and 1000 relays.
+    Ring(RingArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RingArgs {
+    /// Sampled names per relay for the balance and movement figures.
+    #[arg(long, default_value_t = 10_000)]
+    keys_per_relay: usize,
 }
 
 #[derive(Debug, Args)]
@@ -34,7 +44,71 @@ pub(crate) struct StreamArgs {
 pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
     match cmd {
         BenchCommand::Stream(a) => stream(a, out).await,
+        BenchCommand::Ring(a) => ring(a, out),
     }
+}
+
+fn ring(a: RingArgs, out: &Output) -> Result<()> {
+    use swb_ring::{key_hash, Ring};
+    if !out.json {
+        println!("home-relay placement (rendezvous hashing); goals: max share <= 1.05 x mean, moved <= 1.1/(N+1), lookup <= 1 us at N=1000");
+        println!(
+            "{:>6} {:>10} {:>14} {:>18} {:>18} {:>12}",
+            "relays", "samples", "max/mean", "join moved*(N+1)", "leave moved*(N)", "lookup"
+        );
+    }
+    for n in [10usize, 100, 1000] {
+        let r = Ring::new((0..n).map(|i| format!("relay-{i:04}")));
+        let samples = a.keys_per_relay * n;
+        let keys: Vec<u64> = (0..samples)
+            .map(|i| key_hash("bench", &format!("peer-{i}")))
+            .collect();
+        // Balance.
+        let mut counts = std::collections::HashMap::<&str, usize>::new();
+        for k in &keys {
+            *counts.entry(r.home_of_hash(*k).unwrap_or("")).or_default() += 1;
+        }
+        let mean = samples as f64 / n as f64;
+        let max = counts.values().copied().max().unwrap_or(0) as f64 / mean;
+        // Movement when one relay joins, and when one leaves.
+        let joined = r.with("newcomer");
+        let moved_join = keys
+            .iter()
+            .filter(|k| r.home_of_hash(**k) != joined.home_of_hash(**k))
+            .count();
+        let left = r.without("relay-0000");
+        let moved_leave = keys
+            .iter()
+            .filter(|k| r.home_of_hash(**k) != left.home_of_hash(**k))
+            .count();
+        let join_ratio = moved_join as f64 / samples as f64 * (n + 1) as f64;
+        let leave_ratio = moved_leave as f64 / samples as f64 * n as f64;
+        // Lookup time over precomputed key hashes.
+        let t = Instant::now();
+        let mut acc = 0usize;
+        let lookups = keys.len().min(2_000_000);
+        for k in &keys[..lookups] {
+            acc = acc.wrapping_add(r.home_of_hash(*k).map_or(0, str::len));
+        }
+        let ns = t.elapsed().as_nanos() as f64 / lookups as f64;
+        std::hint::black_box(acc);
+        if out.json {
+            println!(
+                "{}",
+                serde_json::json!({"bench": "ring", "relays": n, "samples": samples, "max_over_mean": max,
+                    "join_moved_times_n_plus_1": join_ratio, "leave_moved_times_n": leave_ratio, "lookup_ns": ns})
+            );
+        } else {
+            println!(
+                "{n:>6} {samples:>10} {max:>14.3} {join_ratio:>18.3} {leave_ratio:>18.3} {:>9.0} ns",
+                ns
+            );
+        }
+    }
+    if !out.json {
+        println!("(max/mean includes sampling noise of about 3/sqrt(samples per relay); raise --keys-per-relay to shrink it)");
+    }
+    Ok(())
 }
 
 const CHUNK: usize = 256 * 1024;
