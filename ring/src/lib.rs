@@ -202,7 +202,7 @@ mod tests {
     #[test]
     fn balance_is_within_noise_at_ten_relays() {
         let r = ring(10);
-        let mut counts = vec![0usize; 10];
+        let mut counts = [0usize; 10];
         let n = 200_000;
         for i in 0..n {
             let h = r.home("ns", &format!("peer-{i}")).unwrap();
