@@ -16,7 +16,8 @@ pub(crate) struct RelayArgs {
     /// --data-dir and print its fingerprint for `swbd up --relay-fingerprint`.
     #[arg(long)]
     dev: bool,
-    /// Where a dev relay keeps its certificate, key and `fingerprint` file.
+    /// Where the relay keeps its state: held mail across restarts, and in
+    /// dev mode its certificate, key and `fingerprint` file.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// API keys file (`swbd keys create` writes it). Default: <data-dir>/keys.toml.
@@ -101,6 +102,7 @@ pub(crate) async fn run(a: RelayArgs) -> Result<()> {
     }
     let mut config = RelayConfig::new(a.listen, identity, KeySource::File(keys_path.clone()));
     config.relay_id = a.relay_id.clone();
+    config.state_dir = a.data_dir.clone();
     if let Some(h) = a.http_listen {
         config.http_listen = h;
     }

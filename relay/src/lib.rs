@@ -30,6 +30,7 @@ use tracing::{info, warn, Instrument};
 
 mod http;
 pub mod keys;
+mod persist;
 mod registry;
 mod session;
 mod status;
@@ -87,6 +88,9 @@ pub struct RelayConfig {
     pub stream_setup_timeout: Duration,
     /// How long an offline peer's status is kept (default 24 h).
     pub status_retention: Duration,
+    /// Where held mail is saved at shutdown and loaded at start; `None`
+    /// keeps it in memory only.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Where the HTTPS endpoint listens (TCP).
@@ -119,6 +123,7 @@ impl RelayConfig {
             max_streams_per_peer: 256,
             stream_setup_timeout: Duration::from_secs(10),
             status_retention: Duration::from_secs(24 * 3600),
+            state_dir: None,
         }
     }
 }
@@ -140,6 +145,14 @@ pub enum RelayError {
     /// The keys file could not be loaded.
     #[error(transparent)]
     Keys(#[from] keys::KeysError),
+    /// Saved state could not be read.
+    #[error("relay state {path}: {source}")]
+    State {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// Counters, for logs, tests and (later) metrics.
@@ -289,6 +302,45 @@ pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(sock)
 }
 
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Loads mail saved by a previous graceful stop.
+fn restore_mail(shared: &Shared, dir: &std::path::Path) -> Result<(), RelayError> {
+    let saved = persist::take(dir).map_err(|source| RelayError::State {
+        path: persist::path(dir).display().to_string(),
+        source,
+    })?;
+    if saved.is_empty() {
+        return Ok(());
+    }
+    let total = saved.len();
+    let (now, wall) = (tokio::time::Instant::now(), wall_ms());
+    let mut reg = shared.registry();
+    let mut lost = 0;
+    for m in saved {
+        let (ns, to, id) = (m.ns.clone(), m.to.clone(), m.id);
+        if let Err(why) = reg.restore(m, now, wall) {
+            lost += 1;
+            warn!(%ns, %to, %id, "saved message not restored: {why}");
+        }
+    }
+    shared
+        .counters
+        .expired
+        .fetch_add(lost as u64, Ordering::Relaxed);
+    info!(
+        messages = total - lost,
+        not_restored = lost,
+        "held mail restored from the last stop"
+    );
+    Ok(())
+}
+
 /// The relay entry point.
 #[derive(Debug)]
 pub struct Relay;
@@ -414,6 +466,9 @@ impl Relay {
             keys_seen: Mutex::new((keys_bytes, Some(std::time::Instant::now()))),
             config,
         });
+        if let Some(dir) = &shared.config.state_dir {
+            restore_mail(&shared, dir)?;
+        }
         let cancel = CancellationToken::new();
         let span = tracing::info_span!("relay", relay = %shared.config.relay_id);
         let http_task = http_listener.map(|l| {
@@ -620,6 +675,21 @@ async fn run(
     }
     if let Some(t) = http_task {
         let _ = t.await;
+    }
+    if let Some(dir) = &shared.config.state_dir {
+        let saved = shared
+            .registry()
+            .export(tokio::time::Instant::now(), wall_ms());
+        let n = saved.len();
+        match persist::save(dir, saved) {
+            Ok(()) if n > 0 => {
+                info!(messages = n, dir = %dir.display(), "held mail saved for the next start")
+            }
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(messages = n, dir = %dir.display(), "cannot save held mail: {e}; it is lost")
+            }
+        }
     }
     endpoint.close(quinn::VarInt::from_u32(0), b"relay shutting down");
     let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;

@@ -664,6 +664,54 @@ impl Registry {
         v
     }
 
+    /// Every held message, for saving at shutdown. `now`/`wall_now_ms`
+    /// convert expiry to wall-clock time.
+    pub(crate) fn export(&self, now: Instant, wall_now_ms: u64) -> Vec<crate::persist::Saved> {
+        let mut out = Vec::new();
+        for ((ns, to), slot) in &self.slots {
+            for m in slot.mailbox.msgs.values() {
+                let left = m.expires_at.saturating_duration_since(now).as_millis() as u64;
+                out.push(crate::persist::Saved {
+                    ns: ns.to_string(),
+                    to: to.to_string(),
+                    from: m.from.to_string(),
+                    id: m.id,
+                    body: m.body.clone(),
+                    sent_at_ms: m.sent_at_ms,
+                    expires_at_ms: wall_now_ms + left,
+                });
+            }
+        }
+        out
+    }
+
+    /// Puts a saved message back, with its remaining lifetime.
+    pub(crate) fn restore(
+        &mut self,
+        m: crate::persist::Saved,
+        now: Instant,
+        wall_now_ms: u64,
+    ) -> Result<(), String> {
+        if m.expires_at_ms <= wall_now_ms {
+            return Err("expired while the relay was down".into());
+        }
+        let left = Duration::from_millis(m.expires_at_ms - wall_now_ms);
+        match self.enqueue(&m.ns, &m.from, &m.to, m.id, m.body, m.sent_at_ms, now) {
+            Enqueued::Accepted { .. } => {
+                // enqueue gave it the full TTL; keep its remaining one.
+                if let Some(slot) = self.slots.get_mut(&key(&m.ns, &m.to)) {
+                    if let Some(seq) = slot.mailbox.by_id.get(&m.id).copied() {
+                        if let Some(s) = slot.mailbox.msgs.get_mut(&seq) {
+                            s.expires_at = now + left.min(self.limits.ttl);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Enqueued::Refused(r) => Err(r.to_string()),
+        }
+    }
+
     /// Number of held messages (all namespaces).
     pub(crate) fn held_messages(&self) -> usize {
         self.slots.values().map(|s| s.mailbox.msgs.len()).sum()

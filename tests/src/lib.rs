@@ -110,6 +110,7 @@ impl TestRelay {
         cfg.shutdown_grace = Duration::from_secs(2);
         cfg.http = opts.http.clone();
         cfg.max_streams_per_peer = opts.max_streams_per_peer;
+        cfg.state_dir = Some(dir.path().join("state"));
         Ok(Relay::spawn(cfg).await?)
     }
 

@@ -392,3 +392,30 @@ async fn key_created_while_the_relay_runs_works_at_once() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn held_mail_survives_a_graceful_relay_restart() -> Result<()> {
+    let mut relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let laptop = TestDaemon::start(&relay, &key, "laptop").await?;
+    for i in 0..3 {
+        let sent = laptop
+            .send("london", format!("kept {i}").as_bytes())
+            .await?;
+        assert!(!sent.online);
+    }
+    relay.restart().await?;
+    assert_eq!(
+        relay.handle().stats().held,
+        3,
+        "restored from the state dir"
+    );
+    let london = TestDaemon::start(&relay, &key, "london").await?;
+    let got = london.recv_n(3).await?;
+    let bodies: Vec<Vec<u8>> = got.iter().map(|m| m.body()).collect();
+    assert_eq!(
+        bodies,
+        vec![b"kept 0".to_vec(), b"kept 1".to_vec(), b"kept 2".to_vec()]
+    );
+    Ok(())
+}
