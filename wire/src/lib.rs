@@ -72,6 +72,10 @@ pub const MAX_STATUS_KEYS: usize = 32;
 pub const MAX_STATUS_KEY_LEN: usize = 64;
 /// Most peers one watch may name.
 pub const MAX_WATCH_NAMES: usize = 256;
+/// ALPN protocol id of a relay-to-relay (mesh) connection.
+pub const MESH_ALPN: &[u8] = b"swb-mesh/1";
+/// Most relays a relay map lists.
+pub const MAX_RELAYS: usize = 4096;
 /// ALPN protocol id of a client (daemon) connection.
 pub const ALPN: &[u8] = b"swb/1";
 
@@ -116,6 +120,17 @@ pub enum FrameType {
     SetStatus = 17,
     /// Daemon → relay, first frame of a stream: every known peer's status.
     PeersQuery = 18,
+    /// Relay → relay, first frame of a mesh link: who I am, with proof of
+    /// the mesh key bound to this TLS session.
+    MeshHello = 19,
+    /// Relay → relay: answer to `MeshHello`, with the members it knows.
+    MeshWelcome = 20,
+    /// Relay → relay on the mesh control stream: members I know.
+    MeshMembers = 21,
+    /// Relay → daemon, instead of `Welcome`: your home is another relay.
+    Redirect = 22,
+    /// Relay → daemon, after `Welcome` and when it changes: the live relays.
+    RelayMap = 23,
 }
 
 impl FrameType {
@@ -140,6 +155,11 @@ impl FrameType {
             16 => Self::StatusUpdate,
             17 => Self::SetStatus,
             18 => Self::PeersQuery,
+            19 => Self::MeshHello,
+            20 => Self::MeshWelcome,
+            21 => Self::MeshMembers,
+            22 => Self::Redirect,
+            23 => Self::RelayMap,
             _ => return None,
         })
     }
@@ -526,6 +546,67 @@ pub fn apply_status(
     Ok(next)
 }
 
+/// A relay as others reach it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct RelayRecord {
+    /// Relay id (unique in the mesh; the ring places peers by it).
+    pub id: String,
+    /// Addresses (`host:port`) daemons and relays connect to.
+    pub addrs: Vec<String>,
+    /// `sha256:<hex>` of its certificate.
+    pub fingerprint: String,
+}
+
+/// Relay → relay: first frame of a mesh link.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshHello {
+    /// Protocol version.
+    pub version: u16,
+    /// The dialing relay.
+    pub relay: RelayRecord,
+    /// HMAC-SHA256 under the mesh key of this TLS session's exported keying
+    /// material: proves the key without revealing it, and cannot be replayed
+    /// on another connection.
+    pub proof: Vec<u8>,
+}
+
+impl fmt::Debug for MeshHello {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshHello")
+            .field("version", &self.version)
+            .field("relay", &self.relay)
+            .field("proof", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Relay → relay: the answer to `MeshHello`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshWelcome {
+    /// The answering relay.
+    pub relay: RelayRecord,
+    /// Its proof (with the other role label).
+    pub proof: Vec<u8>,
+    /// Relays it knows.
+    pub members: Vec<RelayRecord>,
+}
+
+impl fmt::Debug for MeshWelcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshWelcome")
+            .field("relay", &self.relay)
+            .field("members", &self.members.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The live relays, as a relay tells its daemons and other relays.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayMap {
+    /// Live relays.
+    pub relays: Vec<RelayRecord>,
+}
+
 /// Ping / Pong payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {
@@ -572,6 +653,16 @@ pub enum Frame {
     SetStatus(SetStatus),
     /// See [`FrameType::PeersQuery`].
     PeersQuery,
+    /// See [`FrameType::MeshHello`].
+    MeshHello(MeshHello),
+    /// See [`FrameType::MeshWelcome`].
+    MeshWelcome(MeshWelcome),
+    /// See [`FrameType::MeshMembers`].
+    MeshMembers(RelayMap),
+    /// See [`FrameType::Redirect`].
+    Redirect(RelayRecord),
+    /// See [`FrameType::RelayMap`].
+    RelayMap(RelayMap),
 }
 
 /// Errors while encoding a frame.
@@ -645,6 +736,11 @@ impl Frame {
             Frame::StatusUpdate(_) => FrameType::StatusUpdate,
             Frame::SetStatus(_) => FrameType::SetStatus,
             Frame::PeersQuery => FrameType::PeersQuery,
+            Frame::MeshHello(_) => FrameType::MeshHello,
+            Frame::MeshWelcome(_) => FrameType::MeshWelcome,
+            Frame::MeshMembers(_) => FrameType::MeshMembers,
+            Frame::Redirect(_) => FrameType::Redirect,
+            Frame::RelayMap(_) => FrameType::RelayMap,
         }
     }
 
@@ -670,6 +766,10 @@ impl Frame {
             Frame::StatusUpdate(v) => len(v),
             Frame::SetStatus(v) => len(v),
             Frame::PeersQuery => Ok(0),
+            Frame::MeshHello(v) => len(v),
+            Frame::MeshWelcome(v) => len(v),
+            Frame::MeshMembers(v) | Frame::RelayMap(v) => len(v),
+            Frame::Redirect(v) => len(v),
         }
     }
 
@@ -708,6 +808,12 @@ impl Frame {
             Frame::StatusUpdate(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::SetStatus(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::PeersQuery => Ok(0),
+            Frame::MeshHello(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::MeshWelcome(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::MeshMembers(v) | Frame::RelayMap(v) => {
+                postcard::to_slice(v, out).map(|s| s.len())
+            }
+            Frame::Redirect(v) => postcard::to_slice(v, out).map(|s| s.len()),
         };
         match res {
             Ok(n) if n == len => Ok(()),
@@ -852,6 +958,23 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
                 });
             }
             Frame::PeersQuery
+        }
+        FrameType::MeshHello => Frame::MeshHello(body(ty, b)?),
+        FrameType::MeshWelcome => {
+            let w: MeshWelcome = body(ty, b)?;
+            check_len("mesh_welcome.members", w.members.len(), MAX_RELAYS)?;
+            Frame::MeshWelcome(w)
+        }
+        FrameType::MeshMembers => {
+            let m: RelayMap = body(ty, b)?;
+            check_len("mesh_members.relays", m.relays.len(), MAX_RELAYS)?;
+            Frame::MeshMembers(m)
+        }
+        FrameType::Redirect => Frame::Redirect(body(ty, b)?),
+        FrameType::RelayMap => {
+            let m: RelayMap = body(ty, b)?;
+            check_len("relay_map.relays", m.relays.len(), MAX_RELAYS)?;
+            Frame::RelayMap(m)
         }
     };
     Ok(Decoded::Frame {
