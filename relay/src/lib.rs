@@ -30,6 +30,7 @@ use tracing::{info, warn, Instrument};
 
 mod http;
 pub mod keys;
+pub mod mesh;
 mod persist;
 mod registry;
 mod session;
@@ -91,6 +92,8 @@ pub struct RelayConfig {
     /// Where held mail is saved at shutdown and loaded at start; `None`
     /// keeps it in memory only.
     pub state_dir: Option<PathBuf>,
+    /// Membership of a relay mesh, if any.
+    pub mesh: Option<mesh::MeshConfig>,
 }
 
 /// Where the HTTPS endpoint listens (TCP).
@@ -124,6 +127,7 @@ impl RelayConfig {
             stream_setup_timeout: Duration::from_secs(10),
             status_retention: Duration::from_secs(24 * 3600),
             state_dir: None,
+            mesh: None,
         }
     }
 }
@@ -194,6 +198,8 @@ pub struct RelayStats {
     pub streams_opened: u64,
     /// Data streams refused (by the relay or the target).
     pub streams_refused: u64,
+    /// Mesh links refused for a missing or wrong mesh-key proof.
+    pub mesh_refused: u64,
 }
 
 pub(crate) struct Shared {
@@ -203,6 +209,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     /// Keys file contents last installed, and when the file was last read.
     keys_seen: Mutex<(Option<Vec<u8>>, Option<std::time::Instant>)>,
+    /// The mesh this relay is part of.
+    pub(crate) mesh: Option<Arc<mesh::Mesh>>,
 }
 
 impl Shared {
@@ -390,7 +398,9 @@ impl Relay {
     /// Binds the endpoint and starts serving. Must run inside a tokio runtime.
     pub async fn spawn(config: RelayConfig) -> Result<RelayHandle, RelayError> {
         let (store, keys_bytes) = read_keys(&config.keys)?;
-        let tls = config.identity.server_config(&[swb_wire::ALPN])?;
+        let tls = config
+            .identity
+            .server_config(&[swb_wire::ALPN, swb_wire::MESH_ALPN])?;
         let qcfg = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| tls::TlsError::Config(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(qcfg));
@@ -464,6 +474,21 @@ impl Relay {
             keys: RwLock::new(Arc::new(store)),
             counters: Counters::default(),
             keys_seen: Mutex::new((keys_bytes, Some(std::time::Instant::now()))),
+            mesh: config.mesh.as_ref().map(|m| {
+                let addrs = if m.advertise.is_empty() {
+                    vec![local_addr.to_string()]
+                } else {
+                    m.advertise.clone()
+                };
+                mesh::Mesh::new(
+                    swb_wire::RelayRecord {
+                        id: config.relay_id.clone(),
+                        addrs,
+                        fingerprint: config.identity.fingerprint(),
+                    },
+                    m,
+                )
+            }),
             config,
         });
         if let Some(dir) = &shared.config.state_dir {
@@ -476,8 +501,19 @@ impl Relay {
                 http::serve(l, http_tls, shared.clone(), cancel.clone()).instrument(span.clone()),
             )
         });
-        let task =
-            tokio::spawn(run(endpoint, shared.clone(), cancel.clone(), http_task).instrument(span));
+        let mesh_task = shared.mesh.clone().map(|m| {
+            tokio::spawn(mesh::dialer(m, endpoint.clone(), cancel.clone()).instrument(span.clone()))
+        });
+        let task = tokio::spawn(
+            run(
+                endpoint,
+                shared.clone(),
+                cancel.clone(),
+                http_task,
+                mesh_task,
+            )
+            .instrument(span),
+        );
         info!(%local_addr, ?http_addr, relay = %shared.config.relay_id, "relay listening");
         Ok(RelayHandle {
             local_addr,
@@ -563,6 +599,27 @@ impl RelayHandle {
         Ok(StatusWatcher::new(&self.shared.0, namespace, &names))
     }
 
+    /// Ids of the relays this relay can reach now (itself included), sorted.
+    pub fn live_relays(&self) -> Vec<String> {
+        match &self.shared.0.mesh {
+            Some(m) => m.live().borrow().ring.ids().to_vec(),
+            None => vec![self.shared.0.config.relay_id.clone()],
+        }
+    }
+
+    /// Waits until the live set satisfies `pred` (or the relay stops).
+    pub async fn wait_live(&self, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
+        let Some(m) = &self.shared.0.mesh else {
+            return self.live_relays();
+        };
+        let mut rx = m.live();
+        let r = rx.wait_for(|l| pred(l.ring.ids())).await;
+        match r {
+            Ok(l) => l.ring.ids().to_vec(),
+            Err(_) => self.live_relays(),
+        }
+    }
+
     /// Current counters.
     pub fn stats(&self) -> RelayStats {
         let s = &self.shared.0;
@@ -578,6 +635,10 @@ impl RelayHandle {
             expired: c.expired.load(Ordering::Relaxed),
             streams_opened: c.streams_opened.load(Ordering::Relaxed),
             streams_refused: c.streams_refused.load(Ordering::Relaxed),
+            mesh_refused: s
+                .mesh
+                .as_ref()
+                .map_or(0, |m| m.refused.load(Ordering::Relaxed)),
             held: reg.held_messages() as u64,
             attached: reg.sessions().len() as u64,
         }
@@ -597,6 +658,7 @@ async fn run(
     shared: Arc<Shared>,
     cancel: CancellationToken,
     http_task: Option<JoinHandle<()>>,
+    mesh_task: Option<JoinHandle<()>>,
 ) {
     let mut sessions = tokio::task::JoinSet::new();
     let lease_every = (shared.config.limits.visibility / 4)
@@ -674,6 +736,9 @@ async fn run(
         while sessions.join_next().await.is_some() {}
     }
     if let Some(t) = http_task {
+        let _ = t.await;
+    }
+    if let Some(t) = mesh_task {
         let _ = t.await;
     }
     if let Some(dir) = &shared.config.state_dir {

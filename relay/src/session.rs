@@ -113,6 +113,17 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
             Err(_) => { debug!("handshake timed out"); return; }
         },
     };
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    if alpn.as_deref() == Some(swb_wire::MESH_ALPN) {
+        match &shared.mesh {
+            Some(m) => crate::mesh::accept(m.clone(), conn, cancel).await,
+            None => conn.close(CLOSE_PROTOCOL.into(), b"this relay is not part of a mesh"),
+        }
+        return;
+    }
     let stream = tokio::select! {
         _ = cancel.cancelled() => {
             conn.close(CLOSE_NORMAL.into(), b"relay shutting down");

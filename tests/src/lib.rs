@@ -46,6 +46,10 @@ pub struct RelayOptions {
     pub http: swb_relay::HttpLimits,
     /// Data streams per peer.
     pub max_streams_per_peer: usize,
+    /// Relay id (default `test-relay`).
+    pub relay_id: Option<String>,
+    /// Mesh membership.
+    pub mesh: Option<swb_relay::mesh::MeshConfig>,
 }
 
 impl Default for RelayOptions {
@@ -56,6 +60,8 @@ impl Default for RelayOptions {
             identity: None,
             http: swb_relay::HttpLimits::default(),
             max_streams_per_peer: 256,
+            relay_id: None,
+            mesh: None,
         }
     }
 }
@@ -106,7 +112,8 @@ impl TestRelay {
         );
         cfg.limits = opts.limits.clone();
         cfg.keys_poll = opts.keys_poll;
-        cfg.relay_id = "test-relay".into();
+        cfg.relay_id = opts.relay_id.clone().unwrap_or_else(|| "test-relay".into());
+        cfg.mesh = opts.mesh.clone();
         cfg.shutdown_grace = Duration::from_secs(2);
         cfg.http = opts.http.clone();
         cfg.max_streams_per_peer = opts.max_streams_per_peer;
@@ -347,6 +354,11 @@ pub struct RawClient {
 /// A rustls client config that pins `fingerprint` (test-only, via the daemon's verifier path is private; so
 /// we trust the relay's certificate directly as a root).
 fn raw_client_config(relay: &TestRelay) -> Result<quinn::ClientConfig> {
+    raw_client_config_alpn(relay, swb_wire::ALPN)
+}
+
+/// A client config pinning `relay`'s certificate and offering `alpn`.
+pub fn raw_client_config_alpn(relay: &TestRelay, alpn: &[u8]) -> Result<quinn::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     // The ephemeral certificate is self-signed: trusting it as a root is pinning it.
     roots.add(relay.identity.chain[0].clone())?;
@@ -356,7 +368,7 @@ fn raw_client_config(relay: &TestRelay) -> Result<quinn::ClientConfig> {
     .with_protocol_versions(&[&rustls::version::TLS13])?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    tls.alpn_protocols = vec![swb_wire::ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     let q = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     Ok(quinn::ClientConfig::new(Arc::new(q)))
 }

@@ -17,8 +17,16 @@ fn arb_refusal() -> impl Strategy<Value = Refusal> {
 }
 
 fn arb_record() -> impl Strategy<Value = RelayRecord> {
-    ("[a-z0-9-]{1,12}", proptest::collection::vec("[a-z0-9.:]{1,20}", 0..3), "sha256:[0-9a-f]{8}")
-        .prop_map(|(id, addrs, fingerprint)| RelayRecord { id, addrs, fingerprint })
+    (
+        "[a-z0-9-]{1,12}",
+        proptest::collection::vec("[a-z0-9.:]{1,20}", 0..3),
+        "sha256:[0-9a-f]{8}",
+    )
+        .prop_map(|(id, addrs, fingerprint)| RelayRecord {
+            id,
+            addrs,
+            fingerprint,
+        })
 }
 
 fn arb_frame() -> impl Strategy<Value = Frame> {
@@ -98,12 +106,30 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             })),
         Just(Frame::PeersQuery),
         arb_record().prop_map(Frame::Redirect),
-        proptest::collection::vec(arb_record(), 0..4).prop_map(|relays| Frame::RelayMap(RelayMap { relays })),
-        proptest::collection::vec(arb_record(), 0..4).prop_map(|relays| Frame::MeshMembers(RelayMap { relays })),
-        (any::<u16>(), arb_record(), proptest::collection::vec(any::<u8>(), 0..40))
-            .prop_map(|(version, relay, proof)| Frame::MeshHello(MeshHello { version, relay, proof })),
-        (arb_record(), proptest::collection::vec(any::<u8>(), 0..40), proptest::collection::vec(arb_record(), 0..3))
-            .prop_map(|(relay, proof, members)| Frame::MeshWelcome(MeshWelcome { relay, proof, members })),
+        proptest::collection::vec(arb_record(), 0..4)
+            .prop_map(|relays| Frame::RelayMap(RelayMap { relays })),
+        proptest::collection::vec(arb_record(), 0..4)
+            .prop_map(|relays| Frame::MeshMembers(RelayMap { relays })),
+        (
+            any::<u16>(),
+            arb_record(),
+            proptest::collection::vec(any::<u8>(), 0..40)
+        )
+            .prop_map(|(version, relay, proof)| Frame::MeshHello(MeshHello {
+                version,
+                relay,
+                proof
+            })),
+        (
+            arb_record(),
+            proptest::collection::vec(any::<u8>(), 0..40),
+            proptest::collection::vec(arb_record(), 0..3)
+        )
+            .prop_map(|(relay, proof, members)| Frame::MeshWelcome(MeshWelcome {
+                relay,
+                proof,
+                members
+            })),
         (any::<u64>(), arb_id(), "[a-z]{0,63}", arb_bytes(2048))
             .prop_map(|(req, id, to, body)| Frame::Send(Send { req, id, to, body })),
         (any::<u64>(), arb_id(), any::<bool>())

@@ -1,0 +1,178 @@
+//! Relay mesh links and membership: mesh-key authentication, convergence
+//! of the live set, and failure detection.
+
+use anyhow::{Context, Result};
+use std::time::{Duration, Instant};
+use swb_relay::mesh::{MeshConfig, MeshKey};
+use swb_tests::{RelayOptions, TestRelay, WAIT};
+use swb_wire::{Frame, MeshHello, RelayRecord};
+
+fn key(c: char) -> MeshKey {
+    MeshKey::new(&c.to_string().repeat(40)).expect("key")
+}
+
+async fn relay(id: &str, k: &MeshKey, peers: &[&TestRelay]) -> Result<TestRelay> {
+    TestRelay::spawn_with(RelayOptions {
+        relay_id: Some(id.into()),
+        mesh: Some(MeshConfig {
+            key: k.clone(),
+            peers: peers.iter().map(|r| r.addr().to_string()).collect(),
+            advertise: Vec::new(),
+        }),
+        ..RelayOptions::default()
+    })
+    .await
+}
+
+async fn converge(r: &TestRelay, want: &[&str]) -> Result<Duration> {
+    let t = Instant::now();
+    let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    tokio::time::timeout(WAIT, r.handle().wait_live(|l| l == want.as_slice()))
+        .await
+        .with_context(|| {
+            format!(
+                "live set never became {want:?}; it is {:?}",
+                r.handle().live_relays()
+            )
+        })?;
+    Ok(t.elapsed())
+}
+
+#[tokio::test]
+async fn three_relays_find_each_other_from_a_chain_of_seeds() -> Result<()> {
+    let k = key('a');
+    let r1 = relay("r1", &k, &[]).await?;
+    let r2 = relay("r2", &k, &[&r1]).await?;
+    let r3 = relay("r3", &k, &[&r2]).await?;
+    for r in [&r1, &r2, &r3] {
+        converge(r, &["r1", "r2", "r3"]).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn five_relays_converge_and_agree_on_homes() -> Result<()> {
+    let k = key('b');
+    let r1 = relay("r1", &k, &[]).await?;
+    let r2 = relay("r2", &k, &[&r1]).await?;
+    let r3 = relay("r3", &k, &[&r1]).await?;
+    let r4 = relay("r4", &k, &[&r3]).await?;
+    let r5 = relay("r5", &k, &[&r4, &r2]).await?;
+    let all = ["r1", "r2", "r3", "r4", "r5"];
+    for r in [&r1, &r2, &r3, &r4, &r5] {
+        converge(r, &all).await?;
+    }
+    let ring = swb_ring::Ring::new(all);
+    let homes: Vec<&str> = (0..50)
+        .map(|i| ring.home("acme", &format!("p{i}")).unwrap_or(""))
+        .collect();
+    let used: std::collections::BTreeSet<&str> = homes.iter().copied().collect();
+    assert!(used.len() >= 4, "names spread over the relays: {used:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_stopped_relay_leaves_the_live_set_and_rejoins_on_restart() -> Result<()> {
+    let k = key('c');
+    let r1 = relay("r1", &k, &[]).await?;
+    let mut r2 = relay("r2", &k, &[&r1]).await?;
+    let r3 = relay("r3", &k, &[&r1]).await?;
+    for r in [&r1, &r2, &r3] {
+        converge(r, &["r1", "r2", "r3"]).await?;
+    }
+    r2.stop().await;
+    let a = converge(&r1, &["r1", "r3"]).await?;
+    let b = converge(&r3, &["r1", "r3"]).await?;
+    assert!(
+        a.max(b) < Duration::from_secs(2),
+        "a graceful stop is seen at once ({a:?}, {b:?})"
+    );
+    r2.restart().await?;
+    for r in [&r1, &r2, &r3] {
+        converge(r, &["r1", "r2", "r3"]).await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_relay_with_another_mesh_key_never_joins() -> Result<()> {
+    let r1 = relay("r1", &key('d'), &[]).await?;
+    let stranger = relay("r9", &key('e'), &[&r1]).await?;
+    r1.wait_stats("the stranger's proof was refused", |s| s.mesh_refused >= 1)
+        .await?;
+    assert_eq!(r1.handle().live_relays(), vec!["r1"]);
+    assert_eq!(stranger.handle().live_relays(), vec!["r9"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn client_and_mesh_credentials_do_not_open_each_others_door() -> Result<()> {
+    let k = key('f');
+    let r1 = relay("r1", &k, &[]).await?;
+    let api_key = r1.create_key("acme")?;
+
+    // A client with an API key (and no mesh key) on the mesh ALPN.
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    ep.set_default_client_config(swb_tests::raw_client_config_alpn(&r1, swb_wire::MESH_ALPN)?);
+    let conn = ep.connect(r1.addr(), "localhost")?.await?;
+    let (mut send, _recv) = conn.open_bi().await?;
+    let hello = Frame::MeshHello(MeshHello {
+        version: swb_wire::PROTOCOL_VERSION,
+        relay: RelayRecord {
+            id: "intruder".into(),
+            addrs: vec![],
+            fingerprint: String::new(),
+        },
+        proof: api_key.as_bytes().to_vec(),
+    });
+    let mut b = bytes::BytesMut::new();
+    hello.encode(&mut b)?;
+    send.write_all(&b).await?;
+    let reason = tokio::time::timeout(WAIT, conn.closed()).await?;
+    assert!(
+        reason.to_string().contains("mesh authentication failed"),
+        "{reason}"
+    );
+    assert_eq!(r1.handle().live_relays(), vec!["r1"]);
+
+    // The mesh key as an API key on the client door.
+    let (_c, f) = swb_tests::RawClient::hello(&r1, &"f".repeat(40), "sneaky").await?;
+    match f {
+        Frame::Refused(r) => assert_eq!(r.code, swb_wire::Code::UNAUTHORIZED),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_relay_that_goes_silent_is_dropped_within_the_mesh_idle_timeout() -> Result<()> {
+    // r2 reaches r1 only through a cuttable UDP path; its own link is the
+    // only one, so cutting it is r2 dying as far as r1 can tell.
+    let k = key('g');
+    let r1 = relay("r1", &k, &[]).await?;
+    let cut = swb_tests::UdpCut::start(r1.addr()).await?;
+    let r2 = TestRelay::spawn_with(RelayOptions {
+        relay_id: Some("r2".into()),
+        mesh: Some(MeshConfig {
+            key: k.clone(),
+            peers: vec![cut.addr.to_string()],
+            // r1 must not dial r2 directly: r2 advertises an address nobody listens on.
+            advertise: vec!["127.0.0.1:9".into()],
+        }),
+        ..RelayOptions::default()
+    })
+    .await?;
+    converge(&r1, &["r1", "r2"]).await?;
+    converge(&r2, &["r1", "r2"]).await?;
+    cut.cut();
+    let took = converge(&r1, &["r1"]).await?;
+    assert!(
+        took < swb_relay::mesh::MESH_IDLE + Duration::from_secs(2),
+        "dropped after {took:?}"
+    );
+    eprintln!(
+        "silent relay dropped after {took:?} (mesh idle timeout {:?})",
+        swb_relay::mesh::MESH_IDLE
+    );
+    Ok(())
+}
