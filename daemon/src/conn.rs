@@ -72,6 +72,8 @@ impl Backoff {
 enum ConnectError {
     /// Try again later.
     Retry(String),
+    /// This relay is not our home: go to that one.
+    Redirect(swb_wire::RelayRecord),
     /// Stop the daemon.
     Fatal(DaemonError),
 }
@@ -80,6 +82,8 @@ enum End {
     Shutdown,
     Fatal(DaemonError),
     Lost(String),
+    /// Our home moved to another relay.
+    Redirect(swb_wire::RelayRecord),
 }
 
 struct Link {
@@ -141,6 +145,14 @@ struct Actor {
     endpoints: (Option<quinn::Endpoint>, Option<quinn::Endpoint>),
     client_cfg: quinn::ClientConfig,
     note: VerifyNote,
+    /// Live relays, as the last relay told us.
+    map: Vec<swb_wire::RelayRecord>,
+    /// The relay to try next (a redirect, or the next one on the ring).
+    next: Option<swb_wire::RelayRecord>,
+    /// Redirects followed in a row (to stop a ping-pong while relays disagree).
+    redirects: u32,
+    /// Client configs pinned to relays' own certificates (dev meshes).
+    pinned: std::collections::HashMap<String, quinn::ClientConfig>,
 }
 
 /// Socket buffer size asked for on the QUIC socket (capped by the kernel's
@@ -156,14 +168,10 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(sock)
 }
 
-/// Runs until shutdown or a fatal refusal.
-pub(crate) async fn run(
-    shared: Arc<Shared>,
-    cmd_rx: mpsc::Receiver<Cmd>,
+fn quic_client_config(
+    shared: &Shared,
     tls: rustls::ClientConfig,
-    note: VerifyNote,
-    cancel: CancellationToken,
-) -> Result<(), DaemonError> {
+) -> Result<quinn::ClientConfig, DaemonError> {
     let qcfg = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| DaemonError::Config(format!("TLS configuration: {e}")))?;
     let mut client_cfg = quinn::ClientConfig::new(Arc::new(qcfg));
@@ -175,6 +183,18 @@ pub(crate) async fn run(
     transport.max_concurrent_uni_streams(0u32.into());
     transport.datagram_receive_buffer_size(None);
     client_cfg.transport_config(Arc::new(transport));
+    Ok(client_cfg)
+}
+
+/// Runs until shutdown or a fatal refusal.
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    cmd_rx: mpsc::Receiver<Cmd>,
+    tls: rustls::ClientConfig,
+    note: VerifyNote,
+    cancel: CancellationToken,
+) -> Result<(), DaemonError> {
+    let client_cfg = quic_client_config(&shared, tls)?;
     let mut actor = Actor {
         shared,
         cmd_rx,
@@ -184,6 +204,10 @@ pub(crate) async fn run(
         endpoints: (None, None),
         client_cfg,
         note,
+        map: Vec::new(),
+        next: None,
+        redirects: 0,
+        pinned: std::collections::HashMap::new(),
     };
     let res = actor.run(cancel).await;
     let error = match &res {
@@ -220,12 +244,17 @@ impl Actor {
         let mut last_logged: Option<String> = None;
         let mut relay_idx = 0usize;
         loop {
-            let relay =
-                self.shared.config.relays[relay_idx % self.shared.config.relays.len()].clone();
+            let target = self.next.take();
+            let relay = match &target {
+                Some(r) => r.addrs.first().cloned().unwrap_or_default(),
+                None => {
+                    self.shared.config.relays[relay_idx % self.shared.config.relays.len()].clone()
+                }
+            };
             let attempt = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return Ok(()),
-                r = self.connect(&relay) => r,
+                r = self.connect(&relay, target.as_ref()) => r,
             };
             let err = match attempt {
                 Ok((link, welcome)) => {
@@ -235,6 +264,8 @@ impl Actor {
                         info!(relay = %relay, addr = %link.addr, ns = %welcome.namespace, "connected to relay");
                     }
                     attempts = 0;
+                    self.redirects = 0;
+                    let home = (welcome.namespace.clone(), welcome.relay_id.clone());
                     *self.shared.conn.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(link.conn.clone());
                     self.shared.state.send_replace(ConnState::Connected {
@@ -273,12 +304,33 @@ impl Actor {
                             warn!("{e}");
                             return Err(e);
                         }
+                        End::Redirect(r) => {
+                            info!(home = %r.id, "the mesh changed: moving to the new home relay");
+                            self.next = Some(r);
+                            continue;
+                        }
                         End::Lost(why) => {
                             warn!(relay = %relay, "lost connection to relay: {why}; reconnecting");
                             last_logged = Some(why.clone());
+                            // Re-home: the next live relay on the ring takes over.
+                            self.next = self.successor(&home.0, &home.1);
                             why
                         }
                     }
+                }
+                Err(ConnectError::Redirect(r)) => {
+                    self.redirects += 1;
+                    debug!(home = %r.id, "redirected to the home relay");
+                    self.next = Some(r.clone());
+                    if self.redirects <= 4 {
+                        continue;
+                    }
+                    // Relays disagree about the mesh for now: back off.
+                    attempts += 1;
+                    format!(
+                        "redirected {} times in a row (the mesh is changing)",
+                        self.redirects
+                    )
                 }
                 Err(ConnectError::Fatal(e)) => {
                     warn!("{e}");
@@ -388,9 +440,56 @@ impl Actor {
         Ok(ep)
     }
 
-    async fn connect(&mut self, relay: &str) -> Result<(Link, swb_wire::Welcome), ConnectError> {
+    /// The relay that takes over `namespace`'s name after `lost`: the next
+    /// live one on the ring (from the last relay map).
+    fn successor(&self, namespace: &str, lost: &str) -> Option<swb_wire::RelayRecord> {
+        if self.map.len() < 2 {
+            return None;
+        }
+        let ring = swb_ring::Ring::new(self.map.iter().map(|r| r.id.clone()));
+        let next = ring
+            .ranked(namespace, &self.shared.config.name)
+            .into_iter()
+            .find(|id| *id != lost)?;
+        self.map.iter().find(|r| r.id == next).cloned()
+    }
+
+    /// The QUIC client config for `target`: with fingerprint trust, pinned
+    /// to the certificate the relay map lists for it (the map came over a
+    /// connection we already verified); otherwise the configured trust.
+    fn client_cfg_for(
+        &mut self,
+        target: Option<&swb_wire::RelayRecord>,
+    ) -> Result<quinn::ClientConfig, ConnectError> {
+        let Some(r) = target else {
+            return Ok(self.client_cfg.clone());
+        };
+        if !matches!(self.shared.config.trust, crate::Trust::Fingerprint(_)) {
+            return Ok(self.client_cfg.clone());
+        }
+        if let Some(c) = self.pinned.get(&r.fingerprint) {
+            return Ok(c.clone());
+        }
+        let tls = crate::tls::client_config(
+            &crate::Trust::Fingerprint(r.fingerprint.clone()),
+            swb_wire::ALPN,
+            self.note.clone(),
+        )
+        .map_err(|e| ConnectError::Retry(format!("relay {}: {e}", r.id)))?;
+        let c = quic_client_config(&self.shared, tls)
+            .map_err(|e| ConnectError::Retry(e.to_string()))?;
+        self.pinned.insert(r.fingerprint.clone(), c.clone());
+        Ok(c)
+    }
+
+    async fn connect(
+        &mut self,
+        relay: &str,
+        target: Option<&swb_wire::RelayRecord>,
+    ) -> Result<(Link, swb_wire::Welcome), ConnectError> {
         let timeout = self.shared.config.connect_timeout;
-        match tokio::time::timeout(timeout, self.connect_inner(relay)).await {
+        let cfg = self.client_cfg_for(target)?;
+        match tokio::time::timeout(timeout, self.connect_inner(relay, cfg)).await {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Retry(format!("no answer within {timeout:?}"))),
         }
@@ -399,6 +498,7 @@ impl Actor {
     async fn connect_inner(
         &mut self,
         relay: &str,
+        client_cfg: quinn::ClientConfig,
     ) -> Result<(Link, swb_wire::Welcome), ConnectError> {
         let (host, port) = split_host_port(relay);
         let addr = tokio::net::lookup_host((host.as_str(), port))
@@ -409,7 +509,7 @@ impl Actor {
         let ep = self.endpoint_for(addr).map_err(ConnectError::Retry)?;
         let server_name = self.shared.config.server_name.clone().unwrap_or(host);
         let connecting = ep
-            .connect_with(self.client_cfg.clone(), addr, &server_name)
+            .connect_with(client_cfg, addr, &server_name)
             .map_err(|e| {
                 ConnectError::Fatal(DaemonError::Config(format!(
                     "cannot connect to {relay}: {e}"
@@ -475,6 +575,16 @@ impl Actor {
         }
         match link.next_frame().await.map_err(ConnectError::Retry)? {
             Frame::Welcome(w) => Ok((link, w)),
+            Frame::Redirect(r) => {
+                link.conn.close(0u32.into(), b"redirected");
+                if r.addrs.is_empty() {
+                    return Err(ConnectError::Retry(format!(
+                        "redirected to relay {} without an address",
+                        r.id
+                    )));
+                }
+                Err(ConnectError::Redirect(r))
+            }
             Frame::Refused(r) => {
                 link.conn.close(0u32.into(), b"refused");
                 if is_fatal(r.code) {
@@ -604,6 +714,15 @@ impl Actor {
             }
             Frame::Ping(p) => out.push(Frame::Pong(p)),
             Frame::Pong(_) => {}
+            Frame::RelayMap(m) => {
+                self.shared
+                    .relay_count
+                    .store(m.relays.len(), Ordering::Relaxed);
+                self.map = m.relays;
+            }
+            Frame::Redirect(r) if !r.addrs.is_empty() => {
+                return Err(End::Redirect(r));
+            }
             Frame::Goodbye(r) => {
                 return Err(if is_fatal(r.code) {
                     End::Fatal(DaemonError::Refused(r))

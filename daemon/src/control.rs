@@ -136,6 +136,9 @@ pub struct StatusInfo {
     pub attempts: u32,
     /// The last connection error, if any.
     pub last_error: Option<String>,
+    /// Live relays in the mesh, as the relay last told (1 outside a mesh).
+    #[serde(default)]
+    pub relays: usize,
 }
 
 /// One answer from the daemon.

@@ -207,6 +207,8 @@ pub(crate) struct Shared {
     pub(crate) conn: Mutex<Option<quinn::Connection>>,
     pub(crate) cmd_tx: mpsc::Sender<conn::Cmd>,
     pub(crate) pending_sends: AtomicUsize,
+    /// Relays in the last relay map.
+    pub(crate) relay_count: AtomicUsize,
     /// This peer's own status (serialises publications).
     pub(crate) own_status: tokio::sync::Mutex<status::OwnStatus>,
 }
@@ -285,6 +287,7 @@ impl Daemon {
             cmd_tx,
             pending_sends: AtomicUsize::new(0),
             own_status: tokio::sync::Mutex::new(status::OwnStatus::default()),
+            relay_count: AtomicUsize::new(0),
         });
         let cancel = CancellationToken::new();
         let task = {

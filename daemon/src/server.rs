@@ -438,6 +438,7 @@ fn status(shared: &Shared) -> StatusInfo {
         pending_sends: shared.pending_sends.load(Ordering::Relaxed),
         attempts: 0,
         last_error: None,
+        relays: shared.relay_count.load(Ordering::Relaxed),
     };
     match st {
         ConnState::Connecting {

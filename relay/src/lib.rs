@@ -211,6 +211,8 @@ pub(crate) struct Shared {
     keys_seen: Mutex<(Option<Vec<u8>>, Option<std::time::Instant>)>,
     /// The mesh this relay is part of.
     pub(crate) mesh: Option<Arc<mesh::Mesh>>,
+    /// This relay as daemons and other relays reach it.
+    pub(crate) me: swb_wire::RelayRecord,
 }
 
 impl Shared {
@@ -474,6 +476,14 @@ impl Relay {
             keys: RwLock::new(Arc::new(store)),
             counters: Counters::default(),
             keys_seen: Mutex::new((keys_bytes, Some(std::time::Instant::now()))),
+            me: swb_wire::RelayRecord {
+                id: config.relay_id.clone(),
+                addrs: match &config.mesh {
+                    Some(m) if !m.advertise.is_empty() => m.advertise.clone(),
+                    _ => vec![local_addr.to_string()],
+                },
+                fingerprint: config.identity.fingerprint(),
+            },
             mesh: config.mesh.as_ref().map(|m| {
                 let addrs = if m.advertise.is_empty() {
                     vec![local_addr.to_string()]

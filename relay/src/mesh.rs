@@ -285,6 +285,29 @@ impl Mesh {
     }
 }
 
+/// The record of the home relay of `(ns, name)` if that is not this relay.
+pub(crate) fn home_elsewhere(shared: &crate::Shared, ns: &str, name: &str) -> Option<RelayRecord> {
+    let mesh = shared.mesh.as_ref()?;
+    let live = mesh.live.borrow().clone();
+    let home = live.ring.home(ns, name)?;
+    if home == mesh.me.id {
+        return None;
+    }
+    live.relays.get(home).cloned()
+}
+
+/// The live relays, for daemons (just this relay outside a mesh).
+pub(crate) fn relay_map(shared: &crate::Shared) -> RelayMap {
+    match &shared.mesh {
+        Some(m) => RelayMap {
+            relays: m.live.borrow().relays.values().cloned().collect(),
+        },
+        None => RelayMap {
+            relays: vec![shared.me.clone()],
+        },
+    }
+}
+
 /// Keying material of this TLS session, the same on both ends.
 fn ekm(conn: &quinn::Connection) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];

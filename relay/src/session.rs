@@ -40,6 +40,9 @@ enum End {
     Goodbye(Refusal),
     /// The peer broke the protocol.
     Protocol(String),
+    /// The peer's home is another relay (the mesh changed, or it came to
+    /// the wrong one): it goes there.
+    Redirect(swb_wire::RelayRecord),
 }
 
 struct Io {
@@ -223,6 +226,12 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
         }
     };
     let ns = info.namespace.clone();
+    // In a mesh, a peer attaches at its home relay; elsewhere it is sent on.
+    if let Some(home) = crate::mesh::home_elsewhere(&shared, &ns, &name) {
+        debug!(%remote, %ns, peer = %name, home = %home.id, "redirected to its home relay");
+        finish(&conn, &mut io, End::Redirect(home), true).await;
+        return;
+    }
     let (ctl, replaced, limits) = {
         let mut reg = shared.registry();
         let id = reg.next_session_id();
@@ -274,7 +283,8 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
             )
             .in_current_span(),
         );
-        let end = match io.queue(&welcome) {
+        let map = Frame::RelayMap(crate::mesh::relay_map(&shared));
+        let end = match io.queue(&welcome).and_then(|()| io.queue(&map)) {
             Ok(()) => serve(&shared, &ctl, &mut io, &ns, &name).await,
             Err(e) => e,
         };
@@ -297,6 +307,7 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
             End::Gone => debug!("detached"),
             End::Goodbye(r) => info!(code = %r.code, "session ended by relay"),
             End::Protocol(p) => info!("protocol error: {p}"),
+            End::Redirect(r) => info!(home = %r.id, "moved to its new home relay"),
         }
         finish(&conn, &mut io, end, false).await;
     }
@@ -342,12 +353,28 @@ async fn serve(shared: &Shared, ctl: &SessionCtl, io: &mut Io, ns: &str, name: &
     let mut cursor = 0u64;
     // Deliver whatever waited while the peer was away.
     ctl.notify.notify_one();
+    let mut live = shared.mesh.as_ref().map(|m| m.live());
     loop {
         // Ranked: cancellation first (replaced, revoked, shutdown), then new
         // mail, then frames from the daemon.
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return End::Gone,
+            Some(()) = async {
+                match live.as_mut() {
+                    Some(rx) => rx.changed().await.ok(),
+                    None => std::future::pending().await,
+                }
+            } => {
+                // The mesh changed: tell the daemon, and move it if its
+                // home is now another relay.
+                if let Some(home) = crate::mesh::home_elsewhere(shared, ns, name) {
+                    return End::Redirect(home);
+                }
+                if let Err(e) = io.queue(&Frame::RelayMap(crate::mesh::relay_map(shared))) {
+                    return e;
+                }
+            }
             _ = ctl.notify.notified() => {
                 let batch = shared.registry().pending(ns, name, ctl.id, cursor, FLUSH_BYTES, tokio::time::Instant::now());
                 cursor = batch.cursor;
@@ -467,6 +494,10 @@ async fn finish(conn: &quinn::Connection, io: &mut Io, end: End, at_hello: bool)
         End::Protocol(p) => {
             let _ = io.queue(&Frame::Goodbye(Refusal::new(Code::PROTOCOL, p)));
             (CLOSE_PROTOCOL, b"protocol_error".to_vec())
+        }
+        End::Redirect(r) => {
+            let _ = io.queue(&Frame::Redirect(r));
+            (CLOSE_REFUSED, b"redirect".to_vec())
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(1), io.flush(&never)).await;

@@ -432,8 +432,19 @@ impl RawClient {
         Ok(())
     }
 
-    /// Reads the next frame.
+    /// Reads the next frame, skipping relay maps (informational; see
+    /// [`RawClient::read_any_frame`]).
     pub async fn read_frame(&mut self) -> Result<Frame> {
+        loop {
+            match self.read_any_frame().await? {
+                Frame::RelayMap(_) => continue,
+                f => return Ok(f),
+            }
+        }
+    }
+
+    /// Reads the next frame, whatever it is.
+    pub async fn read_any_frame(&mut self) -> Result<Frame> {
         loop {
             if let Some(f) = self.reader.next_frame()? {
                 return Ok(f);

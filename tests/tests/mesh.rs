@@ -176,3 +176,62 @@ async fn a_relay_that_goes_silent_is_dropped_within_the_mesh_idle_timeout() -> R
     );
     Ok(())
 }
+
+/// A name whose home among `ids` is `want`.
+fn name_homed_on(ids: &[&str], ns: &str, want: &str) -> String {
+    let ring = swb_ring::Ring::new(ids.iter().copied());
+    (0..10_000)
+        .map(|i| format!("peer{i}"))
+        .find(|n| ring.home(ns, n) == Some(want))
+        .expect("some name lands on every relay")
+}
+
+async fn home_of(d: &swb_tests::TestDaemon) -> Result<String> {
+    let s = d.client().await?.status().await?;
+    Ok(s.relay_id.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn daemons_are_redirected_home_and_rehome_when_it_stops() -> Result<()> {
+    let k = key('h');
+    let r1 = relay("r1", &k, &[]).await?;
+    let mut r2 = relay("r2", &k, &[&r1]).await?;
+    let r3 = relay("r3", &k, &[&r1]).await?;
+    for r in [&r1, &r2, &r3] {
+        converge(r, &["r1", "r2", "r3"]).await?;
+    }
+    let api = r1.create_key("acme")?;
+    for r in [&r2, &r3] {
+        std::fs::copy(r1.keys_path(), r.keys_path())?;
+        r.handle().reload_keys()?;
+    }
+    // A peer homed on r2 that only knows r1's address (and fingerprint).
+    let name = name_homed_on(&["r1", "r2", "r3"], "acme", "r2");
+    let d = swb_tests::TestDaemon::start(&r1, &api, &name).await?;
+    assert_eq!(home_of(&d).await?, "r2", "redirected to its home");
+    assert_eq!(d.client().await?.status().await?.relays, 3);
+
+    // Its home stops: it re-homes to the next relay on the ring by itself.
+    let successor = swb_ring::Ring::new(["r1", "r3"])
+        .home("acme", &name)
+        .unwrap_or("")
+        .to_string();
+    let t = Instant::now();
+    r2.stop().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = d.client().await?.status().await?;
+        if s.state == "connected" && s.relay_id.as_deref() == Some(successor.as_str()) {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "not re-homed; status {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(5), "re-homed after {took:?}");
+    eprintln!("re-homed from r2 to {successor} in {took:?}");
+    Ok(())
+}
