@@ -512,7 +512,10 @@ impl Relay {
             )
         });
         let mesh_task = shared.mesh.clone().map(|m| {
-            tokio::spawn(mesh::dialer(m, endpoint.clone(), cancel.clone()).instrument(span.clone()))
+            tokio::spawn(
+                mesh::dialer(shared.clone(), m, endpoint.clone(), cancel.clone())
+                    .instrument(span.clone()),
+            )
         });
         let task = tokio::spawn(
             run(

@@ -308,6 +308,107 @@ pub(crate) fn relay_map(shared: &crate::Shared) -> RelayMap {
     }
 }
 
+/// Serves one request stream from another relay.
+async fn serve_rpc(
+    shared: Arc<crate::Shared>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let first = match tokio::time::timeout(Duration::from_secs(10), read_frame(&mut recv)).await {
+        Ok(Ok(Some(f))) => f,
+        _ => {
+            let _ = send.reset(0u32.into());
+            return;
+        }
+    };
+    match first {
+        Frame::MeshForward(f) => {
+            let reply = forward_in(&shared, f);
+            let _ = write_frame(&mut send, &reply).await;
+            let _ = send.finish();
+        }
+        other => {
+            debug!("unexpected mesh request {:?}", other.frame_type());
+            let _ = send.reset(0u32.into());
+        }
+    }
+}
+
+/// A message another relay forwarded for a peer homed here.
+fn forward_in(shared: &crate::Shared, f: swb_wire::MeshForward) -> Frame {
+    use std::sync::atomic::Ordering;
+    let refused = |code, msg: String| {
+        Frame::SendRefused(swb_wire::SendRefused {
+            req: 0,
+            refusal: swb_wire::Refusal::new(code, msg),
+        })
+    };
+    if f.body.len() > swb_wire::MAX_MESSAGE_BODY {
+        return refused(swb_wire::Code::BODY_TOO_LARGE, "body too large".into());
+    }
+    let to = match swb_wire::normalize_name(&f.to) {
+        Ok(t) => t,
+        Err(e) => return refused(swb_wire::Code::BAD_NAME, format!("{e}: {:?}", f.to)),
+    };
+    let r = shared.registry().enqueue(
+        &f.namespace,
+        &f.from,
+        &to,
+        f.id,
+        f.body,
+        f.sent_at_ms,
+        tokio::time::Instant::now(),
+    );
+    match r {
+        crate::registry::Enqueued::Accepted { online } => {
+            shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+            Frame::SendAccepted(swb_wire::SendAccepted {
+                req: 0,
+                id: f.id,
+                online,
+            })
+        }
+        crate::registry::Enqueued::Refused(r) => {
+            shared.counters.refused_send.fetch_add(1, Ordering::Relaxed);
+            Frame::SendRefused(swb_wire::SendRefused { req: 0, refusal: r })
+        }
+    }
+}
+
+/// Forwards a message to `home`, the relay holding the recipient's
+/// mailbox. Returns whether the recipient is attached there.
+pub(crate) async fn forward(
+    shared: &crate::Shared,
+    home: &str,
+    f: swb_wire::MeshForward,
+) -> Result<bool, swb_wire::Refusal> {
+    let to = f.to.clone();
+    let unavailable = |why: String| {
+        swb_wire::Refusal::new(
+            swb_wire::Code::TIMEOUT,
+            format!("the home relay of {to} ({home}) is unreachable right now ({why}); retry"),
+        )
+    };
+    let conn = shared
+        .mesh
+        .as_ref()
+        .and_then(|m| m.state().links.get(home).map(|l| l.conn.clone()))
+        .ok_or_else(|| unavailable("no mesh link".into()))?;
+    let rpc = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_frame(&mut send, &Frame::MeshForward(f)).await?;
+        let _ = send.finish();
+        read_frame(&mut recv).await
+    };
+    match tokio::time::timeout(Duration::from_secs(10), rpc).await {
+        Ok(Ok(Some(Frame::SendAccepted(a)))) => Ok(a.online),
+        Ok(Ok(Some(Frame::SendRefused(r)))) => Err(r.refusal),
+        Ok(Ok(_)) => Err(unavailable(format!("no answer for {to}"))),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(_) => Err(unavailable("timed out".into())),
+    }
+}
+
 /// Keying material of this TLS session, the same on both ends.
 fn ekm(conn: &quinn::Connection) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
@@ -347,7 +448,12 @@ async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), Stri
 }
 
 /// Serves an inbound mesh link (ALPN `swb-mesh/1`) until it ends.
-pub(crate) async fn accept(mesh: Arc<Mesh>, conn: quinn::Connection, cancel: CancellationToken) {
+pub(crate) async fn accept(
+    shared: Arc<crate::Shared>,
+    mesh: Arc<Mesh>,
+    conn: quinn::Connection,
+    cancel: CancellationToken,
+) {
     let remote = conn.remote_address();
     let setup = async {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
@@ -381,11 +487,12 @@ pub(crate) async fn accept(mesh: Arc<Mesh>, conn: quinn::Connection, cancel: Can
         }
     };
     let dialer = peer.id.clone();
-    run_link(mesh, conn, peer, dialer, send, recv, cancel).await;
+    run_link(shared, mesh, conn, peer, dialer, send, recv, cancel).await;
 }
 
 /// Dials `addr` and runs the link until it ends.
 async fn dial(
+    shared: Arc<crate::Shared>,
     mesh: Arc<Mesh>,
     endpoint: quinn::Endpoint,
     client: quinn::ClientConfig,
@@ -440,14 +547,16 @@ async fn dial(
                 .and_modify(|v| *v = Some(w.relay.id.clone()));
             mesh.merge(&w.members);
             let me = mesh.me.id.clone();
-            run_link(mesh, conn, w.relay, me, send, recv, cancel).await;
+            run_link(shared, mesh, conn, w.relay, me, send, recv, cancel).await;
         }
         Ok(Err(e)) => debug!(%addr, "mesh dial failed: {e}"),
         Err(_) => debug!(%addr, "mesh dial timed out"),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_link(
+    shared: Arc<crate::Shared>,
     mesh: Arc<Mesh>,
     conn: quinn::Connection,
     peer: RelayRecord,
@@ -493,9 +602,26 @@ async fn run_link(
             }
         }
     };
+    // Requests the other relay sends us, each on its own stream.
+    let rpcs = async {
+        let mut tasks = JoinSet::new();
+        loop {
+            tokio::select! {
+                s = conn.accept_bi() => match s {
+                    Ok((send, recv)) => {
+                        tasks.spawn(serve_rpc(shared.clone(), send, recv));
+                    }
+                    Err(_) => break,
+                },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        tasks.abort_all();
+    };
     tokio::select! {
         _ = gossip => {}
         _ = listen => {}
+        _ = rpcs => {}
         _ = conn.closed() => {}
         _ = cancel.cancelled() => conn.close(0u32.into(), b"relay leaving the mesh"),
     }
@@ -577,7 +703,12 @@ fn client_config() -> Result<quinn::ClientConfig, String> {
 
 /// Dials seeds and learned members (the lower id dials the higher) until
 /// `cancel`; owns every link it starts.
-pub(crate) async fn dialer(mesh: Arc<Mesh>, endpoint: quinn::Endpoint, cancel: CancellationToken) {
+pub(crate) async fn dialer(
+    shared: Arc<crate::Shared>,
+    mesh: Arc<Mesh>,
+    endpoint: quinn::Endpoint,
+    cancel: CancellationToken,
+) {
     let client = match client_config() {
         Ok(c) => c,
         Err(e) => {
@@ -620,6 +751,7 @@ pub(crate) async fn dialer(mesh: Arc<Mesh>, endpoint: quinn::Endpoint, cancel: C
                 continue;
             }
             let h = links.spawn(dial(
+                shared.clone(),
                 mesh.clone(),
                 endpoint.clone(),
                 client.clone(),

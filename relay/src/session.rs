@@ -122,7 +122,7 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
         .and_then(|d| d.protocol);
     if alpn.as_deref() == Some(swb_wire::MESH_ALPN) {
         match &shared.mesh {
-            Some(m) => crate::mesh::accept(m.clone(), conn, cancel).await,
+            Some(m) => crate::mesh::accept(shared.clone(), m.clone(), conn, cancel).await,
             None => conn.close(CLOSE_PROTOCOL.into(), b"this relay is not part of a mesh"),
         }
         return;
@@ -345,7 +345,7 @@ async fn read_hello(io: &mut Io) -> Result<swb_wire::Hello, End> {
 }
 
 /// The session's actor loop. Returns why it ended.
-async fn serve(shared: &Shared, ctl: &SessionCtl, io: &mut Io, ns: &str, name: &str) -> End {
+async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, name: &str) -> End {
     let cancel = ctl.cancel.clone();
     if let Err(e) = io.flush(&cancel).await {
         return e;
@@ -354,6 +354,17 @@ async fn serve(shared: &Shared, ctl: &SessionCtl, io: &mut Io, ns: &str, name: &
     // Deliver whatever waited while the peer was away.
     ctl.notify.notify_one();
     let mut live = shared.mesh.as_ref().map(|m| m.live());
+    let (fwd_tx, fwd_rx) = tokio::sync::mpsc::channel::<Forward>(1024);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Frame>(1024);
+    let forwarding = tokio::spawn(forwarder(shared.clone(), fwd_rx, done_tx).in_current_span());
+    // The forwarder ends with this session.
+    struct AbortOnDrop(tokio::task::JoinHandle<()>);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let _forwarding = AbortOnDrop(forwarding);
     loop {
         // Ranked: cancellation first (replaced, revoked, shutdown), then new
         // mail, then frames from the daemon.
@@ -388,6 +399,11 @@ async fn serve(shared: &Shared, ctl: &SessionCtl, io: &mut Io, ns: &str, name: &
                     }
                 }
             }
+            Some(reply) = done_rx.recv() => {
+                if let Err(e) = io.queue(&reply) {
+                    return e;
+                }
+            }
             r = io.read_some() => {
                 if let Err(e) = r {
                     return e;
@@ -395,7 +411,7 @@ async fn serve(shared: &Shared, ctl: &SessionCtl, io: &mut Io, ns: &str, name: &
                 loop {
                     match io.reader.next_frame() {
                         Ok(Some(f)) => {
-                            if let Err(e) = handle(shared, io, ns, name, f) {
+                            if let Err(e) = handle(shared, io, ns, name, f, &fwd_tx) {
                                 return e;
                             }
                         }
@@ -411,7 +427,76 @@ async fn serve(shared: &Shared, ctl: &SessionCtl, io: &mut Io, ns: &str, name: &
     }
 }
 
-fn handle(shared: &Shared, io: &mut Io, ns: &str, name: &str, f: Frame) -> Result<(), End> {
+/// A send whose recipient is homed on another relay, for the forwarder.
+type Forward = (u64, String, swb_wire::MeshForward);
+
+/// Forwards this session's sends to other relays, one at a time so a
+/// sender's messages to a peer keep their order; answers come back as
+/// frames for the daemon.
+async fn forwarder(
+    shared: Arc<Shared>,
+    mut jobs: tokio::sync::mpsc::Receiver<Forward>,
+    done: tokio::sync::mpsc::Sender<Frame>,
+) {
+    while let Some((req, home, f)) = jobs.recv().await {
+        let id = f.id;
+        let reply = match crate::mesh::forward(&shared, &home, f).await {
+            Ok(online) => {
+                shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                Frame::SendAccepted(SendAccepted { req, id, online })
+            }
+            Err(refusal) => {
+                shared.counters.refused_send.fetch_add(1, Ordering::Relaxed);
+                Frame::SendRefused(SendRefused { req, refusal })
+            }
+        };
+        if done.send(reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn handle(
+    shared: &Shared,
+    io: &mut Io,
+    ns: &str,
+    name: &str,
+    f: Frame,
+    fwd: &tokio::sync::mpsc::Sender<Forward>,
+) -> Result<(), End> {
+    match f {
+        Frame::Send(s) if s.body.len() <= MAX_MESSAGE_BODY => {
+            // Recipient homed on another relay: one mesh hop.
+            if let Ok(to) = swb_wire::normalize_name(&s.to) {
+                if let Some(home) = crate::mesh::home_elsewhere(shared, ns, &to) {
+                    let job = swb_wire::MeshForward {
+                        namespace: ns.to_string(),
+                        from: name.to_string(),
+                        to,
+                        id: s.id,
+                        body: s.body,
+                        sent_at_ms: now_ms(),
+                    };
+                    if fwd.try_send((s.req, home.id, job)).is_err() {
+                        io.queue(&Frame::SendRefused(SendRefused {
+                            req: s.req,
+                            refusal: Refusal::new(
+                                Code::TIMEOUT,
+                                "too many messages waiting for another relay; retry",
+                            ),
+                        }))?;
+                    }
+                    return Ok(());
+                }
+                return handle_local(shared, io, ns, name, Frame::Send(s));
+            }
+            handle_local(shared, io, ns, name, Frame::Send(s))
+        }
+        other => handle_local(shared, io, ns, name, other),
+    }
+}
+
+fn handle_local(shared: &Shared, io: &mut Io, ns: &str, name: &str, f: Frame) -> Result<(), End> {
     match f {
         Frame::Send(s) => {
             let refusal = if s.body.len() > MAX_MESSAGE_BODY {

@@ -235,3 +235,63 @@ async fn daemons_are_redirected_home_and_rehome_when_it_stops() -> Result<()> {
     eprintln!("re-homed from r2 to {successor} in {took:?}");
     Ok(())
 }
+
+/// Three converged relays sharing one keys file content, and an API key.
+async fn mesh3(c: char) -> Result<(Vec<TestRelay>, String)> {
+    let k = key(c);
+    let r1 = relay("r1", &k, &[]).await?;
+    let r2 = relay("r2", &k, &[&r1]).await?;
+    let r3 = relay("r3", &k, &[&r1]).await?;
+    for r in [&r1, &r2, &r3] {
+        converge(r, &["r1", "r2", "r3"]).await?;
+    }
+    let api = r1.create_key("acme")?;
+    for r in [&r2, &r3] {
+        std::fs::copy(r1.keys_path(), r.keys_path())?;
+        r.handle().reload_keys()?;
+    }
+    Ok((vec![r1, r2, r3], api))
+}
+
+#[tokio::test]
+async fn peers_homed_on_different_relays_exchange_messages_in_order() -> Result<()> {
+    let (relays, api) = mesh3('i').await?;
+    let ids = ["r1", "r2", "r3"];
+    let a_name = name_homed_on(&ids, "acme", "r2");
+    let b_name = name_homed_on(&ids, "acme", "r3");
+    // Both know only r1; redirects take them home.
+    let a = swb_tests::TestDaemon::start(&relays[0], &api, &a_name).await?;
+    let b = swb_tests::TestDaemon::start(&relays[0], &api, &b_name).await?;
+    assert_eq!(
+        (home_of(&a).await?.as_str(), home_of(&b).await?.as_str()),
+        ("r2", "r3")
+    );
+
+    let sent = a.send(&b_name, b"across the mesh").await?;
+    assert!(sent.online);
+    let got = b.recv_n(1).await?;
+    assert_eq!(
+        (got[0].from.as_str(), got[0].body()),
+        (a_name.as_str(), b"across the mesh".to_vec())
+    );
+    assert_eq!(got[0].id, sent.id);
+    b.send(&a_name, b"and back").await?;
+    assert_eq!(a.recv_n(1).await?[0].body(), b"and back");
+
+    // Order holds across the hop.
+    for i in 0..100 {
+        a.send(&b_name, format!("m{i}").as_bytes()).await?;
+    }
+    let bodies: Vec<Vec<u8>> = b.recv_n(100).await?.iter().map(|m| m.body()).collect();
+    let want: Vec<Vec<u8>> = (0..100).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(bodies, want);
+
+    // Mail for an offline peer homed elsewhere waits at its home.
+    let c_name = name_homed_on(&ids, "acme", "r1");
+    let sent = a.send(&c_name, b"while you were away").await?;
+    assert!(!sent.online);
+    let c = swb_tests::TestDaemon::start(&relays[2], &api, &c_name).await?;
+    assert_eq!(home_of(&c).await?, "r1");
+    assert_eq!(c.recv_n(1).await?[0].body(), b"while you were away");
+    Ok(())
+}

@@ -131,6 +131,9 @@ pub enum FrameType {
     Redirect = 22,
     /// Relay → daemon, after `Welcome` and when it changes: the live relays.
     RelayMap = 23,
+    /// Relay → relay, first frame of a mesh stream: put this message in a
+    /// mailbox you hold; answered with `SendAccepted` or `SendRefused`.
+    MeshForward = 24,
 }
 
 impl FrameType {
@@ -160,6 +163,7 @@ impl FrameType {
             21 => Self::MeshMembers,
             22 => Self::Redirect,
             23 => Self::RelayMap,
+            24 => Self::MeshForward,
             _ => return None,
         })
     }
@@ -607,6 +611,23 @@ pub struct RelayMap {
     pub relays: Vec<RelayRecord>,
 }
 
+/// Relay → relay: a message for a peer homed at the receiving relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshForward {
+    /// Namespace of sender and recipient.
+    pub namespace: String,
+    /// Sender name.
+    pub from: String,
+    /// Recipient name.
+    pub to: String,
+    /// Message id chosen by the sender's daemon.
+    pub id: MessageId,
+    /// Body, at most [`MAX_MESSAGE_BODY`] bytes.
+    pub body: Bytes,
+    /// When the sender's relay accepted it, ms since the Unix epoch.
+    pub sent_at_ms: u64,
+}
+
 /// Ping / Pong payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {
@@ -663,6 +684,8 @@ pub enum Frame {
     Redirect(RelayRecord),
     /// See [`FrameType::RelayMap`].
     RelayMap(RelayMap),
+    /// See [`FrameType::MeshForward`].
+    MeshForward(MeshForward),
 }
 
 /// Errors while encoding a frame.
@@ -741,6 +764,7 @@ impl Frame {
             Frame::MeshMembers(_) => FrameType::MeshMembers,
             Frame::Redirect(_) => FrameType::Redirect,
             Frame::RelayMap(_) => FrameType::RelayMap,
+            Frame::MeshForward(_) => FrameType::MeshForward,
         }
     }
 
@@ -770,6 +794,7 @@ impl Frame {
             Frame::MeshWelcome(v) => len(v),
             Frame::MeshMembers(v) | Frame::RelayMap(v) => len(v),
             Frame::Redirect(v) => len(v),
+            Frame::MeshForward(v) => len(v),
         }
     }
 
@@ -814,6 +839,7 @@ impl Frame {
                 postcard::to_slice(v, out).map(|s| s.len())
             }
             Frame::Redirect(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::MeshForward(v) => postcard::to_slice(v, out).map(|s| s.len()),
         };
         match res {
             Ok(n) if n == len => Ok(()),
@@ -971,6 +997,7 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
             Frame::MeshMembers(m)
         }
         FrameType::Redirect => Frame::Redirect(body(ty, b)?),
+        FrameType::MeshForward => Frame::MeshForward(body(ty, b)?),
         FrameType::RelayMap => {
             let m: RelayMap = body(ty, b)?;
             check_len("relay_map.relays", m.relays.len(), MAX_RELAYS)?;

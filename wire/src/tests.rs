@@ -106,6 +106,24 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             })),
         Just(Frame::PeersQuery),
         arb_record().prop_map(Frame::Redirect),
+        (
+            "[a-z]{1,8}",
+            "[a-z]{1,8}",
+            "[a-z]{1,8}",
+            arb_id(),
+            arb_bytes(512),
+            any::<u64>()
+        )
+            .prop_map(
+                |(namespace, from, to, id, body, sent_at_ms)| Frame::MeshForward(MeshForward {
+                    namespace,
+                    from,
+                    to,
+                    id,
+                    body,
+                    sent_at_ms
+                })
+            ),
         proptest::collection::vec(arb_record(), 0..4)
             .prop_map(|relays| Frame::RelayMap(RelayMap { relays })),
         proptest::collection::vec(arb_record(), 0..4)
