@@ -327,10 +327,108 @@ async fn serve_rpc(
             let _ = write_frame(&mut send, &reply).await;
             let _ = send.finish();
         }
+        Frame::MeshStreamOpen(o) => {
+            let to = match swb_wire::normalize_name(&o.to) {
+                Ok(t) => t,
+                Err(e) => {
+                    let r = swb_wire::Refusal::new(
+                        swb_wire::Code::BAD_NAME,
+                        format!("{e}: {:?}", o.to),
+                    );
+                    let _ = write_frame(
+                        &mut send,
+                        &Frame::StreamReply(swb_wire::StreamReply { refusal: Some(r) }),
+                    )
+                    .await;
+                    let _ = send.finish();
+                    return;
+                }
+            };
+            match crate::streams::open_local(&shared, &o.namespace, &o.from, &to, o.port).await {
+                Err(r) => {
+                    let _ = write_frame(
+                        &mut send,
+                        &Frame::StreamReply(swb_wire::StreamReply { refusal: Some(r) }),
+                    )
+                    .await;
+                    let _ = send.finish();
+                }
+                Ok((tsend, trecv, reply, _slot)) => {
+                    let accepted = reply.refusal.is_none();
+                    if write_frame(&mut send, &Frame::StreamReply(reply))
+                        .await
+                        .is_err()
+                        || !accepted
+                    {
+                        let _ = send.finish();
+                        return;
+                    }
+                    let _ = tokio::join!(
+                        crate::streams::pipe(recv, tsend),
+                        crate::streams::pipe(trecv, send)
+                    );
+                }
+            }
+        }
         other => {
             debug!("unexpected mesh request {:?}", other.frame_type());
             let _ = send.reset(0u32.into());
         }
+    }
+}
+
+/// Opens a stream to `port` of `to`, homed on relay `home`, over the mesh.
+pub(crate) async fn open_stream(
+    shared: &crate::Shared,
+    home: &str,
+    ns: &str,
+    from: &str,
+    to: &str,
+    port: u16,
+) -> Result<
+    (
+        quinn::SendStream,
+        quinn::RecvStream,
+        swb_wire::StreamReply,
+        Option<crate::streams::StreamSlot>,
+    ),
+    swb_wire::Refusal,
+> {
+    let unavailable = |why: String| {
+        swb_wire::Refusal::new(
+            swb_wire::Code::PEER_OFFLINE,
+            format!("{to}'s home relay ({home}) is unreachable right now ({why})"),
+        )
+    };
+    let conn = shared
+        .mesh
+        .as_ref()
+        .and_then(|m| m.state().links.get(home).map(|l| l.conn.clone()))
+        .ok_or_else(|| unavailable("no mesh link".into()))?;
+    let setup = async {
+        let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let open = swb_wire::MeshStreamOpen {
+            namespace: ns.to_string(),
+            from: from.to_string(),
+            to: to.to_string(),
+            port,
+        };
+        write_frame(&mut s, &Frame::MeshStreamOpen(open)).await?;
+        match crate::streams::read_header(&mut r)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Frame::StreamReply(reply) => Ok((s, r, reply)),
+            other => Err(format!("answered {:?}", other.frame_type())),
+        }
+    };
+    match tokio::time::timeout(shared.config.stream_setup_timeout, setup).await {
+        Ok(Ok((s, r, reply))) => Ok((s, r, reply, None)),
+        Ok(Err(e)) => Err(unavailable(e)),
+        Err(_) => Err(swb_wire::Refusal::new(
+            swb_wire::Code::TIMEOUT,
+            format!("{to}'s home relay did not answer in time"),
+        )),
     }
 }
 

@@ -189,6 +189,64 @@ pub(crate) async fn refuse(
     }
 }
 
+/// Opens a stream to `port` of `to`, attached here; returns the target's
+/// stream, its answer, and the slot that counts it against `to`'s cap.
+pub(crate) async fn open_local(
+    shared: &Shared,
+    ns: &str,
+    from: &str,
+    to: &str,
+    port: u16,
+) -> Result<
+    (
+        quinn::SendStream,
+        quinn::RecvStream,
+        StreamReply,
+        Option<StreamSlot>,
+    ),
+    Refusal,
+> {
+    let setup = shared.config.stream_setup_timeout;
+    let cap = shared.config.max_streams_per_peer;
+    // Same namespace only: a peer of another namespace is exactly as
+    // absent as a name nobody holds.
+    let Some(target) = shared.registry().session(ns, to) else {
+        let msg = format!("{to} is not attached to the relay (offline, or no such peer)");
+        return Err(Refusal::new(Code::PEER_OFFLINE, msg));
+    };
+    let Some(slot) = StreamSlot::try_take(&target, cap) else {
+        let msg = format!("{to} has {cap} streams open, the limit; try again later");
+        return Err(Refusal::new(Code::TOO_MANY_STREAMS, msg));
+    };
+    let opened = tokio::time::timeout(setup, async {
+        let (mut tsend, mut trecv) = target.conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_frame(
+            &mut tsend,
+            &Frame::StreamIncoming(StreamIncoming {
+                from: from.to_string(),
+                port,
+            }),
+        )
+        .await?;
+        match read_header(&mut trecv).await.map_err(|e| e.to_string())? {
+            Frame::StreamReply(r) => Ok((tsend, trecv, r)),
+            other => Err(format!("target answered {:?}", other.frame_type())),
+        }
+    })
+    .await;
+    match opened {
+        Ok(Ok((s, r, reply))) => Ok((s, r, reply, Some(slot))),
+        Ok(Err(e)) => Err(Refusal::new(
+            Code::PEER_OFFLINE,
+            format!("{to} did not answer the stream request: {e}"),
+        )),
+        Err(_) => Err(Refusal::new(
+            Code::TIMEOUT,
+            format!("{to} did not answer the stream request within {setup:?}"),
+        )),
+    }
+}
+
 /// Handles one stream a daemon opened: find the target, ask it, splice.
 async fn open(
     shared: Arc<Shared>,
@@ -239,42 +297,14 @@ async fn open(
         Ok(t) => t,
         Err(e) => return refuse(send, &shared, Code::BAD_NAME, format!("{e}: {:?}", req.to)).await,
     };
-    // Same namespace only: a peer of another namespace is exactly as
-    // absent as a name nobody holds.
-    let Some(target) = shared.registry().session(&ns, &to) else {
-        let msg = format!("{to} is not attached to the relay (offline, or no such peer)");
-        return refuse(send, &shared, Code::PEER_OFFLINE, msg).await;
+    let target = match crate::mesh::home_elsewhere(&shared, &ns, &to) {
+        // Homed on another relay: one mesh hop.
+        Some(home) => crate::mesh::open_stream(&shared, &home.id, &ns, &name, &to, req.port).await,
+        None => open_local(&shared, &ns, &name, &to, req.port).await,
     };
-    let Some(_target_slot) = StreamSlot::try_take(&target, cap) else {
-        let msg = format!("{to} has {cap} streams open, the limit; try again later");
-        return refuse(send, &shared, Code::TOO_MANY_STREAMS, msg).await;
-    };
-    let opened = tokio::time::timeout(setup, async {
-        let (mut tsend, mut trecv) = target.conn.open_bi().await.map_err(|e| e.to_string())?;
-        write_frame(
-            &mut tsend,
-            &Frame::StreamIncoming(StreamIncoming {
-                from: name.clone(),
-                port: req.port,
-            }),
-        )
-        .await?;
-        match read_header(&mut trecv).await.map_err(|e| e.to_string())? {
-            Frame::StreamReply(r) => Ok((tsend, trecv, r)),
-            other => Err(format!("target answered {:?}", other.frame_type())),
-        }
-    })
-    .await;
-    let (tsend, trecv, reply) = match opened {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
-            let msg = format!("{to} did not answer the stream request: {e}");
-            return refuse(send, &shared, Code::PEER_OFFLINE, msg).await;
-        }
-        Err(_) => {
-            let msg = format!("{to} did not answer the stream request within {setup:?}");
-            return refuse(send, &shared, Code::TIMEOUT, msg).await;
-        }
+    let (tsend, trecv, reply, _target_slot) = match target {
+        Ok(x) => x,
+        Err(r) => return refuse(send, &shared, r.code, r.message).await,
     };
     let accepted = reply.refusal.is_none();
     if let Err(e) = write_frame(&mut send, &Frame::StreamReply(reply)).await {

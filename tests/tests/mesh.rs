@@ -295,3 +295,33 @@ async fn peers_homed_on_different_relays_exchange_messages_in_order() -> Result<
     assert_eq!(c.recv_n(1).await?[0].body(), b"while you were away");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_stream_crosses_the_mesh_intact_and_refusals_come_back() -> Result<()> {
+    let (relays, api) = mesh3('j').await?;
+    let ids = ["r1", "r2", "r3"];
+    let server_name = name_homed_on(&ids, "acme", "r3");
+    let client_name = name_homed_on(&ids, "acme", "r1");
+    let hs = swb_tests::HashServer::start().await?;
+    let addr = hs.addr;
+    let _server = swb_tests::TestDaemon::start_with(&relays[1], &api, &server_name, |c| {
+        c.expose = vec![swb_daemon::Exposure {
+            port: 9000,
+            target: addr.to_string(),
+        }]
+    })
+    .await?;
+    let client = swb_tests::TestDaemon::start(&relays[1], &api, &client_name).await?;
+    let s = client.open_stream(&server_name, 9000).await?;
+    let (sent, back) = swb_tests::send_and_collect(s, 64, 64 << 20).await?;
+    assert_eq!(sent, back, "64 MiB across one mesh hop, checksum");
+    match client.open_stream(&server_name, 22).await {
+        Err(swb_daemon::ControlError::Remote { code, .. }) => assert_eq!(code, "port_not_exposed"),
+        other => panic!("expected a refusal, got {:?}", other.err()),
+    }
+    match client.open_stream("nobody-here", 22).await {
+        Err(swb_daemon::ControlError::Remote { code, .. }) => assert_eq!(code, "peer_offline"),
+        other => panic!("expected a refusal, got {:?}", other.err()),
+    }
+    Ok(())
+}

@@ -134,6 +134,9 @@ pub enum FrameType {
     /// Relay → relay, first frame of a mesh stream: put this message in a
     /// mailbox you hold; answered with `SendAccepted` or `SendRefused`.
     MeshForward = 24,
+    /// Relay → relay, first frame of a mesh stream: connect it to a port of
+    /// a peer attached to you; answered with `StreamReply`, then payload.
+    MeshStreamOpen = 25,
 }
 
 impl FrameType {
@@ -164,6 +167,7 @@ impl FrameType {
             22 => Self::Redirect,
             23 => Self::RelayMap,
             24 => Self::MeshForward,
+            25 => Self::MeshStreamOpen,
             _ => return None,
         })
     }
@@ -628,6 +632,19 @@ pub struct MeshForward {
     pub sent_at_ms: u64,
 }
 
+/// Relay → relay: a stream from `from` to `port` of `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshStreamOpen {
+    /// Namespace of both peers.
+    pub namespace: String,
+    /// Caller.
+    pub from: String,
+    /// Target, attached to the receiving relay.
+    pub to: String,
+    /// Port on the target.
+    pub port: u16,
+}
+
 /// Ping / Pong payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {
@@ -686,6 +703,8 @@ pub enum Frame {
     RelayMap(RelayMap),
     /// See [`FrameType::MeshForward`].
     MeshForward(MeshForward),
+    /// See [`FrameType::MeshStreamOpen`].
+    MeshStreamOpen(MeshStreamOpen),
 }
 
 /// Errors while encoding a frame.
@@ -765,6 +784,7 @@ impl Frame {
             Frame::Redirect(_) => FrameType::Redirect,
             Frame::RelayMap(_) => FrameType::RelayMap,
             Frame::MeshForward(_) => FrameType::MeshForward,
+            Frame::MeshStreamOpen(_) => FrameType::MeshStreamOpen,
         }
     }
 
@@ -795,6 +815,7 @@ impl Frame {
             Frame::MeshMembers(v) | Frame::RelayMap(v) => len(v),
             Frame::Redirect(v) => len(v),
             Frame::MeshForward(v) => len(v),
+            Frame::MeshStreamOpen(v) => len(v),
         }
     }
 
@@ -840,6 +861,7 @@ impl Frame {
             }
             Frame::Redirect(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::MeshForward(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::MeshStreamOpen(v) => postcard::to_slice(v, out).map(|s| s.len()),
         };
         match res {
             Ok(n) if n == len => Ok(()),
@@ -998,6 +1020,7 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
         }
         FrameType::Redirect => Frame::Redirect(body(ty, b)?),
         FrameType::MeshForward => Frame::MeshForward(body(ty, b)?),
+        FrameType::MeshStreamOpen => Frame::MeshStreamOpen(body(ty, b)?),
         FrameType::RelayMap => {
             let m: RelayMap = body(ty, b)?;
             check_len("relay_map.relays", m.relays.len(), MAX_RELAYS)?;

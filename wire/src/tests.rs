@@ -106,6 +106,16 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             })),
         Just(Frame::PeersQuery),
         arb_record().prop_map(Frame::Redirect),
+        ("[a-z]{1,8}", "[a-z]{1,8}", "[a-z]{1,8}", any::<u16>()).prop_map(
+            |(namespace, from, to, port)| {
+                Frame::MeshStreamOpen(MeshStreamOpen {
+                    namespace,
+                    from,
+                    to,
+                    port,
+                })
+            }
+        ),
         (
             "[a-z]{1,8}",
             "[a-z]{1,8}",
