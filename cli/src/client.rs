@@ -199,8 +199,11 @@ fn print_status(s: &StatusInfo) {
     println!("name:       {}", s.name);
     println!("namespace:  {}", s.namespace.as_deref().unwrap_or("-"));
     match &s.relay_id {
-        Some(id) => println!("relay:      {} ({id})", s.relay),
+        Some(id) => println!("relay:      {} (home relay {id})", s.relay),
         None => println!("relay:      {}", s.relay),
+    }
+    if s.relays > 0 {
+        println!("relays:     {} live in the mesh", s.relays);
     }
     if let Some(since) = &s.connected_since {
         let t = humantime::parse_rfc3339(since).unwrap_or(UNIX_EPOCH);

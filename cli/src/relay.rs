@@ -40,9 +40,22 @@ pub(crate) struct RelayArgs {
     /// certificate is first created.
     #[arg(long = "dev-name", value_name = "NAME", requires = "dev")]
     dev_names: Vec<String>,
-    /// This relay's id, shown to daemons and in logs.
-    #[arg(long, value_name = "ID", default_value = "relay")]
+    /// This relay's id: unique in a mesh (the ring places peers by it);
+    /// shown to daemons and in logs.
+    #[arg(long = "id", alias = "relay-id", value_name = "ID", default_value = "relay")]
     relay_id: String,
+    /// Another relay of the mesh to dial (`host:port`); repeat. The rest of
+    /// the mesh is learned from them. Needs --mesh-key-file.
+    #[arg(long = "mesh-peer", value_name = "HOST:PORT", requires = "mesh_key_file")]
+    mesh_peers: Vec<String>,
+    /// The mesh's shared secret (at least 32 characters): relays prove it to
+    /// each other. Makes this relay part of a mesh.
+    #[arg(long, value_name = "FILE")]
+    mesh_key_file: Option<PathBuf>,
+    /// Address other relays and daemons reach this relay at (default: the
+    /// --listen address); repeat for several.
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Vec<String>,
     /// Messages one peer's mailbox holds at most; more is refused with `mailbox_full`.
     #[arg(long, value_name = "N", default_value_t = MailboxLimits::default().messages)]
     mailbox_messages: usize,
@@ -106,6 +119,22 @@ pub(crate) async fn run(a: RelayArgs) -> Result<()> {
     if let Some(h) = a.http_listen {
         config.http_listen = h;
     }
+    if let Some(f) = &a.mesh_key_file {
+        let key = swb_relay::mesh::MeshKey::from_file(f)?;
+        let advertise = if a.advertise.is_empty() && !a.listen.ip().is_unspecified() {
+            vec![a.listen.to_string()]
+        } else {
+            a.advertise.clone()
+        };
+        if advertise.is_empty() {
+            bail!("in a mesh, give --advertise HOST:PORT: other relays and daemons cannot dial {}", a.listen);
+        }
+        config.mesh = Some(swb_relay::mesh::MeshConfig {
+            key,
+            peers: a.mesh_peers.clone(),
+            advertise,
+        });
+    }
     if a.mailbox_messages == 0 || a.mailbox_bytes < swb_wire::MAX_MESSAGE_BODY {
         bail!(
             "--mailbox-messages must be at least 1 and --mailbox-bytes at least {} (one largest message)",
@@ -128,6 +157,10 @@ pub(crate) async fn run(a: RelayArgs) -> Result<()> {
         addr.to_string()
     };
     println!("relay listening on {addr} (udp)");
+    println!("relay id {}", a.relay_id);
+    if a.mesh_key_file.is_some() {
+        println!("mesh: dialing {} seed relay(s); others are learned", a.mesh_peers.len());
+    }
     if let Some(h) = handle.http_addr() {
         println!("https listening on {h} (tcp): HTTP + JSON API, see /v1/openapi.json");
     }
