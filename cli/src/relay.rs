@@ -42,11 +42,20 @@ pub(crate) struct RelayArgs {
     dev_names: Vec<String>,
     /// This relay's id: unique in a mesh (the ring places peers by it);
     /// shown to daemons and in logs.
-    #[arg(long = "id", alias = "relay-id", value_name = "ID", default_value = "relay")]
+    #[arg(
+        long = "id",
+        alias = "relay-id",
+        value_name = "ID",
+        default_value = "relay"
+    )]
     relay_id: String,
     /// Another relay of the mesh to dial (`host:port`); repeat. The rest of
     /// the mesh is learned from them. Needs --mesh-key-file.
-    #[arg(long = "mesh-peer", value_name = "HOST:PORT", requires = "mesh_key_file")]
+    #[arg(
+        long = "mesh-peer",
+        value_name = "HOST:PORT",
+        requires = "mesh_key_file"
+    )]
     mesh_peers: Vec<String>,
     /// The mesh's shared secret (at least 32 characters): relays prove it to
     /// each other. Makes this relay part of a mesh.
@@ -127,7 +136,10 @@ pub(crate) async fn run(a: RelayArgs) -> Result<()> {
             a.advertise.clone()
         };
         if advertise.is_empty() {
-            bail!("in a mesh, give --advertise HOST:PORT: other relays and daemons cannot dial {}", a.listen);
+            bail!(
+                "in a mesh, give --advertise HOST:PORT: other relays and daemons cannot dial {}",
+                a.listen
+            );
         }
         config.mesh = Some(swb_relay::mesh::MeshConfig {
             key,
@@ -159,7 +171,10 @@ pub(crate) async fn run(a: RelayArgs) -> Result<()> {
     println!("relay listening on {addr} (udp)");
     println!("relay id {}", a.relay_id);
     if a.mesh_key_file.is_some() {
-        println!("mesh: dialing {} seed relay(s); others are learned", a.mesh_peers.len());
+        println!(
+            "mesh: dialing {} seed relay(s); others are learned",
+            a.mesh_peers.len()
+        );
     }
     if let Some(h) = handle.http_addr() {
         println!("https listening on {h} (tcp): HTTP + JSON API, see /v1/openapi.json");

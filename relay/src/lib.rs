@@ -213,6 +213,8 @@ pub(crate) struct Shared {
     pub(crate) mesh: Option<Arc<mesh::Mesh>>,
     /// This relay as daemons and other relays reach it.
     pub(crate) me: swb_wire::RelayRecord,
+    /// Ends mesh links: after the mail handoff at shutdown, not before.
+    pub(crate) mesh_stop: CancellationToken,
 }
 
 impl Shared {
@@ -476,6 +478,7 @@ impl Relay {
             keys: RwLock::new(Arc::new(store)),
             counters: Counters::default(),
             keys_seen: Mutex::new((keys_bytes, Some(std::time::Instant::now()))),
+            mesh_stop: CancellationToken::new(),
             me: swb_wire::RelayRecord {
                 id: config.relay_id.clone(),
                 addrs: match &config.mesh {
@@ -513,8 +516,13 @@ impl Relay {
         });
         let mesh_task = shared.mesh.clone().map(|m| {
             tokio::spawn(
-                mesh::dialer(shared.clone(), m, endpoint.clone(), cancel.clone())
-                    .instrument(span.clone()),
+                mesh::dialer(
+                    shared.clone(),
+                    m,
+                    endpoint.clone(),
+                    shared.mesh_stop.clone(),
+                )
+                .instrument(span.clone()),
             )
         });
         let task = tokio::spawn(
@@ -678,6 +686,9 @@ async fn run(
         .clamp(Duration::from_millis(20), Duration::from_secs(1));
     let mut lease_tick = tokio::time::interval(lease_every);
     let mut status_tick = tokio::time::interval(status::MIN_PUBLISH_INTERVAL / 2);
+    // Mail whose home moved to another relay (one joined) goes there.
+    let mut live = shared.mesh.as_ref().map(|m| m.live());
+    let mut handoffs = tokio::task::JoinSet::new();
     status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut keys_tick = tokio::time::interval(shared.config.keys_poll);
@@ -692,6 +703,26 @@ async fn run(
         tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
+            Some(()) = async {
+                match live.as_mut() {
+                    Some(rx) => rx.changed().await.ok(),
+                    None => std::future::pending().await,
+                }
+            } => {
+                if handoffs.is_empty() {
+                    let ring = live.as_mut().map(|rx| rx.borrow_and_update().ring.clone());
+                    if let Some(ring) = ring {
+                        let s = shared.clone();
+                        handoffs.spawn(async move {
+                            let (moved, kept) = mesh::handoff(&s, &ring).await;
+                            if moved + kept > 0 {
+                                info!(moved, kept, "held mail moved to the relays that are now its home");
+                            }
+                        }.in_current_span());
+                    }
+                }
+            }
+            Some(_) = handoffs.join_next(), if !handoffs.is_empty() => {}
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 conn_seq += 1;
@@ -731,6 +762,21 @@ async fn run(
             }
         }
     }
+    // Leaving a mesh: peers stop routing here, held mail goes to the relays
+    // that take over its names, then the links close.
+    handoffs.abort_all();
+    if let Some(m) = &shared.mesh {
+        m.announce_leaving();
+        let ring = m.live().borrow().ring.without(&m.me.id);
+        match tokio::time::timeout(Duration::from_secs(10), mesh::handoff(&shared, &ring)).await {
+            Ok((moved, kept)) if moved + kept > 0 => {
+                info!(moved, kept, "held mail handed to the relays that take over")
+            }
+            Ok(_) => {}
+            Err(_) => warn!("mail handoff did not finish in 10 s; the rest is saved locally"),
+        }
+    }
+    shared.mesh_stop.cancel();
     // Drain: sessions saw the cancellation (their tokens are children) and
     // say goodbye; give them a grace period, then stop the rest.
     endpoint.set_server_config(None);

@@ -141,6 +141,8 @@ struct LinkEntry {
 #[derive(Default)]
 struct State {
     members: BTreeMap<String, RelayRecord>,
+    /// Linked relays that announced they are stopping.
+    leaving: std::collections::HashSet<String>,
     links: HashMap<String, LinkEntry>,
     /// Seed address → relay id, once a handshake told us.
     seeds: HashMap<String, Option<String>>,
@@ -156,6 +158,8 @@ pub(crate) struct Mesh {
     changed: Notify,
     /// Mesh handshakes refused (bad or missing proof).
     pub(crate) refused: std::sync::atomic::AtomicU64,
+    /// This relay is stopping: links announce it.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 impl Mesh {
@@ -176,6 +180,7 @@ impl Mesh {
             live: watch::Sender::new(Arc::new(live)),
             changed: Notify::new(),
             refused: std::sync::atomic::AtomicU64::new(0),
+            leaving: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -220,7 +225,7 @@ impl Mesh {
             let st = self.state();
             let mut relays: BTreeMap<String, RelayRecord> = BTreeMap::new();
             relays.insert(self.me.id.clone(), self.me.clone());
-            for id in st.links.keys() {
+            for id in st.links.keys().filter(|id| !st.leaving.contains(*id)) {
                 if let Some(r) = st.members.get(id) {
                     relays.insert(id.clone(), r.clone());
                 }
@@ -272,9 +277,19 @@ impl Mesh {
                 .is_some_and(|l| l.conn.stable_id() == conn.stable_id())
             {
                 st.links.remove(id);
+                st.leaving.remove(id);
             }
         }
         self.recompute();
+    }
+
+    /// Tells every linked relay this one is stopping: they take it out of
+    /// their live set (and send its peers elsewhere) while the links stay
+    /// up for the mail handoff.
+    pub(crate) fn announce_leaving(&self) {
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.changed.notify_waiters();
     }
 
     /// Closes every link (graceful stop: peers drop us at once).
@@ -507,6 +522,50 @@ pub(crate) async fn forward(
     }
 }
 
+/// Hands held mail to the relays that are its home on `ring` (this relay
+/// is not, or no longer): forwarded one by one, removed here only once the
+/// new home accepted it. Returns (handed off, kept).
+pub(crate) async fn handoff(shared: &crate::Shared, ring: &Ring) -> (usize, usize) {
+    let Some(mesh) = &shared.mesh else {
+        return (0, 0);
+    };
+    let me = mesh.me.id.clone();
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let held = shared.registry().export(tokio::time::Instant::now(), wall);
+    let (mut moved, mut kept) = (0, 0);
+    for m in held {
+        let Some(home) = ring.home(&m.ns, &m.to).map(str::to_string) else {
+            continue;
+        };
+        if home == me {
+            continue;
+        }
+        let (ns, to, id) = (m.ns.clone(), m.to.clone(), m.id);
+        let f = swb_wire::MeshForward {
+            namespace: m.ns,
+            from: m.from,
+            to: m.to,
+            id: m.id,
+            body: m.body,
+            sent_at_ms: m.sent_at_ms,
+        };
+        match forward(shared, &home, f).await {
+            Ok(_) => {
+                shared.registry().ack(&ns, &to, &[id]);
+                moved += 1;
+            }
+            Err(r) => {
+                kept += 1;
+                debug!(%ns, %to, %home, "handoff failed: {r}");
+            }
+        }
+    }
+    (moved, kept)
+}
+
 /// Keying material of this TLS session, the same on both ends.
 fn ekm(conn: &quinn::Connection) -> Option<[u8; 32]> {
     let mut out = [0u8; 32];
@@ -679,13 +738,14 @@ async fn run_link(
     let gossip = async {
         loop {
             let notified = mesh.changed.notified();
-            let map = RelayMap {
-                relays: mesh.records(),
+            let f = if mesh.leaving.load(std::sync::atomic::Ordering::Relaxed) {
+                Frame::MeshLeaving
+            } else {
+                Frame::MeshMembers(RelayMap {
+                    relays: mesh.records(),
+                })
             };
-            if write_frame(&mut send, &Frame::MeshMembers(map))
-                .await
-                .is_err()
-            {
+            if write_frame(&mut send, &f).await.is_err() {
                 return;
             }
             notified.await;
@@ -695,6 +755,11 @@ async fn run_link(
         loop {
             match read_frame(&mut recv).await {
                 Ok(Some(Frame::MeshMembers(m))) => mesh.merge(&m.relays),
+                Ok(Some(Frame::MeshLeaving)) => {
+                    info!(peer = %peer.id, "relay is leaving the mesh");
+                    mesh.state().leaving.insert(peer.id.clone());
+                    mesh.recompute();
+                }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => return,
             }

@@ -122,7 +122,11 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
         .and_then(|d| d.protocol);
     if alpn.as_deref() == Some(swb_wire::MESH_ALPN) {
         match &shared.mesh {
-            Some(m) => crate::mesh::accept(shared.clone(), m.clone(), conn, cancel).await,
+            Some(m) => {
+                // Mesh links outlive the shutdown signal until the mail handoff.
+                let _ = cancel;
+                crate::mesh::accept(shared.clone(), m.clone(), conn, shared.mesh_stop.clone()).await
+            }
             None => conn.close(CLOSE_PROTOCOL.into(), b"this relay is not part of a mesh"),
         }
         return;

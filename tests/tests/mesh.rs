@@ -325,3 +325,90 @@ async fn a_stream_crosses_the_mesh_intact_and_refusals_come_back() -> Result<()>
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_relay_stopping_gracefully_hands_its_held_mail_to_the_new_home() -> Result<()> {
+    let (mut relays, api) = mesh3('k').await?;
+    let ids = ["r1", "r2", "r3"];
+    let away = name_homed_on(&ids, "acme", "r2");
+    let sender =
+        swb_tests::TestDaemon::start(&relays[0], &api, &name_homed_on(&ids, "acme", "r1")).await?;
+    for i in 0..5 {
+        let s = sender.send(&away, format!("held {i}").as_bytes()).await?;
+        assert!(!s.online);
+    }
+    relays[1]
+        .wait_stats("r2 holds the mail", |s| s.held == 5)
+        .await?;
+    relays[1].stop().await;
+    let successor = swb_ring::Ring::new(["r1", "r3"])
+        .home("acme", &away)
+        .unwrap_or("")
+        .to_string();
+    let idx = if successor == "r1" { 0 } else { 2 };
+    relays[idx]
+        .wait_stats("the successor holds it", |s| s.held >= 5)
+        .await?;
+    let d = swb_tests::TestDaemon::start(&relays[0], &api, &away).await?;
+    assert_eq!(home_of(&d).await?, successor);
+    let bodies: Vec<Vec<u8>> = d.recv_n(5).await?.iter().map(|m| m.body()).collect();
+    let want: Vec<Vec<u8>> = (0..5).map(|i| format!("held {i}").into_bytes()).collect();
+    assert_eq!(bodies, want, "nothing accepted was lost, order kept");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_joining_relay_moves_only_the_names_the_ring_gives_it() -> Result<()> {
+    let (relays, api) = mesh3('l').await?;
+    let mut daemons = Vec::new();
+    for i in 0..12 {
+        let name = format!("node{i}");
+        let d = swb_tests::TestDaemon::start(&relays[0], &api, &name).await?;
+        let since = d.client().await?.status().await?.connected_since;
+        daemons.push((name, d, since));
+    }
+    let sessions_before: u64 = relays.iter().map(|r| r.handle().stats().sessions).sum();
+    let r4 = relay("r4", &key('l'), &[&relays[0]]).await?;
+    std::fs::copy(relays[0].keys_path(), r4.keys_path())?;
+    r4.handle().reload_keys()?;
+    for r in relays.iter().chain([&r4]) {
+        converge(r, &["r1", "r2", "r3", "r4"]).await?;
+    }
+    let ring = swb_ring::Ring::new(["r1", "r2", "r3", "r4"]);
+    let mut moved = 0;
+    for (name, d, since) in &daemons {
+        let want = ring.home("acme", name).unwrap_or("");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let s = d.client().await?.status().await?;
+            if s.state == "connected" && s.relay_id.as_deref() == Some(want) {
+                if want == "r4" {
+                    moved += 1;
+                } else {
+                    assert_eq!(
+                        &s.connected_since, since,
+                        "{name} was not moved by the ring and kept its connection"
+                    );
+                }
+                break;
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{name} not at {want}: {s:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    eprintln!("{moved} of 12 names moved to the new relay");
+    let sessions_after: u64 = relays.iter().map(|r| r.handle().stats().sessions).sum();
+    assert_eq!(
+        sessions_after, sessions_before,
+        "no daemon reconnected to the old relays"
+    );
+    assert_eq!(
+        r4.handle().stats().sessions,
+        moved,
+        "the moved ones attached to r4 once each"
+    );
+    Ok(())
+}

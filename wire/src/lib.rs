@@ -137,6 +137,9 @@ pub enum FrameType {
     /// Relay → relay, first frame of a mesh stream: connect it to a port of
     /// a peer attached to you; answered with `StreamReply`, then payload.
     MeshStreamOpen = 25,
+    /// Relay → relay on the mesh control stream: I am stopping; take me
+    /// out of the live set (the link stays up while I hand off mail).
+    MeshLeaving = 26,
 }
 
 impl FrameType {
@@ -168,6 +171,7 @@ impl FrameType {
             23 => Self::RelayMap,
             24 => Self::MeshForward,
             25 => Self::MeshStreamOpen,
+            26 => Self::MeshLeaving,
             _ => return None,
         })
     }
@@ -705,6 +709,8 @@ pub enum Frame {
     MeshForward(MeshForward),
     /// See [`FrameType::MeshStreamOpen`].
     MeshStreamOpen(MeshStreamOpen),
+    /// See [`FrameType::MeshLeaving`].
+    MeshLeaving,
 }
 
 /// Errors while encoding a frame.
@@ -785,6 +791,7 @@ impl Frame {
             Frame::RelayMap(_) => FrameType::RelayMap,
             Frame::MeshForward(_) => FrameType::MeshForward,
             Frame::MeshStreamOpen(_) => FrameType::MeshStreamOpen,
+            Frame::MeshLeaving => FrameType::MeshLeaving,
         }
     }
 
@@ -816,6 +823,7 @@ impl Frame {
             Frame::Redirect(v) => len(v),
             Frame::MeshForward(v) => len(v),
             Frame::MeshStreamOpen(v) => len(v),
+            Frame::MeshLeaving => Ok(0),
         }
     }
 
@@ -862,6 +870,7 @@ impl Frame {
             Frame::Redirect(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::MeshForward(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::MeshStreamOpen(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::MeshLeaving => Ok(0),
         };
         match res {
             Ok(n) if n == len => Ok(()),
@@ -1021,6 +1030,15 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
         FrameType::Redirect => Frame::Redirect(body(ty, b)?),
         FrameType::MeshForward => Frame::MeshForward(body(ty, b)?),
         FrameType::MeshStreamOpen => Frame::MeshStreamOpen(body(ty, b)?),
+        FrameType::MeshLeaving => {
+            if !b.is_empty() {
+                return Err(DecodeError::Malformed {
+                    ty,
+                    reason: "trailing bytes".into(),
+                });
+            }
+            Frame::MeshLeaving
+        }
         FrameType::RelayMap => {
             let m: RelayMap = body(ty, b)?;
             check_len("relay_map.relays", m.relays.len(), MAX_RELAYS)?;

@@ -105,6 +105,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 replace
             })),
         Just(Frame::PeersQuery),
+        Just(Frame::MeshLeaving),
         arb_record().prop_map(Frame::Redirect),
         ("[a-z]{1,8}", "[a-z]{1,8}", "[a-z]{1,8}", any::<u16>()).prop_map(
             |(namespace, from, to, port)| {
