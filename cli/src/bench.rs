@@ -22,6 +22,19 @@ pub(crate) enum BenchCommand {
     /// Placement: balance, movement on join/leave, and lookup time of the
     /// home-relay ring at 10, 100 and 1000 relays.
     Ring(RingArgs),
+    /// Messages between peers on the same relay vs. on two relays of a mesh
+    /// (one mesh hop): rate and latency, in one run.
+    Mesh(MeshArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct MeshArgs {
+    /// Messages per rate run.
+    #[arg(long, default_value_t = 5000)]
+    messages: usize,
+    /// Round trips for the latency figures.
+    #[arg(long, default_value_t = 500)]
+    samples: usize,
 }
 
 #[derive(Debug, Args)]
@@ -45,7 +58,167 @@ pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
     match cmd {
         BenchCommand::Stream(a) => stream(a, out).await,
         BenchCommand::Ring(a) => ring(a, out),
+        BenchCommand::Mesh(a) => mesh(a, out).await,
     }
+}
+
+/// Sends `n` messages from `from` to `to` (each waiting for the relay's
+/// acceptance, as `swbd send` does) while `to` receives; returns msgs/s.
+async fn rate(
+    from: &DaemonHandleRef<'_>,
+    to: &DaemonHandleRef<'_>,
+    to_name: &str,
+    n: usize,
+) -> Result<f64> {
+    let mut tx = Client::connect(from.0.control_path()).await?;
+    let t = Instant::now();
+    let send = async {
+        for i in 0..n {
+            tx.send(to_name, format!("m{i}").as_bytes(), Duration::from_secs(10))
+                .await?;
+        }
+        anyhow::Ok(())
+    };
+    let recv = async {
+        let mut rx = Client::connect(to.0.control_path()).await?;
+        let mut got = 0;
+        while got < n {
+            let msgs = rx.recv(Duration::from_secs(10), n - got).await?;
+            ensure!(!msgs.is_empty(), "stalled after {got}");
+            got += msgs.len();
+            rx.ack(msgs.into_iter().map(|m| m.id).collect()).await?;
+        }
+        anyhow::Ok(())
+    };
+    let (s, r) = tokio::join!(send, recv);
+    s?;
+    r?;
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// One message at a time: send → received at the other end; latencies.
+async fn latency(
+    from: &DaemonHandleRef<'_>,
+    to: &DaemonHandleRef<'_>,
+    to_name: &str,
+    n: usize,
+) -> Result<Vec<Duration>> {
+    let mut tx = Client::connect(from.0.control_path()).await?;
+    let mut rx = Client::connect(to.0.control_path()).await?;
+    let mut v = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        let recv = rx.recv(Duration::from_secs(10), 1);
+        let body = format!("l{i}");
+        let send = tx.send(to_name, body.as_bytes(), Duration::from_secs(10));
+        let (r, s) = tokio::join!(recv, send);
+        s?;
+        let msgs = r?;
+        v.push(t.elapsed());
+        ensure!(msgs.len() == 1, "lost a message");
+        rx.ack(msgs.into_iter().map(|m| m.id).collect()).await?;
+    }
+    v.sort();
+    Ok(v)
+}
+
+struct DaemonHandleRef<'a>(&'a swb_daemon::DaemonHandle);
+
+async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
+    use swb_relay::mesh::{MeshConfig, MeshKey};
+    let key = MeshKey::new(&"bench-mesh-key-".repeat(4))?;
+    let new = keys::generate("bench", "bench")?;
+    let file = KeysFile {
+        keys: vec![new.entry],
+    };
+    let mut relays = Vec::new();
+    for id in ["r1", "r2"] {
+        let mut rc = RelayConfig::new(
+            "127.0.0.1:0".parse()?,
+            Identity::ephemeral()?,
+            KeySource::Static(file.clone()),
+        );
+        rc.relay_id = id.into();
+        rc.http_listen = HttpListen::Off;
+        rc.mesh = Some(MeshConfig {
+            key: key.clone(),
+            peers: relays
+                .iter()
+                .map(|r: &swb_relay::RelayHandle| r.local_addr().to_string())
+                .collect(),
+            advertise: Vec::new(),
+        });
+        relays.push(Relay::spawn(rc).await?);
+    }
+    for r in &relays {
+        tokio::time::timeout(Duration::from_secs(10), r.wait_live(|l| l.len() == 2))
+            .await
+            .context("the two relays did not link")?;
+    }
+    let ring = swb_ring::Ring::new(["r1", "r2"]);
+    let pick = |home: &str, skip: &str| {
+        (0..10_000)
+            .map(|i| format!("p{i}"))
+            .find(|n| ring.home("bench", n) == Some(home) && n != skip)
+            .unwrap_or_default()
+    };
+    let a_name = pick("r1", "");
+    let b_name = pick("r1", &a_name);
+    let c_name = pick("r2", "");
+    let dir = tempfile::tempdir()?;
+    let mut ds = Vec::new();
+    for n in [&a_name, &b_name, &c_name] {
+        let r0 = &relays[0];
+        let c = DaemonConfig::new(
+            r0.local_addr().to_string(),
+            Trust::Fingerprint(r0.fingerprint().to_string()),
+            n.as_str(),
+            ApiKey::new(new.key.clone()),
+            dir.path().join(format!("{n}.sock")),
+        );
+        let d = Daemon::spawn(c).await?;
+        d.connected().await.map_err(anyhow::Error::msg)?;
+        ds.push(d);
+    }
+    let (a_d, b_d, c_d) = (
+        DaemonHandleRef(&ds[0]),
+        DaemonHandleRef(&ds[1]),
+        DaemonHandleRef(&ds[2]),
+    );
+    // Warm up both paths.
+    rate(&a_d, &b_d, &b_name, 200).await?;
+    rate(&a_d, &c_d, &c_name, 200).await?;
+    let same = rate(&a_d, &b_d, &b_name, a.messages).await?;
+    let cross = rate(&a_d, &c_d, &c_name, a.messages).await?;
+    let l_same = latency(&a_d, &b_d, &b_name, a.samples).await?;
+    let l_cross = latency(&a_d, &c_d, &c_name, a.samples).await?;
+    let p = |v: &[Duration], q: f64| v[((v.len() as f64 - 1.0) * q) as usize].as_secs_f64() * 1e3;
+    if out.json {
+        println!(
+            "{}",
+            serde_json::json!({"bench": "mesh", "messages": a.messages,
+                "same_relay_msgs_per_sec": same, "one_hop_msgs_per_sec": cross, "rate_ratio": cross / same,
+                "same_relay_p50_ms": p(&l_same, 0.5), "one_hop_p50_ms": p(&l_cross, 0.5),
+                "same_relay_p99_ms": p(&l_same, 0.99), "one_hop_p99_ms": p(&l_cross, 0.99),
+                "p50_ratio": p(&l_cross, 0.5) / p(&l_same, 0.5)})
+        );
+    } else {
+        println!("messages: peers on one relay vs. on two relays of a mesh (one hop); each send waits for acceptance");
+        println!("  rate      same relay {same:>8.0} msg/s   one hop {cross:>8.0} msg/s   ratio {:.2} (goal >= 0.45)", cross / same);
+        println!(
+            "  latency   same relay p50 {:.3} ms p99 {:.3} ms   one hop p50 {:.3} ms p99 {:.3} ms   p50 ratio {:.2} (goal <= 2)",
+            p(&l_same, 0.5), p(&l_same, 0.99), p(&l_cross, 0.5), p(&l_cross, 0.99), p(&l_cross, 0.5) / p(&l_same, 0.5)
+        );
+    }
+    for d in ds {
+        d.shutdown();
+        let _ = d.join().await;
+    }
+    for r in relays {
+        r.shutdown();
+        r.join().await;
+    }
+    Ok(())
 }
 
 fn ring(a: RingArgs, out: &Output) -> Result<()> {
