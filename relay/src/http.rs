@@ -759,13 +759,8 @@ async fn peers(State(api): State<Api>, headers: HeaderMap, RawQuery(q): RawQuery
     struct NoParams {}
     let _: NoParams = parse_query(q)?;
     let now = tokio::time::Instant::now();
-    let (attached, known) = {
-        let reg = api.shared.registry();
-        (
-            reg.peers(&key.namespace, now),
-            reg.status.known(&key.namespace),
-        )
-    };
+    let attached = api.shared.registry().peers(&key.namespace, now);
+    let known = crate::mesh::known_everywhere(&api.shared, &key.namespace).await;
     let list: Vec<Value> = known
         .iter()
         .map(|s| {
@@ -831,6 +826,13 @@ async fn get_status(
 ) -> ApiResult {
     let key = api.auth(&headers)?;
     let who = name("name", &who)?;
+    crate::mesh::prepare_watch(
+        &api.shared,
+        &key.namespace,
+        std::slice::from_ref(&who),
+        false,
+    )
+    .await;
     let s = api.shared.registry().status.get(&key.namespace, &who);
     ok(StatusCode::OK, s.to_json())
 }
@@ -868,6 +870,7 @@ async fn watch_status(
     let names = crate::status_streams::names(&raw)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_name", e))?;
     let slot = api.take_poll_slot(&key.id)?;
+    crate::mesh::prepare_watch(&api.shared, &key.namespace, &names, true).await;
     let watcher = crate::status_streams::StatusWatcher::new(&api.shared, &key.namespace, &names);
     let event = |s: &crate::Snapshot, lagged: bool| {
         let mut v = s.to_json();

@@ -777,6 +777,9 @@ async fn run(
         }
     }
     shared.mesh_stop.cancel();
+    if let Some(m) = &shared.mesh {
+        m.stop_mirrors();
+    }
     // Drain: sessions saw the cancellation (their tokens are children) and
     // say goodbye; give them a grace period, then stop the rest.
     endpoint.set_server_config(None);

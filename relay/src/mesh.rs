@@ -160,6 +160,10 @@ pub(crate) struct Mesh {
     pub(crate) refused: std::sync::atomic::AtomicU64,
     /// This relay is stopping: links announce it.
     leaving: std::sync::atomic::AtomicBool,
+    /// Upstream status subscriptions for peers homed elsewhere: one per
+    /// (namespace, name), owned here.
+    #[allow(clippy::type_complexity)]
+    pub(crate) mirrors: Mutex<(std::collections::HashSet<(String, String)>, JoinSet<()>)>,
 }
 
 impl Mesh {
@@ -181,6 +185,7 @@ impl Mesh {
             changed: Notify::new(),
             refused: std::sync::atomic::AtomicU64::new(0),
             leaving: std::sync::atomic::AtomicBool::new(false),
+            mirrors: Mutex::new((std::collections::HashSet::new(), JoinSet::new())),
         })
     }
 
@@ -292,6 +297,15 @@ impl Mesh {
         self.changed.notify_waiters();
     }
 
+    /// Stops every upstream status subscription.
+    pub(crate) fn stop_mirrors(&self) {
+        self.mirrors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .abort_all();
+    }
+
     /// Closes every link (graceful stop: peers drop us at once).
     pub(crate) fn close_all(&self) {
         for l in self.state().links.values() {
@@ -385,11 +399,248 @@ async fn serve_rpc(
                 }
             }
         }
+        Frame::MeshStatusQuery(q) => {
+            let _ = write_frame(
+                &mut send,
+                &Frame::StreamReply(swb_wire::StreamReply { refusal: None }),
+            )
+            .await;
+            if q.names.is_empty() {
+                let known = shared.registry().status.known(&q.namespace);
+                for s in known {
+                    if write_frame(&mut send, &Frame::StatusUpdate(s.to_update(false)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                let _ = send.finish();
+                return;
+            }
+            let Ok(names) = crate::status_streams::names(&q.names) else {
+                let _ = send.finish();
+                return;
+            };
+            let mut w = crate::status_streams::StatusWatcher::new(&shared, &q.namespace, &names);
+            let mut initial = names.len();
+            let mut probe = [0u8; 1];
+            loop {
+                tokio::select! {
+                    next = w.next() => {
+                        let Some((snap, lagged)) = next else { break };
+                        if write_frame(&mut send, &Frame::StatusUpdate(snap.to_update(lagged))).await.is_err() {
+                            break;
+                        }
+                        initial = initial.saturating_sub(1);
+                        if !q.watch && initial == 0 {
+                            break;
+                        }
+                    }
+                    r = recv.read(&mut probe), if q.watch => {
+                        if !matches!(r, Ok(Some(_))) {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = send.finish();
+        }
         other => {
             debug!("unexpected mesh request {:?}", other.frame_type());
             let _ = send.reset(0u32.into());
         }
     }
+}
+
+/// Opens a status query to relay `home`.
+async fn status_query(
+    shared: &crate::Shared,
+    home: &str,
+    q: swb_wire::MeshStatusQuery,
+) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    let conn = shared
+        .mesh
+        .as_ref()
+        .and_then(|m| m.state().links.get(home).map(|l| l.conn.clone()))
+        .ok_or("no mesh link")?;
+    let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    write_frame(&mut s, &Frame::MeshStatusQuery(q)).await?;
+    match read_frame(&mut r).await? {
+        Some(Frame::StreamReply(swb_wire::StreamReply { refusal: None })) => Ok((s, r)),
+        _ => Err("status query refused".into()),
+    }
+}
+
+/// Every known peer of `ns`: this relay's, and every other live relay's
+/// (each peer's newest value wins).
+pub(crate) async fn known_everywhere(
+    shared: &crate::Shared,
+    ns: &str,
+) -> Vec<Arc<crate::Snapshot>> {
+    let mut all: BTreeMap<String, Arc<crate::Snapshot>> = shared
+        .registry()
+        .status
+        .known(ns)
+        .into_iter()
+        .map(|s| (s.name.to_string(), s))
+        .collect();
+    let Some(mesh) = &shared.mesh else {
+        return all.into_values().collect();
+    };
+    let others: Vec<String> = mesh
+        .live
+        .borrow()
+        .ring
+        .ids()
+        .iter()
+        .filter(|id| **id != mesh.me.id)
+        .cloned()
+        .collect();
+    for id in others {
+        let q = swb_wire::MeshStatusQuery {
+            namespace: ns.to_string(),
+            names: Vec::new(),
+            watch: false,
+        };
+        let fetch = async {
+            let (_s, mut r) = status_query(shared, &id, q).await?;
+            let mut out = Vec::new();
+            while let Some(f) = read_frame(&mut r).await? {
+                if let Frame::StatusUpdate(u) = f {
+                    out.push(u);
+                }
+            }
+            Ok::<_, String>(out)
+        };
+        match tokio::time::timeout(Duration::from_secs(5), fetch).await {
+            Ok(Ok(updates)) => {
+                for u in updates {
+                    let snap = Arc::new(crate::status::Snapshot::from_update(&u));
+                    let newer = all.get(&u.name).is_none_or(|s| s.version < snap.version);
+                    if newer {
+                        all.insert(u.name.clone(), snap);
+                    }
+                }
+            }
+            Ok(Err(e)) => debug!(relay = %id, "peers query failed: {e}"),
+            Err(_) => debug!(relay = %id, "peers query timed out"),
+        }
+    }
+    all.into_values().collect()
+}
+
+/// Before watching `names` in `ns` here: fetch the current values of those
+/// homed on other relays into the board, and (for a lasting watch) start
+/// one upstream subscription per such peer unless one runs.
+pub(crate) async fn prepare_watch(
+    shared: &Arc<crate::Shared>,
+    ns: &str,
+    names: &[String],
+    lasting: bool,
+) {
+    let Some(mesh) = &shared.mesh else {
+        return;
+    };
+    let mut by_home: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for n in names {
+        if let Some(h) = home_elsewhere(shared, ns, n) {
+            by_home.entry(h.id).or_default().push(n.clone());
+        }
+    }
+    for (home, names) in by_home {
+        let q = swb_wire::MeshStatusQuery {
+            namespace: ns.to_string(),
+            names: names.clone(),
+            watch: false,
+        };
+        let fetch = async {
+            let (_s, mut r) = status_query(shared, &home, q).await?;
+            while let Some(f) = read_frame(&mut r).await? {
+                if let Frame::StatusUpdate(u) = f {
+                    shared
+                        .registry()
+                        .status
+                        .mirror_update(ns, &u, tokio::time::Instant::now());
+                }
+            }
+            Ok::<_, String>(())
+        };
+        if let Ok(Err(e)) | Err(e) = tokio::time::timeout(Duration::from_secs(5), fetch)
+            .await
+            .map_err(|_| "timed out".to_string())
+        {
+            debug!(%home, "status fetch failed: {e}");
+        }
+        if lasting {
+            for n in names {
+                let key = (ns.to_string(), n.clone());
+                let mut m = mesh.mirrors.lock().unwrap_or_else(|p| p.into_inner());
+                if m.0.insert(key.clone()) {
+                    m.1.spawn(mirror(shared.clone(), key));
+                }
+            }
+        }
+    }
+}
+
+/// Keeps the board's copy of a peer homed elsewhere up to date while
+/// anyone here watches it; follows the peer when its home moves.
+async fn mirror(shared: Arc<crate::Shared>, key: (String, String)) {
+    let (ns, name) = (key.0.as_str(), key.1.as_str());
+    let Some(mesh) = shared.mesh.clone() else {
+        return;
+    };
+    let mut live = mesh.live();
+    // The first check comes after the watcher that asked had time to subscribe.
+    let mut check = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    // Ends when the peer is homed here (the board is authoritative then),
+    // nobody watches it any more, or the relay stops.
+    'outer: while let Some(home) = home_elsewhere(&shared, ns, name) {
+        let q = swb_wire::MeshStatusQuery {
+            namespace: ns.to_string(),
+            names: vec![name.to_string()],
+            watch: true,
+        };
+        let sub = status_query(&shared, &home.id, q).await;
+        let Ok((_send, mut recv)) = sub else {
+            tokio::time::sleep(REDIAL).await;
+            if !shared.registry().status.watched(ns, name) {
+                break;
+            }
+            continue;
+        };
+        loop {
+            tokio::select! {
+                f = read_frame(&mut recv) => match f {
+                    Ok(Some(Frame::StatusUpdate(u))) => {
+                        shared.registry().status.mirror_update(ns, &u, tokio::time::Instant::now());
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => continue 'outer,
+                },
+                r = live.changed() => {
+                    if r.is_err() {
+                        break 'outer;
+                    }
+                    continue 'outer; // the home may have moved
+                }
+                _ = check.tick() => {
+                    if !shared.registry().status.watched(ns, name) {
+                        break 'outer;
+                    }
+                }
+            }
+        }
+    }
+    mesh.mirrors
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .0
+        .remove(&key);
 }
 
 /// Opens a stream to `port` of `to`, homed on relay `home`, over the mesh.

@@ -68,6 +68,20 @@ impl Snapshot {
         }
     }
 
+    /// From the wire form (a value another relay published).
+    pub fn from_update(u: &StatusUpdate) -> Self {
+        let t = |ms: u64| (ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ms));
+        Self {
+            name: Arc::from(u.name.as_str()),
+            version: u.version,
+            prev_version: 0,
+            online: u.online,
+            since: t(u.since_ms),
+            updated: t(u.updated_ms),
+            fields: Arc::new(u.fields.iter().cloned().collect()),
+        }
+    }
+
     /// The wire form.
     pub fn to_update(&self, lagged: bool) -> StatusUpdate {
         StatusUpdate {
@@ -107,6 +121,8 @@ struct Entry {
     last_publish: Option<Instant>,
     /// Offline since (for the retention TTL).
     offline_at: Option<Instant>,
+    /// A copy of a peer homed on another relay (kept while watched here).
+    mirror: bool,
 }
 
 /// All statuses of this relay.
@@ -145,15 +161,52 @@ impl StatusBoard {
                 current: s,
                 last_publish: None,
                 offline_at: None,
+                mirror: false,
             }
         });
         (e, k)
     }
 
+    /// The next version: wall-clock microseconds, strictly increasing. So
+    /// versions grow across relays too (a peer that moves to another relay
+    /// keeps increasing versions), up to clock skew.
     fn bump(&mut self) -> u64 {
-        let v = self.next_version;
-        self.next_version += 1;
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let v = self.next_version.max(wall);
+        self.next_version = v + 1;
         v
+    }
+
+    /// Takes a value published by the peer's home relay (for watchers here
+    /// of a peer homed elsewhere). Older or equal versions are ignored.
+    pub(crate) fn mirror_update(&mut self, ns: &str, u: &StatusUpdate, now: Instant) {
+        let (e, k) = self.entry(ns, &u.name);
+        e.mirror = true;
+        if u.version <= e.current.version {
+            return;
+        }
+        let t = |ms: u64| (ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ms));
+        e.current = Arc::new(Snapshot {
+            name: Arc::from(u.name.as_str()),
+            version: u.version,
+            prev_version: 0,
+            online: u.online,
+            since: t(u.since_ms),
+            updated: t(u.updated_ms),
+            fields: Arc::new(u.fields.iter().cloned().collect()),
+        });
+        Self::publish(e, now);
+        self.dirty.remove(&k);
+    }
+
+    /// Whether anyone here watches `(ns, name)`.
+    pub(crate) fn watched(&self, ns: &str, name: &str) -> bool {
+        self.entries
+            .get(&(Arc::from(ns), Arc::from(name)))
+            .is_some_and(|e| e.tx.receiver_count() > 0)
     }
 
     fn publish(e: &mut Entry, now: Instant) {
@@ -177,6 +230,7 @@ impl StatusBoard {
         }
         let v = self.bump();
         let (e, k) = self.entry(ns, name);
+        e.mirror = false;
         let mut s = (*e.current).clone();
         s.version = v;
         s.online = online;
@@ -201,6 +255,7 @@ impl StatusBoard {
         };
         let v = self.bump();
         let (e, k) = self.entry(ns, name);
+        e.mirror = false;
         let mut s = (*e.current).clone();
         s.version = v;
         s.fields = Arc::new(next);
@@ -239,7 +294,7 @@ impl StatusBoard {
         let mut v: Vec<_> = self
             .entries
             .iter()
-            .filter(|((n, _), e)| &**n == ns && e.current.version > 0)
+            .filter(|((n, _), e)| &**n == ns && e.current.version > 0 && !e.mirror)
             .map(|(_, e)| e.current.clone())
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
@@ -314,7 +369,7 @@ impl StatusBoard {
         }
         // Channels of names nobody held and nobody watches any more.
         self.entries
-            .retain(|_, e| e.current.version > 0 || e.tx.receiver_count() > 0);
+            .retain(|_, e| (e.current.version > 0 && !e.mirror) || e.tx.receiver_count() > 0);
     }
 }
 

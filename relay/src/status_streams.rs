@@ -84,7 +84,7 @@ pub(crate) fn names(raw: &[String]) -> Result<Vec<String>, String> {
 }
 
 pub(crate) async fn serve(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     ns: &str,
     me: &str,
     first: Frame,
@@ -113,7 +113,7 @@ pub(crate) async fn serve(
             }
         }
         Frame::PeersQuery => {
-            let known = shared.registry().status.known(ns);
+            let known = crate::mesh::known_everywhere(shared, ns).await;
             let _ = write_frame(
                 &mut send,
                 &Frame::StreamReply(StreamReply { refusal: None }),
@@ -143,6 +143,9 @@ pub(crate) async fn serve(
                 }
                 Err(e) => return refuse(send, shared, Code::BAD_NAME, e).await,
             };
+            // Peers homed on other relays: fetch their current values, then
+            // keep one upstream subscription per peer for every watcher here.
+            crate::mesh::prepare_watch(shared, ns, &names, !w.once).await;
             let mut watcher = StatusWatcher::new(shared, ns, &names);
             if write_frame(
                 &mut send,

@@ -412,3 +412,66 @@ async fn a_joining_relay_moves_only_the_names_the_ring_gives_it() -> Result<()> 
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn status_and_presence_cross_the_mesh() -> Result<()> {
+    let (relays, api) = mesh3('m').await?;
+    let ids = ["r1", "r2", "r3"];
+    let watched = name_homed_on(&ids, "acme", "r2");
+    let watcher_name = name_homed_on(&ids, "acme", "r3");
+    let w = swb_tests::TestDaemon::start(&relays[0], &api, &watcher_name).await?;
+    let mut c = w.client().await?;
+    c.watch(vec![watched.clone()], Duration::from_secs(5))
+        .await?;
+    let first = tokio::time::timeout(WAIT, c.next_update())
+        .await??
+        .context("update")?;
+    assert!(!first.online);
+    // It attaches (at r2) and publishes; the watcher at r3 sees both.
+    let p = swb_tests::TestDaemon::start(&relays[0], &api, &watched).await?;
+    assert_eq!(home_of(&p).await?, "r2");
+    let mut pc = p.client().await?;
+    pc.set_status(
+        [("load".to_string(), "0.5".to_string())].into(),
+        vec![],
+        WAIT,
+    )
+    .await?;
+    loop {
+        let u = tokio::time::timeout(WAIT, c.next_update())
+            .await??
+            .context("update")?;
+        if u.online && u.status.get("load").map(String::as_str) == Some("0.5") {
+            break;
+        }
+    }
+    // get-status and peers from a third relay agree.
+    let other =
+        swb_tests::TestDaemon::start(&relays[0], &api, &name_homed_on(&ids, "acme", "r1")).await?;
+    let got = other
+        .client()
+        .await?
+        .get_status(vec![watched.clone()], WAIT)
+        .await?;
+    assert_eq!(got[0].status.get("load").map(String::as_str), Some("0.5"));
+    assert!(got[0].online);
+    let peers = other.client().await?.peers(WAIT).await?;
+    for n in [&watched, &watcher_name] {
+        assert!(
+            peers.iter().any(|p| &p.name == n && p.online),
+            "{n} missing from peers: {peers:?}"
+        );
+    }
+    // It leaves: offline reaches the watcher across the mesh.
+    p.handle.shutdown();
+    p.join().await??;
+    loop {
+        let u = tokio::time::timeout(WAIT, c.next_update())
+            .await??
+            .context("update")?;
+        if !u.online {
+            break;
+        }
+    }
+    Ok(())
+}

@@ -140,6 +140,10 @@ pub enum FrameType {
     /// Relay → relay on the mesh control stream: I am stopping; take me
     /// out of the live set (the link stays up while I hand off mail).
     MeshLeaving = 26,
+    /// Relay → relay, first frame of a mesh stream: status of peers homed
+    /// at the receiving relay (all known ones if `names` is empty), and
+    /// with `watch` every change after.
+    MeshStatusQuery = 27,
 }
 
 impl FrameType {
@@ -172,6 +176,7 @@ impl FrameType {
             24 => Self::MeshForward,
             25 => Self::MeshStreamOpen,
             26 => Self::MeshLeaving,
+            27 => Self::MeshStatusQuery,
             _ => return None,
         })
     }
@@ -649,6 +654,17 @@ pub struct MeshStreamOpen {
     pub port: u16,
 }
 
+/// Relay → relay: a status query or watch for peers homed at the receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshStatusQuery {
+    /// Namespace.
+    pub namespace: String,
+    /// Peers; empty: every peer the receiver knows.
+    pub names: Vec<String>,
+    /// Keep sending changes.
+    pub watch: bool,
+}
+
 /// Ping / Pong payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {
@@ -711,6 +727,8 @@ pub enum Frame {
     MeshStreamOpen(MeshStreamOpen),
     /// See [`FrameType::MeshLeaving`].
     MeshLeaving,
+    /// See [`FrameType::MeshStatusQuery`].
+    MeshStatusQuery(MeshStatusQuery),
 }
 
 /// Errors while encoding a frame.
@@ -792,6 +810,7 @@ impl Frame {
             Frame::MeshForward(_) => FrameType::MeshForward,
             Frame::MeshStreamOpen(_) => FrameType::MeshStreamOpen,
             Frame::MeshLeaving => FrameType::MeshLeaving,
+            Frame::MeshStatusQuery(_) => FrameType::MeshStatusQuery,
         }
     }
 
@@ -824,6 +843,7 @@ impl Frame {
             Frame::MeshForward(v) => len(v),
             Frame::MeshStreamOpen(v) => len(v),
             Frame::MeshLeaving => Ok(0),
+            Frame::MeshStatusQuery(v) => len(v),
         }
     }
 
@@ -871,6 +891,7 @@ impl Frame {
             Frame::MeshForward(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::MeshStreamOpen(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::MeshLeaving => Ok(0),
+            Frame::MeshStatusQuery(v) => postcard::to_slice(v, out).map(|s| s.len()),
         };
         match res {
             Ok(n) if n == len => Ok(()),
@@ -1030,6 +1051,11 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
         FrameType::Redirect => Frame::Redirect(body(ty, b)?),
         FrameType::MeshForward => Frame::MeshForward(body(ty, b)?),
         FrameType::MeshStreamOpen => Frame::MeshStreamOpen(body(ty, b)?),
+        FrameType::MeshStatusQuery => {
+            let q: MeshStatusQuery = body(ty, b)?;
+            check_len("mesh_status_query.names", q.names.len(), MAX_WATCH_NAMES)?;
+            Frame::MeshStatusQuery(q)
+        }
         FrameType::MeshLeaving => {
             if !b.is_empty() {
                 return Err(DecodeError::Malformed {

@@ -106,6 +106,18 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             })),
         Just(Frame::PeersQuery),
         Just(Frame::MeshLeaving),
+        (
+            "[a-z]{1,8}",
+            proptest::collection::vec("[a-z]{1,8}", 0..3),
+            any::<bool>()
+        )
+            .prop_map(|(namespace, names, watch)| Frame::MeshStatusQuery(
+                MeshStatusQuery {
+                    namespace,
+                    names,
+                    watch
+                }
+            )),
         arb_record().prop_map(Frame::Redirect),
         ("[a-z]{1,8}", "[a-z]{1,8}", "[a-z]{1,8}", any::<u16>()).prop_map(
             |(namespace, from, to, port)| {
