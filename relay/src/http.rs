@@ -401,6 +401,88 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// Sends an API operation to the relay that is home of its peer and
+/// answers with that relay's answer.
+async fn forward_http(api: &Api, home: &str, op: Value) -> ApiResult {
+    match crate::mesh::http_call(&api.shared, home, op.to_string()).await {
+        Ok((status, body)) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            Ok((status, axum::Json(v)).into_response())
+        }
+        Err(e) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "relay_unavailable",
+            format!("the relay that holds this peer's mail is unreachable right now ({e}); retry"),
+        )),
+    }
+}
+
+/// Runs an API operation another relay forwarded here (the peer's home);
+/// returns the status code and JSON body.
+pub(crate) async fn serve_forwarded(
+    shared: &Arc<Shared>,
+    cancel: &CancellationToken,
+    json: &str,
+) -> (u16, Vec<u8>) {
+    #[derive(Deserialize)]
+    struct Op {
+        op: String,
+        ns: String,
+        #[serde(rename = "as")]
+        as_name: String,
+        #[serde(default)]
+        wait: u64,
+        #[serde(default)]
+        max: usize,
+        #[serde(default)]
+        ids: Vec<String>,
+        #[serde(default)]
+        set: std::collections::BTreeMap<String, String>,
+        #[serde(default)]
+        clear: Vec<String>,
+    }
+    let r: ApiResult = match serde_json::from_str::<Op>(json) {
+        Err(e) => Err(ApiError::bad(format!("bad forwarded operation: {e}"))),
+        Ok(o) => match o.op.as_str() {
+            "receive" => {
+                let wait = o.wait.min(shared.config.http.max_wait.as_secs());
+                let max = o.max.clamp(1, shared.config.http.max_batch);
+                receive_core(shared, cancel, &o.ns, &o.as_name, wait, max).await
+            }
+            "ack" => {
+                let ids: Vec<MessageId> = o
+                    .ids
+                    .iter()
+                    .filter_map(|s| MessageId::parse_hex(s))
+                    .collect();
+                ack_core(shared, &o.ns, &o.as_name, &ids)
+            }
+            "set_status" => {
+                let change = swb_wire::SetStatus {
+                    set: o.set.into_iter().collect(),
+                    clear: o.clear,
+                    replace: false,
+                };
+                set_status_core(shared, &o.ns, &o.as_name, &change)
+            }
+            other => Err(ApiError::bad(format!(
+                "unknown forwarded operation {other:?}"
+            ))),
+        },
+    };
+    let resp = match r {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    let status = resp.status().as_u16();
+    let body = axum::body::to_bytes(resp.into_body(), 16 << 20)
+        .await
+        .map(|b| b.to_vec())
+        .unwrap_or_default();
+    (status, body)
+}
+
 impl Api {
     /// Counts one long poll or watch of `key_id` against the per-key cap.
     fn take_poll_slot(&self, key_id: &str) -> Result<PollSlot, ApiError> {
@@ -555,6 +637,33 @@ async fn send(State(api): State<Api>, headers: HeaderMap, body: Body) -> ApiResu
         None => random_id()?,
     };
     let shared = &api.shared;
+    if let Some(home) = crate::mesh::home_elsewhere(shared, &key.namespace, &to) {
+        let f = swb_wire::MeshForward {
+            namespace: key.namespace.clone(),
+            from,
+            to,
+            id,
+            body: payload,
+            sent_at_ms: now_ms(),
+        };
+        return match crate::mesh::forward(shared, &home.id, f).await {
+            Ok(online) => {
+                shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                ok(
+                    StatusCode::ACCEPTED,
+                    json!({"id": id.to_string(), "online": online}),
+                )
+            }
+            Err(r) => {
+                shared.counters.refused_send.fetch_add(1, Ordering::Relaxed);
+                Err(ApiError::new(
+                    refusal_status(r.code),
+                    r.code.as_str(),
+                    r.message,
+                ))
+            }
+        };
+    }
     let r = shared.registry().enqueue(
         &key.namespace,
         &from,
@@ -681,16 +790,35 @@ async fn receive(State(api): State<Api>, headers: HeaderMap, RawQuery(q): RawQue
             })?,
     };
     let _slot = api.take_poll_slot(&key.id)?;
-    let shared = &api.shared;
-    let notify =
-        shared
-            .registry()
-            .http_poll_begin(&key.namespace, &me, tokio::time::Instant::now());
+    if let Some(home) = crate::mesh::home_elsewhere(&api.shared, &key.namespace, &me) {
+        let op = json!({"op": "receive", "ns": key.namespace, "as": me, "wait": wait, "max": max});
+        return forward_http(&api, &home.id, op).await;
+    }
+    receive_core(&api.shared, &api.cancel, &key.namespace, &me, wait, max).await
+}
+
+/// Receives mail of `me` held here (the home relay).
+async fn receive_core(
+    shared: &Arc<Shared>,
+    cancel: &CancellationToken,
+    ns: &str,
+    me: &str,
+    wait: u64,
+    max: usize,
+) -> ApiResult {
+    let notify = shared
+        .registry()
+        .http_poll_begin(ns, me, tokio::time::Instant::now());
     let _presence = Presence {
         shared: shared.clone(),
-        ns: key.namespace.clone(),
-        name: me.clone(),
+        ns: ns.to_string(),
+        name: me.to_string(),
     };
+    let key = KeyInfo {
+        id: String::new(),
+        namespace: ns.to_string(),
+    };
+    let me = me.to_string();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(wait);
     loop {
         // Register for wake-ups before looking, so mail that lands between
@@ -711,7 +839,7 @@ async fn receive(State(api): State<Api>, headers: HeaderMap, RawQuery(q): RawQue
             return ok(StatusCode::OK, json!({"messages": msgs}));
         }
         tokio::select! {
-            _ = api.cancel.cancelled() => return ok(StatusCode::OK, json!({"messages": []})),
+            _ = cancel.cancelled() => return ok(StatusCode::OK, json!({"messages": []})),
             _ = tokio::time::sleep_until(deadline) => return ok(StatusCode::OK, json!({"messages": []})),
             _ = &mut notified => {}
         }
@@ -744,11 +872,17 @@ async fn ack(State(api): State<Api>, headers: HeaderMap, body: Body) -> ApiResul
                 .ok_or_else(|| ApiError::bad(format!("id {s:?} is not 32 hex digits")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let n = api.shared.registry().ack(&key.namespace, &me, &ids);
-    api.shared
-        .counters
-        .acked
-        .fetch_add(n as u64, Ordering::Relaxed);
+    if let Some(home) = crate::mesh::home_elsewhere(&api.shared, &key.namespace, &me) {
+        let ids: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
+        let op = json!({"op": "ack", "ns": key.namespace, "as": me, "ids": ids});
+        return forward_http(&api, &home.id, op).await;
+    }
+    ack_core(&api.shared, &key.namespace, &me, &ids)
+}
+
+fn ack_core(shared: &Shared, ns: &str, me: &str, ids: &[MessageId]) -> ApiResult {
+    let n = shared.registry().ack(ns, me, ids);
+    shared.counters.acked.fetch_add(n as u64, Ordering::Relaxed);
     ok(StatusCode::OK, json!({"acked": n}))
 }
 
@@ -791,17 +925,23 @@ async fn set_status(State(api): State<Api>, headers: HeaderMap, body: Body) -> A
     let key = api.auth(&headers)?;
     let req: SetStatusReq = read_json(body).await?;
     let me = name("as", &req.as_name)?;
+    if let Some(home) = crate::mesh::home_elsewhere(&api.shared, &key.namespace, &me) {
+        let op = json!({"op": "set_status", "ns": key.namespace, "as": me, "set": req.set, "clear": req.clear});
+        return forward_http(&api, &home.id, op).await;
+    }
     let change = swb_wire::SetStatus {
         set: req.set.into_iter().collect(),
         clear: req.clear,
         replace: false,
     };
-    let r = api.shared.registry().status.set_fields(
-        &key.namespace,
-        &me,
-        &change,
-        tokio::time::Instant::now(),
-    );
+    set_status_core(&api.shared, &key.namespace, &me, &change)
+}
+
+fn set_status_core(shared: &Shared, ns: &str, me: &str, change: &swb_wire::SetStatus) -> ApiResult {
+    let r = shared
+        .registry()
+        .status
+        .set_fields(ns, me, change, tokio::time::Instant::now());
     match r {
         Ok(s) => ok(StatusCode::OK, s.to_json()),
         Err(refusal) => {

@@ -399,6 +399,14 @@ async fn serve_rpc(
                 }
             }
         }
+        Frame::MeshHttp(h) => {
+            let (status, body) =
+                crate::http::serve_forwarded(&shared, &shared.mesh_stop, &h.json).await;
+            let mut out = status.to_be_bytes().to_vec();
+            out.extend_from_slice(&body);
+            let _ = send.write_all(&out).await;
+            let _ = send.finish();
+        }
         Frame::MeshStatusQuery(q) => {
             let _ = write_frame(
                 &mut send,
@@ -451,6 +459,33 @@ async fn serve_rpc(
             let _ = send.reset(0u32.into());
         }
     }
+}
+
+/// Runs an HTTP API operation at relay `home`: (status, JSON body).
+pub(crate) async fn http_call(
+    shared: &crate::Shared,
+    home: &str,
+    json: String,
+) -> Result<(u16, Vec<u8>), String> {
+    let conn = shared
+        .mesh
+        .as_ref()
+        .and_then(|m| m.state().links.get(home).map(|l| l.conn.clone()))
+        .ok_or("no mesh link")?;
+    let call = async {
+        let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        write_frame(&mut s, &Frame::MeshHttp(swb_wire::MeshHttp { json })).await?;
+        let _ = s.finish();
+        let all = r.read_to_end(16 << 20).await.map_err(|e| e.to_string())?;
+        if all.len() < 2 {
+            return Err("empty answer".to_string());
+        }
+        Ok((u16::from_be_bytes([all[0], all[1]]), all[2..].to_vec()))
+    };
+    // A receive may wait up to its `wait`; allow for it.
+    tokio::time::timeout(shared.config.http.max_wait + Duration::from_secs(10), call)
+        .await
+        .map_err(|_| "timed out".to_string())?
 }
 
 /// Opens a status query to relay `home`.

@@ -475,3 +475,68 @@ async fn status_and_presence_cross_the_mesh() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn http_works_against_any_relay_of_the_mesh() -> Result<()> {
+    use serde_json::json;
+    let (relays, api) = mesh3('n').await?;
+    let ids = ["r1", "r2", "r3"];
+    let daemon_name = name_homed_on(&ids, "acme", "r3");
+    let script = name_homed_on(&ids, "acme", "r2");
+    let d = swb_tests::TestDaemon::start(&relays[0], &api, &daemon_name).await?;
+    let via_r1 = relays[0].http(Some(&api))?;
+    let via_r3 = relays[2].http(Some(&api))?;
+
+    // HTTP send at r1 → daemon homed at r3.
+    let r = via_r1
+        .post(
+            "/v1/messages",
+            &json!({"from": script, "to": daemon_name, "body": "over http"}),
+        )
+        .await?;
+    assert_eq!(r.status, 202, "{}", r.json);
+    assert_eq!(d.recv_n(1).await?[0].body(), b"over http");
+
+    // Daemon → the script, whose mail lives at r2; received and
+    // acknowledged through r1 and r3, neither of which holds it.
+    d.send(&script, b"for the script").await?;
+    let r = via_r1
+        .get(&format!("/v1/messages?as={script}&wait=10"))
+        .await?;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(r.json["messages"][0]["body"], "for the script");
+    let id = r.json["messages"][0]["id"].clone();
+    let r = via_r3
+        .post("/v1/messages/ack", &json!({"as": script, "ids": [id]}))
+        .await?;
+    assert_eq!(r.json["acked"], 1, "{}", r.json);
+    relays[1]
+        .wait_stats("r2 forgot it", |s| s.held == 0)
+        .await?;
+
+    // Status set through r3 for a name homed at r2, read through r1.
+    let r = via_r3
+        .request(
+            "PUT",
+            "/v1/status",
+            Some(serde_json::to_vec(
+                &json!({"as": script, "set": {"stage": "deploy"}}),
+            )?),
+        )
+        .await?;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let r = via_r1.get(&format!("/v1/status/{script}")).await?;
+    assert_eq!(r.json["status"]["stage"], "deploy", "{}", r.json);
+    let r = via_r1.get("/v1/peers").await?;
+    let names: Vec<&str> = r.json["peers"]
+        .as_array()
+        .context("peers")?
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&daemon_name.as_str()) && names.contains(&script.as_str()),
+        "{names:?}"
+    );
+    Ok(())
+}

@@ -144,6 +144,10 @@ pub enum FrameType {
     /// at the receiving relay (all known ones if `names` is empty), and
     /// with `watch` every change after.
     MeshStatusQuery = 27,
+    /// Relay → relay, first frame of a mesh stream: an HTTP API operation
+    /// for a peer homed at the receiver (JSON); the answer is a status code
+    /// (u16 BE) and the JSON body, until the end of the stream.
+    MeshHttp = 28,
 }
 
 impl FrameType {
@@ -177,6 +181,7 @@ impl FrameType {
             25 => Self::MeshStreamOpen,
             26 => Self::MeshLeaving,
             27 => Self::MeshStatusQuery,
+            28 => Self::MeshHttp,
             _ => return None,
         })
     }
@@ -665,6 +670,13 @@ pub struct MeshStatusQuery {
     pub watch: bool,
 }
 
+/// Relay → relay: an HTTP API operation forwarded to the home relay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshHttp {
+    /// The operation as JSON (namespace included).
+    pub json: String,
+}
+
 /// Ping / Pong payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {
@@ -729,6 +741,8 @@ pub enum Frame {
     MeshLeaving,
     /// See [`FrameType::MeshStatusQuery`].
     MeshStatusQuery(MeshStatusQuery),
+    /// See [`FrameType::MeshHttp`].
+    MeshHttp(MeshHttp),
 }
 
 /// Errors while encoding a frame.
@@ -811,6 +825,7 @@ impl Frame {
             Frame::MeshStreamOpen(_) => FrameType::MeshStreamOpen,
             Frame::MeshLeaving => FrameType::MeshLeaving,
             Frame::MeshStatusQuery(_) => FrameType::MeshStatusQuery,
+            Frame::MeshHttp(_) => FrameType::MeshHttp,
         }
     }
 
@@ -844,6 +859,7 @@ impl Frame {
             Frame::MeshStreamOpen(v) => len(v),
             Frame::MeshLeaving => Ok(0),
             Frame::MeshStatusQuery(v) => len(v),
+            Frame::MeshHttp(v) => len(v),
         }
     }
 
@@ -892,6 +908,7 @@ impl Frame {
             Frame::MeshStreamOpen(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::MeshLeaving => Ok(0),
             Frame::MeshStatusQuery(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::MeshHttp(v) => postcard::to_slice(v, out).map(|s| s.len()),
         };
         match res {
             Ok(n) if n == len => Ok(()),
@@ -1051,6 +1068,7 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
         FrameType::Redirect => Frame::Redirect(body(ty, b)?),
         FrameType::MeshForward => Frame::MeshForward(body(ty, b)?),
         FrameType::MeshStreamOpen => Frame::MeshStreamOpen(body(ty, b)?),
+        FrameType::MeshHttp => Frame::MeshHttp(body(ty, b)?),
         FrameType::MeshStatusQuery => {
             let q: MeshStatusQuery = body(ty, b)?;
             check_len("mesh_status_query.names", q.names.len(), MAX_WATCH_NAMES)?;
