@@ -68,6 +68,23 @@ async fn five_relays_converge_and_agree_on_homes() -> Result<()> {
         .collect();
     let used: std::collections::BTreeSet<&str> = homes.iter().copied().collect();
     assert!(used.len() >= 4, "names spread over the relays: {used:?}");
+    // Peers homed on the first and the last relay talk, both having
+    // dialled the middle one.
+    let api = r1.create_key("acme")?;
+    for r in [&r2, &r3, &r4, &r5] {
+        std::fs::copy(r1.keys_path(), r.keys_path())?;
+        r.handle().reload_keys()?;
+    }
+    let a_name = name_homed_on(&all, "acme", "r1");
+    let b_name = name_homed_on(&all, "acme", "r5");
+    let a = swb_tests::TestDaemon::start(&r3, &api, &a_name).await?;
+    let b = swb_tests::TestDaemon::start(&r3, &api, &b_name).await?;
+    assert_eq!(
+        (home_of(&a).await?.as_str(), home_of(&b).await?.as_str()),
+        ("r1", "r5")
+    );
+    a.send(&b_name, b"five relays").await?;
+    assert_eq!(b.recv_n(1).await?[0].body(), b"five relays");
     Ok(())
 }
 
