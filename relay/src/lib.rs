@@ -412,7 +412,13 @@ impl Relay {
         // The control stream plus data streams. The application cap
         // (`max_streams_per_peer`) refuses with a reason; QUIC's limit sits a
         // little above it so the refusal can be delivered.
-        let quic_streams = (config.max_streams_per_peer + 16).min(u32::MAX as usize) as u32;
+        // Mesh links carry every forwarded stream and request between two
+        // relays, so a mesh relay allows many more.
+        let quic_streams = if config.mesh.is_some() {
+            4096
+        } else {
+            (config.max_streams_per_peer + 16).min(u32::MAX as usize) as u32
+        };
         transport.max_concurrent_bidi_streams(quic_streams.into());
         transport.max_concurrent_uni_streams(0u32.into());
         transport.max_idle_timeout(Some(
