@@ -25,6 +25,14 @@ pub(crate) enum BenchCommand {
     /// Messages between peers on the same relay vs. on two relays of a mesh
     /// (one mesh hop): rate and latency, in one run.
     Mesh(MeshArgs),
+    /// Connections per second the relay accepts (handshake, auth,
+    /// registration) vs. bare quinn, and a reconnect storm.
+    Accept(AcceptArgs),
+    /// Memory and keep-alive CPU per idle client: relay vs. bare quinn.
+    Idle(IdleArgs),
+    /// (internal) A bare quinn server process, the baseline of `idle`.
+    #[command(hide = true)]
+    BareServer(BareServerArgs),
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +67,9 @@ pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
         BenchCommand::Stream(a) => stream(a, out).await,
         BenchCommand::Ring(a) => ring(a, out),
         BenchCommand::Mesh(a) => mesh(a, out).await,
+        BenchCommand::Accept(a) => accept(a, out).await,
+        BenchCommand::Idle(a) => idle(a, out).await,
+        BenchCommand::BareServer(a) => bare_server_main(a).await,
     }
 }
 
@@ -486,5 +497,483 @@ pub(crate) async fn stream(a: StreamArgs, out: &Output) -> Result<()> {
     relay.shutdown();
     relay.join().await;
     sink_task.abort();
+    Ok(())
+}
+
+// ---- accept and idle: the relay as many clients see it ----
+
+use bytes::BytesMut;
+use swb_wire::{Frame, FrameReader, Hello, Preamble, PROTOCOL_VERSION};
+
+/// One authenticated, registered client connection (what a daemon keeps).
+struct Attached {
+    _conn: quinn::Connection,
+    _send: quinn::SendStream,
+    _recv: quinn::RecvStream,
+}
+
+fn client_transport() -> Arc<quinn::TransportConfig> {
+    // As a daemon: keep-alive 4 s, dead after 12 s.
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(4)));
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(12)).ok());
+    t.max_concurrent_bidi_streams(0u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    Arc::new(t)
+}
+
+fn client_config(fingerprint: &str) -> Result<quinn::ClientConfig> {
+    let tls = Trust::Fingerprint(fingerprint.to_string()).rustls_config(&[swb_wire::ALPN])?;
+    let mut c = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+    ));
+    c.transport_config(client_transport());
+    Ok(c)
+}
+
+/// Connects; with `hello`, registers as `name` and waits for `Welcome`.
+async fn attach(
+    ep: &quinn::Endpoint,
+    cfg: &quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+    hello: Option<(&str, &str)>,
+) -> Result<Attached> {
+    let conn = ep.connect_with(cfg.clone(), addr, "localhost")?.await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    if let Some((key, name)) = hello {
+        let mut b = BytesMut::new();
+        Preamble {
+            version: PROTOCOL_VERSION,
+        }
+        .encode(&mut b);
+        Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            key: key.to_string(),
+            name: name.to_string(),
+            agent: "swbd-bench".into(),
+        })
+        .encode(&mut b)?;
+        send.write_all(&b).await?;
+        let mut r = FrameReader::new();
+        let mut preamble = false;
+        loop {
+            if !preamble {
+                preamble = r.preamble()?.is_some();
+            }
+            if preamble {
+                match r.next_frame()? {
+                    Some(Frame::Welcome(_)) => break,
+                    Some(Frame::Refused(x)) => anyhow::bail!("refused: {x}"),
+                    Some(_) => continue,
+                    None => {}
+                }
+            }
+            let buf = r.buf();
+            buf.reserve(4096);
+            if recv.read_buf(buf).await? == 0 {
+                anyhow::bail!("closed before Welcome");
+            }
+        }
+    } else {
+        // Bare baseline: the stream must carry a byte to be seen.
+        send.write_all(b"x").await?;
+    }
+    Ok(Attached {
+        _conn: conn,
+        _send: send,
+        _recv: recv,
+    })
+}
+
+/// Client endpoints on several loopback source addresses.
+fn client_endpoints(n: usize) -> Result<Vec<quinn::Endpoint>> {
+    (0..n.max(1))
+        .map(|i| {
+            let ip = std::net::Ipv4Addr::new(127, 0, (i / 250) as u8, (i % 250) as u8 + 2);
+            let sock = swb_relay::udp_socket(std::net::SocketAddr::new(ip.into(), 0))?;
+            Ok(quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                sock,
+                Arc::new(quinn::TokioRuntime),
+            )?)
+        })
+        .collect()
+}
+
+/// Opens `n` connections, `inflight` at a time; returns them and the
+/// connections per second.
+async fn open_many(
+    eps: &[quinn::Endpoint],
+    cfg: &quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+    key: Option<&str>,
+    n: usize,
+    inflight: usize,
+    prefix: &str,
+) -> Result<(Vec<Attached>, f64, Vec<Duration>)> {
+    let mut out = Vec::with_capacity(n);
+    let mut times = Vec::with_capacity(n);
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    let mut next = 0usize;
+    while out.len() < n {
+        while set.len() < inflight && next < n {
+            let ep = eps[next % eps.len()].clone();
+            let cfg = cfg.clone();
+            let key = key.map(str::to_string);
+            let name = format!("{prefix}{next}");
+            set.spawn(async move {
+                let t = Instant::now();
+                let a = attach(&ep, &cfg, addr, key.as_deref().map(|k| (k, name.as_str()))).await?;
+                anyhow::Ok((a, t.elapsed()))
+            });
+            next += 1;
+        }
+        match set.join_next().await {
+            Some(r) => {
+                let (a, d) = r??;
+                out.push(a);
+                times.push(d);
+            }
+            None => break,
+        }
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    times.sort();
+    Ok((out, rate, times))
+}
+
+/// A bare quinn server with the relay's TLS: accepts and holds connections.
+async fn bare_server(
+    identity: &Identity,
+    listen: std::net::SocketAddr,
+) -> Result<(quinn::Endpoint, tokio::task::JoinHandle<()>)> {
+    let tls = identity.server_config(&[swb_wire::ALPN])?;
+    let mut sc = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
+    ));
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(Duration::from_secs(15)).ok());
+    sc.transport_config(Arc::new(t));
+    let ep = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(sc),
+        swb_relay::udp_socket(listen)?,
+        Arc::new(quinn::TokioRuntime),
+    )?;
+    let server = ep.clone();
+    let task = tokio::spawn(async move {
+        let mut held = tokio::task::JoinSet::new();
+        while let Some(inc) = server.accept().await {
+            held.spawn(async move {
+                if let Ok(c) = inc.await {
+                    if let Ok((_s, _r)) = c.accept_bi().await {
+                        c.closed().await;
+                    }
+                }
+            });
+        }
+    });
+    Ok((ep, task))
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AcceptArgs {
+    /// Connections per measurement.
+    #[arg(long, default_value_t = 2000)]
+    connections: usize,
+}
+
+/// Handshake + auth + registration rate of the relay vs. bare quinn
+/// handshakes, at 4 and 32 in flight; then a reconnect storm.
+pub(crate) async fn accept(a: AcceptArgs, out: &Output) -> Result<()> {
+    let identity = Identity::ephemeral()?;
+    let new = keys::generate("bench", "bench")?;
+    let mut rc = RelayConfig::new(
+        "127.0.0.1:0".parse()?,
+        identity.clone(),
+        KeySource::Static(KeysFile {
+            keys: vec![new.entry],
+        }),
+    );
+    rc.http_listen = HttpListen::Off;
+    let relay = Relay::spawn(rc).await?;
+    let (bare, bare_task) = bare_server(&identity, "127.0.0.1:0".parse()?).await?;
+    let cfg = client_config(relay.fingerprint())?;
+    let eps = client_endpoints(4)?;
+    let mut rows = Vec::new();
+    for inflight in [4usize, 32] {
+        let (held, ours, _) = open_many(
+            &eps,
+            &cfg,
+            relay.local_addr(),
+            Some(&new.key),
+            a.connections,
+            inflight,
+            &format!("a{inflight}-"),
+        )
+        .await?;
+        drop(held);
+        let (held, base, _) = open_many(
+            &eps,
+            &cfg,
+            bare.local_addr()?,
+            None,
+            a.connections,
+            inflight,
+            "",
+        )
+        .await?;
+        drop(held);
+        rows.push((inflight, ours, base));
+    }
+    // Reconnect storm: every client at once.
+    let (held, _, _) = open_many(
+        &eps,
+        &cfg,
+        relay.local_addr(),
+        Some(&new.key),
+        a.connections,
+        256,
+        "storm-",
+    )
+    .await?;
+    drop(held);
+    let (held, storm_rate, storm_times) = open_many(
+        &eps,
+        &cfg,
+        relay.local_addr(),
+        Some(&new.key),
+        a.connections,
+        a.connections,
+        "storm-",
+    )
+    .await?;
+    drop(held);
+    let p99 = storm_times[((storm_times.len() as f64 - 1.0) * 0.99) as usize];
+    if out.json {
+        for (inflight, ours, base) in &rows {
+            println!(
+                "{}",
+                serde_json::json!({"bench": "accept", "in_flight": inflight, "relay_per_sec": ours, "bare_quinn_per_sec": base, "ratio": ours / base})
+            );
+        }
+        println!(
+            "{}",
+            serde_json::json!({"bench": "reconnect_storm", "clients": a.connections, "failures": 0, "per_sec": storm_rate, "p99_ms": p99.as_secs_f64() * 1e3})
+        );
+    } else {
+        println!("accept: full handshake + Hello + registration at the relay vs. bare quinn handshakes (same TLS), {} connections", a.connections);
+        for (inflight, ours, base) in &rows {
+            println!(
+                "  {inflight:>2} in flight: relay {ours:>7.0}/s   bare quinn {base:>7.0}/s   ratio {:.2} (goal >= 0.9)",
+                ours / base
+            );
+        }
+        println!(
+            "  reconnect storm: {} clients at once, 0 failures, {storm_rate:.0}/s, p99 connect {:.1} ms",
+            a.connections,
+            p99.as_secs_f64() * 1e3
+        );
+    }
+    for e in &eps {
+        e.close(0u32.into(), b"done");
+    }
+    bare.close(0u32.into(), b"done");
+    bare_task.abort();
+    relay.shutdown();
+    relay.join().await;
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct IdleArgs {
+    /// Idle clients to hold.
+    #[arg(long, default_value_t = 10_000)]
+    clients: usize,
+    /// How long to measure keep-alive CPU once all are attached.
+    #[arg(long, default_value = "10s", value_parser = crate::parse_duration)]
+    settle: Duration,
+}
+
+/// `swbd bench bare-server`: a bare quinn server process for the idle
+/// baseline (prints its address and fingerprint).
+#[derive(Debug, Args)]
+pub(crate) struct BareServerArgs {}
+
+pub(crate) async fn bare_server_main(_a: BareServerArgs) -> Result<()> {
+    let identity = Identity::ephemeral()?;
+    let (ep, task) = bare_server(&identity, "127.0.0.1:0".parse()?).await?;
+    println!("listening {} {}", ep.local_addr()?, identity.fingerprint());
+    tokio::signal::ctrl_c().await?;
+    task.abort();
+    Ok(())
+}
+
+fn proc_rss_kib(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")
+}
+
+fn proc_cpu_ticks(pid: u32) -> Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may contain spaces).
+    let rest = s.rsplit_once(") ").map(|x| x.1).context("stat")?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    Ok(utime + stime)
+}
+
+struct Child {
+    child: tokio::process::Child,
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+/// Starts `swbd ARGS` and reads stdout until `pred` extracts what we need.
+async fn spawn_self<T>(
+    args: &[&str],
+    mut pred: impl FnMut(&str) -> Option<T>,
+) -> Result<(Child, T, u32)> {
+    use tokio::io::AsyncBufReadExt;
+    let exe = std::env::current_exe()?;
+    let mut child = tokio::process::Command::new(exe)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("child pid")?;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let found = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(l) = lines.next_line().await? {
+            if let Some(v) = pred(&l) {
+                return anyhow::Ok(v);
+            }
+        }
+        anyhow::bail!("the child ended early")
+    })
+    .await??;
+    // Keep draining stdout so the child never blocks on it.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((Child { child }, found, pid))
+}
+
+/// Holds `n` clients on `addr` and returns (KiB per client, CPU % of the
+/// server process for keep-alives, connections per second while attaching).
+async fn hold(
+    pid: u32,
+    addr: std::net::SocketAddr,
+    fingerprint: &str,
+    key: Option<&str>,
+    n: usize,
+    settle: Duration,
+) -> Result<(f64, f64, f64)> {
+    let before = proc_rss_kib(pid)?;
+    let cfg = client_config(fingerprint)?;
+    let eps = client_endpoints(n / 5000 + 1)?;
+    let (held, rate, _) = open_many(&eps, &cfg, addr, key, n, 64, "idle-").await?;
+    // Let allocations settle, then measure memory and keep-alive CPU.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = proc_rss_kib(pid)?;
+    let t0 = proc_cpu_ticks(pid)?;
+    tokio::time::sleep(settle).await;
+    let ticks = proc_cpu_ticks(pid)?.saturating_sub(t0);
+    let cpu = ticks as f64 / 100.0 / settle.as_secs_f64() * 100.0;
+    drop(held);
+    for e in &eps {
+        e.close(0u32.into(), b"done");
+    }
+    Ok(((after.saturating_sub(before)) as f64 / n as f64, cpu, rate))
+}
+
+/// Memory and keep-alive CPU per idle, authenticated client of a relay
+/// process vs. a bare quinn server process holding the same connections.
+pub(crate) async fn idle(a: IdleArgs, out: &Output) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys_path = dir.path().join("keys.toml");
+    let new = keys::generate("bench", "bench")?;
+    KeysFile {
+        keys: vec![new.entry],
+    }
+    .save(&keys_path)?;
+    let data = dir.path().join("relay");
+    let (relay, (addr, fp), relay_pid) = {
+        let mut addr = None;
+        spawn_self(
+            &[
+                "relay",
+                "--dev",
+                "--data-dir",
+                &data.display().to_string(),
+                "--keys",
+                &keys_path.display().to_string(),
+                "--listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "off",
+            ],
+            |l| {
+                if let Some(rest) = l.strip_prefix("relay listening on ") {
+                    addr = rest
+                        .split_whitespace()
+                        .next()
+                        .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+                }
+                match (l.strip_prefix("fingerprint "), addr) {
+                    (Some(fp), Some(a)) => Some((a, fp.trim().to_string())),
+                    _ => None,
+                }
+            },
+        )
+        .await?
+    };
+    let (ours_kib, ours_cpu, ours_rate) =
+        hold(relay_pid, addr, &fp, Some(&new.key), a.clients, a.settle).await?;
+    drop(relay);
+    let (bare, (baddr, bfp), bare_pid) = spawn_self(&["bench", "bare-server"], |l| {
+        let mut it = l.strip_prefix("listening ")?.split_whitespace();
+        let a = it.next()?.parse::<std::net::SocketAddr>().ok()?;
+        Some((a, it.next()?.to_string()))
+    })
+    .await?;
+    let (bare_kib, bare_cpu, _) = hold(bare_pid, baddr, &bfp, None, a.clients, a.settle).await?;
+    drop(bare);
+    let per_gib = |kib: f64| {
+        if kib > 0.0 {
+            1024.0 * 1024.0 / kib
+        } else {
+            f64::INFINITY
+        }
+    };
+    let ratio = per_gib(ours_kib) / per_gib(bare_kib);
+    if out.json {
+        println!(
+            "{}",
+            serde_json::json!({"bench": "idle", "clients": a.clients, "relay_kib_per_client": ours_kib,
+                "bare_quinn_kib_per_client": bare_kib, "clients_per_gib_ratio": ratio,
+                "relay_keepalive_cpu_percent": ours_cpu, "bare_keepalive_cpu_percent": bare_cpu,
+                "attach_per_sec": ours_rate})
+        );
+    } else {
+        println!("idle: {} authenticated idle clients held by a relay process vs. a bare quinn server process", a.clients);
+        println!(
+            "  memory    relay {ours_kib:.1} KiB/client   bare quinn {bare_kib:.1} KiB/client   clients per GiB ratio {ratio:.2} (goals: <= 15 KiB, >= 1.5)"
+        );
+        println!("  keep-alive CPU  relay {ours_cpu:.1}%   bare quinn {bare_cpu:.1}%   (attached at {ours_rate:.0}/s)");
+    }
     Ok(())
 }

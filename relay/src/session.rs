@@ -11,7 +11,6 @@ use swb_wire::{
     Code, Frame, FrameReader, Limits, Preamble, Refusal, SendAccepted, SendRefused, Welcome,
     MAX_MESSAGE_BODY, PROTOCOL_VERSION,
 };
-use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
@@ -89,13 +88,17 @@ impl Io {
 
     /// One read into the frame buffer. Cancel-safe.
     async fn read_some(&mut self) -> Result<(), End> {
-        let buf = self.reader.buf();
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
+        // Take what QUIC already buffered instead of holding a read buffer
+        // of our own while the session idles (memory per idle client).
+        if self.reader.buf().is_empty() && self.reader.buf().capacity() > 4096 {
+            *self.reader.buf() = BytesMut::new();
         }
-        match self.recv.read_buf(buf).await {
-            Ok(0) => Err(End::Gone),
-            Ok(_) => Ok(()),
+        match self.recv.read_chunk(64 * 1024, true).await {
+            Ok(None) => Err(End::Gone),
+            Ok(Some(c)) => {
+                self.reader.buf().extend_from_slice(&c.bytes);
+                Ok(())
+            }
             Err(e) => {
                 debug!("read failed: {e}");
                 Err(End::Gone)
@@ -358,17 +361,9 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
     // Deliver whatever waited while the peer was away.
     ctl.notify.notify_one();
     let mut live = shared.mesh.as_ref().map(|m| m.live());
-    let (fwd_tx, fwd_rx) = tokio::sync::mpsc::channel::<Forward>(1024);
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<Frame>(1024);
-    let forwarding = tokio::spawn(forwarder(shared.clone(), fwd_rx, done_tx).in_current_span());
-    // The forwarder ends with this session.
-    struct AbortOnDrop(tokio::task::JoinHandle<()>);
-    impl Drop for AbortOnDrop {
-        fn drop(&mut self) {
-            self.0.abort();
-        }
-    }
-    let _forwarding = AbortOnDrop(forwarding);
+    // The forwarder to other relays starts with the first message for a
+    // peer homed elsewhere (an idle session costs no task or channel).
+    let mut fwd: Option<Forwarding> = None;
     loop {
         // Ranked: cancellation first (replaced, revoked, shutdown), then new
         // mail, then frames from the daemon.
@@ -403,7 +398,12 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
                     }
                 }
             }
-            Some(reply) = done_rx.recv() => {
+            Some(reply) = async {
+                match fwd.as_mut() {
+                    Some(f) => f.done.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
                 if let Err(e) = io.queue(&reply) {
                     return e;
                 }
@@ -415,7 +415,7 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
                 loop {
                     match io.reader.next_frame() {
                         Ok(Some(f)) => {
-                            if let Err(e) = handle(shared, io, ns, name, f, &fwd_tx) {
+                            if let Err(e) = handle(shared, io, ns, name, f, &mut fwd) {
                                 return e;
                             }
                         }
@@ -433,6 +433,28 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
 
 /// A send whose recipient is homed on another relay, for the forwarder.
 type Forward = (u64, String, swb_wire::MeshForward);
+
+/// A session's forwarder task and its channels; the task ends with this.
+struct Forwarding {
+    jobs: tokio::sync::mpsc::Sender<Forward>,
+    done: tokio::sync::mpsc::Receiver<Frame>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Forwarding {
+    fn start(shared: &Arc<Shared>) -> Self {
+        let (jobs, rx) = tokio::sync::mpsc::channel::<Forward>(1024);
+        let (done_tx, done) = tokio::sync::mpsc::channel::<Frame>(1024);
+        let task = tokio::spawn(forwarder(shared.clone(), rx, done_tx).in_current_span());
+        Self { jobs, done, task }
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
 
 /// Forwards this session's sends to other relays, one at a time so a
 /// sender's messages to a peer keep their order; answers come back as
@@ -461,12 +483,12 @@ async fn forwarder(
 }
 
 fn handle(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     io: &mut Io,
     ns: &str,
     name: &str,
     f: Frame,
-    fwd: &tokio::sync::mpsc::Sender<Forward>,
+    fwd: &mut Option<Forwarding>,
 ) -> Result<(), End> {
     match f {
         Frame::Send(s) if s.body.len() <= MAX_MESSAGE_BODY => {
@@ -481,7 +503,8 @@ fn handle(
                         body: s.body,
                         sent_at_ms: now_ms(),
                     };
-                    if fwd.try_send((s.req, home.id, job)).is_err() {
+                    let f = fwd.get_or_insert_with(|| Forwarding::start(shared));
+                    if f.jobs.try_send((s.req, home.id, job)).is_err() {
                         io.queue(&Frame::SendRefused(SendRefused {
                             req: s.req,
                             refusal: Refusal::new(
