@@ -8,6 +8,7 @@
 use crate::Output;
 use anyhow::{ensure, Context, Result};
 use clap::{Args, Subcommand};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use swb_daemon::{ApiKey, Client, Daemon, DaemonConfig, Exposure, Trust};
@@ -30,6 +31,8 @@ pub(crate) enum BenchCommand {
     Accept(AcceptArgs),
     /// Memory and keep-alive CPU per idle client: relay vs. bare quinn.
     Idle(IdleArgs),
+    /// Request -> reply latency through a relay vs. nats-server (plain and TLS).
+    Latency(LatencyArgs),
     /// (internal) A bare quinn server process, the baseline of `idle`.
     #[command(hide = true)]
     BareServer(BareServerArgs),
@@ -69,6 +72,7 @@ pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
         BenchCommand::Mesh(a) => mesh(a, out).await,
         BenchCommand::Accept(a) => accept(a, out).await,
         BenchCommand::Idle(a) => idle(a, out).await,
+        BenchCommand::Latency(a) => latency_bench(a, out).await,
         BenchCommand::BareServer(a) => bare_server_main(a).await,
     }
 }
@@ -975,5 +979,297 @@ pub(crate) async fn idle(a: IdleArgs, out: &Output) -> Result<()> {
         );
         println!("  keep-alive CPU  relay {ours_cpu:.1}%   bare quinn {bare_cpu:.1}%   (attached at {ours_rate:.0}/s)");
     }
+    Ok(())
+}
+
+// ---- latency: request → reply, against nats-server ----
+
+#[derive(Debug, Args)]
+pub(crate) struct LatencyArgs {
+    /// Requests per measurement.
+    #[arg(long, default_value_t = 2000)]
+    requests: usize,
+    /// Request and reply size in bytes.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+}
+
+fn pct(v: &[Duration], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e3
+}
+
+fn seq_body(seq: u64, size: usize) -> Vec<u8> {
+    let mut b = vec![0x5au8; size.max(8)];
+    b[..8].copy_from_slice(&seq.to_be_bytes());
+    b
+}
+
+fn seq_of(b: &[u8]) -> u64 {
+    b.get(..8)
+        .and_then(|s| <[u8; 8]>::try_from(s).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(u64::MAX)
+}
+
+/// Request → reply through a relay between two daemons: `a` asks, `b`
+/// answers each request with the same bytes.
+async fn ours_latency(
+    a_ctl: &std::path::Path,
+    b_ctl: std::path::PathBuf,
+    a_name: &str,
+    n: usize,
+    size: usize,
+    inflight: usize,
+) -> Result<Vec<Duration>> {
+    // Responder.
+    let a_for_b = a_name.to_string();
+    let responder = tokio::spawn(async move {
+        let mut rx = Client::connect(&b_ctl).await?;
+        loop {
+            let msgs = rx.recv(Duration::from_secs(30), 256).await?;
+            let mut sends = tokio::task::JoinSet::new();
+            for m in &msgs {
+                let body = m.body();
+                let ctl = b_ctl.clone();
+                let to = a_for_b.clone();
+                sends.spawn(async move {
+                    let mut c = Client::connect(&ctl).await?;
+                    c.send(&to, &body, Duration::from_secs(10)).await?;
+                    anyhow::Ok(())
+                });
+            }
+            while let Some(r) = sends.join_next().await {
+                r??;
+            }
+            rx.ack(msgs.into_iter().map(|m| m.id).collect()).await?;
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    });
+    let waiting: Arc<std::sync::Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>> =
+        Arc::default();
+    let collector = {
+        let waiting = waiting.clone();
+        let ctl = a_ctl.to_path_buf();
+        tokio::spawn(async move {
+            let mut rx = Client::connect(&ctl).await?;
+            loop {
+                let msgs = rx.recv(Duration::from_secs(30), 256).await?;
+                for m in &msgs {
+                    if let Some(tx) = waiting
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&seq_of(&m.body()))
+                    {
+                        let _ = tx.send(());
+                    }
+                }
+                rx.ack(msgs.into_iter().map(|m| m.id).collect()).await?;
+            }
+            #[allow(unreachable_code)]
+            anyhow::Ok(())
+        })
+    };
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..inflight {
+        let (waiting, next, ctl) = (waiting.clone(), next.clone(), a_ctl.to_path_buf());
+        workers.spawn(async move {
+            let mut tx = Client::connect(&ctl).await?;
+            let mut times = Vec::new();
+            loop {
+                let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if seq as usize >= n {
+                    return anyhow::Ok(times);
+                }
+                let (done, wait) = tokio::sync::oneshot::channel();
+                waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(seq, done);
+                let t = Instant::now();
+                tx.send(RESPONDER, &seq_body(seq, size), Duration::from_secs(10))
+                    .await?;
+                tokio::time::timeout(Duration::from_secs(30), wait)
+                    .await
+                    .context("no reply")??;
+                times.push(t.elapsed());
+            }
+        });
+    }
+    let mut all = Vec::with_capacity(n);
+    while let Some(r) = workers.join_next().await {
+        all.extend(r??);
+    }
+    responder.abort();
+    collector.abort();
+    all.sort();
+    Ok(all)
+}
+
+/// The responder's peer name in the latency benchmark.
+const RESPONDER: &str = "responder";
+
+/// Request → reply through nats-server.
+async fn nats_latency(
+    addr: std::net::SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    n: usize,
+    size: usize,
+    inflight: usize,
+) -> Result<Vec<Duration>> {
+    let (mut rtx, mut rrx) = crate::nats::connect(addr, tls.clone()).await?;
+    rtx.sub("req", 1);
+    rtx.ping();
+    rtx.flush().await?;
+    rrx.until_pong().await?;
+    let responder = tokio::spawn(async move {
+        loop {
+            let m = rrx.next().await?;
+            if let Some(r) = &m.reply {
+                rtx.publish(r, None, &m.payload);
+            }
+            for _ in 0..std::mem::take(&mut rrx.pings) {
+                rtx.pong();
+            }
+            rtx.flush().await?;
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    });
+    let (mut tx, mut rx) = crate::nats::connect(addr, tls).await?;
+    tx.sub("inbox", 1);
+    tx.ping();
+    tx.flush().await?;
+    // Both subscriptions are in effect once the server answered our PINGs.
+    rx.until_pong().await?;
+    let mut sent_at: HashMap<u64, Instant> = HashMap::new();
+    let mut times = Vec::with_capacity(n);
+    let mut next = 0u64;
+    while (next as usize) < n.min(inflight) {
+        sent_at.insert(next, Instant::now());
+        tx.publish("req", Some("inbox"), &seq_body(next, size));
+        next += 1;
+    }
+    tx.flush().await?;
+    while times.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), rx.next())
+            .await
+            .context("no NATS reply")??;
+        if let Some(t) = sent_at.remove(&seq_of(&m.payload)) {
+            times.push(t.elapsed());
+        }
+        if (next as usize) < n {
+            sent_at.insert(next, Instant::now());
+            tx.publish("req", Some("inbox"), &seq_body(next, size));
+            next += 1;
+        }
+        for _ in 0..std::mem::take(&mut rx.pings) {
+            tx.pong();
+        }
+        tx.flush().await?;
+    }
+    responder.abort();
+    times.sort();
+    Ok(times)
+}
+
+pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let identity = Identity::dev_in_dir(&dir.path().join("tls"), &[])?;
+    let new = keys::generate("bench", "bench")?;
+    let mut rc = RelayConfig::new(
+        "127.0.0.1:0".parse()?,
+        identity.clone(),
+        KeySource::Static(KeysFile {
+            keys: vec![new.entry],
+        }),
+    );
+    rc.http_listen = HttpListen::Off;
+    let relay = Relay::spawn(rc).await?;
+    let mut ds = Vec::new();
+    for n in ["requester", RESPONDER] {
+        let c = DaemonConfig::new(
+            relay.local_addr().to_string(),
+            Trust::Fingerprint(relay.fingerprint().to_string()),
+            n,
+            ApiKey::new(new.key.clone()),
+            dir.path().join(format!("{n}.sock")),
+        );
+        let d = Daemon::spawn(c).await?;
+        d.connected().await.map_err(anyhow::Error::msg)?;
+        ds.push(d);
+    }
+    let (a_ctl, b_ctl) = (
+        ds[0].control_path().to_path_buf(),
+        ds[1].control_path().to_path_buf(),
+    );
+    let plain = crate::nats::start_server(None).await?;
+    let cert = dir.path().join("tls").join("relay.crt");
+    let key = dir.path().join("tls").join("relay.key");
+    let tls_server = crate::nats::start_server(Some((&cert, &key))).await?;
+    let tls = Arc::new(Trust::Fingerprint(identity.fingerprint()).rustls_config(&[])?);
+    let mut rows = Vec::new();
+    for inflight in [1usize, 64] {
+        let ours = ours_latency(
+            &a_ctl,
+            b_ctl.clone(),
+            "requester",
+            a.requests,
+            a.size,
+            inflight,
+        )
+        .await?;
+        let np = nats_latency(plain.addr, None, a.requests, a.size, inflight).await?;
+        let nt = nats_latency(
+            tls_server.addr,
+            Some(tls.clone()),
+            a.requests,
+            a.size,
+            inflight,
+        )
+        .await?;
+        rows.push((inflight, ours, np, nt));
+    }
+    for (inflight, ours, np, nt) in &rows {
+        if out.json {
+            println!(
+                "{}",
+                serde_json::json!({"bench": "latency", "in_flight": inflight, "size": a.size,
+                    "ours_ms": {"p50": pct(ours, 0.5), "p90": pct(ours, 0.9), "p99": pct(ours, 0.99), "p999": pct(ours, 0.999)},
+                    "nats_ms": {"p50": pct(np, 0.5), "p90": pct(np, 0.9), "p99": pct(np, 0.99), "p999": pct(np, 0.999)},
+                    "nats_tls_ms": {"p50": pct(nt, 0.5), "p90": pct(nt, 0.9), "p99": pct(nt, 0.99), "p999": pct(nt, 0.999)},
+                    "p50_ratio_vs_nats": pct(ours, 0.5) / pct(np, 0.5), "p99_ratio_vs_nats": pct(ours, 0.99) / pct(np, 0.99)})
+            );
+        } else {
+            println!(
+                "latency: {} B request -> reply, {inflight} in flight, {} requests (ms)",
+                a.size, a.requests
+            );
+            for (label, v) in [("switchboard", ours), ("nats", np), ("nats+tls", nt)] {
+                println!(
+                    "  {label:<12} p50 {:>7.3}  p90 {:>7.3}  p99 {:>7.3}  p99.9 {:>7.3}",
+                    pct(v, 0.5),
+                    pct(v, 0.9),
+                    pct(v, 0.99),
+                    pct(v, 0.999)
+                );
+            }
+            println!(
+                "  ratio vs nats: p50 {:.2}  p99 {:.2}   (goal <= 1.0)",
+                pct(ours, 0.5) / pct(np, 0.5),
+                pct(ours, 0.99) / pct(np, 0.99)
+            );
+        }
+    }
+    for d in ds {
+        d.shutdown();
+        let _ = d.join().await;
+    }
+    relay.shutdown();
+    relay.join().await;
     Ok(())
 }

@@ -8,6 +8,7 @@ mod bench;
 mod client;
 mod demo;
 mod keys;
+mod nats;
 mod relay;
 mod status;
 mod up;
