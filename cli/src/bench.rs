@@ -33,6 +33,8 @@ pub(crate) enum BenchCommand {
     Idle(IdleArgs),
     /// Request -> reply latency through a relay vs. nats-server (plain and TLS).
     Latency(LatencyArgs),
+    /// Messages per second, 1 -> 1 and 1 -> 100, vs. nats-server pub/sub.
+    Rate(RateArgs),
     /// (internal) A bare quinn server process, the baseline of `idle`.
     #[command(hide = true)]
     BareServer(BareServerArgs),
@@ -73,6 +75,7 @@ pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
         BenchCommand::Accept(a) => accept(a, out).await,
         BenchCommand::Idle(a) => idle(a, out).await,
         BenchCommand::Latency(a) => latency_bench(a, out).await,
+        BenchCommand::Rate(a) => rate_bench(a, out).await,
         BenchCommand::BareServer(a) => bare_server_main(a).await,
     }
 }
@@ -1268,6 +1271,209 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
     for d in ds {
         d.shutdown();
         let _ = d.join().await;
+    }
+    relay.shutdown();
+    relay.join().await;
+    Ok(())
+}
+
+// ---- rate: messages per second, against nats-server ----
+
+#[derive(Debug, Args)]
+pub(crate) struct RateArgs {
+    /// Messages per measurement (1 → 1); 1 → 100 delivers the same number.
+    #[arg(long, default_value_t = 20_000)]
+    messages: usize,
+    /// Concurrent senders (control connections) on our side.
+    #[arg(long, default_value_t = 16)]
+    senders: usize,
+}
+
+/// Deliveries per second from one sender daemon to `receivers` daemons
+/// (messages spread round-robin), 128 B each.
+async fn ours_rate(
+    relay: &swb_relay::RelayHandle,
+    key: &str,
+    dir: &std::path::Path,
+    receivers: usize,
+    n: usize,
+    senders: usize,
+) -> Result<f64> {
+    let mk = |name: String| {
+        DaemonConfig::new(
+            relay.local_addr().to_string(),
+            Trust::Fingerprint(relay.fingerprint().to_string()),
+            name.clone(),
+            ApiKey::new(key.to_string()),
+            dir.join(format!("{name}.sock")),
+        )
+    };
+    let sender = Daemon::spawn(mk(format!("sender{receivers}"))).await?;
+    sender.connected().await.map_err(anyhow::Error::msg)?;
+    let mut rs = Vec::new();
+    for i in 0..receivers {
+        let d = Daemon::spawn(mk(format!("r{receivers}-{i}"))).await?;
+        d.connected().await.map_err(anyhow::Error::msg)?;
+        rs.push(d);
+    }
+    let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let mut readers = tokio::task::JoinSet::new();
+    for d in &rs {
+        let (ctl, got, done) = (d.control_path().to_path_buf(), got.clone(), done.clone());
+        readers.spawn(async move {
+            let mut rx = Client::connect(&ctl).await?;
+            loop {
+                let msgs = rx.recv(Duration::from_secs(30), 1000).await?;
+                let k = msgs.len();
+                rx.ack(msgs.into_iter().map(|m| m.id).collect()).await?;
+                if got.fetch_add(k, std::sync::atomic::Ordering::Relaxed) + k >= n {
+                    done.notify_one();
+                }
+            }
+            #[allow(unreachable_code)]
+            anyhow::Ok(())
+        });
+    }
+    let body = vec![0x42u8; 128];
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let t = Instant::now();
+    let finished = done.notified();
+    tokio::pin!(finished);
+    finished.as_mut().enable();
+    let mut writers = tokio::task::JoinSet::new();
+    for _ in 0..senders {
+        let (ctl, next, body) = (
+            sender.control_path().to_path_buf(),
+            next.clone(),
+            body.clone(),
+        );
+        writers.spawn(async move {
+            let mut tx = Client::connect(&ctl).await?;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return anyhow::Ok(());
+                }
+                tx.send(
+                    &format!("r{receivers}-{}", i % receivers),
+                    &body,
+                    Duration::from_secs(10),
+                )
+                .await?;
+            }
+        });
+    }
+    while let Some(r) = writers.join_next().await {
+        r??;
+    }
+    tokio::time::timeout(Duration::from_secs(60), finished)
+        .await
+        .context("not all delivered")?;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    readers.abort_all();
+    sender.shutdown();
+    for d in rs {
+        d.shutdown();
+    }
+    Ok(rate)
+}
+
+/// Deliveries per second from one NATS publisher to `subs` subscribers
+/// (each gets every message), 128 B each, `n` deliveries in total.
+async fn nats_rate(
+    addr: std::net::SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    subs: usize,
+    n: usize,
+) -> Result<f64> {
+    let per_sub = (n / subs).max(1);
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..subs {
+        let (mut tx, mut rx) = crate::nats::connect(addr, tls.clone()).await?;
+        tx.sub("rate", 1);
+        tx.ping();
+        tx.flush().await?;
+        rx.until_pong().await?;
+        readers.spawn(async move {
+            for _ in 0..per_sub {
+                rx.next().await?;
+                if rx.pings > 0 {
+                    rx.pings = 0;
+                    tx.pong();
+                    tx.flush().await?;
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    let (mut tx, _rx) = crate::nats::connect(addr, tls).await?;
+    let body = vec![0x42u8; 128];
+    let t = Instant::now();
+    for i in 0..per_sub {
+        tx.publish("rate", None, &body);
+        if i % 256 == 255 {
+            tx.flush().await?;
+        }
+    }
+    tx.flush().await?;
+    while let Some(r) = tokio::time::timeout(Duration::from_secs(60), readers.join_next())
+        .await
+        .context("NATS deliveries stalled")?
+    {
+        r??;
+    }
+    Ok((per_sub * subs) as f64 / t.elapsed().as_secs_f64())
+}
+
+pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let identity = Identity::dev_in_dir(&dir.path().join("tls"), &[])?;
+    let new = keys::generate("bench", "bench")?;
+    let mut rc = RelayConfig::new(
+        "127.0.0.1:0".parse()?,
+        identity.clone(),
+        KeySource::Static(KeysFile {
+            keys: vec![new.entry],
+        }),
+    );
+    rc.http_listen = HttpListen::Off;
+    let relay = Relay::spawn(rc).await?;
+    let plain = crate::nats::start_server(None).await?;
+    let tls_server = crate::nats::start_server(Some((
+        &dir.path().join("tls").join("relay.crt"),
+        &dir.path().join("tls").join("relay.key"),
+    )))
+    .await?;
+    let tls = Arc::new(Trust::Fingerprint(identity.fingerprint()).rustls_config(&[])?);
+    let mut rows = Vec::new();
+    for receivers in [1usize, 100] {
+        let ours = ours_rate(
+            &relay,
+            &new.key,
+            dir.path(),
+            receivers,
+            a.messages,
+            a.senders,
+        )
+        .await?;
+        let np = nats_rate(plain.addr, None, receivers, a.messages).await?;
+        let nt = nats_rate(tls_server.addr, Some(tls.clone()), receivers, a.messages).await?;
+        rows.push((receivers, ours, np, nt));
+    }
+    for (receivers, ours, np, nt) in &rows {
+        if out.json {
+            println!(
+                "{}",
+                serde_json::json!({"bench": "rate", "receivers": receivers, "size": 128, "ours_per_sec": ours,
+                    "nats_per_sec": np, "nats_tls_per_sec": nt, "ratio_vs_nats_tls": ours / nt})
+            );
+        } else {
+            println!(
+                "rate 1 -> {receivers:<3}: switchboard {ours:>9.0}/s   nats {np:>9.0}/s   nats+tls {nt:>9.0}/s   ratio vs nats+tls {:.2} (goal >= 0.6)",
+                ours / nt
+            );
+        }
     }
     relay.shutdown();
     relay.join().await;

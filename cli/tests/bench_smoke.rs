@@ -39,6 +39,11 @@ async fn every_benchmark_runs_at_smoke_size() -> Result<()> {
     ensure!(v["bench"] == "reconnect_storm" && v["failures"] == 0, "{v}");
     let v = bench(&["idle", "--clients", "20", "--settle", "200ms"]).await?;
     ensure!(v["relay_kib_per_client"].as_f64().is_some(), "{v}");
+    let v = bench(&["rate", "--messages", "200", "--senders", "4"]).await?;
+    ensure!(
+        v["receivers"] == 100 && v["ours_per_sec"].as_f64().is_some(),
+        "{v}"
+    );
     let v = bench(&["latency", "--requests", "20"]).await?;
     ensure!(
         v["in_flight"] == 64 && v["ours_ms"]["p50"].as_f64().is_some(),
