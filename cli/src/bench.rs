@@ -35,6 +35,8 @@ pub(crate) enum BenchCommand {
     Latency(LatencyArgs),
     /// Messages per second, 1 -> 1 and 1 -> 100, vs. nats-server pub/sub.
     Rate(RateArgs),
+    /// Every scenario in sequence, then one summary table.
+    All(AllArgs),
     /// (internal) A bare quinn server process, the baseline of `idle`.
     #[command(hide = true)]
     BareServer(BareServerArgs),
@@ -76,6 +78,7 @@ pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
         BenchCommand::Idle(a) => idle(a, out).await,
         BenchCommand::Latency(a) => latency_bench(a, out).await,
         BenchCommand::Rate(a) => rate_bench(a, out).await,
+        BenchCommand::All(a) => all(a, out).await,
         BenchCommand::BareServer(a) => bare_server_main(a).await,
     }
 }
@@ -211,6 +214,22 @@ async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
     let l_same = latency(&a_d, &b_d, &b_name, a.samples).await?;
     let l_cross = latency(&a_d, &c_d, &c_name, a.samples).await?;
     let p = |v: &[Duration], q: f64| v[((v.len() as f64 - 1.0) * q) as usize].as_secs_f64() * 1e3;
+    record(
+        "mesh",
+        "msgs/s across one mesh hop (vs same relay)",
+        cross,
+        same,
+        true,
+        0.45,
+    );
+    record(
+        "mesh",
+        "p50 ms across one mesh hop (vs same relay)",
+        p(&l_cross, 0.5),
+        p(&l_same, 0.5),
+        false,
+        2.0,
+    );
     if out.json {
         println!(
             "{}",
@@ -283,6 +302,32 @@ fn ring(a: RingArgs, out: &Output) -> Result<()> {
         }
         let ns = t.elapsed().as_nanos() as f64 / lookups as f64;
         std::hint::black_box(acc);
+        if n == 1000 {
+            record(
+                "ring",
+                "max share / mean at 1000 relays (vs ideal 1.0)",
+                max,
+                1.0,
+                false,
+                1.05,
+            );
+            record(
+                "ring",
+                "moved on join x (N+1) at 1000 relays (vs ideal 1.0)",
+                join_ratio,
+                1.0,
+                false,
+                1.1,
+            );
+            record(
+                "ring",
+                "lookup ns at 1000 relays (vs goal 1000 ns)",
+                ns,
+                1000.0,
+                false,
+                1.0,
+            );
+        }
         if out.json {
             println!(
                 "{}",
@@ -485,6 +530,14 @@ pub(crate) async fn stream(a: StreamArgs, out: &Output) -> Result<()> {
         }
     }
     let (d, r) = (median(direct), median(relayed));
+    record(
+        "stream",
+        "single-stream goodput MB/s (vs direct quinn)",
+        r,
+        d,
+        true,
+        0.5,
+    );
     if out.json {
         println!(
             "{}",
@@ -761,6 +814,16 @@ pub(crate) async fn accept(a: AcceptArgs, out: &Output) -> Result<()> {
     .await?;
     drop(held);
     let p99 = storm_times[((storm_times.len() as f64 - 1.0) * 0.99) as usize];
+    for (inflight, ours, base) in &rows {
+        record(
+            "accept",
+            &format!("connections/s, {inflight} in flight (vs bare quinn)"),
+            *ours,
+            *base,
+            true,
+            0.9,
+        );
+    }
     if out.json {
         for (inflight, ours, base) in &rows {
             println!(
@@ -967,6 +1030,22 @@ pub(crate) async fn idle(a: IdleArgs, out: &Output) -> Result<()> {
         }
     };
     let ratio = per_gib(ours_kib) / per_gib(bare_kib);
+    record(
+        "idle",
+        "clients per GiB (vs bare quinn)",
+        per_gib(ours_kib),
+        per_gib(bare_kib),
+        true,
+        1.5,
+    );
+    record(
+        "idle",
+        "KiB per idle client (vs goal 15)",
+        ours_kib,
+        15.0,
+        false,
+        1.0,
+    );
     if out.json {
         println!(
             "{}",
@@ -1237,6 +1316,24 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         .await?;
         rows.push((inflight, ours, np, nt));
     }
+    for (inflight, ours, np, _) in &rows {
+        record(
+            "latency",
+            &format!("p50 ms, {inflight} in flight (vs NATS)"),
+            pct(ours, 0.5),
+            pct(np, 0.5),
+            false,
+            1.0,
+        );
+        record(
+            "latency",
+            &format!("p99 ms, {inflight} in flight (vs NATS)"),
+            pct(ours, 0.99),
+            pct(np, 0.99),
+            false,
+            1.0,
+        );
+    }
     for (inflight, ours, np, nt) in &rows {
         if out.json {
             println!(
@@ -1461,6 +1558,16 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
         let nt = nats_rate(tls_server.addr, Some(tls.clone()), receivers, a.messages).await?;
         rows.push((receivers, ours, np, nt));
     }
+    for (receivers, ours, _, nt) in &rows {
+        record(
+            "rate",
+            &format!("deliveries/s 1 -> {receivers} (vs NATS over TLS)"),
+            *ours,
+            *nt,
+            true,
+            0.6,
+        );
+    }
     for (receivers, ours, np, nt) in &rows {
         if out.json {
             println!(
@@ -1477,5 +1584,165 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
     }
     relay.shutdown();
     relay.join().await;
+    Ok(())
+}
+
+// ---- the summary of `bench all` ----
+
+/// One line of the summary: our figure, the baseline, and the goal on the
+/// ratio (higher-is-better ratios must reach it, lower-is-better stay under).
+struct Row {
+    scenario: String,
+    what: String,
+    ours: f64,
+    baseline: f64,
+    higher_better: bool,
+    goal: f64,
+}
+
+static SUMMARY: std::sync::Mutex<Vec<Row>> = std::sync::Mutex::new(Vec::new());
+
+fn record(scenario: &str, what: &str, ours: f64, baseline: f64, higher_better: bool, goal: f64) {
+    SUMMARY.lock().unwrap_or_else(|p| p.into_inner()).push(Row {
+        scenario: scenario.into(),
+        what: what.into(),
+        ours,
+        baseline,
+        higher_better,
+        goal,
+    });
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct AllArgs {
+    /// Tiny sizes: proves every scenario works in seconds (CI); the figures
+    /// mean nothing.
+    #[arg(long)]
+    smoke: bool,
+}
+
+fn machine() -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
+}
+
+async fn all(a: AllArgs, out: &Output) -> Result<()> {
+    SUMMARY.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    let s = a.smoke;
+    stream(
+        StreamArgs {
+            bytes: if s { 1 << 20 } else { 256 << 20 },
+            runs: if s { 1 } else { 3 },
+        },
+        out,
+    )
+    .await?;
+    ring(
+        RingArgs {
+            keys_per_relay: if s { 10 } else { 10_000 },
+        },
+        out,
+    )?;
+    mesh(
+        MeshArgs {
+            messages: if s { 50 } else { 5000 },
+            samples: if s { 20 } else { 500 },
+        },
+        out,
+    )
+    .await?;
+    accept(
+        AcceptArgs {
+            connections: if s { 20 } else { 2000 },
+        },
+        out,
+    )
+    .await?;
+    idle(
+        IdleArgs {
+            clients: if s { 20 } else { 10_000 },
+            settle: if s {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(10)
+            },
+        },
+        out,
+    )
+    .await?;
+    latency_bench(
+        LatencyArgs {
+            requests: if s { 20 } else { 2000 },
+            size: 256,
+        },
+        out,
+    )
+    .await?;
+    rate_bench(
+        RateArgs {
+            messages: if s { 200 } else { 20_000 },
+            senders: 16,
+        },
+        out,
+    )
+    .await?;
+    let rows = std::mem::take(&mut *SUMMARY.lock().unwrap_or_else(|p| p.into_inner()));
+    let met = |r: &Row| {
+        let ratio = r.ours / r.baseline;
+        if r.higher_better {
+            ratio >= r.goal
+        } else {
+            ratio <= r.goal
+        }
+    };
+    if out.json {
+        for r in &rows {
+            println!(
+                "{}",
+                serde_json::json!({"summary": r.scenario, "what": r.what, "ours": r.ours, "baseline": r.baseline,
+                    "ratio": r.ours / r.baseline, "goal": format!("{} {}", if r.higher_better { ">=" } else { "<=" }, r.goal), "met": met(r)})
+            );
+        }
+        return Ok(());
+    }
+    println!();
+    println!(
+        "swbd {} on {}{}",
+        env!("CARGO_PKG_VERSION"),
+        machine(),
+        if s {
+            " — SMOKE RUN, figures meaningless"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:<9} {:<52} {:>12} {:>12} {:>7} {:>7}  met",
+        "scenario", "figure", "ours", "baseline", "ratio", "goal"
+    );
+    for r in &rows {
+        println!(
+            "{:<9} {:<52} {:>12.3} {:>12.3} {:>7.2} {:>2}{:>5}  {}",
+            r.scenario,
+            r.what,
+            r.ours,
+            r.baseline,
+            r.ours / r.baseline,
+            if r.higher_better { ">=" } else { "<=" },
+            r.goal,
+            if met(r) { "yes" } else { "NO" }
+        );
+    }
     Ok(())
 }
