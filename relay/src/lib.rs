@@ -353,6 +353,10 @@ fn restore_mail(shared: &Shared, dir: &std::path::Path) -> Result<(), RelayError
     Ok(())
 }
 
+/// Bidirectional streams a new connection may open before its session
+/// raises the limit.
+pub(crate) const INITIAL_STREAMS: u32 = 8;
+
 /// The relay entry point.
 #[derive(Debug)]
 pub struct Relay;
@@ -409,17 +413,12 @@ impl Relay {
             .map_err(|e| tls::TlsError::Config(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(qcfg));
         let mut transport = quinn::TransportConfig::default();
-        // The control stream plus data streams. The application cap
-        // (`max_streams_per_peer`) refuses with a reason; QUIC's limit sits a
-        // little above it so the refusal can be delivered.
-        // Mesh links carry every forwarded stream and request between two
-        // relays, so a mesh relay allows many more.
-        let quic_streams = if config.mesh.is_some() {
-            4096
-        } else {
-            (config.max_streams_per_peer + 16).min(u32::MAX as usize) as u32
-        };
-        transport.max_concurrent_bidi_streams(quic_streams.into());
+        // Few streams at first: quinn keeps state per allowed stream (about
+        // 80 bytes each), and an idle client needs only its control stream.
+        // Sessions raise the limit as they use streams (up to a little above
+        // `max_streams_per_peer`, so the refusal can be delivered), mesh
+        // links at once.
+        transport.max_concurrent_bidi_streams(INITIAL_STREAMS.into());
         transport.max_concurrent_uni_streams(0u32.into());
         transport.max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(config.idle_timeout)

@@ -898,6 +898,8 @@ pub(crate) async fn accept(
     cancel: CancellationToken,
 ) {
     let remote = conn.remote_address();
+    // Mesh links carry every forwarded stream and request between two relays.
+    conn.set_max_concurrent_bi_streams(4096u32.into());
     let setup = async {
         let (mut send, mut recv) = conn.accept_bi().await.map_err(|e| e.to_string())?;
         let Some(Frame::MeshHello(h)) = read_frame(&mut recv).await? else {

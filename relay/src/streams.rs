@@ -146,6 +146,9 @@ pub(crate) async fn accept_loop(
 ) {
     let mut tasks = JoinSet::new();
     let mut seq = 0u64;
+    // The QUIC stream limit grows with use (see `INITIAL_STREAMS`).
+    let ceiling = (shared.config.max_streams_per_peer + 16).min(u32::MAX as usize) as u32;
+    let mut limit = crate::INITIAL_STREAMS;
     loop {
         tokio::select! {
             biased;
@@ -153,6 +156,11 @@ pub(crate) async fn accept_loop(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
+                    let open_now = ctl.streams.load(Ordering::Relaxed) as u32 + tasks.len() as u32 + 2;
+                    if open_now + 2 >= limit && limit < ceiling {
+                        limit = (limit * 2).min(ceiling);
+                        conn.set_max_concurrent_bi_streams(limit.into());
+                    }
                     seq += 1;
                     let span = tracing::debug_span!("stream", n = seq);
                     tasks.spawn(
