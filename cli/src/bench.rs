@@ -1259,7 +1259,18 @@ async fn nats_latency(
     Ok(times)
 }
 
-pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
+/// A relay (TLS from a dev certificate) and nats-server plain and TLS with
+/// the same certificate: the setting of the NATS comparisons.
+struct NatsEnv {
+    dir: tempfile::TempDir,
+    key: String,
+    relay: swb_relay::RelayHandle,
+    plain: crate::nats::NatsServer,
+    tls_server: crate::nats::NatsServer,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+async fn nats_env() -> Result<NatsEnv> {
     let dir = tempfile::tempdir()?;
     let identity = Identity::dev_in_dir(&dir.path().join("tls"), &[])?;
     let new = keys::generate("bench", "bench")?;
@@ -1272,13 +1283,34 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
     );
     rc.http_listen = HttpListen::Off;
     let relay = Relay::spawn(rc).await?;
+    let plain = crate::nats::start_server(None).await?;
+    let tls_server = crate::nats::start_server(Some((
+        &dir.path().join("tls").join("relay.crt"),
+        &dir.path().join("tls").join("relay.key"),
+    )))
+    .await?;
+    let tls = Arc::new(Trust::Fingerprint(identity.fingerprint()).rustls_config(&[])?);
+    Ok(NatsEnv {
+        dir,
+        key: new.key,
+        relay,
+        plain,
+        tls_server,
+        tls,
+    })
+}
+
+pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
+    let env = nats_env().await?;
+    let (dir, relay, plain, tls_server, tls) =
+        (&env.dir, &env.relay, &env.plain, &env.tls_server, &env.tls);
     let mut ds = Vec::new();
     for n in ["requester", RESPONDER] {
         let c = DaemonConfig::new(
             relay.local_addr().to_string(),
             Trust::Fingerprint(relay.fingerprint().to_string()),
             n,
-            ApiKey::new(new.key.clone()),
+            ApiKey::new(env.key.clone()),
             dir.path().join(format!("{n}.sock")),
         );
         let d = Daemon::spawn(c).await?;
@@ -1289,11 +1321,6 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         ds[0].control_path().to_path_buf(),
         ds[1].control_path().to_path_buf(),
     );
-    let plain = crate::nats::start_server(None).await?;
-    let cert = dir.path().join("tls").join("relay.crt");
-    let key = dir.path().join("tls").join("relay.key");
-    let tls_server = crate::nats::start_server(Some((&cert, &key))).await?;
-    let tls = Arc::new(Trust::Fingerprint(identity.fingerprint()).rustls_config(&[])?);
     let mut rows = Vec::new();
     for inflight in [1usize, 64] {
         let ours = ours_latency(
@@ -1370,6 +1397,7 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         let _ = d.join().await;
     }
     relay.shutdown();
+    let NatsEnv { relay, .. } = env;
     relay.join().await;
     Ok(())
 }
@@ -1524,30 +1552,14 @@ async fn nats_rate(
 }
 
 pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let identity = Identity::dev_in_dir(&dir.path().join("tls"), &[])?;
-    let new = keys::generate("bench", "bench")?;
-    let mut rc = RelayConfig::new(
-        "127.0.0.1:0".parse()?,
-        identity.clone(),
-        KeySource::Static(KeysFile {
-            keys: vec![new.entry],
-        }),
-    );
-    rc.http_listen = HttpListen::Off;
-    let relay = Relay::spawn(rc).await?;
-    let plain = crate::nats::start_server(None).await?;
-    let tls_server = crate::nats::start_server(Some((
-        &dir.path().join("tls").join("relay.crt"),
-        &dir.path().join("tls").join("relay.key"),
-    )))
-    .await?;
-    let tls = Arc::new(Trust::Fingerprint(identity.fingerprint()).rustls_config(&[])?);
+    let env = nats_env().await?;
+    let (dir, relay, plain, tls_server, tls) =
+        (&env.dir, &env.relay, &env.plain, &env.tls_server, &env.tls);
     let mut rows = Vec::new();
     for receivers in [1usize, 100] {
         let ours = ours_rate(
-            &relay,
-            &new.key,
+            relay,
+            &env.key,
             dir.path(),
             receivers,
             a.messages,
@@ -1583,6 +1595,7 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
         }
     }
     relay.shutdown();
+    let NatsEnv { relay, .. } = env;
     relay.join().await;
     Ok(())
 }
