@@ -66,29 +66,7 @@ fn lost(e: impl std::fmt::Display) -> StreamError {
 
 /// Reads the next frame, or `None` at the end of the stream.
 pub(crate) async fn next_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, StreamError> {
-    // Peek one byte to tell a clean end from a cut frame.
-    let mut first = [0u8; 1];
-    match recv.read(&mut first).await.map_err(lost)? {
-        None => return Ok(None),
-        Some(0) => return Ok(None),
-        Some(_) => {}
-    }
-    let mut rest = [0u8; swb_wire::HEADER_LEN - 1];
-    recv.read_exact(&mut rest).await.map_err(lost)?;
-    let len = u32::from_be_bytes(rest) as usize;
-    if len > swb_wire::MAX_STREAM_HEADER {
-        return Err(lost(format!("frame of {len} bytes on a status stream")));
-    }
-    let mut buf = vec![0u8; swb_wire::HEADER_LEN + len];
-    buf[0] = first[0];
-    buf[1..swb_wire::HEADER_LEN].copy_from_slice(&rest);
-    recv.read_exact(&mut buf[swb_wire::HEADER_LEN..])
-        .await
-        .map_err(lost)?;
-    match swb_wire::decode(&buf).map_err(lost)? {
-        swb_wire::Decoded::Frame { frame, .. } => Ok(Some(frame)),
-        _ => Err(lost("unknown frame on a status stream")),
-    }
+    crate::streams::read_frame(recv).await.map_err(lost)
 }
 
 /// Opens a status stream with `first` and waits for the relay's answer.

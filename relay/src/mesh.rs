@@ -26,17 +26,14 @@
 //! relay drops out after the mesh idle timeout ([`MESH_IDLE`]), so all
 //! relays agree on the live set within that time plus one redial interval.
 
+use crate::streams::write_frame;
 use crate::tls::fingerprint;
-use bytes::BytesMut;
 use ring::hmac;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use swb_ring::Ring;
-use swb_wire::{
-    decode, Decoded, Frame, MeshHello, MeshWelcome, RelayMap, RelayRecord, HEADER_LEN, MESH_ALPN,
-    PROTOCOL_VERSION,
-};
+use swb_wire::{Frame, MeshHello, MeshWelcome, RelayMap, RelayRecord, MESH_ALPN, PROTOCOL_VERSION};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -430,28 +427,8 @@ async fn serve_rpc(
                 let _ = send.finish();
                 return;
             };
-            let mut w = crate::status_streams::StatusWatcher::new(&shared, &q.namespace, &names);
-            let mut initial = names.len();
-            let mut probe = [0u8; 1];
-            loop {
-                tokio::select! {
-                    next = w.next() => {
-                        let Some((snap, lagged)) = next else { break };
-                        if write_frame(&mut send, &Frame::StatusUpdate(snap.to_update(lagged))).await.is_err() {
-                            break;
-                        }
-                        initial = initial.saturating_sub(1);
-                        if !q.watch && initial == 0 {
-                            break;
-                        }
-                    }
-                    r = recv.read(&mut probe), if q.watch => {
-                        if !matches!(r, Ok(Some(_))) {
-                            break;
-                        }
-                    }
-                }
-            }
+            let w = crate::status_streams::StatusWatcher::new(&shared, &q.namespace, &names);
+            crate::status_streams::pump(w, names.len(), q.watch, &mut send, &mut recv).await;
             let _ = send.finish();
         }
         other => {
@@ -861,33 +838,7 @@ fn ekm(conn: &quinn::Connection) -> Option<[u8; 32]> {
 }
 
 async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, String> {
-    let mut head = [0u8; HEADER_LEN];
-    match recv.read(&mut head[..1]).await.map_err(|e| e.to_string())? {
-        None | Some(0) => return Ok(None),
-        Some(_) => {}
-    }
-    recv.read_exact(&mut head[1..])
-        .await
-        .map_err(|e| e.to_string())?;
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if len > MAX_MESH_FRAME {
-        return Err(format!("mesh frame of {len} bytes"));
-    }
-    let mut buf = BytesMut::zeroed(HEADER_LEN + len);
-    buf[..HEADER_LEN].copy_from_slice(&head);
-    recv.read_exact(&mut buf[HEADER_LEN..])
-        .await
-        .map_err(|e| e.to_string())?;
-    match decode(&buf).map_err(|e| e.to_string())? {
-        Decoded::Frame { frame, .. } => Ok(Some(frame)),
-        _ => Ok(Some(Frame::PeersQuery)), // an unknown type: ignored by callers
-    }
-}
-
-async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), String> {
-    let mut b = BytesMut::new();
-    f.encode(&mut b).map_err(|e| e.to_string())?;
-    send.write_all(&b).await.map_err(|e| e.to_string())
+    crate::streams::read_frame(recv, MAX_MESH_FRAME).await
 }
 
 /// Serves an inbound mesh link (ALPN `swb-mesh/1`) until it ends.

@@ -71,6 +71,40 @@ impl StatusWatcher {
     }
 }
 
+/// Writes a watcher's values as `StatusUpdate` frames: the first `count`
+/// (the current values) and, if `lasting`, every change until the other
+/// side finishes or stops its half of the stream or a write fails. The
+/// caller finishes `send`.
+pub(crate) async fn pump(
+    mut watcher: StatusWatcher,
+    count: usize,
+    lasting: bool,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) {
+    let mut initial = count;
+    let mut probe = [0u8; 1];
+    loop {
+        tokio::select! {
+            next = watcher.next() => {
+                let Some((snap, lagged)) = next else { return };
+                if write_frame(send, &Frame::StatusUpdate(snap.to_update(lagged))).await.is_err() {
+                    return;
+                }
+                initial = initial.saturating_sub(1);
+                if !lasting && initial == 0 {
+                    return;
+                }
+            }
+            r = recv.read(&mut probe), if lasting => {
+                if !matches!(r, Ok(Some(_))) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Normalises watched names; the first bad one is the error.
 pub(crate) fn names(raw: &[String]) -> Result<Vec<String>, String> {
     let mut out: Vec<String> = Vec::with_capacity(raw.len());
@@ -146,7 +180,7 @@ pub(crate) async fn serve(
             // Peers homed on other relays: fetch their current values, then
             // keep one upstream subscription per peer for every watcher here.
             crate::mesh::prepare_watch(shared, ns, &names, !w.once).await;
-            let mut watcher = StatusWatcher::new(shared, ns, &names);
+            let watcher = StatusWatcher::new(shared, ns, &names);
             if write_frame(
                 &mut send,
                 &Frame::StreamReply(StreamReply { refusal: None }),
@@ -156,28 +190,7 @@ pub(crate) async fn serve(
             {
                 return;
             }
-            let mut initial = names.len();
-            let mut probe = [0u8; 1];
-            loop {
-                tokio::select! {
-                    next = watcher.next() => {
-                        let Some((snap, lagged)) = next else { break };
-                        if write_frame(&mut send, &Frame::StatusUpdate(snap.to_update(lagged))).await.is_err() {
-                            break;
-                        }
-                        initial = initial.saturating_sub(1);
-                        if w.once && initial == 0 {
-                            break;
-                        }
-                    }
-                    // The watcher ends the watch by finishing or stopping its side.
-                    r = recv.read(&mut probe), if !w.once => {
-                        if !matches!(r, Ok(Some(_))) {
-                            break;
-                        }
-                    }
-                }
-            }
+            pump(watcher, names.len(), !w.once, &mut send, &mut recv).await;
             let _ = send.finish();
             debug!(%me, "watch ended");
         }

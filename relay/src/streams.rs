@@ -28,45 +28,61 @@ pub(crate) const RESET_RELAY: u32 = 1;
 /// Most chunks moved per wake-up and direction.
 const BATCH: usize = 32;
 
-/// Errors reading a stream's first frame.
-#[derive(Debug)]
-pub(crate) enum HeaderError {
-    /// The stream ended or failed.
-    Io(String),
-    /// Not a valid first frame.
-    Protocol(String),
-}
-
-impl std::fmt::Display for HeaderError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            HeaderError::Io(e) | HeaderError::Protocol(e) => f.write_str(e),
-        }
-    }
-}
-
-/// Reads exactly one frame (at most [`MAX_STREAM_HEADER`] bytes) from the
-/// start of a stream, consuming nothing beyond it.
-pub(crate) async fn read_header(recv: &mut quinn::RecvStream) -> Result<Frame, HeaderError> {
+/// Reads one frame of at most `max` bytes, consuming nothing beyond it.
+/// `None` at a clean end of the stream; `Some(None)` for a frame type this
+/// version does not know (already consumed).
+async fn read_raw(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<Option<Frame>>, String> {
     let mut head = [0u8; HEADER_LEN];
-    recv.read_exact(&mut head)
+    match recv.read(&mut head[..1]).await.map_err(|e| e.to_string())? {
+        None | Some(0) => return Ok(None),
+        Some(_) => {}
+    }
+    recv.read_exact(&mut head[1..])
         .await
-        .map_err(|e| HeaderError::Io(e.to_string()))?;
+        .map_err(|e| e.to_string())?;
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if len > MAX_STREAM_HEADER {
-        return Err(HeaderError::Protocol(format!(
-            "stream header of {len} bytes exceeds {MAX_STREAM_HEADER}"
-        )));
+    if len > max {
+        return Err(format!("frame of {len} bytes exceeds {max}"));
     }
     let mut buf = BytesMut::zeroed(HEADER_LEN + len);
     buf[..HEADER_LEN].copy_from_slice(&head);
     recv.read_exact(&mut buf[HEADER_LEN..])
         .await
-        .map_err(|e| HeaderError::Io(e.to_string()))?;
-    match decode(&buf) {
-        Ok(Decoded::Frame { frame, .. }) => Ok(frame),
-        Ok(_) => Err(HeaderError::Protocol("unknown stream header type".into())),
-        Err(e) => Err(HeaderError::Protocol(e.to_string())),
+        .map_err(|e| e.to_string())?;
+    match decode(&buf).map_err(|e| e.to_string())? {
+        Decoded::Frame { frame, .. } => Ok(Some(Some(frame))),
+        _ => Ok(Some(None)),
+    }
+}
+
+/// Reads the first frame of a stream (at most [`MAX_STREAM_HEADER`] bytes),
+/// consuming nothing beyond it: payload may follow, so an unknown type is an
+/// error here rather than skipped.
+pub(crate) async fn read_header(recv: &mut quinn::RecvStream) -> Result<Frame, String> {
+    match read_raw(recv, MAX_STREAM_HEADER).await? {
+        Some(Some(f)) => Ok(f),
+        Some(None) => Err("unknown stream header type".into()),
+        None => Err("the stream ended before its first frame".into()),
+    }
+}
+
+/// Reads the next frame of a stream that carries only frames, skipping
+/// unknown types; `None` at a clean end.
+pub(crate) async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<Frame>, String> {
+    loop {
+        if let Some(f) = read_raw(recv, max).await? {
+            if f.is_some() {
+                return Ok(f);
+            }
+        } else {
+            return Ok(None);
+        }
     }
 }
 

@@ -168,13 +168,15 @@ async fn a_relay_that_goes_silent_is_dropped_within_the_mesh_idle_timeout() -> R
     let k = key('g');
     let r1 = relay("r1", &k, &[]).await?;
     let cut = swb_tests::UdpCut::start(r1.addr()).await?;
+    // r1 (the lower id) would dial r2 at its advertised address: make that
+    // a socket that swallows everything, so the cut path is the only link.
+    let sink = std::net::UdpSocket::bind("127.0.0.1:0")?;
     let r2 = TestRelay::spawn_with(RelayOptions {
         relay_id: Some("r2".into()),
         mesh: Some(MeshConfig {
             key: k.clone(),
             peers: vec![cut.addr.to_string()],
-            // r1 must not dial r2 directly: r2 advertises an address nobody listens on.
-            advertise: vec!["127.0.0.1:9".into()],
+            advertise: vec![sink.local_addr()?.to_string()],
         }),
         ..RelayOptions::default()
     })
