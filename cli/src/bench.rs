@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use swb_daemon::control::{Reply, Request};
 use swb_daemon::{ApiKey, Client, Daemon, DaemonConfig, Exposure, Trust};
 use swb_relay::keys::{self, KeysFile};
 use swb_relay::{HttpListen, Identity, KeySource, Relay, RelayConfig};
@@ -1096,8 +1097,68 @@ fn seq_of(b: &[u8]) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// Takes messages from a daemon over one pipelined control connection,
+/// acknowledging each batch together with the next `recv`.
+struct Taker {
+    req: swb_daemon::control::Requests,
+    rep: swb_daemon::control::Replies,
+    acked: bool,
+}
+
+impl Taker {
+    const RECV: Request = Request::Recv {
+        wait_ms: 30_000,
+        max: 1000,
+    };
+
+    async fn new(c: Client) -> Result<Self> {
+        let (mut req, rep) = c.pipeline();
+        req.push(&Self::RECV).await?;
+        req.flush().await?;
+        Ok(Self {
+            req,
+            rep,
+            acked: false,
+        })
+    }
+
+    /// The next batch (possibly empty after the long poll's 30 s).
+    async fn next(&mut self) -> Result<Vec<swb_daemon::control::InMessage>> {
+        if std::mem::take(&mut self.acked) {
+            let Reply::Acked { .. } = self.rep.next().await? else {
+                anyhow::bail!("unexpected reply to ack");
+            };
+        }
+        let Reply::Messages { messages } = self.rep.next().await? else {
+            anyhow::bail!("unexpected reply to recv");
+        };
+        if !messages.is_empty() {
+            let ids = messages.iter().map(|m| m.id.clone()).collect();
+            self.req.push(&Request::Ack { ids }).await?;
+            self.acked = true;
+        }
+        self.req.push(&Self::RECV).await?;
+        self.req.flush().await?;
+        Ok(messages)
+    }
+}
+
+/// Reads the relay's answers to pipelined sends until the connection ends;
+/// fails on the first refusal.
+async fn expect_sent(mut rep: swb_daemon::control::Replies) -> Result<()> {
+    loop {
+        match rep.next().await? {
+            Reply::Sent { .. } => {}
+            other => anyhow::bail!("unexpected reply {other:?}"),
+        }
+    }
+}
+
 /// Request → reply through a relay between two daemons: `a` asks, `b`
-/// answers each request with the same bytes.
+/// answers each request with the same bytes. `inflight` requests are
+/// outstanding at any time (a new one leaves as each reply arrives), as in
+/// the NATS run. Each side takes messages on one control connection and
+/// sends on another, both pipelined.
 async fn ours_latency(
     a_ctl: &std::path::Path,
     b_ctl: std::path::PathBuf,
@@ -1106,90 +1167,56 @@ async fn ours_latency(
     size: usize,
     inflight: usize,
 ) -> Result<Vec<Duration>> {
-    // Responder.
-    let a_for_b = a_name.to_string();
+    let to = a_name.to_string();
+    let mut taker = Taker::new(Client::connect(&b_ctl).await?).await?;
+    let (mut req, rep) = Client::connect(&b_ctl).await?.pipeline();
     let responder = tokio::spawn(async move {
-        let mut rx = Client::connect(&b_ctl).await?;
-        loop {
-            let msgs = rx.recv(Duration::from_secs(30), 256).await?;
-            let mut sends = tokio::task::JoinSet::new();
-            for m in &msgs {
-                let body = m.body();
-                let ctl = b_ctl.clone();
-                let to = a_for_b.clone();
-                sends.spawn(async move {
-                    let mut c = Client::connect(&ctl).await?;
-                    c.send(&to, &body, Duration::from_secs(10)).await?;
-                    anyhow::Ok(())
-                });
-            }
-            while let Some(r) = sends.join_next().await {
-                r??;
-            }
-            rx.ack(msgs.into_iter().map(|m| m.id).collect()).await?;
-        }
-        #[allow(unreachable_code)]
-        anyhow::Ok(())
-    });
-    let waiting: Arc<std::sync::Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>> =
-        Arc::default();
-    let collector = {
-        let waiting = waiting.clone();
-        let ctl = a_ctl.to_path_buf();
-        tokio::spawn(async move {
-            let mut rx = Client::connect(&ctl).await?;
+        let answer = async {
             loop {
-                let msgs = rx.recv(Duration::from_secs(30), 256).await?;
-                for m in &msgs {
-                    if let Some(tx) = waiting
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&seq_of(&m.body()))
-                    {
-                        let _ = tx.send(());
-                    }
+                for m in taker.next().await? {
+                    req.send(&to, &m.body(), Duration::from_secs(10)).await?;
                 }
-                rx.ack(msgs.into_iter().map(|m| m.id).collect()).await?;
+                req.flush().await?;
             }
             #[allow(unreachable_code)]
             anyhow::Ok(())
-        })
-    };
-    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..inflight {
-        let (waiting, next, ctl) = (waiting.clone(), next.clone(), a_ctl.to_path_buf());
-        workers.spawn(async move {
-            let mut tx = Client::connect(&ctl).await?;
-            let mut times = Vec::new();
-            loop {
-                let seq = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if seq as usize >= n {
-                    return anyhow::Ok(times);
-                }
-                let (done, wait) = tokio::sync::oneshot::channel();
-                waiting
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(seq, done);
-                let t = Instant::now();
-                tx.send(RESPONDER, &seq_body(seq, size), Duration::from_secs(10))
-                    .await?;
-                tokio::time::timeout(Duration::from_secs(30), wait)
-                    .await
-                    .context("no reply")??;
+        };
+        tokio::try_join!(answer, expect_sent(rep)).map(|_| ())
+    });
+    let mut taker = Taker::new(Client::connect(a_ctl).await?).await?;
+    let (mut req, rep) = Client::connect(a_ctl).await?.pipeline();
+    let sent = tokio::spawn(expect_sent(rep));
+    let mut sent_at: HashMap<u64, Instant> = HashMap::new();
+    let mut times = Vec::with_capacity(n);
+    let mut next = 0u64;
+    while (next as usize) < n.min(inflight) {
+        sent_at.insert(next, Instant::now());
+        req.send(RESPONDER, &seq_body(next, size), Duration::from_secs(10))
+            .await?;
+        next += 1;
+    }
+    req.flush().await?;
+    while times.len() < n {
+        let msgs = tokio::time::timeout(Duration::from_secs(30), taker.next())
+            .await
+            .context("no reply")??;
+        for m in msgs {
+            if let Some(t) = sent_at.remove(&seq_of(&m.body())) {
                 times.push(t.elapsed());
             }
-        });
-    }
-    let mut all = Vec::with_capacity(n);
-    while let Some(r) = workers.join_next().await {
-        all.extend(r??);
+            if (next as usize) < n {
+                sent_at.insert(next, Instant::now());
+                req.send(RESPONDER, &seq_body(next, size), Duration::from_secs(10))
+                    .await?;
+                next += 1;
+            }
+        }
+        req.flush().await?;
     }
     responder.abort();
-    collector.abort();
-    all.sort();
-    Ok(all)
+    sent.abort();
+    times.sort();
+    Ok(times)
 }
 
 /// The responder's peer name in the latency benchmark.
@@ -1407,11 +1434,68 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
 #[derive(Debug, Args)]
 pub(crate) struct RateArgs {
     /// Messages per measurement (1 → 1); 1 → 100 delivers the same number.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 100_000)]
     messages: usize,
-    /// Concurrent senders (control connections) on our side.
-    #[arg(long, default_value_t = 16)]
+    /// Sender control connections on our side.
+    #[arg(long, default_value_t = 1)]
     senders: usize,
+    /// Sends each sender connection keeps unanswered (pipelined).
+    #[arg(long, default_value_t = 1024)]
+    window: usize,
+}
+
+/// Sends what `next` yields over one pipelined control connection, at most
+/// `window` unanswered; fails on the first refusal. Returns how many.
+async fn send_pipelined(
+    c: Client,
+    window: usize,
+    mut next: impl FnMut() -> Option<(String, Vec<u8>)>,
+) -> Result<usize> {
+    let (mut req, mut rep) = c.pipeline();
+    let room = Arc::new(tokio::sync::Semaphore::new(window.max(1)));
+    let writer = {
+        let room = room.clone();
+        async move {
+            let mut sent = 0usize;
+            while let Some((to, body)) = next() {
+                match room.try_acquire() {
+                    Ok(p) => p.forget(),
+                    Err(_) => {
+                        req.flush().await?;
+                        room.acquire().await?.forget();
+                    }
+                }
+                req.send(&to, &body, Duration::from_secs(30)).await?;
+                sent += 1;
+            }
+            // Replies come in request order: this one's marks the end.
+            req.push(&Request::Status).await?;
+            req.flush().await?;
+            anyhow::Ok(sent)
+        }
+    };
+    let reader = async move {
+        loop {
+            match rep.next().await? {
+                Reply::Sent { .. } => room.add_permits(1),
+                Reply::Status(_) => return anyhow::Ok(()),
+                other => anyhow::bail!("unexpected reply {other:?}"),
+            }
+        }
+    };
+    let (sent, ()) = tokio::try_join!(writer, reader)?;
+    Ok(sent)
+}
+
+/// Takes messages from a daemon until cancelled; `on` learns each batch size.
+async fn receive_all(c: Client, mut on: impl FnMut(usize)) -> Result<()> {
+    let mut taker = Taker::new(c).await?;
+    loop {
+        let k = taker.next().await?.len();
+        if k > 0 {
+            on(k);
+        }
+    }
 }
 
 /// Deliveries per second from one sender daemon to `receivers` daemons
@@ -1423,6 +1507,7 @@ async fn ours_rate(
     receivers: usize,
     n: usize,
     senders: usize,
+    window: usize,
 ) -> Result<f64> {
     let mk = |name: String| {
         DaemonConfig::new(
@@ -1447,25 +1532,23 @@ async fn ours_rate(
     for d in &rs {
         let (ctl, got, done) = (d.control_path().to_path_buf(), got.clone(), done.clone());
         readers.spawn(async move {
-            let mut rx = Client::connect(&ctl).await?;
-            loop {
-                let msgs = rx.recv(Duration::from_secs(30), 1000).await?;
-                let k = msgs.len();
-                rx.ack(msgs.into_iter().map(|m| m.id).collect()).await?;
+            let rx = Client::connect(&ctl).await?;
+            receive_all(rx, |k| {
                 if got.fetch_add(k, std::sync::atomic::Ordering::Relaxed) + k >= n {
                     done.notify_one();
                 }
-            }
-            #[allow(unreachable_code)]
-            anyhow::Ok(())
+            })
+            .await
         });
     }
     let body = vec![0x42u8; 128];
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let t = Instant::now();
     let finished = done.notified();
     tokio::pin!(finished);
     finished.as_mut().enable();
+    // One control connection per sender, each pipelining up to `window`
+    // sends (a program would do the same); messages spread round-robin.
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut writers = tokio::task::JoinSet::new();
     for _ in 0..senders {
         let (ctl, next, body) = (
@@ -1474,19 +1557,12 @@ async fn ours_rate(
             body.clone(),
         );
         writers.spawn(async move {
-            let mut tx = Client::connect(&ctl).await?;
-            loop {
+            let tx = Client::connect(&ctl).await?;
+            send_pipelined(tx, window, || {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= n {
-                    return anyhow::Ok(());
-                }
-                tx.send(
-                    &format!("r{receivers}-{}", i % receivers),
-                    &body,
-                    Duration::from_secs(10),
-                )
-                .await?;
-            }
+                (i < n).then(|| (format!("r{receivers}-{}", i % receivers), body.clone()))
+            })
+            .await
         });
     }
     while let Some(r) = writers.join_next().await {
@@ -1564,6 +1640,7 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
             receivers,
             a.messages,
             a.senders,
+            a.window,
         )
         .await?;
         let np = nats_rate(plain.addr, None, receivers, a.messages).await?;
@@ -1704,8 +1781,9 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
     .await?;
     rate_bench(
         RateArgs {
-            messages: if s { 200 } else { 20_000 },
-            senders: 16,
+            messages: if s { 200 } else { 100_000 },
+            senders: 1,
+            window: 1024,
         },
         out,
     )

@@ -22,6 +22,9 @@ use tracing::{debug, info, warn};
 /// Result of a send as the relay answered it: `Ok(online)` or the refusal.
 pub(crate) type SendResult = Result<bool, Refusal>;
 
+/// Most commands taken from the queue for one write to the relay.
+const CMD_BATCH: usize = 256;
+
 /// Commands from the control server.
 #[derive(Debug)]
 pub(crate) enum Cmd {
@@ -663,6 +666,13 @@ impl Actor {
                     None => return End::Shutdown,
                     Some(c) => {
                         let mut out: Vec<Frame> = self.absorb(c).into_iter().collect();
+                        // Whatever else is queued goes out in the same write.
+                        while out.len() < CMD_BATCH {
+                            match self.cmd_rx.try_recv() {
+                                Ok(c) => out.extend(self.absorb(c)),
+                                Err(_) => break,
+                            }
+                        }
                         let acks = std::mem::take(&mut self.pending_acks);
                         for chunk in acks.chunks(swb_wire::MAX_ACK_IDS) {
                             out.push(Frame::Ack(Ack { ids: chunk.to_vec() }));

@@ -2,6 +2,11 @@
 //! daemon. A Unix socket (mode 0600), one JSON object per line each way:
 //! the CLI writes a [`Request`], the daemon answers with one [`Reply`].
 //!
+//! A client may pipeline: write many requests before reading the replies,
+//! which come in request order. The daemon hands each `send` to the relay
+//! as it reads it (up to [`MAX_PIPELINED_SENDS`] waiting for the relay per
+//! connection); any other request is answered after the sends before it.
+//!
 //! `recv` leases messages to the asking connection; they are acknowledged
 //! to the relay only when the same connection sends `ack` for them. If the
 //! connection closes first, the messages go back to the inbox (nothing is
@@ -17,6 +22,10 @@ use tokio::net::UnixStream;
 
 /// Largest request line the daemon reads (a 64 KiB body in base64 plus JSON).
 pub const MAX_REQUEST_LINE: usize = 128 * 1024;
+/// Most `send` requests of one control connection waiting for the relay's
+/// answer; the daemon reads no further request from that connection until
+/// the oldest is answered.
+pub const MAX_PIPELINED_SENDS: usize = 4096;
 
 /// A request from the CLI.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -426,6 +435,92 @@ impl Client {
         match self.call(&Request::Ack { ids }).await? {
             Reply::Acked { acked } => Ok(acked),
             other => Err(ControlError::Protocol(format!("{other:?}"))),
+        }
+    }
+}
+
+impl Client {
+    /// Splits the connection for pipelining: write many requests with
+    /// [`Requests`], read their replies, in the same order, with
+    /// [`Replies`]. Read while you write (another task, or `join!`): the
+    /// daemon stops reading requests while its replies are not read.
+    /// Messages taken with `recv` on the pipeline are acknowledged on it.
+    pub fn pipeline(self) -> (Requests, Replies) {
+        (
+            Requests {
+                wr: tokio::io::BufWriter::with_capacity(64 * 1024, self.wr),
+                buf: Vec::new(),
+            },
+            Replies {
+                rd: self.rd,
+                line: self.line,
+            },
+        )
+    }
+}
+
+/// The writing half of a pipelined control connection ([`Client::pipeline`]).
+/// Requests are buffered; [`Requests::flush`] hands them to the daemon.
+#[derive(Debug)]
+pub struct Requests {
+    wr: tokio::io::BufWriter<tokio::net::unix::OwnedWriteHalf>,
+    buf: Vec<u8>,
+}
+
+impl Requests {
+    /// Queues one request.
+    pub async fn push(&mut self, req: &Request) -> Result<(), ControlError> {
+        self.buf.clear();
+        serde_json::to_writer(&mut self.buf, req)
+            .map_err(|e| ControlError::Protocol(e.to_string()))?;
+        self.buf.push(b'\n');
+        self.wr.write_all(&self.buf).await?;
+        Ok(())
+    }
+
+    /// Queues a send of `body` to `to`.
+    pub async fn send(
+        &mut self,
+        to: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<(), ControlError> {
+        self.push(&Request::Send {
+            to: to.to_string(),
+            body_b64: base64::engine::general_purpose::STANDARD.encode(body),
+            timeout_ms: timeout.as_millis() as u64,
+        })
+        .await
+    }
+
+    /// Writes everything queued to the daemon.
+    pub async fn flush(&mut self) -> Result<(), ControlError> {
+        self.wr.flush().await?;
+        Ok(())
+    }
+}
+
+/// The reading half of a pipelined control connection ([`Client::pipeline`]).
+#[derive(Debug)]
+pub struct Replies {
+    rd: BufReader<tokio::net::unix::OwnedReadHalf>,
+    line: String,
+}
+
+impl Replies {
+    /// The next reply, in request order. `Err(ControlError::Remote)` is the
+    /// refusal of one request; the connection stays usable.
+    pub async fn next(&mut self) -> Result<Reply, ControlError> {
+        self.line.clear();
+        if self.rd.read_line(&mut self.line).await? == 0 {
+            return Err(ControlError::Protocol(
+                "the daemon closed the connection (did it stop?)".into(),
+            ));
+        }
+        match serde_json::from_str::<Reply>(&self.line) {
+            Ok(Reply::Error { code, message }) => Err(ControlError::Remote { code, message }),
+            Ok(r) => Ok(r),
+            Err(e) => Err(ControlError::Protocol(e.to_string())),
         }
     }
 }

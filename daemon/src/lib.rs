@@ -271,7 +271,7 @@ impl Daemon {
             },
         };
         let socks_addr = socks_listener.as_ref().and_then(|l| l.local_addr().ok());
-        let (cmd_tx, cmd_rx) = mpsc::channel(256);
+        let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let (state, state_rx) = watch::channel(ConnState::Connecting {
             relay: config.relays[0].clone(),
             attempts: 0,

@@ -1,10 +1,13 @@
 //! The control socket server. See [`crate::control`] for the protocol.
 
-use crate::conn::Cmd;
-use crate::control::{InMessage, Reply, Request, StatusInfo, MAX_REQUEST_LINE};
+use crate::conn::{Cmd, SendResult};
+use crate::control::{
+    InMessage, Reply, Request, StatusInfo, MAX_PIPELINED_SENDS, MAX_REQUEST_LINE,
+};
 use crate::{ConnState, DaemonError, Shared};
 use base64::Engine;
 use bytes::Bytes;
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -92,87 +95,256 @@ pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>, cancel: C
     let _ = std::fs::remove_file(&shared.config.control_path);
 }
 
+/// A request whose reply is not written yet: replies go out in request order.
+enum Queued {
+    Ready(Reply),
+    Send(InFlight),
+}
+
+/// A send the actor has; its answer comes on `rx`.
+struct InFlight {
+    id: MessageId,
+    rx: oneshot::Receiver<SendResult>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
+/// How a pipelined send ended.
+enum Outcome {
+    Answered(SendResult),
+    /// The actor dropped the send (the daemon is stopping).
+    Dropped,
+    TimedOut,
+}
+
+impl InFlight {
+    fn reply(&self, o: Outcome) -> Reply {
+        match o {
+            Outcome::Answered(Ok(online)) => Reply::Sent {
+                id: self.id.to_string(),
+                online,
+            },
+            Outcome::Answered(Err(r)) => err(r.code.as_str(), r.message),
+            Outcome::Dropped => err("stopped", "the daemon stopped before the relay answered"),
+            Outcome::TimedOut => err(
+                "timeout",
+                format!(
+                    "the relay did not answer within {:?}; the message may not have been accepted",
+                    self.timeout
+                ),
+            ),
+        }
+    }
+}
+
+impl Queued {
+    /// The reply if it is known without waiting.
+    fn try_ready(&mut self) -> Option<Reply> {
+        match self {
+            Queued::Ready(r) => Some(r.clone()),
+            Queued::Send(f) => match f.rx.try_recv() {
+                Ok(r) => Some(f.reply(Outcome::Answered(r))),
+                Err(oneshot::error::TryRecvError::Empty) => None,
+                Err(oneshot::error::TryRecvError::Closed) => Some(f.reply(Outcome::Dropped)),
+            },
+        }
+    }
+
+    async fn wait(&mut self) -> Reply {
+        match self {
+            Queued::Ready(r) => r.clone(),
+            Queued::Send(f) => {
+                let o = match tokio::time::timeout_at(f.deadline, &mut f.rx).await {
+                    Ok(Ok(r)) => Outcome::Answered(r),
+                    Ok(Err(_)) => Outcome::Dropped,
+                    Err(_) => Outcome::TimedOut,
+                };
+                f.reply(o)
+            }
+        }
+    }
+}
+
+/// One control connection: reads requests, answers in request order.
+/// `send` requests are pipelined — a client may write many before reading
+/// the answers, and the daemon hands each to the relay as it reads it —
+/// every other request waits until the sends before it are answered.
 async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationToken) {
     let (r, mut w) = stream.into_split();
-    let mut rd = BufReader::new(r);
+    let mut rd = BufReader::with_capacity(64 * 1024, r);
     let mut leased: Vec<Deliver> = Vec::new();
     let mut line = Vec::new();
-    loop {
-        line.clear();
-        let mut limited = (&mut rd).take(MAX_REQUEST_LINE as u64 + 1);
+    let mut queue: VecDeque<Queued> = VecDeque::new();
+    let mut out: Vec<u8> = Vec::new();
+    'conn: loop {
+        // Answers that are known go out before we wait for anything.
+        while let Some(r) = queue.front_mut().and_then(Queued::try_ready) {
+            queue.pop_front();
+            push_reply(&mut out, &r);
+        }
+        if !out.is_empty() && (rd.buffer().is_empty() || queue.len() >= MAX_PIPELINED_SENDS) {
+            if w.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+        }
+        let room = (MAX_REQUEST_LINE + 1).saturating_sub(line.len()) as u64;
+        let mut limited = (&mut rd).take(room);
         let n = tokio::select! {
+            biased;
             _ = cancel.cancelled() => break,
-            n = limited.read_until(b'\n', &mut line) => n,
+            r = async {
+                match queue.front_mut() {
+                    Some(q) => q.wait().await,
+                    None => std::future::pending().await,
+                }
+            }, if !queue.is_empty() => {
+                queue.pop_front();
+                push_reply(&mut out, &r);
+                continue;
+            }
+            n = limited.read_until(b'\n', &mut line), if queue.len() < MAX_PIPELINED_SENDS => n,
         };
         match n {
-            Ok(0) | Err(_) => break,
+            Ok(0) if line.is_empty() => {
+                // The client finished writing: answer what it asked, then end.
+                if drain(&mut queue, &mut out, &cancel).await {
+                    let _ = w.write_all(&out).await;
+                }
+                break;
+            }
+            Err(_) => break,
+            Ok(_) if line.len() <= MAX_REQUEST_LINE && line.last() != Some(&b'\n') => {
+                // End of input inside a line: take it as the last request.
+            }
             Ok(_) => {}
         }
-        let reply = if line.len() > MAX_REQUEST_LINE {
+        if line.len() > MAX_REQUEST_LINE {
             let r = err(
                 "request_too_large",
                 format!("request exceeds {MAX_REQUEST_LINE} bytes"),
             );
-            let _ = write_reply(&mut w, &r).await;
-            break;
-        } else {
-            match serde_json::from_slice::<Request>(&line) {
-                Err(e) => err("bad_request", format!("cannot parse request: {e}")),
-                Ok(Request::Connect {
-                    to,
-                    port,
-                    timeout_ms,
-                }) => {
-                    let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
-                    match crate::streams::open(&shared, &to, port, wait).await {
-                        Err(e) => err(&e.code, e.message),
-                        Ok((send, recv)) => {
-                            let ok = Reply::Connected {
-                                to: to.clone(),
-                                port,
-                            };
-                            if write_reply(&mut w, &ok).await.is_err() {
-                                break;
-                            }
-                            // The control connection is the stream now.
-                            let (up, down, clean) = crate::streams::splice(rd, w, send, recv).await;
-                            debug!(%to, port, up, down, clean, "connect stream ended");
-                            if !leased.is_empty() {
-                                shared.inbox().give_back(leased);
-                                shared.inbox_gen.send_modify(|g| *g += 1);
-                            }
-                            return;
-                        }
-                    }
-                }
-                Ok(Request::Watch { names, timeout_ms }) => {
-                    let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
-                    match watch_open(&shared, names, wait).await {
-                        Err(e) => err(&e.code, e.message),
-                        Ok((send, recv)) => {
-                            if write_reply(&mut w, &Reply::Watching {}).await.is_err() {
-                                break;
-                            }
-                            watch_forward(rd, w, send, recv).await;
-                            if !leased.is_empty() {
-                                shared.inbox().give_back(leased);
-                                shared.inbox_gen.send_modify(|g| *g += 1);
-                            }
-                            return;
-                        }
-                    }
-                }
-                Ok(req) => answer(&shared, req, &mut leased, &cancel).await,
+            queue.push_back(Queued::Ready(r));
+            if drain(&mut queue, &mut out, &cancel).await {
+                let _ = w.write_all(&out).await;
             }
-        };
-        if write_reply(&mut w, &reply).await.is_err() {
             break;
+        }
+        let req = serde_json::from_slice::<Request>(&line);
+        line.clear();
+        let req = match req {
+            Err(e) => {
+                queue.push_back(Queued::Ready(err(
+                    "bad_request",
+                    format!("cannot parse request: {e}"),
+                )));
+                continue;
+            }
+            Ok(Request::Send {
+                to,
+                body_b64,
+                timeout_ms,
+            }) => {
+                let timeout = Duration::from_millis(timeout_ms).min(MAX_WAIT);
+                let q = tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    q = start_send(&shared, to, body_b64, timeout) => q,
+                };
+                queue.push_back(q);
+                continue;
+            }
+            Ok(req) => req,
+        };
+        // Every other request answers after the sends before it.
+        if !drain(&mut queue, &mut out, &cancel).await {
+            break;
+        }
+        // It may wait (a long poll): what is answered goes out first.
+        if !out.is_empty() {
+            if w.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+        }
+        match req {
+            Request::Connect {
+                to,
+                port,
+                timeout_ms,
+            } => {
+                let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
+                match crate::streams::open(&shared, &to, port, wait).await {
+                    Err(e) => push_reply(&mut out, &err(&e.code, e.message)),
+                    Ok((send, recv)) => {
+                        let ok = Reply::Connected {
+                            to: to.clone(),
+                            port,
+                        };
+                        push_reply(&mut out, &ok);
+                        if w.write_all(&out).await.is_err() {
+                            break 'conn;
+                        }
+                        // The control connection is the stream now.
+                        let (up, down, clean) = crate::streams::splice(rd, w, send, recv).await;
+                        debug!(%to, port, up, down, clean, "connect stream ended");
+                        give_back(&shared, leased);
+                        return;
+                    }
+                }
+            }
+            Request::Watch { names, timeout_ms } => {
+                let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
+                match watch_open(&shared, names, wait).await {
+                    Err(e) => push_reply(&mut out, &err(&e.code, e.message)),
+                    Ok((send, recv)) => {
+                        push_reply(&mut out, &Reply::Watching {});
+                        if w.write_all(&out).await.is_err() {
+                            break 'conn;
+                        }
+                        watch_forward(rd, w, send, recv).await;
+                        give_back(&shared, leased);
+                        return;
+                    }
+                }
+            }
+            req => {
+                let r = answer(&shared, req, &mut leased, &cancel).await;
+                push_reply(&mut out, &r);
+            }
         }
     }
     // Whatever this connection took and did not acknowledge goes back.
+    give_back(&shared, leased);
+}
+
+/// Waits for every queued answer, in order, into `out`; false if the
+/// daemon stops first.
+async fn drain(
+    queue: &mut VecDeque<Queued>,
+    out: &mut Vec<u8>,
+    cancel: &CancellationToken,
+) -> bool {
+    while let Some(q) = queue.front_mut() {
+        let r = tokio::select! {
+            _ = cancel.cancelled() => return false,
+            r = q.wait() => r,
+        };
+        queue.pop_front();
+        push_reply(out, &r);
+    }
+    true
+}
+
+fn give_back(shared: &Shared, leased: Vec<Deliver>) {
     if !leased.is_empty() {
         shared.inbox().give_back(leased);
         shared.inbox_gen.send_modify(|g| *g += 1);
+    }
+}
+
+fn push_reply(out: &mut Vec<u8>, r: &Reply) {
+    if serde_json::to_writer(&mut *out, r).is_ok() {
+        out.push(b'\n');
     }
 }
 
@@ -245,7 +417,7 @@ async fn answer(
             timeout_ms,
         } => {
             let timeout = Duration::from_millis(timeout_ms).min(MAX_WAIT);
-            send(shared, to, body_b64, timeout).await
+            start_send(shared, to, body_b64, timeout).await.wait().await
         }
         Request::Recv { wait_ms, max } => {
             let wait = Duration::from_millis(wait_ms).min(MAX_WAIT);
@@ -340,22 +512,41 @@ async fn answer(
     }
 }
 
-async fn send(shared: &Arc<Shared>, to: String, body_b64: String, timeout: Duration) -> Reply {
+/// Checks a send and hands it to the connection actor (waiting for a relay
+/// connection first, up to `timeout`); the relay's answer comes later.
+async fn start_send(
+    shared: &Arc<Shared>,
+    to: String,
+    body_b64: String,
+    timeout: Duration,
+) -> Queued {
+    match start_send_inner(shared, to, body_b64, timeout).await {
+        Ok(f) => Queued::Send(f),
+        Err(r) => Queued::Ready(r),
+    }
+}
+
+async fn start_send_inner(
+    shared: &Arc<Shared>,
+    to: String,
+    body_b64: String,
+    timeout: Duration,
+) -> Result<InFlight, Reply> {
     let Ok(body) = base64::engine::general_purpose::STANDARD.decode(body_b64.as_bytes()) else {
-        return err("bad_request", "body_b64 is not valid base64");
+        return Err(err("bad_request", "body_b64 is not valid base64"));
     };
     if body.len() > MAX_MESSAGE_BODY {
-        return err(
+        return Err(err(
             "body_too_large",
             format!(
                 "the message body has {} bytes; the limit is {MAX_MESSAGE_BODY}. Send large data over a stream instead",
                 body.len()
             ),
-        );
+        ));
     }
     let to = match swb_wire::normalize_name(&to) {
         Ok(n) => n,
-        Err(e) => return err("bad_name", format!("{e}: {to:?}")),
+        Err(e) => return Err(err("bad_name", format!("{e}: {to:?}"))),
     };
     let deadline = tokio::time::Instant::now() + timeout;
     let mut state = shared.state.subscribe();
@@ -374,21 +565,21 @@ async fn send(shared: &Arc<Shared>, to: String, body_b64: String, timeout: Durat
                 } => format!(" (last error: {e})"),
                 _ => String::new(),
             };
-            return err(
+            return Err(err(
                 "not_connected",
                 format!("the daemon could not reach its relay within {timeout:?}{why}; the message was not sent"),
-            );
+            ));
         }
-        Ok(Err(_)) => return err("stopped", "the daemon is stopping"),
+        Ok(Err(_)) => return Err(err("stopped", "the daemon is stopping")),
         Ok(Ok(s)) => {
             if let ConnState::Stopped { error } = &s {
-                return err(
+                return Err(err(
                     "stopped",
                     format!(
                         "the daemon stopped: {}",
                         error.as_deref().unwrap_or("asked to")
                     ),
-                );
+                ));
             }
         }
     }
@@ -403,20 +594,14 @@ async fn send(shared: &Arc<Shared>, to: String, body_b64: String, timeout: Durat
         reply: tx,
     };
     if shared.cmd_tx.send(cmd).await.is_err() {
-        return err("stopped", "the daemon is stopping");
+        return Err(err("stopped", "the daemon is stopping"));
     }
-    match tokio::time::timeout_at(deadline, rx).await {
-        Ok(Ok(Ok(online))) => Reply::Sent {
-            id: id.to_string(),
-            online,
-        },
-        Ok(Ok(Err(r))) => err(r.code.as_str(), r.message),
-        Ok(Err(_)) => err("stopped", "the daemon stopped before the relay answered"),
-        Err(_) => err(
-            "timeout",
-            format!("the relay did not answer within {timeout:?}; the message may not have been accepted"),
-        ),
-    }
+    Ok(InFlight {
+        id,
+        rx,
+        deadline,
+        timeout,
+    })
 }
 
 fn status(shared: &Shared) -> StatusInfo {

@@ -419,3 +419,122 @@ async fn held_mail_survives_a_graceful_relay_restart() -> Result<()> {
     );
     Ok(())
 }
+
+/// Replies of one raw control connection to which `input` was written in
+/// one go and then half-closed: one parsed JSON object per line.
+async fn raw_control(d: &TestDaemon, input: &[u8]) -> Result<Vec<serde_json::Value>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::UnixStream::connect(d.handle.control_path()).await?;
+    let (mut r, mut w) = s.split();
+    let mut out = Vec::new();
+    let write = async {
+        w.write_all(input).await?;
+        w.shutdown().await
+    };
+    let (wr, rd) = tokio::join!(write, tokio::time::timeout(WAIT, r.read_to_end(&mut out)));
+    wr?;
+    rd??;
+    out.split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| Ok(serde_json::from_slice(l)?))
+        .collect()
+}
+
+fn send_line(to: &str, body: &[u8]) -> String {
+    use base64::Engine;
+    format!(
+        "{{\"op\":\"send\",\"to\":\"{to}\",\"body_b64\":\"{}\",\"timeout_ms\":10000}}\n",
+        base64::engine::general_purpose::STANDARD.encode(body)
+    )
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_and_sends_arrive_in_order() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "a").await?;
+    let b = TestDaemon::start(&relay, &key, "b").await?;
+    // 1000 sends written before reading anything, with a status request, a
+    // line that is not JSON and a send to a bad name among them; the
+    // connection is half-closed right after: every request still gets its
+    // answer, in request order.
+    let mut input = String::new();
+    for i in 0..1000 {
+        input.push_str(&send_line("b", format!("m{i}").as_bytes()));
+        match i {
+            10 => input.push_str("{\"op\":\"status\"}\n"),
+            20 => input.push_str("this is not json\n"),
+            30 => input.push_str(&send_line("not a name!", b"x")),
+            _ => {}
+        }
+    }
+    let replies = raw_control(&a, input.as_bytes()).await?;
+    assert_eq!(replies.len(), 1003, "one reply per request");
+    let kinds: Vec<String> = replies
+        .iter()
+        .map(|r| match r["reply"].as_str() {
+            Some("error") => format!("error:{}", r["code"].as_str().unwrap_or("")),
+            Some(k) => k.to_string(),
+            None => "?".into(),
+        })
+        .collect();
+    assert_eq!(kinds[11], "status");
+    assert_eq!(kinds[12 + 10], "error:bad_request");
+    assert_eq!(kinds[12 + 10 + 11], "error:bad_name");
+    assert_eq!(kinds.iter().filter(|k| *k == "sent").count(), 1000);
+    let got = b.recv_n(1000).await?;
+    let bodies: Vec<Vec<u8>> = got.iter().map(|m| m.body()).collect();
+    let want: Vec<Vec<u8>> = (0..1000).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(bodies, want, "pipelined sends keep their order");
+    // The ids the daemon answered are the ids that arrived, in order.
+    let ids: Vec<&str> = replies
+        .iter()
+        .filter(|r| r["reply"] == "sent")
+        .filter_map(|r| r["id"].as_str())
+        .collect();
+    let got_ids: Vec<&str> = got.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, got_ids);
+    Ok(())
+}
+
+#[tokio::test]
+async fn pipelined_refusals_keep_their_place() -> Result<()> {
+    let relay = TestRelay::spawn_with(RelayOptions {
+        limits: MailboxLimits {
+            messages: 3,
+            ..MailboxLimits::default()
+        },
+        ..RelayOptions::default()
+    })
+    .await?;
+    let key = relay.create_key("acme")?;
+    let d = TestDaemon::start(&relay, &key, "sender").await?;
+    let (mut req, mut rep) = d.client().await?.pipeline();
+    for i in 0..5 {
+        req.send("offline", format!("{i}").as_bytes(), WAIT).await?;
+    }
+    req.push(&swb_daemon::control::Request::Status).await?;
+    req.flush().await?;
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        seen.push(match rep.next().await {
+            Ok(swb_daemon::control::Reply::Sent { .. }) => "sent".to_string(),
+            Ok(swb_daemon::control::Reply::Status(_)) => "status".to_string(),
+            Ok(other) => format!("{other:?}"),
+            Err(ControlError::Remote { code, .. }) => code,
+            Err(e) => return Err(e.into()),
+        });
+    }
+    assert_eq!(
+        seen,
+        [
+            "sent",
+            "sent",
+            "sent",
+            "mailbox_full",
+            "mailbox_full",
+            "status"
+        ]
+    );
+    Ok(())
+}
