@@ -61,7 +61,9 @@ impl Io {
         if self.out.is_empty() {
             return Ok(());
         }
-        let buf = self.out.split().freeze();
+        // Take the buffer whole: `split` would leave its spare capacity
+        // here for the life of the session (memory per idle client).
+        let buf = std::mem::take(&mut self.out).freeze();
         tokio::select! {
             biased;
             _ = cancel.cancelled() => Err(End::Gone),
@@ -109,14 +111,44 @@ impl Io {
 
 /// Handles one incoming connection to its end.
 pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: CancellationToken) {
+    // The handshake's state lives on the heap only while it runs; the task
+    // itself keeps just what an attached session needs (memory per idle
+    // client).
+    let Some(a) = Box::pin(open(&shared, incoming, cancel)).await else {
+        return;
+    };
+    let span = tracing::info_span!("session", ns = %a.ns, peer = %a.name, session = a.ctl.id, key = %a.key_id);
+    attached(shared, a).instrument(span).await;
+}
+
+/// A registered session, handed from the handshake to the serving loop.
+struct Attached {
+    conn: quinn::Connection,
+    io: Io,
+    ctl: Arc<SessionCtl>,
+    ns: String,
+    name: String,
+    key_id: String,
+    remote: std::net::SocketAddr,
+    limits: crate::MailboxLimits,
+}
+
+/// Handshake, Hello, authentication and registration; `None` when the
+/// connection ended on the way (a mesh link is served to its end here).
+async fn open(
+    shared: &Arc<Shared>,
+    incoming: quinn::Incoming,
+    cancel: CancellationToken,
+) -> Option<Attached> {
+    let shared = shared.clone();
     let hello_timeout = shared.config.hello_timeout;
     let remote = incoming.remote_address();
     let conn = tokio::select! {
-        _ = cancel.cancelled() => return,
+        _ = cancel.cancelled() => return None,
         c = tokio::time::timeout(hello_timeout, incoming) => match c {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => { debug!("handshake failed: {e}"); return; }
-            Err(_) => { debug!("handshake timed out"); return; }
+            Ok(Err(e)) => { debug!("handshake failed: {e}"); return None; }
+            Err(_) => { debug!("handshake timed out"); return None; }
         },
     };
     let alpn = conn
@@ -132,12 +164,12 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
             }
             None => conn.close(CLOSE_PROTOCOL.into(), b"this relay is not part of a mesh"),
         }
-        return;
+        return None;
     }
     let stream = tokio::select! {
         _ = cancel.cancelled() => {
             conn.close(CLOSE_NORMAL.into(), b"relay shutting down");
-            return;
+            return None;
         }
         s = tokio::time::timeout(hello_timeout, conn.accept_bi()) => s,
     };
@@ -145,14 +177,14 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!("no control stream: {e}");
-            return;
+            return None;
         }
         Err(_) => {
             conn.close(
                 CLOSE_PROTOCOL.into(),
                 b"no control stream within the hello timeout",
             );
-            return;
+            return None;
         }
     };
     let mut io = Io {
@@ -181,7 +213,7 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
                 .refused_hello
                 .fetch_add(1, Ordering::Relaxed);
             finish(&conn, &mut io, end, true).await;
-            return;
+            return None;
         }
     };
 
@@ -229,7 +261,7 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
                 info!(%remote, code = %r.code, "hello refused");
             }
             finish(&conn, &mut io, end, true).await;
-            return;
+            return None;
         }
     };
     let ns = info.namespace.clone();
@@ -237,7 +269,7 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
     if let Some(home) = crate::mesh::home_elsewhere(&shared, &ns, &name) {
         debug!(%remote, %ns, peer = %name, home = %home.id, "redirected to its home relay");
         finish(&conn, &mut io, End::Redirect(home), true).await;
-        return;
+        return None;
     }
     let (ctl, replaced, limits) = {
         let mut reg = shared.registry();
@@ -262,8 +294,31 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
         ));
     }
     shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
-    let span = tracing::info_span!("session", %ns, peer = %name, session = ctl.id, key = %info.id);
-    async {
+    Some(Attached {
+        conn,
+        io,
+        ctl,
+        ns,
+        name,
+        key_id: info.id.clone(),
+        remote,
+        limits,
+    })
+}
+
+/// Serves a registered session to its end.
+async fn attached(shared: Arc<Shared>, a: Attached) {
+    let Attached {
+        conn,
+        mut io,
+        ctl,
+        ns,
+        name,
+        remote,
+        limits,
+        ..
+    } = a;
+    {
         info!(%remote, "attached");
         let welcome = Frame::Welcome(Welcome {
             namespace: ns.clone(),
@@ -316,10 +371,8 @@ pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: 
             End::Protocol(p) => info!("protocol error: {p}"),
             End::Redirect(r) => info!(home = %r.id, "moved to its new home relay"),
         }
-        finish(&conn, &mut io, end, false).await;
+        Box::pin(finish(&conn, &mut io, end, false)).await;
     }
-    .instrument(span)
-    .await;
 }
 
 async fn read_hello(io: &mut Io) -> Result<swb_wire::Hello, End> {
