@@ -1309,6 +1309,11 @@ async fn nats_env() -> Result<NatsEnv> {
         }),
     );
     rc.http_listen = HttpListen::Off;
+    // A mailbox as deep as a NATS subscription's default pending limits
+    // (65 536 messages, 64 MiB): a receiver may fall that far behind before
+    // its sender is refused (NATS would drop as a slow consumer).
+    rc.limits.messages = 65_536;
+    rc.limits.bytes = 64 * 1024 * 1024;
     let relay = Relay::spawn(rc).await?;
     let plain = crate::nats::start_server(None).await?;
     let tls_server = crate::nats::start_server(Some((
@@ -1449,7 +1454,7 @@ pub(crate) struct RateArgs {
 async fn send_pipelined(
     c: Client,
     window: usize,
-    mut next: impl FnMut() -> Option<(String, Vec<u8>)>,
+    mut next: impl FnMut() -> Option<(String, bytes::Bytes)>,
 ) -> Result<usize> {
     let (mut req, mut rep) = c.pipeline();
     let room = Arc::new(tokio::sync::Semaphore::new(window.max(1)));
@@ -1498,6 +1503,32 @@ async fn receive_all(c: Client, mut on: impl FnMut(usize)) -> Result<()> {
     }
 }
 
+/// How the benchmark talks to its daemons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Api {
+    /// The control socket (JSON lines, pipelined): any language.
+    Socket,
+    /// The Rust API in the daemon's process (`DaemonHandle::sender`,
+    /// `receiver`): no socket, JSON or base64.
+    Rust,
+}
+
+impl Api {
+    fn tag(self) -> &'static str {
+        match self {
+            Api::Socket => "s",
+            Api::Rust => "r",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Api::Socket => "control socket",
+            Api::Rust => "Rust API",
+        }
+    }
+}
+
 /// Deliveries per second from one sender daemon to `receivers` daemons
 /// (messages spread round-robin), 128 B each.
 async fn ours_rate(
@@ -1505,10 +1536,10 @@ async fn ours_rate(
     key: &str,
     dir: &std::path::Path,
     receivers: usize,
-    n: usize,
-    senders: usize,
-    window: usize,
+    a: &RateArgs,
+    api: Api,
 ) -> Result<f64> {
+    let (n, senders, window) = (a.messages, a.senders, a.window);
     let mk = |name: String| {
         DaemonConfig::new(
             relay.local_addr().to_string(),
@@ -1518,11 +1549,12 @@ async fn ours_rate(
             dir.join(format!("{name}.sock")),
         )
     };
-    let sender = Daemon::spawn(mk(format!("sender{receivers}"))).await?;
+    let tag = api.tag();
+    let sender = Daemon::spawn(mk(format!("sender{receivers}{tag}"))).await?;
     sender.connected().await.map_err(anyhow::Error::msg)?;
     let mut rs = Vec::new();
     for i in 0..receivers {
-        let d = Daemon::spawn(mk(format!("r{receivers}-{i}"))).await?;
+        let d = Daemon::spawn(mk(format!("r{receivers}{tag}-{i}"))).await?;
         d.connected().await.map_err(anyhow::Error::msg)?;
         rs.push(d);
     }
@@ -1530,40 +1562,80 @@ async fn ours_rate(
     let done = Arc::new(tokio::sync::Notify::new());
     let mut readers = tokio::task::JoinSet::new();
     for d in &rs {
-        let (ctl, got, done) = (d.control_path().to_path_buf(), got.clone(), done.clone());
-        readers.spawn(async move {
-            let rx = Client::connect(&ctl).await?;
-            receive_all(rx, |k| {
-                if got.fetch_add(k, std::sync::atomic::Ordering::Relaxed) + k >= n {
-                    done.notify_one();
-                }
-            })
-            .await
-        });
+        let (got, done) = (got.clone(), done.clone());
+        let count = move |k: usize| {
+            if got.fetch_add(k, std::sync::atomic::Ordering::Relaxed) + k >= n {
+                done.notify_one();
+            }
+        };
+        match api {
+            Api::Socket => {
+                let ctl = d.control_path().to_path_buf();
+                readers.spawn(async move {
+                    let rx = Client::connect(&ctl).await?;
+                    receive_all(rx, count).await
+                });
+            }
+            Api::Rust => {
+                let mut rx = d.receiver();
+                readers.spawn(async move {
+                    loop {
+                        let msgs = rx.recv(1000, Duration::from_secs(30)).await?;
+                        if !msgs.is_empty() {
+                            rx.ack(&msgs.iter().map(|m| m.id).collect::<Vec<_>>())
+                                .await?;
+                            count(msgs.len());
+                        }
+                    }
+                });
+            }
+        }
     }
-    let body = vec![0x42u8; 128];
+    let body = bytes::Bytes::from(vec![0x42u8; 128]);
     let t = Instant::now();
     let finished = done.notified();
     tokio::pin!(finished);
     finished.as_mut().enable();
-    // One control connection per sender, each pipelining up to `window`
-    // sends (a program would do the same); messages spread round-robin.
+    // Each sender (a control connection, or a task using the Rust API)
+    // pipelines up to `window` sends, as a program would; messages spread
+    // round-robin over the receivers.
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut writers = tokio::task::JoinSet::new();
     for _ in 0..senders {
-        let (ctl, next, body) = (
-            sender.control_path().to_path_buf(),
-            next.clone(),
-            body.clone(),
-        );
-        writers.spawn(async move {
-            let tx = Client::connect(&ctl).await?;
-            send_pipelined(tx, window, || {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                (i < n).then(|| (format!("r{receivers}-{}", i % receivers), body.clone()))
-            })
-            .await
-        });
+        let (next, body) = (next.clone(), body.clone());
+        let item = move || {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            (i < n).then(|| (format!("r{receivers}{tag}-{}", i % receivers), body.clone()))
+        };
+        match api {
+            Api::Socket => {
+                let ctl = sender.control_path().to_path_buf();
+                writers.spawn(async move {
+                    let tx = Client::connect(&ctl).await?;
+                    send_pipelined(tx, window, item).await
+                });
+            }
+            Api::Rust => {
+                let tx = sender.sender();
+                writers.spawn(async move {
+                    let mut waiting = std::collections::VecDeque::with_capacity(window);
+                    let mut sent = 0;
+                    while let Some((to, body)) = item() {
+                        if waiting.len() >= window.max(1) {
+                            let mut p: swb_daemon::PendingSend =
+                                waiting.pop_front().context("window")?;
+                            p.answer().await?;
+                        }
+                        waiting.push_back(tx.submit(&to, body, Duration::from_secs(30)).await?);
+                        sent += 1;
+                    }
+                    for mut p in waiting {
+                        p.answer().await?;
+                    }
+                    anyhow::Ok(sent)
+                });
+            }
+        }
     }
     while let Some(r) = writers.join_next().await {
         r??;
@@ -1633,42 +1705,58 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
         (&env.dir, &env.relay, &env.plain, &env.tls_server, &env.tls);
     let mut rows = Vec::new();
     for receivers in [1usize, 100] {
-        let ours = ours_rate(
-            relay,
-            &env.key,
-            dir.path(),
-            receivers,
-            a.messages,
-            a.senders,
-            a.window,
-        )
-        .await?;
+        let mut ours = Vec::new();
+        for api in [Api::Rust, Api::Socket] {
+            let r = ours_rate(
+                relay,
+                &env.key,
+                dir.path(),
+                receivers,
+                &a,
+                api,
+            )
+            .await?;
+            ours.push((api, r));
+        }
         let np = nats_rate(plain.addr, None, receivers, a.messages).await?;
         let nt = nats_rate(tls_server.addr, Some(tls.clone()), receivers, a.messages).await?;
         rows.push((receivers, ours, np, nt));
     }
     for (receivers, ours, _, nt) in &rows {
-        record(
-            "rate",
-            &format!("deliveries/s 1 -> {receivers} (vs NATS over TLS)"),
-            *ours,
-            *nt,
-            true,
-            0.6,
-        );
+        for (api, r) in ours {
+            record(
+                "rate",
+                &format!(
+                    "deliveries/s 1 -> {receivers}, {} (vs NATS over TLS)",
+                    api.label()
+                ),
+                *r,
+                *nt,
+                true,
+                0.6,
+            );
+        }
     }
     for (receivers, ours, np, nt) in &rows {
         if out.json {
-            println!(
-                "{}",
-                serde_json::json!({"bench": "rate", "receivers": receivers, "size": 128, "ours_per_sec": ours,
-                    "nats_per_sec": np, "nats_tls_per_sec": nt, "ratio_vs_nats_tls": ours / nt})
-            );
+            let mut o = serde_json::json!({"bench": "rate", "receivers": receivers, "size": 128,
+                "nats_per_sec": np, "nats_tls_per_sec": nt});
+            for (api, r) in ours {
+                o[format!(
+                    "ours_{}_per_sec",
+                    api.label().replace(' ', "_").to_lowercase()
+                )] = serde_json::json!(r);
+            }
+            println!("{o}");
         } else {
-            println!(
-                "rate 1 -> {receivers:<3}: switchboard {ours:>9.0}/s   nats {np:>9.0}/s   nats+tls {nt:>9.0}/s   ratio vs nats+tls {:.2} (goal >= 0.6)",
-                ours / nt
-            );
+            println!("rate 1 -> {receivers:<3}: nats {np:>9.0}/s   nats+tls {nt:>9.0}/s");
+            for (api, r) in ours {
+                println!(
+                    "  switchboard, {:<14} {r:>9.0}/s   ratio vs nats+tls {:.2} (goal >= 0.6)",
+                    api.label(),
+                    r / nt
+                );
+            }
         }
     }
     relay.shutdown();

@@ -4,6 +4,12 @@
 //! `swb-daemon`, and formats the result. Usage errors exit 2 (clap), runtime
 //! errors exit 1 with one line on stderr that says what to do.
 
+/// mimalloc instead of the system allocator: the relay and the daemon
+/// allocate and free many small buffers per message (measured with
+/// `swbd bench rate` and `bench idle`; see the README's performance section).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod bench;
 mod client;
 mod demo;

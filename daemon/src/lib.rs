@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub mod api;
 mod conn;
 pub mod control;
 mod inbox;
@@ -41,6 +42,7 @@ pub mod status;
 pub mod streams;
 pub mod tls;
 
+pub use api::{Accepted, ApiError, Message, PendingSend, Receiver, Sender};
 pub use control::{default_control_path, Client, ControlError};
 pub use socks::SocksConfig;
 pub use streams::{Exposure, StreamError};
@@ -224,8 +226,8 @@ impl Shared {
 pub struct Daemon;
 
 /// A running daemon. Dropping it stops the daemon.
-#[derive(Debug)]
 pub struct DaemonHandle {
+    shared: Arc<Shared>,
     control_path: PathBuf,
     socks_addr: Option<std::net::SocketAddr>,
     state: watch::Receiver<ConnState>,
@@ -290,6 +292,7 @@ impl Daemon {
             relay_count: AtomicUsize::new(0),
         });
         let cancel = CancellationToken::new();
+        let handle_shared = shared.clone();
         let task = {
             let cancel = cancel.clone();
             let span = tracing::info_span!("daemon", peer = %shared.config.name);
@@ -320,6 +323,7 @@ impl Daemon {
             tracing::info!(%a, "SOCKS5 listening: NAME.switchboard:PORT reaches exposed ports");
         }
         Ok(DaemonHandle {
+            shared: handle_shared,
             control_path,
             socks_addr,
             state: state_rx,
@@ -329,7 +333,55 @@ impl Daemon {
     }
 }
 
+impl std::fmt::Debug for DaemonHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DaemonHandle")
+            .field("name", &self.shared.config.name)
+            .field("control_path", &self.control_path)
+            .field("state", &*self.state.borrow())
+            .finish()
+    }
+}
+
 impl DaemonHandle {
+    /// Sends `body` to `to` and waits for the relay's answer; see
+    /// [`Sender::send`].
+    pub async fn send(
+        &self,
+        to: &str,
+        body: impl Into<bytes::Bytes>,
+        timeout: Duration,
+    ) -> Result<Accepted, ApiError> {
+        self.sender().send(to, body, timeout).await
+    }
+
+    /// Hands a send to the relay connection; see [`Sender::submit`].
+    pub async fn submit(
+        &self,
+        to: &str,
+        body: impl Into<bytes::Bytes>,
+        timeout: Duration,
+    ) -> Result<PendingSend, ApiError> {
+        self.sender().submit(to, body, timeout).await
+    }
+
+    /// A sender for other tasks (cheap to clone).
+    pub fn sender(&self) -> Sender {
+        Sender {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// A receiver of this peer's messages (as a control connection's
+    /// `recv`/`ack`). Several may exist; each message goes to one of them.
+    pub fn receiver(&self) -> Receiver {
+        Receiver {
+            shared: self.shared.clone(),
+            leased: api::Leased::default(),
+            cancel: self.cancel.clone(),
+        }
+    }
+
     /// The control socket path.
     pub fn control_path(&self) -> &std::path::Path {
         &self.control_path

@@ -1,6 +1,7 @@
 //! The control socket server. See [`crate::control`] for the protocol.
 
-use crate::conn::{Cmd, SendResult};
+use crate::api;
+use crate::api::{Accepted, ApiError, Leased, PendingSend, MAX_WAIT};
 use crate::control::{
     InMessage, Reply, Request, StatusInfo, MAX_PIPELINED_SENDS, MAX_REQUEST_LINE,
 };
@@ -12,15 +13,11 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use swb_wire::{Deliver, MessageId, MAX_MESSAGE_BODY};
+use swb_wire::MessageId;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
-
-/// Longest `recv --wait` and `send --timeout` the daemon honours.
-const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 fn err(code: &str, message: impl Into<String>) -> Reply {
     Reply::Error {
@@ -98,41 +95,24 @@ pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>, cancel: C
 /// A request whose reply is not written yet: replies go out in request order.
 enum Queued {
     Ready(Reply),
-    Send(InFlight),
+    Send(PendingSend),
 }
 
-/// A send the actor has; its answer comes on `rx`.
-struct InFlight {
-    id: MessageId,
-    rx: oneshot::Receiver<SendResult>,
-    deadline: tokio::time::Instant,
-    timeout: Duration,
+fn sent_reply(r: Result<Accepted, ApiError>) -> Reply {
+    match r {
+        Ok(a) => Reply::Sent {
+            id: a.id.to_string(),
+            online: a.online,
+        },
+        Err(e) => e.into(),
+    }
 }
 
-/// How a pipelined send ended.
-enum Outcome {
-    Answered(SendResult),
-    /// The actor dropped the send (the daemon is stopping).
-    Dropped,
-    TimedOut,
-}
-
-impl InFlight {
-    fn reply(&self, o: Outcome) -> Reply {
-        match o {
-            Outcome::Answered(Ok(online)) => Reply::Sent {
-                id: self.id.to_string(),
-                online,
-            },
-            Outcome::Answered(Err(r)) => err(r.code.as_str(), r.message),
-            Outcome::Dropped => err("stopped", "the daemon stopped before the relay answered"),
-            Outcome::TimedOut => err(
-                "timeout",
-                format!(
-                    "the relay did not answer within {:?}; the message may not have been accepted",
-                    self.timeout
-                ),
-            ),
+impl From<ApiError> for Reply {
+    fn from(e: ApiError) -> Self {
+        Reply::Error {
+            code: e.code,
+            message: e.message,
         }
     }
 }
@@ -142,25 +122,14 @@ impl Queued {
     fn try_ready(&mut self) -> Option<Reply> {
         match self {
             Queued::Ready(r) => Some(r.clone()),
-            Queued::Send(f) => match f.rx.try_recv() {
-                Ok(r) => Some(f.reply(Outcome::Answered(r))),
-                Err(oneshot::error::TryRecvError::Empty) => None,
-                Err(oneshot::error::TryRecvError::Closed) => Some(f.reply(Outcome::Dropped)),
-            },
+            Queued::Send(p) => p.try_answer().map(sent_reply),
         }
     }
 
     async fn wait(&mut self) -> Reply {
         match self {
             Queued::Ready(r) => r.clone(),
-            Queued::Send(f) => {
-                let o = match tokio::time::timeout_at(f.deadline, &mut f.rx).await {
-                    Ok(Ok(r)) => Outcome::Answered(r),
-                    Ok(Err(_)) => Outcome::Dropped,
-                    Err(_) => Outcome::TimedOut,
-                };
-                f.reply(o)
-            }
+            Queued::Send(p) => sent_reply(p.answer().await),
         }
     }
 }
@@ -172,7 +141,7 @@ impl Queued {
 async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationToken) {
     let (r, mut w) = stream.into_split();
     let mut rd = BufReader::with_capacity(64 * 1024, r);
-    let mut leased: Vec<Deliver> = Vec::new();
+    let mut leased = Leased::default();
     let mut line = Vec::new();
     let mut queue: VecDeque<Queued> = VecDeque::new();
     let mut out: Vec<u8> = Vec::new();
@@ -287,7 +256,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                         // The control connection is the stream now.
                         let (up, down, clean) = crate::streams::splice(rd, w, send, recv).await;
                         debug!(%to, port, up, down, clean, "connect stream ended");
-                        give_back(&shared, leased);
+                        leased.give_back(&shared);
                         return;
                     }
                 }
@@ -302,7 +271,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                             break 'conn;
                         }
                         watch_forward(rd, w, send, recv).await;
-                        give_back(&shared, leased);
+                        leased.give_back(&shared);
                         return;
                     }
                 }
@@ -314,7 +283,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
         }
     }
     // Whatever this connection took and did not acknowledge goes back.
-    give_back(&shared, leased);
+    leased.give_back(&shared);
 }
 
 /// Waits for every queued answer, in order, into `out`; false if the
@@ -333,13 +302,6 @@ async fn drain(
         push_reply(out, &r);
     }
     true
-}
-
-fn give_back(shared: &Shared, leased: Vec<Deliver>) {
-    if !leased.is_empty() {
-        shared.inbox().give_back(leased);
-        shared.inbox_gen.send_modify(|g| *g += 1);
-    }
 }
 
 fn push_reply(out: &mut Vec<u8>, r: &Reply) {
@@ -406,7 +368,7 @@ async fn write_reply(w: &mut tokio::net::unix::OwnedWriteHalf, r: &Reply) -> std
 async fn answer(
     shared: &Arc<Shared>,
     req: Request,
-    leased: &mut Vec<Deliver>,
+    leased: &mut Leased,
     cancel: &CancellationToken,
 ) -> Reply {
     match req {
@@ -420,15 +382,12 @@ async fn answer(
             start_send(shared, to, body_b64, timeout).await.wait().await
         }
         Request::Recv { wait_ms, max } => {
-            let wait = Duration::from_millis(wait_ms).min(MAX_WAIT);
-            let max = max.clamp(1, 10_000);
-            let mut gen = shared.inbox_gen.subscribe();
-            let deadline = tokio::time::Instant::now() + wait;
-            loop {
-                gen.borrow_and_update();
-                let got = shared.inbox().take(max);
-                if !got.is_empty() {
-                    let out = got
+            match leased
+                .take(shared, max, Duration::from_millis(wait_ms), cancel)
+                .await
+            {
+                Ok(got) => Reply::Messages {
+                    messages: got
                         .iter()
                         .map(|d| InMessage {
                             id: d.id.to_string(),
@@ -436,24 +395,9 @@ async fn answer(
                             body_b64: base64::engine::general_purpose::STANDARD.encode(&d.body),
                             sent_at_ms: d.sent_at_ms,
                         })
-                        .collect();
-                    leased.extend(got);
-                    return Reply::Messages { messages: out };
-                }
-                if let ConnState::Stopped { error } = &*shared.state.borrow() {
-                    return err(
-                        "stopped",
-                        format!(
-                            "the daemon stopped: {}",
-                            error.as_deref().unwrap_or("asked to")
-                        ),
-                    );
-                }
-                tokio::select! {
-                    _ = cancel.cancelled() => return err("stopped", "the daemon is stopping"),
-                    _ = tokio::time::sleep_until(deadline) => return Reply::Messages { messages: vec![] },
-                    r = gen.changed() => if r.is_err() { return err("stopped", "the daemon is stopping") },
-                }
+                        .collect(),
+                },
+                Err(e) => e.into(),
             }
         }
         Request::Connect { .. } | Request::Watch { .. } => {
@@ -488,120 +432,35 @@ async fn answer(
             }
         }
         Request::Ack { ids } => {
-            let mut acked = Vec::new();
+            let mut parsed = Vec::with_capacity(ids.len());
             for s in &ids {
                 let Some(id) = MessageId::parse_hex(s) else {
                     return err("bad_request", format!("{s:?} is not a message id"));
                 };
-                if let Some(pos) = leased.iter().position(|d| d.id == id) {
-                    leased.swap_remove(pos);
-                    acked.push(id);
-                }
+                parsed.push(id);
             }
-            if !acked.is_empty() {
-                shared.inbox().acked(&acked);
-                if shared.cmd_tx.send(Cmd::Ack(acked.clone())).await.is_err() {
-                    return err(
-                        "stopped",
-                        "the daemon is stopping; the relay will deliver these again",
-                    );
-                }
+            match leased.ack(shared, &parsed).await {
+                Ok(acked) => Reply::Acked { acked },
+                Err(e) => e.into(),
             }
-            Reply::Acked { acked: acked.len() }
         }
     }
 }
 
-/// Checks a send and hands it to the connection actor (waiting for a relay
-/// connection first, up to `timeout`); the relay's answer comes later.
+/// Decodes a `send` request and hands it to the connection actor.
 async fn start_send(
     shared: &Arc<Shared>,
     to: String,
     body_b64: String,
     timeout: Duration,
 ) -> Queued {
-    match start_send_inner(shared, to, body_b64, timeout).await {
-        Ok(f) => Queued::Send(f),
-        Err(r) => Queued::Ready(r),
-    }
-}
-
-async fn start_send_inner(
-    shared: &Arc<Shared>,
-    to: String,
-    body_b64: String,
-    timeout: Duration,
-) -> Result<InFlight, Reply> {
     let Ok(body) = base64::engine::general_purpose::STANDARD.decode(body_b64.as_bytes()) else {
-        return Err(err("bad_request", "body_b64 is not valid base64"));
+        return Queued::Ready(err("bad_request", "body_b64 is not valid base64"));
     };
-    if body.len() > MAX_MESSAGE_BODY {
-        return Err(err(
-            "body_too_large",
-            format!(
-                "the message body has {} bytes; the limit is {MAX_MESSAGE_BODY}. Send large data over a stream instead",
-                body.len()
-            ),
-        ));
+    match api::submit(shared, &to, Bytes::from(body), timeout).await {
+        Ok(p) => Queued::Send(p),
+        Err(e) => Queued::Ready(e.into()),
     }
-    let to = match swb_wire::normalize_name(&to) {
-        Ok(n) => n,
-        Err(e) => return Err(err("bad_name", format!("{e}: {to:?}"))),
-    };
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut state = shared.state.subscribe();
-    let ready = tokio::time::timeout_at(
-        deadline,
-        state.wait_for(|s| matches!(s, ConnState::Connected { .. } | ConnState::Stopped { .. })),
-    )
-    .await
-    .map(|r| r.map(|s| s.clone()));
-    match ready {
-        Err(_) => {
-            let why = match &*shared.state.borrow() {
-                ConnState::Connecting {
-                    last_error: Some(e),
-                    ..
-                } => format!(" (last error: {e})"),
-                _ => String::new(),
-            };
-            return Err(err(
-                "not_connected",
-                format!("the daemon could not reach its relay within {timeout:?}{why}; the message was not sent"),
-            ));
-        }
-        Ok(Err(_)) => return Err(err("stopped", "the daemon is stopping")),
-        Ok(Ok(s)) => {
-            if let ConnState::Stopped { error } = &s {
-                return Err(err(
-                    "stopped",
-                    format!(
-                        "the daemon stopped: {}",
-                        error.as_deref().unwrap_or("asked to")
-                    ),
-                ));
-            }
-        }
-    }
-    let mut raw = [0u8; 16];
-    fastrand::fill(&mut raw);
-    let id = MessageId(raw);
-    let (tx, rx) = oneshot::channel();
-    let cmd = Cmd::Send {
-        to,
-        id,
-        body: Bytes::from(body),
-        reply: tx,
-    };
-    if shared.cmd_tx.send(cmd).await.is_err() {
-        return Err(err("stopped", "the daemon is stopping"));
-    }
-    Ok(InFlight {
-        id,
-        rx,
-        deadline,
-        timeout,
-    })
 }
 
 fn status(shared: &Shared) -> StatusInfo {

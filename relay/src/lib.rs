@@ -42,6 +42,7 @@ pub mod tls;
 pub use http::{openapi, HttpLimits, MAX_REQUEST_BODY};
 pub use keys::{KeyStore, KeysFile};
 pub use registry::{MailboxLimits, Peer, Via};
+pub use session::DELIVERY_WINDOW;
 pub use status::{Snapshot, MIN_PUBLISH_INTERVAL};
 pub use status_streams::StatusWatcher;
 pub use tls::Identity;

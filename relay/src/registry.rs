@@ -395,9 +395,11 @@ impl Registry {
     }
 
     /// Mail for `session` of `(ns, name)` from `cursor` on, at most
-    /// `max_bytes` of bodies (always at least one message if there is one).
+    /// `max_msgs` messages and `max_bytes` of bodies (always at least one
+    /// message if there is one and `max_msgs` > 0).
     /// What it returns is leased to the session. Skips messages an HTTP poll
     /// holds; when such a lease runs out, the mailbox rewinds the cursor.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn pending(
         &mut self,
         ns: &str,
@@ -405,6 +407,7 @@ impl Registry {
         session: u64,
         cursor: u64,
         max_bytes: usize,
+        max_msgs: usize,
         now: Instant,
     ) -> Batch {
         let mut b = Batch {
@@ -429,7 +432,9 @@ impl Registry {
                 Lease::Http(until) => until <= now,
             };
             if deliverable {
-                if !b.frames.is_empty() && bytes + m.body.len() > max_bytes {
+                if b.frames.len() >= max_msgs
+                    || (!b.frames.is_empty() && bytes + m.body.len() > max_bytes)
+                {
                     b.more = true;
                     break;
                 }
@@ -817,16 +822,26 @@ mod tests {
         let now = Instant::now();
         send(&mut r, "ns", "b", 1, 1);
         send(&mut r, "ns", "b", 2, 1);
-        let b = r.pending("ns", "b", 7, 0, 1, now);
+        let b = r.pending("ns", "b", 7, 0, 1, usize::MAX, now);
         assert_eq!(b.frames.len(), 1);
         assert!(b.more);
-        let b2 = r.pending("ns", "b", 7, b.cursor, 1000, now);
+        let b2 = r.pending("ns", "b", 7, b.cursor, 1000, usize::MAX, now);
         assert_eq!(b2.frames.len(), 1);
         // Session 7 has both; a new session 8 gets both again.
-        assert_eq!(r.pending("ns", "b", 7, 0, 1000, now).frames.len(), 0);
-        assert_eq!(r.pending("ns", "b", 8, 0, 1000, now).frames.len(), 2);
+        assert_eq!(
+            r.pending("ns", "b", 7, 0, 1000, usize::MAX, now)
+                .frames
+                .len(),
+            0
+        );
+        assert_eq!(
+            r.pending("ns", "b", 8, 0, 1000, usize::MAX, now)
+                .frames
+                .len(),
+            2
+        );
         r.ack("ns", "b", &[id(1)]);
-        let b3 = r.pending("ns", "b", 9, 0, 1000, now);
+        let b3 = r.pending("ns", "b", 9, 0, 1000, usize::MAX, now);
         assert_eq!(
             b3.frames.iter().map(|d| d.id).collect::<Vec<_>>(),
             vec![id(2)]
@@ -845,13 +860,13 @@ mod tests {
         assert_eq!(r.http_take("ns", "b", 10, t0).len(), 1);
         assert!(r.http_take("ns", "b", 10, t0).is_empty());
         // A session attached meanwhile skips HTTP-leased mail...
-        let b = r.pending("ns", "b", 3, 0, 1000, t0);
+        let b = r.pending("ns", "b", 3, 0, 1000, usize::MAX, t0);
         assert!(b.frames.is_empty());
         // ...until the lease runs out: the sweep frees it and rewinds.
         r.ack("ns", "b", &[id(2)]);
         let later = t0 + Duration::from_secs(6);
         assert_eq!(r.sweep_leases(later), 1);
-        let b = r.pending("ns", "b", 3, b.cursor, 1000, later);
+        let b = r.pending("ns", "b", 3, b.cursor, 1000, usize::MAX, later);
         assert_eq!(
             b.frames.iter().map(|d| d.id).collect::<Vec<_>>(),
             vec![id(1)]

@@ -19,6 +19,13 @@ pub(crate) const CLOSE_NORMAL: u32 = 0;
 pub(crate) const CLOSE_REFUSED: u32 = 1;
 pub(crate) const CLOSE_PROTOCOL: u32 = 2;
 
+/// Most messages delivered to a daemon and not yet acknowledged: the rest
+/// waits in the mailbox (bounds the daemon's inbox; keeps it small and hot).
+pub const DELIVERY_WINDOW: usize = 4096;
+
+/// First allocation of a session's write buffer after each flush.
+const OUT_CHUNK: usize = 64 * 1024;
+
 /// Bytes of mail bodies written per flush before yielding to other branches.
 const FLUSH_BYTES: usize = 256 * 1024;
 
@@ -53,6 +60,11 @@ struct Io {
 
 impl Io {
     fn queue(&mut self, f: &Frame) -> Result<(), End> {
+        if self.out.capacity() == 0 {
+            // One allocation for a whole batch instead of growing it step by
+            // step (this buffer is handed to QUIC whole at each flush).
+            self.out.reserve(OUT_CHUNK);
+        }
         f.encode(&mut self.out)
             .map_err(|e| End::Protocol(format!("cannot encode {:?}: {e}", f.frame_type())))
     }
@@ -411,6 +423,9 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
         return e;
     }
     let mut cursor = 0u64;
+    // Delivered and not yet acknowledged by the daemon (flow control).
+    let mut unacked = 0usize;
+    let mut stalled = false;
     // Deliver whatever waited while the peer was away.
     ctl.notify.notify_one();
     let mut live = shared.mesh.as_ref().map(|m| m.live());
@@ -439,8 +454,15 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
                 }
             }
             _ = ctl.notify.notified() => {
-                let batch = shared.registry().pending(ns, name, ctl.id, cursor, FLUSH_BYTES, tokio::time::Instant::now());
+                let room = DELIVERY_WINDOW.saturating_sub(unacked);
+                if room == 0 {
+                    // The daemon has a window's worth: the next ack resumes.
+                    stalled = true;
+                    continue;
+                }
+                let batch = shared.registry().pending(ns, name, ctl.id, cursor, FLUSH_BYTES, room, tokio::time::Instant::now());
                 cursor = batch.cursor;
+                unacked += batch.frames.len();
                 if batch.more {
                     ctl.notify.notify_one();
                 }
@@ -467,6 +489,15 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
                 }
                 loop {
                     match io.reader.next_frame() {
+                        Ok(Some(Frame::Ack(a))) => {
+                            let n = shared.registry().ack(ns, name, &a.ids);
+                            shared.counters.acked.fetch_add(n as u64, Ordering::Relaxed);
+                            unacked = unacked.saturating_sub(n);
+                            if stalled && unacked < DELIVERY_WINDOW {
+                                stalled = false;
+                                ctl.notify.notify_one();
+                            }
+                        }
                         Ok(Some(f)) => {
                             if let Err(e) = handle(shared, io, ns, name, f, &mut fwd) {
                                 return e;

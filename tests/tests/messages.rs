@@ -538,3 +538,145 @@ async fn pipelined_refusals_keep_their_place() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn rust_api_sends_receives_and_acknowledges_in_process() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "a").await?;
+    let b = TestDaemon::start(&relay, &key, "b").await?;
+    let sent = a.handle.send("B", &b"hello from rust"[..], WAIT).await?;
+    assert!(sent.online);
+    let mut rx = b.handle.receiver();
+    let got = rx.recv(10, WAIT).await?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].id, sent.id, "the id the sender was told");
+    assert_eq!(got[0].from, "a");
+    assert_eq!(&got[0].body[..], b"hello from rust");
+    assert_eq!(rx.ack(&[got[0].id]).await?, 1);
+    assert_eq!(rx.ack(&[got[0].id]).await?, 0, "acknowledged once");
+    relay.wait_stats("acknowledged", |s| s.acked == 1).await?;
+    // Refusals carry the control socket's codes.
+    let e = a
+        .handle
+        .send("not a name!", &b"x"[..], WAIT)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "bad_name");
+    let big = vec![0u8; MAX_MESSAGE_BODY + 1];
+    let e = a.handle.send("b", big, WAIT).await.unwrap_err();
+    assert_eq!(e.code, "body_too_large");
+    Ok(())
+}
+
+#[tokio::test]
+async fn rust_api_submitted_sends_keep_their_order() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "a").await?;
+    let b = TestDaemon::start(&relay, &key, "b").await?;
+    // As many as the recipient's mailbox holds (1000 by default).
+    let mut pending = Vec::new();
+    for i in 0..1000 {
+        pending.push(a.handle.submit("b", format!("m{i}"), WAIT).await?);
+    }
+    let mut ids = Vec::new();
+    for mut p in pending {
+        let id = p.id();
+        assert_eq!(p.answer().await?.id, id);
+        ids.push(id);
+    }
+    let mut rx = b.handle.receiver();
+    let mut got = Vec::new();
+    while got.len() < 1000 {
+        let batch = rx.recv(500, WAIT).await?;
+        anyhow::ensure!(!batch.is_empty(), "only {} of 1000 arrived", got.len());
+        rx.ack(&batch.iter().map(|m| m.id).collect::<Vec<_>>())
+            .await?;
+        got.extend(batch);
+    }
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    let want: Vec<String> = (0..1000).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, want);
+    assert_eq!(got.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
+    Ok(())
+}
+
+#[tokio::test]
+async fn dropped_receiver_gives_unacknowledged_messages_back() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "a").await?;
+    let b = TestDaemon::start(&relay, &key, "b").await?;
+    for i in 0..3 {
+        a.handle.send("b", format!("{i}"), WAIT).await?;
+    }
+    let mut first = b.handle.receiver();
+    let mut taken = Vec::new();
+    while taken.len() < 3 {
+        taken.extend(first.recv(10, WAIT).await?);
+    }
+    first.ack(&[taken[0].id]).await?;
+    drop(first);
+    // The two it did not acknowledge go to the next reader, in order.
+    let again = b.recv_n(2).await?;
+    assert_eq!(
+        again.iter().map(|m| m.body()).collect::<Vec<_>>(),
+        vec![b"1".to_vec(), b"2".to_vec()]
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn relay_delivers_at_most_a_window_of_unacknowledged_messages() -> Result<()> {
+    use swb_relay::DELIVERY_WINDOW;
+    use swb_wire::{Ack, Ping};
+    let relay = TestRelay::spawn_with(RelayOptions {
+        limits: MailboxLimits {
+            messages: 10_000,
+            ..MailboxLimits::default()
+        },
+        ..RelayOptions::default()
+    })
+    .await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "a").await?;
+    // More mail than one window waits for `raw` before it attaches.
+    let mut pending = Vec::new();
+    for i in 0..DELIVERY_WINDOW + 100 {
+        pending.push(a.handle.submit("raw", format!("{i}"), WAIT).await?);
+    }
+    for mut p in pending {
+        p.answer().await?;
+    }
+    let (mut raw, first) = RawClient::hello(&relay, &key, "raw").await?;
+    assert!(matches!(first, Frame::Welcome(_)), "{first:?}");
+    let mut ids = Vec::new();
+    while ids.len() < DELIVERY_WINDOW {
+        match raw.read_frame().await? {
+            Frame::Deliver(d) => ids.push(d.id),
+            other => anyhow::bail!("expected a delivery, got {other:?}"),
+        }
+    }
+    // A window is out: the relay waits for acks, so the pong comes next.
+    raw.write_frame(&Frame::Ping(Ping { nonce: 7 })).await?;
+    match raw.read_frame().await? {
+        Frame::Pong(p) => assert_eq!(p.nonce, 7),
+        other => anyhow::bail!("more than a window was delivered: {other:?}"),
+    }
+    // Acknowledging makes room: the rest arrives.
+    raw.write_frame(&Frame::Ack(Ack {
+        ids: ids[..100].to_vec(),
+    }))
+    .await?;
+    for _ in 0..100 {
+        match raw.read_frame().await? {
+            Frame::Deliver(_) => {}
+            other => anyhow::bail!("expected a delivery, got {other:?}"),
+        }
+    }
+    Ok(())
+}

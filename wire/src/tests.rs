@@ -197,6 +197,14 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
 
 proptest! {
     #[test]
+    fn message_id_hex_is_lowercase_per_byte_and_parses_back(id in arb_id()) {
+        let s = id.to_string();
+        let want: String = id.0.iter().map(|b| format!("{b:02x}")).collect();
+        prop_assert_eq!(&s, &want);
+        prop_assert_eq!(MessageId::parse_hex(&s), Some(id));
+    }
+
+    #[test]
     fn every_frame_round_trips_and_encoded_len_is_exact(frame in arb_frame()) {
         let mut buf = BytesMut::new();
         frame.encode(&mut buf).unwrap();

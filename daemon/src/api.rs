@@ -1,0 +1,386 @@
+//! Sending and receiving from Rust, in the daemon's own process: what the
+//! control socket offers (and what it is built on), without the socket,
+//! JSON or base64. See [`crate::DaemonHandle::send`] and
+//! [`crate::DaemonHandle::receiver`].
+
+use crate::conn::{Cmd, SendResult};
+use crate::{ConnState, Shared};
+use bytes::Bytes;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+use swb_wire::{Deliver, MessageId, MAX_MESSAGE_BODY};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+/// Longest wait (`recv`, send timeout) the daemon honours.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+/// Most messages one `recv` returns.
+pub const MAX_RECV_BATCH: usize = 10_000;
+
+/// Why a send, receive or acknowledgement did not happen. `code` is the
+/// same stable code the control socket reports (`mailbox_full`,
+/// `not_connected`, `bad_name`, `timeout`, `stopped`, …).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// Stable code.
+    pub code: String,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(code: &str, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A message the relay accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// Its id (the recipient sees the same).
+    pub id: MessageId,
+    /// Whether the recipient was attached when the relay took it.
+    pub online: bool,
+}
+
+/// A received message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Message id (acknowledge with it).
+    pub id: MessageId,
+    /// Sender name.
+    pub from: String,
+    /// Body.
+    pub body: Bytes,
+    /// When the relay accepted it, milliseconds since the Unix epoch.
+    pub sent_at_ms: u64,
+}
+
+impl From<&Deliver> for Message {
+    fn from(d: &Deliver) -> Self {
+        Self {
+            id: d.id,
+            from: d.from.clone(),
+            body: d.body.clone(),
+            sent_at_ms: d.sent_at_ms,
+        }
+    }
+}
+
+/// A send the connection actor has taken, in order with the sends before
+/// it; await it for the relay's answer.
+#[derive(Debug)]
+pub struct PendingSend {
+    id: MessageId,
+    rx: oneshot::Receiver<SendResult>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
+impl PendingSend {
+    /// The message id (known before the relay answers).
+    pub fn id(&self) -> MessageId {
+        self.id
+    }
+
+    fn outcome(&self, r: Option<Result<SendResult, ()>>) -> Result<Accepted, ApiError> {
+        match r {
+            Some(Ok(Ok(online))) => Ok(Accepted {
+                id: self.id,
+                online,
+            }),
+            Some(Ok(Err(r))) => Err(ApiError::new(r.code.as_str(), r.message)),
+            Some(Err(())) => Err(ApiError::new(
+                "stopped",
+                "the daemon stopped before the relay answered",
+            )),
+            None => Err(ApiError::new(
+                "timeout",
+                format!(
+                    "the relay did not answer within {:?}; the message may not have been accepted",
+                    self.timeout
+                ),
+            )),
+        }
+    }
+
+    /// The answer if it is already known.
+    pub(crate) fn try_answer(&mut self) -> Option<Result<Accepted, ApiError>> {
+        match self.rx.try_recv() {
+            Ok(r) => Some(self.outcome(Some(Ok(r)))),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+            Err(oneshot::error::TryRecvError::Closed) => Some(self.outcome(Some(Err(())))),
+        }
+    }
+
+    /// Waits for the relay's answer (until the send's timeout).
+    pub async fn answer(&mut self) -> Result<Accepted, ApiError> {
+        let r = match tokio::time::timeout_at(self.deadline, &mut self.rx).await {
+            Ok(r) => Some(r.map_err(|_| ())),
+            Err(_) => None,
+        };
+        self.outcome(r)
+    }
+}
+
+/// Checks a send and hands it to the connection actor, waiting up to
+/// `timeout` for a relay connection first; the relay answers later.
+pub(crate) async fn submit(
+    shared: &Arc<Shared>,
+    to: &str,
+    body: Bytes,
+    timeout: Duration,
+) -> Result<PendingSend, ApiError> {
+    let timeout = timeout.min(MAX_WAIT);
+    if body.len() > MAX_MESSAGE_BODY {
+        return Err(ApiError::new(
+            "body_too_large",
+            format!(
+                "the message body has {} bytes; the limit is {MAX_MESSAGE_BODY}. Send large data over a stream instead",
+                body.len()
+            ),
+        ));
+    }
+    let to = swb_wire::normalize_name(to)
+        .map_err(|e| ApiError::new("bad_name", format!("{e}: {to:?}")))?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    if !shared.state.borrow().is_connected() {
+        wait_connected(shared, deadline, timeout).await?;
+    }
+    let mut raw = [0u8; 16];
+    fastrand::fill(&mut raw);
+    let id = MessageId(raw);
+    let (tx, rx) = oneshot::channel();
+    let cmd = Cmd::Send {
+        to,
+        id,
+        body,
+        reply: tx,
+    };
+    if shared.cmd_tx.send(cmd).await.is_err() {
+        return Err(ApiError::new("stopped", "the daemon is stopping"));
+    }
+    Ok(PendingSend {
+        id,
+        rx,
+        deadline,
+        timeout,
+    })
+}
+
+/// Waits until the daemon is connected to its relay; an error if it
+/// stopped or `deadline` passed first.
+async fn wait_connected(
+    shared: &Shared,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<(), ApiError> {
+    let mut state = shared.state.subscribe();
+    let ready = tokio::time::timeout_at(
+        deadline,
+        state.wait_for(|s| matches!(s, ConnState::Connected { .. } | ConnState::Stopped { .. })),
+    )
+    .await
+    .map(|r| r.map(|s| s.clone()));
+    match ready {
+        Err(_) => {
+            let why = match &*shared.state.borrow() {
+                ConnState::Connecting {
+                    last_error: Some(e),
+                    ..
+                } => format!(" (last error: {e})"),
+                _ => String::new(),
+            };
+            Err(ApiError::new(
+                "not_connected",
+                format!("the daemon could not reach its relay within {timeout:?}{why}; the message was not sent"),
+            ))
+        }
+        Ok(Err(_)) => Err(ApiError::new("stopped", "the daemon is stopping")),
+        Ok(Ok(ConnState::Stopped { error })) => Err(ApiError::new(
+            "stopped",
+            format!(
+                "the daemon stopped: {}",
+                error.as_deref().unwrap_or("asked to")
+            ),
+        )),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+/// Sends messages in the daemon's process (from
+/// [`crate::DaemonHandle::sender`]): `swbd send` from Rust, without the
+/// control socket, JSON or base64. Cheap to clone.
+#[derive(Clone)]
+pub struct Sender {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("name", &self.shared.config.name)
+            .finish()
+    }
+}
+
+impl Sender {
+    /// Sends `body` to `to` and waits for the relay's answer. Waits up to
+    /// `timeout` for a relay connection and for the answer.
+    pub async fn send(
+        &self,
+        to: &str,
+        body: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<Accepted, ApiError> {
+        submit(&self.shared, to, body.into(), timeout)
+            .await?
+            .answer()
+            .await
+    }
+
+    /// Hands a send to the relay connection without waiting for the
+    /// relay's answer — how to pipeline: sends submitted one after another
+    /// (from one task) reach the relay, and the recipient, in that order;
+    /// await [`PendingSend::answer`] for each later. When 1024 submitted
+    /// sends wait to be written, `submit` waits.
+    pub async fn submit(
+        &self,
+        to: &str,
+        body: impl Into<Bytes>,
+        timeout: Duration,
+    ) -> Result<PendingSend, ApiError> {
+        submit(&self.shared, to, body.into(), timeout).await
+    }
+}
+
+/// Messages leased to one reader (a control connection or a [`Receiver`]):
+/// taken from the inbox, not yet acknowledged. What is left when the reader
+/// goes away returns to the inbox.
+#[derive(Default)]
+pub(crate) struct Leased(Vec<Deliver>);
+
+impl Leased {
+    /// Takes up to `max` messages, waiting up to `wait` for the first.
+    pub(crate) async fn take(
+        &mut self,
+        shared: &Shared,
+        max: usize,
+        wait: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<&[Deliver], ApiError> {
+        let max = max.clamp(1, MAX_RECV_BATCH);
+        let mut gen = shared.inbox_gen.subscribe();
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        loop {
+            gen.borrow_and_update();
+            let got = shared.inbox().take(max);
+            if !got.is_empty() {
+                let start = self.0.len();
+                self.0.extend(got);
+                return Ok(&self.0[start..]);
+            }
+            if let ConnState::Stopped { error } = &*shared.state.borrow() {
+                return Err(ApiError::new(
+                    "stopped",
+                    format!(
+                        "the daemon stopped: {}",
+                        error.as_deref().unwrap_or("asked to")
+                    ),
+                ));
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(ApiError::new("stopped", "the daemon is stopping")),
+                _ = tokio::time::sleep_until(deadline) => return Ok(&[]),
+                r = gen.changed() => if r.is_err() {
+                    return Err(ApiError::new("stopped", "the daemon is stopping"));
+                },
+            }
+        }
+    }
+
+    /// Acknowledges those of `ids` leased here; returns how many.
+    pub(crate) async fn ack(
+        &mut self,
+        shared: &Shared,
+        ids: &[MessageId],
+    ) -> Result<usize, ApiError> {
+        let wanted: HashSet<&MessageId> = ids.iter().collect();
+        let mut acked = Vec::with_capacity(wanted.len());
+        self.0.retain(|d| {
+            if wanted.contains(&d.id) {
+                acked.push(d.id);
+                false
+            } else {
+                true
+            }
+        });
+        let n = acked.len();
+        if n > 0 {
+            shared.inbox().acked(&acked);
+            if shared.cmd_tx.send(Cmd::Ack(acked)).await.is_err() {
+                return Err(ApiError::new(
+                    "stopped",
+                    "the daemon is stopping; the relay will deliver these again",
+                ));
+            }
+        }
+        Ok(n)
+    }
+
+    /// Returns what is still leased to the inbox.
+    pub(crate) fn give_back(&mut self, shared: &Shared) {
+        if !self.0.is_empty() {
+            shared.inbox().give_back(std::mem::take(&mut self.0));
+            shared.inbox_gen.send_modify(|g| *g += 1);
+        }
+    }
+}
+
+/// Receives messages in the daemon's process (see
+/// [`crate::DaemonHandle::receiver`]). Messages it returns are leased to it
+/// until acknowledged with [`Receiver::ack`]; dropping the receiver returns
+/// the unacknowledged ones to the inbox, as closing a control connection does.
+pub struct Receiver {
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) leased: Leased,
+    pub(crate) cancel: CancellationToken,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("leased", &self.leased.0.len())
+            .finish()
+    }
+}
+
+impl Receiver {
+    /// Takes up to `max` messages (at most [`MAX_RECV_BATCH`]), waiting up
+    /// to `wait` for the first; empty if none came.
+    pub async fn recv(&mut self, max: usize, wait: Duration) -> Result<Vec<Message>, ApiError> {
+        let got = self
+            .leased
+            .take(&self.shared, max, wait, &self.cancel)
+            .await?;
+        Ok(got.iter().map(Message::from).collect())
+    }
+
+    /// Acknowledges messages this receiver took: the relay forgets them.
+    /// Returns how many of `ids` were leased here.
+    pub async fn ack(&mut self, ids: &[MessageId]) -> Result<usize, ApiError> {
+        self.leased.ack(&self.shared, ids).await
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.leased.give_back(&self.shared);
+    }
+}
