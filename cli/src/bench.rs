@@ -1070,18 +1070,29 @@ pub(crate) async fn idle(a: IdleArgs, out: &Output) -> Result<()> {
 #[derive(Debug, Args)]
 pub(crate) struct LatencyArgs {
     /// Requests per measurement.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 20_000)]
     requests: usize,
     /// Request and reply size in bytes.
     #[arg(long, default_value_t = 256)]
     size: usize,
 }
 
-fn pct(v: &[Duration], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
+/// Round trips in an HdrHistogram (1 µs to 60 s, 3 significant digits).
+struct Hist(hdrhistogram::Histogram<u64>);
+
+impl Hist {
+    fn of(times: &[Duration]) -> Result<Self> {
+        let mut h = hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3)?;
+        for t in times {
+            h.saturating_record((t.as_micros() as u64).max(1));
+        }
+        Ok(Self(h))
     }
-    v[((v.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e3
+}
+
+/// The `q` quantile of `h` in milliseconds.
+fn pct(h: &Hist, q: f64) -> f64 {
+    h.0.value_at_quantile(q) as f64 / 1000.0
 }
 
 fn seq_body(seq: u64, size: usize) -> Vec<u8> {
@@ -1216,6 +1227,79 @@ async fn ours_latency(
     responder.abort();
     sent.abort();
     times.sort();
+    Ok(times)
+}
+
+/// Awaits the relay's answers to sends submitted with the Rust API, in
+/// order; fails on the first refusal.
+async fn expect_accepted(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<swb_daemon::PendingSend>,
+) -> Result<()> {
+    while let Some(mut p) = rx.recv().await {
+        p.answer().await?;
+    }
+    Ok(())
+}
+
+/// [`ours_latency`] with the Rust API in the daemons' process instead of
+/// the control socket.
+async fn api_latency(
+    a: &swb_daemon::DaemonHandle,
+    b: &swb_daemon::DaemonHandle,
+    a_name: &str,
+    n: usize,
+    size: usize,
+    inflight: usize,
+) -> Result<Vec<Duration>> {
+    let wait = Duration::from_secs(30);
+    let to = a_name.to_string();
+    let (mut brx, btx) = (b.receiver(), b.sender());
+    let (check, answers) = tokio::sync::mpsc::unbounded_channel();
+    let responder = tokio::spawn(async move {
+        let answer = async {
+            loop {
+                let msgs = brx.recv(1000, wait).await?;
+                for m in &msgs {
+                    check.send(btx.submit(&to, m.body.clone(), wait).await?)?;
+                }
+                brx.ack(&msgs.iter().map(|m| m.id).collect::<Vec<_>>())
+                    .await?;
+            }
+            #[allow(unreachable_code)]
+            anyhow::Ok(())
+        };
+        tokio::try_join!(answer, expect_accepted(answers)).map(|_| ())
+    });
+    let (mut arx, atx) = (a.receiver(), a.sender());
+    let (check, answers) = tokio::sync::mpsc::unbounded_channel();
+    let checker = tokio::spawn(expect_accepted(answers));
+    let mut sent_at: HashMap<u64, Instant> = HashMap::new();
+    let mut times = Vec::with_capacity(n);
+    let mut next = 0u64;
+    while (next as usize) < n.min(inflight) {
+        sent_at.insert(next, Instant::now());
+        check.send(atx.submit(RESPONDER, seq_body(next, size), wait).await?)?;
+        next += 1;
+    }
+    while times.len() < n {
+        let msgs = arx.recv(1000, wait).await?;
+        anyhow::ensure!(!msgs.is_empty(), "no reply within {wait:?}");
+        for m in &msgs {
+            if let Some(t) = sent_at.remove(&seq_of(&m.body)) {
+                times.push(t.elapsed());
+            }
+            if (next as usize) < n {
+                sent_at.insert(next, Instant::now());
+                check.send(atx.submit(RESPONDER, seq_body(next, size), wait).await?)?;
+                next += 1;
+            }
+        }
+        arx.ack(&msgs.iter().map(|m| m.id).collect::<Vec<_>>())
+            .await?;
+    }
+    responder.abort();
+    drop(check);
+    checker.await??;
     Ok(times)
 }
 
@@ -1355,7 +1439,8 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
     );
     let mut rows = Vec::new();
     for inflight in [1usize, 64] {
-        let ours = ours_latency(
+        let rust = api_latency(&ds[0], &ds[1], "requester", a.requests, a.size, inflight).await?;
+        let socket = ours_latency(
             &a_ctl,
             b_ctl.clone(),
             "requester",
@@ -1373,44 +1458,51 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             inflight,
         )
         .await?;
-        rows.push((inflight, ours, np, nt));
+        rows.push((
+            inflight,
+            Hist::of(&rust)?,
+            Hist::of(&socket)?,
+            Hist::of(&np)?,
+            Hist::of(&nt)?,
+        ));
     }
-    for (inflight, ours, np, _) in &rows {
-        record(
-            "latency",
-            &format!("p50 ms, {inflight} in flight (vs NATS)"),
-            pct(ours, 0.5),
-            pct(np, 0.5),
-            false,
-            1.0,
-        );
-        record(
-            "latency",
-            &format!("p99 ms, {inflight} in flight (vs NATS)"),
-            pct(ours, 0.99),
-            pct(np, 0.99),
-            false,
-            1.0,
-        );
+    for (inflight, rust, socket, np, _) in &rows {
+        for (api, ours) in [(Api::Rust, rust), (Api::Socket, socket)] {
+            for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+                record(
+                    "latency",
+                    &format!("{name} ms, {inflight} in flight, {} (vs NATS)", api.label()),
+                    pct(ours, q),
+                    pct(np, q),
+                    false,
+                    1.0,
+                );
+            }
+        }
     }
-    for (inflight, ours, np, nt) in &rows {
+    let ms = |h: &Hist| serde_json::json!({"p50": pct(h, 0.5), "p90": pct(h, 0.9), "p99": pct(h, 0.99), "p999": pct(h, 0.999)});
+    for (inflight, rust, socket, np, nt) in &rows {
         if out.json {
             println!(
                 "{}",
-                serde_json::json!({"bench": "latency", "in_flight": inflight, "size": a.size,
-                    "ours_ms": {"p50": pct(ours, 0.5), "p90": pct(ours, 0.9), "p99": pct(ours, 0.99), "p999": pct(ours, 0.999)},
-                    "nats_ms": {"p50": pct(np, 0.5), "p90": pct(np, 0.9), "p99": pct(np, 0.99), "p999": pct(np, 0.999)},
-                    "nats_tls_ms": {"p50": pct(nt, 0.5), "p90": pct(nt, 0.9), "p99": pct(nt, 0.99), "p999": pct(nt, 0.999)},
-                    "p50_ratio_vs_nats": pct(ours, 0.5) / pct(np, 0.5), "p99_ratio_vs_nats": pct(ours, 0.99) / pct(np, 0.99)})
+                serde_json::json!({"bench": "latency", "in_flight": inflight, "size": a.size, "requests": a.requests,
+                    "rust_api_ms": ms(rust), "control_socket_ms": ms(socket), "nats_ms": ms(np), "nats_tls_ms": ms(nt),
+                    "rust_api_p50_ratio_vs_nats": pct(rust, 0.5) / pct(np, 0.5), "rust_api_p99_ratio_vs_nats": pct(rust, 0.99) / pct(np, 0.99),
+                    "socket_p50_ratio_vs_nats": pct(socket, 0.5) / pct(np, 0.5), "socket_p99_ratio_vs_nats": pct(socket, 0.99) / pct(np, 0.99)})
             );
         } else {
             println!(
-                "latency: {} B request -> reply, {inflight} in flight, {} requests (ms)",
+                "latency: {} B request -> reply, {inflight} in flight, {} requests (ms, HdrHistogram)",
                 a.size, a.requests
             );
-            for (label, v) in [("switchboard", ours), ("nats", np), ("nats+tls", nt)] {
+            for (label, v) in [
+                ("switchboard, Rust API", rust),
+                ("switchboard, socket", socket),
+                ("nats", np),
+                ("nats+tls", nt),
+            ] {
                 println!(
-                    "  {label:<12} p50 {:>7.3}  p90 {:>7.3}  p99 {:>7.3}  p99.9 {:>7.3}",
+                    "  {label:<22} p50 {:>7.3}  p90 {:>7.3}  p99 {:>7.3}  p99.9 {:>7.3}",
                     pct(v, 0.5),
                     pct(v, 0.9),
                     pct(v, 0.99),
@@ -1418,9 +1510,11 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                 );
             }
             println!(
-                "  ratio vs nats: p50 {:.2}  p99 {:.2}   (goal <= 1.0)",
-                pct(ours, 0.5) / pct(np, 0.5),
-                pct(ours, 0.99) / pct(np, 0.99)
+                "  ratio vs nats: Rust API p50 {:.2} p99 {:.2}; socket p50 {:.2} p99 {:.2}   (goal <= 1.0)",
+                pct(rust, 0.5) / pct(np, 0.5),
+                pct(rust, 0.99) / pct(np, 0.99),
+                pct(socket, 0.5) / pct(np, 0.5),
+                pct(socket, 0.99) / pct(np, 0.99)
             );
         }
     }
@@ -1439,7 +1533,7 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
 #[derive(Debug, Args)]
 pub(crate) struct RateArgs {
     /// Messages per measurement (1 → 1); 1 → 100 delivers the same number.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 500_000)]
     messages: usize,
     /// Sender control connections on our side.
     #[arg(long, default_value_t = 1)]
@@ -1707,15 +1801,7 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
     for receivers in [1usize, 100] {
         let mut ours = Vec::new();
         for api in [Api::Rust, Api::Socket] {
-            let r = ours_rate(
-                relay,
-                &env.key,
-                dir.path(),
-                receivers,
-                &a,
-                api,
-            )
-            .await?;
+            let r = ours_rate(relay, &env.key, dir.path(), receivers, &a, api).await?;
             ours.push((api, r));
         }
         let np = nats_rate(plain.addr, None, receivers, a.messages).await?;
@@ -1861,7 +1947,7 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
     .await?;
     latency_bench(
         LatencyArgs {
-            requests: if s { 20 } else { 2000 },
+            requests: if s { 20 } else { 20_000 },
             size: 256,
         },
         out,
@@ -1869,7 +1955,7 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
     .await?;
     rate_bench(
         RateArgs {
-            messages: if s { 200 } else { 100_000 },
+            messages: if s { 200 } else { 500_000 },
             senders: 1,
             window: 1024,
         },
