@@ -705,6 +705,88 @@ async fn open_many(
     Ok((out, rate, times))
 }
 
+/// The outcome of a reconnect storm.
+struct Storm {
+    /// Clients that got back (their connections).
+    held: Vec<Attached>,
+    /// Clients that were not back when the storm was given up.
+    missing: usize,
+    /// Connection attempts that failed (and were retried).
+    failed_attempts: usize,
+    /// Per client that got back: time from the storm's start, sorted.
+    back: Vec<Duration>,
+}
+
+impl Storm {
+    fn p(&self, q: f64) -> f64 {
+        self.back
+            .get(((self.back.len() as f64 - 1.0) * q).round() as usize)
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    }
+}
+
+/// A reconnect storm: `n` clients connect at the same moment, and each
+/// retries a failed attempt the way a daemon does (10 s per attempt, then a
+/// jittered backoff from 200 ms, doubling, at most 10 s) until `give_up`.
+async fn storm(
+    eps: &[quinn::Endpoint],
+    cfg: &quinn::ClientConfig,
+    addr: std::net::SocketAddr,
+    key: Option<&str>,
+    n: usize,
+    prefix: &str,
+    give_up: Duration,
+) -> Storm {
+    let start = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let ep = eps[i % eps.len()].clone();
+        let cfg = cfg.clone();
+        let key = key.map(str::to_string);
+        let name = format!("{prefix}{i}");
+        set.spawn(async move {
+            let mut failed = 0usize;
+            let mut delay = Duration::from_millis(200);
+            loop {
+                let hello = key.as_deref().map(|k| (k, name.as_str()));
+                let attempt =
+                    tokio::time::timeout(Duration::from_secs(10), attach(&ep, &cfg, addr, hello));
+                if let Ok(Ok(a)) = attempt.await {
+                    return (Some(a), failed, start.elapsed());
+                }
+                failed += 1;
+                if start.elapsed() > give_up {
+                    return (None, failed, start.elapsed());
+                }
+                tokio::time::sleep(delay.mul_f64(0.5 + 0.5 * fastrand::f64())).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        });
+    }
+    let mut s = Storm {
+        held: Vec::with_capacity(n),
+        missing: 0,
+        failed_attempts: 0,
+        back: Vec::with_capacity(n),
+    };
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok((Some(a), failed, t)) => {
+                s.held.push(a);
+                s.failed_attempts += failed;
+                s.back.push(t);
+            }
+            Ok((None, failed, _)) => {
+                s.missing += 1;
+                s.failed_attempts += failed;
+            }
+            Err(_) => s.missing += 1,
+        }
+    }
+    s.back.sort();
+    s
+}
+
 /// A bare quinn server with the relay's TLS: accepts and holds connections.
 async fn bare_server(
     identity: &Identity,
@@ -791,7 +873,7 @@ pub(crate) async fn accept(a: AcceptArgs, out: &Output) -> Result<()> {
         drop(held);
         rows.push((inflight, ours, base));
     }
-    // Reconnect storm: every client at once.
+    // Reconnect storm: every client attached, then all back at once.
     let (held, _, _) = open_many(
         &eps,
         &cfg,
@@ -803,18 +885,20 @@ pub(crate) async fn accept(a: AcceptArgs, out: &Output) -> Result<()> {
     )
     .await?;
     drop(held);
-    let (held, storm_rate, storm_times) = open_many(
+    let st = storm(
         &eps,
         &cfg,
         relay.local_addr(),
         Some(&new.key),
         a.connections,
-        a.connections,
         "storm-",
+        Duration::from_secs(120),
     )
-    .await?;
-    drop(held);
-    let p99 = storm_times[((storm_times.len() as f64 - 1.0) * 0.99) as usize];
+    .await;
+    let st = Storm {
+        held: Vec::new(),
+        ..st
+    };
     for (inflight, ours, base) in &rows {
         record(
             "accept",
@@ -834,7 +918,8 @@ pub(crate) async fn accept(a: AcceptArgs, out: &Output) -> Result<()> {
         }
         println!(
             "{}",
-            serde_json::json!({"bench": "reconnect_storm", "clients": a.connections, "failures": 0, "per_sec": storm_rate, "p99_ms": p99.as_secs_f64() * 1e3})
+            serde_json::json!({"bench": "reconnect_storm", "clients": a.connections, "back": st.back.len(), "missing": st.missing,
+                "failed_attempts": st.failed_attempts, "p50_ms": st.p(0.5), "p99_ms": st.p(0.99)})
         );
     } else {
         println!("accept: full handshake + Hello + registration at the relay vs. bare quinn handshakes (same TLS), {} connections", a.connections);
@@ -845,9 +930,13 @@ pub(crate) async fn accept(a: AcceptArgs, out: &Output) -> Result<()> {
             );
         }
         println!(
-            "  reconnect storm: {} clients at once, 0 failures, {storm_rate:.0}/s, p99 connect {:.1} ms",
+            "  reconnect storm: {} clients at once -> {} back, {} missing, {} refused/failed attempts retried; back after p50 {:.0} ms, p99 {:.0} ms",
             a.connections,
-            p99.as_secs_f64() * 1e3
+            st.back.len(),
+            st.missing,
+            st.failed_attempts,
+            st.p(0.5),
+            st.p(0.99)
         );
     }
     for e in &eps {
@@ -943,8 +1032,9 @@ async fn spawn_self<T>(
     Ok((Child { child }, found, pid))
 }
 
-/// Holds `n` clients on `addr` and returns (KiB per client, CPU % of the
-/// server process for keep-alives, connections per second while attaching).
+/// Holds `n` clients on `addr`: KiB per client and CPU % of the server
+/// process for keep-alives, connections per second while attaching, and a
+/// reconnect storm of all of them.
 async fn hold(
     pid: u32,
     addr: std::net::SocketAddr,
@@ -952,7 +1042,7 @@ async fn hold(
     key: Option<&str>,
     n: usize,
     settle: Duration,
-) -> Result<(f64, f64, f64)> {
+) -> Result<Held> {
     let before = proc_rss_kib(pid)?;
     let cfg = client_config(fingerprint)?;
     let eps = client_endpoints(n / 5000 + 1)?;
@@ -964,11 +1054,34 @@ async fn hold(
     tokio::time::sleep(settle).await;
     let ticks = proc_cpu_ticks(pid)?.saturating_sub(t0);
     let cpu = ticks as f64 / 100.0 / settle.as_secs_f64() * 100.0;
+    // Then all of them drop and come back at once (a network blip).
     drop(held);
+    let s = storm(&eps, &cfg, addr, key, n, "idle-", Duration::from_secs(120)).await;
+    drop(s.held);
     for e in &eps {
         e.close(0u32.into(), b"done");
     }
-    Ok(((after.saturating_sub(before)) as f64 / n as f64, cpu, rate))
+    Ok(Held {
+        kib: (after.saturating_sub(before)) as f64 / n as f64,
+        cpu,
+        rate,
+        storm: Storm {
+            held: Vec::new(),
+            ..s
+        },
+    })
+}
+
+/// What [`hold`] measured.
+struct Held {
+    /// Server RSS growth per client.
+    kib: f64,
+    /// Server CPU % for keep-alives.
+    cpu: f64,
+    /// Attach rate.
+    rate: f64,
+    /// All clients reconnecting at once afterwards.
+    storm: Storm,
 }
 
 /// Memory and keep-alive CPU per idle, authenticated client of a relay
@@ -1012,8 +1125,7 @@ pub(crate) async fn idle(a: IdleArgs, out: &Output) -> Result<()> {
         )
         .await?
     };
-    let (ours_kib, ours_cpu, ours_rate) =
-        hold(relay_pid, addr, &fp, Some(&new.key), a.clients, a.settle).await?;
+    let ours = hold(relay_pid, addr, &fp, Some(&new.key), a.clients, a.settle).await?;
     drop(relay);
     let (bare, (baddr, bfp), bare_pid) = spawn_self(&["bench", "bare-server"], |l| {
         let mut it = l.strip_prefix("listening ")?.split_whitespace();
@@ -1021,8 +1133,11 @@ pub(crate) async fn idle(a: IdleArgs, out: &Output) -> Result<()> {
         Some((a, it.next()?.to_string()))
     })
     .await?;
-    let (bare_kib, bare_cpu, _) = hold(bare_pid, baddr, &bfp, None, a.clients, a.settle).await?;
-    drop(bare);
+    let bare = {
+        let h = hold(bare_pid, baddr, &bfp, None, a.clients, a.settle).await?;
+        drop(bare);
+        h
+    };
     let per_gib = |kib: f64| {
         if kib > 0.0 {
             1024.0 * 1024.0 / kib
@@ -1030,37 +1145,73 @@ pub(crate) async fn idle(a: IdleArgs, out: &Output) -> Result<()> {
             f64::INFINITY
         }
     };
-    let ratio = per_gib(ours_kib) / per_gib(bare_kib);
+    let ratio = per_gib(ours.kib) / per_gib(bare.kib);
     record(
         "idle",
         "clients per GiB (vs bare quinn)",
-        per_gib(ours_kib),
-        per_gib(bare_kib),
+        per_gib(ours.kib),
+        per_gib(bare.kib),
         true,
         1.5,
     );
     record(
         "idle",
         "KiB per idle client (vs goal 15)",
-        ours_kib,
+        ours.kib,
         15.0,
         false,
         1.0,
     );
+    record(
+        "accept",
+        &format!("storm: clients back of {} at once (vs all)", a.clients),
+        ours.storm.back.len() as f64,
+        a.clients as f64,
+        true,
+        1.0,
+    );
+    record(
+        "accept",
+        "storm: p99 ms until back (vs bare quinn)",
+        ours.storm.p(0.99),
+        bare.storm.p(0.99),
+        false,
+        1.0 / 0.9,
+    );
     if out.json {
+        let storm = |s: &Storm| {
+            serde_json::json!({"back": s.back.len(), "missing": s.missing, "failed_attempts": s.failed_attempts,
+                "p50_ms": s.p(0.5), "p99_ms": s.p(0.99), "max_ms": s.p(1.0)})
+        };
         println!(
             "{}",
-            serde_json::json!({"bench": "idle", "clients": a.clients, "relay_kib_per_client": ours_kib,
-                "bare_quinn_kib_per_client": bare_kib, "clients_per_gib_ratio": ratio,
-                "relay_keepalive_cpu_percent": ours_cpu, "bare_keepalive_cpu_percent": bare_cpu,
-                "attach_per_sec": ours_rate})
+            serde_json::json!({"bench": "idle", "clients": a.clients, "relay_kib_per_client": ours.kib,
+                "bare_quinn_kib_per_client": bare.kib, "clients_per_gib_ratio": ratio,
+                "relay_keepalive_cpu_percent": ours.cpu, "bare_keepalive_cpu_percent": bare.cpu,
+                "attach_per_sec": ours.rate, "relay_storm": storm(&ours.storm), "bare_quinn_storm": storm(&bare.storm)})
         );
     } else {
         println!("idle: {} authenticated idle clients held by a relay process vs. a bare quinn server process", a.clients);
         println!(
-            "  memory    relay {ours_kib:.1} KiB/client   bare quinn {bare_kib:.1} KiB/client   clients per GiB ratio {ratio:.2} (goals: <= 15 KiB, >= 1.5)"
+            "  memory    relay {:.1} KiB/client   bare quinn {:.1} KiB/client   clients per GiB ratio {ratio:.2} (goals: <= 15 KiB, >= 1.5)",
+            ours.kib, bare.kib
         );
-        println!("  keep-alive CPU  relay {ours_cpu:.1}%   bare quinn {bare_cpu:.1}%   (attached at {ours_rate:.0}/s)");
+        println!(
+            "  keep-alive CPU  relay {:.1}%   bare quinn {:.1}%   (attached at {:.0}/s)",
+            ours.cpu, bare.cpu, ours.rate
+        );
+        for (who, s) in [("relay", &ours.storm), ("bare quinn", &bare.storm)] {
+            println!(
+                "  reconnect storm ({who}): all {} at once -> {} back, {} missing, {} failed attempts retried; back after p50 {:.0} ms, p99 {:.0} ms, last {:.0} ms",
+                a.clients,
+                s.back.len(),
+                s.missing,
+                s.failed_attempts,
+                s.p(0.5),
+                s.p(0.99),
+                s.p(1.0)
+            );
+        }
     }
     Ok(())
 }

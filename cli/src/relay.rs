@@ -77,6 +77,11 @@ pub(crate) struct RelayArgs {
     /// Body bytes all mailboxes of one namespace hold at most.
     #[arg(long, value_name = "BYTES", default_value_t = MailboxLimits::default().namespace_bytes)]
     namespace_bytes: usize,
+    /// Connections in their handshake at once; more are refused at once and
+    /// retry after their backoff (keeps a reconnect storm finishing).
+    #[arg(long, value_name = "N", default_value_t = swb_relay::MAX_HANDSHAKES as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    max_handshakes: u64,
 }
 
 fn parse_http_listen(s: &str) -> Result<HttpListen, String> {
@@ -160,6 +165,7 @@ pub(crate) async fn run(a: RelayArgs) -> Result<()> {
         namespace_bytes: a.namespace_bytes.max(a.mailbox_bytes),
         ..MailboxLimits::default()
     };
+    config.max_handshakes = usize::try_from(a.max_handshakes).unwrap_or(usize::MAX);
     let handle = Relay::spawn(config).await?;
     let addr = handle.local_addr();
     let fp = handle.fingerprint().to_string();

@@ -77,6 +77,11 @@ pub struct RelayConfig {
     pub idle_timeout: Duration,
     /// Time a new connection has to finish TLS and send its `Hello`.
     pub hello_timeout: Duration,
+    /// Most connections in their handshake (TLS, `Hello`, registration) at
+    /// once; more are refused at once (QUIC CONNECTION_REFUSED) and retry
+    /// after their backoff, so a reconnect storm finishes handshakes instead
+    /// of letting all of them slow down past their timeouts.
+    pub max_handshakes: usize,
     /// How long shutdown waits for sessions to say goodbye.
     pub shutdown_grace: Duration,
     /// Where the HTTPS + JSON endpoint listens.
@@ -121,6 +126,7 @@ impl RelayConfig {
             keys_poll: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(15),
             hello_timeout: Duration::from_secs(10),
+            max_handshakes: MAX_HANDSHAKES,
             shutdown_grace: Duration::from_secs(3),
             http_listen: HttpListen::SameAsQuic,
             http: HttpLimits::default(),
@@ -164,6 +170,7 @@ pub enum RelayError {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     sessions: AtomicU64,
+    refused_busy: AtomicU64,
     refused_hello: AtomicU64,
     accepted: AtomicU64,
     refused_send: AtomicU64,
@@ -181,6 +188,8 @@ pub struct RelayStats {
     pub sessions: u64,
     /// Hellos refused (bad key, revoked, bad name, version).
     pub refused_hello: u64,
+    /// Connections refused because `max_handshakes` were in progress.
+    pub refused_busy: u64,
     /// Messages accepted into a mailbox.
     pub accepted: u64,
     /// Sends refused.
@@ -216,6 +225,8 @@ pub(crate) struct Shared {
     pub(crate) me: swb_wire::RelayRecord,
     /// Ends mesh links: after the mail handoff at shutdown, not before.
     pub(crate) mesh_stop: CancellationToken,
+    /// One permit per connection in its handshake (`max_handshakes`).
+    pub(crate) handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -358,6 +369,9 @@ fn restore_mail(shared: &Shared, dir: &std::path::Path) -> Result<(), RelayError
 /// raises the limit.
 pub(crate) const INITIAL_STREAMS: u32 = 8;
 
+/// Default [`RelayConfig::max_handshakes`].
+pub const MAX_HANDSHAKES: usize = 1024;
+
 /// The relay entry point.
 #[derive(Debug)]
 pub struct Relay;
@@ -485,6 +499,7 @@ impl Relay {
             counters: Counters::default(),
             keys_seen: Mutex::new((keys_bytes, Some(std::time::Instant::now()))),
             mesh_stop: CancellationToken::new(),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
             me: swb_wire::RelayRecord {
                 id: config.relay_id.clone(),
                 addrs: match &config.mesh {
@@ -655,6 +670,7 @@ impl RelayHandle {
         RelayStats {
             sessions: c.sessions.load(Ordering::Relaxed),
             refused_hello: c.refused_hello.load(Ordering::Relaxed),
+            refused_busy: c.refused_busy.load(Ordering::Relaxed),
             accepted: c.accepted.load(Ordering::Relaxed),
             refused_send: c.refused_send.load(Ordering::Relaxed),
             delivered: c.delivered.load(Ordering::Relaxed),
@@ -731,10 +747,16 @@ async fn run(
             Some(_) = handoffs.join_next(), if !handoffs.is_empty() => {}
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+                    // Too many handshakes at once: the client retries later.
+                    shared.counters.refused_busy.fetch_add(1, Ordering::Relaxed);
+                    incoming.refuse();
+                    continue;
+                };
                 conn_seq += 1;
                 let span = tracing::debug_span!("conn", conn = conn_seq, remote = %incoming.remote_address());
                 sessions.spawn(
-                    session::run(shared.clone(), incoming, cancel.child_token()).instrument(span),
+                    session::run(shared.clone(), incoming, permit, cancel.child_token()).instrument(span),
                 );
             }
             Some(done) = sessions.join_next() => {

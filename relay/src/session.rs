@@ -122,11 +122,16 @@ impl Io {
 }
 
 /// Handles one incoming connection to its end.
-pub(crate) async fn run(shared: Arc<Shared>, incoming: quinn::Incoming, cancel: CancellationToken) {
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    cancel: CancellationToken,
+) {
     // The handshake's state lives on the heap only while it runs; the task
     // itself keeps just what an attached session needs (memory per idle
     // client).
-    let Some(a) = Box::pin(open(&shared, incoming, cancel)).await else {
+    let Some(a) = Box::pin(open(&shared, incoming, permit, cancel)).await else {
         return;
     };
     let span = tracing::info_span!("session", ns = %a.ns, peer = %a.name, session = a.ctl.id, key = %a.key_id);
@@ -147,9 +152,11 @@ struct Attached {
 
 /// Handshake, Hello, authentication and registration; `None` when the
 /// connection ended on the way (a mesh link is served to its end here).
+/// Holds a handshake permit until it returns (or a mesh link is up).
 async fn open(
     shared: &Arc<Shared>,
     incoming: quinn::Incoming,
+    permit: tokio::sync::OwnedSemaphorePermit,
     cancel: CancellationToken,
 ) -> Option<Attached> {
     let shared = shared.clone();
@@ -168,6 +175,7 @@ async fn open(
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|d| d.protocol);
     if alpn.as_deref() == Some(swb_wire::MESH_ALPN) {
+        drop(permit);
         match &shared.mesh {
             Some(m) => {
                 // Mesh links outlive the shutdown signal until the mail handoff.

@@ -50,6 +50,8 @@ pub struct RelayOptions {
     pub relay_id: Option<String>,
     /// Mesh membership.
     pub mesh: Option<swb_relay::mesh::MeshConfig>,
+    /// Connections in their handshake at once.
+    pub max_handshakes: usize,
 }
 
 impl Default for RelayOptions {
@@ -62,6 +64,7 @@ impl Default for RelayOptions {
             max_streams_per_peer: 256,
             relay_id: None,
             mesh: None,
+            max_handshakes: swb_relay::MAX_HANDSHAKES,
         }
     }
 }
@@ -117,6 +120,7 @@ impl TestRelay {
         cfg.shutdown_grace = Duration::from_secs(2);
         cfg.http = opts.http.clone();
         cfg.max_streams_per_peer = opts.max_streams_per_peer;
+        cfg.max_handshakes = opts.max_handshakes;
         cfg.state_dir = Some(dir.path().join("state"));
         Ok(Relay::spawn(cfg).await?)
     }

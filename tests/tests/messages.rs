@@ -680,3 +680,28 @@ async fn relay_delivers_at_most_a_window_of_unacknowledged_messages() -> Result<
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn relay_at_its_handshake_limit_refuses_at_once_and_the_daemon_gets_in_later() -> Result<()> {
+    let relay = TestRelay::spawn_with(RelayOptions {
+        max_handshakes: 1,
+        ..RelayOptions::default()
+    })
+    .await?;
+    let key = relay.create_key("acme")?;
+    // A connection that never says Hello holds the only handshake slot.
+    let raw = RawClient::open(&relay, b"").await?;
+    let d = TestDaemon::spawn(relay.daemon_config(&key, "late", std::path::PathBuf::new())).await?;
+    relay
+        .wait_stats("the daemon refused while the slot is taken", |s| {
+            s.refused_busy >= 1
+        })
+        .await?;
+    assert!(!d.handle.state().borrow().is_connected());
+    // The slot frees when that connection goes; the daemon's retry gets in.
+    drop(raw);
+    tokio::time::timeout(WAIT, d.handle.connected())
+        .await?
+        .map_err(anyhow::Error::msg)?;
+    Ok(())
+}
