@@ -2,6 +2,29 @@
 //! control socket offers (and what it is built on), without the socket,
 //! JSON or base64. See [`crate::DaemonHandle::send`] and
 //! [`crate::DaemonHandle::receiver`].
+//!
+//! ```no_run
+//! # use std::time::Duration;
+//! # use swb_daemon::{ApiKey, Daemon, DaemonConfig, Trust};
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! # let config = DaemonConfig::new("127.0.0.1:7443", Trust::System, "laptop",
+//! #     ApiKey::new("key"), "/tmp/laptop.sock".into());
+//! # let bytes = bytes::Bytes::from_static(b"x");
+//! let daemon = Daemon::spawn(config).await?;
+//! let accepted = daemon.send("london", "deploy done", Duration::from_secs(10)).await?;
+//! // Pipelining: submit in order, collect the relay's answers later.
+//! let tx = daemon.sender();
+//! let mut pending = tx.submit("london", bytes, Duration::from_secs(10)).await?;
+//! let accepted = pending.answer().await?;
+//! // Receiving: messages are leased to the receiver until acknowledged;
+//! // dropping it gives the unacknowledged ones back.
+//! let mut rx = daemon.receiver();
+//! for m in rx.recv(100, Duration::from_secs(30)).await? {
+//!     println!("{}: {:?}", m.from, m.body);
+//!     rx.ack(&[m.id]).await?;
+//! }
+//! # Ok(()) }
+//! ```
 
 use crate::conn::{Cmd, SendResult};
 use crate::{ConnState, Shared};
