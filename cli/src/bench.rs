@@ -1176,7 +1176,7 @@ pub(crate) async fn idle(a: IdleArgs, out: &Output) -> Result<()> {
         ours.storm.p(0.99),
         bare.storm.p(0.99),
         false,
-        1.0 / 0.9,
+        1.0,
     );
     if out.json {
         let storm = |s: &Storm| {
