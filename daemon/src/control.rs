@@ -276,18 +276,7 @@ impl Client {
         let mut out = serde_json::to_vec(req).map_err(|e| ControlError::Protocol(e.to_string()))?;
         out.push(b'\n');
         self.wr.write_all(&out).await?;
-        self.line.clear();
-        let n = self.rd.read_line(&mut self.line).await?;
-        if n == 0 {
-            return Err(ControlError::Protocol(
-                "the daemon closed the connection (did it stop?)".into(),
-            ));
-        }
-        match serde_json::from_str::<Reply>(&self.line) {
-            Ok(Reply::Error { code, message }) => Err(ControlError::Remote { code, message }),
-            Ok(r) => Ok(r),
-            Err(e) => Err(ControlError::Protocol(e.to_string())),
-        }
+        read_reply(&mut self.rd, &mut self.line).await
     }
 
     /// The daemon's status.
@@ -511,17 +500,25 @@ impl Replies {
     /// The next reply, in request order. `Err(ControlError::Remote)` is the
     /// refusal of one request; the connection stays usable.
     pub async fn next(&mut self) -> Result<Reply, ControlError> {
-        self.line.clear();
-        if self.rd.read_line(&mut self.line).await? == 0 {
-            return Err(ControlError::Protocol(
-                "the daemon closed the connection (did it stop?)".into(),
-            ));
-        }
-        match serde_json::from_str::<Reply>(&self.line) {
-            Ok(Reply::Error { code, message }) => Err(ControlError::Remote { code, message }),
-            Ok(r) => Ok(r),
-            Err(e) => Err(ControlError::Protocol(e.to_string())),
-        }
+        read_reply(&mut self.rd, &mut self.line).await
+    }
+}
+
+/// Reads one reply line; `Reply::Error` becomes `Err(ControlError::Remote)`.
+async fn read_reply(
+    rd: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    line: &mut String,
+) -> Result<Reply, ControlError> {
+    line.clear();
+    if rd.read_line(line).await? == 0 {
+        return Err(ControlError::Protocol(
+            "the daemon closed the connection (did it stop?)".into(),
+        ));
+    }
+    match serde_json::from_str::<Reply>(line) {
+        Ok(Reply::Error { code, message }) => Err(ControlError::Remote { code, message }),
+        Ok(r) => Ok(r),
+        Err(e) => Err(ControlError::Protocol(e.to_string())),
     }
 }
 
