@@ -500,7 +500,10 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
                         Ok(Some(Frame::Ack(a))) => {
                             let n = shared.registry().ack(ns, name, &a.ids);
                             shared.counters.acked.fetch_add(n as u64, Ordering::Relaxed);
-                            unacked = unacked.saturating_sub(n);
+                            // Count the ids, not what was still held: a
+                            // delivered message that expired meanwhile must
+                            // free its slot too.
+                            unacked = unacked.saturating_sub(a.ids.len());
                             if stalled && unacked < DELIVERY_WINDOW {
                                 stalled = false;
                                 ctl.notify.notify_one();
