@@ -158,18 +158,7 @@ struct Actor {
     pinned: std::collections::HashMap<String, quinn::ClientConfig>,
 }
 
-/// Socket buffer size asked for on the QUIC socket (capped by the kernel's
-/// `net.core.rmem_max` / `wmem_max`): the ~208 KiB default overflows under
-/// bursts, and each dropped datagram halves the congestion window.
-const UDP_BUFFER: usize = 4 << 20;
-
-fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    let sock = std::net::UdpSocket::bind(addr)?;
-    let s = socket2::SockRef::from(&sock);
-    let _ = s.set_recv_buffer_size(UDP_BUFFER);
-    let _ = s.set_send_buffer_size(UDP_BUFFER);
-    Ok(sock)
-}
+use swb_quic::udp_socket;
 
 fn quic_client_config(
     shared: &Shared,

@@ -13,9 +13,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
-use swb_wire::{
-    decode, Code, Decoded, Frame, Refusal, StreamOpen, StreamReply, HEADER_LEN, MAX_STREAM_HEADER,
-};
+use swb_wire::{Code, Frame, Refusal, StreamOpen, StreamReply, MAX_STREAM_HEADER};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -98,62 +96,14 @@ impl From<Refusal> for StreamError {
     }
 }
 
-/// Reads one frame of at most `max` bytes, consuming nothing beyond it.
-/// `None` at a clean end of the stream; `Some(None)` for a frame type this
-/// version does not know (already consumed).
-async fn read_raw(
-    recv: &mut quinn::RecvStream,
-    max: usize,
-) -> Result<Option<Option<Frame>>, String> {
-    let mut head = [0u8; HEADER_LEN];
-    match recv.read(&mut head[..1]).await.map_err(|e| e.to_string())? {
-        None | Some(0) => return Ok(None),
-        Some(_) => {}
-    }
-    recv.read_exact(&mut head[1..])
-        .await
-        .map_err(|e| e.to_string())?;
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if len > max {
-        return Err(format!("frame of {len} bytes exceeds {max}"));
-    }
-    let mut buf = BytesMut::zeroed(HEADER_LEN + len);
-    buf[..HEADER_LEN].copy_from_slice(&head);
-    recv.read_exact(&mut buf[HEADER_LEN..])
-        .await
-        .map_err(|e| e.to_string())?;
-    match decode(&buf).map_err(|e| e.to_string())? {
-        Decoded::Frame { frame, .. } => Ok(Some(Some(frame))),
-        _ => Ok(Some(None)),
-    }
-}
-
-/// Reads the first frame of a stream (payload may follow, so an unknown
-/// type is an error here rather than skipped).
-pub(crate) async fn read_header(recv: &mut quinn::RecvStream) -> Result<Frame, String> {
-    match read_raw(recv, MAX_STREAM_HEADER).await? {
-        Some(Some(f)) => Ok(f),
-        Some(None) => Err("unknown stream header type".into()),
-        None => Err("the stream ended before its first frame".into()),
-    }
-}
+pub(crate) use swb_quic::{read_header, write_frame};
 
 /// Reads the next frame of a stream that carries only frames, skipping
 /// unknown types; `None` at a clean end.
-pub(crate) async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, String> {
-    loop {
-        match read_raw(recv, MAX_STREAM_HEADER).await? {
-            Some(Some(f)) => return Ok(Some(f)),
-            Some(None) => continue,
-            None => return Ok(None),
-        }
-    }
-}
-
-pub(crate) async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), String> {
-    let mut b = BytesMut::new();
-    f.encode(&mut b).map_err(|e| e.to_string())?;
-    send.write_all(&b).await.map_err(|e| e.to_string())
+pub(crate) async fn read_frame(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<Frame>, swb_quic::FrameIoError> {
+    swb_quic::read_frame(recv, MAX_STREAM_HEADER).await
 }
 
 /// The current relay connection, waiting up to `wait` for one.
@@ -224,8 +174,8 @@ pub(crate) async fn open(
             }),
         )
         .await
-        .map_err(lost)?;
-        match read_header(&mut recv).await.map_err(lost)? {
+        .map_err(|e| lost(e.into()))?;
+        match read_header(&mut recv).await.map_err(|e| lost(e.into()))? {
             Frame::StreamReply(StreamReply { refusal: None }) => Ok((send, recv)),
             Frame::StreamReply(StreamReply { refusal: Some(r) }) => Err(StreamError::from(r)),
             other => Err(lost(format!("unexpected {:?}", other.frame_type()))),
@@ -336,7 +286,7 @@ pub(crate) async fn accept_loop(
 }
 
 async fn answer(send: &mut quinn::SendStream, refusal: Option<Refusal>) -> Result<(), String> {
-    write_frame(send, &Frame::StreamReply(StreamReply { refusal })).await
+    Ok(write_frame(send, &Frame::StreamReply(StreamReply { refusal })).await?)
 }
 
 async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {

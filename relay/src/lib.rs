@@ -311,20 +311,7 @@ impl Shared {
     }
 }
 
-/// Socket buffer size asked for on QUIC sockets (the kernel caps it at
-/// `net.core.rmem_max` / `wmem_max`). The default (~208 KiB) overflows
-/// under bursts, and a dropped datagram halves the congestion window.
-pub const UDP_BUFFER: usize = 4 << 20;
-
-/// A UDP socket bound to `addr` with large buffers, for quinn.
-pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
-    let sock = std::net::UdpSocket::bind(addr)?;
-    let s = socket2::SockRef::from(&sock);
-    // Best effort: a smaller buffer still works.
-    let _ = s.set_recv_buffer_size(UDP_BUFFER);
-    let _ = s.set_send_buffer_size(UDP_BUFFER);
-    Ok(sock)
-}
+pub use swb_quic::{udp_socket, UDP_BUFFER};
 
 fn wall_ms() -> u64 {
     std::time::SystemTime::now()

@@ -838,7 +838,7 @@ fn ekm(conn: &quinn::Connection) -> Option<[u8; 32]> {
 }
 
 async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>, String> {
-    crate::streams::read_frame(recv, MAX_MESH_FRAME).await
+    Ok(crate::streams::read_frame(recv, MAX_MESH_FRAME).await?)
 }
 
 /// Serves an inbound mesh link (ALPN `swb-mesh/1`) until it ends.

@@ -11,14 +11,10 @@
 
 use crate::registry::SessionCtl;
 use crate::Shared;
-use bytes::BytesMut;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use swb_wire::{
-    decode, Code, Decoded, Frame, Refusal, StreamIncoming, StreamReply, HEADER_LEN,
-    MAX_STREAM_HEADER,
-};
+use swb_wire::{Code, Frame, Refusal, StreamIncoming, StreamReply};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
@@ -28,70 +24,7 @@ pub(crate) const RESET_RELAY: u32 = 1;
 /// Most chunks moved per wake-up and direction.
 const BATCH: usize = 32;
 
-/// Reads one frame of at most `max` bytes, consuming nothing beyond it.
-/// `None` at a clean end of the stream; `Some(None)` for a frame type this
-/// version does not know (already consumed).
-async fn read_raw(
-    recv: &mut quinn::RecvStream,
-    max: usize,
-) -> Result<Option<Option<Frame>>, String> {
-    let mut head = [0u8; HEADER_LEN];
-    match recv.read(&mut head[..1]).await.map_err(|e| e.to_string())? {
-        None | Some(0) => return Ok(None),
-        Some(_) => {}
-    }
-    recv.read_exact(&mut head[1..])
-        .await
-        .map_err(|e| e.to_string())?;
-    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
-    if len > max {
-        return Err(format!("frame of {len} bytes exceeds {max}"));
-    }
-    let mut buf = BytesMut::zeroed(HEADER_LEN + len);
-    buf[..HEADER_LEN].copy_from_slice(&head);
-    recv.read_exact(&mut buf[HEADER_LEN..])
-        .await
-        .map_err(|e| e.to_string())?;
-    match decode(&buf).map_err(|e| e.to_string())? {
-        Decoded::Frame { frame, .. } => Ok(Some(Some(frame))),
-        _ => Ok(Some(None)),
-    }
-}
-
-/// Reads the first frame of a stream (at most [`MAX_STREAM_HEADER`] bytes),
-/// consuming nothing beyond it: payload may follow, so an unknown type is an
-/// error here rather than skipped.
-pub(crate) async fn read_header(recv: &mut quinn::RecvStream) -> Result<Frame, String> {
-    match read_raw(recv, MAX_STREAM_HEADER).await? {
-        Some(Some(f)) => Ok(f),
-        Some(None) => Err("unknown stream header type".into()),
-        None => Err("the stream ended before its first frame".into()),
-    }
-}
-
-/// Reads the next frame of a stream that carries only frames, skipping
-/// unknown types; `None` at a clean end.
-pub(crate) async fn read_frame(
-    recv: &mut quinn::RecvStream,
-    max: usize,
-) -> Result<Option<Frame>, String> {
-    loop {
-        if let Some(f) = read_raw(recv, max).await? {
-            if f.is_some() {
-                return Ok(f);
-            }
-        } else {
-            return Ok(None);
-        }
-    }
-}
-
-/// Writes one frame to a stream.
-pub(crate) async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), String> {
-    let mut b = BytesMut::new();
-    f.encode(&mut b).map_err(|e| e.to_string())?;
-    send.write_all(&b).await.map_err(|e| e.to_string())
-}
+pub(crate) use swb_quic::{read_frame, read_header, write_frame};
 
 /// Copies one direction until FIN, reset or failure, propagating each.
 /// Returns the bytes moved.

@@ -1,0 +1,119 @@
+//! What the relay and the daemon both do on a QUIC connection: read and
+//! write [`swb_wire`] frames on quinn streams, and bind the UDP socket QUIC
+//! runs on. One copy for both ends (the daemon must not depend on the relay).
+
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use swb_wire::{decode, Decoded, Frame, HEADER_LEN, MAX_STREAM_HEADER};
+
+/// UDP socket buffer size asked for (send and receive). The Linux default
+/// (~208 KiB) drops packets under bursts, and each dropped datagram halves
+/// QUIC's congestion window. Capped by `net.core.rmem_max`/`wmem_max`.
+pub const UDP_BUFFER: usize = 4 << 20;
+
+/// Binds a UDP socket with [`UDP_BUFFER`] buffers (best effort: a smaller
+/// buffer still works).
+pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let sock = std::net::UdpSocket::bind(addr)?;
+    let s = socket2::SockRef::from(&sock);
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
+    Ok(sock)
+}
+
+/// A frame could not be read or written on a stream.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameIoError {
+    /// The stream failed (reset, connection lost, …).
+    #[error("{0}")]
+    Stream(String),
+    /// The header announced more than the reader allows.
+    #[error("frame of {len} bytes exceeds {max}")]
+    TooLarge {
+        /// Announced body length.
+        len: usize,
+        /// Allowed.
+        max: usize,
+    },
+    /// The body did not decode, or the frame could not be encoded.
+    #[error("{0}")]
+    Codec(String),
+    /// A stream's first frame is of a type this version does not know.
+    #[error("unknown stream header type")]
+    UnknownHeader,
+    /// The stream ended before its first frame.
+    #[error("the stream ended before its first frame")]
+    Ended,
+}
+
+impl From<FrameIoError> for String {
+    fn from(e: FrameIoError) -> Self {
+        e.to_string()
+    }
+}
+
+fn stream(e: impl std::fmt::Display) -> FrameIoError {
+    FrameIoError::Stream(e.to_string())
+}
+
+/// Reads one frame of at most `max` body bytes, consuming nothing beyond
+/// it. `None` at a clean end of the stream; `Some(None)` for a frame type
+/// this version does not know (already consumed).
+async fn read_raw(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<Option<Frame>>, FrameIoError> {
+    let mut head = [0u8; HEADER_LEN];
+    match recv.read(&mut head[..1]).await.map_err(stream)? {
+        None | Some(0) => return Ok(None),
+        Some(_) => {}
+    }
+    recv.read_exact(&mut head[1..]).await.map_err(stream)?;
+    let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    if len > max {
+        return Err(FrameIoError::TooLarge { len, max });
+    }
+    let mut buf = BytesMut::zeroed(HEADER_LEN + len);
+    buf[..HEADER_LEN].copy_from_slice(&head);
+    recv.read_exact(&mut buf[HEADER_LEN..])
+        .await
+        .map_err(stream)?;
+    match decode(&buf).map_err(|e| FrameIoError::Codec(e.to_string()))? {
+        Decoded::Frame { frame, .. } => Ok(Some(Some(frame))),
+        _ => Ok(Some(None)),
+    }
+}
+
+/// Reads the first frame of a stream (at most [`MAX_STREAM_HEADER`] bytes),
+/// consuming nothing beyond it: payload may follow, so an unknown type is an
+/// error here rather than skipped.
+pub async fn read_header(recv: &mut quinn::RecvStream) -> Result<Frame, FrameIoError> {
+    match read_raw(recv, MAX_STREAM_HEADER).await? {
+        Some(Some(f)) => Ok(f),
+        Some(None) => Err(FrameIoError::UnknownHeader),
+        None => Err(FrameIoError::Ended),
+    }
+}
+
+/// Reads the next frame (body at most `max` bytes) of a stream that carries
+/// only frames, skipping unknown types; `None` at a clean end.
+pub async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<Frame>, FrameIoError> {
+    loop {
+        match read_raw(recv, max).await? {
+            Some(Some(f)) => return Ok(Some(f)),
+            Some(None) => continue,
+            None => return Ok(None),
+        }
+    }
+}
+
+/// Writes one frame to a stream.
+pub async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), FrameIoError> {
+    let mut b = BytesMut::new();
+    f.encode(&mut b)
+        .map_err(|e| FrameIoError::Codec(e.to_string()))?;
+    send.write_all(&b).await.map_err(stream)
+}
