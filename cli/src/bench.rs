@@ -146,6 +146,43 @@ async fn latency(
 
 struct DaemonHandleRef<'a>(&'a swb_daemon::DaemonHandle);
 
+/// A relay config on a free loopback port, without the HTTP endpoint, with
+/// one fresh API key (namespace `bench`); returns it and the key.
+fn bench_relay_config(identity: Identity) -> Result<(RelayConfig, String)> {
+    let new = keys::generate("bench", "bench")?;
+    let mut rc = RelayConfig::new(
+        "127.0.0.1:0".parse()?,
+        identity,
+        KeySource::Static(KeysFile {
+            keys: vec![new.entry],
+        }),
+    );
+    rc.http_listen = HttpListen::Off;
+    Ok((rc, new.key))
+}
+
+/// A daemon in this process attached to `relay` as `name` (control socket
+/// in `dir`), once the relay welcomed it.
+async fn bench_daemon(
+    relay: &swb_relay::RelayHandle,
+    key: &str,
+    name: &str,
+    dir: &std::path::Path,
+    expose: Vec<Exposure>,
+) -> Result<swb_daemon::DaemonHandle> {
+    let mut c = DaemonConfig::new(
+        relay.local_addr().to_string(),
+        Trust::Fingerprint(relay.fingerprint().to_string()),
+        name,
+        ApiKey::new(key.to_string()),
+        dir.join(format!("{name}.sock")),
+    );
+    c.expose = expose;
+    let d = Daemon::spawn(c).await?;
+    d.connected().await.map_err(anyhow::Error::msg)?;
+    Ok(d)
+}
+
 async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
     use swb_relay::mesh::{MeshConfig, MeshKey};
     let key = MeshKey::new(&"bench-mesh-key-".repeat(4))?;
@@ -190,17 +227,7 @@ async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut ds = Vec::new();
     for n in [&a_name, &b_name, &c_name] {
-        let r0 = &relays[0];
-        let c = DaemonConfig::new(
-            r0.local_addr().to_string(),
-            Trust::Fingerprint(r0.fingerprint().to_string()),
-            n.as_str(),
-            ApiKey::new(new.key.clone()),
-            dir.path().join(format!("{n}.sock")),
-        );
-        let d = Daemon::spawn(c).await?;
-        d.connected().await.map_err(anyhow::Error::msg)?;
-        ds.push(d);
+        ds.push(bench_daemon(&relays[0], &new.key, n, dir.path(), Vec::new()).await?);
     }
     let (a_d, b_d, c_d) = (
         DaemonHandleRef(&ds[0]),
@@ -463,39 +490,15 @@ pub(crate) async fn stream(a: StreamArgs, out: &Output) -> Result<()> {
             });
         }
     });
-    let new = keys::generate("bench", "bench")?;
-    let mut rc = RelayConfig::new(
-        "127.0.0.1:0".parse()?,
-        identity.clone(),
-        KeySource::Static(KeysFile {
-            keys: vec![new.entry],
-        }),
-    );
-    rc.http_listen = HttpListen::Off;
+    let (rc, key) = bench_relay_config(identity.clone())?;
     let relay = Relay::spawn(rc).await?;
     let dir = tempfile::tempdir()?;
-    let daemon = |name: &str, expose: Vec<Exposure>| {
-        let mut c = DaemonConfig::new(
-            relay.local_addr().to_string(),
-            Trust::Fingerprint(relay.fingerprint().to_string()),
-            name,
-            ApiKey::new(new.key.clone()),
-            dir.path().join(format!("{name}.sock")),
-        );
-        c.expose = expose;
-        c
-    };
-    let sinkd = Daemon::spawn(daemon(
-        "sink",
-        vec![Exposure {
-            port: 9,
-            target: sink_addr.to_string(),
-        }],
-    ))
-    .await?;
-    let source = Daemon::spawn(daemon("source", Vec::new())).await?;
-    sinkd.connected().await.map_err(anyhow::Error::msg)?;
-    source.connected().await.map_err(anyhow::Error::msg)?;
+    let expose = vec![Exposure {
+        port: 9,
+        target: sink_addr.to_string(),
+    }];
+    let sinkd = bench_daemon(&relay, &key, "sink", dir.path(), expose).await?;
+    let source = bench_daemon(&relay, &key, "source", dir.path(), Vec::new()).await?;
 
     if !out.json {
         println!(
@@ -834,15 +837,7 @@ pub(crate) struct AcceptArgs {
 /// handshakes, at 4 and 32 in flight; then a reconnect storm.
 pub(crate) async fn accept(a: AcceptArgs, out: &Output) -> Result<()> {
     let identity = Identity::ephemeral()?;
-    let new = keys::generate("bench", "bench")?;
-    let mut rc = RelayConfig::new(
-        "127.0.0.1:0".parse()?,
-        identity.clone(),
-        KeySource::Static(KeysFile {
-            keys: vec![new.entry],
-        }),
-    );
-    rc.http_listen = HttpListen::Off;
+    let (rc, key) = bench_relay_config(identity.clone())?;
     let relay = Relay::spawn(rc).await?;
     let (bare, bare_task) = bare_server(&identity, "127.0.0.1:0".parse()?).await?;
     let cfg = client_config(relay.fingerprint())?;
@@ -853,7 +848,7 @@ pub(crate) async fn accept(a: AcceptArgs, out: &Output) -> Result<()> {
             &eps,
             &cfg,
             relay.local_addr(),
-            Some(&new.key),
+            Some(&key),
             a.connections,
             inflight,
             &format!("a{inflight}-"),
@@ -878,7 +873,7 @@ pub(crate) async fn accept(a: AcceptArgs, out: &Output) -> Result<()> {
         &eps,
         &cfg,
         relay.local_addr(),
-        Some(&new.key),
+        Some(&key),
         a.connections,
         256,
         "storm-",
@@ -889,7 +884,7 @@ pub(crate) async fn accept(a: AcceptArgs, out: &Output) -> Result<()> {
         &eps,
         &cfg,
         relay.local_addr(),
-        Some(&new.key),
+        Some(&key),
         a.connections,
         "storm-",
         Duration::from_secs(120),
@@ -1535,15 +1530,7 @@ struct NatsEnv {
 async fn nats_env() -> Result<NatsEnv> {
     let dir = tempfile::tempdir()?;
     let identity = Identity::dev_in_dir(&dir.path().join("tls"), &[])?;
-    let new = keys::generate("bench", "bench")?;
-    let mut rc = RelayConfig::new(
-        "127.0.0.1:0".parse()?,
-        identity.clone(),
-        KeySource::Static(KeysFile {
-            keys: vec![new.entry],
-        }),
-    );
-    rc.http_listen = HttpListen::Off;
+    let (mut rc, key) = bench_relay_config(identity.clone())?;
     // A mailbox as deep as a NATS subscription's default pending limits
     // (65 536 messages, 64 MiB): a receiver may fall that far behind before
     // its sender is refused (NATS would drop as a slow consumer).
@@ -1559,7 +1546,7 @@ async fn nats_env() -> Result<NatsEnv> {
     let tls = Arc::new(Trust::Fingerprint(identity.fingerprint()).rustls_config(&[])?);
     Ok(NatsEnv {
         dir,
-        key: new.key,
+        key,
         relay,
         plain,
         tls_server,
@@ -1573,16 +1560,7 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         (&env.dir, &env.relay, &env.plain, &env.tls_server, &env.tls);
     let mut ds = Vec::new();
     for n in ["requester", RESPONDER] {
-        let c = DaemonConfig::new(
-            relay.local_addr().to_string(),
-            Trust::Fingerprint(relay.fingerprint().to_string()),
-            n,
-            ApiKey::new(env.key.clone()),
-            dir.path().join(format!("{n}.sock")),
-        );
-        let d = Daemon::spawn(c).await?;
-        d.connected().await.map_err(anyhow::Error::msg)?;
-        ds.push(d);
+        ds.push(bench_daemon(relay, &env.key, n, dir.path(), Vec::new()).await?);
     }
     let (a_ctl, b_ctl) = (
         ds[0].control_path().to_path_buf(),
@@ -1788,23 +1766,27 @@ async fn ours_rate(
     api: Api,
 ) -> Result<f64> {
     let (n, senders, window) = (a.messages, a.senders, a.window);
-    let mk = |name: String| {
-        DaemonConfig::new(
-            relay.local_addr().to_string(),
-            Trust::Fingerprint(relay.fingerprint().to_string()),
-            name.clone(),
-            ApiKey::new(key.to_string()),
-            dir.join(format!("{name}.sock")),
-        )
-    };
     let tag = api.tag();
-    let sender = Daemon::spawn(mk(format!("sender{receivers}{tag}"))).await?;
-    sender.connected().await.map_err(anyhow::Error::msg)?;
+    let sender = bench_daemon(
+        relay,
+        key,
+        &format!("sender{receivers}{tag}"),
+        dir,
+        Vec::new(),
+    )
+    .await?;
     let mut rs = Vec::new();
     for i in 0..receivers {
-        let d = Daemon::spawn(mk(format!("r{receivers}{tag}-{i}"))).await?;
-        d.connected().await.map_err(anyhow::Error::msg)?;
-        rs.push(d);
+        rs.push(
+            bench_daemon(
+                relay,
+                key,
+                &format!("r{receivers}{tag}-{i}"),
+                dir,
+                Vec::new(),
+            )
+            .await?,
+        );
     }
     let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let done = Arc::new(tokio::sync::Notify::new());
