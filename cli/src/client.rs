@@ -234,3 +234,86 @@ pub(crate) async fn status(out: &Output) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(Debug, Args)]
+pub(crate) struct PingArgs {
+    /// Peer: `london` or `london.switchboard`.
+    #[arg(value_name = "PEER")]
+    peer: String,
+    /// Round trips to make.
+    #[arg(long, short = 'c', value_name = "N", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    count: u32,
+    /// Pause between round trips.
+    #[arg(long, short = 'i', value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
+    interval: Duration,
+    /// How long to wait for each answer (and for the stream to the peer).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    timeout: Duration,
+}
+
+/// `swbd ping PEER`: round trips through the relays, answered by the
+/// peer's daemon. One line per answer, then a summary; exit 1 when no
+/// ping was answered (peer offline, or not of our namespace: one answer).
+pub(crate) async fn ping(a: PingArgs, out: &Output) -> Result<()> {
+    let peer = peer_of(&a.peer).to_string();
+    let mut c = Client::connect(&out.control).await?;
+    let mut rtts: Vec<Duration> = Vec::new();
+    let mut last_err = None;
+    for seq in 1..=a.count {
+        if seq > 1 && !a.interval.is_zero() {
+            tokio::time::sleep(a.interval).await;
+        }
+        match c.ping(&peer, a.timeout).await {
+            Ok(p) => {
+                let ms = p.rtt.as_secs_f64() * 1000.0;
+                if out.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"seq": seq, "to": p.to, "rtt_ms": ms, "via": p.via})
+                    );
+                } else {
+                    println!("pong from {} via {}: {ms:.3} ms", p.to, p.via.join(" -> "));
+                }
+                rtts.push(p.rtt);
+            }
+            Err(swb_daemon::ControlError::Remote { code, message }) => {
+                // Nothing answers: say so once, plainly, and stop.
+                if rtts.is_empty() && seq == 1 && code != "timeout" {
+                    bail!("cannot ping {peer}: {message}");
+                }
+                if out.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"seq": seq, "to": peer, "error": {"code": code, "message": message}})
+                    );
+                } else {
+                    println!("no answer from {peer} (ping {seq}): {message}");
+                }
+                last_err = Some(message);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let answered = rtts.len();
+    if !out.json {
+        rtts.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        if let (Some(min), Some(max)) = (rtts.first(), rtts.last()) {
+            println!(
+                "{} sent, {answered} answered; round trip min/median/max {:.3}/{:.3}/{:.3} ms",
+                a.count,
+                ms(*min),
+                ms(rtts[rtts.len() / 2]),
+                ms(*max)
+            );
+        }
+    }
+    if answered == 0 {
+        bail!(
+            "no answer from {peer}: {}",
+            last_err.unwrap_or_else(|| "no reply".into())
+        );
+    }
+    Ok(())
+}

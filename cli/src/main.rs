@@ -6,15 +6,14 @@
 
 /// mimalloc instead of the system allocator: the relay and the daemon
 /// allocate and free many small buffers per message (measured with
-/// `swbd bench rate` and `bench idle`; see the README's performance section).
+/// `swbd-bench rate` and `idle`; see the README's performance section).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-mod bench;
 mod client;
 mod demo;
+mod docs;
 mod keys;
-mod nats;
 mod relay;
 mod status;
 mod up;
@@ -27,7 +26,7 @@ use std::time::Duration;
 /// Switchboard: reach machines without public addresses through a relay mesh.
 #[derive(Debug, Parser)]
 #[command(name = "swbd", version, propagate_version = true, max_term_width = 100)]
-struct Cli {
+pub(crate) struct Cli {
     /// Control socket of the local daemon (`swbd up` creates it; the other
     /// commands talk to it).
     #[arg(long, global = true, env = "SWB_CONTROL", value_name = "PATH")]
@@ -38,6 +37,10 @@ struct Cli {
     /// More log output (repeat for more); `RUST_LOG` overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Log lines as human text or as JSON objects (one per line, for log
+    /// collectors). Logs go to stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SWB_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +60,9 @@ enum Command {
     Recv(client::RecvArgs),
     /// Show the daemon's connection: relay, name, namespace, since when, round trip.
     Status,
+    /// Round trips to a peer through the relays, answered by its daemon
+    /// (each line shows the time and the relays on the way).
+    Ping(client::PingArgs),
     /// Merge KEY=VALUE pairs into this peer's status (--clear KEY removes).
     SetStatus(status::SetStatusArgs),
     /// Show peers' current status and presence.
@@ -68,12 +74,14 @@ enum Command {
     /// Open a byte stream to a port a peer exposes and connect it to
     /// stdin/stdout (for ssh: -o ProxyCommand="swbd connect %h %p").
     Connect(client::ConnectArgs),
-    /// Benchmarks that print their figures against a baseline measured in the same run.
-    #[command(subcommand)]
-    Bench(bench::BenchCommand),
     /// Manage API keys in a relay's keys file.
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Print shell completions (bash, zsh, fish) to stdout.
+    Completions(docs::CompletionsArgs),
+    /// Write man pages for swbd and each command into a directory.
+    #[command(hide = true)]
+    Man(docs::ManArgs),
 }
 
 /// A duration flag: plain seconds (`10`, `0.5`) or humantime (`500ms`, `2m`).
@@ -99,7 +107,16 @@ pub(crate) struct Output {
     pub(crate) json: bool,
 }
 
-fn init_logs(default: &str, verbose: u8) {
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per event (`timestamp`, `level`, `fields`, `spans`).
+    Json,
+}
+
+fn init_logs(default: &str, verbose: u8, format: LogFormat) {
     let default = match verbose {
         0 => default.to_string(),
         1 => "info,swb_relay=debug,swb_daemon=debug".into(),
@@ -107,12 +124,20 @@ fn init_logs(default: &str, verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(false)
+            .with_span_list(true)
+            .try_init(),
+    };
 }
 
 fn main() -> ExitCode {
@@ -121,7 +146,7 @@ fn main() -> ExitCode {
         Command::Relay(_) | Command::Up(_) => "info",
         _ => "warn",
     };
-    init_logs(log_default, cli.verbose);
+    init_logs(log_default, cli.verbose, cli.log_format);
     let control_given = cli.control.is_some();
     let out = Output {
         control_given,
@@ -149,13 +174,15 @@ fn main() -> ExitCode {
             Command::Send(a) => client::send(a, &out).await,
             Command::Recv(a) => client::recv(a, &out).await,
             Command::Status => client::status(&out).await,
+            Command::Ping(a) => client::ping(a, &out).await,
             Command::Connect(a) => client::connect(a, &out).await,
             Command::SetStatus(a) => status::set_status(a, &out).await,
             Command::GetStatus(a) => status::get_status(a, &out).await,
             Command::Watch(a) => status::watch(a, &out).await,
             Command::Peers(a) => status::peers(a, &out).await,
             Command::Keys(k) => keys::run(k, &out),
-            Command::Bench(b) => bench::run(b, &out).await,
+            Command::Completions(a) => docs::completions(a),
+            Command::Man(a) => docs::man(a),
         }
     });
     match result {

@@ -10,8 +10,20 @@ use swb_relay::{HttpListen, Identity, KeySource, MailboxLimits, Relay, RelayConf
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
-#[derive(Debug, Args)]
+/// Default `--listen`.
+const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 7443);
+
+/// `swbd relay` flags. Every flag can also come from `--config FILE`
+/// (same names with `_` for `-`; repeatable flags are lists); a flag given
+/// on the command line wins over the file. Defaults apply after both.
+#[derive(Debug, Default, Args)]
 pub(crate) struct RelayArgs {
+    /// Read settings from this TOML file (keys named as the flags, with `_`
+    /// for `-`; `dev_name`, `mesh_peer` and `advertise` are lists). Unknown
+    /// keys are refused. Flags override the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Development mode: create (then reuse) a self-signed certificate in
     /// --data-dir and print its fingerprint for `swbd up --relay-fingerprint`.
     #[arg(long)]
@@ -23,39 +35,35 @@ pub(crate) struct RelayArgs {
     /// API keys file (`swbd keys create` writes it). Default: <data-dir>/keys.toml.
     #[arg(long, value_name = "FILE")]
     keys: Option<PathBuf>,
-    /// Address to listen on: QUIC on this UDP port, HTTPS on the same TCP port.
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:7443")]
-    listen: SocketAddr,
+    /// Address to listen on: QUIC on this UDP port, HTTPS on the same TCP
+    /// port. [default: 0.0.0.0:7443]
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
     /// TCP address of the HTTPS + JSON endpoint instead of --listen's, or `off`.
     #[arg(long, value_name = "ADDR|off", value_parser = parse_http_listen)]
     http_listen: Option<HttpListen>,
+    /// Serve Prometheus metrics over plain HTTP at http://ADDR/metrics
+    /// (keep it on a private address). Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// Certificate chain (PEM) for production; requires --key.
-    #[arg(long, value_name = "FILE", conflicts_with = "dev", requires = "key")]
+    #[arg(long, value_name = "FILE")]
     cert: Option<PathBuf>,
     /// Private key (PEM) of --cert.
-    #[arg(long, value_name = "FILE", conflicts_with = "dev", requires = "cert")]
+    #[arg(long, value_name = "FILE")]
     key: Option<PathBuf>,
     /// Extra DNS names or addresses the dev certificate is valid for
     /// (besides localhost, 127.0.0.1 and ::1). Used only when the
     /// certificate is first created.
-    #[arg(long = "dev-name", value_name = "NAME", requires = "dev")]
+    #[arg(long = "dev-name", value_name = "NAME")]
     dev_names: Vec<String>,
     /// This relay's id: unique in a mesh (the ring places peers by it);
-    /// shown to daemons and in logs.
-    #[arg(
-        long = "id",
-        alias = "relay-id",
-        value_name = "ID",
-        default_value = "relay"
-    )]
-    relay_id: String,
+    /// shown to daemons and in logs. [default: relay]
+    #[arg(long = "id", alias = "relay-id", value_name = "ID")]
+    relay_id: Option<String>,
     /// Another relay of the mesh to dial (`host:port`); repeat. The rest of
     /// the mesh is learned from them. Needs --mesh-key-file.
-    #[arg(
-        long = "mesh-peer",
-        value_name = "HOST:PORT",
-        requires = "mesh_key_file"
-    )]
+    #[arg(long = "mesh-peer", value_name = "HOST:PORT")]
     mesh_peers: Vec<String>,
     /// The mesh's shared secret (at least 32 characters): relays prove it to
     /// each other. Makes this relay part of a mesh.
@@ -65,23 +73,135 @@ pub(crate) struct RelayArgs {
     /// --listen address); repeat for several.
     #[arg(long, value_name = "HOST:PORT")]
     advertise: Vec<String>,
-    /// Messages one peer's mailbox holds at most; more is refused with `mailbox_full`.
-    #[arg(long, value_name = "N", default_value_t = MailboxLimits::default().messages)]
-    mailbox_messages: usize,
-    /// Body bytes one peer's mailbox holds at most.
-    #[arg(long, value_name = "BYTES", default_value_t = MailboxLimits::default().bytes)]
-    mailbox_bytes: usize,
-    /// How long an undelivered message is kept before it expires.
-    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = crate::parse_duration)]
-    message_ttl: std::time::Duration,
-    /// Body bytes all mailboxes of one namespace hold at most.
-    #[arg(long, value_name = "BYTES", default_value_t = MailboxLimits::default().namespace_bytes)]
-    namespace_bytes: usize,
+    /// Messages one peer's mailbox holds at most; more is refused with
+    /// `mailbox_full`. [default: 1000]
+    #[arg(long, value_name = "N")]
+    mailbox_messages: Option<usize>,
+    /// Body bytes one peer's mailbox holds at most. [default: 4194304]
+    #[arg(long, value_name = "BYTES")]
+    mailbox_bytes: Option<usize>,
+    /// How long an undelivered message is kept before it expires. [default: 24h]
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    message_ttl: Option<std::time::Duration>,
+    /// Body bytes all mailboxes of one namespace hold at most. [default: 268435456]
+    #[arg(long, value_name = "BYTES")]
+    namespace_bytes: Option<usize>,
     /// Connections in their handshake at once; more are refused at once and
-    /// retry after their backoff (keeps a reconnect storm finishing).
-    #[arg(long, value_name = "N", default_value_t = swb_relay::MAX_HANDSHAKES as u64,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    max_handshakes: u64,
+    /// retry after their backoff (keeps a reconnect storm finishing). [default: 1024]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_handshakes: Option<u64>,
+}
+
+/// `swbd relay --config FILE`: the flags as TOML.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RelayFile {
+    #[serde(default)]
+    dev: bool,
+    data_dir: Option<PathBuf>,
+    keys: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    http_listen: Option<String>,
+    metrics: Option<SocketAddr>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(default)]
+    dev_name: Vec<String>,
+    id: Option<String>,
+    #[serde(default)]
+    mesh_peer: Vec<String>,
+    mesh_key_file: Option<PathBuf>,
+    #[serde(default)]
+    advertise: Vec<String>,
+    mailbox_messages: Option<usize>,
+    mailbox_bytes: Option<usize>,
+    message_ttl: Option<String>,
+    namespace_bytes: Option<usize>,
+    max_handshakes: Option<u64>,
+}
+
+impl RelayFile {
+    /// Parses a config file's text; errors name the key and the line.
+    pub(crate) fn parse(text: &str, path: &std::path::Path) -> Result<Self> {
+        toml::from_str(text).map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))
+    }
+}
+
+/// Fills what the flags left open from `--config`, resolving relative
+/// paths in the file against the file's directory.
+fn merge_file(a: &mut RelayArgs) -> Result<()> {
+    let Some(path) = a.config.clone() else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read --config {}", path.display()))?;
+    let f = RelayFile::parse(&text, &path)?;
+    let base = path.parent().unwrap_or(std::path::Path::new("."));
+    let rel = |p: PathBuf| if p.is_relative() { base.join(p) } else { p };
+    let bad = |key: &str, e: String| anyhow::anyhow!("--config {}: {key}: {e}", path.display());
+    a.dev |= f.dev;
+    a.data_dir = a.data_dir.take().or(f.data_dir.map(rel));
+    a.keys = a.keys.take().or(f.keys.map(rel));
+    a.listen = a.listen.or(f.listen);
+    if a.http_listen.is_none() {
+        a.http_listen = f
+            .http_listen
+            .as_deref()
+            .map(parse_http_listen)
+            .transpose()
+            .map_err(|e| bad("http_listen", e))?;
+    }
+    a.metrics = a.metrics.or(f.metrics);
+    a.cert = a.cert.take().or(f.cert.map(rel));
+    a.key = a.key.take().or(f.key.map(rel));
+    if a.dev_names.is_empty() {
+        a.dev_names = f.dev_name;
+    }
+    a.relay_id = a.relay_id.take().or(f.id);
+    if a.mesh_peers.is_empty() {
+        a.mesh_peers = f.mesh_peer;
+    }
+    a.mesh_key_file = a.mesh_key_file.take().or(f.mesh_key_file.map(rel));
+    if a.advertise.is_empty() {
+        a.advertise = f.advertise;
+    }
+    a.mailbox_messages = a.mailbox_messages.or(f.mailbox_messages);
+    a.mailbox_bytes = a.mailbox_bytes.or(f.mailbox_bytes);
+    if a.message_ttl.is_none() {
+        a.message_ttl = f
+            .message_ttl
+            .as_deref()
+            .map(crate::parse_duration)
+            .transpose()
+            .map_err(|e| bad("message_ttl", e))?;
+    }
+    a.namespace_bytes = a.namespace_bytes.or(f.namespace_bytes);
+    if a.max_handshakes.is_none() {
+        if f.max_handshakes == Some(0) {
+            return Err(bad("max_handshakes", "must be at least 1".into()));
+        }
+        a.max_handshakes = f.max_handshakes;
+    }
+    Ok(())
+}
+
+/// Checks combinations the flags and the file must agree on.
+fn check(a: &RelayArgs) -> Result<()> {
+    if a.dev && (a.cert.is_some() || a.key.is_some()) {
+        bail!("--dev makes its own certificate: give either --dev or --cert/--key, not both");
+    }
+    if a.cert.is_some() != a.key.is_some() {
+        bail!("--cert and --key go together: the certificate chain and its private key (PEM)");
+    }
+    if !a.dev && !a.dev_names.is_empty() {
+        bail!("--dev-name only makes sense with --dev");
+    }
+    if !a.mesh_peers.is_empty() && a.mesh_key_file.is_none() {
+        bail!(
+            "--mesh-peer needs --mesh-key-file: relays of a mesh prove the mesh key to each other"
+        );
+    }
+    Ok(())
 }
 
 fn parse_http_listen(s: &str) -> Result<HttpListen, String> {
@@ -93,7 +213,14 @@ fn parse_http_listen(s: &str) -> Result<HttpListen, String> {
         .map_err(|e| format!("{s:?} is not an address like 127.0.0.1:8443, or `off`: {e}"))
 }
 
-pub(crate) async fn run(a: RelayArgs) -> Result<()> {
+pub(crate) async fn run(mut a: RelayArgs) -> Result<()> {
+    merge_file(&mut a)?;
+    check(&a)?;
+    let listen = a.listen.unwrap_or(DEFAULT_LISTEN);
+    let relay_id = a.relay_id.clone().unwrap_or_else(|| "relay".to_string());
+    let defaults = MailboxLimits::default();
+    let mailbox_messages = a.mailbox_messages.unwrap_or(defaults.messages);
+    let mailbox_bytes = a.mailbox_bytes.unwrap_or(defaults.bytes);
     let identity = if a.dev {
         let Some(dir) = &a.data_dir else {
             bail!(
@@ -127,23 +254,24 @@ pub(crate) async fn run(a: RelayArgs) -> Result<()> {
             keys_path.display()
         );
     }
-    let mut config = RelayConfig::new(a.listen, identity, KeySource::File(keys_path.clone()));
-    config.relay_id = a.relay_id.clone();
+    let mut config = RelayConfig::new(listen, identity, KeySource::File(keys_path.clone()));
+    config.relay_id = relay_id.clone();
     config.state_dir = a.data_dir.clone();
+    config.metrics_listen = a.metrics;
     if let Some(h) = a.http_listen {
         config.http_listen = h;
     }
     if let Some(f) = &a.mesh_key_file {
         let key = swb_relay::mesh::MeshKey::from_file(f)?;
-        let advertise = if a.advertise.is_empty() && !a.listen.ip().is_unspecified() {
-            vec![a.listen.to_string()]
+        let advertise = if a.advertise.is_empty() && !listen.ip().is_unspecified() {
+            vec![listen.to_string()]
         } else {
             a.advertise.clone()
         };
         if advertise.is_empty() {
             bail!(
                 "in a mesh, give --advertise HOST:PORT: other relays and daemons cannot dial {}",
-                a.listen
+                listen
             );
         }
         config.mesh = Some(swb_relay::mesh::MeshConfig {
@@ -152,20 +280,25 @@ pub(crate) async fn run(a: RelayArgs) -> Result<()> {
             advertise,
         });
     }
-    if a.mailbox_messages == 0 || a.mailbox_bytes < swb_wire::MAX_MESSAGE_BODY {
+    if mailbox_messages == 0 || mailbox_bytes < swb_wire::MAX_MESSAGE_BODY {
         bail!(
             "--mailbox-messages must be at least 1 and --mailbox-bytes at least {} (one largest message)",
             swb_wire::MAX_MESSAGE_BODY
         );
     }
     config.limits = MailboxLimits {
-        messages: a.mailbox_messages,
-        bytes: a.mailbox_bytes,
-        ttl: a.message_ttl,
-        namespace_bytes: a.namespace_bytes.max(a.mailbox_bytes),
-        ..MailboxLimits::default()
+        messages: mailbox_messages,
+        bytes: mailbox_bytes,
+        ttl: a.message_ttl.unwrap_or(defaults.ttl),
+        namespace_bytes: a
+            .namespace_bytes
+            .unwrap_or(defaults.namespace_bytes)
+            .max(mailbox_bytes),
+        ..defaults
     };
-    config.max_handshakes = usize::try_from(a.max_handshakes).unwrap_or(usize::MAX);
+    config.max_handshakes = a.max_handshakes.map_or(swb_relay::MAX_HANDSHAKES, |n| {
+        usize::try_from(n).unwrap_or(usize::MAX)
+    });
     let handle = Relay::spawn(config).await?;
     let addr = handle.local_addr();
     let fp = handle.fingerprint().to_string();
@@ -175,7 +308,7 @@ pub(crate) async fn run(a: RelayArgs) -> Result<()> {
         addr.to_string()
     };
     println!("relay listening on {addr} (udp)");
-    println!("relay id {}", a.relay_id);
+    println!("relay id {relay_id}");
     if a.mesh_key_file.is_some() {
         println!(
             "mesh: dialing {} seed relay(s); others are learned",
@@ -184,6 +317,9 @@ pub(crate) async fn run(a: RelayArgs) -> Result<()> {
     }
     if let Some(h) = handle.http_addr() {
         println!("https listening on {h} (tcp): HTTP + JSON API, see /v1/openapi.json");
+    }
+    if let Some(m) = handle.metrics_addr() {
+        println!("metrics on http://{m}/metrics (Prometheus text format)");
     }
     println!("fingerprint {fp}");
     if let Some(d) = a.data_dir.as_ref().filter(|_| a.dev) {

@@ -51,6 +51,10 @@ pub(crate) struct UpArgs {
     /// SWB_SOCKS_PASSWORD variable.
     #[arg(long, value_name = "USER")]
     socks_user: Option<String>,
+    /// Serve Prometheus metrics over plain HTTP at http://ADDR/metrics
+    /// (keep it on a private address). Off unless given.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// `swbd up --config FILE`: the same settings as the flags.
@@ -69,6 +73,7 @@ struct UpFile {
     expose: Vec<String>,
     socks: Option<String>,
     socks_user: Option<String>,
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// Fills what the flags left open from `--config`; returns the control
@@ -101,6 +106,7 @@ fn merge_file(a: &mut UpArgs) -> Result<Option<PathBuf>> {
     }
     a.socks = a.socks.take().or(f.socks);
     a.socks_user = a.socks_user.take().or(f.socks_user);
+    a.metrics = a.metrics.or(f.metrics);
     if a.relay_fingerprint.is_some() && a.ca.is_some() {
         bail!("give either relay_fingerprint or ca, not both");
     }
@@ -189,6 +195,7 @@ pub(crate) async fn run(mut a: UpArgs, out: &Output) -> Result<()> {
     cfg.server_name = a.server_name.clone();
     cfg.expose = a.expose.clone();
     cfg.socks = socks_config(&a)?;
+    cfg.metrics_listen = a.metrics;
     let mut ports: Vec<u16> = cfg.expose.iter().map(|e| e.port).collect();
     ports.sort_unstable();
     if ports.windows(2).any(|w| w[0] == w[1]) {
@@ -196,6 +203,9 @@ pub(crate) async fn run(mut a: UpArgs, out: &Output) -> Result<()> {
     }
     let handle = Daemon::spawn(cfg).await?;
     info!(control = %handle.control_path().display(), "control socket ready");
+    if let Some(m) = handle.metrics_addr() {
+        info!("metrics on http://{m}/metrics");
+    }
     for e in &a.expose {
         info!(port = e.port, target = %e.target, "exposed to peers of the namespace");
     }

@@ -250,6 +250,7 @@ impl Actor {
             };
             let err = match attempt {
                 Ok((link, welcome)) => {
+                    self.shared.metrics.connects.inc();
                     if attempts > 0 {
                         info!(relay = %relay, attempts, "reconnected to relay");
                     } else {
@@ -290,6 +291,9 @@ impl Actor {
                     streams_stop.cancel();
                     let _ = streams.await;
                     *self.shared.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    if matches!(end, End::Redirect(_) | End::Lost(_)) {
+                        self.shared.metrics.reconnects.inc();
+                    }
                     match end {
                         End::Shutdown => return Ok(()),
                         End::Fatal(e) => {
@@ -329,6 +333,7 @@ impl Actor {
                     return Err(e);
                 }
                 Err(ConnectError::Retry(why)) => {
+                    self.shared.metrics.connect_failures.inc();
                     // Log a failure once, not per retry; a new kind of failure is news.
                     if last_logged.as_deref() != Some(why.as_str()) {
                         warn!(relay = %relay, "cannot reach relay: {why}; retrying with backoff");
@@ -691,11 +696,21 @@ impl Actor {
     fn on_frame(&mut self, f: Frame, out: &mut Vec<Frame>) -> Result<(), End> {
         match f {
             Frame::SendAccepted(a) => {
+                self.shared
+                    .metrics
+                    .sends
+                    .with_label_values(&["accepted"])
+                    .inc();
                 if let Some(p) = self.pending.remove(&a.req) {
                     let _ = p.reply.send(Ok(a.online));
                 }
             }
             Frame::SendRefused(r) => {
+                self.shared
+                    .metrics
+                    .sends
+                    .with_label_values(&["refused"])
+                    .inc();
                 if let Some(p) = self.pending.remove(&r.req) {
                     let _ = p.reply.send(Err(r.refusal));
                 }
@@ -705,6 +720,7 @@ impl Actor {
                 let pushed = self.shared.inbox().push(d);
                 match pushed {
                     Pushed::New => {
+                        self.shared.metrics.received.inc();
                         self.shared.inbox_gen.send_modify(|g| *g += 1);
                     }
                     Pushed::Duplicate => debug!(%id, "duplicate delivery dropped"),

@@ -96,6 +96,15 @@ pub enum Request {
         /// How long to wait for a relay connection, if the daemon has none.
         timeout_ms: u64,
     },
+    /// One round trip to peer `to` through the relays, answered by its
+    /// daemon. Consecutive pings to the same peer on one connection share
+    /// a ping stream.
+    Ping {
+        /// Peer name.
+        to: String,
+        /// How long to wait for the stream setup and for the answer, each.
+        timeout_ms: u64,
+    },
 }
 
 /// A received message as the CLI sees it.
@@ -191,6 +200,15 @@ pub enum Reply {
     Watching {},
     /// One watched peer's status.
     Update(StatusView),
+    /// Answer to `ping`.
+    Pong {
+        /// The peer that answered.
+        to: String,
+        /// Round trip in microseconds, measured by the daemon.
+        rtt_us: u64,
+        /// Relay ids on the way, in order.
+        via: Vec<String>,
+    },
     /// Answer to `ack`.
     Acked {
         /// How many ids were leased to this connection and are now acknowledged.
@@ -318,6 +336,26 @@ impl Client {
         };
         match self.call(&req).await? {
             Reply::Messages { messages } => Ok(messages),
+            other => Err(ControlError::Protocol(format!("{other:?}"))),
+        }
+    }
+
+    /// One round trip to `to` (see [`Request::Ping`]).
+    pub async fn ping(
+        &mut self,
+        to: &str,
+        timeout: Duration,
+    ) -> Result<crate::Pong, ControlError> {
+        let req = Request::Ping {
+            to: to.to_string(),
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        match self.call(&req).await? {
+            Reply::Pong { to, rtt_us, via } => Ok(crate::Pong {
+                to,
+                rtt: Duration::from_micros(rtt_us),
+                via,
+            }),
             other => Err(ControlError::Protocol(format!("{other:?}"))),
         }
     }

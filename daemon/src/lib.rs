@@ -36,6 +36,8 @@ pub mod api;
 mod conn;
 pub mod control;
 mod inbox;
+pub mod ping;
+mod metrics;
 mod server;
 pub mod socks;
 pub mod status;
@@ -45,6 +47,7 @@ pub mod tls;
 pub use api::{Accepted, ApiError, Message, PendingSend, Receiver, Sender};
 pub use control::{default_control_path, Client, ControlError};
 pub use socks::SocksConfig;
+pub use ping::{Pinger, Pong};
 pub use streams::{Exposure, StreamError};
 pub use swb_wire::{Refusal, Welcome};
 pub use tls::Trust;
@@ -98,6 +101,9 @@ pub struct DaemonConfig {
     pub expose: Vec<Exposure>,
     /// The local SOCKS5 listener, if any.
     pub socks: Option<SocksConfig>,
+    /// Where to serve Prometheus metrics (plain HTTP, `GET /metrics`);
+    /// `None`: not served ([`DaemonHandle::metrics_text`] still works).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl DaemonConfig {
@@ -123,6 +129,7 @@ impl DaemonConfig {
             backoff_max: Duration::from_secs(10),
             expose: Vec::new(),
             socks: None,
+            metrics_listen: None,
         }
     }
 }
@@ -213,12 +220,33 @@ pub(crate) struct Shared {
     pub(crate) relay_count: AtomicUsize,
     /// This peer's own status (serialises publications).
     pub(crate) own_status: tokio::sync::Mutex<status::OwnStatus>,
+    pub(crate) metrics: metrics::Metrics,
 }
 
 impl Shared {
     pub(crate) fn inbox(&self) -> std::sync::MutexGuard<'_, inbox::Inbox> {
         self.inbox.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Sets the gauges read from state, then encodes every metric.
+fn render_metrics(shared: &Shared) -> String {
+    let m = &shared.metrics;
+    let conn = shared
+        .conn
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    m.connected.set(i64::from(conn.is_some()));
+    m.rtt_seconds
+        .set(conn.map_or(0.0, |c| c.rtt().as_secs_f64()));
+    m.relays.set(
+        shared
+            .relay_count
+            .load(std::sync::atomic::Ordering::Relaxed) as i64,
+    );
+    m.inbox.set(shared.inbox().len() as i64);
+    swb_metrics::encode(&m.registry)
 }
 
 /// The daemon entry point.
@@ -230,6 +258,7 @@ pub struct DaemonHandle {
     shared: Arc<Shared>,
     control_path: PathBuf,
     socks_addr: Option<std::net::SocketAddr>,
+    metrics_addr: Option<std::net::SocketAddr>,
     state: watch::Receiver<ConnState>,
     cancel: CancellationToken,
     task: Option<JoinHandle<Result<(), DaemonError>>>,
@@ -244,6 +273,12 @@ impl Daemon {
             return Err(DaemonError::Config(
                 "no relay address given (--relay HOST:PORT)".into(),
             ));
+        }
+        if let Some(e) = config.expose.iter().find(|e| e.port == swb_wire::PING_PORT) {
+            return Err(DaemonError::Config(format!(
+                "cannot expose port {}: port 0 is the built-in ping service",
+                e.port
+            )));
         }
         if config.api_key.expose().is_empty() {
             return Err(DaemonError::Config(
@@ -273,6 +308,15 @@ impl Daemon {
             },
         };
         let socks_addr = socks_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let metrics_listener = match config.metrics_listen {
+            None => None,
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                DaemonError::Config(format!(
+                    "cannot listen for metrics on {addr}: {e}; pick another address with --metrics ADDR"
+                ))
+            })?),
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let (cmd_tx, cmd_rx) = mpsc::channel(1024);
         let (state, state_rx) = watch::channel(ConnState::Connecting {
             relay: config.relays[0].clone(),
@@ -290,6 +334,7 @@ impl Daemon {
             pending_sends: AtomicUsize::new(0),
             own_status: tokio::sync::Mutex::new(status::OwnStatus::default()),
             relay_count: AtomicUsize::new(0),
+            metrics: metrics::Metrics::new(),
         });
         let cancel = CancellationToken::new();
         let handle_shared = shared.clone();
@@ -309,10 +354,18 @@ impl Daemon {
                             socks::serve(l, shared.clone(), server_cancel.clone()).await;
                         }
                     };
-                    let (r, (), ()) = tokio::join!(
+                    let metrics = async {
+                        if let Some(l) = metrics_listener {
+                            let s = shared.clone();
+                            let render: swb_metrics::Render = Arc::new(move || render_metrics(&s));
+                            swb_metrics::serve(l, render, server_cancel.clone()).await;
+                        }
+                    };
+                    let (r, (), (), ()) = tokio::join!(
                         actor,
                         server::serve(listener, shared.clone(), server_cancel.clone()),
-                        socks
+                        socks,
+                        metrics
                     );
                     r
                 },
@@ -326,6 +379,7 @@ impl Daemon {
             shared: handle_shared,
             control_path,
             socks_addr,
+            metrics_addr,
             state: state_rx,
             cancel,
             task: Some(task),
@@ -382,6 +436,19 @@ impl DaemonHandle {
         }
     }
 
+    /// Opens a ping stream to peer `to` (see [`Pinger`]); call
+    /// [`Pinger::ping`] for each round trip.
+    pub async fn pinger(&self, to: &str, wait: Duration) -> Result<Pinger, StreamError> {
+        Pinger::open(&self.shared, to, wait).await
+    }
+
+    /// One round trip to peer `to` through the relays, answered by its
+    /// daemon (a new ping stream each time; use [`Self::pinger`] for many).
+    /// `wait` bounds the stream setup and the round trip, each.
+    pub async fn ping(&self, to: &str, wait: Duration) -> Result<Pong, StreamError> {
+        Pinger::open(&self.shared, to, wait).await?.ping(wait).await
+    }
+
     /// The control socket path.
     pub fn control_path(&self) -> &std::path::Path {
         &self.control_path
@@ -390,6 +457,17 @@ impl DaemonHandle {
     /// The bound SOCKS5 address, if the listener runs.
     pub fn socks_addr(&self) -> Option<std::net::SocketAddr> {
         self.socks_addr
+    }
+
+    /// The bound address of the metrics endpoint, if it runs.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The daemon's metrics in the Prometheus text format (what
+    /// `GET /metrics` on the metrics address answers).
+    pub fn metrics_text(&self) -> String {
+        render_metrics(&self.shared)
     }
 
     /// A receiver of connection state changes.

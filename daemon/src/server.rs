@@ -142,6 +142,8 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
     let (r, mut w) = stream.into_split();
     let mut rd = BufReader::with_capacity(64 * 1024, r);
     let mut leased = Leased::default();
+    // The ping stream of this connection's last `ping`, for the next one.
+    let mut pinger: Option<crate::Pinger> = None;
     let mut line = Vec::new();
     let mut queue: VecDeque<Queued> = VecDeque::new();
     let mut out: Vec<u8> = Vec::new();
@@ -254,6 +256,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                             break 'conn;
                         }
                         // The control connection is the stream now.
+                        let _open = crate::metrics::Open::new(&shared.metrics.streams_open);
                         let (up, down, clean) = crate::streams::splice(rd, w, send, recv).await;
                         debug!(%to, port, up, down, clean, "connect stream ended");
                         leased.give_back(&shared);
@@ -276,6 +279,14 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                     }
                 }
             }
+            Request::Ping { to, timeout_ms } => {
+                let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
+                let r = tokio::select! {
+                    _ = cancel.cancelled() => break 'conn,
+                    r = ping(&shared, &mut pinger, &to, wait) => r,
+                };
+                push_reply(&mut out, &r);
+            }
             req => {
                 let r = answer(&shared, req, &mut leased, &cancel).await;
                 push_reply(&mut out, &r);
@@ -284,6 +295,40 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
     }
     // Whatever this connection took and did not acknowledge goes back.
     leased.give_back(&shared);
+}
+
+/// One ping, on this connection's ping stream to `to` if it has one.
+async fn ping(
+    shared: &Shared,
+    pinger: &mut Option<crate::Pinger>,
+    to: &str,
+    wait: Duration,
+) -> Reply {
+    let same = match (pinger.as_ref(), swb_wire::normalize_name(to)) {
+        (Some(p), Ok(n)) => p.peer() == n,
+        _ => false,
+    };
+    if !same {
+        *pinger = match crate::Pinger::open(shared, to, wait).await {
+            Ok(p) => Some(p),
+            Err(e) => return err(&e.code, e.message),
+        };
+    }
+    let Some(p) = pinger.as_mut() else {
+        return err("internal", "no ping stream");
+    };
+    match p.ping(wait).await {
+        Ok(pong) => Reply::Pong {
+            to: pong.to,
+            rtt_us: pong.rtt.as_micros() as u64,
+            via: pong.via,
+        },
+        Err(e) => {
+            // The next ping opens a new stream.
+            *pinger = None;
+            err(&e.code, e.message)
+        }
+    }
 }
 
 /// Waits for every queued answer, in order, into `out`; false if the
@@ -400,7 +445,7 @@ async fn answer(
                 Err(e) => e.into(),
             }
         }
-        Request::Connect { .. } | Request::Watch { .. } => {
+        Request::Connect { .. } | Request::Watch { .. } | Request::Ping { .. } => {
             err("bad_request", "handled by the connection loop")
         }
         Request::SetStatus {

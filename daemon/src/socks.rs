@@ -163,6 +163,8 @@ async fn handshake(
 
 async fn client(shared: Arc<Shared>, mut tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
+    shared.metrics.socks_connections.inc();
+    let _client = crate::metrics::Open::new(&shared.metrics.socks_clients);
     let auth = shared.config.socks.as_ref().and_then(|s| s.auth.as_ref());
     let target = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut tcp, auth)).await {
         Ok(Ok(Some(t))) => t,
@@ -196,6 +198,7 @@ async fn client(shared: Arc<Shared>, mut tcp: TcpStream) {
                 return;
             }
             let (rd, wr) = tcp.into_split();
+            let _open = crate::metrics::Open::new(&shared.metrics.streams_open);
             let (up, down, clean) = streams::splice(rd, wr, send, recv).await;
             debug!(%name, port, up, down, clean, "SOCKS stream ended");
         }

@@ -79,7 +79,7 @@ pub struct StreamError {
 }
 
 impl StreamError {
-    fn new(code: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: &str, message: impl Into<String>) -> Self {
         Self {
             code: code.into(),
             message: message.into(),
@@ -181,7 +181,7 @@ pub(crate) async fn open(
             other => Err(lost(format!("unexpected {:?}", other.frame_type()))),
         }
     };
-    tokio::time::timeout(
+    let r = tokio::time::timeout(
         wait.max(Duration::from_secs(1)) + Duration::from_secs(10),
         setup,
     )
@@ -191,7 +191,14 @@ pub(crate) async fn open(
             Code::TIMEOUT.as_str(),
             format!("no answer from {to} in time"),
         )
-    })?
+    })?;
+    let result = if r.is_ok() { "accepted" } else { "refused" };
+    shared
+        .metrics
+        .streams
+        .with_label_values(&["out", result])
+        .inc();
+    r
 }
 
 /// Copies a local socket and a QUIC stream into each other until both
@@ -297,6 +304,13 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
             return;
         }
     };
+    if req.port == swb_wire::PING_PORT {
+        // The built-in echo service: answered by this daemon itself.
+        if answer(&mut send, None).await.is_ok() {
+            crate::ping::echo(&shared, &req.from, send, recv).await;
+        }
+        return;
+    }
     let me = &shared.config.name;
     let Some(exp) = shared.config.expose.iter().find(|e| e.port == req.port) else {
         let exposed: Vec<String> = shared
@@ -318,6 +332,11 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
             )
         };
         debug!(from = %req.from, port = req.port, "refused: not exposed");
+        shared
+            .metrics
+            .streams
+            .with_label_values(&["in", "refused"])
+            .inc();
         let _ = answer(&mut send, Some(Refusal::new(Code::PORT_NOT_EXPOSED, msg))).await;
         let _ = send.finish();
         return;
@@ -334,6 +353,11 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
                 "{me} exposes port {} but nothing accepts connections on {} there ({e})",
                 req.port, exp.target
             );
+            shared
+                .metrics
+                .streams
+                .with_label_values(&["in", "refused"])
+                .inc();
             let _ = answer(&mut send, Some(Refusal::new(Code::CONNECTION_REFUSED, msg))).await;
             let _ = send.finish();
             return;
@@ -343,6 +367,11 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
                 "{me} exposes port {} but {} did not accept within 5s",
                 req.port, exp.target
             );
+            shared
+                .metrics
+                .streams
+                .with_label_values(&["in", "refused"])
+                .inc();
             let _ = answer(&mut send, Some(Refusal::new(Code::CONNECTION_REFUSED, msg))).await;
             let _ = send.finish();
             return;
@@ -353,6 +382,12 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
         return;
     }
     info!(from = %req.from, port = req.port, target = %exp.target, "stream accepted");
+    shared
+        .metrics
+        .streams
+        .with_label_values(&["in", "accepted"])
+        .inc();
+    let _open = crate::metrics::Open::new(&shared.metrics.streams_open);
     let (rd, wr) = tcp.into_split();
     let (up, down, clean) = splice(rd, wr, send, recv).await;
     debug!(from = %req.from, sent = up, received = down, clean, "stream ended");

@@ -22,7 +22,6 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use swb_wire::{Code, MessageId, MAX_ACK_IDS, MAX_MESSAGE_BODY};
@@ -382,7 +381,32 @@ pub(crate) fn router(api: Api) -> Router {
     for (path, mr) in by_path {
         r = r.route(path, mr.fallback(method_not_allowed));
     }
-    r.fallback(not_found).with_state(api)
+    r.fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            count_requests,
+        ))
+        .with_state(api)
+}
+
+/// Counts each request by route template (never the concrete path, which
+/// may hold a peer name) and status code.
+async fn count_requests(
+    State(api): State<Api>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    api.shared
+        .metrics
+        .http_requests
+        .with_label_values(&[route.as_str(), resp.status().as_str()])
+        .inc();
+    resp
 }
 
 async fn not_found() -> ApiError {
@@ -648,14 +672,14 @@ async fn send(State(api): State<Api>, headers: HeaderMap, body: Body) -> ApiResu
         };
         return match crate::mesh::forward(shared, &home.id, f).await {
             Ok(online) => {
-                shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.forwarded.inc();
                 ok(
                     StatusCode::ACCEPTED,
                     json!({"id": id.to_string(), "online": online}),
                 )
             }
             Err(r) => {
-                shared.counters.refused_send.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.refused(r.code);
                 Err(ApiError::new(
                     refusal_status(r.code),
                     r.code.as_str(),
@@ -675,7 +699,7 @@ async fn send(State(api): State<Api>, headers: HeaderMap, body: Body) -> ApiResu
     );
     match r {
         Enqueued::Accepted { online } => {
-            shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.accepted.inc();
             debug!(to = %to, %id, online, "message accepted over http");
             ok(
                 StatusCode::ACCEPTED,
@@ -683,7 +707,7 @@ async fn send(State(api): State<Api>, headers: HeaderMap, body: Body) -> ApiResu
             )
         }
         Enqueued::Refused(r) => {
-            shared.counters.refused_send.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.refused(r.code);
             Err(ApiError::new(
                 refusal_status(r.code),
                 r.code.as_str(),
@@ -831,10 +855,7 @@ async fn receive_core(
                 .registry()
                 .http_take(&key.namespace, &me, max, tokio::time::Instant::now());
         if !got.is_empty() {
-            shared
-                .counters
-                .delivered
-                .fetch_add(got.len() as u64, Ordering::Relaxed);
+            shared.metrics.delivered.inc_by(got.len() as u64);
             let msgs: Vec<Value> = got.iter().map(message_json).collect();
             return ok(StatusCode::OK, json!({"messages": msgs}));
         }
@@ -882,7 +903,7 @@ async fn ack(State(api): State<Api>, headers: HeaderMap, body: Body) -> ApiResul
 
 fn ack_core(shared: &Shared, ns: &str, me: &str, ids: &[MessageId]) -> ApiResult {
     let n = shared.registry().ack(ns, me, ids);
-    shared.counters.acked.fetch_add(n as u64, Ordering::Relaxed);
+    shared.metrics.acked.inc_by(n as u64);
     ok(StatusCode::OK, json!({"acked": n}))
 }
 

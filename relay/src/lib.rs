@@ -21,7 +21,6 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -31,6 +30,7 @@ use tracing::{info, warn, Instrument};
 mod http;
 pub mod keys;
 pub mod mesh;
+mod metrics;
 mod persist;
 mod registry;
 mod session;
@@ -100,6 +100,9 @@ pub struct RelayConfig {
     pub state_dir: Option<PathBuf>,
     /// Membership of a relay mesh, if any.
     pub mesh: Option<mesh::MeshConfig>,
+    /// Where to serve Prometheus metrics (plain HTTP, `GET /metrics`);
+    /// `None`: not served ([`RelayHandle::metrics_text`] still works).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Where the HTTPS endpoint listens (TCP).
@@ -135,6 +138,7 @@ impl RelayConfig {
             status_retention: Duration::from_secs(24 * 3600),
             state_dir: None,
             mesh: None,
+            metrics_listen: None,
         }
     }
 }
@@ -156,6 +160,9 @@ pub enum RelayError {
     /// The keys file could not be loaded.
     #[error(transparent)]
     Keys(#[from] keys::KeysError),
+    /// The configuration is not usable.
+    #[error("{0}")]
+    Config(String),
     /// Saved state could not be read.
     #[error("relay state {path}: {source}")]
     State {
@@ -164,21 +171,6 @@ pub enum RelayError {
         /// The cause.
         source: std::io::Error,
     },
-}
-
-/// Counters, for logs, tests and (later) metrics.
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    sessions: AtomicU64,
-    refused_busy: AtomicU64,
-    refused_hello: AtomicU64,
-    accepted: AtomicU64,
-    refused_send: AtomicU64,
-    acked: AtomicU64,
-    expired: AtomicU64,
-    delivered: AtomicU64,
-    streams_opened: AtomicU64,
-    streams_refused: AtomicU64,
 }
 
 /// A snapshot of the relay's counters.
@@ -216,7 +208,7 @@ pub(crate) struct Shared {
     pub(crate) config: RelayConfig,
     pub(crate) keys: RwLock<Arc<KeyStore>>,
     pub(crate) registry: Mutex<Registry>,
-    pub(crate) counters: Counters,
+    pub(crate) metrics: metrics::Metrics,
     /// Keys file contents last installed, and when the file was last read.
     keys_seen: Mutex<(Option<Vec<u8>>, Option<std::time::Instant>)>,
     /// The mesh this relay is part of.
@@ -340,10 +332,7 @@ fn restore_mail(shared: &Shared, dir: &std::path::Path) -> Result<(), RelayError
             warn!(%ns, %to, %id, "saved message not restored: {why}");
         }
     }
-    shared
-        .counters
-        .expired
-        .fetch_add(lost as u64, Ordering::Relaxed);
+    shared.metrics.expired.inc_by(lost as u64);
     info!(
         messages = total - lost,
         not_restored = lost,
@@ -368,6 +357,7 @@ pub struct Relay;
 pub struct RelayHandle {
     local_addr: SocketAddr,
     http_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     fingerprint: String,
     cancel: CancellationToken,
     shared: Arc<SharedRef>,
@@ -407,6 +397,12 @@ fn read_keys(source: &KeySource) -> Result<(KeyStore, Option<Vec<u8>>), keys::Ke
 impl Relay {
     /// Binds the endpoint and starts serving. Must run inside a tokio runtime.
     pub async fn spawn(config: RelayConfig) -> Result<RelayHandle, RelayError> {
+        if config.relay_id.is_empty() || config.relay_id.len() > swb_wire::MAX_RELAY_ID_LEN {
+            return Err(RelayError::Config(format!(
+                "the relay id must have 1 to {} bytes",
+                swb_wire::MAX_RELAY_ID_LEN
+            )));
+        }
         let (store, keys_bytes) = read_keys(&config.keys)?;
         let tls = config
             .identity
@@ -475,15 +471,32 @@ impl Relay {
             })?),
             None => None,
         };
+        let metrics_listener = match config.metrics_listen {
+            None => None,
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| RelayError::Bind { addr, source })?,
+            ),
+        };
+        let metrics_addr = match &metrics_listener {
+            Some(l) => Some(l.local_addr().map_err(|source| RelayError::Bind {
+                addr: config.listen,
+                source,
+            })?),
+            None => None,
+        };
         let http_tls = Arc::new(config.identity.server_config(&[b"h2", b"http/1.1"])?);
         let fingerprint = config.identity.fingerprint();
+        let metrics = metrics::Metrics::new();
         let shared = Arc::new(Shared {
-            registry: Mutex::new(Registry::new(
-                config.limits.clone(),
-                config.status_retention,
-            )),
+            registry: Mutex::new({
+                let mut r = Registry::new(config.limits.clone(), config.status_retention);
+                r.delivery_wait = Some(metrics.delivery_seconds.clone());
+                r
+            }),
             keys: RwLock::new(Arc::new(store)),
-            counters: Counters::default(),
+            metrics,
             keys_seen: Mutex::new((keys_bytes, Some(std::time::Instant::now()))),
             mesh_stop: CancellationToken::new(),
             handshakes: Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1))),
@@ -522,6 +535,11 @@ impl Relay {
                 http::serve(l, http_tls, shared.clone(), cancel.clone()).instrument(span.clone()),
             )
         });
+        let metrics_task = metrics_listener.map(|l| {
+            let s = shared.clone();
+            let render: swb_metrics::Render = Arc::new(move || render_metrics(&s));
+            tokio::spawn(swb_metrics::serve(l, render, cancel.clone()).instrument(span.clone()))
+        });
         let mesh_task = shared.mesh.clone().map(|m| {
             tokio::spawn(
                 mesh::dialer(
@@ -538,8 +556,7 @@ impl Relay {
                 endpoint,
                 shared.clone(),
                 cancel.clone(),
-                http_task,
-                mesh_task,
+                [http_task, mesh_task, metrics_task],
             )
             .instrument(span),
         );
@@ -547,6 +564,7 @@ impl Relay {
         Ok(RelayHandle {
             local_addr,
             http_addr,
+            metrics_addr,
             fingerprint,
             cancel,
             shared: Arc::new(SharedRef(shared)),
@@ -564,6 +582,11 @@ impl RelayHandle {
     /// The bound TCP address of the HTTPS endpoint, if it runs.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http_addr
+    }
+
+    /// The bound TCP address of the metrics endpoint, if it runs.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// `sha256:<hex>` of the relay's certificate.
@@ -649,30 +672,52 @@ impl RelayHandle {
         }
     }
 
-    /// Current counters.
+    /// Current counters (the same numbers `--metrics` serves).
     pub fn stats(&self) -> RelayStats {
         let s = &self.shared.0;
-        let c = &s.counters;
+        let m = &s.metrics;
         let reg = s.registry();
+        let busy = m.handshakes.with_label_values(&["refused", "busy"]).get();
         RelayStats {
-            sessions: c.sessions.load(Ordering::Relaxed),
-            refused_hello: c.refused_hello.load(Ordering::Relaxed),
-            refused_busy: c.refused_busy.load(Ordering::Relaxed),
-            accepted: c.accepted.load(Ordering::Relaxed),
-            refused_send: c.refused_send.load(Ordering::Relaxed),
-            delivered: c.delivered.load(Ordering::Relaxed),
-            acked: c.acked.load(Ordering::Relaxed),
-            expired: c.expired.load(Ordering::Relaxed),
-            streams_opened: c.streams_opened.load(Ordering::Relaxed),
-            streams_refused: c.streams_refused.load(Ordering::Relaxed),
-            mesh_refused: s
-                .mesh
-                .as_ref()
-                .map_or(0, |m| m.refused.load(Ordering::Relaxed)),
+            sessions: m.sessions.get(),
+            refused_hello: m.handshakes_with("refused").saturating_sub(busy),
+            refused_busy: busy,
+            accepted: m.accepted.get() + m.forwarded.get(),
+            refused_send: m.refused_total(),
+            delivered: m.delivered.get(),
+            acked: m.acked.get(),
+            expired: m.expired.get(),
+            streams_opened: m.streams_opened.get(),
+            streams_refused: m.streams_refused.get(),
+            mesh_refused: m.mesh_refused.get(),
             held: reg.held_messages() as u64,
             attached: reg.sessions().len() as u64,
         }
     }
+
+    /// The relay's metrics in the Prometheus text format (what
+    /// `GET /metrics` on the metrics address answers).
+    pub fn metrics_text(&self) -> String {
+        render_metrics(&self.shared.0)
+    }
+}
+
+/// Sets the gauges that are read from state, then encodes every metric.
+fn render_metrics(shared: &Shared) -> String {
+    let m = &shared.metrics;
+    {
+        let reg = shared.registry();
+        m.attached.set(reg.sessions().len() as i64);
+        let (msgs, bytes) = reg.held();
+        m.held_messages.set(msgs as i64);
+        m.held_bytes.set(bytes as i64);
+        let published = reg.status.published;
+        m.status_publications
+            .inc_by(published.saturating_sub(m.status_publications.get()));
+    }
+    m.mesh_links
+        .set(shared.mesh.as_ref().map_or(0, |mesh| mesh.links_up()) as i64);
+    swb_metrics::encode(&m.registry)
 }
 
 impl Drop for RelayHandle {
@@ -687,8 +732,8 @@ async fn run(
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     cancel: CancellationToken,
-    http_task: Option<JoinHandle<()>>,
-    mesh_task: Option<JoinHandle<()>>,
+    // The HTTPS door, the mesh dialer and the metrics endpoint.
+    helpers: [Option<JoinHandle<()>>; 3],
 ) {
     let mut sessions = tokio::task::JoinSet::new();
     let lease_every = (shared.config.limits.visibility / 4)
@@ -736,7 +781,7 @@ async fn run(
                 let Some(incoming) = incoming else { break };
                 let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
                     // Too many handshakes at once: the client retries later.
-                    shared.counters.refused_busy.fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.handshake("refused", "busy");
                     incoming.refuse();
                     continue;
                 };
@@ -771,7 +816,7 @@ async fn run(
             _ = sweep_tick.tick() => {
                 let n = shared.registry().expire(tokio::time::Instant::now());
                 if n > 0 {
-                    shared.counters.expired.fetch_add(n as u64, Ordering::Relaxed);
+                    shared.metrics.expired.inc_by(n as u64);
                     info!(messages = n, "expired undelivered messages (TTL {:?})", shared.config.limits.ttl);
                 }
             }
@@ -812,10 +857,7 @@ async fn run(
         sessions.abort_all();
         while sessions.join_next().await.is_some() {}
     }
-    if let Some(t) = http_task {
-        let _ = t.await;
-    }
-    if let Some(t) = mesh_task {
+    for t in helpers.into_iter().flatten() {
         let _ = t.await;
     }
     if let Some(dir) = &shared.config.state_dir {

@@ -153,8 +153,6 @@ pub(crate) struct Mesh {
     live: watch::Sender<Arc<LiveSet>>,
     /// Membership changed: gossip again, maybe dial.
     changed: Notify,
-    /// Mesh handshakes refused (bad or missing proof).
-    pub(crate) refused: std::sync::atomic::AtomicU64,
     /// This relay is stopping: links announce it.
     leaving: std::sync::atomic::AtomicBool,
     /// Upstream status subscriptions for peers homed elsewhere: one per
@@ -180,7 +178,6 @@ impl Mesh {
             state: Mutex::new(state),
             live: watch::Sender::new(Arc::new(live)),
             changed: Notify::new(),
-            refused: std::sync::atomic::AtomicU64::new(0),
             leaving: std::sync::atomic::AtomicBool::new(false),
             mirrors: Mutex::new((std::collections::HashSet::new(), JoinSet::new())),
         })
@@ -191,6 +188,11 @@ impl Mesh {
     }
 
     /// Subscribes to live-set changes.
+    /// Links to other relays that are up now.
+    pub(crate) fn links_up(&self) -> usize {
+        self.state().links.len()
+    }
+
     pub(crate) fn live(&self) -> watch::Receiver<Arc<LiveSet>> {
         self.live.subscribe()
     }
@@ -389,9 +391,11 @@ async fn serve_rpc(
                         let _ = send.finish();
                         return;
                     }
+                    let _open = crate::metrics::OpenStream::new(&shared.metrics.streams_open);
+                    let bytes = &shared.metrics.stream_bytes;
                     let _ = tokio::join!(
-                        crate::streams::pipe(recv, tsend),
-                        crate::streams::pipe(trecv, send)
+                        crate::streams::pipe(recv, tsend, bytes),
+                        crate::streams::pipe(trecv, send, bytes)
                     );
                 }
             }
@@ -712,7 +716,6 @@ pub(crate) async fn open_stream(
 
 /// A message another relay forwarded for a peer homed here.
 fn forward_in(shared: &crate::Shared, f: swb_wire::MeshForward) -> Frame {
-    use std::sync::atomic::Ordering;
     let refused = |code, msg: String| {
         Frame::SendRefused(swb_wire::SendRefused {
             req: 0,
@@ -737,7 +740,7 @@ fn forward_in(shared: &crate::Shared, f: swb_wire::MeshForward) -> Frame {
     );
     match r {
         crate::registry::Enqueued::Accepted { online } => {
-            shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.accepted.inc();
             Frame::SendAccepted(swb_wire::SendAccepted {
                 req: 0,
                 id: f.id,
@@ -745,7 +748,7 @@ fn forward_in(shared: &crate::Shared, f: swb_wire::MeshForward) -> Frame {
             })
         }
         crate::registry::Enqueued::Refused(r) => {
-            shared.counters.refused_send.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.refused(r.code);
             Frame::SendRefused(swb_wire::SendRefused { req: 0, refusal: r })
         }
     }
@@ -871,8 +874,7 @@ pub(crate) async fn accept(
     let (peer, send, recv) = match tokio::time::timeout(Duration::from_secs(10), setup).await {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
-            mesh.refused
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            shared.metrics.mesh_refused.inc();
             warn!(%remote, "mesh link refused: {e}");
             conn.close(1u32.into(), b"mesh authentication failed");
             return;

@@ -128,6 +128,8 @@ struct Stored {
     sent_at_ms: u64,
     expires_at: Instant,
     lease: Lease,
+    /// When it was accepted, until it is first handed out (metrics).
+    waiting_since: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -254,6 +256,8 @@ pub(crate) struct Registry {
     usage: HashMap<Arc<str>, NsUsage>,
     limits: MailboxLimits,
     next_session: u64,
+    /// Observes accept → first hand-out of each message, if set.
+    pub(crate) delivery_wait: Option<prometheus::Histogram>,
 }
 
 fn key(ns: &str, name: &str) -> Key {
@@ -268,6 +272,7 @@ impl Registry {
             usage: HashMap::new(),
             limits,
             next_session: 1,
+            delivery_wait: None,
         }
     }
 
@@ -383,6 +388,7 @@ impl Registry {
                 sent_at_ms,
                 expires_at: now + ttl,
                 lease: Lease::Free,
+                waiting_since: Some(now),
             },
         );
         let u = self.usage.entry(k.0.clone()).or_default();
@@ -443,6 +449,9 @@ impl Registry {
                     released += 1;
                 }
                 m.lease = Lease::Session(session);
+                if let (Some(t), Some(h)) = (m.waiting_since.take(), &self.delivery_wait) {
+                    h.observe(now.saturating_duration_since(t).as_secs_f64());
+                }
                 b.frames.push(Deliver {
                     id: m.id,
                     from: m.from.to_string(),
@@ -511,6 +520,9 @@ impl Registry {
                 mb.http_leased += 1;
             }
             m.lease = Lease::Http(until);
+            if let (Some(t), Some(h)) = (m.waiting_since.take(), &self.delivery_wait) {
+                h.observe(now.saturating_duration_since(t).as_secs_f64());
+            }
             out.push(Taken {
                 id: m.id,
                 from: m.from.to_string(),
@@ -719,7 +731,14 @@ impl Registry {
 
     /// Number of held messages (all namespaces).
     pub(crate) fn held_messages(&self) -> usize {
-        self.slots.values().map(|s| s.mailbox.msgs.len()).sum()
+        self.held().0
+    }
+
+    /// Held messages and their body bytes (all namespaces).
+    pub(crate) fn held(&self) -> (usize, usize) {
+        self.slots.values().fold((0, 0), |(n, b), s| {
+            (n + s.mailbox.msgs.len(), b + s.mailbox.bytes)
+        })
     }
 }
 

@@ -4,7 +4,6 @@
 use crate::registry::{Enqueued, SessionCtl};
 use crate::Shared;
 use bytes::BytesMut;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use swb_wire::{
@@ -160,14 +159,24 @@ async fn open(
     cancel: CancellationToken,
 ) -> Option<Attached> {
     let shared = shared.clone();
+    let started = tokio::time::Instant::now();
     let hello_timeout = shared.config.hello_timeout;
     let remote = incoming.remote_address();
+    let failed = |reason: &str| shared.metrics.handshake("failed", reason);
     let conn = tokio::select! {
         _ = cancel.cancelled() => return None,
         c = tokio::time::timeout(hello_timeout, incoming) => match c {
             Ok(Ok(c)) => c,
-            Ok(Err(e)) => { debug!("handshake failed: {e}"); return None; }
-            Err(_) => { debug!("handshake timed out"); return None; }
+            Ok(Err(e)) => {
+                debug!("handshake failed: {e}");
+                failed("quic");
+                return None;
+            }
+            Err(_) => {
+                debug!("handshake timed out");
+                failed("timeout");
+                return None;
+            }
         },
     };
     let alpn = conn
@@ -176,6 +185,7 @@ async fn open(
         .and_then(|d| d.protocol);
     if alpn.as_deref() == Some(swb_wire::MESH_ALPN) {
         drop(permit);
+        shared.metrics.handshake("mesh", "link");
         match &shared.mesh {
             Some(m) => {
                 // Mesh links outlive the shutdown signal until the mail handoff.
@@ -197,9 +207,11 @@ async fn open(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!("no control stream: {e}");
+            failed("closed");
             return None;
         }
         Err(_) => {
+            failed("timeout");
             conn.close(
                 CLOSE_PROTOCOL.into(),
                 b"no control stream within the hello timeout",
@@ -228,10 +240,11 @@ async fn open(
     let hello = match hello {
         Ok(h) => h,
         Err(end) => {
-            shared
-                .counters
-                .refused_hello
-                .fetch_add(1, Ordering::Relaxed);
+            match &end {
+                End::Goodbye(r) => shared.metrics.handshake("refused", r.code.as_str()),
+                End::Protocol(_) => shared.metrics.handshake("refused", Code::PROTOCOL.as_str()),
+                End::Gone | End::Redirect(_) => failed("closed"),
+            }
             finish(&conn, &mut io, end, true).await;
             return None;
         }
@@ -273,11 +286,8 @@ async fn open(
     let (info, name) = match checked {
         Ok(v) => v,
         Err(end) => {
-            shared
-                .counters
-                .refused_hello
-                .fetch_add(1, Ordering::Relaxed);
             if let End::Goodbye(r) = &end {
+                shared.metrics.handshake("refused", r.code.as_str());
                 info!(%remote, code = %r.code, "hello refused");
             }
             finish(&conn, &mut io, end, true).await;
@@ -288,6 +298,7 @@ async fn open(
     // In a mesh, a peer attaches at its home relay; elsewhere it is sent on.
     if let Some(home) = crate::mesh::home_elsewhere(&shared, &ns, &name) {
         debug!(%remote, %ns, peer = %name, home = %home.id, "redirected to its home relay");
+        shared.metrics.handshake("redirected", "home_elsewhere");
         finish(&conn, &mut io, End::Redirect(home), true).await;
         return None;
     }
@@ -313,7 +324,12 @@ async fn open(
             ),
         ));
     }
-    shared.counters.sessions.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.sessions.inc();
+    shared.metrics.handshake("accepted", "ok");
+    shared
+        .metrics
+        .handshake_seconds
+        .observe(started.elapsed().as_secs_f64());
     Some(Attached {
         conn,
         io,
@@ -474,7 +490,7 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
                 if batch.more {
                     ctl.notify.notify_one();
                 }
-                shared.counters.delivered.fetch_add(batch.frames.len() as u64, Ordering::Relaxed);
+                shared.metrics.delivered.inc_by(batch.frames.len() as u64);
                 for d in batch.frames {
                     if let Err(e) = io.queue(&Frame::Deliver(d)) {
                         return e;
@@ -499,7 +515,7 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
                     match io.reader.next_frame() {
                         Ok(Some(Frame::Ack(a))) => {
                             let n = shared.registry().ack(ns, name, &a.ids);
-                            shared.counters.acked.fetch_add(n as u64, Ordering::Relaxed);
+                            shared.metrics.acked.inc_by(n as u64);
                             // Count the ids, not what was still held: a
                             // delivered message that expired meanwhile must
                             // free its slot too.
@@ -563,11 +579,11 @@ async fn forwarder(
         let id = f.id;
         let reply = match crate::mesh::forward(&shared, &home, f).await {
             Ok(online) => {
-                shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.forwarded.inc();
                 Frame::SendAccepted(SendAccepted { req, id, online })
             }
             Err(refusal) => {
-                shared.counters.refused_send.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.refused(refusal.code);
                 Frame::SendRefused(SendRefused { req, refusal })
             }
         };
@@ -642,7 +658,7 @@ fn handle_local(shared: &Shared, io: &mut Io, ns: &str, name: &str, f: Frame) ->
                         tokio::time::Instant::now(),
                     ) {
                         Enqueued::Accepted { online } => {
-                            shared.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                            shared.metrics.accepted.inc();
                             debug!(to = %to, id = %s.id, online, "message accepted");
                             io.queue(&Frame::SendAccepted(SendAccepted {
                                 req: s.req,
@@ -656,7 +672,7 @@ fn handle_local(shared: &Shared, io: &mut Io, ns: &str, name: &str, f: Frame) ->
                 }
             };
             if let Some(refusal) = refusal {
-                shared.counters.refused_send.fetch_add(1, Ordering::Relaxed);
+                shared.metrics.refused(refusal.code);
                 debug!(code = %refusal.code, "send refused");
                 io.queue(&Frame::SendRefused(SendRefused {
                     req: s.req,
@@ -667,7 +683,7 @@ fn handle_local(shared: &Shared, io: &mut Io, ns: &str, name: &str, f: Frame) ->
         }
         Frame::Ack(a) => {
             let n = shared.registry().ack(ns, name, &a.ids);
-            shared.counters.acked.fetch_add(n as u64, Ordering::Relaxed);
+            shared.metrics.acked.inc_by(n as u64);
             Ok(())
         }
         Frame::Ping(p) => io.queue(&Frame::Pong(p)),

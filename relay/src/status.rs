@@ -132,6 +132,8 @@ pub(crate) struct StatusBoard {
     dirty: HashSet<Key>,
     /// How long an offline peer's status is kept.
     retention: Duration,
+    /// Changes published to watchers since start (metrics).
+    pub(crate) published: u64,
 }
 
 impl std::fmt::Debug for StatusBoard {
@@ -149,6 +151,7 @@ impl StatusBoard {
             next_version: 1,
             dirty: HashSet::new(),
             retention,
+            published: 0,
         }
     }
 
@@ -199,6 +202,7 @@ impl StatusBoard {
             fields: Arc::new(u.fields.iter().cloned().collect()),
         });
         Self::publish(e, now);
+        self.published += 1;
         self.dirty.remove(&k);
     }
 
@@ -238,6 +242,7 @@ impl StatusBoard {
         e.current = Arc::new(s);
         e.offline_at = (!online).then_some(now);
         Self::publish(e, now);
+        self.published += 1;
         self.dirty.remove(&k);
     }
 
@@ -271,6 +276,7 @@ impl StatusBoard {
         if wait {
             self.dirty.insert(k);
         } else {
+            self.published += 1;
             self.dirty.remove(&k);
         }
         Ok(out)
@@ -332,6 +338,7 @@ impl StatusBoard {
             self.dirty.remove(&k);
             if let Some(e) = self.entries.get_mut(&k) {
                 Self::publish(e, now);
+                self.published += 1;
             }
         }
     }
@@ -361,6 +368,7 @@ impl StatusBoard {
                     e.current = Arc::new(s);
                     e.offline_at = None;
                     Self::publish(e, now);
+                    self.published += 1;
                 }
             } else {
                 self.entries.remove(&k);

@@ -27,8 +27,12 @@ const BATCH: usize = 32;
 pub(crate) use swb_quic::{read_frame, read_header, write_frame};
 
 /// Copies one direction until FIN, reset or failure, propagating each.
-/// Returns the bytes moved.
-pub(crate) async fn pipe(mut from: quinn::RecvStream, mut to: quinn::SendStream) -> u64 {
+/// Returns the bytes moved; counts them in `bytes` as they move.
+pub(crate) async fn pipe(
+    mut from: quinn::RecvStream,
+    mut to: quinn::SendStream,
+    bytes: &prometheus::IntCounter,
+) -> u64 {
     let mut n = 0u64;
     // Chunks come as they arrived (often one packet each); moving a batch
     // per wake-up keeps the per-packet cost low. Zero-copy both ways.
@@ -36,7 +40,9 @@ pub(crate) async fn pipe(mut from: quinn::RecvStream, mut to: quinn::SendStream)
     loop {
         match from.read_chunks(&mut bufs).await {
             Ok(Some(k)) => {
-                n += bufs[..k].iter().map(|b| b.len() as u64).sum::<u64>();
+                let got = bufs[..k].iter().map(|b| b.len() as u64).sum::<u64>();
+                n += got;
+                bytes.inc_by(got);
                 if let Err(e) = to.write_all_chunks(&mut bufs[..k]).await {
                     let code = match e {
                         quinn::WriteError::Stopped(c) => c,
@@ -131,10 +137,7 @@ pub(crate) async fn refuse(
     code: Code,
     message: String,
 ) {
-    shared
-        .counters
-        .streams_refused
-        .fetch_add(1, Ordering::Relaxed);
+    shared.metrics.streams_refused.inc();
     debug!(%code, "stream refused: {message}");
     let reply = Frame::StreamReply(StreamReply {
         refusal: Some(Refusal::new(code, message)),
@@ -269,18 +272,14 @@ async fn open(
         return;
     }
     if !accepted {
-        shared
-            .counters
-            .streams_refused
-            .fetch_add(1, Ordering::Relaxed);
+        shared.metrics.streams_refused.inc();
         let _ = send.finish();
         return;
     }
-    shared
-        .counters
-        .streams_opened
-        .fetch_add(1, Ordering::Relaxed);
+    shared.metrics.streams_opened.inc();
+    let _open = crate::metrics::OpenStream::new(&shared.metrics.streams_open);
     debug!(%to, port = req.port, "stream spliced");
-    let (up, down) = tokio::join!(pipe(recv, tsend), pipe(trecv, send));
+    let bytes = &shared.metrics.stream_bytes;
+    let (up, down) = tokio::join!(pipe(recv, tsend, bytes), pipe(trecv, send, bytes));
     debug!(up, down, "stream ended");
 }

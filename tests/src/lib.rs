@@ -52,6 +52,8 @@ pub struct RelayOptions {
     pub mesh: Option<swb_relay::mesh::MeshConfig>,
     /// Connections in their handshake at once.
     pub max_handshakes: usize,
+    /// Serve metrics on `127.0.0.1:0`.
+    pub metrics: bool,
 }
 
 impl Default for RelayOptions {
@@ -65,6 +67,7 @@ impl Default for RelayOptions {
             relay_id: None,
             mesh: None,
             max_handshakes: swb_relay::MAX_HANDSHAKES,
+            metrics: false,
         }
     }
 }
@@ -122,6 +125,9 @@ impl TestRelay {
         cfg.max_streams_per_peer = opts.max_streams_per_peer;
         cfg.max_handshakes = opts.max_handshakes;
         cfg.state_dir = Some(dir.path().join("state"));
+        if opts.metrics {
+            cfg.metrics_listen = Some("127.0.0.1:0".parse()?);
+        }
         Ok(Relay::spawn(cfg).await?)
     }
 
@@ -784,4 +790,157 @@ impl Drop for UdpCut {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A mesh key made of one repeated character (different characters, different meshes).
+pub fn mesh_key(c: char) -> swb_relay::mesh::MeshKey {
+    swb_relay::mesh::MeshKey::new(&c.to_string().repeat(40)).expect("a 40-character key")
+}
+
+/// A relay with id `id` in the mesh of key `k`, dialing `peers` first.
+pub async fn mesh_relay(
+    id: &str,
+    k: &swb_relay::mesh::MeshKey,
+    peers: &[&TestRelay],
+) -> Result<TestRelay> {
+    TestRelay::spawn_with(RelayOptions {
+        relay_id: Some(id.into()),
+        mesh: Some(swb_relay::mesh::MeshConfig {
+            key: k.clone(),
+            peers: peers.iter().map(|r| r.addr().to_string()).collect(),
+            advertise: Vec::new(),
+        }),
+        ..RelayOptions::default()
+    })
+    .await
+}
+
+/// Waits until `r`'s live set is exactly `want`; returns how long it took.
+pub async fn converge(r: &TestRelay, want: &[&str]) -> Result<Duration> {
+    let t = std::time::Instant::now();
+    let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    tokio::time::timeout(WAIT, r.handle().wait_live(|l| l == want.as_slice()))
+        .await
+        .with_context(|| {
+            format!(
+                "live set never became {want:?}; it is {:?}",
+                r.handle().live_relays()
+            )
+        })?;
+    Ok(t.elapsed())
+}
+
+/// Three converged relays `r1`, `r2`, `r3` (mesh key of `c`) sharing one
+/// keys file content, and an API key of namespace `acme`.
+pub async fn mesh3(c: char) -> Result<(Vec<TestRelay>, String)> {
+    let k = mesh_key(c);
+    let r1 = mesh_relay("r1", &k, &[]).await?;
+    let r2 = mesh_relay("r2", &k, &[&r1]).await?;
+    let r3 = mesh_relay("r3", &k, &[&r1]).await?;
+    for r in [&r1, &r2, &r3] {
+        converge(r, &["r1", "r2", "r3"]).await?;
+    }
+    let api = r1.create_key("acme")?;
+    for r in [&r2, &r3] {
+        std::fs::copy(r1.keys_path(), r.keys_path())?;
+        r.handle().reload_keys()?;
+    }
+    Ok((vec![r1, r2, r3], api))
+}
+
+/// A name of namespace `ns` whose home among relays `ids` is `want`.
+pub fn name_homed_on(ids: &[&str], ns: &str, want: &str) -> String {
+    let ring = swb_ring::Ring::new(ids.iter().copied());
+    (0..10_000)
+        .map(|i| format!("peer{i}"))
+        .find(|n| ring.home(ns, n) == Some(want))
+        .expect("some name lands on every relay")
+}
+
+/// `GET /metrics` over plain HTTP/1.1; the body, after checking the status
+/// line and the content type of the Prometheus text format.
+pub async fn scrape(addr: SocketAddr) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: metrics\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut raw = String::new();
+    tokio::time::timeout(WAIT, s.read_to_string(&mut raw))
+        .await
+        .context("metrics endpoint did not answer")??;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .context("no end of headers in the metrics answer")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "metrics answer: {head}");
+    anyhow::ensure!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "metrics content type: {head}"
+    );
+    Ok(body.to_string())
+}
+
+/// Where `promtool` is: `$SWB_PROMTOOL`, else on `PATH`, else where
+/// `./test` unpacks it (`target/test-tools`). Fails naming the
+/// package when it is missing (`./test` unpacks it from Debian's
+/// `prometheus` package).
+pub fn promtool() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SWB_PROMTOOL") {
+        let p = PathBuf::from(p);
+        anyhow::ensure!(p.exists(), "SWB_PROMTOOL={} does not exist", p.display());
+        return Ok(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join("promtool");
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    let unpacked = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/test-tools/usr/bin/promtool");
+    if unpacked.exists() {
+        return Ok(unpacked);
+    }
+    bail!(
+        "promtool is not installed: it comes with Debian's prometheus package \
+         (./test unpacks it into target/test-tools; or apt-get install prometheus, or set SWB_PROMTOOL)"
+    )
+}
+
+/// Lints `text` with `promtool check metrics` (the Prometheus project's own
+/// parser); any problem it reports fails.
+pub async fn promtool_check(text: &str) -> Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(promtool()?)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = child.stdin.take().context("promtool stdin")?;
+    stdin.write_all(text.as_bytes()).await?;
+    drop(stdin);
+    let out = tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .context("promtool did not finish")??;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    anyhow::ensure!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {said}\n--- text ---\n{text}"
+    );
+    Ok(())
+}
+
+/// The value of the sample `series` (name with labels, exactly as
+/// written) in a metrics text.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }

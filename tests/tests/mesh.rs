@@ -4,38 +4,15 @@
 use anyhow::{Context, Result};
 use std::time::{Duration, Instant};
 use swb_relay::mesh::{MeshConfig, MeshKey};
-use swb_tests::{RelayOptions, TestRelay, WAIT};
+use swb_tests::{converge, mesh3, name_homed_on, RelayOptions, TestRelay, WAIT};
 use swb_wire::{Frame, MeshHello, RelayRecord};
 
 fn key(c: char) -> MeshKey {
-    MeshKey::new(&c.to_string().repeat(40)).expect("key")
+    swb_tests::mesh_key(c)
 }
 
 async fn relay(id: &str, k: &MeshKey, peers: &[&TestRelay]) -> Result<TestRelay> {
-    TestRelay::spawn_with(RelayOptions {
-        relay_id: Some(id.into()),
-        mesh: Some(MeshConfig {
-            key: k.clone(),
-            peers: peers.iter().map(|r| r.addr().to_string()).collect(),
-            advertise: Vec::new(),
-        }),
-        ..RelayOptions::default()
-    })
-    .await
-}
-
-async fn converge(r: &TestRelay, want: &[&str]) -> Result<Duration> {
-    let t = Instant::now();
-    let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
-    tokio::time::timeout(WAIT, r.handle().wait_live(|l| l == want.as_slice()))
-        .await
-        .with_context(|| {
-            format!(
-                "live set never became {want:?}; it is {:?}",
-                r.handle().live_relays()
-            )
-        })?;
-    Ok(t.elapsed())
+    swb_tests::mesh_relay(id, k, peers).await
 }
 
 #[tokio::test]
@@ -196,15 +173,6 @@ async fn a_relay_that_goes_silent_is_dropped_within_the_mesh_idle_timeout() -> R
     Ok(())
 }
 
-/// A name whose home among `ids` is `want`.
-fn name_homed_on(ids: &[&str], ns: &str, want: &str) -> String {
-    let ring = swb_ring::Ring::new(ids.iter().copied());
-    (0..10_000)
-        .map(|i| format!("peer{i}"))
-        .find(|n| ring.home(ns, n) == Some(want))
-        .expect("some name lands on every relay")
-}
-
 async fn home_of(d: &swb_tests::TestDaemon) -> Result<String> {
     let s = d.client().await?.status().await?;
     Ok(s.relay_id.unwrap_or_default())
@@ -253,23 +221,6 @@ async fn daemons_are_redirected_home_and_rehome_when_it_stops() -> Result<()> {
     assert!(took < Duration::from_secs(5), "re-homed after {took:?}");
     eprintln!("re-homed from r2 to {successor} in {took:?}");
     Ok(())
-}
-
-/// Three converged relays sharing one keys file content, and an API key.
-async fn mesh3(c: char) -> Result<(Vec<TestRelay>, String)> {
-    let k = key(c);
-    let r1 = relay("r1", &k, &[]).await?;
-    let r2 = relay("r2", &k, &[&r1]).await?;
-    let r3 = relay("r3", &k, &[&r1]).await?;
-    for r in [&r1, &r2, &r3] {
-        converge(r, &["r1", "r2", "r3"]).await?;
-    }
-    let api = r1.create_key("acme")?;
-    for r in [&r2, &r3] {
-        std::fs::copy(r1.keys_path(), r.keys_path())?;
-        r.handle().reload_keys()?;
-    }
-    Ok((vec![r1, r2, r3], api))
 }
 
 #[tokio::test]

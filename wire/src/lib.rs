@@ -50,6 +50,9 @@ pub const HEADER_LEN: usize = 5;
 pub const MAX_MESSAGE_BODY: usize = 64 * 1024;
 /// Largest peer name, in bytes: a DNS label.
 pub const MAX_NAME_LEN: usize = 63;
+
+/// Longest relay id, in bytes (relays refuse to start with a longer one).
+pub const MAX_RELAY_ID_LEN: usize = 255;
 /// Largest API key accepted in a `Hello`.
 pub const MAX_KEY_LEN: usize = 256;
 /// Largest human-readable reason carried in a refusal.
@@ -148,6 +151,10 @@ pub enum FrameType {
     /// for a peer homed at the receiver (JSON); the answer is a status code
     /// (u16 BE) and the JSON body, until the end of the stream.
     MeshHttp = 28,
+    /// Target daemon → caller on a ping stream (port [`PING_PORT`]), right
+    /// after the accepting `StreamReply`: the relay the target is attached
+    /// to, for the path `swbd ping` prints. Then `Ping` → `Pong` echoes.
+    PingInfo = 29,
 }
 
 impl FrameType {
@@ -182,6 +189,7 @@ impl FrameType {
             26 => Self::MeshLeaving,
             27 => Self::MeshStatusQuery,
             28 => Self::MeshHttp,
+            29 => Self::PingInfo,
             _ => return None,
         })
     }
@@ -689,6 +697,19 @@ pub struct MeshHttp {
     pub json: String,
 }
 
+/// Port 0 of every peer is its daemon's built-in echo service (`swbd
+/// ping`): a stream to it is answered by the daemon itself with
+/// [`PingInfo`], then a `Pong` for every `Ping`. It is never an exposure
+/// (exposures are ports 1–65535).
+pub const PING_PORT: u16 = 0;
+
+/// See [`FrameType::PingInfo`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PingInfo {
+    /// Id of the relay the answering daemon is attached to.
+    pub relay: String,
+}
+
 /// Ping / Pong payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {
@@ -755,6 +776,8 @@ pub enum Frame {
     MeshStatusQuery(MeshStatusQuery),
     /// See [`FrameType::MeshHttp`].
     MeshHttp(MeshHttp),
+    /// See [`FrameType::PingInfo`].
+    PingInfo(PingInfo),
 }
 
 /// Errors while encoding a frame.
@@ -838,6 +861,7 @@ impl Frame {
             Frame::MeshLeaving => FrameType::MeshLeaving,
             Frame::MeshStatusQuery(_) => FrameType::MeshStatusQuery,
             Frame::MeshHttp(_) => FrameType::MeshHttp,
+            Frame::PingInfo(_) => FrameType::PingInfo,
         }
     }
 
@@ -872,6 +896,7 @@ impl Frame {
             Frame::MeshLeaving => Ok(0),
             Frame::MeshStatusQuery(v) => len(v),
             Frame::MeshHttp(v) => len(v),
+            Frame::PingInfo(v) => len(v),
         }
     }
 
@@ -921,6 +946,7 @@ impl Frame {
             Frame::MeshLeaving => Ok(0),
             Frame::MeshStatusQuery(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::MeshHttp(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::PingInfo(v) => postcard::to_slice(v, out).map(|s| s.len()),
         };
         match res {
             Ok(n) if n == len => Ok(()),
@@ -1081,6 +1107,11 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
         FrameType::MeshForward => Frame::MeshForward(body(ty, b)?),
         FrameType::MeshStreamOpen => Frame::MeshStreamOpen(body(ty, b)?),
         FrameType::MeshHttp => Frame::MeshHttp(body(ty, b)?),
+        FrameType::PingInfo => {
+            let p: PingInfo = body(ty, b)?;
+            check_len("ping_info.relay", p.relay.len(), MAX_RELAY_ID_LEN)?;
+            Frame::PingInfo(p)
+        }
         FrameType::MeshStatusQuery => {
             let q: MeshStatusQuery = body(ty, b)?;
             check_len("mesh_status_query.names", q.names.len(), MAX_WATCH_NAMES)?;

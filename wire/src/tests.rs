@@ -107,6 +107,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         Just(Frame::PeersQuery),
         Just(Frame::MeshLeaving),
         ".{0,64}".prop_map(|json| Frame::MeshHttp(MeshHttp { json })),
+        "[a-z0-9-]{0,63}".prop_map(|relay| Frame::PingInfo(PingInfo { relay })),
         (
             "[a-z]{1,8}",
             proptest::collection::vec("[a-z]{1,8}", 0..3),

@@ -1,18 +1,18 @@
-//! Every benchmark still runs (`swbd bench all --smoke`: tiny sizes,
+//! Every benchmark still runs (`swbd-bench all --smoke`: tiny sizes,
 //! seconds). The figures come from full runs, never from assertions on
 //! timing here.
 
 use anyhow::{ensure, Result};
 use std::time::Duration;
 
-const SWBD: &str = env!("CARGO_BIN_EXE_swbd");
+const BENCH: &str = env!("CARGO_BIN_EXE_swbd-bench");
 
 #[tokio::test]
 async fn every_benchmark_runs_at_smoke_size() -> Result<()> {
     let out = tokio::time::timeout(
         Duration::from_secs(300),
-        tokio::process::Command::new(SWBD)
-            .args(["--json", "bench", "all", "--smoke"])
+        tokio::process::Command::new(BENCH)
+            .args(["--json", "all", "--smoke"])
             .kill_on_drop(true)
             .output(),
     )

@@ -1,4 +1,4 @@
-//! `swbd bench stream`: goodput of one stream, measured in one run on
+//! The scenarios of `swbd-bench`. `stream`: goodput of one stream, measured in one run on
 //! loopback (a) directly between two quinn endpoints with the relay's TLS
 //! settings, and (b) through a relay between two daemons — what
 //! `swbd connect` uses: Unix socket → daemon → QUIC → relay → QUIC →
@@ -41,6 +41,9 @@ pub(crate) enum BenchCommand {
     /// (internal) A bare quinn server process, the baseline of `idle`.
     #[command(hide = true)]
     BareServer(BareServerArgs),
+    /// (internal) A relay process for `idle`, configured as `swbd relay --dev`.
+    #[command(hide = true)]
+    RelayProcess(RelayProcessArgs),
 }
 
 #[derive(Debug, Args)]
@@ -81,6 +84,7 @@ pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
         BenchCommand::Rate(a) => rate_bench(a, out).await,
         BenchCommand::All(a) => all(a, out).await,
         BenchCommand::BareServer(a) => bare_server_main(a).await,
+        BenchCommand::RelayProcess(a) => relay_process_main(a).await,
     }
 }
 
@@ -954,7 +958,39 @@ pub(crate) struct IdleArgs {
     settle: Duration,
 }
 
-/// `swbd bench bare-server`: a bare quinn server process for the idle
+/// `swbd-bench relay-process`: the relay of the idle scenario in its own
+/// process, set up as `swbd relay --dev --listen 127.0.0.1:0 --http-listen
+/// off` does (same library, same allocator); prints its address and
+/// fingerprint the way `swbd relay` does.
+#[derive(Debug, Args)]
+pub(crate) struct RelayProcessArgs {
+    /// Where the dev certificate is kept.
+    #[arg(long)]
+    data_dir: std::path::PathBuf,
+    /// The keys file.
+    #[arg(long)]
+    keys: std::path::PathBuf,
+}
+
+pub(crate) async fn relay_process_main(a: RelayProcessArgs) -> Result<()> {
+    let identity = Identity::dev_in_dir(&a.data_dir, &[])?;
+    let mut config = RelayConfig::new(
+        "127.0.0.1:0".parse()?,
+        identity,
+        KeySource::File(a.keys.clone()),
+    );
+    config.http_listen = HttpListen::Off;
+    config.state_dir = Some(a.data_dir.clone());
+    let relay = Relay::spawn(config).await?;
+    println!("relay listening on {} (udp)", relay.local_addr());
+    println!("fingerprint {}", relay.fingerprint());
+    tokio::signal::ctrl_c().await?;
+    relay.shutdown();
+    relay.join().await;
+    Ok(())
+}
+
+/// `swbd-bench bare-server`: a bare quinn server process for the idle
 /// baseline (prints its address and fingerprint).
 #[derive(Debug, Args)]
 pub(crate) struct BareServerArgs {}
@@ -1094,16 +1130,11 @@ pub(crate) async fn idle(a: IdleArgs, out: &Output) -> Result<()> {
         let mut addr = None;
         spawn_self(
             &[
-                "relay",
-                "--dev",
+                "relay-process",
                 "--data-dir",
                 &data.display().to_string(),
                 "--keys",
                 &keys_path.display().to_string(),
-                "--listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "off",
             ],
             |l| {
                 if let Some(rest) = l.strip_prefix("relay listening on ") {
@@ -1122,7 +1153,7 @@ pub(crate) async fn idle(a: IdleArgs, out: &Output) -> Result<()> {
     };
     let ours = hold(relay_pid, addr, &fp, Some(&new.key), a.clients, a.settle).await?;
     drop(relay);
-    let (bare, (baddr, bfp), bare_pid) = spawn_self(&["bench", "bare-server"], |l| {
+    let (bare, (baddr, bfp), bare_pid) = spawn_self(&["bare-server"], |l| {
         let mut it = l.strip_prefix("listening ")?.split_whitespace();
         let a = it.next()?.parse::<std::net::SocketAddr>().ok()?;
         Some((a, it.next()?.to_string()))
@@ -2126,7 +2157,7 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
     }
     println!();
     println!(
-        "swbd {} on {}{}",
+        "swbd-bench {} on {}{}",
         env!("CARGO_PKG_VERSION"),
         machine(),
         if s {

@@ -1,0 +1,141 @@
+//! The relay's metrics: one Prometheus registry per relay, served by
+//! `--metrics ADDR` (see `swb-metrics`) and read back by
+//! [`crate::RelayHandle::stats`]. Every count happens once, here.
+//!
+//! Labels take values from fixed sets only (handshake results and refusal
+//! codes, HTTP route templates and status codes): never a peer name, a
+//! namespace or a key, so the number of series is bounded.
+
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge, Registry};
+use swb_metrics::{counter, counter_vec, gauge, seconds_histogram};
+
+/// Every metric of a relay.
+pub(crate) struct Metrics {
+    pub(crate) registry: Registry,
+    /// Sessions welcomed (registered), ever.
+    pub(crate) sessions: IntCounter,
+    /// Sessions attached now (set at scrape time).
+    pub(crate) attached: IntGauge,
+    /// Connections by how their handshake ended: `result` is `accepted`,
+    /// `refused` or `failed`, `reason` a refusal code or failure kind.
+    pub(crate) handshakes: IntCounterVec,
+    /// Connection start (QUIC Initial) → session registered.
+    pub(crate) handshake_seconds: Histogram,
+    pub(crate) accepted: IntCounter,
+    /// Sends accepted by another relay (the recipient's home) for a sender
+    /// attached here.
+    pub(crate) forwarded: IntCounter,
+    pub(crate) refused_send: IntCounterVec,
+    pub(crate) delivered: IntCounter,
+    pub(crate) acked: IntCounter,
+    pub(crate) expired: IntCounter,
+    /// Accepted into a mailbox → first handed to a receiver.
+    pub(crate) delivery_seconds: Histogram,
+    pub(crate) held_messages: IntGauge,
+    pub(crate) held_bytes: IntGauge,
+    pub(crate) streams_open: IntGauge,
+    pub(crate) streams_opened: IntCounter,
+    pub(crate) streams_refused: IntCounter,
+    /// Payload bytes spliced through this relay (both directions).
+    pub(crate) stream_bytes: IntCounter,
+    pub(crate) mesh_links: IntGauge,
+    pub(crate) mesh_refused: IntCounter,
+    /// HTTP API requests by route template and status code.
+    pub(crate) http_requests: IntCounterVec,
+    /// Status changes published to watchers (after coalescing).
+    pub(crate) status_publications: IntCounter,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let r = Registry::new();
+        Self {
+            sessions: counter(&r, "swb_relay_sessions_total", "Daemon sessions welcomed (registered) since start."),
+            attached: gauge(&r, "swb_relay_sessions_attached", "Daemon sessions attached now."),
+            handshakes: counter_vec(
+                &r,
+                "swb_relay_handshakes_total",
+                "Connections by how their handshake ended: result accepted|refused|failed|redirected|mesh; reason is a refusal code or failure kind.",
+                &["result", "reason"],
+            ),
+            handshake_seconds: seconds_histogram(&r, "swb_relay_handshake_seconds", "Time from a connection's first packet to its session being registered (QUIC, TLS, Hello, key check)."),
+            accepted: counter(&r, "swb_relay_messages_accepted_total", "Messages accepted into a mailbox of this relay."),
+            forwarded: counter(&r, "swb_relay_messages_forwarded_total", "Sends from peers attached here that the recipient's home relay accepted (one mesh hop)."),
+            refused_send: counter_vec(&r, "swb_relay_messages_refused_total", "Sends refused, by refusal code.", &["code"]),
+            delivered: counter(&r, "swb_relay_messages_delivered_total", "Messages handed to receivers (QUIC deliveries and HTTP receives, redeliveries included)."),
+            acked: counter(&r, "swb_relay_messages_acknowledged_total", "Messages acknowledged by their receiver and forgotten."),
+            expired: counter(&r, "swb_relay_messages_expired_total", "Messages dropped because their TTL ran out before anyone took them."),
+            delivery_seconds: seconds_histogram(&r, "swb_relay_delivery_seconds", "Time from a message's acceptance to its first hand-out to a receiver."),
+            held_messages: gauge(&r, "swb_relay_mail_held_messages", "Messages held in mailboxes now."),
+            held_bytes: gauge(&r, "swb_relay_mail_held_bytes", "Body bytes held in mailboxes now."),
+            streams_open: gauge(&r, "swb_relay_streams_open", "Data streams spliced through this relay now."),
+            streams_opened: counter(&r, "swb_relay_streams_opened_total", "Data streams spliced since start."),
+            streams_refused: counter(&r, "swb_relay_streams_refused_total", "Data streams refused (by the relay or the target)."),
+            stream_bytes: counter(&r, "swb_relay_stream_bytes_total", "Payload bytes relayed on data streams, both directions."),
+            mesh_links: gauge(&r, "swb_relay_mesh_links_up", "Mesh links to other relays up now."),
+            mesh_refused: counter(&r, "swb_relay_mesh_links_refused_total", "Mesh links refused for a missing or wrong mesh-key proof."),
+            http_requests: counter_vec(&r, "swb_relay_http_requests_total", "HTTP API requests by route template and status code.", &["route", "status"]),
+            status_publications: counter(&r, "swb_relay_status_publications_total", "Status changes published to watchers (after coalescing)."),
+            registry: r,
+        }
+    }
+
+    /// Counts a handshake's end.
+    pub(crate) fn handshake(&self, result: &str, reason: &str) {
+        self.handshakes.with_label_values(&[result, reason]).inc();
+    }
+
+    /// Counts a refused send.
+    pub(crate) fn refused(&self, code: swb_wire::Code) {
+        self.refused_send.with_label_values(&[code.as_str()]).inc();
+    }
+
+    /// All refused sends.
+    pub(crate) fn refused_total(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.refused_send
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
+    /// Handshakes that ended with `result`.
+    pub(crate) fn handshakes_with(&self, result: &str) -> u64 {
+        use prometheus::core::Collector;
+        self.handshakes
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric())
+            .filter(|m| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == "result" && l.value() == result)
+            })
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+}
+
+/// Counts an open data stream while it lives.
+pub(crate) struct OpenStream(IntGauge);
+
+impl OpenStream {
+    pub(crate) fn new(g: &IntGauge) -> Self {
+        g.inc();
+        Self(g.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
