@@ -15,6 +15,7 @@ mod demo;
 mod docs;
 mod keys;
 mod relay;
+mod service;
 mod status;
 mod up;
 

@@ -348,18 +348,98 @@ pub(crate) async fn run(mut a: RelayArgs) -> Result<()> {
 
     let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let serving = format!("relay {relay_id} listening on {addr}");
+    crate::service::ready(&serving);
     loop {
         tokio::select! {
-            _ = hup.recv() => match handle.reload_keys() {
-                Ok(n) => info!(keys = n, "SIGHUP: keys file re-read"),
-                Err(e) => warn!("SIGHUP: keeping the previous keys: {e}"),
-            },
+            _ = hup.recv() => {
+                crate::service::reloading();
+                match handle.reload_keys() {
+                    Ok(n) => info!(keys = n, "SIGHUP: keys file re-read"),
+                    Err(e) => warn!("SIGHUP: keeping the previous keys: {e}"),
+                }
+                crate::service::ready(&serving);
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
         }
     }
+    crate::service::stopping();
     info!("shutting down: telling peers goodbye");
     handle.shutdown();
     handle.join().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::path::Path;
+
+    /// `swbd relay` flags alone, for parsing in tests.
+    #[derive(Debug, Parser)]
+    struct Only {
+        #[command(flatten)]
+        a: RelayArgs,
+    }
+
+    /// The ```toml block whose first line is `first`.
+    fn toml_block(text: &str, first: &str) -> String {
+        let open = format!("```toml\n{first}\n");
+        let start = text.find(&open).expect("the block in README") + "```toml\n".len();
+        let close = text[start..].find("```").expect("end of the block");
+        text[start..start + close].to_string()
+    }
+
+    #[test]
+    fn the_readme_and_the_packaged_example_configs_load() {
+        let readme = include_str!("../../README.md");
+        let block = toml_block(readme, "# relay.toml");
+        let f = RelayFile::parse(&block, Path::new("README.md")).expect("README relay.toml");
+        assert!(f.listen.is_some() && f.metrics.is_some(), "{f:?}");
+        let example = include_str!("../../dist/examples/relay.toml");
+        RelayFile::parse(example, Path::new("relay.toml")).expect("dist/examples/relay.toml");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_key_and_line() {
+        let e = RelayFile::parse("dev = true\n\nlisen = \"x\"\n", Path::new("r.toml"))
+            .expect_err("unknown key")
+            .to_string();
+        assert!(e.contains("lisen") && e.contains("line 3"), "{e}");
+        assert!(e.contains("listen"), "the known keys are suggested: {e}");
+    }
+
+    #[test]
+    fn flags_win_over_the_file_and_the_file_over_defaults() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("relay.toml");
+        std::fs::write(
+            &path,
+            "id = \"file\"\nmailbox_messages = 7\nmessage_ttl = \"2h\"\nmesh_peer = [\"a:1\"]\nkeys = \"k.toml\"\n",
+        )
+        .expect("write");
+        let mut a = Only::parse_from([
+            "relay",
+            "--config",
+            path.to_str().expect("utf-8"),
+            "--id",
+            "flag",
+            "--mesh-peer",
+            "b:2",
+        ])
+        .a;
+        merge_file(&mut a).expect("merge");
+        assert_eq!(a.relay_id.as_deref(), Some("flag"));
+        assert_eq!(a.mailbox_messages, Some(7));
+        assert_eq!(a.message_ttl, Some(std::time::Duration::from_secs(7200)));
+        assert_eq!(a.mesh_peers, vec!["b:2".to_string()]);
+        assert_eq!(
+            a.keys,
+            Some(dir.path().join("k.toml")),
+            "relative to the file"
+        );
+        assert_eq!(a.listen, None, "left to the default");
+    }
 }

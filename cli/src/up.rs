@@ -1,5 +1,8 @@
 //! `swbd up`: run the daemon in the foreground until SIGINT/SIGTERM, or
 //! until the relay refuses it for good (bad or revoked key, name taken over).
+//! SIGHUP re-reads `--config` and applies its `expose` list without a
+//! reconnect (ports given as flags win). Under systemd (`Type=notify`) it
+//! reports ready once it first reached its relay, and its state as status.
 
 use crate::Output;
 use anyhow::{bail, Context, Result};
@@ -9,7 +12,7 @@ use swb_daemon::{
     ApiKey, ConnState, Daemon, DaemonConfig, DaemonError, Exposure, SocksConfig, Trust,
 };
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Debug, Args)]
 pub(crate) struct UpArgs {
@@ -172,7 +175,43 @@ fn api_key(a: &UpArgs) -> Result<ApiKey> {
     }
 }
 
+/// The `expose` list of the config file, for a reload.
+fn file_exposures(path: &std::path::Path) -> Result<Vec<Exposure>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read --config {}", path.display()))?;
+    let f: UpFile = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("--config {} is not valid: {e}", path.display()))?;
+    f.expose
+        .iter()
+        .map(|e| e.parse::<Exposure>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| anyhow::anyhow!("--config {}: expose: {e}", path.display()))
+}
+
+/// One line for the service manager's status.
+fn state_line(s: &ConnState) -> String {
+    match s {
+        ConnState::Connecting {
+            relay,
+            attempts,
+            last_error,
+        } => match last_error {
+            Some(e) => format!("connecting to {relay} (attempt {}): {e}", attempts + 1),
+            None => format!("connecting to {relay}"),
+        },
+        ConnState::Connected { welcome, .. } => format!(
+            "connected to relay {} as {} (namespace {})",
+            welcome.relay_id, welcome.name, welcome.namespace
+        ),
+        ConnState::Stopped { error } => match error {
+            Some(e) => format!("stopped: {e}"),
+            None => "stopped".into(),
+        },
+    }
+}
+
 pub(crate) async fn run(mut a: UpArgs, out: &Output) -> Result<()> {
+    let expose_from_flags = !a.expose.is_empty();
     let file_control = merge_file(&mut a)?;
     let control = match file_control {
         Some(c) if !out.control_given => c,
@@ -196,11 +235,6 @@ pub(crate) async fn run(mut a: UpArgs, out: &Output) -> Result<()> {
     cfg.expose = a.expose.clone();
     cfg.socks = socks_config(&a)?;
     cfg.metrics_listen = a.metrics;
-    let mut ports: Vec<u16> = cfg.expose.iter().map(|e| e.port).collect();
-    ports.sort_unstable();
-    if ports.windows(2).any(|w| w[0] == w[1]) {
-        bail!("a port is given twice in --expose");
-    }
     let handle = Daemon::spawn(cfg).await?;
     info!(control = %handle.control_path().display(), "control socket ready");
     if let Some(m) = handle.metrics_addr() {
@@ -211,18 +245,48 @@ pub(crate) async fn run(mut a: UpArgs, out: &Output) -> Result<()> {
     }
 
     let mut term = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let mut state = handle.state();
+    let mut ready = false;
+    let report = |s: &ConnState, ready: &mut bool| {
+        let line = state_line(s);
+        if s.is_connected() && !*ready {
+            *ready = true;
+            crate::service::ready(&line);
+        } else {
+            crate::service::status(&line);
+        }
+    };
+    report(&state.borrow_and_update(), &mut ready);
     let stopped = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break false,
             _ = term.recv() => break false,
+            _ = hup.recv() => {
+                crate::service::reloading();
+                match (&a.config, expose_from_flags) {
+                    (None, _) => info!("SIGHUP: no --config to re-read"),
+                    (Some(_), true) => info!("SIGHUP: --expose flags win over the config file; exposures unchanged"),
+                    (Some(path), false) => match file_exposures(path).and_then(|e| Ok(handle.set_exposures(e)?)) {
+                        Ok(()) => {
+                            let now: Vec<String> = handle.exposures().iter().map(|e| e.to_string()).collect();
+                            info!(expose = %now.join(","), "SIGHUP: exposures re-read from the config file");
+                        }
+                        Err(e) => warn!("SIGHUP: keeping the exposures: {e:#}"),
+                    },
+                }
+                let line = state_line(&state.borrow());
+                crate::service::ready(&line);
+            }
             r = state.changed() => {
                 if r.is_err() || matches!(&*state.borrow(), ConnState::Stopped { .. }) {
                     break true;
                 }
+                report(&state.borrow_and_update(), &mut ready);
             }
         }
     };
+    crate::service::stopping();
     if !stopped {
         info!("stopping");
         handle.shutdown();

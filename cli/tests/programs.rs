@@ -6,7 +6,7 @@
 //! sshd runs in inetd mode (`sshd -i`) on connections our own listener
 //! accepts on 127.0.0.1:0, so no fixed port is ever used.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -18,13 +18,7 @@ const SWBD: &str = env!("CARGO_BIN_EXE_swbd");
 const LONG: Duration = Duration::from_secs(180);
 
 fn need(program: &str, package: &str) -> Result<PathBuf> {
-    for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"] {
-        let p = Path::new(dir).join(program);
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    bail!("{program} is not installed: apt-get install {package} (bash .ci/run does this)")
+    swb_tests::need_program(program, package)
 }
 
 async fn run(cmd: &mut Command) -> Result<std::process::Output> {

@@ -3,10 +3,11 @@
 //! SIGHUP, takeover, and the demo. Ports come from `--listen 127.0.0.1:0`
 //! (the relay prints the one it got); waits are on output lines and exits.
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
+use swb_tests::line_with;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
@@ -44,23 +45,6 @@ async fn run_ok(args: &[&str]) -> Result<String> {
         text(&out.stderr)
     );
     Ok(text(&out.stdout))
-}
-
-/// Reads lines until one contains `needle`; returns it.
-async fn line_with<R: tokio::io::AsyncBufRead + Unpin>(
-    lines: &mut Lines<R>,
-    needle: &str,
-) -> Result<String> {
-    tokio::time::timeout(WAIT, async {
-        while let Some(l) = lines.next_line().await? {
-            if l.contains(needle) {
-                return Ok(l);
-            }
-        }
-        bail!("output ended before a line with {needle:?}")
-    })
-    .await
-    .with_context(|| format!("no line with {needle:?} in time"))?
 }
 
 struct RelayProc {

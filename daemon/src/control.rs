@@ -341,11 +341,7 @@ impl Client {
     }
 
     /// One round trip to `to` (see [`Request::Ping`]).
-    pub async fn ping(
-        &mut self,
-        to: &str,
-        timeout: Duration,
-    ) -> Result<crate::Pong, ControlError> {
+    pub async fn ping(&mut self, to: &str, timeout: Duration) -> Result<crate::Pong, ControlError> {
         let req = Request::Ping {
             to: to.to_string(),
             timeout_ms: timeout.as_millis() as u64,

@@ -36,8 +36,8 @@ pub mod api;
 mod conn;
 pub mod control;
 mod inbox;
-pub mod ping;
 mod metrics;
+pub mod ping;
 mod server;
 pub mod socks;
 pub mod status;
@@ -46,8 +46,8 @@ pub mod tls;
 
 pub use api::{Accepted, ApiError, Message, PendingSend, Receiver, Sender};
 pub use control::{default_control_path, Client, ControlError};
-pub use socks::SocksConfig;
 pub use ping::{Pinger, Pong};
+pub use socks::SocksConfig;
 pub use streams::{Exposure, StreamError};
 pub use swb_wire::{Refusal, Welcome};
 pub use tls::Trust;
@@ -221,12 +221,41 @@ pub(crate) struct Shared {
     /// This peer's own status (serialises publications).
     pub(crate) own_status: tokio::sync::Mutex<status::OwnStatus>,
     pub(crate) metrics: metrics::Metrics,
+    /// Exposed ports now ([`DaemonHandle::set_exposures`] changes them).
+    pub(crate) expose: std::sync::RwLock<Arc<Vec<Exposure>>>,
+}
+
+impl Shared {
+    pub(crate) fn exposures(&self) -> Arc<Vec<Exposure>> {
+        self.expose
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 impl Shared {
     pub(crate) fn inbox(&self) -> std::sync::MutexGuard<'_, inbox::Inbox> {
         self.inbox.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Exposures must name distinct ports other than the ping service's.
+fn check_exposures(expose: &[Exposure]) -> Result<(), DaemonError> {
+    if expose.iter().any(|e| e.port == swb_wire::PING_PORT) {
+        return Err(DaemonError::Config(
+            "cannot expose port 0: it is the built-in ping service".into(),
+        ));
+    }
+    let mut ports: Vec<u16> = expose.iter().map(|e| e.port).collect();
+    ports.sort_unstable();
+    if let Some(w) = ports.windows(2).find(|w| w[0] == w[1]) {
+        return Err(DaemonError::Config(format!(
+            "port {} is exposed twice",
+            w[0]
+        )));
+    }
+    Ok(())
 }
 
 /// Sets the gauges read from state, then encodes every metric.
@@ -274,12 +303,7 @@ impl Daemon {
                 "no relay address given (--relay HOST:PORT)".into(),
             ));
         }
-        if let Some(e) = config.expose.iter().find(|e| e.port == swb_wire::PING_PORT) {
-            return Err(DaemonError::Config(format!(
-                "cannot expose port {}: port 0 is the built-in ping service",
-                e.port
-            )));
-        }
+        check_exposures(&config.expose)?;
         if config.api_key.expose().is_empty() {
             return Err(DaemonError::Config(
                 "no API key: set SWB_API_KEY or pass --api-key-file".into(),
@@ -325,7 +349,6 @@ impl Daemon {
         });
         let control_path = config.control_path.clone();
         let shared = Arc::new(Shared {
-            config,
             state,
             inbox: Mutex::new(inbox::Inbox::default()),
             inbox_gen: watch::channel(0).0,
@@ -335,6 +358,8 @@ impl Daemon {
             own_status: tokio::sync::Mutex::new(status::OwnStatus::default()),
             relay_count: AtomicUsize::new(0),
             metrics: metrics::Metrics::new(),
+            expose: std::sync::RwLock::new(Arc::new(config.expose.clone())),
+            config,
         });
         let cancel = CancellationToken::new();
         let handle_shared = shared.clone();
@@ -447,6 +472,24 @@ impl DaemonHandle {
     /// `wait` bounds the stream setup and the round trip, each.
     pub async fn ping(&self, to: &str, wait: Duration) -> Result<Pong, StreamError> {
         Pinger::open(&self.shared, to, wait).await?.ping(wait).await
+    }
+
+    /// Replaces the exposed ports (what `swbd up` does on SIGHUP with its
+    /// config file). Streams already open stay open; new ones see the new
+    /// set at once, without a reconnect.
+    pub fn set_exposures(&self, expose: Vec<Exposure>) -> Result<(), DaemonError> {
+        check_exposures(&expose)?;
+        *self
+            .shared
+            .expose
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(expose);
+        Ok(())
+    }
+
+    /// The ports exposed now.
+    pub fn exposures(&self) -> Vec<Exposure> {
+        self.shared.exposures().to_vec()
     }
 
     /// The control socket path.

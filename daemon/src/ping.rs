@@ -52,7 +52,11 @@ fn my_relay(shared: &Shared) -> String {
 impl Pinger {
     /// Opens a ping stream to `to` (waiting up to `wait` for the relay
     /// connection and the answer).
-    pub(crate) async fn open(shared: &Shared, to: &str, wait: Duration) -> Result<Self, StreamError> {
+    pub(crate) async fn open(
+        shared: &Shared,
+        to: &str,
+        wait: Duration,
+    ) -> Result<Self, StreamError> {
         let to = swb_wire::normalize_name(to)
             .map_err(|e| StreamError::new(Code::BAD_NAME.as_str(), format!("{e}: {to:?}")))?;
         let (send, mut recv) = crate::streams::open(shared, &to, PING_PORT, wait)
@@ -132,7 +136,10 @@ impl Pinger {
 }
 
 fn timeout(to: &str) -> StreamError {
-    StreamError::new(Code::TIMEOUT.as_str(), format!("no answer from {to} in time"))
+    StreamError::new(
+        Code::TIMEOUT.as_str(),
+        format!("no answer from {to} in time"),
+    )
 }
 
 fn lost(to: &str, why: &str) -> StreamError {
@@ -145,7 +152,12 @@ fn lost(to: &str, why: &str) -> StreamError {
 /// Serves one ping stream opened to us: `PingInfo`, then a `Pong` per
 /// `Ping`, until the caller finishes, goes quiet for [`ECHO_IDLE`], or has
 /// sent [`ECHO_MAX_PINGS`].
-pub(crate) async fn echo(shared: &Shared, from: &str, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+pub(crate) async fn echo(
+    shared: &Shared,
+    from: &str,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let info = Frame::PingInfo(PingInfo {
         relay: my_relay(shared),
     });

@@ -312,13 +312,9 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
         return;
     }
     let me = &shared.config.name;
-    let Some(exp) = shared.config.expose.iter().find(|e| e.port == req.port) else {
-        let exposed: Vec<String> = shared
-            .config
-            .expose
-            .iter()
-            .map(|e| e.port.to_string())
-            .collect();
+    let exposures = shared.exposures();
+    let Some(exp) = exposures.iter().find(|e| e.port == req.port).cloned() else {
+        let exposed: Vec<String> = exposures.iter().map(|e| e.port.to_string()).collect();
         let msg = if exposed.is_empty() {
             format!(
                 "{me} does not expose port {} (it exposes no ports; start it with --expose {})",

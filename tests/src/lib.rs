@@ -940,7 +940,75 @@ pub async fn promtool_check(text: &str) -> Result<()> {
 /// The value of the sample `series` (name with labels, exactly as
 /// written) in a metrics text.
 pub fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// The path of `program`, from Debian's `package`; fails naming the
+/// package when it is missing (`./test` installs it).
+pub fn need_program(program: &str, package: &str) -> Result<PathBuf> {
+    for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"] {
+        let p = std::path::Path::new(dir).join(program);
+        if p.exists() {
+            return Ok(p);
+        }
+    }
+    bail!("{program} is not installed: apt-get install {package} (./test does this)")
+}
+
+/// Reads lines until one contains `needle`; returns it. Fails when the
+/// input ends first or after [`WAIT`].
+pub async fn line_with<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut tokio::io::Lines<R>,
+    needle: &str,
+) -> Result<String> {
+    tokio::time::timeout(WAIT, async {
+        while let Some(l) = lines.next_line().await? {
+            if l.contains(needle) {
+                return Ok(l);
+            }
+        }
+        bail!("output ended before a line with {needle:?}")
+    })
+    .await
+    .with_context(|| format!("no line with {needle:?} in time"))?
+}
+
+/// A service manager's notification socket (`$NOTIFY_SOCKET`), to see what
+/// a process under systemd `Type=notify` would report.
+pub struct NotifySocket {
+    sock: tokio::net::UnixDatagram,
+    /// Its path: pass it as `NOTIFY_SOCKET`.
+    pub path: PathBuf,
+}
+
+impl NotifySocket {
+    /// Binds `notify.sock` in `dir`.
+    pub fn bind(dir: &std::path::Path) -> Result<Self> {
+        let path = dir.join("notify.sock");
+        let sock = tokio::net::UnixDatagram::bind(&path)?;
+        Ok(Self { sock, path })
+    }
+
+    /// Reads notifications until one has the line `line` (like `READY=1`);
+    /// returns that whole notification.
+    pub async fn until(&self, line: &str) -> Result<String> {
+        let mut buf = vec![0u8; 4096];
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let n = self.sock.recv(&mut buf).await?;
+                let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                if msg.lines().any(|l| l == line) {
+                    return anyhow::Ok(msg);
+                }
+            }
+        })
+        .await
+        .with_context(|| format!("no {line} notification in time"))?
+    }
 }

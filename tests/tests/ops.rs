@@ -5,8 +5,8 @@
 use anyhow::{ensure, Context, Result};
 use std::time::Duration;
 use swb_tests::{
-    mesh3, name_homed_on, promtool_check, sample, scrape, send_and_collect, HashServer,
-    RawClient, RelayOptions, TestDaemon, TestRelay,
+    mesh3, name_homed_on, promtool_check, sample, scrape, send_and_collect, HashServer, RawClient,
+    RelayOptions, TestDaemon, TestRelay,
 };
 
 const PING_WAIT: Duration = Duration::from_secs(10);
@@ -29,8 +29,8 @@ async fn relay_and_daemon_metrics_count_what_happened_and_pass_promtool() -> Res
     let key = relay.create_key("acme")?;
     let hs = HashServer::start().await?;
     let local = "127.0.0.1:0".parse()?;
-    let a = TestDaemon::start_with(&relay, &key, "alpha", |c| c.metrics_listen = Some(local))
-        .await?;
+    let a =
+        TestDaemon::start_with(&relay, &key, "alpha", |c| c.metrics_listen = Some(local)).await?;
     let target = hs.addr.to_string();
     let b = TestDaemon::start_with(&relay, &key, "beta", |c| {
         c.metrics_listen = Some(local);
@@ -51,7 +51,10 @@ async fn relay_and_daemon_metrics_count_what_happened_and_pass_promtool() -> Res
     assert_eq!(sent, back);
     assert_eq!(relay.http(Some(&key))?.get("/v1/peers").await?.status, 200);
     let (_, refused) = RawClient::hello(&relay, "swbk_nope_nope", "gamma").await?;
-    assert!(matches!(refused, swb_wire::Frame::Refused(_)), "{refused:?}");
+    assert!(
+        matches!(refused, swb_wire::Frame::Refused(_)),
+        "{refused:?}"
+    );
     a.handle.ping("beta", PING_WAIT).await?;
     relay.wait_stats("3 acks", |s| s.acked >= 3).await?;
 
@@ -61,13 +64,19 @@ async fn relay_and_daemon_metrics_count_what_happened_and_pass_promtool() -> Res
     assert_eq!(value(&r, "swb_relay_messages_acknowledged_total")?, 3.0);
     assert!(value(&r, "swb_relay_messages_delivered_total")? >= 3.0);
     assert_eq!(
-        value(&r, "swb_relay_messages_refused_total{code=\"mailbox_full\"}")?,
+        value(
+            &r,
+            "swb_relay_messages_refused_total{code=\"mailbox_full\"}"
+        )?,
         1.0
     );
     assert_eq!(value(&r, "swb_relay_delivery_seconds_count")?, 3.0);
     assert_eq!(value(&r, "swb_relay_sessions_attached")?, 2.0);
     assert_eq!(
-        value(&r, "swb_relay_handshakes_total{reason=\"ok\",result=\"accepted\"}")?,
+        value(
+            &r,
+            "swb_relay_handshakes_total{reason=\"ok\",result=\"accepted\"}"
+        )?,
         2.0
     );
     assert_eq!(
@@ -79,7 +88,10 @@ async fn relay_and_daemon_metrics_count_what_happened_and_pass_promtool() -> Res
     );
     assert_eq!(value(&r, "swb_relay_handshake_seconds_count")?, 2.0);
     assert!(value(&r, "swb_relay_stream_bytes_total")? >= f64::from(1u32 << 20));
-    assert!(value(&r, "swb_relay_streams_opened_total")? >= 2.0, "stream and ping");
+    assert!(
+        value(&r, "swb_relay_streams_opened_total")? >= 2.0,
+        "stream and ping"
+    );
     assert_eq!(
         value(
             &r,
@@ -90,7 +102,10 @@ async fn relay_and_daemon_metrics_count_what_happened_and_pass_promtool() -> Res
     assert_eq!(value(&r, "swb_relay_mail_held_messages")?, 0.0);
     // Bounded labels: no peer names, namespaces or keys in any series.
     for secret in ["alpha", "beta", "gamma", "acme", key.as_str()] {
-        ensure!(!r.contains(secret), "{secret:?} appears in the relay metrics");
+        ensure!(
+            !r.contains(secret),
+            "{secret:?} appears in the relay metrics"
+        );
     }
 
     let am = scrape(a.handle.metrics_addr().context("daemon metrics")?).await?;
@@ -122,7 +137,10 @@ async fn relay_and_daemon_metrics_count_what_happened_and_pass_promtool() -> Res
         )? >= 1.0
     );
     for secret in ["alpha", "beta", "acme", key.as_str()] {
-        ensure!(!am.contains(secret) && !bm.contains(secret), "{secret:?} in daemon metrics");
+        ensure!(
+            !am.contains(secret) && !bm.contains(secret),
+            "{secret:?} in daemon metrics"
+        );
     }
     Ok(())
 }
@@ -178,7 +196,10 @@ async fn port_zero_cannot_be_exposed_it_is_the_ping_service() -> Result<()> {
         port: swb_wire::PING_PORT,
         target: "127.0.0.1:22".into(),
     }];
-    let e = TestDaemon::spawn(cfg).await.err().context("spawn should fail")?;
+    let e = TestDaemon::spawn(cfg)
+        .await
+        .err()
+        .context("spawn should fail")?;
     ensure!(e.to_string().contains("ping"), "{e}");
     Ok(())
 }
