@@ -285,6 +285,16 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
         )
         .await?;
 
+    let (pong, _) = steps
+        .run(
+            "laptop pings london through the relay (answered by london's daemon)",
+            async {
+                let mut c = Client::connect(laptop.control_path()).await?;
+                Ok(c.ping("london", STEP_LIMIT).await?)
+            },
+        )
+        .await?;
+
     let (stats, _) = steps
         .run(
             "the relay holds no mail: everything was acknowledged",
@@ -329,6 +339,8 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
                 "stream_bytes": STREAM_BYTES,
                 "stream_ms": stream_t.as_secs_f64() * 1e3,
                 "stream_mb_per_sec": (2 * STREAM_BYTES) as f64 / stream_t.as_secs_f64() / 1e6,
+                "ping_ms": pong.rtt.as_secs_f64() * 1e3,
+                "ping_via": pong.via,
                 "accepted": stats.accepted,
                 "acked": stats.acked,
                 "total_ms": total.as_secs_f64() * 1e3,
@@ -346,8 +358,11 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
         fmt_dur(per_msg)
     );
     println!(
-        "a 16 MiB stream went to london's port 8080 and back at {:.0} MB/s each way; port 22 was refused: \"{refusal}\".",
-        STREAM_BYTES as f64 / stream_t.as_secs_f64() / 1e6
+        "a 16 MiB stream went to london's port 8080 and back at {:.0} MB/s each way; port 22 was refused: \"{refusal}\".\n\
+         a ping from laptop to london via {} took {:.3} ms.",
+        STREAM_BYTES as f64 / stream_t.as_secs_f64() / 1e6,
+        pong.via.join(" -> "),
+        pong.rtt.as_secs_f64() * 1e3
     );
     println!(
         "\nThe same with separate processes (each in its own terminal):\n\n\
@@ -359,6 +374,7 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
          \x20 swbd --control /tmp/laptop.sock send london 'deploy done'\n\
          \x20 swbd --control /tmp/london.sock recv --wait 10\n\
          \x20 swbd --control /tmp/london.sock status\n\
+         \x20 swbd --control /tmp/laptop.sock ping london\n\
          \x20 ssh -o ProxyCommand=\"swbd --control /tmp/laptop.sock connect %h %p\" user@london.switchboard\n\
          \x20 curl --socks5-hostname 127.0.0.1:1080 http://london.switchboard:8080/   # with --expose 8080 on london\n\n\
          (From a checkout, `cargo run --release --` stands for `swbd`; or `cargo install --path cli`.)"

@@ -8,7 +8,7 @@
 //! - **Balance.** Each relay wins a key with probability exactly `1/N`; there
 //!   are no arcs whose lengths vary. A 160-virtual-node ring has a largest
 //!   share of ~1.3 × the mean at N = 1000; rendezvous stays within sampling
-//!   noise of 1.0 (`swbd bench ring` prints the figures).
+//!   noise of 1.0 (`swbd-bench ring` prints the figures).
 //! - **Movement.** When a relay joins, the only keys that move are the ones
 //!   it wins (about `1/(N+1)`), and they all move *to* it; when one leaves,
 //!   only its own keys move. This is exact, not statistical, and the property
