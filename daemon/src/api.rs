@@ -26,7 +26,7 @@
 //! # Ok(()) }
 //! ```
 
-use crate::conn::{Cmd, SendResult};
+use crate::session::{Cmd, SendResult};
 use crate::{ConnState, Shared};
 use bytes::Bytes;
 use std::collections::HashSet;

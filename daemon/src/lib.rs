@@ -35,10 +35,12 @@ use tokio_util::sync::CancellationToken;
 pub mod api;
 mod conn;
 pub mod control;
+mod dial;
 mod inbox;
 mod metrics;
 pub mod ping;
 mod server;
+mod session;
 pub mod socks;
 pub mod status;
 pub mod streams;
@@ -172,6 +174,12 @@ impl ConnState {
     }
 }
 
+/// The daemon stopped (the reason, if it stopped for one) before it
+/// connected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the daemon stopped: {}", .0.as_deref().unwrap_or("asked to"))]
+pub struct Stopped(pub Option<String>);
+
 /// Errors that stop a daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -214,13 +222,15 @@ pub(crate) struct Shared {
     /// Bumped whenever the inbox gains messages.
     pub(crate) inbox_gen: watch::Sender<u64>,
     pub(crate) conn: Mutex<Option<quinn::Connection>>,
-    pub(crate) cmd_tx: mpsc::Sender<conn::Cmd>,
+    pub(crate) cmd_tx: mpsc::Sender<session::Cmd>,
     pub(crate) pending_sends: AtomicUsize,
     /// Relays in the last relay map.
     pub(crate) relay_count: AtomicUsize,
     /// This peer's own status (serialises publications).
     pub(crate) own_status: tokio::sync::Mutex<status::OwnStatus>,
     pub(crate) metrics: metrics::Metrics,
+    /// Every task the daemon starts.
+    pub(crate) tasks: tokio_util::task::TaskTracker,
     /// Exposed ports now ([`DaemonHandle::set_exposures`] changes them).
     pub(crate) expose: std::sync::RwLock<Arc<Vec<Exposure>>>,
 }
@@ -358,6 +368,7 @@ impl Daemon {
             own_status: tokio::sync::Mutex::new(status::OwnStatus::default()),
             relay_count: AtomicUsize::new(0),
             metrics: metrics::Metrics::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
             expose: std::sync::RwLock::new(Arc::new(config.expose.clone())),
             config,
         });
@@ -366,7 +377,8 @@ impl Daemon {
         let task = {
             let cancel = cancel.clone();
             let span = tracing::info_span!("daemon", peer = %shared.config.name);
-            tokio::spawn(tracing::Instrument::instrument(
+            let tasks = shared.tasks.clone();
+            tasks.spawn(tracing::Instrument::instrument(
                 async move {
                     let server_cancel = cancel.child_token();
                     let actor = async {
@@ -519,17 +531,17 @@ impl DaemonHandle {
     }
 
     /// Waits until connected, or until the daemon stopped (then the error).
-    pub async fn connected(&self) -> Result<Welcome, String> {
+    pub async fn connected(&self) -> Result<Welcome, Stopped> {
         let mut rx = self.state.clone();
         let s = rx
             .wait_for(|s| matches!(s, ConnState::Connected { .. } | ConnState::Stopped { .. }))
             .await
-            .map_err(|_| "daemon task ended".to_string())?
+            .map_err(|_| Stopped(None))?
             .clone();
         match s {
             ConnState::Connected { welcome, .. } => Ok(welcome),
-            ConnState::Stopped { error } => Err(error.unwrap_or_else(|| "stopped".into())),
-            ConnState::Connecting { .. } => Err("unreachable".into()),
+            ConnState::Stopped { error } => Err(Stopped(error)),
+            ConnState::Connecting { .. } => Err(Stopped(None)),
         }
     }
 
@@ -538,14 +550,30 @@ impl DaemonHandle {
         self.cancel.cancel();
     }
 
-    /// Waits for the daemon to end; the error, if it stopped for one.
+    /// Waits for the daemon to end — every task it started — and returns
+    /// the error, if it stopped for one.
     pub async fn join(mut self) -> Result<(), DaemonError> {
-        match self.task.take() {
+        let r = match self.task.take() {
             Some(t) => t
                 .await
                 .unwrap_or_else(|e| Err(DaemonError::Config(format!("daemon task failed: {e}")))),
             None => Ok(()),
-        }
+        };
+        self.cancel.cancel();
+        self.shared.tasks.close();
+        self.shared.tasks.wait().await;
+        r
+    }
+
+    /// Tasks of this daemon still running; 0 after [`DaemonHandle::join`].
+    pub fn tasks_alive(&self) -> usize {
+        self.shared.tasks.len()
+    }
+
+    /// A handle on the daemon's tasks, to check after `join` that none
+    /// outlived it.
+    pub fn task_tracker(&self) -> tokio_util::task::TaskTracker {
+        self.shared.tasks.clone()
     }
 }
 

@@ -77,7 +77,7 @@ pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>, cancel: C
             _ = cancel.cancelled() => break,
             a = listener.accept() => match a {
                 Ok((s, _)) => {
-                    conns.spawn(handle(s, shared.clone(), cancel.clone()));
+                    conns.spawn(shared.tasks.track_future(handle(s, shared.clone(), cancel.clone())));
                 }
                 Err(e) => {
                     debug!("control accept failed: {e}");

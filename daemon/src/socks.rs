@@ -71,7 +71,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
                         continue;
                     }
                     let span = tracing::debug_span!("socks", %peer);
-                    tasks.spawn(client(shared.clone(), tcp).instrument(span));
+                    tasks.spawn(shared.tasks.track_future(client(shared.clone(), tcp).instrument(span)));
                 }
                 Err(e) => {
                     debug!("SOCKS accept failed: {e}");

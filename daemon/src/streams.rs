@@ -282,7 +282,7 @@ pub(crate) async fn accept_loop(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
-                    tasks.spawn(incoming(shared.clone(), send, recv).in_current_span());
+                    tasks.spawn(shared.tasks.track_future(incoming(shared.clone(), send, recv).in_current_span()));
                 }
                 Err(_) => break,
             },

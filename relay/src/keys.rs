@@ -333,6 +333,130 @@ impl KeyStore {
     }
 }
 
+/// Where a relay's API keys come from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// A keys file, re-read when it changes and on `RelayHandle::reload_keys`.
+    File(std::path::PathBuf),
+    /// A fixed set (tests, demo).
+    Static(KeysFile),
+}
+
+/// Reads a key source: the store and, for a file, the bytes it was read from.
+/// A missing file is an empty set.
+pub fn read_source(source: &KeySource) -> Result<(KeyStore, Option<Vec<u8>>), KeysError> {
+    match source {
+        KeySource::Static(f) => Ok((KeyStore::new(f), None)),
+        KeySource::File(p) => {
+            let bytes = match std::fs::read(p) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(source) => {
+                    return Err(KeysError::Io {
+                        path: p.display().to_string(),
+                        source,
+                    })
+                }
+            };
+            let text = String::from_utf8_lossy(&bytes);
+            let file = KeysFile::parse(&text, &p.display().to_string())?;
+            Ok((KeyStore::new(&file), Some(bytes)))
+        }
+    }
+}
+
+/// The key set a relay verifies against, and how it follows its file: a
+/// changed file is re-read (by poll, SIGHUP, or when an unknown key shows
+/// up, rate-limited). Pure bookkeeping: whoever installs a new set also
+/// ends the sessions of keys that are gone.
+#[derive(Debug)]
+pub(crate) struct Keys {
+    source: KeySource,
+    store: std::sync::RwLock<std::sync::Arc<KeyStore>>,
+    /// File contents last installed, and when the file was last read.
+    seen: std::sync::Mutex<(Option<Vec<u8>>, Option<std::time::Instant>)>,
+}
+
+impl Keys {
+    /// Reads the source once.
+    pub(crate) fn load(source: KeySource) -> Result<Self, KeysError> {
+        let (store, bytes) = read_source(&source)?;
+        Ok(Self {
+            source,
+            store: std::sync::RwLock::new(std::sync::Arc::new(store)),
+            seen: std::sync::Mutex::new((bytes, Some(std::time::Instant::now()))),
+        })
+    }
+
+    /// The key set now.
+    pub(crate) fn store(&self) -> std::sync::Arc<KeyStore> {
+        match self.store.read() {
+            Ok(k) => k.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn install(&self, store: KeyStore) -> std::sync::Arc<KeyStore> {
+        let store = std::sync::Arc::new(store);
+        match self.store.write() {
+            Ok(mut k) => *k = store.clone(),
+            Err(p) => *p.into_inner() = store.clone(),
+        }
+        store
+    }
+
+    /// Re-reads the source now (SIGHUP); the new set.
+    pub(crate) fn reload(&self) -> Result<std::sync::Arc<KeyStore>, KeysError> {
+        let (store, bytes) = read_source(&self.source)?;
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).0 = bytes;
+        Ok(self.install(store))
+    }
+
+    /// Re-reads the keys file if it changed (file source only). `min_gap`
+    /// rate-limits reads: a flood of bad keys costs at most one read per
+    /// gap. The new set, if one was installed.
+    pub(crate) fn refresh(&self, min_gap: std::time::Duration) -> Option<std::sync::Arc<KeyStore>> {
+        let KeySource::File(path) = &self.source else {
+            return None;
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if seen.1.is_some_and(|t| now.duration_since(t) < min_gap) {
+            return None;
+        }
+        seen.1 = Some(now);
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                if seen.0.is_some() {
+                    tracing::warn!(path = %path.display(), "cannot read keys file: {e}; keeping the keys in memory");
+                    seen.0 = None;
+                }
+                return None;
+            }
+        };
+        if seen.0.as_deref() == Some(&bytes[..]) {
+            return None;
+        }
+        seen.0 = Some(bytes.clone());
+        match KeysFile::parse(
+            &String::from_utf8_lossy(&bytes),
+            &path.display().to_string(),
+        ) {
+            Ok(f) => {
+                let store = self.install(KeyStore::new(&f));
+                tracing::info!(keys = store.len(), "keys file changed; reloaded");
+                Some(store)
+            }
+            Err(e) => {
+                tracing::warn!("{e}; keeping the previous keys");
+                None
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

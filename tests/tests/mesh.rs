@@ -116,6 +116,7 @@ async fn client_and_mesh_credentials_do_not_open_each_others_door() -> Result<()
             id: "intruder".into(),
             addrs: vec![],
             fingerprint: String::new(),
+            incarnation: 0,
         },
         proof: api_key.as_bytes().to_vec(),
     });

@@ -52,7 +52,27 @@ pub const MAX_MESSAGE_BODY: usize = 64 * 1024;
 pub const MAX_NAME_LEN: usize = 63;
 
 /// Longest relay id, in bytes (relays refuse to start with a longer one).
-pub const MAX_RELAY_ID_LEN: usize = 255;
+pub const MAX_RELAY_ID_LEN: usize = 63;
+/// Most addresses one relay record lists.
+pub const MAX_RELAY_ADDRS: usize = 4;
+/// Longest address in a relay record: `host:port` with a DNS name of up to
+/// 253 bytes.
+pub const MAX_RELAY_ADDR_LEN: usize = 260;
+/// Longest certificate fingerprint in a relay record (`sha256:` + 64 hex
+/// digits is 71).
+pub const MAX_FINGERPRINT_LEN: usize = 80;
+/// Largest encoded [`RelayRecord`] within the limits above (postcard: a
+/// length prefix of 1 or 2 bytes before each string and list).
+pub const MAX_RELAY_RECORD_LEN: usize = (1 + MAX_RELAY_ID_LEN)
+    + 1
+    + MAX_RELAY_ADDRS * (2 + MAX_RELAY_ADDR_LEN)
+    + (1 + MAX_FINGERPRINT_LEN)
+    + 10;
+/// Records in one page of a relay map: as many of the largest records as fit
+/// in one frame. A larger map travels as several [`RelayMap`] frames, every
+/// one but the last with `more` set.
+pub const RELAY_MAP_PAGE: usize = (MAX_FRAME_LEN - 16) / MAX_RELAY_RECORD_LEN;
+const _: () = assert!(RELAY_MAP_PAGE >= 1, "a relay record must fit one frame");
 /// Largest API key accepted in a `Hello`.
 pub const MAX_KEY_LEN: usize = 256;
 /// Largest human-readable reason carried in a refusal.
@@ -77,8 +97,27 @@ pub const MAX_STATUS_KEY_LEN: usize = 64;
 pub const MAX_WATCH_NAMES: usize = 256;
 /// ALPN protocol id of a relay-to-relay (mesh) connection.
 pub const MESH_ALPN: &[u8] = b"swb-mesh/1";
-/// Most relays a relay map lists.
+/// Most relays a relay map lists (in pages of [`RELAY_MAP_PAGE`]).
 pub const MAX_RELAYS: usize = 4096;
+
+/// Application close codes of a QUIC connection (client and mesh alike).
+pub mod close {
+    /// A normal end: shutdown, goodbye said, nothing wrong.
+    pub const NORMAL: u32 = 0;
+    /// Refused: authentication, a refusal frame sent before, a redirect,
+    /// a duplicate or unproven mesh link.
+    pub const REFUSED: u32 = 1;
+    /// The peer broke the protocol.
+    pub const PROTOCOL: u32 = 2;
+}
+
+/// Application error codes of a reset or stopped QUIC stream.
+pub mod reset {
+    /// Reset by a relay (setup failed, or the other side went away).
+    pub const RELAY: u32 = 1;
+    /// Reset by a daemon (its local socket failed).
+    pub const DAEMON: u32 = 2;
+}
 /// ALPN protocol id of a client (daemon) connection.
 pub const ALPN: &[u8] = b"swb/1";
 
@@ -147,14 +186,19 @@ pub enum FrameType {
     /// at the receiving relay (all known ones if `names` is empty), and
     /// with `watch` every change after.
     MeshStatusQuery = 27,
-    /// Relay → relay, first frame of a mesh stream: an HTTP API operation
-    /// for a peer homed at the receiver (JSON); the answer is a status code
-    /// (u16 BE) and the JSON body, until the end of the stream.
-    MeshHttp = 28,
+    // 28 was `MeshHttp` (an HTTP API operation as JSON); retired for
+    // `MeshCall`, never to be reused.
     /// Target daemon → caller on a ping stream (port [`PING_PORT`]), right
     /// after the accepting `StreamReply`: the relay the target is attached
     /// to, for the path `swbd ping` prints. Then `Ping` → `Pong` echoes.
     PingInfo = 29,
+    /// Relay → relay, first frame of a mesh stream: an operation on a peer
+    /// homed at the receiver (receive, acknowledge, set status) for a door
+    /// of the sender; answered with [`MeshAnswer`] frames.
+    MeshCall = 30,
+    /// Relay → relay: the answer to a `MeshCall` (a receive answers with a
+    /// `Message` per message, then `Received`).
+    MeshAnswer = 31,
 }
 
 impl FrameType {
@@ -188,8 +232,9 @@ impl FrameType {
             25 => Self::MeshStreamOpen,
             26 => Self::MeshLeaving,
             27 => Self::MeshStatusQuery,
-            28 => Self::MeshHttp,
             29 => Self::PingInfo,
+            30 => Self::MeshCall,
+            31 => Self::MeshAnswer,
             _ => return None,
         })
     }
@@ -243,6 +288,8 @@ codes! {
     TOO_MANY_STREAMS = 16, "too_many_streams";
     STATUS_TOO_LARGE = 17, "status_too_large";
     BAD_STATUS = 18, "bad_status";
+    RELAY_UNAVAILABLE = 19, "relay_unavailable";
+    BUSY = 20, "busy";
 }
 
 impl fmt::Debug for Code {
@@ -597,6 +644,10 @@ pub struct RelayRecord {
     pub addrs: Vec<String>,
     /// `sha256:<hex>` of its certificate.
     pub fingerprint: String,
+    /// When this relay process started (ms since the Unix epoch): a newer
+    /// record of the same relay supersedes an older one, so records gossiped
+    /// from before a restart cannot undo it.
+    pub incarnation: u64,
 }
 
 /// Relay → relay: first frame of a mesh link.
@@ -645,8 +696,52 @@ impl fmt::Debug for MeshWelcome {
 /// The live relays, as a relay tells its daemons and other relays.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayMap {
-    /// Live relays.
+    /// Live relays (at most [`RELAY_MAP_PAGE`] in one frame).
     pub relays: Vec<RelayRecord>,
+    /// More pages of the same map follow; the map is whole at the page
+    /// without it.
+    pub more: bool,
+}
+
+impl RelayMap {
+    /// Splits a whole map into pages that each fit one frame.
+    pub fn pages(relays: &[RelayRecord]) -> Vec<RelayMap> {
+        let mut out: Vec<RelayMap> = relays
+            .chunks(RELAY_MAP_PAGE)
+            .map(|c| RelayMap {
+                relays: c.to_vec(),
+                more: true,
+            })
+            .collect();
+        match out.last_mut() {
+            Some(last) => last.more = false,
+            None => out.push(RelayMap {
+                relays: Vec::new(),
+                more: false,
+            }),
+        }
+        out
+    }
+}
+
+/// Puts the pages of a relay map back together.
+#[derive(Debug, Default)]
+pub struct RelayMapPages {
+    relays: Vec<RelayRecord>,
+}
+
+impl RelayMapPages {
+    /// Adds a page; the whole map once its last page arrived. A map that
+    /// would exceed [`MAX_RELAYS`] is cut there.
+    pub fn add(&mut self, page: RelayMap) -> Option<Vec<RelayRecord>> {
+        let room = MAX_RELAYS.saturating_sub(self.relays.len());
+        self.relays.extend(page.relays.into_iter().take(room));
+        if page.more {
+            None
+        } else {
+            Some(std::mem::take(&mut self.relays))
+        }
+    }
 }
 
 /// Relay → relay: a message for a peer homed at the receiving relay.
@@ -690,11 +785,51 @@ pub struct MeshStatusQuery {
     pub watch: bool,
 }
 
-/// Relay → relay: an HTTP API operation forwarded to the home relay.
+/// Relay → relay: an operation on peer `name` of `namespace`, homed at the
+/// receiving relay, on behalf of a door of the sending relay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MeshHttp {
-    /// The operation as JSON (namespace included).
-    pub json: String,
+pub struct MeshCall {
+    /// The peer's namespace.
+    pub namespace: String,
+    /// The peer.
+    pub name: String,
+    /// What to do.
+    pub op: MeshOp,
+}
+
+/// The operations of a [`MeshCall`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MeshOp {
+    /// Take up to `max` messages of the peer's mailbox as an HTTP poll does
+    /// (leased until acknowledged), waiting up to `wait_ms` for the first.
+    Receive {
+        /// Longest wait for the first message.
+        wait_ms: u64,
+        /// Most messages.
+        max: u32,
+    },
+    /// Acknowledge messages (forget them).
+    Ack {
+        /// Message ids, at most [`MAX_ACK_IDS`].
+        ids: Vec<MessageId>,
+    },
+    /// Change the peer's status.
+    SetStatus(SetStatus),
+}
+
+/// The answers to a [`MeshCall`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MeshAnswer {
+    /// One received message (a receive sends one frame per message).
+    Message(Deliver),
+    /// The end of a receive's messages.
+    Received,
+    /// How many of the acknowledged ids were held.
+    Acked(u32),
+    /// The status after a change.
+    Status(StatusUpdate),
+    /// The operation was refused.
+    Refused(Refusal),
 }
 
 /// Port 0 of every peer is its daemon's built-in echo service (`swbd
@@ -774,8 +909,10 @@ pub enum Frame {
     MeshLeaving,
     /// See [`FrameType::MeshStatusQuery`].
     MeshStatusQuery(MeshStatusQuery),
-    /// See [`FrameType::MeshHttp`].
-    MeshHttp(MeshHttp),
+    /// See [`FrameType::MeshCall`].
+    MeshCall(MeshCall),
+    /// See [`FrameType::MeshAnswer`].
+    MeshAnswer(MeshAnswer),
     /// See [`FrameType::PingInfo`].
     PingInfo(PingInfo),
 }
@@ -860,7 +997,8 @@ impl Frame {
             Frame::MeshStreamOpen(_) => FrameType::MeshStreamOpen,
             Frame::MeshLeaving => FrameType::MeshLeaving,
             Frame::MeshStatusQuery(_) => FrameType::MeshStatusQuery,
-            Frame::MeshHttp(_) => FrameType::MeshHttp,
+            Frame::MeshCall(_) => FrameType::MeshCall,
+            Frame::MeshAnswer(_) => FrameType::MeshAnswer,
             Frame::PingInfo(_) => FrameType::PingInfo,
         }
     }
@@ -895,7 +1033,8 @@ impl Frame {
             Frame::MeshStreamOpen(v) => len(v),
             Frame::MeshLeaving => Ok(0),
             Frame::MeshStatusQuery(v) => len(v),
-            Frame::MeshHttp(v) => len(v),
+            Frame::MeshCall(v) => len(v),
+            Frame::MeshAnswer(v) => len(v),
             Frame::PingInfo(v) => len(v),
         }
     }
@@ -945,7 +1084,8 @@ impl Frame {
             Frame::MeshStreamOpen(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::MeshLeaving => Ok(0),
             Frame::MeshStatusQuery(v) => postcard::to_slice(v, out).map(|s| s.len()),
-            Frame::MeshHttp(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::MeshCall(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::MeshAnswer(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::PingInfo(v) => postcard::to_slice(v, out).map(|s| s.len()),
         };
         match res {
@@ -1000,6 +1140,20 @@ fn check_len(field: &'static str, len: usize, max: usize) -> Result<(), DecodeEr
         return Err(DecodeError::FieldTooLarge { field, len, max });
     }
     Ok(())
+}
+
+/// A relay record within the record limits.
+fn check_record(r: &RelayRecord) -> Result<(), DecodeError> {
+    check_len("relay.id", r.id.len(), MAX_RELAY_ID_LEN)?;
+    check_len("relay.addrs", r.addrs.len(), MAX_RELAY_ADDRS)?;
+    for a in &r.addrs {
+        check_len("relay.addr", a.len(), MAX_RELAY_ADDR_LEN)?;
+    }
+    check_len(
+        "relay.fingerprint",
+        r.fingerprint.len(),
+        MAX_FINGERPRINT_LEN,
+    )
 }
 
 fn body<'a, T: Deserialize<'a>>(ty: FrameType, b: &'a [u8]) -> Result<T, DecodeError> {
@@ -1092,21 +1246,45 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
             }
             Frame::PeersQuery
         }
-        FrameType::MeshHello => Frame::MeshHello(body(ty, b)?),
+        FrameType::MeshHello => {
+            let h: MeshHello = body(ty, b)?;
+            check_record(&h.relay)?;
+            Frame::MeshHello(h)
+        }
         FrameType::MeshWelcome => {
             let w: MeshWelcome = body(ty, b)?;
-            check_len("mesh_welcome.members", w.members.len(), MAX_RELAYS)?;
+            check_record(&w.relay)?;
+            check_len("mesh_welcome.members", w.members.len(), RELAY_MAP_PAGE)?;
+            w.members.iter().try_for_each(check_record)?;
             Frame::MeshWelcome(w)
         }
         FrameType::MeshMembers => {
             let m: RelayMap = body(ty, b)?;
-            check_len("mesh_members.relays", m.relays.len(), MAX_RELAYS)?;
+            check_len("mesh_members.relays", m.relays.len(), RELAY_MAP_PAGE)?;
+            m.relays.iter().try_for_each(check_record)?;
             Frame::MeshMembers(m)
         }
-        FrameType::Redirect => Frame::Redirect(body(ty, b)?),
+        FrameType::Redirect => {
+            let r: RelayRecord = body(ty, b)?;
+            check_record(&r)?;
+            Frame::Redirect(r)
+        }
         FrameType::MeshForward => Frame::MeshForward(body(ty, b)?),
         FrameType::MeshStreamOpen => Frame::MeshStreamOpen(body(ty, b)?),
-        FrameType::MeshHttp => Frame::MeshHttp(body(ty, b)?),
+        FrameType::MeshCall => {
+            let c: MeshCall = body(ty, b)?;
+            check_len("mesh_call.name", c.name.len(), MAX_NAME_LEN * 4)?;
+            match &c.op {
+                MeshOp::Ack { ids } => check_len("mesh_call.ids", ids.len(), MAX_ACK_IDS)?,
+                MeshOp::SetStatus(s) => {
+                    check_len("mesh_call.set", s.set.len(), MAX_STATUS_KEYS * 4)?;
+                    check_len("mesh_call.clear", s.clear.len(), MAX_STATUS_KEYS * 4)?;
+                }
+                MeshOp::Receive { .. } => {}
+            }
+            Frame::MeshCall(c)
+        }
+        FrameType::MeshAnswer => Frame::MeshAnswer(body(ty, b)?),
         FrameType::PingInfo => {
             let p: PingInfo = body(ty, b)?;
             check_len("ping_info.relay", p.relay.len(), MAX_RELAY_ID_LEN)?;
@@ -1128,7 +1306,8 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
         }
         FrameType::RelayMap => {
             let m: RelayMap = body(ty, b)?;
-            check_len("relay_map.relays", m.relays.len(), MAX_RELAYS)?;
+            check_len("relay_map.relays", m.relays.len(), RELAY_MAP_PAGE)?;
+            m.relays.iter().try_for_each(check_record)?;
             Frame::RelayMap(m)
         }
     };

@@ -21,12 +21,59 @@ fn arb_record() -> impl Strategy<Value = RelayRecord> {
         "[a-z0-9-]{1,12}",
         proptest::collection::vec("[a-z0-9.:]{1,20}", 0..3),
         "sha256:[0-9a-f]{8}",
+        any::<u64>(),
     )
-        .prop_map(|(id, addrs, fingerprint)| RelayRecord {
+        .prop_map(|(id, addrs, fingerprint, incarnation)| RelayRecord {
             id,
             addrs,
             fingerprint,
+            incarnation,
         })
+}
+
+fn arb_mesh_op() -> impl Strategy<Value = MeshOp> {
+    prop_oneof![
+        (any::<u64>(), any::<u32>()).prop_map(|(wait_ms, max)| MeshOp::Receive { wait_ms, max }),
+        proptest::collection::vec(arb_id(), 0..20).prop_map(|ids| MeshOp::Ack { ids }),
+        (
+            proptest::collection::vec(("[a-z]{1,8}", ".{0,20}"), 0..4),
+            proptest::collection::vec("[a-z]{1,8}", 0..3),
+        )
+            .prop_map(|(set, clear)| MeshOp::SetStatus(SetStatus {
+                set,
+                clear,
+                replace: false
+            })),
+    ]
+}
+
+fn arb_mesh_answer() -> impl Strategy<Value = MeshAnswer> {
+    prop_oneof![
+        (arb_id(), "[a-z]{0,63}", arb_bytes(512), any::<u64>()).prop_map(
+            |(id, from, body, sent_at_ms)| MeshAnswer::Message(Deliver {
+                id,
+                from,
+                body,
+                sent_at_ms
+            })
+        ),
+        Just(MeshAnswer::Received),
+        any::<u32>().prop_map(MeshAnswer::Acked),
+        arb_refusal().prop_map(MeshAnswer::Refused),
+        ("[a-z]{1,10}", any::<(u64, bool, u64, u64)>()).prop_map(
+            |(name, (version, online, since_ms, updated_ms))| {
+                MeshAnswer::Status(StatusUpdate {
+                    name,
+                    version,
+                    online,
+                    since_ms,
+                    updated_ms,
+                    fields: vec![("k".into(), "v".into())],
+                    lagged: false,
+                })
+            }
+        ),
+    ]
 }
 
 fn arb_frame() -> impl Strategy<Value = Frame> {
@@ -106,7 +153,14 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             })),
         Just(Frame::PeersQuery),
         Just(Frame::MeshLeaving),
-        ".{0,64}".prop_map(|json| Frame::MeshHttp(MeshHttp { json })),
+        ("[a-z]{0,8}", "[a-z0-9-]{0,63}", arb_mesh_op()).prop_map(|(namespace, name, op)| {
+            Frame::MeshCall(MeshCall {
+                namespace,
+                name,
+                op,
+            })
+        }),
+        arb_mesh_answer().prop_map(Frame::MeshAnswer),
         "[a-z0-9-]{0,63}".prop_map(|relay| Frame::PingInfo(PingInfo { relay })),
         (
             "[a-z]{1,8}",
@@ -149,10 +203,10 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     sent_at_ms
                 })
             ),
-        proptest::collection::vec(arb_record(), 0..4)
-            .prop_map(|relays| Frame::RelayMap(RelayMap { relays })),
-        proptest::collection::vec(arb_record(), 0..4)
-            .prop_map(|relays| Frame::MeshMembers(RelayMap { relays })),
+        (proptest::collection::vec(arb_record(), 0..4), any::<bool>())
+            .prop_map(|(relays, more)| Frame::RelayMap(RelayMap { relays, more })),
+        (proptest::collection::vec(arb_record(), 0..4), any::<bool>())
+            .prop_map(|(relays, more)| Frame::MeshMembers(RelayMap { relays, more })),
         (
             any::<u16>(),
             arb_record(),
@@ -429,4 +483,66 @@ fn status_changes_are_checked_against_the_limits() {
         },
     );
     assert_eq!(r.unwrap_err().code, Code::STATUS_TOO_LARGE);
+}
+
+/// The largest record the limits allow.
+fn worst_record(i: usize) -> RelayRecord {
+    let mut id = format!("r{i}-");
+    id.extend(std::iter::repeat_n('x', MAX_RELAY_ID_LEN - id.len()));
+    RelayRecord {
+        id,
+        addrs: vec!["a".repeat(MAX_RELAY_ADDR_LEN); MAX_RELAY_ADDRS],
+        fingerprint: "f".repeat(MAX_FINGERPRINT_LEN),
+        incarnation: u64::MAX,
+    }
+}
+
+#[test]
+fn the_largest_relay_record_is_within_its_named_bound() {
+    let r = worst_record(0);
+    let len = postcard::to_allocvec(&r).expect("encodes").len();
+    assert!(
+        len <= MAX_RELAY_RECORD_LEN,
+        "{len} > {MAX_RELAY_RECORD_LEN}"
+    );
+}
+
+#[test]
+fn a_relay_map_of_the_largest_allowed_size_travels_in_pages() {
+    let all: Vec<RelayRecord> = (0..MAX_RELAYS).map(worst_record).collect();
+    let pages = RelayMap::pages(&all);
+    assert_eq!(pages.len(), MAX_RELAYS.div_ceil(RELAY_MAP_PAGE));
+    let mut whole = RelayMapPages::default();
+    let mut got = None;
+    for p in pages {
+        for f in [Frame::RelayMap(p.clone()), Frame::MeshMembers(p.clone())] {
+            let mut b = BytesMut::new();
+            f.encode(&mut b).expect("a page fits one frame");
+            assert!(b.len() <= HEADER_LEN + MAX_FRAME_LEN);
+            match decode(&b).expect("decodes") {
+                Decoded::Frame { frame, .. } => assert_eq!(frame, f),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(got.is_none(), "the map was whole before its last page");
+        got = whole.add(p);
+    }
+    assert_eq!(got.expect("whole after the last page"), all);
+    // An empty map is one page.
+    assert_eq!(RelayMap::pages(&[]).len(), 1);
+}
+
+#[test]
+fn relay_records_beyond_the_limits_are_refused() {
+    let mut r = worst_record(1);
+    r.id.push('y');
+    let mut b = BytesMut::new();
+    Frame::Redirect(r).encode(&mut b).expect("encodes");
+    assert!(matches!(
+        decode(&b),
+        Err(DecodeError::FieldTooLarge {
+            field: "relay.id",
+            ..
+        })
+    ));
 }

@@ -1,22 +1,27 @@
-//! One daemon connection: handshake, then an actor loop over the control
-//! stream that handles sends and acks and flushes the mailbox.
+//! The QUIC session door: one daemon connection after its TLS handshake —
+//! `Hello`, authentication, registration, then an actor loop over the
+//! control stream that handles sends and acks and flushes the mailbox.
 
-use crate::registry::{Enqueued, SessionCtl};
-use crate::Shared;
+use super::KEYS_REFRESH_GAP;
+use crate::router::{Route, Router};
+use crate::services::registry::SessionCtl;
 use bytes::BytesMut;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use swb_wire::{
-    Code, Frame, FrameReader, Limits, Preamble, Refusal, SendAccepted, SendRefused, Welcome,
+    close, Code, Frame, FrameReader, Limits, Preamble, Refusal, SendAccepted, SendRefused, Welcome,
     MAX_MESSAGE_BODY, PROTOCOL_VERSION,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
-/// Application close codes of a client connection.
-pub(crate) const CLOSE_NORMAL: u32 = 0;
-pub(crate) const CLOSE_REFUSED: u32 = 1;
-pub(crate) const CLOSE_PROTOCOL: u32 = 2;
+/// Sends one session may have waiting for another relay's answer; more
+/// are refused with `busy`.
+const FORWARD_QUEUE: usize = 1024;
+/// How long the last frame (a refusal, a goodbye) may take to go out.
+const GOODBYE_FLUSH: Duration = Duration::from_secs(1);
+/// How long the relay waits for the daemon to close after the last frame.
+const GOODBYE_LINGER: Duration = Duration::from_secs(2);
 
 /// Most messages delivered to a daemon and not yet acknowledged: the rest
 /// waits in the mailbox (bounds the daemon's inbox; keeps it small and hot).
@@ -27,9 +32,6 @@ const OUT_CHUNK: usize = 64 * 1024;
 
 /// Bytes of mail bodies written per flush before yielding to other branches.
 const FLUSH_BYTES: usize = 256 * 1024;
-
-/// Least time between keys-file reads triggered by unknown keys.
-pub(crate) const KEYS_REFRESH_GAP: Duration = Duration::from_millis(100);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -120,21 +122,23 @@ impl Io {
     }
 }
 
-/// Handles one incoming connection to its end.
+/// Serves one daemon connection (TLS done, ALPN `swb/1`) to its end.
+/// `started` is when its first packet arrived (for the handshake time).
 pub(crate) async fn run(
-    shared: Arc<Shared>,
-    incoming: quinn::Incoming,
+    router: Arc<Router>,
+    conn: quinn::Connection,
     permit: tokio::sync::OwnedSemaphorePermit,
+    started: tokio::time::Instant,
     cancel: CancellationToken,
 ) {
     // The handshake's state lives on the heap only while it runs; the task
     // itself keeps just what an attached session needs (memory per idle
     // client).
-    let Some(a) = Box::pin(open(&shared, incoming, permit, cancel)).await else {
+    let Some(a) = Box::pin(open(&router, conn, permit, started, cancel)).await else {
         return;
     };
     let span = tracing::info_span!("session", ns = %a.ns, peer = %a.name, session = a.ctl.id, key = %a.key_id);
-    attached(shared, a).instrument(span).await;
+    attached(router, a).instrument(span).await;
 }
 
 /// A registered session, handed from the handshake to the serving loop.
@@ -149,56 +153,27 @@ struct Attached {
     limits: crate::MailboxLimits,
 }
 
-/// Handshake, Hello, authentication and registration; `None` when the
-/// connection ended on the way (a mesh link is served to its end here).
-/// Holds a handshake permit until it returns (or a mesh link is up).
+fn failed(router: &Router, reason: &str) {
+    router.services().metrics.handshake("failed", reason);
+}
+
+/// `Hello`, authentication and registration; `None` when the connection
+/// ended on the way. Holds the handshake permit until it returns.
 async fn open(
-    shared: &Arc<Shared>,
-    incoming: quinn::Incoming,
+    router: &Arc<Router>,
+    conn: quinn::Connection,
     permit: tokio::sync::OwnedSemaphorePermit,
+    started: tokio::time::Instant,
     cancel: CancellationToken,
 ) -> Option<Attached> {
-    let shared = shared.clone();
-    let started = tokio::time::Instant::now();
-    let hello_timeout = shared.config.hello_timeout;
-    let remote = incoming.remote_address();
-    let failed = |reason: &str| shared.metrics.handshake("failed", reason);
-    let conn = tokio::select! {
-        _ = cancel.cancelled() => return None,
-        c = tokio::time::timeout(hello_timeout, incoming) => match c {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                debug!("handshake failed: {e}");
-                failed("quic");
-                return None;
-            }
-            Err(_) => {
-                debug!("handshake timed out");
-                failed("timeout");
-                return None;
-            }
-        },
-    };
-    let alpn = conn
-        .handshake_data()
-        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-        .and_then(|d| d.protocol);
-    if alpn.as_deref() == Some(swb_wire::MESH_ALPN) {
-        drop(permit);
-        shared.metrics.handshake("mesh", "link");
-        match &shared.mesh {
-            Some(m) => {
-                // Mesh links outlive the shutdown signal until the mail handoff.
-                let _ = cancel;
-                crate::mesh::accept(shared.clone(), m.clone(), conn, shared.mesh_stop.clone()).await
-            }
-            None => conn.close(CLOSE_PROTOCOL.into(), b"this relay is not part of a mesh"),
-        }
-        return None;
-    }
+    let _permit = permit;
+    let config = router.config();
+    let metrics = &router.services().metrics;
+    let hello_timeout = config.hello_timeout;
+    let remote = conn.remote_address();
     let stream = tokio::select! {
         _ = cancel.cancelled() => {
-            conn.close(CLOSE_NORMAL.into(), b"relay shutting down");
+            conn.close(close::NORMAL.into(), b"relay shutting down");
             return None;
         }
         s = tokio::time::timeout(hello_timeout, conn.accept_bi()) => s,
@@ -207,13 +182,13 @@ async fn open(
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             debug!("no control stream: {e}");
-            failed("closed");
+            failed(router, "closed");
             return None;
         }
         Err(_) => {
-            failed("timeout");
+            failed(router, "timeout");
             conn.close(
-                CLOSE_PROTOCOL.into(),
+                close::PROTOCOL.into(),
                 b"no control stream within the hello timeout",
             );
             return None;
@@ -241,9 +216,9 @@ async fn open(
         Ok(h) => h,
         Err(end) => {
             match &end {
-                End::Goodbye(r) => shared.metrics.handshake("refused", r.code.as_str()),
-                End::Protocol(_) => shared.metrics.handshake("refused", Code::PROTOCOL.as_str()),
-                End::Gone | End::Redirect(_) => failed("closed"),
+                End::Goodbye(r) => metrics.handshake("refused", r.code.as_str()),
+                End::Protocol(_) => metrics.handshake("refused", Code::PROTOCOL.as_str()),
+                End::Gone | End::Redirect(_) => failed(router, "closed"),
             }
             finish(&conn, &mut io, end, true).await;
             return None;
@@ -262,12 +237,12 @@ async fn open(
                 ),
             ));
         }
-        let mut verified = shared.keys().verify(&hello.key);
+        let mut verified = router.keys().store().verify(&hello.key);
         if verified == Err(crate::keys::AuthError::Unauthorized)
-            && shared.refresh_keys(KEYS_REFRESH_GAP)
+            && router.refresh_keys(KEYS_REFRESH_GAP)
         {
             // A key created moments ago works before the next poll.
-            verified = shared.keys().verify(&hello.key);
+            verified = router.keys().store().verify(&hello.key);
         }
         let info = verified.map_err(|e| match e {
             crate::keys::AuthError::Unauthorized => refuse(
@@ -287,7 +262,7 @@ async fn open(
         Ok(v) => v,
         Err(end) => {
             if let End::Goodbye(r) = &end {
-                shared.metrics.handshake("refused", r.code.as_str());
+                metrics.handshake("refused", r.code.as_str());
                 info!(%remote, code = %r.code, "hello refused");
             }
             finish(&conn, &mut io, end, true).await;
@@ -296,14 +271,14 @@ async fn open(
     };
     let ns = info.namespace.clone();
     // In a mesh, a peer attaches at its home relay; elsewhere it is sent on.
-    if let Some(home) = crate::mesh::home_elsewhere(&shared, &ns, &name) {
+    if let Route::Remote(home) = router.route(&ns, &name) {
         debug!(%remote, %ns, peer = %name, home = %home.id, "redirected to its home relay");
-        shared.metrics.handshake("redirected", "home_elsewhere");
+        metrics.handshake("redirected", "home_elsewhere");
         finish(&conn, &mut io, End::Redirect(home), true).await;
         return None;
     }
     let (ctl, replaced, limits) = {
-        let mut reg = shared.registry();
+        let mut reg = router.services().registry();
         let id = reg.next_session_id();
         let ctl = Arc::new(SessionCtl::new(
             id,
@@ -324,10 +299,9 @@ async fn open(
             ),
         ));
     }
-    shared.metrics.sessions.inc();
-    shared.metrics.handshake("accepted", "ok");
-    shared
-        .metrics
+    metrics.sessions.inc();
+    metrics.handshake("accepted", "ok");
+    metrics
         .handshake_seconds
         .observe(started.elapsed().as_secs_f64());
     Some(Attached {
@@ -343,7 +317,7 @@ async fn open(
 }
 
 /// Serves a registered session to its end.
-async fn attached(shared: Arc<Shared>, a: Attached) {
+async fn attached(router: Arc<Router>, a: Attached) {
     let Attached {
         conn,
         mut io,
@@ -359,7 +333,7 @@ async fn attached(shared: Arc<Shared>, a: Attached) {
         let welcome = Frame::Welcome(Welcome {
             namespace: ns.clone(),
             name: name.clone(),
-            relay_id: shared.config.relay_id.clone(),
+            relay_id: router.config().relay_id.clone(),
             session: ctl.id,
             server_time_ms: now_ms(),
             limits: Limits {
@@ -369,26 +343,31 @@ async fn attached(shared: Arc<Shared>, a: Attached) {
                 message_ttl_secs: limits.ttl.as_secs(),
             },
         });
-        let streams_stop = CancellationToken::new();
+        // The data-stream acceptor lives under this session's token.
+        let streams_stop = ctl.cancel.child_token();
         let streams = tokio::spawn(
-            crate::streams::accept_loop(
-                shared.clone(),
-                conn.clone(),
-                ctl.clone(),
-                ns.clone(),
-                name.clone(),
-                streams_stop.clone(),
-            )
-            .in_current_span(),
+            router.tasks().track_future(
+                super::streams::accept_loop(
+                    router.clone(),
+                    conn.clone(),
+                    ctl.clone(),
+                    ns.clone(),
+                    name.clone(),
+                    streams_stop.clone(),
+                )
+                .in_current_span(),
+            ),
         );
-        let map = Frame::RelayMap(crate::mesh::relay_map(&shared));
-        let end = match io.queue(&welcome).and_then(|()| io.queue(&map)) {
-            Ok(()) => serve(&shared, &ctl, &mut io, &ns, &name).await,
+        let end = match io
+            .queue(&welcome)
+            .and_then(|()| queue_relay_map(&router, &mut io))
+        {
+            Ok(()) => serve(&router, &ctl, &mut io, &ns, &name).await,
             Err(e) => e,
         };
         streams_stop.cancel();
         let _ = streams.await;
-        shared.registry().detach(&ns, &name, ctl.id);
+        router.services().registry().detach(&ns, &name, ctl.id);
         let end = match end {
             // A cancellation carries its reason in the ctl; none means shutdown.
             End::Gone if ctl.cancel.is_cancelled() => {
@@ -409,6 +388,14 @@ async fn attached(shared: Arc<Shared>, a: Attached) {
         }
         Box::pin(finish(&conn, &mut io, end, false)).await;
     }
+}
+
+/// Queues the live relay map, page by page.
+fn queue_relay_map(router: &Router, io: &mut Io) -> Result<(), End> {
+    for page in router.placement().relay_map() {
+        io.queue(&Frame::RelayMap(page))?;
+    }
+    Ok(())
 }
 
 async fn read_hello(io: &mut Io) -> Result<swb_wire::Hello, End> {
@@ -441,7 +428,7 @@ async fn read_hello(io: &mut Io) -> Result<swb_wire::Hello, End> {
 }
 
 /// The session's actor loop. Returns why it ended.
-async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, name: &str) -> End {
+async fn serve(router: &Arc<Router>, ctl: &SessionCtl, io: &mut Io, ns: &str, name: &str) -> End {
     let cancel = ctl.cancel.clone();
     if let Err(e) = io.flush(&cancel).await {
         return e;
@@ -452,7 +439,8 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
     let mut stalled = false;
     // Deliver whatever waited while the peer was away.
     ctl.notify.notify_one();
-    let mut live = shared.mesh.as_ref().map(|m| m.live());
+    let mut live = router.placement().live();
+    let services = router.services();
     // The forwarder to other relays starts with the first message for a
     // peer homed elsewhere (an idle session costs no task or channel).
     let mut fwd: Option<Forwarding> = None;
@@ -462,18 +450,13 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return End::Gone,
-            Some(()) = async {
-                match live.as_mut() {
-                    Some(rx) => rx.changed().await.ok(),
-                    None => std::future::pending().await,
-                }
-            } => {
+            Ok(()) = live.changed() => {
                 // The mesh changed: tell the daemon, and move it if its
                 // home is now another relay.
-                if let Some(home) = crate::mesh::home_elsewhere(shared, ns, name) {
+                if let Route::Remote(home) = router.route(ns, name) {
                     return End::Redirect(home);
                 }
-                if let Err(e) = io.queue(&Frame::RelayMap(crate::mesh::relay_map(shared))) {
+                if let Err(e) = queue_relay_map(router, io) {
                     return e;
                 }
             }
@@ -484,13 +467,13 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
                     stalled = true;
                     continue;
                 }
-                let batch = shared.registry().pending(ns, name, ctl.id, cursor, FLUSH_BYTES, room, tokio::time::Instant::now());
+                let batch = services.registry().pending(ns, name, ctl.id, cursor, FLUSH_BYTES, room, tokio::time::Instant::now());
                 cursor = batch.cursor;
                 unacked += batch.frames.len();
                 if batch.more {
                     ctl.notify.notify_one();
                 }
-                shared.metrics.delivered.inc_by(batch.frames.len() as u64);
+                services.metrics.delivered.inc_by(batch.frames.len() as u64);
                 for d in batch.frames {
                     if let Err(e) = io.queue(&Frame::Deliver(d)) {
                         return e;
@@ -514,8 +497,7 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
                 loop {
                     match io.reader.next_frame() {
                         Ok(Some(Frame::Ack(a))) => {
-                            let n = shared.registry().ack(ns, name, &a.ids);
-                            shared.metrics.acked.inc_by(n as u64);
+                            services.ack(ns, name, &a.ids);
                             // Count the ids, not what was still held: a
                             // delivered message that expired meanwhile must
                             // free its slot too.
@@ -526,7 +508,7 @@ async fn serve(shared: &Arc<Shared>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
                             }
                         }
                         Ok(Some(f)) => {
-                            if let Err(e) = handle(shared, io, ns, name, f, &mut fwd) {
+                            if let Err(e) = handle(router, io, ns, name, f, &mut fwd) {
                                 return e;
                             }
                         }
@@ -553,10 +535,14 @@ struct Forwarding {
 }
 
 impl Forwarding {
-    fn start(shared: &Arc<Shared>) -> Self {
-        let (jobs, rx) = tokio::sync::mpsc::channel::<Forward>(1024);
-        let (done_tx, done) = tokio::sync::mpsc::channel::<Frame>(1024);
-        let task = tokio::spawn(forwarder(shared.clone(), rx, done_tx).in_current_span());
+    fn start(router: &Arc<Router>) -> Self {
+        let (jobs, rx) = tokio::sync::mpsc::channel::<Forward>(FORWARD_QUEUE);
+        let (done_tx, done) = tokio::sync::mpsc::channel::<Frame>(FORWARD_QUEUE);
+        let task = tokio::spawn(
+            router
+                .tasks()
+                .track_future(forwarder(router.clone(), rx, done_tx).in_current_span()),
+        );
         Self { jobs, done, task }
     }
 }
@@ -571,21 +557,15 @@ impl Drop for Forwarding {
 /// sender's messages to a peer keep their order; answers come back as
 /// frames for the daemon.
 async fn forwarder(
-    shared: Arc<Shared>,
+    router: Arc<Router>,
     mut jobs: tokio::sync::mpsc::Receiver<Forward>,
     done: tokio::sync::mpsc::Sender<Frame>,
 ) {
     while let Some((req, home, f)) = jobs.recv().await {
         let id = f.id;
-        let reply = match crate::mesh::forward(&shared, &home, f).await {
-            Ok(online) => {
-                shared.metrics.forwarded.inc();
-                Frame::SendAccepted(SendAccepted { req, id, online })
-            }
-            Err(refusal) => {
-                shared.metrics.refused(refusal.code);
-                Frame::SendRefused(SendRefused { req, refusal })
-            }
+        let reply = match router.forward(&home, f).await {
+            Ok(online) => Frame::SendAccepted(SendAccepted { req, id, online }),
+            Err(refusal) => Frame::SendRefused(SendRefused { req, refusal }),
         };
         if done.send(reply).await.is_err() {
             return;
@@ -594,7 +574,7 @@ async fn forwarder(
 }
 
 fn handle(
-    shared: &Arc<Shared>,
+    router: &Arc<Router>,
     io: &mut Io,
     ns: &str,
     name: &str,
@@ -605,7 +585,7 @@ fn handle(
         Frame::Send(s) if s.body.len() <= MAX_MESSAGE_BODY => {
             // Recipient homed on another relay: one mesh hop.
             if let Ok(to) = swb_wire::normalize_name(&s.to) {
-                if let Some(home) = crate::mesh::home_elsewhere(shared, ns, &to) {
+                if let Route::Remote(home) = router.route(ns, &to) {
                     let job = swb_wire::MeshForward {
                         namespace: ns.to_string(),
                         from: name.to_string(),
@@ -614,76 +594,64 @@ fn handle(
                         body: s.body,
                         sent_at_ms: now_ms(),
                     };
-                    let f = fwd.get_or_insert_with(|| Forwarding::start(shared));
+                    let f = fwd.get_or_insert_with(|| Forwarding::start(router));
                     if f.jobs.try_send((s.req, home.id, job)).is_err() {
+                        let refusal = Refusal::new(
+                            Code::BUSY,
+                            format!("{FORWARD_QUEUE} messages of this session are waiting for another relay already; retry"),
+                        );
+                        router.services().metrics.refused(refusal.code);
                         io.queue(&Frame::SendRefused(SendRefused {
                             req: s.req,
-                            refusal: Refusal::new(
-                                Code::TIMEOUT,
-                                "too many messages waiting for another relay; retry",
-                            ),
+                            refusal,
                         }))?;
                     }
                     return Ok(());
                 }
-                return handle_local(shared, io, ns, name, Frame::Send(s));
             }
-            handle_local(shared, io, ns, name, Frame::Send(s))
+            handle_local(router.services(), io, ns, name, Frame::Send(s))
         }
-        other => handle_local(shared, io, ns, name, other),
+        other => handle_local(router.services(), io, ns, name, other),
     }
 }
 
-fn handle_local(shared: &Shared, io: &mut Io, ns: &str, name: &str, f: Frame) -> Result<(), End> {
+fn handle_local(
+    services: &crate::services::Services,
+    io: &mut Io,
+    ns: &str,
+    name: &str,
+    f: Frame,
+) -> Result<(), End> {
     match f {
         Frame::Send(s) => {
-            let refusal = if s.body.len() > MAX_MESSAGE_BODY {
-                Some(Refusal::new(
-                    Code::BODY_TOO_LARGE,
-                    format!(
-                        "the message body has {} bytes; the limit is {MAX_MESSAGE_BODY}. Send large data over a stream instead",
-                        s.body.len()
-                    ),
-                ))
-            } else {
-                match swb_wire::normalize_name(&s.to) {
-                    Err(e) => Some(Refusal::new(Code::BAD_NAME, format!("{e}: {:?}", s.to))),
-                    Ok(to) => match shared.registry().enqueue(
-                        ns,
-                        name,
-                        &to,
-                        s.id,
-                        s.body,
-                        now_ms(),
-                        tokio::time::Instant::now(),
-                    ) {
-                        Enqueued::Accepted { online } => {
-                            shared.metrics.accepted.inc();
-                            debug!(to = %to, id = %s.id, online, "message accepted");
-                            io.queue(&Frame::SendAccepted(SendAccepted {
-                                req: s.req,
-                                id: s.id,
-                                online,
-                            }))?;
-                            None
-                        }
-                        Enqueued::Refused(r) => Some(r),
-                    },
+            let result = match swb_wire::normalize_name(&s.to) {
+                Err(e) => {
+                    let r = Refusal::new(Code::BAD_NAME, format!("{e}: {:?}", s.to));
+                    services.metrics.refused(r.code);
+                    Err(r)
                 }
+                Ok(to) => services.enqueue(ns, name, &to, s.id, s.body, now_ms()),
             };
-            if let Some(refusal) = refusal {
-                shared.metrics.refused(refusal.code);
-                debug!(code = %refusal.code, "send refused");
-                io.queue(&Frame::SendRefused(SendRefused {
-                    req: s.req,
-                    refusal,
-                }))?;
+            match result {
+                Ok(online) => {
+                    debug!(id = %s.id, online, "message accepted");
+                    io.queue(&Frame::SendAccepted(SendAccepted {
+                        req: s.req,
+                        id: s.id,
+                        online,
+                    }))
+                }
+                Err(refusal) => {
+                    debug!(code = %refusal.code, "send refused");
+                    io.queue(&Frame::SendRefused(SendRefused {
+                        req: s.req,
+                        refusal,
+                    }))
+                }
             }
-            Ok(())
         }
         Frame::Ack(a) => {
-            let n = shared.registry().ack(ns, name, &a.ids);
-            shared.metrics.acked.inc_by(n as u64);
+            services.ack(ns, name, &a.ids);
             Ok(())
         }
         Frame::Ping(p) => io.queue(&Frame::Pong(p)),
@@ -701,7 +669,7 @@ async fn finish(conn: &quinn::Connection, io: &mut Io, end: End, at_hello: bool)
     let never = CancellationToken::new();
     let (code, reason) = match end {
         End::Gone => {
-            conn.close(CLOSE_NORMAL.into(), b"");
+            conn.close(close::NORMAL.into(), b"");
             return;
         }
         End::Goodbye(r) => {
@@ -712,20 +680,20 @@ async fn finish(conn: &quinn::Connection, io: &mut Io, end: End, at_hello: bool)
                 Frame::Goodbye(r)
             };
             let _ = io.queue(&f);
-            (CLOSE_REFUSED, reason)
+            (close::REFUSED, reason)
         }
         End::Protocol(p) => {
             let _ = io.queue(&Frame::Goodbye(Refusal::new(Code::PROTOCOL, p)));
-            (CLOSE_PROTOCOL, b"protocol_error".to_vec())
+            (close::PROTOCOL, b"protocol_error".to_vec())
         }
         End::Redirect(r) => {
             let _ = io.queue(&Frame::Redirect(r));
-            (CLOSE_REFUSED, b"redirect".to_vec())
+            (close::REFUSED, b"redirect".to_vec())
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(1), io.flush(&never)).await;
+    let _ = tokio::time::timeout(GOODBYE_FLUSH, io.flush(&never)).await;
     let _ = io.send.finish();
     // The daemon closes once it read the frame; do not wait longer than this.
-    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    let _ = tokio::time::timeout(GOODBYE_LINGER, conn.closed()).await;
     conn.close(code.into(), &reason);
 }

@@ -252,7 +252,7 @@ type Key = (Arc<str>, Arc<str>);
 pub(crate) struct Registry {
     slots: HashMap<Key, Slot>,
     /// Status and presence of every peer.
-    pub(crate) status: crate::status::StatusBoard,
+    pub(crate) status: super::status::StatusBoard,
     usage: HashMap<Arc<str>, NsUsage>,
     limits: MailboxLimits,
     next_session: u64,
@@ -268,7 +268,7 @@ impl Registry {
     pub(crate) fn new(limits: MailboxLimits, status_retention: Duration) -> Self {
         Self {
             slots: HashMap::new(),
-            status: crate::status::StatusBoard::new(status_retention),
+            status: super::status::StatusBoard::new(status_retention),
             usage: HashMap::new(),
             limits,
             next_session: 1,
@@ -683,12 +683,12 @@ impl Registry {
 
     /// Every held message, for saving at shutdown. `now`/`wall_now_ms`
     /// convert expiry to wall-clock time.
-    pub(crate) fn export(&self, now: Instant, wall_now_ms: u64) -> Vec<crate::persist::Saved> {
+    pub(crate) fn export(&self, now: Instant, wall_now_ms: u64) -> Vec<super::persist::Saved> {
         let mut out = Vec::new();
         for ((ns, to), slot) in &self.slots {
             for m in slot.mailbox.msgs.values() {
                 let left = m.expires_at.saturating_duration_since(now).as_millis() as u64;
-                out.push(crate::persist::Saved {
+                out.push(super::persist::Saved {
                     ns: ns.to_string(),
                     to: to.to_string(),
                     from: m.from.to_string(),
@@ -705,7 +705,7 @@ impl Registry {
     /// Puts a saved message back, with its remaining lifetime.
     pub(crate) fn restore(
         &mut self,
-        m: crate::persist::Saved,
+        m: super::persist::Saved,
         now: Instant,
         wall_now_ms: u64,
     ) -> Result<(), String> {

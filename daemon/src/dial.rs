@@ -1,0 +1,373 @@
+//! Dialing a relay: UDP endpoints (one per address family, reused across
+//! reconnects), TLS trust (the configured one, or pinned per relay from the
+//! relay map in dev meshes), QUIC, the preamble and `Hello`, and what the
+//! relay answers: `Welcome`, `Redirect` or `Refused`.
+
+use crate::session::is_fatal;
+use crate::tls::VerifyNote;
+use crate::{DaemonConfig, DaemonError};
+use bytes::BytesMut;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use swb_wire::{
+    Code, Frame, FrameReader, Hello, Preamble, Refusal, RelayRecord, Welcome, PROTOCOL_VERSION,
+};
+use tokio::io::AsyncReadExt;
+
+/// Streams the relay may open to us at once: peers connecting to exposed
+/// ports (and pings).
+const INBOUND_STREAMS: u32 = 1024;
+/// Room kept free in the read buffer before each read.
+const READ_ROOM: usize = 4096;
+/// How much the read buffer grows when it is short of room.
+const READ_GROW: usize = 16 * 1024;
+
+/// Why an attempt to reach a relay did not end registered.
+#[derive(Debug)]
+pub(crate) enum ConnectError {
+    /// Try again later (the reason, for the log and `swbd status`).
+    Retry(String),
+    /// This relay is not our home: go to that one.
+    Redirect(RelayRecord),
+    /// Stop the daemon.
+    Fatal(DaemonError),
+}
+
+/// An established control stream to a relay.
+pub(crate) struct Link {
+    pub(crate) conn: quinn::Connection,
+    pub(crate) send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    pub(crate) reader: FrameReader,
+    pub(crate) addr: SocketAddr,
+}
+
+impl Link {
+    /// One read into the frame buffer. Cancel-safe.
+    pub(crate) async fn read_some(&mut self) -> Result<(), String> {
+        let buf = self.reader.buf();
+        if buf.capacity() - buf.len() < READ_ROOM {
+            buf.reserve(READ_GROW);
+        }
+        match self.recv.read_buf(buf).await {
+            Ok(0) => Err(self.close_reason("the relay closed the control stream")),
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.close_reason(&e.to_string())),
+        }
+    }
+
+    /// Why the connection ended, in words.
+    pub(crate) fn close_reason(&self, fallback: &str) -> String {
+        match self.conn.close_reason() {
+            Some(quinn::ConnectionError::TimedOut) => {
+                "the relay stopped answering (idle timeout)".into()
+            }
+            Some(e) => e.to_string(),
+            None => fallback.to_string(),
+        }
+    }
+
+    async fn next_frame(&mut self) -> Result<Frame, String> {
+        loop {
+            match self.reader.next_frame() {
+                Ok(Some(f)) => return Ok(f),
+                Ok(None) => self.read_some().await?,
+                Err(e) => return Err(format!("relay sent bad data: {e}")),
+            }
+        }
+    }
+
+    /// Writes frames in one write.
+    pub(crate) async fn write(&mut self, frames: &[Frame]) -> Result<(), String> {
+        let mut b = BytesMut::new();
+        for f in frames {
+            f.encode(&mut b).map_err(|e| e.to_string())?;
+        }
+        self.send.write_all(&b).await.map_err(|e| e.to_string())
+    }
+}
+
+/// Whether a connection error is a TLS failure (a TLS alert travels as a
+/// QUIC CRYPTO_ERROR, transport codes 0x100–0x1ff).
+fn is_tls_failure(e: &quinn::ConnectionError) -> bool {
+    match e {
+        quinn::ConnectionError::TransportError(t) => (0x100..0x200).contains(&u64::from(t.code)),
+        _ => false,
+    }
+}
+
+/// What dials relays for one daemon.
+pub(crate) struct Dialer {
+    config: DaemonConfig,
+    client_cfg: quinn::ClientConfig,
+    note: VerifyNote,
+    endpoints: (Option<quinn::Endpoint>, Option<quinn::Endpoint>),
+    /// Client configs pinned to relays' own certificates (dev meshes).
+    pinned: HashMap<String, quinn::ClientConfig>,
+}
+
+/// The QUIC client configuration on top of `tls`.
+pub(crate) fn quic_client_config(
+    config: &DaemonConfig,
+    tls: rustls::ClientConfig,
+) -> Result<quinn::ClientConfig, DaemonError> {
+    let qcfg = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| DaemonError::Config(format!("TLS configuration: {e}")))?;
+    let mut client_cfg = quinn::ClientConfig::new(Arc::new(qcfg));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(config.keepalive));
+    transport.max_idle_timeout(quinn::IdleTimeout::try_from(config.idle_timeout).ok());
+    transport.max_concurrent_bidi_streams(INBOUND_STREAMS.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    transport.datagram_receive_buffer_size(None);
+    client_cfg.transport_config(Arc::new(transport));
+    Ok(client_cfg)
+}
+
+impl Dialer {
+    pub(crate) fn new(
+        config: DaemonConfig,
+        tls: rustls::ClientConfig,
+        note: VerifyNote,
+    ) -> Result<Self, DaemonError> {
+        let client_cfg = quic_client_config(&config, tls)?;
+        Ok(Self {
+            config,
+            client_cfg,
+            note,
+            endpoints: (None, None),
+            pinned: HashMap::new(),
+        })
+    }
+
+    fn endpoint_for(&mut self, addr: SocketAddr) -> Result<quinn::Endpoint, String> {
+        let slot = if addr.is_ipv4() {
+            &mut self.endpoints.0
+        } else {
+            &mut self.endpoints.1
+        };
+        if let Some(ep) = slot {
+            return Ok(ep.clone());
+        }
+        let bind: SocketAddr = if addr.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let ep = swb_quic::udp_socket(bind)
+            .and_then(|sock| {
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    sock,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
+            .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+        *slot = Some(ep.clone());
+        Ok(ep)
+    }
+
+    /// The endpoints in use, to close when the daemon stops.
+    pub(crate) fn take_endpoints(&mut self) -> Vec<quinn::Endpoint> {
+        [self.endpoints.0.take(), self.endpoints.1.take()]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// The QUIC client config for `target`: with fingerprint trust, pinned
+    /// to the certificate the relay map lists for it (the map came over a
+    /// connection we already verified); otherwise the configured trust.
+    fn client_cfg_for(
+        &mut self,
+        target: Option<&RelayRecord>,
+    ) -> Result<quinn::ClientConfig, ConnectError> {
+        let Some(r) = target else {
+            return Ok(self.client_cfg.clone());
+        };
+        if !matches!(self.config.trust, crate::Trust::Fingerprint(_)) {
+            return Ok(self.client_cfg.clone());
+        }
+        if let Some(c) = self.pinned.get(&r.fingerprint) {
+            return Ok(c.clone());
+        }
+        let tls = crate::tls::client_config(
+            &crate::Trust::Fingerprint(r.fingerprint.clone()),
+            swb_wire::ALPN,
+            self.note.clone(),
+        )
+        .map_err(|e| ConnectError::Retry(format!("relay {}: {e}", r.id)))?;
+        let c = quic_client_config(&self.config, tls)
+            .map_err(|e| ConnectError::Retry(e.to_string()))?;
+        self.pinned.insert(r.fingerprint.clone(), c.clone());
+        Ok(c)
+    }
+
+    /// Connects to `relay` (an address; `target` is its record when it came
+    /// from a relay map or a redirect) and registers, within the connect
+    /// timeout.
+    pub(crate) async fn connect(
+        &mut self,
+        relay: &str,
+        target: Option<&RelayRecord>,
+    ) -> Result<(Link, Welcome), ConnectError> {
+        let timeout = self.config.connect_timeout;
+        let cfg = self.client_cfg_for(target)?;
+        match tokio::time::timeout(timeout, self.connect_inner(relay, cfg)).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Retry(format!("no answer within {timeout:?}"))),
+        }
+    }
+
+    async fn connect_inner(
+        &mut self,
+        relay: &str,
+        client_cfg: quinn::ClientConfig,
+    ) -> Result<(Link, Welcome), ConnectError> {
+        let (host, port) = split_host_port(relay);
+        let addr = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map_err(|e| ConnectError::Retry(format!("cannot resolve {host}: {e}")))?
+            .next()
+            .ok_or_else(|| ConnectError::Retry(format!("{host} has no address")))?;
+        let ep = self.endpoint_for(addr).map_err(ConnectError::Retry)?;
+        let server_name = self.config.server_name.clone().unwrap_or(host);
+        let connecting = ep
+            .connect_with(client_cfg, addr, &server_name)
+            .map_err(|e| {
+                ConnectError::Fatal(DaemonError::Config(format!(
+                    "cannot connect to {relay}: {e}"
+                )))
+            })?;
+        let conn = match connecting.await {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(why) = self.note.take() {
+                    return Err(ConnectError::Fatal(DaemonError::Untrusted(why)));
+                }
+                if is_tls_failure(&e) {
+                    return Err(ConnectError::Fatal(DaemonError::Untrusted(format!(
+                        "TLS with {relay} failed: {e}; check --ca / --relay-fingerprint / --server-name"
+                    ))));
+                }
+                return Err(ConnectError::Retry(e.to_string()));
+            }
+        };
+        let (mut send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| ConnectError::Retry(e.to_string()))?;
+        let mut first = BytesMut::new();
+        Preamble {
+            version: PROTOCOL_VERSION,
+        }
+        .encode(&mut first);
+        Frame::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            key: self.config.api_key.expose().to_string(),
+            name: self.config.name.clone(),
+            agent: concat!("swbd/", env!("CARGO_PKG_VERSION")).into(),
+        })
+        .encode(&mut first)
+        .map_err(|e| {
+            ConnectError::Fatal(DaemonError::Config(format!("cannot encode Hello: {e}")))
+        })?;
+        send.write_all(&first)
+            .await
+            .map_err(|e| ConnectError::Retry(e.to_string()))?;
+        let mut link = Link {
+            conn,
+            send,
+            recv,
+            reader: FrameReader::new(),
+            addr,
+        };
+        loop {
+            match link.reader.preamble() {
+                Ok(Some(p)) if p.version == PROTOCOL_VERSION => break,
+                Ok(Some(p)) => {
+                    return Err(ConnectError::Fatal(DaemonError::Refused(Refusal::new(
+                        Code::UNSUPPORTED_VERSION,
+                        format!("the relay speaks protocol version {}, this daemon {PROTOCOL_VERSION}; upgrade the older side", p.version),
+                    ))))
+                }
+                Ok(None) => link.read_some().await.map_err(ConnectError::Retry)?,
+                Err(e) => return Err(ConnectError::Retry(format!("{addr} is not a Switchboard relay: {e}"))),
+            }
+        }
+        match link.next_frame().await.map_err(ConnectError::Retry)? {
+            Frame::Welcome(w) => Ok((link, w)),
+            Frame::Redirect(r) => {
+                link.conn
+                    .close(swb_wire::close::NORMAL.into(), b"redirected");
+                if r.addrs.is_empty() {
+                    return Err(ConnectError::Retry(format!(
+                        "redirected to relay {} without an address",
+                        r.id
+                    )));
+                }
+                Err(ConnectError::Redirect(r))
+            }
+            Frame::Refused(r) => {
+                link.conn.close(swb_wire::close::NORMAL.into(), b"refused");
+                if is_fatal(r.code) {
+                    Err(ConnectError::Fatal(DaemonError::Refused(r)))
+                } else {
+                    Err(ConnectError::Retry(r.to_string()))
+                }
+            }
+            other => Err(ConnectError::Retry(format!(
+                "relay answered Hello with {:?}",
+                other.frame_type()
+            ))),
+        }
+    }
+}
+
+/// Splits `host:port`, `[v6]:port`, `host` (default port).
+pub(crate) fn split_host_port(s: &str) -> (String, u16) {
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return (sa.ip().to_string(), sa.port());
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        if let Some((h, p)) = rest.split_once(']') {
+            let port = p
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(crate::DEFAULT_RELAY_PORT);
+            return (h.to_string(), port);
+        }
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => match p.parse() {
+            Ok(port) => (h.to_string(), port),
+            Err(_) => (s.to_string(), crate::DEFAULT_RELAY_PORT),
+        },
+        _ => (s.to_string(), crate::DEFAULT_RELAY_PORT),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(
+            split_host_port("127.0.0.1:7443"),
+            ("127.0.0.1".into(), 7443)
+        );
+        assert_eq!(
+            split_host_port("relay.example.com"),
+            ("relay.example.com".into(), 7443)
+        );
+        assert_eq!(
+            split_host_port("relay.example.com:9"),
+            ("relay.example.com".into(), 9)
+        );
+        assert_eq!(split_host_port("[::1]:8"), ("::1".into(), 8));
+        assert_eq!(split_host_port("[::1]"), ("::1".into(), 7443));
+    }
+}

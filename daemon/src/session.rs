@@ -1,0 +1,417 @@
+//! The daemon's session with its relay as a sans-IO state machine: what to
+//! write when a connection starts (unanswered sends again, with the same
+//! ids; pending acknowledgements), what each frame from the relay means,
+//! and where to go when the relay goes away (the next relay on the ring
+//! from the last relay map) or says to (a redirect). No sockets and no
+//! clock: the connection actor feeds it, unit tests drive it directly.
+
+use crate::inbox::{Inbox, Pushed};
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use swb_wire::{Ack, Code, Frame, MessageId, Refusal, RelayMapPages, RelayRecord, Send};
+use tokio::sync::oneshot;
+
+/// Result of a send as the relay answered it: `Ok(online)` or the refusal.
+pub(crate) type SendResult = Result<bool, Refusal>;
+
+/// Redirects followed in a row before backing off (relays that disagree
+/// about the mesh would otherwise bounce a daemon between them).
+pub(crate) const MAX_REDIRECTS: u32 = 4;
+
+/// Commands from the control server and the Rust API.
+#[derive(Debug)]
+pub(crate) enum Cmd {
+    Send {
+        to: String,
+        id: MessageId,
+        body: Bytes,
+        reply: oneshot::Sender<SendResult>,
+    },
+    Ack(Vec<MessageId>),
+}
+
+struct PendingSend {
+    to: String,
+    id: MessageId,
+    body: Bytes,
+    reply: oneshot::Sender<SendResult>,
+}
+
+/// Refusal codes that retrying cannot fix: the daemon stops.
+pub(crate) fn is_fatal(code: Code) -> bool {
+    matches!(
+        code,
+        Code::UNAUTHORIZED
+            | Code::KEY_REVOKED
+            | Code::BAD_NAME
+            | Code::UNSUPPORTED_VERSION
+            | Code::REPLACED
+    )
+}
+
+/// Why a session ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The relay refused in a way retrying cannot fix.
+    Fatal(Refusal),
+    /// The connection is gone; reconnect (the reason, for the log).
+    Lost(String),
+    /// Our home moved to another relay: go there.
+    Redirect(RelayRecord),
+}
+
+/// What handling frames changed, for the actor to report.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Effects {
+    /// New messages in the inbox.
+    pub(crate) received: usize,
+    /// Sends the relay accepted.
+    pub(crate) accepted: usize,
+    /// Sends the relay refused.
+    pub(crate) refused: usize,
+    /// The relay map changed (complete).
+    pub(crate) map_changed: bool,
+}
+
+/// The session state that outlives connections.
+#[derive(Default)]
+pub(crate) struct SessionCore {
+    pending: BTreeMap<u64, PendingSend>,
+    next_req: u64,
+    pending_acks: Vec<MessageId>,
+    /// Live relays, as the last relay told us.
+    map: Vec<RelayRecord>,
+    pages: RelayMapPages,
+    /// Redirects followed in a row.
+    redirects: u32,
+}
+
+impl SessionCore {
+    /// A command from the control side; the frame to write now, if any.
+    pub(crate) fn absorb(&mut self, cmd: Cmd) -> Option<Frame> {
+        match cmd {
+            Cmd::Send {
+                to,
+                id,
+                body,
+                reply,
+            } => {
+                self.next_req += 1;
+                let req = self.next_req;
+                let frame = Frame::Send(Send {
+                    req,
+                    id,
+                    to: to.clone(),
+                    body: body.clone(),
+                });
+                self.pending.insert(
+                    req,
+                    PendingSend {
+                        to,
+                        id,
+                        body,
+                        reply,
+                    },
+                );
+                Some(frame)
+            }
+            Cmd::Ack(ids) => {
+                self.pending_acks.extend(ids);
+                None
+            }
+        }
+    }
+
+    /// Acknowledgements waiting to be written, as frames.
+    pub(crate) fn take_acks(&mut self) -> Vec<Frame> {
+        let acks = std::mem::take(&mut self.pending_acks);
+        acks.chunks(swb_wire::MAX_ACK_IDS)
+            .map(|c| Frame::Ack(Ack { ids: c.to_vec() }))
+            .collect()
+    }
+
+    /// What a new connection starts with: every send still unanswered (with
+    /// its id, so the relay recognises a retry; sends nobody waits for any
+    /// more are dropped) and the pending acknowledgements.
+    pub(crate) fn on_connected(&mut self) -> Vec<Frame> {
+        self.redirects = 0;
+        self.pending.retain(|_, p| !p.reply.is_closed());
+        let mut out: Vec<Frame> = self
+            .pending
+            .iter()
+            .map(|(req, p)| {
+                Frame::Send(Send {
+                    req: *req,
+                    id: p.id,
+                    to: p.to.clone(),
+                    body: p.body.clone(),
+                })
+            })
+            .collect();
+        out.extend(self.take_acks());
+        out
+    }
+
+    /// A redirect was followed; whether to back off now (too many in a row).
+    pub(crate) fn redirected(&mut self) -> bool {
+        self.redirects += 1;
+        self.redirects > MAX_REDIRECTS
+    }
+
+    /// Redirects followed in a row.
+    pub(crate) fn redirects(&self) -> u32 {
+        self.redirects
+    }
+
+    /// Sends waiting for the relay's answer.
+    pub(crate) fn pending_sends(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Relays in the last relay map.
+    pub(crate) fn relay_count(&self) -> usize {
+        self.map.len()
+    }
+
+    /// One frame from the relay: frames to answer with go to `out`.
+    pub(crate) fn on_frame(
+        &mut self,
+        f: Frame,
+        inbox: &mut Inbox,
+        out: &mut Vec<Frame>,
+        fx: &mut Effects,
+    ) -> Result<(), End> {
+        match f {
+            Frame::SendAccepted(a) => {
+                fx.accepted += 1;
+                if let Some(p) = self.pending.remove(&a.req) {
+                    let _ = p.reply.send(Ok(a.online));
+                }
+            }
+            Frame::SendRefused(r) => {
+                fx.refused += 1;
+                if let Some(p) = self.pending.remove(&r.req) {
+                    let _ = p.reply.send(Err(r.refusal));
+                }
+            }
+            Frame::Deliver(d) => {
+                let id = d.id;
+                match inbox.push(d) {
+                    Pushed::New => fx.received += 1,
+                    Pushed::Duplicate => tracing::debug!(%id, "duplicate delivery dropped"),
+                    Pushed::Reack => out.push(Frame::Ack(Ack { ids: vec![id] })),
+                }
+            }
+            Frame::Ping(p) => out.push(Frame::Pong(p)),
+            Frame::Pong(_) => {}
+            Frame::RelayMap(page) => {
+                if let Some(map) = self.pages.add(page) {
+                    self.map = map;
+                    fx.map_changed = true;
+                }
+            }
+            Frame::Redirect(r) if !r.addrs.is_empty() => return Err(End::Redirect(r)),
+            Frame::Goodbye(r) => {
+                return Err(if is_fatal(r.code) {
+                    End::Fatal(r)
+                } else {
+                    End::Lost(r.to_string())
+                });
+            }
+            other => {
+                return Err(End::Lost(format!(
+                    "relay sent an unexpected {:?} frame",
+                    other.frame_type()
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// The relay that takes over `name` of `namespace` after relay `lost`
+    /// is gone: the next live one on the ring of the last relay map.
+    pub(crate) fn successor(&self, namespace: &str, name: &str, lost: &str) -> Option<RelayRecord> {
+        if self.map.len() < 2 {
+            return None;
+        }
+        let ring = swb_ring::Ring::new(self.map.iter().map(|r| r.id.clone()));
+        let next = ring
+            .ranked(namespace, name)
+            .into_iter()
+            .find(|id| *id != lost)?;
+        self.map.iter().find(|r| r.id == next).cloned()
+    }
+
+    /// Answers every unanswered send with `refusal` (the daemon stops).
+    pub(crate) fn fail_pending(&mut self, refusal: &Refusal) {
+        for (_, p) in std::mem::take(&mut self.pending) {
+            let _ = p.reply.send(Err(refusal.clone()));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use swb_wire::{Deliver, RelayMap, SendAccepted, SendRefused};
+
+    fn rec(id: &str) -> RelayRecord {
+        RelayRecord {
+            id: id.into(),
+            addrs: vec![format!("{id}:7443")],
+            fingerprint: format!("sha256:{id}"),
+            incarnation: 1,
+        }
+    }
+
+    fn send(core: &mut SessionCore, to: &str, n: u8) -> (oneshot::Receiver<SendResult>, Frame) {
+        let (tx, rx) = oneshot::channel();
+        let f = core
+            .absorb(Cmd::Send {
+                to: to.into(),
+                id: MessageId([n; 16]),
+                body: Bytes::from(vec![n]),
+                reply: tx,
+            })
+            .expect("a send is written at once");
+        (rx, f)
+    }
+
+    fn req_of(f: &Frame) -> u64 {
+        match f {
+            Frame::Send(s) => s.req,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unanswered_sends_are_resent_with_their_ids_on_the_next_connection() {
+        let mut core = SessionCore::default();
+        let (mut a_rx, a) = send(&mut core, "london", 1);
+        let (_b_rx, b) = send(&mut core, "london", 2);
+        let (c_rx, _c) = send(&mut core, "paris", 3);
+        drop(c_rx); // nobody waits for this one any more
+        core.absorb(Cmd::Ack(vec![MessageId([9; 16])]));
+        // The relay answers `a`; the connection drops before `b`.
+        let mut inbox = Inbox::default();
+        let (mut out, mut fx) = (Vec::new(), Effects::default());
+        let accepted = Frame::SendAccepted(SendAccepted {
+            req: req_of(&a),
+            id: MessageId([1; 16]),
+            online: true,
+        });
+        core.on_frame(accepted, &mut inbox, &mut out, &mut fx)
+            .expect("an answer");
+        assert_eq!(a_rx.try_recv(), Ok(Ok(true)));
+        assert_eq!(fx.accepted, 1);
+        let again = core.on_connected();
+        assert_eq!(again.len(), 2, "b again, and the ack: {again:?}");
+        match &again[0] {
+            Frame::Send(s) => {
+                assert_eq!(
+                    (s.req, s.id, s.to.as_str()),
+                    (req_of(&b), MessageId([2; 16]), "london")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(&again[1], Frame::Ack(a) if a.ids == vec![MessageId([9; 16])]));
+        assert_eq!(core.pending_sends(), 1);
+        assert!(core.take_acks().is_empty(), "acks go out once");
+    }
+
+    #[test]
+    fn refusals_reach_their_sender_and_fatal_goodbyes_end_the_session() {
+        let mut core = SessionCore::default();
+        let (mut rx, f) = send(&mut core, "london", 1);
+        let (mut inbox, mut out, mut fx) = (Inbox::default(), Vec::new(), Effects::default());
+        let refusal = Refusal::new(Code::MAILBOX_FULL, "full");
+        core.on_frame(
+            Frame::SendRefused(SendRefused {
+                req: req_of(&f),
+                refusal: refusal.clone(),
+            }),
+            &mut inbox,
+            &mut out,
+            &mut fx,
+        )
+        .expect("an answer");
+        assert_eq!(rx.try_recv(), Ok(Err(refusal)));
+        let revoked = Refusal::new(Code::KEY_REVOKED, "revoked");
+        assert_eq!(
+            core.on_frame(
+                Frame::Goodbye(revoked.clone()),
+                &mut inbox,
+                &mut out,
+                &mut fx
+            ),
+            Err(End::Fatal(revoked))
+        );
+        let shutting = Refusal::new(Code::SHUTTING_DOWN, "bye");
+        assert!(matches!(
+            core.on_frame(Frame::Goodbye(shutting), &mut inbox, &mut out, &mut fx),
+            Err(End::Lost(_))
+        ));
+    }
+
+    #[test]
+    fn deliveries_land_in_the_inbox_once_and_pings_are_answered() {
+        let mut core = SessionCore::default();
+        let (mut inbox, mut out, mut fx) = (Inbox::default(), Vec::new(), Effects::default());
+        let d = Deliver {
+            id: MessageId([7; 16]),
+            from: "paris".into(),
+            body: Bytes::from_static(b"hi"),
+            sent_at_ms: 1,
+        };
+        core.on_frame(Frame::Deliver(d.clone()), &mut inbox, &mut out, &mut fx)
+            .expect("deliver");
+        core.on_frame(Frame::Deliver(d), &mut inbox, &mut out, &mut fx)
+            .expect("again");
+        assert_eq!((fx.received, inbox.len()), (1, 1), "a duplicate is dropped");
+        core.on_frame(
+            Frame::Ping(swb_wire::Ping { nonce: 5 }),
+            &mut inbox,
+            &mut out,
+            &mut fx,
+        )
+        .expect("ping");
+        assert_eq!(out, vec![Frame::Pong(swb_wire::Ping { nonce: 5 })]);
+    }
+
+    #[test]
+    fn relay_map_pages_then_redirects_and_rehoming_on_the_ring() {
+        let mut core = SessionCore::default();
+        let (mut inbox, mut out, mut fx) = (Inbox::default(), Vec::new(), Effects::default());
+        let all: Vec<RelayRecord> = ["r1", "r2", "r3"].iter().map(|i| rec(i)).collect();
+        // A map in two pages is taken only when whole.
+        for (i, page) in [&all[..2], &all[2..]].into_iter().enumerate() {
+            let f = Frame::RelayMap(RelayMap {
+                relays: page.to_vec(),
+                more: i == 0,
+            });
+            core.on_frame(f, &mut inbox, &mut out, &mut fx)
+                .expect("map");
+            assert_eq!(core.relay_count(), if i == 0 { 0 } else { 3 });
+        }
+        assert!(fx.map_changed);
+        // Losing the home relay: the next one on the ring takes over.
+        let ring = swb_ring::Ring::new(["r1", "r2", "r3"]);
+        let ranked = ring.ranked("acme", "london");
+        let next = core
+            .successor("acme", "london", ranked[0])
+            .expect("a successor");
+        assert_eq!(next.id, ranked[1]);
+        // Redirects: followed, but not forever.
+        assert_eq!(
+            core.on_frame(Frame::Redirect(rec("r2")), &mut inbox, &mut out, &mut fx),
+            Err(End::Redirect(rec("r2")))
+        );
+        for _ in 0..MAX_REDIRECTS {
+            assert!(!core.redirected());
+        }
+        assert!(core.redirected(), "back off after too many in a row");
+        core.on_connected();
+        assert_eq!(core.redirects(), 0, "a connection resets the count");
+    }
+}

@@ -1,0 +1,95 @@
+//! What a relay is told at start: addresses, identity, keys, limits,
+//! timeouts and mesh membership.
+
+use crate::doors::http::HttpLimits;
+use crate::keys::KeySource;
+use crate::services::registry::MailboxLimits;
+use crate::tls::Identity;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything a relay needs. Build with [`RelayConfig::new`] and adjust fields.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// UDP address to bind; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// TLS certificate and key.
+    pub identity: Identity,
+    /// API keys.
+    pub keys: KeySource,
+    /// This relay's id, told to daemons in `Welcome`.
+    pub relay_id: String,
+    /// Mailbox bounds.
+    pub limits: MailboxLimits,
+    /// How often the keys file is checked for changes.
+    pub keys_poll: Duration,
+    /// A connection silent this long is closed (daemons keep alive well within it).
+    pub idle_timeout: Duration,
+    /// Time a new connection has to finish TLS and send its `Hello`.
+    pub hello_timeout: Duration,
+    /// Most connections in their handshake (TLS, `Hello`, registration) at
+    /// once; more are refused at once (QUIC CONNECTION_REFUSED) and retry
+    /// after their backoff, so a reconnect storm finishes handshakes instead
+    /// of letting all of them slow down past their timeouts.
+    pub max_handshakes: usize,
+    /// How long shutdown waits for sessions to say goodbye.
+    pub shutdown_grace: Duration,
+    /// Where the HTTPS + JSON endpoint listens.
+    pub http_listen: HttpListen,
+    /// Limits of the HTTPS endpoint.
+    pub http: HttpLimits,
+    /// Data streams one peer may have open at once, as caller and target
+    /// together (default 256); more are refused with `too_many_streams`.
+    pub max_streams_per_peer: usize,
+    /// Time a stream has to send its header and the target to answer (default 10 s).
+    pub stream_setup_timeout: Duration,
+    /// How long an offline peer's status is kept (default 24 h).
+    pub status_retention: Duration,
+    /// Where held mail is saved at shutdown and loaded at start; `None`
+    /// keeps it in memory only.
+    pub state_dir: Option<PathBuf>,
+    /// Membership of a relay mesh, if any.
+    pub mesh: Option<crate::mesh::MeshConfig>,
+    /// Where to serve Prometheus metrics (plain HTTP, `GET /metrics`);
+    /// `None`: not served ([`RelayHandle::metrics_text`] still works).
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Where the HTTPS endpoint listens (TCP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpListen {
+    /// The address and port QUIC got, over TCP. With port 0, if TCP cannot
+    /// have the same port number, any free one.
+    SameAsQuic,
+    /// This address.
+    At(SocketAddr),
+    /// No HTTPS endpoint.
+    Off,
+}
+
+impl RelayConfig {
+    /// A config with defaults for everything but address, identity and keys.
+    pub fn new(listen: SocketAddr, identity: Identity, keys: KeySource) -> Self {
+        Self {
+            listen,
+            identity,
+            keys,
+            relay_id: "relay".into(),
+            limits: MailboxLimits::default(),
+            keys_poll: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(15),
+            hello_timeout: Duration::from_secs(10),
+            max_handshakes: crate::MAX_HANDSHAKES,
+            shutdown_grace: Duration::from_secs(3),
+            http_listen: HttpListen::SameAsQuic,
+            http: HttpLimits::default(),
+            max_streams_per_peer: 256,
+            stream_setup_timeout: Duration::from_secs(10),
+            status_retention: Duration::from_secs(24 * 3600),
+            state_dir: None,
+            mesh: None,
+            metrics_listen: None,
+        }
+    }
+}

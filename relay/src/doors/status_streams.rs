@@ -1,0 +1,71 @@
+//! The QUIC status door: `StatusWatch` (current values, then changes),
+//! `SetStatus`, `PeersQuery` streams. A watch stream writes only the newest
+//! value of each peer when it gets to write (the watch channels coalesce),
+//! so a daemon that reads slowly slows nobody else and costs no memory.
+
+use crate::router::Router;
+use crate::services::splice::{refuse, write_frame};
+use crate::services::watch::{names, pump};
+use swb_wire::{reset, Code, Frame, Refusal, StreamReply};
+use tracing::debug;
+
+pub(crate) async fn serve(
+    router: &Router,
+    ns: &str,
+    me: &str,
+    first: Frame,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let services = router.services();
+    let ok = Frame::StreamReply(StreamReply { refusal: None });
+    match first {
+        Frame::SetStatus(change) => match services.set_status(ns, me, &change) {
+            Err(refusal) => refuse(send, services, refusal).await,
+            Ok(snap) => {
+                let _ = write_frame(&mut send, &ok).await;
+                let _ = write_frame(&mut send, &Frame::StatusUpdate(snap.to_update(false))).await;
+                let _ = send.finish();
+            }
+        },
+        Frame::PeersQuery => {
+            let known = router.peers(ns).await;
+            let _ = write_frame(&mut send, &ok).await;
+            for s in known {
+                if write_frame(&mut send, &Frame::StatusUpdate(s.to_update(false)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let _ = send.finish();
+        }
+        Frame::StatusWatch(w) => {
+            let names = match names(&w.names) {
+                Ok(n) if !n.is_empty() => n,
+                Ok(_) => {
+                    let r = Refusal::new(Code::BAD_NAME, "name at least one peer to watch");
+                    return refuse(send, services, r).await;
+                }
+                Err(e) => {
+                    return refuse(send, services, Refusal::new(Code::BAD_NAME, e.to_string()))
+                        .await
+                }
+            };
+            // Peers homed on other relays: fetch their current values, then
+            // keep one upstream subscription per peer for every watcher here.
+            router.prepare_watch(ns, &names, !w.once).await;
+            let watcher = services.watcher(ns, &names);
+            if write_frame(&mut send, &ok).await.is_err() {
+                return;
+            }
+            pump(watcher, names.len(), !w.once, &mut send, &mut recv).await;
+            let _ = send.finish();
+            debug!(%me, "watch ended");
+        }
+        _ => {
+            let _ = send.reset(reset::RELAY.into());
+        }
+    }
+}

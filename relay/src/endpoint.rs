@@ -1,0 +1,108 @@
+//! The QUIC endpoint and what happens to a connection before any door
+//! sees it: the handshake budget (at most `max_handshakes` at once), the
+//! TLS handshake, then by ALPN to the QUIC session door (`swb/1`) or to the
+//! mesh (`swb-mesh/1`). This module and the crate root are the only places
+//! that know both doors and mesh.
+
+use crate::doors::session;
+use crate::router::Router;
+use crate::{RelayConfig, RelayError};
+use std::sync::Arc;
+use std::time::Duration;
+use swb_wire::close;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// A proven-or-not mesh connection and its handshake permit, for the mesh.
+pub(crate) type MeshIncoming = (quinn::Connection, OwnedSemaphorePermit);
+
+/// Bidirectional streams a new connection may open before its session
+/// raises the limit.
+pub(crate) const INITIAL_STREAMS: u32 = 8;
+/// Used when the configured idle timeout does not fit QUIC's.
+const DEFAULT_IDLE: Duration = Duration::from_secs(15);
+
+/// Binds the UDP socket and builds the QUIC server endpoint.
+pub(crate) fn bind(config: &RelayConfig) -> Result<quinn::Endpoint, RelayError> {
+    let tls = config
+        .identity
+        .server_config(&[swb_wire::ALPN, swb_wire::MESH_ALPN])?;
+    let qcfg = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| crate::tls::TlsError::Config(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(qcfg));
+    let mut transport = quinn::TransportConfig::default();
+    // Few streams at first: quinn keeps state per allowed stream (about
+    // 80 bytes each), and an idle client needs only its control stream.
+    // Sessions raise the limit as they use streams (up to a little above
+    // `max_streams_per_peer`, so the refusal can be delivered), mesh links
+    // once they proved the mesh key.
+    transport.max_concurrent_bidi_streams(INITIAL_STREAMS.into());
+    transport.max_concurrent_uni_streams(0u32.into());
+    let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
+        .or_else(|_| quinn::IdleTimeout::try_from(DEFAULT_IDLE));
+    transport.max_idle_timeout(idle.ok());
+    transport.datagram_receive_buffer_size(None);
+    server.transport_config(Arc::new(transport));
+    crate::udp_socket(config.listen)
+        .and_then(|sock| {
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                Some(server),
+                sock,
+                Arc::new(quinn::TokioRuntime),
+            )
+        })
+        .map_err(|source| RelayError::Bind {
+            addr: config.listen,
+            source,
+        })
+}
+
+/// Takes one connection through its TLS handshake, then hands it on by
+/// ALPN. Holds `permit` (a handshake slot) until the door or the mesh
+/// releases it.
+pub(crate) async fn connection(
+    router: Arc<Router>,
+    mesh: Option<mpsc::Sender<MeshIncoming>>,
+    incoming: quinn::Incoming,
+    permit: OwnedSemaphorePermit,
+    cancel: CancellationToken,
+) {
+    let started = tokio::time::Instant::now();
+    let hello_timeout = router.config().hello_timeout;
+    let metrics = &router.services().metrics;
+    let conn = tokio::select! {
+        _ = cancel.cancelled() => return,
+        c = tokio::time::timeout(hello_timeout, incoming) => match c {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                debug!("handshake failed: {e}");
+                metrics.handshake("failed", "quic");
+                return;
+            }
+            Err(_) => {
+                debug!("handshake timed out");
+                metrics.handshake("failed", "timeout");
+                return;
+            }
+        },
+    };
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol);
+    if alpn.as_deref() == Some(swb_wire::MESH_ALPN) {
+        metrics.handshake("mesh", "link");
+        match mesh {
+            Some(tx) => {
+                if tx.send((conn.clone(), permit)).await.is_err() {
+                    conn.close(close::NORMAL.into(), b"relay leaving the mesh");
+                }
+            }
+            None => conn.close(close::PROTOCOL.into(), b"this relay is not part of a mesh"),
+        }
+        return;
+    }
+    session::run(router, conn, permit, started, cancel).await;
+}

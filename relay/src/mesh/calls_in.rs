@@ -1,0 +1,178 @@
+//! Calls from another relay, each on its own stream: each is handed to the
+//! local services, as a door would hand a request from a peer.
+
+use super::links::read_frame;
+use super::Mesh;
+use crate::services::splice::{splice, write_frame};
+use crate::services::watch::{names, pump};
+use swb_wire::{
+    reset, Code, Frame, MeshAnswer, MeshCall, MeshForward, MeshOp, MeshStreamOpen, Refusal,
+    SendAccepted, SendRefused, StreamReply,
+};
+use tracing::debug;
+
+/// Time the other relay has to send its call's first frame.
+const CALL_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves one call stream from another relay.
+pub(crate) async fn serve(mesh: &Mesh, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let first = match tokio::time::timeout(CALL_HEADER_TIMEOUT, read_frame(&mut recv)).await {
+        Ok(Ok(Some(f))) => f,
+        _ => {
+            let _ = send.reset(reset::RELAY.into());
+            return;
+        }
+    };
+    match first {
+        Frame::MeshForward(f) => {
+            let reply = forward_in(mesh, f);
+            let _ = write_frame(&mut send, &reply).await;
+            let _ = send.finish();
+        }
+        Frame::MeshStreamOpen(o) => stream_in(mesh, o, send, recv).await,
+        Frame::MeshCall(c) => {
+            call_in(mesh, c, &mut send).await;
+            let _ = send.finish();
+        }
+        Frame::MeshStatusQuery(q) => {
+            let ok = Frame::StreamReply(StreamReply { refusal: None });
+            if write_frame(&mut send, &ok).await.is_err() {
+                return;
+            }
+            if q.names.is_empty() {
+                let known = mesh.services.registry().status.known(&q.namespace);
+                for s in known {
+                    if write_frame(&mut send, &Frame::StatusUpdate(s.to_update(false)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                let _ = send.finish();
+                return;
+            }
+            let Ok(names) = names(&q.names) else {
+                let _ = send.finish();
+                return;
+            };
+            let w = mesh.services.watcher(&q.namespace, &names);
+            pump(w, names.len(), q.watch, &mut send, &mut recv).await;
+            let _ = send.finish();
+        }
+        other => {
+            debug!("unexpected mesh call {:?}", other.frame_type());
+            let _ = send.reset(reset::RELAY.into());
+        }
+    }
+}
+
+/// A message another relay forwarded for a peer homed here.
+fn forward_in(mesh: &Mesh, f: MeshForward) -> Frame {
+    let result = swb_wire::normalize_name(&f.to)
+        .map_err(|e| Refusal::new(Code::BAD_NAME, format!("{e}: {:?}", f.to)))
+        .and_then(|to| {
+            mesh.services
+                .enqueue(&f.namespace, &f.from, &to, f.id, f.body, f.sent_at_ms)
+        });
+    match result {
+        Ok(online) => Frame::SendAccepted(SendAccepted {
+            req: 0,
+            id: f.id,
+            online,
+        }),
+        Err(refusal) => Frame::SendRefused(SendRefused { req: 0, refusal }),
+    }
+}
+
+/// A stream another relay opens to a peer attached here.
+async fn stream_in(
+    mesh: &Mesh,
+    o: MeshStreamOpen,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let refuse = |r: Refusal| Frame::StreamReply(StreamReply { refusal: Some(r) });
+    let to = match swb_wire::normalize_name(&o.to) {
+        Ok(t) => t,
+        Err(e) => {
+            let r = Refusal::new(Code::BAD_NAME, format!("{e}: {:?}", o.to));
+            let _ = write_frame(&mut send, &refuse(r)).await;
+            let _ = send.finish();
+            return;
+        }
+    };
+    match mesh
+        .services
+        .open_local(&o.namespace, &o.from, &to, o.port)
+        .await
+    {
+        Err(r) => {
+            let _ = write_frame(&mut send, &refuse(r)).await;
+            let _ = send.finish();
+        }
+        Ok(t) => {
+            let accepted = t.reply.refusal.is_none();
+            if write_frame(&mut send, &Frame::StreamReply(t.reply.clone()))
+                .await
+                .is_err()
+                || !accepted
+            {
+                let _ = send.finish();
+                return;
+            }
+            let _slot = t._slot;
+            splice(&mesh.services, (send, recv), (t.send, t.recv)).await;
+        }
+    }
+}
+
+/// A receive, acknowledgement or status change for a peer homed here.
+async fn call_in(mesh: &Mesh, c: MeshCall, send: &mut quinn::SendStream) {
+    let answer = |a: MeshAnswer| Frame::MeshAnswer(a);
+    let name = match swb_wire::normalize_name(&c.name) {
+        Ok(n) => n,
+        Err(e) => {
+            let r = Refusal::new(Code::BAD_NAME, format!("{e}: {:?}", c.name));
+            let _ = write_frame(send, &answer(MeshAnswer::Refused(r))).await;
+            return;
+        }
+    };
+    let services = &mesh.services;
+    match c.op {
+        MeshOp::Receive { wait_ms, max } => {
+            let http = &services.config.http;
+            let wait = std::time::Duration::from_millis(wait_ms).min(http.max_wait);
+            let max = (max as usize).clamp(1, http.max_batch);
+            let got = services
+                .receive(&c.namespace, &name, wait, max, &mesh.stop)
+                .await;
+            for m in got {
+                let d = swb_wire::Deliver {
+                    id: m.id,
+                    from: m.from,
+                    body: m.body,
+                    sent_at_ms: m.sent_at_ms,
+                };
+                if write_frame(send, &answer(MeshAnswer::Message(d)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let _ = write_frame(send, &answer(MeshAnswer::Received)).await;
+        }
+        MeshOp::Ack { ids } => {
+            let n = services.ack(&c.namespace, &name, &ids);
+            let _ = write_frame(send, &answer(MeshAnswer::Acked(n as u32))).await;
+        }
+        MeshOp::SetStatus(change) => {
+            let a = match services.set_status(&c.namespace, &name, &change) {
+                Ok(s) => MeshAnswer::Status(s.to_update(false)),
+                Err(r) => MeshAnswer::Refused(r),
+            };
+            let _ = write_frame(send, &answer(a)).await;
+        }
+    }
+}

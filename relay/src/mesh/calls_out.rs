@@ -1,0 +1,279 @@
+//! Typed calls to another relay, each on its own stream of the link:
+//! forward a message (`MeshForward`), open a stream (`MeshStreamOpen`),
+//! receive / acknowledge / set status for a peer homed there (`MeshCall`),
+//! and status queries (`MeshStatusQuery`). Every call is bounded in time.
+
+use super::links::read_frame;
+use super::Mesh;
+use crate::services::splice::{read_header, write_frame, Opened};
+use crate::services::status::Snapshot;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use swb_wire::{
+    Deliver, Frame, MeshAnswer, MeshCall, MeshForward, MeshOp, MeshStatusQuery, MeshStreamOpen,
+    Refusal, StatusUpdate, StreamReply,
+};
+use tracing::debug;
+
+/// Time a call may take beyond any wait it asks for.
+pub(crate) const MESH_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a status query to another relay may take.
+pub(crate) const STATUS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a call to another relay failed (its refusals are answers, not errors).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CallError {
+    /// No link to that relay is up.
+    #[error("no mesh link")]
+    NoLink,
+    /// The link or the call's stream failed.
+    #[error("{0}")]
+    Io(#[from] swb_quic::FrameIoError),
+    /// Opening the call's stream failed.
+    #[error("the link failed: {0}")]
+    Conn(#[from] quinn::ConnectionError),
+    /// No answer in time.
+    #[error("timed out")]
+    Timeout,
+    /// An answer this call does not expect.
+    #[error("unexpected answer {0}")]
+    Unexpected(String),
+}
+
+impl Mesh {
+    async fn open_call(
+        &self,
+        home: &str,
+        first: &Frame,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), CallError> {
+        let conn = self.conn_to(home).ok_or(CallError::NoLink)?;
+        let (mut s, r) = conn.open_bi().await?;
+        write_frame(&mut s, first).await?;
+        Ok((s, r))
+    }
+
+    /// Forwards a message to `home`, the relay holding the recipient's
+    /// mailbox: whether the recipient is attached there, or its refusal.
+    pub(crate) async fn forward(
+        &self,
+        home: &str,
+        f: MeshForward,
+    ) -> Result<Result<bool, Refusal>, CallError> {
+        let rpc = async {
+            let (mut s, mut r) = self.open_call(home, &Frame::MeshForward(f)).await?;
+            let _ = s.finish();
+            match read_frame(&mut r).await? {
+                Some(Frame::SendAccepted(a)) => Ok(Ok(a.online)),
+                Some(Frame::SendRefused(r)) => Ok(Err(r.refusal)),
+                other => Err(CallError::Unexpected(format!(
+                    "{:?}",
+                    other.map(|f| f.frame_type())
+                ))),
+            }
+        };
+        tokio::time::timeout(MESH_CALL_TIMEOUT, rpc)
+            .await
+            .map_err(|_| CallError::Timeout)?
+    }
+
+    /// Opens a stream to `port` of `to`, homed on relay `home`.
+    pub(crate) async fn open_stream(
+        &self,
+        home: &str,
+        ns: &str,
+        from: &str,
+        to: &str,
+        port: u16,
+    ) -> Result<Opened, CallError> {
+        let open = Frame::MeshStreamOpen(MeshStreamOpen {
+            namespace: ns.to_string(),
+            from: from.to_string(),
+            to: to.to_string(),
+            port,
+        });
+        let setup = async {
+            let (s, mut r) = self.open_call(home, &open).await?;
+            match read_header(&mut r).await? {
+                Frame::StreamReply(reply) => Ok(Opened {
+                    send: s,
+                    recv: r,
+                    reply,
+                    _slot: None,
+                }),
+                other => Err(CallError::Unexpected(format!("{:?}", other.frame_type()))),
+            }
+        };
+        tokio::time::timeout(self.services.config.stream_setup_timeout, setup)
+            .await
+            .map_err(|_| CallError::Timeout)?
+    }
+
+    async fn call(
+        &self,
+        home: &str,
+        call: MeshCall,
+    ) -> Result<(quinn::RecvStream, quinn::SendStream), CallError> {
+        let (mut s, r) = self.open_call(home, &Frame::MeshCall(call)).await?;
+        let _ = s.finish();
+        Ok((r, s))
+    }
+
+    /// Receives mail of `name` held at `home` (an HTTP poll's receive).
+    pub(crate) async fn receive(
+        &self,
+        home: &str,
+        ns: &str,
+        name: &str,
+        wait: Duration,
+        max: usize,
+    ) -> Result<Result<Vec<Deliver>, Refusal>, CallError> {
+        let call = MeshCall {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            op: MeshOp::Receive {
+                wait_ms: wait.as_millis().min(u64::MAX as u128) as u64,
+                max: max.min(u32::MAX as usize) as u32,
+            },
+        };
+        let rpc = async {
+            let (mut r, _s) = self.call(home, call).await?;
+            let mut got = Vec::new();
+            loop {
+                match read_frame(&mut r).await? {
+                    Some(Frame::MeshAnswer(MeshAnswer::Message(d))) if got.len() < max => {
+                        got.push(d)
+                    }
+                    Some(Frame::MeshAnswer(MeshAnswer::Received)) => return Ok(Ok(got)),
+                    Some(Frame::MeshAnswer(MeshAnswer::Refused(r))) => return Ok(Err(r)),
+                    other => {
+                        return Err(CallError::Unexpected(format!(
+                            "{:?}",
+                            other.map(|f| f.frame_type())
+                        )))
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(wait + MESH_CALL_TIMEOUT, rpc)
+            .await
+            .map_err(|_| CallError::Timeout)?
+    }
+
+    async fn single(&self, home: &str, call: MeshCall) -> Result<MeshAnswer, CallError> {
+        let rpc = async {
+            let (mut r, _s) = self.call(home, call).await?;
+            match read_frame(&mut r).await? {
+                Some(Frame::MeshAnswer(a)) => Ok(a),
+                other => Err(CallError::Unexpected(format!(
+                    "{:?}",
+                    other.map(|f| f.frame_type())
+                ))),
+            }
+        };
+        tokio::time::timeout(MESH_CALL_TIMEOUT, rpc)
+            .await
+            .map_err(|_| CallError::Timeout)?
+    }
+
+    /// Acknowledges mail of `name` held at `home`; how many ids were held.
+    pub(crate) async fn ack(
+        &self,
+        home: &str,
+        ns: &str,
+        name: &str,
+        ids: Vec<swb_wire::MessageId>,
+    ) -> Result<Result<usize, Refusal>, CallError> {
+        let call = MeshCall {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            op: MeshOp::Ack { ids },
+        };
+        match self.single(home, call).await? {
+            MeshAnswer::Acked(n) => Ok(Ok(n as usize)),
+            MeshAnswer::Refused(r) => Ok(Err(r)),
+            other => Err(CallError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Changes the status of `name`, homed at `home`.
+    pub(crate) async fn set_status(
+        &self,
+        home: &str,
+        ns: &str,
+        name: &str,
+        change: swb_wire::SetStatus,
+    ) -> Result<Result<StatusUpdate, Refusal>, CallError> {
+        let call = MeshCall {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            op: MeshOp::SetStatus(change),
+        };
+        match self.single(home, call).await? {
+            MeshAnswer::Status(u) => Ok(Ok(u)),
+            MeshAnswer::Refused(r) => Ok(Err(r)),
+            other => Err(CallError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Opens a status query to relay `home`.
+    pub(crate) async fn status_query(
+        &self,
+        home: &str,
+        q: MeshStatusQuery,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), CallError> {
+        let (s, mut r) = self.open_call(home, &Frame::MeshStatusQuery(q)).await?;
+        match read_frame(&mut r).await? {
+            Some(Frame::StreamReply(StreamReply { refusal: None })) => Ok((s, r)),
+            other => Err(CallError::Unexpected(format!(
+                "{:?}",
+                other.map(|f| f.frame_type())
+            ))),
+        }
+    }
+
+    /// Every known peer of `ns` on the other live relays (each peer's
+    /// newest value wins), added to `all`.
+    pub(crate) async fn known_elsewhere(
+        &self,
+        ns: &str,
+        all: &mut BTreeMap<String, Arc<Snapshot>>,
+    ) {
+        let others: Vec<String> = self
+            .placement
+            .live_ids()
+            .into_iter()
+            .filter(|id| *id != self.me.id)
+            .collect();
+        for id in others {
+            let q = MeshStatusQuery {
+                namespace: ns.to_string(),
+                names: Vec::new(),
+                watch: false,
+            };
+            let fetch = async {
+                let (_s, mut r) = self.status_query(&id, q).await?;
+                let mut out = Vec::new();
+                while let Some(f) = read_frame(&mut r).await? {
+                    if let Frame::StatusUpdate(u) = f {
+                        out.push(u);
+                    }
+                }
+                Ok::<_, CallError>(out)
+            };
+            match tokio::time::timeout(STATUS_FETCH_TIMEOUT, fetch).await {
+                Ok(Ok(updates)) => {
+                    for u in updates {
+                        let snap = Arc::new(Snapshot::from_update(&u));
+                        let newer = all.get(&u.name).is_none_or(|s| s.version < snap.version);
+                        if newer {
+                            all.insert(u.name.clone(), snap);
+                        }
+                    }
+                }
+                Ok(Err(e)) => debug!(relay = %id, "peers query failed: {e}"),
+                Err(_) => debug!(relay = %id, "peers query timed out"),
+            }
+        }
+    }
+}

@@ -1,0 +1,410 @@
+//! Mesh links: dialing (the lower id dials the higher, seeds by everyone
+//! until identified), accepting, and running a link — keep-alives and
+//! gossip on its control stream, and every call the other relay opens on
+//! its own stream. Each link reports to [`super::membership`].
+
+use super::auth::{self, CLIENT, MESH_STREAMS, SERVER};
+use super::membership::MESH_KEEPALIVE;
+use super::{LinkEntry, Mesh};
+use crate::services::splice::write_frame;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use swb_wire::{
+    close, Frame, MeshHello, MeshWelcome, Ping, RelayMap, RelayRecord, PROTOCOL_VERSION,
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Time a mesh handshake (dial or accept, proofs both ways) may take.
+pub(crate) const MESH_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the dialer looks for relays to (re)dial.
+const REDIAL: Duration = Duration::from_millis(500);
+
+/// Reads a frame of a mesh stream (at most `MAX_FRAME_LEN`).
+pub(crate) async fn read_frame(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<Frame>, swb_quic::FrameIoError> {
+    swb_quic::read_frame(recv, swb_wire::MAX_FRAME_LEN).await
+}
+
+/// Why a mesh handshake failed.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error("{0}")]
+    Io(#[from] swb_quic::FrameIoError),
+    #[error("connection: {0}")]
+    Conn(#[from] quinn::ConnectionError),
+    #[error("connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("no TLS keying material")]
+    NoKeyingMaterial,
+    #[error("the first mesh frame is not MeshHello")]
+    NoHello,
+    #[error("no MeshWelcome (wrong mesh key?)")]
+    NoWelcome,
+    #[error("mesh key proof failed")]
+    BadProof,
+    #[error("the relay could not prove the mesh key")]
+    ServerProof,
+    #[error("its certificate does not match its record")]
+    CertificateMismatch,
+}
+
+impl Mesh {
+    /// Registers a link; false if a better link to the same relay exists
+    /// (the one the smaller id dialled wins).
+    fn register(&self, peer: &RelayRecord, conn: &quinn::Connection, dialer: &str) -> bool {
+        {
+            let mut links = self.links();
+            if let Some(existing) = links.get(&peer.id) {
+                let preferred = std::cmp::min(self.me.id.as_str(), peer.id.as_str());
+                if existing.conn.close_reason().is_none() && existing.dialer == preferred {
+                    return false;
+                }
+                existing
+                    .conn
+                    .close(close::REFUSED.into(), b"duplicate mesh link");
+            }
+            links.insert(
+                peer.id.clone(),
+                LinkEntry {
+                    conn: conn.clone(),
+                    dialer: dialer.to_string(),
+                },
+            );
+            self.membership().link_up(peer, tokio::time::Instant::now());
+        }
+        self.publish();
+        self.changed.notify_waiters();
+        true
+    }
+
+    fn unregister(&self, id: &str, conn: &quinn::Connection) {
+        {
+            let mut links = self.links();
+            if links
+                .get(id)
+                .is_some_and(|l| l.conn.stable_id() == conn.stable_id())
+            {
+                links.remove(id);
+                self.membership().link_down(id, tokio::time::Instant::now());
+            }
+        }
+        self.publish();
+        self.changed.notify_waiters();
+    }
+
+    fn merge(&self, records: &[RelayRecord]) {
+        let new = self
+            .membership()
+            .merge(records, tokio::time::Instant::now());
+        if new {
+            self.changed.notify_waiters();
+        }
+    }
+}
+
+/// Serves an inbound mesh link (ALPN `swb-mesh/1`) until it ends. The
+/// handshake permit is held until the other relay proved the mesh key.
+pub(crate) async fn accept(
+    mesh: Arc<Mesh>,
+    conn: quinn::Connection,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    cancel: CancellationToken,
+) {
+    let remote = conn.remote_address();
+    let setup = async {
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let Some(Frame::MeshHello(h)) = read_frame(&mut recv).await? else {
+            return Err(SetupError::NoHello);
+        };
+        let ekm = auth::ekm(&conn).ok_or(SetupError::NoKeyingMaterial)?;
+        if h.version != PROTOCOL_VERSION || !mesh.key.verify(&ekm, CLIENT, &h.proof) {
+            return Err(SetupError::BadProof);
+        }
+        let mut members = mesh.membership().gossip();
+        members.truncate(swb_wire::RELAY_MAP_PAGE);
+        let welcome = MeshWelcome {
+            relay: mesh.me.clone(),
+            proof: mesh.key.proof(&ekm, SERVER),
+            members,
+        };
+        write_frame(&mut send, &Frame::MeshWelcome(welcome)).await?;
+        Ok((h.relay, send, recv))
+    };
+    let (peer, send, recv) = match tokio::time::timeout(MESH_SETUP_TIMEOUT, setup).await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            mesh.services.metrics.mesh_refused.inc();
+            warn!(%remote, "mesh link refused: {e}");
+            conn.close(close::REFUSED.into(), b"mesh authentication failed");
+            return;
+        }
+        Err(_) => {
+            conn.close(close::REFUSED.into(), b"mesh handshake timed out");
+            return;
+        }
+    };
+    drop(permit);
+    // Proven: now it may carry every forwarded stream and call.
+    conn.set_max_concurrent_bi_streams(MESH_STREAMS.into());
+    let dialer = peer.id.clone();
+    run_link(mesh, conn, peer, dialer, send, recv, cancel).await;
+}
+
+/// Dials `addr` and runs the link until it ends.
+async fn dial(
+    mesh: Arc<Mesh>,
+    endpoint: quinn::Endpoint,
+    client: quinn::ClientConfig,
+    addr: String,
+    cancel: CancellationToken,
+) {
+    let setup = async {
+        let sa = tokio::net::lookup_host(&addr)
+            .await
+            .map_err(|_| SetupError::Resolve(addr.clone()))?
+            .next()
+            .ok_or_else(|| SetupError::Resolve(addr.clone()))?;
+        let conn = endpoint.connect_with(client, sa, "relay")?.await?;
+        let ekm = auth::ekm(&conn).ok_or(SetupError::NoKeyingMaterial)?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let hello = MeshHello {
+            version: PROTOCOL_VERSION,
+            relay: mesh.me.clone(),
+            proof: mesh.key.proof(&ekm, CLIENT),
+        };
+        write_frame(&mut send, &Frame::MeshHello(hello)).await?;
+        let Some(Frame::MeshWelcome(w)) = read_frame(&mut recv).await? else {
+            return Err(SetupError::NoWelcome);
+        };
+        if !mesh.key.verify(&ekm, SERVER, &w.proof) {
+            conn.close(close::REFUSED.into(), b"mesh authentication failed");
+            return Err(SetupError::ServerProof);
+        }
+        // The record must name the certificate it actually presented.
+        let presented = conn
+            .peer_identity()
+            .and_then(|i| {
+                i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .and_then(|c| c.first().map(crate::tls::fingerprint));
+        if presented.as_deref() != Some(w.relay.fingerprint.as_str()) {
+            conn.close(
+                close::REFUSED.into(),
+                b"certificate does not match the relay record",
+            );
+            return Err(SetupError::CertificateMismatch);
+        }
+        Ok((conn, w, send, recv))
+    };
+    match tokio::time::timeout(MESH_SETUP_TIMEOUT, setup).await {
+        Ok(Ok((conn, w, send, recv))) => {
+            mesh.seeds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(addr)
+                .and_modify(|v| *v = Some(w.relay.id.clone()));
+            mesh.merge(&w.members);
+            let me = mesh.me.id.clone();
+            run_link(mesh, conn, w.relay, me, send, recv, cancel).await;
+        }
+        Ok(Err(e)) => debug!(%addr, "mesh dial failed: {e}"),
+        Err(_) => debug!(%addr, "mesh dial timed out"),
+    }
+}
+
+/// Runs a proven link: keep-alives and gossip out, membership news in,
+/// and the calls the other relay opens, each on its own stream.
+async fn run_link(
+    mesh: Arc<Mesh>,
+    conn: quinn::Connection,
+    peer: RelayRecord,
+    dialer: String,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    cancel: CancellationToken,
+) {
+    if peer.id == mesh.me.id {
+        conn.close(close::REFUSED.into(), b"same relay id");
+        warn!(
+            "a relay with this relay's own id ({}) dialled in; ids must be unique",
+            peer.id
+        );
+        return;
+    }
+    if !mesh.register(&peer, &conn, &dialer) {
+        conn.close(close::REFUSED.into(), b"duplicate mesh link");
+        return;
+    }
+    info!(peer = %peer.id, "mesh link up");
+    // Ranked: membership news first, then keep-alives.
+    let speak = async {
+        let mut keepalive = tokio::time::interval(MESH_KEEPALIVE);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut nonce = 0u64;
+        loop {
+            let notified = mesh.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let frames: Vec<Frame> = if mesh.leaving.load(Ordering::Relaxed) {
+                vec![Frame::MeshLeaving]
+            } else {
+                RelayMap::pages(&mesh.membership().gossip())
+                    .into_iter()
+                    .map(Frame::MeshMembers)
+                    .collect()
+            };
+            for f in &frames {
+                if write_frame(&mut send, f).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut notified => break,
+                    _ = keepalive.tick() => {
+                        nonce += 1;
+                        if write_frame(&mut send, &Frame::Ping(Ping { nonce })).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let listen = async {
+        loop {
+            let f = read_frame(&mut recv).await;
+            if let Ok(Some(_)) = &f {
+                mesh.membership()
+                    .heard(&peer.id, tokio::time::Instant::now());
+            }
+            match f {
+                Ok(Some(Frame::MeshMembers(m))) => mesh.merge(&m.relays),
+                Ok(Some(Frame::MeshLeaving)) => {
+                    info!(peer = %peer.id, "relay is leaving the mesh");
+                    mesh.membership().leaving(&peer.id);
+                    mesh.publish();
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+    };
+    // Calls the other relay sends us, each on its own stream.
+    let calls = async {
+        let mut tasks = JoinSet::new();
+        loop {
+            tokio::select! {
+                s = conn.accept_bi() => match s {
+                    Ok((send, recv)) => {
+                        let m = mesh.clone();
+                        tasks.spawn(mesh.tasks.track_future(async move {
+                            super::calls_in::serve(&m, send, recv).await;
+                        }));
+                    }
+                    Err(_) => break,
+                },
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    };
+    tokio::select! {
+        _ = speak => {}
+        _ = listen => {}
+        _ = calls => {}
+        _ = conn.closed() => {}
+        _ = cancel.cancelled() => conn.close(close::NORMAL.into(), b"relay leaving the mesh"),
+    }
+    mesh.unregister(&peer.id, &conn);
+    info!(peer = %peer.id, reason = ?conn.close_reason(), "mesh link down");
+}
+
+/// Dials seeds and learned members until `cancel`, ages out records and
+/// re-checks link silence; owns every link it starts (and `accepted`,
+/// the links other relays dialled, which arrive through `incoming`).
+pub(crate) async fn dialer(
+    mesh: Arc<Mesh>,
+    endpoint: quinn::Endpoint,
+    mut incoming: tokio::sync::mpsc::Receiver<(
+        quinn::Connection,
+        tokio::sync::OwnedSemaphorePermit,
+    )>,
+    cancel: CancellationToken,
+) {
+    let client = match auth::client_config() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("mesh disabled: {e}");
+            return;
+        }
+    };
+    let mut links = JoinSet::new();
+    let mut dialing: HashMap<String, tokio::task::AbortHandle> = HashMap::new();
+    let mut tick = tokio::time::interval(REDIAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        // Ranked: stop first, then links other relays dialled, then redials.
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            Some((conn, permit)) = incoming.recv() => {
+                links.spawn(mesh.tasks.track_future(accept(mesh.clone(), conn, permit, cancel.clone())));
+                continue;
+            }
+            Some(_) = links.join_next(), if !links.is_empty() => {}
+            _ = tick.tick() => {}
+            _ = mesh.changed.notified() => {}
+        }
+        let now = tokio::time::Instant::now();
+        let gone = mesh.membership().expire(now);
+        if !gone.is_empty() {
+            debug!(?gone, "forgot relays nobody has heard of for a while");
+        }
+        // Silent links leave the live set even before QUIC gives up on them.
+        mesh.publish();
+        dialing.retain(|_, h| !h.is_finished());
+        let targets: Vec<String> = {
+            let m = mesh.membership();
+            let mut t: Vec<String> = mesh
+                .seeds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .filter(|(_, id)| id.as_deref().is_none_or(|id| !m.linked(id)))
+                .map(|(a, _)| a.clone())
+                .collect();
+            t.extend(
+                m.dial_targets()
+                    .into_iter()
+                    .filter_map(|r| r.addrs.first().cloned()),
+            );
+            t
+        };
+        for addr in targets {
+            if mesh.me.addrs.contains(&addr) || dialing.contains_key(&addr) {
+                continue;
+            }
+            let h = links.spawn(mesh.tasks.track_future(dial(
+                mesh.clone(),
+                endpoint.clone(),
+                client.clone(),
+                addr.clone(),
+                cancel.clone(),
+            )));
+            dialing.insert(addr, h);
+        }
+    }
+    mesh.close_all();
+    while links.join_next().await.is_some() {}
+}

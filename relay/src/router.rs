@@ -1,0 +1,296 @@
+//! The router: every front door hands what it parsed and authenticated to
+//! the router, which decides whether the peer it concerns is homed here
+//! (local services) or on another relay (a typed mesh call). Doors never
+//! see the mesh; the mesh never sees a door.
+
+use crate::keys::Keys;
+use crate::mesh::{CallError, Mesh};
+use crate::placement::Placement;
+use crate::services::splice::Opened;
+use crate::services::status::Snapshot;
+use crate::services::Services;
+use crate::RelayConfig;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use swb_wire::{Code, Deliver, MeshForward, MessageId, Refusal, RelayRecord, SetStatus};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+/// Where the peer a request concerns is homed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// Here: local services.
+    Local,
+    /// On this other relay: one mesh hop.
+    Remote(RelayRecord),
+}
+
+/// The router of one relay.
+pub(crate) struct Router {
+    config: Arc<RelayConfig>,
+    services: Arc<Services>,
+    placement: Arc<Placement>,
+    keys: Arc<Keys>,
+    mesh: Option<Arc<Mesh>>,
+    tasks: TaskTracker,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("relay", &self.placement.me().id)
+            .finish()
+    }
+}
+
+fn unavailable(to: &str, home: &str, e: &CallError) -> Refusal {
+    Refusal::new(
+        Code::RELAY_UNAVAILABLE,
+        format!("the home relay of {to} ({home}) is unreachable right now ({e}); retry"),
+    )
+}
+
+impl Router {
+    pub(crate) fn new(
+        config: Arc<RelayConfig>,
+        services: Arc<Services>,
+        placement: Arc<Placement>,
+        keys: Arc<Keys>,
+        mesh: Option<Arc<Mesh>>,
+        tasks: TaskTracker,
+    ) -> Self {
+        Self {
+            config,
+            services,
+            placement,
+            keys,
+            mesh,
+            tasks,
+        }
+    }
+
+    pub(crate) fn config(&self) -> &RelayConfig {
+        &self.config
+    }
+
+    pub(crate) fn services(&self) -> &Arc<Services> {
+        &self.services
+    }
+
+    pub(crate) fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    pub(crate) fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The owner of every task a door starts.
+    pub(crate) fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    /// Where `(ns, name)` is homed.
+    pub(crate) fn route(&self, ns: &str, name: &str) -> Route {
+        match self.placement.home_elsewhere(ns, name) {
+            Some(home) => Route::Remote(home),
+            None => Route::Local,
+        }
+    }
+
+    /// Re-reads the keys file if it changed (at most once per `gap`); on a
+    /// new key set, ends the sessions of keys that are gone. Whether a new
+    /// set was installed.
+    pub(crate) fn refresh_keys(&self, gap: Duration) -> bool {
+        match self.keys.refresh(gap) {
+            Some(store) => {
+                self.end_revoked(&store);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Re-reads the keys now (SIGHUP); the number of keys.
+    pub(crate) fn reload_keys(&self) -> Result<usize, crate::keys::KeysError> {
+        let store = self.keys.reload()?;
+        self.end_revoked(&store);
+        Ok(store.len())
+    }
+
+    fn end_revoked(&self, store: &crate::keys::KeyStore) {
+        let closed = self.services.end_revoked(store);
+        if closed > 0 {
+            info!(sessions = closed, "closed sessions of revoked keys");
+        }
+    }
+
+    /// Hands a message to `home`, the recipient's relay: whether the
+    /// recipient is attached there.
+    pub(crate) async fn forward(&self, home: &str, f: MeshForward) -> Result<bool, Refusal> {
+        let metrics = &self.services.metrics;
+        let to = f.to.clone();
+        let r = match &self.mesh {
+            Some(m) => match m.forward(home, f).await {
+                Ok(r) => r,
+                Err(e) => Err(unavailable(&to, home, &e)),
+            },
+            None => Err(Refusal::new(Code::INTERNAL, "this relay is not in a mesh")),
+        };
+        match &r {
+            Ok(_) => metrics.forwarded.inc(),
+            Err(refusal) => metrics.refused(refusal.code),
+        }
+        r
+    }
+
+    /// Sends a message: into a local mailbox or across one mesh hop.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn send(
+        &self,
+        ns: &str,
+        from: &str,
+        to: &str,
+        id: MessageId,
+        body: Bytes,
+        sent_at_ms: u64,
+    ) -> Result<bool, Refusal> {
+        match self.route(ns, to) {
+            Route::Local => self.services.enqueue(ns, from, to, id, body, sent_at_ms),
+            Route::Remote(home) => {
+                let f = MeshForward {
+                    namespace: ns.to_string(),
+                    from: from.to_string(),
+                    to: to.to_string(),
+                    id,
+                    body,
+                    sent_at_ms,
+                };
+                self.forward(&home.id, f).await
+            }
+        }
+    }
+
+    /// Opens a stream to `port` of `to` for `from`.
+    pub(crate) async fn open_stream(
+        &self,
+        ns: &str,
+        from: &str,
+        to: &str,
+        port: u16,
+    ) -> Result<Opened, Refusal> {
+        match (self.route(ns, to), &self.mesh) {
+            (Route::Remote(home), Some(m)) => m
+                .open_stream(&home.id, ns, from, to, port)
+                .await
+                .map_err(|e| match e {
+                    CallError::Timeout => Refusal::new(
+                        Code::TIMEOUT,
+                        format!("{to}'s home relay did not answer in time"),
+                    ),
+                    e => Refusal::new(
+                        Code::PEER_OFFLINE,
+                        format!(
+                            "{to}'s home relay ({}) is unreachable right now ({e})",
+                            home.id
+                        ),
+                    ),
+                }),
+            _ => self.services.open_local(ns, from, to, port).await,
+        }
+    }
+
+    /// Receives mail of `name` as an HTTP poll does, wherever it is held.
+    pub(crate) async fn receive(
+        &self,
+        ns: &str,
+        name: &str,
+        wait: Duration,
+        max: usize,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<Deliver>, Refusal> {
+        match (self.route(ns, name), &self.mesh) {
+            (Route::Remote(home), Some(m)) => tokio::select! {
+                _ = cancel.cancelled() => Ok(Vec::new()),
+                r = m.receive(&home.id, ns, name, wait, max) => match r {
+                    Ok(r) => r,
+                    Err(e) => Err(unavailable(name, &home.id, &e)),
+                },
+            },
+            _ => Ok(self
+                .services
+                .receive(ns, name, wait, max, cancel)
+                .await
+                .into_iter()
+                .map(|t| Deliver {
+                    id: t.id,
+                    from: t.from,
+                    body: t.body,
+                    sent_at_ms: t.sent_at_ms,
+                })
+                .collect()),
+        }
+    }
+
+    /// Acknowledges mail of `name`; how many ids were held.
+    pub(crate) async fn ack(
+        &self,
+        ns: &str,
+        name: &str,
+        ids: Vec<MessageId>,
+    ) -> Result<usize, Refusal> {
+        match (self.route(ns, name), &self.mesh) {
+            (Route::Remote(home), Some(m)) => match m.ack(&home.id, ns, name, ids).await {
+                Ok(r) => r,
+                Err(e) => Err(unavailable(name, &home.id, &e)),
+            },
+            _ => Ok(self.services.ack(ns, name, &ids)),
+        }
+    }
+
+    /// Changes the status of `name`, wherever it is homed.
+    pub(crate) async fn set_status(
+        &self,
+        ns: &str,
+        name: &str,
+        change: SetStatus,
+    ) -> Result<Arc<Snapshot>, Refusal> {
+        match (self.route(ns, name), &self.mesh) {
+            (Route::Remote(home), Some(m)) => {
+                match m.set_status(&home.id, ns, name, change).await {
+                    Ok(r) => r.map(|u| Arc::new(Snapshot::from_update(&u))),
+                    Err(e) => Err(unavailable(name, &home.id, &e)),
+                }
+            }
+            _ => self.services.set_status(ns, name, &change),
+        }
+    }
+
+    /// Every known peer of `ns`: this relay's, and every other live
+    /// relay's (each peer's newest value wins).
+    pub(crate) async fn peers(&self, ns: &str) -> Vec<Arc<Snapshot>> {
+        let mut all: BTreeMap<String, Arc<Snapshot>> = self
+            .services
+            .registry()
+            .status
+            .known(ns)
+            .into_iter()
+            .map(|s| (s.name.to_string(), s))
+            .collect();
+        if let Some(m) = &self.mesh {
+            m.known_elsewhere(ns, &mut all).await;
+        }
+        all.into_values().collect()
+    }
+
+    /// Before watching `names` in `ns` here: brings the board's copies of
+    /// peers homed elsewhere up to date (and keeps them so, if `lasting`).
+    pub(crate) async fn prepare_watch(&self, ns: &str, names: &[String], lasting: bool) {
+        if let Some(m) = &self.mesh {
+            m.prepare_watch(ns, names, lasting).await;
+        }
+    }
+}
