@@ -119,7 +119,7 @@ fn merge_file(a: &mut UpArgs) -> Result<Option<PathBuf>> {
 /// Default SOCKS listener.
 pub(crate) const DEFAULT_SOCKS: &str = "127.0.0.1:1080";
 
-fn parse_exposure(s: &str) -> Result<Exposure, String> {
+fn parse_exposure(s: &str) -> Result<Exposure, swb_daemon::BadExposure> {
     s.parse()
 }
 

@@ -294,7 +294,7 @@ impl Actor {
         let first = self.core.on_connected();
         self.publish_pending();
         if let Err(e) = link.write(&first).await {
-            return Served::Ended(End::Lost(e));
+            return Served::Ended(End::Lost(e.to_string()));
         }
         // Frames that arrived together with the Welcome (mail held while
         // this peer was away) are already buffered.
@@ -304,7 +304,7 @@ impl Actor {
         }
         if !out.is_empty() {
             if let Err(e) = link.write(&out).await {
-                return Served::Ended(End::Lost(link.close_reason(&e)));
+                return Served::Ended(End::Lost(e.to_string()));
             }
         }
         loop {
@@ -333,7 +333,7 @@ impl Actor {
                 },
                 r = link.read_some() => {
                     if let Err(e) = r {
-                        return Served::Ended(End::Lost(e));
+                        return Served::Ended(End::Lost(e.to_string()));
                     }
                     let mut out = Vec::new();
                     if let Err(end) = self.drain(&mut link, &mut out) {
@@ -344,7 +344,7 @@ impl Actor {
             };
             if !out.is_empty() {
                 if let Err(e) = link.write(&out).await {
-                    return Served::Ended(End::Lost(link.close_reason(&e)));
+                    return Served::Ended(End::Lost(e.to_string()));
                 }
             }
         }

@@ -34,6 +34,21 @@ pub(crate) enum ConnectError {
     Fatal(DaemonError),
 }
 
+/// Why the control stream to the relay failed, in words for the log and
+/// `swbd status`.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum LinkError {
+    /// The connection or the stream ended.
+    #[error("{0}")]
+    Lost(String),
+    /// The relay sent something that is not a frame.
+    #[error("relay sent bad data: {0}")]
+    BadData(#[from] swb_wire::DecodeError),
+    /// A frame could not be encoded.
+    #[error("cannot encode a frame: {0}")]
+    Encode(#[from] swb_wire::EncodeError),
+}
+
 /// An established control stream to a relay.
 pub(crate) struct Link {
     pub(crate) conn: quinn::Connection,
@@ -45,46 +60,49 @@ pub(crate) struct Link {
 
 impl Link {
     /// One read into the frame buffer. Cancel-safe.
-    pub(crate) async fn read_some(&mut self) -> Result<(), String> {
+    pub(crate) async fn read_some(&mut self) -> Result<(), LinkError> {
         let buf = self.reader.buf();
         if buf.capacity() - buf.len() < READ_ROOM {
             buf.reserve(READ_GROW);
         }
         match self.recv.read_buf(buf).await {
-            Ok(0) => Err(self.close_reason("the relay closed the control stream")),
+            Ok(0) => Err(self.lost("the relay closed the control stream")),
             Ok(_) => Ok(()),
-            Err(e) => Err(self.close_reason(&e.to_string())),
+            Err(e) => Err(self.lost(&e.to_string())),
         }
     }
 
-    /// Why the connection ended, in words.
-    pub(crate) fn close_reason(&self, fallback: &str) -> String {
-        match self.conn.close_reason() {
+    /// Why the connection ended (the connection's own reason if it has
+    /// one, else `fallback`).
+    pub(crate) fn lost(&self, fallback: &str) -> LinkError {
+        LinkError::Lost(match self.conn.close_reason() {
             Some(quinn::ConnectionError::TimedOut) => {
                 "the relay stopped answering (idle timeout)".into()
             }
             Some(e) => e.to_string(),
             None => fallback.to_string(),
-        }
+        })
     }
 
-    async fn next_frame(&mut self) -> Result<Frame, String> {
+    async fn next_frame(&mut self) -> Result<Frame, LinkError> {
         loop {
-            match self.reader.next_frame() {
-                Ok(Some(f)) => return Ok(f),
-                Ok(None) => self.read_some().await?,
-                Err(e) => return Err(format!("relay sent bad data: {e}")),
+            match self.reader.next_frame()? {
+                Some(f) => return Ok(f),
+                None => self.read_some().await?,
             }
         }
     }
 
     /// Writes frames in one write.
-    pub(crate) async fn write(&mut self, frames: &[Frame]) -> Result<(), String> {
+    pub(crate) async fn write(&mut self, frames: &[Frame]) -> Result<(), LinkError> {
         let mut b = BytesMut::new();
         for f in frames {
-            f.encode(&mut b).map_err(|e| e.to_string())?;
+            f.encode(&mut b)?;
         }
-        self.send.write_all(&b).await.map_err(|e| e.to_string())
+        match self.send.write_all(&b).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.lost(&e.to_string())),
+        }
     }
 }
 
@@ -141,7 +159,7 @@ impl Dialer {
         })
     }
 
-    fn endpoint_for(&mut self, addr: SocketAddr) -> Result<quinn::Endpoint, String> {
+    fn endpoint_for(&mut self, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
         let slot = if addr.is_ipv4() {
             &mut self.endpoints.0
         } else {
@@ -155,16 +173,14 @@ impl Dialer {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        let ep = swb_quic::udp_socket(bind)
-            .and_then(|sock| {
-                quinn::Endpoint::new(
-                    quinn::EndpointConfig::default(),
-                    None,
-                    sock,
-                    Arc::new(quinn::TokioRuntime),
-                )
-            })
-            .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+        let ep = swb_quic::udp_socket(bind).and_then(|sock| {
+            quinn::Endpoint::new(
+                quinn::EndpointConfig::default(),
+                None,
+                sock,
+                Arc::new(quinn::TokioRuntime),
+            )
+        })?;
         *slot = Some(ep.clone());
         Ok(ep)
     }
@@ -232,7 +248,9 @@ impl Dialer {
             .map_err(|e| ConnectError::Retry(format!("cannot resolve {host}: {e}")))?
             .next()
             .ok_or_else(|| ConnectError::Retry(format!("{host} has no address")))?;
-        let ep = self.endpoint_for(addr).map_err(ConnectError::Retry)?;
+        let ep = self
+            .endpoint_for(addr)
+            .map_err(|e| ConnectError::Retry(format!("cannot open a UDP socket: {e}")))?;
         let server_name = self.config.server_name.clone().unwrap_or(host);
         let connecting = ep
             .connect_with(client_cfg, addr, &server_name)
@@ -293,11 +311,18 @@ impl Dialer {
                         format!("the relay speaks protocol version {}, this daemon {PROTOCOL_VERSION}; upgrade the older side", p.version),
                     ))))
                 }
-                Ok(None) => link.read_some().await.map_err(ConnectError::Retry)?,
+                Ok(None) => link
+                    .read_some()
+                    .await
+                    .map_err(|e| ConnectError::Retry(e.to_string()))?,
                 Err(e) => return Err(ConnectError::Retry(format!("{addr} is not a Switchboard relay: {e}"))),
             }
         }
-        match link.next_frame().await.map_err(ConnectError::Retry)? {
+        match link
+            .next_frame()
+            .await
+            .map_err(|e| ConnectError::Retry(e.to_string()))?
+        {
             Frame::Welcome(w) => Ok((link, w)),
             Frame::Redirect(r) => {
                 link.conn

@@ -50,7 +50,7 @@ pub use api::{Accepted, ApiError, Message, PendingSend, Receiver, Sender};
 pub use control::{default_control_path, Client, ControlError};
 pub use ping::{Pinger, Pong};
 pub use socks::SocksConfig;
-pub use streams::{Exposure, StreamError};
+pub use streams::{BadExposure, Exposure, StreamError};
 pub use swb_wire::{Refusal, Welcome};
 pub use tls::Trust;
 

@@ -17,6 +17,8 @@ use tracing::debug;
 
 /// How long the echo service waits for the next ping before it closes.
 pub const ECHO_IDLE: Duration = Duration::from_secs(30);
+/// The least wait for the target's `PingInfo`.
+const MIN_ANSWER_WAIT: Duration = Duration::from_secs(1);
 /// Pings one echo stream answers at most.
 pub const ECHO_MAX_PINGS: u32 = 10_000;
 
@@ -71,7 +73,7 @@ impl Pinger {
                     e
                 }
             })?;
-        let info = tokio::time::timeout(wait.max(Duration::from_secs(1)), read_frame(&mut recv))
+        let info = tokio::time::timeout(wait.max(MIN_ANSWER_WAIT), read_frame(&mut recv))
             .await
             .map_err(|_| timeout(&to))?
             .map_err(|e| lost(&to, &e.to_string()))?;

@@ -19,6 +19,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+/// Pause after a failed accept (EMFILE and friends) instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
 fn err(code: &str, message: impl Into<String>) -> Reply {
     Reply::Error {
         code: code.into(),
@@ -81,7 +84,7 @@ pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>, cancel: C
                 }
                 Err(e) => {
                     debug!("control accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
             Some(_) = conns.join_next() => {}

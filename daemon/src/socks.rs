@@ -75,7 +75,7 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
                 }
                 Err(e) => {
                     debug!("SOCKS accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                 }
             },
         }
@@ -84,26 +84,51 @@ pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Canc
     while tasks.join_next().await.is_some() {}
 }
 
+/// How long a SOCKS client's CONNECT waits for a relay connection.
+const CONNECTION_WAIT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (EMFILE and friends) instead of spinning.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Longest SOCKS handshake message we buffer.
+const MAX_SOCKS_MESSAGE: usize = 1024;
+
+/// Why a SOCKS handshake failed (logged at debug: the client's problem).
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("{0}")]
+    Parse(#[from] socks::Error),
+    #[error("SOCKS message longer than {MAX_SOCKS_MESSAGE} bytes")]
+    TooLong,
+    #[error("client closed during the SOCKS handshake")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the client offered no acceptable authentication method")]
+    NoMethod,
+    #[error("wrong SOCKS username or password")]
+    BadCredentials,
+}
+
 /// Reads from `tcp` into `buf` until `parse` completes; consumes the message.
 async fn read_msg<T>(
     tcp: &mut TcpStream,
     buf: &mut Vec<u8>,
     parse: impl Fn(&[u8]) -> Result<Parsed<T>, socks::Error>,
-) -> Result<T, String> {
+) -> Result<T, HandshakeError> {
     loop {
-        match parse(buf).map_err(|e| e.to_string())? {
+        match parse(buf)? {
             Parsed::Done(v, n) => {
                 buf.drain(..n);
                 return Ok(v);
             }
             Parsed::Incomplete => {
-                if buf.len() > 1024 {
-                    return Err("SOCKS message too long".into());
+                if buf.len() > MAX_SOCKS_MESSAGE {
+                    return Err(HandshakeError::TooLong);
                 }
                 let mut chunk = [0u8; 512];
-                let k = tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
+                let k = tcp.read(&mut chunk).await?;
                 if k == 0 {
-                    return Err("client closed during the SOCKS handshake".into());
+                    return Err(HandshakeError::Closed);
                 }
                 buf.extend_from_slice(&chunk[..k]);
             }
@@ -115,24 +140,20 @@ async fn read_msg<T>(
 async fn handshake(
     tcp: &mut TcpStream,
     auth: Option<&(String, String)>,
-) -> Result<Option<(String, u16, Vec<u8>)>, String> {
+) -> Result<Option<(String, u16, Vec<u8>)>, HandshakeError> {
     let mut buf = Vec::new();
     let greeting = read_msg(tcp, &mut buf, socks::parse_greeting).await?;
     let method = socks::choose_method(&greeting, auth.is_some());
-    tcp.write_all(&socks::method_reply(method))
-        .await
-        .map_err(|e| e.to_string())?;
+    tcp.write_all(&socks::method_reply(method)).await?;
     if method == socks::METHOD_NOT_ACCEPTABLE {
-        return Err("the client offered no acceptable authentication method".into());
+        return Err(HandshakeError::NoMethod);
     }
     if let Some((user, pass)) = auth {
         let up = read_msg(tcp, &mut buf, socks::parse_user_pass).await?;
         let ok = socks::credentials_match(&up, user.as_bytes(), pass.as_bytes());
-        tcp.write_all(&socks::auth_reply(ok))
-            .await
-            .map_err(|e| e.to_string())?;
+        tcp.write_all(&socks::auth_reply(ok)).await?;
         if !ok {
-            return Err("wrong SOCKS username or password".into());
+            return Err(HandshakeError::BadCredentials);
         }
     }
     let req = read_msg(tcp, &mut buf, socks::parse_request).await?;
@@ -179,7 +200,7 @@ async fn client(shared: Arc<Shared>, mut tcp: TcpStream) {
         }
     };
     let (name, port, early) = target;
-    match streams::open(&shared, &name, port, Duration::from_secs(5)).await {
+    match streams::open(&shared, &name, port, CONNECTION_WAIT).await {
         Err(e) => {
             debug!(%name, port, code = %e.code, "SOCKS connect refused: {}", e.message);
             let _ = tcp.write_all(&socks::reply(reply_for(&e), None)).await;

@@ -6,6 +6,11 @@ use crate::streams::{connection, read_header, write_frame, StreamError};
 use crate::Shared;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+/// Time the relay has to answer a status stream.
+const STATUS_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long republishing after a reconnect waits for the connection.
+const REPUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 use std::time::{Duration, UNIX_EPOCH};
 use swb_wire::{Code, Frame, SetStatus, StatusUpdate, StatusWatch, StreamReply};
 
@@ -78,7 +83,7 @@ pub(crate) async fn open(
     let conn = connection(shared, wait).await?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(lost)?;
     write_frame(&mut send, &first).await.map_err(lost)?;
-    let reply = tokio::time::timeout(Duration::from_secs(15), read_header(&mut recv))
+    let reply = tokio::time::timeout(STATUS_ANSWER_TIMEOUT, read_header(&mut recv))
         .await
         .map_err(|_| StreamError {
             code: Code::TIMEOUT.as_str().into(),
@@ -153,7 +158,7 @@ pub(crate) async fn republish(shared: &Shared) {
     if !own.touched {
         return;
     }
-    if let Err(e) = publish_locked(shared, &own, Duration::from_secs(5)).await {
+    if let Err(e) = publish_locked(shared, &own, REPUBLISH_WAIT).await {
         tracing::warn!("could not republish this peer's status: {}", e.message);
     }
 }

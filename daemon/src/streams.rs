@@ -20,7 +20,16 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
 
 /// Application error code of a stream reset by a daemon.
-const RESET_DAEMON: u32 = 2;
+const RESET_DAEMON: u32 = swb_wire::reset::DAEMON;
+/// Time the relay has to send an incoming stream's header.
+const INCOMING_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time an exposed port's target has to accept our connection.
+pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time the relay (and the peer behind it) has to answer a stream request,
+/// beyond the wait for a relay connection.
+const STREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The least wait for a relay connection when opening a stream.
+const MIN_CONNECTION_WAIT: Duration = Duration::from_secs(1);
 /// Buffer per direction when copying to and from a local socket.
 const COPY_BUF: usize = 256 * 1024;
 
@@ -33,12 +42,17 @@ pub struct Exposure {
     pub target: String,
 }
 
+/// An exposure that is not `PORT` or `PORT=HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not PORT or PORT=HOST:PORT (e.g. 22, 8080=127.0.0.1:3000)")]
+pub struct BadExposure(pub String);
+
 impl FromStr for Exposure {
-    type Err = String;
+    type Err = BadExposure;
 
     /// `22` (to `127.0.0.1:22`) or `8080=HOST:PORT`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("{s:?} is not PORT or PORT=HOST:PORT (e.g. 22, 8080=127.0.0.1:3000)");
+    fn from_str(s: &str) -> Result<Self, BadExposure> {
+        let bad = || BadExposure(s.to_string());
         let (port, target) = match s.split_once('=') {
             Some((p, t)) => (p.trim(), Some(t.trim())),
             None => (s.trim(), None),
@@ -181,17 +195,14 @@ pub(crate) async fn open(
             other => Err(lost(format!("unexpected {:?}", other.frame_type()))),
         }
     };
-    let r = tokio::time::timeout(
-        wait.max(Duration::from_secs(1)) + Duration::from_secs(10),
-        setup,
-    )
-    .await
-    .map_err(|_| {
-        StreamError::new(
-            Code::TIMEOUT.as_str(),
-            format!("no answer from {to} in time"),
-        )
-    })?;
+    let r = tokio::time::timeout(wait.max(MIN_CONNECTION_WAIT) + STREAM_ANSWER_TIMEOUT, setup)
+        .await
+        .map_err(|_| {
+            StreamError::new(
+                Code::TIMEOUT.as_str(),
+                format!("no answer from {to} in time"),
+            )
+        })?;
     let result = if r.is_ok() { "accepted" } else { "refused" };
     shared
         .metrics
@@ -292,12 +303,15 @@ pub(crate) async fn accept_loop(
     while tasks.join_next().await.is_some() {}
 }
 
-async fn answer(send: &mut quinn::SendStream, refusal: Option<Refusal>) -> Result<(), String> {
-    Ok(write_frame(send, &Frame::StreamReply(StreamReply { refusal })).await?)
+async fn answer(
+    send: &mut quinn::SendStream,
+    refusal: Option<Refusal>,
+) -> Result<(), swb_quic::FrameIoError> {
+    write_frame(send, &Frame::StreamReply(StreamReply { refusal })).await
 }
 
 async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    let req = match tokio::time::timeout(Duration::from_secs(10), read_header(&mut recv)).await {
+    let req = match tokio::time::timeout(INCOMING_HEADER_TIMEOUT, read_header(&mut recv)).await {
         Ok(Ok(Frame::StreamIncoming(i))) => i,
         _ => {
             let _ = send.reset(quinn::VarInt::from_u32(RESET_DAEMON));
@@ -338,7 +352,7 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
         return;
     };
     let tcp = match tokio::time::timeout(
-        Duration::from_secs(5),
+        TARGET_CONNECT_TIMEOUT,
         tokio::net::TcpStream::connect(exp.target.as_str()),
     )
     .await
@@ -360,7 +374,7 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
         }
         Err(_) => {
             let msg = format!(
-                "{me} exposes port {} but {} did not accept within 5s",
+                "{me} exposes port {} but {} did not accept within {TARGET_CONNECT_TIMEOUT:?}",
                 req.port, exp.target
             );
             shared

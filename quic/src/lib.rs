@@ -70,6 +70,9 @@ async fn read_raw(
     }
     recv.read_exact(&mut head[1..]).await.map_err(stream)?;
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+    // No frame may exceed the wire's limit, whatever the caller allows:
+    // refuse before allocating.
+    let max = max.min(swb_wire::MAX_FRAME_LEN);
     if len > max {
         return Err(FrameIoError::TooLarge { len, max });
     }
@@ -95,8 +98,9 @@ pub async fn read_header(recv: &mut quinn::RecvStream) -> Result<Frame, FrameIoE
     }
 }
 
-/// Reads the next frame (body at most `max` bytes) of a stream that carries
-/// only frames, skipping unknown types; `None` at a clean end.
+/// Reads the next frame (body at most `max` bytes, and never more than
+/// [`swb_wire::MAX_FRAME_LEN`]) of a stream that carries only frames,
+/// skipping unknown types; `None` at a clean end.
 pub async fn read_frame(
     recv: &mut quinn::RecvStream,
     max: usize,

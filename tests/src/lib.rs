@@ -22,6 +22,30 @@ use tempfile::TempDir;
 /// does not flake, and a hang still fails instead of blocking forever.
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// How often [`eventually`] looks again.
+const RECHECK: Duration = Duration::from_millis(10);
+
+/// Looks at the system until `check` finds what it waits for (`Some`),
+/// re-checking every 10 ms, for at most `within`; then fails naming `what`.
+/// For conditions that no event announces (another relay's view, a
+/// counter); an `Err` from `check` ends the wait at once.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(RECHECK).await;
+    }
+}
+
 /// Installs a log subscriber once (`RUST_LOG` controls it).
 pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
@@ -166,17 +190,13 @@ impl TestRelay {
         what: &str,
         pred: impl Fn(&swb_relay::RelayStats) -> bool,
     ) -> Result<swb_relay::RelayStats> {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
+        let r = eventually(&format!("relay stats: {what}"), WAIT, || {
             let s = self.handle().stats();
-            if pred(&s) {
-                return Ok(s);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!("timed out waiting for relay stats: {what}; last {s:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+            let found = pred(&s).then_some(s);
+            async move { Ok(found) }
+        })
+        .await;
+        r.with_context(|| format!("last {:?}", self.handle().stats()))
     }
 
     /// Path of the relay's keys file.

@@ -15,21 +15,14 @@ fn msg(from: &str, to: &str, body: &str) -> Value {
 
 /// Polls `GET /v1/peers` until `name` shows up (a long poll registered).
 async fn wait_for_peer(http: &HttpClient, name: &str) -> Result<Value> {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    swb_tests::eventually(&format!("{name} in /v1/peers"), WAIT, || async {
         let r = http.get("/v1/peers").await?;
-        if let Some(p) = r.json["peers"]
+        Ok(r.json["peers"]
             .as_array()
             .and_then(|a| a.iter().find(|p| p["name"] == name))
-        {
-            return Ok(p.clone());
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "{name} never appeared in /v1/peers"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+            .cloned())
+    })
+    .await
 }
 
 #[tokio::test]

@@ -206,18 +206,14 @@ async fn daemons_are_redirected_home_and_rehome_when_it_stops() -> Result<()> {
         .to_string();
     let t = Instant::now();
     r2.stop().await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    swb_tests::eventually("re-homed to the successor", WAIT, || async {
         let s = d.client().await?.status().await?;
-        if s.state == "connected" && s.relay_id.as_deref() == Some(successor.as_str()) {
-            break;
-        }
-        anyhow::ensure!(
-            tokio::time::Instant::now() < deadline,
-            "not re-homed; status {s:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        Ok(
+            (s.state == "connected" && s.relay_id.as_deref() == Some(successor.as_str()))
+                .then_some(()),
+        )
+    })
+    .await?;
     let took = t.elapsed();
     assert!(took < Duration::from_secs(5), "re-homed after {took:?}");
     eprintln!("re-homed from r2 to {successor} in {took:?}");
@@ -349,25 +345,18 @@ async fn a_joining_relay_moves_only_the_names_the_ring_gives_it() -> Result<()> 
     let mut moved = 0;
     for (name, d, since) in &daemons {
         let want = ring.home("acme", name).unwrap_or("");
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
+        let s = swb_tests::eventually(&format!("{name} at {want}"), WAIT, || async {
             let s = d.client().await?.status().await?;
-            if s.state == "connected" && s.relay_id.as_deref() == Some(want) {
-                if want == "r4" {
-                    moved += 1;
-                } else {
-                    assert_eq!(
-                        &s.connected_since, since,
-                        "{name} was not moved by the ring and kept its connection"
-                    );
-                }
-                break;
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < deadline,
-                "{name} not at {want}: {s:?}"
+            Ok((s.state == "connected" && s.relay_id.as_deref() == Some(want)).then_some(s))
+        })
+        .await?;
+        if want == "r4" {
+            moved += 1;
+        } else {
+            assert_eq!(
+                &s.connected_since, since,
+                "{name} was not moved by the ring and kept its connection"
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     eprintln!("{moved} of 12 names moved to the new relay");

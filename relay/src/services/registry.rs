@@ -229,6 +229,17 @@ struct NsUsage {
     mailboxes: usize,
 }
 
+/// Why a saved message was not put back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum NotRestored {
+    /// Its TTL ran out while the relay was down.
+    #[error("expired while the relay was down")]
+    Expired,
+    /// The mailbox refused it (limits changed).
+    #[error("{0}")]
+    Refused(Refusal),
+}
+
 /// Result of [`Registry::enqueue`].
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Enqueued {
@@ -708,9 +719,9 @@ impl Registry {
         m: super::persist::Saved,
         now: Instant,
         wall_now_ms: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), NotRestored> {
         if m.expires_at_ms <= wall_now_ms {
-            return Err("expired while the relay was down".into());
+            return Err(NotRestored::Expired);
         }
         let left = Duration::from_millis(m.expires_at_ms - wall_now_ms);
         match self.enqueue(&m.ns, &m.from, &m.to, m.id, m.body, m.sent_at_ms, now) {
@@ -725,7 +736,7 @@ impl Registry {
                 }
                 Ok(())
             }
-            Enqueued::Refused(r) => Err(r.to_string()),
+            Enqueued::Refused(r) => Err(NotRestored::Refused(r)),
         }
     }
 
