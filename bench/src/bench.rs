@@ -483,15 +483,17 @@ pub(crate) async fn stream(a: StreamArgs, out: &Output) -> Result<()> {
     let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sink_addr = sink.local_addr()?;
     let sink_task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
         loop {
             let Ok((s, _)) = sink.accept().await else {
                 return;
             };
             let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 let (r, w) = s.into_split();
                 let _ = drain(r, w).await;
             });
+            while conns.try_join_next().is_some() {}
         }
     });
     let (rc, key) = bench_relay_config(identity.clone())?;
@@ -1025,11 +1027,14 @@ fn proc_cpu_ticks(pid: u32) -> Result<u64> {
 
 struct Child {
     child: tokio::process::Child,
+    /// Drains the child's stdout; ends with this.
+    drain: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
+        self.drain.abort();
     }
 }
 
@@ -1059,8 +1064,8 @@ async fn spawn_self<T>(
     })
     .await??;
     // Keep draining stdout so the child never blocks on it.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok((Child { child }, found, pid))
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((Child { child, drain }, found, pid))
 }
 
 /// Holds `n` clients on `addr`: KiB per client and CPU % of the server

@@ -188,11 +188,14 @@ impl NatsRx {
 pub(crate) struct NatsServer {
     pub(crate) addr: std::net::SocketAddr,
     child: tokio::process::Child,
+    /// Drains the server's log so it never blocks on it; ends with this.
+    drain: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.start_kill();
+        self.drain.abort();
     }
 }
 
@@ -226,6 +229,6 @@ pub(crate) async fn start_server(
     })
     .await
     .context("nats-server did not start")??;
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(NatsServer { addr, child })
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok(NatsServer { addr, child, drain })
 }

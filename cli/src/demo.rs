@@ -116,13 +116,17 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
     // What london exposes on port 8080: an echo server on loopback.
     let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let echo_addr = echo.local_addr()?;
+    // Its connections live in a JoinSet owned by the task: aborting the
+    // task at the end ends them too.
     let echo_task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
         while let Ok((s, _)) = echo.accept().await {
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 let (mut r, mut w) = s.into_split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
                 let _ = tokio::io::AsyncWriteExt::shutdown(&mut w).await;
             });
+            while conns.try_join_next().is_some() {}
         }
     });
     let fp = relay.fingerprint().to_string();
