@@ -28,10 +28,18 @@ pub(crate) struct RelayArgs {
     /// --data-dir and print its fingerprint for `swbd up --relay-fingerprint`.
     #[arg(long)]
     dev: bool,
-    /// Where the relay keeps its state: held mail across restarts, and in
-    /// dev mode its certificate, key and `fingerprint` file.
+    /// Where the relay keeps its state: the durable mail store (`mail/`),
+    /// and in dev mode its certificate, key and `fingerprint` file.
+    /// Without it, mail lives in memory only.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// How durable accepted mail is before the sender hears `accepted`:
+    /// `sync` (fsync'd: survives a power loss; concurrent sends share one
+    /// flush), `process` (written to the OS: survives a killed relay), or
+    /// `memory` (tests and benchmarks). [default: sync with --data-dir,
+    /// memory without]
+    #[arg(long, value_name = "LEVEL", value_parser = parse_durability)]
+    durability: Option<swb_relay::Durability>,
     /// API keys file (`swbd keys create` writes it). Default: <data-dir>/keys.toml.
     #[arg(long, value_name = "FILE")]
     keys: Option<PathBuf>,
@@ -99,6 +107,7 @@ pub(crate) struct RelayFile {
     #[serde(default)]
     dev: bool,
     data_dir: Option<PathBuf>,
+    durability: Option<String>,
     keys: Option<PathBuf>,
     listen: Option<SocketAddr>,
     http_listen: Option<String>,
@@ -141,6 +150,14 @@ fn merge_file(a: &mut RelayArgs) -> Result<()> {
     let bad = |key: &str, e: String| anyhow::anyhow!("--config {}: {key}: {e}", path.display());
     a.dev |= f.dev;
     a.data_dir = a.data_dir.take().or(f.data_dir.map(rel));
+    if a.durability.is_none() {
+        a.durability = f
+            .durability
+            .as_deref()
+            .map(parse_durability)
+            .transpose()
+            .map_err(|e| bad("durability", e))?;
+    }
     a.keys = a.keys.take().or(f.keys.map(rel));
     a.listen = a.listen.or(f.listen);
     if a.http_listen.is_none() {
@@ -204,6 +221,10 @@ fn check(a: &RelayArgs) -> Result<()> {
     Ok(())
 }
 
+fn parse_durability(s: &str) -> Result<swb_relay::Durability, String> {
+    s.parse()
+}
+
 fn parse_http_listen(s: &str) -> Result<HttpListen, String> {
     if s.eq_ignore_ascii_case("off") {
         return Ok(HttpListen::Off);
@@ -257,6 +278,16 @@ pub(crate) async fn run(mut a: RelayArgs) -> Result<()> {
     let mut config = RelayConfig::new(listen, identity, KeySource::File(keys_path.clone()));
     config.relay_id = relay_id.clone();
     config.state_dir = a.data_dir.clone();
+    config.durability = a.durability;
+    if a.durability
+        .is_some_and(|d| d != swb_relay::Durability::Memory)
+        && a.data_dir.is_none()
+    {
+        bail!(
+            "--durability {} needs --data-dir DIR for the mail store",
+            a.durability.map_or("", |d| d.as_str())
+        );
+    }
     config.metrics_listen = a.metrics;
     if let Some(h) = a.http_listen {
         config.http_listen = h;
@@ -309,6 +340,7 @@ pub(crate) async fn run(mut a: RelayArgs) -> Result<()> {
     };
     println!("relay listening on {addr} (udp)");
     println!("relay id {relay_id}");
+    println!("mail durability {}", handle.durability().as_str());
     if a.mesh_key_file.is_some() {
         println!(
             "mesh: dialing {} seed relay(s); others are learned",

@@ -46,9 +46,12 @@ pub struct RelayConfig {
     pub stream_setup_timeout: Duration,
     /// How long an offline peer's status is kept (default 24 h).
     pub status_retention: Duration,
-    /// Where held mail is saved at shutdown and loaded at start; `None`
-    /// keeps it in memory only.
+    /// Where the relay keeps its state: the mail store (`mail/`), and in
+    /// dev mode its certificate. `None`: mail in memory only.
     pub state_dir: Option<PathBuf>,
+    /// How durable accepted mail is before the sender hears `accepted`
+    /// (`None`: `sync` with a state dir, `memory` without one).
+    pub durability: Option<crate::Durability>,
     /// Membership of a relay mesh, if any.
     pub mesh: Option<crate::mesh::MeshConfig>,
     /// Where to serve Prometheus metrics (plain HTTP, `GET /metrics`);
@@ -88,6 +91,7 @@ impl RelayConfig {
             stream_setup_timeout: Duration::from_secs(10),
             status_retention: Duration::from_secs(24 * 3600),
             state_dir: None,
+            durability: None,
             mesh: None,
             metrics_listen: None,
         }

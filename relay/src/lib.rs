@@ -65,6 +65,7 @@ pub use keys::{KeySource, KeyStore, KeysFile};
 pub use placement::LiveSet;
 pub use services::registry::{MailboxLimits, Peer, Via};
 pub use services::status::{Snapshot, MIN_PUBLISH_INTERVAL};
+pub use services::store::{Durability, Recovered, StoreError};
 pub use services::watch::{BadName, StatusWatcher};
 pub use swb_quic::{udp_socket, UDP_BUFFER};
 pub use tls::Identity;
@@ -153,33 +154,32 @@ fn wall_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Loads mail saved by a previous graceful stop.
-fn restore_mail(services: &Services, dir: &std::path::Path) -> Result<(), RelayError> {
-    let saved = services::persist::take(dir).map_err(|source| RelayError::State {
-        path: services::persist::path(dir).display().to_string(),
+/// Opens the mail store in `<state_dir>/mail` (memory without a state
+/// dir), puts back what it holds, and takes over mail an earlier version
+/// saved in one file at a graceful stop.
+fn open_store(
+    config: &RelayConfig,
+) -> Result<(services::store::Store, services::store::Recovered), RelayError> {
+    use services::store::{Durability, Store};
+    let durability = match (&config.state_dir, config.durability) {
+        (None, _) | (_, Some(Durability::Memory)) => Durability::Memory,
+        (Some(_), d) => d.unwrap_or(Durability::Sync),
+    };
+    let Some(dir) = config
+        .state_dir
+        .as_ref()
+        .filter(|_| durability != Durability::Memory)
+    else {
+        warn!("mail durability: memory — held mail is lost if this relay stops or crashes (give --data-dir for a durable mail store)");
+        return Ok((Store::memory(), Default::default()));
+    };
+    let mail = dir.join("mail");
+    let opened = Store::open(&mail, durability).map_err(|source| RelayError::State {
+        path: mail.display().to_string(),
         source,
     })?;
-    if saved.is_empty() {
-        return Ok(());
-    }
-    let total = saved.len();
-    let (now, wall) = (tokio::time::Instant::now(), wall_ms());
-    let mut reg = services.registry();
-    let mut lost = 0;
-    for m in saved {
-        let (ns, to, id) = (m.ns.clone(), m.to.clone(), m.id);
-        if let Err(why) = reg.restore(m, now, wall) {
-            lost += 1;
-            warn!(%ns, %to, %id, "saved message not restored: {why}");
-        }
-    }
-    services.metrics.expired.inc_by(lost as u64);
-    info!(
-        messages = total - lost,
-        not_restored = lost,
-        "held mail restored from the last stop"
-    );
-    Ok(())
+    info!(durability = durability.as_str(), dir = %mail.display(), "mail store open");
+    Ok(opened)
 }
 
 /// The relay entry point.
@@ -268,7 +268,30 @@ impl Relay {
         };
         let config = Arc::new(config);
         let metrics = Arc::new(metrics::Metrics::new());
-        let services = Arc::new(Services::new(config.clone(), metrics));
+        let (store, recovered) = open_store(&config)?;
+        let services = Arc::new(Services::new(config.clone(), metrics, store));
+        let (restored, lost) = services.restore(recovered);
+        if restored + lost > 0 {
+            info!(
+                messages = restored,
+                not_restored = lost,
+                "held mail recovered from the store"
+            );
+        }
+        if let Some(dir) = &config.state_dir {
+            let saved = services::persist::take(dir).map_err(|source| RelayError::State {
+                path: services::persist::path(dir).display().to_string(),
+                source,
+            })?;
+            if !saved.is_empty() {
+                let (ok, lost) = services.import(saved);
+                info!(
+                    messages = ok,
+                    not_restored = lost,
+                    "held mail of an earlier version's graceful stop taken into the store"
+                );
+            }
+        }
         let placement = Arc::new(placement::Placement::new(me));
         let tasks = TaskTracker::new();
         let root = CancellationToken::new();
@@ -291,9 +314,6 @@ impl Relay {
             mesh.clone(),
             tasks.clone(),
         ));
-        if let Some(dir) = &config.state_dir {
-            restore_mail(&services, dir)?;
-        }
         let span = tracing::info_span!("relay", relay = %config.relay_id);
         let http_task = http_listener.map(|l| {
             tasks.spawn(
@@ -360,6 +380,11 @@ impl RelayHandle {
         self.metrics_addr
     }
 
+    /// How durable accepted mail is at this relay.
+    pub fn durability(&self) -> Durability {
+        self.router.services().durability()
+    }
+
     /// `sha256:<hex>` of the relay's certificate.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
@@ -420,7 +445,10 @@ impl RelayHandle {
             clear,
             replace: false,
         };
-        self.router.services().set_status(namespace, name, &change)
+        self.router
+            .services()
+            .set_status(namespace, name, &change)
+            .map(|(snap, _)| snap)
     }
 
     /// Watches peers' status as a watch stream does (for embedding and tests).
@@ -622,7 +650,7 @@ impl Main {
                     }
                 }
                 _ = sweep_tick.tick() => {
-                    let n = services.registry().expire(tokio::time::Instant::now());
+                    let n = services.expire();
                     if n > 0 {
                         services.metrics.expired.inc_by(n as u64);
                         info!(messages = n, "expired undelivered messages (TTL {:?})", config.limits.ttl);
@@ -670,21 +698,9 @@ impl Main {
         for t in helpers.into_iter().flatten() {
             let _ = t.await;
         }
-        if let Some(dir) = &config.state_dir {
-            let saved = services
-                .registry()
-                .export(tokio::time::Instant::now(), wall_ms());
-            let n = saved.len();
-            match services::persist::save(dir, saved) {
-                Ok(()) if n > 0 => {
-                    info!(messages = n, dir = %dir.display(), "held mail saved for the next start")
-                }
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::error!(messages = n, dir = %dir.display(), "cannot save held mail: {e}; it is lost")
-                }
-            }
-        }
+        // Everything accepted is in the store already; make the last
+        // removals durable too.
+        services.flush_store().await;
         endpoint.close(swb_wire::close::NORMAL.into(), b"relay shutting down");
         let _ = tokio::time::timeout(CLOSE_LINGER, endpoint.wait_idle()).await;
         info!("relay stopped");

@@ -159,7 +159,11 @@ impl Router {
         sent_at_ms: u64,
     ) -> Result<bool, Refusal> {
         match self.route(ns, to) {
-            Route::Local => self.services.enqueue(ns, from, to, id, body, sent_at_ms),
+            Route::Local => {
+                self.services
+                    .enqueue_durable(ns, from, to, id, body, sent_at_ms)
+                    .await
+            }
             Route::Remote(home) => {
                 let f = MeshForward {
                     namespace: ns.to_string(),
@@ -265,7 +269,7 @@ impl Router {
                     Err(e) => Err(unavailable(name, &home.id, &e)),
                 }
             }
-            _ => self.services.set_status(ns, name, &change),
+            _ => self.services.set_status_durable(ns, name, &change).await,
         }
     }
 

@@ -290,6 +290,7 @@ codes! {
     BAD_STATUS = 18, "bad_status";
     RELAY_UNAVAILABLE = 19, "relay_unavailable";
     BUSY = 20, "busy";
+    ID_CONFLICT = 21, "id_conflict";
 }
 
 impl fmt::Debug for Code {

@@ -444,6 +444,9 @@ async fn serve(router: &Arc<Router>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
     // The forwarder to other relays starts with the first message for a
     // peer homed elsewhere (an idle session costs no task or channel).
     let mut fwd: Option<Forwarding> = None;
+    // Answers to local sends, each ready once its message is durable (they
+    // complete in order: the store commits in order).
+    let mut durable: Durables = futures_util::stream::FuturesOrdered::new();
     loop {
         // Ranked: cancellation first (replaced, revoked, shutdown), then new
         // mail, then frames from the daemon.
@@ -480,6 +483,11 @@ async fn serve(router: &Arc<Router>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
                     }
                 }
             }
+            Some(reply) = futures_util::StreamExt::next(&mut durable), if !durable.is_empty() => {
+                if let Err(e) = io.queue(&reply) {
+                    return e;
+                }
+            }
             Some(reply) = async {
                 match fwd.as_mut() {
                     Some(f) => f.done.recv().await,
@@ -508,7 +516,7 @@ async fn serve(router: &Arc<Router>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
                             }
                         }
                         Ok(Some(f)) => {
-                            if let Err(e) = handle(router, io, ns, name, f, &mut fwd) {
+                            if let Err(e) = handle(router, io, ns, name, f, &mut fwd, &mut durable) {
                                 return e;
                             }
                         }
@@ -573,6 +581,11 @@ async fn forwarder(
     }
 }
 
+/// Answers waiting for their messages to be durable.
+type Durables = futures_util::stream::FuturesOrdered<
+    std::pin::Pin<Box<dyn std::future::Future<Output = Frame> + Send>>,
+>;
+
 fn handle(
     router: &Arc<Router>,
     io: &mut Io,
@@ -580,6 +593,7 @@ fn handle(
     name: &str,
     f: Frame,
     fwd: &mut Option<Forwarding>,
+    durable: &mut Durables,
 ) -> Result<(), End> {
     match f {
         Frame::Send(s) if s.body.len() <= MAX_MESSAGE_BODY => {
@@ -609,9 +623,9 @@ fn handle(
                     return Ok(());
                 }
             }
-            handle_local(router.services(), io, ns, name, Frame::Send(s))
+            handle_local(router.services(), io, ns, name, Frame::Send(s), durable)
         }
-        other => handle_local(router.services(), io, ns, name, other),
+        other => handle_local(router.services(), io, ns, name, other, durable),
     }
 }
 
@@ -621,6 +635,7 @@ fn handle_local(
     ns: &str,
     name: &str,
     f: Frame,
+    durable: &mut Durables,
 ) -> Result<(), End> {
     match f {
         Frame::Send(s) => {
@@ -633,13 +648,24 @@ fn handle_local(
                 Ok(to) => services.enqueue(ns, name, &to, s.id, s.body, now_ms()),
             };
             match result {
-                Ok(online) => {
+                Ok((online, stored)) => {
                     debug!(id = %s.id, online, "message accepted");
-                    io.queue(&Frame::SendAccepted(SendAccepted {
-                        req: s.req,
-                        id: s.id,
-                        online,
-                    }))
+                    let (req, id) = (s.req, s.id);
+                    let accepted = Frame::SendAccepted(SendAccepted { req, id, online });
+                    if stored.is_done() {
+                        return io.queue(&accepted);
+                    }
+                    // `accepted` only once the message is durable.
+                    durable.push_back(Box::pin(async move {
+                        match stored.wait().await {
+                            Ok(()) => accepted,
+                            Err(e) => Frame::SendRefused(SendRefused {
+                                req,
+                                refusal: crate::services::not_stored(&e),
+                            }),
+                        }
+                    }));
+                    Ok(())
                 }
                 Err(refusal) => {
                     debug!(code = %refusal.code, "send refused");

@@ -20,7 +20,7 @@ pub(crate) async fn serve(
     let services = router.services();
     let ok = Frame::StreamReply(StreamReply { refusal: None });
     match first {
-        Frame::SetStatus(change) => match services.set_status(ns, me, &change) {
+        Frame::SetStatus(change) => match services.set_status_durable(ns, me, &change).await {
             Err(refusal) => refuse(send, services, refusal).await,
             Ok(snap) => {
                 let _ = write_frame(&mut send, &ok).await;

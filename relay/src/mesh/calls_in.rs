@@ -25,7 +25,7 @@ pub(crate) async fn serve(mesh: &Mesh, mut send: quinn::SendStream, mut recv: qu
     };
     match first {
         Frame::MeshForward(f) => {
-            let reply = forward_in(mesh, f);
+            let reply = forward_in(mesh, f).await;
             let _ = write_frame(&mut send, &reply).await;
             let _ = send.finish();
         }
@@ -68,13 +68,17 @@ pub(crate) async fn serve(mesh: &Mesh, mut send: quinn::SendStream, mut recv: qu
 }
 
 /// A message another relay forwarded for a peer homed here.
-fn forward_in(mesh: &Mesh, f: MeshForward) -> Frame {
-    let result = swb_wire::normalize_name(&f.to)
-        .map_err(|e| Refusal::new(Code::BAD_NAME, format!("{e}: {:?}", f.to)))
-        .and_then(|to| {
+async fn forward_in(mesh: &Mesh, f: MeshForward) -> Frame {
+    let result = match swb_wire::normalize_name(&f.to) {
+        Err(e) => Err(Refusal::new(Code::BAD_NAME, format!("{e}: {:?}", f.to))),
+        // Accepted only once durable here: the sender's relay (or the old
+        // home in a handoff) forgets the message when it hears this.
+        Ok(to) => {
             mesh.services
-                .enqueue(&f.namespace, &f.from, &to, f.id, f.body, f.sent_at_ms)
-        });
+                .enqueue_durable(&f.namespace, &f.from, &to, f.id, f.body, f.sent_at_ms)
+                .await
+        }
+    };
     match result {
         Ok(online) => Frame::SendAccepted(SendAccepted {
             req: 0,
@@ -168,7 +172,10 @@ async fn call_in(mesh: &Mesh, c: MeshCall, send: &mut quinn::SendStream) {
             let _ = write_frame(send, &answer(MeshAnswer::Acked(n as u32))).await;
         }
         MeshOp::SetStatus(change) => {
-            let a = match services.set_status(&c.namespace, &name, &change) {
+            let a = match services
+                .set_status_durable(&c.namespace, &name, &change)
+                .await
+            {
                 Ok(s) => MeshAnswer::Status(s.to_update(false)),
                 Err(r) => MeshAnswer::Refused(r),
             };

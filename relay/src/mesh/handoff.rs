@@ -40,7 +40,7 @@ pub(crate) async fn handoff(mesh: &Mesh, ring: &Ring) -> (usize, usize) {
         };
         match mesh.forward(&home, f).await {
             Ok(Ok(_)) => {
-                mesh.services.registry().ack(&ns, &to, &[id]);
+                mesh.services.handed_off(&ns, &to, id);
                 moved += 1;
             }
             Ok(Err(r)) => {

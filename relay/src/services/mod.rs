@@ -8,6 +8,7 @@ pub(crate) mod persist;
 pub(crate) mod registry;
 pub(crate) mod splice;
 pub(crate) mod status;
+pub(crate) mod store;
 pub(crate) mod watch;
 
 use crate::metrics::Metrics;
@@ -16,6 +17,7 @@ use registry::{Enqueued, Registry, Taken};
 use status::Snapshot;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use store::{Durable, MsgKey, Record, Store, StoreError, StoredStatus};
 use swb_wire::{Code, MessageId, Refusal, SetStatus, MAX_MESSAGE_BODY};
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +26,23 @@ pub(crate) struct Services {
     pub(crate) config: Arc<RelayConfig>,
     registry: Mutex<Registry>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Where accepted mail and set statuses are kept across crashes.
+    store: Store,
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The refusal a sender hears when its message could not be made durable.
+pub(crate) fn not_stored(e: &StoreError) -> Refusal {
+    Refusal::new(
+        Code::INTERNAL,
+        format!("the relay could not store the message ({e}); retry with the same id"),
+    )
 }
 
 impl std::fmt::Debug for Services {
@@ -33,14 +52,108 @@ impl std::fmt::Debug for Services {
 }
 
 impl Services {
-    pub(crate) fn new(config: Arc<RelayConfig>, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(config: Arc<RelayConfig>, metrics: Arc<Metrics>, store: Store) -> Self {
         let mut r = Registry::new(config.limits.clone(), config.status_retention);
         r.delivery_wait = Some(metrics.delivery_seconds.clone());
+        r.track_removed = store.durability() != store::Durability::Memory;
         Self {
             config,
             registry: Mutex::new(r),
             metrics,
+            store,
         }
+    }
+
+    /// How durable accepted mail is here.
+    pub(crate) fn durability(&self) -> store::Durability {
+        self.store.durability()
+    }
+
+    /// Appends a removal record for everything the registry removed.
+    fn log_removed(&self, reg: &mut Registry) {
+        let removed = reg.take_removed();
+        if !removed.is_empty() {
+            self.store.append_quiet(
+                removed
+                    .into_iter()
+                    .map(|(ns, to, from, id)| {
+                        Record::Del(MsgKey {
+                            ns: ns.to_string(),
+                            to: to.to_string(),
+                            from: from.to_string(),
+                            id,
+                        })
+                    })
+                    .collect(),
+            );
+        }
+    }
+
+    /// Puts back what the store recovered at start: messages (in accept
+    /// order, with their remaining lifetime) and statuses. What no longer
+    /// fits (expired meanwhile, limits changed) is removed from the store
+    /// and counted. Returns (restored, not restored).
+    pub(crate) fn restore(&self, rec: store::Recovered) -> (usize, usize) {
+        let (now, wall) = (tokio::time::Instant::now(), wall_ms());
+        let mut reg = self.registry();
+        let (mut ok, mut lost) = (0, 0);
+        let mut dels = Vec::new();
+        for m in rec.messages {
+            let key = store::key_of(&m);
+            match reg.restore(m, now, wall) {
+                Ok(()) => ok += 1,
+                Err(why) => {
+                    lost += 1;
+                    tracing::warn!(ns = %key.ns, to = %key.to, id = %key.id, "stored message not restored: {why}");
+                    dels.push(Record::Del(key));
+                }
+            }
+        }
+        self.store.append_quiet(dels);
+        let retention = self.config.status_retention.as_millis() as u64;
+        for s in rec.statuses {
+            if s.updated_ms + retention < wall {
+                continue;
+            }
+            let change = SetStatus {
+                set: s.fields,
+                clear: Vec::new(),
+                replace: true,
+            };
+            let _ = reg.status.set_fields(&s.ns, &s.name, &change, now);
+        }
+        self.metrics.expired.inc_by(lost as u64);
+        (ok, lost)
+    }
+
+    /// Puts back mail that a graceful stop of an earlier version saved in
+    /// one file, and stores it in the log.
+    pub(crate) fn import(&self, saved: Vec<persist::Saved>) -> (usize, usize) {
+        let (now, wall) = (tokio::time::Instant::now(), wall_ms());
+        let mut reg = self.registry();
+        let (mut ok, mut lost) = (0, 0);
+        let mut puts = Vec::new();
+        for m in saved {
+            let copy = m.clone();
+            match reg.restore(m, now, wall) {
+                Ok(()) => {
+                    ok += 1;
+                    puts.push(Record::put(copy));
+                }
+                Err(why) => {
+                    lost += 1;
+                    tracing::warn!(ns = %copy.ns, to = %copy.to, id = %copy.id, "saved message not restored: {why}");
+                }
+            }
+        }
+        self.store.append_quiet(puts);
+        self.metrics.expired.inc_by(lost as u64);
+        (ok, lost)
+    }
+
+    /// Waits until everything stored so far is durable (shutdown).
+    pub(crate) async fn flush_store(&self) {
+        let _ = self.store.barrier().wait().await;
     }
 
     /// The registry (sessions, mailboxes, status board).
@@ -49,8 +162,11 @@ impl Services {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Puts a message into the mailbox of `to` (homed here); whether `to`
-    /// is attached. Counted in the metrics either way.
+    /// Puts a message into the mailbox of `to` (homed here): whether `to`
+    /// is attached, and what completes once the message is durable (the
+    /// sender must hear `accepted` only then). Counted in the metrics
+    /// either way. A retried send (same sender, id and body) is accepted
+    /// again without a second copy; its answer waits for the first copy.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn enqueue(
         &self,
@@ -60,36 +176,71 @@ impl Services {
         id: MessageId,
         body: bytes::Bytes,
         sent_at_ms: u64,
-    ) -> Result<bool, Refusal> {
-        let r = if body.len() > MAX_MESSAGE_BODY {
-            Enqueued::Refused(Refusal::new(
+    ) -> Result<(bool, Durable), Refusal> {
+        let refusal = |r: Refusal| {
+            self.metrics.refused(r.code);
+            Err(r)
+        };
+        if body.len() > MAX_MESSAGE_BODY {
+            return refusal(Refusal::new(
                 Code::BODY_TOO_LARGE,
                 format!(
                     "the message body has {} bytes; the limit is {MAX_MESSAGE_BODY}. Send large data over a stream instead",
                     body.len()
                 ),
-            ))
-        } else {
-            self.registry().enqueue(
-                ns,
-                from,
-                to,
-                id,
-                body,
-                sent_at_ms,
-                tokio::time::Instant::now(),
-            )
+            ));
+        }
+        let stored = persist::Saved {
+            ns: ns.to_string(),
+            to: to.to_string(),
+            from: from.to_string(),
+            id,
+            body: body.clone(),
+            sent_at_ms,
+            expires_at_ms: wall_ms() + self.config.limits.ttl.as_millis() as u64,
         };
+        let mut reg = self.registry();
+        let r = reg.enqueue(
+            ns,
+            from,
+            to,
+            id,
+            body,
+            sent_at_ms,
+            tokio::time::Instant::now(),
+        );
         match r {
-            Enqueued::Accepted { online } => {
+            Enqueued::Accepted { online, new } => {
                 self.metrics.accepted.inc();
-                Ok(online)
+                // Appended under the registry lock: the log's order is the
+                // mailboxes' order, a put always before its removal.
+                let durable = if new {
+                    self.store.append(vec![Record::put(stored)])
+                } else {
+                    self.store.barrier()
+                };
+                Ok((online, durable))
             }
             Enqueued::Refused(r) => {
-                self.metrics.refused(r.code);
-                Err(r)
+                drop(reg);
+                refusal(r)
             }
         }
+    }
+
+    /// [`Self::enqueue`], answering once the message is durable.
+    pub(crate) async fn enqueue_durable(
+        &self,
+        ns: &str,
+        from: &str,
+        to: &str,
+        id: MessageId,
+        body: bytes::Bytes,
+        sent_at_ms: u64,
+    ) -> Result<bool, Refusal> {
+        let (online, durable) = self.enqueue(ns, from, to, id, body, sent_at_ms)?;
+        durable.wait().await.map_err(|e| not_stored(&e))?;
+        Ok(online)
     }
 
     /// Receives mail of `name` as an HTTP poll does: marks the name
@@ -135,21 +286,68 @@ impl Services {
 
     /// Forgets acknowledged messages of `name`; how many were held.
     pub(crate) fn ack(&self, ns: &str, name: &str, ids: &[MessageId]) -> usize {
-        let n = self.registry().ack(ns, name, ids);
+        let mut reg = self.registry();
+        let n = reg.ack(ns, name, ids);
+        self.log_removed(&mut reg);
         self.metrics.acked.inc_by(n as u64);
         n
     }
 
-    /// Changes the status of `name` (homed here).
+    /// Forgets a message its new home accepted (a handoff).
+    pub(crate) fn handed_off(&self, ns: &str, to: &str, id: MessageId) {
+        let mut reg = self.registry();
+        reg.ack(ns, to, &[id]);
+        self.log_removed(&mut reg);
+    }
+
+    /// Drops expired messages; how many.
+    pub(crate) fn expire(&self) -> usize {
+        let mut reg = self.registry();
+        let n = reg.expire(tokio::time::Instant::now());
+        self.log_removed(&mut reg);
+        n
+    }
+
+    /// Changes the status of `name` (homed here); the new status, and what
+    /// completes once it is durable.
     pub(crate) fn set_status(
         &self,
         ns: &str,
         name: &str,
         change: &SetStatus,
-    ) -> Result<Arc<Snapshot>, Refusal> {
-        self.registry()
+    ) -> Result<(Arc<Snapshot>, Durable), Refusal> {
+        let mut reg = self.registry();
+        let snap = reg
             .status
-            .set_fields(ns, name, change, tokio::time::Instant::now())
+            .set_fields(ns, name, change, tokio::time::Instant::now())?;
+        let durable = self.store.append(vec![Record::Status(StoredStatus {
+            ns: ns.to_string(),
+            name: name.to_string(),
+            fields: snap
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            updated_ms: wall_ms(),
+        })]);
+        Ok((snap, durable))
+    }
+
+    /// [`Self::set_status`], answering once the status is durable.
+    pub(crate) async fn set_status_durable(
+        &self,
+        ns: &str,
+        name: &str,
+        change: &SetStatus,
+    ) -> Result<Arc<Snapshot>, Refusal> {
+        let (snap, durable) = self.set_status(ns, name, change)?;
+        durable.wait().await.map_err(|e| {
+            Refusal::new(
+                Code::INTERNAL,
+                format!("the relay could not store the status ({e})"),
+            )
+        })?;
+        Ok(snap)
     }
 
     /// Ends the sessions whose key is not active in `store` (revoked or

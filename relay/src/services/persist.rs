@@ -1,14 +1,11 @@
-//! Mail survives a graceful restart: on shutdown the relay writes every
-//! held message to `<state-dir>/mailboxes.postcard` (atomically, mode
-//! 0600), and on start it loads them back and removes the file. Expiry is
-//! kept in wall-clock time, so time spent down counts against the TTL;
-//! messages that expired meanwhile, or no longer fit changed limits, are
-//! counted and logged, never dropped silently. A crash still loses held
-//! mail (there is no write-ahead log yet); the README says so.
+//! A held message as stored ([`Saved`]), and the single file in which
+//! earlier versions saved held mail at a graceful stop
+//! (`<state-dir>/mailboxes.postcard`): read once at start, taken into the
+//! mail store (see [`super::store`]), and removed. Expiry is kept in
+//! wall-clock time, so time spent down counts against the TTL.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use swb_wire::MessageId;
 
@@ -39,8 +36,11 @@ pub(crate) fn path(dir: &Path) -> PathBuf {
     dir.join(FILE)
 }
 
-/// Writes `messages` atomically (temp file, fsync, rename).
+/// Writes `messages` atomically (temp file, fsync, rename), as earlier
+/// versions did at a graceful stop.
+#[cfg(test)]
 pub(crate) fn save(dir: &Path, messages: Vec<Saved>) -> std::io::Result<()> {
+    use std::io::Write;
     let bytes = postcard::to_stdvec(&FileV1 {
         version: VERSION,
         messages,

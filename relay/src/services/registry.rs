@@ -243,8 +243,8 @@ pub(crate) enum NotRestored {
 /// Result of [`Registry::enqueue`].
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Enqueued {
-    /// In the mailbox (or already there: a retried send).
-    Accepted { online: bool },
+    /// In the mailbox: `new`, or already there (a retried send).
+    Accepted { online: bool, new: bool },
     /// Not accepted; nothing was stored.
     Refused(Refusal),
 }
@@ -269,7 +269,15 @@ pub(crate) struct Registry {
     next_session: u64,
     /// Observes accept → first hand-out of each message, if set.
     pub(crate) delivery_wait: Option<prometheus::Histogram>,
+    /// Whether removed messages are recorded in `removed` (for the store).
+    pub(crate) track_removed: bool,
+    /// Messages removed since the last [`Registry::take_removed`]:
+    /// (namespace, recipient, sender, id).
+    removed: Vec<Removed>,
 }
+
+/// A removed message: (namespace, recipient, sender, id).
+pub(crate) type Removed = (Arc<str>, Arc<str>, Arc<str>, MessageId);
 
 fn key(ns: &str, name: &str) -> Key {
     (Arc::from(ns), Arc::from(name))
@@ -284,6 +292,8 @@ impl Registry {
             limits,
             next_session: 1,
             delivery_wait: None,
+            track_removed: false,
+            removed: Vec::new(),
         }
     }
 
@@ -353,10 +363,21 @@ impl Registry {
         let slot = self.slots.get(&k);
         let online = slot.is_some_and(|s| s.online(now, lim.visibility));
         if let Some(s) = slot {
-            if let Some(seq) = s.mailbox.by_id.get(&id) {
-                if s.mailbox.msgs.get(seq).is_some_and(|m| &*m.from == from) {
-                    return Enqueued::Accepted { online };
+            if let Some(m) = s
+                .mailbox
+                .by_id
+                .get(&id)
+                .and_then(|seq| s.mailbox.msgs.get(seq))
+            {
+                // The same message again (a retried send): accepted once.
+                if &*m.from == from && m.body == body {
+                    return Enqueued::Accepted { online, new: false };
                 }
+                // Another message under a held id is never taken in its place.
+                return Enqueued::Refused(Refusal::new(
+                    Code::ID_CONFLICT,
+                    format!("a different message with id {id} is held for {to} already; send this one under a new id"),
+                ));
             }
         }
         let (mb_len, mb_bytes) = slot.map_or((0, 0), |s| (s.mailbox.msgs.len(), s.mailbox.bytes));
@@ -408,7 +429,7 @@ impl Registry {
             u.mailboxes += 1;
         }
         slot.wake();
-        Enqueued::Accepted { online }
+        Enqueued::Accepted { online, new: true }
     }
 
     /// Mail for `session` of `(ns, name)` from `cursor` on, at most
@@ -609,6 +630,10 @@ impl Registry {
         };
         for seq in &seqs {
             if let Some(m) = mb.msgs.remove(seq) {
+                if self.track_removed {
+                    self.removed
+                        .push((k.0.clone(), k.1.clone(), m.from.clone(), m.id));
+                }
                 mb.by_id.remove(&m.id);
                 mb.bytes -= m.body.len();
                 freed += m.body.len();
@@ -632,6 +657,11 @@ impl Registry {
             self.slots.remove(k);
         }
         removed
+    }
+
+    /// Messages removed since the last call (when `track_removed`).
+    pub(crate) fn take_removed(&mut self) -> Vec<Removed> {
+        std::mem::take(&mut self.removed)
     }
 
     /// Forgets acknowledged messages; returns how many were held.
@@ -792,11 +822,17 @@ mod tests {
         let mut r = reg(2, 100);
         assert_eq!(
             send(&mut r, "ns", "b", 1, 10),
-            Enqueued::Accepted { online: false }
+            Enqueued::Accepted {
+                online: false,
+                new: true
+            }
         );
         assert_eq!(
             send(&mut r, "ns", "b", 2, 10),
-            Enqueued::Accepted { online: false }
+            Enqueued::Accepted {
+                online: false,
+                new: true
+            }
         );
         let Enqueued::Refused(x) = send(&mut r, "ns", "b", 3, 10) else {
             panic!("expected refusal")
@@ -817,8 +853,45 @@ mod tests {
     async fn retried_send_with_same_id_is_not_stored_twice() {
         let mut r = reg(10, 100);
         send(&mut r, "ns", "b", 1, 10);
-        send(&mut r, "ns", "b", 1, 10);
+        assert_eq!(
+            send(&mut r, "ns", "b", 1, 10),
+            Enqueued::Accepted {
+                online: false,
+                new: false
+            }
+        );
         assert_eq!(r.held_messages(), 1);
+    }
+
+    #[tokio::test]
+    async fn another_message_under_a_held_id_is_refused_not_taken_in_its_place() {
+        let mut r = reg(10, 100);
+        send(&mut r, "ns", "b", 1, 10);
+        // Another sender, same id.
+        let other = r.enqueue(
+            "ns",
+            "z",
+            "b",
+            id(1),
+            Bytes::from(vec![0; 10]),
+            0,
+            Instant::now(),
+        );
+        assert!(matches!(other, Enqueued::Refused(ref x) if x.code == Code::ID_CONFLICT));
+        // The same sender, same id, another body.
+        let changed = r.enqueue(
+            "ns",
+            "a",
+            "b",
+            id(1),
+            Bytes::from(vec![1; 10]),
+            0,
+            Instant::now(),
+        );
+        assert!(matches!(changed, Enqueued::Refused(ref x) if x.code == Code::ID_CONFLICT));
+        assert_eq!(r.held_messages(), 1);
+        // The held one is untouched: acknowledging its id removes it.
+        assert_eq!(r.ack("ns", "b", &[id(1)]), 1);
     }
 
     #[tokio::test]
@@ -910,7 +983,10 @@ mod tests {
         let t0 = Instant::now();
         assert_eq!(
             send(&mut r, "ns", "b", 1, 1),
-            Enqueued::Accepted { online: false }
+            Enqueued::Accepted {
+                online: false,
+                new: true
+            }
         );
         r.http_poll_begin("ns", "b", t0);
         assert_eq!(r.peers("ns", t0).len(), 1);
@@ -919,7 +995,10 @@ mod tests {
         r.http_poll_end("ns", "b", t0);
         assert_eq!(
             send(&mut r, "ns", "b", 2, 1),
-            Enqueued::Accepted { online: true }
+            Enqueued::Accepted {
+                online: true,
+                new: true
+            }
         );
         let later = t0 + Duration::from_secs(6);
         assert!(r.peers("ns", later).is_empty());
