@@ -176,8 +176,11 @@ pub(crate) async fn submit(
     if !shared.state.borrow().is_connected() {
         wait_connected(shared, deadline, timeout).await?;
     }
+    // Ids come from the OS's secure random source: the relay takes an id
+    // it already holds as a retry of that message.
     let mut raw = [0u8; 16];
-    fastrand::fill(&mut raw);
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut raw)
+        .map_err(|_| ApiError::new("internal", "no randomness for a message id"))?;
     let id = MessageId(raw);
     let (tx, rx) = oneshot::channel();
     let cmd = Cmd::Send {
@@ -338,7 +341,7 @@ impl Leased {
         let mut acked = Vec::with_capacity(wanted.len());
         self.0.retain(|d| {
             if wanted.contains(&d.id) {
-                acked.push(d.id);
+                acked.push((d.from.clone(), d.id));
                 false
             } else {
                 true
@@ -347,7 +350,8 @@ impl Leased {
         let n = acked.len();
         if n > 0 {
             shared.inbox().acked(&acked);
-            if shared.cmd_tx.send(Cmd::Ack(acked)).await.is_err() {
+            let ids = acked.into_iter().map(|(_, id)| id).collect();
+            if shared.cmd_tx.send(Cmd::Ack(ids)).await.is_err() {
                 return Err(ApiError::new(
                     "stopped",
                     "the daemon is stopping; the relay will deliver these again",

@@ -1,9 +1,18 @@
 //! Messages delivered by the relay and not yet acknowledged by the
-//! application. Drops duplicates by id: the relay redelivers everything
-//! unacknowledged after a reconnect.
+//! application. A message is known by its sender and id; duplicates are
+//! dropped (the relay redelivers everything unacknowledged after a
+//! reconnect), and two senders' messages that happen to share an id are
+//! two messages.
 
 use std::collections::{HashSet, VecDeque};
 use swb_wire::{Deliver, MessageId};
+
+/// A message's identity: its sender and the id the sender gave it.
+pub(crate) type Identity = (String, MessageId);
+
+fn identity(d: &Deliver) -> Identity {
+    (d.from.clone(), d.id)
+}
 
 /// How many acknowledged ids are remembered to recognise a late redelivery.
 const ACKED_MEMORY: usize = 16 * 1024;
@@ -23,17 +32,18 @@ pub(crate) enum Pushed {
 pub(crate) struct Inbox {
     queue: VecDeque<Deliver>,
     /// Queued or leased to a control connection.
-    known: HashSet<MessageId>,
-    acked: HashSet<MessageId>,
-    acked_order: VecDeque<MessageId>,
+    known: HashSet<Identity>,
+    acked: HashSet<Identity>,
+    acked_order: VecDeque<Identity>,
 }
 
 impl Inbox {
     pub(crate) fn push(&mut self, d: Deliver) -> Pushed {
-        if self.acked.contains(&d.id) {
+        let who = identity(&d);
+        if self.acked.contains(&who) {
             return Pushed::Reack;
         }
-        if !self.known.insert(d.id) {
+        if !self.known.insert(who) {
             return Pushed::Duplicate;
         }
         self.queue.push_back(d);
@@ -53,12 +63,12 @@ impl Inbox {
         }
     }
 
-    /// Marks ids acknowledged.
-    pub(crate) fn acked(&mut self, ids: &[MessageId]) {
-        for id in ids {
-            self.known.remove(id);
-            if self.acked.insert(*id) {
-                self.acked_order.push_back(*id);
+    /// Marks messages acknowledged.
+    pub(crate) fn acked(&mut self, msgs: &[Identity]) {
+        for who in msgs {
+            self.known.remove(who);
+            if self.acked.insert(who.clone()) {
+                self.acked_order.push_back(who.clone());
             }
         }
         while self.acked_order.len() > ACKED_MEMORY {
@@ -94,8 +104,20 @@ mod tests {
         assert_eq!(i.push(d(1)), Pushed::Duplicate);
         let taken = i.take(10);
         assert_eq!(i.push(d(1)), Pushed::Duplicate, "leased is still known");
-        i.acked(&[taken[0].id]);
+        i.acked(&[identity(&taken[0])]);
         assert_eq!(i.push(d(1)), Pushed::Reack);
+    }
+
+    #[test]
+    fn another_senders_message_with_the_same_id_is_another_message() {
+        let mut i = Inbox::default();
+        let mut other = d(1);
+        other.from = "b".into();
+        assert_eq!(i.push(d(1)), Pushed::New);
+        assert_eq!(i.push(other.clone()), Pushed::New);
+        assert_eq!(i.len(), 2);
+        i.acked(&[identity(&d(1))]);
+        assert_eq!(i.push(other), Pushed::Duplicate, "b's is still held");
     }
 
     #[test]

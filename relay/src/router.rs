@@ -172,6 +172,7 @@ impl Router {
                     id,
                     body,
                     sent_at_ms,
+                    hops: 0,
                 };
                 self.forward(&home.id, f).await
             }

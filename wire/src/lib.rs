@@ -760,7 +760,15 @@ pub struct MeshForward {
     pub body: Bytes,
     /// When the sender's relay accepted it, ms since the Unix epoch.
     pub sent_at_ms: u64,
+    /// Relays it was forwarded on by, beyond the first (a relay that is
+    /// not the recipient's home, as it sees the ring, passes it on once).
+    pub hops: u8,
 }
+
+/// Most times a forwarded message is passed on by a relay that is not its
+/// home (relays that briefly disagree about the ring); past that it is
+/// held where it is and moves when the ring agrees again.
+pub const MAX_FORWARD_HOPS: u8 = 1;
 
 /// Relay → relay: a stream from `from` to `port` of `to`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -200,7 +200,8 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                     to,
                     id,
                     body,
-                    sent_at_ms
+                    sent_at_ms,
+                    hops: (sent_at_ms % 3) as u8,
                 })
             ),
         (proptest::collection::vec(arb_record(), 0..4), any::<bool>())

@@ -607,6 +607,7 @@ fn handle(
                         id: s.id,
                         body: s.body,
                         sent_at_ms: now_ms(),
+                        hops: 0,
                     };
                     let f = fwd.get_or_insert_with(|| Forwarding::start(router));
                     if f.jobs.try_send((s.req, home.id, job)).is_err() {

@@ -69,8 +69,25 @@ pub(crate) async fn serve(mesh: &Mesh, mut send: quinn::SendStream, mut recv: qu
 
 /// A message another relay forwarded for a peer homed here.
 async fn forward_in(mesh: &Mesh, f: MeshForward) -> Frame {
+    let (id, hops) = (f.id, f.hops);
+    let home = swb_wire::normalize_name(&f.to)
+        .ok()
+        .and_then(|to| mesh.placement.home_elsewhere(&f.namespace, &to));
     let result = match swb_wire::normalize_name(&f.to) {
         Err(e) => Err(Refusal::new(Code::BAD_NAME, format!("{e}: {:?}", f.to))),
+        // Not its home as this relay sees the ring: pass it on (once), so
+        // it is not parked where its recipient will not look.
+        Ok(_) if home.is_some() && hops < swb_wire::MAX_FORWARD_HOPS => {
+            let home = home.map(|h| h.id).unwrap_or_default();
+            let f = MeshForward { hops: hops + 1, ..f };
+            match mesh.forward(&home, f).await {
+                Ok(r) => r,
+                Err(e) => Err(Refusal::new(
+                    Code::RELAY_UNAVAILABLE,
+                    format!("the home relay ({home}) is unreachable right now ({e}); retry"),
+                )),
+            }
+        }
         // Accepted only once durable here: the sender's relay (or the old
         // home in a handoff) forgets the message when it hears this.
         Ok(to) => {
@@ -82,7 +99,7 @@ async fn forward_in(mesh: &Mesh, f: MeshForward) -> Frame {
     match result {
         Ok(online) => Frame::SendAccepted(SendAccepted {
             req: 0,
-            id: f.id,
+            id,
             online,
         }),
         Err(refusal) => Frame::SendRefused(SendRefused { req: 0, refusal }),

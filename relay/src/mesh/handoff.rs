@@ -37,6 +37,7 @@ pub(crate) async fn handoff(mesh: &Mesh, ring: &Ring) -> (usize, usize) {
             id: m.id,
             body: m.body,
             sent_at_ms: m.sent_at_ms,
+            hops: 0,
         };
         match mesh.forward(&home, f).await {
             Ok(Ok(_)) => {
