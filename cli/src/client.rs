@@ -61,17 +61,25 @@ fn peer_of(host: &str) -> &str {
 pub(crate) async fn connect(a: ConnectArgs, out: &Output) -> Result<()> {
     let peer = peer_of(&a.host);
     let c = Client::connect(&out.control).await?;
+    // Framed: the stream's end comes through, so a cut stream is an error
+    // here (exit 1 with its cause), never a clean-looking EOF.
     let stream = c
-        .connect_stream(peer, a.port, a.timeout)
+        .connect_framed(peer, a.port, a.timeout)
         .await
         .with_context(|| format!("cannot connect to port {} of {peer}", a.port))?;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let up = async {
         let mut stdin = tokio::io::stdin();
         let r = tokio::io::copy(&mut stdin, &mut wr).await;
-        // EOF on stdin closes only our sending side.
-        let _ = tokio::io::AsyncWriteExt::shutdown(&mut wr).await;
-        r
+        match r {
+            // EOF on stdin closes only our sending side, cleanly.
+            Ok(n) => tokio::io::AsyncWriteExt::shutdown(&mut wr)
+                .await
+                .map(|()| n),
+            // A failed stdin is not a clean end: leave without `end`, and
+            // the peer's side is reset.
+            Err(e) => Err(e),
+        }
     };
     let down = async {
         let mut stdout = tokio::io::stdout();
@@ -79,9 +87,20 @@ pub(crate) async fn connect(a: ConnectArgs, out: &Output) -> Result<()> {
         let _ = tokio::io::AsyncWriteExt::flush(&mut stdout).await;
         r
     };
-    let (u, d) = tokio::join!(up, down);
-    d.context("stream to stdout")?;
-    u.context("stdin to stream")?;
+    let stream_to = format!("the stream to port {} of {peer}", a.port);
+    tokio::pin!(up, down);
+    // A cut stream ends the command at once (stdin may never reach EOF); a
+    // clean end of the peer's side leaves ours open until stdin ends.
+    tokio::select! {
+        d = &mut down => {
+            d.with_context(|| format!("{stream_to} was cut"))?;
+            up.await.with_context(|| format!("{stream_to}: cannot pass on stdin"))?;
+        }
+        u = &mut up => {
+            u.with_context(|| format!("{stream_to}: cannot pass on stdin"))?;
+            down.await.with_context(|| format!("{stream_to} was cut"))?;
+        }
+    }
     Ok(())
 }
 

@@ -58,6 +58,11 @@ pub(crate) struct UpArgs {
     /// (keep it on a private address). Off unless given.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<std::net::SocketAddr>,
+    /// How long a stream to an exposed port waits for its service to
+    /// accept (a busy service's listen backlog); like a direct TCP client.
+    /// [default: 127s]
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    connect_timeout: Option<std::time::Duration>,
 }
 
 /// `swbd up --config FILE`: the same settings as the flags.
@@ -77,6 +82,7 @@ struct UpFile {
     socks: Option<String>,
     socks_user: Option<String>,
     metrics: Option<std::net::SocketAddr>,
+    connect_timeout: Option<String>,
 }
 
 /// Fills what the flags left open from `--config`; returns the control
@@ -110,6 +116,14 @@ fn merge_file(a: &mut UpArgs) -> Result<Option<PathBuf>> {
     a.socks = a.socks.take().or(f.socks);
     a.socks_user = a.socks_user.take().or(f.socks_user);
     a.metrics = a.metrics.or(f.metrics);
+    if a.connect_timeout.is_none() {
+        a.connect_timeout = f
+            .connect_timeout
+            .as_deref()
+            .map(crate::parse_duration)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--config {}: connect_timeout: {e}", path.display()))?;
+    }
     if a.relay_fingerprint.is_some() && a.ca.is_some() {
         bail!("give either relay_fingerprint or ca, not both");
     }
@@ -235,6 +249,9 @@ pub(crate) async fn run(mut a: UpArgs, out: &Output) -> Result<()> {
     cfg.expose = a.expose.clone();
     cfg.socks = socks_config(&a)?;
     cfg.metrics_listen = a.metrics;
+    if let Some(t) = a.connect_timeout {
+        cfg.target_connect_timeout = t;
+    }
     let handle = Daemon::spawn(cfg).await?;
     info!(control = %handle.control_path().display(), "control socket ready");
     if let Some(m) = handle.metrics_addr() {

@@ -87,7 +87,9 @@ pub enum Request {
         timeout_ms: u64,
     },
     /// Open a byte stream to `port` of peer `to`. After a `connected`
-    /// reply, the control connection carries the stream's bytes both ways.
+    /// reply, the control connection carries the stream's bytes both ways:
+    /// raw (a reset then looks like a clean end), or with `framed`, in the
+    /// frames of [`crate::framing`] that end with `end` or `reset`.
     Connect {
         /// Peer name.
         to: String,
@@ -95,6 +97,9 @@ pub enum Request {
         port: u16,
         /// How long to wait for a relay connection, if the daemon has none.
         timeout_ms: u64,
+        /// Frame the stream so that how it ended comes through.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        framed: bool,
     },
     /// One round trip to peer `to` through the relays, answered by its
     /// daemon. Consecutive pings to the same peer on one connection share
@@ -227,6 +232,13 @@ pub enum Reply {
 /// [`Client::connect_stream`]). Shutting down its write side is a half-close.
 pub type PeerStream =
     tokio::io::Join<BufReader<tokio::net::unix::OwnedReadHalf>, tokio::net::unix::OwnedWriteHalf>;
+
+/// A byte stream to a peer's port whose end is truthful (from
+/// [`Client::connect_framed`]).
+pub type FramedPeerStream = crate::framing::FramedStream<
+    BufReader<tokio::net::unix::OwnedReadHalf>,
+    tokio::net::unix::OwnedWriteHalf,
+>;
 
 /// Errors of the control client.
 #[derive(Debug, thiserror::Error)]
@@ -368,6 +380,7 @@ impl Client {
             to: to.to_string(),
             port,
             timeout_ms: timeout.as_millis() as u64,
+            framed: false,
         };
         match self.call(&req).await? {
             Reply::Connected { .. } => {}
@@ -376,6 +389,30 @@ impl Client {
         // Bytes the peer sent right away may already sit in the reader's
         // buffer: keep the buffered reader as the read side.
         Ok(tokio::io::join(self.rd, self.wr))
+    }
+
+    /// Opens a byte stream to `port` of `to` whose end is truthful: reading
+    /// gives EOF only when the peer's side ended cleanly, and an error with
+    /// the cause (`reset by london's target …`) when the stream was cut;
+    /// shutting down the write side is a clean half-close, dropping it
+    /// without shutdown resets the peer's side.
+    pub async fn connect_framed(
+        mut self,
+        to: &str,
+        port: u16,
+        timeout: Duration,
+    ) -> Result<FramedPeerStream, ControlError> {
+        let req = Request::Connect {
+            to: to.to_string(),
+            port,
+            timeout_ms: timeout.as_millis() as u64,
+            framed: true,
+        };
+        match self.call(&req).await? {
+            Reply::Connected { .. } => {}
+            other => return Err(ControlError::Protocol(format!("{other:?}"))),
+        }
+        Ok(crate::framing::FramedStream::new(self.rd, self.wr))
     }
 
     /// Sets and clears keys of this peer's status.

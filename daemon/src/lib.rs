@@ -36,12 +36,14 @@ pub mod api;
 mod conn;
 pub mod control;
 mod dial;
+pub mod framing;
 mod inbox;
 mod metrics;
 pub mod ping;
 mod server;
 mod session;
 pub mod socks;
+mod splice;
 pub mod status;
 pub mod streams;
 pub mod tls;
@@ -101,6 +103,9 @@ pub struct DaemonConfig {
     pub backoff_max: Duration,
     /// Ports peers may open streams to, and where they lead.
     pub expose: Vec<Exposure>,
+    /// How long a stream to an exposed port waits for its service to
+    /// accept the connection (default [`streams::TARGET_CONNECT_TIMEOUT`]).
+    pub target_connect_timeout: Duration,
     /// The local SOCKS5 listener, if any.
     pub socks: Option<SocksConfig>,
     /// Where to serve Prometheus metrics (plain HTTP, `GET /metrics`);
@@ -130,6 +135,7 @@ impl DaemonConfig {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
             expose: Vec::new(),
+            target_connect_timeout: streams::TARGET_CONNECT_TIMEOUT,
             socks: None,
             metrics_listen: None,
         }

@@ -245,6 +245,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                 to,
                 port,
                 timeout_ms,
+                framed,
             } => {
                 let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
                 match crate::streams::open(&shared, &to, port, wait).await {
@@ -260,8 +261,20 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                         }
                         // The control connection is the stream now.
                         let _open = crate::metrics::Open::new(&shared.metrics.streams_open);
-                        let (up, down, clean) = crate::streams::splice(rd, w, send, recv).await;
-                        debug!(%to, port, up, down, clean, "connect stream ended");
+                        let (mut rd, mut w) = (rd, w);
+                        let s = if framed {
+                            crate::splice::splice_framed(&mut rd, &mut w, send, recv, &to).await
+                        } else {
+                            crate::splice::splice(
+                                &mut rd,
+                                &mut w,
+                                send,
+                                recv,
+                                crate::splice::Side::Caller,
+                            )
+                            .await
+                        };
+                        crate::streams::log_end(&to, port, &s);
                         leased.give_back(&shared);
                         return;
                     }

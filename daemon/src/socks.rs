@@ -218,10 +218,16 @@ async fn client(shared: Arc<Shared>, mut tcp: TcpStream) {
             if !early.is_empty() && send.write_all(&early).await.is_err() {
                 return;
             }
-            let (rd, wr) = tcp.into_split();
+            let (mut rd, mut wr) = tcp.into_split();
             let _open = crate::metrics::Open::new(&shared.metrics.streams_open);
-            let (up, down, clean) = streams::splice(rd, wr, send, recv).await;
-            debug!(%name, port, up, down, clean, "SOCKS stream ended");
+            let s =
+                crate::splice::splice(&mut rd, &mut wr, send, recv, crate::splice::Side::Caller)
+                    .await;
+            if !s.clean() {
+                // A cut stream reaches the SOCKS client as a reset, not a FIN.
+                crate::splice::abort_tcp(&wr);
+            }
+            streams::log_end(&name, port, &s);
         }
     }
 }

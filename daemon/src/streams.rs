@@ -8,13 +8,11 @@
 //! and maps resets to errors, so nothing is cut silently.
 
 use crate::{ConnState, Shared};
-use bytes::BytesMut;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use swb_wire::{Code, Frame, Refusal, StreamOpen, StreamReply, MAX_STREAM_HEADER};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, Instrument};
@@ -23,15 +21,16 @@ use tracing::{debug, info, Instrument};
 const RESET_DAEMON: u32 = swb_wire::reset::DAEMON;
 /// Time the relay has to send an incoming stream's header.
 const INCOMING_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time an exposed port's target has to accept our connection.
-pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time an exposed port's target has to accept our connection:
+/// as long as a direct TCP client would wait (Linux retries a SYN six
+/// times, about 127 s), so a busy service is reached, not refused.
+pub const TARGET_CONNECT_TIMEOUT: Duration = Duration::from_secs(127);
 /// Time the relay (and the peer behind it) has to answer a stream request,
-/// beyond the wait for a relay connection.
-const STREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// beyond the wait for a relay connection: longer than the relay's own wait
+/// for the target (130 s), so its answer arrives first.
+const STREAM_ANSWER_TIMEOUT: Duration = Duration::from_secs(135);
 /// The least wait for a relay connection when opening a stream.
 const MIN_CONNECTION_WAIT: Duration = Duration::from_secs(1);
-/// Buffer per direction when copying to and from a local socket.
-const COPY_BUF: usize = 256 * 1024;
 
 /// A port this daemon accepts streams for, and where it forwards them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -212,70 +211,14 @@ pub(crate) async fn open(
     r
 }
 
-/// Copies a local socket and a QUIC stream into each other until both
-/// directions end. EOF becomes FIN and FIN becomes shutdown(write); a
-/// reset or error on one side resets / closes the other. Returns
-/// `(bytes local → stream, bytes stream → local, clean)`.
-pub(crate) async fn splice<R, W>(
-    mut local_rd: R,
-    mut local_wr: W,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) -> (u64, u64, bool)
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let up = async {
-        let mut buf = BytesMut::with_capacity(COPY_BUF);
-        let mut n = 0u64;
-        loop {
-            if buf.capacity() < COPY_BUF / 4 {
-                buf.reserve(COPY_BUF);
-            }
-            match local_rd.read_buf(&mut buf).await {
-                Ok(0) => return (n, send.finish().is_ok()),
-                Ok(k) => {
-                    // Hand the bytes to QUIC without copying them again.
-                    if send.write_chunk(buf.split().freeze()).await.is_err() {
-                        return (n, false);
-                    }
-                    n += k as u64;
-                }
-                Err(_) => {
-                    let _ = send.reset(quinn::VarInt::from_u32(RESET_DAEMON));
-                    return (n, false);
-                }
-            }
-        }
-    };
-    let down = async {
-        let mut n = 0u64;
-        // One read gathers every chunk available (often one per packet), so
-        // the local socket sees few large writes instead of many small ones.
-        let mut buf = vec![0u8; COPY_BUF];
-        loop {
-            match recv.read(&mut buf).await {
-                Ok(Some(k)) => {
-                    if local_wr.write_all(&buf[..k]).await.is_err() {
-                        let _ = recv.stop(quinn::VarInt::from_u32(RESET_DAEMON));
-                        return (n, false);
-                    }
-                    n += k as u64;
-                }
-                Ok(None) => {
-                    let ok = local_wr.flush().await.is_ok() && local_wr.shutdown().await.is_ok();
-                    return (n, ok);
-                }
-                Err(_) => {
-                    let _ = local_wr.shutdown().await;
-                    return (n, false);
-                }
-            }
-        }
-    };
-    let ((a, ok_a), (b, ok_b)) = tokio::join!(up, down);
-    (a, b, ok_a && ok_b)
+/// Logs how a stream ended: at debug when both directions ended cleanly,
+/// at info with the causes otherwise.
+pub(crate) fn log_end(peer: &str, port: u16, s: &crate::splice::Spliced) {
+    if s.clean() {
+        debug!(%peer, port, up = s.up, down = s.down, "stream ended cleanly");
+    } else {
+        info!(%peer, port, up = s.up, down = s.down, up_end = ?s.up_end, down_end = ?s.down_end, "stream was cut");
+    }
 }
 
 /// Accepts the streams the relay opens to us (peers connecting to our
@@ -352,7 +295,7 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
         return;
     };
     let tcp = match tokio::time::timeout(
-        TARGET_CONNECT_TIMEOUT,
+        shared.config.target_connect_timeout,
         tokio::net::TcpStream::connect(exp.target.as_str()),
     )
     .await
@@ -374,8 +317,8 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
         }
         Err(_) => {
             let msg = format!(
-                "{me} exposes port {} but {} did not accept within {TARGET_CONNECT_TIMEOUT:?}",
-                req.port, exp.target
+                "{me} exposes port {} but {} did not accept within {:?}",
+                req.port, exp.target, shared.config.target_connect_timeout
             );
             shared
                 .metrics
@@ -398,9 +341,13 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
         .with_label_values(&["in", "accepted"])
         .inc();
     let _open = crate::metrics::Open::new(&shared.metrics.streams_open);
-    let (rd, wr) = tcp.into_split();
-    let (up, down, clean) = splice(rd, wr, send, recv).await;
-    debug!(from = %req.from, sent = up, received = down, clean, "stream ended");
+    let (mut rd, mut wr) = tcp.into_split();
+    let s = crate::splice::splice(&mut rd, &mut wr, send, recv, crate::splice::Side::Target).await;
+    if !s.clean() {
+        // The service must see a cut stream as cut (RST), not as a FIN.
+        crate::splice::abort_tcp(&wr);
+    }
+    log_end(&req.from, req.port, &s);
 }
 
 #[cfg(test)]

@@ -44,6 +44,10 @@ pub struct RelayConfig {
     pub max_streams_per_peer: usize,
     /// Time a stream has to send its header and the target to answer (default 10 s).
     pub stream_setup_timeout: Duration,
+    /// Time the target has to answer a stream request (default 130 s: a
+    /// target daemon waits for a slow service as long as the kernel's own
+    /// connect timeout, about 127 s, before it answers).
+    pub stream_answer_timeout: Duration,
     /// How long an offline peer's status is kept (default 24 h).
     pub status_retention: Duration,
     /// Where the relay keeps its state: the mail store (`mail/`), and in
@@ -89,6 +93,7 @@ impl RelayConfig {
             http: HttpLimits::default(),
             max_streams_per_peer: 256,
             stream_setup_timeout: Duration::from_secs(10),
+            stream_answer_timeout: Duration::from_secs(130),
             status_retention: Duration::from_secs(24 * 3600),
             state_dir: None,
             durability: None,

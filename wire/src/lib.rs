@@ -115,8 +115,14 @@ pub mod close {
 pub mod reset {
     /// Reset by a relay (setup failed, or the other side went away).
     pub const RELAY: u32 = 1;
-    /// Reset by a daemon (its local socket failed).
+    /// Reset by a daemon (generic).
     pub const DAEMON: u32 = 2;
+    /// Reset by the target daemon: the service behind the exposed port
+    /// failed or reset its connection.
+    pub const TARGET: u32 = 3;
+    /// Reset by the caller's daemon: the caller's program went away
+    /// without closing its side (killed, or reset its connection).
+    pub const CALLER: u32 = 4;
 }
 /// ALPN protocol id of a client (daemon) connection.
 pub const ALPN: &[u8] = b"swb/1";

@@ -79,7 +79,10 @@ async fn forward_in(mesh: &Mesh, f: MeshForward) -> Frame {
         // it is not parked where its recipient will not look.
         Ok(_) if home.is_some() && hops < swb_wire::MAX_FORWARD_HOPS => {
             let home = home.map(|h| h.id).unwrap_or_default();
-            let f = MeshForward { hops: hops + 1, ..f };
+            let f = MeshForward {
+                hops: hops + 1,
+                ..f
+            };
             match mesh.forward(&home, f).await {
                 Ok(r) => r,
                 Err(e) => Err(Refusal::new(
@@ -97,11 +100,7 @@ async fn forward_in(mesh: &Mesh, f: MeshForward) -> Frame {
         }
     };
     match result {
-        Ok(online) => Frame::SendAccepted(SendAccepted {
-            req: 0,
-            id,
-            online,
-        }),
+        Ok(online) => Frame::SendAccepted(SendAccepted { req: 0, id, online }),
         Err(refusal) => Frame::SendRefused(SendRefused { req: 0, refusal }),
     }
 }

@@ -104,7 +104,7 @@ impl Mesh {
                 other => Err(CallError::Unexpected(format!("{:?}", other.frame_type()))),
             }
         };
-        tokio::time::timeout(self.services.config.stream_setup_timeout, setup)
+        tokio::time::timeout(self.services.config.stream_answer_timeout, setup)
             .await
             .map_err(|_| CallError::Timeout)?
     }

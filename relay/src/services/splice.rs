@@ -125,7 +125,7 @@ impl Services {
         to: &str,
         port: u16,
     ) -> Result<Opened, Refusal> {
-        let setup = self.config.stream_setup_timeout;
+        let setup = self.config.stream_answer_timeout;
         let cap = self.config.max_streams_per_peer;
         // Same namespace only: a peer of another namespace is exactly as
         // absent as a name nobody holds.
