@@ -223,10 +223,8 @@ async fn client(shared: Arc<Shared>, mut tcp: TcpStream) {
             let s =
                 crate::splice::splice(&mut rd, &mut wr, send, recv, crate::splice::Side::Caller)
                     .await;
-            if !s.clean() {
-                // A cut stream reaches the SOCKS client as a reset, not a FIN.
-                crate::splice::abort_tcp(&wr);
-            }
+            // A cut stream reaches the SOCKS client as a reset, not a FIN.
+            crate::splice::close_tcp(rd, wr, !s.clean());
             streams::log_end(&name, port, &s);
         }
     }

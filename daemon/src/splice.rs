@@ -43,6 +43,8 @@ pub(crate) enum DirEnd {
     Local(std::io::ErrorKind),
     /// The relay connection went away.
     Lost(String),
+    /// Cut because the other direction was cut (passed on as a reset).
+    Aborted,
 }
 
 impl DirEnd {
@@ -104,8 +106,8 @@ fn write_end(e: quinn::WriteError) -> DirEnd {
 
 /// Copies a local socket and a QUIC stream into each other until both
 /// directions end. EOF becomes FIN and FIN becomes shutdown(write); a
-/// reset or failure on one side resets the other (the caller then aborts
-/// its local socket: see [`abort_tcp`]).
+/// reset or failure on one side resets the other, and ends the splice (the
+/// caller then aborts its local socket: see [`abort_tcp`]).
 pub(crate) async fn splice<R, W>(
     local_rd: &mut R,
     local_wr: &mut W,
@@ -117,77 +119,125 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let up = async {
-        let mut buf = BytesMut::with_capacity(COPY_BUF);
-        let mut n = 0u64;
-        loop {
-            if buf.capacity() < COPY_BUF / 4 {
-                buf.reserve(COPY_BUF);
-            }
-            match local_rd.read_buf(&mut buf).await {
-                Ok(0) => {
-                    let _ = send.finish();
-                    return (n, DirEnd::Clean);
+    let (mut up_n, mut down_n) = (0u64, 0u64);
+    let (tx, rx) = (&mut send, &mut recv);
+    let up = {
+        let n = &mut up_n;
+        let tx = &mut *tx;
+        async move {
+            let mut buf = BytesMut::with_capacity(COPY_BUF);
+            loop {
+                if buf.capacity() < COPY_BUF / 4 {
+                    buf.reserve(COPY_BUF);
                 }
-                Ok(k) => {
-                    // Hand the bytes to QUIC without copying them again.
-                    if let Err(e) = send.write_chunk(buf.split().freeze()).await {
-                        return (n, write_end(e));
+                match local_rd.read_buf(&mut buf).await {
+                    Ok(0) => {
+                        let _ = tx.finish();
+                        return DirEnd::Clean;
                     }
-                    n += k as u64;
+                    Ok(k) => {
+                        // Hand the bytes to QUIC without copying them again.
+                        if let Err(e) = tx.write_chunk(buf.split().freeze()).await {
+                            return write_end(e);
+                        }
+                        *n += k as u64;
+                    }
+                    Err(e) => {
+                        let _ = tx.reset(VarInt::from_u32(side.local_failure()));
+                        return DirEnd::Local(e.kind());
+                    }
                 }
-                Err(e) => {
-                    let _ = send.reset(VarInt::from_u32(side.local_failure()));
-                    return (n, DirEnd::Local(e.kind()));
+            }
+        }
+    };
+    let down = {
+        let n = &mut down_n;
+        let rx = &mut *rx;
+        async move {
+            // One read gathers every chunk available (often one per
+            // packet), so the local socket sees few large writes.
+            let mut buf = vec![0u8; COPY_BUF];
+            loop {
+                match rx.read(&mut buf).await {
+                    Ok(Some(k)) => {
+                        if let Err(e) = local_wr.write_all(&buf[..k]).await {
+                            let _ = rx.stop(VarInt::from_u32(side.local_failure()));
+                            return DirEnd::Local(e.kind());
+                        }
+                        *n += k as u64;
+                    }
+                    Ok(None) => {
+                        return match async {
+                            local_wr.flush().await?;
+                            local_wr.shutdown().await
+                        }
+                        .await
+                        {
+                            Ok(()) => DirEnd::Clean,
+                            Err(e) => DirEnd::Local(e.kind()),
+                        };
+                    }
+                    // No shutdown(write) here: a FIN would tell the local
+                    // side that everything arrived. The caller aborts it.
+                    Err(e) => return read_end(e),
                 }
             }
         }
     };
-    let down = async {
-        let mut n = 0u64;
-        // One read gathers every chunk available (often one per packet), so
-        // the local socket sees few large writes instead of many small ones.
-        let mut buf = vec![0u8; COPY_BUF];
-        loop {
-            match recv.read(&mut buf).await {
-                Ok(Some(k)) => {
-                    if let Err(e) = local_wr.write_all(&buf[..k]).await {
-                        let _ = recv.stop(VarInt::from_u32(side.local_failure()));
-                        return (n, DirEnd::Local(e.kind()));
-                    }
-                    n += k as u64;
-                }
-                Ok(None) => {
-                    let end = match async {
-                        local_wr.flush().await?;
-                        local_wr.shutdown().await
-                    }
-                    .await
-                    {
-                        Ok(()) => DirEnd::Clean,
-                        Err(e) => DirEnd::Local(e.kind()),
-                    };
-                    return (n, end);
-                }
-                // No shutdown(write) here: a FIN would tell the local side
-                // that everything arrived. The caller aborts the socket.
-                Err(e) => return (n, read_end(e)),
-            }
-        }
-    };
-    let ((up, up_end), (down, down_end)) = tokio::join!(up, down);
+    let (up_end, down_end) = both_ways_split(up, down).await;
+    let up_end = up_end.unwrap_or_else(|| {
+        let _ = send.reset(VarInt::from_u32(side.local_failure()));
+        DirEnd::Aborted
+    });
+    let down_end = down_end.unwrap_or_else(|| {
+        let _ = recv.stop(VarInt::from_u32(side.local_failure()));
+        DirEnd::Aborted
+    });
     Spliced {
-        up,
-        down,
+        up: up_n,
+        down: down_n,
         up_end,
         down_end,
     }
 }
 
-/// Closes a TCP connection with a reset (RST) rather than a FIN, so the
-/// program on the other end sees that the stream was cut.
-pub(crate) fn abort_tcp(wr: &tokio::net::tcp::OwnedWriteHalf) {
-    let _ = wr.as_ref().set_zero_linger();
+/// Runs both directions until both ended or one was cut; what did not end
+/// by itself is `None` (the caller cuts it).
+async fn both_ways_split<U, D>(up: U, down: D) -> (Option<DirEnd>, Option<DirEnd>)
+where
+    U: std::future::Future<Output = DirEnd>,
+    D: std::future::Future<Output = DirEnd>,
+{
+    let (mut up_end, mut down_end) = (None, None);
+    tokio::pin!(up, down);
+    loop {
+        tokio::select! {
+            e = &mut up, if up_end.is_none() => up_end = Some(e),
+            e = &mut down, if down_end.is_none() => down_end = Some(e),
+        }
+        let cut = [&up_end, &down_end]
+            .iter()
+            .any(|e| e.as_ref().is_some_and(|e| !e.is_clean()));
+        if cut || (up_end.is_some() && down_end.is_some()) {
+            return (up_end, down_end);
+        }
+    }
+}
+
+/// Closes a TCP connection: with a reset (RST) when the stream was cut, so
+/// the program on the other end sees that; as usual otherwise. (Dropping
+/// a write half alone would send a FIN first.)
+pub(crate) fn close_tcp(
+    rd: tokio::net::tcp::OwnedReadHalf,
+    wr: tokio::net::tcp::OwnedWriteHalf,
+    cut: bool,
+) {
+    if cut {
+        let _ = wr.as_ref().set_zero_linger();
+        if let Ok(tcp) = rd.reunite(wr) {
+            drop(tcp);
+        }
+    }
 }
 
 /// Copies a framed control connection (see [`crate::framing`]) and a QUIC
@@ -207,86 +257,112 @@ where
 {
     use crate::framing::{put_frame, read_frame, StreamFrame, KIND_DATA, KIND_END, KIND_RESET};
     let caller = VarInt::from_u32(reset::CALLER);
-    let up = async {
-        let mut n = 0u64;
-        loop {
-            match read_frame(local_rd).await {
-                Ok(Some(StreamFrame::Data(b))) => {
-                    let k = b.len() as u64;
-                    if let Err(e) = send.write_chunk(b).await {
-                        return (n, write_end(e));
+    let (mut up_n, mut down_n) = (0u64, 0u64);
+    let (tx, rx) = (&mut send, &mut recv);
+    let up = {
+        let n = &mut up_n;
+        let tx = &mut *tx;
+        async move {
+            loop {
+                match read_frame(local_rd).await {
+                    Ok(Some(StreamFrame::Data(b))) => {
+                        let k = b.len() as u64;
+                        if let Err(e) = tx.write_chunk(b).await {
+                            return write_end(e);
+                        }
+                        *n += k;
                     }
-                    n += k;
-                }
-                Ok(Some(StreamFrame::End)) => {
-                    let _ = send.finish();
-                    return (n, DirEnd::Clean);
-                }
-                Ok(Some(StreamFrame::Reset(_))) => {
-                    let _ = send.reset(caller);
-                    return (n, DirEnd::Local(std::io::ErrorKind::ConnectionReset));
-                }
-                // Gone without saying `end`: the peer must not take what it
-                // got for the whole stream.
-                Ok(None) => {
-                    let _ = send.reset(caller);
-                    return (n, DirEnd::Local(std::io::ErrorKind::UnexpectedEof));
-                }
-                Err(e) => {
-                    let _ = send.reset(caller);
-                    return (n, DirEnd::Local(e.kind()));
+                    Ok(Some(StreamFrame::End)) => {
+                        let _ = tx.finish();
+                        return DirEnd::Clean;
+                    }
+                    Ok(Some(StreamFrame::Reset(_))) => {
+                        let _ = tx.reset(caller);
+                        return DirEnd::Local(std::io::ErrorKind::ConnectionReset);
+                    }
+                    // Gone without saying `end`: the peer must not take what
+                    // it got for the whole stream.
+                    Ok(None) => {
+                        let _ = tx.reset(caller);
+                        return DirEnd::Local(std::io::ErrorKind::UnexpectedEof);
+                    }
+                    Err(e) => {
+                        let _ = tx.reset(caller);
+                        return DirEnd::Local(e.kind());
+                    }
                 }
             }
         }
     };
-    let down = async {
-        let mut n = 0u64;
-        let mut buf = vec![0u8; COPY_BUF];
-        let mut out = BytesMut::new();
-        loop {
-            let (frame, end) = match recv.read(&mut buf).await {
-                Ok(Some(k)) => {
-                    out.clear();
-                    put_frame(&mut out, KIND_DATA, &buf[..k]);
-                    n += k as u64;
-                    (true, None)
+    let down = {
+        let n = &mut down_n;
+        let rx = &mut *rx;
+        let wr = &mut *local_wr;
+        async move {
+            let mut buf = vec![0u8; COPY_BUF];
+            let mut out = BytesMut::new();
+            loop {
+                out.clear();
+                let end = match rx.read(&mut buf).await {
+                    Ok(Some(k)) => {
+                        put_frame(&mut out, KIND_DATA, &buf[..k]);
+                        *n += k as u64;
+                        None
+                    }
+                    Ok(None) => {
+                        put_frame(&mut out, KIND_END, &[]);
+                        Some(DirEnd::Clean)
+                    }
+                    Err(e) => {
+                        let end = read_end(e);
+                        put_frame(&mut out, KIND_RESET, cut_cause(&end, peer).as_bytes());
+                        Some(end)
+                    }
+                };
+                let written = async {
+                    wr.write_all(&out).await?;
+                    wr.flush().await
                 }
-                Ok(None) => {
-                    out.clear();
-                    put_frame(&mut out, KIND_END, &[]);
-                    (false, Some(DirEnd::Clean))
+                .await;
+                if let Err(e) = written {
+                    let _ = rx.stop(caller);
+                    return DirEnd::Local(e.kind());
                 }
-                Err(e) => {
-                    let end = read_end(e);
-                    let cause = match &end {
-                        DirEnd::Reset(code) => reset_cause(*code, peer),
-                        DirEnd::Lost(why) => format!("the relay connection was lost ({why})"),
-                        _ => "the stream was cut".into(),
-                    };
-                    out.clear();
-                    put_frame(&mut out, KIND_RESET, cause.as_bytes());
-                    (false, Some(end))
+                if let Some(end) = end {
+                    return end;
                 }
-            };
-            let written = async {
-                local_wr.write_all(&out).await?;
-                local_wr.flush().await
-            }
-            .await;
-            if let Err(e) = written {
-                let _ = recv.stop(caller);
-                return (n, DirEnd::Local(e.kind()));
-            }
-            if !frame {
-                return (n, end.unwrap_or(DirEnd::Clean));
             }
         }
     };
-    let ((up, up_end), (down, down_end)) = tokio::join!(up, down);
+    let (up_end, down_end) = both_ways_split(up, down).await;
+    let up_end = up_end.unwrap_or_else(|| {
+        let _ = send.reset(caller);
+        DirEnd::Aborted
+    });
+    let down_end = match down_end {
+        Some(e) => e,
+        None => {
+            // The caller's side was cut first: tell it how the other ended.
+            let _ = recv.stop(caller);
+            let mut out = BytesMut::new();
+            put_frame(&mut out, KIND_RESET, b"the stream was cut");
+            let _ = local_wr.write_all(&out).await;
+            DirEnd::Aborted
+        }
+    };
     Spliced {
-        up,
-        down,
+        up: up_n,
+        down: down_n,
         up_end,
         down_end,
+    }
+}
+
+/// Words for how a direction was cut.
+fn cut_cause(end: &DirEnd, peer: &str) -> String {
+    match end {
+        DirEnd::Reset(code) => reset_cause(*code, peer),
+        DirEnd::Lost(why) => format!("the relay connection was lost ({why})"),
+        _ => "the stream was cut".into(),
     }
 }

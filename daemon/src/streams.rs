@@ -343,10 +343,8 @@ async fn incoming(shared: Arc<Shared>, mut send: quinn::SendStream, mut recv: qu
     let _open = crate::metrics::Open::new(&shared.metrics.streams_open);
     let (mut rd, mut wr) = tcp.into_split();
     let s = crate::splice::splice(&mut rd, &mut wr, send, recv, crate::splice::Side::Target).await;
-    if !s.clean() {
-        // The service must see a cut stream as cut (RST), not as a FIN.
-        crate::splice::abort_tcp(&wr);
-    }
+    // The service must see a cut stream as cut (RST), not as a FIN.
+    crate::splice::close_tcp(rd, wr, !s.clean());
     log_end(&req.from, req.port, &s);
 }
 
