@@ -1032,3 +1032,42 @@ impl NotifySocket {
         .with_context(|| format!("no {line} notification in time"))?
     }
 }
+
+/// A busy service: a listen backlog of `backlog`, and one connection at a
+/// time — each read to EOF, answered with the SHA-256 of what it read, and
+/// closed. Like a small single-threaded server under load.
+pub struct BusyServer {
+    /// Its address.
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BusyServer {
+    /// Starts the server on `127.0.0.1:0`.
+    pub fn start(backlog: i32) -> Result<Self> {
+        use socket2::{Domain, Socket, Type};
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        sock.bind(&"127.0.0.1:0".parse::<SocketAddr>()?.into())?;
+        sock.listen(backlog)?;
+        sock.set_nonblocking(true)?;
+        let l = tokio::net::TcpListener::from_std(sock.into())?;
+        let addr = l.local_addr()?;
+        let task = tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut data = Vec::new();
+                if s.read_to_end(&mut data).await.is_ok() {
+                    let _ = s.write_all(&sha256(&data)).await;
+                    let _ = s.shutdown().await;
+                }
+            }
+        });
+        Ok(Self { addr, task })
+    }
+}
+
+impl Drop for BusyServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

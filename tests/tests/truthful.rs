@@ -130,7 +130,11 @@ async fn a_clean_framed_stream_delivers_every_byte_then_ends() -> Result<()> {
     };
     let (s, back) = tokio::time::timeout(WAIT, async { tokio::join!(send, recv) }).await?;
     s?;
-    assert_eq!(back?, sha256(&data), "the hash of every byte, then a clean end");
+    assert_eq!(
+        back?,
+        sha256(&data),
+        "the hash of every byte, then a clean end"
+    );
     Ok(())
 }
 
@@ -152,7 +156,9 @@ async fn a_caller_that_goes_away_reaches_the_service_as_a_reset_not_an_eof() -> 
     wr.flush().await?;
     drop(wr);
     drop(_rd);
-    let end = tokio::time::timeout(WAIT, ends.recv()).await?.context("an end")?;
+    let end = tokio::time::timeout(WAIT, ends.recv())
+        .await?
+        .context("an end")?;
     assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset));
 
     // The same through SOCKS: the client resets its connection.
@@ -162,14 +168,18 @@ async fn a_caller_that_goes_away_reaches_the_service_as_a_reset_not_an_eof() -> 
     s.flush().await?;
     s.set_zero_linger()?;
     drop(s);
-    let end = tokio::time::timeout(WAIT, ends.recv()).await?.context("an end")?;
+    let end = tokio::time::timeout(WAIT, ends.recv())
+        .await?
+        .context("an end")?;
     assert_eq!(end, Err(std::io::ErrorKind::ConnectionReset));
 
     // And a caller that finishes cleanly is a clean end with every byte.
     let mut s = socks_connect(proxy, "london.switchboard", 9000).await?;
     s.write_all(&[7u8; 10_000]).await?;
     s.shutdown().await?;
-    let end = tokio::time::timeout(WAIT, ends.recv()).await?.context("an end")?;
+    let end = tokio::time::timeout(WAIT, ends.recv())
+        .await?
+        .context("an end")?;
     assert_eq!(end, Ok(10_000));
     Ok(())
 }
