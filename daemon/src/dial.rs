@@ -231,7 +231,8 @@ impl Dialer {
     ) -> Result<(Link, Welcome), ConnectError> {
         let timeout = self.config.connect_timeout;
         let cfg = self.client_cfg_for(target)?;
-        match tokio::time::timeout(timeout, self.connect_inner(relay, cfg)).await {
+        match tokio::time::timeout(timeout, self.connect_inner(relay, cfg, target.is_some())).await
+        {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Retry(format!("no answer within {timeout:?}"))),
         }
@@ -241,6 +242,7 @@ impl Dialer {
         &mut self,
         relay: &str,
         client_cfg: quinn::ClientConfig,
+        redirected: bool,
     ) -> Result<(Link, Welcome), ConnectError> {
         let (host, port) = split_host_port(relay);
         let addr = tokio::net::lookup_host((host.as_str(), port))
@@ -255,9 +257,14 @@ impl Dialer {
         let connecting = ep
             .connect_with(client_cfg, addr, &server_name)
             .map_err(|e| {
-                ConnectError::Fatal(DaemonError::Config(format!(
-                    "cannot connect to {relay}: {e}"
-                )))
+                let why = format!("cannot connect to {relay}: {e}");
+                // A relay's advertised address is the mesh's to get right,
+                // not a mistake in this daemon's configuration: try others.
+                if redirected {
+                    ConnectError::Retry(why)
+                } else {
+                    ConnectError::Fatal(DaemonError::Config(why))
+                }
             })?;
         let conn = match connecting.await {
             Ok(c) => c,

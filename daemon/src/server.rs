@@ -156,7 +156,12 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
             queue.pop_front();
             push_reply(&mut out, &r);
         }
-        if !out.is_empty() && (rd.buffer().is_empty() || queue.len() >= MAX_PIPELINED_SENDS) {
+        // Answers wait in `out` only while a whole request is already
+        // buffered: never block on the socket with answers unsent (a client
+        // that waits for them before writing the rest of a line would
+        // otherwise wait forever).
+        let whole_line = rd.buffer().contains(&b'\n');
+        if !out.is_empty() && (!whole_line || queue.len() >= MAX_PIPELINED_SENDS) {
             if w.write_all(&out).await.is_err() {
                 break;
             }

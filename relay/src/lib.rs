@@ -260,7 +260,17 @@ impl Relay {
         let me = swb_wire::RelayRecord {
             id: config.relay_id.clone(),
             addrs: match &config.mesh {
-                Some(m) if !m.advertise.is_empty() => m.advertise.clone(),
+                // `--listen 127.0.0.1:0` advertises the port it was given.
+                Some(m) if !m.advertise.is_empty() => m
+                    .advertise
+                    .iter()
+                    .map(|a| match a.parse::<SocketAddr>() {
+                        Ok(sa) if sa.port() == 0 => {
+                            SocketAddr::new(sa.ip(), local_addr.port()).to_string()
+                        }
+                        _ => a.clone(),
+                    })
+                    .collect(),
                 _ => vec![local_addr.to_string()],
             },
             fingerprint: fingerprint.clone(),

@@ -174,6 +174,43 @@ async fn a_relay_that_goes_silent_is_dropped_within_the_mesh_idle_timeout() -> R
     Ok(())
 }
 
+#[tokio::test]
+async fn a_daemon_redirected_to_an_undialable_address_keeps_trying() -> Result<()> {
+    // r2 advertises an address no one can dial (a mistake in its
+    // configuration, not the daemon's): a daemon sent there must keep
+    // running and say why it is not connected, not exit.
+    let k = key('u');
+    let r1 = relay("r1", &k, &[]).await?;
+    let r2 = TestRelay::spawn_with(RelayOptions {
+        relay_id: Some("r2".into()),
+        mesh: Some(MeshConfig {
+            key: k.clone(),
+            peers: vec![r1.addr().to_string()],
+            advertise: vec!["0.0.0.0:9".into()],
+        }),
+        ..RelayOptions::default()
+    })
+    .await?;
+    converge(&r1, &["r1", "r2"]).await?;
+    let api = r1.create_key("acme")?;
+    std::fs::copy(r1.keys_path(), r2.keys_path())?;
+    r2.handle().reload_keys()?;
+    let name = name_homed_on(&["r1", "r2"], "acme", "r2");
+    let mut cfg = r1.daemon_config(&api, &name, std::path::PathBuf::new());
+    cfg.backoff_max = Duration::from_millis(200);
+    let d = swb_tests::TestDaemon::spawn(cfg).await?;
+    // It tries again and again (a stopped daemon has no socket to ask).
+    let s = swb_tests::eventually("three attempts, each with its reason", WAIT, || async {
+        let s = d.client().await?.status().await?;
+        Ok((s.attempts >= 3 && s.last_error.is_some()).then_some(s))
+    })
+    .await?;
+    assert_eq!(s.state, "connecting");
+    let why = s.last_error.unwrap_or_default();
+    assert!(why.contains("0.0.0.0:9"), "{why}");
+    Ok(())
+}
+
 async fn home_of(d: &swb_tests::TestDaemon) -> Result<String> {
     let s = d.client().await?.status().await?;
     Ok(s.relay_id.unwrap_or_default())

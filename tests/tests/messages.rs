@@ -498,6 +498,36 @@ async fn pipelined_requests_are_answered_in_order_and_sends_arrive_in_order() ->
 }
 
 #[tokio::test]
+async fn answers_go_out_while_the_next_request_is_still_arriving() -> Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let d = TestDaemon::start(&relay, &key, "a").await?;
+    let s = tokio::net::UnixStream::connect(d.handle.control_path()).await?;
+    let (r, mut w) = s.into_split();
+    let mut lines = tokio::io::BufReader::new(r).lines();
+    // A whole request (answered at once) and the start of the next in one
+    // write; the client waits for the first answer before finishing the
+    // second line. The answer must not wait for the rest of that line.
+    let half = send_line("b", b"x");
+    let (head, tail) = half.split_at(20);
+    w.write_all(format!("not json\n{head}").as_bytes()).await?;
+    let first = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .map_err(|_| anyhow::anyhow!("the first answer waited for the next request"))??
+        .ok_or_else(|| anyhow::anyhow!("connection closed"))?;
+    let v: serde_json::Value = serde_json::from_str(&first)?;
+    assert_eq!(v["code"], "bad_request", "{first}");
+    w.write_all(tail.as_bytes()).await?;
+    let second = tokio::time::timeout(WAIT, lines.next_line())
+        .await??
+        .ok_or_else(|| anyhow::anyhow!("connection closed"))?;
+    let v: serde_json::Value = serde_json::from_str(&second)?;
+    assert_eq!(v["reply"], "sent", "{second}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn pipelined_refusals_keep_their_place() -> Result<()> {
     let relay = TestRelay::spawn_with(RelayOptions {
         limits: MailboxLimits {
