@@ -17,6 +17,8 @@ use swb_relay::keys::{self, KeysFile};
 use swb_relay::{HttpListen, Identity, KeySource, Relay, RelayConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod durable;
+
 #[derive(Debug, Subcommand)]
 pub(crate) enum BenchCommand {
     /// Single-stream goodput: direct quinn vs. through a relay.
@@ -36,6 +38,9 @@ pub(crate) enum BenchCommand {
     Latency(LatencyArgs),
     /// Messages per second, 1 -> 1 and 1 -> 100, vs. nats-server pub/sub.
     Rate(RateArgs),
+    /// Durable messages (stored before `accepted`) at the sync and process
+    /// levels vs. NATS JetStream with file storage: rate and latency.
+    Durable(durable::DurableArgs),
     /// Every scenario in sequence, then one summary table.
     All(AllArgs),
     /// (internal) A bare quinn server process, the baseline of `idle`.
@@ -82,6 +87,7 @@ pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
         BenchCommand::Idle(a) => idle(a, out).await,
         BenchCommand::Latency(a) => latency_bench(a, out).await,
         BenchCommand::Rate(a) => rate_bench(a, out).await,
+        BenchCommand::Durable(a) => durable::durable_bench(a, out).await,
         BenchCommand::All(a) => all(a, out).await,
         BenchCommand::BareServer(a) => bare_server_main(a).await,
         BenchCommand::RelayProcess(a) => relay_process_main(a).await,
@@ -2136,6 +2142,16 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
             messages: if s { 200 } else { 500_000 },
             senders: 1,
             window: 1024,
+            runs: if s { 1 } else { 3 },
+        },
+        out,
+    )
+    .await?;
+    durable::durable_bench(
+        durable::DurableArgs {
+            messages: if s { 200 } else { 50_000 },
+            window: 256,
+            samples: if s { 20 } else { 2_000 },
             runs: if s { 1 } else { 3 },
         },
         out,

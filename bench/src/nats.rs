@@ -1,7 +1,10 @@
 //! A minimal NATS client for the benchmark baselines: CONNECT, SUB, PUB,
 //! MSG, PING/PONG over TCP or TLS (nats-server 2.9 sends INFO in plain text
-//! and upgrades to TLS after it). Enough for request/reply and pub/sub;
+//! and upgrades to TLS after it). Enough for request/reply, pub/sub and
+//! JetStream's API, publish acks and consumer acks (all plain subjects);
 //! not a general client.
+//!
+//! The server is `nats-server` on the PATH, or `$SWB_NATS_SERVER`.
 
 use anyhow::{bail, Context, Result};
 use std::sync::Arc;
@@ -131,6 +134,12 @@ impl NatsTx {
 }
 
 impl NatsRx {
+    /// Whether more of the server's output is already read (a consumer
+    /// flushes its acks when it has caught up).
+    pub(crate) fn has_buffered(&self) -> bool {
+        !self.rd.buffer().is_empty()
+    }
+
     /// Waits for the server's PONG: everything sent before our PING (a SUB)
     /// is in effect. Only for use before any message can arrive.
     pub(crate) async fn until_pong(&mut self) -> Result<()> {
@@ -199,11 +208,72 @@ impl Drop for NatsServer {
     }
 }
 
+/// The nats-server program: `$SWB_NATS_SERVER`, else `nats-server`.
+pub(crate) fn server_bin() -> String {
+    std::env::var("SWB_NATS_SERVER")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "nats-server".into())
+}
+
+/// The server's version (`nats-server --version`: `nats-server: v2.9.10`).
+pub(crate) async fn server_version() -> Result<(u32, u32, u32)> {
+    let out = tokio::process::Command::new(server_bin())
+        .arg("--version")
+        .output()
+        .await
+        .context("cannot run nats-server (apt-get install nats-server)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('v'))
+        .with_context(|| format!("no version in {text:?}"))?;
+    let mut n = v.split('.').map(|x| x.parse::<u32>().unwrap_or(0));
+    Ok((
+        n.next().unwrap_or(0),
+        n.next().unwrap_or(0),
+        n.next().unwrap_or(0),
+    ))
+}
+
 /// Starts nats-server (with TLS from these PEM files, if given).
 pub(crate) async fn start_server(
     tls: Option<(&std::path::Path, &std::path::Path)>,
 ) -> Result<NatsServer> {
-    let mut cmd = tokio::process::Command::new("nats-server");
+    spawn_server(tls, None).await
+}
+
+/// Starts nats-server with JetStream storing in `store` (file storage),
+/// TLS from these PEM files. `sync_always`: `sync_interval: always` (an
+/// fsync per write; nats-server 2.10 or later), else JetStream's default
+/// (written to the OS, synced every two minutes).
+pub(crate) async fn start_jetstream(
+    store: &std::path::Path,
+    tls: (&std::path::Path, &std::path::Path),
+    sync_always: bool,
+) -> Result<NatsServer> {
+    std::fs::create_dir_all(store)?;
+    let conf = store.join("nats.conf");
+    let mut text = format!(
+        "jetstream {{\n  store_dir: {:?}\n",
+        store.display().to_string()
+    );
+    if sync_always {
+        text.push_str("  sync_interval: always\n");
+    }
+    text.push_str("}\n");
+    std::fs::write(&conf, text)?;
+    spawn_server(Some(tls), Some(&conf)).await
+}
+
+async fn spawn_server(
+    tls: Option<(&std::path::Path, &std::path::Path)>,
+    conf: Option<&std::path::Path>,
+) -> Result<NatsServer> {
+    let mut cmd = tokio::process::Command::new(server_bin());
+    if let Some(c) = conf {
+        cmd.arg("-c").arg(c);
+    }
     cmd.args(["-a", "127.0.0.1", "-p", "-1"]);
     if let Some((cert, key)) = tls {
         cmd.arg("--tls")
@@ -220,12 +290,14 @@ pub(crate) async fn start_server(
         .context("cannot run nats-server (apt-get install nats-server)")?;
     let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
     let addr = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let mut last = String::new();
         while let Some(l) = lines.next_line().await? {
             if let Some(rest) = l.split("Listening for client connections on ").nth(1) {
                 return Ok(rest.trim().parse::<std::net::SocketAddr>()?);
             }
+            last = l;
         }
-        bail!("nats-server exited")
+        bail!("nats-server exited: {last}")
     })
     .await
     .context("nats-server did not start")??;

@@ -170,7 +170,14 @@ fn open_store(
         .as_ref()
         .filter(|_| durability != Durability::Memory)
     else {
-        warn!("mail durability: memory — held mail is lost if this relay stops or crashes (give --data-dir for a durable mail store)");
+        let hint = if config.state_dir.is_some() {
+            "--durability memory was asked for; sync or process keep it"
+        } else {
+            "give --data-dir for a durable mail store"
+        };
+        warn!(
+            "mail durability: memory — held mail is lost if this relay stops or crashes ({hint})"
+        );
         return Ok((Store::memory(), Default::default()));
     };
     let mail = dir.join("mail");
