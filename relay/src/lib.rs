@@ -66,6 +66,9 @@ pub use placement::LiveSet;
 pub use services::registry::{MailboxLimits, Peer, Via};
 pub use services::status::{Snapshot, MIN_PUBLISH_INTERVAL};
 pub use services::store::{Durability, Recovered, StoreError};
+/// The measurement behind the mail store (feature `store-compare`).
+#[cfg(feature = "store-compare")]
+pub use services::store_compare;
 pub use services::watch::{BadName, StatusWatcher};
 pub use swb_quic::{udp_socket, UDP_BUFFER};
 pub use tls::Identity;

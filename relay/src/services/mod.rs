@@ -9,6 +9,8 @@ pub(crate) mod registry;
 pub(crate) mod splice;
 pub(crate) mod status;
 pub(crate) mod store;
+#[cfg(feature = "store-compare")]
+pub mod store_compare;
 pub(crate) mod watch;
 
 use crate::metrics::Metrics;

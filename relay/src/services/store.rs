@@ -48,7 +48,7 @@ use tracing::{info, warn};
 /// Longest record body: a message of the largest size with its envelope.
 pub(crate) const MAX_RECORD: usize = swb_wire::MAX_FRAME_LEN + 4096;
 /// A segment is sealed and a new one started past this size.
-pub(crate) const SEGMENT_BYTES: u64 = 64 << 20;
+pub(crate) const SEGMENT_BYTES: u64 = 16 << 20;
 /// A sealed segment with less than this fraction of live bytes is
 /// compacted: its live records are copied forward and the file deleted.
 const COMPACT_BELOW: f64 = 0.25;
