@@ -206,6 +206,10 @@ struct Index {
     segs: BTreeMap<u64, SegInfo>,
     msgs: HashMap<MsgKey, (u64, u64)>,
     statuses: HashMap<(String, String), (u64, u64)>,
+    /// Segment → the older segments holding messages it removes. A
+    /// removal must outlive the put it cancels: a segment is deleted only
+    /// once the segments it pins are gone (or go first, in the same pass).
+    pins: BTreeMap<u64, std::collections::BTreeSet<u64>>,
 }
 
 impl Index {
@@ -222,7 +226,15 @@ impl Index {
                 info.live_bytes += size;
                 old
             }
-            Record::Del(k) => self.msgs.remove(k),
+            Record::Del(k) => {
+                let old = self.msgs.remove(k);
+                if let Some((put_seg, _)) = old {
+                    if put_seg != seg {
+                        self.pins.entry(seg).or_default().insert(put_seg);
+                    }
+                }
+                old
+            }
             Record::Status(s) => {
                 let old = self
                     .statuses
@@ -683,9 +695,19 @@ impl Writer {
             .filter(|(n, _)| **n != self.active)
             .map(|(n, i)| (*n, *i))
             .collect();
-        let mut gone = Vec::new();
+        let mut gone: Vec<u64> = Vec::new();
         let mut copy: Vec<Record> = Vec::new();
+        // Oldest first, so a segment pinned only by older ones going in
+        // this pass can go too (they are deleted first).
         for (n, info) in sealed {
+            let pinned = self.index.pins.get(&n).is_some_and(|older| {
+                older
+                    .iter()
+                    .any(|p| self.index.segs.contains_key(p) && !gone.contains(p))
+            });
+            if pinned {
+                continue;
+            }
             if info.live == 0 {
                 gone.push(n);
             } else if (info.live_bytes as f64) < COMPACT_BELOW * info.bytes as f64 {
@@ -714,6 +736,7 @@ impl Writer {
                 Err(e) => return Err(e),
             }
             self.index.segs.remove(n);
+            self.index.pins.remove(n);
         }
         sync_dir(&self.dir)
     }
@@ -888,6 +911,46 @@ mod tests {
             rec.messages.len(),
             n.div_ceil(50),
             "every live message kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_removal_outlives_the_segment_of_its_message() {
+        let dir = tempfile::tempdir().expect("dir");
+        let acked = msg(200, b"acknowledged");
+        let big = vec![7u8; 60 * 1024];
+        let per_segment = (SEGMENT_BYTES / big.len() as u64) as usize + 1;
+        {
+            let (store, _) = Store::open(dir.path(), Durability::Process).expect("open");
+            // Segment 1: the message, then enough mail that stays to keep
+            // the segment mostly live (never compacted).
+            put(&store, acked.clone()).await;
+            for i in 0..per_segment {
+                let mut m = msg(0, &big);
+                m.id = MessageId((i as u128).to_le_bytes());
+                put(&store, m).await;
+            }
+            // Segment 2: its removal, then mail that dies, so segment 2
+            // has nothing live once it is sealed.
+            store.append_quiet(vec![Record::Del(key_of(&acked))]);
+            for i in 0..per_segment {
+                let mut m = msg(1, &big);
+                m.id = MessageId((1_000_000 + i as u128).to_le_bytes());
+                let key = key_of(&m);
+                put(&store, m).await;
+                store.append_quiet(vec![Record::Del(key)]);
+            }
+            store.barrier().wait().await.expect("synced");
+        }
+        let (_s, rec) = Store::open(dir.path(), Durability::Process).expect("reopen");
+        assert!(
+            !rec.messages.iter().any(|m| m.id == acked.id),
+            "an acknowledged message came back: its removal was deleted with a dead segment"
+        );
+        assert_eq!(
+            rec.messages.len(),
+            per_segment,
+            "the mail that stays is all there"
         );
     }
 
