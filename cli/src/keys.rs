@@ -48,11 +48,13 @@ pub(crate) fn run(cmd: KeysCommand, out: &Output) -> Result<()> {
             namespace,
             label,
         } => {
-            let mut file = KeysFile::load(&path)?;
             let new = keys::generate(&namespace, &label)?;
             let id = new.entry.id.clone();
-            file.keys.push(new.entry);
-            file.save(&path)?;
+            let entry = new.entry.clone();
+            KeysFile::update(&path, |file| {
+                file.keys.push(entry);
+                Ok(())
+            })?;
             if out.json {
                 println!(
                     "{}",
@@ -71,12 +73,10 @@ pub(crate) fn run(cmd: KeysCommand, out: &Output) -> Result<()> {
             if !path.exists() {
                 anyhow::bail!("keys file {} does not exist", path.display());
             }
-            let mut file = KeysFile::load(&path)?;
-            let (id, ns) = {
+            let (id, ns) = KeysFile::update(&path, |file| {
                 let e = file.revoke(&id)?;
-                (e.id.clone(), e.namespace.clone())
-            };
-            file.save(&path)?;
+                Ok((e.id.clone(), e.namespace.clone()))
+            })?;
             if out.json {
                 println!("{}", serde_json::json!({"revoked": id, "namespace": ns}));
             } else {

@@ -390,3 +390,50 @@ async fn service_units_pass_systemd_analyze_verify() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn concurrent_keys_create_lose_no_key() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = dir.path().join("keys.toml");
+    let path = keys.display().to_string();
+    // Twenty at once on one file: each takes the file's lock for its
+    // read-change-write, so none overwrites another's key.
+    let mut runs = tokio::task::JoinSet::new();
+    for i in 0..20 {
+        let path = path.clone();
+        runs.spawn(async move {
+            output(swbd().args([
+                "keys",
+                "create",
+                "--keys",
+                &path,
+                "--namespace",
+                "acme",
+                "--label",
+                &format!("k{i}"),
+            ]))
+            .await
+        });
+    }
+    let mut made = Vec::new();
+    while let Some(r) = runs.join_next().await {
+        let out = r??;
+        ensure!(
+            out.status.success(),
+            "keys create failed: {}",
+            text(&out.stderr)
+        );
+        made.push(text(&out.stdout).trim().to_string());
+    }
+    let file = swb_relay::keys::KeysFile::load(&keys)?;
+    ensure!(
+        file.keys.len() == 20,
+        "{} of 20 keys in the file",
+        file.keys.len()
+    );
+    let store = swb_relay::keys::KeyStore::new(&file);
+    for k in &made {
+        ensure!(store.verify(k).is_ok(), "a created key does not verify");
+    }
+    Ok(())
+}

@@ -268,6 +268,45 @@ impl KeysFile {
         std::fs::rename(&tmp, path).map_err(io)
     }
 
+    /// Reads the file, changes it with `f` and writes it back, holding an
+    /// exclusive lock (`flock` on `.<name>.lock` beside it) throughout, so
+    /// two `swbd keys` at once cannot lose each other's change. The write
+    /// is atomic (temp file + rename): a relay never reads half a file.
+    pub fn update<T>(
+        path: &Path,
+        f: impl FnOnce(&mut KeysFile) -> Result<T, KeysError>,
+    ) -> Result<T, KeysError> {
+        let io = |source| KeysError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let lock_path = dir.join(format!(
+            ".{}.lock",
+            path.file_name().and_then(|n| n.to_str()).unwrap_or("keys")
+        ));
+        let lock = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&lock_path)
+                .map_err(io)?
+        };
+        lock.lock().map_err(io)?;
+        let mut file = Self::load(path)?;
+        let out = f(&mut file)?;
+        file.save(path)?;
+        // Dropping the file releases the lock.
+        drop(lock);
+        Ok(out)
+    }
+
     /// Marks the key with this id (or the id of this full key) revoked.
     /// Returns the entry.
     pub fn revoke(&mut self, id_or_key: &str) -> Result<&KeyEntry, KeysError> {
@@ -365,26 +404,55 @@ pub fn read_source(source: &KeySource) -> Result<(KeyStore, Option<Vec<u8>>), Ke
     }
 }
 
+/// How often a keys file that cannot be used is complained about.
+pub(crate) const KEYS_PROBLEM_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What the follower last saw of its file.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Contents last read (installed, or found invalid).
+    bytes: Option<Vec<u8>>,
+    /// When the file was last read.
+    read_at: Option<std::time::Instant>,
+    /// Why the file cannot be used now, and when that was last logged.
+    problem: Option<(String, std::time::Instant)>,
+}
+
 /// The key set a relay verifies against, and how it follows its file: a
 /// changed file is re-read (by poll, SIGHUP, or when an unknown key shows
-/// up, rate-limited). Pure bookkeeping: whoever installs a new set also
-/// ends the sessions of keys that are gone.
+/// up, rate-limited). A file that is missing, unreadable or not valid
+/// never replaces the keys in memory — a deploy that moves the file for a
+/// moment must not revoke the fleet — it is logged as an error once a
+/// minute until it is fixed ([`Keys::file_ok`]). Pure bookkeeping: whoever
+/// installs a new set also ends the sessions of keys that are gone.
 #[derive(Debug)]
 pub(crate) struct Keys {
     source: KeySource,
     store: std::sync::RwLock<std::sync::Arc<KeyStore>>,
-    /// File contents last installed, and when the file was last read.
-    seen: std::sync::Mutex<(Option<Vec<u8>>, Option<std::time::Instant>)>,
+    seen: std::sync::Mutex<Seen>,
+}
+
+/// Reads a keys file; a missing one is an error here (a follower keeps
+/// what it has).
+fn read_file(path: &Path) -> Result<Vec<u8>, KeysError> {
+    std::fs::read(path).map_err(|source| KeysError::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 impl Keys {
-    /// Reads the source once.
+    /// Reads the source once (a missing file at start is an empty set).
     pub(crate) fn load(source: KeySource) -> Result<Self, KeysError> {
         let (store, bytes) = read_source(&source)?;
         Ok(Self {
             source,
             store: std::sync::RwLock::new(std::sync::Arc::new(store)),
-            seen: std::sync::Mutex::new((bytes, Some(std::time::Instant::now()))),
+            seen: std::sync::Mutex::new(Seen {
+                bytes,
+                read_at: Some(std::time::Instant::now()),
+                problem: None,
+            }),
         })
     }
 
@@ -396,6 +464,16 @@ impl Keys {
         }
     }
 
+    /// Whether the keys file could be read and used the last time it was
+    /// read (false: the keys in memory are older than the file).
+    pub(crate) fn file_ok(&self) -> bool {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .problem
+            .is_none()
+    }
+
     fn install(&self, store: KeyStore) -> std::sync::Arc<KeyStore> {
         let store = std::sync::Arc::new(store);
         match self.store.write() {
@@ -405,11 +483,68 @@ impl Keys {
         store
     }
 
-    /// Re-reads the source now (SIGHUP); the new set.
+    /// Notes that the file cannot be used; logs it when it is new or was
+    /// last logged a minute ago.
+    fn trouble(&self, seen: &mut Seen, why: String) {
+        let now = std::time::Instant::now();
+        let due = match &seen.problem {
+            Some((w, at)) => *w != why || now.duration_since(*at) >= KEYS_PROBLEM_LOG_EVERY,
+            None => true,
+        };
+        if due {
+            tracing::error!(
+                keys = self.store().len(),
+                "{why}; keeping the keys in memory until the file is readable and valid again"
+            );
+            seen.problem = Some((why, now));
+        }
+    }
+
+    fn fine(&self, seen: &mut Seen) {
+        if seen.problem.take().is_some() {
+            tracing::info!("keys file readable and valid again");
+        }
+    }
+
+    /// Reads and parses the file: the new set, or `None` if its bytes are
+    /// the ones last seen.
+    fn read_new(
+        &self,
+        path: &Path,
+        seen: &mut Seen,
+        force: bool,
+    ) -> Result<Option<KeyStore>, KeysError> {
+        let bytes = read_file(path)?;
+        if !force && seen.bytes.as_deref() == Some(&bytes[..]) {
+            return Ok(None);
+        }
+        seen.bytes = Some(bytes.clone());
+        let file = KeysFile::parse(
+            &String::from_utf8_lossy(&bytes),
+            &path.display().to_string(),
+        )?;
+        Ok(Some(KeyStore::new(&file)))
+    }
+
+    /// Re-reads the source now (SIGHUP); the new set. A file that cannot
+    /// be used is an error and changes nothing.
     pub(crate) fn reload(&self) -> Result<std::sync::Arc<KeyStore>, KeysError> {
-        let (store, bytes) = read_source(&self.source)?;
-        self.seen.lock().unwrap_or_else(|p| p.into_inner()).0 = bytes;
-        Ok(self.install(store))
+        let KeySource::File(path) = &self.source else {
+            return Ok(self.store());
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.read_at = Some(std::time::Instant::now());
+        match self.read_new(path, &mut seen, true) {
+            Ok(Some(store)) => {
+                self.fine(&mut seen);
+                Ok(self.install(store))
+            }
+            Ok(None) => Ok(self.store()),
+            Err(e) => {
+                self.trouble(&mut seen, e.to_string());
+                Err(e)
+            }
+        }
     }
 
     /// Re-reads the keys file if it changed (file source only). `min_gap`
@@ -421,36 +556,35 @@ impl Keys {
         };
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
-        if seen.1.is_some_and(|t| now.duration_since(t) < min_gap) {
+        if seen
+            .read_at
+            .is_some_and(|t| now.duration_since(t) < min_gap)
+        {
             return None;
         }
-        seen.1 = Some(now);
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => {
-                if seen.0.is_some() {
-                    tracing::warn!(path = %path.display(), "cannot read keys file: {e}; keeping the keys in memory");
-                    seen.0 = None;
-                }
-                return None;
-            }
-        };
-        if seen.0.as_deref() == Some(&bytes[..]) {
+        seen.read_at = Some(now);
+        // A relay that started without a file has nothing to keep: the
+        // file not being there yet is no trouble.
+        if seen.bytes.is_none() && !path.exists() {
             return None;
         }
-        seen.0 = Some(bytes.clone());
-        match KeysFile::parse(
-            &String::from_utf8_lossy(&bytes),
-            &path.display().to_string(),
-        ) {
-            Ok(f) => {
-                let store = self.install(KeyStore::new(&f));
+        match self.read_new(path, &mut seen, false) {
+            Ok(Some(store)) => {
+                self.fine(&mut seen);
+                let store = self.install(store);
                 tracing::info!(keys = store.len(), "keys file changed; reloaded");
                 Some(store)
             }
+            Ok(None) => {
+                // Unchanged: still fine, or still the same trouble.
+                match seen.problem.as_ref().map(|(w, _)| w.clone()) {
+                    Some(why) => self.trouble(&mut seen, why),
+                    None => self.fine(&mut seen),
+                }
+                None
+            }
             Err(e) => {
-                tracing::warn!("{e}; keeping the previous keys");
+                self.trouble(&mut seen, e.to_string());
                 None
             }
         }

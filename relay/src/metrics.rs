@@ -44,6 +44,8 @@ pub(crate) struct Metrics {
     pub(crate) http_requests: IntCounterVec,
     /// Status changes published to watchers (after coalescing).
     pub(crate) status_publications: IntCounter,
+    /// 1 while the keys file was usable at its last read.
+    pub(crate) keys_file_ok: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -82,6 +84,11 @@ impl Metrics {
             mesh_refused: counter(&r, "swb_relay_mesh_links_refused_total", "Mesh links refused for a missing or wrong mesh-key proof."),
             http_requests: counter_vec(&r, "swb_relay_http_requests_total", "HTTP API requests by route template and status code.", &["route", "status"]),
             status_publications: counter(&r, "swb_relay_status_publications_total", "Status changes published to watchers (after coalescing)."),
+            keys_file_ok: {
+                let g = gauge(&r, "swb_relay_keys_file_ok", "1 when the keys file was readable and valid at its last read; 0 while the relay keeps the keys it has in memory because the file is missing, unreadable or not valid.");
+                g.set(1);
+                g
+            },
             registry: r,
         }
     }

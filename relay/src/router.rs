@@ -105,20 +105,32 @@ impl Router {
     /// new key set, ends the sessions of keys that are gone. Whether a new
     /// set was installed.
     pub(crate) fn refresh_keys(&self, gap: Duration) -> bool {
-        match self.keys.refresh(gap) {
+        let installed = match self.keys.refresh(gap) {
             Some(store) => {
                 self.end_revoked(&store);
                 true
             }
             None => false,
-        }
+        };
+        self.note_keys_file();
+        installed
     }
 
-    /// Re-reads the keys now (SIGHUP); the number of keys.
+    /// Re-reads the keys now (SIGHUP); the number of keys. A file that
+    /// cannot be used is an error and changes nothing.
     pub(crate) fn reload_keys(&self) -> Result<usize, crate::keys::KeysError> {
-        let store = self.keys.reload()?;
+        let r = self.keys.reload();
+        self.note_keys_file();
+        let store = r?;
         self.end_revoked(&store);
         Ok(store.len())
+    }
+
+    fn note_keys_file(&self) {
+        self.services
+            .metrics
+            .keys_file_ok
+            .set(i64::from(self.keys.file_ok()));
     }
 
     fn end_revoked(&self, store: &crate::keys::KeyStore) {

@@ -147,6 +147,49 @@ async fn revoking_a_key_in_the_file_closes_its_live_sessions() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_keys_file_that_goes_missing_or_bad_revokes_nobody() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let d = TestDaemon::start(&relay, &key, "a").await?;
+    let path = relay.keys_path();
+    let good = std::fs::read(&path)?;
+    let file_ok = |want: u8| {
+        let relay = &relay;
+        async move {
+            swb_tests::eventually("the relay's view of its keys file", WAIT, || async {
+                let text = relay.handle().metrics_text();
+                Ok(text
+                    .contains(&format!("swb_relay_keys_file_ok {want}"))
+                    .then_some(()))
+            })
+            .await
+        }
+    };
+    // A deploy moves the file away for a while: the relay's poll notices
+    // and keeps the keys it has; SIGHUP then is an error and changes nothing.
+    let aside = path.with_extension("moved");
+    std::fs::rename(&path, &aside)?;
+    file_ok(0).await?;
+    assert!(relay.handle().reload_keys().is_err());
+    d.send("a", b"still here").await?;
+    assert_eq!(d.recv(1).await?[0].body(), b"still here");
+    let b = TestDaemon::start(&relay, &key, "b").await?;
+    std::fs::rename(&aside, &path)?;
+    file_ok(1).await?;
+    // A file that is not valid: the same.
+    std::fs::write(&path, "this is [not toml")?;
+    file_ok(0).await?;
+    b.send("a", b"and still").await?;
+    assert_eq!(d.recv(1).await?[0].body(), b"and still");
+    // A real revocation in a valid file still closes the sessions.
+    std::fs::write(&path, &good)?;
+    file_ok(1).await?;
+    relay.revoke_key_in_file(&key)?;
+    assert_eq!(refused_code(d.join().await?), Code::KEY_REVOKED);
+    Ok(())
+}
+
+#[tokio::test]
 async fn malformed_name_is_refused_by_daemon_and_relay() -> Result<()> {
     let relay = TestRelay::spawn().await?;
     let key = relay.create_key("acme")?;
