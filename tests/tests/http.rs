@@ -459,3 +459,67 @@ async fn a_client_that_sends_no_headers_is_cut_off() -> Result<()> {
     assert_eq!(relay.http(Some(&key))?.get("/v1/peers").await?.status, 200);
     Ok(())
 }
+
+#[tokio::test]
+async fn revoking_a_key_ends_its_long_polls_and_event_streams_at_once() -> Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let dir = tempfile::tempdir()?;
+    let identity = swb_relay::Identity::dev_in_dir(dir.path(), &[])?;
+    let relay = TestRelay::spawn_with(RelayOptions {
+        identity: Some(identity),
+        ..RelayOptions::default()
+    })
+    .await?;
+    let doomed = relay.create_key("acme")?;
+    let kept = relay.create_key("acme")?;
+    let http = relay.http(Some(&doomed))?;
+    let other = relay.http(Some(&kept))?;
+    // A long poll (30 s) of the key, in flight: its name shows as a peer.
+    let poll = tokio::spawn(async move { http.get("/v1/messages?as=ci&wait=30").await });
+    wait_for_peer(&other, "ci").await?;
+    // An event stream of the key (curl reads it as it comes).
+    let mut curl = tokio::process::Command::new(swb_tests::need_program("curl", "curl")?)
+        .args(["-sSN", "--max-time", "60", "--cacert"])
+        .arg(dir.path().join("relay.crt"))
+        .args(["-H", &format!("Authorization: Bearer {doomed}")])
+        .arg(format!(
+            "https://localhost:{}/v1/status/watch?peers=london",
+            relay.http_addr().port()
+        ))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(curl.stdout.take().context("stdout")?).lines();
+    let mut next_line = async || -> Result<Option<String>> {
+        Ok(tokio::time::timeout(WAIT, lines.next_line()).await??)
+    };
+    // The current status of london first: the stream is open.
+    while !next_line()
+        .await?
+        .context("curl ended")?
+        .starts_with("data: ")
+    {}
+    // Revoked in the file only: the relay's poll notices.
+    let t = Instant::now();
+    relay.revoke_key_in_file(&doomed)?;
+    let r = tokio::time::timeout(WAIT, poll).await???;
+    assert_eq!((r.status, r.code()), (401, "key_revoked"), "{}", r.json);
+    let mut event = None;
+    while let Some(l) = next_line().await? {
+        if l == "event: error" {
+            event = next_line().await?;
+        }
+    }
+    let event = event.context("the stream ended without an error event")?;
+    let v: Value = serde_json::from_str(event.trim_start_matches("data: "))?;
+    assert_eq!(v["error"]["code"], "key_revoked", "{v}");
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "ended {took:?} after the revocation"
+    );
+    // The other key of the namespace goes on.
+    let r = other.get("/v1/messages?as=ci&wait=0").await?;
+    assert_eq!(r.status, 200, "{}", r.json);
+    Ok(())
+}

@@ -30,6 +30,9 @@ pub(crate) struct Services {
     pub(crate) metrics: Arc<Metrics>,
     /// Where accepted mail and set statuses are kept across crashes.
     store: Store,
+    /// Cancelled when the key with this id is revoked: what HTTP long polls
+    /// and event streams of the key wait on besides their own work.
+    revocations: Mutex<std::collections::HashMap<String, tokio_util::sync::CancellationToken>>,
 }
 
 fn wall_ms() -> u64 {
@@ -63,7 +66,20 @@ impl Services {
             registry: Mutex::new(r),
             metrics,
             store,
+            revocations: Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// The token cancelled when the key `key_id` is revoked (or leaves the
+    /// keys file). Check that the key is still active after taking it: a
+    /// revocation just before is not seen by the token.
+    pub(crate) fn revocation(&self, key_id: &str) -> tokio_util::sync::CancellationToken {
+        self.revocations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key_id.to_string())
+            .or_default()
+            .clone()
     }
 
     /// How durable accepted mail is here.
@@ -356,6 +372,16 @@ impl Services {
     /// gone); how many.
     pub(crate) fn end_revoked(&self, store: &crate::keys::KeyStore) -> usize {
         let mut closed = 0;
+        self.revocations
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, token| {
+                let active = store.is_active(id);
+                if !active {
+                    token.cancel();
+                }
+                active
+            });
         for s in self.registry().sessions() {
             if !store.is_active(&s.key_id) {
                 s.end_with(Refusal::new(

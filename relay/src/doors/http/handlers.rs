@@ -197,17 +197,20 @@ pub(crate) async fn receive(
             })?,
     };
     let _slot = api.take_poll_slot(&key.id)?;
-    let got = api
-        .router
-        .receive(
-            &key.namespace,
-            &me,
-            Duration::from_secs(wait),
-            max,
-            &api.cancel,
-        )
-        .await
-        .map_err(refused)?;
+    let revoked = api.revocation(&key)?;
+    let receive = api.router.receive(
+        &key.namespace,
+        &me,
+        Duration::from_secs(wait),
+        max,
+        &api.cancel,
+    );
+    // A revoked key's poll ends at once (what it took stays leased and is
+    // handed out again).
+    let got = tokio::select! {
+        r = receive => r.map_err(refused)?,
+        _ = revoked.cancelled() => return Err(super::key_revoked()),
+    };
     let msgs: Vec<Value> = got.iter().map(message_json).collect();
     ok(StatusCode::OK, json!({"messages": msgs}))
 }
@@ -363,6 +366,7 @@ pub(crate) async fn watch_status(
     let names = crate::services::watch::names(&raw)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_name", e.to_string()))?;
     let slot = api.take_poll_slot(&key.id)?;
+    let revoked = api.revocation(&key)?;
     api.router.prepare_watch(&key.namespace, &names, true).await;
     let watcher = api.router.services().watcher(&key.namespace, &names);
     let event = |s: &crate::Snapshot, lagged: bool| {
@@ -373,14 +377,28 @@ pub(crate) async fn watch_status(
             .id(s.version.to_string())
             .data(v.to_string())
     };
-    // The poll slot lives as long as the event stream.
-    let stream = futures_util::stream::unfold((watcher, slot), move |(mut w, slot)| async move {
-        let (snap, lagged) = w.next().await?;
-        Some((
-            Ok::<_, std::convert::Infallible>(event(&snap, lagged)),
-            (w, slot),
-        ))
-    });
+    // The poll slot lives as long as the event stream. A revoked key's
+    // stream ends with an `error` event saying so.
+    let stream = futures_util::stream::unfold(
+        (watcher, slot, Some(revoked)),
+        move |(mut w, slot, revoked)| async move {
+            let revoked = revoked?;
+            tokio::select! {
+                next = w.next() => {
+                    let (snap, lagged) = next?;
+                    Some((
+                        Ok::<_, std::convert::Infallible>(event(&snap, lagged)),
+                        (w, slot, Some(revoked)),
+                    ))
+                }
+                _ = revoked.cancelled() => {
+                    let e = super::key_revoked().to_json();
+                    let end = axum::response::sse::Event::default().event("error").data(e.to_string());
+                    Some((Ok(end), (w, slot, None)))
+                }
+            }
+        },
+    );
     use futures_util::StreamExt;
     let stream = stream.take_until(api.cancel.clone().cancelled_owned());
     Ok(axum::response::sse::Sse::new(stream)

@@ -97,9 +97,16 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The error object of an answer: `{"error": {"code", "message"}}`.
+    pub(crate) fn to_json(&self) -> Value {
+        json!({"error": {"code": self.code, "message": self.message}})
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let body = self.to_json();
         let mut r = (self.status, axum::Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut().insert(
@@ -175,13 +182,33 @@ impl Api {
             AuthError::Unauthorized => {
                 unauthorized("the API key is not valid; check the key you were given")
             }
-            AuthError::Revoked => ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "key_revoked",
-                "the API key was revoked; ask the relay's operator for a new key",
-            ),
+            AuthError::Revoked => key_revoked(),
         })
     }
+}
+
+impl Api {
+    /// What a long poll or event stream of `key` also waits on: cancelled
+    /// when the key is revoked. An error if it was revoked just now.
+    pub(crate) fn revocation(&self, key: &KeyInfo) -> Result<CancellationToken, ApiError> {
+        let token = self.router.services().revocation(&key.id);
+        // Taken first, checked after: a revocation in between is seen here,
+        // a later one cancels the token.
+        if self.router.keys().store().is_active(&key.id) {
+            Ok(token)
+        } else {
+            Err(key_revoked())
+        }
+    }
+}
+
+/// The answer to a request (or the end of a long poll) of a revoked key.
+pub(crate) fn key_revoked() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "key_revoked",
+        "the API key was revoked; ask the relay's operator for a new key",
+    )
 }
 
 /// Counts a key's open long polls; the count drops when this does.
