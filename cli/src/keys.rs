@@ -108,7 +108,9 @@ pub(crate) fn run(cmd: KeysCommand, out: &Output) -> Result<()> {
                 )?;
                 for k in &file.keys {
                     let created = humantime::format_rfc3339_seconds(
-                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(k.created_unix),
+                        // Clamped: the file is input, and past year 9999 would panic.
+                        std::time::UNIX_EPOCH
+                            + std::time::Duration::from_secs(k.created_unix.min(253_402_300_799)),
                     );
                     let state = if k.revoked { "revoked" } else { "active" };
                     writeln!(

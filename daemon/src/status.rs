@@ -43,7 +43,11 @@ pub struct StatusView {
 }
 
 fn time(ms: u64) -> Option<String> {
+    // A relay's times are input: one past year 9999 is written as the last
+    // instant RFC 3339 has (formatting it would panic).
+    const RFC3339_MAX_MS: u64 = 253_402_300_799_999;
     (ms > 0).then(|| {
+        let ms = ms.min(RFC3339_MAX_MS);
         humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
     })
 }
@@ -195,4 +199,16 @@ pub(crate) async fn peers(shared: &Shared, wait: Duration) -> Result<Vec<StatusV
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_time_past_year_9999_is_written_not_a_panic() {
+        assert_eq!(
+            super::time(u64::MAX).as_deref(),
+            Some("9999-12-31T23:59:59.999Z")
+        );
+        assert_eq!(super::time(0), None);
+    }
 }

@@ -68,8 +68,40 @@ pub(crate) async fn serve(mesh: &Mesh, mut send: quinn::SendStream, mut recv: qu
 }
 
 /// A message another relay forwarded for a peer homed here.
+/// Checks a forwarded message as a client's would be: sender name,
+/// namespace, body size; a time in the future becomes now.
+fn check_forward(mut f: MeshForward) -> Result<MeshForward, Refusal> {
+    f.from = swb_wire::normalize_name(&f.from)
+        .map_err(|e| Refusal::new(Code::BAD_NAME, format!("sender: {e}: {:?}", f.from)))?;
+    crate::keys::validate_namespace(&f.namespace)
+        .map_err(|e| Refusal::new(Code::PROTOCOL, e.to_string()))?;
+    if f.body.len() > swb_wire::MAX_MESSAGE_BODY {
+        return Err(Refusal::new(
+            Code::BODY_TOO_LARGE,
+            format!(
+                "the message body has {} bytes; the limit is {}",
+                f.body.len(),
+                swb_wire::MAX_MESSAGE_BODY
+            ),
+        ));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    f.sent_at_ms = f.sent_at_ms.min(now);
+    Ok(f)
+}
+
 async fn forward_in(mesh: &Mesh, f: MeshForward) -> Frame {
     let (id, hops) = (f.id, f.hops);
+    let f = match check_forward(f) {
+        Ok(f) => f,
+        Err(refusal) => {
+            mesh.services.metrics.refused(refusal.code);
+            return Frame::SendRefused(SendRefused { req: 0, refusal });
+        }
+    };
     let home = swb_wire::normalize_name(&f.to)
         .ok()
         .and_then(|to| mesh.placement.home_elsewhere(&f.namespace, &to));
@@ -197,5 +229,59 @@ async fn call_in(mesh: &Mesh, c: MeshCall, send: &mut quinn::SendStream) {
             };
             let _ = write_frame(send, &answer(a)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_forward;
+    use bytes::Bytes;
+    use swb_wire::{Code, MeshForward, MessageId};
+
+    fn fwd() -> MeshForward {
+        MeshForward {
+            namespace: "acme".into(),
+            from: "paris".into(),
+            to: "london".into(),
+            id: MessageId([1; 16]),
+            body: Bytes::from_static(b"hi"),
+            sent_at_ms: 1_000,
+            hops: 0,
+        }
+    }
+
+    #[test]
+    fn forwarded_messages_are_checked_like_a_clients() {
+        let ok = check_forward(fwd()).expect("a good forward");
+        assert_eq!((ok.from.as_str(), ok.sent_at_ms), ("paris", 1_000));
+        // A time in the future (past year 9999 even) becomes now.
+        let far = check_forward(MeshForward {
+            sent_at_ms: u64::MAX,
+            ..fwd()
+        })
+        .expect("accepted, with its time fixed");
+        assert!(far.sent_at_ms < 253_402_300_799_999, "{}", far.sent_at_ms);
+        let code = |f: MeshForward| check_forward(f).err().map(|r| r.code);
+        assert_eq!(
+            code(MeshForward {
+                from: "not a name".into(),
+                ..fwd()
+            }),
+            Some(Code::BAD_NAME)
+        );
+        assert_eq!(
+            code(MeshForward {
+                namespace: "".into(),
+                ..fwd()
+            }),
+            Some(Code::PROTOCOL)
+        );
+        assert_eq!(
+            code(MeshForward {
+                body: Bytes::from(vec![0; swb_wire::MAX_MESSAGE_BODY + 1]),
+                ..fwd()
+            }),
+            Some(Code::BODY_TOO_LARGE)
+        );
     }
 }

@@ -50,9 +50,29 @@ fn ms(t: Option<SystemTime>) -> u64 {
 
 fn rfc3339(t: Option<SystemTime>) -> serde_json::Value {
     match t {
-        Some(t) => serde_json::Value::String(humantime::format_rfc3339_millis(t).to_string()),
+        Some(t) => serde_json::Value::String(rfc3339_millis(t)),
         None => serde_json::Value::Null,
     }
+}
+
+/// The last instant RFC 3339 can write (9999-12-31T23:59:59.999Z).
+const RFC3339_MAX_MS: u64 = 253_402_300_799_999;
+
+/// RFC 3339 with milliseconds, for any time: one past year 9999 (which a
+/// hostile or broken peer can send) is written as the last instant
+/// RFC 3339 has, never a panic.
+pub(crate) fn rfc3339_millis(t: SystemTime) -> String {
+    let ms = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    let t = UNIX_EPOCH + std::time::Duration::from_millis(ms.min(RFC3339_MAX_MS));
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// [`rfc3339_millis`] of milliseconds since the Unix epoch.
+pub(crate) fn rfc3339_of_ms(ms: u64) -> String {
+    rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(ms.min(RFC3339_MAX_MS)))
 }
 
 impl Snapshot {
@@ -383,6 +403,14 @@ impl StatusBoard {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn times_past_year_9999_are_written_not_a_panic() {
+        assert_eq!(super::rfc3339_of_ms(u64::MAX), "9999-12-31T23:59:59.999Z");
+        assert_eq!(super::rfc3339_of_ms(0), "1970-01-01T00:00:00.000Z");
+        let far = std::time::UNIX_EPOCH + std::time::Duration::from_secs(400_000_000_000);
+        assert_eq!(super::rfc3339_millis(far), "9999-12-31T23:59:59.999Z");
+    }
+
     use super::*;
 
     fn set(k: &str, v: &str) -> SetStatus {

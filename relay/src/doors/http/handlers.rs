@@ -139,11 +139,10 @@ struct ReceiveQuery {
 }
 
 fn message_json(m: &Deliver) -> Value {
-    let sent = UNIX_EPOCH + Duration::from_millis(m.sent_at_ms);
     let mut v = json!({
         "id": m.id.to_string(),
         "from": m.from,
-        "sent_at": humantime::format_rfc3339_millis(sent).to_string(),
+        "sent_at": crate::services::status::rfc3339_of_ms(m.sent_at_ms),
         "sent_at_ms": m.sent_at_ms,
     });
     match std::str::from_utf8(&m.body) {
