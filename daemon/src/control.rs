@@ -251,6 +251,16 @@ pub enum ControlError {
         /// OS error.
         reason: String,
     },
+    /// The process serving the socket is another user's.
+    #[error("the control socket {path} is served by a process of uid {uid}, not by you (uid {me}) or root; refusing to talk to it (another local user may be sitting in between)")]
+    Untrusted {
+        /// Socket path.
+        path: String,
+        /// Who serves it.
+        uid: u32,
+        /// Who we are.
+        me: u32,
+    },
     /// I/O on an established connection failed.
     #[error("control socket: {0}")]
     Io(#[from] std::io::Error),
@@ -293,6 +303,17 @@ impl Client {
                 path: path.display().to_string(),
                 reason: e.to_string(),
             })?;
+        // Only a daemon of our own user (or root's) may answer: whoever
+        // serves the socket sees every message and stream we hand it.
+        let uid = s.peer_cred()?.uid();
+        let me = current_uid();
+        if uid != me && uid != 0 {
+            return Err(ControlError::Untrusted {
+                path: path.display().to_string(),
+                uid,
+                me,
+            });
+        }
         let (r, w) = s.into_split();
         Ok(Self {
             rd: BufReader::new(r),
@@ -600,9 +621,12 @@ pub fn default_control_path() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir).join("swbd").join("control.sock");
     }
-    // SAFETY-free way to learn the uid: the owner of our own /proc entry.
-    let uid = std::fs::metadata("/proc/self")
+    PathBuf::from(format!("/tmp/swbd-{}", current_uid())).join("control.sock")
+}
+
+/// This process's user id: the owner of its own /proc entry (no libc).
+pub(crate) fn current_uid() -> u32 {
+    std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
-        .unwrap_or(0);
-    PathBuf::from(format!("/tmp/swbd-{uid}")).join("control.sock")
+        .unwrap_or(u32::MAX)
 }

@@ -325,6 +325,16 @@ impl Daemon {
                 "no API key: set SWB_API_KEY or pass --api-key-file".into(),
             ));
         }
+        if let Some(sc) = &config.socks {
+            // Off loopback, anyone who can reach the port would reach every
+            // peer's exposed ports with this daemon's key.
+            if !sc.listen.ip().is_loopback() && sc.auth.is_none() {
+                return Err(DaemonError::Config(format!(
+                    "SOCKS on {} is reachable from other machines: give it a username and password (--socks-user USER, password in SWB_SOCKS_PASSWORD), or listen on a loopback address",
+                    sc.listen
+                )));
+            }
+        }
         let note = tls::VerifyNote::default();
         let tls = tls::client_config(&config.trust, swb_wire::ALPN, note.clone())?;
         let listener = server::bind(&config.control_path)?;

@@ -45,6 +45,7 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
                 .create(dir)
                 .map_err(|e| fail(format!("cannot create its directory: {e}")))?;
         }
+        check_dir(dir).map_err(fail)?;
     }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
@@ -69,6 +70,33 @@ pub(crate) fn bind(path: &Path) -> Result<UnixListener, DaemonError> {
         .map_err(|e| fail(format!("cannot set mode 0600: {e}")))?;
     std::fs::rename(&tmp, path).map_err(|e| fail(e.to_string()))?;
     Ok(l)
+}
+
+/// Refuses a socket directory someone else could use to put their own
+/// socket in our place: it must belong to us (or root), and be writable by
+/// nobody else unless it has the sticky bit (like /tmp, where others cannot
+/// replace what we create).
+fn check_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir).map_err(|e| format!("cannot inspect its directory: {e}"))?;
+    let me = crate::control::current_uid();
+    if m.uid() != me && m.uid() != 0 {
+        return Err(format!(
+            "its directory {} belongs to uid {}, not to you (uid {me}): another user could replace the socket; remove the directory or pick another --control path",
+            dir.display(),
+            m.uid()
+        ));
+    }
+    let others_write = m.mode() & 0o022 != 0;
+    let sticky = m.mode() & 0o1000 != 0;
+    if others_write && !sticky {
+        return Err(format!(
+            "its directory {} is writable by other users (mode {:o}) without the sticky bit: another user could replace the socket; chmod go-w it or pick another --control path",
+            dir.display(),
+            m.mode() & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 /// Accepts control connections until cancelled; removes the socket at the end.

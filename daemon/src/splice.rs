@@ -342,10 +342,11 @@ where
     let down_end = match down_end {
         Some(e) => e,
         None => {
-            // The caller's side was cut first: tell it how the other ended.
+            // The other direction was cut first: tell the caller how (a
+            // target that resets may first be seen as a stopped write).
             let _ = recv.stop(caller);
             let mut out = BytesMut::new();
-            put_frame(&mut out, KIND_RESET, b"the stream was cut");
+            put_frame(&mut out, KIND_RESET, cut_cause(&up_end, peer).as_bytes());
             let _ = local_wr.write_all(&out).await;
             DirEnd::Aborted
         }
