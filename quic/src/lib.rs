@@ -11,6 +11,19 @@ use swb_wire::{decode, Decoded, Frame, HEADER_LEN, MAX_STREAM_HEADER};
 /// QUIC's congestion window. Capped by `net.core.rmem_max`/`wmem_max`.
 pub const UDP_BUFFER: usize = 4 << 20;
 
+/// What a connection may have in flight to the relay, across all its
+/// streams, before it authenticated (an API key's `Hello`, or the mesh
+/// key's proof): enough for a `Hello`, so a stranger pins at most this much
+/// of the relay's memory per handshake slot.
+pub const PREAUTH_RECEIVE_WINDOW: u32 = 64 * 1024;
+/// The same once a daemon's session is registered: all its streams
+/// together (data streams to peers, status, pings).
+pub const SESSION_RECEIVE_WINDOW: u32 = 8 << 20;
+/// The same for a proven mesh link, which carries many sessions' streams.
+pub const MESH_RECEIVE_WINDOW: u32 = 64 << 20;
+/// What one stream may have in flight (within its connection's window).
+pub const STREAM_RECEIVE_WINDOW: u32 = 1250 * 1000;
+
 /// Binds a UDP socket with [`UDP_BUFFER`] buffers (best effort: a smaller
 /// buffer still works).
 pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {

@@ -39,6 +39,10 @@ pub(crate) fn bind(config: &RelayConfig) -> Result<quinn::Endpoint, RelayError> 
     // once they proved the mesh key.
     transport.max_concurrent_bidi_streams(INITIAL_STREAMS.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // Flow control before authentication is the budget of a stranger;
+    // sessions and mesh links raise the connection's window once proven.
+    transport.receive_window(swb_quic::PREAUTH_RECEIVE_WINDOW.into());
+    transport.stream_receive_window(swb_quic::STREAM_RECEIVE_WINDOW.into());
     let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
         .or_else(|_| quinn::IdleTimeout::try_from(DEFAULT_IDLE));
     transport.max_idle_timeout(idle.ok());

@@ -70,7 +70,10 @@ pub use services::store::{Durability, Recovered, StoreError};
 #[cfg(feature = "store-compare")]
 pub use services::store_compare;
 pub use services::watch::{BadName, StatusWatcher};
-pub use swb_quic::{udp_socket, UDP_BUFFER};
+pub use swb_quic::{
+    udp_socket, MESH_RECEIVE_WINDOW, PREAUTH_RECEIVE_WINDOW, SESSION_RECEIVE_WINDOW,
+    STREAM_RECEIVE_WINDOW, UDP_BUFFER,
+};
 pub use tls::Identity;
 
 pub(crate) use endpoint::INITIAL_STREAMS;

@@ -299,6 +299,8 @@ async fn open(
             ),
         ));
     }
+    // Authenticated and registered: a session's flow-control budget.
+    conn.set_receive_window(swb_quic::SESSION_RECEIVE_WINDOW.into());
     metrics.sessions.inc();
     metrics.handshake("accepted", "ok");
     metrics

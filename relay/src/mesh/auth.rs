@@ -169,6 +169,7 @@ pub(crate) fn client_config() -> Result<quinn::ClientConfig, MeshError> {
     t.keep_alive_interval(Some(MESH_KEEPALIVE));
     t.max_idle_timeout(quinn::IdleTimeout::try_from(MESH_IDLE).ok());
     t.max_concurrent_bidi_streams(MESH_STREAMS.into());
+    t.receive_window(swb_quic::MESH_RECEIVE_WINDOW.into());
     c.transport_config(Arc::new(t));
     Ok(c)
 }

@@ -153,6 +153,7 @@ pub(crate) async fn accept(
     drop(permit);
     // Proven: now it may carry every forwarded stream and call.
     conn.set_max_concurrent_bi_streams(MESH_STREAMS.into());
+    conn.set_receive_window(swb_quic::MESH_RECEIVE_WINDOW.into());
     let dialer = peer.id.clone();
     run_link(mesh, conn, peer, dialer, send, recv, cancel).await;
 }
