@@ -168,6 +168,10 @@ fn bench_relay_config(identity: Identity) -> Result<(RelayConfig, String)> {
         }),
     );
     rc.http_listen = HttpListen::Off;
+    // The benches open thousands of connections from a few loopback
+    // addresses on purpose: they measure capacity, not the per-address
+    // policy (QUIC Retry under load stays on, as deployed).
+    rc.connections_per_ip = None;
     Ok((rc, new.key))
 }
 
@@ -989,6 +993,8 @@ pub(crate) async fn relay_process_main(a: RelayProcessArgs) -> Result<()> {
     );
     config.http_listen = HttpListen::Off;
     config.state_dir = Some(a.data_dir.clone());
+    // As `bench_relay_config`: capacity, not the per-address policy.
+    config.connections_per_ip = None;
     let relay = Relay::spawn(config).await?;
     println!("relay listening on {} (udp)", relay.local_addr());
     println!("fingerprint {}", relay.fingerprint());

@@ -98,6 +98,15 @@ pub(crate) struct RelayArgs {
     /// retry after their backoff (keeps a reconnect storm finishing). [default: 1024]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_handshakes: Option<u64>,
+    /// Handshakes in flight above which a connection from an unproven
+    /// address first gets a QUIC Retry (spoofed sources cannot hold
+    /// handshake slots); 0: always. [default: 64]
+    #[arg(long, value_name = "N")]
+    retry_above: Option<u64>,
+    /// New connections per second from one source address (bursts of ten
+    /// times that); more are refused at once. 0: no limit. [default: 50]
+    #[arg(long, value_name = "N")]
+    connections_per_ip: Option<u64>,
 }
 
 /// `swbd relay --config FILE`: the flags as TOML.
@@ -127,6 +136,8 @@ pub(crate) struct RelayFile {
     message_ttl: Option<String>,
     namespace_bytes: Option<usize>,
     max_handshakes: Option<u64>,
+    retry_above: Option<u64>,
+    connections_per_ip: Option<u64>,
 }
 
 impl RelayFile {
@@ -199,6 +210,8 @@ fn merge_file(a: &mut RelayArgs) -> Result<()> {
         }
         a.max_handshakes = f.max_handshakes;
     }
+    a.retry_above = a.retry_above.or(f.retry_above);
+    a.connections_per_ip = a.connections_per_ip.or(f.connections_per_ip);
     Ok(())
 }
 
@@ -330,6 +343,13 @@ pub(crate) async fn run(mut a: RelayArgs) -> Result<()> {
     config.max_handshakes = a.max_handshakes.map_or(swb_relay::MAX_HANDSHAKES, |n| {
         usize::try_from(n).unwrap_or(usize::MAX)
     });
+    if let Some(n) = a.retry_above {
+        config.retry_above = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    if let Some(n) = a.connections_per_ip {
+        config.connections_per_ip =
+            (n > 0).then(|| swb_relay::limits::Rate::new(n as f64, 10.0 * n as f64));
+    }
     let handle = Relay::spawn(config).await?;
     let addr = handle.local_addr();
     let fp = handle.fingerprint().to_string();

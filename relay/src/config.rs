@@ -33,6 +33,15 @@ pub struct RelayConfig {
     /// after their backoff, so a reconnect storm finishes handshakes instead
     /// of letting all of them slow down past their timeouts.
     pub max_handshakes: usize,
+    /// Handshakes in flight above which a new connection from an address
+    /// it has not proven (QUIC address validation) is sent a QUIC Retry
+    /// first, so spoofed sources cannot hold handshake slots (default 64;
+    /// 0: every connection).
+    pub retry_above: usize,
+    /// New connections per source address (default 50 per second, bursts
+    /// of 500 — a NAT full of daemons reconnecting at once); more are
+    /// refused at once and retry after their backoff. `None`: no limit.
+    pub connections_per_ip: Option<crate::limits::Rate>,
     /// How long shutdown waits for sessions to say goodbye.
     pub shutdown_grace: Duration,
     /// Where the HTTPS + JSON endpoint listens.
@@ -88,6 +97,8 @@ impl RelayConfig {
             idle_timeout: Duration::from_secs(15),
             hello_timeout: Duration::from_secs(10),
             max_handshakes: crate::MAX_HANDSHAKES,
+            retry_above: 64,
+            connections_per_ip: Some(crate::limits::Rate::new(50.0, 500.0)),
             shutdown_grace: Duration::from_secs(3),
             http_listen: HttpListen::SameAsQuic,
             http: HttpLimits::default(),

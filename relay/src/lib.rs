@@ -51,6 +51,7 @@ mod config;
 mod doors;
 mod endpoint;
 pub mod keys;
+pub mod limits;
 pub mod mesh;
 mod metrics;
 mod placement;
@@ -151,6 +152,10 @@ pub struct RelayStats {
     pub streams_refused: u64,
     /// Mesh links refused for a missing or wrong mesh-key proof.
     pub mesh_refused: u64,
+    /// Connections sent a QUIC Retry (address validation while busy).
+    pub handshakes_retried: u64,
+    /// Connections refused for their source address's rate.
+    pub refused_rate: u64,
 }
 
 fn wall_ms() -> u64 {
@@ -502,10 +507,13 @@ impl RelayHandle {
         let m = &services.metrics;
         let reg = services.registry();
         let busy = m.handshakes.with_label_values(&["refused", "busy"]).get();
+        let rate = m.handshakes.with_label_values(&["refused", "rate"]).get();
         RelayStats {
             sessions: m.sessions.get(),
-            refused_hello: m.handshakes_with("refused").saturating_sub(busy),
+            refused_hello: m.handshakes_with("refused").saturating_sub(busy + rate),
             refused_busy: busy,
+            refused_rate: rate,
+            handshakes_retried: m.handshakes_with("retry"),
             accepted: m.accepted.get() + m.forwarded.get(),
             refused_send: m.refused_total(),
             delivered: m.delivered.get(),
@@ -598,6 +606,10 @@ impl Main {
         let mut sweep_tick = tokio::time::interval(sweep_every);
         sweep_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut conn_seq = 0u64;
+        // At most 64 Ki addresses remembered (the table stays bounded).
+        let mut per_ip = config
+            .connections_per_ip
+            .map(|r| limits::Limiter::<std::net::IpAddr>::new(r, 65_536));
         let start_handoff = |handoffs: &mut tokio::task::JoinSet<()>, m: &Arc<Mesh>| {
             let ring = router.placement().live_now().ring.clone();
             let m = m.clone();
@@ -637,6 +649,26 @@ impl Main {
                 }
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    // Busy: an address must prove it receives our packets
+                    // (a Retry round trip) before it gets a handshake slot.
+                    let in_flight = config.max_handshakes - handshakes.available_permits();
+                    if in_flight >= config.retry_above
+                        && !incoming.remote_address_validated()
+                        && incoming.may_retry()
+                    {
+                        services.metrics.handshake("retry", "address_validation");
+                        if let Err(e) = incoming.retry() {
+                            e.into_incoming().ignore();
+                        }
+                        continue;
+                    }
+                    if let Some(l) = per_ip.as_mut() {
+                        if l.take(&incoming.remote_address().ip(), tokio::time::Instant::now()).is_err() {
+                            services.metrics.handshake("refused", "rate");
+                            incoming.refuse();
+                            continue;
+                        }
+                    }
                     let Ok(permit) = handshakes.clone().try_acquire_owned() else {
                         // Too many handshakes at once: the client retries later.
                         services.metrics.handshake("refused", "busy");

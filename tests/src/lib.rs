@@ -76,6 +76,10 @@ pub struct RelayOptions {
     pub mesh: Option<swb_relay::mesh::MeshConfig>,
     /// Connections in their handshake at once.
     pub max_handshakes: usize,
+    /// Handshakes in flight above which unproven addresses get a Retry.
+    pub retry_above: usize,
+    /// New connections per source address.
+    pub connections_per_ip: Option<swb_relay::limits::Rate>,
     /// Serve metrics on `127.0.0.1:0`.
     pub metrics: bool,
 }
@@ -91,6 +95,8 @@ impl Default for RelayOptions {
             relay_id: None,
             mesh: None,
             max_handshakes: swb_relay::MAX_HANDSHAKES,
+            retry_above: 64,
+            connections_per_ip: Some(swb_relay::limits::Rate::new(50.0, 500.0)),
             metrics: false,
         }
     }
@@ -148,6 +154,8 @@ impl TestRelay {
         cfg.http = opts.http.clone();
         cfg.max_streams_per_peer = opts.max_streams_per_peer;
         cfg.max_handshakes = opts.max_handshakes;
+        cfg.retry_above = opts.retry_above;
+        cfg.connections_per_ip = opts.connections_per_ip;
         cfg.state_dir = Some(dir.path().join("state"));
         if opts.metrics {
             cfg.metrics_listen = Some("127.0.0.1:0".parse()?);

@@ -7,7 +7,7 @@ use anyhow::Result;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use swb_tests::{TestDaemon, TestRelay};
+use swb_tests::{TestDaemon, TestRelay, WAIT};
 
 /// Connects with `alpn`, never authenticates, and pushes as much as the
 /// relay lets it into every stream but the first (which the relay reads
@@ -69,6 +69,122 @@ async fn a_stranger_on_the_mesh_door_pins_little_memory_before_its_proof() -> Re
     assert!(
         n <= budget,
         "{n} bytes taken before the mesh proof (budget {budget})"
+    );
+    Ok(())
+}
+
+/// A QUIC client at `src` (a 127.x address) whose packets reach the relay
+/// and whose answers never come back: a handshake that never completes,
+/// as from a spoofed source. Ends with the returned guard.
+async fn half_open(
+    relay: &TestRelay,
+    src: std::net::IpAddr,
+) -> Result<tokio::task::JoinHandle<()>> {
+    // The client talks to `front`; what it sends leaves from `out` (at
+    // `src`) to the relay; whatever the relay answers to `out` is dropped.
+    let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let out = tokio::net::UdpSocket::bind((src, 0)).await?;
+    let front_addr = front.local_addr()?;
+    let relay_addr = relay.addr();
+    let cfg = swb_tests::raw_client_config_alpn(relay, swb_wire::ALPN)?;
+    let task = tokio::spawn(async move {
+        let mut ep = match quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")) {
+            Ok(ep) => ep,
+            Err(_) => return,
+        };
+        ep.set_default_client_config(cfg);
+        let Ok(connecting) = ep.connect(front_addr, "localhost") else {
+            return;
+        };
+        let forward = async {
+            let mut buf = vec![0u8; 2048];
+            while let Ok(n) = front.recv(&mut buf).await {
+                let _ = out.send_to(&buf[..n], relay_addr).await;
+            }
+        };
+        tokio::select! {
+            _ = connecting => {}
+            _ = forward => {}
+        }
+    });
+    Ok(task)
+}
+
+#[tokio::test]
+async fn half_open_handshakes_from_many_addresses_do_not_lock_daemons_out() -> Result<()> {
+    // Few slots, so a handful of half-open handshakes would hold them all
+    // for the Hello timeout without address validation.
+    let relay = TestRelay::spawn_with(swb_tests::RelayOptions {
+        max_handshakes: 16,
+        retry_above: 4,
+        ..swb_tests::RelayOptions::default()
+    })
+    .await?;
+    let key = relay.create_key("acme")?;
+    let mut strangers = Vec::new();
+    for i in 0..64u8 {
+        strangers.push(half_open(&relay, std::net::IpAddr::from([127, 0, 1, i + 1])).await?);
+    }
+    // The relay answers them with Retries they never see; a daemon that
+    // does see its Retry attaches (the Retry costs it a round trip).
+    swb_tests::eventually("the strangers seen", WAIT, || async {
+        let s = relay.handle().stats();
+        Ok((s.handshakes_retried + s.refused_busy >= 32).then_some(()))
+    })
+    .await?;
+    // Without validation the strangers would hold every slot until the
+    // Hello timeout (10 s) and the daemon would get in only then.
+    let t = std::time::Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        TestDaemon::start(&relay, &key, "real"),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the daemon was locked out by half-open handshakes"))??;
+    eprintln!(
+        "a daemon attached in {:?} beside 64 half-open handshakes",
+        t.elapsed()
+    );
+    for s in strangers {
+        s.abort();
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_address_opening_connections_too_fast_is_refused_and_others_are_not() -> Result<()> {
+    let relay = TestRelay::spawn_with(swb_tests::RelayOptions {
+        connections_per_ip: Some(swb_relay::limits::Rate::new(0.5, 3.0)),
+        ..swb_tests::RelayOptions::default()
+    })
+    .await?;
+    let cfg = swb_tests::raw_client_config_alpn(&relay, swb_wire::ALPN)?;
+    let connect = |src: [u8; 4]| {
+        let cfg = cfg.clone();
+        let to = relay.addr();
+        async move {
+            let mut ep = quinn::Endpoint::client((std::net::IpAddr::from(src), 0).into())?;
+            ep.set_default_client_config(cfg);
+            anyhow::Ok(tokio::time::timeout(WAIT, ep.connect(to, "localhost")?).await?)
+        }
+    };
+    let mut ok = 0;
+    let mut refused = 0;
+    for _ in 0..5 {
+        match connect([127, 0, 2, 1]).await? {
+            Ok(_) => ok += 1,
+            Err(quinn::ConnectionError::ConnectionClosed(c))
+                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+            {
+                refused += 1
+            }
+            Err(e) => anyhow::bail!("unexpected: {e}"),
+        }
+    }
+    assert_eq!((ok, refused), (3, 2), "a burst of 3, then refused");
+    assert!(
+        connect([127, 0, 2, 2]).await?.is_ok(),
+        "another address is not limited"
     );
     Ok(())
 }

@@ -263,7 +263,13 @@ async fn open(
         Err(end) => {
             if let End::Goodbye(r) = &end {
                 metrics.handshake("refused", r.code.as_str());
-                info!(%remote, code = %r.code, "hello refused");
+                // Anyone can send bad hellos: one line per 10 s at most
+                // (the metrics count every one).
+                static REFUSED_LOG: crate::limits::LogLimit =
+                    crate::limits::LogLimit::new(std::time::Duration::from_secs(10));
+                if let Some(suppressed) = REFUSED_LOG.allow() {
+                    info!(%remote, code = %r.code, suppressed, "hello refused");
+                }
             }
             finish(&conn, &mut io, end, true).await;
             return None;

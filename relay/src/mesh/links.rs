@@ -141,7 +141,11 @@ pub(crate) async fn accept(
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             mesh.services.metrics.mesh_refused.inc();
-            warn!(%remote, "mesh link refused: {e}");
+            static REFUSED_LOG: crate::limits::LogLimit =
+                crate::limits::LogLimit::new(std::time::Duration::from_secs(10));
+            if let Some(suppressed) = REFUSED_LOG.allow() {
+                warn!(%remote, suppressed, "mesh link refused: {e}");
+            }
             conn.close(close::REFUSED.into(), b"mesh authentication failed");
             return;
         }

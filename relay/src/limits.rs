@@ -1,0 +1,207 @@
+//! Rate limits (a leaf): token buckets, one per key or per source address
+//! in a bounded table, and a limiter for log lines an attacker could
+//! otherwise multiply.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A rate: `per_sec` on average, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Tokens added per second.
+    pub per_sec: f64,
+    /// Most tokens held (the largest burst).
+    pub burst: f64,
+}
+
+impl Rate {
+    /// `per_sec` per second with bursts of `burst`.
+    pub fn new(per_sec: f64, burst: f64) -> Self {
+        Self { per_sec, burst }
+    }
+}
+
+/// A token bucket.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(rate: Rate, now: Instant) -> Self {
+        Self {
+            tokens: rate.burst,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, rate: Rate, now: Instant) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + dt * rate.per_sec).min(rate.burst);
+        self.at = now;
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self, rate: Rate, now: Instant) -> bool {
+        self.refill(rate, now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Time until one token is there.
+    fn wait(&self, rate: Rate) -> Duration {
+        if self.tokens >= 1.0 || rate.per_sec <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((1.0 - self.tokens) / rate.per_sec)
+    }
+}
+
+/// One bucket per key (API key id, source address), in a table of at most
+/// `max_keys` entries: when it is full, buckets that refilled completely
+/// (idle keys) are dropped; if none did, the least recently used half is.
+#[derive(Debug)]
+pub struct Limiter<K> {
+    rate: Rate,
+    max_keys: usize,
+    buckets: HashMap<K, Bucket>,
+}
+
+impl<K: Hash + Eq + Clone> Limiter<K> {
+    /// A limiter of `rate` per key, remembering at most `max_keys` keys.
+    pub fn new(rate: Rate, max_keys: usize) -> Self {
+        Self {
+            rate,
+            max_keys: max_keys.max(1),
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes one token of `key`: `Ok` if allowed, else how long until
+    /// the next one.
+    pub fn take(&mut self, key: &K, now: Instant) -> Result<(), Duration> {
+        if !self.buckets.contains_key(key) && self.buckets.len() >= self.max_keys {
+            self.trim(now);
+        }
+        let rate = self.rate;
+        let b = self
+            .buckets
+            .entry(key.clone())
+            .or_insert_with(|| Bucket::full(rate, now));
+        if b.take(rate, now) {
+            Ok(())
+        } else {
+            Err(b.wait(rate))
+        }
+    }
+
+    /// Keys remembered now.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// Whether no key is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
+    fn trim(&mut self, now: Instant) {
+        let rate = self.rate;
+        self.buckets.retain(|_, b| {
+            let mut b2 = *b;
+            b2.refill(rate, now);
+            b2.tokens < rate.burst
+        });
+        if self.buckets.len() >= self.max_keys {
+            // Everyone is busy: forget the half used longest ago (they
+            // start again with a full bucket; the table stays bounded).
+            let mut ats: Vec<Instant> = self.buckets.values().map(|b| b.at).collect();
+            ats.sort();
+            let cut = ats[ats.len() / 2];
+            self.buckets.retain(|_, b| b.at > cut);
+        }
+    }
+}
+
+/// Lets a log line through at most once per `every`, counting the rest.
+#[derive(Debug)]
+pub struct LogLimit {
+    every: Duration,
+    state: std::sync::Mutex<(Option<Instant>, u64)>,
+}
+
+impl LogLimit {
+    /// At most one line per `every`.
+    pub const fn new(every: Duration) -> Self {
+        Self {
+            every,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(suppressed since the last line)` if a line may be logged now.
+    pub fn allow(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match s.0 {
+            Some(at) if now.saturating_duration_since(at) < self.every => {
+                s.1 += 1;
+                None
+            }
+            _ => {
+                let suppressed = s.1;
+                *s = (Some(now), 0);
+                Some(suppressed)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bucket_allows_its_burst_then_its_rate() {
+        let mut l = Limiter::new(Rate::new(10.0, 3.0), 100);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(l.take(&"a", t0).is_ok());
+        }
+        let wait = l.take(&"a", t0).expect_err("burst spent");
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+        // Another key has its own bucket.
+        assert!(l.take(&"b", t0).is_ok());
+        // A tenth of a second later, one more.
+        let t1 = t0 + Duration::from_millis(100);
+        assert!(l.take(&"a", t1).is_ok());
+        assert!(l.take(&"a", t1).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_table_stays_bounded() {
+        let mut l = Limiter::new(Rate::new(1.0, 2.0), 10);
+        let t0 = Instant::now();
+        for i in 0..1000u32 {
+            let _ = l.take(&i, t0 + Duration::from_millis(u64::from(i)));
+            assert!(l.len() <= 10, "{} keys remembered", l.len());
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_log_limit_lets_one_line_through_per_period_and_counts_the_rest() {
+        let l = LogLimit::new(Duration::from_secs(10));
+        assert_eq!(l.allow(), Some(0));
+        assert_eq!(l.allow(), None);
+        assert_eq!(l.allow(), None);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert_eq!(l.allow(), Some(2));
+    }
+}
