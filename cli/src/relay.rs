@@ -324,10 +324,10 @@ pub(crate) async fn run(mut a: RelayArgs) -> Result<()> {
             advertise,
         });
     }
-    if mailbox_messages == 0 || mailbox_bytes < swb_wire::MAX_MESSAGE_BODY {
+    if mailbox_messages == 0 || mailbox_bytes < swb_relay::LARGEST_HELD {
         bail!(
-            "--mailbox-messages must be at least 1 and --mailbox-bytes at least {} (one largest message)",
-            swb_wire::MAX_MESSAGE_BODY
+            "--mailbox-messages must be at least 1 and --mailbox-bytes at least {} (one largest message with its sender and bookkeeping)",
+            swb_relay::LARGEST_HELD
         );
     }
     config.limits = MailboxLimits {

@@ -64,7 +64,12 @@ pub use doors::http::{openapi, HttpLimits, MAX_REQUEST_BODY};
 pub use doors::session::DELIVERY_WINDOW;
 pub use keys::{KeySource, KeyStore, KeysFile};
 pub use placement::LiveSet;
-pub use services::registry::{MailboxLimits, Peer, Via};
+pub use services::registry::{MailboxLimits, Peer, Via, MESSAGE_OVERHEAD};
+
+/// What the largest message counts against a mailbox's byte limit (its
+/// body, the longest sender name, [`MESSAGE_OVERHEAD`]): a mailbox must
+/// allow at least this much.
+pub const LARGEST_HELD: usize = swb_wire::MAX_MESSAGE_BODY + 63 + MESSAGE_OVERHEAD;
 pub use services::status::{Snapshot, MIN_PUBLISH_INTERVAL};
 pub use services::store::{Durability, Recovered, StoreError};
 /// The measurement behind the mail store (feature `store-compare`).

@@ -75,7 +75,7 @@ impl Metrics {
             expired: counter(&r, "swb_relay_messages_expired_total", "Messages dropped because their TTL ran out before anyone took them."),
             delivery_seconds: seconds_histogram(&r, "swb_relay_delivery_seconds", "Time from a message's acceptance to its first hand-out to a receiver."),
             held_messages: gauge(&r, "swb_relay_mail_held_messages", "Messages held in mailboxes now."),
-            held_bytes: gauge(&r, "swb_relay_mail_held_bytes", "Body bytes held in mailboxes now."),
+            held_bytes: gauge(&r, "swb_relay_mail_held_bytes", "Bytes held in mailboxes now, as the byte limits count them: body, sender name and 64 bytes per message."),
             streams_open: gauge(&r, "swb_relay_streams_open", "Data streams spliced through this relay now."),
             streams_opened: counter(&r, "swb_relay_streams_opened_total", "Data streams spliced since start."),
             streams_refused: counter(&r, "swb_relay_streams_refused_total", "Data streams refused (by the relay or the target)."),

@@ -23,6 +23,15 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// What a held message counts against mailbox and namespace byte limits:
+/// its body, its sender's name and a fixed overhead for its bookkeeping,
+/// so empty bodies cannot fill a relay's memory under a byte limit.
+pub const MESSAGE_OVERHEAD: usize = 64;
+
+pub(crate) fn held_cost(from: &str, body: &[u8]) -> usize {
+    body.len() + from.len() + MESSAGE_OVERHEAD
+}
+
 /// Bounds on held mail. Defaults are documented in the README.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MailboxLimits {
@@ -381,7 +390,8 @@ impl Registry {
             }
         }
         let (mb_len, mb_bytes) = slot.map_or((0, 0), |s| (s.mailbox.msgs.len(), s.mailbox.bytes));
-        if mb_len + 1 > lim.messages || mb_bytes + body.len() > lim.bytes {
+        let cost = held_cost(from, &body);
+        if mb_len + 1 > lim.messages || mb_bytes + cost > lim.bytes {
             return Enqueued::Refused(Refusal::new(
                 Code::MAILBOX_FULL,
                 format!(
@@ -392,7 +402,7 @@ impl Registry {
         }
         let usage = self.usage.get(ns);
         let (ns_bytes, ns_boxes) = usage.map_or((0, 0), |u| (u.bytes, u.mailboxes));
-        if ns_bytes + body.len() > lim.namespace_bytes
+        if ns_bytes + cost > lim.namespace_bytes
             || (mb_len == 0 && ns_boxes + 1 > lim.namespace_mailboxes)
         {
             return Enqueued::Refused(Refusal::new(
@@ -408,9 +418,9 @@ impl Registry {
         let mb = &mut slot.mailbox;
         let seq = mb.next_seq;
         mb.next_seq += 1;
-        mb.bytes += body.len();
+        mb.bytes += cost;
         mb.by_id.insert(id, seq);
-        let len = body.len();
+        let len = cost;
         mb.msgs.insert(
             seq,
             Stored {
@@ -635,8 +645,9 @@ impl Registry {
                         .push((k.0.clone(), k.1.clone(), m.from.clone(), m.id));
                 }
                 mb.by_id.remove(&m.id);
-                mb.bytes -= m.body.len();
-                freed += m.body.len();
+                let cost = held_cost(&m.from, &m.body);
+                mb.bytes -= cost;
+                freed += cost;
                 if matches!(m.lease, Lease::Http(_)) {
                     mb.http_leased -= 1;
                 }
@@ -819,7 +830,7 @@ mod tests {
 
     #[tokio::test]
     async fn mailbox_count_and_byte_limits_refuse_before_storing() {
-        let mut r = reg(2, 100);
+        let mut r = reg(2, 10_000);
         assert_eq!(
             send(&mut r, "ns", "b", 1, 10),
             Enqueued::Accepted {
@@ -838,7 +849,8 @@ mod tests {
             panic!("expected refusal")
         };
         assert_eq!(x.code, Code::MAILBOX_FULL);
-        let mut r = reg(10, 100);
+        // Bytes count the body, the sender's name and the overhead.
+        let mut r = reg(10, held_cost("a", &[0; 90]) + held_cost("a", &[0; 10]));
         assert!(matches!(
             send(&mut r, "ns", "b", 1, 90),
             Enqueued::Accepted { .. }
@@ -847,6 +859,20 @@ mod tests {
             matches!(send(&mut r, "ns", "b", 2, 11), Enqueued::Refused(ref x) if x.code == Code::MAILBOX_FULL)
         );
         assert_eq!(r.held_messages(), 1);
+    }
+
+    #[tokio::test]
+    async fn empty_bodies_cannot_fill_a_mailbox_past_its_byte_limit() {
+        // A million empty messages would be 0 body bytes; each counts its
+        // overhead, so the byte limit holds them to a few.
+        let mut r = reg(1_000_000, 1024);
+        let mut accepted = 0;
+        for n in 0..=255u8 {
+            if matches!(send(&mut r, "ns", "b", n, 0), Enqueued::Accepted { .. }) {
+                accepted += 1;
+            }
+        }
+        assert_eq!(accepted, 1024 / held_cost("a", &[]));
     }
 
     #[tokio::test]

@@ -145,9 +145,15 @@ struct Entry {
     mirror: bool,
 }
 
+/// Status entries one namespace may have on a relay (names with a status,
+/// attached peers and watched names together).
+pub(crate) const MAX_STATUS_PER_NAMESPACE: usize = 10_000;
+
 /// All statuses of this relay.
 pub(crate) struct StatusBoard {
     entries: HashMap<Key, Entry>,
+    /// Entries per namespace (for [`MAX_STATUS_PER_NAMESPACE`]).
+    per_ns: HashMap<Arc<str>, usize>,
     next_version: u64,
     dirty: HashSet<Key>,
     /// How long an offline peer's status is kept.
@@ -168,6 +174,7 @@ impl StatusBoard {
     pub(crate) fn new(retention: Duration) -> Self {
         Self {
             entries: HashMap::new(),
+            per_ns: HashMap::new(),
             next_version: 1,
             dirty: HashSet::new(),
             retention,
@@ -177,6 +184,9 @@ impl StatusBoard {
 
     fn entry(&mut self, ns: &str, name: &str) -> (&mut Entry, Key) {
         let k: Key = (Arc::from(ns), Arc::from(name));
+        if !self.entries.contains_key(&k) {
+            *self.per_ns.entry(k.0.clone()).or_default() += 1;
+        }
         let e = self.entries.entry(k.clone()).or_insert_with(|| {
             let s = Arc::new(Snapshot::unknown(name));
             Entry {
@@ -274,6 +284,13 @@ impl StatusBoard {
         change: &SetStatus,
         now: Instant,
     ) -> Result<Arc<Snapshot>, Refusal> {
+        let known = self.entries.contains_key(&(Arc::from(ns), Arc::from(name)));
+        if !known && self.per_ns.get(ns).copied().unwrap_or(0) >= MAX_STATUS_PER_NAMESPACE {
+            return Err(Refusal::new(
+                swb_wire::Code::NAMESPACE_FULL,
+                format!("this namespace has {MAX_STATUS_PER_NAMESPACE} statuses on this relay (the limit); statuses of names nobody uses expire after their retention"),
+            ));
+        }
         let next = {
             let (e, _) = self.entry(ns, name);
             swb_wire::apply_status(&e.current.fields, change)?
@@ -285,6 +302,11 @@ impl StatusBoard {
         s.version = v;
         s.fields = Arc::new(next);
         s.updated = Some(SystemTime::now());
+        // A name with no peer attached (a status set over HTTP) is kept for
+        // the retention after its last change, like an offline peer's.
+        if !s.online {
+            e.offline_at = Some(now);
+        }
         e.current = Arc::new(s);
         let wait = e
             .last_publish
@@ -391,13 +413,30 @@ impl StatusBoard {
                     self.published += 1;
                 }
             } else {
-                self.entries.remove(&k);
+                if self.entries.remove(&k).is_some() {
+                    Self::uncount(&mut self.per_ns, &k.0);
+                }
                 self.dirty.remove(&k);
             }
         }
         // Channels of names nobody held and nobody watches any more.
-        self.entries
-            .retain(|_, e| (e.current.version > 0 && !e.mirror) || e.tx.receiver_count() > 0);
+        let per_ns = &mut self.per_ns;
+        self.entries.retain(|k, e| {
+            let keep = (e.current.version > 0 && !e.mirror) || e.tx.receiver_count() > 0;
+            if !keep {
+                Self::uncount(per_ns, &k.0);
+            }
+            keep
+        });
+    }
+
+    fn uncount(per_ns: &mut HashMap<Arc<str>, usize>, ns: &Arc<str>) {
+        if let Some(n) = per_ns.get_mut(ns) {
+            *n -= 1;
+            if *n == 0 {
+                per_ns.remove(ns);
+            }
+        }
     }
 }
 
@@ -441,6 +480,55 @@ mod tests {
             "intermediate versions were skipped"
         );
         assert!(!rx.has_changed().unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_status_nobody_attaches_to_expires_after_its_last_change() {
+        let mut b = StatusBoard::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        // Set over HTTP under a name no daemon holds.
+        b.set_fields("ns", "ghost", &set("k", "v"), t0).unwrap();
+        b.set_fields("ns", "ghost", &set("k", "w"), t0 + Duration::from_secs(8))
+            .unwrap();
+        b.sweep(t0 + Duration::from_secs(12));
+        assert_eq!(
+            b.get("ns", "ghost").fields.len(),
+            1,
+            "kept: changed 4 s ago"
+        );
+        b.sweep(t0 + Duration::from_secs(19));
+        assert_eq!(
+            b.get("ns", "ghost").version,
+            0,
+            "forgotten 10 s after its last change"
+        );
+        assert!(b.known("ns").is_empty(), "and gone from the peer list");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_namespace_has_a_bounded_number_of_statuses() {
+        let mut b = StatusBoard::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        for i in 0..MAX_STATUS_PER_NAMESPACE {
+            b.set_fields("ns", &format!("n{i}"), &set("k", "v"), t0)
+                .unwrap();
+        }
+        let e = b
+            .set_fields("ns", "one-more", &set("k", "v"), t0)
+            .expect_err("past the limit");
+        assert_eq!(e.code, swb_wire::Code::NAMESPACE_FULL);
+        // Existing names still change; other namespaces are not affected.
+        b.set_fields("ns", "n0", &set("k", "w"), t0).unwrap();
+        b.set_fields("other", "x", &set("k", "v"), t0).unwrap();
+        // Once they expire there is room again.
+        b.sweep(t0 + Duration::from_secs(11));
+        b.set_fields(
+            "ns",
+            "one-more",
+            &set("k", "v"),
+            t0 + Duration::from_secs(11),
+        )
+        .unwrap();
     }
 
     #[tokio::test(start_paused = true)]
