@@ -22,6 +22,12 @@ pub(crate) enum KeysCommand {
         /// A note to recognise the key by in `swbd keys list`.
         #[arg(long, default_value = "")]
         label: String,
+        /// Limit the key to these names (comma-separated; `*` matches any
+        /// run of characters, e.g. 'ci-*,london'): it may attach as, send
+        /// from, receive and acknowledge as, and set the status of those
+        /// names only. Without it, every name of the namespace.
+        #[arg(long, value_name = "PATTERNS")]
+        names: Option<String>,
     },
     /// Revoke a key by id (or by the full key). Running relays close its
     /// connections and refuse it from then on.
@@ -47,8 +53,12 @@ pub(crate) fn run(cmd: KeysCommand, out: &Output) -> Result<()> {
             keys: path,
             namespace,
             label,
+            names,
         } => {
-            let new = keys::generate(&namespace, &label)?;
+            let mut new = keys::generate(&namespace, &label)?;
+            if let Some(list) = &names {
+                new.entry.names = keys::parse_name_patterns(list)?;
+            }
             let id = new.entry.id.clone();
             let entry = new.entry.clone();
             KeysFile::update(&path, |file| {
@@ -97,6 +107,7 @@ pub(crate) fn run(cmd: KeysCommand, out: &Output) -> Result<()> {
                         serde_json::json!({
                             "id": k.id, "namespace": k.namespace, "label": k.label,
                             "created_unix": k.created_unix, "revoked": k.revoked,
+                            "names": k.names,
                         })
                     )?;
                 }
@@ -113,9 +124,14 @@ pub(crate) fn run(cmd: KeysCommand, out: &Output) -> Result<()> {
                             + std::time::Duration::from_secs(k.created_unix.min(253_402_300_799)),
                     );
                     let state = if k.revoked { "revoked" } else { "active" };
+                    let scope = if k.names.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  (names {})", k.names.join(","))
+                    };
                     writeln!(
                         w,
-                        "{:<14} {:<20} {:<8} {:<22} {}",
+                        "{:<14} {:<20} {:<8} {:<22} {}{scope}",
                         k.id, k.namespace, state, created, k.label
                     )?;
                 }

@@ -46,6 +46,7 @@ pub(crate) fn is_fatal(code: Code) -> bool {
             | Code::BAD_NAME
             | Code::UNSUPPORTED_VERSION
             | Code::REPLACED
+            | Code::NAME_NOT_ALLOWED
     )
 }
 

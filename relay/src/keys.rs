@@ -41,6 +41,9 @@ pub enum KeysError {
     /// A namespace name is not acceptable.
     #[error("namespace {0:?} is not valid: use 1-63 letters, digits or '-'")]
     BadNamespace(String),
+    /// A name pattern is not acceptable.
+    #[error("name pattern {0:?} is not valid: use peer-name characters (a-z, 0-9, -) and * for any run of them, separated by commas")]
+    BadNames(String),
     /// No key with that id in the file.
     #[error("no key with id {0} in the keys file (see `swbd keys list`)")]
     NoSuchKey(String),
@@ -76,6 +79,11 @@ pub struct KeyEntry {
     /// A revoked key is refused with `key_revoked`.
     #[serde(default)]
     pub revoked: bool,
+    /// The names the key may use (attach as, send from, receive and
+    /// acknowledge as, set the status of): patterns like `ci-*` or
+    /// `london`. Empty: every name of its namespace.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
 }
 
 impl fmt::Debug for KeyEntry {
@@ -97,13 +105,68 @@ pub struct KeysFile {
     pub keys: Vec<KeyEntry>,
 }
 
-/// A verified key: which one and which namespace.
+/// A verified key: which one, which namespace, which names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyInfo {
     /// Public key id.
     pub id: String,
     /// Namespace.
     pub namespace: String,
+    /// Name patterns it is limited to (empty: every name).
+    pub names: Vec<String>,
+}
+
+impl KeyInfo {
+    /// Whether this key may use `name` (a normalized peer name).
+    pub fn may_use(&self, name: &str) -> bool {
+        self.names.is_empty() || self.names.iter().any(|p| glob_match(p, name))
+    }
+}
+
+/// Whether `name` matches `pattern`, where `*` stands for any run of
+/// characters (including none).
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    // Iterative matching with backtracking to the last `*`.
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == b'*')
+}
+
+/// Checks and normalizes name patterns (`ci-*,london`): peer-name
+/// characters and `*`, lower case, 1–63 characters each.
+pub fn parse_name_patterns(list: &str) -> Result<Vec<String>, KeysError> {
+    let mut out = Vec::new();
+    for p in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let p = p.to_ascii_lowercase();
+        let ok = !p.is_empty()
+            && p.len() <= 63
+            && p.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-' || c == b'*');
+        if !ok {
+            return Err(KeysError::BadNames(p));
+        }
+        out.push(p);
+    }
+    if out.is_empty() {
+        return Err(KeysError::BadNames(list.to_string()));
+    }
+    Ok(out)
 }
 
 /// A freshly created key: the plain key (shown once) and its file entry.
@@ -179,6 +242,7 @@ pub fn generate(namespace: &str, label: &str) -> Result<NewKey, KeysError> {
             label: label.to_string(),
             created_unix,
             revoked: false,
+            names: Vec::new(),
         },
         key,
     })
@@ -216,6 +280,12 @@ impl KeysFile {
                 path: path.to_string(),
                 reason: e.to_string(),
             })?;
+            if !k.names.is_empty() {
+                parse_name_patterns(&k.names.join(",")).map_err(|e| KeysError::Parse {
+                    path: path.to_string(),
+                    reason: format!("key {}: {e}", k.id),
+                })?;
+            }
         }
         Ok(f)
     }
@@ -353,12 +423,20 @@ impl KeyStore {
         Ok(KeyInfo {
             id: entry.id.clone(),
             namespace: entry.namespace.clone(),
+            names: entry.names.clone(),
         })
     }
 
     /// Whether the key with this id is still usable.
     pub fn is_active(&self, id: &str) -> bool {
         self.by_id.get(id).is_some_and(|e| !e.revoked)
+    }
+
+    /// Whether the key with this id may (still) use `name`.
+    pub fn allows(&self, id: &str, name: &str) -> bool {
+        self.by_id
+            .get(id)
+            .is_some_and(|e| e.names.is_empty() || e.names.iter().any(|p| glob_match(p, name)))
     }
 
     /// Number of keys.
@@ -655,6 +733,28 @@ mod tests {
             "[[key]]\nid='a'\nnamespace='b'\nhash='c'\n[[key]]\nid='a'\nnamespace='b'\nhash='c'\n";
         assert!(KeysFile::parse(dup, "t").is_err());
         assert!(generate("Bad NS", "").is_err());
+    }
+
+    #[test]
+    fn name_patterns_match_as_globs() {
+        let k = KeyInfo {
+            id: "x".into(),
+            namespace: "acme".into(),
+            names: parse_name_patterns("ci-*, London,*-db-*").expect("patterns"),
+        };
+        for ok in ["ci-1", "ci-", "london", "eu-db-2"] {
+            assert!(k.may_use(ok), "{ok}");
+        }
+        for no in ["ci", "london2", "paris", "db-1", "xci-1"] {
+            assert!(!k.may_use(no), "{no}");
+        }
+        let all = KeyInfo {
+            names: Vec::new(),
+            ..k
+        };
+        assert!(all.may_use("anyone"), "an unscoped key may use every name");
+        assert!(parse_name_patterns("ok,not ok").is_err());
+        assert!(parse_name_patterns(" , ").is_err());
     }
 
     #[test]

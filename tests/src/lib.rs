@@ -223,6 +223,39 @@ impl TestRelay {
         Ok(k.key)
     }
 
+    /// Creates a key for `namespace` limited to `names` (patterns, comma
+    /// separated) and loads it now.
+    pub fn create_scoped_key(&self, namespace: &str, names: &str) -> Result<String> {
+        let path = self.keys_path();
+        let mut file = KeysFile::load(&path)?;
+        let mut k = keys::generate(namespace, "test")?;
+        k.entry.names = keys::parse_name_patterns(names)?;
+        file.keys.push(k.entry);
+        file.save(&path)?;
+        self.handle().reload_keys()?;
+        Ok(k.key)
+    }
+
+    /// Sets the name patterns of a key in the file only (empty: every
+    /// name); the relay notices by itself.
+    pub fn rescope_key_in_file(&self, key: &str, names: &str) -> Result<()> {
+        let path = self.keys_path();
+        let mut file = KeysFile::load(&path)?;
+        let id = keys::key_id(key).context("key shape")?;
+        let e = file
+            .keys
+            .iter_mut()
+            .find(|k| k.id == id)
+            .context("no such key")?;
+        e.names = if names.is_empty() {
+            Vec::new()
+        } else {
+            keys::parse_name_patterns(names)?
+        };
+        file.save(&path)?;
+        Ok(())
+    }
+
     /// Marks a key revoked in the file only; the relay notices by itself.
     pub fn revoke_key_in_file(&self, key: &str) -> Result<()> {
         let path = self.keys_path();

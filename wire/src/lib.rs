@@ -297,6 +297,8 @@ codes! {
     RELAY_UNAVAILABLE = 19, "relay_unavailable";
     BUSY = 20, "busy";
     ID_CONFLICT = 21, "id_conflict";
+    NAME_NOT_ALLOWED = 22, "name_not_allowed";
+    RATE_LIMITED = 23, "rate_limited";
 }
 
 impl fmt::Debug for Code {

@@ -256,6 +256,15 @@ async fn open(
         })?;
         let name = swb_wire::normalize_name(&hello.name)
             .map_err(|e| refuse(Code::BAD_NAME, format!("{e}: {:?}", hello.name)))?;
+        if !info.may_use(&name) {
+            return Err(refuse(
+                Code::NAME_NOT_ALLOWED,
+                format!(
+                    "this API key may only use the names {}; not {name}",
+                    info.names.join(", ")
+                ),
+            ));
+        }
         Ok((info, name))
     })();
     let (info, name) = match checked {

@@ -382,11 +382,17 @@ impl Services {
                 }
                 active
             });
-        for s in self.registry().sessions() {
+        for (name, s) in self.registry().sessions_named() {
             if !store.is_active(&s.key_id) {
                 s.end_with(Refusal::new(
                     Code::KEY_REVOKED,
                     "the API key of this daemon was revoked; ask the relay's operator for a new key",
+                ));
+                closed += 1;
+            } else if !store.allows(&s.key_id, &name) {
+                s.end_with(Refusal::new(
+                    Code::NAME_NOT_ALLOWED,
+                    format!("the API key of this daemon may no longer use the name {name}"),
                 ));
                 closed += 1;
             }

@@ -704,6 +704,14 @@ impl Registry {
             .collect()
     }
 
+    /// Attached sessions with the name each is attached as.
+    pub(crate) fn sessions_named(&self) -> Vec<(Arc<str>, Arc<SessionCtl>)> {
+        self.slots
+            .iter()
+            .filter_map(|(k, s)| s.session.clone().map(|c| (k.1.clone(), c)))
+            .collect()
+    }
+
     /// Names attached in `ns` (over QUIC, or polling over HTTP), sorted.
     pub(crate) fn peers(&self, ns: &str, now: Instant) -> Vec<Peer> {
         let visibility = self.limits.visibility;

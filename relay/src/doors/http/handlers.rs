@@ -27,6 +27,22 @@ fn name(field: &str, raw: &str) -> Result<String, ApiError> {
     })
 }
 
+/// A name-scoped key may act only as its names.
+fn allowed(key: &crate::keys::KeyInfo, name: &str) -> Result<(), ApiError> {
+    if key.may_use(name) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "name_not_allowed",
+            format!(
+                "this API key may only use the names {}; not {name}",
+                key.names.join(", ")
+            ),
+        ))
+    }
+}
+
 async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiError> {
     let bytes: Bytes = axum::body::to_bytes(body, MAX_REQUEST_BODY)
         .await
@@ -89,6 +105,7 @@ pub(crate) async fn send(State(api): State<Api>, headers: HeaderMap, body: Body)
     let key = api.auth(&headers)?;
     let req: SendReq = read_json(body).await?;
     let from = name("from", &req.from)?;
+    allowed(&key, &from)?;
     let to = name("to", &req.to)?;
     let payload: Bytes = match (req.body, req.body_b64) {
         (Some(t), None) => Bytes::from(t.into_bytes()),
@@ -171,6 +188,7 @@ pub(crate) async fn receive(
         .as_name
         .ok_or_else(|| ApiError::bad("the query needs as=NAME: whose mail to receive"))?;
     let me = name("as", &as_name)?;
+    allowed(&key, &me)?;
     let max_wait = lim.max_wait.as_secs();
     let wait = match q.wait.as_deref() {
         None => 0,
@@ -226,6 +244,7 @@ pub(crate) async fn ack(State(api): State<Api>, headers: HeaderMap, body: Body) 
     let key = api.auth(&headers)?;
     let req: AckReq = read_json(body).await?;
     let me = name("as", &req.as_name)?;
+    allowed(&key, &me)?;
     if req.ids.len() > MAX_ACK_IDS {
         return Err(ApiError::bad(format!(
             "{} ids; acknowledge at most {MAX_ACK_IDS} at a time",
@@ -295,6 +314,7 @@ pub(crate) async fn set_status(
     let key = api.auth(&headers)?;
     let req: SetStatusReq = read_json(body).await?;
     let me = name("as", &req.as_name)?;
+    allowed(&key, &me)?;
     let change = swb_wire::SetStatus {
         set: req.set.into_iter().collect(),
         clear: req.clear,
