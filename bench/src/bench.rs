@@ -172,6 +172,8 @@ fn bench_relay_config(identity: Identity) -> Result<(RelayConfig, String)> {
     // addresses on purpose: they measure capacity, not the per-address
     // policy (QUIC Retry under load stays on, as deployed).
     rc.connections_per_ip = None;
+    rc.key_send_rate = None;
+    rc.key_http_rate = None;
     Ok((rc, new.key))
 }
 
@@ -213,6 +215,8 @@ async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
         );
         rc.relay_id = id.into();
         rc.http_listen = HttpListen::Off;
+        // Capacity, not the per-key policy.
+        rc.key_send_rate = None;
         rc.mesh = Some(MeshConfig {
             key: key.clone(),
             peers: relays
@@ -995,6 +999,7 @@ pub(crate) async fn relay_process_main(a: RelayProcessArgs) -> Result<()> {
     config.state_dir = Some(a.data_dir.clone());
     // As `bench_relay_config`: capacity, not the per-address policy.
     config.connections_per_ip = None;
+    config.key_send_rate = None;
     let relay = Relay::spawn(config).await?;
     println!("relay listening on {} (udp)", relay.local_addr());
     println!("fingerprint {}", relay.fingerprint());

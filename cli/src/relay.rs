@@ -107,6 +107,15 @@ pub(crate) struct RelayArgs {
     /// times that); more are refused at once. 0: no limit. [default: 50]
     #[arg(long, value_name = "N")]
     connections_per_ip: Option<u64>,
+    /// Messages one API key may send per second, all its daemons and HTTP
+    /// together (bursts of twice that); more are refused with
+    /// `rate_limited`. 0: no limit. [default: 50000]
+    #[arg(long, value_name = "N")]
+    key_send_rate: Option<u64>,
+    /// HTTP requests one API key may make per second (bursts of twice
+    /// that); more get `429 rate_limited`. 0: no limit. [default: 1000]
+    #[arg(long, value_name = "N")]
+    key_http_rate: Option<u64>,
 }
 
 /// `swbd relay --config FILE`: the flags as TOML.
@@ -138,6 +147,8 @@ pub(crate) struct RelayFile {
     max_handshakes: Option<u64>,
     retry_above: Option<u64>,
     connections_per_ip: Option<u64>,
+    key_send_rate: Option<u64>,
+    key_http_rate: Option<u64>,
 }
 
 impl RelayFile {
@@ -212,6 +223,8 @@ fn merge_file(a: &mut RelayArgs) -> Result<()> {
     }
     a.retry_above = a.retry_above.or(f.retry_above);
     a.connections_per_ip = a.connections_per_ip.or(f.connections_per_ip);
+    a.key_send_rate = a.key_send_rate.or(f.key_send_rate);
+    a.key_http_rate = a.key_http_rate.or(f.key_http_rate);
     Ok(())
 }
 
@@ -349,6 +362,13 @@ pub(crate) async fn run(mut a: RelayArgs) -> Result<()> {
     if let Some(n) = a.connections_per_ip {
         config.connections_per_ip =
             (n > 0).then(|| swb_relay::limits::Rate::new(n as f64, 10.0 * n as f64));
+    }
+    let per_key = |n: u64| (n > 0).then(|| swb_relay::limits::Rate::new(n as f64, 2.0 * n as f64));
+    if let Some(n) = a.key_send_rate {
+        config.key_send_rate = per_key(n);
+    }
+    if let Some(n) = a.key_http_rate {
+        config.key_http_rate = per_key(n);
     }
     let handle = Relay::spawn(config).await?;
     let addr = handle.local_addr();

@@ -42,6 +42,13 @@ pub struct RelayConfig {
     /// of 500 — a NAT full of daemons reconnecting at once); more are
     /// refused at once and retry after their backoff. `None`: no limit.
     pub connections_per_ip: Option<crate::limits::Rate>,
+    /// Messages one API key may send per second, all its sessions and HTTP
+    /// together (default 50 000, bursts of 100 000); more are refused with
+    /// `rate_limited`. `None`: no limit.
+    pub key_send_rate: Option<crate::limits::Rate>,
+    /// HTTP requests one API key may make per second (default 1000, bursts
+    /// of 2000); more are answered `429 rate_limited`. `None`: no limit.
+    pub key_http_rate: Option<crate::limits::Rate>,
     /// How long shutdown waits for sessions to say goodbye.
     pub shutdown_grace: Duration,
     /// Where the HTTPS + JSON endpoint listens.
@@ -99,6 +106,8 @@ impl RelayConfig {
             max_handshakes: crate::MAX_HANDSHAKES,
             retry_above: 64,
             connections_per_ip: Some(crate::limits::Rate::new(50.0, 500.0)),
+            key_send_rate: Some(crate::limits::Rate::new(50_000.0, 100_000.0)),
+            key_http_rate: Some(crate::limits::Rate::new(1000.0, 2000.0)),
             shutdown_grace: Duration::from_secs(3),
             http_listen: HttpListen::SameAsQuic,
             http: HttpLimits::default(),

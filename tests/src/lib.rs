@@ -80,6 +80,10 @@ pub struct RelayOptions {
     pub retry_above: usize,
     /// New connections per source address.
     pub connections_per_ip: Option<swb_relay::limits::Rate>,
+    /// Sends per API key.
+    pub key_send_rate: Option<swb_relay::limits::Rate>,
+    /// HTTP requests per API key.
+    pub key_http_rate: Option<swb_relay::limits::Rate>,
     /// Serve metrics on `127.0.0.1:0`.
     pub metrics: bool,
 }
@@ -97,6 +101,8 @@ impl Default for RelayOptions {
             max_handshakes: swb_relay::MAX_HANDSHAKES,
             retry_above: 64,
             connections_per_ip: Some(swb_relay::limits::Rate::new(50.0, 500.0)),
+            key_send_rate: Some(swb_relay::limits::Rate::new(50_000.0, 100_000.0)),
+            key_http_rate: Some(swb_relay::limits::Rate::new(1000.0, 2000.0)),
             metrics: false,
         }
     }
@@ -156,6 +162,8 @@ impl TestRelay {
         cfg.max_handshakes = opts.max_handshakes;
         cfg.retry_above = opts.retry_above;
         cfg.connections_per_ip = opts.connections_per_ip;
+        cfg.key_send_rate = opts.key_send_rate;
+        cfg.key_http_rate = opts.key_http_rate;
         cfg.state_dir = Some(dir.path().join("state"));
         if opts.metrics {
             cfg.metrics_listen = Some("127.0.0.1:0".parse()?);

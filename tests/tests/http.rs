@@ -523,3 +523,49 @@ async fn revoking_a_key_ends_its_long_polls_and_event_streams_at_once() -> Resul
     assert_eq!(r.status, 200, "{}", r.json);
     Ok(())
 }
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_but_a_long_poll_is_not_cut() -> Result<()> {
+    let relay = TestRelay::spawn_with(RelayOptions {
+        http: HttpLimits {
+            idle_timeout: Duration::from_millis(300),
+            ..HttpLimits::default()
+        },
+        ..RelayOptions::default()
+    })
+    .await?;
+    let key = relay.create_key("acme")?;
+    // An HTTP/2 client that says its preface and settings, then nothing:
+    // before, it held a connection slot for as long as it answered pings.
+    let tls = swb_daemon::Trust::Fingerprint(relay.fingerprint()).rustls_config(&[b"h2"])?;
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls));
+    let tcp = tokio::net::TcpStream::connect(relay.http_addr()).await?;
+    let mut s = connector
+        .connect(
+            rustls::pki_types::ServerName::from(relay.http_addr().ip()),
+            tcp,
+        )
+        .await?;
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    // An empty SETTINGS frame: length 0, type 4, flags 0, stream 0.
+    s.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+    let mut out = Vec::new();
+    // Closed after the idle timeout (GOAWAY, then EOF), well before the
+    // 30 s keep-alive would notice anything.
+    let end = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .context("an idle HTTP/2 connection was kept open")?;
+    // Closed: cleanly, or without TLS's close_notify.
+    if let Err(e) = end {
+        assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+    }
+    // A long poll is a request in flight: not idle, not cut.
+    let t = Instant::now();
+    let r = relay
+        .http(Some(&key))?
+        .get("/v1/messages?as=ci&wait=1")
+        .await?;
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert!(t.elapsed() >= Duration::from_millis(900), "answered early");
+    Ok(())
+}

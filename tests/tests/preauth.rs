@@ -188,3 +188,36 @@ async fn one_address_opening_connections_too_fast_is_refused_and_others_are_not(
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_key_past_its_send_rate_is_refused_and_other_keys_are_not() -> Result<()> {
+    let relay = TestRelay::spawn_with(swb_tests::RelayOptions {
+        key_send_rate: Some(swb_relay::limits::Rate::new(0.01, 5.0)),
+        key_http_rate: Some(swb_relay::limits::Rate::new(0.01, 3.0)),
+        ..swb_tests::RelayOptions::default()
+    })
+    .await?;
+    let busy = relay.create_key("acme")?;
+    let calm = relay.create_key("acme")?;
+    let d = TestDaemon::start(&relay, &busy, "busy").await?;
+    for i in 0..5 {
+        d.send("calm", format!("m{i}").as_bytes()).await?;
+    }
+    match d.send("calm", b"one too many").await {
+        Err(swb_daemon::ControlError::Remote { code, message }) => {
+            assert_eq!(code, "rate_limited", "{message}");
+        }
+        other => anyhow::bail!("expected rate_limited, got {other:?}"),
+    }
+    // Another key of the namespace is not slowed by it.
+    let c = TestDaemon::start(&relay, &calm, "calm").await?;
+    c.send("busy", b"fine").await?;
+    // HTTP requests have their own rate per key, with Retry-After.
+    let http = relay.http(Some(&calm))?;
+    for _ in 0..3 {
+        assert_eq!(http.get("/v1/peers").await?.status, 200);
+    }
+    let r = http.get("/v1/peers").await?;
+    assert_eq!((r.status, r.code()), (429, "rate_limited"), "{}", r.json);
+    Ok(())
+}

@@ -533,7 +533,7 @@ async fn serve(router: &Arc<Router>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
                             }
                         }
                         Ok(Some(f)) => {
-                            if let Err(e) = handle(router, io, ns, name, f, &mut fwd, &mut durable) {
+                            if let Err(e) = handle(router, io, (ns, name, &ctl.key_id), f, &mut fwd, &mut durable) {
                                 return e;
                             }
                         }
@@ -606,14 +606,20 @@ type Durables = futures_util::stream::FuturesOrdered<
 fn handle(
     router: &Arc<Router>,
     io: &mut Io,
-    ns: &str,
-    name: &str,
+    (ns, name, key_id): (&str, &str, &str),
     f: Frame,
     fwd: &mut Option<Forwarding>,
     durable: &mut Durables,
 ) -> Result<(), End> {
     match f {
         Frame::Send(s) if s.body.len() <= MAX_MESSAGE_BODY => {
+            // The key's send rate, across its sessions and HTTP.
+            if let Err(refusal) = router.services().take_send(key_id) {
+                return io.queue(&Frame::SendRefused(SendRefused {
+                    req: s.req,
+                    refusal,
+                }));
+            }
             // Recipient homed on another relay: one mesh hop.
             if let Ok(to) = swb_wire::normalize_name(&s.to) {
                 if let Route::Remote(home) = router.route(ns, &to) {

@@ -245,7 +245,9 @@ impl Mesh {
             .into_iter()
             .filter(|id| *id != self.me.id)
             .collect();
-        for id in others {
+        // Every relay at once: the answer takes the slowest relay's time
+        // (at most STATUS_FETCH_TIMEOUT), not the sum of them all.
+        let fetches = others.into_iter().map(|id| async move {
             let q = MeshStatusQuery {
                 namespace: ns.to_string(),
                 names: Vec::new(),
@@ -261,7 +263,11 @@ impl Mesh {
                 }
                 Ok::<_, CallError>(out)
             };
-            match tokio::time::timeout(STATUS_FETCH_TIMEOUT, fetch).await {
+            let r = tokio::time::timeout(STATUS_FETCH_TIMEOUT, fetch).await;
+            (id, r)
+        });
+        for (id, r) in futures_util::future::join_all(fetches).await {
+            match r {
                 Ok(Ok(updates)) => {
                     for u in updates {
                         let snap = Arc::new(Snapshot::from_update(&u));

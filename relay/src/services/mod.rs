@@ -33,6 +33,24 @@ pub(crate) struct Services {
     /// Cancelled when the key with this id is revoked: what HTTP long polls
     /// and event streams of the key wait on besides their own work.
     revocations: Mutex<std::collections::HashMap<String, tokio_util::sync::CancellationToken>>,
+    /// Per-key send rate (all doors) and HTTP request rate.
+    send_rate: Option<Mutex<crate::limits::Limiter<String>>>,
+    http_rate: Option<Mutex<crate::limits::Limiter<String>>>,
+}
+
+/// API keys remembered by the per-key rate limiters.
+const RATE_KEYS: usize = 65_536;
+
+fn rate_refusal(what: &str, rate: crate::limits::Rate, wait: std::time::Duration) -> Refusal {
+    Refusal::new(
+        Code::RATE_LIMITED,
+        format!(
+            "this API key {what} more than {} per second (bursts of {}); retry in {} ms",
+            rate.per_sec,
+            rate.burst,
+            wait.as_millis().max(1)
+        ),
+    )
 }
 
 fn wall_ms() -> u64 {
@@ -62,12 +80,45 @@ impl Services {
         r.delivery_wait = Some(metrics.delivery_seconds.clone());
         r.track_removed = store.durability() != store::Durability::Memory;
         Self {
-            config,
             registry: Mutex::new(r),
             metrics,
             store,
             revocations: Mutex::new(std::collections::HashMap::new()),
+            send_rate: config
+                .key_send_rate
+                .map(|r| Mutex::new(crate::limits::Limiter::new(r, RATE_KEYS))),
+            http_rate: config
+                .key_http_rate
+                .map(|r| Mutex::new(crate::limits::Limiter::new(r, RATE_KEYS))),
+            config,
         }
+    }
+
+    /// Takes one send of `key_id` from its rate; the refusal if it is over.
+    pub(crate) fn take_send(&self, key_id: &str) -> Result<(), Refusal> {
+        let (Some(l), Some(rate)) = (&self.send_rate, self.config.key_send_rate) else {
+            return Ok(());
+        };
+        let r = l
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(&key_id.to_string(), tokio::time::Instant::now());
+        r.map_err(|wait| {
+            self.metrics.refused(Code::RATE_LIMITED);
+            rate_refusal("sends", rate, wait)
+        })
+    }
+
+    /// Takes one HTTP request of `key_id` from its rate.
+    pub(crate) fn take_http(&self, key_id: &str) -> Result<(), (Refusal, std::time::Duration)> {
+        let (Some(l), Some(rate)) = (&self.http_rate, self.config.key_http_rate) else {
+            return Ok(());
+        };
+        let r = l
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(&key_id.to_string(), tokio::time::Instant::now());
+        r.map_err(|wait| (rate_refusal("makes HTTP requests", rate, wait), wait))
     }
 
     /// The token cancelled when the key `key_id` is revoked (or leaves the

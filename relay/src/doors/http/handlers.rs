@@ -88,7 +88,10 @@ struct SendReq {
 
 fn refusal_status(code: Code) -> StatusCode {
     match code {
-        Code::MAILBOX_FULL | Code::NAMESPACE_FULL => StatusCode::TOO_MANY_REQUESTS,
+        Code::MAILBOX_FULL | Code::NAMESPACE_FULL | Code::RATE_LIMITED => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
+        Code::NAME_NOT_ALLOWED => StatusCode::FORBIDDEN,
         Code::BODY_TOO_LARGE | Code::STATUS_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
         Code::BAD_NAME | Code::BAD_STATUS => StatusCode::BAD_REQUEST,
         Code::RELAY_UNAVAILABLE => StatusCode::BAD_GATEWAY,
@@ -106,6 +109,10 @@ pub(crate) async fn send(State(api): State<Api>, headers: HeaderMap, body: Body)
     let req: SendReq = read_json(body).await?;
     let from = name("from", &req.from)?;
     allowed(&key, &from)?;
+    api.router
+        .services()
+        .take_send(&key.id)
+        .map_err(|r| ApiError::rate_limited(r, Duration::from_secs(1)))?;
     let to = name("to", &req.to)?;
     let payload: Bytes = match (req.body, req.body_b64) {
         (Some(t), None) => Bytes::from(t.into_bytes()),

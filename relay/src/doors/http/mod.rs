@@ -61,6 +61,10 @@ pub struct HttpLimits {
     pub max_connections: usize,
     /// Time a client has to finish TLS and send its request headers (default 10 s).
     pub header_timeout: Duration,
+    /// A connection with no request in flight (no long poll, no event
+    /// stream) for this long is closed (default 120 s): an HTTP/2 client
+    /// that only answers pings does not hold a connection slot for ever.
+    pub idle_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -71,7 +75,55 @@ impl Default for HttpLimits {
             max_batch: 1000,
             max_connections: 4096,
             header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(120),
         }
+    }
+}
+
+/// What one HTTP connection is doing: requests in flight (a response
+/// counts until its body is sent, so event streams keep it busy) and when
+/// it last changed.
+#[derive(Debug)]
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    since: Mutex<tokio::time::Instant>,
+}
+
+/// Counts one request in flight while it lives.
+struct Busy(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            in_flight: 0.into(),
+            since: Mutex::new(tokio::time::Instant::now()),
+        })
+    }
+
+    fn start(self: &Arc<Self>) -> Busy {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Busy(self.clone())
+    }
+
+    /// How long the connection has had nothing in flight (zero if busy).
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            return Duration::ZERO;
+        }
+        self.since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.since.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -81,6 +133,8 @@ pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Seconds to wait before retrying (`Retry-After`), for rate limits.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -89,6 +143,17 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// `429 rate_limited`, with `Retry-After`.
+    pub(crate) fn rate_limited(r: swb_wire::Refusal, wait: Duration) -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: "rate_limited",
+            message: r.message,
+            retry_after: Some(wait.as_secs_f64().ceil().max(1.0) as u64),
         }
     }
 
@@ -113,6 +178,10 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"switchboard\""),
             );
+        }
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         r
     }
@@ -178,12 +247,17 @@ impl Api {
         {
             r = self.router.keys().store().verify(key);
         }
-        r.map_err(|e| match e {
+        let info = r.map_err(|e| match e {
             AuthError::Unauthorized => {
                 unauthorized("the API key is not valid; check the key you were given")
             }
             AuthError::Revoked => key_revoked(),
-        })
+        })?;
+        self.router
+            .services()
+            .take_http(&info.id)
+            .map_err(|(r, wait)| ApiError::rate_limited(r, wait))?;
+        Ok(info)
     }
 }
 
@@ -284,6 +358,7 @@ pub(crate) async fn serve(
         let builder = builder.clone();
         let cancel = cancel.clone();
         let header_timeout = lim.header_timeout;
+        let idle_timeout = lim.idle_timeout.max(Duration::from_millis(100));
         conns.spawn(tasks.track_future(async move {
             let _permit = permit;
             let _ = tcp.set_nodelay(true);
@@ -298,18 +373,52 @@ pub(crate) async fn serve(
                     return;
                 }
             };
-            let svc = hyper_util::service::TowerToHyperService::new(app);
+            // Every request counts as in flight until its response body
+            // is sent (or dropped).
+            let activity = Activity::new();
+            let tracked = activity.clone();
+            let svc = tower::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let busy = tracked.start();
+                let app = app.clone();
+                async move {
+                    let req = req.map(axum::body::Body::new);
+                    let resp = tower::ServiceExt::oneshot(app, req).await?;
+                    Ok::<_, std::convert::Infallible>(resp.map(|body| {
+                        let stream =
+                            futures_util::StreamExt::map(body.into_data_stream(), move |chunk| {
+                                let _busy = &busy;
+                                chunk
+                            });
+                        axum::body::Body::from_stream(stream)
+                    }))
+                }
+            });
+            let svc = hyper_util::service::TowerToHyperService::new(svc);
             let conn = builder.serve_connection(TokioIo::new(tls), svc);
             tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        debug!(%remote, "https connection ended: {e}");
+            let mut check = tokio::time::interval(idle_timeout / 4);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            debug!(%remote, "https connection ended: {e}");
+                        }
+                        break;
                     }
-                }
-                _ = cancel.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(DRAIN_CONNECTION, conn.as_mut()).await;
+                    _ = cancel.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(DRAIN_CONNECTION, conn.as_mut()).await;
+                        break;
+                    }
+                    _ = check.tick() => {
+                        if activity.idle_for() >= idle_timeout {
+                            debug!(%remote, "https connection idle; closing it");
+                            conn.as_mut().graceful_shutdown();
+                            let _ = tokio::time::timeout(DRAIN_CONNECTION, conn.as_mut()).await;
+                            break;
+                        }
+                    }
                 }
             }
         }));
