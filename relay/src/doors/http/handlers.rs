@@ -53,7 +53,18 @@ async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiE
                 format!("the request body is larger than {MAX_REQUEST_BODY} bytes"),
             )
         })?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))?;
+    // A field is given or left out; `null` is neither (the document says so).
+    if let Some((k, _)) = v
+        .as_object()
+        .and_then(|o| o.iter().find(|(_, v)| v.is_null()))
+    {
+        return Err(ApiError::bad(format!(
+            "{k}: null is not a value here; leave the field out instead"
+        )));
+    }
+    serde_json::from_value(v).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))
 }
 
 fn random_id() -> Result<MessageId, ApiError> {
@@ -92,6 +103,7 @@ fn refusal_status(code: Code) -> StatusCode {
             StatusCode::TOO_MANY_REQUESTS
         }
         Code::NAME_NOT_ALLOWED => StatusCode::FORBIDDEN,
+        Code::ID_CONFLICT => StatusCode::CONFLICT,
         Code::BODY_TOO_LARGE | Code::STATUS_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
         Code::BAD_NAME | Code::BAD_STATUS => StatusCode::BAD_REQUEST,
         Code::RELAY_UNAVAILABLE => StatusCode::BAD_GATEWAY,
@@ -116,10 +128,15 @@ pub(crate) async fn send(State(api): State<Api>, headers: HeaderMap, body: Body)
     let to = name("to", &req.to)?;
     let payload: Bytes = match (req.body, req.body_b64) {
         (Some(t), None) => Bytes::from(t.into_bytes()),
-        (None, Some(b)) => base64::engine::general_purpose::STANDARD
-            .decode(b.as_bytes())
-            .map(Bytes::from)
-            .map_err(|e| ApiError::bad(format!("body_b64 is not valid base64: {e}")))?,
+        // Padding required, unused trailing bits tolerated (as most
+        // encoders and the document's pattern allow).
+        (None, Some(b)) => base64::engine::GeneralPurpose::new(
+            &base64::alphabet::STANDARD,
+            base64::engine::GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+        )
+        .decode(b.as_bytes())
+        .map(Bytes::from)
+        .map_err(|e| ApiError::bad(format!("body_b64 is not valid base64: {e}")))?,
         _ => {
             return Err(ApiError::bad(
                 "give exactly one of `body` (text) and `body_b64` (bytes)",
@@ -368,14 +385,9 @@ pub(crate) async fn watch_status(
     let key = api.auth(&headers)?;
     let q: WatchQuery = parse_query(q)?;
     let Some(peers) = q.peers else {
-        // `/v1/status/watch` without `peers` is the status of a peer named `watch`.
-        let s = api
-            .router
-            .services()
-            .registry()
-            .status
-            .get(&key.namespace, "watch");
-        return ok(StatusCode::OK, s.to_json());
+        return Err(ApiError::bad(
+            "peers= is required: the comma-separated names to watch",
+        ));
     };
     let raw: Vec<String> = peers
         .split(',')
@@ -440,6 +452,9 @@ pub(crate) async fn health() -> ApiResult {
     ok(StatusCode::OK, json!({"status": "ok"}))
 }
 
-pub(crate) async fn openapi_doc() -> ApiResult {
-    ok(StatusCode::OK, super::openapi())
+pub(crate) async fn openapi_doc(State(api): State<Api>) -> ApiResult {
+    ok(
+        StatusCode::OK,
+        super::routes::openapi_for(&api.router.config().http),
+    )
 }

@@ -50,8 +50,11 @@ pub(crate) const ENDPOINTS: &[Endpoint] = &[
             (400, "Bad JSON, unknown field, or bad name (bad_request, bad_name)"),
             (401, "Missing, invalid or revoked API key"),
             (403, "The API key is limited to other names (name_not_allowed)"),
+            (409, "A different message is held under this id (id_conflict)"),
             (413, "Body larger than 64 KiB (body_too_large) or request too large"),
-            (429, "Recipient's mailbox or the namespace is full (mailbox_full, namespace_full)"),
+            (429, "Recipient's mailbox or the namespace is full, or the key is over its rate (mailbox_full, namespace_full, rate_limited)"),
+            (502, "The recipient's home relay cannot be reached (relay_unavailable)"),
+            (503, "The relay could not store the message or is stopping (internal, shutting_down); retry with the same id"),
         ],
     },
     Endpoint {
@@ -65,7 +68,8 @@ pub(crate) const ENDPOINTS: &[Endpoint] = &[
             (400, "Bad or unknown query parameter (bad_request, bad_name)"),
             (401, "Missing, invalid or revoked API key"),
             (403, "The API key is limited to other names (name_not_allowed)"),
-            (429, "Too many long polls open for this key (too_many_polls)"),
+            (429, "Too many long polls open for this key, or over its rate (too_many_polls, rate_limited)"),
+            (502, "The name's home relay cannot be reached (relay_unavailable)"),
         ],
     },
     Endpoint {
@@ -79,6 +83,8 @@ pub(crate) const ENDPOINTS: &[Endpoint] = &[
             (400, "Bad JSON, unknown field, bad name or bad id"),
             (401, "Missing, invalid or revoked API key"),
             (403, "The API key is limited to other names (name_not_allowed)"),
+            (429, "The key is over its rate (rate_limited)"),
+            (502, "The name's home relay cannot be reached (relay_unavailable)"),
         ],
     },
     Endpoint {
@@ -90,6 +96,7 @@ pub(crate) const ENDPOINTS: &[Endpoint] = &[
         responses: &[
             (200, "{\"peers\": [{\"name\", \"online\", \"since\", \"via\": \"quic\"|\"http\"|null, \"version\", \"updated\", \"status\"}]}"),
             (401, "Missing, invalid or revoked API key"),
+            (429, "The key is over its rate (rate_limited)"),
         ],
     },
     Endpoint {
@@ -104,6 +111,8 @@ pub(crate) const ENDPOINTS: &[Endpoint] = &[
             (401, "Missing, invalid or revoked API key"),
             (403, "The API key is limited to other names (name_not_allowed)"),
             (413, "Status over 32 keys or 4096 bytes (status_too_large)"),
+            (429, "The namespace has 10 000 statuses, or the key is over its rate (namespace_full, rate_limited)"),
+            (502, "The name's home relay cannot be reached (relay_unavailable)"),
         ],
     },
     Endpoint {
@@ -111,12 +120,12 @@ pub(crate) const ENDPOINTS: &[Endpoint] = &[
         path: "/v1/status/watch",
         op: Op::WatchStatus,
         auth: true,
-        summary: "Server-sent events: the current status of each of `peers` (comma-separated), then one event per change; comment keep-alives every 15 s. Without `peers`, the status of the peer named `watch`",
+        summary: "Server-sent events: the current status of each of `peers` (comma-separated), then one event per change; comment keep-alives every 15 s; a revoked key's stream ends with an `error` event",
         responses: &[
             (200, "text/event-stream of `status` events, data as GET /v1/status/{name} plus \"lagged\""),
             (400, "Bad or unknown query parameter, bad name, more than 256 peers"),
             (401, "Missing, invalid or revoked API key"),
-            (429, "Too many long polls and watches open for this key (too_many_polls)"),
+            (429, "Too many long polls and watches open for this key, or over its rate (too_many_polls, rate_limited)"),
         ],
     },
     Endpoint {
@@ -129,6 +138,7 @@ pub(crate) const ENDPOINTS: &[Endpoint] = &[
             (200, "{\"name\", \"version\", \"online\", \"since\", \"updated\", \"status\"}"),
             (400, "Bad name (bad_name)"),
             (401, "Missing, invalid or revoked API key"),
+            (429, "The key is over its rate (rate_limited)"),
         ],
     },
     Endpoint {
@@ -158,27 +168,46 @@ fn method_filter(m: &str) -> MethodFilter {
     }
 }
 
-/// Request and parameter schemas, by operation.
-fn op_details(op: Op) -> Value {
-    let name = json!({"type": "string", "pattern": "^[A-Za-z0-9-]{1,63}(\\.switchboard)?$"});
+/// A peer name as the server takes it: a DNS label (1–63 letters, digits
+/// and inner hyphens, any case), optionally followed by `.switchboard`.
+const NAME_PATTERN: &str = "^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\\.[Ss][Ww][Ii][Tt][Cc][Hh][Bb][Oo][Aa][Rr][Dd]\\.?)?$";
+/// A status key.
+const STATUS_KEY_PATTERN: &str = "^[A-Za-z0-9_.:-]{1,64}$";
+/// A message id: 32 hex digits, either case.
+const ID_PATTERN: &str = "^[0-9a-fA-F]{32}$";
+/// Standard base64 with padding.
+const BASE64_PATTERN: &str = "^([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$";
+
+/// Request and parameter schemas, by operation; the numbers are this
+/// relay's limits.
+fn op_details(op: Op, lim: &super::HttpLimits) -> Value {
+    let name = json!({"type": "string", "pattern": NAME_PATTERN});
+    let key = json!({"type": "string", "pattern": STATUS_KEY_PATTERN});
+    // Comma-separated names, optional spaces around them.
+    let peers_pattern = format!(
+        "^ *{n} *(, *{n} *){{0,{more}}}$",
+        n = NAME_PATTERN.trim_start_matches('^').trim_end_matches('$'),
+        more = swb_wire::MAX_WATCH_NAMES - 1
+    );
     match op {
         Op::Send => json!({
             "requestBody": {"required": true, "content": {"application/json": {"schema": {
                 "type": "object", "additionalProperties": false,
                 "required": ["from", "to"],
+                "oneOf": [{"required": ["body"]}, {"required": ["body_b64"]}],
                 "properties": {
                     "from": name, "to": name,
-                    "body": {"type": "string", "description": "UTF-8 text; or use body_b64"},
-                    "body_b64": {"type": "string", "description": "bytes, standard base64"},
-                    "id": {"type": "string", "pattern": "^[0-9a-f]{32}$", "description": "optional: a retried send with the same id is stored once"}
+                    "body": {"type": "string", "description": "UTF-8 text, at most 65536 bytes once encoded; or use body_b64"},
+                    "body_b64": {"type": "string", "pattern": BASE64_PATTERN, "description": "bytes, standard base64 (with padding), at most 65536 bytes decoded"},
+                    "id": {"type": "string", "pattern": ID_PATTERN, "description": "optional: a retried send with the same id is stored once"}
                 }
             }}}}
         }),
         Op::Receive => json!({
             "parameters": [
                 {"name": "as", "in": "query", "required": true, "schema": name},
-                {"name": "wait", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": 60, "default": 0}},
-                {"name": "max", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}}
+                {"name": "wait", "in": "query", "schema": {"type": "integer", "minimum": 0, "maximum": lim.max_wait.as_secs(), "default": 0}},
+                {"name": "max", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": lim.max_batch, "default": 100.min(lim.max_batch)}}
             ]
         }),
         Op::Ack => json!({
@@ -187,7 +216,7 @@ fn op_details(op: Op) -> Value {
                 "required": ["as", "ids"],
                 "properties": {
                     "as": name,
-                    "ids": {"type": "array", "maxItems": MAX_ACK_IDS, "items": {"type": "string", "pattern": "^[0-9a-f]{32}$"}}
+                    "ids": {"type": "array", "maxItems": MAX_ACK_IDS, "items": {"type": "string", "pattern": ID_PATTERN}}
                 }
             }}}}
         }),
@@ -197,8 +226,9 @@ fn op_details(op: Op) -> Value {
                 "required": ["as"],
                 "properties": {
                     "as": name,
-                    "set": {"type": "object", "additionalProperties": {"type": "string"}, "maxProperties": swb_wire::MAX_STATUS_KEYS},
-                    "clear": {"type": "array", "items": {"type": "string"}}
+                    "set": {"type": "object", "propertyNames": key, "additionalProperties": {"type": "string"}, "maxProperties": swb_wire::MAX_STATUS_KEYS,
+                        "description": "keys and values together at most 4096 bytes in the resulting status"},
+                    "clear": {"type": "array", "items": key}
                 }
             }}}}
         }),
@@ -206,14 +236,19 @@ fn op_details(op: Op) -> Value {
             "parameters": [{"name": "name", "in": "path", "required": true, "schema": name}]
         }),
         Op::WatchStatus => json!({
-            "parameters": [{"name": "peers", "in": "query", "required": true, "schema": {"type": "string", "description": "comma-separated peer names, at most 256"}}]
+            "parameters": [{"name": "peers", "in": "query", "required": true, "schema": {"type": "string", "pattern": peers_pattern, "description": "comma-separated peer names, at most 256"}}]
         }),
         _ => json!({}),
     }
 }
 
-/// The OpenAPI 3.1 document of [`ENDPOINTS`].
+/// The OpenAPI 3.1 document of [`ENDPOINTS`] with the default limits.
 pub fn openapi() -> Value {
+    openapi_for(&super::HttpLimits::default())
+}
+
+/// The OpenAPI 3.1 document of [`ENDPOINTS`] for a relay with `lim`.
+pub(crate) fn openapi_for(lim: &super::HttpLimits) -> Value {
     let error = json!({"type": "object", "required": ["error"], "properties": {"error": {
         "type": "object", "required": ["code", "message"],
         "properties": {"code": {"type": "string"}, "message": {"type": "string"}}
@@ -222,14 +257,26 @@ pub fn openapi() -> Value {
     for e in ENDPOINTS {
         let mut responses = serde_json::Map::new();
         for (status, desc) in e.responses {
-            let schema = if *status >= 400 {
-                json!({"$ref": "#/components/schemas/Error"})
+            let content = if *status >= 400 {
+                json!({"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}})
+            } else if matches!(e.op, Op::WatchStatus) {
+                // Each event: `event: status`, an `id` (the version) and
+                // `data` (the status as JSON); a revoked key's last one is
+                // `event: error`.
+                json!({"text/event-stream": {"schema": {
+                    "type": "object",
+                    "properties": {
+                        "event": {"type": "string", "enum": ["status", "error"]},
+                        "id": {"type": "string"},
+                        "data": {"type": "string", "contentMediaType": "application/json"}
+                    }
+                }}})
             } else {
-                json!({"type": "object"})
+                json!({"application/json": {"schema": {"type": "object"}}})
             };
             responses.insert(
                 status.to_string(),
-                json!({"description": desc, "content": {"application/json": {"schema": schema}}}),
+                json!({"description": desc, "content": content}),
             );
         }
         let mut op = json!({
@@ -240,7 +287,7 @@ pub fn openapi() -> Value {
         if !e.auth {
             op["security"] = json!([]);
         }
-        if let (Value::Object(o), Value::Object(extra)) = (&mut op, op_details(e.op)) {
+        if let (Value::Object(o), Value::Object(extra)) = (&mut op, op_details(e.op, lim)) {
             o.extend(extra);
         }
         let entry = paths.entry(e.path).or_insert_with(|| json!({}));
