@@ -302,16 +302,21 @@ impl KeysFile {
         }
     }
 
+    /// The file's text (what [`KeysFile::save`] writes after its comment).
+    pub fn to_toml(&self, path: &str) -> Result<String, KeysError> {
+        toml::to_string_pretty(self).map_err(|e| KeysError::Parse {
+            path: path.to_string(),
+            reason: e.to_string(),
+        })
+    }
+
     /// Writes the file atomically (temp file + rename), mode 0600.
     pub fn save(&self, path: &Path) -> Result<(), KeysError> {
         let io = |source| KeysError::Io {
             path: path.display().to_string(),
             source,
         };
-        let text = toml::to_string_pretty(self).map_err(|e| KeysError::Parse {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let text = self.to_toml(&path.display().to_string())?;
         let dir = path
             .parent()
             .filter(|p| !p.as_os_str().is_empty())

@@ -50,6 +50,9 @@ use tracing::{info, warn, Instrument};
 mod config;
 mod doors;
 mod endpoint;
+/// Entry points for the fuzz targets (`fuzz/`).
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod keys;
 pub mod limits;
 pub mod mesh;

@@ -66,6 +66,7 @@ impl Membership {
             if r.id == self.me.id || r.id.is_empty() {
                 continue;
             }
+            let full = self.known.len() >= swb_wire::MAX_RELAYS;
             match self.known.get_mut(&r.id) {
                 Some(k) if k.record.incarnation > r.incarnation => {}
                 Some(k) if k.record == *r => k.seen = now,
@@ -76,6 +77,9 @@ impl Membership {
                     };
                     new = true;
                 }
+                // A mesh of at most MAX_RELAYS: gossip past that (a
+                // broken or hostile relay) is not remembered.
+                None if full => {}
                 None => {
                     self.known.insert(
                         r.id.clone(),
@@ -193,6 +197,12 @@ impl Membership {
             .collect()
     }
 
+    /// Relays remembered (for the fuzz checks).
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn known_len(&self) -> usize {
+        self.known.len()
+    }
+
     /// Whether a link to `id` is up.
     pub(crate) fn linked(&self, id: &str) -> bool {
         self.links.contains_key(id)
@@ -220,6 +230,22 @@ mod tests {
 
     fn ids(m: &Membership, now: Instant) -> Vec<String> {
         m.live(now).ring.ids().to_vec()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gossip_past_max_relays_is_not_remembered() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(rec("me", 1));
+        let many: Vec<RelayRecord> = (0..swb_wire::MAX_RELAYS + 100)
+            .map(|i| rec(&format!("r{i:05}"), 1))
+            .collect();
+        assert!(m.merge(&many, t0));
+        assert_eq!(m.known.len(), swb_wire::MAX_RELAYS);
+        // Known relays still update; a new one still does not fit.
+        assert!(m.merge(&[rec("r00000", 2)], t0));
+        assert!(!m.merge(&[rec("zzz", 1)], t0));
+        assert!(!m.known.contains_key("zzz"));
+        assert!(m.gossip().len() <= swb_wire::MAX_RELAYS + 1);
     }
 
     #[tokio::test(start_paused = true)]

@@ -53,7 +53,13 @@ async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiE
                 format!("the request body is larger than {MAX_REQUEST_BODY} bytes"),
             )
         })?;
-    let v: Value = serde_json::from_slice(&bytes)
+    parse_json(&bytes)
+}
+
+/// Parses a request body (no I/O): JSON, no `null` fields, the type's own
+/// checks (unknown fields refused).
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let v: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))?;
     // A field is given or left out; `null` is neither (the document says so).
     if let Some((k, _)) = v
@@ -89,7 +95,7 @@ fn now_ms() -> u64 {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SendReq {
+pub(crate) struct SendReq {
     from: String,
     to: String,
     body: Option<String>,
@@ -116,15 +122,25 @@ fn refused(r: Refusal) -> ApiError {
     ApiError::new(refusal_status(r.code), r.code.as_str(), r.message)
 }
 
-pub(crate) async fn send(State(api): State<Api>, headers: HeaderMap, body: Body) -> ApiResult {
-    let key = api.auth(&headers)?;
-    let req: SendReq = read_json(body).await?;
+/// A send request, checked: sender, recipient, body, id if given.
+pub(crate) struct CheckedSend {
+    from: String,
+    to: String,
+    payload: Bytes,
+    id: Option<MessageId>,
+}
+
+impl CheckedSend {
+    /// Body length (for the fuzz checks).
+    #[cfg(feature = "fuzzing")]
+    pub(crate) fn payload_len(&self) -> usize {
+        self.payload.len()
+    }
+}
+
+/// Checks a send request (no I/O).
+pub(crate) fn check_send(req: SendReq) -> Result<CheckedSend, ApiError> {
     let from = name("from", &req.from)?;
-    allowed(&key, &from)?;
-    api.router
-        .services()
-        .take_send(&key.id)
-        .map_err(|r| ApiError::rate_limited(r, Duration::from_secs(1)))?;
     let to = name("to", &req.to)?;
     let payload: Bytes = match (req.body, req.body_b64) {
         (Some(t), None) => Bytes::from(t.into_bytes()),
@@ -154,8 +170,36 @@ pub(crate) async fn send(State(api): State<Api>, headers: HeaderMap, body: Body)
         ));
     }
     let id = match req.id {
-        Some(s) => MessageId::parse_hex(&s.to_ascii_lowercase())
-            .ok_or_else(|| ApiError::bad(format!("id {s:?} is not 32 hex digits")))?,
+        Some(s) => Some(
+            MessageId::parse_hex(&s.to_ascii_lowercase())
+                .ok_or_else(|| ApiError::bad(format!("id {s:?} is not 32 hex digits")))?,
+        ),
+        None => None,
+    };
+    Ok(CheckedSend {
+        from,
+        to,
+        payload,
+        id,
+    })
+}
+
+pub(crate) async fn send(State(api): State<Api>, headers: HeaderMap, body: Body) -> ApiResult {
+    let key = api.auth(&headers)?;
+    let req: SendReq = read_json(body).await?;
+    let CheckedSend {
+        from,
+        to,
+        payload,
+        id,
+    } = check_send(req)?;
+    allowed(&key, &from)?;
+    api.router
+        .services()
+        .take_send(&key.id)
+        .map_err(|r| ApiError::rate_limited(r, Duration::from_secs(1)))?;
+    let id = match id {
+        Some(id) => id,
         None => random_id()?,
     };
     let online = api
@@ -258,17 +302,15 @@ pub(crate) async fn receive(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AckReq {
+pub(crate) struct AckReq {
     #[serde(rename = "as")]
     as_name: String,
     ids: Vec<String>,
 }
 
-pub(crate) async fn ack(State(api): State<Api>, headers: HeaderMap, body: Body) -> ApiResult {
-    let key = api.auth(&headers)?;
-    let req: AckReq = read_json(body).await?;
+/// Checks an acknowledgement (no I/O): the name and the ids.
+pub(crate) fn check_ack(req: AckReq) -> Result<(String, Vec<MessageId>), ApiError> {
     let me = name("as", &req.as_name)?;
-    allowed(&key, &me)?;
     if req.ids.len() > MAX_ACK_IDS {
         return Err(ApiError::bad(format!(
             "{} ids; acknowledge at most {MAX_ACK_IDS} at a time",
@@ -283,6 +325,14 @@ pub(crate) async fn ack(State(api): State<Api>, headers: HeaderMap, body: Body) 
                 .ok_or_else(|| ApiError::bad(format!("id {s:?} is not 32 hex digits")))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    Ok((me, ids))
+}
+
+pub(crate) async fn ack(State(api): State<Api>, headers: HeaderMap, body: Body) -> ApiResult {
+    let key = api.auth(&headers)?;
+    let req: AckReq = read_json(body).await?;
+    let (me, ids) = check_ack(req)?;
+    allowed(&key, &me)?;
     let n = api
         .router
         .ack(&key.namespace, &me, ids)
@@ -321,13 +371,28 @@ pub(crate) async fn peers(
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SetStatusReq {
+pub(crate) struct SetStatusReq {
     #[serde(rename = "as")]
     as_name: String,
     #[serde(default)]
     set: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     clear: Vec<String>,
+}
+
+/// Checks a status change (no I/O): the name, and the change as it would
+/// apply to an empty status.
+pub(crate) fn check_set_status(
+    req: SetStatusReq,
+) -> Result<(String, swb_wire::SetStatus), ApiError> {
+    let me = name("as", &req.as_name)?;
+    let change = swb_wire::SetStatus {
+        set: req.set.into_iter().collect(),
+        clear: req.clear,
+        replace: false,
+    };
+    swb_wire::apply_status(&Default::default(), &change).map_err(refused)?;
+    Ok((me, change))
 }
 
 pub(crate) async fn set_status(
@@ -337,13 +402,8 @@ pub(crate) async fn set_status(
 ) -> ApiResult {
     let key = api.auth(&headers)?;
     let req: SetStatusReq = read_json(body).await?;
-    let me = name("as", &req.as_name)?;
+    let (me, change) = check_set_status(req)?;
     allowed(&key, &me)?;
-    let change = swb_wire::SetStatus {
-        set: req.set.into_iter().collect(),
-        clear: req.clear,
-        replace: false,
-    };
     let s = api
         .router
         .set_status(&key.namespace, &me, change)

@@ -14,7 +14,7 @@
 //! handlers.rs  one handler per route: parse, authenticate, call the router
 //! ```
 
-mod handlers;
+pub(crate) mod handlers;
 mod routes;
 
 pub use routes::openapi;

@@ -40,6 +40,9 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         // Buffer growth stays bounded by the frame limit, whatever the input.
-        assert!(r.buf().capacity() <= swb_wire::MAX_FRAME_LEN + swb_wire::HEADER_LEN + data.len() + 64 * 1024);
+        assert!(
+            r.buf().capacity()
+                <= swb_wire::MAX_FRAME_LEN + swb_wire::HEADER_LEN + data.len() + 64 * 1024
+        );
     }
 });
