@@ -52,9 +52,9 @@ enum Command {
     /// print what happened and how to do it with separate processes.
     Demo(demo::DemoArgs),
     /// Run a relay.
-    Relay(relay::RelayArgs),
+    Relay(Box<relay::RelayArgs>),
     /// Run the daemon: keep a connection to the relay and serve the control socket.
-    Up(up::UpArgs),
+    Up(Box<up::UpArgs>),
     /// Send a message to a peer of your namespace (exit 0 once the relay accepted it).
     Send(client::SendArgs),
     /// Receive messages: prints `FROM<TAB>BODY` per message and acknowledges them.
@@ -170,8 +170,8 @@ fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Demo(a) => demo::run(a, &out).await,
-            Command::Relay(a) => relay::run(a).await,
-            Command::Up(a) => up::run(a, &out).await,
+            Command::Relay(a) => relay::run(*a).await,
+            Command::Up(a) => up::run(*a, &out).await,
             Command::Send(a) => client::send(a, &out).await,
             Command::Recv(a) => client::recv(a, &out).await,
             Command::Status => client::status(&out).await,

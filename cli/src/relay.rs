@@ -116,6 +116,16 @@ pub(crate) struct RelayArgs {
     /// that); more get `429 rate_limited`. 0: no limit. [default: 1000]
     #[arg(long, value_name = "N")]
     key_http_rate: Option<u64>,
+    /// OCSP stapling: `auto` staples when the certificate (with its issuer
+    /// in the --cert file) names a responder; `always` also refuses to
+    /// serve a revoked certificate; `must` serves only with a current good
+    /// staple; `never`. [default: auto]
+    #[arg(long, value_name = "MODE")]
+    ocsp: Option<swb_relay::OcspMode>,
+    /// The OCSP responder (http://…) to ask instead of the one the
+    /// certificate names.
+    #[arg(long, value_name = "URL")]
+    ocsp_responder: Option<String>,
 }
 
 /// `swbd relay --config FILE`: the flags as TOML.
@@ -149,6 +159,8 @@ pub(crate) struct RelayFile {
     connections_per_ip: Option<u64>,
     key_send_rate: Option<u64>,
     key_http_rate: Option<u64>,
+    ocsp: Option<String>,
+    ocsp_responder: Option<String>,
 }
 
 impl RelayFile {
@@ -225,6 +237,12 @@ fn merge_file(a: &mut RelayArgs) -> Result<()> {
     a.connections_per_ip = a.connections_per_ip.or(f.connections_per_ip);
     a.key_send_rate = a.key_send_rate.or(f.key_send_rate);
     a.key_http_rate = a.key_http_rate.or(f.key_http_rate);
+    if a.ocsp.is_none() {
+        if let Some(m) = &f.ocsp {
+            a.ocsp = Some(m.parse().map_err(|e| bad("ocsp", e))?);
+        }
+    }
+    a.ocsp_responder = a.ocsp_responder.take().or(f.ocsp_responder);
     Ok(())
 }
 
@@ -370,6 +388,10 @@ pub(crate) async fn run(mut a: RelayArgs) -> Result<()> {
     if let Some(n) = a.key_http_rate {
         config.key_http_rate = per_key(n);
     }
+    config.ocsp = swb_relay::OcspConfig {
+        mode: a.ocsp.unwrap_or_default(),
+        responder: a.ocsp_responder.clone(),
+    };
     let handle = Relay::spawn(config).await?;
     let addr = handle.local_addr();
     let fp = handle.fingerprint().to_string();

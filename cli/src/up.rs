@@ -35,6 +35,11 @@ pub(crate) struct UpArgs {
     /// TLS name to verify the relay as, when it differs from the --relay host.
     #[arg(long, value_name = "NAME")]
     server_name: Option<String>,
+    /// The relay's stapled OCSP response: `check` refuses a certificate it
+    /// says is revoked (and a Must-Staple one without a good staple);
+    /// `require` accepts only a current good staple; `off`. [default: check]
+    #[arg(long, value_name = "POLICY")]
+    ocsp: Option<swb_daemon::OcspPolicy>,
     /// This peer's name in the namespace: a DNS label (letters, digits, '-').
     #[arg(long, value_name = "NAME")]
     name: Option<String>,
@@ -74,6 +79,7 @@ struct UpFile {
     relay_fingerprint: Option<String>,
     ca: Option<PathBuf>,
     server_name: Option<String>,
+    ocsp: Option<String>,
     name: Option<String>,
     api_key_file: Option<PathBuf>,
     control: Option<PathBuf>,
@@ -103,6 +109,14 @@ fn merge_file(a: &mut UpArgs) -> Result<Option<PathBuf>> {
         a.ca = f.ca;
     }
     a.server_name = a.server_name.take().or(f.server_name);
+    if a.ocsp.is_none() {
+        if let Some(p) = &f.ocsp {
+            a.ocsp = Some(
+                p.parse()
+                    .map_err(|e| anyhow::anyhow!("--config {}: ocsp: {e}", path.display()))?,
+            );
+        }
+    }
     a.name = a.name.take().or(f.name);
     a.api_key_file = a.api_key_file.take().or(f.api_key_file);
     if a.expose.is_empty() {
@@ -246,6 +260,7 @@ pub(crate) async fn run(mut a: UpArgs, out: &Output) -> Result<()> {
     let mut cfg = DaemonConfig::new(a.relays[0].clone(), trust, name, key, control);
     cfg.relays = a.relays.clone();
     cfg.server_name = a.server_name.clone();
+    cfg.ocsp = a.ocsp.unwrap_or_default();
     cfg.expose = a.expose.clone();
     cfg.socks = socks_config(&a)?;
     cfg.metrics_listen = a.metrics;

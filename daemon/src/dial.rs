@@ -211,6 +211,7 @@ impl Dialer {
         }
         let tls = crate::tls::client_config(
             &crate::Trust::Fingerprint(r.fingerprint.clone()),
+            self.config.ocsp,
             swb_wire::ALPN,
             self.note.clone(),
         )

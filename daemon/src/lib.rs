@@ -54,7 +54,7 @@ pub use ping::{Pinger, Pong};
 pub use socks::SocksConfig;
 pub use streams::{BadExposure, Exposure, StreamError};
 pub use swb_wire::{Refusal, Welcome};
-pub use tls::Trust;
+pub use tls::{OcspPolicy, Trust};
 
 /// An API key. `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -85,6 +85,8 @@ pub struct DaemonConfig {
     pub server_name: Option<String>,
     /// How the relay's certificate is verified.
     pub trust: Trust,
+    /// What is asked of the relay's stapled OCSP response.
+    pub ocsp: OcspPolicy,
     /// Peer name to register.
     pub name: String,
     /// API key.
@@ -126,6 +128,7 @@ impl DaemonConfig {
             relays: vec![relay.into()],
             server_name: None,
             trust,
+            ocsp: OcspPolicy::default(),
             name: name.into(),
             api_key,
             control_path,
@@ -336,7 +339,7 @@ impl Daemon {
             }
         }
         let note = tls::VerifyNote::default();
-        let tls = tls::client_config(&config.trust, swb_wire::ALPN, note.clone())?;
+        let tls = tls::client_config(&config.trust, config.ocsp, swb_wire::ALPN, note.clone())?;
         let listener = server::bind(&config.control_path)?;
         let socks_listener = match &config.socks {
             None => None,

@@ -22,6 +22,164 @@ pub enum Trust {
     System,
 }
 
+/// What the daemon asks of the relay's stapled OCSP response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OcspPolicy {
+    /// Ignore staples.
+    Off,
+    /// Check a staple when there is one: a certificate its issuer's
+    /// responder says is revoked is refused. A certificate marked
+    /// Must-Staple needs a current good staple.
+    #[default]
+    Check,
+    /// A current good staple, signed by the certificate's issuer or a
+    /// responder it delegated to, is required.
+    Require,
+}
+
+impl std::str::FromStr for OcspPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "off" => Ok(Self::Off),
+            "check" => Ok(Self::Check),
+            "require" => Ok(Self::Require),
+            _ => Err(format!("--ocsp {s:?}: expected off, check or require")),
+        }
+    }
+}
+
+/// Wraps a verifier with the checks of the stapled OCSP response (rustls's
+/// own verifiers ignore it).
+#[derive(Debug)]
+struct Stapled {
+    inner: Arc<dyn ServerCertVerifier>,
+    policy: OcspPolicy,
+    /// Certificates that may have issued the relay's (the CA file), for a
+    /// chain that does not carry its issuer.
+    issuers: Vec<CertificateDer<'static>>,
+    note: VerifyNote,
+}
+
+impl Stapled {
+    fn refuse(&self, why: String, e: rustls::CertificateError) -> rustls::Error {
+        self.note.set(why);
+        rustls::Error::InvalidCertificate(e)
+    }
+
+    fn check_staple(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        staple: &[u8],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        use rustls::CertificateError as E;
+        let other = E::ApplicationVerificationFailure;
+        let Ok(leaf) = swb_ocsp::Cert::parse(end_entity) else {
+            return Ok(()); // webpki already judged the certificate itself
+        };
+        let required = self.policy == OcspPolicy::Require || leaf.must_staple();
+        let why = if self.policy == OcspPolicy::Require {
+            "--ocsp require"
+        } else {
+            "the certificate is marked OCSP Must-Staple"
+        };
+        if staple.is_empty() {
+            if required {
+                return Err(self.refuse(
+                    format!("the relay stapled no OCSP response to its certificate, and {why}"),
+                    other,
+                ));
+            }
+            return Ok(());
+        }
+        let issuer = intermediates
+            .iter()
+            .map(|c| c.as_ref())
+            .chain(self.issuers.iter().map(|c| c.as_ref()))
+            .filter_map(|d| swb_ocsp::Cert::parse(d).ok())
+            .find(|c| leaf.issued_by_name(c));
+        let Some(issuer) = issuer else {
+            if required {
+                return Err(self.refuse(
+                    format!("cannot check the relay's OCSP staple: its issuer's certificate is neither in the chain nor in the CA file, and {why}"),
+                    other,
+                ));
+            }
+            return Ok(());
+        };
+        match swb_ocsp::check(staple, &leaf, &issuer, now.as_secs()) {
+            Ok(c) => match c.status {
+                swb_ocsp::CertStatus::Good => Ok(()),
+                swb_ocsp::CertStatus::Revoked { at } => Err(self.refuse(
+                    format!("the relay's certificate is revoked (its issuer's OCSP responder says so, revoked at Unix time {at})"),
+                    E::Revoked,
+                )),
+                swb_ocsp::CertStatus::Unknown if required => Err(self.refuse(
+                    format!("the OCSP responder does not know the relay's certificate (status unknown), and {why}"),
+                    other,
+                )),
+                swb_ocsp::CertStatus::Unknown => Ok(()),
+            },
+            Err(e) if required => Err(self.refuse(
+                format!("the relay's OCSP staple is not usable ({e}), and {why}"),
+                other,
+            )),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+impl ServerCertVerifier for Stapled {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ok = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        if self.policy != OcspPolicy::Off {
+            self.check_staple(end_entity, intermediates, ocsp_response, now)?;
+        }
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+
+    fn requires_raw_public_keys(&self) -> bool {
+        false
+    }
+}
+
 /// Errors building the TLS client configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
@@ -164,15 +322,25 @@ impl Trust {
     /// offers these ALPN protocols: for clients of the relay's other doors
     /// (HTTPS) that want the same trust rules as the daemon.
     pub fn rustls_config(&self, alpn: &[&[u8]]) -> Result<rustls::ClientConfig, TrustError> {
-        let mut cfg = client_config(self, b"", VerifyNote::default())?;
+        let mut cfg = client_config(self, OcspPolicy::Check, b"", VerifyNote::default())?;
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         Ok(cfg)
     }
 }
 
-/// Builds the rustls client config (TLS 1.3, ring) for `trust` and `alpn`.
+fn roots_from(
+    certs: Vec<CertificateDer<'static>>,
+) -> (rustls::RootCertStore, Vec<CertificateDer<'static>>) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(certs.iter().cloned());
+    (roots, certs)
+}
+
+/// Builds the rustls client config (TLS 1.3, ring) for `trust`, `ocsp` and
+/// `alpn`.
 pub(crate) fn client_config(
     trust: &Trust,
+    ocsp: OcspPolicy,
     alpn: &[u8],
     note: VerifyNote,
 ) -> Result<rustls::ClientConfig, TrustError> {
@@ -180,39 +348,41 @@ pub(crate) fn client_config(
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TrustError::Config(e.to_string()))?;
-    let mut cfg = match trust {
+    let (inner, issuers): (Arc<dyn ServerCertVerifier>, _) = match trust {
         Trust::Fingerprint(fp) => {
             let want = parse_fingerprint(fp)?;
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(Pinned {
-                    want,
-                    provider,
-                    note,
-                }))
-                .with_no_client_auth()
+            let pinned = Arc::new(Pinned {
+                want,
+                provider: provider.clone(),
+                note: note.clone(),
+            });
+            (pinned, Vec::new())
         }
         Trust::CaFile(path) => {
             let ca_err = |reason: String| TrustError::Ca {
                 path: path.display().to_string(),
                 reason,
             };
-            let mut roots = rustls::RootCertStore::empty();
             let certs = CertificateDer::pem_file_iter(path)
                 .map_err(|e| ca_err(e.to_string()))?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| ca_err(e.to_string()))?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
+            let (roots, issuers) = roots_from(certs);
+            if roots.is_empty() {
                 return Err(ca_err("no usable CERTIFICATE block".into()));
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| TrustError::Config(e.to_string()))?;
+            (v as Arc<dyn ServerCertVerifier>, issuers)
         }
         Trust::System => {
             let loaded = rustls_native_certs::load_native_certs();
-            let mut roots = rustls::RootCertStore::empty();
-            let (added, _) = roots.add_parsable_certificates(loaded.certs);
-            if added == 0 {
+            let (roots, issuers) = roots_from(loaded.certs);
+            if roots.is_empty() {
                 let why = loaded
                     .errors
                     .first()
@@ -220,9 +390,25 @@ pub(crate) fn client_config(
                     .unwrap_or_else(|| "empty store".into());
                 return Err(TrustError::NoSystemRoots(why));
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| TrustError::Config(e.to_string()))?;
+            (v as Arc<dyn ServerCertVerifier>, issuers)
         }
     };
+    let verifier = Arc::new(Stapled {
+        inner,
+        policy: ocsp,
+        issuers,
+        note,
+    });
+    let mut cfg = builder
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
     cfg.alpn_protocols = vec![alpn.to_vec()];
     Ok(cfg)
 }

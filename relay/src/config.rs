@@ -77,6 +77,8 @@ pub struct RelayConfig {
     /// Where to serve Prometheus metrics (plain HTTP, `GET /metrics`);
     /// `None`: not served ([`RelayHandle::metrics_text`] still works).
     pub metrics_listen: Option<SocketAddr>,
+    /// OCSP stapling (mode `auto` by default).
+    pub ocsp: crate::OcspConfig,
 }
 
 /// Where the HTTPS endpoint listens (TCP).
@@ -119,6 +121,7 @@ impl RelayConfig {
             durability: None,
             mesh: None,
             metrics_listen: None,
+            ocsp: crate::OcspConfig::default(),
         }
     }
 }

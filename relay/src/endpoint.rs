@@ -24,10 +24,13 @@ pub(crate) const INITIAL_STREAMS: u32 = 8;
 const DEFAULT_IDLE: Duration = Duration::from_secs(15);
 
 /// Binds the UDP socket and builds the QUIC server endpoint.
-pub(crate) fn bind(config: &RelayConfig) -> Result<quinn::Endpoint, RelayError> {
+pub(crate) fn bind(
+    config: &RelayConfig,
+    certs: Option<Arc<dyn rustls::server::ResolvesServerCert>>,
+) -> Result<quinn::Endpoint, RelayError> {
     let tls = config
         .identity
-        .server_config(&[swb_wire::ALPN, swb_wire::MESH_ALPN])?;
+        .server_config_with(&[swb_wire::ALPN, swb_wire::MESH_ALPN], certs)?;
     let qcfg = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| crate::tls::TlsError::Config(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(qcfg));

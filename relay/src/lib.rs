@@ -57,6 +57,7 @@ pub mod keys;
 pub mod limits;
 pub mod mesh;
 mod metrics;
+mod ocsp;
 mod placement;
 mod router;
 mod services;
@@ -66,6 +67,7 @@ pub use config::{HttpListen, RelayConfig};
 pub use doors::http::{openapi, HttpLimits, MAX_REQUEST_BODY};
 pub use doors::session::DELIVERY_WINDOW;
 pub use keys::{KeySource, KeyStore, KeysFile};
+pub use ocsp::{OcspConfig, OcspMode, StapleError};
 pub use placement::LiveSet;
 pub use services::registry::{MailboxLimits, Peer, Via, MESSAGE_OVERHEAD};
 
@@ -115,6 +117,9 @@ pub enum RelayError {
     /// TLS setup failed.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// OCSP stapling cannot serve the certificate.
+    #[error(transparent)]
+    Ocsp(#[from] ocsp::StapleError),
     /// The keys file could not be loaded.
     #[error(transparent)]
     Keys(#[from] keys::KeysError),
@@ -250,7 +255,13 @@ impl Relay {
             )));
         }
         let keys = Arc::new(keys::Keys::load(config.keys.clone())?);
-        let endpoint = endpoint::bind(&config)?;
+        let stapler =
+            ocsp::Stapler::start(&config.identity, &config.ocsp, config.state_dir.as_deref())
+                .await?;
+        let certs = stapler
+            .clone()
+            .map(|s| s as Arc<dyn rustls::server::ResolvesServerCert>);
+        let endpoint = endpoint::bind(&config, certs.clone())?;
         let local_addr = endpoint.local_addr().map_err(|source| RelayError::Bind {
             addr: config.listen,
             source,
@@ -281,7 +292,11 @@ impl Relay {
             Some(l) => Some(local(l, config.listen)?),
             None => None,
         };
-        let http_tls = Arc::new(config.identity.server_config(&[b"h2", b"http/1.1"])?);
+        let http_tls = Arc::new(
+            config
+                .identity
+                .server_config_with(&[b"h2", b"http/1.1"], certs)?,
+        );
         let fingerprint = config.identity.fingerprint();
         let me = swb_wire::RelayRecord {
             id: config.relay_id.clone(),
@@ -304,6 +319,14 @@ impl Relay {
         };
         let config = Arc::new(config);
         let metrics = Arc::new(metrics::Metrics::new());
+        if let Some(s) = &stapler {
+            for g in [&s.gauge, &s.expires_gauge] {
+                metrics
+                    .registry
+                    .register(Box::new(g.clone()))
+                    .map_err(|e| RelayError::Config(e.to_string()))?;
+            }
+        }
         let (store, recovered) = open_store(&config)?;
         let services = Arc::new(Services::new(config.clone(), metrics, store));
         let (restored, lost) = services.restore(recovered);
@@ -351,6 +374,9 @@ impl Relay {
             tasks.clone(),
         ));
         let span = tracing::info_span!("relay", relay = %config.relay_id);
+        if let Some(s) = stapler {
+            tasks.spawn(s.run(root.child_token()).instrument(span.clone()));
+        }
         let http_task = http_listener.map(|l| {
             tasks.spawn(
                 doors::http::serve(l, http_tls, router.clone(), doors.clone())

@@ -159,14 +159,28 @@ impl Identity {
 
     /// A rustls server config (TLS 1.3 only, ring provider) with these ALPNs.
     pub fn server_config(&self, alpn: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
-        let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        self.server_config_with(alpn, None)
+    }
+
+    /// As [`Identity::server_config`], the certificate (and its OCSP
+    /// staple) coming from `resolver` when given.
+    pub(crate) fn server_config_with(
+        &self,
+        alpn: &[&[u8]],
+        resolver: Option<Arc<dyn rustls::server::ResolvesServerCert>>,
+    ) -> Result<rustls::ServerConfig, TlsError> {
+        let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(self.chain.clone(), self.key.clone_key())
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .with_no_client_auth();
+        let mut cfg = match resolver {
+            Some(r) => builder.with_cert_resolver(r),
+            None => builder
+                .with_single_cert(self.chain.clone(), self.key.clone_key())
+                .map_err(|e| TlsError::Config(e.to_string()))?,
+        };
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         Ok(cfg)
     }

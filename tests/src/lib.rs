@@ -86,6 +86,8 @@ pub struct RelayOptions {
     pub key_http_rate: Option<swb_relay::limits::Rate>,
     /// Serve metrics on `127.0.0.1:0`.
     pub metrics: bool,
+    /// OCSP stapling.
+    pub ocsp: swb_relay::OcspConfig,
 }
 
 impl Default for RelayOptions {
@@ -104,6 +106,7 @@ impl Default for RelayOptions {
             key_send_rate: Some(swb_relay::limits::Rate::new(50_000.0, 100_000.0)),
             key_http_rate: Some(swb_relay::limits::Rate::new(1000.0, 2000.0)),
             metrics: false,
+            ocsp: swb_relay::OcspConfig::default(),
         }
     }
 }
@@ -165,10 +168,16 @@ impl TestRelay {
         cfg.key_send_rate = opts.key_send_rate;
         cfg.key_http_rate = opts.key_http_rate;
         cfg.state_dir = Some(dir.path().join("state"));
+        cfg.ocsp = opts.ocsp.clone();
         if opts.metrics {
             cfg.metrics_listen = Some("127.0.0.1:0".parse()?);
         }
         Ok(Relay::spawn(cfg).await?)
+    }
+
+    /// The relay's directory (keys file, `state/`).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     /// The relay's UDP address.
