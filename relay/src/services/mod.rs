@@ -23,6 +23,9 @@ use store::{Durable, MsgKey, Record, Store, StoreError, StoredStatus};
 use swb_wire::{Code, MessageId, Refusal, SetStatus, MAX_MESSAGE_BODY};
 use tokio_util::sync::CancellationToken;
 
+/// Most messages expired under one hold of the registry lock.
+pub(crate) const EXPIRE_BATCH: usize = 4096;
+
 /// The local services of one relay.
 pub(crate) struct Services {
     pub(crate) config: Arc<RelayConfig>,
@@ -369,12 +372,22 @@ impl Services {
         self.log_removed(&mut reg);
     }
 
-    /// Drops expired messages; how many.
+    /// Drops expired messages; how many. Takes the registry lock for at
+    /// most [`EXPIRE_BATCH`] messages at a time.
     pub(crate) fn expire(&self) -> usize {
-        let mut reg = self.registry();
-        let n = reg.expire(tokio::time::Instant::now());
-        self.log_removed(&mut reg);
-        n
+        let now = tokio::time::Instant::now();
+        let mut total = 0;
+        loop {
+            let mut reg = self.registry();
+            let (n, more) = reg.expire(now, EXPIRE_BATCH);
+            self.log_removed(&mut reg);
+            drop(reg);
+            total += n;
+            if !more {
+                return total;
+            }
+            std::thread::yield_now();
+        }
     }
 
     /// Changes the status of `name` (homed here); the new status, and what

@@ -14,7 +14,7 @@
 //! let receivers drop the duplicates this can cause.
 
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -283,6 +283,14 @@ pub(crate) struct Registry {
     /// Messages removed since the last [`Registry::take_removed`]:
     /// (namespace, recipient, sender, id).
     removed: Vec<Removed>,
+    /// Non-empty mailboxes by the expiry of their oldest message: expiry
+    /// visits only mailboxes with something to expire.
+    expiry: BTreeSet<(Instant, Key)>,
+    /// Mailboxes that may hold HTTP leases (cleaned lazily).
+    leased: HashSet<Key>,
+    /// Names polled over HTTP recently (cleaned lazily): the only slots
+    /// that go idle, and the only presence that ends, by time alone.
+    http_seen: HashSet<Key>,
 }
 
 /// A removed message: (namespace, recipient, sender, id).
@@ -296,6 +304,9 @@ impl Registry {
     pub(crate) fn new(limits: MailboxLimits, status_retention: Duration) -> Self {
         Self {
             slots: HashMap::new(),
+            expiry: BTreeSet::new(),
+            leased: HashSet::new(),
+            http_seen: HashSet::new(),
             status: super::status::StatusBoard::new(status_retention),
             usage: HashMap::new(),
             limits,
@@ -416,6 +427,9 @@ impl Registry {
         let ttl = lim.ttl;
         let slot = self.slots.entry(k.clone()).or_default();
         let mb = &mut slot.mailbox;
+        if mb.msgs.is_empty() {
+            self.expiry.insert((now + ttl, k.clone()));
+        }
         let seq = mb.next_seq;
         mb.next_seq += 1;
         mb.bytes += cost;
@@ -511,7 +525,9 @@ impl Registry {
     /// HTTP and returns what wakes the poll. Pair with [`Self::http_poll_end`].
     pub(crate) fn http_poll_begin(&mut self, ns: &str, name: &str, now: Instant) -> Arc<Notify> {
         let visibility = self.limits.visibility;
-        let slot = self.slots.entry(key(ns, name)).or_default();
+        let k = key(ns, name);
+        self.http_seen.insert(k.clone());
+        let slot = self.slots.entry(k).or_default();
         if !slot.http_active(now, visibility) {
             slot.http.since = Some(SystemTime::now());
         }
@@ -560,6 +576,9 @@ impl Registry {
             }
             if !matches!(m.lease, Lease::Http(_)) {
                 mb.http_leased += 1;
+                if mb.http_leased == 1 {
+                    self.leased.insert(key(ns, name));
+                }
             }
             m.lease = Lease::Http(until);
             if let (Some(t), Some(h)) = (m.waiting_since.take(), &self.delivery_wait) {
@@ -580,11 +599,16 @@ impl Registry {
     pub(crate) fn sweep_leases(&mut self, now: Instant) -> usize {
         let visibility = self.limits.visibility;
         let mut freed = 0;
-        let mut idle = Vec::new();
-        for (k, slot) in self.slots.iter_mut() {
+        // Only mailboxes that hold HTTP leases.
+        let leased: Vec<Key> = self.leased.iter().cloned().collect();
+        for k in leased {
+            let Some(slot) = self.slots.get_mut(&k) else {
+                self.leased.remove(&k);
+                continue;
+            };
             let mb = &mut slot.mailbox;
+            let mut n = 0;
             if mb.http_leased > 0 {
-                let mut n = 0;
                 for (seq, m) in mb.msgs.iter_mut() {
                     if matches!(m.lease, Lease::Http(t) if t <= now) {
                         m.lease = Lease::Free;
@@ -593,27 +617,35 @@ impl Registry {
                     }
                 }
                 mb.http_leased -= n;
-                if n > 0 {
-                    freed += n;
-                    slot.wake();
-                }
             }
-            if slot.is_idle(now, visibility) {
-                idle.push(k.clone());
+            if mb.http_leased == 0 {
+                self.leased.remove(&k);
+            }
+            if n > 0 {
+                freed += n;
+                slot.wake();
             }
         }
-        for k in idle {
-            self.slots.remove(&k);
-        }
-        // Presence: names the board calls online that are not any more
-        // (HTTP pollers gone quiet, slots forgotten).
-        for (ns, name) in self.status.online() {
-            let online = self
-                .slots
-                .get(&(ns.clone(), name.clone()))
-                .is_some_and(|s| s.online(now, visibility));
+        // Names polled over HTTP: presence ends and slots go idle by time
+        // alone only there (sessions end by an event).
+        let seen: Vec<Key> = self.http_seen.iter().cloned().collect();
+        for k in seen {
+            let (online, idle, active) = match self.slots.get(&k) {
+                Some(s) => (
+                    s.online(now, visibility),
+                    s.is_idle(now, visibility),
+                    s.http_active(now, visibility),
+                ),
+                None => (false, true, false),
+            };
             if !online {
-                self.status.set_presence(&ns, &name, false, now);
+                self.status.set_presence(&k.0, &k.1, false, now);
+            }
+            if idle {
+                self.slots.remove(&k);
+            }
+            if !active {
+                self.http_seen.remove(&k);
             }
         }
         self.status.sweep(now);
@@ -626,6 +658,7 @@ impl Registry {
         };
         let mb = &mut slot.mailbox;
         let before_len = mb.msgs.len();
+        let head_before = mb.msgs.first_key_value().map(|(_, m)| m.expires_at);
         let mut freed = 0;
         let seqs: Vec<u64> = if ids.is_empty() {
             mb.msgs
@@ -655,6 +688,15 @@ impl Registry {
         }
         let removed = before_len - mb.msgs.len();
         let now_empty = mb.msgs.is_empty();
+        let head_after = mb.msgs.first_key_value().map(|(_, m)| m.expires_at);
+        if head_after != head_before {
+            if let Some(t) = head_before {
+                self.expiry.remove(&(t, k.clone()));
+            }
+            if let Some(t) = head_after {
+                self.expiry.insert((t, k.clone()));
+            }
+        }
         if let Some(u) = self.usage.get_mut(&k.0) {
             u.bytes -= freed;
             if removed > 0 && now_empty {
@@ -683,17 +725,35 @@ impl Registry {
         self.remove_msg(&key(ns, name), |_| false, ids)
     }
 
-    /// Drops expired messages everywhere; returns how many.
-    pub(crate) fn expire(&mut self, now: Instant) -> usize {
-        let keys: Vec<Key> = self
-            .slots
-            .iter()
-            .filter(|(_, s)| s.mailbox.msgs.values().any(|m| m.expires_at <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        keys.iter()
-            .map(|k| self.remove_msg(k, |m| m.expires_at <= now, &[]))
-            .sum()
+    /// Drops expired messages, at most about `budget`; returns how many,
+    /// and whether more are due (call again, after letting others take
+    /// the lock). Visits only mailboxes whose oldest message expired.
+    pub(crate) fn expire(&mut self, now: Instant, budget: usize) -> (usize, bool) {
+        let mut n = 0;
+        while let Some((t, k)) = self.expiry.first().cloned() {
+            if t > now {
+                return (n, false);
+            }
+            if n >= budget {
+                return (n, true);
+            }
+            n += self.remove_msg(&k, |m| m.expires_at <= now, &[]);
+            // Whatever remained (a message restored out of order), this
+            // entry is done with.
+            if self.expiry.first() == Some(&(t, k.clone())) {
+                self.expiry.pop_first();
+                if let Some(h) = self
+                    .slots
+                    .get(&k)
+                    .and_then(|s| s.mailbox.msgs.first_key_value())
+                    .map(|(_, m)| m.expires_at)
+                    .filter(|h| *h > t)
+                {
+                    self.expiry.insert((h, k));
+                }
+            }
+        }
+        (n, false)
     }
 
     /// Every attached session.
@@ -1047,12 +1107,48 @@ mod tests {
         send(&mut r, "ns", "b", 1, 1);
         tokio::time::advance(Duration::from_secs(5)).await;
         send(&mut r, "ns", "b", 2, 1);
-        assert_eq!(r.expire(Instant::now()), 0);
+        assert_eq!(r.expire(Instant::now(), 100), (0, false));
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert_eq!(r.expire(Instant::now()), 1);
+        assert_eq!(r.expire(Instant::now(), 100), (1, false));
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert_eq!(r.expire(Instant::now()), 1);
+        assert_eq!(r.expire(Instant::now(), 100), (1, false));
         assert_eq!(r.held_messages(), 0);
         assert!(r.slots.is_empty() && r.usage.is_empty());
+        assert!(r.expiry.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sweeps_visit_only_what_is_due() {
+        let mut r = Registry::new(
+            MailboxLimits {
+                messages: 10,
+                bytes: 1000,
+                ttl: Duration::from_secs(10),
+                namespace_bytes: 1_000_000,
+                namespace_mailboxes: 1000,
+                visibility: Duration::from_secs(5),
+            },
+            Duration::from_secs(3600),
+        );
+        // Many mailboxes, messages acknowledged and not; HTTP polls.
+        for i in 0..50u8 {
+            send(&mut r, "ns", &format!("p{i}"), i, 1);
+        }
+        assert_eq!(r.expiry.len(), 50, "one entry per non-empty mailbox");
+        r.ack("ns", "p0", &[id(0)]);
+        assert_eq!(r.expiry.len(), 49, "an emptied mailbox leaves the index");
+        let _ = r.http_poll_begin("ns", "h", Instant::now());
+        r.http_poll_end("ns", "h", Instant::now());
+        assert_eq!(r.http_seen.len(), 1);
+        tokio::time::advance(Duration::from_secs(11)).await;
+        // Expiry in batches: 49 due, 20 at a time.
+        let now = Instant::now();
+        assert_eq!(r.expire(now, 20), (20, true));
+        assert_eq!(r.expire(now, 20), (20, true));
+        assert_eq!(r.expire(now, 20), (9, false));
+        assert!(r.expiry.is_empty() && r.held_messages() == 0);
+        // The HTTP poller went quiet: its presence ends, its slot goes.
+        r.sweep_leases(now);
+        assert!(r.http_seen.is_empty() && r.slots.is_empty());
     }
 }

@@ -13,7 +13,7 @@
 //! across namespaces. Watching a name creates its channel, so a watcher may
 //! wait for a peer that has not attached yet.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use swb_wire::{Refusal, SetStatus, StatusUpdate};
@@ -160,6 +160,11 @@ pub(crate) struct StatusBoard {
     retention: Duration,
     /// Changes published to watchers since start (metrics).
     pub(crate) published: u64,
+    /// Offline entries by when they went offline (stale pairs are skipped):
+    /// the retention sweep visits only what is due.
+    offline: BTreeSet<(Instant, Key)>,
+    /// Sweeps since channels nobody holds were last looked for.
+    sweeps: u32,
 }
 
 impl std::fmt::Debug for StatusBoard {
@@ -179,6 +184,8 @@ impl StatusBoard {
             dirty: HashSet::new(),
             retention,
             published: 0,
+            offline: BTreeSet::new(),
+            sweeps: 0,
         }
     }
 
@@ -270,10 +277,13 @@ impl StatusBoard {
         s.online = online;
         s.since = Some(SystemTime::now());
         e.current = Arc::new(s);
+        let old = e.offline_at;
         e.offline_at = (!online).then_some(now);
+        let new = e.offline_at;
         Self::publish(e, now);
         self.published += 1;
         self.dirty.remove(&k);
+        self.reindex(&k, old, new);
     }
 
     /// Applies a status change of `(ns, name)`; returns the new snapshot.
@@ -304,9 +314,11 @@ impl StatusBoard {
         s.updated = Some(SystemTime::now());
         // A name with no peer attached (a status set over HTTP) is kept for
         // the retention after its last change, like an offline peer's.
+        let old = e.offline_at;
         if !s.online {
             e.offline_at = Some(now);
         }
+        let new = e.offline_at;
         e.current = Arc::new(s);
         let wait = e
             .last_publish
@@ -315,6 +327,7 @@ impl StatusBoard {
             Self::publish(e, now);
         }
         let out = e.current.clone();
+        self.reindex(&k, old, new);
         if wait {
             self.dirty.insert(k);
         } else {
@@ -349,15 +362,6 @@ impl StatusBoard {
         v
     }
 
-    /// Names of `ns` the board says are online.
-    pub(crate) fn online(&self) -> Vec<(Arc<str>, Arc<str>)> {
-        self.entries
-            .iter()
-            .filter(|(_, e)| e.current.online)
-            .map(|(k, _)| k.clone())
-            .collect()
-    }
-
     /// Whether coalesced changes wait for [`Self::flush`].
     pub(crate) fn has_dirty(&self) -> bool {
         !self.dirty.is_empty()
@@ -390,12 +394,20 @@ impl StatusBoard {
     /// nobody held and nobody watches any more.
     pub(crate) fn sweep(&mut self, now: Instant) {
         let retention = self.retention;
-        let expired: Vec<Key> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.offline_at.is_some_and(|t| now >= t + retention))
-            .map(|(k, _)| k.clone())
-            .collect();
+        let mut expired = Vec::new();
+        while let Some((t, k)) = self.offline.first().cloned() {
+            if now < t + retention {
+                break;
+            }
+            self.offline.pop_first();
+            if self
+                .entries
+                .get(&k)
+                .is_some_and(|e| e.offline_at == Some(t))
+            {
+                expired.push(k);
+            }
+        }
         for k in expired {
             let watched = self
                 .entries
@@ -419,7 +431,12 @@ impl StatusBoard {
                 self.dirty.remove(&k);
             }
         }
-        // Channels of names nobody held and nobody watches any more.
+        // Channels of names nobody held and nobody watches any more: a walk
+        // of every entry, so only every 64th sweep (about once a minute).
+        self.sweeps = self.sweeps.wrapping_add(1);
+        if self.sweeps % 64 != 1 {
+            return;
+        }
         let per_ns = &mut self.per_ns;
         self.entries.retain(|k, e| {
             let keep = (e.current.version > 0 && !e.mirror) || e.tx.receiver_count() > 0;
@@ -428,6 +445,18 @@ impl StatusBoard {
             }
             keep
         });
+    }
+
+    fn reindex(&mut self, k: &Key, old: Option<Instant>, new: Option<Instant>) {
+        if old == new {
+            return;
+        }
+        if let Some(t) = old {
+            self.offline.remove(&(t, k.clone()));
+        }
+        if let Some(t) = new {
+            self.offline.insert((t, k.clone()));
+        }
     }
 
     fn uncount(per_ns: &mut HashMap<Arc<str>, usize>, ns: &Arc<str>) {
