@@ -18,6 +18,7 @@ use swb_relay::{HttpListen, Identity, KeySource, Relay, RelayConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod durable;
+mod flood;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum BenchCommand {
@@ -41,6 +42,10 @@ pub(crate) enum BenchCommand {
     /// Durable messages (stored before `accepted`) at the sync and process
     /// levels vs. NATS JetStream with file storage: rate and latency.
     Durable(durable::DurableArgs),
+    /// Established peers' request -> reply latency while the relay is
+    /// flooded with full handshakes and with Initials that never complete,
+    /// handshakes on the handshake thread vs on the runtime's workers.
+    Flood(flood::FloodArgs),
     /// Every scenario in sequence, then one summary table.
     All(AllArgs),
     /// (internal) A bare quinn server process, the baseline of `idle`.
@@ -49,6 +54,9 @@ pub(crate) enum BenchCommand {
     /// (internal) A relay process for `idle`, configured as `swbd relay --dev`.
     #[command(hide = true)]
     RelayProcess(RelayProcessArgs),
+    /// (internal) The flood generator of `flood`.
+    #[command(hide = true)]
+    FloodGen(flood::FloodGenArgs),
 }
 
 #[derive(Debug, Args)]
@@ -88,6 +96,8 @@ pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
         BenchCommand::Latency(a) => latency_bench(a, out).await,
         BenchCommand::Rate(a) => rate_bench(a, out).await,
         BenchCommand::Durable(a) => durable::durable_bench(a, out).await,
+        BenchCommand::Flood(a) => flood::flood_bench(a, out).await,
+        BenchCommand::FloodGen(a) => flood::flood_gen_main(a).await,
         BenchCommand::All(a) => all(a, out).await,
         BenchCommand::BareServer(a) => bare_server_main(a).await,
         BenchCommand::RelayProcess(a) => relay_process_main(a).await,
@@ -172,6 +182,7 @@ fn bench_relay_config(identity: Identity) -> Result<(RelayConfig, String)> {
     // addresses on purpose: they measure capacity, not the per-address
     // policy (QUIC Retry under load stays on, as deployed).
     rc.connections_per_ip = None;
+    rc.initials.per_ip = None;
     rc.key_send_rate = None;
     rc.key_http_rate = None;
     Ok((rc, new.key))
@@ -986,6 +997,14 @@ pub(crate) struct RelayProcessArgs {
     /// The keys file.
     #[arg(long)]
     keys: std::path::PathBuf,
+    /// As `swbd relay --handshake-threads`.
+    #[arg(long, default_value_t = 1)]
+    handshake_threads: usize,
+    /// Keep the per-address limits (new connections, first-contact
+    /// Initials) as deployed; off by default: `idle` attaches thousands of
+    /// clients from few addresses.
+    #[arg(long)]
+    deployed_limits: bool,
 }
 
 pub(crate) async fn relay_process_main(a: RelayProcessArgs) -> Result<()> {
@@ -998,8 +1017,12 @@ pub(crate) async fn relay_process_main(a: RelayProcessArgs) -> Result<()> {
     config.http_listen = HttpListen::Off;
     config.state_dir = Some(a.data_dir.clone());
     // As `bench_relay_config`: capacity, not the per-address policy.
-    config.connections_per_ip = None;
+    if !a.deployed_limits {
+        config.connections_per_ip = None;
+        config.initials.per_ip = None;
+    }
     config.key_send_rate = None;
+    config.handshake_threads = a.handshake_threads;
     let relay = Relay::spawn(config).await?;
     println!("relay listening on {} (udp)", relay.local_addr());
     println!("fingerprint {}", relay.fingerprint());

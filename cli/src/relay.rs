@@ -98,6 +98,10 @@ pub(crate) struct RelayArgs {
     /// retry after their backoff (keeps a reconnect storm finishing). [default: 1024]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     max_handshakes: Option<u64>,
+    /// Threads (at nice +10) that compute TLS handshakes, away from the
+    /// workers carrying established sessions; 0: on the workers. [default: 1]
+    #[arg(long, value_name = "N")]
+    handshake_threads: Option<usize>,
     /// Handshakes in flight above which a connection from an unproven
     /// address first gets a QUIC Retry (spoofed sources cannot hold
     /// handshake slots); 0: always. [default: 64]
@@ -155,6 +159,7 @@ pub(crate) struct RelayFile {
     message_ttl: Option<String>,
     namespace_bytes: Option<usize>,
     max_handshakes: Option<u64>,
+    handshake_threads: Option<usize>,
     retry_above: Option<u64>,
     connections_per_ip: Option<u64>,
     key_send_rate: Option<u64>,
@@ -233,6 +238,7 @@ fn merge_file(a: &mut RelayArgs) -> Result<()> {
         }
         a.max_handshakes = f.max_handshakes;
     }
+    a.handshake_threads = a.handshake_threads.or(f.handshake_threads);
     a.retry_above = a.retry_above.or(f.retry_above);
     a.connections_per_ip = a.connections_per_ip.or(f.connections_per_ip);
     a.key_send_rate = a.key_send_rate.or(f.key_send_rate);
@@ -374,6 +380,9 @@ pub(crate) async fn run(mut a: RelayArgs) -> Result<()> {
     config.max_handshakes = a.max_handshakes.map_or(swb_relay::MAX_HANDSHAKES, |n| {
         usize::try_from(n).unwrap_or(usize::MAX)
     });
+    if let Some(n) = a.handshake_threads {
+        config.handshake_threads = n;
+    }
     if let Some(n) = a.retry_above {
         config.retry_above = usize::try_from(n).unwrap_or(usize::MAX);
     }

@@ -33,6 +33,13 @@ pub struct RelayConfig {
     /// after their backoff, so a reconnect storm finishes handshakes instead
     /// of letting all of them slow down past their timeouts.
     pub max_handshakes: usize,
+    /// Threads (at nice +10) that do the CPU-heavy part of TLS handshakes,
+    /// away from the workers that carry established sessions; 0 does it
+    /// on the workers.
+    pub handshake_threads: usize,
+    /// QUIC Initials without a token (first contact) per source address
+    /// and in total; more are dropped before the handshake starts.
+    pub initials: crate::InitialLimits,
     /// Handshakes in flight above which a new connection from an address
     /// it has not proven (QUIC address validation) is sent a QUIC Retry
     /// first, so spoofed sources cannot hold handshake slots (default 64;
@@ -106,6 +113,8 @@ impl RelayConfig {
             idle_timeout: Duration::from_secs(15),
             hello_timeout: Duration::from_secs(10),
             max_handshakes: crate::MAX_HANDSHAKES,
+            handshake_threads: 1,
+            initials: crate::InitialLimits::default(),
             retry_above: 64,
             connections_per_ip: Some(crate::limits::Rate::new(50.0, 500.0)),
             key_send_rate: Some(crate::limits::Rate::new(50_000.0, 100_000.0)),

@@ -27,7 +27,7 @@ const DEFAULT_IDLE: Duration = Duration::from_secs(15);
 pub(crate) fn bind(
     config: &RelayConfig,
     certs: Option<Arc<dyn rustls::server::ResolvesServerCert>>,
-) -> Result<quinn::Endpoint, RelayError> {
+) -> Result<(quinn::Endpoint, prometheus::IntCounter), RelayError> {
     let tls = config
         .identity
         .server_config_with(&[swb_wire::ALPN, swb_wire::MESH_ALPN], certs)?;
@@ -51,19 +51,28 @@ pub(crate) fn bind(
     transport.max_idle_timeout(idle.ok());
     transport.datagram_receive_buffer_size(None);
     server.transport_config(Arc::new(transport));
-    crate::udp_socket(config.listen)
-        .and_then(|sock| {
-            quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
-                Some(server),
-                sock,
-                Arc::new(quinn::TokioRuntime),
-            )
-        })
-        .map_err(|source| RelayError::Bind {
-            addr: config.listen,
-            source,
-        })
+    let bind_err = |source| RelayError::Bind {
+        addr: config.listen,
+        source,
+    };
+    let runtime = Arc::new(crate::offload::MainRuntime(
+        tokio::runtime::Handle::current(),
+    ));
+    let sock = crate::udp_socket(config.listen).map_err(bind_err)?;
+    let sock = quinn::Runtime::wrap_udp_socket(&*runtime, sock).map_err(bind_err)?;
+    let gate = Arc::new(
+        crate::gate::Gate::new(sock, config.initials)
+            .map_err(|e| RelayError::Config(e.to_string()))?,
+    );
+    let dropped = gate.dropped.clone();
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        gate,
+        runtime,
+    )
+    .map_err(bind_err)?;
+    Ok((endpoint, dropped))
 }
 
 /// Takes one connection through its TLS handshake, then hands it on by
@@ -73,15 +82,26 @@ pub(crate) async fn connection(
     router: Arc<Router>,
     mesh: Option<mpsc::Sender<MeshIncoming>>,
     incoming: quinn::Incoming,
+    offload: Arc<crate::offload::Offload>,
     permit: OwnedSemaphorePermit,
     cancel: CancellationToken,
 ) {
     let started = tokio::time::Instant::now();
     let hello_timeout = router.config().hello_timeout;
     let metrics = &router.services().metrics;
+    // The server's first flight (key exchange, certificate signature) is
+    // computed on a handshake thread; the rest runs here.
+    let connecting = match offload.run(move || incoming.accept()).await {
+        Ok(c) => c,
+        Err(e) => {
+            debug!("handshake failed: {e}");
+            metrics.handshake("failed", "quic");
+            return;
+        }
+    };
     let conn = tokio::select! {
         _ = cancel.cancelled() => return,
-        c = tokio::time::timeout(hello_timeout, incoming) => match c {
+        c = tokio::time::timeout_at(started + hello_timeout, connecting) => match c {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 debug!("handshake failed: {e}");

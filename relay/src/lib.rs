@@ -53,11 +53,13 @@ mod endpoint;
 /// Entry points for the fuzz targets (`fuzz/`).
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod gate;
 pub mod keys;
 pub mod limits;
 pub mod mesh;
 mod metrics;
 mod ocsp;
+mod offload;
 mod placement;
 mod router;
 mod services;
@@ -66,6 +68,7 @@ pub mod tls;
 pub use config::{HttpListen, RelayConfig};
 pub use doors::http::{openapi, HttpLimits, MAX_REQUEST_BODY};
 pub use doors::session::DELIVERY_WINDOW;
+pub use gate::InitialLimits;
 pub use keys::{KeySource, KeyStore, KeysFile};
 pub use ocsp::{OcspConfig, OcspMode, StapleError};
 pub use placement::LiveSet;
@@ -261,7 +264,7 @@ impl Relay {
         let certs = stapler
             .clone()
             .map(|s| s as Arc<dyn rustls::server::ResolvesServerCert>);
-        let endpoint = endpoint::bind(&config, certs.clone())?;
+        let (endpoint, initials_dropped) = endpoint::bind(&config, certs.clone())?;
         let local_addr = endpoint.local_addr().map_err(|source| RelayError::Bind {
             addr: config.listen,
             source,
@@ -319,6 +322,10 @@ impl Relay {
         };
         let config = Arc::new(config);
         let metrics = Arc::new(metrics::Metrics::new());
+        metrics
+            .registry
+            .register(Box::new(initials_dropped))
+            .map_err(|e| RelayError::Config(e.to_string()))?;
         if let Some(s) = &stapler {
             for g in [&s.gauge, &s.expires_gauge] {
                 metrics
@@ -621,6 +628,13 @@ impl Main {
         let services = router.services().clone();
         let tasks = router.tasks().clone();
         let handshakes = Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1)));
+        let offload = match offload::Offload::new(config.handshake_threads) {
+            Ok(o) => Arc::new(o),
+            Err(e) => {
+                warn!("cannot start handshake threads ({e}); handshakes run on the workers");
+                Arc::new(offload::Offload::inline())
+            }
+        };
         let mut sessions = tokio::task::JoinSet::new();
         let lease_every =
             (config.limits.visibility / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
@@ -712,7 +726,7 @@ impl Main {
                     conn_seq += 1;
                     let span = tracing::debug_span!("conn", conn = conn_seq, remote = %incoming.remote_address());
                     sessions.spawn(tasks.track_future(
-                        endpoint::connection(router.clone(), mesh_tx.clone(), incoming, permit, doors.child_token())
+                        endpoint::connection(router.clone(), mesh_tx.clone(), incoming, offload.clone(), permit, doors.child_token())
                             .instrument(span),
                     ));
                 }

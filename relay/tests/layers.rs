@@ -1,6 +1,6 @@
 //! The relay's layers, read from its sources: front doors never name the
 //! mesh, the mesh never names a door or the router, local services name
-//! neither, and the leaves (placement, keys, tls, metrics, limits, ocsp) name nothing
+//! neither, and the leaves (placement, keys, tls, metrics, limits, ocsp, offload) name nothing
 //! above them. Only the crate root and `endpoint` compose doors and mesh.
 //! And every task is owned: no bare `tokio::spawn` without a tracker.
 
@@ -79,6 +79,7 @@ fn leaves_name_nothing_above_them() {
         "metrics.rs",
         "limits.rs",
         "ocsp.rs",
+        "offload.rs",
     ]
     .iter()
     .map(|f| src(f))

@@ -1,0 +1,192 @@
+//! The gate in front of quinn: QUIC Initials that carry no token (first
+//! contact from an address that has not answered a Retry) are counted per
+//! source address and in total, and those over the limits are dropped
+//! before quinn derives keys and decrypts them — a few hash lookups instead
+//! of HKDF, AES-GCM and a Retry packet each. Everything else (packets of
+//! established connections, Initials answering a Retry with its token)
+//! passes untouched. A client whose Initial was dropped sends it again
+//! (QUIC's loss recovery), so a flood slows strangers' first contact but
+//! never touches the sessions already up.
+
+use crate::limits::{Limiter, Rate};
+use prometheus::IntCounter;
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+/// Limits of the gate.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InitialLimits {
+    /// Tokenless Initials per source address (`None`: no limit).
+    pub per_ip: Option<Rate>,
+    /// Tokenless Initials in total (`None`: no limit).
+    pub total: Option<Rate>,
+}
+
+impl Default for InitialLimits {
+    fn default() -> Self {
+        Self {
+            per_ip: Some(Rate::new(500.0, 1000.0)),
+            total: Some(Rate::new(20_000.0, 40_000.0)),
+        }
+    }
+}
+
+struct Tables {
+    per_ip: Option<Limiter<IpAddr>>,
+    total: Option<Limiter<()>>,
+}
+
+/// A UDP socket that drops tokenless Initials over the limits.
+pub(crate) struct Gate {
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    tables: Mutex<Tables>,
+    /// Initials dropped (metrics).
+    pub(crate) dropped: IntCounter,
+}
+
+impl fmt::Debug for Gate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gate").finish_non_exhaustive()
+    }
+}
+
+/// Whether `d` is a QUIC v1 Initial without a token (RFC 9000 §17.2.2).
+/// Anything it cannot parse is not one (quinn judges it).
+pub(crate) fn tokenless_initial(d: &[u8]) -> bool {
+    let Some(&b0) = d.first() else { return false };
+    // Long header, fixed bit, type Initial (0b00).
+    if b0 & 0xf0 != 0xc0 {
+        return false;
+    }
+    if d.get(1..5) != Some(&[0, 0, 0, 1][..]) {
+        return false;
+    }
+    let mut i = 5;
+    for _ in 0..2 {
+        let Some(&len) = d.get(i) else { return false };
+        i += 1 + len as usize;
+    }
+    // Token length: a variable-length integer; zero is one byte 0x00.
+    d.get(i) == Some(&0)
+}
+
+impl Gate {
+    pub(crate) fn new(
+        inner: Arc<dyn quinn::AsyncUdpSocket>,
+        limits: InitialLimits,
+    ) -> Result<Self, prometheus::Error> {
+        Ok(Self {
+            inner,
+            tables: Mutex::new(Tables {
+                per_ip: limits.per_ip.map(|r| Limiter::new(r, 65_536)),
+                total: limits.total.map(|r| Limiter::new(r, 1)),
+            }),
+            dropped: IntCounter::new(
+                "swb_relay_initials_dropped_total",
+                "QUIC Initials without a token dropped before the handshake for being over the per-address or total rate.",
+            )?,
+        })
+    }
+
+    fn admit(&self, t: &mut Tables, from: IpAddr, now: tokio::time::Instant) -> bool {
+        if let Some(l) = t.per_ip.as_mut() {
+            if l.take(&from, now).is_err() {
+                return false;
+            }
+        }
+        if let Some(l) = t.total.as_mut() {
+            if l.take(&(), now).is_err() {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+impl quinn::AsyncUdpSocket for Gate {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let n = match self.inner.poll_recv(cx, bufs, meta) {
+            Poll::Ready(Ok(n)) => n,
+            other => return other,
+        };
+        let mut tables = None;
+        let now = tokio::time::Instant::now();
+        for (m, b) in meta.iter_mut().zip(bufs.iter()).take(n) {
+            // One entry holds datagrams of one source (GRO); an Initial
+            // arrives alone or first, padded to the full size.
+            let first = &b[..m.len.min(m.stride).min(b.len())];
+            if !tokenless_initial(first) {
+                continue;
+            }
+            let t =
+                tables.get_or_insert_with(|| self.tables.lock().unwrap_or_else(|p| p.into_inner()));
+            if !self.admit(t, m.addr.ip(), now) {
+                // quinn skips an empty entry.
+                m.len = 0;
+                self.dropped.inc();
+            }
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_tokenless_initials_only() {
+        // flags, version 1, DCID len 8 + DCID, SCID len 0, token len 0, ...
+        let mut init = vec![
+            0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 0x41, 0x00,
+        ];
+        assert!(tokenless_initial(&init));
+        init[16 - 1] = 0; // still SCID 0
+        init[16] = 0x41;
+        // With a token (length 5).
+        let with_token = vec![
+            0xc3, 0, 0, 0, 1, 8, 1, 2, 3, 4, 5, 6, 7, 8, 0, 5, 9, 9, 9, 9, 9,
+        ];
+        assert!(!tokenless_initial(&with_token));
+        // Handshake packet (type 0b10), short header, version negotiation.
+        assert!(!tokenless_initial(&[0xe3, 0, 0, 0, 1, 0, 0, 0]));
+        assert!(!tokenless_initial(&[0x43, 1, 2, 3]));
+        assert!(!tokenless_initial(&[0xc3, 0, 0, 0, 0, 0, 0, 0]));
+        // Truncated.
+        assert!(!tokenless_initial(&[0xc3, 0, 0, 0, 1, 20, 1]));
+        assert!(!tokenless_initial(&[]));
+    }
+}
