@@ -221,3 +221,64 @@ async fn a_key_past_its_send_rate_is_refused_and_other_keys_are_not() -> Result<
     assert_eq!((r.status, r.code()), (429, "rate_limited"), "{}", r.json);
     Ok(())
 }
+
+/// `n` QUIC Initials (first contact, no token) from real quinn clients,
+/// recorded at a socket of ours instead of sent to a relay.
+async fn record_initials(relay: &TestRelay, n: usize) -> Result<Vec<Vec<u8>>> {
+    let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let sink_addr = sink.local_addr()?;
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    ep.set_default_client_config(swb_tests::raw_client_config_alpn(relay, swb_wire::ALPN)?);
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    while out.len() < n {
+        let pending: Vec<_> = (0..32)
+            .map(|_| ep.connect(sink_addr, "localhost"))
+            .collect::<Result<_, _>>()?;
+        while let Ok(Ok((len, _))) =
+            tokio::time::timeout(Duration::from_millis(100), sink.recv_from(&mut buf)).await
+        {
+            out.push(buf[..len].to_vec());
+        }
+        drop(pending);
+    }
+    out.truncate(n);
+    Ok(out)
+}
+
+#[tokio::test]
+async fn an_initial_flood_from_one_address_is_dropped_before_any_handshake() -> Result<()> {
+    let relay = TestRelay::spawn_with(swb_tests::RelayOptions {
+        metrics: true,
+        ..swb_tests::RelayOptions::default()
+    })
+    .await?;
+    let key = relay.create_key("acme")?;
+    let initials = record_initials(&relay, 3000).await?;
+    let flood = tokio::net::UdpSocket::bind("127.0.2.1:0").await?;
+    for p in &initials {
+        flood.send_to(p, relay.addr()).await?;
+    }
+    // 3000 at once from one address: 1000 (the burst) pass the gate, the
+    // rest are dropped before quinn decrypts them.
+    let metrics = relay.handle().metrics_addr().expect("metrics on");
+    let dropped = swb_tests::eventually("Initials dropped", WAIT, || async {
+        let text = swb_tests::scrape(metrics).await?;
+        let n: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("swb_relay_initials_dropped_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        Ok((n >= 1500).then_some(n))
+    })
+    .await?;
+    eprintln!("{dropped} of 3000 Initials from one address dropped at the gate");
+    // Another address is not affected.
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        TestDaemon::start(&relay, &key, "real"),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the daemon was locked out by the flood"))??;
+    Ok(())
+}
