@@ -2191,6 +2191,20 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
         out,
     )
     .await?;
+    flood::flood_bench(
+        flood::FloodArgs {
+            samples: if s { 20 } else { 2_000 },
+            runs: if s { 1 } else { 3 },
+            warmup: if s {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(5)
+            },
+            attacker_nice: 0,
+        },
+        out,
+    )
+    .await?;
     let rows = std::mem::take(&mut *SUMMARY.lock().unwrap_or_else(|p| p.into_inner()));
     let met = |r: &Row| {
         let ratio = r.ours / r.baseline;

@@ -32,8 +32,9 @@ pub(crate) struct FloodArgs {
     /// Runs of every phase; medians and min–max are reported.
     #[arg(long, default_value_t = 3)]
     pub(crate) runs: usize,
-    /// Flood before measuring (the relay reaches its steady state).
-    #[arg(long, default_value = "1s", value_parser = crate::parse_duration)]
+    /// Flood before measuring, so the relay is in its steady state (the
+    /// per-address bursts, 500 connections and 1000 Initials, are spent).
+    #[arg(long, default_value = "5s", value_parser = crate::parse_duration)]
     pub(crate) warmup: Duration,
     /// Nice value of the flood generator: 0 competes with the relay for
     /// the CPU as an equal; 19 takes only what the relay leaves, as an
