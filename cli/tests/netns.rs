@@ -39,14 +39,23 @@ fn swbd(control: &Path) -> Command {
     c
 }
 
-/// `swbd relay --dev` on `host`; returns it and its fingerprint.
-async fn relay(host: &Host, data: &Path, keys: &Path) -> Result<(Child, String)> {
+/// A key of namespace `acme` in a new keys file in `dir`, and `swbd relay
+/// --dev` on `host` with it; returns the relay, its fingerprint and the key.
+async fn relay(host: &Host, dir: &Path) -> Result<(Child, String, String)> {
+    let keys = dir.join("keys.toml");
+    let key = ok(Command::new(SWBD)
+        .args(["keys", "create", "--keys"])
+        .arg(&keys)
+        .args(["--namespace", "acme"]))
+    .await?
+    .trim()
+    .to_string();
     let mut child = host
         .command(SWBD)
         .args(["relay", "--dev", "--data-dir"])
-        .arg(data)
+        .arg(dir.join("relay"))
         .arg("--keys")
-        .arg(keys)
+        .arg(&keys)
         .args(["--listen", &format!("{}:{RELAY_PORT}", host.addr)])
         .args(["--dev-name", &host.addr.to_string()])
         .stdout(Stdio::piped())
@@ -56,7 +65,7 @@ async fn relay(host: &Host, data: &Path, keys: &Path) -> Result<(Child, String)>
     let fp = line_with(&mut out, "fingerprint sha256:").await?;
     let fp = fp.trim_start_matches("fingerprint ").trim().to_string();
     tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
-    Ok((child, fp))
+    Ok((child, fp, key))
 }
 
 /// `swbd up` on `host` as `name`, once connected.
@@ -141,25 +150,7 @@ async fn sshd(host: &Host, dir: &Path) -> Result<Child> {
 }
 
 fn ssh_args(dir: &Path, control: &Path) -> Vec<String> {
-    vec![
-        "-F".into(),
-        "/dev/null".into(),
-        "-i".into(),
-        dir.join("id_ed25519").display().to_string(),
-        "-o".into(),
-        "IdentitiesOnly=yes".into(),
-        "-o".into(),
-        format!("UserKnownHostsFile={}", dir.join("known_hosts").display()),
-        "-o".into(),
-        "StrictHostKeyChecking=yes".into(),
-        "-o".into(),
-        "BatchMode=yes".into(),
-        "-o".into(),
-        format!(
-            "ProxyCommand={SWBD} --control {} connect %h %p",
-            control.display()
-        ),
-    ]
+    swb_tests::ssh_args(dir, control, SWBD)
 }
 
 #[tokio::test]
@@ -180,15 +171,7 @@ async fn peers_behind_two_nats_message_watch_ssh_scp_and_curl() -> Result<()> {
         .await?;
     ensure!(!direct.status.success(), "site B reached site A directly");
 
-    let keys = d.join("keys.toml");
-    let key = ok(Command::new(SWBD)
-        .args(["keys", "create", "--keys"])
-        .arg(&keys)
-        .args(["--namespace", "acme"]))
-    .await?
-    .trim()
-    .to_string();
-    let (_relay, fp) = relay(r, &d.join("relay"), &keys).await?;
+    let (_relay, fp, key) = relay(r, d).await?;
 
     // beta (site B) exposes ssh and a web server; alpha (site A) has SOCKS.
     let ssh_dir = d.join("ssh");
@@ -356,15 +339,7 @@ async fn a_lossy_slow_uplink_still_carries_whole_streams_and_ordered_mail() -> R
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     let (r, a, b) = (&net.relays[0], &net.sites[0].host, &net.sites[1].host);
-    let keys = d.join("keys.toml");
-    let key = ok(Command::new(SWBD)
-        .args(["keys", "create", "--keys"])
-        .arg(&keys)
-        .args(["--namespace", "acme"]))
-    .await?
-    .trim()
-    .to_string();
-    let (_relay, fp) = relay(r, &d.join("relay"), &keys).await?;
+    let (_relay, fp, key) = relay(r, d).await?;
     let (a_ctl, b_ctl) = (d.join("alpha.sock"), d.join("beta.sock"));
     let _beta = up(
         b,

@@ -137,25 +137,7 @@ async fn start_sshd(dir: &Path) -> Result<Sshd> {
 }
 
 fn ssh_args(dir: &Path, control: &Path) -> Vec<String> {
-    vec![
-        "-F".into(),
-        "/dev/null".into(),
-        "-i".into(),
-        dir.join("id_ed25519").display().to_string(),
-        "-o".into(),
-        "IdentitiesOnly=yes".into(),
-        "-o".into(),
-        format!("UserKnownHostsFile={}", dir.join("known_hosts").display()),
-        "-o".into(),
-        "StrictHostKeyChecking=yes".into(),
-        "-o".into(),
-        "BatchMode=yes".into(),
-        "-o".into(),
-        format!(
-            "ProxyCommand={SWBD} --control {} connect %h %p",
-            control.display()
-        ),
-    ]
+    swb_tests::ssh_args(dir, control, SWBD)
 }
 
 fn user() -> String {

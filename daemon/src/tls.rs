@@ -336,6 +336,20 @@ fn roots_from(
     (roots, certs)
 }
 
+/// rustls's chain verifier over `roots`.
+fn webpki(
+    roots: rustls::RootCertStore,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ServerCertVerifier>, TrustError> {
+    let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TrustError::Config(e.to_string()))?;
+    Ok(v)
+}
+
 /// Builds the rustls client config (TLS 1.3, ring) for `trust`, `ocsp` and
 /// `alpn`.
 pub(crate) fn client_config(
@@ -371,13 +385,7 @@ pub(crate) fn client_config(
             if roots.is_empty() {
                 return Err(ca_err("no usable CERTIFICATE block".into()));
             }
-            let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider.clone(),
-            )
-            .build()
-            .map_err(|e| TrustError::Config(e.to_string()))?;
-            (v as Arc<dyn ServerCertVerifier>, issuers)
+            (webpki(roots, &provider)?, issuers)
         }
         Trust::System => {
             let loaded = rustls_native_certs::load_native_certs();
@@ -390,13 +398,7 @@ pub(crate) fn client_config(
                     .unwrap_or_else(|| "empty store".into());
                 return Err(TrustError::NoSystemRoots(why));
             }
-            let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider.clone(),
-            )
-            .build()
-            .map_err(|e| TrustError::Config(e.to_string()))?;
-            (v as Arc<dyn ServerCertVerifier>, issuers)
+            (webpki(roots, &provider)?, issuers)
         }
     };
     let verifier = Arc::new(Stapled {

@@ -1129,3 +1129,29 @@ impl Drop for BusyServer {
         self.task.abort();
     }
 }
+
+/// OpenSSH client options for a test: the key and known hosts in `dir`,
+/// strict host key checking, no agent or config, and `swbd --control
+/// CONTROL connect %h %p` (with the `swbd` program at `swbd`) as the
+/// ProxyCommand.
+pub fn ssh_args(dir: &std::path::Path, control: &std::path::Path, swbd: &str) -> Vec<String> {
+    vec![
+        "-F".into(),
+        "/dev/null".into(),
+        "-i".into(),
+        dir.join("id_ed25519").display().to_string(),
+        "-o".into(),
+        "IdentitiesOnly=yes".into(),
+        "-o".into(),
+        format!("UserKnownHostsFile={}", dir.join("known_hosts").display()),
+        "-o".into(),
+        "StrictHostKeyChecking=yes".into(),
+        "-o".into(),
+        "BatchMode=yes".into(),
+        "-o".into(),
+        format!(
+            "ProxyCommand={swbd} --control {} connect %h %p",
+            control.display()
+        ),
+    ]
+}
