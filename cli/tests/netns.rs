@@ -90,7 +90,13 @@ async fn up(
         .spawn()?;
     let mut err = BufReader::new(child.stderr.take().context("stderr")?).lines();
     line_with(&mut err, "connected to relay").await?;
-    tokio::spawn(async move { while let Ok(Some(_)) = err.next_line().await {} });
+    // Shown with the test's output when it fails.
+    let who = name.to_string();
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = err.next_line().await {
+            eprintln!("[{who}] {l}");
+        }
+    });
     Ok(child)
 }
 
@@ -405,5 +411,101 @@ async fn a_lossy_slow_uplink_still_carries_whole_streams_and_ordered_mail() -> R
     // alpha stayed attached throughout (no presence flap).
     let st = ok(swbd(&b_ctl).args(["get-status", "alpha"])).await?;
     assert!(st.starts_with("alpha\tonline"), "{st}");
+    Ok(())
+}
+
+/// `connected_since` of the daemon at `control` (changes on a reconnect).
+async fn connected_since(control: &Path) -> Result<String> {
+    let out = ok(swbd(control).args(["--json", "status"])).await?;
+    let v: serde_json::Value = serde_json::from_str(out.trim())?;
+    v["connected_since"]
+        .as_str()
+        .map(String::from)
+        .context("not connected")
+}
+
+#[tokio::test]
+async fn an_ssh_session_survives_its_nat_changing_address_mid_stream() -> Result<()> {
+    let Some(net) = Internet::new("nat_rebinding", 1, 2)? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (r, a, b) = (&net.relays[0], &net.sites[0].host, &net.sites[1].host);
+    let (_relay, fp, key) = relay(r, d).await?;
+    let ssh_dir = d.join("ssh");
+    std::fs::create_dir(&ssh_dir)?;
+    let _sshd = sshd(b, &ssh_dir).await?;
+    let host_pub = std::fs::read_to_string(ssh_dir.join("host_key.pub"))?;
+    let mut parts = host_pub.split_whitespace();
+    let (kt, kb) = (parts.next().context("type")?, parts.next().context("key")?);
+    std::fs::write(
+        ssh_dir.join("known_hosts"),
+        format!("beta.switchboard {kt} {kb}\n"),
+    )?;
+    let (a_ctl, b_ctl) = (d.join("alpha.sock"), d.join("beta.sock"));
+    let _beta = up(
+        b,
+        r,
+        &fp,
+        &key,
+        "beta",
+        &b_ctl,
+        &["--socks", "off", "--expose", "22=127.0.0.1:22"],
+    )
+    .await?;
+    let _alpha = up(a, r, &fp, &key, "alpha", &a_ctl, &["--socks", "off"]).await?;
+    let since = connected_since(&a_ctl).await?;
+
+    // A line every 100 ms for 6 s.
+    let mut ssh = a
+        .command("ssh")
+        .args(ssh_args(&ssh_dir, &a_ctl))
+        .arg("root@beta.switchboard")
+        .arg("for i in $(seq 1 60); do echo $i; sleep 0.1; done")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(ssh.stdout.take().context("stdout")?).lines();
+    let mut got = Vec::new();
+    let mut last = std::time::Instant::now();
+    let mut gap = Duration::ZERO;
+    let router = &net.sites[0].router;
+    while let Some(l) = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .context("the ssh session stalled")??
+    {
+        let now = std::time::Instant::now();
+        if !got.is_empty() {
+            gap = gap.max(now - last);
+        }
+        last = now;
+        got.push(l);
+        if got.len() == 15 {
+            // The home router gets a new public address: masquerade forgets
+            // its mappings, the next packets leave from 10.0.0.150 and a
+            // new port — to the relay, the peer moved.
+            // (The new address must outlive the old primary one.)
+            router
+                .ns
+                .exec(&["sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"])?;
+            router
+                .ns
+                .ip(&["addr", "add", "10.0.0.150/24", "dev", "eth0"])?;
+            router
+                .ns
+                .ip(&["addr", "del", &format!("{}/24", router.addr), "dev", "eth0"])?;
+        }
+    }
+    let status = tokio::time::timeout(swb_tests::WAIT, ssh.wait()).await??;
+    ensure!(status.success(), "ssh ended with {status}");
+    let want: Vec<String> = (1..=60).map(|i| i.to_string()).collect();
+    assert_eq!(got, want, "every line, in order");
+    assert_eq!(
+        connected_since(&a_ctl).await?,
+        since,
+        "the QUIC connection migrated: no reconnect"
+    );
+    eprintln!("ssh across a NAT address change: longest gap between lines {gap:?}");
     Ok(())
 }
