@@ -109,8 +109,9 @@ async fn keygen(path: &Path) -> Result<()> {
 }
 
 /// A real sshd on `host` at 127.0.0.1:22 (its own namespace: the port is
-/// free), accepting the key in `dir`.
-async fn sshd(host: &Host, dir: &Path) -> Result<Child> {
+/// free), accepting the key in `dir`; its host key is pinned in
+/// `dir/known_hosts` for `name.switchboard`.
+async fn sshd(host: &Host, dir: &Path, name: &str) -> Result<Child> {
     swb_tests::need_program("sshd", "openssh-server")?;
     keygen(&dir.join("host_key")).await?;
     keygen(&dir.join("id_ed25519")).await?;
@@ -142,6 +143,13 @@ async fn sshd(host: &Host, dir: &Path) -> Result<Child> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
+    let host_pub = std::fs::read_to_string(dir.join("host_key.pub"))?;
+    let mut parts = host_pub.split_whitespace();
+    let (kt, kb) = (parts.next().context("type")?, parts.next().context("key")?);
+    std::fs::write(
+        dir.join("known_hosts"),
+        format!("{name}.switchboard {kt} {kb}\n"),
+    )?;
     // Listening once a connection to it succeeds.
     swb_tests::eventually("sshd listening", swb_tests::WAIT, || async {
         let out = host
@@ -182,7 +190,7 @@ async fn peers_behind_two_nats_message_watch_ssh_scp_and_curl() -> Result<()> {
     // beta (site B) exposes ssh and a web server; alpha (site A) has SOCKS.
     let ssh_dir = d.join("ssh");
     std::fs::create_dir(&ssh_dir)?;
-    let _sshd = sshd(b, &ssh_dir).await?;
+    let _sshd = sshd(b, &ssh_dir, "beta").await?;
     let web = d.join("web");
     std::fs::create_dir(&web)?;
     std::fs::write(web.join("hello.txt"), "hello from beta, behind its NAT\n")?;
@@ -248,13 +256,6 @@ async fn peers_behind_two_nats_message_watch_ssh_scp_and_curl() -> Result<()> {
     );
 
     // ssh through ProxyCommand, from alpha's machine.
-    let host_pub = std::fs::read_to_string(ssh_dir.join("host_key.pub"))?;
-    let mut parts = host_pub.split_whitespace();
-    let (kt, kb) = (parts.next().context("type")?, parts.next().context("key")?);
-    std::fs::write(
-        ssh_dir.join("known_hosts"),
-        format!("beta.switchboard {kt} {kb}\n"),
-    )?;
     let out = ok(a
         .command("ssh")
         .args(ssh_args(&ssh_dir, &a_ctl))
@@ -435,14 +436,7 @@ async fn an_ssh_session_survives_its_nat_changing_address_mid_stream() -> Result
     let (_relay, fp, key) = relay(r, d).await?;
     let ssh_dir = d.join("ssh");
     std::fs::create_dir(&ssh_dir)?;
-    let _sshd = sshd(b, &ssh_dir).await?;
-    let host_pub = std::fs::read_to_string(ssh_dir.join("host_key.pub"))?;
-    let mut parts = host_pub.split_whitespace();
-    let (kt, kb) = (parts.next().context("type")?, parts.next().context("key")?);
-    std::fs::write(
-        ssh_dir.join("known_hosts"),
-        format!("beta.switchboard {kt} {kb}\n"),
-    )?;
+    let _sshd = sshd(b, &ssh_dir, "beta").await?;
     let (a_ctl, b_ctl) = (d.join("alpha.sock"), d.join("beta.sock"));
     let _beta = up(
         b,
