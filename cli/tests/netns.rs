@@ -39,25 +39,34 @@ fn swbd(control: &Path) -> Command {
     c
 }
 
-/// A key of namespace `acme` in a new keys file in `dir`, and `swbd relay
-/// --dev` on `host` with it; returns the relay, its fingerprint and the key.
-async fn relay(host: &Host, dir: &Path) -> Result<(Child, String, String)> {
-    let keys = dir.join("keys.toml");
-    let key = ok(Command::new(SWBD)
+/// A new key of namespace `acme` in the keys file `keys`.
+async fn new_key(keys: &Path) -> Result<String> {
+    Ok(ok(Command::new(SWBD)
         .args(["keys", "create", "--keys"])
-        .arg(&keys)
+        .arg(keys)
         .args(["--namespace", "acme"]))
     .await?
     .trim()
-    .to_string();
+    .to_string())
+}
+
+/// `swbd relay --dev` on `host` with its data in `data` and `extra` flags;
+/// returns the relay and its fingerprint once it listens.
+async fn relay_on(
+    host: &Host,
+    data: &Path,
+    keys: &Path,
+    extra: &[&str],
+) -> Result<(Child, String)> {
     let mut child = host
         .command(SWBD)
         .args(["relay", "--dev", "--data-dir"])
-        .arg(dir.join("relay"))
+        .arg(data)
         .arg("--keys")
-        .arg(&keys)
+        .arg(keys)
         .args(["--listen", &format!("{}:{RELAY_PORT}", host.addr)])
         .args(["--dev-name", &host.addr.to_string()])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()?;
@@ -65,6 +74,15 @@ async fn relay(host: &Host, dir: &Path) -> Result<(Child, String, String)> {
     let fp = line_with(&mut out, "fingerprint sha256:").await?;
     let fp = fp.trim_start_matches("fingerprint ").trim().to_string();
     tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+    Ok((child, fp))
+}
+
+/// A key of namespace `acme` in a new keys file in `dir`, and `swbd relay
+/// --dev` on `host` with it; returns the relay, its fingerprint and the key.
+async fn relay(host: &Host, dir: &Path) -> Result<(Child, String, String)> {
+    let keys = dir.join("keys.toml");
+    let key = new_key(&keys).await?;
+    let (child, fp) = relay_on(host, &dir.join("relay"), &keys, &[]).await?;
     Ok((child, fp, key))
 }
 
@@ -501,5 +519,175 @@ async fn an_ssh_session_survives_its_nat_changing_address_mid_stream() -> Result
         "the QUIC connection migrated: no reconnect"
     );
     eprintln!("ssh across a NAT address change: longest gap between lines {gap:?}");
+    Ok(())
+}
+
+/// The `n` first names `{prefix}N` the ring of `ids` homes on `want`.
+fn names_homed_on(ids: &[&str], want: &str, prefix: &str, n: usize) -> Vec<String> {
+    let ring = swb_ring::Ring::new(ids.iter().copied());
+    (0..10_000)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|name| ring.home("acme", name) == Some(want))
+        .take(n)
+        .collect()
+}
+
+/// The relay id the daemon at `control` is attached to (`None`: not attached).
+async fn attached_to(control: &Path) -> Result<Option<String>> {
+    let out = swbd(control).args(["--json", "status"]).output().await?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim())?;
+    Ok(v["relay_id"].as_str().map(String::from))
+}
+
+fn spread(v: &mut [Duration]) -> String {
+    v.sort();
+    let ms = |d: &Duration| d.as_millis();
+    format!(
+        "p50 {} ms, max {} ms (all: {:?})",
+        ms(&v[v.len() / 2]),
+        ms(&v[v.len() - 1]),
+        v.iter().map(ms).collect::<Vec<_>>()
+    )
+}
+
+#[tokio::test]
+async fn a_relay_killed_in_a_three_relay_mesh_has_its_peers_back_within_seconds() -> Result<()> {
+    let Some(net) = Internet::new("relay_crash", 3, 2)? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let keys = d.join("keys.toml");
+    let key = new_key(&keys).await?;
+    let mesh_key = d.join("mesh.key");
+    std::fs::write(&mesh_key, "m".repeat(40))?;
+    let mk = mesh_key.display().to_string();
+    let ids = ["r0", "r1", "r2"];
+    let seed = format!("{}:{RELAY_PORT}", net.relays[0].addr);
+    let relay_args = |i: usize| {
+        let mut a = vec!["--id", ids[i], "--mesh-key-file", mk.as_str()];
+        if i > 0 {
+            a.extend(["--mesh-peer", seed.as_str()]);
+        }
+        a
+    };
+    let mut relays = Vec::new();
+    let mut fp0 = String::new();
+    for (i, h) in net.relays.iter().enumerate() {
+        let (child, fp) = relay_on(h, &d.join(ids[i]), &keys, &relay_args(i)).await?;
+        if i == 0 {
+            fp0 = fp;
+        }
+        relays.push(child);
+    }
+    // Half the peers are homed on r2, the relay that dies; the rest on r0
+    // and r1. Each daemon knows every relay and starts at r0.
+    let victims = names_homed_on(&ids, "r2", "v", 6);
+    let mut names = victims.clone();
+    names.extend(names_homed_on(&ids, "r0", "s", 3));
+    names.extend(names_homed_on(&ids, "r1", "t", 3));
+    let observer = names[6].clone();
+    let relay_list: Vec<String> = net
+        .relays
+        .iter()
+        .skip(1)
+        .flat_map(|h| ["--relay".to_string(), format!("{}:{RELAY_PORT}", h.addr)])
+        .collect();
+    let mut extra: Vec<&str> = relay_list.iter().map(String::as_str).collect();
+    extra.extend(["--socks", "off"]);
+    let mut daemons = Vec::new();
+    let ctl = |n: &str| d.join(format!("{n}.sock"));
+    for (i, n) in names.iter().enumerate() {
+        let host = &net.sites[i % 2].host;
+        daemons.push(up(host, &net.relays[0], &fp0, &key, n, &ctl(n), &extra).await?);
+    }
+    let ring = swb_ring::Ring::new(ids);
+    for n in &names {
+        let want = ring.home("acme", n).context("home")?;
+        swb_tests::eventually("every peer at its home relay", swb_tests::WAIT, || async {
+            Ok((attached_to(&ctl(n)).await?.as_deref() == Some(want)).then_some(()))
+        })
+        .await?;
+    }
+    // Mail r2 accepts for a peer that is away: durable in r2's store.
+    let sleeper = names_homed_on(&ids, "r2", "z", 1).remove(0);
+    let sent = ok(swbd(&ctl(&observer)).args(["--json", "send", &sleeper, "held by r2"])).await?;
+    assert!(sent.contains("\"online\":false"), "{sent}");
+
+    // kill -9 of r2.
+    let mut r2 = relays.pop().context("r2")?;
+    r2.start_kill()?;
+    let t0 = std::time::Instant::now();
+    r2.wait().await?;
+    let obs = ctl(&observer);
+    let rehome = victims.iter().map(|v| {
+        let (c, obs) = (ctl(v), obs.clone());
+        async move {
+            let deadline = Duration::from_secs(60);
+            let back = swb_tests::eventually("attached elsewhere", deadline, || async {
+                Ok(
+                    matches!(attached_to(&c).await?.as_deref(), Some(id) if id != "r2")
+                        .then(|| t0.elapsed()),
+                )
+            })
+            .await?;
+            let reach = swb_tests::eventually("reachable from r0", deadline, || async {
+                let out = swbd(&obs)
+                    .args(["ping", "-c", "1", "--timeout", "1s", v])
+                    .output()
+                    .await?;
+                Ok(out.status.success().then(|| t0.elapsed()))
+            })
+            .await?;
+            anyhow::Ok((back, reach))
+        }
+    });
+    let times = futures_util::future::try_join_all(rehome).await?;
+    let (mut back, mut reach): (Vec<_>, Vec<_>) = times.into_iter().unzip();
+    let worst = *reach.iter().max().context("victims")?;
+    eprintln!("kill -9 of the relay home to 6 of 12 peers:");
+    eprintln!("  attached to another relay: {}", spread(&mut back));
+    eprintln!(
+        "  reachable again from a peer on a surviving relay: {}",
+        spread(&mut reach)
+    );
+    // Not a speed assertion: well under the 12 s QUIC idle timeout the
+    // daemons would otherwise wait out.
+    ensure!(
+        worst < Duration::from_secs(9),
+        "re-homing took {worst:?}: the daemons waited for the idle timeout"
+    );
+    // The survivors carry mail to the moved peers.
+    for v in &victims {
+        ok(swbd(&obs).args(["send", v, "after the crash"])).await?;
+        let got = ok(swbd(&ctl(v)).args(["recv", "--wait", "10"])).await?;
+        assert_eq!(got, format!("{observer}\tafter the crash\n"));
+    }
+
+    // r2 comes back with its store: the moved peers go home, and the mail it
+    // accepted before dying reaches its peer.
+    let (r2, _) = relay_on(&net.relays[2], &d.join("r2"), &keys, &relay_args(2)).await?;
+    relays.push(r2);
+    for v in &victims {
+        swb_tests::eventually("back at r2", swb_tests::WAIT, || async {
+            Ok((attached_to(&ctl(v)).await?.as_deref() == Some("r2")).then_some(()))
+        })
+        .await?;
+    }
+    let _sleeper = up(
+        &net.sites[0].host,
+        &net.relays[0],
+        &fp0,
+        &key,
+        &sleeper,
+        &ctl(&sleeper),
+        &extra,
+    )
+    .await?;
+    let got = ok(swbd(&ctl(&sleeper)).args(["recv", "--wait", "20"])).await?;
+    assert_eq!(got, format!("{observer}\theld by r2\n"));
     Ok(())
 }

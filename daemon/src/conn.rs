@@ -10,7 +10,7 @@ use crate::{ConnState, DaemonError, Shared};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use swb_wire::{close, Code, Frame, Refusal, RelayRecord};
+use swb_wire::{close, Code, Frame, Refusal, RelayRecord, Welcome};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -20,6 +20,17 @@ use tracing::{debug, info, warn};
 const CMD_BATCH: usize = 256;
 /// How long a stopping daemon waits for its endpoints to say goodbye.
 const CLOSE_LINGER: Duration = Duration::from_millis(500);
+/// How often a connection's health is looked at: the route to the relay,
+/// and whether the relay has been heard.
+const WATCH_TICK: Duration = Duration::from_millis(250);
+/// How long one probe of the next relay may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// The wait between probes while the relay stays silent.
+const PROBE_AGAIN: Duration = Duration::from_millis(500);
+/// For this long after a relay went silent, a redirect back to it (another
+/// relay has not noticed yet) is answered by asking that relay again, not
+/// by dialing the silent one.
+const SILENT_RELAY_AVOID: Duration = Duration::from_secs(10);
 
 /// Capped exponential backoff with jitter: attempt n waits a random time in
 /// `[d/2, d]` where `d = min(max, min * 2^n)`.
@@ -43,6 +54,104 @@ enum Served {
     Shutdown,
     /// The session ended (see [`End`]).
     Ended(End),
+    /// The relay went silent and the next one welcomed this peer on a new
+    /// connection, already registered: serve that one.
+    Moved {
+        link: Link,
+        welcome: Welcome,
+        relay: String,
+    },
+}
+
+/// A connection attempt running beside the session it may replace.
+type Probe = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<(Link, Welcome), ConnectError>> + Send>,
+>;
+
+/// What the health watch decided on one look.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Look {
+    /// Move to a fresh UDP socket.
+    rebind: bool,
+    /// Start a probe of the next relay.
+    probe: bool,
+    /// The relay was heard again: a running probe is not needed.
+    heard: bool,
+}
+
+/// Watches one connection's health, sans-IO: fed the connection's count of
+/// received datagrams, the local address the route to the relay picks, and
+/// `now`; says when to rebind the socket and when to probe the next relay.
+#[derive(Debug)]
+struct Watch {
+    silence_probe: Duration,
+    rx: u64,
+    heard: tokio::time::Instant,
+    route: Option<std::net::IpAddr>,
+    /// Rebound once already during this silence.
+    rebound: bool,
+    /// No probe before this.
+    next_probe: tokio::time::Instant,
+}
+
+impl Watch {
+    fn new(
+        silence_probe: Duration,
+        route: Option<std::net::IpAddr>,
+        now: tokio::time::Instant,
+    ) -> Self {
+        Self {
+            silence_probe,
+            rx: 0,
+            heard: now,
+            route,
+            rebound: false,
+            next_probe: now,
+        }
+    }
+
+    /// How long the relay has been silent.
+    fn silent(&self, now: tokio::time::Instant) -> Duration {
+        now.saturating_duration_since(self.heard)
+    }
+
+    fn look(
+        &mut self,
+        rx: u64,
+        route: Option<std::net::IpAddr>,
+        probing: bool,
+        now: tokio::time::Instant,
+    ) -> Look {
+        let mut l = Look::default();
+        if rx != self.rx {
+            self.rx = rx;
+            self.heard = now;
+            self.rebound = false;
+            l.heard = true;
+        }
+        if route != self.route {
+            self.route = route;
+            // A new source address (another interface, a new DHCP lease):
+            // move now rather than wait for the relay to go quiet. No
+            // route at all: nothing to move to yet.
+            l.rebind = route.is_some();
+        }
+        if self.silent(now) >= self.silence_probe {
+            if !self.rebound {
+                self.rebound = true;
+                l.rebind = true;
+            }
+            if !probing && now >= self.next_probe {
+                l.probe = true;
+            }
+        }
+        l
+    }
+
+    /// A probe ended without moving: the next one waits a little.
+    fn probed(&mut self, now: tokio::time::Instant) {
+        self.next_probe = now + PROBE_AGAIN;
+    }
 }
 
 struct Actor {
@@ -52,6 +161,11 @@ struct Actor {
     dialer: Dialer,
     /// The relay to try next (a redirect, or the next one on the ring).
     next: Option<RelayRecord>,
+    /// A connection already registered (a probe that moved us): served
+    /// next instead of dialing, with the address it was dialed at.
+    ready: Option<(Link, Welcome, String)>,
+    /// The relay that last went silent, and when.
+    silent: Option<(String, tokio::time::Instant)>,
 }
 
 /// Runs until shutdown or a fatal refusal.
@@ -69,6 +183,8 @@ pub(crate) async fn run(
         core: SessionCore::default(),
         dialer,
         next: None,
+        ready: None,
+        silent: None,
     };
     let res = actor.run(cancel).await;
     let error = match &res {
@@ -108,14 +224,20 @@ impl Actor {
         let mut relay_idx = 0usize;
         loop {
             let target = self.next.take();
-            let relay = match &target {
-                Some(r) => r.addrs.first().cloned().unwrap_or_default(),
-                None => relays[relay_idx % relays.len()].clone(),
-            };
-            let attempt = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return Ok(()),
-                r = self.dialer.connect(&relay, target.as_ref()) => r,
+            let (relay, attempt) = match self.ready.take() {
+                Some((link, welcome, relay)) => (relay, Ok((link, welcome))),
+                None => {
+                    let relay = match &target {
+                        Some(r) => r.addrs.first().cloned().unwrap_or_default(),
+                        None => relays[relay_idx % relays.len()].clone(),
+                    };
+                    let attempt = tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => return Ok(()),
+                        r = self.dialer.connect(&relay, target.as_ref()) => r,
+                    };
+                    (relay, attempt)
+                }
             };
             let err = match attempt {
                 Ok((link, welcome)) => {
@@ -155,13 +277,24 @@ impl Actor {
                         }
                         .instrument(tracing::Span::current())
                     }));
-                    let served = self.serve(link, &cancel).await;
+                    let served = self.serve(link, &relay, &home, &cancel).await;
                     streams_stop.cancel();
                     let _ = streams.await;
                     *self.shared.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     let end = match served {
                         Served::Shutdown => return Ok(()),
                         Served::Ended(end) => end,
+                        Served::Moved {
+                            link,
+                            welcome,
+                            relay: to,
+                        } => {
+                            self.shared.metrics.reconnects.inc();
+                            info!(silent = %home.1, home = %welcome.relay_id, "relay went silent: moved to the relay that is home now");
+                            self.silent = Some((home.1.clone(), tokio::time::Instant::now()));
+                            self.ready = Some((link, welcome, to));
+                            continue;
+                        }
                     };
                     match end {
                         End::Fatal(r) => {
@@ -179,6 +312,7 @@ impl Actor {
                             self.shared.metrics.reconnects.inc();
                             warn!(relay = %relay, "lost connection to relay: {why}; reconnecting");
                             last_logged = Some(why.clone());
+                            self.silent = Some((home.1.clone(), tokio::time::Instant::now()));
                             // Re-home: the next live relay on the ring takes over.
                             self.next =
                                 self.core
@@ -186,6 +320,20 @@ impl Actor {
                             why
                         }
                     }
+                }
+                Err(ConnectError::Redirect(r))
+                    if self.silent.as_ref().is_some_and(|(id, at)| {
+                        *id == r.id && at.elapsed() < SILENT_RELAY_AVOID
+                    }) =>
+                {
+                    // The relay we asked has not noticed yet that our old
+                    // home went silent: ask it again shortly.
+                    self.next = target;
+                    attempts += 1;
+                    format!(
+                        "relay {relay} still names {} home, which went silent; asking again",
+                        r.id
+                    )
                 }
                 Err(ConnectError::Redirect(r)) => {
                     debug!(home = %r.id, "redirected to the home relay");
@@ -289,7 +437,43 @@ impl Actor {
         r
     }
 
-    async fn serve(&mut self, mut link: Link, cancel: &CancellationToken) -> Served {
+    /// Where a probe goes when the relay `home` went silent: the next relay
+    /// on our name's ring (its record), or — alone in the mesh — the same
+    /// relay again on a new connection (it may have restarted).
+    fn probe(&self, relay: &str, home: &(String, String)) -> Probe {
+        let target = self
+            .core
+            .successor(&home.0, &self.shared.config.name, &home.1);
+        let addr = match &target {
+            Some(r) => r.addrs.first().cloned().unwrap_or_default(),
+            None => relay.to_string(),
+        };
+        let mut dialer = self.dialer.clone();
+        Box::pin(async move {
+            dialer
+                .connect_within(&addr, target.as_ref(), PROBE_TIMEOUT)
+                .await
+        })
+    }
+
+    /// Moves the session's endpoint to a fresh socket (see [`Dialer::rebind`]).
+    fn rebind(&mut self, link: &Link, why: &str) {
+        match self.dialer.rebind(link.addr) {
+            Ok(local) => {
+                self.shared.metrics.rebinds.inc();
+                info!(%local, "{why}: moved to a new UDP socket");
+            }
+            Err(e) => warn!("{why}, and no new UDP socket: {e}"),
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        mut link: Link,
+        relay: &str,
+        home: &(String, String),
+        cancel: &CancellationToken,
+    ) -> Served {
         // Resend what the previous connection left unanswered, and acks.
         let first = self.core.on_connected();
         self.publish_pending();
@@ -307,6 +491,15 @@ impl Actor {
                 return Served::Ended(End::Lost(e.to_string()));
             }
         }
+        let now = tokio::time::Instant::now();
+        let mut watch = Watch::new(
+            self.shared.config.silence_probe,
+            crate::dial::local_route(link.addr),
+            now,
+        );
+        let mut tick = tokio::time::interval(WATCH_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probe: Option<Probe> = None;
         loop {
             // Ranked: shutdown, then local commands, then relay frames.
             let out: Vec<Frame> = tokio::select! {
@@ -314,6 +507,48 @@ impl Actor {
                 _ = cancel.cancelled() => {
                     link.conn.close(close::NORMAL.into(), b"daemon stopping");
                     return Served::Shutdown;
+                }
+                r = async { probe.as_mut().expect("guarded by is_some").await }, if probe.is_some() => {
+                    probe = None;
+                    watch.probed(tokio::time::Instant::now());
+                    match r {
+                        Ok((new, welcome)) => {
+                            link.conn.close(close::NORMAL.into(), b"moved: the relay went silent");
+                            let relay = new.addr.to_string();
+                            return Served::Moved { link: new, welcome, relay };
+                        }
+                        Err(ConnectError::Redirect(r)) if r.id == home.1 => {
+                            debug!("the next relay still names {} home: waiting", r.id);
+                        }
+                        Err(ConnectError::Redirect(r)) => {
+                            link.conn.close(close::NORMAL.into(), b"redirected");
+                            return Served::Ended(End::Redirect(r));
+                        }
+                        Err(ConnectError::Retry(why)) => debug!("probe: {why}"),
+                        Err(ConnectError::Fatal(e)) => debug!("probe: {e}"),
+                    }
+                    Vec::new()
+                }
+                _ = tick.tick() => {
+                    let now = tokio::time::Instant::now();
+                    let rx = link.conn.stats().udp_rx.datagrams;
+                    let route = crate::dial::local_route(link.addr);
+                    let look = watch.look(rx, route, probe.is_some(), now);
+                    if look.heard && probe.take().is_some() {
+                        debug!("the relay answered again: probe dropped");
+                    }
+                    if look.rebind {
+                        let why = if watch.silent(now) >= watch.silence_probe {
+                            format!("relay {} silent for {:.1} s", home.1, watch.silent(now).as_secs_f64())
+                        } else {
+                            "the local address changed".to_string()
+                        };
+                        self.rebind(&link, &why);
+                    }
+                    if look.probe {
+                        probe = Some(self.probe(relay, home));
+                    }
+                    Vec::new()
                 }
                 cmd = self.cmd_rx.recv() => match cmd {
                     None => return Served::Shutdown,
@@ -354,6 +589,69 @@ impl Actor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_silent_relay_means_one_rebind_then_probes_until_heard() {
+        let t0 = tokio::time::Instant::now();
+        let ip = Some(std::net::IpAddr::from([192, 168, 1, 2]));
+        let mut w = Watch::new(Duration::from_secs(3), ip, t0);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Heard now and then: nothing to do.
+        assert_eq!(
+            w.look(5, ip, false, at(1000)),
+            Look {
+                heard: true,
+                ..Look::default()
+            }
+        );
+        assert_eq!(w.look(5, ip, false, at(3900)), Look::default());
+        // Three seconds of silence: rebind once and probe.
+        let l = w.look(5, ip, false, at(4000));
+        assert!(l.rebind && l.probe && !l.heard, "{l:?}");
+        // Still silent, probe running: nothing new.
+        assert_eq!(w.look(5, ip, true, at(4250)), Look::default());
+        // The probe ended without a move: the next waits PROBE_AGAIN.
+        w.probed(at(4300));
+        assert_eq!(w.look(5, ip, false, at(4500)), Look::default());
+        let l = w.look(5, ip, false, at(4800));
+        assert!(
+            l.probe && !l.rebind,
+            "no second rebind in one silence: {l:?}"
+        );
+        // Heard again: the silence is over; a later one rebinds again.
+        assert!(w.look(6, ip, true, at(5000)).heard);
+        assert_eq!(w.look(6, ip, false, at(7000)), Look::default());
+        let l = w.look(6, ip, false, at(8000));
+        assert!(l.rebind && l.probe, "{l:?}");
+    }
+
+    #[test]
+    fn a_new_local_address_rebinds_at_once_and_no_route_waits() {
+        let t0 = tokio::time::Instant::now();
+        let a = Some(std::net::IpAddr::from([192, 168, 1, 2]));
+        let b = Some(std::net::IpAddr::from([192, 168, 1, 3]));
+        let mut w = Watch::new(Duration::from_secs(3), a, t0);
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(
+            w.look(1, a, false, at(250)),
+            Look {
+                heard: true,
+                ..Look::default()
+            }
+        );
+        // The interface went away: no route, nothing to bind to yet.
+        assert_eq!(w.look(1, None, false, at(500)), Look::default());
+        // Another came up with another address: move now, not at 3 s.
+        let l = w.look(1, b, false, at(750));
+        assert!(l.rebind && !l.probe, "{l:?}");
+        assert_eq!(
+            w.look(2, b, false, at(1000)),
+            Look {
+                heard: true,
+                ..Look::default()
+            }
+        );
+    }
 
     #[test]
     fn backoff_grows_caps_and_jitters() {

@@ -115,7 +115,9 @@ fn is_tls_failure(e: &quinn::ConnectionError) -> bool {
     }
 }
 
-/// What dials relays for one daemon.
+/// What dials relays for one daemon. A clone shares the UDP endpoints (a
+/// probe dials on the same socket as the session it may replace).
+#[derive(Clone)]
 pub(crate) struct Dialer {
     config: DaemonConfig,
     client_cfg: quinn::ClientConfig,
@@ -185,6 +187,21 @@ impl Dialer {
         Ok(ep)
     }
 
+    /// Moves the endpoint that reaches `addr` to a fresh UDP socket (a new
+    /// local port, and the source address the current route picks): its
+    /// connections migrate — each probes the new path with a new
+    /// connection ID, as after a NAT rebinding. The new local address.
+    pub(crate) fn rebind(&mut self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let ep = self.endpoint_for(addr)?;
+        let bind: SocketAddr = if addr.is_ipv4() {
+            (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        ep.rebind(swb_quic::udp_socket(bind)?)?;
+        ep.local_addr()
+    }
+
     /// The endpoints in use, to close when the daemon stops.
     pub(crate) fn take_endpoints(&mut self) -> Vec<quinn::Endpoint> {
         [self.endpoints.0.take(), self.endpoints.1.take()]
@@ -231,6 +248,16 @@ impl Dialer {
         target: Option<&RelayRecord>,
     ) -> Result<(Link, Welcome), ConnectError> {
         let timeout = self.config.connect_timeout;
+        self.connect_within(relay, target, timeout).await
+    }
+
+    /// [`Dialer::connect`] within `timeout`.
+    pub(crate) async fn connect_within(
+        &mut self,
+        relay: &str,
+        target: Option<&RelayRecord>,
+        timeout: std::time::Duration,
+    ) -> Result<(Link, Welcome), ConnectError> {
         let cfg = self.client_cfg_for(target)?;
         match tokio::time::timeout(timeout, self.connect_inner(relay, cfg, target.is_some())).await
         {
@@ -357,6 +384,20 @@ impl Dialer {
             ))),
         }
     }
+}
+
+/// The local address the routing table picks to reach `addr` now (`None`:
+/// no route, e.g. every interface is down). A UDP `connect` sends nothing;
+/// it only asks the kernel for a route.
+pub(crate) fn local_route(addr: SocketAddr) -> Option<std::net::IpAddr> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let sock = std::net::UdpSocket::bind(bind).ok()?;
+    sock.connect(addr).ok()?;
+    sock.local_addr().ok().map(|a| a.ip())
 }
 
 /// Splits `host:port`, `[v6]:port`, `host` (default port).

@@ -97,6 +97,14 @@ pub struct DaemonConfig {
     pub keepalive: Duration,
     /// The connection is considered dead after this much silence.
     pub idle_timeout: Duration,
+    /// After this much silence from the relay (more than `keepalive`: a
+    /// keep-alive went unanswered), the daemon moves to a fresh UDP socket
+    /// (the connection migrates) and asks the next relay on the ring, on a
+    /// second connection, whether it is home now — so a crashed relay's
+    /// peers re-home in seconds instead of after `idle_timeout`, while a
+    /// relay that is only slow, or a network that is down for everyone,
+    /// keeps the connection and its streams.
+    pub silence_probe: Duration,
     /// Time allowed for one connection attempt (QUIC + Hello).
     pub connect_timeout: Duration,
     /// First reconnect delay.
@@ -132,8 +140,9 @@ impl DaemonConfig {
             name: name.into(),
             api_key,
             control_path,
-            keepalive: Duration::from_secs(4),
+            keepalive: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(12),
+            silence_probe: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(10),
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),

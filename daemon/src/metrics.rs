@@ -34,6 +34,9 @@ pub(crate) struct Metrics {
     pub(crate) socks_clients: IntGauge,
     /// SOCKS connections accepted since start.
     pub(crate) socks_connections: IntCounter,
+    /// Moves to a fresh UDP socket (the route changed, or the relay went
+    /// silent).
+    pub(crate) rebinds: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -59,6 +62,7 @@ impl Metrics {
             streams_open: gauge(&r, "swb_daemon_streams_open", "Streams open now, both directions."),
             socks_clients: gauge(&r, "swb_daemon_socks_clients", "SOCKS5 clients connected now."),
             socks_connections: counter(&r, "swb_daemon_socks_connections_total", "SOCKS5 connections accepted since start."),
+            rebinds: counter(&r, "swb_daemon_rebinds_total", "Moves of the relay connection to a fresh UDP socket: the local address changed, or the relay went silent."),
             registry: r,
         }
     }
