@@ -68,6 +68,17 @@ pub(crate) struct UpArgs {
     /// [default: 127s]
     #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
     connect_timeout: Option<std::time::Duration>,
+    /// How often the daemon makes sure its relay is there when nothing else
+    /// is sent (a QUIC PING; it also keeps NAT mappings open). Shorter finds
+    /// a dead relay sooner and costs the relay more packets. [default: 2s]
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    keepalive: Option<std::time::Duration>,
+    /// After this much silence from the relay, move to a new UDP socket and
+    /// ask the next relay on the ring whether it is home now (a crashed
+    /// relay's peers re-home in about this time). More than --keepalive,
+    /// less than the 12 s idle timeout. [default: 3s]
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    silence_probe: Option<std::time::Duration>,
 }
 
 /// `swbd up --config FILE`: the same settings as the flags.
@@ -89,6 +100,8 @@ struct UpFile {
     socks_user: Option<String>,
     metrics: Option<std::net::SocketAddr>,
     connect_timeout: Option<String>,
+    keepalive: Option<String>,
+    silence_probe: Option<String>,
 }
 
 /// Fills what the flags left open from `--config`; returns the control
@@ -137,6 +150,18 @@ fn merge_file(a: &mut UpArgs) -> Result<Option<PathBuf>> {
             .map(crate::parse_duration)
             .transpose()
             .map_err(|e| anyhow::anyhow!("--config {}: connect_timeout: {e}", path.display()))?;
+    }
+    let duration = |v: &Option<String>, key: &str| {
+        v.as_deref()
+            .map(crate::parse_duration)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--config {}: {key}: {e}", path.display()))
+    };
+    if a.keepalive.is_none() {
+        a.keepalive = duration(&f.keepalive, "keepalive")?;
+    }
+    if a.silence_probe.is_none() {
+        a.silence_probe = duration(&f.silence_probe, "silence_probe")?;
     }
     if a.relay_fingerprint.is_some() && a.ca.is_some() {
         bail!("give either relay_fingerprint or ca, not both");
@@ -266,6 +291,23 @@ pub(crate) async fn run(mut a: UpArgs, out: &Output) -> Result<()> {
     cfg.metrics_listen = a.metrics;
     if let Some(t) = a.connect_timeout {
         cfg.target_connect_timeout = t;
+    }
+    if let Some(t) = a.keepalive {
+        cfg.keepalive = t;
+    }
+    if let Some(t) = a.silence_probe {
+        cfg.silence_probe = t;
+    }
+    if cfg.keepalive < std::time::Duration::from_millis(100)
+        || cfg.silence_probe <= cfg.keepalive
+        || cfg.silence_probe >= cfg.idle_timeout
+    {
+        bail!(
+            "--keepalive ({:?}) must be at least 100ms and less than --silence-probe ({:?}), which must be less than the idle timeout ({:?})",
+            cfg.keepalive,
+            cfg.silence_probe,
+            cfg.idle_timeout
+        );
     }
     let handle = Daemon::spawn(cfg).await?;
     info!(control = %handle.control_path().display(), "control socket ready");
