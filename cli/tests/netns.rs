@@ -444,8 +444,8 @@ async fn connected_since(control: &Path) -> Result<String> {
 }
 
 #[tokio::test]
-async fn an_ssh_session_survives_its_nat_changing_address_mid_stream() -> Result<()> {
-    let Some(net) = Internet::new("nat_rebinding", 1, 2)? else {
+async fn an_ssh_session_survives_nat_rebinding_new_addresses_and_a_new_network() -> Result<()> {
+    let Some(net) = Internet::new("address_changes", 1, 2)? else {
         return Ok(());
     };
     let dir = tempfile::tempdir()?;
@@ -469,56 +469,82 @@ async fn an_ssh_session_survives_its_nat_changing_address_mid_stream() -> Result
     let _alpha = up(a, r, &fp, &key, "alpha", &a_ctl, &["--socks", "off"]).await?;
     let since = connected_since(&a_ctl).await?;
 
-    // A line every 100 ms for 6 s.
+    // alpha's machine changes under it while beta prints a line every
+    // 100 ms to alpha's ssh: after line 15 its NAT forgets every mapping
+    // (new source port); after 40 the NAT router gets a new public address;
+    // after 65 alpha's own address changes; after 90 alpha's only interface
+    // goes down and one into the other site's NAT comes up.
+    const LINES: usize = 120;
+    let events = [15, 40, 65, 90];
+    let names = [
+        "NAT rebinding (new port)",
+        "NAT's public address changed",
+        "host address changed",
+        "host moved to another network and NAT",
+    ];
     let mut ssh = a
         .command("ssh")
         .args(ssh_args(&ssh_dir, &a_ctl))
         .arg("root@beta.switchboard")
-        .arg("for i in $(seq 1 60); do echo $i; sleep 0.1; done")
+        .arg(format!(
+            "for i in $(seq 1 {LINES}); do echo $i; sleep 0.1; done"
+        ))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
     let mut lines = BufReader::new(ssh.stdout.take().context("stdout")?).lines();
     let mut got = Vec::new();
     let mut last = std::time::Instant::now();
-    let mut gap = Duration::ZERO;
+    // The longest gap between lines after each event (until the next).
+    let mut gaps = [Duration::ZERO; 4];
     let router = &net.sites[0].router;
     while let Some(l) = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
         .await
         .context("the ssh session stalled")??
     {
         let now = std::time::Instant::now();
-        if !got.is_empty() {
-            gap = gap.max(now - last);
+        if let Some(k) = events.iter().rposition(|&e| got.len() >= e) {
+            gaps[k] = gaps[k].max(now - last);
         }
         last = now;
         got.push(l);
-        if got.len() == 15 {
-            // The home router gets a new public address: masquerade forgets
-            // its mappings, the next packets leave from 10.0.0.150 and a
-            // new port — to the relay, the peer moved.
-            // (The new address must outlive the old primary one.)
-            router
-                .ns
-                .exec(&["sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"])?;
-            router
-                .ns
-                .ip(&["addr", "add", "10.0.0.150/24", "dev", "eth0"])?;
-            router
-                .ns
-                .ip(&["addr", "del", &format!("{}/24", router.addr), "dev", "eth0"])?;
+        match got.len() {
+            15 => net.sites[0].rebind()?,
+            40 => {
+                // The new address must outlive the old primary one.
+                router
+                    .ns
+                    .exec(&["sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"])?;
+                router
+                    .ns
+                    .ip(&["addr", "add", "10.0.0.150/24", "dev", "eth0"])?;
+                router
+                    .ns
+                    .ip(&["addr", "del", &format!("{}/24", router.addr), "dev", "eth0"])?;
+            }
+            65 => {
+                a.ns.exec(&["sysctl", "-qw", "net.ipv4.conf.eth0.promote_secondaries=1"])?;
+                a.ns.ip(&["addr", "add", "192.168.1.3/24", "dev", "eth0"])?;
+                a.ns.ip(&["addr", "del", "192.168.1.2/24", "dev", "eth0"])?;
+            }
+            90 => {
+                net.move_host(0, 1)?;
+            }
+            _ => {}
         }
     }
     let status = tokio::time::timeout(swb_tests::WAIT, ssh.wait()).await??;
     ensure!(status.success(), "ssh ended with {status}");
-    let want: Vec<String> = (1..=60).map(|i| i.to_string()).collect();
+    let want: Vec<String> = (1..=LINES).map(|i| i.to_string()).collect();
     assert_eq!(got, want, "every line, in order");
     assert_eq!(
         connected_since(&a_ctl).await?,
         since,
-        "the QUIC connection migrated: no reconnect"
+        "the QUIC connection migrated each time: no reconnect"
     );
-    eprintln!("ssh across a NAT address change: longest gap between lines {gap:?}");
+    for (name, gap) in names.iter().zip(gaps) {
+        eprintln!("ssh session across {name}: longest gap between lines {gap:?}");
+    }
     Ok(())
 }
 

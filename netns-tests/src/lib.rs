@@ -23,6 +23,8 @@ use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
+/// NAT rebindings so far (each takes a port range not used before).
+static REBINDS: AtomicU32 = AtomicU32::new(0);
 
 /// Whether a missing capability must fail instead of skip.
 pub fn required() -> bool {
@@ -171,6 +173,54 @@ impl Site {
     }
 }
 
+impl Site {
+    /// A NAT rebinding: the router forgets every mapping (its conntrack
+    /// table flushed) and maps new flows to a port range it has not used
+    /// before, so the next packet of every flow leaves from a new port —
+    /// to the relay, each peer behind this router moved.
+    pub fn rebind(&self) -> Result<()> {
+        let nft = program("nft", "nftables")?;
+        let conntrack = program("conntrack", "conntrack")?;
+        let k = REBINDS.fetch_add(1, Ordering::Relaxed) % 40;
+        let lo = 20_000 + k * 1000;
+        let ns = &self.router.ns;
+        ns.exec(&[&nft, "flush", "chain", "ip", "nat", "post"])?;
+        ns.exec(&[
+            &nft,
+            "add",
+            "rule",
+            "ip",
+            "nat",
+            "post",
+            "oifname",
+            "eth0",
+            "meta",
+            "l4proto",
+            "{",
+            "tcp,",
+            "udp",
+            "}",
+            "masquerade",
+            "to",
+            &format!(":{lo}-{}", lo + 999),
+        ])?;
+        ns.exec(&[
+            &nft,
+            "add",
+            "rule",
+            "ip",
+            "nat",
+            "post",
+            "oifname",
+            "eth0",
+            "masquerade",
+        ])?;
+        // `conntrack -F` exits 1 when it deleted nothing (still fine).
+        let _ = ns.exec(&[&conntrack, "-F"]);
+        Ok(())
+    }
+}
+
 /// The emulated internet; removed when dropped.
 #[derive(Debug)]
 pub struct Internet {
@@ -212,6 +262,45 @@ impl Internet {
         };
         net.build(relays, sites)?;
         Ok(Some(net))
+    }
+
+    /// The host of site `from` loses its only interface (down) and gets a
+    /// new one, to the router of site `to` (a laptop leaving one network
+    /// for another): a new LAN, a new address (returned), a new NAT.
+    pub fn move_host(&self, from: usize, to: usize) -> Result<Ipv4Addr> {
+        let host = &self.sites[from].host.ns;
+        let router = &self.sites[to].router.ns;
+        let n = SEQ.fetch_add(1, Ordering::Relaxed) % 100;
+        let (h_if, r_if) = (format!("eth{}", n + 1), format!("lan{}", n + 1));
+        let net = |h: u8| Ipv4Addr::new(192, 168, 100 + n as u8, h);
+        run(&[
+            "ip",
+            "link",
+            "add",
+            &h_if,
+            "netns",
+            &host.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &r_if,
+            "netns",
+            &router.name,
+        ])?;
+        router.ip(&["addr", "add", &format!("{}/24", net(1)), "dev", &r_if])?;
+        router.ip(&["link", "set", &r_if, "up"])?;
+        let nft = program("nft", "nftables")?;
+        router.exec(&[
+            &nft, "add", "rule", "ip", "filter", "through", "iifname", &r_if, "accept",
+        ])?;
+        host.ip(&["addr", "add", &format!("{}/24", net(2)), "dev", &h_if])?;
+        // The old interface goes away (its routes with it), then the new
+        // one comes up and carries the default route.
+        host.ip(&["link", "set", "eth0", "down"])?;
+        host.ip(&["link", "set", &h_if, "up"])?;
+        host.ip(&["route", "replace", "default", "via", &net(1).to_string()])?;
+        Ok(net(2))
     }
 
     fn ns(&mut self, role: &str) -> Result<Ns> {
