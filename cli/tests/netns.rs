@@ -568,15 +568,19 @@ async fn attached_to(control: &Path) -> Result<Option<String>> {
     Ok(v["relay_id"].as_str().map(String::from))
 }
 
+/// p50 and max of `v` (and every value, when there are few).
 fn spread(v: &mut [Duration]) -> String {
     v.sort();
     let ms = |d: &Duration| d.as_millis();
-    format!(
-        "p50 {} ms, max {} ms (all: {:?})",
+    let mut s = format!(
+        "p50 {} ms, max {} ms",
         ms(&v[v.len() / 2]),
-        ms(&v[v.len() - 1]),
-        v.iter().map(ms).collect::<Vec<_>>()
-    )
+        ms(&v[v.len() - 1])
+    );
+    if v.len() <= 20 {
+        s += &format!(" (all: {:?})", v.iter().map(ms).collect::<Vec<_>>());
+    }
+    s
 }
 
 #[tokio::test]
@@ -715,5 +719,122 @@ async fn a_relay_killed_in_a_three_relay_mesh_has_its_peers_back_within_seconds(
     .await?;
     let got = ok(swbd(&ctl(&sleeper)).args(["recv", "--wait", "20"])).await?;
     assert_eq!(got, format!("{observer}\theld by r2\n"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn two_hundred_daemons_behind_nat_are_back_after_a_relay_restart_with_their_mail(
+) -> Result<()> {
+    let Some(net) = Internet::new("relay_restart", 1, 2)? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let r = &net.relays[0];
+    let keys = d.join("keys.toml");
+    let key = new_key(&keys).await?;
+    let data = d.join("relay");
+    let (mut relay, fp) = relay_on(r, &data, &keys, &[]).await?;
+    const N: usize = 200;
+    let name = |i: usize| format!("p{i:03}");
+    let ctl = |n: &str| d.join(format!("{n}.sock"));
+    // 100 daemons on each site's machine, started 20 at a time.
+    let mut daemons = Vec::new();
+    let t = std::time::Instant::now();
+    for chunk in (0..N).collect::<Vec<_>>().chunks(20) {
+        let started = chunk.iter().map(|&i| {
+            let (n, host) = (name(i), &net.sites[i % 2].host);
+            let (fp, key, c) = (fp.clone(), key.clone(), ctl(&n));
+            async move { up(host, r, &fp, &key, &n, &c, &["--socks", "off"]).await }
+        });
+        daemons.extend(futures_util::future::try_join_all(started).await?);
+    }
+    eprintln!(
+        "{N} daemons behind two NATs attached in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let mut since = Vec::new();
+    for i in 0..N {
+        since.push(connected_since(&ctl(&name(i))).await?);
+    }
+    // Mail for 20 peers that are away: held in the relay's store.
+    for i in 0..20 {
+        let out =
+            ok(swbd(&ctl(&name(i))).args(["--json", "send", &format!("away{i}"), "held"])).await?;
+        assert!(out.contains("\"online\":false"), "{out}");
+    }
+
+    // Restart (SIGTERM, as `systemctl restart`: the relay says goodbye).
+    let pid = relay.id().context("relay pid")?.to_string();
+    ok(Command::new("kill").args(["-TERM", &pid])).await?;
+    tokio::time::timeout(swb_tests::WAIT, relay.wait()).await??;
+    // Sends made while the relay is away wait for it (`--timeout`).
+    let waiting: Vec<_> = (0..20)
+        .map(|i| {
+            let (c, to) = (ctl(&name(i)), name(i + 100));
+            tokio::spawn(async move {
+                ok(swbd(&c).args([
+                    "send",
+                    "--timeout",
+                    "60s",
+                    &to,
+                    "sent while the relay was down",
+                ]))
+                .await
+            })
+        })
+        .collect();
+    let (_relay, fp2) = relay_on(r, &data, &keys, &[]).await?;
+    assert_eq!(fp2, fp, "the same certificate after the restart");
+    let t0 = std::time::Instant::now();
+    // Each daemon's control socket, asked every 20 ms from here.
+    let back = since.iter().enumerate().map(|(i, old)| {
+        let c = ctl(&name(i));
+        async move {
+            let mut client = swb_daemon::control::Client::connect(&c).await?;
+            loop {
+                let s = client.status().await?;
+                if s.connected_since.is_some() && s.connected_since.as_ref() != Some(old) {
+                    return anyhow::Ok(t0.elapsed());
+                }
+                ensure!(
+                    t0.elapsed() < Duration::from_secs(60),
+                    "{} not back after 60 s",
+                    s.name
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    let mut back = futures_util::future::try_join_all(back).await?;
+    eprintln!(
+        "{N} daemons after a relay restart: attached again (from the relay listening) at {}",
+        spread(&mut back)
+    );
+    for w in waiting {
+        w.await??;
+    }
+    for i in 0..20 {
+        let got = ok(swbd(&ctl(&name(i + 100))).args(["recv", "--wait", "10"])).await?;
+        assert_eq!(got, format!("{}\tsent while the relay was down\n", name(i)));
+    }
+    // The peers that were away attach and get what the relay held.
+    for i in 0..20 {
+        let n = format!("away{i}");
+        daemons.push(
+            up(
+                &net.sites[i % 2].host,
+                r,
+                &fp,
+                &key,
+                &n,
+                &ctl(&n),
+                &["--socks", "off"],
+            )
+            .await?,
+        );
+        let got = ok(swbd(&ctl(&n)).args(["recv", "--wait", "10"])).await?;
+        assert_eq!(got, format!("{}\theld\n", name(i)));
+    }
     Ok(())
 }

@@ -231,11 +231,26 @@ impl Actor {
                         Some(r) => r.addrs.first().cloned().unwrap_or_default(),
                         None => relays[relay_idx % relays.len()].clone(),
                     };
-                    let attempt = tokio::select! {
-                        biased;
-                        _ = cancel.cancelled() => return Ok(()),
-                        r = self.dialer.connect(&relay, target.as_ref()) => r,
+                    // Commands are taken while dialing too (sends wait
+                    // for the connection, and `status` counts them).
+                    let mut connect = Box::pin(self.dialer.connect(&relay, target.as_ref()));
+                    let attempt = 'dial: loop {
+                        tokio::select! {
+                            biased;
+                            _ = cancel.cancelled() => return Ok(()),
+                            r = &mut connect => break 'dial r,
+                            cmd = self.cmd_rx.recv() => match cmd {
+                                Some(c) => {
+                                    let _ = self.core.absorb(c);
+                                    self.shared
+                                        .pending_sends
+                                        .store(self.core.pending_sends(), Ordering::Relaxed);
+                                }
+                                None => return Ok(()),
+                            },
+                        }
                     };
+                    drop(connect);
                     (relay, attempt)
                 }
             };
