@@ -326,9 +326,14 @@ async fn sink(host: &Host, addr: &str, port: u16, file: &Path) -> Result<Child> 
         .stdout(Stdio::from(out))
         .stderr(Stdio::null())
         .spawn()?;
-    // Listening once the port answers (the probe itself is not counted:
-    // ncat without -k takes one connection, so probe a twin port instead
-    // would be wrong — wait for the socket in /proc/net/tcp).
+    listening(host, port).await?;
+    Ok(child)
+}
+
+/// Waits until a TCP socket on `host` listens on `port` — seen in
+/// /proc/net/tcp, not by connecting (a one-connection server such as
+/// `ncat` without `-k` would take the probe for its client).
+async fn listening(host: &Host, port: u16) -> Result<()> {
     let hex_port = format!(":{port:04X} ");
     swb_tests::eventually("ncat listening", swb_tests::WAIT, || async {
         let out = host.command("cat").arg("/proc/net/tcp").output().await?;
@@ -337,8 +342,7 @@ async fn sink(host: &Host, addr: &str, port: u16, file: &Path) -> Result<Child> 
             .any(|l| l.contains(&hex_port) && l.split_whitespace().nth(3) == Some("0A"))
             .then_some(()))
     })
-    .await?;
-    Ok(child)
+    .await
 }
 
 /// Sends `file` from `host` with `cmd` (its stdin); seconds taken.
@@ -443,10 +447,32 @@ async fn connected_since(control: &Path) -> Result<String> {
         .context("not connected")
 }
 
+/// What happens to alpha's network during [`ssh_across_address_changes`].
+const CHANGES: [&str; 4] = [
+    "NAT rebinding (new port)",
+    "NAT's public address changed",
+    "host address changed",
+    "host moved to another network and NAT",
+];
+
 #[tokio::test]
 async fn an_ssh_session_survives_nat_rebinding_new_addresses_and_a_new_network() -> Result<()> {
-    let Some(net) = Internet::new("address_changes", 1, 2)? else {
+    let Some(gaps) = ssh_across_address_changes("address_changes").await? else {
         return Ok(());
+    };
+    for (name, gap) in CHANGES.iter().zip(gaps) {
+        eprintln!("ssh session across {name}: longest gap between lines {gap:?}");
+    }
+    Ok(())
+}
+
+/// An ssh session from alpha (site 0) to beta (site 1) through the relay
+/// while alpha's network changes under it ([`CHANGES`]); checks every line
+/// arrived in order with no reconnect, and returns the longest gap between
+/// lines after each change. `None`: namespaces unavailable (skipped).
+async fn ssh_across_address_changes(test: &str) -> Result<Option<[Duration; 4]>> {
+    let Some(net) = Internet::new(test, 1, 2)? else {
+        return Ok(None);
     };
     let dir = tempfile::tempdir()?;
     let d = dir.path();
@@ -476,12 +502,6 @@ async fn an_ssh_session_survives_nat_rebinding_new_addresses_and_a_new_network()
     // goes down and one into the other site's NAT comes up.
     const LINES: usize = 120;
     let events = [15, 40, 65, 90];
-    let names = [
-        "NAT rebinding (new port)",
-        "NAT's public address changed",
-        "host address changed",
-        "host moved to another network and NAT",
-    ];
     let mut ssh = a
         .command("ssh")
         .args(ssh_args(&ssh_dir, &a_ctl))
@@ -542,10 +562,7 @@ async fn an_ssh_session_survives_nat_rebinding_new_addresses_and_a_new_network()
         since,
         "the QUIC connection migrated each time: no reconnect"
     );
-    for (name, gap) in names.iter().zip(gaps) {
-        eprintln!("ssh session across {name}: longest gap between lines {gap:?}");
-    }
-    Ok(())
+    Ok(Some(gaps))
 }
 
 /// The `n` first names `{prefix}N` the ring of `ids` homes on `want`.
@@ -583,100 +600,178 @@ fn spread(v: &mut [Duration]) -> String {
     s
 }
 
+/// A mesh of three relays (`r0`, `r1`, `r2`) on `net`'s relay machines,
+/// with 12 peers spread over the sites: 6 homed on `r2`, 3 each on `r0` and
+/// `r1`. Every daemon knows every relay and starts at `r0`.
+struct Mesh3<'a> {
+    net: &'a Internet,
+    d: std::path::PathBuf,
+    keys: std::path::PathBuf,
+    key: String,
+    mesh_key: String,
+    fp0: String,
+    relays: Vec<Option<Child>>,
+    victims: Vec<String>,
+    observer: String,
+    extra: Vec<String>,
+    daemons: Vec<Child>,
+}
+
+const MESH_IDS: [&str; 3] = ["r0", "r1", "r2"];
+
+impl<'a> Mesh3<'a> {
+    async fn start(net: &'a Internet, d: &Path) -> Result<Self> {
+        let keys = d.join("keys.toml");
+        let key = new_key(&keys).await?;
+        let mesh_key = d.join("mesh.key");
+        std::fs::write(&mesh_key, "m".repeat(40))?;
+        let mut extra: Vec<String> = net
+            .relays
+            .iter()
+            .skip(1)
+            .flat_map(|h| ["--relay".to_string(), format!("{}:{RELAY_PORT}", h.addr)])
+            .collect();
+        extra.extend(["--socks".into(), "off".into()]);
+        let victims = names_homed_on(&MESH_IDS, "r2", "v", 6);
+        let mut m = Mesh3 {
+            net,
+            d: d.to_path_buf(),
+            keys,
+            key,
+            mesh_key: mesh_key.display().to_string(),
+            fp0: String::new(),
+            relays: Vec::new(),
+            victims: victims.clone(),
+            observer: String::new(),
+            extra,
+            daemons: Vec::new(),
+        };
+        for i in 0..3 {
+            let (child, fp) = m.relay(i).await?;
+            if i == 0 {
+                m.fp0 = fp;
+            }
+            m.relays.push(Some(child));
+        }
+        let mut names = victims;
+        names.extend(names_homed_on(&MESH_IDS, "r0", "s", 3));
+        names.extend(names_homed_on(&MESH_IDS, "r1", "t", 3));
+        m.observer = names[6].clone();
+        for (i, n) in names.iter().enumerate() {
+            let d = m.peer(n, i % 2).await?;
+            m.daemons.push(d);
+        }
+        let ring = swb_ring::Ring::new(MESH_IDS);
+        for n in &names {
+            let want = ring.home("acme", n).context("home")?;
+            m.wait_at(n, want).await?;
+        }
+        Ok(m)
+    }
+
+    /// Starts relay `i` (again: same data, same certificate).
+    async fn relay(&self, i: usize) -> Result<(Child, String)> {
+        let seed = format!("{}:{RELAY_PORT}", self.net.relays[0].addr);
+        let mut a = vec!["--id", MESH_IDS[i], "--mesh-key-file", &self.mesh_key];
+        if i > 0 {
+            a.extend(["--mesh-peer", &seed]);
+        }
+        relay_on(
+            &self.net.relays[i],
+            &self.d.join(MESH_IDS[i]),
+            &self.keys,
+            &a,
+        )
+        .await
+    }
+
+    /// `swbd up` as `name` on the host of site `site`.
+    async fn peer(&self, name: &str, site: usize) -> Result<Child> {
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let host = &self.net.sites[site].host;
+        up(
+            host,
+            &self.net.relays[0],
+            &self.fp0,
+            &self.key,
+            name,
+            &self.ctl(name),
+            &extra,
+        )
+        .await
+    }
+
+    fn ctl(&self, name: &str) -> std::path::PathBuf {
+        self.d.join(format!("{name}.sock"))
+    }
+
+    async fn wait_at(&self, name: &str, relay: &str) -> Result<()> {
+        let c = self.ctl(name);
+        swb_tests::eventually("the peer at its home relay", swb_tests::WAIT, || async {
+            Ok((attached_to(&c).await?.as_deref() == Some(relay)).then_some(()))
+        })
+        .await
+    }
+
+    /// `kill -9` of r2; for each of its peers, when it was attached to
+    /// another relay and when a ping from the observer (on r0) got through.
+    async fn crash_r2(&mut self) -> Result<(Vec<Duration>, Vec<Duration>)> {
+        let mut r2 = self.relays[2].take().context("r2 is running")?;
+        r2.start_kill()?;
+        let t0 = std::time::Instant::now();
+        r2.wait().await?;
+        let obs = self.ctl(&self.observer);
+        let rehome = self.victims.iter().map(|v| {
+            let (c, obs) = (self.ctl(v), obs.clone());
+            async move {
+                let deadline = Duration::from_secs(60);
+                let back = swb_tests::eventually("attached elsewhere", deadline, || async {
+                    Ok(
+                        matches!(attached_to(&c).await?.as_deref(), Some(id) if id != "r2")
+                            .then(|| t0.elapsed()),
+                    )
+                })
+                .await?;
+                let reach = swb_tests::eventually("reachable from r0", deadline, || async {
+                    let out = swbd(&obs)
+                        .args(["ping", "-c", "1", "--timeout", "1s", v])
+                        .output()
+                        .await?;
+                    Ok(out.status.success().then(|| t0.elapsed()))
+                })
+                .await?;
+                anyhow::Ok((back, reach))
+            }
+        });
+        let times = futures_util::future::try_join_all(rehome).await?;
+        Ok(times.into_iter().unzip())
+    }
+
+    /// r2 starts again; its peers go back to it.
+    async fn restart_r2(&mut self) -> Result<()> {
+        let (r2, _) = self.relay(2).await?;
+        self.relays[2] = Some(r2);
+        for v in &self.victims {
+            self.wait_at(v, "r2").await?;
+        }
+        Ok(())
+    }
+}
+
 #[tokio::test]
 async fn a_relay_killed_in_a_three_relay_mesh_has_its_peers_back_within_seconds() -> Result<()> {
     let Some(net) = Internet::new("relay_crash", 3, 2)? else {
         return Ok(());
     };
     let dir = tempfile::tempdir()?;
-    let d = dir.path();
-    let keys = d.join("keys.toml");
-    let key = new_key(&keys).await?;
-    let mesh_key = d.join("mesh.key");
-    std::fs::write(&mesh_key, "m".repeat(40))?;
-    let mk = mesh_key.display().to_string();
-    let ids = ["r0", "r1", "r2"];
-    let seed = format!("{}:{RELAY_PORT}", net.relays[0].addr);
-    let relay_args = |i: usize| {
-        let mut a = vec!["--id", ids[i], "--mesh-key-file", mk.as_str()];
-        if i > 0 {
-            a.extend(["--mesh-peer", seed.as_str()]);
-        }
-        a
-    };
-    let mut relays = Vec::new();
-    let mut fp0 = String::new();
-    for (i, h) in net.relays.iter().enumerate() {
-        let (child, fp) = relay_on(h, &d.join(ids[i]), &keys, &relay_args(i)).await?;
-        if i == 0 {
-            fp0 = fp;
-        }
-        relays.push(child);
-    }
-    // Half the peers are homed on r2, the relay that dies; the rest on r0
-    // and r1. Each daemon knows every relay and starts at r0.
-    let victims = names_homed_on(&ids, "r2", "v", 6);
-    let mut names = victims.clone();
-    names.extend(names_homed_on(&ids, "r0", "s", 3));
-    names.extend(names_homed_on(&ids, "r1", "t", 3));
-    let observer = names[6].clone();
-    let relay_list: Vec<String> = net
-        .relays
-        .iter()
-        .skip(1)
-        .flat_map(|h| ["--relay".to_string(), format!("{}:{RELAY_PORT}", h.addr)])
-        .collect();
-    let mut extra: Vec<&str> = relay_list.iter().map(String::as_str).collect();
-    extra.extend(["--socks", "off"]);
-    let mut daemons = Vec::new();
-    let ctl = |n: &str| d.join(format!("{n}.sock"));
-    for (i, n) in names.iter().enumerate() {
-        let host = &net.sites[i % 2].host;
-        daemons.push(up(host, &net.relays[0], &fp0, &key, n, &ctl(n), &extra).await?);
-    }
-    let ring = swb_ring::Ring::new(ids);
-    for n in &names {
-        let want = ring.home("acme", n).context("home")?;
-        swb_tests::eventually("every peer at its home relay", swb_tests::WAIT, || async {
-            Ok((attached_to(&ctl(n)).await?.as_deref() == Some(want)).then_some(()))
-        })
-        .await?;
-    }
+    let mut m = Mesh3::start(&net, dir.path()).await?;
     // Mail r2 accepts for a peer that is away: durable in r2's store.
-    let sleeper = names_homed_on(&ids, "r2", "z", 1).remove(0);
-    let sent = ok(swbd(&ctl(&observer)).args(["--json", "send", &sleeper, "held by r2"])).await?;
+    let sleeper = names_homed_on(&MESH_IDS, "r2", "z", 1).remove(0);
+    let obs = m.ctl(&m.observer);
+    let sent = ok(swbd(&obs).args(["--json", "send", &sleeper, "held by r2"])).await?;
     assert!(sent.contains("\"online\":false"), "{sent}");
 
-    // kill -9 of r2.
-    let mut r2 = relays.pop().context("r2")?;
-    r2.start_kill()?;
-    let t0 = std::time::Instant::now();
-    r2.wait().await?;
-    let obs = ctl(&observer);
-    let rehome = victims.iter().map(|v| {
-        let (c, obs) = (ctl(v), obs.clone());
-        async move {
-            let deadline = Duration::from_secs(60);
-            let back = swb_tests::eventually("attached elsewhere", deadline, || async {
-                Ok(
-                    matches!(attached_to(&c).await?.as_deref(), Some(id) if id != "r2")
-                        .then(|| t0.elapsed()),
-                )
-            })
-            .await?;
-            let reach = swb_tests::eventually("reachable from r0", deadline, || async {
-                let out = swbd(&obs)
-                    .args(["ping", "-c", "1", "--timeout", "1s", v])
-                    .output()
-                    .await?;
-                Ok(out.status.success().then(|| t0.elapsed()))
-            })
-            .await?;
-            anyhow::Ok((back, reach))
-        }
-    });
-    let times = futures_util::future::try_join_all(rehome).await?;
-    let (mut back, mut reach): (Vec<_>, Vec<_>) = times.into_iter().unzip();
+    let (mut back, mut reach) = m.crash_r2().await?;
     let worst = *reach.iter().max().context("victims")?;
     eprintln!("kill -9 of the relay home to 6 of 12 peers:");
     eprintln!("  attached to another relay: {}", spread(&mut back));
@@ -691,34 +786,19 @@ async fn a_relay_killed_in_a_three_relay_mesh_has_its_peers_back_within_seconds(
         "re-homing took {worst:?}: the daemons waited for the idle timeout"
     );
     // The survivors carry mail to the moved peers.
-    for v in &victims {
+    for v in &m.victims {
         ok(swbd(&obs).args(["send", v, "after the crash"])).await?;
-        let got = ok(swbd(&ctl(v)).args(["recv", "--wait", "10"])).await?;
-        assert_eq!(got, format!("{observer}\tafter the crash\n"));
+        let got = ok(swbd(&m.ctl(v)).args(["recv", "--wait", "10"])).await?;
+        assert_eq!(got, format!("{}\tafter the crash\n", m.observer));
     }
 
     // r2 comes back with its store: the moved peers go home, and the mail it
     // accepted before dying reaches its peer.
-    let (r2, _) = relay_on(&net.relays[2], &d.join("r2"), &keys, &relay_args(2)).await?;
-    relays.push(r2);
-    for v in &victims {
-        swb_tests::eventually("back at r2", swb_tests::WAIT, || async {
-            Ok((attached_to(&ctl(v)).await?.as_deref() == Some("r2")).then_some(()))
-        })
-        .await?;
-    }
-    let _sleeper = up(
-        &net.sites[0].host,
-        &net.relays[0],
-        &fp0,
-        &key,
-        &sleeper,
-        &ctl(&sleeper),
-        &extra,
-    )
-    .await?;
-    let got = ok(swbd(&ctl(&sleeper)).args(["recv", "--wait", "20"])).await?;
-    assert_eq!(got, format!("{observer}\theld by r2\n"));
+    m.restart_r2().await?;
+    let d = m.peer(&sleeper, 0).await?;
+    m.daemons.push(d);
+    let got = ok(swbd(&m.ctl(&sleeper)).args(["recv", "--wait", "20"])).await?;
+    assert_eq!(got, format!("{}\theld by r2\n", m.observer));
     Ok(())
 }
 
@@ -835,6 +915,162 @@ async fn two_hundred_daemons_behind_nat_are_back_after_a_relay_restart_with_thei
         );
         let got = ok(swbd(&ctl(&n)).args(["recv", "--wait", "10"])).await?;
         assert_eq!(got, format!("{}\theld\n", name(i)));
+    }
+    Ok(())
+}
+
+/// `iperf3 -c addr -p port` on `client` for `secs`; the receiver's
+/// goodput in Mbit/s.
+async fn iperf(client: &Host, addr: &str, port: u16, secs: u32) -> Result<f64> {
+    let out = ok(client.command("iperf3").args([
+        "-c",
+        addr,
+        "-p",
+        &port.to_string(),
+        "-t",
+        &secs.to_string(),
+        "-J",
+    ]))
+    .await?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 -J without end.sum_received")?;
+    Ok(bps / 1e6)
+}
+
+/// An iperf3 server on `host` at `addr:port`.
+async fn iperf_server(host: &Host, addr: &str, port: u16) -> Result<Child> {
+    let child = host
+        .command("iperf3")
+        .args(["-s", "-B", addr, "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    listening(host, port).await?;
+    Ok(child)
+}
+
+/// Median (min–max) of `v`.
+fn median_range(v: &mut [f64], digits: usize) -> String {
+    v.sort_by(f64::total_cmp);
+    format!(
+        "{:.digits$} ({:.digits$}–{:.digits$})",
+        v[v.len() / 2],
+        v[0],
+        v[v.len() - 1]
+    )
+}
+
+/// The benchmark of README *Across real networks*: stream goodput through
+/// NAT and the relay vs direct TCP over the same uplink (iperf3 both
+/// ways), the re-home time after a relay crash, and the longest gap of an
+/// ssh session across address changes — each repeated `SWB_NETNS_RUNS`
+/// (default 3) times. Run it in release mode:
+/// `cargo test --release -p swbd --test netns -- --ignored --nocapture netns_benchmark`
+/// (needs root and iperf3).
+#[tokio::test]
+#[ignore = "a benchmark: run in release mode (README, Performance)"]
+async fn netns_benchmark() -> Result<()> {
+    let runs: usize = std::env::var("SWB_NETNS_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    swb_tests::need_program("iperf3", "iperf3")?;
+    // Goodput: alpha (site 0) to beta (site 1) through the relay — iperf3
+    // through a local port whose connections `swbd connect` carries — and
+    // alpha to the relay's machine by plain TCP through the same NAT.
+    {
+        let Some(net) = Internet::new("bench_goodput", 1, 2)? else {
+            return Ok(());
+        };
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        let (r, a, b) = (&net.relays[0], &net.sites[0].host, &net.sites[1].host);
+        let (_relay, fp, key) = relay(r, d).await?;
+        let (a_ctl, b_ctl) = (d.join("alpha.sock"), d.join("beta.sock"));
+        let _through_srv = iperf_server(b, "127.0.0.1", 5201).await?;
+        let _direct_srv = iperf_server(r, &r.addr.to_string(), 5202).await?;
+        let _beta = up(
+            b,
+            r,
+            &fp,
+            &key,
+            "beta",
+            &b_ctl,
+            &["--socks", "off", "--expose", "5201=127.0.0.1:5201"],
+        )
+        .await?;
+        let _alpha = up(a, r, &fp, &key, "alpha", &a_ctl, &["--socks", "off"]).await?;
+        let _fwd = a
+            .command("ncat")
+            .args(["-l", "-k", "127.0.0.1", "15201", "--sh-exec"])
+            .arg(format!(
+                "{SWBD} --control {} connect beta 5201",
+                a_ctl.display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        listening(a, 15201).await?;
+        for (label, loss, rate) in [
+            ("veth, no impairment (CPU-bound)", 0, 0),
+            ("2 % loss + 50 Mbit/s on alpha's uplink", 2, 50),
+        ] {
+            net.sites[0].loss(loss)?;
+            net.sites[0].rate(rate)?;
+            let (mut through, mut direct, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..runs {
+                let t = iperf(a, "127.0.0.1", 15201, 5).await?;
+                let dt = iperf(a, &r.addr.to_string(), 5202, 5).await?;
+                through.push(t);
+                direct.push(dt);
+                ratio.push(t / dt);
+            }
+            eprintln!(
+                "goodput, {label}: through NAT + relay + NAT {} Mbit/s, direct TCP through alpha's NAT {} Mbit/s, ratio {} (median (min–max) of {runs} × 5 s)",
+                median_range(&mut through, 0),
+                median_range(&mut direct, 0),
+                median_range(&mut ratio, 2)
+            );
+        }
+    }
+    // Re-home after kill -9 of the relay home to 6 of 12 peers.
+    {
+        let Some(net) = Internet::new("bench_rehome", 3, 2)? else {
+            return Ok(());
+        };
+        let dir = tempfile::tempdir()?;
+        let mut m = Mesh3::start(&net, dir.path()).await?;
+        let (mut back, mut reach) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let (b, r) = m.crash_r2().await?;
+            back.extend(b);
+            reach.extend(r);
+            m.restart_r2().await?;
+        }
+        eprintln!(
+            "re-home after kill -9 ({runs} crashes × 6 peers): attached elsewhere {}; reachable {}",
+            spread(&mut back),
+            spread(&mut reach)
+        );
+    }
+    // Migration: the longest gap in an ssh session's 100 ms lines.
+    let mut gaps: Vec<Vec<f64>> = vec![Vec::new(); CHANGES.len()];
+    for i in 0..runs {
+        let Some(g) = ssh_across_address_changes(&format!("bench_migrate{i}")).await? else {
+            return Ok(());
+        };
+        for (k, d) in g.iter().enumerate() {
+            gaps[k].push(d.as_secs_f64() * 1000.0);
+        }
+    }
+    for (name, g) in CHANGES.iter().zip(gaps.iter_mut()) {
+        eprintln!(
+            "migration, {name}: longest gap between 100 ms lines {} ms (median (min–max) of {runs})",
+            median_range(g, 0)
+        );
     }
     Ok(())
 }
