@@ -381,6 +381,7 @@ async fn a_lossy_slow_uplink_still_carries_whole_streams_and_ordered_mail() -> R
     )
     .await?;
     let _alpha = up(a, r, &fp, &key, "alpha", &a_ctl, &["--socks", "off"]).await?;
+    let since = connected_since(&a_ctl).await?;
     // Site A's uplink: 2 % loss both ways, 50 Mbit/s out.
     net.sites[0].loss(2)?;
     net.sites[0].rate(50)?;
@@ -431,7 +432,13 @@ async fn a_lossy_slow_uplink_still_carries_whole_streams_and_ordered_mail() -> R
     }
     let want: Vec<String> = (0..50).map(|i| format!("m{i:03}")).collect();
     assert_eq!(seen, want, "in order, none lost or doubled");
-    // alpha stayed attached throughout (no presence flap).
+    // alpha stayed attached throughout: one session (no reconnect, so its
+    // presence never flapped), online.
+    assert_eq!(
+        connected_since(&a_ctl).await?,
+        since,
+        "alpha reconnected on the lossy link"
+    );
     let st = ok(swbd(&b_ctl).args(["get-status", "alpha"])).await?;
     assert!(st.starts_with("alpha\tonline"), "{st}");
     Ok(())
