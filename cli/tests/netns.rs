@@ -185,6 +185,28 @@ fn ssh_args(dir: &Path, control: &Path) -> Vec<String> {
     swb_tests::ssh_args(dir, control, SWBD)
 }
 
+/// A relay on `net`'s first relay machine, `beta` on site 1's host with
+/// `beta_extra` flags, `alpha` on site 0's with `alpha_extra`; all stop
+/// when this is dropped.
+struct Pair {
+    alpha: std::path::PathBuf,
+    beta: std::path::PathBuf,
+    _procs: [Child; 3],
+}
+
+async fn pair(net: &Internet, d: &Path, beta_extra: &[&str], alpha_extra: &[&str]) -> Result<Pair> {
+    let (r, a, b) = (&net.relays[0], &net.sites[0].host, &net.sites[1].host);
+    let (relay, fp, key) = relay(r, d).await?;
+    let (alpha, beta) = (d.join("alpha.sock"), d.join("beta.sock"));
+    let b_proc = up(b, r, &fp, &key, "beta", &beta, beta_extra).await?;
+    let a_proc = up(a, r, &fp, &key, "alpha", &alpha, alpha_extra).await?;
+    Ok(Pair {
+        alpha,
+        beta,
+        _procs: [relay, b_proc, a_proc],
+    })
+}
+
 #[tokio::test]
 async fn peers_behind_two_nats_message_watch_ssh_scp_and_curl() -> Result<()> {
     let Some(net) = Internet::new("peers_behind_two_nats", 1, 2)? else {
@@ -192,7 +214,7 @@ async fn peers_behind_two_nats_message_watch_ssh_scp_and_curl() -> Result<()> {
     };
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let (r, a, b) = (&net.relays[0], &net.sites[0].host, &net.sites[1].host);
+    let (a, b) = (&net.sites[0].host, &net.sites[1].host);
 
     // The sites cannot reach each other: only through the relay.
     let direct = b
@@ -202,8 +224,6 @@ async fn peers_behind_two_nats_message_watch_ssh_scp_and_curl() -> Result<()> {
         .output()
         .await?;
     ensure!(!direct.status.success(), "site B reached site A directly");
-
-    let (_relay, fp, key) = relay(r, d).await?;
 
     // beta (site B) exposes ssh and a web server; alpha (site A) has SOCKS.
     let ssh_dir = d.join("ssh");
@@ -226,14 +246,9 @@ async fn peers_behind_two_nats_message_watch_ssh_scp_and_curl() -> Result<()> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let (a_ctl, b_ctl) = (d.join("alpha.sock"), d.join("beta.sock"));
-    let _beta = up(
-        b,
-        r,
-        &fp,
-        &key,
-        "beta",
-        &b_ctl,
+    let p = pair(
+        &net,
+        d,
         &[
             "--socks",
             "off",
@@ -242,18 +257,10 @@ async fn peers_behind_two_nats_message_watch_ssh_scp_and_curl() -> Result<()> {
             "--expose",
             "8080=127.0.0.1:8080",
         ],
-    )
-    .await?;
-    let _alpha = up(
-        a,
-        r,
-        &fp,
-        &key,
-        "alpha",
-        &a_ctl,
         &["--socks", "127.0.0.1:1080"],
     )
     .await?;
+    let (a_ctl, b_ctl) = (p.alpha.clone(), p.beta.clone());
 
     // Messages, both ways.
     ok(swbd(&a_ctl).args(["send", "beta", "hello through two NATs"])).await?;
@@ -368,19 +375,14 @@ async fn a_lossy_slow_uplink_still_carries_whole_streams_and_ordered_mail() -> R
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     let (r, a, b) = (&net.relays[0], &net.sites[0].host, &net.sites[1].host);
-    let (_relay, fp, key) = relay(r, d).await?;
-    let (a_ctl, b_ctl) = (d.join("alpha.sock"), d.join("beta.sock"));
-    let _beta = up(
-        b,
-        r,
-        &fp,
-        &key,
-        "beta",
-        &b_ctl,
+    let p = pair(
+        &net,
+        d,
         &["--socks", "off", "--expose", "9000=127.0.0.1:9000"],
+        &["--socks", "off"],
     )
     .await?;
-    let _alpha = up(a, r, &fp, &key, "alpha", &a_ctl, &["--socks", "off"]).await?;
+    let (a_ctl, b_ctl) = (p.alpha.clone(), p.beta.clone());
     let since = connected_since(&a_ctl).await?;
     // Site A's uplink: 2 % loss both ways, 50 Mbit/s out.
     net.sites[0].loss(2)?;
@@ -483,23 +485,18 @@ async fn ssh_across_address_changes(test: &str) -> Result<Option<[Duration; 4]>>
     };
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let (r, a, b) = (&net.relays[0], &net.sites[0].host, &net.sites[1].host);
-    let (_relay, fp, key) = relay(r, d).await?;
+    let (a, b) = (&net.sites[0].host, &net.sites[1].host);
     let ssh_dir = d.join("ssh");
     std::fs::create_dir(&ssh_dir)?;
     let _sshd = sshd(b, &ssh_dir, "beta").await?;
-    let (a_ctl, b_ctl) = (d.join("alpha.sock"), d.join("beta.sock"));
-    let _beta = up(
-        b,
-        r,
-        &fp,
-        &key,
-        "beta",
-        &b_ctl,
+    let p = pair(
+        &net,
+        d,
         &["--socks", "off", "--expose", "22=127.0.0.1:22"],
+        &["--socks", "off"],
     )
     .await?;
-    let _alpha = up(a, r, &fp, &key, "alpha", &a_ctl, &["--socks", "off"]).await?;
+    let a_ctl = p.alpha.clone();
     let since = connected_since(&a_ctl).await?;
 
     // alpha's machine changes under it while beta prints a line every
@@ -995,21 +992,16 @@ async fn netns_benchmark() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let d = dir.path();
         let (r, a, b) = (&net.relays[0], &net.sites[0].host, &net.sites[1].host);
-        let (_relay, fp, key) = relay(r, d).await?;
-        let (a_ctl, b_ctl) = (d.join("alpha.sock"), d.join("beta.sock"));
         let _through_srv = iperf_server(b, "127.0.0.1", 5201).await?;
         let _direct_srv = iperf_server(r, &r.addr.to_string(), 5202).await?;
-        let _beta = up(
-            b,
-            r,
-            &fp,
-            &key,
-            "beta",
-            &b_ctl,
+        let p = pair(
+            &net,
+            d,
             &["--socks", "off", "--expose", "5201=127.0.0.1:5201"],
+            &["--socks", "off"],
         )
         .await?;
-        let _alpha = up(a, r, &fp, &key, "alpha", &a_ctl, &["--socks", "off"]).await?;
+        let a_ctl = p.alpha.clone();
         let _fwd = a
             .command("ncat")
             .args(["-l", "-k", "127.0.0.1", "15201", "--sh-exec"])

@@ -87,6 +87,17 @@ impl Ns {
         v.extend_from_slice(args);
         run(&v)
     }
+
+    /// Applies an nftables script (`nft -f`) inside the namespace.
+    pub fn nft(&self, script: &str) -> Result<()> {
+        let nft = program("nft", "nftables")?;
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("{}-{n}.nft", self.name));
+        std::fs::write(&path, script)?;
+        let r = self.exec(&[&nft, "-f", &path.display().to_string()]);
+        let _ = std::fs::remove_file(&path);
+        r
+    }
 }
 
 /// A machine: its namespace and its address.
@@ -134,14 +145,7 @@ impl Site {
         let rules = format!(
             "table inet impair {{\n  chain lossy {{\n    type filter hook forward priority -10; policy accept;\n    {rule}\n  }}\n}}\n"
         );
-        let path = std::env::temp_dir().join(format!("{}-impair.nft", self.router.ns.name));
-        std::fs::write(&path, rules)?;
-        let r = self
-            .router
-            .ns
-            .exec(&[&nft, "-f", &path.display().to_string()]);
-        let _ = std::fs::remove_file(&path);
-        r
+        self.router.ns.nft(&rules)
     }
 
     /// Limits what the site sends to the public segment to `mbit` Mbit/s
@@ -179,42 +183,16 @@ impl Site {
     /// before, so the next packet of every flow leaves from a new port —
     /// to the relay, each peer behind this router moved.
     pub fn rebind(&self) -> Result<()> {
-        let nft = program("nft", "nftables")?;
         let conntrack = program("conntrack", "conntrack")?;
         let k = REBINDS.fetch_add(1, Ordering::Relaxed) % 40;
         let lo = 20_000 + k * 1000;
         let ns = &self.router.ns;
-        ns.exec(&[&nft, "flush", "chain", "ip", "nat", "post"])?;
-        ns.exec(&[
-            &nft,
-            "add",
-            "rule",
-            "ip",
-            "nat",
-            "post",
-            "oifname",
-            "eth0",
-            "meta",
-            "l4proto",
-            "{",
-            "tcp,",
-            "udp",
-            "}",
-            "masquerade",
-            "to",
-            &format!(":{lo}-{}", lo + 999),
-        ])?;
-        ns.exec(&[
-            &nft,
-            "add",
-            "rule",
-            "ip",
-            "nat",
-            "post",
-            "oifname",
-            "eth0",
-            "masquerade",
-        ])?;
+        ns.nft(&format!(
+            "flush chain ip nat post\n\
+             add rule ip nat post oifname \"eth0\" meta l4proto {{ tcp, udp }} masquerade to :{lo}-{hi}\n\
+             add rule ip nat post oifname \"eth0\" masquerade\n",
+            hi = lo + 999
+        ))?;
         // `conntrack -F` exits 1 when it deleted nothing (still fine).
         let _ = ns.exec(&[&conntrack, "-F"]);
         Ok(())
@@ -290,10 +268,9 @@ impl Internet {
         ])?;
         router.ip(&["addr", "add", &format!("{}/24", net(1)), "dev", &r_if])?;
         router.ip(&["link", "set", &r_if, "up"])?;
-        let nft = program("nft", "nftables")?;
-        router.exec(&[
-            &nft, "add", "rule", "ip", "filter", "through", "iifname", &r_if, "accept",
-        ])?;
+        router.nft(&format!(
+            "add rule ip filter through iifname \"{r_if}\" accept\n"
+        ))?;
         host.ip(&["addr", "add", &format!("{}/24", net(2)), "dev", &h_if])?;
         // The old interface goes away (its routes with it), then the new
         // one comes up and carries the default route.
@@ -357,7 +334,6 @@ impl Internet {
             router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
             // Masquerade what leaves for the public segment; let in only
             // what answers a connection from inside (a home router).
-            let nft = program("nft", "nftables")?;
             let rules = "table ip nat {\n\
                  \x20 chain post {\n\
                  \x20   type nat hook postrouting priority 100; policy accept;\n\
@@ -371,11 +347,7 @@ impl Internet {
                  \x20   ct state established,related accept\n\
                  \x20 }\n\
                  }\n";
-            let path = std::env::temp_dir().join(format!("{}.nft", router.name));
-            std::fs::write(&path, rules)?;
-            let r = router.exec(&[&nft, "-f", &path.display().to_string()]);
-            let _ = std::fs::remove_file(&path);
-            r?;
+            router.nft(rules)?;
             self.sites.push(Site {
                 router: Host {
                     ns: router,
