@@ -63,6 +63,32 @@ enum Served {
     },
 }
 
+/// A relay that went silent: another relay that still names it home has
+/// not noticed yet — unless the record is of a newer incarnation (it
+/// restarted).
+struct Silent {
+    id: String,
+    incarnation: Option<u64>,
+    at: tokio::time::Instant,
+}
+
+impl Silent {
+    fn new(id: &str, core: &SessionCore) -> Self {
+        Self {
+            id: id.to_string(),
+            incarnation: core.incarnation(id),
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Whether a redirect to `r` points back at this relay as it was.
+    fn is(&self, r: &RelayRecord) -> bool {
+        self.id == r.id
+            && self.incarnation.is_none_or(|i| i >= r.incarnation)
+            && self.at.elapsed() < SILENT_RELAY_AVOID
+    }
+}
+
 /// A connection attempt running beside the session it may replace.
 type Probe = std::pin::Pin<
     Box<dyn std::future::Future<Output = Result<(Link, Welcome), ConnectError>> + Send>,
@@ -165,7 +191,7 @@ struct Actor {
     /// next instead of dialing, with the address it was dialed at.
     ready: Option<(Link, Welcome, String)>,
     /// The relay that last went silent, and when.
-    silent: Option<(String, tokio::time::Instant)>,
+    silent: Option<Silent>,
 }
 
 /// Runs until shutdown or a fatal refusal.
@@ -306,7 +332,7 @@ impl Actor {
                         } => {
                             self.shared.metrics.reconnects.inc();
                             info!(silent = %home.1, home = %welcome.relay_id, "relay went silent: moved to the relay that is home now");
-                            self.silent = Some((home.1.clone(), tokio::time::Instant::now()));
+                            self.silent = Some(Silent::new(&home.1, &self.core));
                             self.ready = Some((link, welcome, to));
                             continue;
                         }
@@ -327,7 +353,7 @@ impl Actor {
                             self.shared.metrics.reconnects.inc();
                             warn!(relay = %relay, "lost connection to relay: {why}; reconnecting");
                             last_logged = Some(why.clone());
-                            self.silent = Some((home.1.clone(), tokio::time::Instant::now()));
+                            self.silent = Some(Silent::new(&home.1, &self.core));
                             // Re-home: the next live relay on the ring takes over.
                             self.next =
                                 self.core
@@ -337,9 +363,7 @@ impl Actor {
                     }
                 }
                 Err(ConnectError::Redirect(r))
-                    if self.silent.as_ref().is_some_and(|(id, at)| {
-                        *id == r.id && at.elapsed() < SILENT_RELAY_AVOID
-                    }) =>
+                    if self.silent.as_ref().is_some_and(|s| s.is(&r)) =>
                 {
                     // The relay we asked has not noticed yet that our old
                     // home went silent: ask it again shortly.
@@ -515,6 +539,7 @@ impl Actor {
         let mut tick = tokio::time::interval(WATCH_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut probe: Option<Probe> = None;
+        let mut probe_failed = false;
         loop {
             // Ranked: shutdown, then local commands, then relay frames.
             let out: Vec<Frame> = tokio::select! {
@@ -540,6 +565,12 @@ impl Actor {
                             return Served::Ended(End::Redirect(r));
                         }
                         Err(ConnectError::Retry(why)) => debug!("probe: {why}"),
+                        // Not ours to stop on (the session still stands),
+                        // but worth saying once per silence.
+                        Err(ConnectError::Fatal(e)) if !probe_failed => {
+                            probe_failed = true;
+                            warn!("asking the next relay failed: {e}");
+                        }
                         Err(ConnectError::Fatal(e)) => debug!("probe: {e}"),
                     }
                     Vec::new()
@@ -549,8 +580,11 @@ impl Actor {
                     let rx = link.conn.stats().udp_rx.datagrams;
                     let route = crate::dial::local_route(link.addr);
                     let look = watch.look(rx, route, probe.is_some(), now);
-                    if look.heard && probe.take().is_some() {
-                        debug!("the relay answered again: probe dropped");
+                    if look.heard {
+                        probe_failed = false;
+                        if probe.take().is_some() {
+                            debug!("the relay answered again: probe dropped");
+                        }
                     }
                     if look.rebind {
                         let why = if watch.silent(now) >= watch.silence_probe {
@@ -666,6 +700,29 @@ mod tests {
                 ..Look::default()
             }
         );
+    }
+
+    #[test]
+    fn a_redirect_back_to_the_silent_relay_is_not_followed_unless_it_restarted() {
+        let rec = |id: &str, incarnation: u64| RelayRecord {
+            id: id.into(),
+            addrs: vec![format!("{id}:7443")],
+            fingerprint: String::new(),
+            incarnation,
+        };
+        let s = Silent {
+            id: "r2".into(),
+            incarnation: Some(7),
+            at: tokio::time::Instant::now(),
+        };
+        assert!(s.is(&rec("r2", 7)), "the same relay, not yet noticed dead");
+        assert!(!s.is(&rec("r2", 8)), "restarted: a newer incarnation");
+        assert!(!s.is(&rec("r1", 7)), "another relay");
+        let old = Silent {
+            at: tokio::time::Instant::now() - SILENT_RELAY_AVOID,
+            ..s
+        };
+        assert!(!old.is(&rec("r2", 7)), "long ago: the mesh would know by now");
     }
 
     #[test]

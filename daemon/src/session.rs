@@ -243,6 +243,11 @@ impl SessionCore {
         self.map.iter().find(|r| r.id == next).cloned()
     }
 
+    /// The incarnation (start time) of relay `id` in the last relay map.
+    pub(crate) fn incarnation(&self, id: &str) -> Option<u64> {
+        self.map.iter().find(|r| r.id == id).map(|r| r.incarnation)
+    }
+
     /// Answers every unanswered send with `refusal` (the daemon stops).
     pub(crate) fn fail_pending(&mut self, refusal: &Refusal) {
         for (_, p) in std::mem::take(&mut self.pending) {
