@@ -722,7 +722,10 @@ mod tests {
             at: tokio::time::Instant::now() - SILENT_RELAY_AVOID,
             ..s
         };
-        assert!(!old.is(&rec("r2", 7)), "long ago: the mesh would know by now");
+        assert!(
+            !old.is(&rec("r2", 7)),
+            "long ago: the mesh would know by now"
+        );
     }
 
     #[test]
