@@ -231,6 +231,9 @@ fn print_status(s: &StatusInfo) {
     if let Some(rtt) = s.rtt_ms {
         println!("rtt:        {rtt:.2} ms");
     }
+    if let Some(t) = &s.tun {
+        println!("tun:        {} {} {}", t.interface, t.ipv4, t.ipv6);
+    }
     println!("inbox:      {} waiting", s.inbox);
     if s.pending_sends > 0 {
         println!("sending:    {} waiting for the relay", s.pending_sends);

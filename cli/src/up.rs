@@ -79,6 +79,19 @@ pub(crate) struct UpArgs {
     /// less than the 12 s idle timeout. [default: 3s]
     #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
     silence_probe: Option<std::time::Duration>,
+    /// TUN mode: a virtual interface with this peer's address in its
+    /// namespace (IPv4 from 100.64.0.0/10, IPv6 from a ULA /64), so any IP
+    /// program reaches other TUN peers. Needs root or CAP_NET_ADMIN. Peers
+    /// reach only the --expose ports and ping, unless --tun-allow-all.
+    #[arg(long)]
+    tun: bool,
+    /// The TUN interface's name. [default: swb0]
+    #[arg(long, value_name = "NAME", requires = "tun")]
+    tun_name: Option<String>,
+    /// With --tun, let peers reach every port of this machine over the
+    /// interface, not just the exposed ones.
+    #[arg(long, requires = "tun")]
+    tun_allow_all: bool,
 }
 
 /// `swbd up --config FILE`: the same settings as the flags.
@@ -102,6 +115,11 @@ struct UpFile {
     connect_timeout: Option<String>,
     keepalive: Option<String>,
     silence_probe: Option<String>,
+    #[serde(default)]
+    tun: bool,
+    tun_name: Option<String>,
+    #[serde(default)]
+    tun_allow_all: bool,
 }
 
 /// Fills what the flags left open from `--config`; returns the control
@@ -163,6 +181,9 @@ fn merge_file(a: &mut UpArgs) -> Result<Option<PathBuf>> {
     if a.silence_probe.is_none() {
         a.silence_probe = duration(&f.silence_probe, "silence_probe")?;
     }
+    a.tun |= f.tun;
+    a.tun_name = a.tun_name.take().or(f.tun_name);
+    a.tun_allow_all |= f.tun_allow_all;
     if a.relay_fingerprint.is_some() && a.ca.is_some() {
         bail!("give either relay_fingerprint or ca, not both");
     }
@@ -294,6 +315,12 @@ pub(crate) async fn run(mut a: UpArgs, out: &Output) -> Result<()> {
     }
     if let Some(t) = a.keepalive {
         cfg.keepalive = t;
+    }
+    if a.tun {
+        cfg.tun = Some(swb_daemon::TunSettings {
+            name: a.tun_name.clone().unwrap_or_else(|| "swb0".into()),
+            allow_all: a.tun_allow_all,
+        });
     }
     if let Some(t) = a.silence_probe {
         cfg.silence_probe = t;

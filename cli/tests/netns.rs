@@ -130,6 +130,11 @@ async fn keygen(path: &Path) -> Result<()> {
 /// free), accepting the key in `dir`; its host key is pinned in
 /// `dir/known_hosts` for `name.switchboard`.
 async fn sshd(host: &Host, dir: &Path, name: &str) -> Result<Child> {
+    sshd_on(host, dir, name, "127.0.0.1").await
+}
+
+/// [`sshd`] listening on `listen`:22 (`0.0.0.0` for every interface).
+async fn sshd_on(host: &Host, dir: &Path, name: &str, listen: &str) -> Result<Child> {
     swb_tests::need_program("sshd", "openssh-server")?;
     keygen(&dir.join("host_key")).await?;
     keygen(&dir.join("id_ed25519")).await?;
@@ -145,7 +150,7 @@ async fn sshd(host: &Host, dir: &Path, name: &str) -> Result<Child> {
     std::fs::write(
         &cfg,
         format!(
-            "ListenAddress 127.0.0.1:22\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\nPidFile none\nUsePAM no\n\
+            "ListenAddress {listen}:22\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\nPidFile none\nUsePAM no\n\
              StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
              PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nSubsystem sftp {sftp}\nLogLevel ERROR\n",
             d = dir.display()
@@ -1071,5 +1076,93 @@ async fn netns_benchmark() -> Result<()> {
             median_range(g, 0)
         );
     }
+    Ok(())
+}
+
+/// This peer's TUN addresses (IPv4, IPv6) once its interface is up.
+async fn tun_addrs(control: &Path) -> Result<(String, String)> {
+    swb_tests::eventually("the TUN interface up", swb_tests::WAIT, || async {
+        let out = ok(swbd(control).args(["--json", "status"])).await?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        Ok(v["tun"]["ipv4"]
+            .as_str()
+            .zip(v["tun"]["ipv6"].as_str())
+            .map(|(a, b)| (a.to_string(), b.to_string())))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn tun_peers_behind_two_nats_ping_and_ssh_and_closed_ports_refuse() -> Result<()> {
+    let Some(net) = Internet::new("tun_basics", 1, 2)? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (a, b) = (&net.sites[0].host, &net.sites[1].host);
+    let ssh_dir = d.join("ssh");
+    std::fs::create_dir(&ssh_dir)?;
+    // beta's sshd on every interface: its TUN address included.
+    let _sshd = sshd_on(b, &ssh_dir, "beta", "0.0.0.0").await?;
+    let p = pair(
+        &net,
+        d,
+        &["--socks", "off", "--tun", "--expose", "22"],
+        &["--socks", "off", "--tun"],
+    )
+    .await?;
+    let (a4, a6) = tun_addrs(&p.alpha).await?;
+    let (b4, b6) = tun_addrs(&p.beta).await?;
+    assert_ne!(a4, b4);
+    eprintln!("alpha {a4} {a6}, beta {b4} {b6}");
+
+    // ping both ways, IPv4 and IPv6, through both NATs and the relay.
+    for (host, to) in [(a, &b4), (b, &a4), (a, &b6)] {
+        let out = ok(host
+            .command("ping")
+            .args(["-c", "3", "-i", "0.2", "-W", "2", to]))
+        .await?;
+        assert!(out.contains("3 received"), "{out}");
+    }
+    // Plain ssh to beta's TUN address: no ProxyCommand.
+    let host_pub = std::fs::read_to_string(ssh_dir.join("host_key.pub"))?;
+    let mut parts = host_pub.split_whitespace();
+    let (kt, kb) = (parts.next().context("type")?, parts.next().context("key")?);
+    std::fs::write(ssh_dir.join("known_hosts_tun"), format!("{b4} {kt} {kb}\n"))?;
+    let out = ok(a.command("ssh").args([
+        "-i",
+        &ssh_dir.join("id_ed25519").display().to_string(),
+        "-o",
+        &format!(
+            "UserKnownHostsFile={}",
+            ssh_dir.join("known_hosts_tun").display()
+        ),
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "BatchMode=yes",
+        &format!("root@{b4}"),
+        "echo over-tun",
+    ]))
+    .await?;
+    assert_eq!(out, "over-tun\n");
+    // A port beta does not expose: refused at once (a TCP reset from beta's
+    // daemon), not a timeout.
+    let t = std::time::Instant::now();
+    let out = a
+        .command("timeout")
+        .args(["10", "bash", "-c", &format!("exec 3<>/dev/tcp/{b4}/5432")])
+        .output()
+        .await?;
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("Connection refused"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "refused, not timed out"
+    );
     Ok(())
 }

@@ -461,6 +461,12 @@ impl Actor {
         let mut fx = Effects::default();
         let r = loop {
             match link.reader.next_frame() {
+                Ok(Some(Frame::TunAnswer(a))) => match a {
+                    swb_wire::TunAnswer::Assigned(a) => {
+                        crate::tun::assigned(&self.shared, &a, &link.conn)
+                    }
+                    swb_wire::TunAnswer::Refused(r) => warn!("TUN mode off: {r}"),
+                },
                 Ok(Some(f)) => {
                     let mut inbox = self.shared.inbox();
                     if let Err(end) = self.core.on_frame(f, &mut inbox, out, &mut fx) {
@@ -513,8 +519,19 @@ impl Actor {
         home: &(String, String),
         cancel: &CancellationToken,
     ) -> Served {
-        // Resend what the previous connection left unanswered, and acks.
-        let first = self.core.on_connected();
+        // Resend what the previous connection left unanswered, and acks;
+        // with TUN, ask for the addresses (the ones we had, if any).
+        let mut first = self.core.on_connected();
+        if self.shared.config.tun.is_some() {
+            let want = self
+                .shared
+                .tun
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|t| t.index);
+            first.push(Frame::TunJoin(swb_wire::TunJoin { want }));
+        }
         self.publish_pending();
         if let Err(e) = link.write(&first).await {
             return Served::Ended(End::Lost(e.to_string()));

@@ -162,6 +162,20 @@ pub struct StatusInfo {
     /// Live relays in the mesh, as the relay last told (1 outside a mesh).
     #[serde(default)]
     pub relays: usize,
+    /// TUN mode: the interface and this peer's virtual addresses, once up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tun: Option<TunInfo>,
+}
+
+/// This peer's TUN interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunInfo {
+    /// The interface's name.
+    pub interface: String,
+    /// The peer's IPv4 address.
+    pub ipv4: String,
+    /// The peer's IPv6 address.
+    pub ipv6: String,
 }
 
 /// One answer from the daemon.

@@ -140,7 +140,8 @@ pub(crate) fn quic_client_config(
     transport.max_idle_timeout(quinn::IdleTimeout::try_from(config.idle_timeout).ok());
     transport.max_concurrent_bidi_streams(INBOUND_STREAMS.into());
     transport.max_concurrent_uni_streams(0u32.into());
-    transport.datagram_receive_buffer_size(None);
+    // TUN packets ride datagrams (only after a `TunJoin`).
+    transport.datagram_receive_buffer_size(Some(swb_quic::DATAGRAM_BUFFER));
     client_cfg.transport_config(Arc::new(transport));
     Ok(client_cfg)
 }

@@ -47,6 +47,7 @@ mod splice;
 pub mod status;
 pub mod streams;
 pub mod tls;
+pub mod tun;
 
 pub use api::{Accepted, ApiError, Message, PendingSend, Receiver, Sender};
 pub use control::{default_control_path, Client, ControlError};
@@ -55,6 +56,7 @@ pub use socks::SocksConfig;
 pub use streams::{BadExposure, Exposure, StreamError};
 pub use swb_wire::{Refusal, Welcome};
 pub use tls::{OcspPolicy, Trust};
+pub use tun::TunSettings;
 
 /// An API key. `Debug` never shows it.
 #[derive(Clone, PartialEq, Eq)]
@@ -118,6 +120,8 @@ pub struct DaemonConfig {
     pub target_connect_timeout: Duration,
     /// The local SOCKS5 listener, if any.
     pub socks: Option<SocksConfig>,
+    /// TUN mode (`--tun`), if asked for.
+    pub tun: Option<tun::TunSettings>,
     /// Where to serve Prometheus metrics (plain HTTP, `GET /metrics`);
     /// `None`: not served ([`DaemonHandle::metrics_text`] still works).
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -149,6 +153,7 @@ impl DaemonConfig {
             expose: Vec::new(),
             target_connect_timeout: streams::TARGET_CONNECT_TIMEOUT,
             socks: None,
+            tun: None,
             metrics_listen: None,
         }
     }
@@ -251,6 +256,10 @@ pub(crate) struct Shared {
     pub(crate) tasks: tokio_util::task::TaskTracker,
     /// Exposed ports now ([`DaemonHandle::set_exposures`] changes them).
     pub(crate) expose: std::sync::RwLock<Arc<Vec<Exposure>>>,
+    /// The TUN interface, once the relay assigned its addresses.
+    pub(crate) tun: Mutex<Option<Arc<tun::TunState>>>,
+    /// Cancelled when the daemon stops.
+    pub(crate) stop: CancellationToken,
 }
 
 impl Shared {
@@ -398,9 +407,11 @@ impl Daemon {
             metrics: metrics::Metrics::new(),
             tasks: tokio_util::task::TaskTracker::new(),
             expose: std::sync::RwLock::new(Arc::new(config.expose.clone())),
+            tun: Mutex::new(None),
+            stop: CancellationToken::new(),
             config,
         });
-        let cancel = CancellationToken::new();
+        let cancel = shared.stop.clone();
         let handle_shared = shared.clone();
         let task = {
             let cancel = cancel.clone();
@@ -524,6 +535,7 @@ impl DaemonHandle {
             .expose
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Arc::new(expose);
+        tun::exposures_changed(&self.shared);
         Ok(())
     }
 

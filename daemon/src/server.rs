@@ -125,7 +125,7 @@ pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>, cancel: C
 
 /// A request whose reply is not written yet: replies go out in request order.
 enum Queued {
-    Ready(Reply),
+    Ready(Box<Reply>),
     Send(PendingSend),
 }
 
@@ -152,14 +152,14 @@ impl Queued {
     /// The reply if it is known without waiting.
     fn try_ready(&mut self) -> Option<Reply> {
         match self {
-            Queued::Ready(r) => Some(r.clone()),
+            Queued::Ready(r) => Some((**r).clone()),
             Queued::Send(p) => p.try_answer().map(sent_reply),
         }
     }
 
     async fn wait(&mut self) -> Reply {
         match self {
-            Queued::Ready(r) => r.clone(),
+            Queued::Ready(r) => (**r).clone(),
             Queued::Send(p) => sent_reply(p.answer().await),
         }
     }
@@ -231,7 +231,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                 "request_too_large",
                 format!("request exceeds {MAX_REQUEST_LINE} bytes"),
             );
-            queue.push_back(Queued::Ready(r));
+            queue.push_back(Queued::Ready(Box::new(r)));
             if drain(&mut queue, &mut out, &cancel).await {
                 let _ = w.write_all(&out).await;
             }
@@ -241,10 +241,10 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
         line.clear();
         let req = match req {
             Err(e) => {
-                queue.push_back(Queued::Ready(err(
+                queue.push_back(Queued::Ready(Box::new(err(
                     "bad_request",
                     format!("cannot parse request: {e}"),
-                )));
+                ))));
                 continue;
             }
             Ok(Request::Send {
@@ -549,11 +549,11 @@ async fn start_send(
     timeout: Duration,
 ) -> Queued {
     let Ok(body) = base64::engine::general_purpose::STANDARD.decode(body_b64.as_bytes()) else {
-        return Queued::Ready(err("bad_request", "body_b64 is not valid base64"));
+        return Queued::Ready(Box::new(err("bad_request", "body_b64 is not valid base64")));
     };
     match api::submit(shared, &to, Bytes::from(body), timeout).await {
         Ok(p) => Queued::Send(p),
-        Err(e) => Queued::Ready(e.into()),
+        Err(e) => Queued::Ready(Box::new(e.into())),
     }
 }
 
@@ -577,6 +577,16 @@ fn status(shared: &Shared) -> StatusInfo {
         attempts: 0,
         last_error: None,
         relays: shared.relay_count.load(Ordering::Relaxed),
+        tun: shared
+            .tun
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|t| crate::control::TunInfo {
+                interface: t.interface().to_string(),
+                ipv4: t.v4.to_string(),
+                ipv6: t.v6.to_string(),
+            }),
     };
     match st {
         ConnState::Connecting {

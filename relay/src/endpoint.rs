@@ -49,7 +49,8 @@ pub(crate) fn bind(
     let idle = quinn::IdleTimeout::try_from(config.idle_timeout)
         .or_else(|_| quinn::IdleTimeout::try_from(DEFAULT_IDLE));
     transport.max_idle_timeout(idle.ok());
-    transport.datagram_receive_buffer_size(None);
+    // TUN packets ride datagrams; unread ones are bounded like the window.
+    transport.datagram_receive_buffer_size(Some(swb_quic::DATAGRAM_BUFFER));
     server.transport_config(Arc::new(transport));
     let bind_err = |source| RelayError::Bind {
         addr: config.listen,

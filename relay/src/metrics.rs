@@ -46,6 +46,8 @@ pub(crate) struct Metrics {
     pub(crate) status_publications: IntCounter,
     /// 1 while the keys file was usable at its last read.
     pub(crate) keys_file_ok: IntGauge,
+    /// TUN packets (QUIC datagrams) by what became of them.
+    pub(crate) tun_packets: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -89,6 +91,7 @@ impl Metrics {
                 g.set(1);
                 g
             },
+            tun_packets: counter_vec(&r, "swb_relay_tun_packets_total", "TUN packets (QUIC datagrams) from attached peers by result: forwarded, spoofed (source not the sender's own address: dropped), no_route (no such peer attached here), too_big (answered with ICMP), malformed.", &["result"]),
             registry: r,
         }
     }

@@ -164,10 +164,18 @@ impl Allocator {
     /// The index of `name`, assigning (and recording) the lowest free one
     /// the first time.
     pub fn assign(&mut self, name: &str) -> Result<u32, AddrError> {
+        self.assign_wanting(name, None)
+    }
+
+    /// [`Allocator::assign`], giving a name it does not know the index it
+    /// asks for when that one is free (a peer that had it before, from a
+    /// table that was lost).
+    pub fn assign_wanting(&mut self, name: &str, want: Option<u32>) -> Result<u32, AddrError> {
         if let Some(&i) = self.by_name.get(name) {
             return Ok(i);
         }
-        // The lowest free index: the first gap in the used set.
+        let wanted = want.filter(|w| self.plan.addrs(*w).is_some() && !self.used.contains(w));
+        // Else the lowest free index: the first gap in the used set.
         let mut i = 1u32;
         for &u in &self.used {
             if u != i {
@@ -175,6 +183,7 @@ impl Allocator {
             }
             i += 1;
         }
+        let i = wanted.unwrap_or(i);
         if i > self.plan.capacity() {
             return Err(AddrError::Full(self.plan.capacity()));
         }
@@ -254,6 +263,11 @@ mod tests {
         assert_eq!(c.assign("a").expect("a"), 1);
         assert_eq!(c.assign("b").expect("b"), 2);
         assert!(matches!(c.assign("c"), Err(AddrError::Full(2))));
+        // A peer that had index 7 before gets it back when it is free.
+        let mut d = Allocator::in_memory(plan());
+        assert_eq!(d.assign_wanting("back", Some(7)).expect("7"), 7);
+        assert_eq!(d.assign_wanting("again", Some(7)).expect("1"), 1);
+        assert_eq!(d.assign_wanting("back", Some(9)).expect("kept"), 7);
         std::fs::write(&path, "1\tlondon\nnot a line\n").expect("write");
         assert!(matches!(
             Allocator::open(plan(), &path),

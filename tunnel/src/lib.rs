@@ -17,7 +17,7 @@
 
 pub mod addr;
 pub mod build;
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", feature = "device"))]
 pub mod device;
 pub mod mss;
 pub mod packet;

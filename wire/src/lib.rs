@@ -205,6 +205,12 @@ pub enum FrameType {
     /// Relay → relay: the answer to a `MeshCall` (a receive answers with a
     /// `Message` per message, then `Received`).
     MeshAnswer = 31,
+    /// Daemon → relay on the control stream: this peer runs a TUN
+    /// interface; assign its virtual addresses. IP packets then travel as
+    /// QUIC datagrams, one packet each.
+    TunJoin = 32,
+    /// Relay → daemon: the answer to `TunJoin`.
+    TunAnswer = 33,
 }
 
 impl FrameType {
@@ -239,6 +245,8 @@ impl FrameType {
             26 => Self::MeshLeaving,
             27 => Self::MeshStatusQuery,
             29 => Self::PingInfo,
+            32 => Self::TunJoin,
+            33 => Self::TunAnswer,
             30 => Self::MeshCall,
             31 => Self::MeshAnswer,
             _ => return None,
@@ -299,6 +307,7 @@ codes! {
     ID_CONFLICT = 21, "id_conflict";
     NAME_NOT_ALLOWED = 22, "name_not_allowed";
     RATE_LIMITED = 23, "rate_limited";
+    TUN_UNAVAILABLE = 24, "tun_unavailable";
 }
 
 impl fmt::Debug for Code {
@@ -862,6 +871,37 @@ pub struct PingInfo {
     pub relay: String,
 }
 
+/// See [`FrameType::TunJoin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunJoin {
+    /// The address index this peer had before (a relay that lost its
+    /// table gives it back if it is free), if any.
+    pub want: Option<u32>,
+}
+
+/// See [`FrameType::TunAnswer`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TunAnswer {
+    /// The peer's addresses: index `index` of the namespace's plan.
+    Assigned(TunAssigned),
+    /// No TUN for this session (the daemon keeps its session).
+    Refused(Refusal),
+}
+
+/// A namespace's address plan and one peer's place in it: IPv4
+/// `v4_net | index` in `v4_net/v4_prefix`, IPv6 `v6_net::index` in a /64.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunAssigned {
+    /// The peer's index.
+    pub index: u32,
+    /// The namespace's IPv4 network.
+    pub v4_net: [u8; 4],
+    /// Its prefix length.
+    pub v4_prefix: u8,
+    /// The namespace's IPv6 /64 prefix.
+    pub v6_net: [u8; 8],
+}
+
 /// Ping / Pong payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {
@@ -932,6 +972,10 @@ pub enum Frame {
     MeshAnswer(MeshAnswer),
     /// See [`FrameType::PingInfo`].
     PingInfo(PingInfo),
+    /// See [`FrameType::TunJoin`].
+    TunJoin(TunJoin),
+    /// See [`FrameType::TunAnswer`].
+    TunAnswer(TunAnswer),
 }
 
 /// Errors while encoding a frame.
@@ -1017,6 +1061,8 @@ impl Frame {
             Frame::MeshCall(_) => FrameType::MeshCall,
             Frame::MeshAnswer(_) => FrameType::MeshAnswer,
             Frame::PingInfo(_) => FrameType::PingInfo,
+            Frame::TunJoin(_) => FrameType::TunJoin,
+            Frame::TunAnswer(_) => FrameType::TunAnswer,
         }
     }
 
@@ -1053,6 +1099,8 @@ impl Frame {
             Frame::MeshCall(v) => len(v),
             Frame::MeshAnswer(v) => len(v),
             Frame::PingInfo(v) => len(v),
+            Frame::TunJoin(v) => len(v),
+            Frame::TunAnswer(v) => len(v),
         }
     }
 
@@ -1104,6 +1152,8 @@ impl Frame {
             Frame::MeshCall(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::MeshAnswer(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::PingInfo(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::TunJoin(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::TunAnswer(v) => postcard::to_slice(v, out).map(|s| s.len()),
         };
         match res {
             Ok(n) if n == len => Ok(()),
@@ -1302,6 +1352,8 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
             Frame::MeshCall(c)
         }
         FrameType::MeshAnswer => Frame::MeshAnswer(body(ty, b)?),
+        FrameType::TunJoin => Frame::TunJoin(body(ty, b)?),
+        FrameType::TunAnswer => Frame::TunAnswer(body(ty, b)?),
         FrameType::PingInfo => {
             let p: PingInfo = body(ty, b)?;
             check_len("ping_info.relay", p.relay.len(), MAX_RELAY_ID_LEN)?;

@@ -162,6 +162,25 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         }),
         arb_mesh_answer().prop_map(Frame::MeshAnswer),
         "[a-z0-9-]{0,63}".prop_map(|relay| Frame::PingInfo(PingInfo { relay })),
+        proptest::option::of(any::<u32>()).prop_map(|want| Frame::TunJoin(TunJoin { want })),
+        (
+            any::<u32>(),
+            any::<[u8; 4]>(),
+            any::<u8>(),
+            any::<[u8; 8]>()
+        )
+            .prop_map(|(index, v4_net, v4_prefix, v6_net)| Frame::TunAnswer(
+                TunAnswer::Assigned(TunAssigned {
+                    index,
+                    v4_net,
+                    v4_prefix,
+                    v6_net
+                })
+            )),
+        "[a-z ]{0,40}".prop_map(|m| Frame::TunAnswer(TunAnswer::Refused(Refusal::new(
+            Code::TUN_UNAVAILABLE,
+            m
+        )))),
         (
             "[a-z]{1,8}",
             proptest::collection::vec("[a-z]{1,8}", 0..3),

@@ -379,7 +379,7 @@ async fn attached(router: Arc<Router>, a: Attached) {
             .queue(&welcome)
             .and_then(|()| queue_relay_map(&router, &mut io))
         {
-            Ok(()) => serve(&router, &ctl, &mut io, &ns, &name).await,
+            Ok(()) => serve(&router, &ctl, &conn, &mut io, &ns, &name).await,
             Err(e) => e,
         };
         streams_stop.cancel();
@@ -445,7 +445,83 @@ async fn read_hello(io: &mut Io) -> Result<swb_wire::Hello, End> {
 }
 
 /// The session's actor loop. Returns why it ended.
-async fn serve(router: &Arc<Router>, ctl: &SessionCtl, io: &mut Io, ns: &str, name: &str) -> End {
+/// A session's TUN addresses and its datagram pump; dropping it stops the
+/// pump and takes the peer out of the relay's TUN table.
+struct TunSession {
+    services: Arc<crate::services::Services>,
+    ns: String,
+    index: u32,
+    session: u64,
+    stop: CancellationToken,
+}
+
+impl Drop for TunSession {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.services.tun.leave(&self.ns, self.index, self.session);
+    }
+}
+
+/// Answers a `TunJoin`: the peer's addresses, its packets pumped from now.
+fn tun_join(
+    router: &Arc<Router>,
+    ctl: &SessionCtl,
+    conn: &quinn::Connection,
+    ns: &str,
+    name: &str,
+    want: Option<u32>,
+    tun: &mut Option<TunSession>,
+) -> swb_wire::TunAnswer {
+    let relays = router.placement().live_ids().len();
+    if relays > 1 {
+        return swb_wire::TunAnswer::Refused(Refusal::new(
+            Code::TUN_UNAVAILABLE,
+            format!("TUN mode across a mesh of relays is not supported yet (this relay is one of {relays}); use one relay, or streams and SOCKS"),
+        ));
+    }
+    let services = router.services();
+    let (assigned, plan) = match services.tun.join(ns, name, want, ctl.id, conn) {
+        Ok(v) => v,
+        Err(r) => return swb_wire::TunAnswer::Refused(r),
+    };
+    // A second join replaces the first (its guard leaves, then this one
+    // attaches again under the same index).
+    if let Some(old) = tun.take() {
+        old.stop.cancel();
+    }
+    let stop = ctl.cancel.child_token();
+    tokio::spawn(
+        router.tasks().track_future(
+            crate::services::tun::pump(
+                services.clone(),
+                conn.clone(),
+                ns.to_string(),
+                plan,
+                assigned.index,
+                stop.clone(),
+            )
+            .in_current_span(),
+        ),
+    );
+    *tun = Some(TunSession {
+        services: services.clone(),
+        ns: ns.to_string(),
+        index: assigned.index,
+        session: ctl.id,
+        stop,
+    });
+    swb_wire::TunAnswer::Assigned(assigned)
+}
+
+async fn serve(
+    router: &Arc<Router>,
+    ctl: &SessionCtl,
+    conn: &quinn::Connection,
+    io: &mut Io,
+    ns: &str,
+    name: &str,
+) -> End {
+    let mut tun: Option<TunSession> = None;
     let cancel = ctl.cancel.clone();
     if let Err(e) = io.flush(&cancel).await {
         return e;
@@ -530,6 +606,12 @@ async fn serve(router: &Arc<Router>, ctl: &SessionCtl, io: &mut Io, ns: &str, na
                             if stalled && unacked < DELIVERY_WINDOW {
                                 stalled = false;
                                 ctl.notify.notify_one();
+                            }
+                        }
+                        Ok(Some(Frame::TunJoin(j))) => {
+                            let answer = tun_join(router, ctl, conn, ns, name, j.want, &mut tun);
+                            if let Err(e) = io.queue(&Frame::TunAnswer(answer)) {
+                                return e;
                             }
                         }
                         Ok(Some(f)) => {

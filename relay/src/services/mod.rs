@@ -11,6 +11,7 @@ pub(crate) mod status;
 pub(crate) mod store;
 #[cfg(feature = "store-compare")]
 pub mod store_compare;
+pub(crate) mod tun;
 pub(crate) mod watch;
 
 use crate::metrics::Metrics;
@@ -39,6 +40,8 @@ pub(crate) struct Services {
     /// Per-key send rate (all doors) and HTTP request rate.
     send_rate: Option<Mutex<crate::limits::Limiter<String>>>,
     http_rate: Option<Mutex<crate::limits::Limiter<String>>>,
+    /// TUN address allocators and the peers attached with TUN.
+    pub(crate) tun: tun::Tun,
 }
 
 /// API keys remembered by the per-key rate limiters.
@@ -93,6 +96,7 @@ impl Services {
             http_rate: config
                 .key_http_rate
                 .map(|r| Mutex::new(crate::limits::Limiter::new(r, RATE_KEYS))),
+            tun: tun::Tun::new(config.state_dir.as_deref()),
             config,
         }
     }

@@ -1,0 +1,208 @@
+//! TUN mode (`swbd up --tun`): a virtual interface with this peer's
+//! addresses, its packets carried as QUIC datagrams through the relay.
+//!
+//! The interface outlives connections: it is made at the first
+//! `TunAnswer` and kept through reconnects (the relay gives the same
+//! address back). One task reads the interface for as long as the daemon
+//! runs and sends each packet on the connection of the moment; one task
+//! per connection reads its datagrams into the interface. Inbound packets
+//! pass this peer's [`Policy`] (its exposed ports, ping, answers to its own
+//! flows, or everything with `--tun-allow-all`); a closed port answers
+//! with a TCP reset or ICMP unreachable, a packet too big for the path
+//! with ICMP "fragmentation needed" / "packet too big", and TCP SYNs have
+//! their MSS clamped to the interface MTU either way.
+
+use crate::Shared;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::{Arc, Mutex};
+use swb_tunnel::device::{Tun, TunConfig};
+use swb_tunnel::{build, mss, Packet, Policy, Verdict};
+use swb_wire::TunAssigned;
+use tracing::{info, warn};
+
+/// The interface MTU: IPv6's minimum, which a QUIC datagram carries on
+/// any path that takes 1350-byte UDP payloads.
+pub const TUN_MTU: u16 = 1280;
+/// Largest IP packet read from the interface (its MTU, with room).
+const READ_BUF: usize = 65_536;
+
+/// What `--tun` asks for.
+#[derive(Debug, Clone)]
+pub struct TunSettings {
+    /// Interface name.
+    pub name: String,
+    /// Let every packet in (`--tun-allow-all`), not just exposed ports.
+    pub allow_all: bool,
+}
+
+/// A running interface.
+pub(crate) struct TunState {
+    dev: Tun,
+    /// This peer's index and addresses.
+    pub(crate) index: u32,
+    pub(crate) v4: Ipv4Addr,
+    pub(crate) v6: Ipv6Addr,
+    policy: Mutex<Policy>,
+}
+
+impl std::fmt::Debug for TunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunState")
+            .field("dev", &self.dev)
+            .field("v4", &self.v4)
+            .field("v6", &self.v6)
+            .finish()
+    }
+}
+
+impl TunState {
+    /// The interface's name.
+    pub(crate) fn interface(&self) -> &str {
+        self.dev.name()
+    }
+
+    fn policy(&self) -> std::sync::MutexGuard<'_, Policy> {
+        self.policy.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn addrs(a: &TunAssigned) -> (Ipv4Addr, Ipv6Addr) {
+    let v4 = Ipv4Addr::from(u32::from_be_bytes(a.v4_net) | a.index);
+    let mut o = [0u8; 16];
+    o[..8].copy_from_slice(&a.v6_net);
+    o[12..].copy_from_slice(&a.index.to_be_bytes());
+    (v4, Ipv6Addr::from(o))
+}
+
+/// Takes the relay's answer on `conn`: makes the interface the first time
+/// (the reader task with it), and starts this connection's datagram pump.
+pub(crate) fn assigned(shared: &Arc<Shared>, a: &TunAssigned, conn: &quinn::Connection) {
+    let Some(settings) = shared.config.tun.clone() else {
+        return;
+    };
+    let (v4, v6) = addrs(a);
+    let state = {
+        let mut slot = shared.tun.lock().unwrap_or_else(|p| p.into_inner());
+        match &*slot {
+            Some(s) if s.index == a.index => s.clone(),
+            Some(s) => {
+                // The relay lost our index and gave another: the interface
+                // keeps its address; say so (peers see the new one).
+                warn!(had = %s.v4, now = %v4, "the relay assigned another TUN address; restart the daemon to use it");
+                return;
+            }
+            None => {
+                let dev = match Tun::create(&TunConfig {
+                    name: settings.name.clone(),
+                    v4: (v4, a.v4_prefix),
+                    v6: Some((v6, 64)),
+                    mtu: TUN_MTU,
+                }) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        warn!("TUN mode off: {e}");
+                        return;
+                    }
+                };
+                let ports = shared
+                    .exposures()
+                    .iter()
+                    .map(|e| e.port)
+                    .collect::<Vec<_>>();
+                let s = Arc::new(TunState {
+                    dev,
+                    index: a.index,
+                    v4,
+                    v6,
+                    policy: Mutex::new(Policy::new(ports, settings.allow_all)),
+                });
+                info!(interface = %s.interface(), %v4, %v6, "TUN interface up");
+                *slot = Some(s.clone());
+                shared
+                    .tasks
+                    .spawn(from_interface(shared.clone(), s.clone()));
+                s
+            }
+        }
+    };
+    shared.tasks.spawn(from_relay(state, conn.clone()));
+}
+
+/// The exposed ports changed (a reload): the policy follows.
+pub(crate) fn exposures_changed(shared: &Shared) {
+    if let Some(s) = &*shared.tun.lock().unwrap_or_else(|p| p.into_inner()) {
+        let ports = shared
+            .exposures()
+            .iter()
+            .map(|e| e.port)
+            .collect::<Vec<_>>();
+        s.policy().set_ports(ports);
+    }
+}
+
+/// Packets the local stack sends into the interface → the relay.
+async fn from_interface(shared: Arc<Shared>, s: Arc<TunState>) {
+    let mut buf = vec![0u8; READ_BUF];
+    let (own4, own6) = (IpAddr::V4(s.v4), IpAddr::V6(s.v6));
+    let clamp4 = mss::mss_for(TUN_MTU, true);
+    let clamp6 = mss::mss_for(TUN_MTU, false);
+    loop {
+        let n = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            r = s.dev.recv(&mut buf) => match r {
+                Ok(n) => n,
+                Err(e) => {
+                    warn!("reading the TUN interface failed: {e}; TUN mode off");
+                    return;
+                }
+            },
+        };
+        let pkt = &mut buf[..n];
+        mss::clamp(pkt, clamp4, clamp6);
+        let Ok(p) = Packet::parse(pkt) else { continue };
+        // Only what this peer sends as itself (not a router's traffic).
+        if p.src != own4 && p.src != own6 {
+            continue;
+        }
+        s.policy().outbound(&p, std::time::Instant::now());
+        let conn = shared
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let Some(conn) = conn else { continue };
+        let max = conn.max_datagram_size().unwrap_or(0);
+        if p.bytes.len() > max {
+            let mtu = u16::try_from(max).unwrap_or(u16::MAX).max(576);
+            if let Some(icmp) = build::too_big(&p, mtu) {
+                let _ = s.dev.send(&icmp).await;
+            }
+            continue;
+        }
+        let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(p.bytes));
+    }
+}
+
+/// Datagrams from the relay on `conn` → the local stack, through the
+/// policy. Ends with the connection.
+async fn from_relay(s: Arc<TunState>, conn: quinn::Connection) {
+    let (own4, own6) = (IpAddr::V4(s.v4), IpAddr::V6(s.v6));
+    while let Ok(d) = conn.read_datagram().await {
+        let Ok(p) = Packet::parse(&d) else { continue };
+        if p.dst != own4 && p.dst != own6 {
+            continue;
+        }
+        let verdict = s.policy().inbound(&p, std::time::Instant::now());
+        match verdict {
+            Verdict::Allow => {
+                let _ = s.dev.send(p.bytes).await;
+            }
+            Verdict::Refuse => {
+                if let Some(answer) = build::refuse(&p) {
+                    let _ = conn.send_datagram(answer.into());
+                }
+            }
+            Verdict::Drop => {}
+        }
+    }
+}
