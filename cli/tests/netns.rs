@@ -196,7 +196,10 @@ fn ssh_args(dir: &Path, control: &Path) -> Vec<String> {
 struct Pair {
     alpha: std::path::PathBuf,
     beta: std::path::PathBuf,
-    _procs: [Child; 3],
+    relay: Child,
+    relay_host: Host,
+    dir: std::path::PathBuf,
+    _daemons: [Child; 2],
 }
 
 async fn pair(net: &Internet, d: &Path, beta_extra: &[&str], alpha_extra: &[&str]) -> Result<Pair> {
@@ -208,8 +211,28 @@ async fn pair(net: &Internet, d: &Path, beta_extra: &[&str], alpha_extra: &[&str
     Ok(Pair {
         alpha,
         beta,
-        _procs: [relay, b_proc, a_proc],
+        relay,
+        relay_host: r.clone(),
+        dir: d.to_path_buf(),
+        _daemons: [b_proc, a_proc],
     })
+}
+
+impl Pair {
+    /// `kill -9` of the relay, then it starts again with its data.
+    async fn crash_relay(&mut self) -> Result<()> {
+        self.relay.start_kill()?;
+        self.relay.wait().await?;
+        let (relay, _) = relay_on(
+            &self.relay_host,
+            &self.dir.join("relay"),
+            &self.dir.join("keys.toml"),
+            &[],
+        )
+        .await?;
+        self.relay = relay;
+        Ok(())
+    }
 }
 
 #[tokio::test]
@@ -1093,7 +1116,8 @@ async fn tun_addrs(control: &Path) -> Result<(String, String)> {
 }
 
 #[tokio::test]
-async fn tun_peers_behind_two_nats_ping_and_ssh_and_closed_ports_refuse() -> Result<()> {
+async fn tun_peers_behind_two_nats_ping_ssh_iperf_refuse_closed_ports_and_outlive_a_relay_crash(
+) -> Result<()> {
     let Some(net) = Internet::new("tun_basics", 1, 2)? else {
         return Ok(());
     };
@@ -1104,10 +1128,12 @@ async fn tun_peers_behind_two_nats_ping_and_ssh_and_closed_ports_refuse() -> Res
     std::fs::create_dir(&ssh_dir)?;
     // beta's sshd on every interface: its TUN address included.
     let _sshd = sshd_on(b, &ssh_dir, "beta", "0.0.0.0").await?;
-    let p = pair(
+    let mut p = pair(
         &net,
         d,
-        &["--socks", "off", "--tun", "--expose", "22"],
+        &[
+            "--socks", "off", "--tun", "--expose", "22", "--expose", "5201",
+        ],
         &["--socks", "off", "--tun"],
     )
     .await?;
@@ -1163,6 +1189,60 @@ async fn tun_peers_behind_two_nats_ping_and_ssh_and_closed_ports_refuse() -> Res
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "refused, not timed out"
+    );
+    // Too big for the interface with "don't fragment": the sender hears the
+    // MTU instead of the packet vanishing.
+    let out = a
+        .command("ping")
+        .args(["-c", "1", "-W", "2", "-M", "do", "-s", "1372", &b4])
+        .output()
+        .await?;
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("mtu=1280") || said.contains("Frag needed"),
+        "{said}"
+    );
+    // iperf3 over the interfaces, TCP and UDP (5201 is exposed).
+    let _iperf = iperf_server(b, "0.0.0.0", 5201).await?;
+    let tcp = iperf(a, &b4, 5201, 2).await?;
+    let out = ok(a
+        .command("iperf3")
+        .args(["-c", &b4, "-u", "-b", "20M", "-t", "2", "-J"]))
+    .await?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let udp_loss = v["end"]["sum"]["lost_percent"]
+        .as_f64()
+        .context("lost_percent")?;
+    eprintln!("iperf3 over TUN: TCP {tcp:.0} Mbit/s; UDP at 20 Mbit/s: {udp_loss:.1} % lost");
+    assert!(tcp > 1.0, "TCP over TUN moved {tcp} Mbit/s");
+    assert!(udp_loss < 50.0, "UDP over TUN lost {udp_loss} %");
+
+    // The relay crashes and comes back: the interfaces stay, the addresses
+    // are the same, traffic resumes.
+    p.crash_relay().await?;
+    let ping = swb_tests::eventually(
+        "ping after the relay restart",
+        Duration::from_secs(60),
+        || async {
+            let out = a
+                .command("ping")
+                .args(["-c", "1", "-W", "1", &b4])
+                .output()
+                .await?;
+            Ok(out.status.success().then_some(()))
+        },
+    );
+    ping.await?;
+    assert_eq!(
+        tun_addrs(&p.alpha).await?,
+        (a4, a6),
+        "alpha kept its addresses"
+    );
+    assert_eq!(
+        tun_addrs(&p.beta).await?,
+        (b4, b6),
+        "beta kept its addresses"
     );
     Ok(())
 }
