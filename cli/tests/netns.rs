@@ -1150,6 +1150,24 @@ async fn tun_peers_behind_two_nats_ping_ssh_iperf_refuse_closed_ports_and_outliv
         .await?;
         assert!(out.contains("3 received"), "{out}");
     }
+    // Names: alpha's resolver asks alpha's daemon (no systemd-resolved in
+    // a test namespace: the documented resolv.conf fallback).
+    a.ns.resolv_conf(&format!("nameserver {a4}\n"))?;
+    let got = ok(a.command("getent").args(["ahostsv4", "beta.switchboard"])).await?;
+    assert!(got.starts_with(&format!("{b4} ")), "{got}");
+    let got = ok(a.command("getent").args(["ahostsv6", "beta.switchboard"])).await?;
+    assert!(got.starts_with(&format!("{b6} ")), "{got}");
+    let out = ok(a
+        .command("ping")
+        .args(["-c", "1", "-W", "2", "beta.switchboard"]))
+    .await?;
+    assert!(out.contains("1 received"), "{out}");
+    let none = a
+        .command("getent")
+        .args(["hosts", "nosuch.switchboard"])
+        .output()
+        .await?;
+    assert!(!none.status.success(), "an unknown peer does not resolve");
     // Plain ssh to beta's TUN address: no ProxyCommand.
     let host_pub = std::fs::read_to_string(ssh_dir.join("host_key.pub"))?;
     let mut parts = host_pub.split_whitespace();

@@ -28,6 +28,11 @@ pub(crate) enum Cmd {
         reply: oneshot::Sender<SendResult>,
     },
     Ack(Vec<MessageId>),
+    /// The TUN address index of a peer (the name responder).
+    TunResolve {
+        name: String,
+        reply: oneshot::Sender<Option<u32>>,
+    },
 }
 
 struct PendingSend {
@@ -85,6 +90,8 @@ pub(crate) struct SessionCore {
     pages: RelayMapPages,
     /// Redirects followed in a row.
     redirects: u32,
+    /// Name lookups waiting for the relay, by request number.
+    resolving: BTreeMap<u64, (String, oneshot::Sender<Option<u32>>)>,
 }
 
 impl SessionCore {
@@ -120,6 +127,16 @@ impl SessionCore {
                 self.pending_acks.extend(ids);
                 None
             }
+            Cmd::TunResolve { name, reply } => {
+                self.next_req += 1;
+                let req = self.next_req;
+                let frame = Frame::TunResolve(swb_wire::TunResolve {
+                    req,
+                    name: name.clone(),
+                });
+                self.resolving.insert(req, (name, reply));
+                Some(frame)
+            }
         }
     }
 
@@ -150,6 +167,13 @@ impl SessionCore {
             })
             .collect();
         out.extend(self.take_acks());
+        self.resolving.retain(|_, (_, r)| !r.is_closed());
+        out.extend(self.resolving.iter().map(|(req, (name, _))| {
+            Frame::TunResolve(swb_wire::TunResolve {
+                req: *req,
+                name: name.clone(),
+            })
+        }));
         out
     }
 
@@ -205,6 +229,11 @@ impl SessionCore {
             }
             Frame::Ping(p) => out.push(Frame::Pong(p)),
             Frame::Pong(_) => {}
+            Frame::TunResolved(r) => {
+                if let Some((_, reply)) = self.resolving.remove(&r.req) {
+                    let _ = reply.send(r.index);
+                }
+            }
             Frame::RelayMap(page) => {
                 if let Some(map) = self.pages.add(page) {
                     self.map = map;

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use swb_tunnel::device::{Tun, TunConfig};
 use swb_tunnel::{build, mss, Packet, Policy, Verdict};
 use swb_wire::TunAssigned;
-use tracing::{info, warn};
+use tracing::{info, warn, Instrument};
 
 /// The interface MTU: IPv6's minimum, which a QUIC datagram carries on
 /// any path that takes 1350-byte UDP payloads.
@@ -38,6 +38,8 @@ pub struct TunSettings {
 /// A running interface.
 pub(crate) struct TunState {
     dev: Tun,
+    /// The namespace's plan and this peer's place in it.
+    plan: TunAssigned,
     /// This peer's index and addresses.
     pub(crate) index: u32,
     pub(crate) v4: Ipv4Addr,
@@ -66,11 +68,12 @@ impl TunState {
     }
 }
 
-fn addrs(a: &TunAssigned) -> (Ipv4Addr, Ipv6Addr) {
-    let v4 = Ipv4Addr::from(u32::from_be_bytes(a.v4_net) | a.index);
+/// The addresses of `index` in the plan `a` came with.
+fn addrs(a: &TunAssigned, index: u32) -> (Ipv4Addr, Ipv6Addr) {
+    let v4 = Ipv4Addr::from(u32::from_be_bytes(a.v4_net) | index);
     let mut o = [0u8; 16];
     o[..8].copy_from_slice(&a.v6_net);
-    o[12..].copy_from_slice(&a.index.to_be_bytes());
+    o[12..].copy_from_slice(&index.to_be_bytes());
     (v4, Ipv6Addr::from(o))
 }
 
@@ -80,7 +83,7 @@ pub(crate) fn assigned(shared: &Arc<Shared>, a: &TunAssigned, conn: &quinn::Conn
     let Some(settings) = shared.config.tun.clone() else {
         return;
     };
-    let (v4, v6) = addrs(a);
+    let (v4, v6) = addrs(a, a.index);
     let state = {
         let mut slot = shared.tun.lock().unwrap_or_else(|p| p.into_inner());
         match &*slot {
@@ -111,6 +114,7 @@ pub(crate) fn assigned(shared: &Arc<Shared>, a: &TunAssigned, conn: &quinn::Conn
                     .collect::<Vec<_>>();
                 let s = Arc::new(TunState {
                     dev,
+                    plan: *a,
                     index: a.index,
                     v4,
                     v6,
@@ -120,7 +124,10 @@ pub(crate) fn assigned(shared: &Arc<Shared>, a: &TunAssigned, conn: &quinn::Conn
                 *slot = Some(s.clone());
                 shared
                     .tasks
-                    .spawn(from_interface(shared.clone(), s.clone()));
+                    .spawn(from_interface(shared.clone(), s.clone()).in_current_span());
+                shared
+                    .tasks
+                    .spawn(names(shared.clone(), s.clone()).in_current_span());
                 s
             }
         }
@@ -204,5 +211,108 @@ async fn from_relay(s: Arc<TunState>, conn: quinn::Connection) {
             }
             Verdict::Drop => {}
         }
+    }
+}
+
+/// How long the name responder waits for the relay.
+const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Names remembered (an index never changes once given; unknown names
+/// are asked again).
+const NAME_CACHE: usize = 4096;
+
+/// The index of peer `name`: `Some(None)` when it has none, `None` when
+/// the relay did not answer in time.
+async fn resolve(shared: &Shared, name: &str) -> Option<Option<u32>> {
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let cmd = crate::session::Cmd::TunResolve {
+        name: name.to_string(),
+        reply,
+    };
+    shared.cmd_tx.send(cmd).await.ok()?;
+    tokio::time::timeout(RESOLVE_TIMEOUT, rx).await.ok()?.ok()
+}
+
+/// The name responder: `NAME.switchboard` → the peer's addresses, at this
+/// peer's IPv4 address, port 53. Points systemd-resolved at it for the
+/// `switchboard` domain of the interface when `resolvectl` is there.
+async fn names(shared: Arc<Shared>, s: Arc<TunState>) {
+    use swb_tunnel::dns::Query;
+    let sock = match tokio::net::UdpSocket::bind((s.v4, 53)).await {
+        Ok(sock) => sock,
+        Err(e) => {
+            warn!("no name responder at {}:53: {e}", s.v4);
+            return;
+        }
+    };
+    split_dns(&s).await;
+    let mut cache: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
+    let mut buf = vec![0u8; 1500];
+    loop {
+        let (n, from) = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            r = sock.recv_from(&mut buf) => match r {
+                Ok(v) => v,
+                Err(_) => continue,
+            },
+        };
+        let Ok(q) = Query::parse(&buf[..n]) else {
+            continue;
+        };
+        let reply = match q.peer() {
+            None => q.refused(),
+            Some(name) if name == shared.config.name => {
+                q.answer(&[IpAddr::V4(s.v4), IpAddr::V6(s.v6)])
+            }
+            Some(name) => {
+                let known = cache.get(name).copied();
+                let found = match known {
+                    Some(i) => Some(Some(i)),
+                    None => resolve(&shared, name).await,
+                };
+                match found {
+                    Some(Some(i)) => {
+                        if cache.len() < NAME_CACHE {
+                            cache.insert(name.to_string(), i);
+                        }
+                        let (v4, v6) = addrs(&s.plan, i);
+                        q.answer(&[IpAddr::V4(v4), IpAddr::V6(v6)])
+                    }
+                    Some(None) => q.nxdomain(),
+                    None => q.servfail(),
+                }
+            }
+        };
+        let _ = sock.send_to(&reply, from).await;
+    }
+}
+
+/// Asks systemd-resolved to send `*.switchboard` to the responder on this
+/// interface (split DNS, like Tailscale's MagicDNS); says what to do
+/// instead where there is no `resolvectl`.
+async fn split_dns(s: &TunState) {
+    let dns = s.v4.to_string();
+    let run = |args: Vec<String>| async move {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("resolvectl")
+                .args(&args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .map(|st| st.success())
+                .unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false)
+    };
+    let ifc = s.interface().to_string();
+    let ok = run(vec!["dns".into(), ifc.clone(), dns.clone()]).await
+        && run(vec!["domain".into(), ifc, "~switchboard".into()]).await;
+    if ok {
+        info!(responder = %dns, "NAME.switchboard resolves through systemd-resolved");
+    } else {
+        info!(
+            responder = %dns,
+            "NAME.switchboard: no systemd-resolved here; point the resolver at {dns} (e.g. `nameserver {dns}` first in /etc/resolv.conf) to use names"
+        );
     }
 }

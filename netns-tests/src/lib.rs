@@ -88,6 +88,15 @@ impl Ns {
         run(&v)
     }
 
+    /// The `/etc/resolv.conf` programs started in this namespace (by
+    /// `ip netns exec`, from now on) see; removed with the namespace.
+    pub fn resolv_conf(&self, content: &str) -> Result<()> {
+        let dir = std::path::Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("resolv.conf"), content)?;
+        Ok(())
+    }
+
     /// Applies an nftables script (`nft -f`) inside the namespace.
     pub fn nft(&self, script: &str) -> Result<()> {
         let nft = program("nft", "nftables")?;
@@ -380,6 +389,7 @@ impl Drop for Internet {
             let _ = std::process::Command::new("ip")
                 .args(["netns", "del", &ns.name])
                 .status();
+            let _ = std::fs::remove_dir_all(std::path::Path::new("/etc/netns").join(&ns.name));
         }
     }
 }

@@ -19,6 +19,7 @@ pub mod addr;
 pub mod build;
 #[cfg(all(target_os = "linux", feature = "device"))]
 pub mod device;
+pub mod dns;
 pub mod mss;
 pub mod packet;
 pub mod policy;

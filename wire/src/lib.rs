@@ -211,6 +211,11 @@ pub enum FrameType {
     TunJoin = 32,
     /// Relay → daemon: the answer to `TunJoin`.
     TunAnswer = 33,
+    /// Daemon → relay: the TUN address index of a peer of my namespace
+    /// (for `NAME.switchboard` on the interface).
+    TunResolve = 34,
+    /// Relay → daemon: the answer to `TunResolve`.
+    TunResolved = 35,
 }
 
 impl FrameType {
@@ -247,6 +252,8 @@ impl FrameType {
             29 => Self::PingInfo,
             32 => Self::TunJoin,
             33 => Self::TunAnswer,
+            34 => Self::TunResolve,
+            35 => Self::TunResolved,
             30 => Self::MeshCall,
             31 => Self::MeshAnswer,
             _ => return None,
@@ -902,6 +909,24 @@ pub struct TunAssigned {
     pub v6_net: [u8; 8],
 }
 
+/// See [`FrameType::TunResolve`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunResolve {
+    /// Echoed in the answer.
+    pub req: u64,
+    /// The peer's name.
+    pub name: String,
+}
+
+/// See [`FrameType::TunResolved`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunResolved {
+    /// The request's `req`.
+    pub req: u64,
+    /// The peer's address index (`None`: no peer of that name has one).
+    pub index: Option<u32>,
+}
+
 /// Ping / Pong payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ping {
@@ -976,6 +1001,10 @@ pub enum Frame {
     TunJoin(TunJoin),
     /// See [`FrameType::TunAnswer`].
     TunAnswer(TunAnswer),
+    /// See [`FrameType::TunResolve`].
+    TunResolve(TunResolve),
+    /// See [`FrameType::TunResolved`].
+    TunResolved(TunResolved),
 }
 
 /// Errors while encoding a frame.
@@ -1063,6 +1092,8 @@ impl Frame {
             Frame::PingInfo(_) => FrameType::PingInfo,
             Frame::TunJoin(_) => FrameType::TunJoin,
             Frame::TunAnswer(_) => FrameType::TunAnswer,
+            Frame::TunResolve(_) => FrameType::TunResolve,
+            Frame::TunResolved(_) => FrameType::TunResolved,
         }
     }
 
@@ -1101,6 +1132,8 @@ impl Frame {
             Frame::PingInfo(v) => len(v),
             Frame::TunJoin(v) => len(v),
             Frame::TunAnswer(v) => len(v),
+            Frame::TunResolve(v) => len(v),
+            Frame::TunResolved(v) => len(v),
         }
     }
 
@@ -1154,6 +1187,8 @@ impl Frame {
             Frame::PingInfo(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::TunJoin(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::TunAnswer(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::TunResolve(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::TunResolved(v) => postcard::to_slice(v, out).map(|s| s.len()),
         };
         match res {
             Ok(n) if n == len => Ok(()),
@@ -1354,6 +1389,12 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
         FrameType::MeshAnswer => Frame::MeshAnswer(body(ty, b)?),
         FrameType::TunJoin => Frame::TunJoin(body(ty, b)?),
         FrameType::TunAnswer => Frame::TunAnswer(body(ty, b)?),
+        FrameType::TunResolve => {
+            let r: TunResolve = body(ty, b)?;
+            check_len("tun_resolve.name", r.name.len(), MAX_NAME_LEN)?;
+            Frame::TunResolve(r)
+        }
+        FrameType::TunResolved => Frame::TunResolved(body(ty, b)?),
         FrameType::PingInfo => {
             let p: PingInfo = body(ty, b)?;
             check_len("ping_info.relay", p.relay.len(), MAX_RELAY_ID_LEN)?;

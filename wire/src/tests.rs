@@ -163,6 +163,10 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         arb_mesh_answer().prop_map(Frame::MeshAnswer),
         "[a-z0-9-]{0,63}".prop_map(|relay| Frame::PingInfo(PingInfo { relay })),
         proptest::option::of(any::<u32>()).prop_map(|want| Frame::TunJoin(TunJoin { want })),
+        (any::<u64>(), "[a-z0-9-]{0,63}")
+            .prop_map(|(req, name)| Frame::TunResolve(TunResolve { req, name })),
+        (any::<u64>(), proptest::option::of(any::<u32>()))
+            .prop_map(|(req, index)| Frame::TunResolved(TunResolved { req, index })),
         (
             any::<u32>(),
             any::<[u8; 4]>(),

@@ -614,6 +614,15 @@ async fn serve(
                                 return e;
                             }
                         }
+                        Ok(Some(Frame::TunResolve(r))) => {
+                            let index = swb_wire::normalize_name(&r.name)
+                                .ok()
+                                .and_then(|n| router.services().tun.index_of(ns, &n));
+                            let answer = swb_wire::TunResolved { req: r.req, index };
+                            if let Err(e) = io.queue(&Frame::TunResolved(answer)) {
+                                return e;
+                            }
+                        }
                         Ok(Some(f)) => {
                             if let Err(e) = handle(router, io, (ns, name, &ctl.key_id), f, &mut fwd, &mut durable) {
                                 return e;

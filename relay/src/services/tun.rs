@@ -113,6 +113,12 @@ impl Tun {
         ))
     }
 
+    /// The address index `name` of `ns` has, if it ever joined.
+    pub(crate) fn index_of(&self, ns: &str, name: &str) -> Option<u32> {
+        let spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
+        spaces.get(ns)?.alloc.get(name)
+    }
+
     /// The session `session` of the peer at `index` ended.
     pub(crate) fn leave(&self, ns: &str, index: u32, session: u64) {
         let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
