@@ -1,0 +1,114 @@
+//! TUN packets at the relay, with raw QUIC clients on 127.0.0.1: a
+//! `TunJoin` gets each peer an address of its namespace; a datagram goes
+//! to the peer its destination names; one whose source is not the
+//! sender's own is dropped and counted; names resolve to indexes.
+
+use anyhow::{bail, Context, Result};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+use swb_tests::{RawClient, TestRelay, WAIT};
+use swb_wire::{Frame, TunAnswer, TunAssigned, TunJoin, TunResolve};
+
+async fn join(relay: &TestRelay, key: &str, name: &str) -> Result<(RawClient, TunAssigned)> {
+    let (mut c, f) = RawClient::hello(relay, key, name).await?;
+    if !matches!(f, Frame::Welcome(_)) {
+        bail!("{name}: {f:?}");
+    }
+    c.write_frame(&Frame::TunJoin(TunJoin { want: None }))
+        .await?;
+    match c.read_frame().await? {
+        Frame::TunAnswer(TunAnswer::Assigned(a)) => Ok((c, a)),
+        f => bail!("{name}: {f:?}"),
+    }
+}
+
+fn v4(a: &TunAssigned) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::from(u32::from_be_bytes(a.v4_net) | a.index))
+}
+
+fn counter(relay: &TestRelay, result: &str) -> u64 {
+    let want = format!("swb_relay_tun_packets_total{{result=\"{result}\"}} ");
+    relay
+        .handle()
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn packets_go_to_the_peer_their_address_names_and_spoofed_ones_are_dropped() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let (mut a, aa) = join(&relay, &key, "alpha").await?;
+    let (b, ba) = join(&relay, &key, "beta").await?;
+    assert_ne!(aa.index, ba.index);
+    assert_eq!((aa.v4_net, aa.v4_prefix), ([100, 64, 0, 0], 10));
+    let (a4, b4) = (v4(&aa), v4(&ba));
+
+    let good = swb_tunnel::build::udp(a4, b4, 4000, 5000, b"through the relay").context("udp")?;
+    let spoofed = swb_tunnel::build::udp(
+        IpAddr::from([100, 64, 9, 9]),
+        b4,
+        4000,
+        5000,
+        b"not from alpha",
+    )
+    .context("udp")?;
+    a.conn.send_datagram(spoofed.into())?;
+    a.conn.send_datagram(good.clone().into())?;
+    let got = tokio::time::timeout(WAIT, b.conn.read_datagram()).await??;
+    assert_eq!(&got[..], &good[..], "the good packet, not the spoofed one");
+    swb_tests::eventually("the spoofed packet counted", WAIT, || async {
+        Ok((counter(&relay, "spoofed") == 1).then_some(()))
+    })
+    .await?;
+    assert_eq!(counter(&relay, "forwarded"), 1);
+    // Nothing else reached beta.
+    let more = tokio::time::timeout(Duration::from_millis(300), b.conn.read_datagram()).await;
+    assert!(more.is_err(), "beta got a second datagram: {more:?}");
+
+    // To an address nobody has: dropped, counted.
+    let nobody =
+        swb_tunnel::build::udp(a4, IpAddr::from([100, 64, 3, 3]), 1, 2, b"?").context("udp")?;
+    a.conn.send_datagram(nobody.into())?;
+    swb_tests::eventually("counted as no route", WAIT, || async {
+        Ok((counter(&relay, "no_route") == 1).then_some(()))
+    })
+    .await?;
+
+    // Names resolve to indexes within the namespace only.
+    for (req, name, want) in [(1, "beta", Some(ba.index)), (2, "nosuch", None)] {
+        a.write_frame(&Frame::TunResolve(TunResolve {
+            req,
+            name: name.into(),
+        }))
+        .await?;
+        match a.read_frame().await? {
+            Frame::TunResolved(r) => assert_eq!((r.req, r.index), (req, want), "{name}"),
+            f => bail!("{f:?}"),
+        }
+    }
+    let other = relay.create_key("globex")?;
+    let (mut g, ga) = join(&relay, &other, "gamma").await?;
+    // Another namespace's address space: its packets to acme's beta's
+    // address reach nobody.
+    let across = swb_tunnel::build::udp(v4(&ga), b4, 1, 2, b"across").context("udp")?;
+    g.conn.send_datagram(across.into())?;
+    swb_tests::eventually("counted as no route", WAIT, || async {
+        Ok((counter(&relay, "no_route") == 2).then_some(()))
+    })
+    .await?;
+    let more = tokio::time::timeout(Duration::from_millis(300), b.conn.read_datagram()).await;
+    assert!(more.is_err(), "a packet crossed namespaces: {more:?}");
+    g.write_frame(&Frame::TunResolve(TunResolve {
+        req: 9,
+        name: "alpha".into(),
+    }))
+    .await?;
+    match g.read_frame().await? {
+        Frame::TunResolved(r) => assert_eq!(r.index, None, "alpha is of another namespace"),
+        f => bail!("{f:?}"),
+    }
+    Ok(())
+}
