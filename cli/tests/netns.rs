@@ -1301,3 +1301,96 @@ async fn tun_peers_behind_two_nats_ping_ssh_iperf_refuse_closed_ports_and_outliv
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn tun_packets_cross_one_mesh_hop_between_peers_homed_on_two_relays() -> Result<()> {
+    let Some(net) = Internet::new("tun_mesh", 2, 2)? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let keys = d.join("keys.toml");
+    let key = new_key(&keys).await?;
+    let mesh_key = d.join("mesh.key");
+    std::fs::write(&mesh_key, "m".repeat(40))?;
+    let mk = mesh_key.display().to_string();
+    let ids = ["r0", "r1"];
+    let seed = format!("{}:{RELAY_PORT}", net.relays[0].addr);
+    let mut relays = Vec::new();
+    let mut fp0 = String::new();
+    for (i, h) in net.relays.iter().enumerate() {
+        let mut a = vec!["--id", ids[i], "--mesh-key-file", mk.as_str()];
+        if i > 0 {
+            a.extend(["--mesh-peer", seed.as_str()]);
+        }
+        let (child, fp) = relay_on(h, &d.join(ids[i]), &keys, &a).await?;
+        if i == 0 {
+            fp0 = fp;
+        }
+        relays.push(child);
+    }
+    // alpha is homed on r0, beta on r1: their packets cross the mesh link.
+    let alpha = names_homed_on(&ids, "r0", "a", 1).remove(0);
+    let beta = names_homed_on(&ids, "r1", "b", 1).remove(0);
+    let r1 = format!("{}:{RELAY_PORT}", net.relays[1].addr);
+    let (a_ctl, b_ctl) = (d.join("alpha.sock"), d.join("beta.sock"));
+    let extra = [
+        "--relay",
+        r1.as_str(),
+        "--socks",
+        "off",
+        "--tun",
+        "--expose",
+        "5201",
+    ];
+    let _b = up(
+        &net.sites[1].host,
+        &net.relays[0],
+        &fp0,
+        &key,
+        &beta,
+        &b_ctl,
+        &extra,
+    )
+    .await?;
+    let _a = up(
+        &net.sites[0].host,
+        &net.relays[0],
+        &fp0,
+        &key,
+        &alpha,
+        &a_ctl,
+        &extra,
+    )
+    .await?;
+    for (c, home) in [(&a_ctl, "r0"), (&b_ctl, "r1")] {
+        swb_tests::eventually("at its home relay", swb_tests::WAIT, || async {
+            Ok((attached_to(c).await?.as_deref() == Some(home)).then_some(()))
+        })
+        .await?;
+    }
+    let (a4, _) = tun_addrs(&a_ctl).await?;
+    let (b4, b6) = tun_addrs(&b_ctl).await?;
+    assert_ne!(a4, b4, "one allocator for the namespace across the mesh");
+    let (a, b) = (&net.sites[0].host, &net.sites[1].host);
+    for (host, to) in [(a, &b4), (b, &a4), (a, &b6)] {
+        let out = ok(host
+            .command("ping")
+            .args(["-c", "3", "-i", "0.2", "-W", "2", to]))
+        .await?;
+        assert!(out.contains("3 received"), "{out}");
+    }
+    // Names resolve across the mesh too.
+    a.ns.resolv_conf(&format!("nameserver {a4}\n"))?;
+    let got = ok(a
+        .command("getent")
+        .args(["ahostsv4", &format!("{beta}.switchboard")]))
+    .await?;
+    assert!(got.starts_with(&format!("{b4} ")), "{got}");
+    // TCP across the hop.
+    let _iperf = iperf_server(b, "0.0.0.0", 5201).await?;
+    let tcp = iperf(a, &b4, 5201, 2).await?;
+    eprintln!("TCP over TUN across one mesh hop: {tcp:.0} Mbit/s");
+    assert!(tcp > 1.0, "{tcp} Mbit/s");
+    Ok(())
+}

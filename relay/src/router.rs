@@ -94,6 +94,80 @@ impl Router {
     }
 
     /// Where `(ns, name)` is homed.
+    /// The TUN address index of `name` of `ns`, assigned if new, from the
+    /// namespace's allocator (here or one mesh hop away).
+    pub(crate) async fn tun_assign(
+        &self,
+        ns: &str,
+        name: &str,
+        want: Option<u32>,
+    ) -> Result<u32, Refusal> {
+        use crate::services::tun::TUN_KEY;
+        match (self.route(ns, TUN_KEY), &self.mesh) {
+            (Route::Remote(home), Some(mesh)) => {
+                match mesh
+                    .tun_call(&home.id, ns, name, swb_wire::MeshOp::TunAssign { want })
+                    .await
+                {
+                    Ok(swb_wire::MeshAnswer::TunIndex(Some(i))) => Ok(i),
+                    Ok(swb_wire::MeshAnswer::Refused(r)) => Err(r),
+                    Ok(other) => Err(unavailable(
+                        name,
+                        &home.id,
+                        &CallError::Unexpected(format!("{other:?}")),
+                    )),
+                    Err(e) => Err(unavailable(name, &home.id, &e)),
+                }
+            }
+            _ => self.services.tun.allocate(ns, name, want),
+        }
+    }
+
+    /// The TUN address index `name` of `ns` has, if any.
+    pub(crate) async fn tun_index(&self, ns: &str, name: &str) -> Option<u32> {
+        use crate::services::tun::TUN_KEY;
+        match (self.route(ns, TUN_KEY), &self.mesh) {
+            (Route::Remote(home), Some(mesh)) => {
+                match mesh
+                    .tun_call(&home.id, ns, name, swb_wire::MeshOp::TunIndex)
+                    .await
+                {
+                    Ok(swb_wire::MeshAnswer::TunIndex(i)) => i,
+                    _ => None,
+                }
+            }
+            _ => self.services.tun.index_of(ns, name),
+        }
+    }
+
+    /// The peer of `ns` that has TUN index `i`, if any.
+    pub(crate) async fn tun_name(&self, ns: &str, i: u32) -> Option<String> {
+        use crate::services::tun::TUN_KEY;
+        match (self.route(ns, TUN_KEY), &self.mesh) {
+            (Route::Remote(home), Some(mesh)) => {
+                // The call names a peer; this one asks by index.
+                match mesh
+                    .tun_call(&home.id, ns, "tun", swb_wire::MeshOp::TunWho { index: i })
+                    .await
+                {
+                    Ok(swb_wire::MeshAnswer::TunName(n)) => n,
+                    _ => None,
+                }
+            }
+            _ => self.services.tun.name_of(ns, i),
+        }
+    }
+
+    /// Sends a TUN packet (a mesh datagram) to relay `home`; `Err` with
+    /// the largest datagram the link takes when it is too big, `Err(None)`
+    /// when there is no link.
+    pub(crate) fn mesh_datagram(&self, home: &str, d: Bytes) -> Result<(), Option<usize>> {
+        match &self.mesh {
+            Some(m) => m.send_datagram(home, d),
+            None => Err(None),
+        }
+    }
+
     pub(crate) fn route(&self, ns: &str, name: &str) -> Route {
         match self.placement.home_elsewhere(ns, name) {
             Some(home) => Route::Remote(home),

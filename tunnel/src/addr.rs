@@ -117,6 +117,7 @@ pub struct Allocator {
     plan: AddressPlan,
     path: Option<PathBuf>,
     by_name: HashMap<String, u32>,
+    by_index: HashMap<u32, String>,
     used: BTreeSet<u32>,
 }
 
@@ -127,6 +128,7 @@ impl Allocator {
             plan,
             path: None,
             by_name: HashMap::new(),
+            by_index: HashMap::new(),
             used: BTreeSet::new(),
         }
     }
@@ -155,7 +157,10 @@ impl Allocator {
             if plan.addrs(i).is_none() || name.is_empty() || a.used.contains(&i) {
                 return Err(corrupt());
             }
-            a.by_name.insert(name.to_string(), i);
+            if a.by_name.insert(name.to_string(), i).is_some() {
+                return Err(corrupt());
+            }
+            a.by_index.insert(i, name.to_string());
             a.used.insert(i);
         }
         Ok(a)
@@ -202,6 +207,7 @@ impl Allocator {
             f.sync_data().map_err(io)?;
         }
         self.by_name.insert(name.to_string(), i);
+        self.by_index.insert(i, name.to_string());
         self.used.insert(i);
         Ok(i)
     }
@@ -209,6 +215,11 @@ impl Allocator {
     /// The index of `name`, if assigned.
     pub fn get(&self, name: &str) -> Option<u32> {
         self.by_name.get(name).copied()
+    }
+
+    /// The name index `i` is assigned to, if any.
+    pub fn name_of(&self, i: u32) -> Option<&str> {
+        self.by_index.get(&i).map(String::as_str)
     }
 
     /// The plan.
@@ -257,6 +268,8 @@ mod tests {
         assert_eq!(a.assign("london").expect("a"), 1);
         let mut b = Allocator::open(plan(), &path).expect("reopen");
         assert_eq!(b.get("paris"), Some(2));
+        assert_eq!(b.name_of(2), Some("paris"));
+        assert_eq!(b.name_of(5), None);
         assert_eq!(b.assign("tokyo").expect("a"), 3);
         let small = AddressPlan::new(Ipv4Addr::new(10, 9, 0, 0), 30, "x").expect("plan");
         let mut c = Allocator::in_memory(small);

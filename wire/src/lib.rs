@@ -848,6 +848,19 @@ pub enum MeshOp {
     },
     /// Change the peer's status.
     SetStatus(SetStatus),
+    /// At the namespace's TUN allocator (`name` is the peer): its address
+    /// index, assigned if it has none (`want` as in [`TunJoin`]).
+    TunAssign {
+        /// The index the peer had before, if any.
+        want: Option<u32>,
+    },
+    /// At the namespace's TUN allocator: the index of peer `name`, if any.
+    TunIndex,
+    /// At the namespace's TUN allocator: the peer that has index `index`.
+    TunWho {
+        /// The address index.
+        index: u32,
+    },
 }
 
 /// The answers to a [`MeshCall`].
@@ -863,6 +876,10 @@ pub enum MeshAnswer {
     Status(StatusUpdate),
     /// The operation was refused.
     Refused(Refusal),
+    /// A TUN address index (`None`: the peer has none).
+    TunIndex(Option<u32>),
+    /// The peer that has a TUN index (`None`: nobody).
+    TunName(Option<String>),
 }
 
 /// Port 0 of every peer is its daemon's built-in echo service (`swbd
@@ -1382,7 +1399,10 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
                     check_len("mesh_call.set", s.set.len(), MAX_STATUS_KEYS * 4)?;
                     check_len("mesh_call.clear", s.clear.len(), MAX_STATUS_KEYS * 4)?;
                 }
-                MeshOp::Receive { .. } => {}
+                MeshOp::Receive { .. }
+                | MeshOp::TunAssign { .. }
+                | MeshOp::TunIndex
+                | MeshOp::TunWho { .. } => {}
             }
             Frame::MeshCall(c)
         }

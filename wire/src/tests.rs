@@ -44,6 +44,9 @@ fn arb_mesh_op() -> impl Strategy<Value = MeshOp> {
                 clear,
                 replace: false
             })),
+        proptest::option::of(any::<u32>()).prop_map(|want| MeshOp::TunAssign { want }),
+        Just(MeshOp::TunIndex),
+        any::<u32>().prop_map(|index| MeshOp::TunWho { index }),
     ]
 }
 
@@ -59,6 +62,8 @@ fn arb_mesh_answer() -> impl Strategy<Value = MeshAnswer> {
         ),
         Just(MeshAnswer::Received),
         any::<u32>().prop_map(MeshAnswer::Acked),
+        proptest::option::of(any::<u32>()).prop_map(MeshAnswer::TunIndex),
+        proptest::option::of("[a-z0-9-]{1,63}").prop_map(MeshAnswer::TunName),
         arb_refusal().prop_map(MeshAnswer::Refused),
         ("[a-z]{1,10}", any::<(u64, bool, u64, u64)>()).prop_map(
             |(name, (version, online, since_ms, updated_ms))| {

@@ -462,8 +462,9 @@ impl Drop for TunSession {
     }
 }
 
-/// Answers a `TunJoin`: the peer's addresses, its packets pumped from now.
-fn tun_join(
+/// Answers a `TunJoin`: the peer's addresses (from the namespace's
+/// allocator, here or one mesh hop away), its packets pumped from now.
+async fn tun_join(
     router: &Arc<Router>,
     ctl: &SessionCtl,
     conn: &quinn::Connection,
@@ -472,32 +473,35 @@ fn tun_join(
     want: Option<u32>,
     tun: &mut Option<TunSession>,
 ) -> swb_wire::TunAnswer {
-    let relays = router.placement().live_ids().len();
-    if relays > 1 {
-        return swb_wire::TunAnswer::Refused(Refusal::new(
-            Code::TUN_UNAVAILABLE,
-            format!("TUN mode across a mesh of relays is not supported yet (this relay is one of {relays}); use one relay, or streams and SOCKS"),
-        ));
-    }
     let services = router.services();
-    let (assigned, plan) = match services.tun.join(ns, name, want, ctl.id, conn) {
-        Ok(v) => v,
+    let plan = match services.tun.plan(ns) {
+        Ok(p) => p,
         Err(r) => return swb_wire::TunAnswer::Refused(r),
     };
-    // A second join replaces the first (its guard leaves, then this one
-    // attaches again under the same index).
+    let index = match router.tun_assign(ns, name, want).await {
+        Ok(i) => i,
+        Err(r) => return swb_wire::TunAnswer::Refused(r),
+    };
+    let Some(assigned) = crate::services::tun::assigned(&plan, index) else {
+        return swb_wire::TunAnswer::Refused(Refusal::new(
+            Code::TUN_UNAVAILABLE,
+            format!("no TUN address: index {index} is outside the plan"),
+        ));
+    };
+    // A second join replaces the first.
     if let Some(old) = tun.take() {
-        old.stop.cancel();
+        drop(old);
     }
+    services.tun.attach(ns, index, ctl.id, conn);
     let stop = ctl.cancel.child_token();
     tokio::spawn(
         router.tasks().track_future(
             crate::services::tun::pump(
-                services.clone(),
+                router.clone(),
                 conn.clone(),
                 ns.to_string(),
                 plan,
-                assigned.index,
+                index,
                 stop.clone(),
             )
             .in_current_span(),
@@ -506,7 +510,7 @@ fn tun_join(
     *tun = Some(TunSession {
         services: services.clone(),
         ns: ns.to_string(),
-        index: assigned.index,
+        index,
         session: ctl.id,
         stop,
     });
@@ -609,15 +613,16 @@ async fn serve(
                             }
                         }
                         Ok(Some(Frame::TunJoin(j))) => {
-                            let answer = tun_join(router, ctl, conn, ns, name, j.want, &mut tun);
+                            let answer = tun_join(router, ctl, conn, ns, name, j.want, &mut tun).await;
                             if let Err(e) = io.queue(&Frame::TunAnswer(answer)) {
                                 return e;
                             }
                         }
                         Ok(Some(Frame::TunResolve(r))) => {
-                            let index = swb_wire::normalize_name(&r.name)
-                                .ok()
-                                .and_then(|n| router.services().tun.index_of(ns, &n));
+                            let index = match swb_wire::normalize_name(&r.name) {
+                                Ok(n) => router.tun_index(ns, &n).await,
+                                Err(_) => None,
+                            };
                             let answer = swb_wire::TunResolved { req: r.req, index };
                             if let Err(e) = io.queue(&Frame::TunResolved(answer)) {
                                 return e;

@@ -219,6 +219,21 @@ async fn call_in(mesh: &Mesh, c: MeshCall, send: &mut quinn::SendStream) {
             let n = services.ack(&c.namespace, &name, &ids);
             let _ = write_frame(send, &answer(MeshAnswer::Acked(n as u32))).await;
         }
+        MeshOp::TunAssign { want } => {
+            let a = match services.tun.allocate(&c.namespace, &name, want) {
+                Ok(i) => MeshAnswer::TunIndex(Some(i)),
+                Err(r) => MeshAnswer::Refused(r),
+            };
+            let _ = write_frame(send, &answer(a)).await;
+        }
+        MeshOp::TunIndex => {
+            let i = services.tun.index_of(&c.namespace, &name);
+            let _ = write_frame(send, &answer(MeshAnswer::TunIndex(i))).await;
+        }
+        MeshOp::TunWho { index } => {
+            let n = services.tun.name_of(&c.namespace, index);
+            let _ = write_frame(send, &answer(MeshAnswer::TunName(n))).await;
+        }
         MeshOp::SetStatus(change) => {
             let a = match services
                 .set_status_durable(&c.namespace, &name, &change)

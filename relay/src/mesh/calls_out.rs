@@ -119,6 +119,45 @@ impl Mesh {
         Ok((r, s))
     }
 
+    /// A TUN operation at `home`, the namespace's allocator.
+    pub(crate) async fn tun_call(
+        &self,
+        home: &str,
+        ns: &str,
+        name: &str,
+        op: MeshOp,
+    ) -> Result<MeshAnswer, CallError> {
+        let call = MeshCall {
+            namespace: ns.to_string(),
+            name: name.to_string(),
+            op,
+        };
+        let rpc = async {
+            let (mut r, _s) = self.call(home, call).await?;
+            match read_frame(&mut r).await? {
+                Some(Frame::MeshAnswer(a)) => Ok(a),
+                other => Err(CallError::Unexpected(format!(
+                    "{:?}",
+                    other.map(|f| f.frame_type())
+                ))),
+            }
+        };
+        tokio::time::timeout(MESH_CALL_TIMEOUT, rpc)
+            .await
+            .map_err(|_| CallError::Timeout)?
+    }
+
+    /// A TUN packet for a peer attached to `home`, as a datagram on the
+    /// link: `Err(Some(max))` when too big, `Err(None)` without a link.
+    pub(crate) fn send_datagram(&self, home: &str, d: bytes::Bytes) -> Result<(), Option<usize>> {
+        let conn = self.conn_to(home).ok_or(None)?;
+        match conn.send_datagram(d) {
+            Ok(()) => Ok(()),
+            Err(quinn::SendDatagramError::TooLarge) => Err(conn.max_datagram_size()),
+            Err(_) => Err(None),
+        }
+    }
+
     /// Receives mail of `name` held at `home` (an HTTP poll's receive).
     pub(crate) async fn receive(
         &self,

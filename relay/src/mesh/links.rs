@@ -324,10 +324,19 @@ async fn run_link(
         tasks.abort_all();
         while tasks.join_next().await.is_some() {}
     };
+    // TUN packets for peers attached here, as datagrams.
+    let packets = async {
+        while let Ok(d) = conn.read_datagram().await {
+            mesh.services
+                .tun
+                .deliver_from_mesh(&mesh.services.metrics, d);
+        }
+    };
     tokio::select! {
         _ = speak => {}
         _ = listen => {}
         _ = calls => {}
+        _ = packets => {}
         _ = conn.closed() => {}
         _ = cancel.cancelled() => conn.close(close::NORMAL.into(), b"relay leaving the mesh"),
     }

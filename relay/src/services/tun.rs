@@ -1,11 +1,18 @@
-//! TUN packets at the relay: one address allocator per namespace (kept in
-//! `<data-dir>/tun/` when there is one), the table of attached peers by
-//! address index, and the pump that carries a session's QUIC datagrams —
-//! one IP packet each — to the peer its destination address names. A
-//! packet whose source is not the sender's own address is dropped and
-//! counted; one too big for the receiving connection is answered with
-//! ICMP "fragmentation needed" / "packet too big".
+//! TUN packets at the relay.
+//!
+//! - **Addresses**: each namespace has one allocator, at the relay the
+//!   ring makes home of the namespace's TUN key ([`TUN_KEY`]); it is kept
+//!   in `<data-dir>/tun/` when there is one. Other relays ask it over the
+//!   mesh (`MeshOp::TunAssign`, `TunIndex`, `TunWho`) and remember what
+//!   they learned (an index never changes owner).
+//! - **Packets**: a session's QUIC datagrams, one IP packet each, go to
+//!   the peer its destination address names: on this relay directly, on
+//!   another as a mesh-link datagram (`[ns length][ns][index][packet]`).
+//!   A packet whose source is not the sender's own address is dropped and
+//!   counted; one too big for the next connection is answered with ICMP
+//!   "fragmentation needed" / "packet too big".
 
+use crate::router::{Route, Router};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -15,14 +22,24 @@ use swb_wire::{Code, Refusal, TunAssigned};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+/// The placement key of a namespace's TUN allocator (not a valid peer
+/// name, so no peer shares its home by accident of naming).
+pub(crate) const TUN_KEY: &str = "-tun-";
+/// Index → name answers remembered per namespace.
+const NAME_CACHE: usize = 65_536;
+
 struct Attached {
     session: u64,
     conn: quinn::Connection,
 }
 
 struct Namespace {
-    alloc: Allocator,
+    plan: AddressPlan,
+    /// The allocator, when this relay is the namespace's TUN home.
+    alloc: Option<Allocator>,
     attached: HashMap<u32, Attached>,
+    /// Index → name learned from the allocator's relay.
+    names: HashMap<u32, String>,
 }
 
 /// The relay's TUN state.
@@ -36,6 +53,25 @@ fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
+fn unavailable(e: &dyn std::fmt::Display) -> Refusal {
+    warn!("TUN addresses of a namespace: {e}");
+    Refusal::new(Code::TUN_UNAVAILABLE, format!("no TUN address: {e}"))
+}
+
+/// The answer a daemon gets for `index` of `plan`.
+pub(crate) fn assigned(plan: &AddressPlan, index: u32) -> Option<TunAssigned> {
+    let (v4, v6) = plan.addrs(index)?;
+    let mut v6_net = [0u8; 8];
+    v6_net.copy_from_slice(&v6.octets()[..8]);
+    let v4_net = u32::from(v4) & !((1u32 << (32 - u32::from(plan.v4_prefix()))) - 1);
+    Some(TunAssigned {
+        index,
+        v4_net: v4_net.to_be_bytes(),
+        v4_prefix: plan.v4_prefix(),
+        v6_net,
+    })
+}
+
 impl Tun {
     pub(crate) fn new(state_dir: Option<&std::path::Path>) -> Self {
         Self {
@@ -45,83 +81,119 @@ impl Tun {
         }
     }
 
-    /// Assigns `name` of `ns` its addresses and routes packets for them to
-    /// `conn` (replacing an earlier session of the same peer).
-    pub(crate) fn join(
+    fn spaces(&self) -> std::sync::MutexGuard<'_, HashMap<String, Namespace>> {
+        self.spaces.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the namespace's entry (made on first use; with its
+    /// allocator opened when `allocator`).
+    fn with_space<T>(
         &self,
         ns: &str,
-        name: &str,
-        want: Option<u32>,
-        session: u64,
-        conn: &quinn::Connection,
-    ) -> Result<(TunAssigned, AddressPlan), Refusal> {
-        let unavailable = |e: &dyn std::fmt::Display| {
-            warn!("TUN addresses of a namespace: {e}");
-            Refusal::new(Code::TUN_UNAVAILABLE, format!("no TUN address: {e}"))
-        };
-        let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
-        let space = match spaces.get_mut(ns) {
-            Some(s) => s,
-            None => {
-                let plan =
-                    AddressPlan::new(self.v4.0, self.v4.1, ns).map_err(|e| unavailable(&e))?;
-                let alloc = match &self.dir {
-                    Some(d) => {
-                        std::fs::create_dir_all(d).map_err(|e| unavailable(&e))?;
-                        Allocator::open(plan, &d.join(format!("{}.addresses", hex(ns))))
-                            .map_err(|e| unavailable(&e))?
-                    }
-                    None => Allocator::in_memory(plan),
-                };
-                spaces.entry(ns.to_string()).or_insert(Namespace {
-                    alloc,
+        allocator: bool,
+        f: impl FnOnce(&mut Namespace) -> Result<T, Refusal>,
+    ) -> Result<T, Refusal> {
+        let mut spaces = self.spaces();
+        if !spaces.contains_key(ns) {
+            let plan = AddressPlan::new(self.v4.0, self.v4.1, ns).map_err(|e| unavailable(&e))?;
+            spaces.insert(
+                ns.to_string(),
+                Namespace {
+                    plan,
+                    alloc: None,
                     attached: HashMap::new(),
-                })
-            }
-        };
-        let index = space
-            .alloc
-            .assign_wanting(name, want)
-            .map_err(|e| match e {
+                    names: HashMap::new(),
+                },
+            );
+        }
+        let space = spaces
+            .get_mut(ns)
+            .ok_or_else(|| unavailable(&"namespace entry vanished"))?;
+        if allocator && space.alloc.is_none() {
+            space.alloc = Some(match &self.dir {
+                Some(d) => {
+                    std::fs::create_dir_all(d).map_err(|e| unavailable(&e))?;
+                    Allocator::open(space.plan, &d.join(format!("{}.addresses", hex(ns))))
+                        .map_err(|e| unavailable(&e))?
+                }
+                None => Allocator::in_memory(space.plan),
+            });
+        }
+        f(space)
+    }
+
+    /// The namespace's address plan.
+    pub(crate) fn plan(&self, ns: &str) -> Result<AddressPlan, Refusal> {
+        self.with_space(ns, false, |s| Ok(s.plan))
+    }
+
+    /// At the allocator's relay: the index of `name`, assigned if new.
+    pub(crate) fn allocate(&self, ns: &str, name: &str, want: Option<u32>) -> Result<u32, Refusal> {
+        self.with_space(ns, true, |s| {
+            let alloc = s
+                .alloc
+                .as_mut()
+                .ok_or_else(|| unavailable(&"no allocator"))?;
+            alloc.assign_wanting(name, want).map_err(|e| match e {
                 swb_tunnel::AddrError::Full(_) => {
                     Refusal::new(Code::NAMESPACE_FULL, format!("no TUN address: {e}"))
                 }
                 e => unavailable(&e),
-            })?;
-        space.attached.insert(
-            index,
-            Attached {
-                session,
-                conn: conn.clone(),
-            },
-        );
-        let plan = *space.alloc.plan();
-        let (v4, v6) = plan
-            .addrs(index)
-            .ok_or_else(|| unavailable(&"index out of range"))?;
-        let mut v6_net = [0u8; 8];
-        v6_net.copy_from_slice(&v6.octets()[..8]);
-        let v4_net = u32::from(v4) & !((1u32 << (32 - u32::from(plan.v4_prefix()))) - 1);
-        Ok((
-            TunAssigned {
-                index,
-                v4_net: v4_net.to_be_bytes(),
-                v4_prefix: plan.v4_prefix(),
-                v6_net,
-            },
-            plan,
-        ))
+            })
+        })
     }
 
-    /// The address index `name` of `ns` has, if it ever joined.
+    /// At the allocator's relay: the index `name` has, if any.
     pub(crate) fn index_of(&self, ns: &str, name: &str) -> Option<u32> {
-        let spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
-        spaces.get(ns)?.alloc.get(name)
+        self.with_space(ns, true, |s| Ok(s.alloc.as_ref().and_then(|a| a.get(name))))
+            .ok()
+            .flatten()
+    }
+
+    /// At the allocator's relay: who has index `i`.
+    pub(crate) fn name_of(&self, ns: &str, i: u32) -> Option<String> {
+        self.with_space(ns, true, |s| {
+            Ok(s.alloc
+                .as_ref()
+                .and_then(|a| a.name_of(i))
+                .map(str::to_string))
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// Who has index `i`, as learned before (any relay).
+    fn cached_name(&self, ns: &str, i: u32) -> Option<String> {
+        self.spaces().get(ns)?.names.get(&i).cloned()
+    }
+
+    fn remember_name(&self, ns: &str, i: u32, name: &str) {
+        let _ = self.with_space(ns, false, |s| {
+            if s.names.len() < NAME_CACHE {
+                s.names.insert(i, name.to_string());
+            }
+            Ok(())
+        });
+    }
+
+    /// Routes packets for `index` of `ns` to `conn` (a session attached
+    /// here; a later session of the same peer replaces it).
+    pub(crate) fn attach(&self, ns: &str, index: u32, session: u64, conn: &quinn::Connection) {
+        let _ = self.with_space(ns, false, |s| {
+            s.attached.insert(
+                index,
+                Attached {
+                    session,
+                    conn: conn.clone(),
+                },
+            );
+            Ok(())
+        });
     }
 
     /// The session `session` of the peer at `index` ended.
     pub(crate) fn leave(&self, ns: &str, index: u32, session: u64) {
-        let mut spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
+        let mut spaces = self.spaces();
         if let Some(s) = spaces.get_mut(ns) {
             if s.attached.get(&index).is_some_and(|a| a.session == session) {
                 s.attached.remove(&index);
@@ -129,18 +201,57 @@ impl Tun {
         }
     }
 
-    /// The connection of the peer of `ns` that has address `dst`.
-    fn route(&self, ns: &str, plan: &AddressPlan, dst: IpAddr) -> Option<quinn::Connection> {
-        let i = plan.index_of(dst)?;
-        let spaces = self.spaces.lock().unwrap_or_else(|p| p.into_inner());
-        spaces.get(ns)?.attached.get(&i).map(|a| a.conn.clone())
+    /// The connection of the peer at index `i` of `ns`, if attached here.
+    fn local(&self, ns: &str, i: u32) -> Option<quinn::Connection> {
+        self.spaces()
+            .get(ns)?
+            .attached
+            .get(&i)
+            .map(|a| a.conn.clone())
     }
+
+    /// A packet from another relay for index `i` of `ns`: to its session.
+    pub(crate) fn deliver_from_mesh(
+        &self,
+        metrics: &crate::metrics::Metrics,
+        datagram: bytes::Bytes,
+    ) {
+        let Some((ns, i, packet)) = decode_mesh(&datagram) else {
+            metrics.tun_packets.with_label_values(&["malformed"]).inc();
+            return;
+        };
+        match self.local(ns, i) {
+            Some(c) if c.send_datagram(datagram.slice(packet..)).is_ok() => {
+                metrics.tun_packets.with_label_values(&["forwarded"]).inc()
+            }
+            _ => metrics.tun_packets.with_label_values(&["no_route"]).inc(),
+        }
+    }
+}
+
+/// A packet for index `i` of `ns` as a mesh-link datagram.
+fn encode_mesh(ns: &str, i: u32, packet: &[u8]) -> Option<bytes::Bytes> {
+    let n = u8::try_from(ns.len()).ok()?;
+    let mut b = Vec::with_capacity(1 + ns.len() + 4 + packet.len());
+    b.push(n);
+    b.extend_from_slice(ns.as_bytes());
+    b.extend_from_slice(&i.to_be_bytes());
+    b.extend_from_slice(packet);
+    Some(b.into())
+}
+
+/// The namespace, index and where the packet starts in a mesh datagram.
+fn decode_mesh(b: &[u8]) -> Option<(&str, u32, usize)> {
+    let n = usize::from(*b.first()?);
+    let ns = std::str::from_utf8(b.get(1..1 + n)?).ok()?;
+    let i = b.get(1 + n..5 + n)?;
+    Some((ns, u32::from_be_bytes([i[0], i[1], i[2], i[3]]), 5 + n))
 }
 
 /// Carries the datagrams `conn` sends (the session of the peer at `index`
 /// of `ns`) until `stop` or the connection ends.
 pub(crate) async fn pump(
-    services: Arc<super::Services>,
+    router: Arc<Router>,
     conn: quinn::Connection,
     ns: String,
     plan: AddressPlan,
@@ -151,7 +262,9 @@ pub(crate) async fn pump(
         return;
     };
     let (own4, own6) = (IpAddr::V4(v4), IpAddr::V6(v6));
+    let services = router.services().clone();
     let m = &services.metrics;
+    let count = |r: &str| m.tun_packets.with_label_values(&[r]).inc();
     loop {
         let d = tokio::select! {
             _ = stop.cancelled() => return,
@@ -160,34 +273,83 @@ pub(crate) async fn pump(
                 Err(_) => return,
             },
         };
-        let p = match Packet::parse(&d) {
-            Ok(p) => p,
-            Err(_) => {
-                m.tun_packets.with_label_values(&["malformed"]).inc();
-                continue;
-            }
+        let Ok(p) = Packet::parse(&d) else {
+            count("malformed");
+            continue;
         };
         if p.src != own4 && p.src != own6 {
-            m.tun_packets.with_label_values(&["spoofed"]).inc();
+            count("spoofed");
             continue;
         }
-        let Some(to) = services.tun.route(&ns, &plan, p.dst) else {
-            m.tun_packets.with_label_values(&["no_route"]).inc();
+        let Some(i) = plan.index_of(p.dst) else {
+            count("no_route");
             continue;
         };
-        match to.send_datagram(d.clone()) {
-            Ok(()) => m.tun_packets.with_label_values(&["forwarded"]).inc(),
-            Err(quinn::SendDatagramError::TooLarge) => {
-                m.tun_packets.with_label_values(&["too_big"]).inc();
-                let mtu = to
-                    .max_datagram_size()
-                    .and_then(|s| u16::try_from(s).ok())
-                    .unwrap_or(1200);
+        // Err: the largest packet the next hop takes, when it is too big.
+        let sent: Result<(), Option<usize>> = match services.tun.local(&ns, i) {
+            Some(to) => match to.send_datagram(d.clone()) {
+                Ok(()) => Ok(()),
+                Err(quinn::SendDatagramError::TooLarge) => Err(to.max_datagram_size()),
+                Err(_) => {
+                    count("no_route");
+                    continue;
+                }
+            },
+            None => {
+                // Homed on another relay: one mesh hop.
+                let name = match services.tun.cached_name(&ns, i) {
+                    Some(n) => Some(n),
+                    None => {
+                        let n = router.tun_name(&ns, i).await;
+                        if let Some(n) = &n {
+                            services.tun.remember_name(&ns, i, n);
+                        }
+                        n
+                    }
+                };
+                let home = name.and_then(|n| match router.route(&ns, &n) {
+                    Route::Remote(h) => Some(h.id),
+                    Route::Local => None,
+                });
+                let (Some(home), Some(md)) = (home, encode_mesh(&ns, i, &d)) else {
+                    count("no_route");
+                    continue;
+                };
+                match router.mesh_datagram(&home, md) {
+                    Ok(()) => Ok(()),
+                    Err(Some(max)) => Err(Some(max.saturating_sub(5 + ns.len()))),
+                    Err(None) => {
+                        count("no_route");
+                        continue;
+                    }
+                }
+            }
+        };
+        match sent {
+            Ok(()) => count("forwarded"),
+            Err(max) => {
+                count("too_big");
+                let mtu = max.and_then(|s| u16::try_from(s).ok()).unwrap_or(1200);
                 if let Some(icmp) = swb_tunnel::build::too_big(&p, mtu) {
                     let _ = conn.send_datagram(icmp.into());
                 }
             }
-            Err(_) => m.tun_packets.with_label_values(&["no_route"]).inc(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_datagrams_round_trip_and_junk_is_refused() {
+        let b = encode_mesh("acme", 7, b"packet").expect("encodes");
+        let (ns, i, at) = decode_mesh(&b).expect("decodes");
+        assert_eq!((ns, i, &b[at..]), ("acme", 7, &b"packet"[..]));
+        assert!(decode_mesh(&[]).is_none());
+        assert!(decode_mesh(&[9, b'a']).is_none());
+        assert!(decode_mesh(&[1, 0xff, 0, 0, 0, 1]).is_none(), "not UTF-8");
+        assert!(encode_mesh(&"n".repeat(300), 1, b"").is_none());
     }
 }
