@@ -142,15 +142,32 @@ pub(crate) async fn peers(a: PeersArgs, out: &Output) -> Result<()> {
     }
     let stdout = std::io::stdout();
     let mut w = stdout.lock();
-    writeln!(w, "{:<20} {:<8} {:<26} STATUS", "NAME", "STATE", "SINCE")?;
+    // With TUN, a column of virtual addresses (IPv4) before the status.
+    let tun = list.iter().any(|s| s.tun.is_some());
+    let tun_col = |s: Option<&str>| {
+        if tun {
+            format!("{:<16} ", s.unwrap_or("-"))
+        } else {
+            String::new()
+        }
+    };
+    writeln!(
+        w,
+        "{:<20} {:<8} {:<26} {}STATUS",
+        "NAME",
+        "STATE",
+        "SINCE",
+        tun_col(Some("TUN"))
+    )?;
     for s in &list {
         let state = if s.online { "online" } else { "offline" };
         writeln!(
             w,
-            "{:<20} {:<8} {:<26} {}",
+            "{:<20} {:<8} {:<26} {}{}",
             s.name,
             state,
             s.since.as_deref().unwrap_or("-"),
+            tun_col(s.tun.as_ref().map(|t| t.ipv4.as_str())),
             summary(s)
         )?;
     }

@@ -1199,6 +1199,14 @@ async fn tun_peers_behind_two_nats_ping_ssh_iperf_refuse_closed_ports_and_outliv
         .args(["-c", "1", "-W", "2", "beta.switchboard"]))
     .await?;
     assert!(out.contains("1 received"), "{out}");
+    // `swbd peers` lists each peer's virtual address.
+    let peers = ok(swbd(&p.alpha).args(["peers"])).await?;
+    assert!(
+        peers
+            .lines()
+            .any(|l| l.starts_with("beta ") && l.contains(&b4)),
+        "{peers}"
+    );
     let none = a
         .command("getent")
         .args(["hosts", "nosuch.switchboard"])

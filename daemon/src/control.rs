@@ -167,6 +167,15 @@ pub struct StatusInfo {
     pub tun: Option<TunInfo>,
 }
 
+/// A peer's TUN addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TunAddrs {
+    /// IPv4.
+    pub ipv4: String,
+    /// IPv6.
+    pub ipv6: String,
+}
+
 /// This peer's TUN interface.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TunInfo {

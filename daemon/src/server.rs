@@ -521,7 +521,10 @@ async fn answer(
         Request::Peers { timeout_ms } => {
             let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
             match crate::status::peers(shared, wait).await {
-                Ok(statuses) => Reply::Statuses { statuses },
+                Ok(mut statuses) => {
+                    crate::tun::annotate(shared, &mut statuses).await;
+                    Reply::Statuses { statuses }
+                }
                 Err(e) => err(&e.code, e.message),
             }
         }

@@ -40,6 +40,10 @@ pub struct StatusView {
     /// This watcher missed updates; this is the newest value.
     #[serde(default)]
     pub lagged: bool,
+    /// The peer's TUN addresses (`swbd peers`, when this daemon runs TUN
+    /// and the peer has them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tun: Option<crate::control::TunAddrs>,
 }
 
 fn time(ms: u64) -> Option<String> {
@@ -62,6 +66,7 @@ impl From<StatusUpdate> for StatusView {
             updated: time(u.updated_ms),
             status: u.fields.into_iter().collect(),
             lagged: u.lagged,
+            tun: None,
         }
     }
 }
@@ -149,6 +154,7 @@ pub(crate) async fn set(
             updated: None,
             status: own.fields.clone(),
             lagged: false,
+            tun: None,
         };
         return Ok((view, false));
     }

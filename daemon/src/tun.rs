@@ -45,6 +45,8 @@ pub(crate) struct TunState {
     pub(crate) v4: Ipv4Addr,
     pub(crate) v6: Ipv6Addr,
     policy: Mutex<Policy>,
+    /// Peer name → index, as the relay answered (an index never changes).
+    known: Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl std::fmt::Debug for TunState {
@@ -119,6 +121,7 @@ pub(crate) fn assigned(shared: &Arc<Shared>, a: &TunAssigned, conn: &quinn::Conn
                     v4,
                     v6,
                     policy: Mutex::new(Policy::new(ports, settings.allow_all)),
+                    known: Mutex::new(std::collections::HashMap::new()),
                 });
                 info!(interface = %s.interface(), %v4, %v6, "TUN interface up");
                 *slot = Some(s.clone());
@@ -232,6 +235,54 @@ async fn resolve(shared: &Shared, name: &str) -> Option<Option<u32>> {
     tokio::time::timeout(RESOLVE_TIMEOUT, rx).await.ok()?.ok()
 }
 
+/// The TUN addresses of peer `name`: `Some(None)` when it has none,
+/// `None` when the relay did not answer in time.
+pub(crate) async fn lookup(
+    shared: &Shared,
+    s: &TunState,
+    name: &str,
+) -> Option<Option<(Ipv4Addr, Ipv6Addr)>> {
+    if name == shared.config.name {
+        return Some(Some((s.v4, s.v6)));
+    }
+    let known = s
+        .known
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(name)
+        .copied();
+    let index = match known {
+        Some(i) => Some(i),
+        None => resolve(shared, name).await?,
+    };
+    let Some(i) = index else {
+        return Some(None);
+    };
+    let mut known = s.known.lock().unwrap_or_else(|p| p.into_inner());
+    if known.len() < NAME_CACHE {
+        known.insert(name.to_string(), i);
+    }
+    Some(Some(addrs(&s.plan, i)))
+}
+
+/// Peers `swbd peers` lists with TUN addresses at most (each may cost the
+/// relay a lookup).
+const ANNOTATE_MAX: usize = 1024;
+
+/// Adds each peer's TUN addresses to `views` when this daemon runs TUN.
+pub(crate) async fn annotate(shared: &Shared, views: &mut [crate::status::StatusView]) {
+    let s = shared.tun.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let Some(s) = s else { return };
+    for v in views.iter_mut().take(ANNOTATE_MAX) {
+        if let Some(Some((v4, v6))) = lookup(shared, &s, &v.name).await {
+            v.tun = Some(crate::control::TunAddrs {
+                ipv4: v4.to_string(),
+                ipv6: v6.to_string(),
+            });
+        }
+    }
+}
+
 /// The name responder: `NAME.switchboard` → the peer's addresses, at this
 /// peer's IPv4 address, port 53. Points systemd-resolved at it for the
 /// `switchboard` domain of the interface when `resolvectl` is there.
@@ -245,7 +296,6 @@ async fn names(shared: Arc<Shared>, s: Arc<TunState>) {
         }
     };
     split_dns(&s).await;
-    let mut cache: std::collections::HashMap<String, u32> = std::collections::HashMap::new();
     let mut buf = vec![0u8; 1500];
     loop {
         let (n, from) = tokio::select! {
@@ -260,27 +310,11 @@ async fn names(shared: Arc<Shared>, s: Arc<TunState>) {
         };
         let reply = match q.peer() {
             None => q.refused(),
-            Some(name) if name == shared.config.name => {
-                q.answer(&[IpAddr::V4(s.v4), IpAddr::V6(s.v6)])
-            }
-            Some(name) => {
-                let known = cache.get(name).copied();
-                let found = match known {
-                    Some(i) => Some(Some(i)),
-                    None => resolve(&shared, name).await,
-                };
-                match found {
-                    Some(Some(i)) => {
-                        if cache.len() < NAME_CACHE {
-                            cache.insert(name.to_string(), i);
-                        }
-                        let (v4, v6) = addrs(&s.plan, i);
-                        q.answer(&[IpAddr::V4(v4), IpAddr::V6(v6)])
-                    }
-                    Some(None) => q.nxdomain(),
-                    None => q.servfail(),
-                }
-            }
+            Some(name) => match lookup(&shared, &s, name).await {
+                Some(Some((v4, v6))) => q.answer(&[IpAddr::V4(v4), IpAddr::V6(v6)]),
+                Some(None) => q.nxdomain(),
+                None => q.servfail(),
+            },
         };
         let _ = sock.send_to(&reply, from).await;
     }
