@@ -496,7 +496,7 @@ async fn tun_join(
     let stop = ctl.cancel.child_token();
     tokio::spawn(
         router.tasks().track_future(
-            crate::services::tun::pump(
+            super::tun::pump(
                 router.clone(),
                 conn.clone(),
                 ns.to_string(),

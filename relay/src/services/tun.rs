@@ -5,21 +5,16 @@
 //!   in `<data-dir>/tun/` when there is one. Other relays ask it over the
 //!   mesh (`MeshOp::TunAssign`, `TunIndex`, `TunWho`) and remember what
 //!   they learned (an index never changes owner).
-//! - **Packets**: a session's QUIC datagrams, one IP packet each, go to
-//!   the peer its destination address names: on this relay directly, on
-//!   another as a mesh-link datagram (`[ns length][ns][index][packet]`).
-//!   A packet whose source is not the sender's own address is dropped and
-//!   counted; one too big for the next connection is answered with ICMP
-//!   "fragmentation needed" / "packet too big".
+//! - **Packets**: which session has which index here, and packets that
+//!   arrive from other relays as mesh-link datagrams
+//!   (`[ns length][ns][index][packet]`). The pump that reads a session's
+//!   datagrams is the session door's (`doors::tun`).
 
-use crate::router::{Route, Router};
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use swb_tunnel::{AddressPlan, Allocator, Packet};
+use std::sync::Mutex;
+use swb_tunnel::{AddressPlan, Allocator};
 use swb_wire::{Code, Refusal, TunAssigned};
-use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 /// The placement key of a namespace's TUN allocator (not a valid peer
@@ -163,11 +158,11 @@ impl Tun {
     }
 
     /// Who has index `i`, as learned before (any relay).
-    fn cached_name(&self, ns: &str, i: u32) -> Option<String> {
+    pub(crate) fn cached_name(&self, ns: &str, i: u32) -> Option<String> {
         self.spaces().get(ns)?.names.get(&i).cloned()
     }
 
-    fn remember_name(&self, ns: &str, i: u32, name: &str) {
+    pub(crate) fn remember_name(&self, ns: &str, i: u32, name: &str) {
         let _ = self.with_space(ns, false, |s| {
             if s.names.len() < NAME_CACHE {
                 s.names.insert(i, name.to_string());
@@ -202,7 +197,7 @@ impl Tun {
     }
 
     /// The connection of the peer at index `i` of `ns`, if attached here.
-    fn local(&self, ns: &str, i: u32) -> Option<quinn::Connection> {
+    pub(crate) fn local(&self, ns: &str, i: u32) -> Option<quinn::Connection> {
         self.spaces()
             .get(ns)?
             .attached
@@ -230,7 +225,7 @@ impl Tun {
 }
 
 /// A packet for index `i` of `ns` as a mesh-link datagram.
-fn encode_mesh(ns: &str, i: u32, packet: &[u8]) -> Option<bytes::Bytes> {
+pub(crate) fn encode_mesh(ns: &str, i: u32, packet: &[u8]) -> Option<bytes::Bytes> {
     let n = u8::try_from(ns.len()).ok()?;
     let mut b = Vec::with_capacity(1 + ns.len() + 4 + packet.len());
     b.push(n);
@@ -246,96 +241,6 @@ fn decode_mesh(b: &[u8]) -> Option<(&str, u32, usize)> {
     let ns = std::str::from_utf8(b.get(1..1 + n)?).ok()?;
     let i = b.get(1 + n..5 + n)?;
     Some((ns, u32::from_be_bytes([i[0], i[1], i[2], i[3]]), 5 + n))
-}
-
-/// Carries the datagrams `conn` sends (the session of the peer at `index`
-/// of `ns`) until `stop` or the connection ends.
-pub(crate) async fn pump(
-    router: Arc<Router>,
-    conn: quinn::Connection,
-    ns: String,
-    plan: AddressPlan,
-    index: u32,
-    stop: CancellationToken,
-) {
-    let Some((v4, v6)) = plan.addrs(index) else {
-        return;
-    };
-    let (own4, own6) = (IpAddr::V4(v4), IpAddr::V6(v6));
-    let services = router.services().clone();
-    let m = &services.metrics;
-    let count = |r: &str| m.tun_packets.with_label_values(&[r]).inc();
-    loop {
-        let d = tokio::select! {
-            _ = stop.cancelled() => return,
-            d = conn.read_datagram() => match d {
-                Ok(d) => d,
-                Err(_) => return,
-            },
-        };
-        let Ok(p) = Packet::parse(&d) else {
-            count("malformed");
-            continue;
-        };
-        if p.src != own4 && p.src != own6 {
-            count("spoofed");
-            continue;
-        }
-        let Some(i) = plan.index_of(p.dst) else {
-            count("no_route");
-            continue;
-        };
-        // Err: the largest packet the next hop takes, when it is too big.
-        let sent: Result<(), Option<usize>> = match services.tun.local(&ns, i) {
-            Some(to) => match to.send_datagram(d.clone()) {
-                Ok(()) => Ok(()),
-                Err(quinn::SendDatagramError::TooLarge) => Err(to.max_datagram_size()),
-                Err(_) => {
-                    count("no_route");
-                    continue;
-                }
-            },
-            None => {
-                // Homed on another relay: one mesh hop.
-                let name = match services.tun.cached_name(&ns, i) {
-                    Some(n) => Some(n),
-                    None => {
-                        let n = router.tun_name(&ns, i).await;
-                        if let Some(n) = &n {
-                            services.tun.remember_name(&ns, i, n);
-                        }
-                        n
-                    }
-                };
-                let home = name.and_then(|n| match router.route(&ns, &n) {
-                    Route::Remote(h) => Some(h.id),
-                    Route::Local => None,
-                });
-                let (Some(home), Some(md)) = (home, encode_mesh(&ns, i, &d)) else {
-                    count("no_route");
-                    continue;
-                };
-                match router.mesh_datagram(&home, md) {
-                    Ok(()) => Ok(()),
-                    Err(Some(max)) => Err(Some(max.saturating_sub(5 + ns.len()))),
-                    Err(None) => {
-                        count("no_route");
-                        continue;
-                    }
-                }
-            }
-        };
-        match sent {
-            Ok(()) => count("forwarded"),
-            Err(max) => {
-                count("too_big");
-                let mtu = max.and_then(|s| u16::try_from(s).ok()).unwrap_or(1200);
-                if let Some(icmp) = swb_tunnel::build::too_big(&p, mtu) {
-                    let _ = conn.send_datagram(icmp.into());
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,103 @@
+//! A TUN session's datagram pump: each QUIC datagram the daemon sends —
+//! one IP packet — goes to the peer its destination address names: on this
+//! relay directly, on another as a mesh-link datagram through the router.
+//! A packet whose source is not the sender's own address is dropped and
+//! counted; one too big for the next hop is answered with ICMP
+//! "fragmentation needed" / "packet too big".
+
+use crate::router::{Route, Router};
+use crate::services::tun::encode_mesh;
+use std::net::IpAddr;
+use std::sync::Arc;
+use swb_tunnel::{AddressPlan, Packet};
+use tokio_util::sync::CancellationToken;
+
+/// Carries the datagrams `conn` sends (the session of the peer at `index`
+/// of `ns`) until `stop` or the connection ends.
+pub(crate) async fn pump(
+    router: Arc<Router>,
+    conn: quinn::Connection,
+    ns: String,
+    plan: AddressPlan,
+    index: u32,
+    stop: CancellationToken,
+) {
+    let Some((v4, v6)) = plan.addrs(index) else {
+        return;
+    };
+    let (own4, own6) = (IpAddr::V4(v4), IpAddr::V6(v6));
+    let services = router.services().clone();
+    let m = &services.metrics;
+    let count = |r: &str| m.tun_packets.with_label_values(&[r]).inc();
+    loop {
+        let d = tokio::select! {
+            _ = stop.cancelled() => return,
+            d = conn.read_datagram() => match d {
+                Ok(d) => d,
+                Err(_) => return,
+            },
+        };
+        let Ok(p) = Packet::parse(&d) else {
+            count("malformed");
+            continue;
+        };
+        if p.src != own4 && p.src != own6 {
+            count("spoofed");
+            continue;
+        }
+        let Some(i) = plan.index_of(p.dst) else {
+            count("no_route");
+            continue;
+        };
+        // Err: the largest packet the next hop takes, when it is too big.
+        let sent: Result<(), Option<usize>> = match services.tun.local(&ns, i) {
+            Some(to) => match to.send_datagram(d.clone()) {
+                Ok(()) => Ok(()),
+                Err(quinn::SendDatagramError::TooLarge) => Err(to.max_datagram_size()),
+                Err(_) => {
+                    count("no_route");
+                    continue;
+                }
+            },
+            None => {
+                // Homed on another relay: one mesh hop.
+                let name = match services.tun.cached_name(&ns, i) {
+                    Some(n) => Some(n),
+                    None => {
+                        let n = router.tun_name(&ns, i).await;
+                        if let Some(n) = &n {
+                            services.tun.remember_name(&ns, i, n);
+                        }
+                        n
+                    }
+                };
+                let home = name.and_then(|n| match router.route(&ns, &n) {
+                    Route::Remote(h) => Some(h.id),
+                    Route::Local => None,
+                });
+                let (Some(home), Some(md)) = (home, encode_mesh(&ns, i, &d)) else {
+                    count("no_route");
+                    continue;
+                };
+                match router.mesh_datagram(&home, md) {
+                    Ok(()) => Ok(()),
+                    Err(Some(max)) => Err(Some(max.saturating_sub(5 + ns.len()))),
+                    Err(None) => {
+                        count("no_route");
+                        continue;
+                    }
+                }
+            }
+        };
+        match sent {
+            Ok(()) => count("forwarded"),
+            Err(max) => {
+                count("too_big");
+                let mtu = max.and_then(|s| u16::try_from(s).ok()).unwrap_or(1200);
+                if let Some(icmp) = swb_tunnel::build::too_big(&p, mtu) {
+                    let _ = conn.send_datagram(icmp.into());
+                }
+            }
+        }
+    }
+}
