@@ -132,19 +132,7 @@ impl Mesh {
             name: name.to_string(),
             op,
         };
-        let rpc = async {
-            let (mut r, _s) = self.call(home, call).await?;
-            match read_frame(&mut r).await? {
-                Some(Frame::MeshAnswer(a)) => Ok(a),
-                other => Err(CallError::Unexpected(format!(
-                    "{:?}",
-                    other.map(|f| f.frame_type())
-                ))),
-            }
-        };
-        tokio::time::timeout(MESH_CALL_TIMEOUT, rpc)
-            .await
-            .map_err(|_| CallError::Timeout)?
+        self.single(home, call).await
     }
 
     /// A TUN packet for a peer attached to `home`, as a datagram on the
