@@ -144,6 +144,7 @@ pub struct Cert<'a> {
     key_alg: &'a [u8],
     key_curve: Option<&'a [u8]>,
     key: &'a [u8],
+    not_before: u64,
     not_after: u64,
     ocsp_urls: Vec<String>,
     ocsp_signing: bool,
@@ -176,7 +177,8 @@ impl<'a> Cert<'a> {
         t.expect(der::SEQUENCE, W)?; // signature algorithm
         let issuer = t.expect(der::SEQUENCE, W)?.whole;
         let mut validity = t.sequence(W)?;
-        validity.any(W)?;
+        let nb = validity.any(W)?;
+        let not_before = der::time(nb, W)?;
         let na = validity.any(W)?;
         let not_after = der::time(na, W)?;
         let subject = t.expect(der::SEQUENCE, W)?.whole;
@@ -194,6 +196,7 @@ impl<'a> Cert<'a> {
             key_alg,
             key_curve,
             key,
+            not_before,
             not_after,
             ocsp_urls: Vec::new(),
             ocsp_signing: false,
@@ -267,6 +270,11 @@ impl<'a> Cert<'a> {
     /// `notAfter`, Unix seconds.
     pub fn not_after(&self) -> u64 {
         self.not_after
+    }
+
+    /// `notBefore`, Unix seconds.
+    pub fn not_before(&self) -> u64 {
+        self.not_before
     }
 
     /// Checks `signed` was signed with this certificate's key using `alg`.
@@ -394,6 +402,7 @@ pub fn check(
             let Ok(dc) = Cert::parse(d) else { return false };
             dc.ocsp_signing
                 && dc.issued_by_name(issuer)
+                && dc.not_before <= now
                 && dc.not_after >= now
                 && issuer
                     .verify(dc.sig_alg, dc.tbs, dc.signature, "responder certificate")
@@ -486,6 +495,19 @@ mod tests {
         assert!(e.to_string().contains("tryLater"));
         // A response is checked before any certificate is needed.
         let _ = resp;
+    }
+
+    #[test]
+    fn a_certificate_validity_is_read_both_ends() {
+        let mut p = rcgen::CertificateParams::new(vec!["responder.test".into()]).expect("params");
+        p.not_before = rcgen::date_time_ymd(2030, 1, 2);
+        p.not_after = rcgen::date_time_ymd(2031, 1, 2);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = p.self_signed(&key).expect("cert");
+        let c = Cert::parse(cert.der()).expect("parses");
+        // 2030-01-02 and 2031-01-02, 00:00 UTC.
+        assert_eq!(c.not_before(), 1_893_542_400);
+        assert_eq!(c.not_after(), 1_925_078_400);
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::Duration;
 use swb_wire::close;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 /// A proven-or-not mesh connection and its handshake permit, for the mesh.
 pub(crate) type MeshIncoming = (quinn::Connection, OwnedSemaphorePermit);
@@ -93,10 +93,15 @@ pub(crate) async fn connection(
     // The server's first flight (key exchange, certificate signature) is
     // computed on a handshake thread; the rest runs here.
     let connecting = match offload.run(move || incoming.accept()).await {
-        Ok(c) => c,
-        Err(e) => {
+        Some(Ok(c)) => c,
+        Some(Err(e)) => {
             debug!("handshake failed: {e}");
             metrics.handshake("failed", "quic");
+            return;
+        }
+        None => {
+            warn!("a handshake job panicked; the connection is dropped");
+            metrics.handshake("failed", "internal");
             return;
         }
     };
