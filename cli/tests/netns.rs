@@ -118,14 +118,6 @@ async fn up(
     Ok(child)
 }
 
-async fn keygen(path: &Path) -> Result<()> {
-    ok(Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "swb-netns", "-f"])
-        .arg(path))
-    .await?;
-    Ok(())
-}
-
 /// A real sshd on `host` at 127.0.0.1:22 (its own namespace: the port is
 /// free), accepting the key in `dir`; its host key is pinned in
 /// `dir/known_hosts` for `name.switchboard`.
@@ -136,26 +128,7 @@ async fn sshd(host: &Host, dir: &Path, name: &str) -> Result<Child> {
 /// [`sshd`] listening on `listen`:22 (`0.0.0.0` for every interface).
 async fn sshd_on(host: &Host, dir: &Path, name: &str, listen: &str) -> Result<Child> {
     swb_tests::need_program("sshd", "openssh-server")?;
-    keygen(&dir.join("host_key")).await?;
-    keygen(&dir.join("id_ed25519")).await?;
-    std::fs::copy(dir.join("id_ed25519.pub"), dir.join("authorized_keys"))?;
-    let sftp = [
-        "/usr/lib/openssh/sftp-server",
-        "/usr/libexec/openssh/sftp-server",
-    ]
-    .into_iter()
-    .find(|p| Path::new(p).exists())
-    .context("sftp-server not found (openssh-server)")?;
-    let cfg = dir.join("sshd_config");
-    std::fs::write(
-        &cfg,
-        format!(
-            "ListenAddress {listen}:22\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\nPidFile none\nUsePAM no\n\
-             StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-             PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nSubsystem sftp {sftp}\nLogLevel ERROR\n",
-            d = dir.display()
-        ),
-    )?;
+    let cfg = swb_tests::sshd_setup(dir, Some(listen)).await?;
     // sshd's privilege separation directory (left in place, as the
     // openssh-server package's unit leaves it: other tests may use it).
     std::fs::create_dir_all("/run/sshd")?;
@@ -632,6 +605,33 @@ fn spread(v: &mut [Duration]) -> String {
     s
 }
 
+/// A keys file with one key of namespace `acme`, and a mesh key file, in
+/// `d`: (keys file, API key, mesh key file).
+async fn mesh_secrets(d: &Path) -> Result<(std::path::PathBuf, String, String)> {
+    let keys = d.join("keys.toml");
+    let key = new_key(&keys).await?;
+    let mesh_key = d.join("mesh.key");
+    std::fs::write(&mesh_key, "m".repeat(40))?;
+    Ok((keys, key, mesh_key.display().to_string()))
+}
+
+/// Relay `i` of a mesh on `net`'s relay machines, with id `id` and its
+/// data in `d/id` (every relay but the first seeds from the first).
+async fn mesh_relay(
+    net: &Internet,
+    d: &Path,
+    (keys, mesh_key): (&Path, &str),
+    id: &str,
+    i: usize,
+) -> Result<(Child, String)> {
+    let seed = format!("{}:{RELAY_PORT}", net.relays[0].addr);
+    let mut a = vec!["--id", id, "--mesh-key-file", mesh_key];
+    if i > 0 {
+        a.extend(["--mesh-peer", &seed]);
+    }
+    relay_on(&net.relays[i], &d.join(id), keys, &a).await
+}
+
 /// A mesh of three relays (`r0`, `r1`, `r2`) on `net`'s relay machines,
 /// with 12 peers spread over the sites: 6 homed on `r2`, 3 each on `r0` and
 /// `r1`. Every daemon knows every relay and starts at `r0`.
@@ -653,10 +653,7 @@ const MESH_IDS: [&str; 3] = ["r0", "r1", "r2"];
 
 impl<'a> Mesh3<'a> {
     async fn start(net: &'a Internet, d: &Path) -> Result<Self> {
-        let keys = d.join("keys.toml");
-        let key = new_key(&keys).await?;
-        let mesh_key = d.join("mesh.key");
-        std::fs::write(&mesh_key, "m".repeat(40))?;
+        let (keys, key, mesh_key) = mesh_secrets(d).await?;
         let mut extra: Vec<String> = net
             .relays
             .iter()
@@ -670,7 +667,7 @@ impl<'a> Mesh3<'a> {
             d: d.to_path_buf(),
             keys,
             key,
-            mesh_key: mesh_key.display().to_string(),
+            mesh_key,
             fp0: String::new(),
             relays: Vec::new(),
             victims: victims.clone(),
@@ -703,18 +700,8 @@ impl<'a> Mesh3<'a> {
 
     /// Starts relay `i` (again: same data, same certificate).
     async fn relay(&self, i: usize) -> Result<(Child, String)> {
-        let seed = format!("{}:{RELAY_PORT}", self.net.relays[0].addr);
-        let mut a = vec!["--id", MESH_IDS[i], "--mesh-key-file", &self.mesh_key];
-        if i > 0 {
-            a.extend(["--mesh-peer", &seed]);
-        }
-        relay_on(
-            &self.net.relays[i],
-            &self.d.join(MESH_IDS[i]),
-            &self.keys,
-            &a,
-        )
-        .await
+        let secrets = (self.keys.as_path(), self.mesh_key.as_str());
+        mesh_relay(self.net, &self.d, secrets, MESH_IDS[i], i).await
     }
 
     /// `swbd up` as `name` on the host of site `site`.
@@ -1317,21 +1304,12 @@ async fn tun_packets_cross_one_mesh_hop_between_peers_homed_on_two_relays() -> R
     };
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let keys = d.join("keys.toml");
-    let key = new_key(&keys).await?;
-    let mesh_key = d.join("mesh.key");
-    std::fs::write(&mesh_key, "m".repeat(40))?;
-    let mk = mesh_key.display().to_string();
+    let (keys, key, mk) = mesh_secrets(d).await?;
     let ids = ["r0", "r1"];
-    let seed = format!("{}:{RELAY_PORT}", net.relays[0].addr);
     let mut relays = Vec::new();
     let mut fp0 = String::new();
-    for (i, h) in net.relays.iter().enumerate() {
-        let mut a = vec!["--id", ids[i], "--mesh-key-file", mk.as_str()];
-        if i > 0 {
-            a.extend(["--mesh-peer", seed.as_str()]);
-        }
-        let (child, fp) = relay_on(h, &d.join(ids[i]), &keys, &a).await?;
+    for (i, id) in ids.iter().enumerate() {
+        let (child, fp) = mesh_relay(&net, d, (&keys, &mk), id, i).await?;
         if i == 0 {
             fp0 = fp;
         }

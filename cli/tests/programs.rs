@@ -49,47 +49,10 @@ impl Drop for Sshd {
     }
 }
 
-async fn keygen(path: &Path) -> Result<()> {
-    let out = run(Command::new(need("ssh-keygen", "openssh-client")?)
-        .args([
-            "-q",
-            "-t",
-            "ed25519",
-            "-N",
-            "",
-            "-C",
-            "switchboard-test",
-            "-f",
-        ])
-        .arg(path))
-    .await?;
-    ensure!(out.status.success(), "ssh-keygen: {}", text(&out.stderr));
-    Ok(())
-}
-
 async fn start_sshd(dir: &Path) -> Result<Sshd> {
     let sshd = need("sshd", "openssh-server")?;
-    keygen(&dir.join("host_key")).await?;
-    keygen(&dir.join("id_ed25519")).await?;
-    std::fs::copy(dir.join("id_ed25519.pub"), dir.join("authorized_keys"))?;
-    let sftp = [
-        "/usr/lib/openssh/sftp-server",
-        "/usr/libexec/openssh/sftp-server",
-        "/usr/libexec/sftp-server",
-    ]
-    .into_iter()
-    .find(|p| Path::new(p).exists())
-    .context("sftp-server not found (openssh-server)")?;
-    let cfg = dir.join("sshd_config");
-    std::fs::write(
-        &cfg,
-        format!(
-            "HostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\nPidFile none\nUsePAM no\n\
-             StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-             PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nSubsystem sftp {sftp}\nLogLevel ERROR\n",
-            d = dir.display()
-        ),
-    )?;
+    need("ssh-keygen", "openssh-client")?;
+    let cfg = swb_tests::sshd_setup(dir, None).await?;
     // sshd refuses to start without its privilege separation directory.
     let made_privsep_dir = if Path::new("/run/sshd").exists() {
         false

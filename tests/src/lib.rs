@@ -1130,6 +1130,61 @@ impl Drop for BusyServer {
     }
 }
 
+/// An ed25519 key pair at `path` (and `path.pub`), no passphrase.
+pub async fn ssh_keygen(path: &std::path::Path) -> Result<()> {
+    let out = tokio::process::Command::new("ssh-keygen")
+        .args([
+            "-q",
+            "-t",
+            "ed25519",
+            "-N",
+            "",
+            "-C",
+            "switchboard-test",
+            "-f",
+        ])
+        .arg(path)
+        .output()
+        .await
+        .context("cannot run ssh-keygen (openssh-client)")?;
+    if !out.status.success() {
+        bail!("ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// Everything a test's own sshd needs in `dir`: a host key, a client key
+/// (`dir/id_ed25519`) allowed in `dir/authorized_keys`, and `dir/sshd_config`
+/// (key logins only, sftp, listening on `listen:22` when given); returns
+/// the config's path.
+pub async fn sshd_setup(dir: &std::path::Path, listen: Option<&str>) -> Result<PathBuf> {
+    ssh_keygen(&dir.join("host_key")).await?;
+    ssh_keygen(&dir.join("id_ed25519")).await?;
+    std::fs::copy(dir.join("id_ed25519.pub"), dir.join("authorized_keys"))?;
+    let sftp = [
+        "/usr/lib/openssh/sftp-server",
+        "/usr/libexec/openssh/sftp-server",
+        "/usr/libexec/sftp-server",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .context("sftp-server not found (openssh-server)")?;
+    let listen = listen
+        .map(|a| format!("ListenAddress {a}:22\n"))
+        .unwrap_or_default();
+    let cfg = dir.join("sshd_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{listen}HostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\nPidFile none\nUsePAM no\n\
+             StrictModes no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
+             PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nSubsystem sftp {sftp}\nLogLevel ERROR\n",
+            d = dir.display()
+        ),
+    )?;
+    Ok(cfg)
+}
+
 /// OpenSSH client options for a test: the key and known hosts in `dir`,
 /// strict host key checking, no agent or config, and `swbd --control
 /// CONTROL connect %h %p` (with the `swbd` program at `swbd`) as the
