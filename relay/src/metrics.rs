@@ -47,7 +47,30 @@ pub(crate) struct Metrics {
     /// 1 while the keys file was usable at its last read.
     pub(crate) keys_file_ok: IntGauge,
     /// TUN packets (QUIC datagrams) by what became of them.
-    pub(crate) tun_packets: IntCounterVec,
+    pub(crate) tun: TunCounters,
+}
+
+/// `swb_relay_tun_packets_total` by result, resolved once (they count
+/// every packet).
+pub(crate) struct TunCounters {
+    pub(crate) forwarded: IntCounter,
+    pub(crate) spoofed: IntCounter,
+    pub(crate) no_route: IntCounter,
+    pub(crate) too_big: IntCounter,
+    pub(crate) malformed: IntCounter,
+}
+
+impl TunCounters {
+    fn new(v: &IntCounterVec) -> Self {
+        let c = |r: &str| v.with_label_values(&[r]);
+        Self {
+            forwarded: c("forwarded"),
+            spoofed: c("spoofed"),
+            no_route: c("no_route"),
+            too_big: c("too_big"),
+            malformed: c("malformed"),
+        }
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -91,7 +114,7 @@ impl Metrics {
                 g.set(1);
                 g
             },
-            tun_packets: counter_vec(&r, "swb_relay_tun_packets_total", "TUN packets (QUIC datagrams) from attached peers by result: forwarded, spoofed (source not the sender's own address: dropped), no_route (no such peer attached here), too_big (answered with ICMP), malformed.", &["result"]),
+            tun: TunCounters::new(&counter_vec(&r, "swb_relay_tun_packets_total", "TUN packets (QUIC datagrams) from attached peers and other relays by result: forwarded, spoofed (source not the sender's own address: dropped), no_route (no such peer attached), too_big (answered with ICMP), malformed.", &["result"])),
             registry: r,
         }
     }

@@ -28,7 +28,7 @@ pub(crate) async fn pump(
     let (own4, own6) = (IpAddr::V4(v4), IpAddr::V6(v6));
     let services = router.services().clone();
     let m = &services.metrics;
-    let count = |r: &str| m.tun_packets.with_label_values(&[r]).inc();
+    let c = &m.tun;
     loop {
         let d = tokio::select! {
             _ = stop.cancelled() => return,
@@ -38,15 +38,15 @@ pub(crate) async fn pump(
             },
         };
         let Ok(p) = Packet::parse(&d) else {
-            count("malformed");
+            c.malformed.inc();
             continue;
         };
         if p.src != own4 && p.src != own6 {
-            count("spoofed");
+            c.spoofed.inc();
             continue;
         }
         let Some(i) = plan.index_of(p.dst) else {
-            count("no_route");
+            c.no_route.inc();
             continue;
         };
         // Err: the largest packet the next hop takes, when it is too big.
@@ -55,7 +55,7 @@ pub(crate) async fn pump(
                 Ok(()) => Ok(()),
                 Err(quinn::SendDatagramError::TooLarge) => Err(to.max_datagram_size()),
                 Err(_) => {
-                    count("no_route");
+                    c.no_route.inc();
                     continue;
                 }
             },
@@ -76,23 +76,23 @@ pub(crate) async fn pump(
                     Route::Local => None,
                 });
                 let (Some(home), Some(md)) = (home, encode_mesh(&ns, i, &d)) else {
-                    count("no_route");
+                    c.no_route.inc();
                     continue;
                 };
                 match router.mesh_datagram(&home, md) {
                     Ok(()) => Ok(()),
                     Err(Some(max)) => Err(Some(max.saturating_sub(5 + ns.len()))),
                     Err(None) => {
-                        count("no_route");
+                        c.no_route.inc();
                         continue;
                     }
                 }
             }
         };
         match sent {
-            Ok(()) => count("forwarded"),
+            Ok(()) => c.forwarded.inc(),
             Err(max) => {
-                count("too_big");
+                c.too_big.inc();
                 let mtu = max.and_then(|s| u16::try_from(s).ok()).unwrap_or(1200);
                 if let Some(icmp) = swb_tunnel::build::too_big(&p, mtu) {
                     let _ = conn.send_datagram(icmp.into());

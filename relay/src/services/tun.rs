@@ -212,14 +212,14 @@ impl Tun {
         datagram: bytes::Bytes,
     ) {
         let Some((ns, i, packet)) = decode_mesh(&datagram) else {
-            metrics.tun_packets.with_label_values(&["malformed"]).inc();
+            metrics.tun.malformed.inc();
             return;
         };
         match self.local(ns, i) {
             Some(c) if c.send_datagram(datagram.slice(packet..)).is_ok() => {
-                metrics.tun_packets.with_label_values(&["forwarded"]).inc()
+                metrics.tun.forwarded.inc()
             }
-            _ => metrics.tun_packets.with_label_values(&["no_route"]).inc(),
+            _ => metrics.tun.no_route.inc(),
         }
     }
 }
