@@ -955,6 +955,13 @@ async fn iperf(client: &Host, addr: &str, port: u16, secs: u32) -> Result<f64> {
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .context("iperf3 -J without end.sum_received")?;
+    if std::env::var_os("SWB_NETNS_VERBOSE").is_some() {
+        eprintln!(
+            "iperf3 to {addr}:{port}: {:.0} Mbit/s, {} retransmits",
+            bps / 1e6,
+            v["end"]["sum_sent"]["retransmits"]
+        );
+    }
     Ok(bps / 1e6)
 }
 
@@ -996,11 +1003,14 @@ async fn netns_benchmark() -> Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
+    // `SWB_NETNS_BENCH=goodput,rehome,migrate` (default: all) picks parts.
+    let parts = std::env::var("SWB_NETNS_BENCH").unwrap_or_default();
+    let part = |p: &str| parts.is_empty() || parts.split(',').any(|x| x.trim() == p);
     swb_tests::need_program("iperf3", "iperf3")?;
     // Goodput: alpha (site 0) to beta (site 1) through the relay — iperf3
     // through a local port whose connections `swbd connect` carries — and
     // alpha to the relay's machine by plain TCP through the same NAT.
-    {
+    if part("goodput") {
         let Some(net) = Internet::new("bench_goodput", 1, 2)? else {
             return Ok(());
         };
@@ -1088,7 +1098,7 @@ async fn netns_benchmark() -> Result<()> {
         }
     }
     // Re-home after kill -9 of the relay home to 6 of 12 peers.
-    {
+    if part("rehome") {
         let Some(net) = Internet::new("bench_rehome", 3, 2)? else {
             return Ok(());
         };
@@ -1108,6 +1118,9 @@ async fn netns_benchmark() -> Result<()> {
         );
     }
     // Migration: the longest gap in an ssh session's 100 ms lines.
+    if !part("migrate") {
+        return Ok(());
+    }
     let mut gaps: Vec<Vec<f64>> = vec![Vec::new(); CHANGES.len()];
     for i in 0..runs {
         let Some(g) = ssh_across_address_changes(&format!("bench_migrate{i}")).await? else {

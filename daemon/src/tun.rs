@@ -23,8 +23,6 @@ use tracing::{info, warn, Instrument};
 /// The interface MTU: IPv6's minimum, which a QUIC datagram carries on
 /// any path that takes 1350-byte UDP payloads.
 pub const TUN_MTU: u16 = 1280;
-/// Largest IP packet read from the interface (its MTU, with room).
-const READ_BUF: usize = 65_536;
 
 /// What `--tun` asks for.
 #[derive(Debug, Clone)]
@@ -123,7 +121,7 @@ pub(crate) fn assigned(shared: &Arc<Shared>, a: &TunAssigned, conn: &quinn::Conn
                     policy: Mutex::new(Policy::new(ports, settings.allow_all)),
                     known: Mutex::new(std::collections::HashMap::new()),
                 });
-                info!(interface = %s.interface(), %v4, %v6, "TUN interface up");
+                info!(interface = %s.interface(), %v4, %v6, offload = s.dev.offload(), "TUN interface up");
                 *slot = Some(s.clone());
                 shared
                     .tasks
@@ -150,69 +148,94 @@ pub(crate) fn exposures_changed(shared: &Shared) {
     }
 }
 
-/// Packets the local stack sends into the interface → the relay.
+/// Packets the local stack sends into the interface → the relay, a
+/// batch (one 64 KiB burst with offload) at a time.
 async fn from_interface(shared: Arc<Shared>, s: Arc<TunState>) {
-    let mut buf = vec![0u8; READ_BUF];
+    let mut r = s.dev.reader();
     let (own4, own6) = (IpAddr::V4(s.v4), IpAddr::V6(s.v6));
     let clamp4 = mss::mss_for(TUN_MTU, true);
     let clamp6 = mss::mss_for(TUN_MTU, false);
     loop {
-        let n = tokio::select! {
+        tokio::select! {
             _ = shared.stop.cancelled() => return,
-            r = s.dev.recv(&mut buf) => match r {
-                Ok(n) => n,
-                Err(e) => {
-                    warn!("reading the TUN interface failed: {e}; TUN mode off");
-                    return;
-                }
+            res = s.dev.recv_batch(&mut r) => if let Err(e) = res {
+                warn!("reading the TUN interface failed: {e}; TUN mode off");
+                return;
             },
         };
-        let pkt = &mut buf[..n];
-        mss::clamp(pkt, clamp4, clamp6);
-        let Ok(p) = Packet::parse(pkt) else { continue };
-        // Only what this peer sends as itself (not a router's traffic).
-        if p.src != own4 && p.src != own6 {
-            continue;
-        }
-        s.policy().outbound(&p, std::time::Instant::now());
         let conn = shared
             .conn
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let Some(conn) = conn else { continue };
-        let max = conn.max_datagram_size().unwrap_or(0);
-        if p.bytes.len() > max {
-            let mtu = u16::try_from(max).unwrap_or(u16::MAX).max(576);
-            if let Some(icmp) = build::too_big(&p, mtu) {
-                let _ = s.dev.send(&icmp).await;
+        let max = conn
+            .as_ref()
+            .and_then(|c| c.max_datagram_size())
+            .unwrap_or(0);
+        let now = std::time::Instant::now();
+        let mut too_big = Vec::new();
+        {
+            let mut policy = s.policy();
+            for pkt in r.packets() {
+                mss::clamp(pkt, clamp4, clamp6);
+                let Ok(p) = Packet::parse(pkt) else { continue };
+                // Only what this peer sends as itself (not a router's traffic).
+                if p.src != own4 && p.src != own6 {
+                    continue;
+                }
+                policy.outbound(&p, now);
+                let Some(conn) = &conn else { continue };
+                if p.bytes.len() > max {
+                    let mtu = u16::try_from(max).unwrap_or(u16::MAX).max(576);
+                    too_big.extend(build::too_big(&p, mtu));
+                    continue;
+                }
+                let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(p.bytes));
             }
-            continue;
         }
-        let _ = conn.send_datagram(bytes::Bytes::copy_from_slice(p.bytes));
+        for icmp in too_big {
+            let _ = s.dev.send(&icmp).await;
+        }
     }
 }
 
 /// Datagrams from the relay on `conn` → the local stack, through the
-/// policy. Ends with the connection.
+/// policy: what is already queued goes in one batch (coalesced with
+/// offload), so a burst costs the kernel one pass, and one packet alone
+/// is not held back. Ends with the connection.
 async fn from_relay(s: Arc<TunState>, conn: quinn::Connection) {
+    use futures_util::FutureExt;
     let (own4, own6) = (IpAddr::V4(s.v4), IpAddr::V6(s.v6));
-    while let Ok(d) = conn.read_datagram().await {
-        let Ok(p) = Packet::parse(&d) else { continue };
-        if p.dst != own4 && p.dst != own6 {
-            continue;
-        }
-        let verdict = s.policy().inbound(&p, std::time::Instant::now());
-        match verdict {
-            Verdict::Allow => {
-                let _ = s.dev.send(p.bytes).await;
-            }
-            Verdict::Refuse => {
-                if let Some(answer) = build::refuse(&p) {
-                    let _ = conn.send_datagram(answer.into());
+    let mut w = s.dev.writer();
+    while let Ok(first) = conn.read_datagram().await {
+        let mut next = Some(first);
+        {
+            let mut policy = s.policy();
+            let now = std::time::Instant::now();
+            while let Some(d) = next.take() {
+                if let Ok(p) = Packet::parse(&d) {
+                    if p.dst == own4 || p.dst == own6 {
+                        match policy.inbound(&p, now) {
+                            Verdict::Allow => {
+                                w.push(p.bytes);
+                            }
+                            Verdict::Refuse => {
+                                if let Some(answer) = build::refuse(&p) {
+                                    let _ = conn.send_datagram(answer.into());
+                                }
+                            }
+                            Verdict::Drop => {}
+                        }
+                    }
+                }
+                if !w.is_full() {
+                    next = conn.read_datagram().now_or_never().and_then(Result::ok);
                 }
             }
-            Verdict::Drop => {}
+        }
+        if let Err(e) = s.dev.send_batch(&mut w).await {
+            warn!("writing the TUN interface failed: {e}");
+            return;
         }
     }
 }

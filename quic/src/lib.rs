@@ -21,9 +21,13 @@ pub const PREAUTH_RECEIVE_WINDOW: u32 = 64 * 1024;
 pub const SESSION_RECEIVE_WINDOW: u32 = 8 << 20;
 /// The same for a proven mesh link, which carries many sessions' streams.
 pub const MESH_RECEIVE_WINDOW: u32 = 64 << 20;
-/// Unread QUIC datagrams (TUN packets) a connection buffers at most, per
-/// side; more are dropped as IP allows (oldest first, in quinn).
-pub const DATAGRAM_BUFFER: usize = 128 * 1024;
+/// Unread QUIC datagrams (TUN packets) a daemon's connection buffers at
+/// most; more are dropped as IP allows (oldest first, in quinn). A burst
+/// the interface writer has not yet taken must fit: at 128 KiB a bulk TCP
+/// flow lost about one packet in seven here.
+pub const DATAGRAM_BUFFER: usize = 1024 * 1024;
+/// The same at the relay, per connection.
+pub const RELAY_DATAGRAM_BUFFER: usize = 512 * 1024;
 /// What one stream may have in flight (within its connection's window).
 pub const STREAM_RECEIVE_WINDOW: u32 = 1250 * 1000;
 

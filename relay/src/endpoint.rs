@@ -50,7 +50,7 @@ pub(crate) fn bind(
         .or_else(|_| quinn::IdleTimeout::try_from(DEFAULT_IDLE));
     transport.max_idle_timeout(idle.ok());
     // TUN packets ride datagrams; unread ones are bounded like the window.
-    transport.datagram_receive_buffer_size(Some(swb_quic::DATAGRAM_BUFFER));
+    transport.datagram_receive_buffer_size(Some(swb_quic::RELAY_DATAGRAM_BUFFER));
     server.transport_config(Arc::new(transport));
     let bind_err = |source| RelayError::Bind {
         addr: config.listen,

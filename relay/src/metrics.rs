@@ -58,6 +58,7 @@ pub(crate) struct TunCounters {
     pub(crate) no_route: IntCounter,
     pub(crate) too_big: IntCounter,
     pub(crate) malformed: IntCounter,
+    pub(crate) not_joined: IntCounter,
 }
 
 impl TunCounters {
@@ -69,6 +70,7 @@ impl TunCounters {
             no_route: c("no_route"),
             too_big: c("too_big"),
             malformed: c("malformed"),
+            not_joined: c("not_joined"),
         }
     }
 }
@@ -114,7 +116,7 @@ impl Metrics {
                 g.set(1);
                 g
             },
-            tun: TunCounters::new(&counter_vec(&r, "swb_relay_tun_packets_total", "TUN packets (QUIC datagrams) from attached peers and other relays by result: forwarded, spoofed (source not the sender's own address: dropped), no_route (no such peer attached), too_big (answered with ICMP), malformed.", &["result"])),
+            tun: TunCounters::new(&counter_vec(&r, "swb_relay_tun_packets_total", "TUN packets (QUIC datagrams) from attached peers and other relays by result: forwarded, spoofed (source not the sender's own address: dropped), no_route (no such peer attached), too_big (answered with ICMP), malformed, not_joined (from a connection that has not joined TUN mode: discarded at once).", &["result"])),
             registry: r,
         }
     }

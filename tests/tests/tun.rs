@@ -112,3 +112,40 @@ async fn packets_go_to_the_peer_their_address_names_and_spoofed_ones_are_dropped
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn datagrams_before_hello_or_before_joining_are_discarded_at_once_and_counted() -> Result<()>
+{
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let junk = vec![0x45u8; 1100];
+    // A stranger that never says Hello: its datagrams are read and dropped
+    // (counted), not parked in the connection's buffer until it times out.
+    let stranger = RawClient::open(&relay, b"").await?;
+    for _ in 0..100 {
+        stranger.conn.send_datagram(junk.clone().into())?;
+    }
+    swb_tests::eventually("the stranger's datagrams counted", WAIT, || async {
+        Ok((counter(&relay, "not_joined") >= 90).then_some(()))
+    })
+    .await?;
+    // A session that has not joined TUN mode: the same, and it goes on.
+    let (mut a, f) = RawClient::hello(&relay, &key, "alpha").await?;
+    assert!(matches!(f, Frame::Welcome(_)), "{f:?}");
+    let before = counter(&relay, "not_joined");
+    for _ in 0..100 {
+        a.conn.send_datagram(junk.clone().into())?;
+    }
+    swb_tests::eventually("the session's datagrams counted", WAIT, || async {
+        Ok((counter(&relay, "not_joined") >= before + 90).then_some(()))
+    })
+    .await?;
+    assert_eq!(counter(&relay, "forwarded"), 0);
+    a.write_frame(&Frame::TunJoin(TunJoin { want: None }))
+        .await?;
+    match a.read_frame().await? {
+        Frame::TunAnswer(TunAnswer::Assigned(_)) => {}
+        f => bail!("{f:?}"),
+    }
+    Ok(())
+}

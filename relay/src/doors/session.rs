@@ -134,11 +134,32 @@ pub(crate) async fn run(
     // The handshake's state lives on the heap only while it runs; the task
     // itself keeps just what an attached session needs (memory per idle
     // client).
-    let Some(a) = Box::pin(open(&router, conn, permit, started, cancel)).await else {
+    // Datagrams before the session joined TUN mode are discarded as they
+    // come: none waits in quinn's buffer (bounded per connection, but
+    // sized for a TUN session's bursts).
+    let handshake = Box::pin(open(&router, conn.clone(), permit, started, cancel));
+    let a = tokio::select! {
+        a = handshake => a,
+        never = discard_datagrams(&conn, &router.services().metrics.tun) => match never {},
+    };
+    drop(conn);
+    let Some(a) = a else {
         return;
     };
     let span = tracing::info_span!("session", ns = %a.ns, peer = %a.name, session = a.ctl.id, key = %a.key_id);
     attached(router, a).instrument(span).await;
+}
+
+/// Reads and counts away every datagram `conn` receives; pends forever
+/// once the connection is gone.
+async fn discard_datagrams(
+    conn: &quinn::Connection,
+    c: &crate::metrics::TunCounters,
+) -> std::convert::Infallible {
+    while conn.read_datagram().await.is_ok() {
+        c.not_joined.inc();
+    }
+    std::future::pending().await
 }
 
 /// A registered session, handed from the handshake to the serving loop.
@@ -595,6 +616,12 @@ async fn serve(
                     return e;
                 }
             }
+            // Not (yet) in TUN mode: datagrams go nowhere (the pump reads
+            // them once joined).
+            d = conn.read_datagram(), if tun.is_none() => match d {
+                Ok(_) => services.metrics.tun.not_joined.inc(),
+                Err(_) => return End::Gone,
+            },
             r = io.read_some() => {
                 if let Err(e) = r {
                     return e;
