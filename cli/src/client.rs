@@ -232,7 +232,14 @@ fn print_status(s: &StatusInfo) {
         println!("rtt:        {rtt:.2} ms");
     }
     if let Some(t) = &s.tun {
-        println!("tun:        {} {} {}", t.interface, t.ipv4, t.ipv6);
+        println!(
+            "tun:        {} {} {} (mtu {}{})",
+            t.interface,
+            t.ipv4,
+            t.ipv6,
+            t.mtu,
+            if t.offload { ", offload" } else { "" }
+        );
     }
     println!("inbox:      {} waiting", s.inbox);
     if s.pending_sends > 0 {

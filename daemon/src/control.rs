@@ -185,6 +185,12 @@ pub struct TunInfo {
     pub ipv4: String,
     /// The peer's IPv6 address.
     pub ipv6: String,
+    /// The interface MTU of the moment.
+    #[serde(default)]
+    pub mtu: u16,
+    /// Whether the kernel took segmentation offload on it.
+    #[serde(default)]
+    pub offload: bool,
 }
 
 /// One answer from the daemon.

@@ -589,6 +589,8 @@ fn status(shared: &Shared) -> StatusInfo {
                 interface: t.interface().to_string(),
                 ipv4: t.v4.to_string(),
                 ipv6: t.v6.to_string(),
+                mtu: t.mtu(),
+                offload: t.offload(),
             }),
     };
     match st {

@@ -20,9 +20,27 @@ use swb_tunnel::{build, mss, Packet, Policy, Verdict};
 use swb_wire::TunAssigned;
 use tracing::{info, warn, Instrument};
 
-/// The interface MTU: IPv6's minimum, which a QUIC datagram carries on
-/// any path that takes 1350-byte UDP payloads.
+/// The interface MTU at first: IPv6's minimum, which a QUIC datagram
+/// carries on any path that takes 1350-byte UDP payloads. Once QUIC's
+/// path MTU discovery found more, the interface follows ([`mtu_for`]).
 pub const TUN_MTU: u16 = 1280;
+/// Room kept between the relay connection's largest datagram and the
+/// interface MTU: a mesh hop's header (namespace and index, up to 69
+/// bytes) and a little for a path that shrinks before QUIC notices.
+const MTU_HEADROOM: usize = 80;
+/// How often the interface MTU is checked against the connection's.
+const MTU_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The interface MTU for a connection whose datagrams carry up to
+/// `max_datagram` bytes: that less [`MTU_HEADROOM`], between [`TUN_MTU`]
+/// and the interface's maximum. Packets bigger than the path of the moment
+/// still get ICMP "too big" (here or at the relay).
+pub fn mtu_for(max_datagram: usize) -> u16 {
+    let m = max_datagram.saturating_sub(MTU_HEADROOM);
+    u16::try_from(m)
+        .unwrap_or(u16::MAX)
+        .clamp(TUN_MTU, swb_tunnel::device::MAX_MTU)
+}
 
 /// What `--tun` asks for.
 #[derive(Debug, Clone)]
@@ -61,6 +79,16 @@ impl TunState {
     /// The interface's name.
     pub(crate) fn interface(&self) -> &str {
         self.dev.name()
+    }
+
+    /// The interface MTU of the moment.
+    pub(crate) fn mtu(&self) -> u16 {
+        self.dev.mtu()
+    }
+
+    /// Whether the interface has segmentation offload.
+    pub(crate) fn offload(&self) -> bool {
+        self.dev.offload()
     }
 
     fn policy(&self) -> std::sync::MutexGuard<'_, Policy> {
@@ -133,7 +161,36 @@ pub(crate) fn assigned(shared: &Arc<Shared>, a: &TunAssigned, conn: &quinn::Conn
             }
         }
     };
+    shared.tasks.spawn(follow_mtu(state.clone(), conn.clone()));
     shared.tasks.spawn(from_relay(state, conn.clone()));
+}
+
+/// Keeps the interface MTU at what `conn`'s path carries ([`mtu_for`]),
+/// for as long as the connection lives: up once QUIC's path MTU discovery
+/// found room, down when the path shrinks.
+async fn follow_mtu(s: Arc<TunState>, conn: quinn::Connection) {
+    let mut tick = tokio::time::interval(MTU_CHECK);
+    loop {
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tick.tick() => {}
+        }
+        let Some(max) = conn.max_datagram_size() else {
+            return;
+        };
+        let (want, now) = (mtu_for(max), s.dev.mtu());
+        if want != now {
+            match s.dev.set_mtu(want) {
+                Ok(()) => {
+                    info!(interface = %s.interface(), from = now, to = want, "TUN interface MTU follows the relay path")
+                }
+                Err(e) => {
+                    warn!(interface = %s.interface(), "cannot set the TUN interface MTU to {want}: {e}");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// The exposed ports changed (a reload): the policy follows.
@@ -153,8 +210,6 @@ pub(crate) fn exposures_changed(shared: &Shared) {
 async fn from_interface(shared: Arc<Shared>, s: Arc<TunState>) {
     let mut r = s.dev.reader();
     let (own4, own6) = (IpAddr::V4(s.v4), IpAddr::V6(s.v6));
-    let clamp4 = mss::mss_for(TUN_MTU, true);
-    let clamp6 = mss::mss_for(TUN_MTU, false);
     loop {
         tokio::select! {
             _ = shared.stop.cancelled() => return,
@@ -173,6 +228,8 @@ async fn from_interface(shared: Arc<Shared>, s: Arc<TunState>) {
             .and_then(|c| c.max_datagram_size())
             .unwrap_or(0);
         let now = std::time::Instant::now();
+        let mtu = s.dev.mtu();
+        let (clamp4, clamp6) = (mss::mss_for(mtu, true), mss::mss_for(mtu, false));
         let mut too_big = Vec::new();
         {
             let mut policy = s.policy();
@@ -371,5 +428,21 @@ async fn split_dns(s: &TunState) {
             responder = %dns,
             "NAME.switchboard: no systemd-resolved here; point the resolver at {dns} (e.g. `nameserver {dns}` first in /etc/resolv.conf) to use names"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_interface_mtu_follows_the_datagram_size_within_its_bounds() {
+        // quinn's first 1200-byte packets: IPv6's minimum still.
+        assert_eq!(mtu_for(1_162), TUN_MTU);
+        assert_eq!(mtu_for(0), TUN_MTU);
+        // An Ethernet path after discovery (1452-byte UDP payloads).
+        assert_eq!(mtu_for(1_420), 1_340);
+        // Jumbo paths: at most the interface maximum.
+        assert_eq!(mtu_for(8_900), swb_tunnel::device::MAX_MTU);
     }
 }

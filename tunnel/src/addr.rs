@@ -19,8 +19,10 @@ pub enum AddrError {
     /// The IPv4 range is not usable.
     #[error("the IPv4 range {0}/{1} is not usable: a prefix of 8 to 30 bits, the network address (host bits zero)")]
     BadRange(Ipv4Addr, u8),
-    /// Every address of the range is taken.
-    #[error("every one of the {0} addresses of the range is assigned")]
+    /// Every address the namespace may have is taken.
+    #[error(
+        "all {0} addresses this namespace may have are assigned (addresses stay with their names)"
+    )]
     Full(u32),
     /// The allocation file could not be read or written.
     #[error("address file {path}: {source}")]
@@ -119,6 +121,10 @@ pub struct Allocator {
     by_name: HashMap<String, u32>,
     by_index: HashMap<u32, String>,
     used: BTreeSet<u32>,
+    /// Names it hands an index to at most.
+    limit: u32,
+    /// No index below this one is free (indexes are never given back).
+    free_from: u32,
 }
 
 impl Allocator {
@@ -130,7 +136,15 @@ impl Allocator {
             by_name: HashMap::new(),
             by_index: HashMap::new(),
             used: BTreeSet::new(),
+            limit: plan.capacity(),
+            free_from: 1,
         }
+    }
+
+    /// At most `limit` names get an index (fewer than the range holds).
+    pub fn with_limit(mut self, limit: u32) -> Self {
+        self.limit = limit.min(self.plan.capacity());
+        self
     }
 
     /// The allocator whose assignments live in `path` (created when
@@ -179,16 +193,15 @@ impl Allocator {
         if let Some(&i) = self.by_name.get(name) {
             return Ok(i);
         }
-        let wanted = want.filter(|w| self.plan.addrs(*w).is_some() && !self.used.contains(w));
-        // Else the lowest free index: the first gap in the used set.
-        let mut i = 1u32;
-        for &u in &self.used {
-            if u != i {
-                break;
-            }
-            i += 1;
+        if self.used.len() >= self.limit as usize {
+            return Err(AddrError::Full(self.limit));
         }
-        let i = wanted.unwrap_or(i);
+        let wanted = want.filter(|w| self.plan.addrs(*w).is_some() && !self.used.contains(w));
+        // Else the lowest free index (never below `free_from`).
+        while self.used.contains(&self.free_from) {
+            self.free_from += 1;
+        }
+        let i = wanted.unwrap_or(self.free_from);
         if i > self.plan.capacity() {
             return Err(AddrError::Full(self.plan.capacity()));
         }
@@ -276,10 +289,17 @@ mod tests {
         assert_eq!(c.assign("a").expect("a"), 1);
         assert_eq!(c.assign("b").expect("b"), 2);
         assert!(matches!(c.assign("c"), Err(AddrError::Full(2))));
+        // A namespace's cap below its range.
+        let mut capped = Allocator::in_memory(plan()).with_limit(2);
+        assert_eq!(capped.assign("a").expect("a"), 1);
+        assert_eq!(capped.assign_wanting("b", Some(40)).expect("b"), 40);
+        assert!(matches!(capped.assign("c"), Err(AddrError::Full(2))));
+        assert_eq!(capped.assign("a").expect("known"), 1);
         // A peer that had index 7 before gets it back when it is free.
         let mut d = Allocator::in_memory(plan());
         assert_eq!(d.assign_wanting("back", Some(7)).expect("7"), 7);
         assert_eq!(d.assign_wanting("again", Some(7)).expect("1"), 1);
+        assert_eq!(d.assign("next").expect("2"), 2);
         assert_eq!(d.assign_wanting("back", Some(9)).expect("kept"), 7);
         std::fs::write(&path, "1\tlondon\nnot a line\n").expect("write");
         assert!(matches!(

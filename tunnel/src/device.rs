@@ -46,7 +46,7 @@ pub enum DeviceError {
 pub struct Tun {
     dev: tun_rs::AsyncDevice,
     name: String,
-    mtu: u16,
+    mtu: std::sync::atomic::AtomicU16,
     offload: bool,
 }
 
@@ -60,6 +60,8 @@ impl std::fmt::Debug for Tun {
     }
 }
 
+/// The largest MTU the interface is given (the read buffers' size).
+pub const MAX_MTU: u16 = 1500;
 /// Room before each packet for the virtio header offload needs.
 const HEADROOM: usize = tun_rs::VIRTIO_NET_HDR_LEN;
 /// Packets per batch: a 64 KiB burst split at the smallest MTU (1280)
@@ -164,7 +166,7 @@ impl Tun {
         let build = |offload: bool| {
             let mut b = tun_rs::DeviceBuilder::new()
                 .name(cfg.name.clone())
-                .mtu(cfg.mtu)
+                .mtu(cfg.mtu.min(MAX_MTU))
                 .offload(offload)
                 .ipv4(cfg.v4.0, cfg.v4.1, None);
             if let Some((a, p)) = cfg.v6 {
@@ -187,7 +189,7 @@ impl Tun {
         Ok(Self {
             dev,
             name: cfg.name.clone(),
-            mtu: cfg.mtu,
+            mtu: cfg.mtu.min(MAX_MTU).into(),
             offload,
         })
     }
@@ -199,7 +201,15 @@ impl Tun {
 
     /// The interface's MTU.
     pub fn mtu(&self) -> u16 {
-        self.mtu
+        self.mtu.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Changes the interface's MTU (at most [`MAX_MTU`]).
+    pub fn set_mtu(&self, mtu: u16) -> std::io::Result<()> {
+        let mtu = mtu.min(MAX_MTU);
+        self.dev.set_mtu(mtu)?;
+        self.mtu.store(mtu, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Whether the kernel took segmentation offload.
@@ -211,7 +221,7 @@ impl Tun {
     pub fn reader(&self) -> Reader {
         // With offload a GSO packet is split into segments of at most the
         // MTU; without, one packet of up to the MTU lands in the first.
-        let each = usize::from(self.mtu).max(1500);
+        let each = usize::from(MAX_MTU);
         let n = if self.offload { BATCH } else { 1 };
         Reader {
             raw: vec![0; HEADROOM + 65_535],

@@ -20,6 +20,10 @@ use tracing::warn;
 /// The placement key of a namespace's TUN allocator (not a valid peer
 /// name, so no peer shares its home by accident of naming).
 pub(crate) const TUN_KEY: &str = "-tun-";
+/// Names of one namespace that get a TUN address at most: addresses are
+/// kept for good (stable across reconnects), so a key cycling through
+/// names must not grow the table without end.
+pub(crate) const MAX_ADDRESSES: u32 = 65_536;
 /// Index → name answers remembered per namespace.
 const NAME_CACHE: usize = 65_536;
 
@@ -105,14 +109,17 @@ impl Tun {
             .get_mut(ns)
             .ok_or_else(|| unavailable(&"namespace entry vanished"))?;
         if allocator && space.alloc.is_none() {
-            space.alloc = Some(match &self.dir {
-                Some(d) => {
-                    std::fs::create_dir_all(d).map_err(|e| unavailable(&e))?;
-                    Allocator::open(space.plan, &d.join(format!("{}.addresses", hex(ns))))
-                        .map_err(|e| unavailable(&e))?
+            space.alloc = Some(
+                match &self.dir {
+                    Some(d) => {
+                        std::fs::create_dir_all(d).map_err(|e| unavailable(&e))?;
+                        Allocator::open(space.plan, &d.join(format!("{}.addresses", hex(ns))))
+                            .map_err(|e| unavailable(&e))?
+                    }
+                    None => Allocator::in_memory(space.plan),
                 }
-                None => Allocator::in_memory(space.plan),
-            });
+                .with_limit(MAX_ADDRESSES),
+            );
         }
         f(space)
     }
