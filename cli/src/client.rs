@@ -241,6 +241,9 @@ fn print_status(s: &StatusInfo) {
             if t.offload { ", offload" } else { "" }
         );
     }
+    if let Some(e) = &s.tun_error {
+        println!("tun:        off: {e}");
+    }
     println!("inbox:      {} waiting", s.inbox);
     if s.pending_sends > 0 {
         println!("sending:    {} waiting for the relay", s.pending_sends);

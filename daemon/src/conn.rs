@@ -465,7 +465,9 @@ impl Actor {
                     swb_wire::TunAnswer::Assigned(a) => {
                         crate::tun::assigned(&self.shared, &a, &link.conn)
                     }
-                    swb_wire::TunAnswer::Refused(r) => warn!("TUN mode off: {r}"),
+                    swb_wire::TunAnswer::Refused(r) => {
+                        crate::tun::off(&self.shared, format!("the relay refused: {r}"), false)
+                    }
                 },
                 Ok(Some(f)) => {
                     let mut inbox = self.shared.inbox();
@@ -522,7 +524,7 @@ impl Actor {
         // Resend what the previous connection left unanswered, and acks;
         // with TUN, ask for the addresses (the ones we had, if any).
         let mut first = self.core.on_connected();
-        if self.shared.config.tun.is_some() {
+        if crate::tun::wanted(&self.shared) {
             let want = self
                 .shared
                 .tun

@@ -165,6 +165,9 @@ pub struct StatusInfo {
     /// TUN mode: the interface and this peer's virtual addresses, once up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tun: Option<TunInfo>,
+    /// Why TUN mode is off although `--tun` asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tun_error: Option<String>,
 }
 
 /// A peer's TUN addresses.

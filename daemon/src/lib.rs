@@ -258,6 +258,9 @@ pub(crate) struct Shared {
     pub(crate) expose: std::sync::RwLock<Arc<Vec<Exposure>>>,
     /// The TUN interface, once the relay assigned its addresses.
     pub(crate) tun: Mutex<Option<Arc<tun::TunState>>>,
+    /// Why TUN mode is off although asked for (`swbd status`); the
+    /// interface could not be made (no CAP_NET_ADMIN, …): not asked again.
+    pub(crate) tun_error: Mutex<Option<tun::TunError>>,
     /// Cancelled when the daemon stops.
     pub(crate) stop: CancellationToken,
 }
@@ -341,6 +344,10 @@ impl Daemon {
             ));
         }
         check_exposures(&config.expose)?;
+        if let Some(t) = &config.tun {
+            swb_tunnel::device::check_name(&t.name)
+                .map_err(|e| DaemonError::Config(format!("--tun-name: {e}")))?;
+        }
         if config.api_key.expose().is_empty() {
             return Err(DaemonError::Config(
                 "no API key: set SWB_API_KEY or pass --api-key-file".into(),
@@ -408,6 +415,7 @@ impl Daemon {
             tasks: tokio_util::task::TaskTracker::new(),
             expose: std::sync::RwLock::new(Arc::new(config.expose.clone())),
             tun: Mutex::new(None),
+            tun_error: Mutex::new(None),
             stop: CancellationToken::new(),
             config,
         });

@@ -592,6 +592,12 @@ fn status(shared: &Shared) -> StatusInfo {
                 mtu: t.mtu(),
                 offload: t.offload(),
             }),
+        tun_error: shared
+            .tun_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|e| e.reason.clone()),
     };
     match st {
         ConnState::Connecting {

@@ -51,6 +51,35 @@ pub struct TunSettings {
     pub allow_all: bool,
 }
 
+/// Why TUN mode is off.
+#[derive(Debug, Clone)]
+pub(crate) struct TunError {
+    /// What to tell the user.
+    pub(crate) reason: String,
+    /// The interface cannot be made here: no use asking the relay again.
+    pub(crate) lasting: bool,
+}
+
+/// Records why TUN mode is off (and logs it, once per reason).
+pub(crate) fn off(shared: &Shared, reason: String, lasting: bool) {
+    let mut slot = shared.tun_error.lock().unwrap_or_else(|p| p.into_inner());
+    if slot.as_ref().map(|e| &e.reason) != Some(&reason) {
+        warn!("TUN mode off: {reason}");
+    }
+    *slot = Some(TunError { reason, lasting });
+}
+
+/// Whether to ask the relay for TUN addresses on a new connection.
+pub(crate) fn wanted(shared: &Shared) -> bool {
+    shared.config.tun.is_some()
+        && !shared
+            .tun_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|e| e.lasting)
+}
+
 /// A running interface.
 pub(crate) struct TunState {
     dev: Tun,
@@ -131,7 +160,7 @@ pub(crate) fn assigned(shared: &Arc<Shared>, a: &TunAssigned, conn: &quinn::Conn
                 }) {
                     Ok(d) => d,
                     Err(e) => {
-                        warn!("TUN mode off: {e}");
+                        off(shared, e.to_string(), true);
                         return;
                     }
                 };
@@ -150,6 +179,7 @@ pub(crate) fn assigned(shared: &Arc<Shared>, a: &TunAssigned, conn: &quinn::Conn
                     known: Mutex::new(std::collections::HashMap::new()),
                 });
                 info!(interface = %s.interface(), %v4, %v6, offload = s.dev.offload(), "TUN interface up");
+                *shared.tun_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 *slot = Some(s.clone());
                 shared
                     .tasks
@@ -405,23 +435,7 @@ async fn names(shared: Arc<Shared>, s: Arc<TunState>) {
 /// instead where there is no `resolvectl`.
 async fn split_dns(s: &TunState) {
     let dns = s.v4.to_string();
-    let run = |args: Vec<String>| async move {
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new("resolvectl")
-                .args(&args)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .status()
-                .map(|st| st.success())
-                .unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false)
-    };
-    let ifc = s.interface().to_string();
-    let ok = run(vec!["dns".into(), ifc.clone(), dns.clone()]).await
-        && run(vec!["domain".into(), ifc, "~switchboard".into()]).await;
-    if ok {
+    if point_resolver("resolvectl", s.interface(), &dns).await {
         info!(responder = %dns, "NAME.switchboard resolves through systemd-resolved");
     } else {
         info!(
@@ -429,6 +443,29 @@ async fn split_dns(s: &TunState) {
             "NAME.switchboard: no systemd-resolved here; point the resolver at {dns} (e.g. `nameserver {dns}` first in /etc/resolv.conf) to use names"
         );
     }
+}
+
+/// `resolvectl dns IFC DNS` and `resolvectl domain IFC ~switchboard` with
+/// `program`: whether both succeeded.
+async fn point_resolver(program: &str, ifc: &str, dns: &str) -> bool {
+    let run = |args: [String; 3]| {
+        let program = program.to_string();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(program)
+                    .args(&args)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .map(|st| st.success())
+                    .unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false)
+        }
+    };
+    run(["dns".into(), ifc.into(), dns.into()]).await
+        && run(["domain".into(), ifc.into(), "~switchboard".into()]).await
 }
 
 #[cfg(test)]
@@ -444,5 +481,27 @@ mod tests {
         assert_eq!(mtu_for(1_420), 1_340);
         // Jumbo paths: at most the interface maximum.
         assert_eq!(mtu_for(8_900), swb_tunnel::device::MAX_MTU);
+    }
+
+    #[tokio::test]
+    async fn split_dns_gives_systemd_resolved_the_responder_and_the_domain() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("dir");
+        let log = dir.path().join("calls");
+        let fake = dir.path().join("resolvectl");
+        std::fs::write(
+            &fake,
+            format!("#!/bin/sh\necho \"$@\" >> {}\n", log.display()),
+        )
+        .expect("write");
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let fake = fake.to_str().expect("utf-8");
+        assert!(point_resolver(fake, "swb0", "100.64.0.7").await);
+        let calls = std::fs::read_to_string(&log).expect("log");
+        assert_eq!(calls, "dns swb0 100.64.0.7\ndomain swb0 ~switchboard\n");
+        // No resolvectl, or one that fails: false (the daemon says what to
+        // do instead).
+        assert!(!point_resolver("/nonexistent/resolvectl", "swb0", "100.64.0.7").await);
+        assert!(!point_resolver("false", "swb0", "100.64.0.7").await);
     }
 }

@@ -145,7 +145,8 @@ impl Router {
         use crate::services::tun::TUN_KEY;
         match (self.route(ns, TUN_KEY), &self.mesh) {
             (Route::Remote(home), Some(mesh)) => {
-                // The call names a peer; this one asks by index.
+                // The call names a peer (checked as a peer name at the
+                // other end); this one asks by index, so any valid name.
                 match mesh
                     .tun_call(&home.id, ns, "tun", swb_wire::MeshOp::TunWho { index: i })
                     .await

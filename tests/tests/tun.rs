@@ -149,3 +149,46 @@ async fn datagrams_before_hello_or_before_joining_are_discarded_at_once_and_coun
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_daemon_that_cannot_make_its_interface_says_why_in_its_status() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    // A name the kernel will not take up front: a config error.
+    let mut bad = relay.daemon_config(&key, "alpha", std::path::PathBuf::new());
+    bad.tun = Some(swb_daemon::TunSettings {
+        name: "no such name!".into(),
+        allow_all: false,
+    });
+    let e = swb_tests::TestDaemon::spawn(bad)
+        .await
+        .err()
+        .context("accepted")?;
+    assert!(e.to_string().contains("--tun-name"), "{e}");
+    // `lo` is taken by the loopback interface: the TUN interface cannot be
+    // made (as without CAP_NET_ADMIN); the daemon goes on without TUN and
+    // says so.
+    let d = swb_tests::TestDaemon::start_with(&relay, &key, "alpha", |c| {
+        c.tun = Some(swb_daemon::TunSettings {
+            name: "lo".into(),
+            allow_all: false,
+        });
+    })
+    .await?;
+    let why = swb_tests::eventually("TUN off in the status", WAIT, || async {
+        let st = d.client().await?.status().await?;
+        Ok(st.tun_error.map(|e| (e, st.tun)))
+    })
+    .await?;
+    assert!(
+        why.0.contains("cannot create TUN interface lo"),
+        "{}",
+        why.0
+    );
+    assert_eq!(why.1, None);
+    // Messages still work.
+    let b = swb_tests::TestDaemon::start(&relay, &key, "beta").await?;
+    d.send("beta", b"still here").await?;
+    assert_eq!(b.recv(1).await?[0].body(), b"still here");
+    Ok(())
+}

@@ -150,19 +150,25 @@ fn is_os_error(e: &std::io::Error) -> bool {
     e.raw_os_error().is_some()
 }
 
+/// Whether the kernel would take `name` for an interface.
+pub fn check_name(name: &str) -> Result<(), DeviceError> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(DeviceError::BadName(name.to_string()))
+    }
+}
+
 impl Tun {
     /// Creates the interface, with its addresses, up; with segmentation
     /// offload where the kernel takes it. Must run inside a tokio runtime.
     pub fn create(cfg: &TunConfig) -> Result<Self, DeviceError> {
-        let ok_name = !cfg.name.is_empty()
-            && cfg.name.len() <= 15
-            && cfg
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !ok_name {
-            return Err(DeviceError::BadName(cfg.name.clone()));
-        }
+        check_name(&cfg.name)?;
         let build = |offload: bool| {
             let mut b = tun_rs::DeviceBuilder::new()
                 .name(cfg.name.clone())
