@@ -1171,7 +1171,8 @@ async fn tun_peers_behind_two_nats_ping_ssh_iperf_refuse_closed_ports_and_outliv
         &[
             "--socks", "off", "--tun", "--expose", "22", "--expose", "5201",
         ],
-        &["--socks", "off", "--tun"],
+        // alpha's metrics, inside its own namespace.
+        &["--socks", "off", "--tun", "--metrics", "127.0.0.1:9464"],
     )
     .await?;
     let (a4, a6) = tun_addrs(&p.alpha).await?;
@@ -1263,6 +1264,25 @@ async fn tun_peers_behind_two_nats_ping_ssh_iperf_refuse_closed_ports_and_outliv
     .await?;
     eprintln!("TUN MTU after path MTU discovery: {mtu}");
     assert!(mtu <= 1420, "MTU {mtu} leaves no room on a 1500-byte path");
+    // A packet whose source is not alpha's own address (a second address
+    // on its interface): alpha's daemon does not carry it, and counts it.
+    a.ns.ip(&["addr", "add", "100.64.255.254/32", "dev", "swb0"])?;
+    let out = a
+        .command("ping")
+        .args(["-c", "1", "-W", "1", "-I", "100.64.255.254", &b4])
+        .output()
+        .await?;
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    let metrics = ok(a
+        .command("curl")
+        .args(["-s", "http://127.0.0.1:9464/metrics"]))
+    .await?;
+    let spoofed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("swb_daemon_tun_dropped_total{reason=\"not_own_source\"} "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .context("no not_own_source counter")?;
+    assert!(spoofed >= 1, "{metrics}");
     // Too big for the interface with "don't fragment": the sender hears the
     // MTU instead of the packet vanishing.
     let out = a

@@ -37,6 +37,22 @@ pub(crate) struct Metrics {
     /// Moves to a fresh UDP socket (the route changed, or the relay went
     /// silent).
     pub(crate) rebinds: IntCounter,
+    /// TUN packets not carried, by reason (resolved once: per packet).
+    pub(crate) tun_dropped: TunDropped,
+}
+
+/// `swb_daemon_tun_dropped_total` by reason.
+pub(crate) struct TunDropped {
+    /// From the interface with a source that is not this peer's address.
+    pub(crate) not_own_source: IntCounter,
+    /// Bigger than the relay path takes: answered with ICMP "too big".
+    pub(crate) too_big: IntCounter,
+    /// To a port this peer does not expose: answered (TCP reset / ICMP).
+    pub(crate) refused: IntCounter,
+    /// Let in by no rule and answered by none (e.g. a stray ICMP).
+    pub(crate) filtered: IntCounter,
+    /// Not an IP packet, or addressed to someone else.
+    pub(crate) malformed: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -63,6 +79,17 @@ impl Metrics {
             socks_clients: gauge(&r, "swb_daemon_socks_clients", "SOCKS5 clients connected now."),
             socks_connections: counter(&r, "swb_daemon_socks_connections_total", "SOCKS5 connections accepted since start."),
             rebinds: counter(&r, "swb_daemon_rebinds_total", "Moves of the relay connection to a fresh UDP socket: the local address changed, or the relay went silent."),
+            tun_dropped: {
+                let v = counter_vec(&r, "swb_daemon_tun_dropped_total", "TUN packets not carried, by reason: not_own_source (from the interface, source not this peer's address), too_big (answered with ICMP), refused (a port not exposed: answered with a TCP reset or ICMP), filtered, malformed.", &["reason"]);
+                let c = |l: &str| v.with_label_values(&[l]);
+                TunDropped {
+                    not_own_source: c("not_own_source"),
+                    too_big: c("too_big"),
+                    refused: c("refused"),
+                    filtered: c("filtered"),
+                    malformed: c("malformed"),
+                }
+            },
             registry: r,
         }
     }

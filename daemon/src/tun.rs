@@ -192,7 +192,9 @@ pub(crate) fn assigned(shared: &Arc<Shared>, a: &TunAssigned, conn: &quinn::Conn
         }
     };
     shared.tasks.spawn(follow_mtu(state.clone(), conn.clone()));
-    shared.tasks.spawn(from_relay(state, conn.clone()));
+    shared
+        .tasks
+        .spawn(from_relay(shared.clone(), state, conn.clone()));
 }
 
 /// Keeps the interface MTU at what `conn`'s path carries ([`mtu_for`]),
@@ -263,16 +265,22 @@ async fn from_interface(shared: Arc<Shared>, s: Arc<TunState>) {
         let mut too_big = Vec::new();
         {
             let mut policy = s.policy();
+            let c = &shared.metrics.tun_dropped;
             for pkt in r.packets() {
                 mss::clamp(pkt, clamp4, clamp6);
-                let Ok(p) = Packet::parse(pkt) else { continue };
+                let Ok(p) = Packet::parse(pkt) else {
+                    c.malformed.inc();
+                    continue;
+                };
                 // Only what this peer sends as itself (not a router's traffic).
                 if p.src != own4 && p.src != own6 {
+                    c.not_own_source.inc();
                     continue;
                 }
                 policy.outbound(&p, now);
                 let Some(conn) = &conn else { continue };
                 if p.bytes.len() > max {
+                    c.too_big.inc();
                     let mtu = u16::try_from(max).unwrap_or(u16::MAX).max(576);
                     too_big.extend(build::too_big(&p, mtu));
                     continue;
@@ -290,8 +298,9 @@ async fn from_interface(shared: Arc<Shared>, s: Arc<TunState>) {
 /// policy: what is already queued goes in one batch (coalesced with
 /// offload), so a burst costs the kernel one pass, and one packet alone
 /// is not held back. Ends with the connection.
-async fn from_relay(s: Arc<TunState>, conn: quinn::Connection) {
+async fn from_relay(shared: Arc<Shared>, s: Arc<TunState>, conn: quinn::Connection) {
     use futures_util::FutureExt;
+    let c = &shared.metrics.tun_dropped;
     let (own4, own6) = (IpAddr::V4(s.v4), IpAddr::V6(s.v6));
     let mut w = s.dev.writer();
     while let Ok(first) = conn.read_datagram().await {
@@ -300,20 +309,20 @@ async fn from_relay(s: Arc<TunState>, conn: quinn::Connection) {
             let mut policy = s.policy();
             let now = std::time::Instant::now();
             while let Some(d) = next.take() {
-                if let Ok(p) = Packet::parse(&d) {
-                    if p.dst == own4 || p.dst == own6 {
-                        match policy.inbound(&p, now) {
-                            Verdict::Allow => {
-                                w.push(p.bytes);
-                            }
-                            Verdict::Refuse => {
-                                if let Some(answer) = build::refuse(&p) {
-                                    let _ = conn.send_datagram(answer.into());
-                                }
-                            }
-                            Verdict::Drop => {}
+                match Packet::parse(&d) {
+                    Ok(p) if p.dst == own4 || p.dst == own6 => match policy.inbound(&p, now) {
+                        Verdict::Allow => {
+                            w.push(p.bytes);
                         }
-                    }
+                        Verdict::Refuse => {
+                            c.refused.inc();
+                            if let Some(answer) = build::refuse(&p) {
+                                let _ = conn.send_datagram(answer.into());
+                            }
+                        }
+                        Verdict::Drop => c.filtered.inc(),
+                    },
+                    _ => c.malformed.inc(),
                 }
                 if !w.is_full() {
                     next = conn.read_datagram().now_or_never().and_then(Result::ok);
