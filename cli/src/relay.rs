@@ -126,6 +126,10 @@ pub(crate) struct RelayArgs {
     /// staple; `never`. [default: auto]
     #[arg(long, value_name = "MODE")]
     ocsp: Option<swb_relay::OcspMode>,
+    /// The IPv4 range TUN addresses come from (every namespace gets all of
+    /// it); the same on every relay of a mesh. [default: 100.64.0.0/10]
+    #[arg(long, value_name = "CIDR", value_parser = parse_tun_range)]
+    tun_range: Option<(std::net::Ipv4Addr, u8)>,
     /// The OCSP responder (http://…) to ask instead of the one the
     /// certificate names.
     #[arg(long, value_name = "URL")]
@@ -166,6 +170,7 @@ pub(crate) struct RelayFile {
     key_http_rate: Option<u64>,
     ocsp: Option<String>,
     ocsp_responder: Option<String>,
+    tun_range: Option<String>,
 }
 
 impl RelayFile {
@@ -249,7 +254,19 @@ fn merge_file(a: &mut RelayArgs) -> Result<()> {
         }
     }
     a.ocsp_responder = a.ocsp_responder.take().or(f.ocsp_responder);
+    if a.tun_range.is_none() {
+        a.tun_range = f
+            .tun_range
+            .as_deref()
+            .map(parse_tun_range)
+            .transpose()
+            .map_err(|e| bad("tun_range", e))?;
+    }
     Ok(())
+}
+
+fn parse_tun_range(s: &str) -> Result<(std::net::Ipv4Addr, u8), String> {
+    swb_tunnel::addr::parse_range(s).map_err(|e| e.to_string())
 }
 
 /// Checks combinations the flags and the file must agree on.
@@ -339,6 +356,9 @@ pub(crate) async fn run(mut a: RelayArgs) -> Result<()> {
         );
     }
     config.metrics_listen = a.metrics;
+    if let Some(r) = a.tun_range {
+        config.tun_range = r;
+    }
     if let Some(h) = a.http_listen {
         config.http_listen = h;
     }

@@ -86,6 +86,10 @@ pub struct RelayConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// OCSP stapling (mode `auto` by default).
     pub ocsp: crate::OcspConfig,
+    /// The IPv4 range TUN addresses come from (every namespace has all of
+    /// it; default `100.64.0.0/10`). Every relay of a mesh must have the
+    /// same.
+    pub tun_range: (std::net::Ipv4Addr, u8),
 }
 
 /// Where the HTTPS endpoint listens (TCP).
@@ -131,6 +135,7 @@ impl RelayConfig {
             mesh: None,
             metrics_listen: None,
             ocsp: crate::OcspConfig::default(),
+            tun_range: swb_tunnel::addr::DEFAULT_V4_NET,
         }
     }
 }

@@ -257,6 +257,8 @@ impl Relay {
                 swb_wire::MAX_RELAY_ID_LEN
             )));
         }
+        swb_tunnel::AddressPlan::new(config.tun_range.0, config.tun_range.1, "")
+            .map_err(|e| RelayError::Config(format!("--tun-range: {e}")))?;
         let keys = Arc::new(keys::Keys::load(config.keys.clone())?);
         let stapler =
             ocsp::Stapler::start(&config.identity, &config.ocsp, config.state_dir.as_deref())

@@ -88,6 +88,8 @@ pub struct RelayOptions {
     pub metrics: bool,
     /// OCSP stapling.
     pub ocsp: swb_relay::OcspConfig,
+    /// The IPv4 range of TUN addresses.
+    pub tun_range: (std::net::Ipv4Addr, u8),
 }
 
 impl Default for RelayOptions {
@@ -107,6 +109,7 @@ impl Default for RelayOptions {
             key_http_rate: Some(swb_relay::limits::Rate::new(1000.0, 2000.0)),
             metrics: false,
             ocsp: swb_relay::OcspConfig::default(),
+            tun_range: (std::net::Ipv4Addr::new(100, 64, 0, 0), 10),
         }
     }
 }
@@ -169,6 +172,7 @@ impl TestRelay {
         cfg.key_http_rate = opts.key_http_rate;
         cfg.state_dir = Some(dir.path().join("state"));
         cfg.ocsp = opts.ocsp.clone();
+        cfg.tun_range = opts.tun_range;
         if opts.metrics {
             cfg.metrics_listen = Some("127.0.0.1:0".parse()?);
         }

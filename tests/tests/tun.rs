@@ -192,3 +192,17 @@ async fn a_daemon_that_cannot_make_its_interface_says_why_in_its_status() -> Res
     assert_eq!(b.recv(1).await?[0].body(), b"still here");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_relay_hands_out_addresses_from_its_configured_range() -> Result<()> {
+    let relay = TestRelay::spawn_with(swb_tests::RelayOptions {
+        tun_range: (Ipv4Addr::new(10, 77, 0, 0), 16),
+        ..Default::default()
+    })
+    .await?;
+    let key = relay.create_key("acme")?;
+    let (_a, aa) = join(&relay, &key, "alpha").await?;
+    assert_eq!((aa.v4_net, aa.v4_prefix), ([10, 77, 0, 0], 16));
+    assert_eq!(v4(&aa), IpAddr::from([10, 77, 0, 1]));
+    Ok(())
+}

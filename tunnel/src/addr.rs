@@ -19,6 +19,9 @@ pub enum AddrError {
     /// The IPv4 range is not usable.
     #[error("the IPv4 range {0}/{1} is not usable: a prefix of 8 to 30 bits, the network address (host bits zero)")]
     BadRange(Ipv4Addr, u8),
+    /// Not `A.B.C.D/PREFIX`.
+    #[error("{0:?} is not an IPv4 range (A.B.C.D/PREFIX, e.g. 100.64.0.0/10)")]
+    RangeSyntax(String),
     /// Every address the namespace may have is taken.
     #[error(
         "all {0} addresses this namespace may have are assigned (addresses stay with their names)"
@@ -40,6 +43,16 @@ pub enum AddrError {
         /// 1-based line number.
         line: usize,
     },
+}
+
+/// Parses and checks an IPv4 range for the plan (`100.64.0.0/10`).
+pub fn parse_range(text: &str) -> Result<(Ipv4Addr, u8), AddrError> {
+    let bad = || AddrError::RangeSyntax(text.to_string());
+    let (a, p) = text.trim().split_once('/').ok_or_else(bad)?;
+    let net: Ipv4Addr = a.parse().map_err(|_| bad())?;
+    let prefix: u8 = p.parse().map_err(|_| bad())?;
+    AddressPlan::new(net, prefix, "")?;
+    Ok((net, prefix))
 }
 
 /// A namespace's address plan.
@@ -269,6 +282,28 @@ mod tests {
         assert_eq!(other.index_of(p.addrs(1).expect("1").1.into()), None);
         assert!(AddressPlan::new(Ipv4Addr::new(100, 64, 0, 1), 10, "x").is_err());
         assert!(AddressPlan::new(Ipv4Addr::new(100, 64, 0, 0), 31, "x").is_err());
+    }
+
+    #[test]
+    fn ranges_parse_and_are_checked() {
+        assert_eq!(parse_range("100.64.0.0/10").expect("ok"), DEFAULT_V4_NET);
+        assert_eq!(
+            parse_range(" 10.200.0.0/16 ").expect("ok"),
+            (Ipv4Addr::new(10, 200, 0, 0), 16)
+        );
+        for bad in ["100.64.0.0", "100.64.0.0/x", "100.64/10", ""] {
+            assert!(
+                matches!(parse_range(bad), Err(AddrError::RangeSyntax(_))),
+                "{bad}"
+            );
+        }
+        // Host bits set, or a prefix outside 8..=30.
+        for bad in ["100.64.0.1/10", "10.0.0.0/31", "10.0.0.0/4"] {
+            assert!(
+                matches!(parse_range(bad), Err(AddrError::BadRange(..))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

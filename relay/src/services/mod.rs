@@ -96,7 +96,7 @@ impl Services {
             http_rate: config
                 .key_http_rate
                 .map(|r| Mutex::new(crate::limits::Limiter::new(r, RATE_KEYS))),
-            tun: tun::Tun::new(config.state_dir.as_deref()),
+            tun: tun::Tun::new(config.state_dir.as_deref(), config.tun_range),
             config,
         }
     }

@@ -72,10 +72,10 @@ pub(crate) fn assigned(plan: &AddressPlan, index: u32) -> Option<TunAssigned> {
 }
 
 impl Tun {
-    pub(crate) fn new(state_dir: Option<&std::path::Path>) -> Self {
+    pub(crate) fn new(state_dir: Option<&std::path::Path>, v4: (std::net::Ipv4Addr, u8)) -> Self {
         Self {
             dir: state_dir.map(|d| d.join("tun")),
-            v4: swb_tunnel::addr::DEFAULT_V4_NET,
+            v4,
             spaces: Mutex::new(HashMap::new()),
         }
     }
