@@ -7,10 +7,14 @@
 
 use crate::router::{Route, Router};
 use crate::services::tun::encode_mesh;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use swb_tunnel::{AddressPlan, Packet};
 use tokio_util::sync::CancellationToken;
+
+/// Destinations a pump remembers at most.
+const LOCAL_CACHE: usize = 256;
 
 /// Carries the datagrams `conn` sends (the session of the peer at `index`
 /// of `ns`) until `stop` or the connection ends.
@@ -29,6 +33,10 @@ pub(crate) async fn pump(
     let services = router.services().clone();
     let m = &services.metrics;
     let c = &m.tun;
+    // index → its connection here (or none), while the relay's attached
+    // sessions stay as they were: no lock per packet.
+    let mut cache: HashMap<u32, Option<quinn::Connection>> = HashMap::new();
+    let mut cached_at = services.tun.generation();
     loop {
         let d = tokio::select! {
             _ = stop.cancelled() => return,
@@ -50,7 +58,16 @@ pub(crate) async fn pump(
             continue;
         };
         // Err: the largest packet the next hop takes, when it is too big.
-        let sent: Result<(), Option<usize>> = match services.tun.local(&ns, i) {
+        let now = services.tun.generation();
+        if now != cached_at || cache.len() >= LOCAL_CACHE {
+            cache.clear();
+            cached_at = now;
+        }
+        let local = cache
+            .entry(i)
+            .or_insert_with(|| services.tun.local(&ns, i))
+            .clone();
+        let sent: Result<(), Option<usize>> = match local {
             Some(to) => match to.send_datagram(d.clone()) {
                 Ok(()) => Ok(()),
                 Err(quinn::SendDatagramError::TooLarge) => Err(to.max_datagram_size()),

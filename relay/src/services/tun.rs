@@ -46,6 +46,9 @@ pub(crate) struct Tun {
     dir: Option<PathBuf>,
     v4: (std::net::Ipv4Addr, u8),
     spaces: Mutex<HashMap<String, Namespace>>,
+    /// Grows whenever a session attaches or leaves: a pump's own cache of
+    /// index → connection is good while this has not moved.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 fn hex(s: &str) -> String {
@@ -77,6 +80,7 @@ impl Tun {
             dir: state_dir.map(|d| d.join("tun")),
             v4,
             spaces: Mutex::new(HashMap::new()),
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -189,8 +193,19 @@ impl Tun {
                     conn: conn.clone(),
                 },
             );
+            self.bump();
             Ok(())
         });
+    }
+
+    fn bump(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Changes whenever the attached sessions change (see [`Tun::local`]).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The session `session` of the peer at `index` ended.
@@ -199,11 +214,13 @@ impl Tun {
         if let Some(s) = spaces.get_mut(ns) {
             if s.attached.get(&index).is_some_and(|a| a.session == session) {
                 s.attached.remove(&index);
+                self.bump();
             }
         }
     }
 
     /// The connection of the peer at index `i` of `ns`, if attached here.
+    /// Unchanged while [`Tun::generation`] is (read it first).
     pub(crate) fn local(&self, ns: &str, i: u32) -> Option<quinn::Connection> {
         self.spaces()
             .get(ns)?
