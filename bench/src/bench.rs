@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod durable;
 mod flood;
+mod grid;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum BenchCommand {
@@ -27,6 +28,9 @@ pub(crate) enum BenchCommand {
     /// Placement: balance, movement on join/leave, and lookup time of the
     /// home-relay ring at 10, 100 and 1000 relays.
     Ring(RingArgs),
+    /// The diameter-2 mesh graph (grid) at 1000 and 10 000 relays,
+    /// simulated: links per relay, hops, a join's churn, relays down.
+    Grid(grid::GridArgs),
     /// Messages between peers on the same relay vs. on two relays of a mesh
     /// (one mesh hop): rate and latency, in one run.
     Mesh(MeshArgs),
@@ -90,6 +94,7 @@ pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
     match cmd {
         BenchCommand::Stream(a) => stream(a, out).await,
         BenchCommand::Ring(a) => ring(a, out),
+        BenchCommand::Grid(a) => grid::grid_bench(a, out),
         BenchCommand::Mesh(a) => mesh(a, out).await,
         BenchCommand::Accept(a) => accept(a, out).await,
         BenchCommand::Idle(a) => idle(a, out).await,
@@ -2133,6 +2138,13 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
     ring(
         RingArgs {
             keys_per_relay: if s { 10 } else { 10_000 },
+        },
+        out,
+    )?;
+    grid::grid_bench(
+        grid::GridArgs {
+            relays: if s { vec![100] } else { vec![1000, 10_000] },
+            pairs: if s { 1000 } else { 100_000 },
         },
         out,
     )?;

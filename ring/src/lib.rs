@@ -25,6 +25,9 @@
 //! platforms, so they are spelled out instead of taken from `std` (whose
 //! hashers are randomly keyed or unspecified).
 
+pub mod grid;
+pub use grid::Grid;
+
 /// 64-bit FNV-1a over `bytes`, continuing from `h`.
 fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
     for b in bytes {

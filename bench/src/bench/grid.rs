@@ -1,0 +1,171 @@
+//! `swbd-bench grid`: the diameter-2 link graph ([`swb_ring::Grid`]),
+//! simulated (no sockets, no time): links per relay, hops between random
+//! pairs, what a join moves, and reachability with relays down.
+
+use super::record;
+use crate::Output;
+use anyhow::Result;
+use clap::Args;
+use swb_ring::{Grid, Ring};
+
+#[derive(Debug, Args)]
+pub(crate) struct GridArgs {
+    /// Mesh sizes to simulate (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+    pub(crate) relays: Vec<usize>,
+    /// Random relay pairs per figure.
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) pairs: usize,
+}
+
+/// A small deterministic generator (the figures repeat run to run).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> u32 {
+        (self.next() % n as u64) as u32
+    }
+}
+
+/// What a change of the relay set from `a` to `b` moves: relays that
+/// changed column (of those in both), and links added or dropped per relay.
+fn churn(a: &Ring, b: &Ring) -> (usize, f64) {
+    let (ga, gb) = (Grid::new(a), Grid::new(b));
+    // Names: links as sets of ids.
+    let ids = |r: &Ring, g: &Grid, i: u32| -> std::collections::BTreeSet<String> {
+        g.links(i)
+            .into_iter()
+            .map(|j| r.ids()[j as usize].clone())
+            .collect()
+    };
+    let (mut moved, mut changed) = (0usize, 0usize);
+    for (i, id) in a.ids().iter().enumerate() {
+        let Ok(j) = b.ids().binary_search(id) else {
+            continue;
+        };
+        let (i, j) = (i as u32, j as u32);
+        if ga.position(i).0 != gb.position(j).0 {
+            moved += 1;
+        }
+        changed += ids(a, &ga, i).symmetric_difference(&ids(b, &gb, j)).count();
+    }
+    (moved, changed as f64 / 2.0 / a.len().max(1) as f64)
+}
+
+pub(crate) fn grid_bench(a: GridArgs, out: &Output) -> Result<()> {
+    if !out.json {
+        println!("diameter-2 relay mesh (grid), simulated; goals: links per relay <= 2 sqrt(N), all pairs <= 2 hops, 10 % down: 100 % of live pairs reachable");
+    }
+    for &n in &a.relays {
+        let ring = Ring::new((0..n).map(|i| format!("relay-{i:05}")));
+        let g = Grid::new(&ring);
+        let links: Vec<Vec<u32>> = (0..n as u32).map(|i| g.links(i)).collect();
+        let max = links.iter().map(Vec::len).max().unwrap_or(0);
+        let mean = links.iter().map(Vec::len).sum::<usize>() as f64 / n as f64;
+        let bound = 2.0 * (n as f64).sqrt();
+        let mut rng = Rng(n as u64);
+        // Hops with every relay up.
+        let mut hist = [0usize; 5];
+        for _ in 0..a.pairs {
+            let (x, y) = (rng.below(n), rng.below(n));
+            let h = g.route(x, y, |_, _| true).map_or(4, |p| p.len());
+            hist[h.min(4)] += 1;
+        }
+        // A join (N - 1 -> N relays): relays that changed column, links
+        // added or dropped per relay; and the same where the column count
+        // steps (N = C^2 -> C^2 + 1).
+        let before = Ring::new(ring.ids().iter().skip(1).cloned());
+        let (moved, changed_per_relay) = churn(&before, &ring);
+        let c = (n as f64).sqrt().ceil() as usize;
+        let square = Ring::new((0..c * c).map(|i| format!("relay-{i:05}")));
+        let (step_moved, step_changed) = churn(&square, &square.with("relay-joining"));
+        if out.json {
+            println!(
+                "{}",
+                serde_json::json!({"bench": "grid", "relays": n, "columns": g.columns(),
+                    "links_max": max, "links_mean": mean, "two_sqrt_n": bound,
+                    "hops_all_up": {"0": hist[0], "1": hist[1], "2": hist[2], "3": hist[3], "none": hist[4]},
+                    "join_moved_columns": moved, "join_links_changed_per_relay": changed_per_relay,
+                    "step_join_moved_columns": step_moved, "step_join_links_changed_per_relay": step_changed})
+            );
+        } else {
+            println!(
+                "  {n:>6} relays, {} columns: links per relay max {max} mean {mean:.1} (2 sqrt N = {bound:.0}); all up, {} random pairs: 0 hops {} · 1 hop {} · 2 hops {} · 3 hops {} · none {}",
+                g.columns(), a.pairs, hist[0], hist[1], hist[2], hist[3], hist[4]
+            );
+            println!(
+                "          one relay joins ({} -> {n}): {moved} relays change column, {changed_per_relay:.2} links change per relay (added or dropped); where the columns step ({} -> {}): {step_moved} change column, {step_changed:.2} links per relay",
+                n - 1, c * c, c * c + 1
+            );
+        }
+        if n == 10_000 {
+            record(
+                "grid",
+                "links per relay, max, at 10 000 relays (vs 2 sqrt N)",
+                max as f64,
+                bound,
+                false,
+                1.0,
+            );
+        }
+        for pct in [1usize, 10, 20] {
+            let mut down = vec![false; n];
+            let mut rng = Rng(n as u64 * 31 + pct as u64);
+            let mut k = 0;
+            while k < n * pct / 100 {
+                let i = rng.below(n) as usize;
+                if !down[i] {
+                    down[i] = true;
+                    k += 1;
+                }
+            }
+            let up = |a: u32, b: u32| !down[a as usize] && !down[b as usize];
+            let mut hist = [0usize; 5];
+            let mut tried = 0;
+            while tried < a.pairs {
+                let (x, y) = (rng.below(n), rng.below(n));
+                if down[x as usize] || down[y as usize] || x == y {
+                    continue;
+                }
+                tried += 1;
+                let h = g.route(x, y, up).map_or(4, |p| p.len());
+                hist[h.min(4)] += 1;
+            }
+            let reach = 1.0 - hist[4] as f64 / tried as f64;
+            if out.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"bench": "grid", "relays": n, "down_percent": pct,
+                        "hops": {"1": hist[1], "2": hist[2], "3": hist[3], "none": hist[4]}, "reachable": reach})
+                );
+            } else {
+                println!(
+                    "          {pct:>2} % down: live pairs reachable {:.4} % — 1 hop {} · 2 hops {} · 3 hops {} · none {}",
+                    reach * 100.0, hist[1], hist[2], hist[3], hist[4]
+                );
+            }
+            if n == 10_000 && pct == 10 {
+                record(
+                    "grid",
+                    "live pairs reachable with 10 % down at 10 000 relays",
+                    reach,
+                    1.0,
+                    true,
+                    1.0,
+                );
+            }
+        }
+    }
+    if !out.json {
+        println!("  (not simulated yet: gossip bytes per relay and convergence time — the membership protocol of the grid is still to be chosen)");
+    }
+    Ok(())
+}
