@@ -97,8 +97,9 @@ pub const MAX_STATUS_KEY_LEN: usize = 64;
 pub const MAX_WATCH_NAMES: usize = 256;
 /// ALPN protocol id of a relay-to-relay (mesh) connection.
 pub const MESH_ALPN: &[u8] = b"swb-mesh/1";
-/// Most relays a relay map lists (in pages of [`RELAY_MAP_PAGE`]).
-pub const MAX_RELAYS: usize = 4096;
+/// Most relays a relay map lists (in pages of [`RELAY_MAP_PAGE`]): room
+/// for the 10 000-relay meshes of the diameter-2 grid.
+pub const MAX_RELAYS: usize = 16_384;
 
 /// Application close codes of a QUIC connection (client and mesh alike).
 pub mod close {
