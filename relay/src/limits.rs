@@ -164,6 +164,20 @@ impl LogLimit {
     }
 }
 
+/// Reads and counts away every datagram `conn` receives, so none waits in
+/// quinn's per-connection buffer while the connection is not (yet) one
+/// whose datagrams are read (before `Hello` or a mesh proof, or a session
+/// not in TUN mode); pends forever once the connection is gone.
+pub(crate) async fn discard_datagrams(
+    conn: &quinn::Connection,
+    counter: &prometheus::IntCounter,
+) -> std::convert::Infallible {
+    while conn.read_datagram().await.is_ok() {
+        counter.inc();
+    }
+    std::future::pending().await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -282,3 +282,38 @@ async fn an_initial_flood_from_one_address_is_dropped_before_any_handshake() -> 
     .map_err(|_| anyhow::anyhow!("the daemon was locked out by the flood"))??;
     Ok(())
 }
+
+/// `swb_relay_tun_packets_total{result="not_joined"}` of `relay`.
+fn not_joined(relay: &TestRelay) -> u64 {
+    let want = "swb_relay_tun_packets_total{result=\"not_joined\"} ";
+    relay
+        .handle()
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix(want).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_strangers_datagrams_on_either_door_are_discarded_not_held() -> Result<()> {
+    let client_door = TestRelay::spawn().await?;
+    let mesh_door = swb_tests::mesh_relay("r1", &swb_tests::mesh_key('d'), &[]).await?;
+    for (relay, alpn) in [
+        (&client_door, swb_wire::ALPN),
+        (&mesh_door, swb_wire::MESH_ALPN),
+    ] {
+        let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        ep.set_default_client_config(swb_tests::raw_client_config_alpn(relay, alpn)?);
+        let conn = ep.connect(relay.addr(), "localhost")?.await?;
+        // No Hello, no proof: 100 datagrams the relay must not keep.
+        for _ in 0..100 {
+            conn.send_datagram(vec![0x45u8; 1100].into())?;
+        }
+        swb_tests::eventually("the datagrams read and counted", WAIT, || async {
+            Ok((not_joined(relay) >= 90).then_some(()))
+        })
+        .await?;
+        conn.close(0u32.into(), b"");
+    }
+    Ok(())
+}

@@ -140,7 +140,7 @@ pub(crate) async fn run(
     let handshake = Box::pin(open(&router, conn.clone(), permit, started, cancel));
     let a = tokio::select! {
         a = handshake => a,
-        never = discard_datagrams(&conn, &router.services().metrics.tun) => match never {},
+        never = crate::limits::discard_datagrams(&conn, &router.services().metrics.tun.not_joined) => match never {},
     };
     drop(conn);
     let Some(a) = a else {
@@ -148,18 +148,6 @@ pub(crate) async fn run(
     };
     let span = tracing::info_span!("session", ns = %a.ns, peer = %a.name, session = a.ctl.id, key = %a.key_id);
     attached(router, a).instrument(span).await;
-}
-
-/// Reads and counts away every datagram `conn` receives; pends forever
-/// once the connection is gone.
-async fn discard_datagrams(
-    conn: &quinn::Connection,
-    c: &crate::metrics::TunCounters,
-) -> std::convert::Infallible {
-    while conn.read_datagram().await.is_ok() {
-        c.not_joined.inc();
-    }
-    std::future::pending().await
 }
 
 /// A registered session, handed from the handshake to the serving loop.
@@ -616,12 +604,6 @@ async fn serve(
                     return e;
                 }
             }
-            // Not (yet) in TUN mode: datagrams go nowhere (the pump reads
-            // them once joined).
-            d = conn.read_datagram(), if tun.is_none() => match d {
-                Ok(_) => services.metrics.tun.not_joined.inc(),
-                Err(_) => return End::Gone,
-            },
             r = io.read_some() => {
                 if let Err(e) = r {
                     return e;
@@ -665,6 +647,12 @@ async fn serve(
                     }
                 }
             }
+            // Not (yet) in TUN mode: datagrams go nowhere (the pump reads
+            // them once joined). Last: a flood of them cannot starve frames.
+            d = conn.read_datagram(), if tun.is_none() => match d {
+                Ok(_) => services.metrics.tun.not_joined.inc(),
+                Err(_) => return End::Gone,
+            },
         }
         if let Err(e) = io.flush(&cancel).await {
             return e;

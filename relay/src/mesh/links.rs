@@ -137,7 +137,13 @@ pub(crate) async fn accept(
         write_frame(&mut send, &Frame::MeshWelcome(welcome)).await?;
         Ok((h.relay, send, recv))
     };
-    let (peer, send, recv) = match tokio::time::timeout(MESH_SETUP_TIMEOUT, setup).await {
+    let setup = async {
+        tokio::select! {
+            r = tokio::time::timeout(MESH_SETUP_TIMEOUT, setup) => r,
+            never = crate::limits::discard_datagrams(&conn, &mesh.services.metrics.tun.not_joined) => match never {},
+        }
+    };
+    let (peer, send, recv) = match setup.await {
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             mesh.services.metrics.mesh_refused.inc();
