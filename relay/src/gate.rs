@@ -107,6 +107,35 @@ impl Gate {
     }
 }
 
+/// Keeps the first `n` received entries that `keep` (given the entry and
+/// its first datagram) admits, moved to the front in order, their bytes
+/// with them: what is returned is only what quinn should see (it is not
+/// asked to skip anything). Their number.
+fn compact(
+    bufs: &mut [IoSliceMut<'_>],
+    meta: &mut [quinn::udp::RecvMeta],
+    n: usize,
+    mut keep: impl FnMut(&quinn::udp::RecvMeta, &[u8]) -> bool,
+) -> usize {
+    let n = n.min(meta.len()).min(bufs.len());
+    let mut kept = 0;
+    for j in 0..n {
+        let len = meta[j].len.min(bufs[j].len());
+        let first = &bufs[j][..len.min(meta[j].stride)];
+        if !keep(&meta[j], first) {
+            continue;
+        }
+        if kept != j {
+            let (to, from) = bufs.split_at_mut(j);
+            let room = to[kept].len();
+            to[kept][..len.min(room)].copy_from_slice(&from[0][..len.min(room)]);
+            meta[kept] = meta[j];
+        }
+        kept += 1;
+    }
+    kept
+}
+
 impl quinn::AsyncUdpSocket for Gate {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
         self.inner.clone().create_io_poller()
@@ -122,28 +151,38 @@ impl quinn::AsyncUdpSocket for Gate {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let n = match self.inner.poll_recv(cx, bufs, meta) {
-            Poll::Ready(Ok(n)) => n,
-            other => return other,
-        };
-        let mut tables = None;
-        let now = tokio::time::Instant::now();
-        for (m, b) in meta.iter_mut().zip(bufs.iter()).take(n) {
-            // One entry holds datagrams of one source (GRO); an Initial
-            // arrives alone or first, padded to the full size.
-            let first = &b[..m.len.min(m.stride).min(b.len())];
-            if !tokenless_initial(first) {
-                continue;
-            }
-            let t =
-                tables.get_or_insert_with(|| self.tables.lock().unwrap_or_else(|p| p.into_inner()));
-            if !self.admit(t, m.addr.ip(), now) {
-                // quinn skips an empty entry.
-                m.len = 0;
-                self.dropped.inc();
+        // Batches that were all dropped, read one after another: past this,
+        // the endpoint driver yields (woken again at once) instead of
+        // spinning on a flood with nothing counted as work.
+        const ALL_DROPPED: usize = 16;
+        for _ in 0..ALL_DROPPED {
+            let n = match self.inner.poll_recv(cx, bufs, meta) {
+                Poll::Ready(Ok(n)) => n,
+                other => return other,
+            };
+            let mut tables = None;
+            let now = tokio::time::Instant::now();
+            let kept = compact(bufs, meta, n, |m, first| {
+                // One entry holds datagrams of one source (GRO); an
+                // Initial arrives alone or first, padded to the full size.
+                if !tokenless_initial(first) {
+                    return true;
+                }
+                let t = tables
+                    .get_or_insert_with(|| self.tables.lock().unwrap_or_else(|p| p.into_inner()));
+                let ok = self.admit(t, m.addr.ip(), now);
+                if !ok {
+                    self.dropped.inc();
+                }
+                ok
+            });
+            // All of them dropped: read on (the socket may hold more).
+            if kept > 0 {
+                return Poll::Ready(Ok(kept));
             }
         }
-        Poll::Ready(Ok(n))
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
@@ -166,6 +205,40 @@ impl quinn::AsyncUdpSocket for Gate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dropped_entries_are_taken_out_and_the_rest_moved_up_with_their_bytes() {
+        let mut store = [[0u8; 8]; 4];
+        for (i, b) in store.iter_mut().enumerate() {
+            b.fill(i as u8 + 1);
+        }
+        let [a, b, c, d] = &mut store;
+        let mut bufs = [
+            IoSliceMut::new(a),
+            IoSliceMut::new(b),
+            IoSliceMut::new(c),
+            IoSliceMut::new(d),
+        ];
+        let base = quinn::udp::RecvMeta {
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            len: 8,
+            stride: 8,
+            ecn: None,
+            dst_ip: None,
+        };
+        let mut meta = [base; 4];
+        for (i, m) in meta.iter_mut().enumerate() {
+            m.addr.set_port(i as u16 + 1);
+        }
+        // Drop the 1st and 3rd: the 2nd and 4th come first, bytes and all.
+        let kept = compact(&mut bufs, &mut meta, 4, |m, _| m.addr.port() % 2 == 0);
+        assert_eq!(kept, 2);
+        assert_eq!((meta[0].addr.port(), meta[1].addr.port()), (2, 4));
+        assert_eq!((&bufs[0][..], &bufs[1][..]), (&[2u8; 8][..], &[4u8; 8][..]));
+        // Only the first `n` count; all kept: nothing moves.
+        assert_eq!(compact(&mut bufs, &mut meta, 1, |_, _| true), 1);
+        assert_eq!(compact(&mut bufs, &mut meta, 4, |_, _| false), 0);
+    }
 
     #[test]
     fn recognises_tokenless_initials_only() {
