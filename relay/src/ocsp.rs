@@ -361,6 +361,9 @@ impl Stapler {
         let mut failing = false;
         loop {
             let now = unix_now();
+            // Failing means the last fetch, made at or past the staple's
+            // refresh time, failed: retry with backoff (but not past its
+            // expiry); else sleep until the refresh time.
             let wait = match self.held() {
                 Some(c) if !failing => {
                     Duration::from_secs(c.refresh_at().saturating_sub(now).max(1))
@@ -376,9 +379,6 @@ impl Stapler {
             if self.held().is_some_and(|c| c.expires() < unix_now()) {
                 warn!("the stapled OCSP response expired without a fresh one");
                 self.apply(None);
-            }
-            if failing && self.held().is_some_and(|c| c.refresh_at() > unix_now()) {
-                continue;
             }
             let fetched = tokio::select! {
                 _ = stop.cancelled() => return,
