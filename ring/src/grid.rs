@@ -13,10 +13,14 @@
 //! # Links
 //!
 //! A relay links to every relay of its column, and to one relay of every
-//! other column: its *partner* there, the one at the same relative height
-//! (row `⌊r · |c| / |own|⌋`). Links are symmetric: a relay also has the links
-//! other relays' partner choices give it. With near-equal columns that is
-//! about `(|own| − 1) + (C − 1) ≈ 2√N` links.
+//! other column: its *partner* there, the relay at the reflected row
+//! `(own column + that column − own row) mod C`. Reflection pairs relays
+//! up — a relay's partner has it as its partner back — so with equal
+//! columns a relay has `(|own| − 1) + (C − 1) ≈ 2√N` links. A reflected
+//! row past a column's height (columns have ⌈N/C⌉ or ⌊N/C⌋ relays, and
+//! `C ≥` every height) is stood in for by a relay of that column chosen by
+//! both ends, so the extra links spread. The modulus is `C`, not the
+//! height: a column growing a row moves no other relay's partners.
 //!
 //! # Routes
 //!
@@ -43,8 +47,10 @@ pub struct Grid {
     row_of: Vec<u32>,
     /// Each column's relays, by row.
     cols: Vec<Vec<u32>>,
-    /// Rows of the tallest column: every column has `rows` or `rows - 1`.
-    rows: usize,
+    /// The modulus of the row reflection: the number of columns, which
+    /// is at least every column's height (N ≤ C²) and changes only when
+    /// C does, so a column growing a row moves no other reflection.
+    modulus: usize,
 }
 
 /// Score of column `c` for a relay with `seed`.
@@ -61,7 +67,7 @@ impl Grid {
                 col_of: Vec::new(),
                 row_of: Vec::new(),
                 cols: Vec::new(),
-                rows: 0,
+                modulus: 1,
             };
         }
         let c = (n as f64).sqrt().ceil() as usize;
@@ -100,30 +106,31 @@ impl Grid {
                 row_of[i as usize] = r as u32;
             }
         }
-        let rows = cols.iter().map(Vec::len).max().unwrap_or(0);
+        let modulus = cols.len().max(1);
         Self {
             col_of,
             row_of,
             cols,
-            rows,
+            modulus,
         }
     }
 
     /// The slot (row) of `i`'s partner in column `c`: a reflection,
-    /// `(own column + c − own row) mod rows`, so that `i`'s partner there
-    /// has `i` as its partner back (one link, not two).
+    /// `(own column + c − own row) mod C`, so that `i`'s partner there has
+    /// `i` as its partner back (one link, not two). A slot at or past the
+    /// column's height is empty.
     fn slot(&self, i: u32, c: u32) -> usize {
         let (k, r) = (
             self.col_of[i as usize] as usize,
             self.row_of[i as usize] as usize,
         );
-        (k + c as usize + self.rows - r % self.rows) % self.rows
+        (k + c as usize + self.modulus - r % self.modulus) % self.modulus
     }
 
-    /// Who stands in for the empty last slot of short column `c`, for
-    /// relays of column `k`: spread over the column's rows by `k`.
-    fn stand_in(&self, k: u32, c: u32) -> usize {
-        (k as usize + c as usize) % self.cols[c as usize].len()
+    /// Who in column `c` stands in for an empty slot, for the relay at row
+    /// `r` of column `k`: spread over the column by both.
+    fn stand_in(&self, k: u32, r: usize, c: u32) -> usize {
+        (k as usize + c as usize + r) % self.cols[c as usize].len()
     }
 
     /// Number of relays.
@@ -152,15 +159,16 @@ impl Grid {
     }
 
     /// `i`'s partner in column `c` (another column than its own): the
-    /// relay at the reflected row ([`Grid::slot`]), or where that slot of a
-    /// short column is empty, a stand-in spread over the column.
+    /// relay at the reflected row ([`Grid::slot`]), or where that slot is
+    /// empty, a stand-in spread over the column.
     pub fn partner(&self, i: u32, c: u32) -> u32 {
         let there = &self.cols[c as usize];
         let s = self.slot(i, c);
         if s < there.len() {
             there[s]
         } else {
-            there[self.stand_in(self.col_of[i as usize], c)]
+            let (k, r) = (self.col_of[i as usize], self.row_of[i as usize] as usize);
+            there[self.stand_in(k, r, c)]
         }
     }
 
@@ -190,21 +198,19 @@ impl Grid {
             // Its partner there…
             v.push(self.partner(i, c));
             // …the relay there whose reflected slot here is `i`'s row
-            // (usually that same partner)…
-            let back = (k as usize + c as usize + self.rows - r) % self.rows;
+            // (that same partner, unless `i`'s slot there is empty)…
+            let m = self.modulus;
+            let back = (k as usize + c as usize + m - r) % m;
             if let Some(&j) = col.get(back) {
-                if self.partner(j, k) == i {
-                    v.push(j);
-                }
+                v.push(j);
             }
-            // …and, when `i` stands in for this column's empty slot, the
-            // relay there whose slot it is.
+            // …and those there whose slot here is empty and who have `i`
+            // as their stand-in.
             let own = self.cols[k as usize].len();
-            if own < self.rows && self.stand_in(c, k) == r {
-                let empty = own; // the one empty slot: the last row
-                let j = (k as usize + c as usize + self.rows - empty) % self.rows;
-                if let Some(&j) = col.get(j) {
-                    v.push(j);
+            for empty in own..m {
+                let rj = (k as usize + c as usize + m - empty) % m;
+                if rj < col.len() && self.stand_in(c, rj, k) == r {
+                    v.push(col[rj]);
                 }
             }
         }

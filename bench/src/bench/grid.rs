@@ -87,6 +87,9 @@ pub(crate) fn grid_bench(a: GridArgs, out: &Output) -> Result<()> {
         let c = (n as f64).sqrt().ceil() as usize;
         let square = Ring::new((0..c * c).map(|i| format!("relay-{i:05}")));
         let (step_moved, step_changed) = churn(&square, &square.with("relay-joining"));
+        // A join that opens a new row (C (C - 1) -> C (C - 1) + 1).
+        let full = Ring::new((0..c * (c - 1)).map(|i| format!("relay-{i:05}")));
+        let (row_moved, row_changed) = churn(&full, &full.with("relay-joining"));
         if out.json {
             println!(
                 "{}",
@@ -94,7 +97,8 @@ pub(crate) fn grid_bench(a: GridArgs, out: &Output) -> Result<()> {
                     "links_max": max, "links_mean": mean, "two_sqrt_n": bound,
                     "hops_all_up": {"0": hist[0], "1": hist[1], "2": hist[2], "3": hist[3], "none": hist[4]},
                     "join_moved_columns": moved, "join_links_changed_per_relay": changed_per_relay,
-                    "step_join_moved_columns": step_moved, "step_join_links_changed_per_relay": step_changed})
+                    "step_join_moved_columns": step_moved, "step_join_links_changed_per_relay": step_changed,
+                    "row_join_moved_columns": row_moved, "row_join_links_changed_per_relay": row_changed})
             );
         } else {
             println!(
@@ -102,8 +106,8 @@ pub(crate) fn grid_bench(a: GridArgs, out: &Output) -> Result<()> {
                 g.columns(), a.pairs, hist[0], hist[1], hist[2], hist[3], hist[4]
             );
             println!(
-                "          one relay joins ({} -> {n}): {moved} relays change column, {changed_per_relay:.2} links change per relay (added or dropped); where the columns step ({} -> {}): {step_moved} change column, {step_changed:.2} links per relay",
-                n - 1, c * c, c * c + 1
+                "          one relay joins ({} -> {n}): {moved} relays change column, {changed_per_relay:.2} links change per relay (added or dropped); one that opens a row ({} -> {}): {row_moved}, {row_changed:.2}; where the columns step ({} -> {}): {step_moved}, {step_changed:.2}",
+                n - 1, c * (c - 1), c * (c - 1) + 1, c * c, c * c + 1
             );
         }
         if n == 10_000 {
