@@ -110,6 +110,7 @@ pub(crate) fn grid_bench(a: GridArgs, out: &Output) -> Result<()> {
                 n - 1, c * (c - 1), c * (c - 1) + 1, c * c, c * c + 1
             );
         }
+        gossip_figures(&g, out);
         if n == 10_000 {
             record(
                 "grid",
@@ -168,8 +169,178 @@ pub(crate) fn grid_bench(a: GridArgs, out: &Output) -> Result<()> {
             }
         }
     }
-    if !out.json {
-        println!("  (not simulated yet: gossip bytes per relay and convergence time — the membership protocol of the grid is still to be chosen)");
-    }
     Ok(())
+}
+
+/// Bytes one membership update takes on a link: a relay id (~16 bytes),
+/// incarnation (8), state (1), framing (~7).
+const UPDATE_BYTES: u64 = 32;
+/// Link keep-alive: one QUIC packet with a PING every 750 ms (~60 bytes
+/// with UDP/IP headers), each way.
+const KEEPALIVE_BYTES_PER_SEC: f64 = 60.0 * 1000.0 / 750.0;
+/// A link notices silence after this long (the mesh's idle timeout), plus
+/// up to one keep-alive interval.
+const DETECT_MS: u64 = 3000;
+const KEEPALIVE_MS: u64 = 750;
+
+/// What one membership event cost and how long it took to reach everyone.
+struct Spread {
+    /// Until every live relay holds the final news (ms after the event).
+    converged_ms: u64,
+    /// Updates sent, all relays together.
+    messages: u64,
+    /// Live relays that ended with the wrong belief (must be 0).
+    wrong: usize,
+}
+
+enum Ev {
+    Deliver {
+        to: u32,
+        u: swb_ring::gossip::Update,
+    },
+    Lost {
+        at: u32,
+        peer: u32,
+    },
+    Tick {
+        at: u32,
+    },
+}
+
+/// Simulated time's events, earliest first (ties in the order pushed).
+#[derive(Default)]
+struct Queue {
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(u64, u64)>>,
+    evs: Vec<Option<Ev>>,
+}
+
+impl Queue {
+    fn push(&mut self, t: u64, e: Ev) {
+        self.heap
+            .push(std::cmp::Reverse((t, self.evs.len() as u64)));
+        self.evs.push(Some(e));
+    }
+
+    fn pop(&mut self) -> Option<(u64, Ev)> {
+        let std::cmp::Reverse((t, i)) = self.heap.pop()?;
+        self.evs[i as usize].take().map(|e| (t, e))
+    }
+}
+
+/// Floods over `g`'s links with `lat_ms` per hop: the relays in `lose`
+/// lose their link to `victim` (at detection times from `rng`); `dead`:
+/// whether the victim is really gone (else it refutes). Views start with
+/// everyone alive at incarnation 0.
+fn spread(g: &Grid, victim: u32, lose: &[u32], dead: bool, lat_ms: u64, rng: &mut Rng) -> Spread {
+    use swb_ring::gossip::{Node, State, SUSPECT_TIMEOUT_MS};
+    let n = g.len();
+    let mut nodes: Vec<Node> = (0..n as u32).map(|i| Node::new(i, 0)).collect();
+    let links: Vec<Vec<u32>> = (0..n as u32).map(|i| g.links(i)).collect();
+    let mut q = Queue::default();
+    for &a in lose {
+        let t = DETECT_MS + rng.next() % KEEPALIVE_MS;
+        q.push(
+            t,
+            Ev::Lost {
+                at: a,
+                peer: victim,
+            },
+        );
+    }
+    // Links that are down: all of the victim's when it died, else only
+    // the ones `lose` lost.
+    let cut = |a: u32, b: u32| {
+        let other = match (a == victim, b == victim) {
+            (true, _) => b,
+            (_, true) => a,
+            _ => return false,
+        };
+        dead || lose.contains(&other)
+    };
+    let (mut messages, mut last) = (0u64, 0u64);
+    while let Some((t, e)) = q.pop() {
+        let (at, out) = match e {
+            Ev::Lost { at, peer } => (
+                at,
+                nodes[at as usize]
+                    .link_lost(peer, t)
+                    .into_iter()
+                    .collect::<Vec<_>>(),
+            ),
+            Ev::Deliver { to, u } => (to, nodes[to as usize].apply(u, t).into_iter().collect()),
+            Ev::Tick { at } => (at, nodes[at as usize].tick(t)),
+        };
+        if !out.is_empty() {
+            last = last.max(t);
+        }
+        for u in out {
+            if u.relay == victim && u.state == State::Suspect {
+                // Whoever passes a suspicion on times it out too.
+                q.push(t + SUSPECT_TIMEOUT_MS, Ev::Tick { at });
+            }
+            for &l in &links[at as usize] {
+                if cut(at, l) {
+                    continue;
+                }
+                messages += 1;
+                q.push(t + lat_ms, Ev::Deliver { to: l, u });
+            }
+        }
+    }
+    let want = if dead { State::Dead } else { State::Alive };
+    let wrong = (0..n as u32)
+        .filter(|&i| {
+            i != victim && nodes[i as usize].state_of(victim).unwrap_or(State::Alive) != want
+        })
+        .count();
+    Spread {
+        converged_ms: last,
+        messages,
+        wrong,
+    }
+}
+
+/// Membership over the grid, simulated: a relay dying, and one link
+/// breaking between two live relays (a false suspicion, refuted).
+pub(crate) fn gossip_figures(g: &Grid, out: &Output) {
+    let n = g.len();
+    let mut rng = Rng(7 + n as u64);
+    let victim = rng.below(n);
+    let neighbours = g.links(victim);
+    let links_mean = (0..n as u32).map(|i| g.links(i).len()).sum::<usize>() as f64 / n as f64;
+    for lat in [1u64, 20] {
+        let died = spread(g, victim, &neighbours, true, lat, &mut rng);
+        let one = neighbours[rng.below(neighbours.len()) as usize];
+        let refuted = spread(g, victim, &[one], false, lat, &mut rng);
+        let per_relay = |s: &Spread| s.messages as f64 * UPDATE_BYTES as f64 / n as f64;
+        if out.json {
+            println!(
+                "{}",
+                serde_json::json!({"bench": "grid_gossip", "relays": n, "hop_ms": lat,
+                    "death_converged_ms": died.converged_ms, "death_bytes_per_relay": per_relay(&died), "death_wrong": died.wrong,
+                    "false_suspicion_settled_ms": refuted.converged_ms, "false_suspicion_bytes_per_relay": per_relay(&refuted), "false_suspicion_wrong": refuted.wrong,
+                    "keepalive_bytes_per_relay_per_sec": links_mean * KEEPALIVE_BYTES_PER_SEC})
+            );
+        } else {
+            println!(
+                "          membership, {lat} ms per hop: a relay dies -> all {} live relays know within {:.2} s of the death ({:.0} B of gossip per relay, {} wrong); one link breaks between live relays -> refuted, settled within {:.2} s ({:.0} B per relay, {} wrong)",
+                n - 1,
+                died.converged_ms as f64 / 1000.0,
+                per_relay(&died),
+                died.wrong,
+                refuted.converged_ms as f64 / 1000.0,
+                per_relay(&refuted),
+                refuted.wrong
+            );
+        }
+    }
+    if !out.json {
+        println!(
+            "          steady state: no gossip; link keep-alives {:.1} KB/s per relay ({links_mean:.0} links); with every relay restarting once a day: {:.2} B/s of gossip per relay",
+            links_mean * KEEPALIVE_BYTES_PER_SEC / 1000.0,
+            // Two events (dead, alive again) per relay per day, each
+            // costing about one update per link per relay.
+            2.0 * n as f64 / 86_400.0 * links_mean * UPDATE_BYTES as f64
+        );
+    }
 }
