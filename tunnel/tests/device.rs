@@ -17,16 +17,7 @@ fn in_netns(test: &str, f: impl FnOnce() -> Result<()> + Send + 'static) -> Resu
     let Some(net) = swb_netns::Internet::new(test, 0, 0)? else {
         return Ok(());
     };
-    let ns = net.public.name.clone();
-    let r = std::thread::spawn(move || -> Result<()> {
-        let fd = std::fs::File::open(format!("/var/run/netns/{ns}"))?;
-        rustix::thread::move_into_link_name_space(
-            std::os::fd::AsFd::as_fd(&fd),
-            Some(rustix::thread::LinkNameSpaceType::Network),
-        )?;
-        f()
-    })
-    .join();
+    let r = spawn_in(net.public.name.clone(), f).join();
     drop(net);
     r.map_err(|_| anyhow::anyhow!("test thread panicked"))?
 }
@@ -89,7 +80,8 @@ fn the_kernel_answers_a_ping_written_into_the_interface_and_its_packets_come_out
     })
 }
 
-/// Runs `f` on a thread inside namespace `ns` with its own tokio runtime.
+/// Runs `f` on a new thread that has entered network namespace `ns`
+/// (threads it starts are in it too).
 fn spawn_in(
     ns: String,
     f: impl FnOnce() -> Result<()> + Send + 'static,
