@@ -232,7 +232,7 @@ impl Queue {
 /// whether the victim is really gone (else it refutes). Views start with
 /// everyone alive at incarnation 0.
 fn spread(g: &Grid, victim: u32, lose: &[u32], dead: bool, lat_ms: u64, rng: &mut Rng) -> Spread {
-    use swb_ring::gossip::{Node, State, SUSPECT_TIMEOUT_MS};
+    use swb_ring::gossip::{Node, State};
     let n = g.len();
     let mut nodes: Vec<Node> = (0..n as u32).map(|i| Node::new(i, 0)).collect();
     let links: Vec<Vec<u32>> = (0..n as u32).map(|i| g.links(i)).collect();
@@ -257,6 +257,31 @@ fn spread(g: &Grid, victim: u32, lose: &[u32], dead: bool, lat_ms: u64, rng: &mu
         };
         dead || lose.contains(&other)
     };
+    let (messages, last) = flood(&mut nodes, &links, &mut q, cut, lat_ms);
+    let want = if dead { State::Dead } else { State::Alive };
+    let wrong = (0..n as u32)
+        .filter(|&i| {
+            i != victim && nodes[i as usize].state_of(victim).unwrap_or(State::Alive) != want
+        })
+        .count();
+    Spread {
+        converged_ms: last,
+        messages,
+        wrong,
+    }
+}
+
+/// Runs the queue's events to the end: news applied, passed on over
+/// every link `cut` leaves up, `lat_ms` per hop; suspicions timed out.
+/// The updates sent, and when the last news was taken.
+fn flood(
+    nodes: &mut [swb_ring::gossip::Node],
+    links: &[Vec<u32>],
+    q: &mut Queue,
+    cut: impl Fn(u32, u32) -> bool,
+    lat_ms: u64,
+) -> (u64, u64) {
+    use swb_ring::gossip::{State, SUSPECT_TIMEOUT_MS};
     let (mut messages, mut last) = (0u64, 0u64);
     while let Some((t, e)) = q.pop() {
         let (at, out) = match e {
@@ -274,7 +299,7 @@ fn spread(g: &Grid, victim: u32, lose: &[u32], dead: bool, lat_ms: u64, rng: &mu
             last = last.max(t);
         }
         for u in out {
-            if u.relay == victim && u.state == State::Suspect {
+            if u.state == State::Suspect {
                 // Whoever passes a suspicion on times it out too.
                 q.push(t + SUSPECT_TIMEOUT_MS, Ev::Tick { at });
             }
@@ -287,15 +312,30 @@ fn spread(g: &Grid, victim: u32, lose: &[u32], dead: bool, lat_ms: u64, rng: &mu
             }
         }
     }
-    let want = if dead { State::Dead } else { State::Alive };
+    (messages, last)
+}
+
+/// A relay joins `g` (which has it): its links hear of it as they link
+/// (one hop's time) and the news floods.
+fn join(g: &Grid, joiner: u32, lat_ms: u64) -> Spread {
+    use swb_ring::gossip::{Node, State};
+    let n = g.len();
+    let mut nodes: Vec<Node> = (0..n as u32)
+        .map(|i| Node::new(i, u64::from(i == joiner)))
+        .collect();
+    let links: Vec<Vec<u32>> = (0..n as u32).map(|i| g.links(i)).collect();
+    let mut q = Queue::default();
+    let hello = nodes[joiner as usize].own();
+    for &l in &links[joiner as usize] {
+        q.push(lat_ms, Ev::Deliver { to: l, u: hello });
+    }
+    let (messages, last) = flood(&mut nodes, &links, &mut q, |_, _| false, lat_ms);
     let wrong = (0..n as u32)
-        .filter(|&i| {
-            i != victim && nodes[i as usize].state_of(victim).unwrap_or(State::Alive) != want
-        })
+        .filter(|&i| i != joiner && nodes[i as usize].state_of(joiner) != Some(State::Alive))
         .count();
     Spread {
         converged_ms: last,
-        messages,
+        messages: messages + links[joiner as usize].len() as u64,
         wrong,
     }
 }
@@ -312,6 +352,7 @@ pub(crate) fn gossip_figures(g: &Grid, out: &Output) {
         let died = spread(g, victim, &neighbours, true, lat, &mut rng);
         let one = neighbours[rng.below(neighbours.len()) as usize];
         let refuted = spread(g, victim, &[one], false, lat, &mut rng);
+        let joined = join(g, rng.below(n), lat);
         let per_relay = |s: &Spread| s.messages as f64 * UPDATE_BYTES as f64 / n as f64;
         if out.json {
             println!(
@@ -319,18 +360,22 @@ pub(crate) fn gossip_figures(g: &Grid, out: &Output) {
                 serde_json::json!({"bench": "grid_gossip", "relays": n, "hop_ms": lat,
                     "death_converged_ms": died.converged_ms, "death_bytes_per_relay": per_relay(&died), "death_wrong": died.wrong,
                     "false_suspicion_settled_ms": refuted.converged_ms, "false_suspicion_bytes_per_relay": per_relay(&refuted), "false_suspicion_wrong": refuted.wrong,
+                    "join_converged_ms": joined.converged_ms, "join_bytes_per_relay": per_relay(&joined), "join_wrong": joined.wrong,
                     "keepalive_bytes_per_relay_per_sec": links_mean * KEEPALIVE_BYTES_PER_SEC})
             );
         } else {
             println!(
-                "          membership, {lat} ms per hop: a relay dies -> all {} live relays know within {:.2} s of the death ({:.0} B of gossip per relay, {} wrong); one link breaks between live relays -> refuted, settled within {:.2} s ({:.0} B per relay, {} wrong)",
+                "          membership, {lat} ms per hop: a relay dies -> all {} live relays know within {:.2} s of the death ({:.0} B of gossip per relay, {} wrong); one link breaks between live relays -> refuted, settled within {:.2} s ({:.0} B per relay, {} wrong); a relay joins -> all know within {} ms ({:.0} B per relay, {} wrong)",
                 n - 1,
                 died.converged_ms as f64 / 1000.0,
                 per_relay(&died),
                 died.wrong,
                 refuted.converged_ms as f64 / 1000.0,
                 per_relay(&refuted),
-                refuted.wrong
+                refuted.wrong,
+                joined.converged_ms,
+                per_relay(&joined),
+                joined.wrong
             );
         }
     }
