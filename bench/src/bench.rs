@@ -240,6 +240,7 @@ async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
                 .map(|r: &swb_relay::RelayHandle| r.local_addr().to_string())
                 .collect(),
             advertise: Vec::new(),
+            full_mesh_max: swb_relay::mesh::FULL_MESH_MAX,
         });
         relays.push(Relay::spawn(rc).await?);
     }

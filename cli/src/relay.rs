@@ -81,6 +81,11 @@ pub(crate) struct RelayArgs {
     /// --listen address); repeat for several.
     #[arg(long, value_name = "HOST:PORT")]
     advertise: Vec<String>,
+    /// Live relays up to which every relay links to every other; past it,
+    /// each links to its row and column of a √N grid (~2√N links) and
+    /// traffic between relays without a link takes two hops. [default: 1000]
+    #[arg(long, value_name = "N")]
+    full_mesh_max: Option<usize>,
     /// Messages one peer's mailbox holds at most; more is refused with
     /// `mailbox_full`. [default: 1000]
     #[arg(long, value_name = "N")]
@@ -158,6 +163,7 @@ pub(crate) struct RelayFile {
     mesh_key_file: Option<PathBuf>,
     #[serde(default)]
     advertise: Vec<String>,
+    full_mesh_max: Option<usize>,
     mailbox_messages: Option<usize>,
     mailbox_bytes: Option<usize>,
     message_ttl: Option<String>,
@@ -226,6 +232,7 @@ fn merge_file(a: &mut RelayArgs) -> Result<()> {
     if a.advertise.is_empty() {
         a.advertise = f.advertise;
     }
+    a.full_mesh_max = a.full_mesh_max.or(f.full_mesh_max);
     a.mailbox_messages = a.mailbox_messages.or(f.mailbox_messages);
     a.mailbox_bytes = a.mailbox_bytes.or(f.mailbox_bytes);
     if a.message_ttl.is_none() {
@@ -375,10 +382,15 @@ pub(crate) async fn run(mut a: RelayArgs) -> Result<()> {
                 listen
             );
         }
+        let full_mesh_max = a.full_mesh_max.unwrap_or(swb_relay::mesh::FULL_MESH_MAX);
+        if full_mesh_max < 2 {
+            bail!("--full-mesh-max must be at least 2");
+        }
         config.mesh = Some(swb_relay::mesh::MeshConfig {
             key,
             peers: a.mesh_peers.clone(),
             advertise,
+            full_mesh_max,
         });
     }
     if mailbox_messages == 0 || mailbox_bytes < swb_relay::LARGEST_HELD {

@@ -33,7 +33,8 @@ pub fn relay_map(data: &[u8]) {
         fingerprint: "sha256:00".into(),
         incarnation: 1,
     };
-    let mut m = Membership::new(me);
+    // A small full-mesh threshold: the grid rules run too.
+    let mut m = Membership::new(me, 4);
     let t0 = tokio::time::Instant::now();
     let mut now = t0;
     let mut rest = data;
@@ -44,11 +45,19 @@ pub fn relay_map(data: &[u8]) {
             Frame::MeshWelcome(w) => w.members,
             _ => Vec::new(),
         };
-        m.merge(&records, now);
-        // Steer with the next byte: a link up or down, time passing.
+        // Steer with the next byte: gossip or a neighbour's claims, a
+        // link up or down, time passing.
         let op = rest.first().copied().unwrap_or(0);
+        match records.first() {
+            Some(r) if op % 5 == 4 => {
+                m.claimed(&r.id.clone(), &records, now);
+            }
+            _ => {
+                m.merge(&records, now);
+            }
+        }
         if let Some(r) = records.first() {
-            match op % 4 {
+            match op % 5 {
                 0 => m.link_up(r, now),
                 1 => m.link_down(&r.id, now),
                 _ => {}
@@ -61,7 +70,9 @@ pub fn relay_map(data: &[u8]) {
             live.relays.contains_key("r-me"),
             "a relay is always in its own live set"
         );
-        assert!(m.gossip().len() <= swb_wire::MAX_RELAYS + 1);
+        assert!(m.gossip(now).len() <= swb_wire::MAX_RELAYS + 1);
         assert!(m.known_len() <= swb_wire::MAX_RELAYS);
+        let _ = m.dial_targets(now);
+        let _ = m.surplus(now);
     }
 }

@@ -40,6 +40,13 @@ pub(crate) struct Metrics {
     pub(crate) stream_bytes: IntCounter,
     pub(crate) mesh_links: IntGauge,
     pub(crate) mesh_refused: IntCounter,
+    /// Calls and packets this relay sent through another relay (no live
+    /// link of its own to their relay).
+    pub(crate) mesh_two_hop: IntCounter,
+    /// Streams and packets passed on for other relays, by result.
+    pub(crate) mesh_via_passed: IntCounter,
+    pub(crate) mesh_via_no_path: IntCounter,
+    pub(crate) mesh_via_bytes: IntCounter,
     /// HTTP API requests by route template and status code.
     pub(crate) http_requests: IntCounterVec,
     /// Status changes published to watchers (after coalescing).
@@ -109,6 +116,10 @@ impl Metrics {
             stream_bytes: counter(&r, "swb_relay_stream_bytes_total", "Payload bytes relayed on data streams, both directions."),
             mesh_links: gauge(&r, "swb_relay_mesh_links_up", "Mesh links to other relays up now."),
             mesh_refused: counter(&r, "swb_relay_mesh_links_refused_total", "Mesh links refused for a missing or wrong mesh-key proof."),
+            mesh_two_hop: counter(&r, "swb_relay_mesh_two_hop_total", "Mesh calls, streams and TUN packets this relay sent through another relay because it has no live link to their relay (past --full-mesh-max, or around a broken link)."),
+            mesh_via_passed: counter(&r, "swb_relay_mesh_via_total", "Mesh streams and TUN packets another relay sent through this one, passed on."),
+            mesh_via_no_path: counter(&r, "swb_relay_mesh_via_failed_total", "Mesh streams and TUN packets another relay sent through this one that could not be passed on (no live link to their relay); the stream is reset, so the sender hears it."),
+            mesh_via_bytes: counter(&r, "swb_relay_mesh_via_bytes_total", "Bytes of mesh streams passed on for other relays, both directions."),
             http_requests: counter_vec(&r, "swb_relay_http_requests_total", "HTTP API requests by route template and status code.", &["route", "status"]),
             status_publications: counter(&r, "swb_relay_status_publications_total", "Status changes published to watchers (after coalescing)."),
             keys_file_ok: {

@@ -891,6 +891,7 @@ pub async fn mesh_relay(
             key: k.clone(),
             peers: peers.iter().map(|r| r.addr().to_string()).collect(),
             advertise: Vec::new(),
+            full_mesh_max: swb_relay::mesh::FULL_MESH_MAX,
         }),
         ..RelayOptions::default()
     })

@@ -155,6 +155,7 @@ async fn a_relay_that_goes_silent_is_dropped_within_the_mesh_idle_timeout() -> R
             key: k.clone(),
             peers: vec![cut.addr.to_string()],
             advertise: vec![sink.local_addr()?.to_string()],
+            full_mesh_max: swb_relay::mesh::FULL_MESH_MAX,
         }),
         ..RelayOptions::default()
     })
@@ -187,6 +188,7 @@ async fn a_daemon_redirected_to_an_undialable_address_keeps_trying() -> Result<(
             key: k.clone(),
             peers: vec![r1.addr().to_string()],
             advertise: vec!["0.0.0.0:9".into()],
+            full_mesh_max: swb_relay::mesh::FULL_MESH_MAX,
         }),
         ..RelayOptions::default()
     })

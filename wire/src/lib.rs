@@ -217,6 +217,11 @@ pub enum FrameType {
     TunResolve = 34,
     /// Relay → daemon: the answer to `TunResolve`.
     TunResolved = 35,
+    /// Relay → relay, before a mesh stream's first frame: pass this stream
+    /// on to relay `to` (a two-hop path, past `--full-mesh-max` relays or
+    /// around a broken link); the bytes after it are the call's, spliced
+    /// through unchanged.
+    MeshVia = 36,
 }
 
 impl FrameType {
@@ -255,6 +260,7 @@ impl FrameType {
             33 => Self::TunAnswer,
             34 => Self::TunResolve,
             35 => Self::TunResolved,
+            36 => Self::MeshVia,
             30 => Self::MeshCall,
             31 => Self::MeshAnswer,
             _ => return None,
@@ -819,6 +825,20 @@ pub struct MeshStatusQuery {
     pub watch: bool,
 }
 
+/// Relay → relay: pass the rest of this mesh stream on to relay `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshVia {
+    /// The relay the stream is for (at most [`MAX_RELAY_ID_LEN`] bytes).
+    pub to: String,
+    /// How many more relays may pass it on when the receiver has no link
+    /// to `to` either (0: the receiver must be linked to `to`).
+    pub ttl: u8,
+}
+
+/// Most relays that may pass a mesh stream on beyond the first: a
+/// two-hop path plus one detour around a relay or link that is down.
+pub const MAX_VIA_TTL: u8 = 1;
+
 /// Relay → relay: an operation on peer `name` of `namespace`, homed at the
 /// receiving relay, on behalf of a door of the sending relay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1011,6 +1031,8 @@ pub enum Frame {
     MeshStatusQuery(MeshStatusQuery),
     /// See [`FrameType::MeshCall`].
     MeshCall(MeshCall),
+    /// See [`FrameType::MeshVia`].
+    MeshVia(MeshVia),
     /// See [`FrameType::MeshAnswer`].
     MeshAnswer(MeshAnswer),
     /// See [`FrameType::PingInfo`].
@@ -1106,6 +1128,7 @@ impl Frame {
             Frame::MeshLeaving => FrameType::MeshLeaving,
             Frame::MeshStatusQuery(_) => FrameType::MeshStatusQuery,
             Frame::MeshCall(_) => FrameType::MeshCall,
+            Frame::MeshVia(_) => FrameType::MeshVia,
             Frame::MeshAnswer(_) => FrameType::MeshAnswer,
             Frame::PingInfo(_) => FrameType::PingInfo,
             Frame::TunJoin(_) => FrameType::TunJoin,
@@ -1146,6 +1169,7 @@ impl Frame {
             Frame::MeshLeaving => Ok(0),
             Frame::MeshStatusQuery(v) => len(v),
             Frame::MeshCall(v) => len(v),
+            Frame::MeshVia(v) => len(v),
             Frame::MeshAnswer(v) => len(v),
             Frame::PingInfo(v) => len(v),
             Frame::TunJoin(v) => len(v),
@@ -1201,6 +1225,7 @@ impl Frame {
             Frame::MeshLeaving => Ok(0),
             Frame::MeshStatusQuery(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::MeshCall(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::MeshVia(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::MeshAnswer(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::PingInfo(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::TunJoin(v) => postcard::to_slice(v, out).map(|s| s.len()),
@@ -1420,6 +1445,17 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
             let p: PingInfo = body(ty, b)?;
             check_len("ping_info.relay", p.relay.len(), MAX_RELAY_ID_LEN)?;
             Frame::PingInfo(p)
+        }
+        FrameType::MeshVia => {
+            let v: MeshVia = body(ty, b)?;
+            check_len("mesh_via.to", v.to.len(), MAX_RELAY_ID_LEN)?;
+            if v.ttl > MAX_VIA_TTL {
+                return Err(DecodeError::Malformed {
+                    ty,
+                    reason: format!("ttl {} over {MAX_VIA_TTL}", v.ttl),
+                });
+            }
+            Frame::MeshVia(v)
         }
         FrameType::MeshStatusQuery => {
             let q: MeshStatusQuery = body(ty, b)?;

@@ -203,6 +203,8 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 }
             )),
         arb_record().prop_map(Frame::Redirect),
+        ("[a-z0-9-]{1,16}", 0..=MAX_VIA_TTL)
+            .prop_map(|(to, ttl)| Frame::MeshVia(MeshVia { to, ttl })),
         ("[a-z]{1,8}", "[a-z]{1,8}", "[a-z]{1,8}", any::<u16>()).prop_map(
             |(namespace, from, to, port)| {
                 Frame::MeshStreamOpen(MeshStreamOpen {

@@ -14,8 +14,13 @@ use tracing::debug;
 /// Time the other relay has to send its call's first frame.
 const CALL_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Serves one call stream from another relay.
-pub(crate) async fn serve(mesh: &Mesh, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+/// Serves one call stream from relay `peer`.
+pub(crate) async fn serve(
+    mesh: &Mesh,
+    peer: &str,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let first = match tokio::time::timeout(CALL_HEADER_TIMEOUT, read_frame(&mut recv)).await {
         Ok(Ok(Some(f))) => f,
         _ => {
@@ -24,6 +29,27 @@ pub(crate) async fn serve(mesh: &Mesh, mut send: quinn::SendStream, mut recv: qu
         }
     };
     match first {
+        // Another relay's call for a third: pass the stream on, bytes
+        // unchanged (the call's own first frame comes next).
+        Frame::MeshVia(v) => {
+            let metrics = &mesh.services.metrics;
+            match mesh.open_via(&v.to, v.ttl, peer).await {
+                Some((s, r, _using)) => {
+                    metrics.mesh_via_passed.inc();
+                    let bytes = &metrics.mesh_via_bytes;
+                    tokio::join!(
+                        crate::services::splice::pipe(recv, s, bytes),
+                        crate::services::splice::pipe(r, send, bytes)
+                    );
+                }
+                None => {
+                    metrics.mesh_via_no_path.inc();
+                    debug!(to = %v.to, from = %peer, "no path to pass a mesh stream on");
+                    let _ = send.reset(reset::RELAY.into());
+                    let _ = recv.stop(reset::RELAY.into());
+                }
+            }
+        }
         Frame::MeshForward(f) => {
             let reply = forward_in(mesh, f).await;
             let _ = write_frame(&mut send, &reply).await;

@@ -4,7 +4,7 @@
 //! and status queries (`MeshStatusQuery`). Every call is bounded in time.
 
 use super::links::read_frame;
-use super::Mesh;
+use super::{LinkUse, Mesh};
 use crate::services::splice::{read_header, write_frame, Opened};
 use crate::services::status::Snapshot;
 use std::collections::BTreeMap;
@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use swb_wire::{
     Deliver, Frame, MeshAnswer, MeshCall, MeshForward, MeshOp, MeshStatusQuery, MeshStreamOpen,
-    Refusal, StatusUpdate, StreamReply,
+    MeshVia, Refusal, StatusUpdate, StreamReply, MAX_VIA_TTL,
 };
 use tracing::debug;
 
@@ -41,16 +41,98 @@ pub(crate) enum CallError {
     Unexpected(String),
 }
 
+/// First byte of a TUN datagram another relay is to pass on (a plain
+/// one starts with its namespace's length, at most `MAX_NAME_LEN`).
+const VIA_DATAGRAM: u8 = 0xff;
+
+/// A TUN datagram for relay `to`, to be passed on by the receiver.
+fn encode_via(to: &str, inner: &[u8]) -> Option<bytes::Bytes> {
+    let n = u8::try_from(to.len()).ok()?;
+    let mut b = Vec::with_capacity(2 + to.len() + inner.len());
+    b.extend_from_slice(&[VIA_DATAGRAM, n]);
+    b.extend_from_slice(to.as_bytes());
+    b.extend_from_slice(inner);
+    Some(b.into())
+}
+
+/// The relay a via datagram is for and where its inner datagram starts;
+/// `None` for a plain one (or a via header that does not parse).
+pub(crate) fn decode_via(b: &[u8]) -> Option<(&str, usize)> {
+    if *b.first()? != VIA_DATAGRAM {
+        return None;
+    }
+    let n = usize::from(*b.get(1)?);
+    let to = std::str::from_utf8(b.get(2..2 + n)?).ok()?;
+    Some((to, 2 + n))
+}
+
 impl Mesh {
+    /// Opens a stream for a call to relay `home` — on its link, or through
+    /// a neighbour that hears it — and writes the call's first frame.
     async fn open_call(
         &self,
         home: &str,
         first: &Frame,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream), CallError> {
-        let conn = self.conn_to(home).ok_or(CallError::NoLink)?;
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, LinkUse), CallError> {
+        let (conn, using, via) = self.path_to(home).ok_or(CallError::NoLink)?;
         let (mut s, r) = conn.open_bi().await?;
+        if let Some(to) = via {
+            let via = MeshVia {
+                to,
+                ttl: MAX_VIA_TTL,
+            };
+            write_frame(&mut s, &Frame::MeshVia(via)).await?;
+        }
         write_frame(&mut s, first).await?;
-        Ok((s, r))
+        Ok((s, r, using))
+    }
+
+    /// Opens the next hop of a stream another relay passes through here
+    /// for relay `to`: its link, or (while `ttl` allows) a neighbour that
+    /// hears it other than `from`.
+    pub(crate) async fn open_via(
+        &self,
+        to: &str,
+        ttl: u8,
+        from: &str,
+    ) -> Option<(quinn::SendStream, quinn::RecvStream, LinkUse)> {
+        let now = tokio::time::Instant::now();
+        let next = {
+            let m = self.membership();
+            if m.is_live(to, now) {
+                None
+            } else if ttl > 0 {
+                m.via(to, now).filter(|v| v != from)
+            } else {
+                None
+            }
+        };
+        let (conn, using) = match &next {
+            Some(v) => self.conn_to(v)?,
+            None => self.conn_to(to)?,
+        };
+        let (mut s, r) = conn.open_bi().await.ok()?;
+        if next.is_some() {
+            let via = MeshVia {
+                to: to.to_string(),
+                ttl: ttl - 1,
+            };
+            write_frame(&mut s, &Frame::MeshVia(via)).await.ok()?;
+        }
+        Some((s, r, using))
+    }
+
+    /// A TUN datagram another relay passes through here for relay `to`:
+    /// on the link to it (packets take at most two hops).
+    pub(crate) fn pass_datagram(&self, to: &str, d: bytes::Bytes) {
+        let sent = self
+            .conn_to(to)
+            .is_some_and(|(c, _)| c.send_datagram(d).is_ok());
+        if sent {
+            self.services.metrics.mesh_via_passed.inc();
+        } else {
+            self.services.metrics.mesh_via_no_path.inc();
+        }
     }
 
     /// Forwards a message to `home`, the relay holding the recipient's
@@ -61,7 +143,7 @@ impl Mesh {
         f: MeshForward,
     ) -> Result<Result<bool, Refusal>, CallError> {
         let rpc = async {
-            let (mut s, mut r) = self.open_call(home, &Frame::MeshForward(f)).await?;
+            let (mut s, mut r, _using) = self.open_call(home, &Frame::MeshForward(f)).await?;
             let _ = s.finish();
             match read_frame(&mut r).await? {
                 Some(Frame::SendAccepted(a)) => Ok(Ok(a.online)),
@@ -93,13 +175,14 @@ impl Mesh {
             port,
         });
         let setup = async {
-            let (s, mut r) = self.open_call(home, &open).await?;
+            let (s, mut r, using) = self.open_call(home, &open).await?;
             match read_header(&mut r).await? {
                 Frame::StreamReply(reply) => Ok(Opened {
                     send: s,
                     recv: r,
                     reply,
                     _slot: None,
+                    _link: Some(using),
                 }),
                 other => Err(CallError::Unexpected(format!("{:?}", other.frame_type()))),
             }
@@ -113,10 +196,10 @@ impl Mesh {
         &self,
         home: &str,
         call: MeshCall,
-    ) -> Result<(quinn::RecvStream, quinn::SendStream), CallError> {
-        let (mut s, r) = self.open_call(home, &Frame::MeshCall(call)).await?;
+    ) -> Result<(quinn::RecvStream, quinn::SendStream, LinkUse), CallError> {
+        let (mut s, r, using) = self.open_call(home, &Frame::MeshCall(call)).await?;
         let _ = s.finish();
-        Ok((r, s))
+        Ok((r, s, using))
     }
 
     /// A TUN operation at `home`, the namespace's allocator.
@@ -136,12 +219,23 @@ impl Mesh {
     }
 
     /// A TUN packet for a peer attached to `home`, as a datagram on the
-    /// link: `Err(Some(max))` when too big, `Err(None)` without a link.
+    /// link (or through a neighbour, behind a via header): `Err(Some(max))`
+    /// with the largest inner datagram that fits when too big, `Err(None)`
+    /// without a path.
     pub(crate) fn send_datagram(&self, home: &str, d: bytes::Bytes) -> Result<(), Option<usize>> {
-        let conn = self.conn_to(home).ok_or(None)?;
+        let (conn, _, via) = self.path_to(home).ok_or(None)?;
+        let (d, header) = match via {
+            Some(to) => {
+                let v = encode_via(&to, &d).ok_or(None)?;
+                (v, 2 + to.len())
+            }
+            None => (d, 0),
+        };
         match conn.send_datagram(d) {
             Ok(()) => Ok(()),
-            Err(quinn::SendDatagramError::TooLarge) => Err(conn.max_datagram_size()),
+            Err(quinn::SendDatagramError::TooLarge) => {
+                Err(conn.max_datagram_size().map(|m| m.saturating_sub(header)))
+            }
             Err(_) => Err(None),
         }
     }
@@ -164,7 +258,7 @@ impl Mesh {
             },
         };
         let rpc = async {
-            let (mut r, _s) = self.call(home, call).await?;
+            let (mut r, _s, _using) = self.call(home, call).await?;
             let mut got = Vec::new();
             loop {
                 match read_frame(&mut r).await? {
@@ -189,7 +283,7 @@ impl Mesh {
 
     async fn single(&self, home: &str, call: MeshCall) -> Result<MeshAnswer, CallError> {
         let rpc = async {
-            let (mut r, _s) = self.call(home, call).await?;
+            let (mut r, _s, _using) = self.call(home, call).await?;
             match read_frame(&mut r).await? {
                 Some(Frame::MeshAnswer(a)) => Ok(a),
                 other => Err(CallError::Unexpected(format!(
@@ -248,10 +342,10 @@ impl Mesh {
         &self,
         home: &str,
         q: MeshStatusQuery,
-    ) -> Result<(quinn::SendStream, quinn::RecvStream), CallError> {
-        let (s, mut r) = self.open_call(home, &Frame::MeshStatusQuery(q)).await?;
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, LinkUse), CallError> {
+        let (s, mut r, using) = self.open_call(home, &Frame::MeshStatusQuery(q)).await?;
         match read_frame(&mut r).await? {
-            Some(Frame::StreamReply(StreamReply { refusal: None })) => Ok((s, r)),
+            Some(Frame::StreamReply(StreamReply { refusal: None })) => Ok((s, r, using)),
             other => Err(CallError::Unexpected(format!(
                 "{:?}",
                 other.map(|f| f.frame_type())
@@ -281,7 +375,7 @@ impl Mesh {
                 watch: false,
             };
             let fetch = async {
-                let (_s, mut r) = self.status_query(&id, q).await?;
+                let (_s, mut r, _using) = self.status_query(&id, q).await?;
                 let mut out = Vec::new();
                 while let Some(f) = read_frame(&mut r).await? {
                     if let Frame::StatusUpdate(u) = f {
@@ -308,5 +402,23 @@ impl Mesh {
                 Err(_) => debug!(relay = %id, "peers query timed out"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn via_datagrams_round_trip_and_plain_ones_are_not_taken_for_them() {
+        let b = encode_via("relay-7", b"inner").expect("encodes");
+        let (to, at) = decode_via(&b).expect("decodes");
+        assert_eq!((to, &b[at..]), ("relay-7", &b"inner"[..]));
+        let plain = crate::services::tun::encode_mesh("acme", 7, b"packet").expect("encodes");
+        assert!(decode_via(&plain).is_none());
+        assert!(decode_via(&[]).is_none());
+        assert!(decode_via(&[VIA_DATAGRAM, 9, b'a']).is_none(), "short");
+        assert!(decode_via(&[VIA_DATAGRAM, 1, 0xff]).is_none(), "not UTF-8");
+        assert!(encode_via(&"r".repeat(300), b"").is_none());
     }
 }

@@ -75,6 +75,8 @@ impl Mesh {
                 LinkEntry {
                     conn: conn.clone(),
                     dialer: dialer.to_string(),
+                    uses: Arc::new(()),
+                    surplus_since: None,
                 },
             );
             self.membership().link_up(peer, tokio::time::Instant::now());
@@ -127,7 +129,7 @@ pub(crate) async fn accept(
         if h.version != PROTOCOL_VERSION || !mesh.key.verify(&ekm, CLIENT, &h.proof) {
             return Err(SetupError::BadProof);
         }
-        let mut members = mesh.membership().gossip();
+        let mut members = mesh.membership().gossip(tokio::time::Instant::now());
         members.truncate(swb_wire::RELAY_MAP_PAGE);
         let welcome = MeshWelcome {
             relay: mesh.me.clone(),
@@ -267,7 +269,7 @@ async fn run_link(
             let frames: Vec<Frame> = if mesh.leaving.load(Ordering::Relaxed) {
                 vec![Frame::MeshLeaving]
             } else {
-                RelayMap::pages(&mesh.membership().gossip())
+                RelayMap::pages(&mesh.membership().gossip(tokio::time::Instant::now()))
                     .into_iter()
                     .map(Frame::MeshMembers)
                     .collect()
@@ -292,6 +294,7 @@ async fn run_link(
         }
     };
     let listen = async {
+        let mut pages = swb_wire::RelayMapPages::default();
         loop {
             let f = read_frame(&mut recv).await;
             if let Ok(Some(_)) = &f {
@@ -299,7 +302,18 @@ async fn run_link(
                     .heard(&peer.id, tokio::time::Instant::now());
             }
             match f {
-                Ok(Some(Frame::MeshMembers(m))) => mesh.merge(&m.relays),
+                // A neighbour's whole gossip: the relays it hears.
+                Ok(Some(Frame::MeshMembers(m))) => {
+                    if let Some(all) = pages.add(m) {
+                        let new =
+                            mesh.membership()
+                                .claimed(&peer.id, &all, tokio::time::Instant::now());
+                        mesh.publish();
+                        if new {
+                            mesh.changed.notify_waiters();
+                        }
+                    }
+                }
                 Ok(Some(Frame::MeshLeaving)) => {
                     info!(peer = %peer.id, "relay is leaving the mesh");
                     mesh.membership().leaving(&peer.id);
@@ -318,8 +332,11 @@ async fn run_link(
                 s = conn.accept_bi() => match s {
                     Ok((send, recv)) => {
                         let m = mesh.clone();
+                        let using = mesh.conn_to(&peer.id).map(|(_, u)| u);
+                        let from = peer.id.clone();
                         tasks.spawn(mesh.tasks.track_future(async move {
-                            super::calls_in::serve(&m, send, recv).await;
+                            let _using = using;
+                            super::calls_in::serve(&m, &from, send, recv).await;
                         }));
                     }
                     Err(_) => break,
@@ -333,9 +350,13 @@ async fn run_link(
     // TUN packets for peers attached here, as datagrams.
     let packets = async {
         while let Ok(d) = conn.read_datagram().await {
-            mesh.services
-                .tun
-                .deliver_from_mesh(&mesh.services.metrics, d);
+            match super::calls_out::decode_via(&d) {
+                Some((to, inner)) => mesh.pass_datagram(to, d.slice(inner..)),
+                None => mesh
+                    .services
+                    .tun
+                    .deliver_from_mesh(&mesh.services.metrics, d),
+            }
         }
     };
     tokio::select! {
@@ -348,6 +369,39 @@ async fn run_link(
     }
     mesh.unregister(&peer.id, &conn);
     info!(peer = %peer.id, reason = ?conn.close_reason(), "mesh link down");
+}
+
+/// How long a link the grid does not want stays up unused before it is
+/// closed (a mesh growing past `--full-mesh-max` thins out to the grid).
+const SURPLUS_GRACE: Duration = Duration::from_secs(10);
+
+impl Mesh {
+    /// Closes links the grid does not want that nothing used for
+    /// [`SURPLUS_GRACE`] (never a seed's: it would be dialled again).
+    fn close_surplus(&self, now: tokio::time::Instant) {
+        let surplus = self.membership().surplus(now);
+        let seeds: Vec<String> = self
+            .seeds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
+        let mut links = self.links();
+        for (id, l) in links.iter_mut() {
+            let idle = Arc::strong_count(&l.uses) == 1;
+            if !surplus.contains(id) || seeds.contains(id) || !idle {
+                l.surplus_since = None;
+                continue;
+            }
+            let since = *l.surplus_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= SURPLUS_GRACE {
+                debug!(peer = %id, "closing a mesh link the grid does not want");
+                l.conn.close(close::NORMAL.into(), b"link not in the grid");
+            }
+        }
+    }
 }
 
 /// Dials seeds and learned members until `cancel`, ages out records and
@@ -391,8 +445,13 @@ pub(crate) async fn dialer(
         if !gone.is_empty() {
             debug!(?gone, "forgot relays nobody has heard of for a while");
         }
-        // Silent links leave the live set even before QUIC gives up on them.
+        // Silent links leave the live set even before QUIC gives up on them,
+        // and out of this relay's gossip: neighbours hear of it.
         mesh.publish();
+        if mesh.membership().gossip_changed(now) {
+            mesh.changed.notify_waiters();
+        }
+        mesh.close_surplus(now);
         dialing.retain(|_, h| !h.is_finished());
         let targets: Vec<String> = {
             let m = mesh.membership();
@@ -405,7 +464,7 @@ pub(crate) async fn dialer(
                 .map(|(a, _)| a.clone())
                 .collect();
             t.extend(
-                m.dial_targets()
+                m.dial_targets(now)
                     .into_iter()
                     .filter_map(|r| r.addrs.first().cloned()),
             );

@@ -35,7 +35,7 @@ impl Mesh {
                 watch: false,
             };
             let fetch = async {
-                let (_s, mut r) = self.status_query(&home, q).await?;
+                let (_s, mut r, _using) = self.status_query(&home, q).await?;
                 while let Some(f) = read_frame(&mut r).await? {
                     if let Frame::StatusUpdate(u) = f {
                         self.services.registry().status.mirror_update(
@@ -81,7 +81,7 @@ async fn mirror(mesh: Arc<Mesh>, key: (String, String)) {
             names: vec![name.to_string()],
             watch: true,
         };
-        let Ok((_send, mut recv)) = mesh.status_query(&home.id, q).await else {
+        let Ok((_send, mut recv, _using)) = mesh.status_query(&home.id, q).await else {
             tokio::time::sleep(MIRROR_RETRY).await;
             if !mesh.services.registry().status.watched(ns, name) {
                 break;

@@ -17,10 +17,21 @@
 //!
 //! # Membership: a relay map plus link health
 //!
-//! Chosen over a gossip library (`chitchat`, `foca`): a diameter-1 mesh
-//! already keeps a QUIC link to every other relay, so link health is a
-//! failure detector on exactly the path that matters. The rules live in
-//! [`membership`], a state machine tested with simulated time.
+//! Chosen over a gossip library (`chitchat`, `foca`): every relay keeps
+//! QUIC links to its neighbours — all relays up to `--full-mesh-max`, its
+//! row and column of a √N grid past that ([`swb_ring::Grid`]) — so link
+//! health is a failure detector on exactly the paths that matter, and
+//! each relay's gossip says which relays it hears: every relay is a
+//! neighbour or a neighbour's neighbour. The rules live in [`membership`],
+//! a state machine tested with simulated time.
+//!
+//! # Two hops
+//!
+//! A call for a relay with no live link from here goes to a live
+//! neighbour that hears it, behind a [`swb_wire::MeshVia`] frame; that
+//! relay splices the stream on (or, once, detours through a neighbour of
+//! its own). Every call — messages, streams, status, HTTP operations —
+//! takes that path unchanged; TUN packets carry a small via header.
 
 pub mod auth;
 mod calls_in;
@@ -58,12 +69,27 @@ pub struct MeshConfig {
     /// Addresses other relays and daemons reach this relay at; default: the
     /// bound address.
     pub advertise: Vec<String>,
+    /// Live relays up to which every relay links to every other; past it,
+    /// links follow a √N grid and calls may take two hops.
+    pub full_mesh_max: usize,
 }
+
+/// Default of [`MeshConfig::full_mesh_max`] (`--full-mesh-max`).
+pub const FULL_MESH_MAX: usize = 1000;
+
+/// A call or stream using a link: while any is held, a link the grid no
+/// longer wants stays up.
+#[derive(Debug, Clone)]
+pub(crate) struct LinkUse(#[allow(dead_code)] Arc<()>);
 
 /// A link that is up, and which side dialled it.
 struct LinkEntry {
     conn: quinn::Connection,
     dialer: String,
+    /// One count per call or stream on it (both ways), plus this one.
+    uses: Arc<()>,
+    /// Since when the grid has not wanted it and nothing used it.
+    surplus_since: Option<tokio::time::Instant>,
 }
 
 /// This relay's part in the mesh.
@@ -106,7 +132,7 @@ impl Mesh {
     ) -> Arc<Self> {
         let me = placement.me().clone();
         Arc::new(Self {
-            membership: Mutex::new(Membership::new(me.clone())),
+            membership: Mutex::new(Membership::new(me.clone(), cfg.full_mesh_max)),
             me,
             key: cfg.key.clone(),
             services,
@@ -139,8 +165,32 @@ impl Mesh {
     }
 
     /// The connection of the link to relay `id`, if one is up.
-    fn conn_to(&self, id: &str) -> Option<quinn::Connection> {
-        self.links().get(id).map(|l| l.conn.clone())
+    fn conn_to(&self, id: &str) -> Option<(quinn::Connection, LinkUse)> {
+        self.links()
+            .get(id)
+            .map(|l| (l.conn.clone(), LinkUse(l.uses.clone())))
+    }
+
+    /// How to reach relay `id`: its link when that is live, else the link
+    /// to a live neighbour that hears it (`Some(id)`: pass it on to `id`),
+    /// else its link if one is up at all.
+    fn path_to(&self, id: &str) -> Option<(quinn::Connection, LinkUse, Option<String>)> {
+        let now = tokio::time::Instant::now();
+        let via = {
+            let m = self.membership();
+            if m.is_live(id, now) {
+                None
+            } else {
+                m.via(id, now)
+            }
+        };
+        if let Some(v) = via {
+            if let Some((c, u)) = self.conn_to(&v) {
+                self.services.metrics.mesh_two_hop.inc();
+                return Some((c, u, Some(id.to_string())));
+            }
+        }
+        self.conn_to(id).map(|(c, u)| (c, u, None))
     }
 
     /// Links to other relays that are up now.

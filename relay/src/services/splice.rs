@@ -114,6 +114,8 @@ pub(crate) struct Opened {
     pub(crate) recv: quinn::RecvStream,
     pub(crate) reply: StreamReply,
     pub(crate) _slot: Option<StreamSlot>,
+    /// The mesh link it crosses, kept up while the stream is.
+    pub(crate) _link: Option<crate::mesh::LinkUse>,
 }
 
 impl Services {
@@ -159,6 +161,7 @@ impl Services {
                 recv,
                 reply,
                 _slot: Some(slot),
+                _link: None,
             }),
             Ok(Err(e)) => Err(Refusal::new(
                 Code::PEER_OFFLINE,
