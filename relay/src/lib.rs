@@ -451,6 +451,20 @@ impl RelayHandle {
         self.metrics_addr
     }
 
+    /// The relays this relay has mesh links to now.
+    pub fn mesh_links(&self) -> Vec<String> {
+        self.mesh.as_ref().map_or_else(Vec::new, |m| m.linked_ids())
+    }
+
+    /// Reaches relay `to` over the mesh the way a call would now; the path
+    /// taken (the relay passed through, if any, then `to`) or why not.
+    pub async fn mesh_probe(&self, to: &str) -> Result<Vec<String>, String> {
+        match &self.mesh {
+            Some(m) => m.probe(to).await.map_err(|e| e.to_string()),
+            None => Err("not in a mesh".into()),
+        }
+    }
+
     /// How durable accepted mail is at this relay.
     pub fn durability(&self) -> Durability {
         self.router.services().durability()

@@ -295,6 +295,12 @@ impl TestRelay {
         Ok(())
     }
 
+    /// Ends the relay at once: no goodbye to the mesh, no mail handoff
+    /// (its connections close as the process would on a crash's exit).
+    pub fn kill(&mut self) {
+        drop(self.handle.take());
+    }
+
     /// Stops the relay and waits for it to end.
     pub async fn stop(&mut self) {
         if let Some(h) = self.handle.take() {
@@ -885,13 +891,23 @@ pub async fn mesh_relay(
     k: &swb_relay::mesh::MeshKey,
     peers: &[&TestRelay],
 ) -> Result<TestRelay> {
+    mesh_relay_max(id, k, peers, swb_relay::mesh::FULL_MESH_MAX).await
+}
+
+/// [`mesh_relay`] with `--full-mesh-max full_mesh_max`.
+pub async fn mesh_relay_max(
+    id: &str,
+    k: &swb_relay::mesh::MeshKey,
+    peers: &[&TestRelay],
+    full_mesh_max: usize,
+) -> Result<TestRelay> {
     TestRelay::spawn_with(RelayOptions {
         relay_id: Some(id.into()),
         mesh: Some(swb_relay::mesh::MeshConfig {
             key: k.clone(),
             peers: peers.iter().map(|r| r.addr().to_string()).collect(),
             advertise: Vec::new(),
-            full_mesh_max: swb_relay::mesh::FULL_MESH_MAX,
+            full_mesh_max,
         }),
         ..RelayOptions::default()
     })

@@ -377,21 +377,13 @@ const SURPLUS_GRACE: Duration = Duration::from_secs(10);
 
 impl Mesh {
     /// Closes links the grid does not want that nothing used for
-    /// [`SURPLUS_GRACE`] (never a seed's: it would be dialled again).
+    /// [`SURPLUS_GRACE`].
     fn close_surplus(&self, now: tokio::time::Instant) {
         let surplus = self.membership().surplus(now);
-        let seeds: Vec<String> = self
-            .seeds
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .flatten()
-            .cloned()
-            .collect();
         let mut links = self.links();
         for (id, l) in links.iter_mut() {
             let idle = Arc::strong_count(&l.uses) == 1;
-            if !surplus.contains(id) || seeds.contains(id) || !idle {
+            if !surplus.contains(id) || !idle {
                 l.surplus_since = None;
                 continue;
             }
@@ -454,13 +446,19 @@ pub(crate) async fn dialer(
         mesh.close_surplus(now);
         dialing.retain(|_, h| !h.is_finished());
         let targets: Vec<String> = {
+            let live = mesh.placement.live_now();
             let m = mesh.membership();
+            // A seed is dialled until it is known and live by any path (past
+            // --full-mesh-max it need not be a neighbour).
             let mut t: Vec<String> = mesh
                 .seeds
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
-                .filter(|(_, id)| id.as_deref().is_none_or(|id| !m.linked(id)))
+                .filter(|(_, id)| {
+                    id.as_deref()
+                        .is_none_or(|id| !m.linked(id) && !live.relays.contains_key(id))
+                })
                 .map(|(a, _)| a.clone())
                 .collect();
             t.extend(

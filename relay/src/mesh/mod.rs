@@ -198,6 +198,39 @@ impl Mesh {
         self.links().len()
     }
 
+    /// The relays this relay has links to now.
+    pub(crate) fn linked_ids(&self) -> Vec<String> {
+        self.links().keys().cloned().collect()
+    }
+
+    /// Asks relay `to` a trivial question over the path a call would take
+    /// now; that path (the relay it passed through, then `to`).
+    pub(crate) async fn probe(&self, to: &str) -> Result<Vec<String>, CallError> {
+        let path = match self.path_to(to) {
+            Some((_, _, Some(_))) => {
+                let via = self.membership().via(to, tokio::time::Instant::now());
+                via.into_iter().chain([to.to_string()]).collect()
+            }
+            Some(_) => vec![to.to_string()],
+            None => return Err(CallError::NoLink),
+        };
+        let q = swb_wire::MeshStatusQuery {
+            // No namespace has this name: the answer is empty.
+            namespace: "-probe-".into(),
+            names: Vec::new(),
+            watch: false,
+        };
+        let ask = async {
+            let (_s, mut r, _u) = self.status_query(to, q).await?;
+            while links::read_frame(&mut r).await?.is_some() {}
+            Ok::<_, CallError>(())
+        };
+        tokio::time::timeout(calls_out::STATUS_FETCH_TIMEOUT, ask)
+            .await
+            .map_err(|_| CallError::Timeout)??;
+        Ok(path)
+    }
+
     /// Tells every linked relay this one is stopping: they take it out of
     /// their live set (and send its peers elsewhere) while the links stay
     /// up for the mail handoff.
