@@ -79,9 +79,9 @@ async fn grid9(c: char) -> Result<(Vec<TestRelay>, String)> {
 /// linked to neither (by index into [`IDS`]).
 fn unlinked_pair() -> (usize, usize, usize) {
     let links = grid_links(&IDS);
-    for a in 0..IDS.len() {
-        for b in 0..IDS.len() {
-            if a == b || links[a].contains(IDS[b]) {
+    for (a, linked) in links.iter().enumerate() {
+        for (b, id) in IDS.iter().enumerate() {
+            if a == b || linked.contains(*id) {
                 continue;
             }
             if let Some(c) = (0..IDS.len()).find(|&c| c != a && c != b) {
