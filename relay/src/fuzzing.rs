@@ -43,6 +43,11 @@ pub fn relay_map(data: &[u8]) {
         let records = match frame {
             Frame::MeshMembers(map) | Frame::RelayMap(map) => map.relays,
             Frame::MeshWelcome(w) => w.members,
+            Frame::MeshMembersDelta(d) => {
+                let from = d.add.first().map(|r| r.id.clone()).unwrap_or_default();
+                m.claims_changed(&from, &d.add, &d.remove, now);
+                d.add
+            }
             _ => Vec::new(),
         };
         // Steer with the next byte: gossip or a neighbour's claims, a

@@ -222,6 +222,9 @@ pub enum FrameType {
     /// around a broken link); the bytes after it are the call's, spliced
     /// through unchanged.
     MeshVia = 36,
+    /// Relay → relay on the mesh control stream, after a whole
+    /// `MeshMembers` map: what changed in the relays I hear since.
+    MeshMembersDelta = 37,
 }
 
 impl FrameType {
@@ -261,6 +264,7 @@ impl FrameType {
             34 => Self::TunResolve,
             35 => Self::TunResolved,
             36 => Self::MeshVia,
+            37 => Self::MeshMembersDelta,
             30 => Self::MeshCall,
             31 => Self::MeshAnswer,
             _ => return None,
@@ -835,6 +839,27 @@ pub struct MeshVia {
     pub ttl: u8,
 }
 
+/// Relay → relay: the relays the sender hears, changed since its last
+/// `MeshMembers` or `MeshMembersDelta` on this link (the control stream
+/// is ordered and reliable, so changes need no versions).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshMembersDelta {
+    /// Relays it hears now and did not, or whose record changed.
+    pub add: Vec<RelayRecord>,
+    /// Relays it no longer hears.
+    pub remove: Vec<String>,
+}
+
+impl MeshMembersDelta {
+    /// Whether it fits one frame at the largest records and ids (else the
+    /// sender sends the whole map again).
+    pub fn fits(add: usize, remove: usize) -> bool {
+        add.saturating_mul(MAX_RELAY_RECORD_LEN)
+            .saturating_add(remove.saturating_mul(MAX_RELAY_ID_LEN + 2))
+            <= MAX_FRAME_LEN - 16
+    }
+}
+
 /// Most relays that may pass a mesh stream on beyond the first: a
 /// two-hop path plus one detour around a relay or link that is down.
 pub const MAX_VIA_TTL: u8 = 1;
@@ -1033,6 +1058,8 @@ pub enum Frame {
     MeshCall(MeshCall),
     /// See [`FrameType::MeshVia`].
     MeshVia(MeshVia),
+    /// See [`FrameType::MeshMembersDelta`].
+    MeshMembersDelta(MeshMembersDelta),
     /// See [`FrameType::MeshAnswer`].
     MeshAnswer(MeshAnswer),
     /// See [`FrameType::PingInfo`].
@@ -1129,6 +1156,7 @@ impl Frame {
             Frame::MeshStatusQuery(_) => FrameType::MeshStatusQuery,
             Frame::MeshCall(_) => FrameType::MeshCall,
             Frame::MeshVia(_) => FrameType::MeshVia,
+            Frame::MeshMembersDelta(_) => FrameType::MeshMembersDelta,
             Frame::MeshAnswer(_) => FrameType::MeshAnswer,
             Frame::PingInfo(_) => FrameType::PingInfo,
             Frame::TunJoin(_) => FrameType::TunJoin,
@@ -1170,6 +1198,7 @@ impl Frame {
             Frame::MeshStatusQuery(v) => len(v),
             Frame::MeshCall(v) => len(v),
             Frame::MeshVia(v) => len(v),
+            Frame::MeshMembersDelta(v) => len(v),
             Frame::MeshAnswer(v) => len(v),
             Frame::PingInfo(v) => len(v),
             Frame::TunJoin(v) => len(v),
@@ -1226,6 +1255,7 @@ impl Frame {
             Frame::MeshStatusQuery(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::MeshCall(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::MeshVia(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::MeshMembersDelta(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::MeshAnswer(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::PingInfo(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::TunJoin(v) => postcard::to_slice(v, out).map(|s| s.len()),
@@ -1408,6 +1438,15 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
             check_len("mesh_members.relays", m.relays.len(), RELAY_MAP_PAGE)?;
             m.relays.iter().try_for_each(check_record)?;
             Frame::MeshMembers(m)
+        }
+        FrameType::MeshMembersDelta => {
+            let d: MeshMembersDelta = body(ty, b)?;
+            check_len("mesh_members_delta.add", d.add.len(), RELAY_MAP_PAGE)?;
+            d.add.iter().try_for_each(check_record)?;
+            for id in &d.remove {
+                check_len("mesh_members_delta.remove", id.len(), MAX_RELAY_ID_LEN)?;
+            }
+            Frame::MeshMembersDelta(d)
         }
         FrameType::Redirect => {
             let r: RelayRecord = body(ty, b)?;

@@ -203,6 +203,11 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 }
             )),
         arb_record().prop_map(Frame::Redirect),
+        (
+            proptest::collection::vec(arb_record(), 0..3),
+            proptest::collection::vec("[a-z0-9-]{1,16}", 0..3)
+        )
+            .prop_map(|(add, remove)| Frame::MeshMembersDelta(MeshMembersDelta { add, remove })),
         ("[a-z0-9-]{1,16}", 0..=MAX_VIA_TTL)
             .prop_map(|(to, ttl)| Frame::MeshVia(MeshVia { to, ttl })),
         ("[a-z]{1,8}", "[a-z]{1,8}", "[a-z]{1,8}", any::<u16>()).prop_map(
@@ -561,6 +566,22 @@ fn a_relay_map_of_the_largest_allowed_size_travels_in_pages() {
     assert_eq!(got.expect("whole after the last page"), all);
     // An empty map is one page.
     assert_eq!(RelayMap::pages(&[]).len(), 1);
+}
+
+#[test]
+fn a_members_delta_that_fits_encodes_within_one_frame() {
+    let add: Vec<RelayRecord> = (0..RELAY_MAP_PAGE / 2).map(worst_record).collect();
+    let mut remove = Vec::new();
+    while MeshMembersDelta::fits(add.len(), remove.len() + 1) {
+        remove.push("z".repeat(MAX_RELAY_ID_LEN));
+    }
+    let f = Frame::MeshMembersDelta(MeshMembersDelta { add, remove });
+    let mut b = BytesMut::new();
+    f.encode(&mut b).expect("what fits encodes");
+    match decode(&b).expect("decodes") {
+        Decoded::Frame { frame, .. } => assert_eq!(frame, f),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[test]

@@ -7,7 +7,7 @@ use super::auth::{self, CLIENT, MESH_STREAMS, SERVER};
 use super::membership::MESH_KEEPALIVE;
 use super::{LinkEntry, Mesh};
 use crate::services::splice::write_frame;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -84,6 +84,13 @@ impl Mesh {
         self.publish();
         self.changed.notify_waiters();
         true
+    }
+
+    /// Whether `conn` is the registered link to `id`.
+    fn is_current(&self, id: &str, conn: &quinn::Connection) -> bool {
+        self.links()
+            .get(id)
+            .is_some_and(|l| l.conn.stable_id() == conn.stable_id())
     }
 
     fn unregister(&self, id: &str, conn: &quinn::Connection) {
@@ -262,6 +269,9 @@ async fn run_link(
         let mut keepalive = tokio::time::interval(MESH_KEEPALIVE);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut nonce = 0u64;
+        // What this link was last told this relay hears: the whole map
+        // once, then only what changed.
+        let mut told: Option<BTreeMap<String, RelayRecord>> = None;
         loop {
             let notified = mesh.changed.notified();
             tokio::pin!(notified);
@@ -269,10 +279,15 @@ async fn run_link(
             let frames: Vec<Frame> = if mesh.leaving.load(Ordering::Relaxed) {
                 vec![Frame::MeshLeaving]
             } else {
-                RelayMap::pages(&mesh.membership().gossip(tokio::time::Instant::now()))
+                let now: BTreeMap<String, RelayRecord> = mesh
+                    .membership()
+                    .gossip(tokio::time::Instant::now())
                     .into_iter()
-                    .map(Frame::MeshMembers)
-                    .collect()
+                    .map(|r| (r.id.clone(), r))
+                    .collect();
+                let frames = gossip_frames(told.as_ref(), &now, &mesh.me);
+                told = Some(now);
+                frames
             };
             for f in &frames {
                 if write_frame(&mut send, f).await.is_err() {
@@ -301,7 +316,23 @@ async fn run_link(
                 mesh.membership()
                     .heard(&peer.id, tokio::time::Instant::now());
             }
+            // A link replaced by a newer one to the same relay may still
+            // deliver old news: only the registered link speaks for it.
+            let current = mesh.is_current(&peer.id, &conn);
             match f {
+                Ok(Some(Frame::MeshMembersDelta(_) | Frame::MeshMembers(_))) if !current => {}
+                Ok(Some(Frame::MeshMembersDelta(d))) => {
+                    let new = mesh.membership().claims_changed(
+                        &peer.id,
+                        &d.add,
+                        &d.remove,
+                        tokio::time::Instant::now(),
+                    );
+                    mesh.publish();
+                    if new {
+                        mesh.changed.notify_waiters();
+                    }
+                }
                 // A neighbour's whole gossip: the relays it hears.
                 Ok(Some(Frame::MeshMembers(m))) => {
                     if let Some(all) = pages.add(m) {
@@ -369,6 +400,49 @@ async fn run_link(
     }
     mesh.unregister(&peer.id, &conn);
     info!(peer = %peer.id, reason = ?conn.close_reason(), "mesh link down");
+}
+
+/// What to tell a link of the relays this relay hears (`now`, itself
+/// included) when it was last told `told`: the whole map the first time
+/// (or when the changes would not fit a frame), else the changes, else
+/// nothing.
+fn gossip_frames(
+    told: Option<&BTreeMap<String, RelayRecord>>,
+    now: &BTreeMap<String, RelayRecord>,
+    me: &RelayRecord,
+) -> Vec<Frame> {
+    let whole = || {
+        // This relay's own record first, as receivers expect.
+        let mut all = vec![me.clone()];
+        all.extend(now.values().filter(|r| r.id != me.id).cloned());
+        RelayMap::pages(&all)
+            .into_iter()
+            .map(Frame::MeshMembers)
+            .collect()
+    };
+    let Some(told) = told else {
+        return whole();
+    };
+    let add: Vec<RelayRecord> = now
+        .values()
+        .filter(|r| told.get(&r.id) != Some(*r))
+        .cloned()
+        .collect();
+    let remove: Vec<String> = told
+        .keys()
+        .filter(|id| !now.contains_key(*id))
+        .cloned()
+        .collect();
+    if add.is_empty() && remove.is_empty() {
+        Vec::new()
+    } else if swb_wire::MeshMembersDelta::fits(add.len(), remove.len()) {
+        vec![Frame::MeshMembersDelta(swb_wire::MeshMembersDelta {
+            add,
+            remove,
+        })]
+    } else {
+        whole()
+    }
 }
 
 /// How long a link the grid does not want stays up unused before it is
@@ -484,4 +558,50 @@ pub(crate) async fn dialer(
     }
     mesh.close_all();
     while links.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(id: &str, incarnation: u64) -> RelayRecord {
+        RelayRecord {
+            id: id.into(),
+            addrs: vec![format!("{id}.example:7443")],
+            fingerprint: format!("sha256:{id}"),
+            incarnation,
+        }
+    }
+
+    fn map(rs: &[RelayRecord]) -> BTreeMap<String, RelayRecord> {
+        rs.iter().map(|r| (r.id.clone(), r.clone())).collect()
+    }
+
+    #[test]
+    fn a_link_hears_the_whole_map_once_then_only_changes() {
+        let me = rec("m", 1);
+        let first = map(&[rec("b", 1), me.clone(), rec("a", 1)]);
+        let f = gossip_frames(None, &first, &me);
+        let [Frame::MeshMembers(whole)] = f.as_slice() else {
+            panic!("{f:?}")
+        };
+        let ids: Vec<&str> = whole.relays.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["m", "a", "b"], "own record first");
+        assert!(gossip_frames(Some(&first), &first, &me).is_empty());
+        let next = map(&[me.clone(), rec("a", 2), rec("c", 1)]);
+        let f = gossip_frames(Some(&first), &next, &me);
+        let [Frame::MeshMembersDelta(d)] = f.as_slice() else {
+            panic!("{f:?}")
+        };
+        let added: Vec<&str> = d.add.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(added, ["a", "c"], "a restarted, c is new");
+        assert_eq!(d.remove, ["b"]);
+        // Too many changes for one frame: the whole map again.
+        let many = map(&(0..swb_wire::RELAY_MAP_PAGE + 1)
+            .map(|i| rec(&format!("r{i}"), 1))
+            .collect::<Vec<_>>());
+        let f = gossip_frames(Some(&first), &many, &me);
+        assert!(f.iter().all(|f| matches!(f, Frame::MeshMembers(_))));
+        assert!(f.len() >= 2);
+    }
 }

@@ -86,6 +86,7 @@ impl Membership {
                 .iter()
                 .filter(|r| r.id != id && r.id != self.me.id && !r.id.is_empty())
                 .map(|r| r.id.clone())
+                .take(swb_wire::MAX_RELAYS)
                 .collect();
             self.claims.insert(id.to_string(), heard);
         }
@@ -132,6 +133,8 @@ impl Membership {
     /// A link to `record`'s relay came up (it proved the mesh key; its
     /// record is authoritative).
     pub(crate) fn link_up(&mut self, record: &RelayRecord, now: Instant) {
+        // A new link starts with the relay's whole gossip.
+        self.claims.remove(&record.id);
         self.known.insert(
             record.id.clone(),
             Known {
@@ -146,6 +149,32 @@ impl Membership {
                 leaving: false,
             },
         );
+    }
+
+    /// What `id` hears changed (a delta after its whole gossip): records
+    /// merged; whether anything new was learned.
+    pub(crate) fn claims_changed(
+        &mut self,
+        id: &str,
+        add: &[RelayRecord],
+        remove: &[String],
+        now: Instant,
+    ) -> bool {
+        let new = self.merge(add, now);
+        if let Some(heard) = self.claims.get_mut(id) {
+            for r in remove {
+                heard.remove(r);
+            }
+            // Bounded like the records: at most MAX_RELAYS per neighbour.
+            let room = swb_wire::MAX_RELAYS.saturating_sub(heard.len());
+            heard.extend(
+                add.iter()
+                    .filter(|r| r.id != id && r.id != self.me.id && !r.id.is_empty())
+                    .map(|r| r.id.clone())
+                    .take(room),
+            );
+        }
+        new
     }
 
     /// The link to `id` ended.
@@ -545,5 +574,24 @@ mod tests {
         m.claimed(&all[1].id, &all, t0);
         assert_eq!(m.dial_targets(t0).len(), 7);
         assert!(m.surplus(t0).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_neighbours_changes_apply_on_top_of_its_whole_gossip() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(rec("a", 1), 1000);
+        m.link_up(&rec("b", 1), t0);
+        // A delta before any whole map changes nothing it hears.
+        m.claims_changed("b", &[rec("c", 1)], &[], t0);
+        assert_eq!(ids(&m, t0), ["a", "b"]);
+        m.claimed("b", &[rec("b", 1), rec("c", 1)], t0);
+        assert_eq!(ids(&m, t0), ["a", "b", "c"]);
+        assert!(m.claims_changed("b", &[rec("d", 1)], &["c".into()], t0));
+        assert_eq!(ids(&m, t0), ["a", "b", "d"]);
+        assert!(
+            !m.claims_changed("b", &[], &["d".into()], t0),
+            "nothing new"
+        );
+        assert_eq!(ids(&m, t0), ["a", "b"]);
     }
 }
