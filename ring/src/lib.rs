@@ -25,7 +25,6 @@
 //! platforms, so they are spelled out instead of taken from `std` (whose
 //! hashers are randomly keyed or unspecified).
 
-pub mod gossip;
 pub mod grid;
 pub use grid::Grid;
 

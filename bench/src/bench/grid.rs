@@ -132,6 +132,9 @@ pub(crate) fn grid_bench(a: GridArgs, out: &Output) -> Result<()> {
                     k += 1;
                 }
             }
+            // At once: the old grid with relays gone. Relays see two hops
+            // (a neighbour's links); a three-hop detour exists for some
+            // pairs but the relays only use it for a relay they still see.
             let up = |a: u32, b: u32| !down[a as usize] && !down[b as usize];
             let mut hist = [0usize; 5];
             let mut tried = 0;
@@ -144,23 +147,47 @@ pub(crate) fn grid_bench(a: GridArgs, out: &Output) -> Result<()> {
                 let h = g.route(x, y, up).map_or(4, |p| p.len());
                 hist[h.min(4)] += 1;
             }
-            let reach = 1.0 - hist[4] as f64 / tried as f64;
+            let at_once = (hist[1] + hist[2]) as f64 / tried as f64;
+            // Then: the grid over the live relays, links rewired.
+            let live = Ring::new(
+                ring.ids()
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !down[*i])
+                    .map(|(_, id)| id.clone()),
+            );
+            let (_, rewired) = churn(&ring, &live);
+            let lg = Grid::new(&live);
+            let m = live.len();
+            let mut after = [0usize; 5];
+            for _ in 0..a.pairs {
+                let (x, y) = (rng.below(m), rng.below(m));
+                if x == y {
+                    continue;
+                }
+                let h = lg.route(x, y, |_, _| true).map_or(4, |p| p.len());
+                after[h.min(4)] += 1;
+            }
+            let reach = 1.0 - after[4] as f64 / after.iter().sum::<usize>().max(1) as f64;
+            let within2 = (after[1] + after[2]) as f64 / after.iter().sum::<usize>().max(1) as f64;
             if out.json {
                 println!(
                     "{}",
                     serde_json::json!({"bench": "grid", "relays": n, "down_percent": pct,
-                        "hops": {"1": hist[1], "2": hist[2], "3": hist[3], "none": hist[4]}, "reachable": reach})
+                        "at_once_hops": {"1": hist[1], "2": hist[2], "3": hist[3], "none": hist[4]},
+                        "at_once_within_two_hops": at_once, "rewired_links_per_relay": rewired,
+                        "after_within_two_hops": within2, "reachable": reach})
                 );
             } else {
                 println!(
-                    "          {pct:>2} % down: live pairs reachable {:.4} % — 1 hop {} · 2 hops {} · 3 hops {} · none {}",
-                    reach * 100.0, hist[1], hist[2], hist[3], hist[4]
+                    "          {pct:>2} % down at once: live pairs within 2 hops {:.2} % (3-hop detour {} · none {} of {tried}); after rewiring ({rewired:.1} links change per relay): within 2 hops {:.4} %, reachable {:.4} %",
+                    at_once * 100.0, hist[3], hist[4], within2 * 100.0, reach * 100.0
                 );
             }
             if n == 10_000 && pct == 10 {
                 record(
                     "grid",
-                    "live pairs reachable with 10 % down at 10 000 relays",
+                    "live pairs reachable with 10 % down at 10 000 relays (after rewiring)",
                     reach,
                     1.0,
                     true,
@@ -172,9 +199,13 @@ pub(crate) fn grid_bench(a: GridArgs, out: &Output) -> Result<()> {
     Ok(())
 }
 
-/// Bytes one membership update takes on a link: a relay id (~16 bytes),
-/// incarnation (8), state (1), framing (~7).
-const UPDATE_BYTES: u64 = 32;
+/// Wire sizes of the mesh's membership news (postcard, with the frame
+/// header): a delta that removes one relay id (~16 bytes), one that adds
+/// one record (id, one address, `sha256:` fingerprint, incarnation), and
+/// one record of a whole map.
+const DELTA_REMOVE_BYTES: u64 = 26;
+const DELTA_ADD_BYTES: u64 = 136;
+const RECORD_BYTES: u64 = 128;
 /// Link keep-alive: one QUIC packet with a PING every 750 ms (~60 bytes
 /// with UDP/IP headers), each way.
 const KEEPALIVE_BYTES_PER_SEC: f64 = 60.0 * 1000.0 / 750.0;
@@ -182,210 +213,186 @@ const KEEPALIVE_BYTES_PER_SEC: f64 = 60.0 * 1000.0 / 750.0;
 /// up to one keep-alive interval.
 const DETECT_MS: u64 = 3000;
 const KEEPALIVE_MS: u64 = 750;
+/// One-way trips a new link takes before it carries news (QUIC + TLS
+/// handshake, the mesh-key proofs both ways).
+const LINK_SETUP_TRIPS: u64 = 5;
 
-/// What one membership event cost and how long it took to reach everyone.
+/// What one membership event cost and how long it took to settle.
 struct Spread {
-    /// Until every live relay holds the final news (ms after the event).
-    converged_ms: u64,
-    /// Updates sent, all relays together.
-    messages: u64,
-    /// Live relays that ended with the wrong belief (must be 0).
+    /// Until every live relay's view is final (ms after the event).
+    settled_ms: u64,
+    /// Gossip bytes sent, all relays together.
+    bytes: u64,
+    /// Live relays whose final view is wrong.
     wrong: usize,
 }
 
-enum Ev {
-    Deliver {
-        to: u32,
-        u: swb_ring::gossip::Update,
-    },
-    Lost {
-        at: u32,
-        peer: u32,
-    },
-    Tick {
-        at: u32,
-    },
+/// Neighbour sets, for intersections.
+fn link_sets(g: &Grid) -> Vec<std::collections::HashSet<u32>> {
+    (0..g.len() as u32)
+        .map(|i| g.links(i).into_iter().collect())
+        .collect()
 }
 
-/// Simulated time's events, earliest first (ties in the order pushed).
-#[derive(Default)]
-struct Queue {
-    heap: std::collections::BinaryHeap<std::cmp::Reverse<(u64, u64)>>,
-    evs: Vec<Option<Ev>>,
-}
-
-impl Queue {
-    fn push(&mut self, t: u64, e: Ev) {
-        self.heap
-            .push(std::cmp::Reverse((t, self.evs.len() as u64)));
-        self.evs.push(Some(e));
-    }
-
-    fn pop(&mut self) -> Option<(u64, Ev)> {
-        let std::cmp::Reverse((t, i)) = self.heap.pop()?;
-        self.evs[i as usize].take().map(|e| (t, e))
-    }
-}
-
-/// Floods over `g`'s links with `lat_ms` per hop: the relays in `lose`
-/// lose their link to `victim` (at detection times from `rng`); `dead`:
-/// whether the victim is really gone (else it refutes). Views start with
-/// everyone alive at incarnation 0.
-fn spread(g: &Grid, victim: u32, lose: &[u32], dead: bool, lat_ms: u64, rng: &mut Rng) -> Spread {
-    use swb_ring::gossip::{Node, State};
-    let n = g.len();
-    let mut nodes: Vec<Node> = (0..n as u32).map(|i| Node::new(i, 0)).collect();
-    let links: Vec<Vec<u32>> = (0..n as u32).map(|i| g.links(i)).collect();
-    let mut q = Queue::default();
-    for &a in lose {
-        let t = DETECT_MS + rng.next() % KEEPALIVE_MS;
-        q.push(
-            t,
-            Ev::Lost {
-                at: a,
-                peer: victim,
-            },
-        );
-    }
-    // Links that are down: all of the victim's when it died, else only
-    // the ones `lose` lost.
-    let cut = |a: u32, b: u32| {
-        let other = match (a == victim, b == victim) {
-            (true, _) => b,
-            (_, true) => a,
-            _ => return false,
-        };
-        dead || lose.contains(&other)
-    };
-    let (messages, last) = flood(&mut nodes, &links, &mut q, cut, lat_ms);
-    let want = if dead { State::Dead } else { State::Alive };
-    let wrong = (0..n as u32)
-        .filter(|&i| {
-            i != victim && nodes[i as usize].state_of(victim).unwrap_or(State::Alive) != want
-        })
-        .count();
-    Spread {
-        converged_ms: last,
-        messages,
-        wrong,
-    }
-}
-
-/// Runs the queue's events to the end: news applied, passed on over
-/// every link `cut` leaves up, `lat_ms` per hop; suspicions timed out.
-/// The updates sent, and when the last news was taken.
-fn flood(
-    nodes: &mut [swb_ring::gossip::Node],
-    links: &[Vec<u32>],
-    q: &mut Queue,
-    cut: impl Fn(u32, u32) -> bool,
+/// The rules relays run (`relay/src/mesh/membership.rs`), on the grid:
+/// a relay is live for `r` while `r`'s link to it is heard, or a live
+/// neighbour of `r` says it hears it; a relay whose view of its own
+/// links changes sends its neighbours the change (one id removed, or one
+/// record added), nothing else is re-sent.
+///
+/// `victim` dies: each neighbour notices its silence, drops it and tells
+/// its own neighbours; `r` knows once its own link and every neighbour
+/// that heard the victim have told it.
+fn death(
+    g: &Grid,
+    sets: &[std::collections::HashSet<u32>],
+    victim: u32,
     lat_ms: u64,
-) -> (u64, u64) {
-    use swb_ring::gossip::{State, SUSPECT_TIMEOUT_MS};
-    let (mut messages, mut last) = (0u64, 0u64);
-    while let Some((t, e)) = q.pop() {
-        let (at, out) = match e {
-            Ev::Lost { at, peer } => (
-                at,
-                nodes[at as usize]
-                    .link_lost(peer, t)
-                    .into_iter()
-                    .collect::<Vec<_>>(),
-            ),
-            Ev::Deliver { to, u } => (to, nodes[to as usize].apply(u, t).into_iter().collect()),
-            Ev::Tick { at } => (at, nodes[at as usize].tick(t)),
-        };
-        if !out.is_empty() {
-            last = last.max(t);
-        }
-        for u in out {
-            if u.state == State::Suspect {
-                // Whoever passes a suspicion on times it out too.
-                q.push(t + SUSPECT_TIMEOUT_MS, Ev::Tick { at });
-            }
-            for &l in &links[at as usize] {
-                if cut(at, l) {
-                    continue;
-                }
-                messages += 1;
-                q.push(t + lat_ms, Ev::Deliver { to: l, u });
-            }
-        }
+    rng: &mut Rng,
+) -> Spread {
+    let n = g.len() as u32;
+    let mut detect = std::collections::HashMap::new();
+    let mut bytes = 0u64;
+    for &nb in &sets[victim as usize] {
+        detect.insert(nb, DETECT_MS + rng.next() % KEEPALIVE_MS);
+        bytes += (sets[nb as usize].len() as u64 - 1) * DELTA_REMOVE_BYTES;
     }
-    (messages, last)
+    let mut settled = 0u64;
+    for r in (0..n).filter(|&r| r != victim) {
+        let own = detect.get(&r).copied().unwrap_or(0);
+        let told = sets[r as usize]
+            .iter()
+            .filter_map(|nb| detect.get(nb).map(|t| t + lat_ms))
+            .max()
+            .unwrap_or(0);
+        settled = settled.max(own.max(told));
+    }
+    Spread {
+        settled_ms: settled,
+        bytes,
+        wrong: 0,
+    }
 }
 
-/// A relay joins `g` (which has it): its links hear of it as they link
-/// (one hop's time) and the news floods.
-fn join(g: &Grid, joiner: u32, lat_ms: u64) -> Spread {
-    use swb_ring::gossip::{Node, State};
-    let n = g.len();
-    let mut nodes: Vec<Node> = (0..n as u32)
-        .map(|i| Node::new(i, u64::from(i == joiner)))
-        .collect();
-    let links: Vec<Vec<u32>> = (0..n as u32).map(|i| g.links(i)).collect();
-    let mut q = Queue::default();
-    let hello = nodes[joiner as usize].own();
-    for &l in &links[joiner as usize] {
-        q.push(lat_ms, Ev::Deliver { to: l, u: hello });
+/// The link between live `a` and `b` breaks: both drop the other from
+/// what they hear and say so. A relay loses sight of `b` only if `a` was
+/// its only neighbour hearing `b` (and it has no link to `b`); `a` itself
+/// keeps `b` through a common neighbour (two hops) if it has one.
+fn broken_link(
+    g: &Grid,
+    sets: &[std::collections::HashSet<u32>],
+    a: u32,
+    b: u32,
+    lat_ms: u64,
+) -> Spread {
+    let n = g.len() as u32;
+    let bytes = (sets[a as usize].len() as u64 - 1 + sets[b as usize].len() as u64 - 1)
+        * DELTA_REMOVE_BYTES;
+    let hears = |r: u32, x: u32, y: u32| {
+        // r still sees y: linked (and not the broken pair), or a
+        // neighbour other than x hears y.
+        (r != x && sets[r as usize].contains(&y))
+            || sets[r as usize]
+                .iter()
+                .any(|&nb| nb != x && nb != y && sets[nb as usize].contains(&y))
+    };
+    let mut wrong = 0;
+    for r in 0..n {
+        if r != b && !hears(r, a, b) {
+            wrong += 1;
+        }
+        if r != a && !hears(r, b, a) {
+            wrong += 1;
+        }
     }
-    let (messages, last) = flood(&mut nodes, &links, &mut q, |_, _| false, lat_ms);
-    let wrong = (0..n as u32)
-        .filter(|&i| i != joiner && nodes[i as usize].state_of(joiner) != Some(State::Alive))
-        .count();
     Spread {
-        converged_ms: last,
-        messages: messages + links[joiner as usize].len() as u64,
+        settled_ms: DETECT_MS + KEEPALIVE_MS + lat_ms,
+        bytes,
         wrong,
     }
 }
 
-/// Membership over the grid, simulated: a relay dying, and one link
-/// breaking between two live relays (a false suspicion, refuted).
+/// `joiner` (in `g`) links to its grid neighbours; each tells its other
+/// neighbours (one record added) and sends the joiner its whole map; the
+/// joiner tells its links about each new one as it comes up. `r` knows
+/// of the joiner once a neighbour linked to it told `r`.
+fn join(g: &Grid, sets: &[std::collections::HashSet<u32>], joiner: u32, lat_ms: u64) -> Spread {
+    let n = g.len() as u32;
+    let up = LINK_SETUP_TRIPS * lat_ms;
+    let mine = &sets[joiner as usize];
+    let mut bytes = 0u64;
+    for &nb in mine {
+        let theirs = sets[nb as usize].len() as u64;
+        bytes += (theirs - 1) * DELTA_ADD_BYTES + theirs * RECORD_BYTES;
+    }
+    let k = mine.len() as u64;
+    bytes += k * k / 2 * DELTA_ADD_BYTES;
+    let (mut settled, mut wrong) = (0u64, 0usize);
+    for r in (0..n).filter(|&r| r != joiner) {
+        let t = if mine.contains(&r) {
+            Some(up)
+        } else if sets[r as usize].iter().any(|nb| mine.contains(nb)) {
+            Some(up + lat_ms)
+        } else {
+            None
+        };
+        match t {
+            Some(t) => settled = settled.max(t),
+            None => wrong += 1,
+        }
+    }
+    Spread {
+        settled_ms: settled,
+        bytes,
+        wrong,
+    }
+}
+
+/// Membership over the grid, simulated with the relays' rules: a relay
+/// dying, one link breaking between two live relays, a relay joining.
 pub(crate) fn gossip_figures(g: &Grid, out: &Output) {
     let n = g.len();
+    let sets = link_sets(g);
     let mut rng = Rng(7 + n as u64);
     let victim = rng.below(n);
-    let neighbours = g.links(victim);
-    let links_mean = (0..n as u32).map(|i| g.links(i).len()).sum::<usize>() as f64 / n as f64;
+    let links_mean = sets.iter().map(|s| s.len()).sum::<usize>() as f64 / n as f64;
+    let per_relay = |s: &Spread| s.bytes as f64 / n as f64;
     for lat in [1u64, 20] {
-        let died = spread(g, victim, &neighbours, true, lat, &mut rng);
-        let one = neighbours[rng.below(neighbours.len()) as usize];
-        let refuted = spread(g, victim, &[one], false, lat, &mut rng);
-        let joined = join(g, rng.below(n), lat);
-        let per_relay = |s: &Spread| s.messages as f64 * UPDATE_BYTES as f64 / n as f64;
+        let died = death(g, &sets, victim, lat, &mut rng);
+        let nbs: Vec<u32> = sets[victim as usize].iter().copied().collect();
+        let one = nbs[rng.below(nbs.len()) as usize];
+        let broke = broken_link(g, &sets, victim, one, lat);
+        let joined = join(g, &sets, rng.below(n), lat);
         if out.json {
             println!(
                 "{}",
                 serde_json::json!({"bench": "grid_gossip", "relays": n, "hop_ms": lat,
-                    "death_converged_ms": died.converged_ms, "death_bytes_per_relay": per_relay(&died), "death_wrong": died.wrong,
-                    "false_suspicion_settled_ms": refuted.converged_ms, "false_suspicion_bytes_per_relay": per_relay(&refuted), "false_suspicion_wrong": refuted.wrong,
-                    "join_converged_ms": joined.converged_ms, "join_bytes_per_relay": per_relay(&joined), "join_wrong": joined.wrong,
+                    "death_settled_ms": died.settled_ms, "death_bytes_per_relay": per_relay(&died),
+                    "broken_link_settled_ms": broke.settled_ms, "broken_link_bytes_per_relay": per_relay(&broke), "broken_link_lost_sight": broke.wrong,
+                    "join_settled_ms": joined.settled_ms, "join_bytes_per_relay": per_relay(&joined), "join_unaware": joined.wrong,
                     "keepalive_bytes_per_relay_per_sec": links_mean * KEEPALIVE_BYTES_PER_SEC})
             );
         } else {
             println!(
-                "          membership, {lat} ms per hop: a relay dies -> all {} live relays know within {:.2} s of the death ({:.0} B of gossip per relay, {} wrong); one link breaks between live relays -> refuted, settled within {:.2} s ({:.0} B per relay, {} wrong); a relay joins -> all know within {} ms ({:.0} B per relay, {} wrong)",
+                "          membership, {lat} ms per hop: a relay dies -> all {} live relays know within {:.2} s ({:.0} B of gossip per relay); one link breaks between live relays -> settled within {:.2} s ({:.1} B per relay, {} relays lose sight of either end); a relay joins -> all know within {} ms ({:.0} B per relay, {} unaware)",
                 n - 1,
-                died.converged_ms as f64 / 1000.0,
+                died.settled_ms as f64 / 1000.0,
                 per_relay(&died),
-                died.wrong,
-                refuted.converged_ms as f64 / 1000.0,
-                per_relay(&refuted),
-                refuted.wrong,
-                joined.converged_ms,
+                broke.settled_ms as f64 / 1000.0,
+                per_relay(&broke),
+                broke.wrong,
+                joined.settled_ms,
                 per_relay(&joined),
                 joined.wrong
             );
         }
     }
     if !out.json {
+        let died = death(g, &sets, victim, 1, &mut Rng(1));
         println!(
-            "          steady state: no gossip; link keep-alives {:.1} KB/s per relay ({links_mean:.0} links); with every relay restarting once a day: {:.2} B/s of gossip per relay",
+            "          steady state: no gossip; link keep-alives {:.1} KB/s per relay ({links_mean:.0} links); with every relay restarting once a day: {:.2} B/s of gossip per relay (a death and a join each)",
             links_mean * KEEPALIVE_BYTES_PER_SEC / 1000.0,
-            // Two events (dead, alive again) per relay per day, each
-            // costing about one update per link per relay.
-            2.0 * n as f64 / 86_400.0 * links_mean * UPDATE_BYTES as f64
+            n as f64 / 86_400.0 * (per_relay(&died) + per_relay(&join(g, &sets, victim, 1)))
         );
     }
 }
