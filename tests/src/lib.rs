@@ -438,6 +438,32 @@ impl TestDaemon {
     }
 }
 
+/// A raw client `name` at `relay` that joined TUN mode: it and the
+/// addresses it was given.
+pub async fn tun_join(
+    relay: &TestRelay,
+    key: &str,
+    name: &str,
+) -> Result<(RawClient, swb_wire::TunAssigned)> {
+    let (mut c, f) = RawClient::hello(relay, key, name).await?;
+    if !matches!(f, Frame::Welcome(_)) {
+        bail!("{name}: {f:?}");
+    }
+    c.write_frame(&Frame::TunJoin(swb_wire::TunJoin { want: None }))
+        .await?;
+    match c.read_frame().await? {
+        Frame::TunAnswer(swb_wire::TunAnswer::Assigned(a)) => Ok((c, a)),
+        f => bail!("{name}: {f:?}"),
+    }
+}
+
+/// The IPv4 address of a TUN assignment.
+pub fn tun_v4(a: &swb_wire::TunAssigned) -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::from(
+        u32::from_be_bytes(a.v4_net) | a.index,
+    ))
+}
+
 /// A minimal client speaking the wire protocol directly, to test the relay's
 /// own checks (which the daemon would otherwise pre-empt).
 pub struct RawClient {

@@ -212,6 +212,54 @@ async fn peers_on_unlinked_relays_exchange_messages_streams_status_and_http_in_t
 }
 
 #[tokio::test]
+async fn tun_packets_between_unlinked_relays_take_two_hops() -> Result<()> {
+    let (relays, api) = grid9('t').await?;
+    let (a, b, _) = unlinked_pair();
+    let path = relays[a]
+        .handle()
+        .mesh_probe(IDS[b])
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let middle = IDS
+        .iter()
+        .position(|id| *id == path[0])
+        .context("the relay in the middle")?;
+    let alpha = swb_tests::name_homed_on(&IDS, "acme", IDS[a]);
+    let beta = swb_tests::name_homed_on(&IDS, "acme", IDS[b]);
+    let (x, xa) = swb_tests::tun_join(&relays[a], &api, &alpha).await?;
+    let (y, ya) = swb_tests::tun_join(&relays[b], &api, &beta).await?;
+    let (x4, y4) = (swb_tests::tun_v4(&xa), swb_tests::tun_v4(&ya));
+    let via = |r: &TestRelay| {
+        r.handle()
+            .metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix("swb_relay_mesh_via_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = via(&relays[middle]);
+    // Datagrams may be lost: send until one arrives each way.
+    for (from, to, src, dst) in [(&x, &y, x4, y4), (&y, &x, y4, x4)] {
+        let p = swb_tunnel::build::udp(src, dst, 4000, 5000, b"two hops").context("udp")?;
+        let got = eventually("a packet across two hops", WAIT, || async {
+            from.conn.send_datagram(p.clone().into())?;
+            match tokio::time::timeout(Duration::from_millis(200), to.conn.read_datagram()).await {
+                Ok(d) => Ok(Some(d?)),
+                Err(_) => Ok(None),
+            }
+        })
+        .await?;
+        assert_eq!(&got[..], &p[..]);
+    }
+    assert!(
+        via(&relays[middle]) > before,
+        "{} passed the packets on",
+        IDS[middle]
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn when_the_relay_in_the_middle_dies_traffic_detours() -> Result<()> {
     let (mut relays, api) = grid9('r').await?;
     let (a, b, _) = unlinked_pair();

@@ -10,20 +10,11 @@ use swb_tests::{RawClient, TestRelay, WAIT};
 use swb_wire::{Frame, TunAnswer, TunAssigned, TunJoin, TunResolve};
 
 async fn join(relay: &TestRelay, key: &str, name: &str) -> Result<(RawClient, TunAssigned)> {
-    let (mut c, f) = RawClient::hello(relay, key, name).await?;
-    if !matches!(f, Frame::Welcome(_)) {
-        bail!("{name}: {f:?}");
-    }
-    c.write_frame(&Frame::TunJoin(TunJoin { want: None }))
-        .await?;
-    match c.read_frame().await? {
-        Frame::TunAnswer(TunAnswer::Assigned(a)) => Ok((c, a)),
-        f => bail!("{name}: {f:?}"),
-    }
+    swb_tests::tun_join(relay, key, name).await
 }
 
 fn v4(a: &TunAssigned) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::from(u32::from_be_bytes(a.v4_net) | a.index))
+    swb_tests::tun_v4(a)
 }
 
 fn counter(relay: &TestRelay, result: &str) -> u64 {
