@@ -231,6 +231,14 @@ fn print_status(s: &StatusInfo) {
     if let Some(rtt) = s.rtt_ms {
         println!("rtt:        {rtt:.2} ms");
     }
+    if let Some(c) = &s.carrier {
+        let how = if c == "tcp" {
+            "tcp (QUIC inside TLS to the relay's HTTPS port: UDP does not get through)"
+        } else {
+            "udp"
+        };
+        println!("carrier:    {how}");
+    }
     if let Some(t) = &s.tun {
         println!(
             "tun:        {} {} {} (mtu {}{})",

@@ -79,6 +79,12 @@ pub(crate) struct UpArgs {
     /// less than the 12 s idle timeout. [default: 3s]
     #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
     silence_probe: Option<std::time::Duration>,
+    /// How QUIC packets reach the relay: `udp`; `tcp` (inside TLS to the
+    /// relay's HTTPS port, through HTTPS_PROXY if set); or `auto`: UDP, and
+    /// the TCP carrier when UDP does not answer within 300 ms, back to UDP
+    /// when it does — the same connection throughout. [default: auto]
+    #[arg(long, value_name = "udp|tcp|auto", value_parser = parse_transport)]
+    transport: Option<swb_daemon::Transport>,
     /// TUN mode: a virtual interface with this peer's address in its
     /// namespace (IPv4 from 100.64.0.0/10, IPv6 from a ULA /64), so any IP
     /// program reaches other TUN peers. Needs root or CAP_NET_ADMIN. Peers
@@ -115,6 +121,7 @@ struct UpFile {
     connect_timeout: Option<String>,
     keepalive: Option<String>,
     silence_probe: Option<String>,
+    transport: Option<String>,
     #[serde(default)]
     tun: bool,
     tun_name: Option<String>,
@@ -180,6 +187,14 @@ fn merge_file(a: &mut UpArgs) -> Result<Option<PathBuf>> {
     }
     if a.silence_probe.is_none() {
         a.silence_probe = duration(&f.silence_probe, "silence_probe")?;
+    }
+    if a.transport.is_none() {
+        a.transport = f
+            .transport
+            .as_deref()
+            .map(parse_transport)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--config {}: transport: {e}", path.display()))?;
     }
     a.tun |= f.tun;
     a.tun_name = a.tun_name.take().or(f.tun_name);
@@ -325,6 +340,9 @@ pub(crate) async fn run(mut a: UpArgs, out: &Output) -> Result<()> {
     if let Some(t) = a.silence_probe {
         cfg.silence_probe = t;
     }
+    if let Some(t) = a.transport {
+        cfg.transport = t;
+    }
     if cfg.keepalive < std::time::Duration::from_millis(100)
         || cfg.silence_probe <= cfg.keepalive
         || cfg.silence_probe >= cfg.idle_timeout
@@ -397,4 +415,8 @@ pub(crate) async fn run(mut a: UpArgs, out: &Output) -> Result<()> {
         Err(e @ DaemonError::Refused(_)) => Err(anyhow::anyhow!("{e}")),
         Err(e) => Err(e.into()),
     }
+}
+
+fn parse_transport(s: &str) -> Result<swb_daemon::Transport, String> {
+    swb_daemon::Transport::parse(s).ok_or_else(|| format!("{s:?}: expected udp, tcp or auto"))
 }

@@ -202,7 +202,7 @@ pub(crate) async fn run(
     note: VerifyNote,
     cancel: CancellationToken,
 ) -> Result<(), DaemonError> {
-    let dialer = Dialer::new(shared.config.clone(), tls, note)?;
+    let dialer = Dialer::new(shared.config.clone(), tls, note, shared.paths.clone())?;
     let mut actor = Actor {
         shared,
         cmd_rx,
@@ -613,7 +613,8 @@ impl Actor {
                         };
                         self.rebind(&link, &why);
                     }
-                    if look.probe {
+                    // Silent on UDP: the TCP carrier first, then another relay.
+                    if look.probe && !self.shared.paths.hold_probe(link.addr, now) {
                         probe = Some(self.probe(relay, home));
                     }
                     Vec::new()

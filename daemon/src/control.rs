@@ -151,6 +151,10 @@ pub struct StatusInfo {
     pub connected_since: Option<String>,
     /// Round-trip time to the relay in milliseconds (when connected).
     pub rtt_ms: Option<f64>,
+    /// How QUIC packets reach the relay now (when connected): `udp`, or
+    /// `tcp` (the TCP carrier, when UDP does not get through).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carrier: Option<String>,
     /// Messages received and not yet taken by `recv`.
     pub inbox: usize,
     /// Sends waiting for an answer.

@@ -125,6 +125,11 @@ pub(crate) struct Dialer {
     endpoints: (Option<quinn::Endpoint>, Option<quinn::Endpoint>),
     /// Client configs pinned to relays' own certificates (dev meshes).
     pinned: HashMap<String, quinn::ClientConfig>,
+    /// UDP or the TCP carrier, per relay address.
+    paths: Arc<crate::carrier::Paths>,
+    /// TLS for TCP carriers, by the fingerprint pinned (`None`: the
+    /// configured trust).
+    carrier_tls: HashMap<Option<String>, Arc<rustls::ClientConfig>>,
 }
 
 /// The QUIC client configuration on top of `tls`.
@@ -151,6 +156,7 @@ impl Dialer {
         config: DaemonConfig,
         tls: rustls::ClientConfig,
         note: VerifyNote,
+        paths: Arc<crate::carrier::Paths>,
     ) -> Result<Self, DaemonError> {
         let client_cfg = quic_client_config(&config, tls)?;
         Ok(Self {
@@ -159,16 +165,52 @@ impl Dialer {
             note,
             endpoints: (None, None),
             pinned: HashMap::new(),
+            paths,
+            carrier_tls: HashMap::new(),
         })
     }
 
-    fn endpoint_for(&mut self, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
-        let slot = if addr.is_ipv4() {
-            &mut self.endpoints.0
-        } else {
-            &mut self.endpoints.1
+    /// TLS for a TCP carrier to `target` (HTTP/1.1 over the relay's HTTPS
+    /// port), verified as the QUIC connection is.
+    fn carrier_tls_for(
+        &mut self,
+        target: Option<&RelayRecord>,
+    ) -> Result<Arc<rustls::ClientConfig>, ConnectError> {
+        let pinned = match (target, &self.config.trust) {
+            (Some(r), crate::Trust::Fingerprint(_)) => Some(r.fingerprint.clone()),
+            _ => None,
         };
-        if let Some(ep) = slot {
+        if let Some(c) = self.carrier_tls.get(&pinned) {
+            return Ok(c.clone());
+        }
+        let trust = match &pinned {
+            Some(f) => crate::Trust::Fingerprint(f.clone()),
+            None => self.config.trust.clone(),
+        };
+        let tls =
+            crate::tls::client_config(&trust, self.config.ocsp, b"http/1.1", self.note.clone())
+                .map_err(|e| ConnectError::Retry(format!("TLS for the TCP carrier: {e}")))?;
+        let tls = Arc::new(tls);
+        self.carrier_tls.insert(pinned, tls.clone());
+        Ok(tls)
+    }
+
+    /// The endpoint's socket over `sock`: UDP plus the TCP carriers.
+    fn socket(&self, sock: std::net::UdpSocket) -> std::io::Result<Arc<dyn quinn::AsyncUdpSocket>> {
+        let udp = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, sock)?;
+        Ok(Arc::new(crate::carrier::ClientSocket::new(
+            udp,
+            self.paths.clone(),
+        )))
+    }
+
+    fn endpoint_for(&mut self, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+        let existing = if addr.is_ipv4() {
+            &self.endpoints.0
+        } else {
+            &self.endpoints.1
+        };
+        if let Some(ep) = existing {
             return Ok(ep.clone());
         }
         let bind: SocketAddr = if addr.is_ipv4() {
@@ -177,14 +219,18 @@ impl Dialer {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let ep = swb_quic::udp_socket(bind).and_then(|sock| {
-            quinn::Endpoint::new(
+            quinn::Endpoint::new_with_abstract_socket(
                 quinn::EndpointConfig::default(),
                 None,
-                sock,
+                self.socket(sock)?,
                 Arc::new(quinn::TokioRuntime),
             )
         })?;
-        *slot = Some(ep.clone());
+        if addr.is_ipv4() {
+            self.endpoints.0 = Some(ep.clone());
+        } else {
+            self.endpoints.1 = Some(ep.clone());
+        }
         Ok(ep)
     }
 
@@ -199,7 +245,7 @@ impl Dialer {
         } else {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
-        ep.rebind(swb_quic::udp_socket(bind)?)?;
+        ep.rebind_abstract(self.socket(swb_quic::udp_socket(bind)?)?)?;
         ep.local_addr()
     }
 
@@ -260,7 +306,15 @@ impl Dialer {
         timeout: std::time::Duration,
     ) -> Result<(Link, Welcome), ConnectError> {
         let cfg = self.client_cfg_for(target)?;
-        match tokio::time::timeout(timeout, self.connect_inner(relay, cfg, target.is_some())).await
+        let carrier_tls = match self.config.transport {
+            crate::Transport::Udp => None,
+            _ => Some(self.carrier_tls_for(target)?),
+        };
+        match tokio::time::timeout(
+            timeout,
+            self.connect_inner(relay, cfg, carrier_tls, target.is_some()),
+        )
+        .await
         {
             Ok(r) => r,
             Err(_) => Err(ConnectError::Retry(format!("no answer within {timeout:?}"))),
@@ -271,6 +325,7 @@ impl Dialer {
         &mut self,
         relay: &str,
         client_cfg: quinn::ClientConfig,
+        carrier_tls: Option<Arc<rustls::ClientConfig>>,
         redirected: bool,
     ) -> Result<(Link, Welcome), ConnectError> {
         let (host, port) = split_host_port(relay);
@@ -283,6 +338,15 @@ impl Dialer {
             .endpoint_for(addr)
             .map_err(|e| ConnectError::Retry(format!("cannot open a UDP socket: {e}")))?;
         let server_name = self.config.server_name.clone().unwrap_or(host);
+        if let Some(tls) = carrier_tls {
+            self.paths.prepare(
+                addr,
+                crate::carrier::Target {
+                    tls,
+                    server_name: server_name.clone(),
+                },
+            );
+        }
         let connecting = ep
             .connect_with(client_cfg, addr, &server_name)
             .map_err(|e| {

@@ -33,6 +33,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub mod api;
+pub mod carrier;
 mod conn;
 pub mod control;
 mod dial;
@@ -50,6 +51,7 @@ pub mod tls;
 pub mod tun;
 
 pub use api::{Accepted, ApiError, Message, PendingSend, Receiver, Sender};
+pub use carrier::Transport;
 pub use control::{default_control_path, Client, ControlError};
 pub use ping::{Pinger, Pong};
 pub use socks::SocksConfig;
@@ -125,6 +127,10 @@ pub struct DaemonConfig {
     /// Where to serve Prometheus metrics (plain HTTP, `GET /metrics`);
     /// `None`: not served ([`DaemonHandle::metrics_text`] still works).
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How QUIC packets reach relays: UDP, the TCP carrier (TLS to the
+    /// relay's HTTPS port), or UDP with the carrier when UDP does not
+    /// answer (the default).
+    pub transport: Transport,
 }
 
 impl DaemonConfig {
@@ -155,6 +161,7 @@ impl DaemonConfig {
             socks: None,
             tun: None,
             metrics_listen: None,
+            transport: Transport::Auto,
         }
     }
 }
@@ -263,6 +270,8 @@ pub(crate) struct Shared {
     pub(crate) tun_error: Mutex<Option<tun::TunError>>,
     /// Cancelled when the daemon stops.
     pub(crate) stop: CancellationToken,
+    /// UDP or the TCP carrier, per relay address.
+    pub(crate) paths: Arc<carrier::Paths>,
 }
 
 impl Shared {
@@ -402,6 +411,8 @@ impl Daemon {
             last_error: None,
         });
         let control_path = config.control_path.clone();
+        let tasks = tokio_util::task::TaskTracker::new();
+        let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
             state,
             inbox: Mutex::new(inbox::Inbox::default()),
@@ -412,11 +423,12 @@ impl Daemon {
             own_status: tokio::sync::Mutex::new(status::OwnStatus::default()),
             relay_count: AtomicUsize::new(0),
             metrics: metrics::Metrics::new(),
-            tasks: tokio_util::task::TaskTracker::new(),
             expose: std::sync::RwLock::new(Arc::new(config.expose.clone())),
             tun: Mutex::new(None),
             tun_error: Mutex::new(None),
-            stop: CancellationToken::new(),
+            paths: carrier::Paths::new(config.transport, tasks.clone(), stop.clone()),
+            tasks,
+            stop,
             config,
         });
         let cancel = shared.stop.clone();

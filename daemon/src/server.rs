@@ -562,11 +562,19 @@ async fn start_send(
 
 fn status(shared: &Shared) -> StatusInfo {
     let st = shared.state.borrow().clone();
-    let rtt = shared
+    let (rtt, carrier) = shared
         .conn
         .lock()
         .ok()
-        .and_then(|c| c.as_ref().map(|c| c.rtt().as_secs_f64() * 1000.0));
+        .and_then(|c| {
+            c.as_ref().map(|c| {
+                (
+                    c.rtt().as_secs_f64() * 1000.0,
+                    shared.paths.carrier(c.remote_address()),
+                )
+            })
+        })
+        .unzip();
     let mut s = StatusInfo {
         state: String::new(),
         name: shared.config.name.clone(),
@@ -575,6 +583,7 @@ fn status(shared: &Shared) -> StatusInfo {
         namespace: None,
         connected_since: None,
         rtt_ms: None,
+        carrier: None,
         inbox: shared.inbox().len(),
         pending_sends: shared.pending_sends.load(Ordering::Relaxed),
         attempts: 0,
@@ -622,6 +631,7 @@ fn status(shared: &Shared) -> StatusInfo {
             s.name = welcome.name;
             s.connected_since = Some(humantime::format_rfc3339_seconds(since).to_string());
             s.rtt_ms = rtt;
+            s.carrier = carrier.map(str::to_string);
         }
         ConnState::Stopped { error } => {
             s.state = "stopped".into();

@@ -2,6 +2,8 @@
 //! write [`swb_wire`] frames on quinn streams, and bind the UDP socket QUIC
 //! runs on. One copy for both ends (the daemon must not depend on the relay).
 
+pub mod carrier;
+
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use swb_wire::{decode, Decoded, Frame, HEADER_LEN, MAX_STREAM_HEADER};

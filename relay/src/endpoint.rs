@@ -27,6 +27,7 @@ const DEFAULT_IDLE: Duration = Duration::from_secs(15);
 pub(crate) fn bind(
     config: &RelayConfig,
     certs: Option<Arc<dyn rustls::server::ResolvesServerCert>>,
+    carriers: Arc<crate::carrier::Carriers>,
 ) -> Result<(quinn::Endpoint, prometheus::IntCounter), RelayError> {
     let tls = config
         .identity
@@ -61,6 +62,9 @@ pub(crate) fn bind(
     ));
     let sock = crate::udp_socket(config.listen).map_err(bind_err)?;
     let sock = quinn::Runtime::wrap_udp_socket(&*runtime, sock).map_err(bind_err)?;
+    // TCP carriers enter the endpoint beside UDP, under the gate.
+    let sock: Arc<dyn quinn::AsyncUdpSocket> =
+        Arc::new(crate::carrier::CarrierSocket::new(sock, carriers));
     let gate = Arc::new(
         crate::gate::Gate::new(sock, config.initials)
             .map_err(|e| RelayError::Config(e.to_string()))?,

@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
+pub mod carrier;
 mod config;
 mod doors;
 mod endpoint;
@@ -233,6 +234,7 @@ pub struct RelayHandle {
     doors: CancellationToken,
     router: Arc<Router>,
     mesh: Option<Arc<Mesh>>,
+    carriers: Arc<carrier::Carriers>,
     tasks: TaskTracker,
     task: Option<JoinHandle<()>>,
 }
@@ -266,7 +268,9 @@ impl Relay {
         let certs = stapler
             .clone()
             .map(|s| s as Arc<dyn rustls::server::ResolvesServerCert>);
-        let (endpoint, initials_dropped) = endpoint::bind(&config, certs.clone())?;
+        let carriers = Arc::new(carrier::Carriers::default());
+        let (endpoint, initials_dropped) =
+            endpoint::bind(&config, certs.clone(), carriers.clone())?;
         let local_addr = endpoint.local_addr().map_err(|source| RelayError::Bind {
             addr: config.listen,
             source,
@@ -388,14 +392,16 @@ impl Relay {
         }
         let http_task = http_listener.map(|l| {
             tasks.spawn(
-                doors::http::serve(l, http_tls, router.clone(), doors.clone())
+                doors::http::serve(l, http_tls, router.clone(), carriers.clone(), doors.clone())
                     .instrument(span.clone()),
             )
         });
         let metrics_task = metrics_listener.map(|l| {
             let s = services.clone();
             let m = mesh.clone();
-            let render: swb_metrics::Render = Arc::new(move || render_metrics(&s, m.as_deref()));
+            let c = carriers.clone();
+            let render: swb_metrics::Render =
+                Arc::new(move || render_metrics(&s, m.as_deref(), &c));
             tasks.spawn(swb_metrics::serve(l, render, doors.clone()).instrument(span.clone()))
         });
         let (mesh_tx, mesh_task) = match &mesh {
@@ -429,6 +435,7 @@ impl Relay {
             doors,
             router,
             mesh,
+            carriers,
             tasks,
             task: Some(task),
         })
@@ -587,12 +594,16 @@ impl RelayHandle {
     /// The relay's metrics in the Prometheus text format (what
     /// `GET /metrics` on the metrics address answers).
     pub fn metrics_text(&self) -> String {
-        render_metrics(self.router.services(), self.mesh.as_deref())
+        render_metrics(self.router.services(), self.mesh.as_deref(), &self.carriers)
     }
 }
 
 /// Sets the gauges that are read from state, then encodes every metric.
-fn render_metrics(services: &Services, mesh: Option<&Mesh>) -> String {
+fn render_metrics(
+    services: &Services,
+    mesh: Option<&Mesh>,
+    carriers: &carrier::Carriers,
+) -> String {
     let m = &services.metrics;
     {
         let reg = services.registry();
@@ -605,6 +616,7 @@ fn render_metrics(services: &Services, mesh: Option<&Mesh>) -> String {
             .inc_by(published.saturating_sub(m.status_publications.get()));
     }
     m.mesh_links.set(mesh.map_or(0, Mesh::links_up) as i64);
+    m.carriers_open.set(carriers.open() as i64);
     swb_metrics::encode(&m.registry)
 }
 

@@ -39,6 +39,8 @@ pub(crate) struct Metrics {
     /// Payload bytes spliced through this relay (both directions).
     pub(crate) stream_bytes: IntCounter,
     pub(crate) mesh_links: IntGauge,
+    /// TCP carrier connections open now.
+    pub(crate) carriers_open: IntGauge,
     pub(crate) mesh_refused: IntCounter,
     /// Calls and packets this relay sent through another relay (no live
     /// link of its own to their relay).
@@ -115,6 +117,7 @@ impl Metrics {
             streams_refused: counter(&r, "swb_relay_streams_refused_total", "Data streams refused (by the relay or the target)."),
             stream_bytes: counter(&r, "swb_relay_stream_bytes_total", "Payload bytes relayed on data streams, both directions."),
             mesh_links: gauge(&r, "swb_relay_mesh_links_up", "Mesh links to other relays up now."),
+            carriers_open: gauge(&r, "swb_relay_tcp_carriers_open", "TCP carrier connections (QUIC packets over HTTPS, for clients whose network drops UDP) open now."),
             mesh_refused: counter(&r, "swb_relay_mesh_links_refused_total", "Mesh links refused for a missing or wrong mesh-key proof."),
             mesh_two_hop: counter(&r, "swb_relay_mesh_two_hop_total", "Mesh calls, streams and TUN packets this relay sent through another relay because it has no live link to their relay (past --full-mesh-max, or around a broken link)."),
             mesh_via_passed: counter(&r, "swb_relay_mesh_via_total", "Mesh streams and TUN packets another relay sent through this one, passed on."),

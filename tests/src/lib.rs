@@ -898,6 +898,11 @@ impl UdpCut {
     pub fn cut(&self) {
         self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+
+    /// Forwards again.
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Drop for UdpCut {

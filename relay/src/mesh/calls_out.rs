@@ -182,7 +182,7 @@ impl Mesh {
                     recv: r,
                     reply,
                     _slot: None,
-                    _link: Some(using),
+                    _hold: Some(Box::new(using)),
                 }),
                 other => Err(CallError::Unexpected(format!("{:?}", other.frame_type()))),
             }

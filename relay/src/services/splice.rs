@@ -114,8 +114,9 @@ pub(crate) struct Opened {
     pub(crate) recv: quinn::RecvStream,
     pub(crate) reply: StreamReply,
     pub(crate) _slot: Option<StreamSlot>,
-    /// The mesh link it crosses, kept up while the stream is.
-    pub(crate) _link: Option<crate::mesh::LinkUse>,
+    /// Whatever must live as long as the stream (the mesh link it
+    /// crosses is kept up while it is).
+    pub(crate) _hold: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Services {
@@ -161,7 +162,7 @@ impl Services {
                 recv,
                 reply,
                 _slot: Some(slot),
-                _link: None,
+                _hold: None,
             }),
             Ok(Err(e)) => Err(Refusal::new(
                 Code::PEER_OFFLINE,

@@ -199,6 +199,76 @@ pub(crate) struct Api {
     router: Arc<Router>,
     cancel: CancellationToken,
     polls: Arc<Mutex<HashMap<String, usize>>>,
+    carriers: Arc<crate::carrier::Carriers>,
+}
+
+/// The client address of an HTTPS connection, in each request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Remote(pub(crate) std::net::SocketAddr);
+
+/// `GET /v1/quic` with `Upgrade: swb-quic/1`: this HTTPS connection becomes
+/// a carrier of QUIC packets (see [`crate::carrier`]).
+pub(crate) async fn carrier_upgrade(
+    axum::extract::State(api): axum::extract::State<Api>,
+    mut req: axum::extract::Request,
+) -> Response {
+    let wants = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(swb_quic::carrier::PROTOCOL));
+    if !wants {
+        return ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "bad_request",
+            format!(
+                "this path carries QUIC packets: send `Connection: upgrade` and `Upgrade: {}`",
+                swb_quic::carrier::PROTOCOL
+            ),
+        )
+        .into_response();
+    }
+    let Some(Remote(remote)) = req.extensions().get::<Remote>().copied() else {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "no client address",
+        )
+        .into_response();
+    };
+    let slot = match api.carriers.admit(remote.ip()) {
+        Ok(s) => s,
+        Err(why) => {
+            let msg = match why {
+                crate::carrier::Refused::Full => {
+                    "the relay carries as many TCP carriers as it takes"
+                }
+                crate::carrier::Refused::PerIp => "too many TCP carriers from this address",
+            };
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", msg).into_response();
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let cancel = api.cancel.clone();
+    api.router.tasks().spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => {
+                tokio::select! {
+                    _ = crate::carrier::serve(hyper_util::rt::TokioIo::new(up), slot) => {}
+                    _ = cancel.cancelled() => {}
+                }
+            }
+            Err(e) => debug!(%remote, "carrier upgrade failed: {e}"),
+        }
+    });
+    let mut r = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    r.headers_mut().insert(
+        header::UPGRADE,
+        HeaderValue::from_static(swb_quic::carrier::PROTOCOL),
+    );
+    r
 }
 
 impl Api {
@@ -309,6 +379,7 @@ pub(crate) async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     router: Arc<Router>,
+    carriers: Arc<crate::carrier::Carriers>,
     cancel: CancellationToken,
 ) {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -318,6 +389,7 @@ pub(crate) async fn serve(
         router,
         cancel: cancel.clone(),
         polls: Arc::new(Mutex::new(HashMap::new())),
+        carriers,
     };
     let app = routes::router(api);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -381,7 +453,8 @@ pub(crate) async fn serve(
                 let busy = tracked.start();
                 let app = app.clone();
                 async move {
-                    let req = req.map(axum::body::Body::new);
+                    let mut req = req.map(axum::body::Body::new);
+                    req.extensions_mut().insert(Remote(remote));
                     let resp = tower::ServiceExt::oneshot(app, req).await?;
                     Ok::<_, std::convert::Infallible>(resp.map(|body| {
                         let stream =
@@ -394,7 +467,9 @@ pub(crate) async fn serve(
                 }
             });
             let svc = hyper_util::service::TowerToHyperService::new(svc);
-            let conn = builder.serve_connection(TokioIo::new(tls), svc);
+            // Upgrades on: `GET /v1/quic` turns the connection into a
+            // carrier, which then lives on without this task.
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), svc);
             tokio::pin!(conn);
             let mut check = tokio::time::interval(idle_timeout / 4);
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

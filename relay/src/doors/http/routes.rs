@@ -333,6 +333,11 @@ pub(crate) fn router(api: Api) -> axum::Router {
     for (path, mr) in by_path {
         r = r.route(path, mr.fallback(method_not_allowed));
     }
+    // Not part of the JSON API: QUIC packets over this connection.
+    r = r.route(
+        swb_quic::carrier::PATH,
+        axum::routing::get(super::carrier_upgrade).fallback(method_not_allowed),
+    );
     r.fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             api.clone(),

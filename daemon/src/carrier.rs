@@ -1,0 +1,758 @@
+//! The daemon's end of the TCP carrier (see [`swb_quic::carrier`]): on a
+//! network that drops UDP, the QUIC packets to a relay travel inside a TLS
+//! connection to the relay's HTTPS port instead — the same QUIC connection,
+//! its streams and datagrams unchanged.
+//!
+//! [`ClientSocket`] is the endpoint's socket: UDP plus one carrier per relay
+//! address, chosen per packet by [`Paths`]. With `--transport auto` (the
+//! default) a relay is tried over UDP first; when UDP has not answered
+//! within [`HEAD_START`] (or, once it worked, for [`FALLBACK`]) a carrier
+//! is opened and packets move to it. While on the carrier, a copy of a
+//! packet goes over UDP now and then ([`PROBE_MIN`], doubling to
+//! [`PROBE_MAX`]); when UDP answers, packets move back. To quinn the relay
+//! keeps one address; to the relay each move is a QUIC path migration.
+//!
+//! The carrier honours `HTTPS_PROXY` / `https_proxy` (an `http://` proxy,
+//! `CONNECT`, optional `user:password@`) and `NO_PROXY`.
+
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use swb_quic::carrier::{self, Inbound};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+/// How long UDP has to answer a relay before a carrier is opened.
+pub const HEAD_START: Duration = Duration::from_millis(300);
+/// How long UDP that worked may go unanswered before packets move to a
+/// carrier (the keep-alive draws an answer every 2 s).
+pub const FALLBACK: Duration = Duration::from_secs(3);
+/// First gap between UDP probes while on a carrier; doubles while UDP
+/// stays silent, up to [`PROBE_MAX`].
+pub const PROBE_MIN: Duration = Duration::from_secs(1);
+/// Longest gap between UDP probes.
+pub const PROBE_MAX: Duration = Duration::from_secs(30);
+/// Pause before a failed carrier is tried again.
+const CARRIER_RETRY: Duration = Duration::from_secs(1);
+/// How long a session gone silent on UDP waits for the carrier before it
+/// asks another relay (see [`Paths::hold_probe`]).
+pub const CARRIER_GRACE: Duration = Duration::from_secs(5);
+/// Time a carrier has to connect (TCP, proxy, TLS, upgrade).
+const CARRIER_SETUP: Duration = Duration::from_secs(10);
+/// Largest HTTP head read from a proxy or the relay.
+const MAX_HEAD: usize = 8 * 1024;
+
+/// Which way QUIC packets travel to relays (`--transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// UDP only.
+    Udp,
+    /// The TCP carrier only.
+    Tcp,
+    /// UDP, with the carrier when UDP does not answer.
+    #[default]
+    Auto,
+}
+
+impl Transport {
+    /// `udp`, `tcp` or `auto`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "udp" => Some(Self::Udp),
+            "tcp" => Some(Self::Tcp),
+            "auto" => Some(Self::Auto),
+            _ => None,
+        }
+    }
+
+    /// The name `parse` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Udp => "udp",
+            Self::Tcp => "tcp",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+/// How a carrier to one relay address verifies it.
+#[derive(Clone)]
+pub(crate) struct Target {
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+    pub(crate) server_name: String,
+}
+
+/// One relay address's carrier state.
+#[derive(Default)]
+struct PathState {
+    target: Option<Target>,
+    /// The carrier, while it is up.
+    tx: Option<mpsc::Sender<Bytes>>,
+    connecting: bool,
+    last_attempt: Option<Instant>,
+    /// Last UDP packet from this relay.
+    udp_heard: Option<Instant>,
+    /// First UDP packet sent since UDP last answered.
+    udp_unanswered: Option<Instant>,
+    /// Packets go over the carrier now.
+    on_tcp: bool,
+    /// Since when.
+    switched_at: Option<Instant>,
+    /// Take the carrier as soon as it is up (the session went silent).
+    want_tcp: bool,
+    /// The last packets sent over UDP while it went unanswered: sent again
+    /// over the carrier when packets move to it, so the relay hears the
+    /// newest at once instead of after QUIC's next (backed-off) probe.
+    recent: std::collections::VecDeque<Bytes>,
+    next_probe: Option<Instant>,
+    probe_gap: Duration,
+}
+
+/// Packets kept per relay for a move to the carrier.
+const RECENT: usize = 4;
+/// How long UDP goes unanswered before sent packets are kept for a move.
+const KEEP_AFTER: Duration = Duration::from_millis(100);
+/// How often pending moves are checked (between sends, which QUIC backs
+/// off while nothing answers).
+const TICK: Duration = Duration::from_millis(100);
+
+enum Choice {
+    Udp,
+    /// UDP, and keep a copy (UDP is going unanswered).
+    UdpKeep,
+    Tcp(mpsc::Sender<Bytes>),
+    /// The carrier, and a copy over UDP (a probe).
+    Both(mpsc::Sender<Bytes>),
+    Drop,
+}
+
+/// Carrier state of every relay address, shared by the endpoints' sockets.
+pub(crate) struct Paths {
+    transport: Transport,
+    /// Carrier tasks: tracked with the daemon's, ended when it stops.
+    tasks: tokio_util::task::TaskTracker,
+    stop: tokio_util::sync::CancellationToken,
+    inbound: Inbound,
+    state: Mutex<HashMap<SocketAddr, PathState>>,
+    proxy: Option<Proxy>,
+    no_proxy: Vec<String>,
+}
+
+impl std::fmt::Debug for Paths {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Paths")
+            .field("transport", &self.transport)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Paths {
+    pub(crate) fn new(
+        transport: Transport,
+        tasks: tokio_util::task::TaskTracker,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Arc<Self> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let proxy = env("HTTPS_PROXY")
+            .or_else(|| env("https_proxy"))
+            .and_then(|p| Proxy::parse(&p));
+        let no_proxy = env("NO_PROXY")
+            .or_else(|| env("no_proxy"))
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+            .unwrap_or_default();
+        let paths = Arc::new(Self {
+            transport,
+            tasks,
+            stop,
+            inbound: Inbound::default(),
+            state: Mutex::new(HashMap::new()),
+            proxy,
+            no_proxy,
+        });
+        if transport == Transport::Auto {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(paths.tasks.track_future(paths.clone().tick()));
+            }
+        }
+        paths
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, HashMap<SocketAddr, PathState>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How a carrier to `addr` would verify the relay (before dialing it).
+    pub(crate) fn prepare(&self, addr: SocketAddr, target: Target) {
+        self.state().entry(addr).or_default().target = Some(target);
+    }
+
+    /// `udp` or `tcp`: how packets to `addr` travel now.
+    pub(crate) fn carrier(&self, addr: SocketAddr) -> &'static str {
+        let on_tcp = self.state().get(&addr).is_some_and(|s| s.on_tcp);
+        if on_tcp || self.transport == Transport::Tcp {
+            "tcp"
+        } else {
+            "udp"
+        }
+    }
+
+    fn choose(self: &Arc<Self>, dest: SocketAddr, now: Instant) -> Choice {
+        if self.transport == Transport::Udp {
+            return Choice::Udp;
+        }
+        let mut all = self.state();
+        let st = all.entry(dest).or_default();
+        if self.transport == Transport::Tcp {
+            st.on_tcp = true;
+            return match &st.tx {
+                Some(tx) => Choice::Tcp(tx.clone()),
+                None => {
+                    self.start(dest, st, now);
+                    Choice::Drop
+                }
+            };
+        }
+        let since = *st.udp_unanswered.get_or_insert(now);
+        if !st.on_tcp {
+            if !self.due(dest, st, now) {
+                return if now.saturating_duration_since(since) >= KEEP_AFTER {
+                    Choice::UdpKeep
+                } else {
+                    Choice::Udp
+                };
+            }
+            if st.tx.is_none() {
+                // Keep trying UDP until the carrier is up.
+                return Choice::UdpKeep;
+            }
+        }
+        match st.tx.clone() {
+            None => {
+                st.on_tcp = false;
+                self.start(dest, st, now);
+                Choice::Udp
+            }
+            Some(tx) => match st.next_probe {
+                Some(t) if now >= t => {
+                    st.probe_gap = (st.probe_gap * 2).min(PROBE_MAX);
+                    st.next_probe = Some(now + st.probe_gap);
+                    Choice::Both(tx)
+                }
+                _ => Choice::Tcp(tx),
+            },
+        }
+    }
+
+    /// Whether packets to `dest` (on UDP now) should move to the carrier:
+    /// UDP unanswered past its limit, or the session went silent. Opens the
+    /// carrier if it is not up; moves (sending the kept packets over it)
+    /// if it is.
+    fn due(self: &Arc<Self>, dest: SocketAddr, st: &mut PathState, now: Instant) -> bool {
+        let limit = if st.udp_heard.is_some() {
+            FALLBACK
+        } else {
+            HEAD_START
+        };
+        let late = st
+            .udp_unanswered
+            .is_some_and(|t| now.saturating_duration_since(t) >= limit);
+        if !late && !st.want_tcp {
+            return false;
+        }
+        match st.tx.clone() {
+            None => self.start(dest, st, now),
+            Some(tx) => {
+                st.on_tcp = true;
+                st.want_tcp = false;
+                st.switched_at = Some(now);
+                st.probe_gap = PROBE_MIN;
+                st.next_probe = Some(now + PROBE_MIN);
+                for p in st.recent.drain(..) {
+                    let _ = tx.try_send(p);
+                }
+                info!(relay = %dest, "UDP is not answering: packets take the TCP carrier");
+            }
+        }
+        true
+    }
+
+    /// Keeps a copy of a packet sent over UDP while UDP goes unanswered.
+    fn keep(&self, dest: SocketAddr, packets: impl Iterator<Item = Bytes>) {
+        let mut all = self.state();
+        let Some(st) = all.get_mut(&dest) else { return };
+        for p in packets {
+            if st.recent.len() == RECENT {
+                st.recent.pop_front();
+            }
+            st.recent.push_back(p);
+        }
+    }
+
+    /// Moves that came due between sends (QUIC backs off its sends while
+    /// nothing answers): every [`TICK`] until the daemon stops.
+    async fn tick(self: Arc<Self>) {
+        let mut t = tokio::time::interval(TICK);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = t.tick() => {}
+            }
+            let now = Instant::now();
+            let mut all = self.state();
+            for (dest, st) in all.iter_mut() {
+                if !st.on_tcp {
+                    self.due(*dest, st, now);
+                }
+            }
+        }
+    }
+
+    /// The session to `addr` went silent: whether to hold off asking
+    /// another relay because the carrier is being tried — opening it now
+    /// if it was not (and taking it once up), for up to [`CARRIER_GRACE`]
+    /// after the switch.
+    pub(crate) fn hold_probe(self: &Arc<Self>, addr: SocketAddr, now: Instant) -> bool {
+        if self.transport == Transport::Udp {
+            return false;
+        }
+        let mut all = self.state();
+        let st = all.entry(addr).or_default();
+        if st.connecting {
+            return true;
+        }
+        if st.on_tcp {
+            return st
+                .switched_at
+                .is_some_and(|t| now.saturating_duration_since(t) < CARRIER_GRACE);
+        }
+        if st.want_tcp
+            && st
+                .last_attempt
+                .is_some_and(|t| now.saturating_duration_since(t) < CARRIER_GRACE)
+        {
+            // Asked already; the carrier failed or is not used yet.
+            return st.tx.is_some();
+        }
+        st.want_tcp = true;
+        self.due(addr, st, now);
+        st.connecting || st.on_tcp
+    }
+
+    /// UDP packets arrived from `from`.
+    fn heard_udp(&self, from: impl Iterator<Item = SocketAddr>, now: Instant) {
+        if self.transport == Transport::Udp {
+            return;
+        }
+        let mut all = self.state();
+        for a in from {
+            let Some(st) = all.get_mut(&a) else { continue };
+            st.udp_heard = Some(now);
+            st.udp_unanswered = None;
+            st.recent.clear();
+            st.want_tcp = false;
+            if st.on_tcp && self.transport == Transport::Auto {
+                st.on_tcp = false;
+                info!(relay = %a, "UDP answers again: packets take UDP");
+            }
+        }
+    }
+
+    /// Opens a carrier to `dest` unless one is being opened or failed
+    /// within [`CARRIER_RETRY`].
+    fn start(self: &Arc<Self>, dest: SocketAddr, st: &mut PathState, now: Instant) {
+        if st.connecting
+            || st
+                .last_attempt
+                .is_some_and(|t| now.saturating_duration_since(t) < CARRIER_RETRY)
+        {
+            return;
+        }
+        let Some(target) = st.target.clone() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.stop.is_cancelled() {
+            return;
+        }
+        st.connecting = true;
+        st.last_attempt = Some(now);
+        let paths = self.clone();
+        let stop = self.stop.clone();
+        let run = async move {
+            let proxy = paths
+                .proxy
+                .as_ref()
+                .filter(|_| !no_proxy(&paths.no_proxy, dest));
+            let setup = tokio::time::timeout(CARRIER_SETUP, open(dest, &target, proxy)).await;
+            let stream = match setup {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    debug!(relay = %dest, "TCP carrier failed: {e}");
+                    paths.finish(dest, None);
+                    return;
+                }
+                Err(_) => {
+                    debug!(relay = %dest, "TCP carrier timed out");
+                    paths.finish(dest, None);
+                    return;
+                }
+            };
+            let (tx, rx) = mpsc::channel(carrier::QUEUE);
+            paths.finish(dest, Some(tx.clone()));
+            debug!(relay = %dest, via_proxy = proxy.is_some(), "TCP carrier up");
+            pump(stream, rx, paths.inbound.sender(), dest).await;
+            let mut all = paths.state();
+            if let Some(st) = all.get_mut(&dest) {
+                if st.tx.as_ref().is_some_and(|t| t.same_channel(&tx)) {
+                    st.tx = None;
+                }
+            }
+            debug!(relay = %dest, "TCP carrier down");
+        };
+        rt.spawn(self.tasks.track_future(async move {
+            tokio::select! {
+                _ = run => {}
+                _ = stop.cancelled() => {}
+            }
+        }));
+    }
+
+    fn finish(self: &Arc<Self>, dest: SocketAddr, tx: Option<mpsc::Sender<Bytes>>) {
+        let mut all = self.state();
+        let st = all.entry(dest).or_default();
+        st.connecting = false;
+        if tx.is_some() {
+            st.tx = tx;
+            // Moves now if it was waiting for the carrier.
+            if !st.on_tcp && self.transport == Transport::Auto {
+                self.due(dest, st, Instant::now());
+            }
+        }
+    }
+}
+
+/// Whether `NO_PROXY` exempts `dest`.
+fn no_proxy(list: &[String], dest: SocketAddr) -> bool {
+    let ip = dest.ip().to_string();
+    list.iter().any(|e| e == "*" || *e == ip)
+}
+
+/// An `http://` proxy from `HTTPS_PROXY`.
+#[derive(Debug, Clone)]
+struct Proxy {
+    host_port: String,
+    /// `Proxy-Authorization: Basic …` value, from `user:password@`.
+    auth: Option<String>,
+}
+
+impl Proxy {
+    fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        let rest = match s.split_once("://") {
+            Some(("http", r)) => r,
+            Some(_) => return None,
+            None => s,
+        };
+        let rest = rest.trim_end_matches('/');
+        let (auth, hp) = match rest.rsplit_once('@') {
+            Some((u, hp)) => (Some(base64(u.as_bytes())), hp),
+            None => (None, rest),
+        };
+        if hp.is_empty() {
+            return None;
+        }
+        let host_port = if hp
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        {
+            hp.to_string()
+        } else {
+            format!("{hp}:80")
+        };
+        Some(Self { host_port, auth })
+    }
+}
+
+fn base64(b: &[u8]) -> String {
+    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for (i, shift) in [18, 12, 6, 0].into_iter().enumerate() {
+            if i <= c.len() {
+                out.push(char::from(A[(n >> shift & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Reads an HTTP response head (to the blank line), byte by byte so
+/// nothing after it is consumed; its status code.
+async fn read_head<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<u16> {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= MAX_HEAD {
+            return Err(io::Error::other("HTTP head too long"));
+        }
+        let mut b = [0u8; 1];
+        if r.read(&mut b).await? == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        head.push(b[0]);
+    }
+    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad HTTP status line {:?}", line.trim())))
+}
+
+type Carried = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// Opens a carrier: TCP (through the proxy if any), TLS verified like the
+/// QUIC connection, the upgrade.
+async fn open(dest: SocketAddr, target: &Target, proxy: Option<&Proxy>) -> io::Result<Carried> {
+    let tcp = match proxy {
+        None => tokio::net::TcpStream::connect(dest).await?,
+        Some(p) => {
+            let mut s = tokio::net::TcpStream::connect(&p.host_port).await?;
+            let mut req = format!("CONNECT {dest} HTTP/1.1\r\nHost: {dest}\r\n");
+            if let Some(a) = &p.auth {
+                req.push_str(&format!("Proxy-Authorization: Basic {a}\r\n"));
+            }
+            req.push_str("\r\n");
+            s.write_all(req.as_bytes()).await?;
+            match read_head(&mut s).await? {
+                200..=299 => s,
+                code => return Err(io::Error::other(format!("proxy answered {code}"))),
+            }
+        }
+    };
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from(target.server_name.clone())
+        .map_err(|e| io::Error::other(format!("server name: {e}")))?;
+    let mut tls = tokio_rustls::TlsConnector::from(target.tls.clone())
+        .connect(name, tcp)
+        .await?;
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nConnection: Upgrade\r\nUpgrade: {}\r\n\r\n",
+        carrier::PATH,
+        target.server_name,
+        carrier::PROTOCOL
+    );
+    tls.write_all(req.as_bytes()).await?;
+    match read_head(&mut tls).await? {
+        101 => Ok(tls),
+        code => Err(io::Error::other(format!(
+            "the relay answered {code} to the upgrade"
+        ))),
+    }
+}
+
+/// Moves packets both ways until the carrier ends.
+async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    mut rx: mpsc::Receiver<Bytes>,
+    into_endpoint: mpsc::Sender<(SocketAddr, Bytes)>,
+    from: SocketAddr,
+) {
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let read = async {
+        let mut buf = BytesMut::with_capacity(2 * carrier::MAX_PACKET);
+        while let Ok(Some(p)) = carrier::read_packet(&mut rd, &mut buf).await {
+            let _ = into_endpoint.try_send((from, p));
+        }
+    };
+    let write = async {
+        let mut batch = Vec::with_capacity(32);
+        let mut scratch = Vec::new();
+        while rx.recv_many(&mut batch, 32).await > 0 {
+            if carrier::write_packets(&mut wr, &batch, &mut scratch)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            batch.clear();
+        }
+    };
+    tokio::select! {
+        _ = read => {}
+        _ = write => {}
+    }
+}
+
+/// An endpoint's socket: UDP and the carriers of [`Paths`].
+pub(crate) struct ClientSocket {
+    udp: Arc<dyn quinn::AsyncUdpSocket>,
+    paths: Arc<Paths>,
+    carriers_first: AtomicBool,
+}
+
+impl std::fmt::Debug for ClientSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientSocket").finish_non_exhaustive()
+    }
+}
+
+impl ClientSocket {
+    pub(crate) fn new(udp: Arc<dyn quinn::AsyncUdpSocket>, paths: Arc<Paths>) -> Self {
+        Self {
+            udp,
+            paths,
+            carriers_first: AtomicBool::new(false),
+        }
+    }
+}
+
+impl quinn::AsyncUdpSocket for ClientSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
+        self.udp.clone().create_io_poller()
+    }
+
+    fn try_send(&self, t: &quinn::udp::Transmit) -> io::Result<()> {
+        let to_tcp = |tx: &mpsc::Sender<Bytes>| {
+            for seg in carrier::segments(t) {
+                if tx.try_send(Bytes::copy_from_slice(seg)).is_err() {
+                    break;
+                }
+            }
+        };
+        match self.paths.choose(t.destination, Instant::now()) {
+            Choice::Udp => self.udp.try_send(t),
+            Choice::UdpKeep => {
+                self.paths.keep(
+                    t.destination,
+                    carrier::segments(t).map(Bytes::copy_from_slice),
+                );
+                self.udp.try_send(t)
+            }
+            Choice::Tcp(tx) => {
+                to_tcp(&tx);
+                Ok(())
+            }
+            Choice::Both(tx) => {
+                to_tcp(&tx);
+                let _ = self.udp.try_send(t);
+                Ok(())
+            }
+            Choice::Drop => Ok(()),
+        }
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let local = self.udp.local_addr().ok().map(|a| a.ip());
+        if self.carriers_first.fetch_xor(true, Ordering::Relaxed) {
+            if let Poll::Ready(n) = self.paths.inbound.poll_recv(cx, bufs, meta, local) {
+                return Poll::Ready(Ok(n));
+            }
+        }
+        match self.udp.poll_recv(cx, bufs, meta) {
+            Poll::Ready(Ok(n)) => {
+                self.paths
+                    .heard_udp(meta[..n].iter().map(|m| m.addr), Instant::now());
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => self.paths.inbound.poll_recv(cx, bufs, meta, local).map(Ok),
+            err => err,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.udp.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.udp.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.udp.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxies_parse_from_the_environment_forms() {
+        let p = Proxy::parse("http://proxy.example:3128/").expect("parses");
+        assert_eq!((p.host_port.as_str(), p.auth), ("proxy.example:3128", None));
+        let p = Proxy::parse("10.0.0.1:8080").expect("parses");
+        assert_eq!(p.host_port, "10.0.0.1:8080");
+        let p = Proxy::parse("http://user:pass@proxy").expect("parses");
+        assert_eq!(p.host_port, "proxy:80");
+        assert_eq!(p.auth.as_deref(), Some("dXNlcjpwYXNz"));
+        assert!(Proxy::parse("socks5://proxy:1080").is_none());
+        assert!(Proxy::parse("http://").is_none());
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b"a"), "YQ==");
+        let d: SocketAddr = "192.0.2.7:443".parse().expect("addr");
+        assert!(no_proxy(&["192.0.2.7".into()], d));
+        assert!(no_proxy(&["*".into()], d));
+        assert!(!no_proxy(&["example.com".into()], d));
+    }
+
+    #[tokio::test]
+    async fn auto_gives_udp_a_head_start_then_takes_the_carrier_and_probes_udp() {
+        let paths = Paths::new(Transport::Auto, Default::default(), Default::default());
+        let d: SocketAddr = "192.0.2.1:7443".parse().expect("addr");
+        let t0 = Instant::now();
+        let udp = |c: Choice| matches!(c, Choice::Udp | Choice::UdpKeep);
+        assert!(udp(paths.choose(d, t0)));
+        assert!(udp(paths.choose(d, t0 + HEAD_START / 2)));
+        // Past the head start with a carrier up: the carrier.
+        let (tx, _rx) = mpsc::channel(4);
+        paths.finish(d, Some(tx));
+        let t = t0 + HEAD_START;
+        assert!(matches!(paths.choose(d, t), Choice::Tcp(_)));
+        assert_eq!(paths.carrier(d), "tcp");
+        // A probe copy over UDP after PROBE_MIN, then a doubled gap.
+        assert!(matches!(paths.choose(d, t + PROBE_MIN), Choice::Both(_)));
+        assert!(matches!(
+            paths.choose(d, t + PROBE_MIN + PROBE_MIN),
+            Choice::Tcp(_)
+        ));
+        assert!(matches!(
+            paths.choose(d, t + PROBE_MIN * 3),
+            Choice::Both(_)
+        ));
+        // UDP answers: back on UDP, which then has FALLBACK to fail.
+        let t = t + PROBE_MIN * 3;
+        paths.heard_udp([d].into_iter(), t);
+        assert_eq!(paths.carrier(d), "udp");
+        assert!(udp(paths.choose(d, t)));
+        assert!(matches!(paths.choose(d, t + FALLBACK / 2), Choice::UdpKeep));
+        assert!(matches!(paths.choose(d, t + FALLBACK), Choice::Tcp(_)));
+        // UDP only: never the carrier.
+        let only = Paths::new(Transport::Udp, Default::default(), Default::default());
+        assert!(matches!(only.choose(d, t + FALLBACK * 10), Choice::Udp));
+    }
+}

@@ -1,0 +1,232 @@
+//! QUIC packets over a byte stream, for networks that drop UDP: the same
+//! QUIC connection, its packets carried inside a TLS-over-TCP connection to
+//! the relay's HTTPS port (an HTTP/1.1 upgrade to [`PROTOCOL`] at [`PATH`]),
+//! each packet prefixed with its length (2 bytes, big-endian).
+//!
+//! Both ends put the carried packets into the same quinn endpoint as the
+//! UDP ones, through an [`quinn::AsyncUdpSocket`] that also reads and
+//! writes a [`Inbound`] queue: to quinn a carrier is just another path, so
+//! moving between UDP and TCP is QUIC path migration, not a reconnect.
+//!
+//! Why not the `qmux` crate (IETF "QUIC on Streams"): it replaces QUIC's
+//! packet layer with streams of frames, so a connection could not move
+//! between UDP and TCP; carrying the packets themselves (as iroh's relay
+//! does) keeps one connection on both.
+
+use bytes::{Buf, Bytes, BytesMut};
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv6Addr, SocketAddr};
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// The HTTP path of the carrier upgrade.
+pub const PATH: &str = "/v1/quic";
+/// The `Upgrade:` protocol token.
+pub const PROTOCOL: &str = "swb-quic/1";
+/// Largest packet a carrier takes (QUIC packets stay near the path MTU;
+/// quinn never builds one above 1500 bytes of payload by default).
+pub const MAX_PACKET: usize = 2048;
+/// Packets queued toward one carrier connection before new ones are
+/// dropped (QUIC's loss recovery resends them): about 96 KiB.
+pub const QUEUE: usize = 64;
+/// Packets from all carriers queued for the endpoint before new ones are
+/// dropped.
+pub const INBOUND_QUEUE: usize = 1024;
+
+/// Why a carrier connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum CarrierError {
+    /// The byte stream failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// A length prefix over [`MAX_PACKET`] (or zero).
+    #[error("carried packet of {0} bytes (limit {MAX_PACKET})")]
+    BadLength(usize),
+}
+
+/// Reads one carried packet; `None` at a clean end of stream.
+pub async fn read_packet<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+) -> Result<Option<Bytes>, CarrierError> {
+    while buf.len() < 2 {
+        if r.read_buf(buf).await? == 0 {
+            return if buf.is_empty() {
+                Ok(None)
+            } else {
+                Err(io::Error::from(io::ErrorKind::UnexpectedEof).into())
+            };
+        }
+    }
+    let len = usize::from(u16::from_be_bytes([buf[0], buf[1]]));
+    if len == 0 || len > MAX_PACKET {
+        return Err(CarrierError::BadLength(len));
+    }
+    while buf.len() < 2 + len {
+        if r.read_buf(buf).await? == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+    }
+    buf.advance(2);
+    Ok(Some(buf.split_to(len).freeze()))
+}
+
+/// Writes packets (each with its length prefix) and flushes.
+pub async fn write_packets<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    packets: &[Bytes],
+    scratch: &mut Vec<u8>,
+) -> io::Result<()> {
+    scratch.clear();
+    for p in packets {
+        let Ok(len) = u16::try_from(p.len()) else {
+            continue;
+        };
+        scratch.extend_from_slice(&len.to_be_bytes());
+        scratch.extend_from_slice(p);
+    }
+    w.write_all(scratch).await?;
+    w.flush().await
+}
+
+/// The datagrams of a transmit: its contents cut at `segment_size` (GSO).
+pub fn segments<'a>(t: &'a quinn::udp::Transmit<'a>) -> impl Iterator<Item = &'a [u8]> {
+    let size = t.segment_size.unwrap_or(t.contents.len()).max(1);
+    t.contents.chunks(size)
+}
+
+/// The address a relay gives carrier connection `n`: in `100::/64`, the
+/// IPv6 discard prefix (RFC 6666), which no real peer has.
+pub fn virtual_addr(n: u64) -> SocketAddr {
+    let hi = 0x0100u128 << 112;
+    SocketAddr::new(Ipv6Addr::from(hi | u128::from(n)).into(), 443)
+}
+
+/// Whether `a` is a carrier connection's address (see [`virtual_addr`]).
+pub fn is_virtual(a: &SocketAddr) -> bool {
+    match a {
+        SocketAddr::V6(v6) => v6.ip().segments()[..4] == [0x0100, 0, 0, 0],
+        SocketAddr::V4(_) => false,
+    }
+}
+
+/// Packets arriving from carriers, as an endpoint's socket reads them.
+#[derive(Debug)]
+pub struct Inbound {
+    rx: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
+    tx: mpsc::Sender<(SocketAddr, Bytes)>,
+}
+
+impl Default for Inbound {
+    fn default() -> Self {
+        let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
+        Self {
+            rx: Mutex::new(rx),
+            tx,
+        }
+    }
+}
+
+impl Inbound {
+    /// Where carriers put the packets they read (`try_send`: a full queue
+    /// drops the packet, as a full socket buffer would).
+    pub fn sender(&self) -> mpsc::Sender<(SocketAddr, Bytes)> {
+        self.tx.clone()
+    }
+
+    /// Moves queued packets into quinn's receive buffers, one per entry;
+    /// `Pending` (woken by the next packet) when none is queued.
+    pub fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+        local: Option<std::net::IpAddr>,
+    ) -> Poll<usize> {
+        let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let polled = if n == 0 {
+                rx.poll_recv(cx)
+            } else {
+                match rx.try_recv() {
+                    Ok(x) => Poll::Ready(Some(x)),
+                    Err(_) => break,
+                }
+            };
+            let (from, p) = match polled {
+                Poll::Ready(Some(x)) => x,
+                Poll::Ready(None) | Poll::Pending => break,
+            };
+            let len = p.len().min(bufs[n].len());
+            bufs[n][..len].copy_from_slice(&p[..len]);
+            meta[n] = quinn::udp::RecvMeta {
+                addr: from,
+                len,
+                stride: len,
+                ecn: None,
+                dst_ip: local,
+            };
+            n += 1;
+        }
+        if n == 0 {
+            Poll::Pending
+        } else {
+            Poll::Ready(n)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn packets_round_trip_and_bad_lengths_are_refused() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let ps = [
+            Bytes::from_static(b"one"),
+            Bytes::from(vec![7u8; MAX_PACKET]),
+        ];
+        write_packets(&mut a, &ps, &mut Vec::new())
+            .await
+            .expect("write");
+        drop(a);
+        let mut buf = BytesMut::new();
+        for p in &ps {
+            let got = read_packet(&mut b, &mut buf).await.expect("read");
+            assert_eq!(got.as_ref(), Some(p));
+        }
+        assert!(read_packet(&mut b, &mut buf).await.expect("end").is_none());
+        for bad in [[0u8, 0], (MAX_PACKET as u16 + 1).to_be_bytes()] {
+            let (mut a, mut b) = tokio::io::duplex(64);
+            a.write_all(&bad).await.expect("write");
+            assert!(matches!(
+                read_packet(&mut b, &mut BytesMut::new()).await,
+                Err(CarrierError::BadLength(_))
+            ));
+        }
+        // Cut inside a packet.
+        let (mut a, mut b) = tokio::io::duplex(64);
+        a.write_all(&[0, 9, 1, 2]).await.expect("write");
+        drop(a);
+        assert!(read_packet(&mut b, &mut BytesMut::new()).await.is_err());
+    }
+
+    #[test]
+    fn virtual_addresses_are_recognised_and_real_ones_are_not() {
+        assert!(is_virtual(&virtual_addr(1)));
+        assert!(is_virtual(&virtual_addr(u64::MAX)));
+        assert_ne!(virtual_addr(1), virtual_addr(2));
+        for real in [
+            "127.0.0.1:443",
+            "[::1]:443",
+            "[2001:db8::1]:443",
+            "[fd00::1]:1",
+        ] {
+            assert!(!is_virtual(&real.parse().expect("addr")), "{real}");
+        }
+    }
+}

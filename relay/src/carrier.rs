@@ -1,0 +1,276 @@
+//! The relay's end of the TCP carrier (see [`swb_quic::carrier`]): daemons
+//! whose network drops UDP upgrade an HTTPS connection at
+//! [`swb_quic::carrier::PATH`] and send their QUIC packets over it. Each
+//! carrier connection gets an address of its own in `100::/64` and its
+//! packets enter the same quinn endpoint as UDP ones, through
+//! [`CarrierSocket`], a layer between the UDP socket and the Initial gate
+//! (so carried Initials are gated and counted like any). A QUIC connection
+//! that moves between UDP and a carrier is a path migration to quinn.
+//!
+//! Bounded: [`MAX_CARRIERS`] connections at once, [`MAX_CARRIERS_PER_IP`]
+//! per client address, [`swb_quic::carrier::QUEUE`] packets queued toward
+//! each, packets of at most [`swb_quic::carrier::MAX_PACKET`] bytes; a
+//! carrier that carries nothing for [`CARRIER_IDLE`] is closed.
+
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::io::{self, IoSliceMut};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use swb_quic::carrier::{self, Inbound};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tracing::debug;
+
+/// Carrier connections at once.
+pub const MAX_CARRIERS: usize = 16_384;
+/// Carrier connections at once from one client address.
+pub const MAX_CARRIERS_PER_IP: usize = 256;
+/// A carrier that carried no packet either way this long is closed (a
+/// live QUIC connection sends at least a keep-alive every few seconds).
+pub const CARRIER_IDLE: Duration = Duration::from_secs(60);
+
+/// Why a carrier was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// [`MAX_CARRIERS`] are open.
+    Full,
+    /// [`MAX_CARRIERS_PER_IP`] are open from that address.
+    PerIp,
+}
+
+/// Every carrier connection of the relay.
+#[derive(Debug, Default)]
+pub(crate) struct Carriers {
+    inbound: Inbound,
+    out: Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    next: AtomicU64,
+}
+
+/// A carrier's place, given back when it ends.
+pub(crate) struct Slot {
+    carriers: Arc<Carriers>,
+    ip: IpAddr,
+    addr: SocketAddr,
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.carriers
+            .out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.addr);
+        let mut per_ip = self
+            .carriers
+            .per_ip
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Carriers {
+    /// Takes a place for a carrier from `ip`, before its upgrade is
+    /// answered.
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Slot, Refused> {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        if out.len() >= MAX_CARRIERS {
+            return Err(Refused::Full);
+        }
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= MAX_CARRIERS_PER_IP {
+            return Err(Refused::PerIp);
+        }
+        *n += 1;
+        let addr = carrier::virtual_addr(self.next.fetch_add(1, Ordering::Relaxed) + 1);
+        let (tx, rx) = mpsc::channel(carrier::QUEUE);
+        out.insert(addr, tx);
+        Ok(Slot {
+            carriers: self.clone(),
+            ip,
+            addr,
+            rx,
+        })
+    }
+
+    /// Carrier connections open now.
+    pub(crate) fn open(&self) -> usize {
+        self.out.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Runs a carrier connection (the upgraded HTTPS stream) until it ends:
+/// packets read go to the endpoint from the slot's address, packets quinn
+/// sends to that address are written.
+pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(io: S, mut slot: Slot) {
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let into_endpoint = slot.carriers.inbound.sender();
+    let addr = slot.addr;
+    let read = async {
+        let mut buf = BytesMut::with_capacity(2 * carrier::MAX_PACKET);
+        loop {
+            match tokio::time::timeout(CARRIER_IDLE, carrier::read_packet(&mut rd, &mut buf)).await
+            {
+                Ok(Ok(Some(p))) => {
+                    // A full queue drops it, as a full socket buffer would.
+                    let _ = into_endpoint.try_send((addr, p));
+                }
+                Ok(Ok(None)) => return,
+                Ok(Err(e)) => {
+                    debug!(%addr, "carrier ended: {e}");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%addr, "carrier idle; closing it");
+                    return;
+                }
+            }
+        }
+    };
+    let write = async {
+        let mut batch = Vec::with_capacity(32);
+        let mut scratch = Vec::new();
+        while slot.rx.recv_many(&mut batch, 32).await > 0 {
+            if carrier::write_packets(&mut wr, &batch, &mut scratch)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            batch.clear();
+        }
+    };
+    tokio::select! {
+        _ = read => {}
+        _ = write => {}
+    }
+}
+
+/// The endpoint's socket: UDP, plus every carrier connection.
+pub(crate) struct CarrierSocket {
+    udp: Arc<dyn quinn::AsyncUdpSocket>,
+    carriers: Arc<Carriers>,
+    /// Which source to read first next time (so neither starves).
+    carriers_first: AtomicBool,
+}
+
+impl std::fmt::Debug for CarrierSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CarrierSocket").finish_non_exhaustive()
+    }
+}
+
+impl CarrierSocket {
+    pub(crate) fn new(udp: Arc<dyn quinn::AsyncUdpSocket>, carriers: Arc<Carriers>) -> Self {
+        Self {
+            udp,
+            carriers,
+            carriers_first: AtomicBool::new(false),
+        }
+    }
+}
+
+impl quinn::AsyncUdpSocket for CarrierSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
+        self.udp.clone().create_io_poller()
+    }
+
+    fn try_send(&self, t: &quinn::udp::Transmit) -> io::Result<()> {
+        if !carrier::is_virtual(&t.destination) {
+            return self.udp.try_send(t);
+        }
+        let tx = self
+            .carriers
+            .out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&t.destination)
+            .cloned();
+        // A carrier that is gone or full loses the packet, as UDP would.
+        if let Some(tx) = tx {
+            for seg in carrier::segments(t) {
+                if tx.try_send(Bytes::copy_from_slice(seg)).is_err() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let local = self.udp.local_addr().ok().map(|a| a.ip());
+        let carriers_first = self.carriers_first.fetch_xor(true, Ordering::Relaxed);
+        if carriers_first {
+            if let Poll::Ready(n) = self.carriers.inbound.poll_recv(cx, bufs, meta, local) {
+                return Poll::Ready(Ok(n));
+            }
+            return self.udp.poll_recv(cx, bufs, meta);
+        }
+        match self.udp.poll_recv(cx, bufs, meta) {
+            Poll::Pending => self
+                .carriers
+                .inbound
+                .poll_recv(cx, bufs, meta, local)
+                .map(Ok),
+            ready => ready,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.udp.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.udp.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.udp.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.udp.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_are_bounded_per_address_and_given_back() {
+        let c = Arc::new(Carriers::default());
+        let ip: IpAddr = "192.0.2.1".parse().expect("ip");
+        let mut held = Vec::new();
+        for _ in 0..MAX_CARRIERS_PER_IP {
+            held.push(c.admit(ip).expect("within the cap"));
+        }
+        assert_eq!(c.admit(ip).err(), Some(Refused::PerIp));
+        assert!(c.admit("192.0.2.2".parse().expect("ip")).is_ok());
+        assert_ne!(held[0].addr, held[1].addr);
+        assert!(carrier::is_virtual(&held[0].addr));
+        held.pop();
+        assert!(c.admit(ip).is_ok(), "a place given back is taken again");
+        held.clear();
+        assert_eq!(c.open(), 0);
+        assert!(c.per_ip.lock().expect("lock").is_empty());
+    }
+}

@@ -1,0 +1,151 @@
+//! The TCP carrier: QUIC packets inside TLS to the relay's HTTPS port, for
+//! networks that drop UDP. A daemon forced onto it does everything a UDP
+//! one does; one on `auto` moves to it when UDP stops answering and back
+//! when UDP returns, without a reconnect — a stream open all along keeps
+//! going.
+
+use anyhow::{Context, Result};
+use std::time::Duration;
+use swb_daemon::Transport;
+use swb_tests::{eventually, HashServer, TestDaemon, TestRelay, WAIT};
+
+async fn carrier_of(d: &TestDaemon) -> Result<Option<String>> {
+    Ok(d.client().await?.status().await?.carrier)
+}
+
+#[tokio::test]
+async fn a_daemon_on_the_tcp_carrier_sends_receives_and_streams() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    anyhow::ensure!(
+        relay.http_addr().port() == relay.addr().port(),
+        "HTTPS on the QUIC port"
+    );
+    let key = relay.create_key("acme")?;
+    let hs = HashServer::start().await?;
+    let addr = hs.addr;
+    let tcp = TestDaemon::start_with(&relay, &key, "overtcp", |c| {
+        c.transport = Transport::Tcp;
+    })
+    .await?;
+    let udp = TestDaemon::start_with(&relay, &key, "overudp", |c| {
+        c.transport = Transport::Udp;
+        c.expose = vec![swb_daemon::Exposure {
+            port: 9000,
+            target: addr.to_string(),
+        }];
+    })
+    .await?;
+    assert_eq!(carrier_of(&tcp).await?.as_deref(), Some("tcp"));
+    assert_eq!(carrier_of(&udp).await?.as_deref(), Some("udp"));
+    tcp.send("overudp", b"from the carrier").await?;
+    assert_eq!(udp.recv_n(1).await?[0].body(), b"from the carrier");
+    udp.send("overtcp", b"to the carrier").await?;
+    assert_eq!(tcp.recv_n(1).await?[0].body(), b"to the carrier");
+    let s = tcp.open_stream("overudp", 9000).await?;
+    let (sent, back) = swb_tests::send_and_collect(s, 19, 16 << 20).await?;
+    assert_eq!(sent, back, "16 MiB over the carrier, checksum");
+    let open = relay
+        .handle()
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("swb_relay_tcp_carriers_open "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .context("carriers gauge")?;
+    assert_eq!(open, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn auto_moves_to_the_carrier_when_udp_stops_and_back_when_it_returns() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    // UDP to the relay through a forwarder that can be cut; TCP on the
+    // same port number forwarded to the relay's HTTPS port.
+    let cut = swb_tests::UdpCut::start(relay.addr()).await?;
+    let tcp = tokio::net::TcpListener::bind(cut.addr).await?;
+    let https = relay.http_addr();
+    let fwd = tokio::spawn(async move {
+        while let Ok((mut a, _)) = tcp.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut b) = tokio::net::TcpStream::connect(https).await {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+        }
+    });
+    let hs = HashServer::start().await?;
+    let addr = hs.addr;
+    let mut cfg = relay.daemon_config(&key, "mover", std::path::PathBuf::new());
+    cfg.relays = vec![cut.addr.to_string()];
+    // Longer than the carrier's fallback, so the connection lives on.
+    cfg.idle_timeout = Duration::from_secs(12);
+    cfg.silence_probe = Duration::from_secs(5);
+    let mover = TestDaemon::spawn(cfg).await?;
+    tokio::time::timeout(WAIT, mover.handle.connected())
+        .await
+        .context("connect")?
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let server = TestDaemon::start_with(&relay, &key, "server", |c| {
+        c.expose = vec![swb_daemon::Exposure {
+            port: 9000,
+            target: addr.to_string(),
+        }];
+    })
+    .await?;
+    assert_eq!(carrier_of(&mover).await?.as_deref(), Some("udp"));
+    // A stream open across both moves.
+    let stream = mover.open_stream("server", 9000).await?;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut chunk = 0u64;
+    let mut write = |n: u64| {
+        let c = swb_tests::pattern(n, 64 * 1024);
+        ctx.update(&c);
+        c
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    wr.write_all(&write(chunk)).await?;
+    chunk += 1;
+
+    cut.cut();
+    let t = std::time::Instant::now();
+    eventually("the carrier taken", WAIT, || async {
+        Ok((carrier_of(&mover).await?.as_deref() == Some("tcp")).then_some(()))
+    })
+    .await?;
+    eprintln!("UDP cut: on the TCP carrier after {:?}", t.elapsed());
+    mover.send("server", b"while UDP is cut").await?;
+    assert_eq!(server.recv_n(1).await?[0].body(), b"while UDP is cut");
+    wr.write_all(&write(chunk)).await?;
+    chunk += 1;
+
+    cut.restore();
+    let t = std::time::Instant::now();
+    eventually("UDP taken again", WAIT, || async {
+        Ok((carrier_of(&mover).await?.as_deref() == Some("udp")).then_some(()))
+    })
+    .await?;
+    eprintln!("UDP back: on UDP again after {:?}", t.elapsed());
+    mover.send("server", b"UDP again").await?;
+    assert_eq!(server.recv_n(1).await?[0].body(), b"UDP again");
+    wr.write_all(&write(chunk)).await?;
+    wr.shutdown().await?;
+    let mut back = Vec::new();
+    rd.read_to_end(&mut back).await?;
+    assert_eq!(
+        back,
+        ctx.finish().as_ref(),
+        "the stream survived both moves"
+    );
+    // One connection throughout: the relay never saw a second session.
+    let sessions = relay
+        .handle()
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("swb_relay_sessions_total "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .context("sessions counter")?;
+    assert_eq!(sessions, 2, "mover and server, once each");
+    fwd.abort();
+    Ok(())
+}
