@@ -96,9 +96,25 @@ async fn up(
     control: &Path,
     extra: &[&str],
 ) -> Result<Child> {
+    up_env(host, relay, fp, key, name, control, extra, &[]).await
+}
+
+/// [`up`] with more environment variables.
+#[allow(clippy::too_many_arguments)]
+async fn up_env(
+    host: &Host,
+    relay: &Host,
+    fp: &str,
+    key: &str,
+    name: &str,
+    control: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Result<Child> {
     let mut child = host
         .command(SWBD)
         .env("SWB_API_KEY", key)
+        .envs(env.iter().copied())
         .args(["up", "--relay", &format!("{}:{RELAY_PORT}", relay.addr)])
         .args(["--relay-fingerprint", fp, "--name", name, "--control"])
         .arg(control)
@@ -1428,5 +1444,243 @@ async fn tun_packets_cross_one_mesh_hop_between_peers_homed_on_two_relays() -> R
     let tcp = iperf(a, &b4, 5201, 2).await?;
     eprintln!("TCP over TUN across one mesh hop: {tcp:.0} Mbit/s");
     assert!(tcp > 1.0, "{tcp} Mbit/s");
+    Ok(())
+}
+
+/// How the daemon at `control` reaches its relay now (`udp` / `tcp`).
+async fn carrier(control: &Path) -> Result<String> {
+    let out = ok(swbd(control).args(["--json", "status"])).await?;
+    let v: serde_json::Value = serde_json::from_str(out.trim())?;
+    Ok(v["carrier"].as_str().unwrap_or("").to_string())
+}
+
+#[tokio::test]
+async fn a_site_that_drops_udp_gets_everything_over_the_tcp_carrier_and_ssh_moves_between_carriers(
+) -> Result<()> {
+    let Some(net) = Internet::new("udp_blocked", 1, 2)? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (a, b) = (&net.sites[0].host, &net.sites[1].host);
+    // Site A's router forwards no UDP at all.
+    net.sites[0].block_udp(true)?;
+    let ssh_dir = d.join("ssh");
+    std::fs::create_dir(&ssh_dir)?;
+    let _sshd = sshd(b, &ssh_dir, "beta").await?;
+    let p = pair(
+        &net,
+        d,
+        &["--socks", "off", "--expose", "22=127.0.0.1:22"],
+        &["--socks", "off"],
+    )
+    .await?;
+    let (a_ctl, b_ctl) = (p.alpha.clone(), p.beta.clone());
+    assert_eq!(carrier(&a_ctl).await?, "tcp", "alpha: UDP is dropped");
+    assert_eq!(carrier(&b_ctl).await?, "udp");
+    let status = ok(swbd(&a_ctl).arg("status")).await?;
+    assert!(status.contains("carrier:    tcp"), "{status}");
+
+    // Messages and status, both ways.
+    ok(swbd(&a_ctl).args(["send", "beta", "over TCP"])).await?;
+    assert_eq!(
+        ok(swbd(&b_ctl).args(["recv", "--wait", "10"])).await?,
+        "alpha\tover TCP\n"
+    );
+    ok(swbd(&b_ctl).args(["send", "alpha", "and back"])).await?;
+    assert_eq!(
+        ok(swbd(&a_ctl).args(["recv", "--wait", "10"])).await?,
+        "beta\tand back\n"
+    );
+    ok(swbd(&a_ctl).args(["set-status", "site=a"])).await?;
+    let st = ok(swbd(&b_ctl).args(["get-status", "alpha"])).await?;
+    assert!(
+        st.starts_with("alpha\tonline") && st.contains("site=a"),
+        "{st}"
+    );
+
+    // ssh and a 64 MiB scp through ProxyCommand, over the carrier.
+    let out = ok(a
+        .command("ssh")
+        .args(ssh_args(&ssh_dir, &a_ctl))
+        .arg("root@beta.switchboard")
+        .arg("echo over-tcp-ok"))
+    .await?;
+    assert_eq!(out, "over-tcp-ok\n");
+    let src = d.join("random.bin");
+    std::fs::write(&src, swb_tests::pattern(21, 64 << 20))?;
+    let dst = d.join("copy.bin");
+    let t = std::time::Instant::now();
+    ok(a.command("scp")
+        .args(ssh_args(&ssh_dir, &a_ctl))
+        .arg("-q")
+        .arg(&src)
+        .arg(format!("root@beta.switchboard:{}", dst.display())))
+    .await?;
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(
+        swb_tests::sha256(&std::fs::read(&src)?),
+        swb_tests::sha256(&std::fs::read(&dst)?),
+        "copy differs"
+    );
+    eprintln!(
+        "scp 64 MiB over the TCP carrier in {secs:.1} s ({:.0} MB/s)",
+        64.0 * 1.048_576 / secs
+    );
+
+    // One ssh session while UDP comes back (line 20) and goes again (line
+    // 160): it moves to UDP (within PROBE_MAX, 8 s) and back to the
+    // carrier, never reconnecting.
+    let since = connected_since(&a_ctl).await?;
+    const LINES: usize = 240;
+    let mut ssh = a
+        .command("ssh")
+        .args(ssh_args(&ssh_dir, &a_ctl))
+        .arg("root@beta.switchboard")
+        .arg(format!(
+            "for i in $(seq 1 {LINES}); do echo $i; sleep 0.1; done"
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(ssh.stdout.take().context("stdout")?).lines();
+    let mut got = Vec::new();
+    let (mut unblocked, mut reblocked) = (None, None);
+    let (mut to_udp, mut to_tcp) = (None, None);
+    while let Some(l) = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .context("the ssh session stalled")??
+    {
+        got.push(l);
+        match got.len() {
+            20 => {
+                net.sites[0].block_udp(false)?;
+                unblocked = Some(std::time::Instant::now());
+            }
+            160 => {
+                net.sites[0].block_udp(true)?;
+                reblocked = Some(std::time::Instant::now());
+            }
+            _ => {}
+        }
+        let now = carrier(&a_ctl).await?;
+        if let (Some(t), None, "udp") = (unblocked, to_udp, now.as_str()) {
+            if reblocked.is_none() {
+                to_udp = Some(t.elapsed());
+            }
+        }
+        if let (Some(t), None, "tcp") = (reblocked, to_tcp, now.as_str()) {
+            to_tcp = Some(t.elapsed());
+        }
+    }
+    let status = tokio::time::timeout(swb_tests::WAIT, ssh.wait()).await??;
+    ensure!(status.success(), "ssh ended with {status}");
+    let want: Vec<String> = (1..=LINES).map(|i| i.to_string()).collect();
+    assert_eq!(got, want, "every line, in order");
+    let to_udp = to_udp.context("never moved to UDP after it came back")?;
+    let to_tcp = to_tcp.context("never moved back to the carrier")?;
+    eprintln!("UDP back: the session moved to UDP after {to_udp:?}; UDP dropped again: back on the TCP carrier after {to_tcp:?}");
+    assert_eq!(
+        connected_since(&a_ctl).await?,
+        since,
+        "one QUIC connection throughout"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_site_that_reaches_the_relay_only_through_an_http_proxy_works() -> Result<()> {
+    let Some(net) = Internet::new("proxy_only", 1, 2)? else {
+        return Ok(());
+    };
+    let tinyproxy = swb_tests::need_program("tinyproxy", "tinyproxy")?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (r, a) = (&net.relays[0], &net.sites[0].host);
+    let router = &net.sites[0].router;
+    // Site A forwards nothing; a proxy on its router is the way out.
+    net.sites[0].block_forwarding()?;
+    let log = d.join("tinyproxy.log");
+    let cfg = d.join("tinyproxy.conf");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Port 8888\nListen 192.168.1.1\nAllow 192.168.1.0/24\nTimeout 600\nMaxClients 64\nLogLevel Connect\nLogFile \"{}\"\nConnectPort {RELAY_PORT}\n",
+            log.display()
+        ),
+    )?;
+    let _proxy = router
+        .command(&tinyproxy)
+        .arg("-d")
+        .arg("-c")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    swb_tests::eventually("tinyproxy listening", swb_tests::WAIT, || async {
+        let out = a
+            .command("bash")
+            .args(["-c", "exec 3<>/dev/tcp/192.168.1.1/8888"])
+            .output()
+            .await?;
+        Ok(out.status.success().then_some(()))
+    })
+    .await?;
+    let direct = a
+        .command("bash")
+        .args([
+            "-c",
+            &format!(
+                "timeout 2 bash -c 'exec 3<>/dev/tcp/{}/{RELAY_PORT}'",
+                r.addr
+            ),
+        ])
+        .output()
+        .await?;
+    ensure!(
+        !direct.status.success(),
+        "site A reached the relay directly"
+    );
+
+    let (relay, fp, key) = relay(r, d).await?;
+    let _relay = relay;
+    let (a_ctl, b_ctl) = (d.join("alpha.sock"), d.join("beta.sock"));
+    let _b = up(
+        &net.sites[1].host,
+        r,
+        &fp,
+        &key,
+        "beta",
+        &b_ctl,
+        &["--socks", "off"],
+    )
+    .await?;
+    let _a = up_env(
+        a,
+        r,
+        &fp,
+        &key,
+        "alpha",
+        &a_ctl,
+        &["--socks", "off"],
+        &[("HTTPS_PROXY", "http://192.168.1.1:8888")],
+    )
+    .await?;
+    assert_eq!(carrier(&a_ctl).await?, "tcp");
+    ok(swbd(&a_ctl).args(["send", "beta", "through the proxy"])).await?;
+    assert_eq!(
+        ok(swbd(&b_ctl).args(["recv", "--wait", "10"])).await?,
+        "alpha\tthrough the proxy\n"
+    );
+    ok(swbd(&b_ctl).args(["send", "alpha", "and back"])).await?;
+    assert_eq!(
+        ok(swbd(&a_ctl).args(["recv", "--wait", "10"])).await?,
+        "beta\tand back\n"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("CONNECT") && logged.contains(&r.addr.to_string()),
+        "the proxy carried it: {logged}"
+    );
     Ok(())
 }

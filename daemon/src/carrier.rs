@@ -38,8 +38,10 @@ pub const FALLBACK: Duration = Duration::from_secs(3);
 /// First gap between UDP probes while on a carrier; doubles while UDP
 /// stays silent, up to [`PROBE_MAX`].
 pub const PROBE_MIN: Duration = Duration::from_secs(1);
-/// Longest gap between UDP probes.
-pub const PROBE_MAX: Duration = Duration::from_secs(30);
+/// Longest gap between UDP probes: back on UDP within this of its return.
+/// (A probe that reaches the relay when its answers cannot come back costs
+/// a short stall while the relay's path check fails: hence the backoff.)
+pub const PROBE_MAX: Duration = Duration::from_secs(8);
 /// Pause before a failed carrier is tried again.
 const CARRIER_RETRY: Duration = Duration::from_secs(1);
 /// How long a session gone silent on UDP waits for the carrier before it

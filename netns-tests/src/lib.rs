@@ -187,6 +187,30 @@ impl Site {
 }
 
 impl Site {
+    /// The router drops every UDP packet it would forward, both ways (a
+    /// network that lets only TCP out), or (`false`) no longer does.
+    pub fn block_udp(&self, on: bool) -> Result<()> {
+        let nft = program("nft", "nftables")?;
+        let _ = self
+            .router
+            .ns
+            .exec(&[&nft, "delete", "table", "inet", "noudp"]);
+        if !on {
+            return Ok(());
+        }
+        self.router.ns.nft(
+            "table inet noudp {\n  chain through {\n    type filter hook forward priority -20; policy accept;\n    meta l4proto udp drop\n  }\n}\n",
+        )
+    }
+
+    /// The router forwards nothing from its LAN: the host reaches the
+    /// internet only through a proxy on the router itself.
+    pub fn block_forwarding(&self) -> Result<()> {
+        self.router.ns.nft(
+            "table inet nofwd {\n  chain through {\n    type filter hook forward priority -20; policy accept;\n    iifname \"lan0\" drop\n  }\n}\n",
+        )
+    }
+
     /// A NAT rebinding: the router forgets every mapping (its conntrack
     /// table flushed) and maps new flows to a port range it has not used
     /// before, so the next packet of every flow leaves from a new port —
