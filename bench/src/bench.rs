@@ -17,6 +17,7 @@ use swb_relay::keys::{self, KeysFile};
 use swb_relay::{HttpListen, Identity, KeySource, Relay, RelayConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod carrier;
 mod durable;
 mod flood;
 mod grid;
@@ -31,6 +32,10 @@ pub(crate) enum BenchCommand {
     /// The diameter-2 mesh graph (grid) at 1000 and 10 000 relays,
     /// simulated: links per relay, hops, a join's churn, relays down.
     Grid(grid::GridArgs),
+    /// The TCP carrier (QUIC inside TLS to the relay's HTTPS port) vs UDP:
+    /// single-stream goodput and message latency through one relay, in one
+    /// run; with `rathole` on PATH, its TLS transport as a TCP anchor.
+    Carrier(carrier::CarrierArgs),
     /// Messages between peers on the same relay vs. one mesh hop vs. two
     /// (nine relays linked as a 3×3 grid): rate and latency, in one run.
     Mesh(MeshArgs),
@@ -95,6 +100,7 @@ pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
         BenchCommand::Stream(a) => stream(a, out).await,
         BenchCommand::Ring(a) => ring(a, out),
         BenchCommand::Grid(a) => grid::grid_bench(a, out),
+        BenchCommand::Carrier(a) => carrier::carrier_bench(a, out).await,
         BenchCommand::Mesh(a) => mesh(a, out).await,
         BenchCommand::Accept(a) => accept(a, out).await,
         BenchCommand::Idle(a) => idle(a, out).await,
@@ -202,6 +208,18 @@ async fn bench_daemon(
     dir: &std::path::Path,
     expose: Vec<Exposure>,
 ) -> Result<swb_daemon::DaemonHandle> {
+    bench_daemon_over(relay, key, name, dir, expose, swb_daemon::Transport::Auto).await
+}
+
+/// [`bench_daemon`] reaching the relay over `transport`.
+async fn bench_daemon_over(
+    relay: &swb_relay::RelayHandle,
+    key: &str,
+    name: &str,
+    dir: &std::path::Path,
+    expose: Vec<Exposure>,
+    transport: swb_daemon::Transport,
+) -> Result<swb_daemon::DaemonHandle> {
     let mut c = DaemonConfig::new(
         relay.local_addr().to_string(),
         Trust::Fingerprint(relay.fingerprint().to_string()),
@@ -210,6 +228,7 @@ async fn bench_daemon(
         dir.join(format!("{name}.sock")),
     );
     c.expose = expose;
+    c.transport = transport;
     let d = Daemon::spawn(c).await?;
     d.connected().await.map_err(anyhow::Error::msg)?;
     Ok(d)
@@ -2204,6 +2223,15 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
     mesh(
         MeshArgs {
             messages: if s { 50 } else { 5000 },
+            samples: if s { 20 } else { 500 },
+        },
+        out,
+    )
+    .await?;
+    carrier::carrier_bench(
+        carrier::CarrierArgs {
+            bytes: if s { 1 << 20 } else { 128 << 20 },
+            runs: if s { 1 } else { 3 },
             samples: if s { 20 } else { 500 },
         },
         out,
