@@ -47,7 +47,8 @@ pub(crate) enum Refused {
 #[derive(Debug, Default)]
 pub(crate) struct Carriers {
     inbound: Inbound,
-    out: Mutex<HashMap<SocketAddr, mpsc::Sender<Bytes>>>,
+    /// Each carrier's way out, and the client address it came from.
+    out: Mutex<HashMap<SocketAddr, (mpsc::Sender<Bytes>, IpAddr)>>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     next: AtomicU64,
 }
@@ -97,13 +98,27 @@ impl Carriers {
         *n += 1;
         let addr = carrier::virtual_addr(self.next.fetch_add(1, Ordering::Relaxed) + 1);
         let (tx, rx) = mpsc::channel(carrier::QUEUE);
-        out.insert(addr, tx);
+        out.insert(addr, (tx, ip));
         Ok(Slot {
             carriers: self.clone(),
             ip,
             addr,
             rx,
         })
+    }
+
+    /// The client address behind `a`: the carrier's TCP peer for a
+    /// carrier's address (so per-address limits count the real client),
+    /// else `a`'s own.
+    pub(crate) fn client_ip(&self, a: SocketAddr) -> IpAddr {
+        if !carrier::is_virtual(&a) {
+            return a.ip();
+        }
+        self.out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&a)
+            .map_or(a.ip(), |(_, ip)| *ip)
     }
 
     /// Carrier connections open now.
@@ -198,7 +213,7 @@ impl quinn::AsyncUdpSocket for CarrierSocket {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&t.destination)
-            .cloned();
+            .map(|(tx, _)| tx.clone());
         // A carrier that is gone or full loses the packet, as UDP would.
         if let Some(tx) = tx {
             for seg in carrier::segments(t) {
@@ -267,6 +282,9 @@ mod tests {
         assert!(c.admit("192.0.2.2".parse().expect("ip")).is_ok());
         assert_ne!(held[0].addr, held[1].addr);
         assert!(carrier::is_virtual(&held[0].addr));
+        assert_eq!(c.client_ip(held[0].addr), ip, "limits count the client");
+        let real: SocketAddr = "192.0.2.9:5".parse().expect("addr");
+        assert_eq!(c.client_ip(real), real.ip());
         held.pop();
         assert!(c.admit(ip).is_ok(), "a place given back is taken again");
         held.clear();

@@ -417,6 +417,7 @@ impl Relay {
         };
         let main = Main {
             endpoint,
+            carriers: carriers.clone(),
             router: router.clone(),
             mesh: mesh.clone(),
             mesh_tx,
@@ -629,6 +630,7 @@ impl Drop for RelayHandle {
 /// The relay's main task and what it owns.
 struct Main {
     endpoint: quinn::Endpoint,
+    carriers: Arc<carrier::Carriers>,
     router: Arc<Router>,
     mesh: Option<Arc<Mesh>>,
     mesh_tx: Option<tokio::sync::mpsc::Sender<endpoint::MeshIncoming>>,
@@ -645,6 +647,7 @@ impl Main {
     async fn run(self) {
         let Main {
             endpoint,
+            carriers,
             router,
             mesh,
             mesh_tx,
@@ -739,7 +742,8 @@ impl Main {
                         continue;
                     }
                     if let Some(l) = per_ip.as_mut() {
-                        if l.take(&incoming.remote_address().ip(), tokio::time::Instant::now()).is_err() {
+                        let ip = carriers.client_ip(incoming.remote_address());
+                        if l.take(&ip, tokio::time::Instant::now()).is_err() {
                             services.metrics.handshake("refused", "rate");
                             incoming.refuse();
                             continue;
