@@ -1471,12 +1471,17 @@ async fn a_site_that_drops_udp_gets_everything_over_the_tcp_carrier_and_ssh_move
     let p = pair(
         &net,
         d,
-        &["--socks", "off", "--expose", "22=127.0.0.1:22"],
-        &["--socks", "off"],
+        &["--socks", "off", "--expose", "22=127.0.0.1:22", "--tun"],
+        &["--socks", "off", "--tun"],
     )
     .await?;
     let (a_ctl, b_ctl) = (p.alpha.clone(), p.beta.clone());
     assert_eq!(carrier(&a_ctl).await?, "tcp", "alpha: UDP is dropped");
+    // TUN packets ride QUIC datagrams, carried like the rest.
+    let (b4, _) = tun_addrs(&b_ctl).await?;
+    tun_addrs(&a_ctl).await?;
+    let out = ok(a.command("ping").args(["-c", "3", "-W", "5", &b4])).await?;
+    assert!(out.contains("3 received"), "{out}");
     assert_eq!(carrier(&b_ctl).await?, "udp");
     let status = ok(swbd(&a_ctl).arg("status")).await?;
     assert!(status.contains("carrier:    tcp"), "{status}");
