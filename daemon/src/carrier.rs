@@ -286,16 +286,15 @@ impl Paths {
         true
     }
 
-    /// Keeps a copy of a packet sent over UDP while UDP goes unanswered.
-    fn keep(&self, dest: SocketAddr, packets: impl Iterator<Item = Bytes>) {
+    /// Keeps a copy of packets sent over UDP (framed) while UDP goes
+    /// unanswered.
+    fn keep(&self, dest: SocketAddr, framed: Bytes) {
         let mut all = self.state();
         let Some(st) = all.get_mut(&dest) else { return };
-        for p in packets {
-            if st.recent.len() == RECENT {
-                st.recent.pop_front();
-            }
-            st.recent.push_back(p);
+        if st.recent.len() == RECENT {
+            st.recent.pop_front();
         }
+        st.recent.push_back(framed);
     }
 
     /// Moves that came due between sends (QUIC backs off its sends while
@@ -586,7 +585,7 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
         let mut batch = Vec::with_capacity(32);
         let mut scratch = Vec::new();
         while rx.recv_many(&mut batch, 32).await > 0 {
-            if carrier::write_packets(&mut wr, &batch, &mut scratch)
+            if carrier::write_framed(&mut wr, &batch, &mut scratch)
                 .await
                 .is_err()
             {
@@ -630,20 +629,14 @@ impl quinn::AsyncUdpSocket for ClientSocket {
     }
 
     fn try_send(&self, t: &quinn::udp::Transmit) -> io::Result<()> {
+        // A full carrier loses the packets, as a full UDP socket would.
         let to_tcp = |tx: &mpsc::Sender<Bytes>| {
-            for seg in carrier::segments(t) {
-                if tx.try_send(Bytes::copy_from_slice(seg)).is_err() {
-                    break;
-                }
-            }
+            let _ = tx.try_send(carrier::frame(t));
         };
         match self.paths.choose(t.destination, Instant::now()) {
             Choice::Udp => self.udp.try_send(t),
             Choice::UdpKeep => {
-                self.paths.keep(
-                    t.destination,
-                    carrier::segments(t).map(Bytes::copy_from_slice),
-                );
+                self.paths.keep(t.destination, carrier::frame(t));
                 self.udp.try_send(t)
             }
             Choice::Tcp(tx) => {

@@ -28,9 +28,12 @@ pub const PROTOCOL: &str = "swb-quic/1";
 /// Largest packet a carrier takes (QUIC packets stay near the path MTU;
 /// quinn never builds one above 1500 bytes of payload by default).
 pub const MAX_PACKET: usize = 2048;
-/// Packets queued toward one carrier connection before new ones are
-/// dropped (QUIC's loss recovery resends them): about 96 KiB.
-pub const QUEUE: usize = 64;
+/// Transmits (each up to quinn's GSO batch, framed) queued toward one
+/// carrier connection before new ones are dropped (QUIC's loss recovery
+/// resends them).
+pub const QUEUE: usize = 32;
+/// Read buffer of a carrier connection: room kept for one large read.
+const READ_ROOM: usize = 64 * 1024;
 /// Packets from all carriers queued for the endpoint before new ones are
 /// dropped.
 pub const INBOUND_QUEUE: usize = 1024;
@@ -51,6 +54,9 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
 ) -> Result<Option<Bytes>, CarrierError> {
+    if buf.capacity() - buf.len() < MAX_PACKET {
+        buf.reserve(READ_ROOM);
+    }
     while buf.len() < 2 {
         if r.read_buf(buf).await? == 0 {
             return if buf.is_empty() {
@@ -73,21 +79,22 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
     Ok(Some(buf.split_to(len).freeze()))
 }
 
-/// Writes packets (each with its length prefix) and flushes.
-pub async fn write_packets<W: AsyncWrite + Unpin>(
+/// Writes framed packets (see [`frame`]) in one write, and flushes.
+pub async fn write_framed<W: AsyncWrite + Unpin>(
     w: &mut W,
-    packets: &[Bytes],
+    framed: &[Bytes],
     scratch: &mut Vec<u8>,
 ) -> io::Result<()> {
-    scratch.clear();
-    for p in packets {
-        let Ok(len) = u16::try_from(p.len()) else {
-            continue;
-        };
-        scratch.extend_from_slice(&len.to_be_bytes());
-        scratch.extend_from_slice(p);
+    match framed {
+        [one] => w.write_all(one).await?,
+        _ => {
+            scratch.clear();
+            for f in framed {
+                scratch.extend_from_slice(f);
+            }
+            w.write_all(scratch).await?;
+        }
     }
-    w.write_all(scratch).await?;
     w.flush().await
 }
 
@@ -95,6 +102,30 @@ pub async fn write_packets<W: AsyncWrite + Unpin>(
 pub fn segments<'a>(t: &'a quinn::udp::Transmit<'a>) -> impl Iterator<Item = &'a [u8]> {
     let size = t.segment_size.unwrap_or(t.contents.len()).max(1);
     t.contents.chunks(size)
+}
+
+/// A transmit's datagrams, each with its length prefix, in one buffer.
+pub fn frame(t: &quinn::udp::Transmit<'_>) -> Bytes {
+    let n = segments(t).count();
+    let mut b = BytesMut::with_capacity(t.contents.len() + 2 * n);
+    for seg in segments(t) {
+        push_framed(&mut b, seg);
+    }
+    b.freeze()
+}
+
+/// One packet with its length prefix.
+pub fn frame_one(p: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(p.len() + 2);
+    push_framed(&mut b, p);
+    b.freeze()
+}
+
+fn push_framed(b: &mut BytesMut, p: &[u8]) {
+    if let Ok(len) = u16::try_from(p.len()) {
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(p);
+    }
 }
 
 /// The address a relay gives carrier connection `n`: in `100::/64`, the
@@ -190,7 +221,8 @@ mod tests {
             Bytes::from_static(b"one"),
             Bytes::from(vec![7u8; MAX_PACKET]),
         ];
-        write_packets(&mut a, &ps, &mut Vec::new())
+        let framed: Vec<Bytes> = ps.iter().map(|p| frame_one(p)).collect();
+        write_framed(&mut a, &framed, &mut Vec::new())
             .await
             .expect("write");
         drop(a);

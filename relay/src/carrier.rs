@@ -159,7 +159,7 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(io: S, mut slot: Sl
         let mut batch = Vec::with_capacity(32);
         let mut scratch = Vec::new();
         while slot.rx.recv_many(&mut batch, 32).await > 0 {
-            if carrier::write_packets(&mut wr, &batch, &mut scratch)
+            if carrier::write_framed(&mut wr, &batch, &mut scratch)
                 .await
                 .is_err()
             {
@@ -214,13 +214,9 @@ impl quinn::AsyncUdpSocket for CarrierSocket {
             .unwrap_or_else(|p| p.into_inner())
             .get(&t.destination)
             .map(|(tx, _)| tx.clone());
-        // A carrier that is gone or full loses the packet, as UDP would.
+        // A carrier that is gone or full loses the packets, as UDP would.
         if let Some(tx) = tx {
-            for seg in carrier::segments(t) {
-                if tx.try_send(Bytes::copy_from_slice(seg)).is_err() {
-                    break;
-                }
-            }
+            let _ = tx.try_send(carrier::frame(t));
         }
         Ok(())
     }
