@@ -42,6 +42,9 @@ pub const PROBE_MIN: Duration = Duration::from_secs(1);
 /// (A probe that reaches the relay when its answers cannot come back costs
 /// a short stall while the relay's path check fails: hence the backoff.)
 pub const PROBE_MAX: Duration = Duration::from_secs(8);
+/// How long a handshake that moved to the carrier may take there before
+/// the daemon starts it over on the carrier.
+pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(1);
 /// Pause before a failed carrier is tried again.
 const CARRIER_RETRY: Duration = Duration::from_secs(1);
 /// How long a session gone silent on UDP waits for the carrier before it
@@ -139,6 +142,8 @@ enum Choice {
 /// Carrier state of every relay address, shared by the endpoints' sockets.
 pub(crate) struct Paths {
     transport: Transport,
+    /// Bumped whenever packets to some relay move to the carrier.
+    moves: tokio::sync::watch::Sender<u64>,
     /// Carrier tasks: tracked with the daemon's, ended when it stops.
     tasks: tokio_util::task::TaskTracker,
     stop: tokio_util::sync::CancellationToken,
@@ -172,6 +177,7 @@ impl Paths {
             .unwrap_or_default();
         let paths = Arc::new(Self {
             transport,
+            moves: tokio::sync::watch::Sender::new(0),
             tasks,
             stop,
             inbound: Inbound::default(),
@@ -194,6 +200,18 @@ impl Paths {
     /// How a carrier to `addr` would verify the relay (before dialing it).
     pub(crate) fn prepare(&self, addr: SocketAddr, target: Target) {
         self.state().entry(addr).or_default().target = Some(target);
+    }
+
+    /// Resolves when packets to `addr` move to the carrier (never, unless
+    /// they do after this call).
+    pub(crate) async fn moved_to_tcp(&self, addr: SocketAddr) {
+        let mut rx = self.moves.subscribe();
+        while rx.changed().await.is_ok() {
+            if self.state().get(&addr).is_some_and(|s| s.on_tcp) {
+                return;
+            }
+        }
+        std::future::pending::<()>().await;
     }
 
     /// `udp` or `tcp`: how packets to `addr` travel now.
@@ -280,6 +298,7 @@ impl Paths {
                 for p in st.recent.drain(..) {
                     let _ = tx.try_send(p);
                 }
+                self.moves.send_modify(|n| *n += 1);
                 info!(relay = %dest, "UDP is not answering: packets take the TCP carrier");
             }
         }

@@ -359,7 +359,29 @@ impl Dialer {
                     ConnectError::Fatal(DaemonError::Config(why))
                 }
             })?;
-        let conn = match connecting.await {
+        // A handshake that began on UDP and moved to the TCP carrier may
+        // never finish there (the relay saw the UDP Initial but its answers
+        // were dropped: it takes only that path until the handshake is
+        // done): after a grace, start over on the carrier.
+        let connecting = async {
+            tokio::pin!(connecting);
+            let moved = self.paths.moved_to_tcp(addr);
+            tokio::select! {
+                r = &mut connecting => Some(r),
+                _ = moved => {
+                    tokio::select! {
+                        r = &mut connecting => Some(r),
+                        _ = tokio::time::sleep(crate::carrier::HANDSHAKE_GRACE) => None,
+                    }
+                }
+            }
+        };
+        let Some(connected) = connecting.await else {
+            return Err(ConnectError::Retry(
+                "the handshake moved to the TCP carrier and did not finish there: starting over on it".into(),
+            ));
+        };
+        let conn = match connected {
             Ok(c) => c,
             Err(e) => {
                 if let Some(why) = self.note.take() {

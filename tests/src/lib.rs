@@ -857,6 +857,8 @@ pub struct UdpCut {
     /// Where clients send.
     pub addr: SocketAddr,
     cut: Arc<std::sync::atomic::AtomicBool>,
+    /// Only the relay's answers are dropped.
+    cut_back: Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -869,6 +871,8 @@ impl UdpCut {
         let addr = front.local_addr()?;
         let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = cut.clone();
+        let cut_back = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let back_flag = cut_back.clone();
         let task = tokio::spawn(async move {
             let mut client: Option<SocketAddr> = None;
             let mut a = vec![0u8; 65536];
@@ -884,14 +888,21 @@ impl UdpCut {
                     }
                     r = back.recv(&mut b) => {
                         let Ok(n) = r else { continue };
-                        if let (Some(c), false) = (client, flag.load(std::sync::atomic::Ordering::Relaxed)) {
+                        let dropped = flag.load(std::sync::atomic::Ordering::Relaxed)
+                            || back_flag.load(std::sync::atomic::Ordering::Relaxed);
+                        if let (Some(c), false) = (client, dropped) {
                             let _ = front.send_to(&b[..n], c).await;
                         }
                     }
                 }
             }
         });
-        Ok(Self { addr, cut, task })
+        Ok(Self {
+            addr,
+            cut,
+            cut_back,
+            task,
+        })
     }
 
     /// Drops everything from now on.
@@ -899,9 +910,17 @@ impl UdpCut {
         self.cut.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Forwards again.
+    /// Forwards again (both ways).
     pub fn restore(&self) {
         self.cut.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.cut_back
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Drops only what the relay sends back (a one-way block).
+    pub fn cut_answers(&self) {
+        self.cut_back
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
