@@ -15,7 +15,7 @@
 //! The carrier honours `HTTPS_PROXY` / `https_proxy` (an `http://` proxy,
 //! `CONNECT`, optional `user:password@`) and `NO_PROXY`.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use swb_quic::carrier::{self, Inbound};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info};
@@ -45,6 +45,9 @@ pub const PROBE_MAX: Duration = Duration::from_secs(8);
 /// How long a handshake that moved to the carrier may take there before
 /// the daemon starts it over on the carrier.
 pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(1);
+/// A carrier that reads nothing this long is closed (the relay closes
+/// idle ones after a minute too; the keep-alive keeps a used one busy).
+const CARRIER_IDLE: Duration = Duration::from_secs(60);
 /// Pause before a failed carrier is tried again.
 const CARRIER_RETRY: Duration = Duration::from_secs(1);
 /// How long a session gone silent on UDP waits for the carrier before it
@@ -428,10 +431,12 @@ impl Paths {
                     return;
                 }
             };
-            let (tx, rx) = mpsc::channel(carrier::QUEUE);
+            let (tx, mut rx) = mpsc::channel(carrier::QUEUE);
             paths.finish(dest, Some(tx.clone()));
             debug!(relay = %dest, via_proxy = proxy.is_some(), "TCP carrier up");
-            pump(stream, rx, paths.inbound.sender(), dest).await;
+            let end =
+                carrier::pump(stream, &mut rx, paths.inbound.sender(), dest, CARRIER_IDLE).await;
+            debug!(relay = %dest, ?end, "TCP carrier ended");
             let mut all = paths.state();
             if let Some(st) = all.get_mut(&dest) {
                 if st.tx.as_ref().is_some_and(|t| t.same_channel(&tx)) {
@@ -583,39 +588,6 @@ async fn open(dest: SocketAddr, target: &Target, proxy: Option<&Proxy>) -> io::R
         code => Err(io::Error::other(format!(
             "the relay answered {code} to the upgrade"
         ))),
-    }
-}
-
-/// Moves packets both ways until the carrier ends.
-async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
-    io: S,
-    mut rx: mpsc::Receiver<Bytes>,
-    into_endpoint: mpsc::Sender<(SocketAddr, Bytes)>,
-    from: SocketAddr,
-) {
-    let (mut rd, mut wr) = tokio::io::split(io);
-    let read = async {
-        let mut buf = BytesMut::with_capacity(2 * carrier::MAX_PACKET);
-        while let Ok(Some(p)) = carrier::read_packet(&mut rd, &mut buf).await {
-            let _ = into_endpoint.try_send((from, p));
-        }
-    };
-    let write = async {
-        let mut batch = Vec::with_capacity(32);
-        let mut scratch = Vec::new();
-        while rx.recv_many(&mut batch, 32).await > 0 {
-            if carrier::write_framed(&mut wr, &batch, &mut scratch)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            batch.clear();
-        }
-    };
-    tokio::select! {
-        _ = read => {}
-        _ = write => {}
     }
 }
 

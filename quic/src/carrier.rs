@@ -128,6 +128,61 @@ fn push_framed(b: &mut BytesMut, p: &[u8]) {
     }
 }
 
+/// How a carrier connection ended (see [`pump`]).
+#[derive(Debug)]
+pub enum PumpEnd {
+    /// The other end closed it.
+    Closed,
+    /// Nothing arrived for the idle time.
+    Idle,
+    /// Reading failed or a bad length arrived.
+    Read(CarrierError),
+    /// Writing failed, or nothing will be sent any more.
+    Write,
+}
+
+/// Moves packets both ways over a carrier connection until it ends:
+/// packets read go to the endpoint as from `from` (a full queue drops
+/// them, as a full socket buffer would), framed transmits from `rx` are
+/// written. Ends after `idle` without a packet read.
+pub async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    rx: &mut mpsc::Receiver<Bytes>,
+    into_endpoint: mpsc::Sender<(SocketAddr, Bytes)>,
+    from: SocketAddr,
+    idle: std::time::Duration,
+) -> PumpEnd {
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let read = async {
+        let mut buf = BytesMut::new();
+        loop {
+            match tokio::time::timeout(idle, read_packet(&mut rd, &mut buf)).await {
+                Ok(Ok(Some(p))) => {
+                    let _ = into_endpoint.try_send((from, p));
+                }
+                Ok(Ok(None)) => return PumpEnd::Closed,
+                Ok(Err(e)) => return PumpEnd::Read(e),
+                Err(_) => return PumpEnd::Idle,
+            }
+        }
+    };
+    let write = async {
+        let mut batch = Vec::with_capacity(32);
+        let mut scratch = Vec::new();
+        while rx.recv_many(&mut batch, 32).await > 0 {
+            if write_framed(&mut wr, &batch, &mut scratch).await.is_err() {
+                break;
+            }
+            batch.clear();
+        }
+        PumpEnd::Write
+    };
+    tokio::select! {
+        end = read => end,
+        end = write => end,
+    }
+}
+
 /// The address a relay gives carrier connection `n`: in `100::/64`, the
 /// IPv6 discard prefix (RFC 6666), which no real peer has.
 pub fn virtual_addr(n: u64) -> SocketAddr {

@@ -12,7 +12,7 @@
 //! each, packets of at most [`swb_quic::carrier::MAX_PACKET`] bytes; a
 //! carrier that carries nothing for [`CARRIER_IDLE`] is closed.
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
@@ -131,46 +131,12 @@ impl Carriers {
 /// packets read go to the endpoint from the slot's address, packets quinn
 /// sends to that address are written.
 pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(io: S, mut slot: Slot) {
-    let (mut rd, mut wr) = tokio::io::split(io);
     let into_endpoint = slot.carriers.inbound.sender();
     let addr = slot.addr;
-    let read = async {
-        let mut buf = BytesMut::with_capacity(2 * carrier::MAX_PACKET);
-        loop {
-            match tokio::time::timeout(CARRIER_IDLE, carrier::read_packet(&mut rd, &mut buf)).await
-            {
-                Ok(Ok(Some(p))) => {
-                    // A full queue drops it, as a full socket buffer would.
-                    let _ = into_endpoint.try_send((addr, p));
-                }
-                Ok(Ok(None)) => return,
-                Ok(Err(e)) => {
-                    debug!(%addr, "carrier ended: {e}");
-                    return;
-                }
-                Err(_) => {
-                    debug!(%addr, "carrier idle; closing it");
-                    return;
-                }
-            }
-        }
-    };
-    let write = async {
-        let mut batch = Vec::with_capacity(32);
-        let mut scratch = Vec::new();
-        while slot.rx.recv_many(&mut batch, 32).await > 0 {
-            if carrier::write_framed(&mut wr, &batch, &mut scratch)
-                .await
-                .is_err()
-            {
-                return;
-            }
-            batch.clear();
-        }
-    };
-    tokio::select! {
-        _ = read => {}
-        _ = write => {}
+    match carrier::pump(io, &mut slot.rx, into_endpoint, addr, CARRIER_IDLE).await {
+        carrier::PumpEnd::Idle => debug!(%addr, "carrier idle; closing it"),
+        carrier::PumpEnd::Read(e) => debug!(%addr, "carrier ended: {e}"),
+        carrier::PumpEnd::Closed | carrier::PumpEnd::Write => {}
     }
 }
 
