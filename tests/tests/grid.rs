@@ -92,6 +92,20 @@ fn unlinked_pair() -> (usize, usize, usize) {
     unreachable!("a 3×3 grid leaves pairs unlinked")
 }
 
+/// The relay (index into [`IDS`]) that `relays[a]`'s calls to `b` pass
+/// through now.
+async fn middle_of(relays: &[TestRelay], a: usize, b: usize) -> Result<usize> {
+    let path = relays[a]
+        .handle()
+        .mesh_probe(IDS[b])
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    anyhow::ensure!(path.len() == 2, "{} → {}: {path:?}", IDS[a], IDS[b]);
+    IDS.iter()
+        .position(|id| *id == path[0])
+        .context("the relay in the middle")
+}
+
 #[tokio::test]
 async fn nine_relays_past_full_mesh_max_link_as_a_grid_and_every_pair_reaches_every_other(
 ) -> Result<()> {
@@ -215,15 +229,7 @@ async fn peers_on_unlinked_relays_exchange_messages_streams_status_and_http_in_t
 async fn tun_packets_between_unlinked_relays_take_two_hops() -> Result<()> {
     let (relays, api) = grid9('t').await?;
     let (a, b, _) = unlinked_pair();
-    let path = relays[a]
-        .handle()
-        .mesh_probe(IDS[b])
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let middle = IDS
-        .iter()
-        .position(|id| *id == path[0])
-        .context("the relay in the middle")?;
+    let middle = middle_of(&relays, a, b).await?;
     let alpha = swb_tests::name_homed_on(&IDS, "acme", IDS[a]);
     let beta = swb_tests::name_homed_on(&IDS, "acme", IDS[b]);
     let (x, xa) = swb_tests::tun_join(&relays[a], &api, &alpha).await?;
@@ -263,15 +269,7 @@ async fn tun_packets_between_unlinked_relays_take_two_hops() -> Result<()> {
 async fn when_the_relay_in_the_middle_dies_traffic_detours() -> Result<()> {
     let (mut relays, api) = grid9('r').await?;
     let (a, b, _) = unlinked_pair();
-    let path = relays[a]
-        .handle()
-        .mesh_probe(IDS[b])
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let middle = IDS
-        .iter()
-        .position(|id| *id == path[0])
-        .context("the relay in the middle")?;
+    let middle = middle_of(&relays, a, b).await?;
     let alice_name = swb_tests::name_homed_on(&IDS, "acme", IDS[a]);
     let bob_name = swb_tests::name_homed_on(&IDS, "acme", IDS[b]);
     let alice = TestDaemon::start(&relays[a], &api, &alice_name).await?;
