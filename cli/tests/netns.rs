@@ -224,6 +224,27 @@ impl Pair {
     }
 }
 
+/// alpha (at `a_ctl`) and beta (at `b_ctl`) exchange messages both ways
+/// (alpha's first says `hello`); beta publishes a status alpha sees with
+/// presence.
+async fn messages_and_status(a_ctl: &Path, b_ctl: &Path, hello: &str) -> Result<()> {
+    ok(swbd(a_ctl).args(["send", "beta", hello])).await?;
+    let got = ok(swbd(b_ctl).args(["recv", "--wait", "10"])).await?;
+    assert_eq!(got, format!("alpha\t{hello}\n"));
+    ok(swbd(b_ctl).args(["send", "alpha", "and back"])).await?;
+    assert_eq!(
+        ok(swbd(a_ctl).args(["recv", "--wait", "10"])).await?,
+        "beta\tand back\n"
+    );
+    ok(swbd(b_ctl).args(["set-status", "site=b"])).await?;
+    let st = ok(swbd(a_ctl).args(["get-status", "beta"])).await?;
+    assert!(
+        st.starts_with("beta\tonline") && st.contains("site=b"),
+        "{st}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn peers_behind_two_nats_message_watch_ssh_scp_and_curl() -> Result<()> {
     let Some(net) = Internet::new("peers_behind_two_nats", 1, 2)? else {
@@ -279,23 +300,7 @@ async fn peers_behind_two_nats_message_watch_ssh_scp_and_curl() -> Result<()> {
     .await?;
     let (a_ctl, b_ctl) = (p.alpha.clone(), p.beta.clone());
 
-    // Messages, both ways.
-    ok(swbd(&a_ctl).args(["send", "beta", "hello through two NATs"])).await?;
-    let got = ok(swbd(&b_ctl).args(["recv", "--wait", "10"])).await?;
-    assert_eq!(got, "alpha\thello through two NATs\n");
-    ok(swbd(&b_ctl).args(["send", "alpha", "and back"])).await?;
-    assert_eq!(
-        ok(swbd(&a_ctl).args(["recv", "--wait", "10"])).await?,
-        "beta\tand back\n"
-    );
-
-    // Status: beta publishes, alpha sees it with presence.
-    ok(swbd(&b_ctl).args(["set-status", "site=b"])).await?;
-    let st = ok(swbd(&a_ctl).args(["get-status", "beta"])).await?;
-    assert!(
-        st.starts_with("beta\tonline") && st.contains("site=b"),
-        "{st}"
-    );
+    messages_and_status(&a_ctl, &b_ctl, "hello through two NATs").await?;
 
     // ssh through ProxyCommand, from alpha's machine.
     let out = ok(a
@@ -1487,22 +1492,7 @@ async fn a_site_that_drops_udp_gets_everything_over_the_tcp_carrier_and_ssh_move
     assert!(status.contains("carrier:    tcp"), "{status}");
 
     // Messages and status, both ways.
-    ok(swbd(&a_ctl).args(["send", "beta", "over TCP"])).await?;
-    assert_eq!(
-        ok(swbd(&b_ctl).args(["recv", "--wait", "10"])).await?,
-        "alpha\tover TCP\n"
-    );
-    ok(swbd(&b_ctl).args(["send", "alpha", "and back"])).await?;
-    assert_eq!(
-        ok(swbd(&a_ctl).args(["recv", "--wait", "10"])).await?,
-        "beta\tand back\n"
-    );
-    ok(swbd(&a_ctl).args(["set-status", "site=a"])).await?;
-    let st = ok(swbd(&b_ctl).args(["get-status", "alpha"])).await?;
-    assert!(
-        st.starts_with("alpha\tonline") && st.contains("site=a"),
-        "{st}"
-    );
+    messages_and_status(&a_ctl, &b_ctl, "over TCP").await?;
 
     // ssh and a 64 MiB scp through ProxyCommand, over the carrier.
     let out = ok(a

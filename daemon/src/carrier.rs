@@ -19,7 +19,6 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -615,9 +614,7 @@ impl ClientSocket {
 }
 
 impl quinn::AsyncUdpSocket for ClientSocket {
-    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
-        self.udp.clone().create_io_poller()
-    }
+    swb_quic::pass_through_socket!(udp);
 
     fn try_send(&self, t: &quinn::udp::Transmit) -> io::Result<()> {
         // A full carrier loses the packets, as a full UDP socket would.
@@ -664,22 +661,6 @@ impl quinn::AsyncUdpSocket for ClientSocket {
             Poll::Pending => self.paths.inbound.poll_recv(cx, bufs, meta, local).map(Ok),
             err => err,
         }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.udp.local_addr()
-    }
-
-    fn max_transmit_segments(&self) -> usize {
-        self.udp.max_transmit_segments()
-    }
-
-    fn max_receive_segments(&self) -> usize {
-        self.udp.max_receive_segments()
-    }
-
-    fn may_fragment(&self) -> bool {
-        self.udp.may_fragment()
     }
 }
 

@@ -265,6 +265,36 @@ impl Inbound {
     }
 }
 
+/// The [`quinn::AsyncUdpSocket`] methods a socket layer passes through to
+/// the socket under it (the field named): write-readiness, the local
+/// address, GSO/GRO segment counts, fragmentation.
+#[macro_export]
+macro_rules! pass_through_socket {
+    ($inner:ident) => {
+        fn create_io_poller(
+            self: ::std::sync::Arc<Self>,
+        ) -> ::std::pin::Pin<Box<dyn ::quinn::UdpPoller>> {
+            self.$inner.clone().create_io_poller()
+        }
+
+        fn local_addr(&self) -> ::std::io::Result<::std::net::SocketAddr> {
+            self.$inner.local_addr()
+        }
+
+        fn max_transmit_segments(&self) -> usize {
+            self.$inner.max_transmit_segments()
+        }
+
+        fn max_receive_segments(&self) -> usize {
+            self.$inner.max_receive_segments()
+        }
+
+        fn may_fragment(&self) -> bool {
+            self.$inner.may_fragment()
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

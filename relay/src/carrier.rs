@@ -16,7 +16,6 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -165,9 +164,7 @@ impl CarrierSocket {
 }
 
 impl quinn::AsyncUdpSocket for CarrierSocket {
-    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
-        self.udp.clone().create_io_poller()
-    }
+    swb_quic::pass_through_socket!(udp);
 
     fn try_send(&self, t: &quinn::udp::Transmit) -> io::Result<()> {
         if !carrier::is_virtual(&t.destination) {
@@ -209,22 +206,6 @@ impl quinn::AsyncUdpSocket for CarrierSocket {
                 .map(Ok),
             ready => ready,
         }
-    }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.udp.local_addr()
-    }
-
-    fn max_transmit_segments(&self) -> usize {
-        self.udp.max_transmit_segments()
-    }
-
-    fn max_receive_segments(&self) -> usize {
-        self.udp.max_receive_segments()
-    }
-
-    fn may_fragment(&self) -> bool {
-        self.udp.may_fragment()
     }
 }
 

@@ -13,7 +13,6 @@ use prometheus::IntCounter;
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -137,9 +136,7 @@ fn compact(
 }
 
 impl quinn::AsyncUdpSocket for Gate {
-    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn quinn::UdpPoller>> {
-        self.inner.clone().create_io_poller()
-    }
+    swb_quic::pass_through_socket!(inner);
 
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> io::Result<()> {
         self.inner.try_send(transmit)
@@ -183,22 +180,6 @@ impl quinn::AsyncUdpSocket for Gate {
         }
         cx.waker().wake_by_ref();
         Poll::Pending
-    }
-
-    fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.inner.local_addr()
-    }
-
-    fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
-    }
-
-    fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
-    }
-
-    fn may_fragment(&self) -> bool {
-        self.inner.may_fragment()
     }
 }
 
