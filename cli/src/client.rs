@@ -58,6 +58,10 @@ fn peer_of(host: &str) -> &str {
     }
 }
 
+/// How long `swbd connect` waits for a cut stream's cause after its own
+/// write failed.
+const CUT_CAUSE_WAIT: Duration = Duration::from_secs(2);
+
 pub(crate) async fn connect(a: ConnectArgs, out: &Output) -> Result<()> {
     let peer = peer_of(&a.host);
     let c = Client::connect(&out.control).await?;
@@ -97,7 +101,14 @@ pub(crate) async fn connect(a: ConnectArgs, out: &Output) -> Result<()> {
             up.await.with_context(|| format!("{stream_to}: cannot pass on stdin"))?;
         }
         u = &mut up => {
-            u.with_context(|| format!("{stream_to}: cannot pass on stdin"))?;
+            if let Err(e) = u {
+                // Writing fails as soon as a cut stream's end closes our
+                // side; its cause comes on the reading side: say that one.
+                if let Ok(Err(cause)) = tokio::time::timeout(CUT_CAUSE_WAIT, &mut down).await {
+                    return Err(cause).with_context(|| format!("{stream_to} was cut"));
+                }
+                return Err(e).with_context(|| format!("{stream_to}: cannot pass on stdin"));
+            }
             down.await.with_context(|| format!("{stream_to} was cut"))?;
         }
     }
