@@ -136,10 +136,19 @@ enum Choice {
     /// UDP, and keep a copy (UDP is going unanswered).
     UdpKeep,
     Tcp(mpsc::Sender<Bytes>),
-    /// The carrier, and a copy over UDP (a probe).
-    Both(mpsc::Sender<Bytes>),
+    /// Over UDP only, as a probe: the relay gets it on no other path, so
+    /// if UDP is back it is the newest packet there and the relay moves the
+    /// connection to UDP (a copy over the carrier too might arrive first
+    /// and make the UDP one a duplicate it ignores).
+    Probe,
     Drop,
 }
+
+/// A transmit this small is taken as the probe: an acknowledgement or a
+/// keep-alive (a short header, a few frames, the AEAD tag), whose loss
+/// while UDP is still blocked costs nearly nothing — never a TUN packet or
+/// stream data, which are larger.
+const PROBE_SMALL: usize = 64;
 
 /// Carrier state of every relay address, shared by the endpoints' sockets.
 pub(crate) struct Paths {
@@ -226,7 +235,7 @@ impl Paths {
         }
     }
 
-    fn choose(self: &Arc<Self>, dest: SocketAddr, now: Instant) -> Choice {
+    fn choose(self: &Arc<Self>, dest: SocketAddr, now: Instant, size: usize) -> Choice {
         if self.transport == Transport::Udp {
             return Choice::Udp;
         }
@@ -263,10 +272,15 @@ impl Paths {
                 Choice::Udp
             }
             Some(tx) => match st.next_probe {
-                Some(t) if now >= t => {
+                // Due: a small packet, or any once overdue by a gap.
+                Some(t)
+                    if now >= t
+                        && (size <= PROBE_SMALL
+                            || now.saturating_duration_since(t) >= st.probe_gap) =>
+                {
                     st.probe_gap = (st.probe_gap * 2).min(PROBE_MAX);
                     st.next_probe = Some(now + st.probe_gap);
-                    Choice::Both(tx)
+                    Choice::Probe
                 }
                 _ => Choice::Tcp(tx),
             },
@@ -621,7 +635,10 @@ impl quinn::AsyncUdpSocket for ClientSocket {
         let to_tcp = |tx: &mpsc::Sender<Bytes>| {
             let _ = tx.try_send(carrier::frame(t));
         };
-        match self.paths.choose(t.destination, Instant::now()) {
+        match self
+            .paths
+            .choose(t.destination, Instant::now(), t.contents.len())
+        {
             Choice::Udp => self.udp.try_send(t),
             Choice::UdpKeep => {
                 self.paths.keep(t.destination, carrier::frame(t));
@@ -631,8 +648,7 @@ impl quinn::AsyncUdpSocket for ClientSocket {
                 to_tcp(&tx);
                 Ok(())
             }
-            Choice::Both(tx) => {
-                to_tcp(&tx);
+            Choice::Probe => {
                 let _ = self.udp.try_send(t);
                 Ok(())
             }
@@ -693,33 +709,52 @@ mod tests {
         let d: SocketAddr = "192.0.2.1:7443".parse().expect("addr");
         let t0 = Instant::now();
         let udp = |c: Choice| matches!(c, Choice::Udp | Choice::UdpKeep);
-        assert!(udp(paths.choose(d, t0)));
-        assert!(udp(paths.choose(d, t0 + HEAD_START / 2)));
+        assert!(udp(paths.choose(d, t0, 1200)));
+        assert!(udp(paths.choose(d, t0 + HEAD_START / 2, 1200)));
         // Past the head start with a carrier up: the carrier.
         let (tx, _rx) = mpsc::channel(4);
         paths.finish(d, Some(tx));
         let t = t0 + HEAD_START;
-        assert!(matches!(paths.choose(d, t), Choice::Tcp(_)));
+        assert!(matches!(paths.choose(d, t, 40), Choice::Tcp(_)));
         assert_eq!(paths.carrier(d), "tcp");
-        // A probe copy over UDP after PROBE_MIN, then a doubled gap.
-        assert!(matches!(paths.choose(d, t + PROBE_MIN), Choice::Both(_)));
+        // A probe over UDP after PROBE_MIN: the next small packet, not a
+        // large one (unless overdue by a gap); then a doubled gap.
         assert!(matches!(
-            paths.choose(d, t + PROBE_MIN + PROBE_MIN),
+            paths.choose(d, t + PROBE_MIN, 1200),
+            Choice::Tcp(_)
+        ));
+        assert!(matches!(paths.choose(d, t + PROBE_MIN, 40), Choice::Probe));
+        assert!(matches!(
+            paths.choose(d, t + PROBE_MIN + PROBE_MIN, 40),
             Choice::Tcp(_)
         ));
         assert!(matches!(
-            paths.choose(d, t + PROBE_MIN * 3),
-            Choice::Both(_)
+            paths.choose(d, t + PROBE_MIN * 3, 40),
+            Choice::Probe
+        ));
+        // Overdue by a whole gap: a large packet probes too.
+        assert!(matches!(
+            paths.choose(d, t + PROBE_MIN * 3 + PROBE_MIN * 4 * 2, 1200),
+            Choice::Probe
         ));
         // UDP answers: back on UDP, which then has FALLBACK to fail.
-        let t = t + PROBE_MIN * 3;
+        let t = t + PROBE_MIN * 11;
         paths.heard_udp([d].into_iter(), t);
         assert_eq!(paths.carrier(d), "udp");
-        assert!(udp(paths.choose(d, t)));
-        assert!(matches!(paths.choose(d, t + FALLBACK / 2), Choice::UdpKeep));
-        assert!(matches!(paths.choose(d, t + FALLBACK), Choice::Tcp(_)));
+        assert!(udp(paths.choose(d, t, 1200)));
+        assert!(matches!(
+            paths.choose(d, t + FALLBACK / 2, 1200),
+            Choice::UdpKeep
+        ));
+        assert!(matches!(
+            paths.choose(d, t + FALLBACK, 1200),
+            Choice::Tcp(_)
+        ));
         // UDP only: never the carrier.
         let only = Paths::new(Transport::Udp, Default::default(), Default::default());
-        assert!(matches!(only.choose(d, t + FALLBACK * 10), Choice::Udp));
+        assert!(matches!(
+            only.choose(d, t + FALLBACK * 10, 1200),
+            Choice::Udp
+        ));
     }
 }
