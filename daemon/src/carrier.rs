@@ -19,7 +19,7 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -662,21 +662,12 @@ impl quinn::AsyncUdpSocket for ClientSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let local = self.udp.local_addr().ok().map(|a| a.ip());
-        if self.carriers_first.fetch_xor(true, Ordering::Relaxed) {
-            if let Poll::Ready(n) = self.paths.inbound.poll_recv(cx, bufs, meta, local) {
-                return Poll::Ready(Ok(n));
-            }
-        }
-        match self.udp.poll_recv(cx, bufs, meta) {
-            Poll::Ready(Ok(n)) => {
-                self.paths
-                    .heard_udp(meta[..n].iter().map(|m| m.addr), Instant::now());
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending => self.paths.inbound.poll_recv(cx, bufs, meta, local).map(Ok),
-            err => err,
-        }
+        let paths = &self.paths;
+        paths
+            .inbound
+            .poll_with_udp(&*self.udp, &self.carriers_first, cx, bufs, meta, |read| {
+                paths.heard_udp(read.iter().map(|m| m.addr), Instant::now())
+            })
     }
 }
 

@@ -222,14 +222,40 @@ impl Inbound {
         self.tx.clone()
     }
 
+    /// An endpoint socket's receive: from `udp` or the carriers, by turns
+    /// (`carriers_first` flips on each call, so neither starves); `heard`
+    /// sees the entries read from UDP.
+    pub fn poll_with_udp(
+        &self,
+        udp: &dyn quinn::AsyncUdpSocket,
+        carriers_first: &std::sync::atomic::AtomicBool,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+        heard: impl FnOnce(&[quinn::udp::RecvMeta]),
+    ) -> Poll<io::Result<usize>> {
+        if carriers_first.fetch_xor(true, std::sync::atomic::Ordering::Relaxed) {
+            if let Poll::Ready(n) = self.poll_recv(cx, bufs, meta) {
+                return Poll::Ready(Ok(n));
+            }
+        }
+        match udp.poll_recv(cx, bufs, meta) {
+            Poll::Ready(Ok(n)) => {
+                heard(&meta[..n.min(meta.len())]);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => self.poll_recv(cx, bufs, meta).map(Ok),
+            err => err,
+        }
+    }
+
     /// Moves queued packets into quinn's receive buffers, one per entry;
     /// `Pending` (woken by the next packet) when none is queued.
-    pub fn poll_recv(
+    fn poll_recv(
         &self,
         cx: &mut Context,
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
-        local: Option<std::net::IpAddr>,
     ) -> Poll<usize> {
         let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
         let mut n = 0;
@@ -253,7 +279,7 @@ impl Inbound {
                 len,
                 stride: len,
                 ecn: None,
-                dst_ip: local,
+                dst_ip: None,
             };
             n += 1;
         }

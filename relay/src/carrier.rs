@@ -190,22 +190,14 @@ impl quinn::AsyncUdpSocket for CarrierSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let local = self.udp.local_addr().ok().map(|a| a.ip());
-        let carriers_first = self.carriers_first.fetch_xor(true, Ordering::Relaxed);
-        if carriers_first {
-            if let Poll::Ready(n) = self.carriers.inbound.poll_recv(cx, bufs, meta, local) {
-                return Poll::Ready(Ok(n));
-            }
-            return self.udp.poll_recv(cx, bufs, meta);
-        }
-        match self.udp.poll_recv(cx, bufs, meta) {
-            Poll::Pending => self
-                .carriers
-                .inbound
-                .poll_recv(cx, bufs, meta, local)
-                .map(Ok),
-            ready => ready,
-        }
+        self.carriers.inbound.poll_with_udp(
+            &*self.udp,
+            &self.carriers_first,
+            cx,
+            bufs,
+            meta,
+            |_| {},
+        )
     }
 }
 
