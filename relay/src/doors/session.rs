@@ -160,6 +160,10 @@ struct Attached {
     key_id: String,
     remote: std::net::SocketAddr,
     limits: crate::MailboxLimits,
+    /// Subscribed before the home check, so a mesh change after the check
+    /// is seen by `serve` (a later subscription would miss it and leave the
+    /// peer attached at a relay that is no longer its home).
+    live: tokio::sync::watch::Receiver<Arc<crate::placement::LiveSet>>,
 }
 
 fn failed(router: &Router, reason: &str) {
@@ -295,6 +299,7 @@ async fn open(
     };
     let ns = info.namespace.clone();
     // In a mesh, a peer attaches at its home relay; elsewhere it is sent on.
+    let live = router.placement().live();
     if let Route::Remote(home) = router.route(&ns, &name) {
         debug!(%remote, %ns, peer = %name, home = %home.id, "redirected to its home relay");
         metrics.handshake("redirected", "home_elsewhere");
@@ -339,6 +344,7 @@ async fn open(
         key_id: info.id.clone(),
         remote,
         limits,
+        live,
     })
 }
 
@@ -352,6 +358,7 @@ async fn attached(router: Arc<Router>, a: Attached) {
         name,
         remote,
         limits,
+        live,
         ..
     } = a;
     {
@@ -388,7 +395,7 @@ async fn attached(router: Arc<Router>, a: Attached) {
             .queue(&welcome)
             .and_then(|()| queue_relay_map(&router, &mut io))
         {
-            Ok(()) => serve(&router, &ctl, &conn, &mut io, &ns, &name).await,
+            Ok(()) => serve(&router, &ctl, &conn, &mut io, &ns, &name, live).await,
             Err(e) => e,
         };
         streams_stop.cancel();
@@ -533,6 +540,7 @@ async fn serve(
     io: &mut Io,
     ns: &str,
     name: &str,
+    mut live: tokio::sync::watch::Receiver<Arc<crate::placement::LiveSet>>,
 ) -> End {
     let mut tun: Option<TunSession> = None;
     let cancel = ctl.cancel.clone();
@@ -545,7 +553,6 @@ async fn serve(
     let mut stalled = false;
     // Deliver whatever waited while the peer was away.
     ctl.notify.notify_one();
-    let mut live = router.placement().live();
     let services = router.services();
     // The forwarder to other relays starts with the first message for a
     // peer homed elsewhere (an idle session costs no task or channel).
