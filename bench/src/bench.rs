@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod carrier;
 mod durable;
+mod fanout;
 mod flood;
 mod grid;
 
@@ -36,6 +37,9 @@ pub(crate) enum BenchCommand {
     /// single-stream goodput and message latency through one relay, in one
     /// run; with `rathole` on PATH, its TLS transport as a TCP anchor.
     Carrier(carrier::CarrierArgs),
+    /// Status as multicast: one publisher's changes to many watchers (one
+    /// relay, and across a mesh hop) vs. NATS+TLS pub/sub 1 -> N.
+    Fanout(fanout::FanoutArgs),
     /// Messages between peers on the same relay vs. one mesh hop vs. two
     /// (nine relays linked as a 3×3 grid): rate and latency, in one run.
     Mesh(MeshArgs),
@@ -101,6 +105,7 @@ pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
         BenchCommand::Ring(a) => ring(a, out),
         BenchCommand::Grid(a) => grid::grid_bench(a, out),
         BenchCommand::Carrier(a) => carrier::carrier_bench(a, out).await,
+        BenchCommand::Fanout(a) => fanout::fanout_bench(a, out).await,
         BenchCommand::Mesh(a) => mesh(a, out).await,
         BenchCommand::Accept(a) => accept(a, out).await,
         BenchCommand::Idle(a) => idle(a, out).await,

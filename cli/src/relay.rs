@@ -96,6 +96,11 @@ pub(crate) struct RelayArgs {
     /// How long an undelivered message is kept before it expires. [default: 24h]
     #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
     message_ttl: Option<std::time::Duration>,
+    /// Least time between two published status changes of one peer;
+    /// changes in between coalesce into the newest (watchers get that).
+    /// `0`: publish every change at once. [default: 50ms]
+    #[arg(long, value_name = "DURATION", value_parser = crate::parse_duration)]
+    status_interval: Option<std::time::Duration>,
     /// Body bytes all mailboxes of one namespace hold at most. [default: 268435456]
     #[arg(long, value_name = "BYTES")]
     namespace_bytes: Option<usize>,
@@ -167,6 +172,7 @@ pub(crate) struct RelayFile {
     mailbox_messages: Option<usize>,
     mailbox_bytes: Option<usize>,
     message_ttl: Option<String>,
+    status_interval: Option<String>,
     namespace_bytes: Option<usize>,
     max_handshakes: Option<u64>,
     handshake_threads: Option<usize>,
@@ -242,6 +248,14 @@ fn merge_file(a: &mut RelayArgs) -> Result<()> {
             .map(crate::parse_duration)
             .transpose()
             .map_err(|e| bad("message_ttl", e))?;
+    }
+    if a.status_interval.is_none() {
+        a.status_interval = f
+            .status_interval
+            .as_deref()
+            .map(crate::parse_duration)
+            .transpose()
+            .map_err(|e| bad("status_interval", e))?;
     }
     a.namespace_bytes = a.namespace_bytes.or(f.namespace_bytes);
     if a.max_handshakes.is_none() {
@@ -409,6 +423,12 @@ pub(crate) async fn run(mut a: RelayArgs) -> Result<()> {
             .max(mailbox_bytes),
         ..defaults
     };
+    if let Some(i) = a.status_interval {
+        if i > std::time::Duration::from_secs(60) {
+            bail!("--status-interval is at most 60s (watchers wait that long for a change); got {i:?}");
+        }
+        config.status_interval = i;
+    }
     config.max_handshakes = a.max_handshakes.map_or(swb_relay::MAX_HANDSHAKES, |n| {
         usize::try_from(n).unwrap_or(usize::MAX)
     });
@@ -552,7 +572,7 @@ mod tests {
         let path = dir.path().join("relay.toml");
         std::fs::write(
             &path,
-            "id = \"file\"\nmailbox_messages = 7\nmessage_ttl = \"2h\"\nmesh_peer = [\"a:1\"]\nkeys = \"k.toml\"\n",
+            "id = \"file\"\nmailbox_messages = 7\nmessage_ttl = \"2h\"\nstatus_interval = \"10ms\"\nmesh_peer = [\"a:1\"]\nkeys = \"k.toml\"\n",
         )
         .expect("write");
         let mut a = Only::parse_from([
@@ -569,6 +589,10 @@ mod tests {
         assert_eq!(a.relay_id.as_deref(), Some("flag"));
         assert_eq!(a.mailbox_messages, Some(7));
         assert_eq!(a.message_ttl, Some(std::time::Duration::from_secs(7200)));
+        assert_eq!(
+            a.status_interval,
+            Some(std::time::Duration::from_millis(10))
+        );
         assert_eq!(a.mesh_peers, vec!["b:2".to_string()]);
         assert_eq!(
             a.keys,

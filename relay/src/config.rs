@@ -73,6 +73,11 @@ pub struct RelayConfig {
     pub stream_answer_timeout: Duration,
     /// How long an offline peer's status is kept (default 24 h).
     pub status_retention: Duration,
+    /// Least time between two published status changes of one peer
+    /// (default 50 ms, [`crate::MIN_PUBLISH_INTERVAL`]):
+    /// changes in between coalesce into the newest. Zero publishes every
+    /// change at once; presence changes always publish at once.
+    pub status_interval: Duration,
     /// Where the relay keeps its state: the mail store (`mail/`), and in
     /// dev mode its certificate. `None`: mail in memory only.
     pub state_dir: Option<PathBuf>,
@@ -130,6 +135,7 @@ impl RelayConfig {
             stream_setup_timeout: Duration::from_secs(10),
             stream_answer_timeout: Duration::from_secs(130),
             status_retention: Duration::from_secs(24 * 3600),
+            status_interval: crate::MIN_PUBLISH_INTERVAL,
             state_dir: None,
             durability: None,
             mesh: None,

@@ -670,7 +670,13 @@ impl Main {
         let lease_every =
             (config.limits.visibility / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
         let mut lease_tick = tokio::time::interval(lease_every);
-        let mut status_tick = tokio::time::interval(services::status::MIN_PUBLISH_INTERVAL / 2);
+        // Coalesced status changes go out when their interval has passed
+        // (with no interval nothing waits: an idle tick).
+        let mut status_tick = tokio::time::interval(if config.status_interval.is_zero() {
+            Duration::from_secs(1)
+        } else {
+            (config.status_interval / 2).max(Duration::from_millis(1))
+        });
         // Mail whose home moved to another relay (one joined) goes there. A
         // change that arrives while a handoff runs starts another after it.
         let mut live = router.placement().live();

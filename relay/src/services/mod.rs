@@ -82,7 +82,11 @@ impl std::fmt::Debug for Services {
 
 impl Services {
     pub(crate) fn new(config: Arc<RelayConfig>, metrics: Arc<Metrics>, store: Store) -> Self {
-        let mut r = Registry::new(config.limits.clone(), config.status_retention);
+        let mut r = Registry::new(
+            config.limits.clone(),
+            config.status_retention,
+            config.status_interval,
+        );
         r.delivery_wait = Some(metrics.delivery_seconds.clone());
         r.track_removed = store.durability() != store::Durability::Memory;
         Self {

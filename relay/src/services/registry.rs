@@ -301,13 +301,17 @@ fn key(ns: &str, name: &str) -> Key {
 }
 
 impl Registry {
-    pub(crate) fn new(limits: MailboxLimits, status_retention: Duration) -> Self {
+    pub(crate) fn new(
+        limits: MailboxLimits,
+        status_retention: Duration,
+        status_interval: Duration,
+    ) -> Self {
         Self {
             slots: HashMap::new(),
             expiry: BTreeSet::new(),
             leased: HashSet::new(),
             http_seen: HashSet::new(),
-            status: super::status::StatusBoard::new(status_retention),
+            status: super::status::StatusBoard::new(status_retention, status_interval),
             usage: HashMap::new(),
             limits,
             next_session: 1,
@@ -877,6 +881,7 @@ mod tests {
                 visibility: Duration::from_secs(5),
             },
             Duration::from_secs(3600),
+            crate::MIN_PUBLISH_INTERVAL,
         )
     }
 
@@ -1129,6 +1134,7 @@ mod tests {
                 visibility: Duration::from_secs(5),
             },
             Duration::from_secs(3600),
+            crate::MIN_PUBLISH_INTERVAL,
         );
         // Many mailboxes, messages acknowledged and not; HTTP polls.
         for i in 0..50u8 {

@@ -5,8 +5,10 @@
 //! (QUIC status stream or HTTP event stream) subscribes to it, so a change
 //! is published once however many watch it, and a slow watcher only ever
 //! finds the newest value (memory stays one value per peer). Field changes
-//! are published at most every [`MIN_PUBLISH_INTERVAL`] per peer; a burst
-//! coalesces into the newest value. Presence changes publish at once.
+//! are published at most every `status_interval` per peer (default
+//! [`MIN_PUBLISH_INTERVAL`]); a burst coalesces into the newest value.
+//! Presence changes publish at once. A published value is encoded for the
+//! wire once, however many watchers write it (see [`Snapshot::wire`]).
 //!
 //! A name nobody ever held reads as version 0, offline, no fields — and so
 //! does a name of another namespace, because nothing here is looked up
@@ -20,7 +22,8 @@ use swb_wire::{Refusal, SetStatus, StatusUpdate};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-/// Least time between two field publications of one peer.
+/// Least time between two field publications of one peer, by default
+/// (`RelayConfig::status_interval`).
 pub const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(50);
 
 /// One peer's status as published.
@@ -40,6 +43,35 @@ pub struct Snapshot {
     pub updated: Option<SystemTime>,
     /// The status.
     pub fields: Arc<BTreeMap<String, String>>,
+    /// Its `StatusUpdate` frame, encoded once for every watcher.
+    pub wire: WireOnce,
+}
+
+/// A snapshot's encoded `StatusUpdate` frames (without and with `lagged`),
+/// made by the first watcher that writes one and shared by the rest: a
+/// change watched by many costs one encoding, not one per watcher. A clone
+/// starts empty (a clone is made to be changed); equality ignores it.
+#[derive(Default)]
+pub struct WireOnce([std::sync::OnceLock<bytes::Bytes>; 2]);
+
+impl Clone for WireOnce {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+impl PartialEq for WireOnce {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for WireOnce {}
+
+impl std::fmt::Debug for WireOnce {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WireOnce")
+    }
 }
 
 fn ms(t: Option<SystemTime>) -> u64 {
@@ -85,6 +117,7 @@ impl Snapshot {
             since: None,
             updated: None,
             fields: Arc::new(BTreeMap::new()),
+            wire: WireOnce::default(),
         }
     }
 
@@ -99,6 +132,7 @@ impl Snapshot {
             since: t(u.since_ms),
             updated: t(u.updated_ms),
             fields: Arc::new(u.fields.iter().cloned().collect()),
+            wire: WireOnce::default(),
         }
     }
 
@@ -117,6 +151,18 @@ impl Snapshot {
                 .collect(),
             lagged,
         }
+    }
+
+    /// The `StatusUpdate` frame of [`Self::to_update`], encoded (once per
+    /// snapshot and `lagged`; later calls share the bytes).
+    pub fn wire(&self, lagged: bool) -> Result<bytes::Bytes, swb_wire::EncodeError> {
+        let cell = &self.wire.0[usize::from(lagged)];
+        if let Some(b) = cell.get() {
+            return Ok(b.clone());
+        }
+        let mut b = bytes::BytesMut::new();
+        swb_wire::Frame::StatusUpdate(self.to_update(lagged)).encode(&mut b)?;
+        Ok(cell.get_or_init(|| b.freeze()).clone())
     }
 
     /// The JSON form of the HTTP API.
@@ -158,6 +204,8 @@ pub(crate) struct StatusBoard {
     dirty: HashSet<Key>,
     /// How long an offline peer's status is kept.
     retention: Duration,
+    /// Least time between two field publications of one peer.
+    interval: Duration,
     /// Changes published to watchers since start (metrics).
     pub(crate) published: u64,
     /// Offline entries by when they went offline (stale pairs are skipped):
@@ -176,8 +224,9 @@ impl std::fmt::Debug for StatusBoard {
 }
 
 impl StatusBoard {
-    pub(crate) fn new(retention: Duration) -> Self {
+    pub(crate) fn new(retention: Duration, interval: Duration) -> Self {
         Self {
+            interval,
             entries: HashMap::new(),
             per_ns: HashMap::new(),
             next_version: 1,
@@ -237,6 +286,7 @@ impl StatusBoard {
             since: t(u.since_ms),
             updated: t(u.updated_ms),
             fields: Arc::new(u.fields.iter().cloned().collect()),
+            wire: WireOnce::default(),
         });
         Self::publish(e, now);
         self.published += 1;
@@ -306,6 +356,7 @@ impl StatusBoard {
             swb_wire::apply_status(&e.current.fields, change)?
         };
         let v = self.bump();
+        let interval = self.interval;
         let (e, k) = self.entry(ns, name);
         e.mirror = false;
         let mut s = (*e.current).clone();
@@ -320,9 +371,7 @@ impl StatusBoard {
         }
         let new = e.offline_at;
         e.current = Arc::new(s);
-        let wait = e
-            .last_publish
-            .is_some_and(|t| now < t + MIN_PUBLISH_INTERVAL);
+        let wait = e.last_publish.is_some_and(|t| now < t + interval);
         if !wait {
             Self::publish(e, now);
         }
@@ -369,14 +418,14 @@ impl StatusBoard {
 
     /// Publishes coalesced changes whose interval has passed.
     pub(crate) fn flush(&mut self, now: Instant) {
+        let interval = self.interval;
         let due: Vec<Key> = self
             .dirty
             .iter()
             .filter(|k| {
-                self.entries.get(*k).is_some_and(|e| {
-                    e.last_publish
-                        .is_none_or(|t| now >= t + MIN_PUBLISH_INTERVAL)
-                })
+                self.entries
+                    .get(*k)
+                    .is_some_and(|e| e.last_publish.is_none_or(|t| now >= t + interval))
             })
             .cloned()
             .collect();
@@ -491,7 +540,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn bursts_coalesce_and_watchers_end_on_the_newest_value() {
-        let mut b = StatusBoard::new(Duration::from_secs(60));
+        let mut b = StatusBoard::new(Duration::from_secs(60), MIN_PUBLISH_INTERVAL);
         let mut rx = b.subscribe("ns", "a");
         assert_eq!(rx.borrow_and_update().version, 0);
         let t0 = Instant::now();
@@ -513,7 +562,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_status_nobody_attaches_to_expires_after_its_last_change() {
-        let mut b = StatusBoard::new(Duration::from_secs(10));
+        let mut b = StatusBoard::new(Duration::from_secs(10), MIN_PUBLISH_INTERVAL);
         let t0 = Instant::now();
         // Set over HTTP under a name no daemon holds.
         b.set_fields("ns", "ghost", &set("k", "v"), t0).unwrap();
@@ -536,7 +585,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_namespace_has_a_bounded_number_of_statuses() {
-        let mut b = StatusBoard::new(Duration::from_secs(10));
+        let mut b = StatusBoard::new(Duration::from_secs(10), MIN_PUBLISH_INTERVAL);
         let t0 = Instant::now();
         for i in 0..MAX_STATUS_PER_NAMESPACE {
             b.set_fields("ns", &format!("n{i}"), &set("k", "v"), t0)
@@ -560,9 +609,47 @@ mod tests {
         .unwrap();
     }
 
+    #[test]
+    fn a_change_is_encoded_once_for_every_watcher_and_a_clone_starts_afresh() {
+        let mut b = StatusBoard::new(Duration::from_secs(60), Duration::ZERO);
+        let now = Instant::now();
+        let snap = b.set_fields("ns", "a", &set("k", "v"), now).unwrap();
+        let (one, two) = (snap.wire(false).unwrap(), snap.wire(false).unwrap());
+        assert_eq!(
+            one.as_ptr(),
+            two.as_ptr(),
+            "the second watcher shares the bytes"
+        );
+        for (bytes, lagged) in [(one, false), (snap.wire(true).unwrap(), true)] {
+            match swb_wire::decode(&bytes).unwrap() {
+                swb_wire::Decoded::Frame { frame, consumed } => {
+                    assert_eq!(consumed, bytes.len());
+                    assert_eq!(frame, swb_wire::Frame::StatusUpdate(snap.to_update(lagged)));
+                }
+                other => panic!("not a frame: {other:?}"),
+            }
+        }
+        // The next change is a clone of this snapshot: its frame is its own.
+        let next = b.set_fields("ns", "a", &set("k", "w"), now).unwrap();
+        assert_ne!(next.wire(false).unwrap(), snap.wire(false).unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_interval_every_change_is_published_at_once() {
+        let mut b = StatusBoard::new(Duration::from_secs(60), Duration::ZERO);
+        let mut rx = b.subscribe("ns", "a");
+        let t0 = Instant::now();
+        for i in 0..100 {
+            b.set_fields("ns", "a", &set("n", &i.to_string()), t0)
+                .unwrap();
+            assert_eq!(rx.borrow_and_update().fields["n"], i.to_string());
+        }
+        assert!(!b.has_dirty());
+    }
+
     #[tokio::test(start_paused = true)]
     async fn presence_and_retention() {
-        let mut b = StatusBoard::new(Duration::from_secs(10));
+        let mut b = StatusBoard::new(Duration::from_secs(10), MIN_PUBLISH_INTERVAL);
         let t0 = Instant::now();
         b.set_presence("ns", "a", true, t0);
         b.set_fields("ns", "a", &set("k", "v"), t0).unwrap();

@@ -6,7 +6,6 @@ use super::status::Snapshot;
 use super::Services;
 use futures_util::StreamExt;
 use std::sync::Arc;
-use swb_wire::Frame;
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamMap;
 
@@ -85,8 +84,9 @@ pub(crate) async fn pump(
         tokio::select! {
             next = watcher.next() => {
                 let Some((snap, lagged)) = next else { return };
-                let f = Frame::StatusUpdate(snap.to_update(lagged));
-                if super::splice::write_frame(send, &f).await.is_err() {
+                // Encoded once per change however many watch it.
+                let Ok(b) = snap.wire(lagged) else { return };
+                if send.write_chunk(b).await.is_err() {
                     return;
                 }
                 initial = initial.saturating_sub(1);

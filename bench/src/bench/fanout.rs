@@ -1,0 +1,282 @@
+//! `swbd-bench fanout`: status as the multicast primitive — one publisher's
+//! status changes delivered to many watchers, on one relay and across a
+//! mesh hop — against NATS core pub/sub 1 → N over TLS, in one run.
+//!
+//! The relays run with `status_interval` 0 (every change published at
+//! once); with the default 50 ms a peer publishes at most 20 changes a
+//! second by design, which measures the interval, not the fan-out. A
+//! watcher that falls behind gets the newest value (coalesced, `lagged`):
+//! deliveries count what watchers actually received, and the share of
+//! changes coalesced away is printed beside it. NATS delivers every
+//! message to every subscriber.
+
+use super::{bench_daemon, median, nats_rate, record};
+use crate::Output;
+use anyhow::{ensure, Context, Result};
+use clap::Args;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use swb_daemon::Client;
+use swb_relay::keys::{self, KeySource, KeysFile};
+use swb_relay::{HttpListen, Identity, Relay, RelayConfig};
+
+#[derive(Debug, Clone, Copy, Args)]
+pub(crate) struct FanoutArgs {
+    /// Watchers of the publisher.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) watchers: usize,
+    /// Status changes published per run.
+    #[arg(long, default_value_t = 5000)]
+    pub(crate) updates: usize,
+    /// Control connections the publisher's changes are spread over (each
+    /// waits for its change's answer before the next, as `swbd
+    /// set-status` does).
+    #[arg(long, default_value_t = 8)]
+    pub(crate) publishers: usize,
+    /// Runs per contender; median and min–max reported.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) runs: usize,
+}
+
+/// One run's figures.
+struct Run {
+    /// Changes delivered to watchers per second (all watchers together).
+    deliveries: f64,
+    /// Changes published per second.
+    published: f64,
+    /// Share of (changes × watchers) that coalesced into newer values.
+    coalesced: f64,
+}
+
+/// Two in-process relays in a mesh, publishing every status change at once.
+async fn relays() -> Result<(Vec<swb_relay::RelayHandle>, String)> {
+    use swb_relay::mesh::{MeshConfig, MeshKey};
+    let key = MeshKey::new(&"bench-fanout-key-".repeat(3))?;
+    let new = keys::generate("bench", "bench")?;
+    let file = KeysFile {
+        keys: vec![new.entry],
+    };
+    let mut out: Vec<swb_relay::RelayHandle> = Vec::new();
+    for id in ["r1", "r2"] {
+        let mut rc = RelayConfig::new(
+            "127.0.0.1:0".parse()?,
+            Identity::ephemeral()?,
+            KeySource::Static(file.clone()),
+        );
+        rc.relay_id = id.into();
+        rc.http_listen = HttpListen::Off;
+        rc.key_send_rate = None;
+        rc.connections_per_ip = None;
+        rc.initials.per_ip = None;
+        rc.status_interval = Duration::ZERO;
+        rc.mesh = Some(MeshConfig {
+            key: key.clone(),
+            peers: out
+                .first()
+                .map(|r| r.local_addr().to_string())
+                .into_iter()
+                .collect(),
+            advertise: Vec::new(),
+            full_mesh_max: swb_relay::mesh::FULL_MESH_MAX,
+        });
+        out.push(Relay::spawn(rc).await?);
+    }
+    for r in &out {
+        tokio::time::timeout(Duration::from_secs(20), r.wait_live(|l| l.len() == 2))
+            .await
+            .context("the two relays did not link")?;
+    }
+    Ok((out, new.key))
+}
+
+/// A name of the `bench` namespace homed on `home`, not in `taken`.
+fn homed(ring: &swb_ring::Ring, home: &str, prefix: &str, taken: usize) -> Vec<String> {
+    (0..100_000)
+        .map(|i| format!("{prefix}{i}"))
+        .filter(|n| ring.home("bench", n) == Some(home))
+        .take(taken)
+        .collect()
+}
+
+/// Publishes `a.updates` changes of `publisher` while `watchers` watch it;
+/// ends when every watcher saw the run's last change.
+async fn run_once(
+    publisher: &swb_daemon::DaemonHandle,
+    pub_name: &str,
+    watchers: &[swb_daemon::DaemonHandle],
+    a: &FanoutArgs,
+    run: usize,
+) -> Result<Run> {
+    let got = Arc::new(AtomicUsize::new(0));
+    let done_tag = format!("done-{run}");
+    let mut readers = tokio::task::JoinSet::new();
+    for w in watchers {
+        let mut c = Client::connect(w.control_path()).await?;
+        c.watch(vec![pub_name.to_string()], Duration::from_secs(10))
+            .await?;
+        // The current value first: taken before the clock starts.
+        c.next_update().await?.context("watch ended")?;
+        let (got, done_tag) = (got.clone(), done_tag.clone());
+        readers.spawn(async move {
+            loop {
+                let u = c.next_update().await?.context("watch ended")?;
+                if u.status.get("done").map(String::as_str) == Some(done_tag.as_str()) {
+                    return anyhow::Ok(());
+                }
+                got.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let t = Instant::now();
+    let mut writers = tokio::task::JoinSet::new();
+    for _ in 0..a.publishers.max(1) {
+        let mut c = Client::connect(publisher.control_path()).await?;
+        let (next, n) = (next.clone(), a.updates);
+        writers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return anyhow::Ok(());
+                }
+                let set = BTreeMap::from([("n".to_string(), i.to_string())]);
+                c.set_status(set, vec!["done".into()], Duration::from_secs(10))
+                    .await?;
+            }
+        });
+    }
+    while let Some(r) = writers.join_next().await {
+        r??;
+    }
+    let published = a.updates as f64 / t.elapsed().as_secs_f64();
+    let mut c = Client::connect(publisher.control_path()).await?;
+    c.set_status(
+        BTreeMap::from([("done".to_string(), done_tag)]),
+        Vec::new(),
+        Duration::from_secs(10),
+    )
+    .await?;
+    while let Some(r) = tokio::time::timeout(Duration::from_secs(60), readers.join_next())
+        .await
+        .context("watchers stalled")?
+    {
+        r??;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let delivered = got.load(Ordering::Relaxed);
+    ensure!(delivered > 0, "no change reached a watcher");
+    Ok(Run {
+        deliveries: delivered as f64 / secs,
+        published,
+        coalesced: 1.0 - delivered as f64 / (a.updates * watchers.len()) as f64,
+    })
+}
+
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(0.0, f64::max);
+    (median(v.to_vec()), lo, hi)
+}
+
+pub(crate) async fn fanout_bench(a: FanoutArgs, out: &Output) -> Result<()> {
+    let (relays, key) = relays().await?;
+    let ring = swb_ring::Ring::new(["r1", "r2"]);
+    let dir = tempfile::tempdir()?;
+    let pub_name = homed(&ring, "r1", "pub", 1)
+        .pop()
+        .context("a name homed on r1")?;
+    let publisher = bench_daemon(&relays[0], &key, &pub_name, dir.path(), Vec::new()).await?;
+    // Watchers on the publisher's relay, and on the other one (a mesh hop).
+    let mut groups = Vec::new();
+    for (home, label) in [("r1", "same relay"), ("r2", "across a mesh hop")] {
+        let mut ws = Vec::new();
+        for n in homed(&ring, home, &format!("w{home}-"), a.watchers) {
+            ws.push(bench_daemon(&relays[0], &key, &n, dir.path(), Vec::new()).await?);
+        }
+        groups.push((label, ws));
+    }
+    // NATS over TLS, same machine, same run.
+    let tls_dir = tempfile::tempdir()?;
+    let identity = Identity::dev_in_dir(&tls_dir.path().join("tls"), &[])?;
+    let nats = crate::nats::start_server(Some((
+        &tls_dir.path().join("tls").join("relay.crt"),
+        &tls_dir.path().join("tls").join("relay.key"),
+    )))
+    .await?;
+    let tls = Arc::new(swb_daemon::Trust::Fingerprint(identity.fingerprint()).rustls_config(&[])?);
+    if !out.json {
+        println!(
+            "status fan-out: 1 publisher ({} control connections), {} changes per run, {} watchers; {} runs; vs NATS+TLS pub/sub 1 -> {}",
+            a.publishers, a.updates, a.watchers, a.runs, a.watchers
+        );
+    }
+    // Warm-up: every watch path once.
+    let warm = FanoutArgs { updates: 200, ..a };
+    for (i, (_, ws)) in groups.iter().enumerate() {
+        run_once(&publisher, &pub_name, ws, &warm, 1000 + i).await?;
+    }
+    // Contenders take turns within each run, so a slow spell of the
+    // machine falls on all of them.
+    let mut runs: Vec<Vec<Run>> = groups.iter().map(|_| Vec::new()).collect();
+    let mut nt = Vec::new();
+    for r in 0..a.runs.max(1) {
+        for (i, (_, ws)) in groups.iter().enumerate() {
+            runs[i].push(run_once(&publisher, &pub_name, ws, &a, r * 10 + i).await?);
+        }
+        nt.push(
+            nats_rate(
+                nats.addr,
+                Some(tls.clone()),
+                a.watchers,
+                a.updates * a.watchers,
+            )
+            .await?,
+        );
+    }
+    let (nm, nl, nh) = spread(&nt);
+    if !out.json {
+        println!(
+            "  NATS+TLS 1 -> {}: {nm:>10.0} deliveries/s ({nl:.0}–{nh:.0})",
+            a.watchers
+        );
+    }
+    for ((label, _), rs) in groups.iter().zip(&runs) {
+        let d: Vec<f64> = rs.iter().map(|r| r.deliveries).collect();
+        let p: Vec<f64> = rs.iter().map(|r| r.published).collect();
+        let c: Vec<f64> = rs.iter().map(|r| r.coalesced * 100.0).collect();
+        let ((dm, dl, dh), (pm, _, _), (cm, cl, ch)) = (spread(&d), spread(&p), spread(&c));
+        record(
+            "fanout",
+            &format!(
+                "status deliveries/s 1 -> {}, {label} (vs NATS+TLS pub/sub)",
+                a.watchers
+            ),
+            dm,
+            nm,
+            true,
+            0.6,
+        );
+        if out.json {
+            println!(
+                "{}",
+                serde_json::json!({"bench": "fanout", "path": label, "watchers": a.watchers,
+                    "deliveries_per_sec": d, "published_per_sec": p, "coalesced_pct": c,
+                    "nats_tls_per_sec": nt})
+            );
+        } else {
+            println!(
+                "  status, {label:<17}: {dm:>10.0} deliveries/s ({dl:.0}–{dh:.0}), ratio vs NATS+TLS {:.2} (goal >= 0.6); {pm:.0} changes/s published, {cm:.1} % coalesced ({cl:.1}–{ch:.1})",
+                dm / nm
+            );
+        }
+    }
+    drop(groups);
+    drop(publisher);
+    for r in relays {
+        r.shutdown();
+        r.join().await;
+    }
+    Ok(())
+}
