@@ -20,6 +20,67 @@ pub(crate) struct OwnStatus {
     fields: BTreeMap<String, String>,
     /// Whether `set-status` was ever used (only then is it published).
     touched: bool,
+    /// The publisher stream on the current connection, once opened.
+    publisher: Option<Publisher>,
+}
+
+/// A waiter for the relay's answer to one change on the publisher stream.
+type Answer = tokio::sync::oneshot::Sender<Result<StatusUpdate, StreamError>>;
+
+/// One status stream a connection's changes all go on, written in the
+/// order they were made (under the [`OwnStatus`] lock) and answered in
+/// order, so `set-status` calls need not wait for each other's round trip
+/// and the relay still applies them in order.
+#[derive(Debug)]
+struct Publisher {
+    /// `stable_id` of the connection it is on.
+    conn: usize,
+    send: quinn::SendStream,
+    /// Waiters, in the order of the changes written.
+    answers: tokio::sync::mpsc::UnboundedSender<Answer>,
+}
+
+/// Hands the answers on a publisher stream to their waiters, in order;
+/// ends when the stream fails, the connection closes or the publisher is
+/// dropped (waiters left then see their sender gone).
+async fn answer_waiters(
+    conn: quinn::Connection,
+    mut recv: quinn::RecvStream,
+    mut waiters: tokio::sync::mpsc::UnboundedReceiver<Answer>,
+) {
+    loop {
+        let w = tokio::select! {
+            _ = conn.closed() => return,
+            w = waiters.recv() => match w {
+                Some(w) => w,
+                None => return,
+            },
+        };
+        let answer = tokio::select! {
+            _ = conn.closed() => return,
+            a = tokio::time::timeout(STATUS_ANSWER_TIMEOUT, next_frame(&mut recv)) => a,
+        };
+        let (r, go_on) = match answer {
+            Ok(Ok(Some(Frame::StatusUpdate(u)))) => (Ok(u), true),
+            // Refused (namespace full, store failed): that change only.
+            Ok(Ok(Some(Frame::StreamReply(StreamReply { refusal: Some(r) })))) => {
+                (Err(r.into()), true)
+            }
+            Ok(Ok(_)) => (Err(lost("the status stream ended")), false),
+            Ok(Err(e)) => (Err(e), false),
+            Err(_) => (
+                Err(StreamError {
+                    code: Code::TIMEOUT.as_str().into(),
+                    message: "the relay did not answer in time".into(),
+                }),
+                false,
+            ),
+        };
+        let _ = w.send(r);
+        if !go_on {
+            return;
+        }
+    }
 }
 
 /// A peer's status as the CLI shows it.
@@ -106,12 +167,10 @@ pub(crate) async fn open(
     }
 }
 
-async fn publish_locked(
-    shared: &Shared,
-    own: &OwnStatus,
-    wait: Duration,
-) -> Result<StatusUpdate, StreamError> {
-    let change = SetStatus {
+/// The whole status as one change (so any answer leaves the relay with
+/// exactly what the daemon holds).
+fn whole(own: &OwnStatus) -> SetStatus {
+    SetStatus {
         set: own
             .fields
             .iter()
@@ -119,12 +178,67 @@ async fn publish_locked(
             .collect(),
         clear: Vec::new(),
         replace: true,
-    };
-    let (_send, mut recv) = open(shared, Frame::SetStatus(change), wait).await?;
+    }
+}
+
+/// Publishes the whole status on a stream of its own and waits.
+async fn publish_locked(
+    shared: &Shared,
+    own: &OwnStatus,
+    wait: Duration,
+) -> Result<StatusUpdate, StreamError> {
+    let (_send, mut recv) = open(shared, Frame::SetStatus(whole(own)), wait).await?;
     match next_frame(&mut recv).await? {
         Some(Frame::StatusUpdate(u)) => Ok(u),
         _ => Err(lost("no status in the answer")),
     }
+}
+
+/// What publishing on the publisher stream gave.
+enum Published {
+    /// The stream was opened with this change: its answer.
+    Now(StatusUpdate),
+    /// Written on the open stream: the answer comes here.
+    Later(tokio::sync::oneshot::Receiver<Result<StatusUpdate, StreamError>>),
+}
+
+/// Writes the whole status on the connection's publisher stream (opening
+/// it, and waiting for that first answer, if there is none yet).
+async fn publish_pipelined(
+    shared: &Shared,
+    own: &mut OwnStatus,
+    wait: Duration,
+) -> Result<Published, StreamError> {
+    let conn = connection(shared, wait).await?;
+    if own
+        .publisher
+        .as_ref()
+        .is_some_and(|p| p.conn != conn.stable_id() || p.answers.is_closed())
+    {
+        own.publisher = None;
+    }
+    let change = Frame::SetStatus(whole(own));
+    let Some(p) = own.publisher.as_mut() else {
+        let (send, mut recv) = open(shared, change, wait).await?;
+        let u = match next_frame(&mut recv).await? {
+            Some(Frame::StatusUpdate(u)) => u,
+            _ => return Err(lost("no status in the answer")),
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        shared.tasks.spawn(answer_waiters(conn.clone(), recv, rx));
+        own.publisher = Some(Publisher {
+            conn: conn.stable_id(),
+            send,
+            answers: tx,
+        });
+        return Ok(Published::Now(u));
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if p.answers.send(tx).is_err() || write_frame(&mut p.send, &change).await.is_err() {
+        own.publisher = None;
+        return Err(lost("the status stream failed"));
+    }
+    Ok(Published::Later(rx))
 }
 
 /// Applies a change to this peer's status and publishes it. Returns the
@@ -158,7 +272,31 @@ pub(crate) async fn set(
         };
         return Ok((view, false));
     }
-    let u = publish_locked(shared, &own, wait).await?;
+    // On the publisher stream: the next change need not wait for this
+    // one's answer. If that stream fails (the connection went, or a relay
+    // that answers one change per stream), the whole status goes on a
+    // stream of its own, which leaves the relay with what is held here.
+    let u = match publish_pipelined(shared, &mut own, wait).await {
+        Ok(Published::Now(u)) => u,
+        Ok(Published::Later(rx)) => {
+            drop(own);
+            match rx.await {
+                Ok(Ok(u)) => u,
+                Ok(Err(e)) if e.code != "relay_error" && e.code != Code::TIMEOUT.as_str() => {
+                    return Err(e)
+                }
+                _ => {
+                    let mut own = shared.own_status.lock().await;
+                    own.publisher = None;
+                    publish_locked(shared, &own, wait).await?
+                }
+            }
+        }
+        Err(_) => {
+            own.publisher = None;
+            publish_locked(shared, &own, wait).await?
+        }
+    };
     Ok((u.into(), true))
 }
 

@@ -469,3 +469,72 @@ async fn sse_watch_with_curl() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn concurrent_set_status_calls_share_one_stream_apply_in_order_and_survive_a_restart(
+) -> Result<()> {
+    let mut relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let london = TestDaemon::start(&relay, &key, "london").await?;
+    let laptop = TestDaemon::start(&relay, &key, "laptop").await?;
+    // Four programs set their own key of london's status at once, 50
+    // times each: every call is answered with a status holding its own
+    // change, each program's answers have growing versions, and the relay
+    // ends with exactly what the daemon holds.
+    let round = |tag: &'static str| {
+        let london = &london;
+        async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for j in 0..4 {
+                let mut c = london.client().await?;
+                tasks.spawn(async move {
+                    let mut last = 0;
+                    for i in 0..50 {
+                        let k = format!("{tag}{j}");
+                        let (v, published) = c
+                            .set_status(kv(&[(&k, &i.to_string())]), vec![], WAIT)
+                            .await?;
+                        anyhow::ensure!(published, "not published");
+                        anyhow::ensure!(
+                            v.status.get(&k) == Some(&i.to_string()),
+                            "answer without its own change: {v:?}"
+                        );
+                        anyhow::ensure!(v.version > last, "versions went back");
+                        last = v.version;
+                    }
+                    anyhow::Ok(())
+                });
+            }
+            while let Some(r) = tasks.join_next().await {
+                r??;
+            }
+            anyhow::Ok(())
+        }
+    };
+    round("a").await?;
+    let expect = |tags: &[&str]| {
+        let mut m = BTreeMap::new();
+        for t in tags {
+            for j in 0..4 {
+                m.insert(format!("{t}{j}"), "49".to_string());
+            }
+        }
+        m
+    };
+    let s = laptop
+        .client()
+        .await?
+        .get_status(vec!["london".into()], WAIT)
+        .await?;
+    assert_eq!(s[0].status, expect(&["a"]));
+    // A new connection gets a new publisher stream.
+    relay.restart().await?;
+    round("b").await?;
+    let s = laptop
+        .client()
+        .await?
+        .get_status(vec!["london".into()], WAIT)
+        .await?;
+    assert_eq!(s[0].status, expect(&["a", "b"]));
+    Ok(())
+}

@@ -20,14 +20,46 @@ pub(crate) async fn serve(
     let services = router.services();
     let ok = Frame::StreamReply(StreamReply { refusal: None });
     match first {
-        Frame::SetStatus(change) => match services.set_status_durable(ns, me, &change).await {
-            Err(refusal) => refuse(send, services, refusal).await,
-            Ok(snap) => {
-                let _ = write_frame(&mut send, &ok).await;
-                let _ = write_frame(&mut send, &Frame::StatusUpdate(snap.to_update(false))).await;
-                let _ = send.finish();
+        Frame::SetStatus(change) => {
+            match services.set_status_durable(ns, me, &change).await {
+                Err(refusal) => return refuse(send, services, refusal).await,
+                Ok(snap) => {
+                    let update = Frame::StatusUpdate(snap.to_update(false));
+                    if write_frame(&mut send, &ok).await.is_err()
+                        || write_frame(&mut send, &update).await.is_err()
+                    {
+                        return;
+                    }
+                }
             }
-        },
+            // A publisher stream: the daemon may send more changes on it,
+            // without waiting, each answered in order with its value or a
+            // refusal (one stream, so changes apply in the order they were
+            // made). A daemon that sent one finishes its side.
+            loop {
+                match swb_quic::read_frame(&mut recv, swb_wire::MAX_STREAM_HEADER).await {
+                    Ok(Some(Frame::SetStatus(change))) => {
+                        let answer = match services.set_status_durable(ns, me, &change).await {
+                            Ok(snap) => Frame::StatusUpdate(snap.to_update(false)),
+                            Err(refusal) => Frame::StreamReply(StreamReply {
+                                refusal: Some(refusal),
+                            }),
+                        };
+                        if write_frame(&mut send, &answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => break,
+                    Ok(Some(other)) => {
+                        debug!(%me, "unexpected {:?} on a status publisher stream", other.frame_type());
+                        let _ = send.reset(reset::RELAY.into());
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
+            let _ = send.finish();
+        }
         Frame::PeersQuery => {
             let known = router.peers(ns).await;
             let _ = write_frame(&mut send, &ok).await;
