@@ -2242,6 +2242,16 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
         out,
     )
     .await?;
+    fanout::fanout_bench(
+        fanout::FanoutArgs {
+            watchers: if s { 3 } else { 100 },
+            updates: if s { 50 } else { 5000 },
+            publishers: 8,
+            runs: if s { 1 } else { 3 },
+        },
+        out,
+    )
+    .await?;
     accept(
         AcceptArgs {
             connections: if s { 20 } else { 2000 },

@@ -33,7 +33,7 @@ async fn every_benchmark_runs_at_smoke_size() -> Result<()> {
         .filter_map(|v| v["summary"].as_str())
         .collect();
     for s in [
-        "stream", "ring", "mesh", "accept", "idle", "latency", "rate", "durable",
+        "stream", "ring", "mesh", "fanout", "accept", "idle", "latency", "rate", "durable",
     ] {
         ensure!(scenarios.contains(s), "no summary for {s}: {stdout}");
     }

@@ -538,6 +538,16 @@ impl DaemonHandle {
         Pinger::open(&self.shared, to, wait).await
     }
 
+    /// Watches the status of `names` (as `swbd receive-status` does, without
+    /// the control socket): their current values, then every change.
+    pub async fn watch(
+        &self,
+        names: Vec<String>,
+        wait: Duration,
+    ) -> Result<status::StatusWatcher, StreamError> {
+        status::StatusWatcher::open(&self.shared, names, wait).await
+    }
+
     /// One round trip to peer `to` through the relays, answered by its
     /// daemon (a new ping stream each time; use [`Self::pinger`] for many).
     /// `wait` bounds the stream setup and the round trip, each.

@@ -315,14 +315,14 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
             }
             Request::Watch { names, timeout_ms } => {
                 let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
-                match watch_open(&shared, names, wait).await {
+                match crate::status::StatusWatcher::open(&shared, names, wait).await {
                     Err(e) => push_reply(&mut out, &err(&e.code, e.message)),
-                    Ok((send, recv)) => {
+                    Ok(watcher) => {
                         push_reply(&mut out, &Reply::Watching {});
                         if w.write_all(&out).await.is_err() {
                             break 'conn;
                         }
-                        watch_forward(rd, w, send, recv).await;
+                        watch_forward(rd, w, watcher).await;
                         leased.give_back(&shared);
                         return;
                     }
@@ -404,39 +404,22 @@ fn push_reply(out: &mut Vec<u8>, r: &Reply) {
     }
 }
 
-async fn watch_open(
-    shared: &Shared,
-    names: Vec<String>,
-    wait: Duration,
-) -> Result<(quinn::SendStream, quinn::RecvStream), crate::streams::StreamError> {
-    if names.is_empty() {
-        return Err(crate::streams::StreamError {
-            code: "bad_request".into(),
-            message: "name at least one peer to watch".into(),
-        });
-    }
-    let first = swb_wire::Frame::StatusWatch(swb_wire::StatusWatch { names, once: false });
-    crate::status::open(shared, first, wait).await
-}
-
 /// Copies status updates to the CLI until the relay ends the watch or the
 /// CLI goes away (then the watch stream is finished, which ends it there).
 async fn watch_forward(
     mut rd: BufReader<tokio::net::unix::OwnedReadHalf>,
     mut w: tokio::net::unix::OwnedWriteHalf,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut watcher: crate::status::StatusWatcher,
 ) {
     let mut probe = [0u8; 64];
     loop {
         tokio::select! {
-            f = crate::status::next_frame(&mut recv) => match f {
-                Ok(Some(swb_wire::Frame::StatusUpdate(u))) => {
-                    if write_reply(&mut w, &Reply::Update(u.into())).await.is_err() {
+            f = watcher.next() => match f {
+                Ok(Some(v)) => {
+                    if write_reply(&mut w, &Reply::Update(v)).await.is_err() {
                         break;
                     }
                 }
-                Ok(Some(_)) => {}
                 Ok(None) => break,
                 Err(e) => {
                     let _ = write_reply(&mut w, &err(&e.code, e.message)).await;
@@ -450,7 +433,7 @@ async fn watch_forward(
             }
         }
     }
-    let _ = send.finish();
+    drop(watcher);
 }
 
 async fn write_reply(w: &mut tokio::net::unix::OwnedWriteHalf, r: &Reply) -> std::io::Result<()> {

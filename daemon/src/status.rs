@@ -300,6 +300,46 @@ pub(crate) async fn set(
     Ok((u.into(), true))
 }
 
+/// A watch of peers' status (from [`crate::DaemonHandle::watch`]): their
+/// current values, then every change, as the relay publishes them; a
+/// watcher that reads slowly gets the newest value marked `lagged`.
+/// Dropping it ends the watch at the relay.
+#[derive(Debug)]
+pub struct StatusWatcher {
+    _send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl StatusWatcher {
+    pub(crate) async fn open(
+        shared: &Shared,
+        names: Vec<String>,
+        wait: Duration,
+    ) -> Result<Self, StreamError> {
+        if names.is_empty() {
+            return Err(StreamError::new(
+                "bad_request",
+                "name at least one peer to watch",
+            ));
+        }
+        let first = Frame::StatusWatch(StatusWatch { names, once: false });
+        let (send, recv) = open(shared, first, wait).await?;
+        Ok(Self { _send: send, recv })
+    }
+
+    /// The next value; `None` when the relay ended the watch (the
+    /// connection went: watch again).
+    pub async fn next(&mut self) -> Result<Option<StatusView>, StreamError> {
+        loop {
+            match next_frame(&mut self.recv).await? {
+                Some(Frame::StatusUpdate(u)) => return Ok(Some(u.into())),
+                Some(_) => continue,
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
 /// After a (re)connect: publish this peer's status if it has one.
 pub(crate) async fn republish(shared: &Shared) {
     let own = shared.own_status.lock().await;

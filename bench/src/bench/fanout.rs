@@ -8,7 +8,9 @@
 //! watcher that falls behind gets the newest value (coalesced, `lagged`):
 //! deliveries count what watchers actually received, and the share of
 //! changes coalesced away is printed beside it. NATS delivers every
-//! message to every subscriber.
+//! message to every subscriber. Watchers read through the daemon's Rust
+//! API (`DaemonHandle::watch`), as the NATS subscribers read the wire; the
+//! publisher uses control connections, as `swbd set-status` does.
 
 use super::{bench_daemon, median, nats_rate, record};
 use crate::Output;
@@ -113,15 +115,15 @@ async fn run_once(
     let done_tag = format!("done-{run}");
     let mut readers = tokio::task::JoinSet::new();
     for w in watchers {
-        let mut c = Client::connect(w.control_path()).await?;
-        c.watch(vec![pub_name.to_string()], Duration::from_secs(10))
+        let mut c = w
+            .watch(vec![pub_name.to_string()], Duration::from_secs(10))
             .await?;
         // The current value first: taken before the clock starts.
-        c.next_update().await?.context("watch ended")?;
+        c.next().await?.context("watch ended")?;
         let (got, done_tag) = (got.clone(), done_tag.clone());
         readers.spawn(async move {
             loop {
-                let u = c.next_update().await?.context("watch ended")?;
+                let u = c.next().await?.context("watch ended")?;
                 if u.status.get("done").map(String::as_str) == Some(done_tag.as_str()) {
                     return anyhow::Ok(());
                 }
