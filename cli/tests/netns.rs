@@ -1379,6 +1379,92 @@ async fn tun_peers_behind_two_nats_ping_ssh_iperf_refuse_closed_ports_and_outliv
 }
 
 #[tokio::test]
+async fn tun_addresses_two_unlinked_relays_handed_out_are_reconciled_once_they_link() -> Result<()>
+{
+    let Some(net) = Internet::new("tun_split", 2, 2)? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (keys, key, mk) = mesh_secrets(d).await?;
+    let ids = ["r0", "r1"];
+    // Two relays of one mesh that have not linked yet: each takes itself
+    // for the namespace's allocator and hands out the first address.
+    let alone = |id: &'static str| ["--id", id, "--mesh-key-file", mk.as_str()];
+    let (_r0, fp0) = relay_on(&net.relays[0], &d.join("r0"), &keys, &alone("r0")).await?;
+    let (mut r1, fp1) = relay_on(&net.relays[1], &d.join("r1"), &keys, &alone("r1")).await?;
+    let alpha = names_homed_on(&ids, "r0", "a", 1).remove(0);
+    let beta = names_homed_on(&ids, "r1", "b", 1).remove(0);
+    let (a_ctl, b_ctl) = (d.join("alpha.sock"), d.join("beta.sock"));
+    let extra = ["--socks", "off", "--tun", "--tun-allow-all"];
+    let _a = up(
+        &net.sites[0].host,
+        &net.relays[0],
+        &fp0,
+        &key,
+        &alpha,
+        &a_ctl,
+        &extra,
+    )
+    .await?;
+    let _b = up(
+        &net.sites[1].host,
+        &net.relays[1],
+        &fp1,
+        &key,
+        &beta,
+        &b_ctl,
+        &extra,
+    )
+    .await?;
+    let ((a4, _), (b4, _)) = (tun_addrs(&a_ctl).await?, tun_addrs(&b_ctl).await?);
+    assert_eq!(
+        a4, b4,
+        "each relay alone handed out the namespace's first address"
+    );
+    // r1 restarts linked to r0, with its data (and its table of addresses).
+    r1.start_kill()?;
+    r1.wait().await?;
+    let seed = format!("{}:{RELAY_PORT}", net.relays[0].addr);
+    let mut linked = alone("r1").to_vec();
+    linked.extend(["--mesh-peer", seed.as_str()]);
+    let (_r1, _) = relay_on(&net.relays[1], &d.join("r1"), &keys, &linked).await?;
+    // The allocator keeps one of them at the first address and gives the
+    // other another one; that daemon's interface moves there.
+    let t = std::time::Instant::now();
+    let (a4, b4) = swb_tests::eventually("two addresses", swb_tests::WAIT, || async {
+        let ((a4, _), (b4, _)) = (tun_addrs(&a_ctl).await?, tun_addrs(&b_ctl).await?);
+        Ok((a4 != b4).then_some((a4, b4)))
+    })
+    .await?;
+    eprintln!(
+        "reconciled {:.1} s after r1 restarted linked: {alpha} {a4}, {beta} {b4}",
+        t.elapsed().as_secs_f64()
+    );
+    // Each reaches the other at its address now (through the mesh link),
+    // once beta is back from r1's restart.
+    let (a, b) = (&net.sites[0].host, &net.sites[1].host);
+    swb_tests::eventually("beta reachable again", swb_tests::WAIT, || async {
+        let st = a
+            .command("ping")
+            .args(["-c", "1", "-W", "1", &b4])
+            .stdout(Stdio::null())
+            .status()
+            .await?;
+        Ok(st.success().then_some(()))
+    })
+    .await?;
+    for (host, to) in [(a, &b4), (b, &a4)] {
+        let out = ok(host
+            .command("ping")
+            .args(["-c", "3", "-i", "0.2", "-W", "2", to]))
+        .await?;
+        assert!(out.contains("3 received"), "{out}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn tun_packets_cross_one_mesh_hop_between_peers_homed_on_two_relays() -> Result<()> {
     let Some(net) = Internet::new("tun_mesh", 2, 2)? else {
         return Ok(());
@@ -1398,7 +1484,7 @@ async fn tun_packets_cross_one_mesh_hop_between_peers_homed_on_two_relays() -> R
     }
     // The relays linked before a TUN peer asks for an address: a relay that
     // does not see the other yet takes itself for the namespace's allocator
-    // (README, TUN limits: addresses handed out apart are not reconciled).
+    // (the addresses are reconciled later, tested on its own above).
     let probe_ctl = d.join("probe.sock");
     let probe = up(
         &net.sites[0].host,

@@ -531,7 +531,7 @@ impl Actor {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .as_ref()
-                .map(|t| t.index);
+                .map(|t| t.index());
             first.push(Frame::TunJoin(swb_wire::TunJoin { want }));
         }
         self.publish_pending();

@@ -579,8 +579,8 @@ fn status(shared: &Shared) -> StatusInfo {
             .as_ref()
             .map(|t| crate::control::TunInfo {
                 interface: t.interface().to_string(),
-                ipv4: t.v4.to_string(),
-                ipv6: t.v6.to_string(),
+                ipv4: t.addrs().0.to_string(),
+                ipv6: t.addrs().1.to_string(),
                 mtu: t.mtu(),
                 offload: t.offload(),
             }),

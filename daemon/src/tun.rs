@@ -83,12 +83,12 @@ pub(crate) fn wanted(shared: &Shared) -> bool {
 /// A running interface.
 pub(crate) struct TunState {
     dev: Tun,
-    /// The namespace's plan and this peer's place in it.
-    plan: TunAssigned,
-    /// This peer's index and addresses.
-    pub(crate) index: u32,
-    pub(crate) v4: Ipv4Addr,
-    pub(crate) v6: Ipv6Addr,
+    /// The namespace's plan and this peer's place in it, as the relay's
+    /// allocator last answered (the interface follows a new answer).
+    at: tokio::sync::watch::Sender<TunAssigned>,
+    /// The connection (`stable_id`) whose datagram pump runs (a second
+    /// answer on it starts none).
+    pumped: Mutex<Option<usize>>,
     policy: Mutex<Policy>,
     /// Peer name → index, as the relay answered (an index never changes).
     known: Mutex<std::collections::HashMap<String, u32>>,
@@ -96,10 +96,11 @@ pub(crate) struct TunState {
 
 impl std::fmt::Debug for TunState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (v4, v6) = self.addrs();
         f.debug_struct("TunState")
             .field("dev", &self.dev)
-            .field("v4", &self.v4)
-            .field("v6", &self.v6)
+            .field("v4", &v4)
+            .field("v6", &v6)
             .finish()
     }
 }
@@ -108,6 +109,31 @@ impl TunState {
     /// The interface's name.
     pub(crate) fn interface(&self) -> &str {
         self.dev.name()
+    }
+
+    /// This peer's index in the namespace.
+    pub(crate) fn index(&self) -> u32 {
+        self.at.borrow().index
+    }
+
+    /// This peer's addresses now.
+    pub(crate) fn addrs(&self) -> (Ipv4Addr, Ipv6Addr) {
+        let a = *self.at.borrow();
+        addrs(&a, a.index)
+    }
+
+    /// Moves the interface to the addresses of `a` (the allocator gave
+    /// another index than the one it had: another relay handed that one out
+    /// while it did not see the allocator). Connections on the old
+    /// addresses end; the name responder moves too.
+    fn readdress(&self, a: &TunAssigned) -> std::io::Result<()> {
+        let old = *self.at.borrow();
+        let (_, old6) = addrs(&old, old.index);
+        let (v4, v6) = addrs(a, a.index);
+        self.dev
+            .readdress((v4, a.v4_prefix), Some((v6, 64)), Some((old6, 64)))?;
+        self.at.send_replace(*a);
+        Ok(())
     }
 
     /// The interface MTU of the moment.
@@ -144,12 +170,27 @@ pub(crate) fn assigned(shared: &Arc<Shared>, a: &TunAssigned, conn: &quinn::Conn
     let state = {
         let mut slot = shared.tun.lock().unwrap_or_else(|p| p.into_inner());
         match &*slot {
-            Some(s) if s.index == a.index => s.clone(),
+            Some(s) if *s.at.borrow() == *a => s.clone(),
             Some(s) => {
-                // The relay lost our index and gave another: the interface
-                // keeps its address; say so (peers see the new one).
-                warn!(had = %s.v4, now = %v4, "the relay assigned another TUN address; restart the daemon to use it");
-                return;
+                // The allocator gave another index (another relay handed
+                // ours out while it did not see the allocator, or the
+                // allocator lost its table): peers reach us at the new
+                // addresses, so the interface moves there.
+                let (had, _) = s.addrs();
+                match s.readdress(a) {
+                    Ok(()) => {
+                        warn!(interface = %s.interface(), %had, now = %v4, "the relay's allocator gave this peer other TUN addresses: the interface moved to them (connections on the old ones end)")
+                    }
+                    Err(e) => {
+                        off(
+                            shared,
+                            format!("cannot move the TUN interface to {v4}: {e}"),
+                            true,
+                        );
+                        return;
+                    }
+                }
+                s.clone()
             }
             None => {
                 let dev = match Tun::create(&TunConfig {
@@ -171,10 +212,8 @@ pub(crate) fn assigned(shared: &Arc<Shared>, a: &TunAssigned, conn: &quinn::Conn
                     .collect::<Vec<_>>();
                 let s = Arc::new(TunState {
                     dev,
-                    plan: *a,
-                    index: a.index,
-                    v4,
-                    v6,
+                    at: tokio::sync::watch::Sender::new(*a),
+                    pumped: Mutex::new(None),
                     policy: Mutex::new(Policy::new(ports, settings.allow_all)),
                     known: Mutex::new(std::collections::HashMap::new()),
                 });
@@ -191,10 +230,18 @@ pub(crate) fn assigned(shared: &Arc<Shared>, a: &TunAssigned, conn: &quinn::Conn
             }
         }
     };
-    shared.tasks.spawn(follow_mtu(state.clone(), conn.clone()));
-    shared
-        .tasks
-        .spawn(from_relay(shared.clone(), state, conn.clone()));
+    let first = state
+        .pumped
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .replace(conn.stable_id())
+        != Some(conn.stable_id());
+    if first {
+        shared.tasks.spawn(follow_mtu(state.clone(), conn.clone()));
+        shared
+            .tasks
+            .spawn(from_relay(shared.clone(), state, conn.clone()));
+    }
 }
 
 /// Keeps the interface MTU at what `conn`'s path carries ([`mtu_for`]),
@@ -241,7 +288,6 @@ pub(crate) fn exposures_changed(shared: &Shared) {
 /// batch (one 64 KiB burst with offload) at a time.
 async fn from_interface(shared: Arc<Shared>, s: Arc<TunState>) {
     let mut r = s.dev.reader();
-    let (own4, own6) = (IpAddr::V4(s.v4), IpAddr::V6(s.v6));
     loop {
         tokio::select! {
             _ = shared.stop.cancelled() => return,
@@ -262,6 +308,8 @@ async fn from_interface(shared: Arc<Shared>, s: Arc<TunState>) {
         let now = std::time::Instant::now();
         let mtu = s.dev.mtu();
         let (clamp4, clamp6) = (mss::mss_for(mtu, true), mss::mss_for(mtu, false));
+        let (own4, own6) = s.addrs();
+        let (own4, own6) = (IpAddr::V4(own4), IpAddr::V6(own6));
         let mut too_big = Vec::new();
         {
             let mut policy = s.policy();
@@ -301,10 +349,11 @@ async fn from_interface(shared: Arc<Shared>, s: Arc<TunState>) {
 async fn from_relay(shared: Arc<Shared>, s: Arc<TunState>, conn: quinn::Connection) {
     use futures_util::FutureExt;
     let c = &shared.metrics.tun_dropped;
-    let (own4, own6) = (IpAddr::V4(s.v4), IpAddr::V6(s.v6));
     let mut w = s.dev.writer();
     while let Ok(first) = conn.read_datagram().await {
         let mut next = Some(first);
+        let (own4, own6) = s.addrs();
+        let (own4, own6) = (IpAddr::V4(own4), IpAddr::V6(own6));
         {
             let mut policy = s.policy();
             let now = std::time::Instant::now();
@@ -362,7 +411,7 @@ pub(crate) async fn lookup(
     name: &str,
 ) -> Option<Option<(Ipv4Addr, Ipv6Addr)>> {
     if name == shared.config.name {
-        return Some(Some((s.v4, s.v6)));
+        return Some(Some(s.addrs()));
     }
     let known = s
         .known
@@ -381,7 +430,8 @@ pub(crate) async fn lookup(
     if known.len() < NAME_CACHE {
         known.insert(name.to_string(), i);
     }
-    Some(Some(addrs(&s.plan, i)))
+    let plan = *s.at.borrow();
+    Some(Some(addrs(&plan, i)))
 }
 
 /// Peers `swbd peers` lists with TUN addresses at most (each may cost the
@@ -407,35 +457,45 @@ pub(crate) async fn annotate(shared: &Shared, views: &mut [crate::status::Status
 /// `switchboard` domain of the interface when `resolvectl` is there.
 async fn names(shared: Arc<Shared>, s: Arc<TunState>) {
     use swb_tunnel::dns::Query;
-    let sock = match tokio::net::UdpSocket::bind((s.v4, 53)).await {
-        Ok(sock) => sock,
-        Err(e) => {
-            warn!("no name responder at {}:53: {e}", s.v4);
-            return;
-        }
-    };
-    split_dns(&s).await;
+    let mut moved = s.at.subscribe();
     let mut buf = vec![0u8; 1500];
-    loop {
-        let (n, from) = tokio::select! {
-            _ = shared.stop.cancelled() => return,
-            r = sock.recv_from(&mut buf) => match r {
-                Ok(v) => v,
-                Err(_) => continue,
-            },
+    // Bound again at the new address when the interface moves.
+    'bind: loop {
+        moved.borrow_and_update();
+        let (v4, _) = s.addrs();
+        let sock = match tokio::net::UdpSocket::bind((v4, 53)).await {
+            Ok(sock) => sock,
+            Err(e) => {
+                warn!("no name responder at {v4}:53: {e}");
+                tokio::select! {
+                    _ = shared.stop.cancelled() => return,
+                    r = moved.changed() => if r.is_err() { return } else { continue 'bind },
+                }
+            }
         };
-        let Ok(q) = Query::parse(&buf[..n]) else {
-            continue;
-        };
-        let reply = match q.peer() {
-            None => q.refused(),
-            Some(name) => match lookup(&shared, &s, name).await {
-                Some(Some((v4, v6))) => q.answer(&[IpAddr::V4(v4), IpAddr::V6(v6)]),
-                Some(None) => q.nxdomain(),
-                None => q.servfail(),
-            },
-        };
-        let _ = sock.send_to(&reply, from).await;
+        split_dns(&s).await;
+        loop {
+            let (n, from) = tokio::select! {
+                _ = shared.stop.cancelled() => return,
+                r = moved.changed() => if r.is_err() { return } else { continue 'bind },
+                r = sock.recv_from(&mut buf) => match r {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                },
+            };
+            let Ok(q) = Query::parse(&buf[..n]) else {
+                continue;
+            };
+            let reply = match q.peer() {
+                None => q.refused(),
+                Some(name) => match lookup(&shared, &s, name).await {
+                    Some(Some((v4, v6))) => q.answer(&[IpAddr::V4(v4), IpAddr::V6(v6)]),
+                    Some(None) => q.nxdomain(),
+                    None => q.servfail(),
+                },
+            };
+            let _ = sock.send_to(&reply, from).await;
+        }
     }
 }
 
@@ -443,7 +503,7 @@ async fn names(shared: Arc<Shared>, s: Arc<TunState>) {
 /// interface (split DNS, like Tailscale's MagicDNS); says what to do
 /// instead where there is no `resolvectl`.
 async fn split_dns(s: &TunState) {
-    let dns = s.v4.to_string();
+    let dns = s.addrs().0.to_string();
     if point_resolver("resolvectl", s.interface(), &dns).await {
         info!(responder = %dns, "NAME.switchboard resolves through systemd-resolved");
     } else {

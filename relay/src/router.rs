@@ -123,6 +123,15 @@ impl Router {
         }
     }
 
+    /// The relay that hands out `ns`'s TUN addresses: another one's id, or
+    /// `None` for this relay.
+    pub(crate) fn tun_allocator(&self, ns: &str) -> Option<String> {
+        match self.route(ns, crate::services::tun::TUN_KEY) {
+            Route::Remote(home) => Some(home.id),
+            Route::Local => None,
+        }
+    }
+
     /// The TUN address index `name` of `ns` has, if any.
     pub(crate) async fn tun_index(&self, ns: &str, name: &str) -> Option<u32> {
         use crate::services::tun::TUN_KEY;

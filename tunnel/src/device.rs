@@ -218,6 +218,24 @@ impl Tun {
         Ok(())
     }
 
+    /// Moves the interface to other addresses: `v4` replaces the IPv4
+    /// address; `v6` is added and `old_v6` (if another) removed.
+    pub fn readdress(
+        &self,
+        v4: (Ipv4Addr, u8),
+        v6: Option<(Ipv6Addr, u8)>,
+        old_v6: Option<(Ipv6Addr, u8)>,
+    ) -> std::io::Result<()> {
+        self.dev.set_network_address(v4.0, v4.1, None)?;
+        if let Some((a, p)) = v6 {
+            self.dev.add_address_v6(a, p)?;
+        }
+        if let Some((a, p)) = old_v6.filter(|o| Some(*o) != v6) {
+            self.dev.remove_address_v6(a, p)?;
+        }
+        Ok(())
+    }
+
     /// Whether the kernel took segmentation offload.
     pub fn offload(&self) -> bool {
         self.offload

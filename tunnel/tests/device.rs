@@ -80,6 +80,62 @@ fn the_kernel_answers_a_ping_written_into_the_interface_and_its_packets_come_out
     })
 }
 
+#[test]
+fn a_readdressed_interface_answers_and_sends_as_its_new_addresses() -> Result<()> {
+    in_netns("tun_readdress", || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let (old4, old6) = (Ipv4Addr::new(100, 64, 0, 1), "fd00:5b::1".parse()?);
+            let tun = Tun::create(&TunConfig {
+                name: "swbtest1".into(),
+                v4: (old4, 10),
+                v6: Some((old6, 64)),
+                mtu: 1280,
+            })?;
+            let (new4, new6): (Ipv4Addr, std::net::Ipv6Addr) =
+                (Ipv4Addr::new(100, 64, 0, 7), "fd00:5b::7".parse()?);
+            tun.readdress((new4, 10), Some((new6, 64)), Some((old6, 64)))?;
+            let mut r = tun.reader();
+            // The kernel answers a ping to the new IPv4 address.
+            let peer = IpAddr::from([100, 64, 0, 2]);
+            let ping = build::echo_request(peer, new4.into(), 0x5c, 1, b"swb").context("ping")?;
+            tun.send(&ping).await?;
+            // Programs here send as the new addresses, both families.
+            let s4 = std::net::UdpSocket::bind("0.0.0.0:0")?;
+            s4.send_to(b"v4", "100.64.0.2:9")?;
+            let s6 = std::net::UdpSocket::bind("[::]:0")?;
+            s6.send_to(b"v6", "[fd00:5b::2]:9")?;
+            let seen = tokio::time::timeout(Duration::from_secs(5), async {
+                let (mut reply, mut out4, mut out6) = (None, None, None);
+                while reply.is_none() || out4.is_none() || out6.is_none() {
+                    tun.recv_batch(&mut r).await?;
+                    for pkt in r.packets() {
+                        let p = Packet::parse(pkt)?;
+                        match p.transport {
+                            Transport::Icmp { ty: 0, .. } => reply = Some(p.src),
+                            Transport::Udp { dst: 9, .. } if p.src.is_ipv4() => out4 = Some(p.src),
+                            Transport::Udp { dst: 9, .. } => out6 = Some(p.src),
+                            _ => {}
+                        }
+                    }
+                }
+                anyhow::Ok((reply, out4, out6))
+            })
+            .await
+            .context("the interface did not answer / send as its new addresses")??;
+            let want = (
+                Some(IpAddr::from(new4)),
+                Some(IpAddr::from(new4)),
+                Some(IpAddr::from(new6)),
+            );
+            assert_eq!(seen, want);
+            Ok(())
+        })
+    })
+}
+
 /// Runs `f` on a new thread that has entered network namespace `ns`
 /// (threads it starts are in it too).
 fn spawn_in(

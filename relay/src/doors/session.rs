@@ -467,6 +467,8 @@ struct TunSession {
     services: Arc<crate::services::Services>,
     ns: String,
     index: u32,
+    /// The allocator that gave `index` (`None`: this relay).
+    allocator: Option<String>,
     session: u64,
     stop: CancellationToken,
 }
@@ -490,6 +492,7 @@ async fn tun_join(
     tun: &mut Option<TunSession>,
 ) -> swb_wire::TunAnswer {
     let services = router.services();
+    let allocator = router.tun_allocator(ns);
     let plan = match services.tun.plan(ns) {
         Ok(p) => p,
         Err(r) => return swb_wire::TunAnswer::Refused(r),
@@ -527,6 +530,7 @@ async fn tun_join(
         services: services.clone(),
         ns: ns.to_string(),
         index,
+        allocator,
         session: ctl.id,
         stop,
     });
@@ -574,6 +578,23 @@ async fn serve(
                 }
                 if let Err(e) = queue_relay_map(router, io) {
                     return e;
+                }
+                // The namespace's TUN allocator is another relay now (the
+                // mesh grew, healed or lost it): ask it for the index this
+                // peer has. It may give another — one relay handed that
+                // index out while it did not see the other — and the
+                // daemon moves its interface there.
+                let moved = tun
+                    .as_ref()
+                    .filter(|t| t.allocator != router.tun_allocator(ns))
+                    .map(|t| t.index);
+                if let Some(index) = moved {
+                    let answer = tun_join(router, ctl, conn, ns, name, Some(index), &mut tun).await;
+                    if let swb_wire::TunAnswer::Assigned(a) = answer {
+                        if let Err(e) = io.queue(&Frame::TunAnswer(swb_wire::TunAnswer::Assigned(a))) {
+                            return e;
+                        }
+                    }
                 }
             }
             _ = ctl.notify.notified() => {
