@@ -239,26 +239,30 @@ async fn bench_daemon_over(
     Ok(d)
 }
 
-async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
+/// In-process relays of one mesh named `ids`, each seeded with the first
+/// and changed by `tweak`, once every one sees them all; and an API key of
+/// namespace `bench` they accept. Per-key send rates are off (the benches
+/// measure capacity, not that policy).
+pub(crate) async fn mesh_relays(
+    ids: &[&str],
+    full_mesh_max: usize,
+    tweak: impl Fn(&mut RelayConfig),
+) -> Result<(Vec<swb_relay::RelayHandle>, String)> {
     use swb_relay::mesh::{MeshConfig, MeshKey};
-    // Nine relays past a full-mesh threshold of four: a 3×3 grid, where
-    // half the pairs have a link (one hop) and half do not (two hops).
-    const IDS: [&str; 9] = ["r1", "r2", "r3", "r4", "r5", "r6", "r7", "r8", "r9"];
     let key = MeshKey::new(&"bench-mesh-key-".repeat(4))?;
     let new = keys::generate("bench", "bench")?;
     let file = KeysFile {
         keys: vec![new.entry],
     };
     let mut relays: Vec<swb_relay::RelayHandle> = Vec::new();
-    for id in IDS {
+    for id in ids {
         let mut rc = RelayConfig::new(
             "127.0.0.1:0".parse()?,
             Identity::ephemeral()?,
             KeySource::Static(file.clone()),
         );
-        rc.relay_id = id.into();
+        rc.relay_id = (*id).into();
         rc.http_listen = HttpListen::Off;
-        // Capacity, not the per-key policy.
         rc.key_send_rate = None;
         rc.mesh = Some(MeshConfig {
             key: key.clone(),
@@ -268,18 +272,27 @@ async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
                 .into_iter()
                 .collect(),
             advertise: Vec::new(),
-            full_mesh_max: 4,
+            full_mesh_max,
         });
+        tweak(&mut rc);
         relays.push(Relay::spawn(rc).await?);
     }
     for r in &relays {
         tokio::time::timeout(
             Duration::from_secs(20),
-            r.wait_live(|l| l.len() == IDS.len()),
+            r.wait_live(|l| l.len() == ids.len()),
         )
         .await
-        .context("the nine relays did not converge")?;
+        .with_context(|| format!("the {} relays did not converge", ids.len()))?;
     }
+    Ok((relays, new.key))
+}
+
+async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
+    // Nine relays past a full-mesh threshold of four: a 3×3 grid, where
+    // half the pairs have a link (one hop) and half do not (two hops).
+    const IDS: [&str; 9] = ["r1", "r2", "r3", "r4", "r5", "r6", "r7", "r8", "r9"];
+    let (relays, api) = mesh_relays(&IDS, 4, |_| {}).await?;
     let ring = swb_ring::Ring::new(IDS);
     let grid = swb_ring::Grid::new(&ring);
     // r1's grid neighbours (one hop) and the others (two hops).
@@ -311,7 +324,7 @@ async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut ds = Vec::new();
     for n in [&a_name, &b_name, &c_name, &d_name] {
-        ds.push(bench_daemon(&relays[0], &new.key, n, dir.path(), Vec::new()).await?);
+        ds.push(bench_daemon(&relays[0], &api, n, dir.path(), Vec::new()).await?);
     }
     let (a_d, b_d, c_d, d_d) = (
         DaemonHandleRef(&ds[0]),

@@ -611,6 +611,16 @@ async fn attached_to(control: &Path) -> Result<Option<String>> {
     Ok(v["relay_id"].as_str().map(String::from))
 }
 
+/// Three pings from `host` to `to` (over TUN), every one answered.
+async fn ping3(host: &Host, to: &str) -> Result<()> {
+    let out = ok(host
+        .command("ping")
+        .args(["-c", "3", "-i", "0.2", "-W", "2", to]))
+    .await?;
+    ensure!(out.contains("3 received"), "{out}");
+    Ok(())
+}
+
 /// Relays in the relay map of the daemon at `control` (`swbd status`).
 async fn relays_known(control: &Path) -> Result<Option<u64>> {
     let out = swbd(control).args(["--json", "status"]).output().await?;
@@ -1213,11 +1223,7 @@ async fn tun_peers_behind_two_nats_ping_ssh_iperf_refuse_closed_ports_and_outliv
 
     // ping both ways, IPv4 and IPv6, through both NATs and the relay.
     for (host, to) in [(a, &b4), (b, &a4), (a, &b6)] {
-        let out = ok(host
-            .command("ping")
-            .args(["-c", "3", "-i", "0.2", "-W", "2", to]))
-        .await?;
-        assert!(out.contains("3 received"), "{out}");
+        ping3(host, to).await?;
     }
     // Names: alpha's resolver asks alpha's daemon (no systemd-resolved in
     // a test namespace: the documented resolv.conf fallback).
@@ -1455,11 +1461,7 @@ async fn tun_addresses_two_unlinked_relays_handed_out_are_reconciled_once_they_l
     })
     .await?;
     for (host, to) in [(a, &b4), (b, &a4)] {
-        let out = ok(host
-            .command("ping")
-            .args(["-c", "3", "-i", "0.2", "-W", "2", to]))
-        .await?;
-        assert!(out.contains("3 received"), "{out}");
+        ping3(host, to).await?;
     }
     Ok(())
 }
@@ -1546,11 +1548,7 @@ async fn tun_packets_cross_one_mesh_hop_between_peers_homed_on_two_relays() -> R
     assert_ne!(a4, b4, "one allocator for the namespace across the mesh");
     let (a, b) = (&net.sites[0].host, &net.sites[1].host);
     for (host, to) in [(a, &b4), (b, &a4), (a, &b6)] {
-        let out = ok(host
-            .command("ping")
-            .args(["-c", "3", "-i", "0.2", "-W", "2", to]))
-        .await?;
-        assert!(out.contains("3 received"), "{out}");
+        ping3(host, to).await?;
     }
     // Names resolve across the mesh too.
     a.ns.resolv_conf(&format!("nameserver {a4}\n"))?;

@@ -21,8 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use swb_daemon::Client;
-use swb_relay::keys::{self, KeySource, KeysFile};
-use swb_relay::{HttpListen, Identity, Relay, RelayConfig};
+use swb_relay::Identity;
 
 #[derive(Debug, Clone, Copy, Args)]
 pub(crate) struct FanoutArgs {
@@ -50,47 +49,6 @@ struct Run {
     published: f64,
     /// Share of (changes × watchers) that coalesced into newer values.
     coalesced: f64,
-}
-
-/// Two in-process relays in a mesh, publishing every status change at once.
-async fn relays() -> Result<(Vec<swb_relay::RelayHandle>, String)> {
-    use swb_relay::mesh::{MeshConfig, MeshKey};
-    let key = MeshKey::new(&"bench-fanout-key-".repeat(3))?;
-    let new = keys::generate("bench", "bench")?;
-    let file = KeysFile {
-        keys: vec![new.entry],
-    };
-    let mut out: Vec<swb_relay::RelayHandle> = Vec::new();
-    for id in ["r1", "r2"] {
-        let mut rc = RelayConfig::new(
-            "127.0.0.1:0".parse()?,
-            Identity::ephemeral()?,
-            KeySource::Static(file.clone()),
-        );
-        rc.relay_id = id.into();
-        rc.http_listen = HttpListen::Off;
-        rc.key_send_rate = None;
-        rc.connections_per_ip = None;
-        rc.initials.per_ip = None;
-        rc.status_interval = Duration::ZERO;
-        rc.mesh = Some(MeshConfig {
-            key: key.clone(),
-            peers: out
-                .first()
-                .map(|r| r.local_addr().to_string())
-                .into_iter()
-                .collect(),
-            advertise: Vec::new(),
-            full_mesh_max: swb_relay::mesh::FULL_MESH_MAX,
-        });
-        out.push(Relay::spawn(rc).await?);
-    }
-    for r in &out {
-        tokio::time::timeout(Duration::from_secs(20), r.wait_live(|l| l.len() == 2))
-            .await
-            .context("the two relays did not link")?;
-    }
-    Ok((out, new.key))
 }
 
 /// A name of the `bench` namespace homed on `home`, not in `taken`.
@@ -183,7 +141,13 @@ fn spread(v: &[f64]) -> (f64, f64, f64) {
 }
 
 pub(crate) async fn fanout_bench(a: FanoutArgs, out: &Output) -> Result<()> {
-    let (relays, key) = relays().await?;
+    // Two relays of a mesh, publishing every status change at once.
+    let (relays, key) = super::mesh_relays(&["r1", "r2"], swb_relay::mesh::FULL_MESH_MAX, |rc| {
+        rc.connections_per_ip = None;
+        rc.initials.per_ip = None;
+        rc.status_interval = Duration::ZERO;
+    })
+    .await?;
     let ring = swb_ring::Ring::new(["r1", "r2"]);
     let dir = tempfile::tempdir()?;
     let pub_name = homed(&ring, "r1", "pub", 1)
