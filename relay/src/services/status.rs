@@ -44,7 +44,7 @@ pub struct Snapshot {
     /// The status.
     pub fields: Arc<BTreeMap<String, String>>,
     /// Its `StatusUpdate` frame, encoded once for every watcher.
-    pub wire: WireOnce,
+    pub(crate) wire: WireOnce,
 }
 
 /// A snapshot's encoded `StatusUpdate` frames (without and with `lagged`),
@@ -52,7 +52,7 @@ pub struct Snapshot {
 /// change watched by many costs one encoding, not one per watcher. A clone
 /// starts empty (a clone is made to be changed); equality ignores it.
 #[derive(Default)]
-pub struct WireOnce([std::sync::OnceLock<bytes::Bytes>; 2]);
+pub(crate) struct WireOnce([std::sync::OnceLock<bytes::Bytes>; 2]);
 
 impl Clone for WireOnce {
     fn clone(&self) -> Self {
