@@ -227,6 +227,13 @@ impl Tun {
         old_v6: Option<(Ipv6Addr, u8)>,
     ) -> std::io::Result<()> {
         self.dev.set_network_address(v4.0, v4.1, None)?;
+        // No duplicate address detection on a point-to-point interface:
+        // without this the new IPv6 address stays tentative (unusable as a
+        // source) for a second or more.
+        let _ = std::fs::write(
+            format!("/proc/sys/net/ipv6/conf/{}/accept_dad", self.name),
+            "0",
+        );
         if let Some((a, p)) = v6 {
             self.dev.add_address_v6(a, p)?;
         }

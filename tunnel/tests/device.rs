@@ -116,7 +116,14 @@ fn a_readdressed_interface_answers_and_sends_as_its_new_addresses() -> Result<()
                         match p.transport {
                             Transport::Icmp { ty: 0, .. } => reply = Some(p.src),
                             Transport::Udp { dst: 9, .. } if p.src.is_ipv4() => out4 = Some(p.src),
-                            Transport::Udp { dst: 9, .. } => out6 = Some(p.src),
+                            Transport::Udp { dst: 9, .. } if p.src == IpAddr::from(new6) => {
+                                out6 = Some(p.src)
+                            }
+                            // Sent before the new address was usable (a
+                            // link-local source): again.
+                            Transport::Udp { dst: 9, .. } => {
+                                s6.send_to(b"v6", "[fd00:5b::2]:9")?;
+                            }
                             _ => {}
                         }
                     }
