@@ -90,8 +90,9 @@ pub(crate) struct TunState {
     /// answer on it starts none).
     pumped: Mutex<Option<usize>>,
     policy: Mutex<Policy>,
-    /// Peer name → index, as the relay answered (an index never changes).
-    known: Mutex<std::collections::HashMap<String, u32>>,
+    /// Peer name → index, as the relay answered, and when (an index moves
+    /// when addresses handed out apart are reconciled: [`NAME_TTL`]).
+    known: Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>,
 }
 
 impl std::fmt::Debug for TunState {
@@ -387,9 +388,10 @@ async fn from_relay(shared: Arc<Shared>, s: Arc<TunState>, conn: quinn::Connecti
 
 /// How long the name responder waits for the relay.
 const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
-/// Names remembered (an index never changes once given; unknown names
-/// are asked again).
+/// Names remembered (unknown names are asked again).
 const NAME_CACHE: usize = 4096;
+/// How long a remembered name → index holds.
+const NAME_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The index of peer `name`: `Some(None)` when it has none, `None` when
 /// the relay did not answer in time.
@@ -418,7 +420,8 @@ pub(crate) async fn lookup(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(name)
-        .copied();
+        .filter(|(_, at)| at.elapsed() < NAME_TTL)
+        .map(|(i, _)| *i);
     let index = match known {
         Some(i) => Some(i),
         None => resolve(shared, name).await?,
@@ -427,8 +430,11 @@ pub(crate) async fn lookup(
         return Some(None);
     };
     let mut known = s.known.lock().unwrap_or_else(|p| p.into_inner());
+    if known.len() >= NAME_CACHE {
+        known.retain(|_, (_, at)| at.elapsed() < NAME_TTL);
+    }
     if known.len() < NAME_CACHE {
-        known.insert(name.to_string(), i);
+        known.insert(name.to_string(), (i, std::time::Instant::now()));
     }
     let plan = *s.at.borrow();
     Some(Some(addrs(&plan, i)))

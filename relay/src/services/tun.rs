@@ -26,6 +26,9 @@ pub(crate) const TUN_KEY: &str = "-tun-";
 pub(crate) const MAX_ADDRESSES: u32 = 65_536;
 /// Index → name answers remembered per namespace.
 const NAME_CACHE: usize = 65_536;
+/// How long a learned index → name holds: an index moves when two relays
+/// that handed addresses out apart are reconciled.
+const NAME_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 struct Attached {
     session: u64,
@@ -38,7 +41,7 @@ struct Namespace {
     alloc: Option<Allocator>,
     attached: HashMap<u32, Attached>,
     /// Index → name learned from the allocator's relay.
-    names: HashMap<u32, String>,
+    names: HashMap<u32, (String, std::time::Instant)>,
 }
 
 /// The relay's TUN state.
@@ -170,13 +173,19 @@ impl Tun {
 
     /// Who has index `i`, as learned before (any relay).
     pub(crate) fn cached_name(&self, ns: &str, i: u32) -> Option<String> {
-        self.spaces().get(ns)?.names.get(&i).cloned()
+        let spaces = self.spaces();
+        let (name, at) = spaces.get(ns)?.names.get(&i)?;
+        (at.elapsed() < NAME_TTL).then(|| name.clone())
     }
 
     pub(crate) fn remember_name(&self, ns: &str, i: u32, name: &str) {
         let _ = self.with_space(ns, false, |s| {
+            if s.names.len() >= NAME_CACHE {
+                s.names.retain(|_, (_, at)| at.elapsed() < NAME_TTL);
+            }
             if s.names.len() < NAME_CACHE {
-                s.names.insert(i, name.to_string());
+                s.names
+                    .insert(i, (name.to_string(), std::time::Instant::now()));
             }
             Ok(())
         });
