@@ -549,6 +549,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Smallest and largest of `v` (the spread runs report).
+fn min_max(v: &[f64]) -> (f64, f64) {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (lo, hi)
+}
+
 /// (a) Two quinn endpoints, the relay's TLS (1.3, ring, same certificate
 /// type) and default transport settings.
 async fn direct_once(identity: &Identity, bytes: u64) -> Result<Duration> {

@@ -601,14 +601,21 @@ fn names_homed_on(ids: &[&str], want: &str, prefix: &str, n: usize) -> Vec<Strin
         .collect()
 }
 
-/// The relay id the daemon at `control` is attached to (`None`: not attached).
-async fn attached_to(control: &Path) -> Result<Option<String>> {
+/// `swbd --json status` of the daemon at `control` (`None`: it answers
+/// with an error, e.g. not attached yet).
+async fn status_json(control: &Path) -> Result<Option<serde_json::Value>> {
     let out = swbd(control).args(["--json", "status"]).output().await?;
     if !out.status.success() {
         return Ok(None);
     }
-    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim())?;
-    Ok(v["relay_id"].as_str().map(String::from))
+    Ok(Some(serde_json::from_str(text(&out.stdout).trim())?))
+}
+
+/// The relay id the daemon at `control` is attached to (`None`: not attached).
+async fn attached_to(control: &Path) -> Result<Option<String>> {
+    Ok(status_json(control)
+        .await?
+        .and_then(|v| v["relay_id"].as_str().map(String::from)))
 }
 
 /// Three pings from `host` to `to` (over TUN), every one answered.
@@ -623,12 +630,9 @@ async fn ping3(host: &Host, to: &str) -> Result<()> {
 
 /// Relays in the relay map of the daemon at `control` (`swbd status`).
 async fn relays_known(control: &Path) -> Result<Option<u64>> {
-    let out = swbd(control).args(["--json", "status"]).output().await?;
-    if !out.status.success() {
-        return Ok(None);
-    }
-    let v: serde_json::Value = serde_json::from_str(text(&out.stdout).trim())?;
-    Ok(v["relays"].as_u64())
+    Ok(status_json(control)
+        .await?
+        .and_then(|v| v["relays"].as_u64()))
 }
 
 /// p50 and max of `v` (and every value, when there are few).

@@ -276,23 +276,27 @@ pub(crate) async fn set(
     // one's answer. If that stream fails (the connection went, or a relay
     // that answers one change per stream), the whole status goes on a
     // stream of its own, which leaves the relay with what is held here.
-    let u = match publish_pipelined(shared, &mut own, wait).await {
-        Ok(Published::Now(u)) => u,
+    let published = match publish_pipelined(shared, &mut own, wait).await {
+        Ok(Published::Now(u)) => Some(u),
         Ok(Published::Later(rx)) => {
             drop(own);
             match rx.await {
-                Ok(Ok(u)) => u,
+                Ok(Ok(u)) => Some(u),
                 Ok(Err(e)) if e.code != "relay_error" && e.code != Code::TIMEOUT.as_str() => {
                     return Err(e)
                 }
-                _ => {
-                    let mut own = shared.own_status.lock().await;
-                    own.publisher = None;
-                    publish_locked(shared, &own, wait).await?
-                }
+                _ => None,
             }
         }
         Err(_) => {
+            drop(own);
+            None
+        }
+    };
+    let u = match published {
+        Some(u) => u,
+        None => {
+            let mut own = shared.own_status.lock().await;
             own.publisher = None;
             publish_locked(shared, &own, wait).await?
         }

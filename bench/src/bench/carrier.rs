@@ -131,11 +131,7 @@ pub(crate) async fn carrier_bench(a: CarrierArgs, out: &Output) -> Result<()> {
     let l_udp = latency(&DaemonHandleRef(&over_udp), &sink_ref, "sink", a.samples).await?;
     let l_tcp = latency(&DaemonHandleRef(&over_tcp), &sink_ref, "sink", a.samples).await?;
     let p = |v: &[Duration], q: f64| v[((v.len() as f64 - 1.0) * q) as usize].as_secs_f64() * 1e3;
-    let range = |v: &[f64]| {
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(0.0, f64::max);
-        (lo, hi)
-    };
+    let range = super::min_max;
     let ((ul, uh), (tl, th)) = (range(&udp), range(&tcp));
     let (u, t) = (median(udp.clone()), median(tcp.clone()));
     record(

@@ -134,9 +134,9 @@ async fn run_once(
     })
 }
 
+/// Median, min and max of `v`.
 fn spread(v: &[f64]) -> (f64, f64, f64) {
-    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = v.iter().copied().fold(0.0, f64::max);
+    let (lo, hi) = super::min_max(v);
     (median(v.to_vec()), lo, hi)
 }
 

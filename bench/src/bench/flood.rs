@@ -109,11 +109,7 @@ pub(crate) async fn flood_bench(a: FloodArgs, out: &Output) -> Result<()> {
         }
     }
     let med = |v: &[f64]| super::median(v.to_vec());
-    let range = |v: &[f64]| {
-        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        (lo, hi)
-    };
+    let range = super::min_max;
     if !out.json {
         println!(
             "flood: 256 B request -> reply between two daemons on a relay (own process), one at a time, {} samples; flood generator at nice {}; median of {} runs (min-max)",
