@@ -1187,7 +1187,19 @@ async fn spawn_self<T>(
 ) -> Result<(Child, T, u32)> {
     use tokio::io::AsyncBufReadExt;
     let exe = std::env::current_exe()?;
-    let mut child = tokio::process::Command::new(exe)
+    // `SWB_BENCH_WRAP="heaptrack -o /tmp/relay"` runs the child under a
+    // profiler (words split on whitespace; the child's own line comes last).
+    let wrap = std::env::var("SWB_BENCH_WRAP").unwrap_or_default();
+    let mut words = wrap.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(w) => {
+            let mut c = tokio::process::Command::new(w);
+            c.args(words).arg(exe);
+            c
+        }
+        None => tokio::process::Command::new(exe),
+    };
+    let mut child = cmd
         .args(args)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
