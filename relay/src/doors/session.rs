@@ -460,7 +460,6 @@ async fn read_hello(io: &mut Io) -> Result<swb_wire::Hello, End> {
     }
 }
 
-/// The session's actor loop. Returns why it ended.
 /// A session's TUN addresses and its datagram pump; dropping it stops the
 /// pump and takes the peer out of the relay's TUN table.
 struct TunSession {
@@ -480,25 +479,93 @@ impl Drop for TunSession {
     }
 }
 
-/// Answers a `TunJoin`: the peer's addresses (from the namespace's
-/// allocator, here or one mesh hop away), its packets pumped from now.
-async fn tun_join(
+/// Most TUN calls (an index from the namespace's allocator, which may be a
+/// mesh hop away) one session has waiting; past it the session reads no
+/// further frames from its daemon until one is answered.
+const TUN_CALLS: usize = 16;
+
+/// What a TUN call brought back.
+enum TunDone {
+    /// A join's index (or why none), from `allocator` (`None`: this
+    /// relay). `answer`: the daemon asked; a re-ask after a mesh change is
+    /// answered only with new addresses.
+    Joined {
+        allocator: Option<String>,
+        index: Result<(swb_tunnel::AddressPlan, u32), Refusal>,
+        answer: bool,
+    },
+    /// A name's index, for the daemon's name responder.
+    Resolved(swb_wire::TunResolved),
+}
+
+/// A session's TUN calls in flight: owned by its loop (they end with it),
+/// answered in the order they were asked, while deliveries, sends and
+/// acks go on.
+type TunCalls = futures_util::stream::FuturesOrdered<
+    std::pin::Pin<Box<dyn std::future::Future<Output = TunDone> + Send>>,
+>;
+
+/// Asks the namespace's allocator for `name`'s index (`want`: the one it
+/// had).
+fn tun_join_call(
+    router: &Arc<Router>,
+    ns: &str,
+    name: &str,
+    want: Option<u32>,
+    answer: bool,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = TunDone> + Send>> {
+    let (router, ns, name) = (router.clone(), ns.to_string(), name.to_string());
+    Box::pin(
+        async move {
+            let allocator = router.tun_allocator(&ns);
+            let index = match router.services().tun.plan(&ns) {
+                Ok(plan) => router.tun_assign(&ns, &name, want).await.map(|i| (plan, i)),
+                Err(r) => Err(r),
+            };
+            TunDone::Joined {
+                allocator,
+                index,
+                answer,
+            }
+        }
+        .in_current_span(),
+    )
+}
+
+/// Looks up the index of the peer a `TunResolve` names.
+fn tun_resolve_call(
+    router: &Arc<Router>,
+    ns: &str,
+    r: swb_wire::TunResolve,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = TunDone> + Send>> {
+    let (router, ns) = (router.clone(), ns.to_string());
+    Box::pin(
+        async move {
+            let index = match swb_wire::normalize_name(&r.name) {
+                Ok(n) => router.tun_index(&ns, &n).await,
+                Err(_) => None,
+            };
+            TunDone::Resolved(swb_wire::TunResolved { req: r.req, index })
+        }
+        .in_current_span(),
+    )
+}
+
+/// Completes a join whose index came back: the peer's addresses, its
+/// packets pumped from now (a second join replaces the first; a refusal
+/// leaves the first as it was).
+fn tun_joined(
     router: &Arc<Router>,
     ctl: &SessionCtl,
     conn: &quinn::Connection,
     ns: &str,
-    name: &str,
-    want: Option<u32>,
+    allocator: Option<String>,
+    index: Result<(swb_tunnel::AddressPlan, u32), Refusal>,
     tun: &mut Option<TunSession>,
 ) -> swb_wire::TunAnswer {
     let services = router.services();
-    let allocator = router.tun_allocator(ns);
-    let plan = match services.tun.plan(ns) {
-        Ok(p) => p,
-        Err(r) => return swb_wire::TunAnswer::Refused(r),
-    };
-    let index = match router.tun_assign(ns, name, want).await {
-        Ok(i) => i,
+    let (plan, index) = match index {
+        Ok(x) => x,
         Err(r) => return swb_wire::TunAnswer::Refused(r),
     };
     let Some(assigned) = crate::services::tun::assigned(&plan, index) else {
@@ -507,7 +574,6 @@ async fn tun_join(
             format!("no TUN address: index {index} is outside the plan"),
         ));
     };
-    // A second join replaces the first.
     if let Some(old) = tun.take() {
         drop(old);
     }
@@ -537,6 +603,7 @@ async fn tun_join(
     swb_wire::TunAnswer::Assigned(assigned)
 }
 
+/// The session's actor loop. Returns why it ended.
 async fn serve(
     router: &Arc<Router>,
     ctl: &SessionCtl,
@@ -564,6 +631,9 @@ async fn serve(
     // Answers to local sends, each ready once its message is durable (they
     // complete in order: the store commits in order).
     let mut durable: Durables = futures_util::stream::FuturesOrdered::new();
+    let mut tun_calls = TunCalls::new();
+    // The read buffer may hold complete frames not yet handled.
+    let mut parse = false;
     loop {
         // Ranked: cancellation first (replaced, revoked, shutdown), then new
         // mail, then frames from the daemon.
@@ -589,11 +659,21 @@ async fn serve(
                     .filter(|t| t.allocator != router.tun_allocator(ns))
                     .map(|t| t.index);
                 if let Some(index) = moved {
-                    let answer = tun_join(router, ctl, conn, ns, name, Some(index), &mut tun).await;
-                    if let swb_wire::TunAnswer::Assigned(a) = answer {
-                        if let Err(e) = io.queue(&Frame::TunAnswer(swb_wire::TunAnswer::Assigned(a))) {
-                            return e;
-                        }
+                    tun_calls.push_back(tun_join_call(router, ns, name, Some(index), false));
+                }
+            }
+            Some(done) = futures_util::StreamExt::next(&mut tun_calls), if !tun_calls.is_empty() => {
+                let reply = match done {
+                    TunDone::Joined { allocator, index, answer } => {
+                        let a = tun_joined(router, ctl, conn, ns, allocator, index, &mut tun);
+                        (answer || matches!(a, swb_wire::TunAnswer::Assigned(_)))
+                            .then_some(Frame::TunAnswer(a))
+                    }
+                    TunDone::Resolved(r) => Some(Frame::TunResolved(r)),
+                };
+                if let Some(f) = reply {
+                    if let Err(e) = io.queue(&f) {
+                        return e;
                     }
                 }
             }
@@ -632,48 +712,12 @@ async fn serve(
                     return e;
                 }
             }
-            r = io.read_some() => {
+            // Read more once every complete frame read so far is handled.
+            r = io.read_some(), if !parse => {
                 if let Err(e) = r {
                     return e;
                 }
-                loop {
-                    match io.reader.next_frame() {
-                        Ok(Some(Frame::Ack(a))) => {
-                            services.ack(ns, name, &a.ids);
-                            // Count the ids, not what was still held: a
-                            // delivered message that expired meanwhile must
-                            // free its slot too.
-                            unacked = unacked.saturating_sub(a.ids.len());
-                            if stalled && unacked < DELIVERY_WINDOW {
-                                stalled = false;
-                                ctl.notify.notify_one();
-                            }
-                        }
-                        Ok(Some(Frame::TunJoin(j))) => {
-                            let answer = tun_join(router, ctl, conn, ns, name, j.want, &mut tun).await;
-                            if let Err(e) = io.queue(&Frame::TunAnswer(answer)) {
-                                return e;
-                            }
-                        }
-                        Ok(Some(Frame::TunResolve(r))) => {
-                            let index = match swb_wire::normalize_name(&r.name) {
-                                Ok(n) => router.tun_index(ns, &n).await,
-                                Err(_) => None,
-                            };
-                            let answer = swb_wire::TunResolved { req: r.req, index };
-                            if let Err(e) = io.queue(&Frame::TunResolved(answer)) {
-                                return e;
-                            }
-                        }
-                        Ok(Some(f)) => {
-                            if let Err(e) = handle(router, io, (ns, name, &ctl.key_id), f, &mut fwd, &mut durable) {
-                                return e;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(e) => return End::Protocol(e.to_string()),
-                    }
-                }
+                parse = true;
             }
             // Not (yet) in TUN mode: datagrams go nowhere (the pump reads
             // them once joined). Last: a flood of them cannot starve frames.
@@ -681,6 +725,42 @@ async fn serve(
                 Ok(_) => services.metrics.tun.not_joined.inc(),
                 Err(_) => return End::Gone,
             },
+        }
+        // The frames read, until the buffer holds no complete one (or TUN
+        // calls are at their limit: the rest waits for one to be answered).
+        while parse && tun_calls.len() < TUN_CALLS {
+            match io.reader.next_frame() {
+                Ok(Some(Frame::Ack(a))) => {
+                    services.ack(ns, name, &a.ids);
+                    // Count the ids, not what was still held: a delivered
+                    // message that expired meanwhile must free its slot too.
+                    unacked = unacked.saturating_sub(a.ids.len());
+                    if stalled && unacked < DELIVERY_WINDOW {
+                        stalled = false;
+                        ctl.notify.notify_one();
+                    }
+                }
+                Ok(Some(Frame::TunJoin(j))) => {
+                    tun_calls.push_back(tun_join_call(router, ns, name, j.want, true));
+                }
+                Ok(Some(Frame::TunResolve(r))) => {
+                    tun_calls.push_back(tun_resolve_call(router, ns, r));
+                }
+                Ok(Some(f)) => {
+                    if let Err(e) = handle(
+                        router,
+                        io,
+                        (ns, name, &ctl.key_id),
+                        f,
+                        &mut fwd,
+                        &mut durable,
+                    ) {
+                        return e;
+                    }
+                }
+                Ok(None) => parse = false,
+                Err(e) => return End::Protocol(e.to_string()),
+            }
         }
         if let Err(e) = io.flush(&cancel).await {
             return e;
