@@ -86,7 +86,9 @@ pub(crate) fn bind(
 pub(crate) async fn connection(
     router: Arc<Router>,
     mesh: Option<mpsc::Sender<MeshIncoming>>,
-    incoming: quinn::Incoming,
+    // Boxed: an argument's room stays in the task for its whole life,
+    // long after the handshake took it (memory per idle client).
+    incoming: Box<quinn::Incoming>,
     offload: Arc<crate::offload::Offload>,
     permit: OwnedSemaphorePermit,
     cancel: CancellationToken,

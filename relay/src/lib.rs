@@ -764,7 +764,7 @@ impl Main {
                     conn_seq += 1;
                     let span = tracing::debug_span!("conn", conn = conn_seq, remote = %incoming.remote_address());
                     sessions.spawn(tasks.track_future(
-                        endpoint::connection(router.clone(), mesh_tx.clone(), incoming, offload.clone(), permit, doors.child_token())
+                        endpoint::connection(router.clone(), mesh_tx.clone(), Box::new(incoming), offload.clone(), permit, doors.child_token())
                             .instrument(span),
                     ));
                 }

@@ -137,14 +137,20 @@ pub(crate) async fn run(
     // Datagrams before the session joined TUN mode are discarded as they
     // come: none waits in quinn's buffer (bounded per connection, but
     // sized for a TUN session's bursts).
-    let handshake = Box::pin(open(&router, conn.clone(), permit, started, cancel));
-    let a = tokio::select! {
-        a = handshake => a,
-        never = crate::limits::discard_datagrams(&conn, &router.services().metrics.tun.not_joined) => match never {},
-    };
-    drop(conn);
-    let Some(a) = a else {
-        return;
+    // The attached session's state goes on the heap, not in this task:
+    // whatever this future holds across an await it holds for the
+    // session's life, and locals moved out of still keep their room.
+    let a: Box<Attached> = {
+        let handshake = Box::pin(open(&router, conn.clone(), permit, started, cancel));
+        let a = tokio::select! {
+            a = handshake => a,
+            never = crate::limits::discard_datagrams(&conn, &router.services().metrics.tun.not_joined) => match never {},
+        };
+        drop(conn);
+        match a {
+            Some(a) => Box::new(a),
+            None => return,
+        }
     };
     let span = tracing::info_span!("session", ns = %a.ns, peer = %a.name, session = a.ctl.id, key = %a.key_id);
     attached(router, a).instrument(span).await;
@@ -349,33 +355,26 @@ async fn open(
 }
 
 /// Serves a registered session to its end.
-async fn attached(router: Arc<Router>, a: Attached) {
+async fn attached(router: Arc<Router>, mut a: Box<Attached>) {
+    info!(remote = %a.remote, "attached");
+    // Nothing held across an await below is a temporary or a local it
+    // need not be: this future lives as long as the session (memory per
+    // idle client).
+    let queued = {
+        let welcome = welcome(&router, &a);
+        a.io.queue(&welcome)
+    };
     let Attached {
         conn,
         mut io,
         ctl,
         ns,
         name,
-        remote,
-        limits,
         live,
         ..
-    } = a;
+    } = *a;
+    let queued = queued.and_then(|()| queue_relay_map(&router, &mut io));
     {
-        info!(%remote, "attached");
-        let welcome = Frame::Welcome(Welcome {
-            namespace: ns.clone(),
-            name: name.clone(),
-            relay_id: router.config().relay_id.clone(),
-            session: ctl.id,
-            server_time_ms: now_ms(),
-            limits: Limits {
-                max_message_body: MAX_MESSAGE_BODY as u32,
-                mailbox_messages: limits.messages as u32,
-                mailbox_bytes: limits.bytes as u64,
-                message_ttl_secs: limits.ttl.as_secs(),
-            },
-        });
         // The data-stream acceptor lives under this session's token.
         let streams_stop = ctl.cancel.child_token();
         let streams = tokio::spawn(
@@ -391,10 +390,7 @@ async fn attached(router: Arc<Router>, a: Attached) {
                 .in_current_span(),
             ),
         );
-        let end = match io
-            .queue(&welcome)
-            .and_then(|()| queue_relay_map(&router, &mut io))
-        {
+        let end = match queued {
             Ok(()) => serve(&router, &ctl, &conn, &mut io, &ns, &name, live).await,
             Err(e) => e,
         };
@@ -421,6 +417,23 @@ async fn attached(router: Arc<Router>, a: Attached) {
         }
         Box::pin(finish(&conn, &mut io, end, false)).await;
     }
+}
+
+/// The `Welcome` that tells the daemon it is attached, and its limits.
+fn welcome(router: &Router, a: &Attached) -> Frame {
+    Frame::Welcome(Welcome {
+        namespace: a.ns.clone(),
+        name: a.name.clone(),
+        relay_id: router.config().relay_id.clone(),
+        session: a.ctl.id,
+        server_time_ms: now_ms(),
+        limits: Limits {
+            max_message_body: MAX_MESSAGE_BODY as u32,
+            mailbox_messages: a.limits.messages as u32,
+            mailbox_bytes: a.limits.bytes as u64,
+            message_ttl_secs: a.limits.ttl.as_secs(),
+        },
+    })
 }
 
 /// Queues the live relay map, page by page.
