@@ -375,27 +375,10 @@ async fn attached(router: Arc<Router>, mut a: Box<Attached>) {
     } = *a;
     let queued = queued.and_then(|()| queue_relay_map(&router, &mut io));
     {
-        // The data-stream acceptor lives under this session's token.
-        let streams_stop = ctl.cancel.child_token();
-        let streams = tokio::spawn(
-            router.tasks().track_future(
-                super::streams::accept_loop(
-                    router.clone(),
-                    conn.clone(),
-                    ctl.clone(),
-                    ns.clone(),
-                    name.clone(),
-                    streams_stop.clone(),
-                )
-                .in_current_span(),
-            ),
-        );
         let end = match queued {
             Ok(()) => serve(&router, &ctl, &conn, &mut io, &ns, &name, live).await,
             Err(e) => e,
         };
-        streams_stop.cancel();
-        let _ = streams.await;
         router.services().registry().detach(&ns, &name, ctl.id);
         let end = match end {
             // A cancellation carries its reason in the ctl; none means shutdown.
@@ -619,7 +602,7 @@ fn tun_joined(
 /// The session's actor loop. Returns why it ended.
 async fn serve(
     router: &Arc<Router>,
-    ctl: &SessionCtl,
+    ctl: &Arc<SessionCtl>,
     conn: &quinn::Connection,
     io: &mut Io,
     ns: &str,
@@ -645,6 +628,9 @@ async fn serve(
     // complete in order: the store commits in order).
     let mut durable: Durables = futures_util::stream::FuturesOrdered::new();
     let mut tun_calls = TunCalls::new();
+    // Data streams the daemon opens, and their tasks (they end with this
+    // loop).
+    let mut streams = super::streams::Streams::new(router);
     // The read buffer may hold complete frames not yet handled.
     let mut parse = false;
     loop {
@@ -732,6 +718,11 @@ async fn serve(
                 }
                 parse = true;
             }
+            () = streams.reap() => {}
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => streams.opened(router, ctl, (ns, name), send, recv),
+                Err(_) => return End::Gone,
+            },
             // Not (yet) in TUN mode: datagrams go nowhere (the pump reads
             // them once joined). Last: a flood of them cannot starve frames.
             d = conn.read_datagram(), if tun.is_none() => match d {

@@ -11,49 +11,69 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use swb_wire::{reset, Code, Frame, Refusal};
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 
-/// Accepts the data streams a daemon opens, until `stop`. Owns every
-/// stream task; they end with it (the connection is gone by then anyway).
-pub(crate) async fn accept_loop(
-    router: Arc<Router>,
-    conn: quinn::Connection,
-    ctl: Arc<SessionCtl>,
-    ns: String,
-    name: String,
-    stop: CancellationToken,
-) {
-    let mut tasks = JoinSet::new();
-    let mut seq = 0u64;
-    // The QUIC stream limit grows with use (see `INITIAL_STREAMS`).
-    let ceiling = (router.config().max_streams_per_peer + 16).min(u32::MAX as usize) as u32;
-    let mut limit = crate::INITIAL_STREAMS;
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            s = conn.accept_bi() => match s {
-                Ok((send, recv)) => {
-                    let open_now = ctl.streams.load(Ordering::Relaxed) as u32 + tasks.len() as u32 + 2;
-                    if open_now + 2 >= limit && limit < ceiling {
-                        limit = (limit * 2).min(ceiling);
-                        conn.set_max_concurrent_bi_streams(limit.into());
-                    }
-                    seq += 1;
-                    let span = tracing::debug_span!("stream", n = seq);
-                    tasks.spawn(router.tasks().track_future(
-                        open(router.clone(), ctl.clone(), ns.clone(), name.clone(), send, recv)
-                            .instrument(span),
-                    ));
-                }
-                Err(_) => break,
-            },
+/// The data streams a daemon opens on its connection, accepted by its
+/// session loop (no task of their own while the session idles). Owns
+/// every stream task; they end with it (the connection is gone by then).
+pub(crate) struct Streams {
+    tasks: JoinSet<()>,
+    seq: u64,
+    /// The QUIC stream limit of the moment: it grows with use (see
+    /// `INITIAL_STREAMS`) up to `ceiling`.
+    limit: u32,
+    ceiling: u32,
+}
+
+impl Streams {
+    pub(crate) fn new(router: &Router) -> Self {
+        Self {
+            tasks: JoinSet::new(),
+            seq: 0,
+            limit: crate::INITIAL_STREAMS,
+            ceiling: (router.config().max_streams_per_peer + 16).min(u32::MAX as usize) as u32,
         }
     }
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
+
+    /// Serves a stream the daemon opened, raising the stream limit first
+    /// if the peer is near it.
+    pub(crate) fn opened(
+        &mut self,
+        router: &Arc<Router>,
+        ctl: &Arc<SessionCtl>,
+        (ns, name): (&str, &str),
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        let open_now = ctl.streams.load(Ordering::Relaxed) as u32 + self.tasks.len() as u32 + 2;
+        if open_now + 2 >= self.limit && self.limit < self.ceiling {
+            self.limit = (self.limit * 2).min(self.ceiling);
+            ctl.conn.set_max_concurrent_bi_streams(self.limit.into());
+        }
+        self.seq += 1;
+        let span = tracing::debug_span!("stream", n = self.seq);
+        self.tasks.spawn(
+            router.tasks().track_future(
+                open(
+                    router.clone(),
+                    ctl.clone(),
+                    ns.to_string(),
+                    name.to_string(),
+                    send,
+                    recv,
+                )
+                .instrument(span),
+            ),
+        );
+    }
+
+    /// Waits for a stream task to end (never, while there is none).
+    pub(crate) async fn reap(&mut self) {
+        match self.tasks.join_next().await {
+            Some(_) => {}
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// Handles one stream a daemon opened: find the target, ask it, splice.
