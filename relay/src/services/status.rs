@@ -181,7 +181,12 @@ impl Snapshot {
 type Key = (Arc<str>, Arc<str>);
 
 struct Entry {
-    tx: watch::Sender<Arc<Snapshot>>,
+    /// What watchers here are told; made by the first watch (most
+    /// entries are attached peers nobody here watches: memory per idle
+    /// client), dropped in a sweep once nobody watches.
+    tx: Option<watch::Sender<Arc<Snapshot>>>,
+    /// The value last published (what a new watch starts from).
+    published: Arc<Snapshot>,
     /// Newest value, published or waiting for the publish interval.
     current: Arc<Snapshot>,
     last_publish: Option<Instant>,
@@ -189,6 +194,13 @@ struct Entry {
     offline_at: Option<Instant>,
     /// A copy of a peer homed on another relay (kept while watched here).
     mirror: bool,
+}
+
+impl Entry {
+    /// Whether anyone here watches it.
+    fn watched(&self) -> bool {
+        self.tx.as_ref().is_some_and(|tx| tx.receiver_count() > 0)
+    }
 }
 
 /// Status entries one namespace may have on a relay (names with a status,
@@ -246,7 +258,8 @@ impl StatusBoard {
         let e = self.entries.entry(k.clone()).or_insert_with(|| {
             let s = Arc::new(Snapshot::unknown(name));
             Entry {
-                tx: watch::Sender::new(s.clone()),
+                tx: None,
+                published: s.clone(),
                 current: s,
                 last_publish: None,
                 offline_at: None,
@@ -297,16 +310,18 @@ impl StatusBoard {
     pub(crate) fn watched(&self, ns: &str, name: &str) -> bool {
         self.entries
             .get(&(Arc::from(ns), Arc::from(name)))
-            .is_some_and(|e| e.tx.receiver_count() > 0)
+            .is_some_and(Entry::watched)
     }
 
     fn publish(e: &mut Entry, now: Instant) {
-        let prev = e.tx.borrow().version;
         let mut s = (*e.current).clone();
-        s.prev_version = prev;
+        s.prev_version = e.published.version;
         let s = Arc::new(s);
         e.current = s.clone();
-        e.tx.send_replace(s);
+        e.published = s.clone();
+        if let Some(tx) = &e.tx {
+            tx.send_replace(s);
+        }
         e.last_publish = Some(now);
     }
 
@@ -388,7 +403,9 @@ impl StatusBoard {
 
     /// A subscription to `(ns, name)`: its current value and every change.
     pub(crate) fn subscribe(&mut self, ns: &str, name: &str) -> watch::Receiver<Arc<Snapshot>> {
-        self.entry(ns, name).0.tx.subscribe()
+        let e = self.entry(ns, name).0;
+        e.tx.get_or_insert_with(|| watch::Sender::new(e.published.clone()))
+            .subscribe()
     }
 
     /// The newest value of `(ns, name)`.
@@ -458,10 +475,7 @@ impl StatusBoard {
             }
         }
         for k in expired {
-            let watched = self
-                .entries
-                .get(&k)
-                .is_some_and(|e| e.tx.receiver_count() > 0);
+            let watched = self.entries.get(&k).is_some_and(Entry::watched);
             if watched {
                 let v = self.bump();
                 if let Some(e) = self.entries.get_mut(&k) {
@@ -488,7 +502,10 @@ impl StatusBoard {
         }
         let per_ns = &mut self.per_ns;
         self.entries.retain(|k, e| {
-            let keep = (e.current.version > 0 && !e.mirror) || e.tx.receiver_count() > 0;
+            if !e.watched() {
+                e.tx = None;
+            }
+            let keep = (e.current.version > 0 && !e.mirror) || e.watched();
             if !keep {
                 Self::uncount(per_ns, &k.0);
             }
@@ -632,6 +649,38 @@ mod tests {
         // The next change is a clone of this snapshot: its frame is its own.
         let next = b.set_fields("ns", "a", &set("k", "w"), now).unwrap();
         assert_ne!(next.wire(false).unwrap(), snap.wire(false).unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unwatched_status_has_no_channel_and_a_later_watch_starts_from_the_last_published_value(
+    ) {
+        let mut b = StatusBoard::new(Duration::from_secs(60), MIN_PUBLISH_INTERVAL);
+        let t0 = Instant::now();
+        b.set_presence("ns", "a", true, t0);
+        let t1 = t0 + MIN_PUBLISH_INTERVAL;
+        b.set_fields("ns", "a", &set("n", "1"), t1).unwrap();
+        // Held back by the interval: current, not yet published.
+        b.set_fields("ns", "a", &set("n", "2"), t1).unwrap();
+        let key = (Arc::from("ns"), Arc::from("a"));
+        assert!(b.entries[&key].tx.is_none(), "nobody watches: no channel");
+        let mut rx = b.subscribe("ns", "a");
+        let first = rx.borrow_and_update().clone();
+        assert_eq!(
+            first.fields["n"], "1",
+            "the published value, not the held one"
+        );
+        assert!(first.online);
+        b.flush(t1 + MIN_PUBLISH_INTERVAL);
+        let next = rx.borrow_and_update().clone();
+        assert_eq!(next.fields["n"], "2");
+        assert_eq!(next.prev_version, first.version);
+        // Once the watcher is gone, a sweep drops the channel; the status stays.
+        drop(rx);
+        for i in 1..=64 {
+            b.sweep(t1 + MIN_PUBLISH_INTERVAL + Duration::from_millis(i));
+        }
+        assert!(b.entries[&key].tx.is_none());
+        assert_eq!(b.get("ns", "a").fields["n"], "2");
     }
 
     #[tokio::test(start_paused = true)]
