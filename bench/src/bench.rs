@@ -1187,9 +1187,15 @@ async fn spawn_self<T>(
 ) -> Result<(Child, T, u32)> {
     use tokio::io::AsyncBufReadExt;
     let exe = std::env::current_exe()?;
-    // `SWB_BENCH_WRAP="heaptrack -o /tmp/relay"` runs the child under a
-    // profiler (words split on whitespace; the child's own line comes last).
-    let wrap = std::env::var("SWB_BENCH_WRAP").unwrap_or_default();
+    // `SWB_BENCH_WRAP="heaptrack -o /tmp/relay"` runs the relay child
+    // (`relay-process`) under a profiler (words split on whitespace; the
+    // child's own line comes last). Only the relay: a baseline under the
+    // same profiler would overwrite its output. Memory figures read the
+    // wrapper's process then and mean nothing.
+    let wrap = match args.first() {
+        Some(&"relay-process") => std::env::var("SWB_BENCH_WRAP").unwrap_or_default(),
+        _ => String::new(),
+    };
     let mut words = wrap.split_whitespace();
     let mut cmd = match words.next() {
         Some(w) => {
