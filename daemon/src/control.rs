@@ -101,6 +101,14 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         framed: bool,
     },
+    /// Switch this connection to the compact encoding
+    /// ([`crate::compact`]): answered with `{"reply":"compact","version":1}`
+    /// after the answers to everything asked before it; from then on both
+    /// directions carry compact frames.
+    Compact {
+        /// The compact version the client speaks (this daemon: 1).
+        version: u32,
+    },
     /// One round trip to peer `to` through the relays, answered by its
     /// daemon. Consecutive pings to the same peer on one connection share
     /// a ping stream.
@@ -249,6 +257,12 @@ pub enum Reply {
         rtt_us: u64,
         /// Relay ids on the way, in order.
         via: Vec<String>,
+    },
+    /// Answer to `compact`: the connection carries compact frames from the
+    /// next byte on.
+    Compact {
+        /// The compact version in use.
+        version: u32,
     },
     /// Answer to `ack`.
     Acked {
@@ -573,6 +587,127 @@ impl Client {
                 line: self.line,
             },
         )
+    }
+}
+
+impl Client {
+    /// Switches the connection to the compact encoding ([`crate::compact`]:
+    /// binary frames, raw bodies and ids, no JSON or base64 for `send`,
+    /// `recv` and `ack`) and splits it for pipelining, like
+    /// [`Client::pipeline`]: read while you write. A daemon that predates
+    /// the compact encoding refuses with `bad_request`.
+    pub async fn compact(mut self) -> Result<(CompactRequests, CompactReplies), ControlError> {
+        let req = Request::Compact {
+            version: crate::compact::VERSION,
+        };
+        match self.call(&req).await? {
+            Reply::Compact { version } if version == crate::compact::VERSION => {}
+            other => return Err(ControlError::Protocol(format!("{other:?}"))),
+        }
+        Ok((
+            CompactRequests {
+                wr: tokio::io::BufWriter::with_capacity(64 * 1024, self.wr),
+                buf: Vec::new(),
+            },
+            CompactReplies { rd: self.rd },
+        ))
+    }
+}
+
+/// The writing half of a compact control connection ([`Client::compact`]).
+/// Requests are buffered; [`CompactRequests::flush`] hands them to the
+/// daemon.
+#[derive(Debug)]
+pub struct CompactRequests {
+    wr: tokio::io::BufWriter<tokio::net::unix::OwnedWriteHalf>,
+    buf: Vec<u8>,
+}
+
+impl CompactRequests {
+    async fn write(&mut self) -> Result<(), ControlError> {
+        self.wr.write_all(&self.buf).await?;
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Queues a send of `body` to `to`; its answer is
+    /// [`crate::compact::Answer::Sent`].
+    pub async fn send(
+        &mut self,
+        to: &str,
+        body: &[u8],
+        timeout: Duration,
+    ) -> Result<(), ControlError> {
+        crate::compact::put_send(&mut self.buf, to, body, timeout)
+            .map_err(|e| ControlError::Protocol(e.0))?;
+        self.write().await
+    }
+
+    /// Queues a `recv` of up to `max` messages, waiting up to `wait` for the
+    /// first; its answer is [`crate::compact::Answer::Messages`].
+    pub async fn recv(&mut self, wait: Duration, max: usize) -> Result<(), ControlError> {
+        crate::compact::put_recv(&mut self.buf, wait, max);
+        self.write().await
+    }
+
+    /// Queues an acknowledgement of messages a `recv` on this connection
+    /// returned; its answer is [`crate::compact::Answer::Acked`].
+    pub async fn ack(&mut self, ids: &[swb_wire::MessageId]) -> Result<(), ControlError> {
+        crate::compact::put_ack(&mut self.buf, ids);
+        self.write().await
+    }
+
+    /// Queues any other request (`status`, `set_status`, `watch`, …) as a
+    /// JSON frame; its answer is [`crate::compact::Answer::Reply`].
+    pub async fn push(&mut self, req: &Request) -> Result<(), ControlError> {
+        crate::compact::put_json(&mut self.buf, req);
+        self.write().await
+    }
+
+    /// Writes everything queued to the daemon.
+    pub async fn flush(&mut self) -> Result<(), ControlError> {
+        self.wr.flush().await?;
+        Ok(())
+    }
+}
+
+/// The reading half of a compact control connection ([`Client::compact`]).
+#[derive(Debug)]
+pub struct CompactReplies {
+    rd: BufReader<tokio::net::unix::OwnedReadHalf>,
+}
+
+impl CompactReplies {
+    /// The next answer, in request order. `Err(ControlError::Remote)` is the
+    /// refusal of one request; the connection stays usable.
+    pub async fn next(&mut self) -> Result<crate::compact::Answer, ControlError> {
+        use crate::compact::{Answer, HEADER, MAX_REPLY_FRAME};
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; HEADER];
+        if let Err(e) = self.rd.read_exact(&mut head).await {
+            return Err(match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    ControlError::Protocol("the daemon closed the connection (did it stop?)".into())
+                }
+                _ => e.into(),
+            });
+        }
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        if len > MAX_REPLY_FRAME {
+            return Err(ControlError::Protocol(format!(
+                "a reply frame of {len} bytes (the limit is {MAX_REPLY_FRAME})"
+            )));
+        }
+        let mut payload = bytes::BytesMut::zeroed(len);
+        self.rd.read_exact(&mut payload).await?;
+        match crate::compact::answer(head[0], payload.freeze()) {
+            Ok(Answer::Reply(r)) => match *r {
+                Reply::Error { code, message } => Err(ControlError::Remote { code, message }),
+                r => Ok(Answer::Reply(Box::new(r))),
+            },
+            Ok(a) => Ok(a),
+            Err(e) => Err(ControlError::Protocol(e.0)),
+        }
     }
 }
 

@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod api;
 pub mod carrier;
+pub mod compact;
 mod conn;
 pub mod control;
 mod dial;

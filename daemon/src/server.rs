@@ -2,6 +2,7 @@
 
 use crate::api;
 use crate::api::{Accepted, ApiError, Leased, PendingSend, MAX_WAIT};
+use crate::compact;
 use crate::control::{
     InMessage, Reply, Request, StatusInfo, MAX_PIPELINED_SENDS, MAX_REQUEST_LINE,
 };
@@ -13,7 +14,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use swb_wire::MessageId;
+use swb_wire::{Deliver, MessageId};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
@@ -123,19 +124,240 @@ pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>, cancel: C
     let _ = std::fs::remove_file(&shared.config.control_path);
 }
 
-/// A request whose reply is not written yet: replies go out in request order.
+/// How a control connection's requests and answers are encoded: JSON lines
+/// (the default), or compact frames once the client asked for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Codec {
+    Json,
+    Compact,
+}
+
+/// An answer before it is encoded: on a compact connection the answers to
+/// `send`, `recv` and `ack` are binary frames, everything else is JSON.
+#[derive(Debug)]
+enum Out {
+    Reply(Box<Reply>),
+    Sent(Accepted),
+    Messages(Vec<Deliver>),
+    Acked(usize),
+}
+
+impl Codec {
+    /// Appends `o`, encoded.
+    fn push(self, out: &mut Vec<u8>, o: &Out) {
+        if self == Codec::Compact {
+            match o {
+                Out::Reply(r) => compact::put_json(out, r),
+                Out::Sent(a) => compact::put_sent(out, a),
+                Out::Messages(m) => compact::put_messages(out, m),
+                Out::Acked(n) => compact::put_acked(out, *n),
+            }
+            return;
+        }
+        let owned;
+        let r: &Reply = match o {
+            Out::Reply(r) => r,
+            Out::Sent(a) => {
+                owned = Reply::Sent {
+                    id: a.id.to_string(),
+                    online: a.online,
+                };
+                &owned
+            }
+            Out::Messages(m) => {
+                owned = Reply::Messages {
+                    messages: m
+                        .iter()
+                        .map(|d| InMessage {
+                            id: d.id.to_string(),
+                            from: d.from.clone(),
+                            body_b64: base64::engine::general_purpose::STANDARD.encode(&d.body),
+                            sent_at_ms: d.sent_at_ms,
+                        })
+                        .collect(),
+                };
+                &owned
+            }
+            Out::Acked(n) => {
+                owned = Reply::Acked { acked: *n };
+                &owned
+            }
+        };
+        if serde_json::to_writer(&mut *out, r).is_ok() {
+            out.push(b'\n');
+        }
+    }
+
+    /// Whether the next request is wholly read: `line` holds what was read
+    /// of it so far, `buffered` what the socket reader holds after that.
+    fn whole(self, line: &[u8], buffered: &[u8]) -> bool {
+        match self {
+            Codec::Json => buffered.contains(&b'\n'),
+            Codec::Compact => compact::header(line, buffered)
+                .is_some_and(|(_, len)| line.len() + buffered.len() >= compact::HEADER + len),
+        }
+    }
+}
+
+/// How reading the next request went.
+enum Read {
+    /// The client finished writing, between requests.
+    End,
+    /// A whole request is in the line buffer.
+    Request,
+    /// The request is larger than [`MAX_REQUEST_LINE`].
+    TooLarge,
+    /// The connection ended inside a compact frame.
+    Truncated,
+    /// The socket failed.
+    Failed,
+}
+
+/// Reads the next request into `line`. Cancel-safe: what was read stays in
+/// `line`, and the next call goes on from there.
+async fn read_request(
+    codec: Codec,
+    rd: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    line: &mut Vec<u8>,
+) -> Read {
+    if codec == Codec::Json {
+        let room = (MAX_REQUEST_LINE + 1).saturating_sub(line.len()) as u64;
+        let mut limited = (&mut *rd).take(room);
+        return match limited.read_until(b'\n', line).await {
+            Err(_) => Read::Failed,
+            Ok(0) if line.is_empty() => Read::End,
+            Ok(_) if line.len() > MAX_REQUEST_LINE => Read::TooLarge,
+            // Also end of input inside a line: taken as the last request.
+            Ok(_) => Read::Request,
+        };
+    }
+    loop {
+        // The length is checked before the payload is read.
+        let want = match compact::header(line, &[]) {
+            Some((_, len)) if len > MAX_REQUEST_LINE => return Read::TooLarge,
+            Some((_, len)) if line.len() == compact::HEADER + len => return Read::Request,
+            Some((_, len)) => compact::HEADER + len,
+            None => compact::HEADER,
+        };
+        let avail = match rd.fill_buf().await {
+            Ok(a) => a,
+            Err(_) => return Read::Failed,
+        };
+        if avail.is_empty() {
+            return if line.is_empty() {
+                Read::End
+            } else {
+                Read::Truncated
+            };
+        }
+        let k = (want - line.len()).min(avail.len());
+        line.extend_from_slice(&avail[..k]);
+        rd.consume(k);
+    }
+}
+
+/// A request, decoded from either encoding.
+enum Op {
+    Send {
+        to: String,
+        body: Bytes,
+        timeout: Duration,
+    },
+    Recv {
+        wait: Duration,
+        max: usize,
+    },
+    Ack(Vec<MessageId>),
+    Compact(u32),
+    /// Everything else, the same in both encodings.
+    Other(Request),
+}
+
+/// Decodes one request read whole into `line`.
+fn parse(codec: Codec, line: &[u8]) -> Result<Op, Box<Reply>> {
+    let req = match codec {
+        Codec::Json => serde_json::from_slice::<Request>(line)
+            .map_err(|e| Box::new(err("bad_request", format!("cannot parse request: {e}"))))?,
+        Codec::Compact => {
+            let (kind, _) = compact::header(line, &[]).unwrap_or_default();
+            let payload = line.get(compact::HEADER..).unwrap_or_default();
+            match compact::request(kind, payload).map_err(|e| Box::new(err("bad_request", e.0)))? {
+                compact::CompactRequest::Send { to, body, timeout } => {
+                    return Ok(Op::Send { to, body, timeout })
+                }
+                compact::CompactRequest::Recv { wait, max } => return Ok(Op::Recv { wait, max }),
+                compact::CompactRequest::Ack(ids) => return Ok(Op::Ack(ids)),
+                compact::CompactRequest::Json(
+                    Request::Send { .. } | Request::Recv { .. } | Request::Ack { .. },
+                ) => {
+                    return Err(Box::new(err(
+                        "bad_request",
+                        "on a compact connection send, recv and ack have their own frames (kinds 1, 2 and 3), not JSON",
+                    )))
+                }
+                compact::CompactRequest::Json(Request::Compact { .. }) => {
+                    return Err(Box::new(err(
+                        "bad_request",
+                        "this connection is compact already",
+                    )))
+                }
+                compact::CompactRequest::Json(req) => req,
+            }
+        }
+    };
+    Ok(match req {
+        Request::Send {
+            to,
+            body_b64,
+            timeout_ms,
+        } => {
+            let Ok(body) = base64::engine::general_purpose::STANDARD.decode(body_b64.as_bytes())
+            else {
+                return Err(Box::new(err("bad_request", "body_b64 is not valid base64")));
+            };
+            Op::Send {
+                to,
+                body: Bytes::from(body),
+                timeout: Duration::from_millis(timeout_ms),
+            }
+        }
+        Request::Recv { wait_ms, max } => Op::Recv {
+            wait: Duration::from_millis(wait_ms),
+            max,
+        },
+        Request::Ack { ids } => {
+            let mut parsed = Vec::with_capacity(ids.len());
+            for s in &ids {
+                let Some(id) = MessageId::parse_hex(s) else {
+                    return Err(Box::new(err(
+                        "bad_request",
+                        format!("{s:?} is not a message id"),
+                    )));
+                };
+                parsed.push(id);
+            }
+            Op::Ack(parsed)
+        }
+        Request::Compact { version } => Op::Compact(version),
+        req => Op::Other(req),
+    })
+}
+
+/// A request whose answer is not written yet: answers go out in request
+/// order.
 enum Queued {
     Ready(Box<Reply>),
     Send(PendingSend),
 }
 
-fn sent_reply(r: Result<Accepted, ApiError>) -> Reply {
+fn reply_out(r: Reply) -> Out {
+    Out::Reply(Box::new(r))
+}
+
+fn sent_out(r: Result<Accepted, ApiError>) -> Out {
     match r {
-        Ok(a) => Reply::Sent {
-            id: a.id.to_string(),
-            online: a.online,
-        },
-        Err(e) => e.into(),
+        Ok(a) => Out::Sent(a),
+        Err(e) => reply_out(e.into()),
     }
 }
 
@@ -149,18 +371,18 @@ impl From<ApiError> for Reply {
 }
 
 impl Queued {
-    /// The reply if it is known without waiting.
-    fn try_ready(&mut self) -> Option<Reply> {
+    /// The answer if it is known without waiting.
+    fn try_ready(&mut self) -> Option<Out> {
         match self {
-            Queued::Ready(r) => Some((**r).clone()),
-            Queued::Send(p) => p.try_answer().map(sent_reply),
+            Queued::Ready(r) => Some(Out::Reply(r.clone())),
+            Queued::Send(p) => p.try_answer().map(sent_out),
         }
     }
 
-    async fn wait(&mut self) -> Reply {
+    async fn wait(&mut self) -> Out {
         match self {
-            Queued::Ready(r) => (**r).clone(),
-            Queued::Send(p) => sent_reply(p.answer().await),
+            Queued::Ready(r) => Out::Reply(r.clone()),
+            Queued::Send(p) => sent_out(p.answer().await),
         }
     }
 }
@@ -175,6 +397,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
     let mut leased = Leased::default();
     // The ping stream of this connection's last `ping`, for the next one.
     let mut pinger: Option<crate::Pinger> = None;
+    let mut codec = Codec::Json;
     let mut line = Vec::new();
     let mut queue: VecDeque<Queued> = VecDeque::new();
     let mut out: Vec<u8> = Vec::new();
@@ -182,22 +405,20 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
         // Answers that are known go out before we wait for anything.
         while let Some(r) = queue.front_mut().and_then(Queued::try_ready) {
             queue.pop_front();
-            push_reply(&mut out, &r);
+            codec.push(&mut out, &r);
         }
         // Answers wait in `out` only while a whole request is already
         // buffered: never block on the socket with answers unsent (a client
-        // that waits for them before writing the rest of a line would
+        // that waits for them before writing the rest of a request would
         // otherwise wait forever).
-        let whole_line = rd.buffer().contains(&b'\n');
-        if !out.is_empty() && (!whole_line || queue.len() >= MAX_PIPELINED_SENDS) {
+        let whole = codec.whole(&line, rd.buffer());
+        if !out.is_empty() && (!whole || queue.len() >= MAX_PIPELINED_SENDS) {
             if w.write_all(&out).await.is_err() {
                 break;
             }
             out.clear();
         }
-        let room = (MAX_REQUEST_LINE + 1).saturating_sub(line.len()) as u64;
-        let mut limited = (&mut rd).take(room);
-        let n = tokio::select! {
+        let read = tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
             r = async {
@@ -207,63 +428,54 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                 }
             }, if !queue.is_empty() => {
                 queue.pop_front();
-                push_reply(&mut out, &r);
+                codec.push(&mut out, &r);
                 continue;
             }
-            n = limited.read_until(b'\n', &mut line), if queue.len() < MAX_PIPELINED_SENDS => n,
+            r = read_request(codec, &mut rd, &mut line), if queue.len() < MAX_PIPELINED_SENDS => r,
         };
-        match n {
-            Ok(0) if line.is_empty() => {
-                // The client finished writing: answer what it asked, then end.
-                if drain(&mut queue, &mut out, &cancel).await {
-                    let _ = w.write_all(&out).await;
-                }
-                break;
-            }
-            Err(_) => break,
-            Ok(_) if line.len() <= MAX_REQUEST_LINE && line.last() != Some(&b'\n') => {
-                // End of input inside a line: take it as the last request.
-            }
-            Ok(_) => {}
-        }
-        if line.len() > MAX_REQUEST_LINE {
-            let r = err(
+        let last = match read {
+            Read::Request => None,
+            Read::Failed => break,
+            Read::End => Some(None),
+            Read::TooLarge => Some(Some(err(
                 "request_too_large",
                 format!("request exceeds {MAX_REQUEST_LINE} bytes"),
-            );
-            queue.push_back(Queued::Ready(Box::new(r)));
-            if drain(&mut queue, &mut out, &cancel).await {
+            ))),
+            Read::Truncated => Some(Some(err(
+                "bad_request",
+                "the connection ended inside a compact frame",
+            ))),
+        };
+        if let Some(refusal) = last {
+            // The client finished writing (or broke the framing): answer
+            // what it asked, then end.
+            if let Some(r) = refusal {
+                queue.push_back(Queued::Ready(Box::new(r)));
+            }
+            if drain(&mut queue, &mut out, codec, &cancel).await {
                 let _ = w.write_all(&out).await;
             }
             break;
         }
-        let req = serde_json::from_slice::<Request>(&line);
+        let op = parse(codec, &line);
         line.clear();
-        let req = match req {
-            Err(e) => {
-                queue.push_back(Queued::Ready(Box::new(err(
-                    "bad_request",
-                    format!("cannot parse request: {e}"),
-                ))));
+        let op = match op {
+            Err(r) => {
+                queue.push_back(Queued::Ready(r));
                 continue;
             }
-            Ok(Request::Send {
-                to,
-                body_b64,
-                timeout_ms,
-            }) => {
-                let timeout = Duration::from_millis(timeout_ms).min(MAX_WAIT);
+            Ok(Op::Send { to, body, timeout }) => {
                 let q = tokio::select! {
                     _ = cancel.cancelled() => break,
-                    q = start_send(&shared, to, body_b64, timeout) => q,
+                    q = start_send(&shared, to, body, timeout.min(MAX_WAIT)) => q,
                 };
                 queue.push_back(q);
                 continue;
             }
-            Ok(req) => req,
+            Ok(op) => op,
         };
         // Every other request answers after the sends before it.
-        if !drain(&mut queue, &mut out, &cancel).await {
+        if !drain(&mut queue, &mut out, codec, &cancel).await {
             break;
         }
         // It may wait (a long poll): what is answered goes out first.
@@ -273,22 +485,34 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
             }
             out.clear();
         }
-        match req {
-            Request::Connect {
+        match op {
+            Op::Compact(version) => {
+                if version == 0 {
+                    let r = err("bad_request", "compact versions start at 1");
+                    codec.push(&mut out, &reply_out(r));
+                } else {
+                    // The highest version both sides speak; the answer is
+                    // the last JSON line of this connection.
+                    let version = version.min(compact::VERSION);
+                    codec.push(&mut out, &reply_out(Reply::Compact { version }));
+                    codec = Codec::Compact;
+                }
+            }
+            Op::Other(Request::Connect {
                 to,
                 port,
                 timeout_ms,
                 framed,
-            } => {
+            }) => {
                 let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
                 match crate::streams::open(&shared, &to, port, wait).await {
-                    Err(e) => push_reply(&mut out, &err(&e.code, e.message)),
+                    Err(e) => codec.push(&mut out, &reply_out(err(&e.code, e.message))),
                     Ok((send, recv)) => {
                         let ok = Reply::Connected {
                             to: to.clone(),
                             port,
                         };
-                        push_reply(&mut out, &ok);
+                        codec.push(&mut out, &reply_out(ok));
                         if w.write_all(&out).await.is_err() {
                             break 'conn;
                         }
@@ -313,32 +537,32 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                     }
                 }
             }
-            Request::Watch { names, timeout_ms } => {
+            Op::Other(Request::Watch { names, timeout_ms }) => {
                 let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
                 match crate::status::StatusWatcher::open(&shared, names, wait).await {
-                    Err(e) => push_reply(&mut out, &err(&e.code, e.message)),
+                    Err(e) => codec.push(&mut out, &reply_out(err(&e.code, e.message))),
                     Ok(watcher) => {
-                        push_reply(&mut out, &Reply::Watching {});
+                        codec.push(&mut out, &reply_out(Reply::Watching {}));
                         if w.write_all(&out).await.is_err() {
                             break 'conn;
                         }
-                        watch_forward(rd, w, watcher).await;
+                        watch_forward(rd, w, watcher, codec).await;
                         leased.give_back(&shared);
                         return;
                     }
                 }
             }
-            Request::Ping { to, timeout_ms } => {
+            Op::Other(Request::Ping { to, timeout_ms }) => {
                 let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
                 let r = tokio::select! {
                     _ = cancel.cancelled() => break 'conn,
                     r = ping(&shared, &mut pinger, &to, wait) => r,
                 };
-                push_reply(&mut out, &r);
+                codec.push(&mut out, &reply_out(r));
             }
-            req => {
-                let r = answer(&shared, req, &mut leased, &cancel).await;
-                push_reply(&mut out, &r);
+            op => {
+                let r = answer(&shared, op, &mut leased, &cancel).await;
+                codec.push(&mut out, &r);
             }
         }
     }
@@ -385,6 +609,7 @@ async fn ping(
 async fn drain(
     queue: &mut VecDeque<Queued>,
     out: &mut Vec<u8>,
+    codec: Codec,
     cancel: &CancellationToken,
 ) -> bool {
     while let Some(q) = queue.front_mut() {
@@ -393,15 +618,9 @@ async fn drain(
             r = q.wait() => r,
         };
         queue.pop_front();
-        push_reply(out, &r);
+        codec.push(out, &r);
     }
     true
-}
-
-fn push_reply(out: &mut Vec<u8>, r: &Reply) {
-    if serde_json::to_writer(&mut *out, r).is_ok() {
-        out.push(b'\n');
-    }
 }
 
 /// Copies status updates to the CLI until the relay ends the watch or the
@@ -410,19 +629,19 @@ async fn watch_forward(
     mut rd: BufReader<tokio::net::unix::OwnedReadHalf>,
     mut w: tokio::net::unix::OwnedWriteHalf,
     mut watcher: crate::status::StatusWatcher,
+    codec: Codec,
 ) {
     let mut probe = [0u8; 64];
+    let mut out = Vec::new();
     loop {
-        tokio::select! {
+        let r = tokio::select! {
             f = watcher.next() => match f {
-                Ok(Some(v)) => {
-                    if write_reply(&mut w, &Reply::Update(v)).await.is_err() {
-                        break;
-                    }
-                }
+                Ok(Some(v)) => Reply::Update(v),
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = write_reply(&mut w, &err(&e.code, e.message)).await;
+                    out.clear();
+                    codec.push(&mut out, &reply_out(err(&e.code, e.message)));
+                    let _ = w.write_all(&out).await;
                     break;
                 }
             },
@@ -430,56 +649,48 @@ async fn watch_forward(
                 if !matches!(r, Ok(n) if n > 0) {
                     break;
                 }
+                continue;
             }
+        };
+        out.clear();
+        codec.push(&mut out, &reply_out(r));
+        if w.write_all(&out).await.is_err() {
+            break;
         }
     }
     drop(watcher);
 }
 
-async fn write_reply(w: &mut tokio::net::unix::OwnedWriteHalf, r: &Reply) -> std::io::Result<()> {
-    let mut out = serde_json::to_vec(r).map_err(std::io::Error::other)?;
-    out.push(b'\n');
-    w.write_all(&out).await
-}
-
 async fn answer(
     shared: &Arc<Shared>,
-    req: Request,
+    op: Op,
     leased: &mut Leased,
     cancel: &CancellationToken,
-) -> Reply {
-    match req {
-        Request::Status => Reply::Status(status(shared)),
-        Request::Send {
-            to,
-            body_b64,
-            timeout_ms,
-        } => {
-            let timeout = Duration::from_millis(timeout_ms).min(MAX_WAIT);
-            start_send(shared, to, body_b64, timeout).await.wait().await
-        }
-        Request::Recv { wait_ms, max } => {
-            match leased
-                .take(shared, max, Duration::from_millis(wait_ms), cancel)
+) -> Out {
+    let req = match op {
+        Op::Send { to, body, timeout } => {
+            return start_send(shared, to, body, timeout.min(MAX_WAIT))
                 .await
-            {
-                Ok(got) => Reply::Messages {
-                    messages: got
-                        .iter()
-                        .map(|d| InMessage {
-                            id: d.id.to_string(),
-                            from: d.from.clone(),
-                            body_b64: base64::engine::general_purpose::STANDARD.encode(&d.body),
-                            sent_at_ms: d.sent_at_ms,
-                        })
-                        .collect(),
-                },
-                Err(e) => e.into(),
+                .wait()
+                .await
+        }
+        Op::Recv { wait, max } => {
+            return match leased.take(shared, max, wait, cancel).await {
+                Ok(got) => Out::Messages(got.to_vec()),
+                Err(e) => reply_out(e.into()),
             }
         }
-        Request::Connect { .. } | Request::Watch { .. } | Request::Ping { .. } => {
-            err("bad_request", "handled by the connection loop")
+        Op::Ack(ids) => {
+            return match leased.ack(shared, &ids).await {
+                Ok(acked) => Out::Acked(acked),
+                Err(e) => reply_out(e.into()),
+            }
         }
+        Op::Compact(_) => return reply_out(err("bad_request", "handled by the connection loop")),
+        Op::Other(req) => req,
+    };
+    reply_out(match req {
+        Request::Status => Reply::Status(status(shared)),
         Request::SetStatus {
             set,
             clear,
@@ -494,7 +705,7 @@ async fn answer(
         Request::GetStatus { names, timeout_ms } => {
             let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
             if names.is_empty() {
-                return err("bad_request", "name at least one peer");
+                return reply_out(err("bad_request", "name at least one peer"));
             }
             match crate::status::get(shared, names, wait).await {
                 Ok(statuses) => Reply::Statuses { statuses },
@@ -511,33 +722,19 @@ async fn answer(
                 Err(e) => err(&e.code, e.message),
             }
         }
-        Request::Ack { ids } => {
-            let mut parsed = Vec::with_capacity(ids.len());
-            for s in &ids {
-                let Some(id) = MessageId::parse_hex(s) else {
-                    return err("bad_request", format!("{s:?} is not a message id"));
-                };
-                parsed.push(id);
-            }
-            match leased.ack(shared, &parsed).await {
-                Ok(acked) => Reply::Acked { acked },
-                Err(e) => e.into(),
-            }
-        }
-    }
+        Request::Send { .. }
+        | Request::Recv { .. }
+        | Request::Ack { .. }
+        | Request::Compact { .. }
+        | Request::Connect { .. }
+        | Request::Watch { .. }
+        | Request::Ping { .. } => err("bad_request", "handled by the connection loop"),
+    })
 }
 
-/// Decodes a `send` request and hands it to the connection actor.
-async fn start_send(
-    shared: &Arc<Shared>,
-    to: String,
-    body_b64: String,
-    timeout: Duration,
-) -> Queued {
-    let Ok(body) = base64::engine::general_purpose::STANDARD.decode(body_b64.as_bytes()) else {
-        return Queued::Ready(Box::new(err("bad_request", "body_b64 is not valid base64")));
-    };
-    match api::submit(shared, &to, Bytes::from(body), timeout).await {
+/// Hands a send to the connection actor.
+async fn start_send(shared: &Arc<Shared>, to: String, body: Bytes, timeout: Duration) -> Queued {
+    match api::submit(shared, &to, body, timeout).await {
         Ok(p) => Queued::Send(p),
         Err(e) => Queued::Ready(Box::new(e.into())),
     }
