@@ -59,7 +59,7 @@ pub const MAX_REPLY_FRAME: usize =
 
 /// A request read from a compact frame.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum CompactRequest {
+pub enum CompactRequest {
     /// Any JSON request (checked by the caller).
     Json(crate::control::Request),
     /// A send.
@@ -93,7 +93,7 @@ fn bad(s: impl Into<String>) -> BadFrame {
 
 /// The header of the frame starting at the front of `first ++ second`, if
 /// all five bytes are there: (kind, payload length).
-pub(crate) fn header(first: &[u8], second: &[u8]) -> Option<(u8, usize)> {
+pub fn header(first: &[u8], second: &[u8]) -> Option<(u8, usize)> {
     let mut h = [0u8; HEADER];
     let mut n = 0;
     for b in first.iter().chain(second).take(HEADER) {
@@ -122,7 +122,7 @@ fn ms(d: Duration) -> u32 {
 }
 
 /// Appends a `send` request frame.
-pub(crate) fn put_send(
+pub fn put_send(
     out: &mut Vec<u8>,
     to: &str,
     body: &[u8],
@@ -140,7 +140,7 @@ pub(crate) fn put_send(
 }
 
 /// Appends a `recv` request frame.
-pub(crate) fn put_recv(out: &mut Vec<u8>, wait: Duration, max: usize) {
+pub fn put_recv(out: &mut Vec<u8>, wait: Duration, max: usize) {
     let at = open(out, KIND_RECV);
     out.put_u32(ms(wait));
     out.put_u32(max.min(u32::MAX as usize) as u32);
@@ -148,7 +148,7 @@ pub(crate) fn put_recv(out: &mut Vec<u8>, wait: Duration, max: usize) {
 }
 
 /// Appends an `ack` request frame.
-pub(crate) fn put_ack(out: &mut Vec<u8>, ids: &[MessageId]) {
+pub fn put_ack(out: &mut Vec<u8>, ids: &[MessageId]) {
     let at = open(out, KIND_ACK);
     for id in ids {
         out.extend_from_slice(&id.0);
@@ -157,7 +157,7 @@ pub(crate) fn put_ack(out: &mut Vec<u8>, ids: &[MessageId]) {
 }
 
 /// Appends a JSON frame (a request or a reply).
-pub(crate) fn put_json(out: &mut Vec<u8>, v: &impl serde::Serialize) {
+pub fn put_json(out: &mut Vec<u8>, v: &impl serde::Serialize) {
     let at = open(out, KIND_JSON);
     if serde_json::to_writer(&mut *out, v).is_err() {
         // Our own types always serialize; never leave half a frame.
@@ -168,7 +168,7 @@ pub(crate) fn put_json(out: &mut Vec<u8>, v: &impl serde::Serialize) {
 }
 
 /// Appends a `sent` reply frame.
-pub(crate) fn put_sent(out: &mut Vec<u8>, a: &Accepted) {
+pub fn put_sent(out: &mut Vec<u8>, a: &Accepted) {
     let at = open(out, KIND_SEND);
     out.extend_from_slice(&a.id.0);
     out.put_u8(u8::from(a.online));
@@ -176,7 +176,7 @@ pub(crate) fn put_sent(out: &mut Vec<u8>, a: &Accepted) {
 }
 
 /// Appends a `messages` reply frame.
-pub(crate) fn put_messages(out: &mut Vec<u8>, msgs: &[Deliver]) {
+pub fn put_messages(out: &mut Vec<u8>, msgs: &[Deliver]) {
     let at = open(out, KIND_RECV);
     for m in msgs {
         out.extend_from_slice(&m.id.0);
@@ -192,7 +192,7 @@ pub(crate) fn put_messages(out: &mut Vec<u8>, msgs: &[Deliver]) {
 }
 
 /// Appends an `acked` reply frame.
-pub(crate) fn put_acked(out: &mut Vec<u8>, n: usize) {
+pub fn put_acked(out: &mut Vec<u8>, n: usize) {
     let at = open(out, KIND_ACK);
     out.put_u32(n.min(u32::MAX as usize) as u32);
     close(out, at);
@@ -225,7 +225,7 @@ fn ids(mut p: &[u8], what: &str) -> Result<Vec<MessageId>, BadFrame> {
 }
 
 /// Reads one request frame (`kind`, `payload`).
-pub(crate) fn request(kind: u8, mut p: &[u8]) -> Result<CompactRequest, BadFrame> {
+pub fn request(kind: u8, mut p: &[u8]) -> Result<CompactRequest, BadFrame> {
     match kind {
         KIND_JSON => serde_json::from_slice(p)
             .map(CompactRequest::Json)
@@ -278,7 +278,7 @@ pub enum Answer {
 }
 
 /// Reads one reply frame; `payload` is the whole frame's payload.
-pub(crate) fn answer(kind: u8, payload: Bytes) -> Result<Answer, BadFrame> {
+pub fn answer(kind: u8, payload: Bytes) -> Result<Answer, BadFrame> {
     let mut p = &payload[..];
     match kind {
         KIND_JSON => serde_json::from_slice(p)
