@@ -26,6 +26,7 @@
 //! # Ok(()) }
 //! ```
 
+use crate::inbox::Identity;
 use crate::session::{Cmd, SendResult};
 use crate::{ConnState, Shared};
 use bytes::Bytes;
@@ -363,20 +364,16 @@ impl Leased {
         shared: &Shared,
         ids: &[MessageId],
     ) -> Result<usize, ApiError> {
-        let wanted: HashSet<&MessageId> = ids.iter().collect();
-        let mut acked = Vec::with_capacity(wanted.len());
-        self.0.retain(|d| {
-            if wanted.contains(&d.id) {
-                acked.push((d.from.clone(), d.id));
-                false
-            } else {
-                true
-            }
-        });
+        let wanted: HashSet<&MessageId, ahash::RandomState> = ids.iter().collect();
+        let acked: Vec<Identity> = self
+            .0
+            .extract_if(.., |d| wanted.contains(&d.id))
+            .map(Identity::of)
+            .collect();
         let n = acked.len();
         if n > 0 {
-            shared.inbox().acked(&acked);
-            let ids = acked.into_iter().map(|(_, id)| id).collect();
+            let ids = acked.iter().map(|i| i.id).collect();
+            shared.inbox().acked(acked);
             if shared.cmd_tx.send(Cmd::Ack(ids)).await.is_err() {
                 return Err(ApiError::new(
                     "stopped",

@@ -5,14 +5,43 @@
 //! two messages.
 
 use std::collections::{HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
 use swb_wire::{Deliver, MessageId};
 
-/// A message's identity: its sender and the id the sender gave it.
-pub(crate) type Identity = (String, MessageId);
+/// A message's identity: the id its sender gave it, and the sender. Equal
+/// when both are (the id compared first); hashed by the id alone, which is
+/// 16 random bytes, with a per-process random key — no sender can aim at
+/// one bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Identity {
+    pub(crate) id: MessageId,
+    pub(crate) from: String,
+}
+
+impl Hash for Identity {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        self.id.hash(h);
+    }
+}
+
+impl Identity {
+    /// The identity of a message given up (no copy of its sender's name).
+    pub(crate) fn of(d: Deliver) -> Self {
+        Self {
+            id: d.id,
+            from: d.from,
+        }
+    }
+}
 
 fn identity(d: &Deliver) -> Identity {
-    (d.from.clone(), d.id)
+    Identity {
+        id: d.id,
+        from: d.from.clone(),
+    }
 }
+
+type Set = HashSet<Identity, ahash::RandomState>;
 
 /// How many acknowledged ids are remembered to recognise a late redelivery.
 const ACKED_MEMORY: usize = 16 * 1024;
@@ -32,8 +61,8 @@ pub(crate) enum Pushed {
 pub(crate) struct Inbox {
     queue: VecDeque<Deliver>,
     /// Queued or leased to a control connection.
-    known: HashSet<Identity>,
-    acked: HashSet<Identity>,
+    known: Set,
+    acked: Set,
     acked_order: VecDeque<Identity>,
 }
 
@@ -64,11 +93,11 @@ impl Inbox {
     }
 
     /// Marks messages acknowledged.
-    pub(crate) fn acked(&mut self, msgs: &[Identity]) {
+    pub(crate) fn acked(&mut self, msgs: impl IntoIterator<Item = Identity>) {
         for who in msgs {
-            self.known.remove(who);
+            self.known.remove(&who);
             if self.acked.insert(who.clone()) {
-                self.acked_order.push_back(who.clone());
+                self.acked_order.push_back(who);
             }
         }
         while self.acked_order.len() > ACKED_MEMORY {
@@ -104,7 +133,7 @@ mod tests {
         assert_eq!(i.push(d(1)), Pushed::Duplicate);
         let taken = i.take(10);
         assert_eq!(i.push(d(1)), Pushed::Duplicate, "leased is still known");
-        i.acked(&[identity(&taken[0])]);
+        i.acked([identity(&taken[0])]);
         assert_eq!(i.push(d(1)), Pushed::Reack);
     }
 
@@ -116,7 +145,7 @@ mod tests {
         assert_eq!(i.push(d(1)), Pushed::New);
         assert_eq!(i.push(other.clone()), Pushed::New);
         assert_eq!(i.len(), 2);
-        i.acked(&[identity(&d(1))]);
+        i.acked([identity(&d(1))]);
         assert_eq!(i.push(other), Pushed::Duplicate, "b's is still held");
     }
 
