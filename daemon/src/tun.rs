@@ -92,7 +92,7 @@ pub(crate) struct TunState {
     policy: Mutex<Policy>,
     /// Peer name → index, as the relay answered, and when (an index moves
     /// when addresses handed out apart are reconciled: [`NAME_TTL`]).
-    known: Mutex<std::collections::HashMap<String, (u32, std::time::Instant)>>,
+    known: Mutex<swb_tunnel::names::TtlMap<String, u32>>,
 }
 
 impl std::fmt::Debug for TunState {
@@ -216,7 +216,7 @@ pub(crate) fn assigned(shared: &Arc<Shared>, a: &TunAssigned, conn: &quinn::Conn
                     at: tokio::sync::watch::Sender::new(*a),
                     pumped: Mutex::new(None),
                     policy: Mutex::new(Policy::new(ports, settings.allow_all)),
-                    known: Mutex::new(std::collections::HashMap::new()),
+                    known: Mutex::new(swb_tunnel::names::TtlMap::new(NAME_TTL, NAME_CACHE)),
                 });
                 info!(interface = %s.interface(), %v4, %v6, offload = s.dev.offload(), "TUN interface up");
                 *shared.tun_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -420,8 +420,7 @@ pub(crate) async fn lookup(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .get(name)
-        .filter(|(_, at)| at.elapsed() < NAME_TTL)
-        .map(|(i, _)| *i);
+        .copied();
     let index = match known {
         Some(i) => Some(i),
         None => resolve(shared, name).await?,
@@ -429,13 +428,10 @@ pub(crate) async fn lookup(
     let Some(i) = index else {
         return Some(None);
     };
-    let mut known = s.known.lock().unwrap_or_else(|p| p.into_inner());
-    if known.len() >= NAME_CACHE {
-        known.retain(|_, (_, at)| at.elapsed() < NAME_TTL);
-    }
-    if known.len() < NAME_CACHE {
-        known.insert(name.to_string(), (i, std::time::Instant::now()));
-    }
+    s.known
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(name.to_string(), i);
     let plan = *s.at.borrow();
     Some(Some(addrs(&plan, i)))
 }

@@ -230,10 +230,12 @@ impl Tun {
         // No duplicate address detection on a point-to-point interface:
         // without this the new IPv6 address stays tentative (unusable as a
         // source) for a second or more.
-        let _ = std::fs::write(
-            format!("/proc/sys/net/ipv6/conf/{}/accept_dad", self.name),
-            "0",
-        );
+        // If it cannot be turned off, the address is only usable a little
+        // later: worth a line, not a failure.
+        let dad = format!("/proc/sys/net/ipv6/conf/{}/accept_dad", self.name);
+        if let Err(e) = std::fs::write(&dad, "0") {
+            tracing::debug!("cannot turn off duplicate address detection ({dad}: {e}); the new IPv6 address stays tentative for a moment");
+        }
         if let Some((a, p)) = v6 {
             self.dev.add_address_v6(a, p)?;
         }

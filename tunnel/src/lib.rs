@@ -21,6 +21,7 @@ pub mod build;
 pub mod device;
 pub mod dns;
 pub mod mss;
+pub mod names;
 pub mod packet;
 pub mod policy;
 

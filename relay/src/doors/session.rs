@@ -501,6 +501,22 @@ type TunCalls = futures_util::stream::FuturesOrdered<
     std::pin::Pin<Box<dyn std::future::Future<Output = TunDone> + Send>>,
 >;
 
+/// After a mesh change: if the namespace's TUN allocator is another relay
+/// than the one that gave this peer its index, asks it for that index
+/// again; returns the allocator asked.
+fn tun_reask(
+    router: &Arc<Router>,
+    calls: &mut TunCalls,
+    ns: &str,
+    name: &str,
+    tun: Option<&TunSession>,
+) -> Option<Option<String>> {
+    let now = router.tun_allocator(ns);
+    let index = tun.filter(|t| t.allocator != now).map(|t| t.index)?;
+    calls.push_back(tun_join_call(router, ns, name, Some(index), false));
+    Some(now)
+}
+
 /// Asks the namespace's allocator for `name`'s index (`want`: the one it
 /// had).
 fn tun_join_call(
@@ -628,6 +644,9 @@ async fn serve(
     // complete in order: the store commits in order).
     let mut durable: Durables = futures_util::stream::FuturesOrdered::new();
     let mut tun_calls = TunCalls::new();
+    // The allocator a re-ask after a mesh change went to, while it is in
+    // flight: one at a time, however often the mesh changes meanwhile.
+    let mut reask: Option<Option<String>> = None;
     // Data streams the daemon opens, and their tasks (they end with this
     // loop).
     let mut streams = super::streams::Streams::new(router);
@@ -653,18 +672,19 @@ async fn serve(
                 // peer has. It may give another — one relay handed that
                 // index out while it did not see the other — and the
                 // daemon moves its interface there.
-                let moved = tun
-                    .as_ref()
-                    .filter(|t| t.allocator != router.tun_allocator(ns))
-                    .map(|t| t.index);
-                if let Some(index) = moved {
-                    tun_calls.push_back(tun_join_call(router, ns, name, Some(index), false));
+                if reask.is_none() {
+                    reask = tun_reask(router, &mut tun_calls, ns, name, tun.as_ref());
                 }
             }
             Some(done) = futures_util::StreamExt::next(&mut tun_calls), if !tun_calls.is_empty() => {
                 let reply = match done {
                     TunDone::Joined { allocator, index, answer } => {
                         let a = tun_joined(router, ctl, conn, ns, allocator, index, &mut tun);
+                        // A re-ask answered: ask again only if the allocator
+                        // moved once more while it was out.
+                        if !answer && reask.take().is_some_and(|asked| asked != router.tun_allocator(ns)) {
+                            reask = tun_reask(router, &mut tun_calls, ns, name, tun.as_ref());
+                        }
                         (answer || matches!(a, swb_wire::TunAnswer::Assigned(_)))
                             .then_some(Frame::TunAnswer(a))
                     }

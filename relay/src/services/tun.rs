@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use swb_tunnel::names::TtlMap;
 use swb_tunnel::{AddressPlan, Allocator};
 use swb_wire::{Code, Refusal, TunAssigned};
 use tracing::warn;
@@ -41,7 +42,7 @@ struct Namespace {
     alloc: Option<Allocator>,
     attached: HashMap<u32, Attached>,
     /// Index → name learned from the allocator's relay.
-    names: HashMap<u32, (String, std::time::Instant)>,
+    names: TtlMap<u32, String>,
 }
 
 /// The relay's TUN state.
@@ -108,7 +109,7 @@ impl Tun {
                     plan,
                     alloc: None,
                     attached: HashMap::new(),
-                    names: HashMap::new(),
+                    names: TtlMap::new(NAME_TTL, NAME_CACHE),
                 },
             );
         }
@@ -174,19 +175,12 @@ impl Tun {
     /// Who has index `i`, as learned before (any relay).
     pub(crate) fn cached_name(&self, ns: &str, i: u32) -> Option<String> {
         let spaces = self.spaces();
-        let (name, at) = spaces.get(ns)?.names.get(&i)?;
-        (at.elapsed() < NAME_TTL).then(|| name.clone())
+        spaces.get(ns)?.names.get(&i).cloned()
     }
 
     pub(crate) fn remember_name(&self, ns: &str, i: u32, name: &str) {
         let _ = self.with_space(ns, false, |s| {
-            if s.names.len() >= NAME_CACHE {
-                s.names.retain(|_, (_, at)| at.elapsed() < NAME_TTL);
-            }
-            if s.names.len() < NAME_CACHE {
-                s.names
-                    .insert(i, (name.to_string(), std::time::Instant::now()));
-            }
+            s.names.insert(i, name.to_string());
             Ok(())
         });
     }
