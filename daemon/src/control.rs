@@ -1,6 +1,8 @@
 //! The local control socket: how `swbd send/recv/status` talk to a running
 //! daemon. A Unix socket (mode 0600), one JSON object per line each way:
 //! the CLI writes a [`Request`], the daemon answers with one [`Reply`].
+//! A connection may switch to the compact encoding ([`crate::compact`],
+//! [`Client::compact`]): binary frames for `send`, `recv` and `ack`.
 //!
 //! A client may pipeline: write many requests before reading the replies,
 //! which come in request order. The daemon hands each `send` to the relay

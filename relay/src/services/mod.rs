@@ -270,7 +270,8 @@ impl Services {
                 ),
             ));
         }
-        let stored = persist::Saved {
+        // The store's record, unless it keeps none (memory durability).
+        let stored = self.store.keeps_records().then(|| persist::Saved {
             ns: ns.to_string(),
             to: to.to_string(),
             from: from.to_string(),
@@ -278,7 +279,7 @@ impl Services {
             body: body.clone(),
             sent_at_ms,
             expires_at_ms: wall_ms() + self.config.limits.ttl.as_millis() as u64,
-        };
+        });
         let mut reg = self.registry();
         let r = reg.enqueue(
             ns,
@@ -294,10 +295,9 @@ impl Services {
                 self.metrics.accepted.inc();
                 // Appended under the registry lock: the log's order is the
                 // mailboxes' order, a put always before its removal.
-                let durable = if new {
-                    self.store.append(vec![Record::put(stored)])
-                } else {
-                    self.store.barrier()
+                let durable = match stored {
+                    Some(stored) if new => self.store.append(vec![Record::put(stored)]),
+                    _ => self.store.barrier(),
                 };
                 Ok((online, durable))
             }

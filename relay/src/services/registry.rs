@@ -145,7 +145,9 @@ struct Stored {
 struct Mailbox {
     next_seq: u64,
     msgs: BTreeMap<u64, Stored>,
-    by_id: HashMap<MessageId, u64>,
+    /// Ids are chosen by senders: a keyed hash, fast (16 bytes per
+    /// message).
+    by_id: HashMap<MessageId, u64, ahash::RandomState>,
     bytes: usize,
     /// Messages with an HTTP lease (so the lease sweep skips the rest).
     http_leased: usize,
@@ -189,7 +191,11 @@ impl Slot {
         if let Some(s) = &self.session {
             s.notify.notify_one();
         }
-        self.http_notify.notify_waiters();
+        // Only an open HTTP poll waits on it (and it is counted before it
+        // waits, under the registry lock).
+        if self.http.open_polls > 0 {
+            self.http_notify.notify_waiters();
+        }
     }
 }
 

@@ -470,6 +470,12 @@ impl Store {
         ))
     }
 
+    /// Whether appended records are kept at all (not with memory
+    /// durability): callers skip building records nobody writes.
+    pub(crate) fn keeps_records(&self) -> bool {
+        self.tx.is_some()
+    }
+
     /// The durability this store gives.
     pub(crate) fn durability(&self) -> Durability {
         self.durability
