@@ -1871,14 +1871,80 @@ pub(crate) struct RateArgs {
     runs: usize,
 }
 
-/// Sends what `next` yields over one pipelined control connection, at most
-/// `window` unanswered; fails on the first refusal. Returns how many.
+/// The writing half of a pipelined control connection, in either encoding.
+enum Tx {
+    Json(swb_daemon::control::Requests),
+    Compact(swb_daemon::control::CompactRequests),
+}
+
+/// The reading half of a pipelined control connection, in either encoding.
+enum Rx {
+    Json(swb_daemon::control::Replies),
+    Compact(swb_daemon::control::CompactReplies),
+}
+
+impl Tx {
+    async fn send(&mut self, to: &str, body: &[u8]) -> Result<()> {
+        let wait = Duration::from_secs(30);
+        match self {
+            Tx::Json(r) => r.send(to, body, wait).await?,
+            Tx::Compact(r) => r.send(to, body, wait).await?,
+        }
+        Ok(())
+    }
+
+    async fn push(&mut self, req: &Request) -> Result<()> {
+        match self {
+            Tx::Json(r) => r.push(req).await?,
+            Tx::Compact(r) => r.push(req).await?,
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        match self {
+            Tx::Json(r) => r.flush().await?,
+            Tx::Compact(r) => r.flush().await?,
+        }
+        Ok(())
+    }
+}
+
+impl Rx {
+    /// `true` for a send's answer, `false` for a `status` (the end marker).
+    async fn sent_or_status(&mut self) -> Result<bool> {
+        use swb_daemon::compact::Answer;
+        match self {
+            Rx::Json(r) => match r.next().await? {
+                Reply::Sent { .. } => Ok(true),
+                Reply::Status(_) => Ok(false),
+                other => anyhow::bail!("unexpected reply {other:?}"),
+            },
+            Rx::Compact(r) => match r.next().await? {
+                Answer::Sent(_) => Ok(true),
+                Answer::Reply(r) if matches!(*r, Reply::Status(_)) => Ok(false),
+                other => anyhow::bail!("unexpected answer {other:?}"),
+            },
+        }
+    }
+}
+
+/// Sends what `next` yields over one pipelined control connection (JSON
+/// lines, or `compact`), at most `window` unanswered; fails on the first
+/// refusal. Returns how many.
 async fn send_pipelined(
     c: Client,
+    compact: bool,
     window: usize,
     mut next: impl FnMut() -> Option<(String, bytes::Bytes)>,
 ) -> Result<usize> {
-    let (mut req, mut rep) = c.pipeline();
+    let (mut req, mut rep) = if compact {
+        let (t, r) = c.compact().await?;
+        (Tx::Compact(t), Rx::Compact(r))
+    } else {
+        let (t, r) = c.pipeline();
+        (Tx::Json(t), Rx::Json(r))
+    };
     let room = Arc::new(tokio::sync::Semaphore::new(window.max(1)));
     let writer = {
         let room = room.clone();
@@ -1892,7 +1958,7 @@ async fn send_pipelined(
                         room.acquire().await?.forget();
                     }
                 }
-                req.send(&to, &body, Duration::from_secs(30)).await?;
+                req.send(&to, &body).await?;
                 sent += 1;
             }
             // Replies come in request order: this one's marks the end.
@@ -1902,55 +1968,10 @@ async fn send_pipelined(
         }
     };
     let reader = async move {
-        loop {
-            match rep.next().await? {
-                Reply::Sent { .. } => room.add_permits(1),
-                Reply::Status(_) => return anyhow::Ok(()),
-                other => anyhow::bail!("unexpected reply {other:?}"),
-            }
+        while rep.sent_or_status().await? {
+            room.add_permits(1);
         }
-    };
-    let (sent, ()) = tokio::try_join!(writer, reader)?;
-    Ok(sent)
-}
-
-/// [`send_pipelined`] on a compact control connection.
-async fn send_pipelined_compact(
-    c: Client,
-    window: usize,
-    mut next: impl FnMut() -> Option<(String, bytes::Bytes)>,
-) -> Result<usize> {
-    use swb_daemon::compact::Answer;
-    let (mut req, mut rep) = c.compact().await?;
-    let room = Arc::new(tokio::sync::Semaphore::new(window.max(1)));
-    let writer = {
-        let room = room.clone();
-        async move {
-            let mut sent = 0usize;
-            while let Some((to, body)) = next() {
-                match room.try_acquire() {
-                    Ok(p) => p.forget(),
-                    Err(_) => {
-                        req.flush().await?;
-                        room.acquire().await?.forget();
-                    }
-                }
-                req.send(&to, &body, Duration::from_secs(30)).await?;
-                sent += 1;
-            }
-            req.push(&Request::Status).await?;
-            req.flush().await?;
-            anyhow::Ok(sent)
-        }
-    };
-    let reader = async move {
-        loop {
-            match rep.next().await? {
-                Answer::Sent(_) => room.add_permits(1),
-                Answer::Reply(r) if matches!(*r, Reply::Status(_)) => return anyhow::Ok(()),
-                other => anyhow::bail!("unexpected answer {other:?}"),
-            }
-        }
+        anyhow::Ok(())
     };
     let (sent, ()) = tokio::try_join!(writer, reader)?;
     Ok(sent)
@@ -2126,14 +2147,14 @@ async fn ours_rate(
                 let ctl = sender.control_path().to_path_buf();
                 writers.spawn(async move {
                     let tx = Client::connect(&ctl).await?;
-                    send_pipelined(tx, window, item).await
+                    send_pipelined(tx, false, window, item).await
                 });
             }
             Api::Compact => {
                 let ctl = sender.control_path().to_path_buf();
                 writers.spawn(async move {
                     let tx = Client::connect(&ctl).await?;
-                    send_pipelined_compact(tx, window, item).await
+                    send_pipelined(tx, true, window, item).await
                 });
             }
             Api::Rust => {

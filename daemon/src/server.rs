@@ -2,7 +2,7 @@
 
 use crate::api;
 use crate::api::{Accepted, ApiError, Leased, PendingSend, MAX_WAIT};
-use crate::compact;
+use crate::compact::{self, CompactRequest};
 use crate::control::{
     InMessage, Reply, Request, StatusInfo, MAX_PIPELINED_SENDS, MAX_REQUEST_LINE,
 };
@@ -256,22 +256,9 @@ async fn read_request(
     }
 }
 
-/// A request, decoded from either encoding.
-enum Op {
-    Send {
-        to: String,
-        body: Bytes,
-        timeout: Duration,
-    },
-    Recv {
-        wait: Duration,
-        max: usize,
-    },
-    Ack(Vec<MessageId>),
-    Compact(u32),
-    /// Everything else, the same in both encodings.
-    Other(Request),
-}
+/// A request, decoded from either encoding: `send`, `recv` and `ack` in
+/// their binary form, everything else (also `compact`) as JSON.
+type Op = CompactRequest;
 
 /// Decodes one request read whole into `line`.
 fn parse(codec: Codec, line: &[u8]) -> Result<Op, Box<Reply>> {
@@ -282,12 +269,7 @@ fn parse(codec: Codec, line: &[u8]) -> Result<Op, Box<Reply>> {
             let (kind, _) = compact::header(line, &[]).unwrap_or_default();
             let payload = line.get(compact::HEADER..).unwrap_or_default();
             match compact::request(kind, payload).map_err(|e| Box::new(err("bad_request", e.0)))? {
-                compact::CompactRequest::Send { to, body, timeout } => {
-                    return Ok(Op::Send { to, body, timeout })
-                }
-                compact::CompactRequest::Recv { wait, max } => return Ok(Op::Recv { wait, max }),
-                compact::CompactRequest::Ack(ids) => return Ok(Op::Ack(ids)),
-                compact::CompactRequest::Json(
+                CompactRequest::Json(
                     Request::Send { .. } | Request::Recv { .. } | Request::Ack { .. },
                 ) => {
                     return Err(Box::new(err(
@@ -295,13 +277,14 @@ fn parse(codec: Codec, line: &[u8]) -> Result<Op, Box<Reply>> {
                         "on a compact connection send, recv and ack have their own frames (kinds 1, 2 and 3), not JSON",
                     )))
                 }
-                compact::CompactRequest::Json(Request::Compact { .. }) => {
+                CompactRequest::Json(Request::Compact { .. }) => {
                     return Err(Box::new(err(
                         "bad_request",
                         "this connection is compact already",
                     )))
                 }
-                compact::CompactRequest::Json(req) => req,
+                CompactRequest::Json(req) => req,
+                binary => return Ok(binary),
             }
         }
     };
@@ -338,8 +321,7 @@ fn parse(codec: Codec, line: &[u8]) -> Result<Op, Box<Reply>> {
             }
             Op::Ack(parsed)
         }
-        Request::Compact { version } => Op::Compact(version),
-        req => Op::Other(req),
+        req => Op::Json(req),
     })
 }
 
@@ -486,7 +468,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
             out.clear();
         }
         match op {
-            Op::Compact(version) => {
+            Op::Json(Request::Compact { version }) => {
                 if version == 0 {
                     let r = err("bad_request", "compact versions start at 1");
                     codec.push(&mut out, &reply_out(r));
@@ -498,7 +480,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                     codec = Codec::Compact;
                 }
             }
-            Op::Other(Request::Connect {
+            Op::Json(Request::Connect {
                 to,
                 port,
                 timeout_ms,
@@ -537,7 +519,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                     }
                 }
             }
-            Op::Other(Request::Watch { names, timeout_ms }) => {
+            Op::Json(Request::Watch { names, timeout_ms }) => {
                 let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
                 match crate::status::StatusWatcher::open(&shared, names, wait).await {
                     Err(e) => codec.push(&mut out, &reply_out(err(&e.code, e.message))),
@@ -552,7 +534,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                     }
                 }
             }
-            Op::Other(Request::Ping { to, timeout_ms }) => {
+            Op::Json(Request::Ping { to, timeout_ms }) => {
                 let wait = Duration::from_millis(timeout_ms).min(MAX_WAIT);
                 let r = tokio::select! {
                     _ = cancel.cancelled() => break 'conn,
@@ -686,8 +668,7 @@ async fn answer(
                 Err(e) => reply_out(e.into()),
             }
         }
-        Op::Compact(_) => return reply_out(err("bad_request", "handled by the connection loop")),
-        Op::Other(req) => req,
+        Op::Json(req) => req,
     };
     reply_out(match req {
         Request::Status => Reply::Status(status(shared)),
