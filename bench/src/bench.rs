@@ -1450,23 +1450,22 @@ fn seq_of(b: &[u8]) -> u64 {
         .unwrap_or(u64::MAX)
 }
 
-/// Takes messages from a daemon over one pipelined control connection,
-/// acknowledging each batch together with the next `recv`.
+/// Takes messages from a daemon over one pipelined control connection (JSON
+/// lines or compact), acknowledging each batch together with the next
+/// `recv`.
 struct Taker {
-    req: swb_daemon::control::Requests,
-    rep: swb_daemon::control::Replies,
+    req: Tx,
+    rep: Rx,
     acked: bool,
 }
 
 impl Taker {
-    const RECV: Request = Request::Recv {
-        wait_ms: 30_000,
-        max: 1000,
-    };
+    const WAIT: Duration = Duration::from_secs(30);
+    const MAX: usize = 1000;
 
-    async fn new(c: Client) -> Result<Self> {
-        let (mut req, rep) = c.pipeline();
-        req.push(&Self::RECV).await?;
+    async fn new(c: Client, compact: bool) -> Result<Self> {
+        let (mut req, rep) = pipe(c, compact).await?;
+        req.recv(Self::WAIT, Self::MAX).await?;
         req.flush().await?;
         Ok(Self {
             req,
@@ -1475,35 +1474,28 @@ impl Taker {
         })
     }
 
-    /// The next batch (possibly empty after the long poll's 30 s).
-    async fn next(&mut self) -> Result<Vec<swb_daemon::control::InMessage>> {
+    /// The bodies of the next batch (possibly none after the long poll's
+    /// 30 s).
+    async fn next(&mut self) -> Result<Vec<bytes::Bytes>> {
         if std::mem::take(&mut self.acked) {
-            let Reply::Acked { .. } = self.rep.next().await? else {
-                anyhow::bail!("unexpected reply to ack");
-            };
+            self.rep.acked().await?;
         }
-        let Reply::Messages { messages } = self.rep.next().await? else {
-            anyhow::bail!("unexpected reply to recv");
-        };
-        if !messages.is_empty() {
-            let ids = messages.iter().map(|m| m.id.clone()).collect();
-            self.req.push(&Request::Ack { ids }).await?;
+        let (ids, bodies) = self.rep.messages().await?;
+        if !ids.is_empty() {
+            self.req.ack(&ids).await?;
             self.acked = true;
         }
-        self.req.push(&Self::RECV).await?;
+        self.req.recv(Self::WAIT, Self::MAX).await?;
         self.req.flush().await?;
-        Ok(messages)
+        Ok(bodies)
     }
 }
 
 /// Reads the relay's answers to pipelined sends until the connection ends;
 /// fails on the first refusal.
-async fn expect_sent(mut rep: swb_daemon::control::Replies) -> Result<()> {
+async fn expect_sent(mut rep: Rx) -> Result<()> {
     loop {
-        match rep.next().await? {
-            Reply::Sent { .. } => {}
-            other => anyhow::bail!("unexpected reply {other:?}"),
-        }
+        anyhow::ensure!(rep.sent_or_status().await?, "a status answer among sends");
     }
 }
 
@@ -1512,6 +1504,7 @@ async fn expect_sent(mut rep: swb_daemon::control::Replies) -> Result<()> {
 /// outstanding at any time (a new one leaves as each reply arrives), as in
 /// the NATS run. Each side takes messages on one control connection and
 /// sends on another, both pipelined.
+#[allow(clippy::too_many_arguments)]
 async fn ours_latency(
     a_ctl: &std::path::Path,
     b_ctl: std::path::PathBuf,
@@ -1519,15 +1512,16 @@ async fn ours_latency(
     n: usize,
     size: usize,
     inflight: usize,
+    compact: bool,
 ) -> Result<Vec<Duration>> {
     let to = a_name.to_string();
-    let mut taker = Taker::new(Client::connect(&b_ctl).await?).await?;
-    let (mut req, rep) = Client::connect(&b_ctl).await?.pipeline();
+    let mut taker = Taker::new(Client::connect(&b_ctl).await?, compact).await?;
+    let (mut req, rep) = pipe(Client::connect(&b_ctl).await?, compact).await?;
     let responder = tokio::spawn(async move {
         let answer = async {
             loop {
-                for m in taker.next().await? {
-                    req.send(&to, &m.body(), Duration::from_secs(10)).await?;
+                for body in taker.next().await? {
+                    req.send(&to, &body).await?;
                 }
                 req.flush().await?;
             }
@@ -1536,16 +1530,15 @@ async fn ours_latency(
         };
         tokio::try_join!(answer, expect_sent(rep)).map(|_| ())
     });
-    let mut taker = Taker::new(Client::connect(a_ctl).await?).await?;
-    let (mut req, rep) = Client::connect(a_ctl).await?.pipeline();
+    let mut taker = Taker::new(Client::connect(a_ctl).await?, compact).await?;
+    let (mut req, rep) = pipe(Client::connect(a_ctl).await?, compact).await?;
     let sent = tokio::spawn(expect_sent(rep));
     let mut sent_at: HashMap<u64, Instant> = HashMap::new();
     let mut times = Vec::with_capacity(n);
     let mut next = 0u64;
     while (next as usize) < n.min(inflight) {
         sent_at.insert(next, Instant::now());
-        req.send(RESPONDER, &seq_body(next, size), Duration::from_secs(10))
-            .await?;
+        req.send(RESPONDER, &seq_body(next, size)).await?;
         next += 1;
     }
     req.flush().await?;
@@ -1553,14 +1546,13 @@ async fn ours_latency(
         let msgs = tokio::time::timeout(Duration::from_secs(30), taker.next())
             .await
             .context("no reply")??;
-        for m in msgs {
-            if let Some(t) = sent_at.remove(&seq_of(&m.body())) {
+        for body in msgs {
+            if let Some(t) = sent_at.remove(&seq_of(&body)) {
                 times.push(t.elapsed());
             }
             if (next as usize) < n {
                 sent_at.insert(next, Instant::now());
-                req.send(RESPONDER, &seq_body(next, size), Duration::from_secs(10))
-                    .await?;
+                req.send(RESPONDER, &seq_body(next, size)).await?;
                 next += 1;
             }
         }
@@ -1772,6 +1764,17 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             a.requests,
             a.size,
             inflight,
+            false,
+        )
+        .await?;
+        let compact = ours_latency(
+            &a_ctl,
+            b_ctl.clone(),
+            "requester",
+            a.requests,
+            a.size,
+            inflight,
+            true,
         )
         .await?;
         let np = nats_latency(plain.addr, None, a.requests, a.size, inflight).await?;
@@ -1783,21 +1786,20 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             inflight,
         )
         .await?;
-        rows.push((
-            inflight,
-            Hist::of(&rust)?,
-            Hist::of(&socket)?,
-            Hist::of(&np)?,
-            Hist::of(&nt)?,
-        ));
+        let ours = vec![
+            (Api::Rust, Hist::of(&rust)?),
+            (Api::Socket, Hist::of(&socket)?),
+            (Api::Compact, Hist::of(&compact)?),
+        ];
+        rows.push((inflight, ours, Hist::of(&np)?, Hist::of(&nt)?));
     }
-    for (inflight, rust, socket, np, _) in &rows {
-        for (api, ours) in [(Api::Rust, rust), (Api::Socket, socket)] {
+    for (inflight, ours, np, _) in &rows {
+        for (api, h) in ours {
             for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
                 record(
                     "latency",
                     &format!("{name} ms, {inflight} in flight, {} (vs NATS)", api.label()),
-                    pct(ours, q),
+                    pct(h, q),
                     pct(np, q),
                     false,
                     1.0,
@@ -1806,41 +1808,48 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         }
     }
     let ms = |h: &Hist| serde_json::json!({"p50": pct(h, 0.5), "p90": pct(h, 0.9), "p99": pct(h, 0.99), "p999": pct(h, 0.999)});
-    for (inflight, rust, socket, np, nt) in &rows {
+    for (inflight, ours, np, nt) in &rows {
         if out.json {
-            println!(
-                "{}",
-                serde_json::json!({"bench": "latency", "in_flight": inflight, "size": a.size, "requests": a.requests,
-                    "rust_api_ms": ms(rust), "control_socket_ms": ms(socket), "nats_ms": ms(np), "nats_tls_ms": ms(nt),
-                    "rust_api_p50_ratio_vs_nats": pct(rust, 0.5) / pct(np, 0.5), "rust_api_p99_ratio_vs_nats": pct(rust, 0.99) / pct(np, 0.99),
-                    "socket_p50_ratio_vs_nats": pct(socket, 0.5) / pct(np, 0.5), "socket_p99_ratio_vs_nats": pct(socket, 0.99) / pct(np, 0.99)})
-            );
+            let mut o = serde_json::json!({"bench": "latency", "in_flight": inflight, "size": a.size, "requests": a.requests,
+                "nats_ms": ms(np), "nats_tls_ms": ms(nt)});
+            for (api, h) in ours {
+                let k = api.key();
+                o[format!("{k}_ms")] = ms(h);
+                o[format!("{k}_p50_ratio_vs_nats")] = serde_json::json!(pct(h, 0.5) / pct(np, 0.5));
+                o[format!("{k}_p99_ratio_vs_nats")] =
+                    serde_json::json!(pct(h, 0.99) / pct(np, 0.99));
+            }
+            println!("{o}");
         } else {
             println!(
                 "latency: {} B request -> reply, {inflight} in flight, {} requests (ms, HdrHistogram)",
                 a.size, a.requests
             );
-            for (label, v) in [
-                ("switchboard, Rust API", rust),
-                ("switchboard, socket", socket),
-                ("nats", np),
-                ("nats+tls", nt),
-            ] {
+            let lines = ours
+                .iter()
+                .map(|(api, h)| (format!("switchboard, {}", api.label()), h))
+                .chain([("nats".to_string(), np), ("nats+tls".to_string(), nt)]);
+            for (label, v) in lines {
                 println!(
-                    "  {label:<22} p50 {:>7.3}  p90 {:>7.3}  p99 {:>7.3}  p99.9 {:>7.3}",
+                    "  {label:<30} p50 {:>7.3}  p90 {:>7.3}  p99 {:>7.3}  p99.9 {:>7.3}",
                     pct(v, 0.5),
                     pct(v, 0.9),
                     pct(v, 0.99),
                     pct(v, 0.999)
                 );
             }
-            println!(
-                "  ratio vs nats: Rust API p50 {:.2} p99 {:.2}; socket p50 {:.2} p99 {:.2}   (goal <= 1.0)",
-                pct(rust, 0.5) / pct(np, 0.5),
-                pct(rust, 0.99) / pct(np, 0.99),
-                pct(socket, 0.5) / pct(np, 0.5),
-                pct(socket, 0.99) / pct(np, 0.99)
-            );
+            let ratios: Vec<String> = ours
+                .iter()
+                .map(|(api, h)| {
+                    format!(
+                        "{} p50 {:.2} p99 {:.2}",
+                        api.label(),
+                        pct(h, 0.5) / pct(np, 0.5),
+                        pct(h, 0.99) / pct(np, 0.99)
+                    )
+                })
+                .collect();
+            println!("  ratio vs nats: {}   (goal <= 1.0)", ratios.join("; "));
         }
     }
     for d in ds {
@@ -1908,9 +1917,83 @@ impl Tx {
         }
         Ok(())
     }
+
+    async fn recv(&mut self, wait: Duration, max: usize) -> Result<()> {
+        match self {
+            Tx::Json(r) => {
+                let wait_ms = wait.as_millis() as u64;
+                r.push(&Request::Recv { wait_ms, max }).await?
+            }
+            Tx::Compact(r) => r.recv(wait, max).await?,
+        }
+        Ok(())
+    }
+
+    async fn ack(&mut self, ids: &[swb_wire::MessageId]) -> Result<()> {
+        match self {
+            Tx::Json(r) => {
+                let ids = ids.iter().map(|i| i.to_string()).collect();
+                r.push(&Request::Ack { ids }).await?
+            }
+            Tx::Compact(r) => r.ack(ids).await?,
+        }
+        Ok(())
+    }
+}
+
+/// A control connection split for pipelining, in the encoding asked for.
+async fn pipe(c: Client, compact: bool) -> Result<(Tx, Rx)> {
+    Ok(if compact {
+        let (t, r) = c.compact().await?;
+        (Tx::Compact(t), Rx::Compact(r))
+    } else {
+        let (t, r) = c.pipeline();
+        (Tx::Json(t), Rx::Json(r))
+    })
 }
 
 impl Rx {
+    /// A `recv`'s answer: the ids and the bodies.
+    async fn messages(&mut self) -> Result<(Vec<swb_wire::MessageId>, Vec<bytes::Bytes>)> {
+        use swb_daemon::compact::Answer;
+        Ok(match self {
+            Rx::Json(r) => {
+                let Reply::Messages { messages } = r.next().await? else {
+                    anyhow::bail!("unexpected reply to recv");
+                };
+                let ids = messages
+                    .iter()
+                    .map(|m| swb_wire::MessageId::parse_hex(&m.id).context("a message id"))
+                    .collect::<Result<_>>()?;
+                (ids, messages.iter().map(|m| m.body().into()).collect())
+            }
+            Rx::Compact(r) => {
+                let Answer::Messages(m) = r.next().await? else {
+                    anyhow::bail!("unexpected answer to recv");
+                };
+                m.into_iter().map(|m| (m.id, m.body)).unzip()
+            }
+        })
+    }
+
+    /// An `ack`'s answer.
+    async fn acked(&mut self) -> Result<()> {
+        use swb_daemon::compact::Answer;
+        match self {
+            Rx::Json(r) => {
+                let Reply::Acked { .. } = r.next().await? else {
+                    anyhow::bail!("unexpected reply to ack");
+                };
+            }
+            Rx::Compact(r) => {
+                let Answer::Acked(_) = r.next().await? else {
+                    anyhow::bail!("unexpected answer to ack");
+                };
+            }
+        }
+        Ok(())
+    }
+
     /// `true` for a send's answer, `false` for a `status` (the end marker).
     async fn sent_or_status(&mut self) -> Result<bool> {
         use swb_daemon::compact::Answer;
@@ -1938,13 +2021,7 @@ async fn send_pipelined(
     window: usize,
     mut next: impl FnMut() -> Option<(String, bytes::Bytes)>,
 ) -> Result<usize> {
-    let (mut req, mut rep) = if compact {
-        let (t, r) = c.compact().await?;
-        (Tx::Compact(t), Rx::Compact(r))
-    } else {
-        let (t, r) = c.pipeline();
-        (Tx::Json(t), Rx::Json(r))
-    };
+    let (mut req, mut rep) = pipe(c, compact).await?;
     let room = Arc::new(tokio::sync::Semaphore::new(window.max(1)));
     let writer = {
         let room = room.clone();
@@ -1977,35 +2054,9 @@ async fn send_pipelined(
     Ok(sent)
 }
 
-/// [`receive_all`] on a compact control connection: each batch is
-/// acknowledged together with the next `recv`.
-async fn receive_all_compact(c: Client, mut on: impl FnMut(usize)) -> Result<()> {
-    use swb_daemon::compact::Answer;
-    let (mut req, mut rep) = c.compact().await?;
-    let wait = Duration::from_secs(30);
-    req.recv(wait, 1000).await?;
-    req.flush().await?;
-    loop {
-        match rep.next().await? {
-            Answer::Messages(m) => {
-                if !m.is_empty() {
-                    req.ack(&m.iter().map(|m| m.id).collect::<Vec<_>>()).await?;
-                }
-                req.recv(wait, 1000).await?;
-                req.flush().await?;
-                if !m.is_empty() {
-                    on(m.len());
-                }
-            }
-            Answer::Acked(_) => {}
-            other => anyhow::bail!("unexpected answer {other:?}"),
-        }
-    }
-}
-
 /// Takes messages from a daemon until cancelled; `on` learns each batch size.
-async fn receive_all(c: Client, mut on: impl FnMut(usize)) -> Result<()> {
-    let mut taker = Taker::new(c).await?;
+async fn receive_all(c: Client, compact: bool, mut on: impl FnMut(usize)) -> Result<()> {
+    let mut taker = Taker::new(c, compact).await?;
     loop {
         let k = taker.next().await?.len();
         if k > 0 {
@@ -2041,6 +2092,15 @@ impl Api {
         match self {
             Api::Compact => 0.4,
             Api::Socket | Api::Rust => 0.6,
+        }
+    }
+
+    /// The JSON key prefix of this contender.
+    fn key(self) -> &'static str {
+        match self {
+            Api::Socket => "control_socket",
+            Api::Compact => "compact_socket",
+            Api::Rust => "rust_api",
         }
     }
 
@@ -2101,14 +2161,14 @@ async fn ours_rate(
                 let ctl = d.control_path().to_path_buf();
                 readers.spawn(async move {
                     let rx = Client::connect(&ctl).await?;
-                    receive_all(rx, count).await
+                    receive_all(rx, false, count).await
                 });
             }
             Api::Compact => {
                 let ctl = d.control_path().to_path_buf();
                 readers.spawn(async move {
                     let rx = Client::connect(&ctl).await?;
-                    receive_all_compact(rx, count).await
+                    receive_all(rx, true, count).await
                 });
             }
             Api::Rust => {

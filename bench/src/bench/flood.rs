@@ -306,6 +306,7 @@ async fn one_relay(
             a.samples,
             256,
             1,
+            false,
         )
         .await?;
         let elapsed = t0.elapsed().as_secs_f64();
