@@ -1757,26 +1757,20 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
     let mut rows = Vec::new();
     for inflight in [1usize, 64] {
         let rust = api_latency(&ds[0], &ds[1], "requester", a.requests, a.size, inflight).await?;
-        let socket = ours_latency(
-            &a_ctl,
-            b_ctl.clone(),
-            "requester",
-            a.requests,
-            a.size,
-            inflight,
-            false,
-        )
-        .await?;
-        let compact = ours_latency(
-            &a_ctl,
-            b_ctl.clone(),
-            "requester",
-            a.requests,
-            a.size,
-            inflight,
-            true,
-        )
-        .await?;
+        let mut ours = vec![(Api::Rust, Hist::of(&rust)?)];
+        for (api, compact) in [(Api::Socket, false), (Api::Compact, true)] {
+            let times = ours_latency(
+                &a_ctl,
+                b_ctl.clone(),
+                "requester",
+                a.requests,
+                a.size,
+                inflight,
+                compact,
+            )
+            .await?;
+            ours.push((api, Hist::of(&times)?));
+        }
         let np = nats_latency(plain.addr, None, a.requests, a.size, inflight).await?;
         let nt = nats_latency(
             tls_server.addr,
@@ -1786,11 +1780,6 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             inflight,
         )
         .await?;
-        let ours = vec![
-            (Api::Rust, Hist::of(&rust)?),
-            (Api::Socket, Hist::of(&socket)?),
-            (Api::Compact, Hist::of(&compact)?),
-        ];
         rows.push((inflight, ours, Hist::of(&np)?, Hist::of(&nt)?));
     }
     for (inflight, ours, np, _) in &rows {
