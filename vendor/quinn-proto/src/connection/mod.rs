@@ -133,7 +133,8 @@ use timer::{Timer, TimerTable};
 pub struct Connection {
     endpoint_config: Arc<EndpointConfig>,
     config: Arc<TransportConfig>,
-    rng: StdRng,
+    /// Boxed: used only on path changes and for address-validation tokens, and 320 bytes inline
+    rng: Box<StdRng>,
     crypto: Box<dyn crypto::Session>,
     /// The CID we initially chose, for use during the handshake
     handshake_cid: ConnectionId,
@@ -149,7 +150,8 @@ pub struct Connection {
     path_counter: u64,
     /// Whether MTU detection is supported in this environment
     allow_mtud: bool,
-    prev_path: Option<(ConnectionId, PathData)>,
+    /// Boxed: present only while a migration is validated, and ~430 bytes inline otherwise
+    prev_path: Option<Box<(ConnectionId, PathData)>>,
     state: State,
     side: ConnectionSide,
     /// Whether or not 0-RTT was enabled during the handshake. Does not imply acceptance.
@@ -182,8 +184,10 @@ pub struct Connection {
     prev_crypto: Option<PrevCrypto>,
     /// 1-RTT keys to be used for the next key update
     ///
-    /// These are generated in advance to prevent timing attacks and/or DoS by third-party attackers
-    /// spoofing key updates.
+    /// Derived when first needed (a packet in the other key phase arrives, or we start a key
+    /// update), not when the handshake completes: a pair of AEAD keys is about 1 KiB that an idle
+    /// connection never uses. Once derived they are kept until the update happens, so a third party
+    /// spoofing key updates costs one derivation per key phase, not one per packet.
     next_crypto: Option<KeyPair<Box<dyn PacketKey>>>,
     accepted_0rtt: bool,
     /// Whether the idle timer should be reset the next time an ack-eliciting packet is transmitted.
@@ -360,7 +364,7 @@ impl Connection {
             datagrams: DatagramState::default(),
             config,
             rem_cids: CidQueue::new(rem_cid),
-            rng,
+            rng: Box::new(rng),
             stats: ConnectionStats::default(),
             version,
         };
@@ -1018,7 +1022,7 @@ impl Connection {
 
     /// Send PATH_CHALLENGE for a previous path if necessary
     fn send_path_challenge(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
-        let (prev_cid, prev_path) = self.prev_path.as_mut()?;
+        let (prev_cid, prev_path) = &mut **self.prev_path.as_mut()?;
         if !prev_path.challenge_pending {
             return None;
         }
@@ -1222,7 +1226,7 @@ impl Connection {
                 }
                 Timer::PathValidation => {
                     debug!("path validation failed");
-                    if let Some((_, prev)) = self.prev_path.take() {
+                    if let Some((_, prev)) = self.prev_path.take().map(|b| *b) {
                         self.path = prev;
                     }
                     self.path.challenge = None;
@@ -2189,14 +2193,6 @@ impl Connection {
             "already reached packet space {space:?}"
         );
         trace!("{:?} keys ready", space);
-        if space == SpaceId::Data {
-            // Precompute the first key update
-            self.next_crypto = Some(
-                self.crypto
-                    .next_1rtt_keys()
-                    .expect("handshake should be complete"),
-            );
-        }
 
         self.spaces[space].crypto = Some(crypto);
         debug_assert!(space as usize > self.highest_space as usize);
@@ -2835,7 +2831,7 @@ impl Connection {
                         self.timers.stop(Timer::PathValidation);
                         self.path.challenge = None;
                         self.path.validated = true;
-                        if let Some((_, ref mut prev_path)) = self.prev_path {
+                        if let Some((_, prev_path)) = self.prev_path.as_deref_mut() {
                             prev_path.challenge = None;
                             prev_path.challenge_pending = false;
                         }
@@ -3093,7 +3089,7 @@ impl Connection {
             prev.challenge_pending = true;
             // We haven't updated the remote CID yet, this captures the remote CID we were using on
             // the previous path.
-            self.prev_path = Some((self.rem_cids.active(), prev));
+            self.prev_path = Some(Box::new((self.rem_cids.active(), prev)));
         }
 
         self.timers.set(
@@ -3538,6 +3534,13 @@ impl Connection {
         now: Instant,
         packet: &mut Packet,
     ) -> Result<Option<u64>, Option<TransportError>> {
+        if packet.header.is_short()
+            && packet.header.key_phase() != self.key_phase
+            && self.spaces[SpaceId::Data].crypto.is_some()
+        {
+            // A packet in the other key phase may need the next keys
+            self.derive_next_crypto();
+        }
         let result = packet_crypto::decrypt_packet_body(
             packet,
             &self.spaces,
@@ -3570,14 +3573,11 @@ impl Connection {
 
     fn update_keys(&mut self, end_packet: Option<(u64, Instant)>, remote: bool) {
         trace!("executing key update");
-        // Generate keys for the key phase after the one we're switching to, store them in
-        // `next_crypto`, make the contents of `next_crypto` current, and move the current keys into
-        // `prev_crypto`.
-        let new = self
-            .crypto
-            .next_1rtt_keys()
-            .expect("only called for `Data` packets");
-        self.key_phase_size = new
+        // Make the next phase's keys current (deriving them now if nothing needed them yet) and
+        // move the current keys into `prev_crypto`; the phase after is derived when first needed.
+        self.derive_next_crypto();
+        let next = self.next_crypto.take().expect("derived above");
+        self.key_phase_size = next
             .local
             .confidentiality_limit()
             .saturating_sub(KEY_UPDATE_MARGIN);
@@ -3587,7 +3587,7 @@ impl Connection {
                 .as_mut()
                 .unwrap() // safe because update_keys() can only be triggered by short packets
                 .packet,
-            mem::replace(self.next_crypto.as_mut().unwrap(), new),
+            next,
         );
         self.spaces[SpaceId::Data].sent_with_keys = 0;
         self.prev_crypto = Some(PrevCrypto {
@@ -3596,6 +3596,17 @@ impl Connection {
             update_unacked: remote,
         });
         self.key_phase = !self.key_phase;
+    }
+
+    /// Derives the next key phase's 1-RTT keys into `next_crypto` unless they are there already
+    fn derive_next_crypto(&mut self) {
+        if self.next_crypto.is_none() {
+            self.next_crypto = Some(
+                self.crypto
+                    .next_1rtt_keys()
+                    .expect("handshake should be complete"),
+            );
+        }
     }
 
     fn peer_supports_ack_frequency(&self) -> bool {
@@ -3720,7 +3731,7 @@ impl Connection {
             || self.path.challenge_pending
             || self
                 .prev_path
-                .as_ref()
+                .as_deref()
                 .is_some_and(|(_, x)| x.challenge_pending)
             || !self.path_responses.is_empty()
             || self.datagrams.outgoing.can_send_1rtt(max_size)
@@ -3731,7 +3742,7 @@ impl Connection {
         // Visit known paths from newest to oldest to find the one `packet` was sent on
         for path in [&mut self.path]
             .into_iter()
-            .chain(self.prev_path.as_mut().map(|(_, data)| data))
+            .chain(self.prev_path.as_deref_mut().map(|(_, data)| data))
         {
             if path.remove_in_flight(packet) {
                 return;
