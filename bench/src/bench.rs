@@ -22,6 +22,7 @@ mod durable;
 mod fanout;
 mod flood;
 mod grid;
+mod shards;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum BenchCommand {
@@ -59,6 +60,10 @@ pub(crate) enum BenchCommand {
     /// flooded with full handshakes and with Initials that never complete,
     /// handshakes on the handshake thread vs on the runtime's workers.
     Flood(flood::FloodArgs),
+    /// Relay throughput with 1 and 2 shards (QUIC endpoints on one UDP
+    /// port): messages between several pairs of daemons through a relay in
+    /// its own process, runs alternating, in one run.
+    Shards(shards::ShardsArgs),
     /// Every scenario in sequence, then one summary table.
     All(AllArgs),
     /// (internal) A bare quinn server process, the baseline of `idle`.
@@ -114,6 +119,7 @@ pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
         BenchCommand::Durable(a) => durable::durable_bench(a, out).await,
         BenchCommand::Flood(a) => flood::flood_bench(a, out).await,
         BenchCommand::FloodGen(a) => flood::flood_gen_main(a).await,
+        BenchCommand::Shards(a) => shards::shards_bench(a, out).await,
         BenchCommand::All(a) => all(a, out).await,
         BenchCommand::BareServer(a) => bare_server_main(a).await,
         BenchCommand::RelayProcess(a) => relay_process_main(a).await,
@@ -1102,6 +1108,9 @@ pub(crate) struct RelayProcessArgs {
     /// As `swbd relay --handshake-threads`.
     #[arg(long, default_value_t = 1)]
     handshake_threads: usize,
+    /// As `swbd relay --shards`.
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
     /// Keep the per-address limits (new connections, first-contact
     /// Initials) as deployed; off by default: `idle` attaches thousands of
     /// clients from few addresses.
@@ -1125,6 +1134,7 @@ pub(crate) async fn relay_process_main(a: RelayProcessArgs) -> Result<()> {
     }
     config.key_send_rate = None;
     config.handshake_threads = a.handshake_threads;
+    config.shards = a.shards;
     let relay = Relay::spawn(config).await?;
     println!("relay listening on {} (udp)", relay.local_addr());
     println!("fingerprint {}", relay.fingerprint());
@@ -2505,6 +2515,16 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
             messages: if s { 200 } else { 50_000 },
             window: 256,
             samples: if s { 20 } else { 2_000 },
+            runs: if s { 1 } else { 3 },
+        },
+        out,
+    )
+    .await?;
+    shards::shards_bench(
+        shards::ShardsArgs {
+            pairs: if s { 2 } else { 8 },
+            messages: if s { 100 } else { 40_000 },
+            window: 256,
             runs: if s { 1 } else { 3 },
         },
         out,

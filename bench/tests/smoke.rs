@@ -34,6 +34,7 @@ async fn every_benchmark_runs_at_smoke_size() -> Result<()> {
         .collect();
     for s in [
         "stream", "ring", "mesh", "fanout", "accept", "idle", "latency", "rate", "durable",
+        "shards",
     ] {
         ensure!(scenarios.contains(s), "no summary for {s}: {stdout}");
     }

@@ -112,6 +112,11 @@ pub(crate) struct RelayArgs {
     /// workers carrying established sessions; 0: on the workers. [default: 1]
     #[arg(long, value_name = "N")]
     handshake_threads: Option<usize>,
+    /// QUIC endpoints sharing the UDP port (SO_REUSEPORT), each with its own
+    /// packet-processing task; connections stay with their shard when
+    /// clients move. 1 to 64. [default: 1]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=swb_relay::MAX_SHARDS as u64))]
+    shards: Option<u64>,
     /// Handshakes in flight above which a connection from an unproven
     /// address first gets a QUIC Retry (spoofed sources cannot hold
     /// handshake slots); 0: always. [default: 64]
@@ -176,6 +181,7 @@ pub(crate) struct RelayFile {
     namespace_bytes: Option<usize>,
     max_handshakes: Option<u64>,
     handshake_threads: Option<usize>,
+    shards: Option<u64>,
     retry_above: Option<u64>,
     connections_per_ip: Option<u64>,
     key_send_rate: Option<u64>,
@@ -265,6 +271,17 @@ fn merge_file(a: &mut RelayArgs) -> Result<()> {
         a.max_handshakes = f.max_handshakes;
     }
     a.handshake_threads = a.handshake_threads.or(f.handshake_threads);
+    if a.shards.is_none() {
+        if let Some(n) = f.shards {
+            if n == 0 || n > swb_relay::MAX_SHARDS as u64 {
+                return Err(bad(
+                    "shards",
+                    format!("must be 1 to {}", swb_relay::MAX_SHARDS),
+                ));
+            }
+            a.shards = Some(n);
+        }
+    }
     a.retry_above = a.retry_above.or(f.retry_above);
     a.connections_per_ip = a.connections_per_ip.or(f.connections_per_ip);
     a.key_send_rate = a.key_send_rate.or(f.key_send_rate);
@@ -434,6 +451,9 @@ pub(crate) async fn run(mut a: RelayArgs) -> Result<()> {
     });
     if let Some(n) = a.handshake_threads {
         config.handshake_threads = n;
+    }
+    if let Some(n) = a.shards {
+        config.shards = usize::try_from(n).unwrap_or(usize::MAX);
     }
     if let Some(n) = a.retry_above {
         config.retry_above = usize::try_from(n).unwrap_or(usize::MAX);

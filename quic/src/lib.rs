@@ -43,6 +43,27 @@ pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     Ok(sock)
 }
 
+/// Like [`udp_socket`], with `SO_REUSEPORT` set before binding, so several
+/// sockets of one process share `addr` (the relay's shards: the kernel
+/// spreads datagrams over them by source address and port).
+#[cfg(unix)]
+pub fn udp_socket_shared(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if addr.is_ipv6() {
+        // As std binds: an IPv6 wildcard takes IPv4 too where the system allows.
+        let _ = s.set_only_v6(false);
+    }
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    let _ = s.set_recv_buffer_size(UDP_BUFFER);
+    let _ = s.set_send_buffer_size(UDP_BUFFER);
+    Ok(s.into())
+}
+
 /// A frame could not be read or written on a stream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FrameIoError {

@@ -139,10 +139,13 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(io: S, mut slot: Sl
     }
 }
 
-/// The endpoint's socket: UDP, plus every carrier connection.
+/// The endpoint's socket: UDP, plus every carrier connection (received
+/// by the first shard's socket only; each shard sends on them).
 pub(crate) struct CarrierSocket {
     udp: Arc<dyn quinn::AsyncUdpSocket>,
     carriers: Arc<Carriers>,
+    /// Whether this socket reads what the carriers received.
+    reads_carriers: bool,
     /// Which source to read first next time (so neither starves).
     carriers_first: AtomicBool,
 }
@@ -154,10 +157,15 @@ impl std::fmt::Debug for CarrierSocket {
 }
 
 impl CarrierSocket {
-    pub(crate) fn new(udp: Arc<dyn quinn::AsyncUdpSocket>, carriers: Arc<Carriers>) -> Self {
+    pub(crate) fn new(
+        udp: Arc<dyn quinn::AsyncUdpSocket>,
+        carriers: Arc<Carriers>,
+        reads_carriers: bool,
+    ) -> Self {
         Self {
             udp,
             carriers,
+            reads_carriers,
             carriers_first: AtomicBool::new(false),
         }
     }
@@ -190,6 +198,9 @@ impl quinn::AsyncUdpSocket for CarrierSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        if !self.reads_carriers {
+            return self.udp.poll_recv(cx, bufs, meta);
+        }
         self.carriers.inbound.poll_with_udp(
             &*self.udp,
             &self.carriers_first,

@@ -37,6 +37,11 @@ pub struct RelayConfig {
     /// away from the workers that carry established sessions; 0 does it
     /// on the workers.
     pub handshake_threads: usize,
+    /// QUIC endpoints, each with its own UDP socket on `listen`
+    /// (`SO_REUSEPORT`) and its own packet-processing task; connections
+    /// stay with their shard when clients move (see the README's *Relay
+    /// shards*). 1 to [`crate::MAX_SHARDS`]; default 1.
+    pub shards: usize,
     /// QUIC Initials without a token (first contact) per source address
     /// and in total; more are dropped before the handshake starts.
     pub initials: crate::InitialLimits,
@@ -123,6 +128,7 @@ impl RelayConfig {
             hello_timeout: Duration::from_secs(10),
             max_handshakes: crate::MAX_HANDSHAKES,
             handshake_threads: 1,
+            shards: 1,
             initials: crate::InitialLimits::default(),
             retry_above: 64,
             connections_per_ip: Some(crate::limits::Rate::new(50.0, 500.0)),

@@ -23,12 +23,21 @@ pub(crate) const INITIAL_STREAMS: u32 = 8;
 /// Used when the configured idle timeout does not fit QUIC's.
 const DEFAULT_IDLE: Duration = Duration::from_secs(15);
 
-/// Binds the UDP socket and builds the QUIC server endpoint.
+/// What [`bind`] made: one endpoint per shard (the first also dials the
+/// mesh), the initials the gates dropped, the shards' hand-over table.
+pub(crate) struct Bound {
+    pub(crate) endpoints: Vec<quinn::Endpoint>,
+    pub(crate) initials_dropped: prometheus::IntCounter,
+    pub(crate) shards: Arc<crate::shards::ShardTable>,
+}
+
+/// Binds the UDP socket(s) and builds the QUIC server endpoint of each
+/// shard (see [`crate::shards`]).
 pub(crate) fn bind(
     config: &RelayConfig,
     certs: Option<Arc<dyn rustls::server::ResolvesServerCert>>,
     carriers: Arc<crate::carrier::Carriers>,
-) -> Result<(quinn::Endpoint, prometheus::IntCounter), RelayError> {
+) -> Result<Bound, RelayError> {
     let tls = config
         .identity
         .server_config_with(&[swb_wire::ALPN, swb_wire::MESH_ALPN], certs)?;
@@ -53,31 +62,73 @@ pub(crate) fn bind(
     // TUN packets ride datagrams; unread ones are bounded like the window.
     transport.datagram_receive_buffer_size(Some(swb_quic::RELAY_DATAGRAM_BUFFER));
     server.transport_config(Arc::new(transport));
-    let bind_err = |source| RelayError::Bind {
-        addr: config.listen,
-        source,
-    };
+    let n = config.shards;
+    if n == 0 || n > crate::shards::MAX_SHARDS {
+        return Err(RelayError::Config(format!(
+            "shards must be 1 to {} (got {n})",
+            crate::shards::MAX_SHARDS
+        )));
+    }
+    let config_err = |e: prometheus::Error| RelayError::Config(e.to_string());
+    let table = crate::shards::ShardTable::new(n).map_err(config_err)?;
     let runtime = Arc::new(crate::offload::MainRuntime(
         tokio::runtime::Handle::current(),
     ));
-    let sock = crate::udp_socket(config.listen).map_err(bind_err)?;
-    let sock = quinn::Runtime::wrap_udp_socket(&*runtime, sock).map_err(bind_err)?;
-    // TCP carriers enter the endpoint beside UDP, under the gate.
-    let sock: Arc<dyn quinn::AsyncUdpSocket> =
-        Arc::new(crate::carrier::CarrierSocket::new(sock, carriers));
-    let gate = Arc::new(
-        crate::gate::Gate::new(sock, config.initials)
-            .map_err(|e| RelayError::Config(e.to_string()))?,
-    );
-    let dropped = gate.dropped.clone();
-    let endpoint = quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
-        Some(server),
-        gate,
-        runtime,
-    )
-    .map_err(bind_err)?;
-    Ok((endpoint, dropped))
+    let mut endpoints = Vec::with_capacity(n);
+    let mut first_gate: Option<Arc<crate::gate::Gate>> = None;
+    let mut addr = config.listen;
+    for shard in 0..n {
+        let at = addr;
+        let bind_err = move |source| RelayError::Bind { addr: at, source };
+        // One shard: a plain socket (a second relay on the port is refused).
+        let sock = if n == 1 {
+            crate::udp_socket(addr)
+        } else {
+            swb_quic::udp_socket_shared(addr)
+        }
+        .map_err(bind_err)?;
+        // The others join the first one's port (port 0 picked one).
+        addr = sock.local_addr().map_err(bind_err)?;
+        let sock = quinn::Runtime::wrap_udp_socket(&*runtime, sock).map_err(bind_err)?;
+        // TCP carriers enter the first shard's endpoint beside UDP.
+        let sock: Arc<dyn quinn::AsyncUdpSocket> = Arc::new(crate::carrier::CarrierSocket::new(
+            sock,
+            carriers.clone(),
+            shard == 0,
+        ));
+        let sock: Arc<dyn quinn::AsyncUdpSocket> = if n == 1 {
+            sock
+        } else {
+            Arc::new(crate::shards::ShardSocket::new(sock, shard, table.clone()))
+        };
+        // Under the gate (its limits are the relay's, across shards).
+        let gate = Arc::new(match &first_gate {
+            None => crate::gate::Gate::new(sock, config.initials).map_err(config_err)?,
+            Some(g) => g.share(sock),
+        });
+        first_gate.get_or_insert_with(|| gate.clone());
+        let mut ep_config = quinn::EndpointConfig::default();
+        if n > 1 {
+            let id = shard as u8;
+            ep_config.cid_generator(move || Box::new(crate::shards::ShardCids { shard: id }));
+        }
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            ep_config,
+            Some(server.clone()),
+            gate,
+            runtime.clone(),
+        )
+        .map_err(bind_err)?;
+        endpoints.push(endpoint);
+    }
+    let initials_dropped = first_gate
+        .map(|g| g.dropped.clone())
+        .ok_or_else(|| RelayError::Config("no shard".into()))?;
+    Ok(Bound {
+        endpoints,
+        initials_dropped,
+        shards: table,
+    })
 }
 
 /// Takes one connection through its TLS handshake, then hands it on by

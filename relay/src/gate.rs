@@ -42,7 +42,8 @@ struct Tables {
 /// A UDP socket that drops tokenless Initials over the limits.
 pub(crate) struct Gate {
     inner: Arc<dyn quinn::AsyncUdpSocket>,
-    tables: Mutex<Tables>,
+    /// Shared by the gates of a relay's shards: the limits are the relay's.
+    tables: Arc<Mutex<Tables>>,
     /// Initials dropped (metrics).
     pub(crate) dropped: IntCounter,
 }
@@ -80,15 +81,25 @@ impl Gate {
     ) -> Result<Self, prometheus::Error> {
         Ok(Self {
             inner,
-            tables: Mutex::new(Tables {
+            tables: Arc::new(Mutex::new(Tables {
                 per_ip: limits.per_ip.map(|r| Limiter::new(r, 65_536)),
                 total: limits.total.map(|r| Limiter::new(r, 1)),
-            }),
+            })),
             dropped: IntCounter::new(
                 "swb_relay_initials_dropped_total",
                 "QUIC Initials without a token dropped before the handshake for being over the per-address or total rate.",
             )?,
         })
+    }
+
+    /// The gate of another shard's socket, under the same limits and
+    /// counting into the same metric.
+    pub(crate) fn share(&self, inner: Arc<dyn quinn::AsyncUdpSocket>) -> Self {
+        Self {
+            inner,
+            tables: self.tables.clone(),
+            dropped: self.dropped.clone(),
+        }
     }
 
     fn admit(&self, t: &mut Tables, from: IpAddr, now: tokio::time::Instant) -> bool {
@@ -107,10 +118,10 @@ impl Gate {
 }
 
 /// Keeps the first `n` received entries that `keep` (given the entry and
-/// its first datagram) admits, moved to the front in order, their bytes
-/// with them: what is returned is only what quinn should see (it is not
-/// asked to skip anything). Their number.
-fn compact(
+/// its bytes: its datagrams, `stride` apart) admits, moved to the front in
+/// order, their bytes with them: what is returned is only what quinn
+/// should see (it is not asked to skip anything). Their number.
+pub(crate) fn compact(
     bufs: &mut [IoSliceMut<'_>],
     meta: &mut [quinn::udp::RecvMeta],
     n: usize,
@@ -120,8 +131,7 @@ fn compact(
     let mut kept = 0;
     for j in 0..n {
         let len = meta[j].len.min(bufs[j].len());
-        let first = &bufs[j][..len.min(meta[j].stride)];
-        if !keep(&meta[j], first) {
+        if !keep(&meta[j], &bufs[j][..len]) {
             continue;
         }
         if kept != j {
@@ -159,10 +169,11 @@ impl quinn::AsyncUdpSocket for Gate {
             };
             let mut tables = None;
             let now = tokio::time::Instant::now();
-            let kept = compact(bufs, meta, n, |m, first| {
+            let kept = compact(bufs, meta, n, |m, entry| {
                 // One entry holds datagrams of one source (GRO); an
-                // Initial arrives alone or first, padded to the full size.
-                if !tokenless_initial(first) {
+                // Initial arrives alone or first, padded to the full size
+                // (its header is at the entry's start either way).
+                if !tokenless_initial(entry) {
                     return true;
                 }
                 let t = tables

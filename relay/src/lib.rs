@@ -64,6 +64,7 @@ mod offload;
 mod placement;
 mod router;
 mod services;
+mod shards;
 pub mod tls;
 
 pub use config::{HttpListen, RelayConfig};
@@ -92,6 +93,7 @@ pub use swb_quic::{
 pub use tls::Identity;
 
 pub(crate) use endpoint::INITIAL_STREAMS;
+pub use shards::MAX_SHARDS;
 
 use mesh::Mesh;
 use router::Router;
@@ -235,6 +237,9 @@ pub struct RelayHandle {
     router: Arc<Router>,
     mesh: Option<Arc<Mesh>>,
     carriers: Arc<carrier::Carriers>,
+    /// One QUIC endpoint per shard.
+    endpoints: Vec<quinn::Endpoint>,
+    shards: Arc<shards::ShardTable>,
     tasks: TaskTracker,
     task: Option<JoinHandle<()>>,
 }
@@ -269,8 +274,13 @@ impl Relay {
             .clone()
             .map(|s| s as Arc<dyn rustls::server::ResolvesServerCert>);
         let carriers = Arc::new(carrier::Carriers::default());
-        let (endpoint, initials_dropped) =
-            endpoint::bind(&config, certs.clone(), carriers.clone())?;
+        let endpoint::Bound {
+            endpoints,
+            initials_dropped,
+            shards,
+        } = endpoint::bind(&config, certs.clone(), carriers.clone())?;
+        // The first shard's endpoint dials the mesh.
+        let endpoint = endpoints[0].clone();
         let local_addr = endpoint.local_addr().map_err(|source| RelayError::Bind {
             addr: config.listen,
             source,
@@ -331,6 +341,10 @@ impl Relay {
         metrics
             .registry
             .register(Box::new(initials_dropped))
+            .map_err(|e| RelayError::Config(e.to_string()))?;
+        metrics
+            .registry
+            .register(Box::new(shards.forwarded.clone()))
             .map_err(|e| RelayError::Config(e.to_string()))?;
         if let Some(s) = &stapler {
             for g in [&s.gauge, &s.expires_gauge] {
@@ -416,7 +430,7 @@ impl Relay {
             None => (None, None),
         };
         let main = Main {
-            endpoint,
+            endpoints: endpoints.clone(),
             carriers: carriers.clone(),
             router: router.clone(),
             mesh: mesh.clone(),
@@ -437,6 +451,8 @@ impl Relay {
             router,
             mesh,
             carriers,
+            endpoints,
+            shards,
             tasks,
             task: Some(task),
         })
@@ -447,6 +463,20 @@ impl RelayHandle {
     /// The bound UDP address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Connections each shard's endpoint holds now (one entry per shard).
+    pub fn shard_connections(&self) -> Vec<usize> {
+        self.endpoints
+            .iter()
+            .map(|e| e.open_connections())
+            .collect()
+    }
+
+    /// UDP packets a shard received for another shard's connection and
+    /// handed over (clients that moved; `swb_relay_shard_forwarded_total`).
+    pub fn shard_forwarded(&self) -> u64 {
+        self.shards.forwarded.get()
     }
 
     /// The bound TCP address of the HTTPS endpoint, if it runs.
@@ -491,6 +521,9 @@ impl RelayHandle {
 
     /// Waits until every task of the relay has ended.
     pub async fn join(mut self) {
+        // The main task closes the endpoints; these handles must not keep
+        // them (and the port) open past it.
+        self.endpoints.clear();
         if let Some(t) = self.task.take() {
             let _ = t.await;
         }
@@ -629,7 +662,8 @@ impl Drop for RelayHandle {
 
 /// The relay's main task and what it owns.
 struct Main {
-    endpoint: quinn::Endpoint,
+    /// One per shard.
+    endpoints: Vec<quinn::Endpoint>,
     carriers: Arc<carrier::Carriers>,
     router: Arc<Router>,
     mesh: Option<Arc<Mesh>>,
@@ -646,7 +680,7 @@ impl Main {
     /// moves held mail whose home moved. Then the shutdown sequence.
     async fn run(self) {
         let Main {
-            endpoint,
+            endpoints,
             carriers,
             router,
             mesh,
@@ -732,7 +766,7 @@ impl Main {
                         }
                     }
                 }
-                incoming = endpoint.accept() => {
+                incoming = accept_any(&endpoints) => {
                     let Some(incoming) = incoming else { break };
                     // Busy: an address must prove it receives our packets
                     // (a Retry round trip) before it gets a handshake slot.
@@ -821,7 +855,9 @@ impl Main {
         }
         // Drain: sessions saw the cancellation (their tokens are children) and
         // say goodbye; give them a grace period, then stop the rest.
-        endpoint.set_server_config(None);
+        for e in &endpoints {
+            e.set_server_config(None);
+        }
         let grace = config.shutdown_grace;
         if tokio::time::timeout(grace, async {
             while sessions.join_next().await.is_some() {}
@@ -842,8 +878,26 @@ impl Main {
         // Everything accepted is in the store already; make the last
         // removals durable too.
         services.flush_store().await;
-        endpoint.close(swb_wire::close::NORMAL.into(), b"relay shutting down");
-        let _ = tokio::time::timeout(CLOSE_LINGER, endpoint.wait_idle()).await;
+        for e in &endpoints {
+            e.close(swb_wire::close::NORMAL.into(), b"relay shutting down");
+        }
+        let _ = tokio::time::timeout(
+            CLOSE_LINGER,
+            futures_util::future::join_all(endpoints.iter().map(|e| e.wait_idle())),
+        )
+        .await;
         info!("relay stopped");
+    }
+}
+
+/// The next connection any shard's endpoint accepts; `None` once one of
+/// them is closed (they close together, at shutdown).
+async fn accept_any(endpoints: &[quinn::Endpoint]) -> Option<quinn::Incoming> {
+    match endpoints {
+        [one] => one.accept().await,
+        many => {
+            let accepts = many.iter().map(|e| Box::pin(e.accept()));
+            futures_util::future::select_all(accepts).await.0
+        }
     }
 }

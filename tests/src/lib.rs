@@ -90,6 +90,8 @@ pub struct RelayOptions {
     pub ocsp: swb_relay::OcspConfig,
     /// The IPv4 range of TUN addresses.
     pub tun_range: (std::net::Ipv4Addr, u8),
+    /// QUIC endpoints sharing the UDP port.
+    pub shards: usize,
 }
 
 impl Default for RelayOptions {
@@ -110,6 +112,7 @@ impl Default for RelayOptions {
             metrics: false,
             ocsp: swb_relay::OcspConfig::default(),
             tun_range: (std::net::Ipv4Addr::new(100, 64, 0, 0), 10),
+            shards: 1,
         }
     }
 }
@@ -173,6 +176,7 @@ impl TestRelay {
         cfg.state_dir = Some(dir.path().join("state"));
         cfg.ocsp = opts.ocsp.clone();
         cfg.tun_range = opts.tun_range;
+        cfg.shards = opts.shards;
         if opts.metrics {
             cfg.metrics_listen = Some("127.0.0.1:0".parse()?);
         }
@@ -472,7 +476,7 @@ pub struct RawClient {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     reader: FrameReader,
-    _ep: quinn::Endpoint,
+    ep: quinn::Endpoint,
 }
 
 /// A rustls client config that pins `fingerprint` (test-only, via the daemon's verifier path is private; so
@@ -510,7 +514,7 @@ impl RawClient {
             send,
             recv,
             reader: FrameReader::new(),
-            _ep: ep,
+            ep,
         })
     }
 
@@ -533,6 +537,14 @@ impl RawClient {
         c.read_preamble().await?;
         let f = c.read_frame().await?;
         Ok((c, f))
+    }
+
+    /// Moves the client to a fresh UDP socket on `127.0.0.1:0`, as a NAT
+    /// rebinding or a new network would: the same connection, from a new
+    /// source port.
+    pub fn rebind(&self) -> Result<()> {
+        self.ep.rebind(std::net::UdpSocket::bind("127.0.0.1:0")?)?;
+        Ok(())
     }
 
     /// Reads the relay's preamble.

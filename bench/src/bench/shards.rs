@@ -1,0 +1,187 @@
+//! `shards`: relay throughput with 1 and 2 shards (QUIC endpoints sharing
+//! the relay's UDP port, `swbd relay --shards`). A relay in its own process;
+//! in this process, `pairs` pairs of daemons, each sender pipelining 128 B
+//! messages (Rust API, `window` unanswered) to its own receiver. The figure
+//! is deliveries per second over all pairs. Relays with 1 and 2 shards
+//! alternate, `runs` each; medians and min–max.
+
+use super::{median, min_max, record, spawn_self};
+use crate::Output;
+use anyhow::{Context, Result};
+use clap::Args;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use swb_daemon::{ApiKey, Daemon, DaemonConfig, Trust};
+use swb_relay::keys::{self, KeysFile};
+
+#[derive(Debug, Args)]
+pub(crate) struct ShardsArgs {
+    /// Pairs of daemons (each its own QUIC connection, so the kernel
+    /// spreads them over the shards' sockets).
+    #[arg(long, default_value_t = 8)]
+    pub(crate) pairs: usize,
+    /// Messages per pair per run.
+    #[arg(long, default_value_t = 40_000)]
+    pub(crate) messages: usize,
+    /// Sends each sender keeps unanswered.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) window: usize,
+    /// Runs per shard count (alternating).
+    #[arg(long, default_value_t = 3)]
+    pub(crate) runs: usize,
+}
+
+/// One relay process with `shards` shards; deliveries per second.
+async fn one_run(a: &ShardsArgs, shards: usize) -> Result<f64> {
+    let tmp = tempfile::tempdir()?;
+    let new = keys::generate("bench", "bench")?;
+    let keys_path = tmp.path().join("keys.toml");
+    KeysFile {
+        keys: vec![new.entry],
+    }
+    .save(&keys_path)?;
+    let data = tmp.path().join("relay");
+    let shards_s = shards.to_string();
+    let mut addr: Option<SocketAddr> = None;
+    let args = [
+        "relay-process",
+        "--data-dir",
+        data.to_str().context("path")?,
+        "--keys",
+        keys_path.to_str().context("path")?,
+        "--shards",
+        &shards_s,
+    ];
+    let (_relay, (addr, fingerprint), _pid) = spawn_self(&args, |l| {
+        if let Some(x) = l.strip_prefix("relay listening on ") {
+            addr = x.split_whitespace().next().and_then(|a| a.parse().ok());
+        }
+        let fp = l.strip_prefix("fingerprint ")?;
+        Some((addr?, fp.to_string()))
+    })
+    .await?;
+    let config = |name: &str| {
+        let mut c = DaemonConfig::new(
+            addr.to_string(),
+            Trust::Fingerprint(fingerprint.clone()),
+            name,
+            ApiKey::new(new.key.clone()),
+            tmp.path().join(format!("{name}.sock")),
+        );
+        c.connect_timeout = Duration::from_secs(10);
+        c
+    };
+    let mut daemons = Vec::new();
+    for i in 0..a.pairs {
+        for side in ["s", "r"] {
+            let d = Daemon::spawn(config(&format!("{side}{i}"))).await?;
+            d.connected().await.map_err(anyhow::Error::msg)?;
+            daemons.push(d);
+        }
+    }
+    let total = a.pairs * a.messages;
+    let got = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let finished = done.notified();
+    tokio::pin!(finished);
+    finished.as_mut().enable();
+    let mut readers = tokio::task::JoinSet::new();
+    for d in daemons.iter().skip(1).step_by(2) {
+        readers.spawn(receive(d.receiver(), got.clone(), done.clone(), total));
+    }
+    let body = bytes::Bytes::from(vec![0x42u8; 128]);
+    let t = Instant::now();
+    let mut writers = tokio::task::JoinSet::new();
+    for (i, d) in daemons.iter().step_by(2).enumerate() {
+        let tx = d.sender();
+        let (to, body, n, window) = (format!("r{i}"), body.clone(), a.messages, a.window);
+        writers.spawn(async move {
+            let mut waiting = std::collections::VecDeque::with_capacity(window);
+            for _ in 0..n {
+                if waiting.len() >= window.max(1) {
+                    let mut p: swb_daemon::PendingSend = waiting.pop_front().context("window")?;
+                    p.answer().await?;
+                }
+                waiting.push_back(
+                    tx.submit(&to, body.clone(), Duration::from_secs(30))
+                        .await?,
+                );
+            }
+            for mut p in waiting {
+                p.answer().await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = writers.join_next().await {
+        r??;
+    }
+    tokio::time::timeout(Duration::from_secs(120), finished)
+        .await
+        .context("not all delivered")?;
+    let rate = total as f64 / t.elapsed().as_secs_f64();
+    readers.abort_all();
+    for d in daemons {
+        d.shutdown();
+    }
+    Ok(rate)
+}
+
+/// Receives and acknowledges until stopped; wakes `done` once `got`
+/// reaches `total`.
+async fn receive(
+    mut rx: swb_daemon::Receiver,
+    got: Arc<AtomicUsize>,
+    done: Arc<tokio::sync::Notify>,
+    total: usize,
+) -> Result<()> {
+    loop {
+        let msgs = rx.recv(1000, Duration::from_secs(30)).await?;
+        if !msgs.is_empty() {
+            rx.ack(&msgs.iter().map(|m| m.id).collect::<Vec<_>>())
+                .await?;
+            if got.fetch_add(msgs.len(), Ordering::Relaxed) + msgs.len() >= total {
+                done.notify_one();
+            }
+        }
+    }
+}
+
+pub(crate) async fn shards_bench(a: ShardsArgs, out: &Output) -> Result<()> {
+    let (mut one, mut two) = (Vec::new(), Vec::new());
+    for _ in 0..a.runs.max(1) {
+        one.push(one_run(&a, 1).await?);
+        two.push(one_run(&a, 2).await?);
+    }
+    let (m1, m2) = (median(one.clone()), median(two.clone()));
+    let ((lo1, hi1), (lo2, hi2)) = (min_max(&one), min_max(&two));
+    let ratio = m2 / m1;
+    record(
+        "shards",
+        "deliveries/s with 2 shards (vs 1 shard)",
+        m2,
+        m1,
+        true,
+        1.6,
+    );
+    if out.json {
+        println!(
+            "{}",
+            serde_json::json!({"bench": "shards", "pairs": a.pairs, "messages_per_pair": a.messages,
+                "one_shard_per_sec": one, "two_shards_per_sec": two, "ratio_of_medians": ratio})
+        );
+    } else {
+        println!(
+            "shards: {} pairs of daemons, 128 B messages, {} unanswered per sender, relay in its own process; {} runs each, alternating",
+            a.pairs,
+            a.window,
+            a.runs.max(1)
+        );
+        println!("  1 shard   {m1:>9.0}/s  ({lo1:.0}–{hi1:.0})");
+        println!("  2 shards  {m2:>9.0}/s  ({lo2:.0}–{hi2:.0})");
+        println!("  ratio {ratio:.2} (goal >= 1.6)");
+    }
+    Ok(())
+}
