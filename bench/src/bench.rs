@@ -1144,6 +1144,68 @@ pub(crate) async fn relay_process_main(a: RelayProcessArgs) -> Result<()> {
     Ok(())
 }
 
+/// A relay in its own process (`relay-process`, more flags in `extra`),
+/// with a fresh keys file of one key in a temp dir, and daemon configs
+/// that reach it with that key.
+pub(crate) struct RelayProc {
+    _child: Child,
+    pub(crate) addr: std::net::SocketAddr,
+    pub(crate) fingerprint: String,
+    key: String,
+    /// Keys file, the relay's data dir, daemons' sockets; for the caller too.
+    pub(crate) dir: tempfile::TempDir,
+}
+
+impl RelayProc {
+    pub(crate) async fn start(extra: &[&str]) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let new = keys::generate("bench", "bench")?;
+        let keys_path = dir.path().join("keys.toml");
+        KeysFile {
+            keys: vec![new.entry],
+        }
+        .save(&keys_path)?;
+        let data = dir.path().join("relay");
+        let mut args = vec![
+            "relay-process",
+            "--data-dir",
+            data.to_str().context("path")?,
+            "--keys",
+            keys_path.to_str().context("path")?,
+        ];
+        args.extend_from_slice(extra);
+        let mut addr: Option<std::net::SocketAddr> = None;
+        let (child, (addr, fingerprint), _pid) = spawn_self(&args, |l| {
+            if let Some(x) = l.strip_prefix("relay listening on ") {
+                addr = x.split_whitespace().next().and_then(|a| a.parse().ok());
+            }
+            let fp = l.strip_prefix("fingerprint ")?;
+            Some((addr?, fp.to_string()))
+        })
+        .await?;
+        Ok(Self {
+            _child: child,
+            addr,
+            fingerprint,
+            key: new.key,
+            dir,
+        })
+    }
+
+    /// A daemon `name` of this relay's key (control socket in the temp dir).
+    pub(crate) fn daemon_config(&self, name: &str) -> DaemonConfig {
+        let mut c = DaemonConfig::new(
+            self.addr.to_string(),
+            Trust::Fingerprint(self.fingerprint.clone()),
+            name,
+            ApiKey::new(self.key.clone()),
+            self.dir.path().join(format!("{name}.sock")),
+        );
+        c.connect_timeout = Duration::from_secs(10);
+        c
+    }
+}
+
 /// `swbd-bench bare-server`: a bare quinn server process for the idle
 /// baseline (prints its address and fingerprint).
 #[derive(Debug, Args)]

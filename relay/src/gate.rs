@@ -121,7 +121,7 @@ impl Gate {
 /// its bytes: its datagrams, `stride` apart) admits, moved to the front in
 /// order, their bytes with them: what is returned is only what quinn
 /// should see (it is not asked to skip anything). Their number.
-pub(crate) fn compact(
+fn compact(
     bufs: &mut [IoSliceMut<'_>],
     meta: &mut [quinn::udp::RecvMeta],
     n: usize,
@@ -158,18 +158,14 @@ impl quinn::AsyncUdpSocket for Gate {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        // Batches that were all dropped, read one after another: past this,
-        // the endpoint driver yields (woken again at once) instead of
-        // spinning on a flood with nothing counted as work.
-        const ALL_DROPPED: usize = 16;
-        for _ in 0..ALL_DROPPED {
-            let n = match self.inner.poll_recv(cx, bufs, meta) {
-                Poll::Ready(Ok(n)) => n,
-                other => return other,
-            };
-            let mut tables = None;
-            let now = tokio::time::Instant::now();
-            let kept = compact(bufs, meta, n, |m, entry| {
+        let mut tables = None;
+        let now = tokio::time::Instant::now();
+        poll_kept(
+            cx,
+            bufs,
+            meta,
+            |cx, bufs, meta| self.inner.poll_recv(cx, bufs, meta),
+            |m, entry| {
                 // One entry holds datagrams of one source (GRO); an
                 // Initial arrives alone or first, padded to the full size
                 // (its header is at the entry's start either way).
@@ -183,15 +179,39 @@ impl quinn::AsyncUdpSocket for Gate {
                     self.dropped.inc();
                 }
                 ok
-            });
-            // All of them dropped: read on (the socket may hold more).
-            if kept > 0 {
-                return Poll::Ready(Ok(kept));
-            }
-        }
-        cx.waker().wake_by_ref();
-        Poll::Pending
+            },
+        )
     }
+}
+
+/// Reads entries with `recv` and returns those `keep` admits ([`compact`]).
+/// A batch with none left is read past, up to 16 in a row; then the
+/// endpoint driver yields (woken again at once) instead of spinning on a
+/// flood with nothing counted as work.
+pub(crate) fn poll_kept<'a>(
+    cx: &mut Context,
+    bufs: &mut [IoSliceMut<'a>],
+    meta: &mut [quinn::udp::RecvMeta],
+    mut recv: impl FnMut(
+        &mut Context,
+        &mut [IoSliceMut<'a>],
+        &mut [quinn::udp::RecvMeta],
+    ) -> Poll<io::Result<usize>>,
+    mut keep: impl FnMut(&quinn::udp::RecvMeta, &[u8]) -> bool,
+) -> Poll<io::Result<usize>> {
+    const ALL_DROPPED: usize = 16;
+    for _ in 0..ALL_DROPPED {
+        let n = match recv(cx, bufs, meta) {
+            Poll::Ready(Ok(n)) => n,
+            other => return other,
+        };
+        let kept = compact(bufs, meta, n, &mut keep);
+        if kept > 0 {
+            return Poll::Ready(Ok(kept));
+        }
+    }
+    cx.waker().wake_by_ref();
+    Poll::Pending
 }
 
 #[cfg(test)]

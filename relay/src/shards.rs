@@ -153,29 +153,27 @@ impl quinn::AsyncUdpSocket for ShardSocket {
         meta: &mut [quinn::udp::RecvMeta],
     ) -> Poll<io::Result<usize>> {
         let shards = self.table.len();
-        // Batches that were all handed over, read one after another: past
-        // this the driver yields (woken again at once).
-        const ALL_HANDED: usize = 16;
-        for _ in 0..ALL_HANDED {
-            let n = match self.table.inbound[self.shard].poll_with_udp(
-                &*self.inner,
-                &self.handed_first,
-                cx,
-                bufs,
-                meta,
-                |_| {},
-            ) {
-                Poll::Ready(Ok(n)) => n,
-                other => return other,
-            };
-            let kept = crate::gate::compact(bufs, meta, n, |m, whole| {
-                let Some(to) = shard_of(whole, shards).filter(|&s| s != self.shard) else {
+        crate::gate::poll_kept(
+            cx,
+            bufs,
+            meta,
+            |cx, bufs, meta| {
+                self.table.inbound[self.shard].poll_with_udp(
+                    &*self.inner,
+                    &self.handed_first,
+                    cx,
+                    bufs,
+                    meta,
+                    |_| {},
+                )
+            },
+            |m, entry| {
+                let Some(to) = shard_of(entry, shards).filter(|&s| s != self.shard) else {
                     return true;
                 };
                 // One entry holds datagrams of one source (GRO), so of one
                 // connection: all of them go.
-                let stride = m.stride.max(1);
-                for seg in whole[..m.len.min(whole.len())].chunks(stride) {
+                for seg in entry.chunks(m.stride.max(1)) {
                     // A full queue drops the packet, as a full socket would.
                     if self.table.senders[to]
                         .try_send((m.addr, Bytes::copy_from_slice(seg)))
@@ -185,13 +183,8 @@ impl quinn::AsyncUdpSocket for ShardSocket {
                     }
                 }
                 false
-            });
-            if kept > 0 {
-                return Poll::Ready(Ok(kept));
-            }
-        }
-        cx.waker().wake_by_ref();
-        Poll::Pending
+            },
+        )
     }
 }
 

@@ -12,7 +12,7 @@
 //! and without per-address limits with handshakes on the runtime's workers
 //! (`--handshake-threads 0`) instead of the low-priority handshake thread.
 
-use super::{ours_latency, pct, record, spawn_self, Hist, RESPONDER};
+use super::{ours_latency, pct, record, spawn_self, Hist, RelayProc, RESPONDER};
 use crate::Output;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -21,8 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use swb_daemon::{ApiKey, Daemon, DaemonConfig, Trust};
-use swb_relay::keys::{self, KeysFile};
+use swb_daemon::Daemon;
 
 #[derive(Debug, Args)]
 pub(crate) struct FloodArgs {
@@ -189,47 +188,14 @@ async fn one_relay(
     phases: &[Phase],
     run: usize,
 ) -> Result<(Vec<Figures>, u64)> {
-    let tmp = tempfile::tempdir()?;
-    let new = keys::generate("bench", "bench")?;
-    let keys_path = tmp.path().join("keys.toml");
-    KeysFile {
-        keys: vec![new.entry],
-    }
-    .save(&keys_path)?;
-    let data = tmp.path().join("relay");
     let threads_s = threads.to_string();
-    let mut addr: Option<SocketAddr> = None;
-    let mut args = vec![
-        "relay-process",
-        "--data-dir",
-        data.to_str().context("path")?,
-        "--keys",
-        keys_path.to_str().context("path")?,
-        "--handshake-threads",
-        &threads_s,
-    ];
+    let mut extra = vec!["--handshake-threads", &threads_s];
     if deployed_limits {
-        args.push("--deployed-limits");
+        extra.push("--deployed-limits");
     }
-    let (_relay, (addr, fingerprint), _pid) = spawn_self(&args, |l| {
-        if let Some(x) = l.strip_prefix("relay listening on ") {
-            addr = x.split_whitespace().next().and_then(|a| a.parse().ok());
-        }
-        let fp = l.strip_prefix("fingerprint ")?;
-        Some((addr?, fp.to_string()))
-    })
-    .await?;
-    let daemon = |name: &str| {
-        let mut c = DaemonConfig::new(
-            addr.to_string(),
-            Trust::Fingerprint(fingerprint.clone()),
-            name,
-            ApiKey::new(new.key.clone()),
-            tmp.path().join(format!("{name}.sock")),
-        );
-        c.connect_timeout = Duration::from_secs(10);
-        c
-    };
+    let relay = RelayProc::start(&extra).await?;
+    let (addr, fingerprint, tmp) = (relay.addr, relay.fingerprint.clone(), &relay.dir);
+    let daemon = |name: &str| relay.daemon_config(name);
     let req = Daemon::spawn(daemon("requester")).await?;
     let resp = Daemon::spawn(daemon(RESPONDER)).await?;
     req.connected().await.map_err(anyhow::Error::msg)?;

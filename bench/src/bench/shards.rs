@@ -5,16 +5,14 @@
 //! is deliveries per second over all pairs. Relays with 1 and 2 shards
 //! alternate, `runs` each; medians and min–max.
 
-use super::{median, min_max, record, spawn_self};
+use super::{median, min_max, record, RelayProc};
 use crate::Output;
 use anyhow::{Context, Result};
 use clap::Args;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use swb_daemon::{ApiKey, Daemon, DaemonConfig, Trust};
-use swb_relay::keys::{self, KeysFile};
+use swb_daemon::Daemon;
 
 #[derive(Debug, Args)]
 pub(crate) struct ShardsArgs {
@@ -35,48 +33,12 @@ pub(crate) struct ShardsArgs {
 
 /// One relay process with `shards` shards; deliveries per second.
 async fn one_run(a: &ShardsArgs, shards: usize) -> Result<f64> {
-    let tmp = tempfile::tempdir()?;
-    let new = keys::generate("bench", "bench")?;
-    let keys_path = tmp.path().join("keys.toml");
-    KeysFile {
-        keys: vec![new.entry],
-    }
-    .save(&keys_path)?;
-    let data = tmp.path().join("relay");
     let shards_s = shards.to_string();
-    let mut addr: Option<SocketAddr> = None;
-    let args = [
-        "relay-process",
-        "--data-dir",
-        data.to_str().context("path")?,
-        "--keys",
-        keys_path.to_str().context("path")?,
-        "--shards",
-        &shards_s,
-    ];
-    let (_relay, (addr, fingerprint), _pid) = spawn_self(&args, |l| {
-        if let Some(x) = l.strip_prefix("relay listening on ") {
-            addr = x.split_whitespace().next().and_then(|a| a.parse().ok());
-        }
-        let fp = l.strip_prefix("fingerprint ")?;
-        Some((addr?, fp.to_string()))
-    })
-    .await?;
-    let config = |name: &str| {
-        let mut c = DaemonConfig::new(
-            addr.to_string(),
-            Trust::Fingerprint(fingerprint.clone()),
-            name,
-            ApiKey::new(new.key.clone()),
-            tmp.path().join(format!("{name}.sock")),
-        );
-        c.connect_timeout = Duration::from_secs(10);
-        c
-    };
+    let relay = RelayProc::start(&["--shards", &shards_s]).await?;
     let mut daemons = Vec::new();
     for i in 0..a.pairs {
         for side in ["s", "r"] {
-            let d = Daemon::spawn(config(&format!("{side}{i}"))).await?;
+            let d = Daemon::spawn(relay.daemon_config(&format!("{side}{i}"))).await?;
             d.connected().await.map_err(anyhow::Error::msg)?;
             daemons.push(d);
         }
