@@ -862,6 +862,26 @@ impl Drop for TinyHttp {
     }
 }
 
+/// UDP to `relay` through a forwarder that can be cut, and TCP on the
+/// same port number forwarded to the relay's HTTPS port (where a daemon
+/// dialing the forwarder opens its TCP carrier).
+pub async fn cuttable(relay: &TestRelay) -> Result<(UdpCut, tokio::task::JoinHandle<()>)> {
+    let cut = UdpCut::start(relay.addr()).await?;
+    let tcp = tokio::net::TcpListener::bind(cut.addr).await?;
+    let https = relay.http_addr();
+    let fwd = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((mut a, _)) = tcp.accept().await {
+            conns.spawn(async move {
+                if let Ok(mut b) = tokio::net::TcpStream::connect(https).await {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+        }
+    });
+    Ok((cut, fwd))
+}
+
 /// A UDP forwarder between one client and a relay that can be cut: after
 /// [`UdpCut::cut`] every datagram is dropped both ways, as when a machine
 /// loses power or its network. Daemons connect to [`UdpCut::addr`].

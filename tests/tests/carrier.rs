@@ -13,31 +13,11 @@ async fn carrier_of(d: &TestDaemon) -> Result<Option<String>> {
     Ok(d.client().await?.status().await?.carrier)
 }
 
-/// UDP to `relay` through a forwarder that can be cut, and TCP on the
-/// same port number forwarded to the relay's HTTPS port (where a daemon
-/// dialing the forwarder opens its carrier).
-async fn cuttable(relay: &TestRelay) -> Result<(swb_tests::UdpCut, tokio::task::JoinHandle<()>)> {
-    let cut = swb_tests::UdpCut::start(relay.addr()).await?;
-    let tcp = tokio::net::TcpListener::bind(cut.addr).await?;
-    let https = relay.http_addr();
-    let fwd = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        while let Ok((mut a, _)) = tcp.accept().await {
-            conns.spawn(async move {
-                if let Ok(mut b) = tokio::net::TcpStream::connect(https).await {
-                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
-                }
-            });
-        }
-    });
-    Ok((cut, fwd))
-}
-
 #[tokio::test]
 async fn a_handshake_whose_udp_answers_are_dropped_finishes_on_the_carrier() -> Result<()> {
     let relay = TestRelay::spawn().await?;
     let key = relay.create_key("acme")?;
-    let (cut, fwd) = cuttable(&relay).await?;
+    let (cut, fwd) = swb_tests::cuttable(&relay).await?;
     // The relay hears the UDP Initial, its answers never come back.
     cut.cut_answers();
     let mut cfg = relay.daemon_config(&key, "oneway", std::path::PathBuf::new());
@@ -107,7 +87,7 @@ async fn a_daemon_on_the_tcp_carrier_sends_receives_and_streams() -> Result<()> 
 async fn auto_moves_to_the_carrier_when_udp_stops_and_back_when_it_returns() -> Result<()> {
     let relay = TestRelay::spawn().await?;
     let key = relay.create_key("acme")?;
-    let (cut, fwd) = cuttable(&relay).await?;
+    let (cut, fwd) = swb_tests::cuttable(&relay).await?;
     let hs = HashServer::start().await?;
     let addr = hs.addr;
     let mut cfg = relay.daemon_config(&key, "mover", std::path::PathBuf::new());

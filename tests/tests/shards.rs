@@ -3,12 +3,11 @@
 //! other across shards; a client whose source port changes keeps its
 //! connection although the kernel now gives its packets to another shard.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use std::path::PathBuf;
 use std::time::Duration;
-use swb_tests::{RawClient, RelayOptions, TestDaemon, TestRelay};
+use swb_tests::{RawClient, RelayOptions, TestDaemon, TestRelay, WAIT};
 use swb_wire::{Frame, Ping};
-
-const WAIT: Duration = Duration::from_secs(20);
 
 async fn relay(shards: usize) -> Result<TestRelay> {
     TestRelay::spawn_with(RelayOptions {
@@ -99,6 +98,61 @@ async fn a_client_that_moves_keeps_its_session_on_its_shard() -> Result<()> {
     assert_eq!(got.from, "peer");
     assert_eq!(&got.body[..], b"still here?");
     assert!(raw.conn.close_reason().is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_daemon_on_the_second_shard_moves_to_the_tcp_carrier_and_back() -> Result<()> {
+    let relay = relay(2).await?;
+    let key = relay.create_key("acme")?;
+    let peer = TestDaemon::start(&relay, &key, "peer").await?;
+    // A daemon reaching the relay through a UDP path that can be cut, on
+    // the shard that does not receive the TCP carriers (shard 1): each
+    // attempt is a new forwarder, so a new source port (1 chance in 2).
+    let mut found = None;
+    for attempt in 0..32 {
+        let before = relay.handle().shard_connections()[1];
+        let (cut, fwd) = swb_tests::cuttable(&relay).await?;
+        let name = format!("mover{attempt}");
+        let mut cfg = relay.daemon_config(&key, &name, PathBuf::new());
+        cfg.relays = vec![cut.addr.to_string()];
+        cfg.idle_timeout = Duration::from_secs(12);
+        cfg.silence_probe = Duration::from_secs(5);
+        let mover = TestDaemon::spawn(cfg).await?;
+        mover.wait_state(|s| s.is_connected()).await?;
+        if relay.handle().shard_connections()[1] > before {
+            found = Some((mover, name, cut, fwd));
+            break;
+        }
+        mover.handle.shutdown();
+        fwd.abort();
+    }
+    let (mover, name, cut, fwd) = found.context("no attempt landed on shard 1")?;
+    let forwarded = relay.handle().shard_forwarded();
+    // Carried packets enter through shard 0 and are handed to shard 1.
+    cut.cut();
+    swb_tests::eventually("the carrier taken", WAIT, || async {
+        let st = mover.client().await?.status().await?;
+        Ok((st.carrier.as_deref() == Some("tcp")).then_some(()))
+    })
+    .await?;
+    mover.send("peer", b"over the carrier").await?;
+    assert_eq!(peer.recv_n(1).await?[0].body(), b"over the carrier");
+    peer.send(&name, b"back over it").await?;
+    assert_eq!(mover.recv_n(1).await?[0].body(), b"back over it");
+    assert!(
+        relay.handle().shard_forwarded() > forwarded,
+        "carried packets were handed to shard 1"
+    );
+    cut.restore();
+    swb_tests::eventually("UDP taken again", WAIT, || async {
+        let st = mover.client().await?.status().await?;
+        Ok((st.carrier.as_deref() == Some("udp")).then_some(()))
+    })
+    .await?;
+    mover.send("peer", b"UDP again").await?;
+    assert_eq!(peer.recv_n(1).await?[0].body(), b"UDP again");
+    fwd.abort();
     Ok(())
 }
 
