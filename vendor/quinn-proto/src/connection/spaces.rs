@@ -38,8 +38,11 @@ pub(super) struct PacketSpace {
     /// Number of packets in `sent_packets` with numbers above `largest_ack_eliciting_sent`
     pub(super) unacked_non_ack_eliciting_tail: u64,
     /// Transmitted but not acked
-    // We use a BTreeMap here so we can efficiently query by range on ACK and for loss detection
-    pub(super) sent_packets: BTreeMap<u64, SentPacket>,
+    // We use a BTreeMap here so we can efficiently query by range on ACK and for loss detection.
+    // Boxed: a B-tree node holds 11 entries whatever its use, and an idle connection keeps one
+    // node for its one unacknowledged (often ACK-only) packet — 11 × 8 bytes of pointers instead of
+    // 11 × 96 bytes of packets.
+    pub(super) sent_packets: BTreeMap<u64, Box<SentPacket>>,
     /// Number of explicit congestion notification codepoints seen on incoming packets
     pub(super) ecn_counters: frame::EcnCounts,
     /// Recent ECN counters sent by the peer in ACK frames
@@ -206,7 +209,7 @@ impl PacketSpace {
 
     /// Stop tracking sent packet `number`, and return what we knew about it
     pub(super) fn take(&mut self, number: u64) -> Option<SentPacket> {
-        let packet = self.sent_packets.remove(&number)?;
+        let packet = *self.sent_packets.remove(&number)?;
         if !packet.ack_eliciting && number > self.largest_ack_eliciting_sent {
             self.unacked_non_ack_eliciting_tail =
                 self.unacked_non_ack_eliciting_tail.checked_sub(1).unwrap();
@@ -247,12 +250,12 @@ impl PacketSpace {
                 .remove(&oldest_after_ack_eliciting)
                 .unwrap();
             debug_assert!(!packet.ack_eliciting);
-            forgotten = Some(packet);
+            forgotten = Some(*packet);
         } else {
             self.unacked_non_ack_eliciting_tail += 1;
         }
 
-        self.sent_packets.insert(number, packet);
+        self.sent_packets.insert(number, Box::new(packet));
         forgotten
     }
 
