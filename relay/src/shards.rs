@@ -80,7 +80,9 @@ pub(crate) fn shard_of(d: &[u8], shards: usize) -> Option<usize> {
 }
 
 /// Issues connection IDs that start with the shard's number and go on
-/// with random bytes.
+/// with bytes from the system's CSPRNG (as quinn's own generator does: an
+/// observer must not predict or link a connection's IDs; the shard byte is
+/// all they share).
 #[derive(Debug)]
 pub(crate) struct ShardCids {
     pub(crate) shard: u8,
@@ -88,10 +90,16 @@ pub(crate) struct ShardCids {
 
 impl quinn::ConnectionIdGenerator for ShardCids {
     fn generate_cid(&mut self) -> quinn::ConnectionId {
+        use ring::rand::SecureRandom as _;
         let mut id = [0u8; CID_LEN];
         id[0] = self.shard;
-        for b in &mut id[1..] {
-            *b = fastrand::u8(..);
+        if ring::rand::SystemRandom::new().fill(&mut id[1..]).is_err() {
+            // The system's generator failed (it does not, short of a
+            // broken kernel): fall back to a non-cryptographic one rather
+            // than refuse the connection.
+            for b in &mut id[1..] {
+                *b = fastrand::u8(..);
+            }
         }
         quinn::ConnectionId::new(&id)
     }
