@@ -2528,8 +2528,8 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
     fanout::fanout_bench(
         fanout::FanoutArgs {
             watchers: if s { 3 } else { 100 },
-            updates: if s { 50 } else { 5000 },
-            publishers: 8,
+            updates: if s { 50 } else { 20_000 },
+            publishers: 32,
             runs: if s { 1 } else { 3 },
         },
         out,

@@ -45,9 +45,11 @@ struct Publisher {
 /// dropped (waiters left then see their sender gone).
 async fn answer_waiters(
     conn: quinn::Connection,
-    mut recv: quinn::RecvStream,
+    recv: quinn::RecvStream,
     mut waiters: tokio::sync::mpsc::UnboundedReceiver<Answer>,
 ) {
+    // Buffered: the relay answers a run of changes at once.
+    let mut recv = swb_quic::FrameStream::new(recv, swb_wire::MAX_STREAM_HEADER);
     loop {
         let w = tokio::select! {
             _ = conn.closed() => return,
@@ -58,7 +60,7 @@ async fn answer_waiters(
         };
         let answer = tokio::select! {
             _ = conn.closed() => return,
-            a = tokio::time::timeout(STATUS_ANSWER_TIMEOUT, next_frame(&mut recv)) => a,
+            a = tokio::time::timeout(STATUS_ANSWER_TIMEOUT, recv.next()) => a.map(|r| r.map_err(lost)),
         };
         let (r, go_on) = match answer {
             Ok(Ok(Some(Frame::StatusUpdate(u)))) => (Ok(u), true),
@@ -311,7 +313,8 @@ pub(crate) async fn set(
 #[derive(Debug)]
 pub struct StatusWatcher {
     _send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    /// Buffered: the relay writes many changes at once.
+    recv: swb_quic::FrameStream,
 }
 
 impl StatusWatcher {
@@ -328,14 +331,17 @@ impl StatusWatcher {
         }
         let first = Frame::StatusWatch(StatusWatch { names, once: false });
         let (send, recv) = open(shared, first, wait).await?;
-        Ok(Self { _send: send, recv })
+        Ok(Self {
+            _send: send,
+            recv: swb_quic::FrameStream::new(recv, swb_wire::MAX_STREAM_HEADER),
+        })
     }
 
     /// The next value; `None` when the relay ended the watch (the
     /// connection went: watch again).
     pub async fn next(&mut self) -> Result<Option<StatusView>, StreamError> {
         loop {
-            match next_frame(&mut self.recv).await? {
+            match self.recv.next().await.map_err(lost)? {
                 Some(Frame::StatusUpdate(u)) => return Ok(Some(u.into())),
                 Some(_) => continue,
                 None => return Ok(None),

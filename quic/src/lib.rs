@@ -157,6 +157,69 @@ pub async fn read_frame(
     }
 }
 
+/// Reads the frames of a stream that carries nothing else, taking what
+/// QUIC has buffered in one read instead of a header and a body at a
+/// time: a run of small frames in one packet (a watch stream's status
+/// changes) costs one read. Unknown frame types are skipped.
+#[derive(Debug)]
+pub struct FrameStream {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    max: usize,
+}
+
+impl FrameStream {
+    /// Reads `recv`; no frame body may exceed `max` (nor
+    /// [`swb_wire::MAX_FRAME_LEN`]).
+    pub fn new(recv: quinn::RecvStream, max: usize) -> Self {
+        Self {
+            recv,
+            buf: BytesMut::new(),
+            max: max.min(swb_wire::MAX_FRAME_LEN),
+        }
+    }
+
+    /// The next frame; `None` at a clean end of the stream (an end inside
+    /// a frame is an error). Cancel-safe.
+    pub async fn next(&mut self) -> Result<Option<Frame>, FrameIoError> {
+        loop {
+            if self.buf.len() >= HEADER_LEN {
+                let h = &self.buf;
+                let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
+                // Refused before anything is reserved for it.
+                if len > self.max {
+                    return Err(FrameIoError::TooLarge { len, max: self.max });
+                }
+                match decode(&self.buf).map_err(|e| FrameIoError::Codec(e.to_string()))? {
+                    Decoded::Frame { frame, consumed } => {
+                        let _ = self.buf.split_to(consumed);
+                        return Ok(Some(frame));
+                    }
+                    Decoded::Unknown { consumed, .. } => {
+                        let _ = self.buf.split_to(consumed);
+                        continue;
+                    }
+                    Decoded::Incomplete { .. } => {}
+                }
+            }
+            match self
+                .recv
+                .read_chunk(64 * 1024, true)
+                .await
+                .map_err(stream)?
+            {
+                Some(c) => self.buf.extend_from_slice(&c.bytes),
+                None if self.buf.is_empty() => return Ok(None),
+                None => {
+                    return Err(FrameIoError::Stream(
+                        "the stream ended inside a frame".into(),
+                    ))
+                }
+            }
+        }
+    }
+}
+
 /// Writes one frame to a stream.
 pub async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), FrameIoError> {
     let mut b = BytesMut::new();

@@ -92,6 +92,8 @@ pub struct RelayOptions {
     pub tun_range: (std::net::Ipv4Addr, u8),
     /// QUIC endpoints sharing the UDP port.
     pub shards: usize,
+    /// Least time between two field publications of one peer.
+    pub status_interval: Duration,
 }
 
 impl Default for RelayOptions {
@@ -113,6 +115,7 @@ impl Default for RelayOptions {
             ocsp: swb_relay::OcspConfig::default(),
             tun_range: (std::net::Ipv4Addr::new(100, 64, 0, 0), 10),
             shards: 1,
+            status_interval: swb_relay::MIN_PUBLISH_INTERVAL,
         }
     }
 }
@@ -177,6 +180,7 @@ impl TestRelay {
         cfg.ocsp = opts.ocsp.clone();
         cfg.tun_range = opts.tun_range;
         cfg.shards = opts.shards;
+        cfg.status_interval = opts.status_interval;
         if opts.metrics {
             cfg.metrics_listen = Some("127.0.0.1:0".parse()?);
         }

@@ -5,9 +5,10 @@
 //! The relays run with `status_interval` 0 (every change published at
 //! once); with the default 50 ms a peer publishes at most 20 changes a
 //! second by design, which measures the interval, not the fan-out. A
-//! watcher that falls behind gets the newest value (coalesced, `lagged`):
-//! deliveries count what watchers actually received, and the share of
-//! changes coalesced away is printed beside it. NATS delivers every
+//! watcher more than the relay's recent values behind skips the oldest
+//! (coalesced, `lagged`): deliveries count what watchers actually
+//! received, and the share of changes coalesced away is printed beside
+//! it. NATS delivers every
 //! message to every subscriber. Watchers read through the daemon's Rust
 //! API (`DaemonHandle::watch`), as the NATS subscribers read the wire; the
 //! publisher uses control connections, as `swbd set-status` does.
@@ -29,12 +30,13 @@ pub(crate) struct FanoutArgs {
     #[arg(long, default_value_t = 100)]
     pub(crate) watchers: usize,
     /// Status changes published per run.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 20_000)]
     pub(crate) updates: usize,
     /// Control connections the publisher's changes are spread over (each
     /// waits for its change's answer before the next, as `swbd
-    /// set-status` does).
-    #[arg(long, default_value_t = 8)]
+    /// set-status` does). Fewer leave the publisher's round trips, not
+    /// the fan-out, setting the pace (NATS' publisher waits for nothing).
+    #[arg(long, default_value_t = 32)]
     pub(crate) publishers: usize,
     /// Runs per contender; median and min–max reported.
     #[arg(long, default_value_t = 3)]

@@ -1,7 +1,8 @@
 //! The QUIC status door: `StatusWatch` (current values, then changes),
-//! `SetStatus`, `PeersQuery` streams. A watch stream writes only the newest
-//! value of each peer when it gets to write (the watch channels coalesce),
-//! so a daemon that reads slowly slows nobody else and costs no memory.
+//! `SetStatus`, `PeersQuery` streams. A watch stream writes every change
+//! queued when it gets to write in one write (see
+//! [`crate::services::watch`]); a daemon that reads slowly skips the
+//! oldest, slows nobody else, and costs bounded memory.
 
 use crate::router::Router;
 use crate::services::splice::{refuse, write_frame};
@@ -36,16 +37,25 @@ pub(crate) async fn serve(
             // without waiting, each answered in order with its value or a
             // refusal (one stream, so changes apply in the order they were
             // made). A daemon that sent one finishes its side.
+            // Buffered: a daemon writes many changes at once.
+            let mut changes = swb_quic::FrameStream::new(recv, swb_wire::MAX_STREAM_HEADER);
             loop {
-                match swb_quic::read_frame(&mut recv, swb_wire::MAX_STREAM_HEADER).await {
+                match changes.next().await {
                     Ok(Some(Frame::SetStatus(change))) => {
-                        let answer = match services.set_status_durable(ns, me, &change).await {
-                            Ok(snap) => Frame::StatusUpdate(snap.to_update(false)),
-                            Err(refusal) => Frame::StreamReply(StreamReply {
-                                refusal: Some(refusal),
-                            }),
+                        let written = match services.set_status_durable(ns, me, &change).await {
+                            // The bytes watchers of this change are written too.
+                            Ok(snap) => match snap.wire(false) {
+                                Ok(b) => send.write_chunk(b).await.is_ok(),
+                                Err(_) => false,
+                            },
+                            Err(refusal) => {
+                                let answer = Frame::StreamReply(StreamReply {
+                                    refusal: Some(refusal),
+                                });
+                                write_frame(&mut send, &answer).await.is_ok()
+                            }
                         };
-                        if write_frame(&mut send, &answer).await.is_err() {
+                        if !written {
                             return;
                         }
                     }

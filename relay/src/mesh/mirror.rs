@@ -81,16 +81,18 @@ async fn mirror(mesh: Arc<Mesh>, key: (String, String)) {
             names: vec![name.to_string()],
             watch: true,
         };
-        let Ok((_send, mut recv, _using)) = mesh.status_query(&home.id, q).await else {
+        let Ok((_send, recv, _using)) = mesh.status_query(&home.id, q).await else {
             tokio::time::sleep(MIRROR_RETRY).await;
             if !mesh.services.registry().status.watched(ns, name) {
                 break;
             }
             continue;
         };
+        // Buffered: the home relay writes many changes at once.
+        let mut recv = swb_quic::FrameStream::new(recv, swb_wire::MAX_STREAM_HEADER);
         loop {
             tokio::select! {
-                f = read_frame(&mut recv) => match f {
+                f = recv.next() => match f {
                     Ok(Some(Frame::StatusUpdate(u))) => {
                         mesh.services.registry().status.mirror_update(ns, &u, tokio::time::Instant::now());
                     }

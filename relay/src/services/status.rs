@@ -3,8 +3,12 @@
 //!
 //! Each `(namespace, name)` has one `watch` channel: every local watcher
 //! (QUIC status stream or HTTP event stream) subscribes to it, so a change
-//! is published once however many watch it, and a slow watcher only ever
-//! finds the newest value (memory stays one value per peer). Field changes
+//! is published once however many watch it. The channel holds the peer's
+//! last few published values ([`Recent`]: at most [`RECENT_CHANGES`], and
+//! [`RECENT_BYTES`] of status beyond the newest), so a watcher that wakes
+//! after several changes gets each of them, in one write; one further
+//! behind finds the oldest it missed gone and gets what is left marked
+//! `lagged` (memory stays bounded per peer however slowly it reads). Field changes
 //! are published at most every `status_interval` per peer (default
 //! [`MIN_PUBLISH_INTERVAL`]); a burst coalesces into the newest value.
 //! Presence changes publish at once. A published value is encoded for the
@@ -121,6 +125,16 @@ impl Snapshot {
         }
     }
 
+    /// What it weighs against [`RECENT_BYTES`]: its name, keys and values.
+    fn weight(&self) -> usize {
+        self.name.len()
+            + self
+                .fields
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>()
+    }
+
     /// From the wire form (a value another relay published).
     pub fn from_update(u: &StatusUpdate) -> Self {
         let t = |ms: u64| (ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ms));
@@ -178,13 +192,62 @@ impl Snapshot {
     }
 }
 
+/// Published values a watched peer's channel keeps besides the newest.
+pub const RECENT_CHANGES: usize = 32;
+
+/// Status bytes (keys, values and names) a watched peer's channel keeps
+/// besides the newest value's: with large statuses fewer than
+/// [`RECENT_CHANGES`] are kept.
+pub const RECENT_BYTES: usize = 16 * 1024;
+
+/// A watched peer's last published values, oldest first, the newest last
+/// (never empty). Each publication makes a new one from the last (a few
+/// pointer copies) and sends it on the peer's channel: a watcher takes the
+/// values newer than what it had.
+#[derive(Debug, Clone)]
+pub(crate) struct Recent(Arc<[Arc<Snapshot>]>);
+
+impl Recent {
+    fn one(s: Arc<Snapshot>) -> Self {
+        Self(Arc::from([s]))
+    }
+
+    /// `self` with `s` appended, the oldest dropped past the bounds.
+    fn then(&self, s: Arc<Snapshot>) -> Self {
+        let mut bytes = 0;
+        let keep = self
+            .0
+            .iter()
+            .rev()
+            .take(RECENT_CHANGES)
+            .take_while(|o| {
+                bytes += o.weight();
+                bytes <= RECENT_BYTES
+            })
+            .count();
+        let start = self.0.len() - keep;
+        Self(self.0[start..].iter().cloned().chain([s]).collect())
+    }
+
+    /// The newest value.
+    pub(crate) fn newest(&self) -> &Arc<Snapshot> {
+        // Never empty: made by `one` and grown by `then`.
+        &self.0[self.0.len() - 1]
+    }
+
+    /// All kept values, oldest first.
+    pub(crate) fn all(&self) -> &[Arc<Snapshot>] {
+        &self.0
+    }
+}
+
 type Key = (Arc<str>, Arc<str>);
 
 struct Entry {
     /// What watchers here are told; made by the first watch (most
     /// entries are attached peers nobody here watches: memory per idle
     /// client), dropped in a sweep once nobody watches.
-    tx: Option<watch::Sender<Arc<Snapshot>>>,
+    tx: Option<watch::Sender<Recent>>,
     /// The value last published (what a new watch starts from).
     published: Arc<Snapshot>,
     /// Newest value, published or waiting for the publish interval.
@@ -320,7 +383,8 @@ impl StatusBoard {
         e.current = s.clone();
         e.published = s.clone();
         if let Some(tx) = &e.tx {
-            tx.send_replace(s);
+            let next = tx.borrow().then(s);
+            tx.send_replace(next);
         }
         e.last_publish = Some(now);
     }
@@ -402,9 +466,9 @@ impl StatusBoard {
     }
 
     /// A subscription to `(ns, name)`: its current value and every change.
-    pub(crate) fn subscribe(&mut self, ns: &str, name: &str) -> watch::Receiver<Arc<Snapshot>> {
+    pub(crate) fn subscribe(&mut self, ns: &str, name: &str) -> watch::Receiver<Recent> {
         let e = self.entry(ns, name).0;
-        e.tx.get_or_insert_with(|| watch::Sender::new(e.published.clone()))
+        e.tx.get_or_insert_with(|| watch::Sender::new(Recent::one(e.published.clone())))
             .subscribe()
     }
 
@@ -559,16 +623,16 @@ mod tests {
     async fn bursts_coalesce_and_watchers_end_on_the_newest_value() {
         let mut b = StatusBoard::new(Duration::from_secs(60), MIN_PUBLISH_INTERVAL);
         let mut rx = b.subscribe("ns", "a");
-        assert_eq!(rx.borrow_and_update().version, 0);
+        assert_eq!(rx.borrow_and_update().newest().version, 0);
         let t0 = Instant::now();
         for i in 0..10_000 {
             b.set_fields("ns", "a", &set("n", &i.to_string()), t0)
                 .unwrap();
         }
         // The first change went out at once; the rest wait for the interval.
-        assert_eq!(rx.borrow_and_update().fields["n"], "0");
+        assert_eq!(rx.borrow_and_update().newest().fields["n"], "0");
         b.flush(t0 + MIN_PUBLISH_INTERVAL);
-        let s = rx.borrow_and_update().clone();
+        let s = rx.borrow_and_update().newest().clone();
         assert_eq!(s.fields["n"], "9999");
         assert!(
             s.prev_version < s.version - 1,
@@ -664,14 +728,14 @@ mod tests {
         let key = (Arc::from("ns"), Arc::from("a"));
         assert!(b.entries[&key].tx.is_none(), "nobody watches: no channel");
         let mut rx = b.subscribe("ns", "a");
-        let first = rx.borrow_and_update().clone();
+        let first = rx.borrow_and_update().newest().clone();
         assert_eq!(
             first.fields["n"], "1",
             "the published value, not the held one"
         );
         assert!(first.online);
         b.flush(t1 + MIN_PUBLISH_INTERVAL);
-        let next = rx.borrow_and_update().clone();
+        let next = rx.borrow_and_update().newest().clone();
         assert_eq!(next.fields["n"], "2");
         assert_eq!(next.prev_version, first.version);
         // Once the watcher is gone, a sweep drops the channel; the status stays.
@@ -691,9 +755,44 @@ mod tests {
         for i in 0..100 {
             b.set_fields("ns", "a", &set("n", &i.to_string()), t0)
                 .unwrap();
-            assert_eq!(rx.borrow_and_update().fields["n"], i.to_string());
+            assert_eq!(rx.borrow_and_update().newest().fields["n"], i.to_string());
         }
         assert!(!b.has_dirty());
+    }
+
+    #[test]
+    fn a_watched_peer_keeps_its_last_changes_bounded_by_count_and_bytes() {
+        let mut b = StatusBoard::new(Duration::from_secs(60), Duration::ZERO);
+        let mut rx = b.subscribe("ns", "a");
+        let now = Instant::now();
+        for i in 0..100 {
+            b.set_fields("ns", "a", &set("n", &i.to_string()), now)
+                .unwrap();
+        }
+        let recent = rx.borrow_and_update().clone();
+        let n: Vec<_> = recent.all().iter().map(|s| s.fields["n"].clone()).collect();
+        let want: Vec<_> = (100 - RECENT_CHANGES - 1..100)
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(n, want, "the newest and the {RECENT_CHANGES} before it");
+        for w in recent.all().windows(2) {
+            assert_eq!(w[1].prev_version, w[0].version, "consecutive publications");
+        }
+        // Large statuses: fewer, within the byte bound.
+        let big = "x".repeat(3000);
+        for _ in 0..10 {
+            b.set_fields("ns", "a", &set("n", &big), now).unwrap();
+        }
+        let recent = rx.borrow_and_update().clone();
+        let older: usize = recent.all()[..recent.all().len() - 1]
+            .iter()
+            .map(|s| s.weight())
+            .sum();
+        assert!(
+            older <= RECENT_BYTES,
+            "{older} bytes kept besides the newest"
+        );
+        assert_eq!(recent.all().len(), 1 + RECENT_BYTES / 3002);
     }
 
     #[tokio::test(start_paused = true)]

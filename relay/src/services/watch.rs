@@ -1,22 +1,31 @@
 //! Watching the status board: a peer's newest value first, then every
-//! published change. The board's watch channels coalesce, so a watcher
-//! that reads slowly slows nobody else and costs no memory.
+//! published change. The board's channels keep each watched peer's last
+//! few values ([`Recent`]), so a watcher that wakes after several changes
+//! takes all of them and writes them at once; one that reads more slowly
+//! than that skips the oldest (the next value comes `lagged`) and slows
+//! nobody else.
 
-use super::status::Snapshot;
+use super::status::{Recent, Snapshot};
 use super::Services;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio_stream::wrappers::WatchStream;
 use tokio_stream::StreamMap;
 
+/// Bytes of `StatusUpdate` frames a watch stream writes at once at most.
+const WRITE_BATCH: usize = 64 * 1024;
+
 /// A watch of some peers' status: their newest values first, then every
 /// published change, skipping what it already has. Dropping it ends the
-/// subscription. It holds one value per peer however slowly it is read:
-/// changes it did not take in time coalesce into the newest, which then
-/// comes with `lagged`.
+/// subscription. It takes each peer's changes from the board's recent
+/// values ([`super::status::RECENT_CHANGES`] at most): changes older than
+/// those when it gets to read are skipped, and the next value comes with
+/// `lagged`.
 pub struct StatusWatcher {
-    first: std::collections::VecDeque<Arc<Snapshot>>,
-    changes: StreamMap<usize, WatchStream<Arc<Snapshot>>>,
+    /// Values taken from the channels and not yet returned, with `lagged`.
+    ready: VecDeque<(Arc<Snapshot>, bool)>,
+    changes: StreamMap<usize, WatchStream<Recent>>,
     last: Vec<u64>,
 }
 
@@ -32,45 +41,65 @@ impl StatusWatcher {
     /// Subscribes to `names` (already normalised) in `ns`.
     pub(crate) fn new(services: &Services, ns: &str, names: &[String]) -> Self {
         let mut reg = services.registry();
-        let mut first = std::collections::VecDeque::with_capacity(names.len());
+        let mut ready = VecDeque::with_capacity(names.len());
         let mut changes = StreamMap::new();
         for (i, n) in names.iter().enumerate() {
             let mut rx = reg.status.subscribe(ns, n);
             rx.borrow_and_update();
             // The newest value, even if its publication waits for the interval.
-            first.push_back(reg.status.get(ns, n));
+            ready.push_back((reg.status.get(ns, n), false));
             changes.insert(i, WatchStream::from_changes(rx));
         }
-        let last = first.iter().map(|s| s.version).collect();
+        let last = ready.iter().map(|(s, _)| s.version).collect();
         Self {
-            first,
+            ready,
             changes,
             last,
         }
     }
 
+    /// Queues the values of peer `i` newer than what it had.
+    fn take(&mut self, i: usize, recent: &Recent) {
+        let last = &mut self.last[i];
+        let mut first = true;
+        for s in recent.all().iter().filter(|s| s.version > *last) {
+            // Missed changes: the value it had is not the one before this.
+            let lagged = first && s.prev_version > *last;
+            first = false;
+            self.ready.push_back((s.clone(), lagged));
+        }
+        *last = (*last).max(recent.newest().version);
+    }
+
     /// The next value and whether changes were missed before it; `None`
     /// only if every channel closed (the relay is gone).
     pub async fn next(&mut self) -> Option<(Arc<Snapshot>, bool)> {
-        if let Some(s) = self.first.pop_front() {
-            return Some((s, false));
-        }
         loop {
-            let (i, snap) = self.changes.next().await?;
-            if snap.version <= self.last[i] {
-                continue; // already had it: the first value was the newest
+            if let Some(v) = self.ready.pop_front() {
+                return Some(v);
             }
-            let lagged = snap.prev_version > self.last[i];
-            self.last[i] = snap.version;
-            return Some((snap, lagged));
+            let (i, recent) = self.changes.next().await?;
+            self.take(i, &recent);
+        }
+    }
+
+    /// The next value if one is there without waiting.
+    pub fn next_now(&mut self) -> Option<(Arc<Snapshot>, bool)> {
+        loop {
+            if let Some(v) = self.ready.pop_front() {
+                return Some(v);
+            }
+            let (i, recent) = self.changes.next().now_or_never()??;
+            self.take(i, &recent);
         }
     }
 }
 
 /// Writes a watcher's values as `StatusUpdate` frames: the first `count`
 /// (the current values) and, if `lasting`, every change until the other
-/// side finishes or stops its half of the stream or a write fails. The
-/// caller finishes `send`.
+/// side finishes or stops its half of the stream or a write fails. What is
+/// there when it writes goes in one write (up to [`WRITE_BATCH`] bytes),
+/// so QUIC packs many changes into a packet. The caller finishes `send`.
 pub(crate) async fn pump(
     mut watcher: StatusWatcher,
     count: usize,
@@ -80,16 +109,31 @@ pub(crate) async fn pump(
 ) {
     let mut initial = count;
     let mut probe = [0u8; 1];
+    let mut batch: Vec<bytes::Bytes> = Vec::new();
     loop {
         tokio::select! {
             next = watcher.next() => {
-                let Some((snap, lagged)) = next else { return };
-                // Encoded once per change however many watch it.
-                let Ok(b) = snap.wire(lagged) else { return };
-                if send.write_chunk(b).await.is_err() {
+                let Some(mut v) = next else { return };
+                let mut bytes = 0;
+                loop {
+                    let (snap, lagged) = v;
+                    // Encoded once per change however many watch it.
+                    let Ok(b) = snap.wire(lagged) else { return };
+                    bytes += b.len();
+                    batch.push(b);
+                    initial = initial.saturating_sub(1);
+                    if (!lasting && initial == 0) || bytes >= WRITE_BATCH {
+                        break;
+                    }
+                    match watcher.next_now() {
+                        Some(n) => v = n,
+                        None => break,
+                    }
+                }
+                if send.write_all_chunks(&mut batch).await.is_err() {
                     return;
                 }
-                initial = initial.saturating_sub(1);
+                batch.clear();
                 if !lasting && initial == 0 {
                     return;
                 }
