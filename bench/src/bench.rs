@@ -2176,6 +2176,46 @@ impl Api {
 
 /// Deliveries per second from one sender daemon to `receivers` daemons
 /// (messages spread round-robin), 128 B each.
+/// Sends what `item` yields through the Rust API, keeping up to `window`
+/// sends unanswered (the oldest answered first), then waits for the rest;
+/// returns how many were sent.
+pub(crate) async fn submit_windowed(
+    tx: swb_daemon::Sender,
+    window: usize,
+    mut item: impl FnMut() -> Option<(String, bytes::Bytes)>,
+) -> Result<usize> {
+    let mut waiting = std::collections::VecDeque::with_capacity(window);
+    let mut sent = 0;
+    while let Some((to, body)) = item() {
+        if waiting.len() >= window.max(1) {
+            let mut p: swb_daemon::PendingSend = waiting.pop_front().context("window")?;
+            p.answer().await?;
+        }
+        waiting.push_back(tx.submit(&to, body, Duration::from_secs(30)).await?);
+        sent += 1;
+    }
+    for mut p in waiting {
+        p.answer().await?;
+    }
+    Ok(sent)
+}
+
+/// Receives and acknowledges through the Rust API until aborted, telling
+/// `count` how many each batch held.
+pub(crate) async fn receive_rust(
+    mut rx: swb_daemon::Receiver,
+    count: impl Fn(usize),
+) -> Result<()> {
+    loop {
+        let msgs = rx.recv(1000, Duration::from_secs(30)).await?;
+        if !msgs.is_empty() {
+            rx.ack(&msgs.iter().map(|m| m.id).collect::<Vec<_>>())
+                .await?;
+            count(msgs.len());
+        }
+    }
+}
+
 async fn ours_rate(
     relay: &swb_relay::RelayHandle,
     key: &str,
@@ -2233,17 +2273,7 @@ async fn ours_rate(
                 });
             }
             Api::Rust => {
-                let mut rx = d.receiver();
-                readers.spawn(async move {
-                    loop {
-                        let msgs = rx.recv(1000, Duration::from_secs(30)).await?;
-                        if !msgs.is_empty() {
-                            rx.ack(&msgs.iter().map(|m| m.id).collect::<Vec<_>>())
-                                .await?;
-                            count(msgs.len());
-                        }
-                    }
-                });
+                readers.spawn(receive_rust(d.receiver(), count));
             }
         }
     }
@@ -2279,24 +2309,7 @@ async fn ours_rate(
                 });
             }
             Api::Rust => {
-                let tx = sender.sender();
-                writers.spawn(async move {
-                    let mut waiting = std::collections::VecDeque::with_capacity(window);
-                    let mut sent = 0;
-                    while let Some((to, body)) = item() {
-                        if waiting.len() >= window.max(1) {
-                            let mut p: swb_daemon::PendingSend =
-                                waiting.pop_front().context("window")?;
-                            p.answer().await?;
-                        }
-                        waiting.push_back(tx.submit(&to, body, Duration::from_secs(30)).await?);
-                        sent += 1;
-                    }
-                    for mut p in waiting {
-                        p.answer().await?;
-                    }
-                    anyhow::Ok(sent)
-                });
+                writers.spawn(submit_windowed(sender.sender(), window, item));
             }
         }
     }

@@ -5,7 +5,7 @@
 //! is deliveries per second over all pairs. Relays with 1 and 2 shards
 //! alternate, `runs` each; medians and min–max.
 
-use super::{median, min_max, record, RelayProc};
+use super::{median, min_max, receive_rust, record, submit_windowed, RelayProc};
 use crate::Output;
 use anyhow::{Context, Result};
 use clap::Args;
@@ -51,31 +51,23 @@ async fn one_run(a: &ShardsArgs, shards: usize) -> Result<f64> {
     finished.as_mut().enable();
     let mut readers = tokio::task::JoinSet::new();
     for d in daemons.iter().skip(1).step_by(2) {
-        readers.spawn(receive(d.receiver(), got.clone(), done.clone(), total));
+        let (got, done) = (got.clone(), done.clone());
+        readers.spawn(receive_rust(d.receiver(), move |k| {
+            if got.fetch_add(k, Ordering::Relaxed) + k >= total {
+                done.notify_one();
+            }
+        }));
     }
     let body = bytes::Bytes::from(vec![0x42u8; 128]);
     let t = Instant::now();
     let mut writers = tokio::task::JoinSet::new();
     for (i, d) in daemons.iter().step_by(2).enumerate() {
-        let tx = d.sender();
-        let (to, body, n, window) = (format!("r{i}"), body.clone(), a.messages, a.window);
-        writers.spawn(async move {
-            let mut waiting = std::collections::VecDeque::with_capacity(window);
-            for _ in 0..n {
-                if waiting.len() >= window.max(1) {
-                    let mut p: swb_daemon::PendingSend = waiting.pop_front().context("window")?;
-                    p.answer().await?;
-                }
-                waiting.push_back(
-                    tx.submit(&to, body.clone(), Duration::from_secs(30))
-                        .await?,
-                );
-            }
-            for mut p in waiting {
-                p.answer().await?;
-            }
-            anyhow::Ok(())
-        });
+        let (to, body) = (format!("r{i}"), body.clone());
+        let mut left = a.messages;
+        writers.spawn(submit_windowed(d.sender(), a.window, move || {
+            left = left.checked_sub(1)?;
+            Some((to.clone(), body.clone()))
+        }));
     }
     while let Some(r) = writers.join_next().await {
         r??;
@@ -89,26 +81,6 @@ async fn one_run(a: &ShardsArgs, shards: usize) -> Result<f64> {
         d.shutdown();
     }
     Ok(rate)
-}
-
-/// Receives and acknowledges until stopped; wakes `done` once `got`
-/// reaches `total`.
-async fn receive(
-    mut rx: swb_daemon::Receiver,
-    got: Arc<AtomicUsize>,
-    done: Arc<tokio::sync::Notify>,
-    total: usize,
-) -> Result<()> {
-    loop {
-        let msgs = rx.recv(1000, Duration::from_secs(30)).await?;
-        if !msgs.is_empty() {
-            rx.ack(&msgs.iter().map(|m| m.id).collect::<Vec<_>>())
-                .await?;
-            if got.fetch_add(msgs.len(), Ordering::Relaxed) + msgs.len() >= total {
-                done.notify_one();
-            }
-        }
-    }
 }
 
 pub(crate) async fn shards_bench(a: ShardsArgs, out: &Output) -> Result<()> {
