@@ -250,6 +250,9 @@ fn print_status(s: &StatusInfo) {
         };
         println!("carrier:    {how}");
     }
+    if let Some(m) = s.path_mtu {
+        println!("path mtu:   {m} bytes");
+    }
     if let Some(t) = &s.tun {
         println!(
             "tun:        {} {} {} (mtu {}{})",

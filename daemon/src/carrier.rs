@@ -25,7 +25,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use swb_quic::carrier::{self, Inbound};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
@@ -102,7 +101,7 @@ pub(crate) struct Target {
 struct PathState {
     target: Option<Target>,
     /// The carrier, while it is up.
-    tx: Option<mpsc::Sender<Bytes>>,
+    tx: Option<carrier::Outbound>,
     connecting: bool,
     last_attempt: Option<Instant>,
     /// Last UDP packet from this relay.
@@ -135,7 +134,7 @@ enum Choice {
     Udp,
     /// UDP, and keep a copy (UDP is going unanswered).
     UdpKeep,
-    Tcp(mpsc::Sender<Bytes>),
+    Tcp(carrier::Outbound),
     /// Over UDP only, as a probe: the relay gets it on no other path, so
     /// if UDP is back it is the newest packet there and the relay moves the
     /// connection to UDP (a copy over the carrier too might arrive first
@@ -153,7 +152,7 @@ const PROBE_SMALL: usize = 64;
 /// Carrier state of every relay address, shared by the endpoints' sockets.
 pub(crate) struct Paths {
     transport: Transport,
-    /// Bumped whenever packets to some relay move to the carrier.
+    /// Bumped whenever packets to some relay move to the carrier or back.
     moves: tokio::sync::watch::Sender<u64>,
     /// Carrier tasks: tracked with the daemon's, ended when it stops.
     tasks: tokio_util::task::TaskTracker,
@@ -223,6 +222,46 @@ impl Paths {
             }
         }
         std::future::pending::<()>().await;
+    }
+
+    /// Keeps `conn`'s path MTU in step with how its packets to `addr`
+    /// travel: discovered up to [`carrier::CARRIER_MTU`] while they take the
+    /// carrier (a stream carries large packets: fewer to encrypt, frame and
+    /// acknowledge), quinn's UDP bound while they take UDP (falling back at
+    /// once when they return to it). To quinn the relay's address is the
+    /// same either way, so it cannot tell by itself. Ends when the
+    /// connection closes or the daemon stops.
+    pub(crate) fn follow(self: &Arc<Self>, conn: quinn::Connection, addr: SocketAddr) {
+        if self.transport == Transport::Udp {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (paths, stop) = (self.clone(), self.stop.clone());
+        // Subscribed before the first look: no move is missed.
+        let mut moves = self.moves.subscribe();
+        let run = async move {
+            let mut on_tcp = false;
+            loop {
+                let now_tcp = paths.carrier(addr) == "tcp";
+                if now_tcp != on_tcp {
+                    on_tcp = now_tcp;
+                    conn.set_path_mtu_upper_bound(on_tcp.then_some(carrier::CARRIER_MTU));
+                    debug!(relay = %addr, on_tcp, "path MTU bound follows the carrier");
+                }
+                tokio::select! {
+                    r = moves.changed() => if r.is_err() { return },
+                    _ = conn.closed() => return,
+                }
+            }
+        };
+        rt.spawn(self.tasks.track_future(async move {
+            tokio::select! {
+                _ = run => {}
+                _ = stop.cancelled() => {}
+            }
+        }));
     }
 
     /// `udp` or `tcp`: how packets to `addr` travel now.
@@ -312,7 +351,7 @@ impl Paths {
                 st.probe_gap = PROBE_MIN;
                 st.next_probe = Some(now + PROBE_MIN);
                 for p in st.recent.drain(..) {
-                    let _ = tx.try_send(p);
+                    tx.try_send(p);
                 }
                 self.moves.send_modify(|n| *n += 1);
                 info!(relay = %dest, "UDP is not answering: packets take the TCP carrier");
@@ -397,6 +436,7 @@ impl Paths {
             st.want_tcp = false;
             if st.on_tcp && self.transport == Transport::Auto {
                 st.on_tcp = false;
+                self.moves.send_modify(|n| *n += 1);
                 info!(relay = %a, "UDP answers again: packets take UDP");
             }
         }
@@ -444,7 +484,7 @@ impl Paths {
                     return;
                 }
             };
-            let (tx, mut rx) = mpsc::channel(carrier::QUEUE);
+            let (tx, mut rx) = carrier::outbound();
             paths.finish(dest, Some(tx.clone()));
             debug!(relay = %dest, via_proxy = proxy.is_some(), "TCP carrier up");
             let end =
@@ -466,7 +506,7 @@ impl Paths {
         }));
     }
 
-    fn finish(self: &Arc<Self>, dest: SocketAddr, tx: Option<mpsc::Sender<Bytes>>) {
+    fn finish(self: &Arc<Self>, dest: SocketAddr, tx: Option<carrier::Outbound>) {
         let mut all = self.state();
         let st = all.entry(dest).or_default();
         st.connecting = false;
@@ -632,8 +672,8 @@ impl quinn::AsyncUdpSocket for ClientSocket {
 
     fn try_send(&self, t: &quinn::udp::Transmit) -> io::Result<()> {
         // A full carrier loses the packets, as a full UDP socket would.
-        let to_tcp = |tx: &mpsc::Sender<Bytes>| {
-            let _ = tx.try_send(carrier::frame(t));
+        let to_tcp = |tx: &carrier::Outbound| {
+            tx.try_send(carrier::frame(t));
         };
         match self
             .paths
@@ -703,7 +743,7 @@ mod tests {
         assert!(udp(paths.choose(d, t0, 1200)));
         assert!(udp(paths.choose(d, t0 + HEAD_START / 2, 1200)));
         // Past the head start with a carrier up: the carrier.
-        let (tx, _rx) = mpsc::channel(4);
+        let (tx, _rx) = carrier::outbound();
         paths.finish(d, Some(tx));
         let t = t0 + HEAD_START;
         assert!(matches!(paths.choose(d, t, 40), Choice::Tcp(_)));

@@ -165,6 +165,11 @@ pub struct StatusInfo {
     /// `tcp` (the TCP carrier, when UDP does not get through).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub carrier: Option<String>,
+    /// The largest QUIC packet the path to the relay takes now, as path
+    /// MTU discovery found it (when connected): up to 1452 bytes over UDP,
+    /// up to 16 000 over the TCP carrier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_mtu: Option<u16>,
     /// Messages received and not yet taken by `recv`.
     pub inbox: usize,
     /// Sends waiting for an answer.

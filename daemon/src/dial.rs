@@ -220,7 +220,7 @@ impl Dialer {
         };
         let ep = swb_quic::udp_socket(bind).and_then(|sock| {
             quinn::Endpoint::new_with_abstract_socket(
-                quinn::EndpointConfig::default(),
+                swb_quic::carrier::endpoint_config(),
                 None,
                 self.socket(sock)?,
                 Arc::new(quinn::TokioRuntime),
@@ -395,6 +395,7 @@ impl Dialer {
                 return Err(ConnectError::Retry(e.to_string()));
             }
         };
+        self.paths.follow(conn.clone(), addr);
         let (mut send, recv) = conn
             .open_bi()
             .await

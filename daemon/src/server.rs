@@ -723,19 +723,15 @@ async fn start_send(shared: &Arc<Shared>, to: String, body: Bytes, timeout: Dura
 
 fn status(shared: &Shared) -> StatusInfo {
     let st = shared.state.borrow().clone();
-    let (rtt, carrier) = shared
-        .conn
-        .lock()
-        .ok()
-        .and_then(|c| {
-            c.as_ref().map(|c| {
-                (
-                    c.rtt().as_secs_f64() * 1000.0,
-                    shared.paths.carrier(c.remote_address()),
-                )
-            })
+    let path = shared.conn.lock().ok().and_then(|c| {
+        c.as_ref().map(|c| {
+            (
+                c.rtt().as_secs_f64() * 1000.0,
+                shared.paths.carrier(c.remote_address()),
+                c.stats().path.current_mtu,
+            )
         })
-        .unzip();
+    });
     let mut s = StatusInfo {
         state: String::new(),
         name: shared.config.name.clone(),
@@ -745,6 +741,7 @@ fn status(shared: &Shared) -> StatusInfo {
         connected_since: None,
         rtt_ms: None,
         carrier: None,
+        path_mtu: None,
         inbox: shared.inbox().len(),
         pending_sends: shared.pending_sends.load(Ordering::Relaxed),
         attempts: 0,
@@ -791,8 +788,11 @@ fn status(shared: &Shared) -> StatusInfo {
             s.namespace = Some(welcome.namespace);
             s.name = welcome.name;
             s.connected_since = Some(humantime::format_rfc3339_seconds(since).to_string());
-            s.rtt_ms = rtt;
-            s.carrier = carrier.map(str::to_string);
+            if let Some((rtt, carrier, mtu)) = path {
+                s.rtt_ms = Some(rtt);
+                s.carrier = Some(carrier.to_string());
+                s.path_mtu = Some(mtu);
+            }
         }
         ConnState::Stopped { error } => {
             s.state = "stopped".into();

@@ -16,7 +16,8 @@
 use bytes::{Buf, Bytes, BytesMut};
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv6Addr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -25,18 +26,42 @@ use tokio::sync::mpsc;
 pub const PATH: &str = "/v1/quic";
 /// The `Upgrade:` protocol token.
 pub const PROTOCOL: &str = "swb-quic/1";
-/// Largest packet a carrier takes (QUIC packets stay near the path MTU;
-/// quinn never builds one above 1500 bytes of payload by default).
-pub const MAX_PACKET: usize = 2048;
+/// The MTU discovery bound of a path over a carrier: QUIC packets up to
+/// this size (UDP paths stay at quinn's 1452). A stream carries any size,
+/// and a large packet is one encryption, one header and one frame where
+/// Ethernet-size ones are eleven; TLS records hold 16 KiB.
+pub const CARRIER_MTU: u16 = 16_000;
+/// Largest packet a carrier takes: [`CARRIER_MTU`] with room to spare.
+pub const MAX_PACKET: usize = 16 * 1024;
 /// Transmits (each up to quinn's GSO batch, framed) queued toward one
 /// carrier connection before new ones are dropped (QUIC's loss recovery
 /// resends them).
 pub const QUEUE: usize = 32;
+/// Bytes queued toward one carrier connection at most, whatever the
+/// transmits' sizes; past it new transmits are dropped like past [`QUEUE`].
+pub const QUEUE_BYTES: usize = 256 * 1024;
 /// Read buffer of a carrier connection: room kept for one large read.
 const READ_ROOM: usize = 64 * 1024;
 /// Packets from all carriers queued for the endpoint before new ones are
 /// dropped.
 pub const INBOUND_QUEUE: usize = 1024;
+
+/// An endpoint configuration that takes packets up to [`CARRIER_MTU`]
+/// (the `max_udp_payload_size` it tells peers): what lets a carrier path
+/// grow past UDP's bound. UDP paths stay at quinn's MTU discovery bound.
+pub fn endpoint_config() -> quinn::EndpointConfig {
+    let mut c = quinn::EndpointConfig::default();
+    // In quinn's range (1200..=65527): cannot fail.
+    let _ = c.max_udp_payload_size(CARRIER_MTU);
+    c
+}
+
+/// The path MTU hook of a relay's transport configuration: paths to
+/// carrier connections' addresses ([`is_virtual`]) discover up to
+/// [`CARRIER_MTU`].
+pub fn relay_path_mtu() -> quinn::PathMtuUpperBound {
+    std::sync::Arc::new(|a: SocketAddr| is_virtual(&a).then_some(CARRIER_MTU))
+}
 
 /// Why a carrier connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +153,57 @@ fn push_framed(b: &mut BytesMut, p: &[u8]) {
     }
 }
 
+/// The way into a carrier connection's write queue: bounded by
+/// [`QUEUE`] transmits and [`QUEUE_BYTES`] bytes, checked before a
+/// transmit is queued.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    tx: mpsc::Sender<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// The carrier task's end of an [`Outbound`] queue.
+#[derive(Debug)]
+pub struct OutboundRx {
+    rx: mpsc::Receiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A carrier connection's write queue.
+pub fn outbound() -> (Outbound, OutboundRx) {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        Outbound {
+            tx,
+            queued: queued.clone(),
+        },
+        OutboundRx { rx, queued },
+    )
+}
+
+impl Outbound {
+    /// Queues framed packets; `false` (dropped, as a full socket buffer
+    /// would) when the queue is full or its carrier gone.
+    pub fn try_send(&self, framed: Bytes) -> bool {
+        let n = framed.len();
+        if self.queued.fetch_add(n, Ordering::AcqRel) + n > QUEUE_BYTES {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        if self.tx.try_send(framed).is_err() {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Whether both lead into the same queue.
+    pub fn same_channel(&self, other: &Self) -> bool {
+        self.tx.same_channel(&other.tx)
+    }
+}
+
 /// How a carrier connection ended (see [`pump`]).
 #[derive(Debug)]
 pub enum PumpEnd {
@@ -147,7 +223,7 @@ pub enum PumpEnd {
 /// written. Ends after `idle` without a packet read.
 pub async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
     io: S,
-    rx: &mut mpsc::Receiver<Bytes>,
+    rx: &mut OutboundRx,
     into_endpoint: mpsc::Sender<(SocketAddr, Bytes)>,
     from: SocketAddr,
     idle: std::time::Duration,
@@ -169,8 +245,11 @@ pub async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
     let write = async {
         let mut batch = Vec::with_capacity(32);
         let mut scratch = Vec::new();
-        while rx.recv_many(&mut batch, 32).await > 0 {
-            if write_framed(&mut wr, &batch, &mut scratch).await.is_err() {
+        while rx.rx.recv_many(&mut batch, QUEUE).await > 0 {
+            let bytes = batch.iter().map(Bytes::len).sum::<usize>();
+            let written = write_framed(&mut wr, &batch, &mut scratch).await;
+            rx.queued.fetch_sub(bytes, Ordering::AcqRel);
+            if written.is_err() {
                 break;
             }
             batch.clear();

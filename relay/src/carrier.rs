@@ -8,11 +8,11 @@
 //! that moves between UDP and a carrier is a path migration to quinn.
 //!
 //! Bounded: [`MAX_CARRIERS`] connections at once, [`MAX_CARRIERS_PER_IP`]
-//! per client address, [`swb_quic::carrier::QUEUE`] packets queued toward
-//! each, packets of at most [`swb_quic::carrier::MAX_PACKET`] bytes; a
+//! per client address, [`swb_quic::carrier::QUEUE`] transmits and
+//! [`swb_quic::carrier::QUEUE_BYTES`] queued toward each, packets of at
+//! most [`swb_quic::carrier::MAX_PACKET`] bytes; a
 //! carrier that carries nothing for [`CARRIER_IDLE`] is closed.
 
-use bytes::Bytes;
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
@@ -22,7 +22,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use swb_quic::carrier::{self, Inbound};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tracing::debug;
 
 /// Carrier connections at once.
@@ -47,7 +46,7 @@ pub(crate) enum Refused {
 pub(crate) struct Carriers {
     inbound: Inbound,
     /// Each carrier's way out, and the client address it came from.
-    out: Mutex<HashMap<SocketAddr, (mpsc::Sender<Bytes>, IpAddr)>>,
+    out: Mutex<HashMap<SocketAddr, (carrier::Outbound, IpAddr)>>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     next: AtomicU64,
 }
@@ -57,7 +56,7 @@ pub(crate) struct Slot {
     carriers: Arc<Carriers>,
     ip: IpAddr,
     addr: SocketAddr,
-    rx: mpsc::Receiver<Bytes>,
+    rx: carrier::OutboundRx,
 }
 
 impl Drop for Slot {
@@ -96,7 +95,7 @@ impl Carriers {
         }
         *n += 1;
         let addr = carrier::virtual_addr(self.next.fetch_add(1, Ordering::Relaxed) + 1);
-        let (tx, rx) = mpsc::channel(carrier::QUEUE);
+        let (tx, rx) = carrier::outbound();
         out.insert(addr, (tx, ip));
         Ok(Slot {
             carriers: self.clone(),
@@ -187,7 +186,7 @@ impl quinn::AsyncUdpSocket for CarrierSocket {
             .map(|(tx, _)| tx.clone());
         // A carrier that is gone or full loses the packets, as UDP would.
         if let Some(tx) = tx {
-            let _ = tx.try_send(carrier::frame(t));
+            tx.try_send(carrier::frame(t));
         }
         Ok(())
     }

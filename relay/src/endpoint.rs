@@ -61,6 +61,8 @@ pub(crate) fn bind(
     transport.max_idle_timeout(idle.ok());
     // TUN packets ride datagrams; unread ones are bounded like the window.
     transport.datagram_receive_buffer_size(Some(swb_quic::RELAY_DATAGRAM_BUFFER));
+    // Paths over TCP carriers take large packets (UDP ones keep quinn's bound).
+    transport.path_mtu_upper_bound(Some(swb_quic::carrier::relay_path_mtu()));
     server.transport_config(Arc::new(transport));
     let n = config.shards;
     if n == 0 || n > crate::shards::MAX_SHARDS {
@@ -107,7 +109,7 @@ pub(crate) fn bind(
             Some(g) => g.share(sock),
         });
         first_gate.get_or_insert_with(|| gate.clone());
-        let mut ep_config = quinn::EndpointConfig::default();
+        let mut ep_config = swb_quic::carrier::endpoint_config();
         if n > 1 {
             let id = shard as u8;
             ep_config.cid_generator(move || Box::new(crate::shards::ShardCids { shard: id }));

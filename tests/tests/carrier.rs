@@ -13,6 +13,18 @@ async fn carrier_of(d: &TestDaemon) -> Result<Option<String>> {
     Ok(d.client().await?.status().await?.carrier)
 }
 
+async fn path_mtu_of(d: &TestDaemon) -> Result<u16> {
+    d.client()
+        .await?
+        .status()
+        .await?
+        .path_mtu
+        .context("no path MTU while connected")
+}
+
+/// The bound of quinn's MTU discovery on UDP paths.
+const UDP_MTU_BOUND: u16 = 1452;
+
 #[tokio::test]
 async fn a_handshake_whose_udp_answers_are_dropped_finishes_on_the_carrier() -> Result<()> {
     let relay = TestRelay::spawn().await?;
@@ -72,6 +84,13 @@ async fn a_daemon_on_the_tcp_carrier_sends_receives_and_streams() -> Result<()> 
     let s = tcp.open_stream("overudp", 9000).await?;
     let (sent, back) = swb_tests::send_and_collect(s, 19, 16 << 20).await?;
     assert_eq!(sent, back, "16 MiB over the carrier, checksum");
+    // Packets larger than any UDP path takes, on the carrier only.
+    eventually("the carrier's path MTU past UDP's", WAIT, || async {
+        Ok((path_mtu_of(&tcp).await? > UDP_MTU_BOUND).then_some(()))
+    })
+    .await?;
+    eprintln!("path MTU over the carrier: {}", path_mtu_of(&tcp).await?);
+    assert!(path_mtu_of(&udp).await? <= UDP_MTU_BOUND);
     let open = relay
         .handle()
         .metrics_text()
@@ -133,6 +152,13 @@ async fn auto_moves_to_the_carrier_when_udp_stops_and_back_when_it_returns() -> 
     assert_eq!(server.recv_n(1).await?[0].body(), b"while UDP is cut");
     wr.write_all(&write(chunk)).await?;
     chunk += 1;
+    eventually("the carrier's path MTU past UDP's", WAIT, || async {
+        Ok((path_mtu_of(&mover).await? > UDP_MTU_BOUND).then_some(()))
+    })
+    .await?;
+    // Large packets in flight while the path grows.
+    wr.write_all(&write(chunk)).await?;
+    chunk += 1;
 
     cut.restore();
     let t = std::time::Instant::now();
@@ -141,6 +167,10 @@ async fn auto_moves_to_the_carrier_when_udp_stops_and_back_when_it_returns() -> 
     })
     .await?;
     eprintln!("UDP back: on UDP again after {:?}", t.elapsed());
+    eventually("the path MTU back within UDP's", WAIT, || async {
+        Ok((path_mtu_of(&mover).await? <= UDP_MTU_BOUND).then_some(()))
+    })
+    .await?;
     mover.send("server", b"UDP again").await?;
     assert_eq!(server.recv_n(1).await?[0].body(), b"UDP again");
     wr.write_all(&write(chunk)).await?;

@@ -614,6 +614,16 @@ impl Connection {
             .force_key_update()
     }
 
+    /// Discover the current path's MTU again, up to `bound` (`None`: the configured bound)
+    ///
+    /// See [`proto::Connection::set_path_mtu_upper_bound`]: for when the path under the
+    /// connection's packets changed while the remote address did not.
+    pub fn set_path_mtu_upper_bound(&self, bound: Option<u16>) {
+        let mut state = self.0.state.lock("set_path_mtu_upper_bound");
+        state.inner.set_path_mtu_upper_bound(bound);
+        state.wake();
+    }
+
     /// Derive keying material from this connection's TLS session secrets.
     ///
     /// When both peers call this method with the same `label` and `context`

@@ -737,6 +737,9 @@ impl std::ops::Deref for EndpointRef {
     }
 }
 
+/// The largest UDP payload a 1500-byte Ethernet MTU carries (IPv4).
+const ETHERNET_UDP_PAYLOAD: usize = 1500 - 28;
+
 /// State directly involved in handling incoming packets
 struct RecvState {
     incoming: VecDeque<proto::Incoming>,
@@ -751,12 +754,13 @@ impl RecvState {
         max_receive_segments: usize,
         endpoint: &proto::Endpoint,
     ) -> Self {
-        let recv_buf = vec![
-            0;
-            endpoint.config().get_max_udp_payload_size().min(64 * 1024) as usize
-                * max_receive_segments
-                * BATCH_SIZE
-        ];
+        // Each of the BATCH_SIZE slots takes one datagram, or one GRO batch of
+        // `max_receive_segments` datagrams. Batches are sized for Ethernet-size datagrams: a
+        // `max_udp_payload_size` raised for paths that are not a network link (QUIC packets
+        // carried over a TCP stream, which arrive one per slot) does not multiply the buffer.
+        let payload = endpoint.config().get_max_udp_payload_size().min(64 * 1024) as usize;
+        let slot = payload.max(payload.min(ETHERNET_UDP_PAYLOAD) * max_receive_segments);
+        let recv_buf = vec![0; slot * BATCH_SIZE];
         Self {
             connections: ConnectionSet {
                 senders: FxHashMap::default(),

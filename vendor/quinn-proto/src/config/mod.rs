@@ -28,7 +28,9 @@ use crate::{
 mod transport;
 #[cfg(feature = "qlog")]
 pub use transport::QlogConfig;
-pub use transport::{AckFrequencyConfig, IdleTimeout, MtuDiscoveryConfig, TransportConfig};
+pub use transport::{
+    AckFrequencyConfig, IdleTimeout, MtuDiscoveryConfig, PathMtuUpperBound, TransportConfig,
+};
 
 /// Global configuration for the endpoint, affecting all connections
 ///

@@ -1,4 +1,4 @@
-use std::{fmt, sync::Arc};
+use std::{fmt, net::SocketAddr, sync::Arc};
 #[cfg(feature = "qlog")]
 use std::{io, sync::Mutex, time::Instant};
 
@@ -39,6 +39,7 @@ pub struct TransportConfig {
     pub(crate) initial_mtu: u16,
     pub(crate) min_mtu: u16,
     pub(crate) mtu_discovery_config: Option<MtuDiscoveryConfig>,
+    pub(crate) path_mtu_upper_bound: Option<PathMtuUpperBound>,
     pub(crate) pad_to_mtu: bool,
     pub(crate) ack_frequency_config: Option<AckFrequencyConfig>,
 
@@ -223,6 +224,27 @@ impl TransportConfig {
         self
     }
 
+    /// A different MTU discovery upper bound for paths to some remote addresses
+    ///
+    /// Called with the remote address of every new path (the first one and each a server sees
+    /// after a migration); `Some(bound)` replaces [`MtuDiscoveryConfig::upper_bound`] for that
+    /// path, `None` keeps it. Meant for paths that are not UDP on a network link, e.g. QUIC
+    /// packets carried over a TCP stream, where far larger packets work. Still bounded by the
+    /// peer's `max_udp_payload_size`. Has no effect without MTU discovery.
+    pub fn path_mtu_upper_bound(&mut self, value: Option<PathMtuUpperBound>) -> &mut Self {
+        self.path_mtu_upper_bound = value;
+        self
+    }
+
+    /// The MTU discovery settings of a new path to `remote`
+    pub(crate) fn mtu_discovery_for(&self, remote: SocketAddr) -> Option<MtuDiscoveryConfig> {
+        let mut config = self.mtu_discovery_config.clone()?;
+        if let Some(bound) = self.path_mtu_upper_bound.as_ref().and_then(|f| f(remote)) {
+            config.upper_bound(bound);
+        }
+        Some(config)
+    }
+
     /// Pad UDP datagrams carrying application data to current maximum UDP payload size
     ///
     /// Disabled by default. UDP datagrams containing loss probes are exempt from padding.
@@ -385,6 +407,7 @@ impl Default for TransportConfig {
             initial_mtu: INITIAL_MTU,
             min_mtu: INITIAL_MTU,
             mtu_discovery_config: Some(MtuDiscoveryConfig::default()),
+            path_mtu_upper_bound: None,
             pad_to_mtu: false,
             ack_frequency_config: None,
 
@@ -422,6 +445,7 @@ impl fmt::Debug for TransportConfig {
             initial_mtu,
             min_mtu,
             mtu_discovery_config,
+            path_mtu_upper_bound,
             pad_to_mtu,
             ack_frequency_config,
             persistent_congestion_threshold,
@@ -451,6 +475,7 @@ impl fmt::Debug for TransportConfig {
             .field("initial_mtu", initial_mtu)
             .field("min_mtu", min_mtu)
             .field("mtu_discovery_config", mtu_discovery_config)
+            .field("path_mtu_upper_bound", &path_mtu_upper_bound.is_some())
             .field("pad_to_mtu", pad_to_mtu)
             .field("ack_frequency_config", ack_frequency_config)
             .field(
@@ -471,6 +496,9 @@ impl fmt::Debug for TransportConfig {
         s.finish_non_exhaustive()
     }
 }
+
+/// See [`TransportConfig::path_mtu_upper_bound`]
+pub type PathMtuUpperBound = Arc<dyn Fn(SocketAddr) -> Option<u16> + Send + Sync>;
 
 /// Parameters for controlling the peer's acknowledgement frequency
 ///

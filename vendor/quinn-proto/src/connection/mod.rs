@@ -1307,6 +1307,40 @@ impl Connection {
         self.spaces[self.highest_space].ping_pending = true;
     }
 
+    /// Discover the current path's MTU again, up to `bound` (`None`: the configured
+    /// [`MtuDiscoveryConfig::upper_bound`](crate::MtuDiscoveryConfig::upper_bound))
+    ///
+    /// For an endpoint that knows the path under its packets changed while the remote address
+    /// did not (its packets now carried over a TCP stream, where much larger ones work, or back
+    /// on UDP). A bound below the current MTU takes effect at once: the MTU falls back to the
+    /// initial MTU and is discovered again. A higher one starts a search from the current MTU.
+    /// Still bounded by the peer's `max_udp_payload_size`. No effect without MTU discovery.
+    pub fn set_path_mtu_upper_bound(&mut self, bound: Option<u16>) {
+        if !self.allow_mtud {
+            return;
+        }
+        let Some(mut config) = self.config.mtu_discovery_config.clone() else {
+            return;
+        };
+        if let Some(bound) = bound {
+            config.upper_bound(bound);
+        }
+        let before = self.path.current_mtu();
+        let start = if before <= config.upper_bound {
+            before
+        } else {
+            self.config.get_initial_mtu()
+        };
+        let peer = u16::try_from(self.peer_params.max_udp_payload_size.into_inner())
+            .unwrap_or(u16::MAX);
+        self.path.mtud = mtud::MtuDiscovery::new(start, self.config.min_mtu, Some(peer), config);
+        if self.path.current_mtu() != before {
+            self.path
+                .congestion
+                .on_mtu_update(self.path.current_mtu());
+        }
+    }
+
     /// Update traffic keys spontaneously
     ///
     /// This can be useful for testing key updates, as they otherwise only happen infrequently.

@@ -84,8 +84,7 @@ impl PathData {
             total_sent: 0,
             total_recvd: 0,
             mtud: config
-                .mtu_discovery_config
-                .as_ref()
+                .mtu_discovery_for(remote)
                 .filter(|_| allow_mtud)
                 .map_or(
                     MtuDiscovery::disabled(config.get_initial_mtu(), config.min_mtu),
@@ -94,7 +93,7 @@ impl PathData {
                             config.get_initial_mtu(),
                             config.min_mtu,
                             peer_max_udp_payload_size,
-                            mtud_config.clone(),
+                            mtud_config,
                         )
                     },
                 ),
