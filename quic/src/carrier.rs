@@ -437,6 +437,52 @@ mod tests {
         assert!(read_packet(&mut b, &mut BytesMut::new()).await.is_err());
     }
 
+    #[tokio::test]
+    async fn a_carriers_queue_is_bounded_by_bytes_and_freed_as_it_is_written() {
+        let (tx, mut rx) = outbound();
+        let big = frame_one(&vec![1u8; MAX_PACKET]);
+        let fit = QUEUE_BYTES / big.len();
+        assert!(fit < QUEUE, "the byte bound binds first for large packets");
+        for _ in 0..fit {
+            assert!(tx.try_send(big.clone()));
+        }
+        assert!(!tx.try_send(big.clone()), "past QUEUE_BYTES: dropped");
+        // Small ones are bounded by count.
+        let (small_tx, _small_rx) = outbound();
+        let one = frame_one(b"x");
+        let sent = (0..QUEUE + 5)
+            .filter(|_| small_tx.try_send(one.clone()))
+            .count();
+        assert_eq!(sent, QUEUE);
+        // Written out, the room comes back.
+        let (near, mut far) = tokio::io::duplex(1 << 20);
+        let (into, _from_carrier) = mpsc::channel(4);
+        let from: SocketAddr = "[100::1]:443".parse().expect("addr");
+        let pump = tokio::spawn(async move {
+            pump(
+                near,
+                &mut rx,
+                into,
+                from,
+                std::time::Duration::from_secs(30),
+            )
+            .await
+        });
+        let mut got = vec![0u8; fit * big.len()];
+        far.read_exact(&mut got).await.expect("written");
+        // The writer frees what it wrote once the write returned.
+        let mut sent_again = false;
+        for _ in 0..1000 {
+            if tx.try_send(big.clone()) {
+                sent_again = true;
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert!(sent_again, "room again once written");
+        pump.abort();
+    }
+
     #[test]
     fn virtual_addresses_are_recognised_and_real_ones_are_not() {
         assert!(is_virtual(&virtual_addr(1)));
