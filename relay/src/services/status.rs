@@ -197,8 +197,10 @@ pub const RECENT_CHANGES: usize = 32;
 
 /// Status bytes (keys, values and names) a watched peer's channel keeps
 /// besides the newest value's: with large statuses fewer than
-/// [`RECENT_CHANGES`] are kept.
-pub const RECENT_BYTES: usize = 16 * 1024;
+/// [`RECENT_CHANGES`] are kept (one of the largest, 4096 bytes). So a
+/// watched peer holds at most about twice what it held with only its
+/// newest value, however its watchers read.
+pub const RECENT_BYTES: usize = 4 * 1024;
 
 /// A watched peer's last published values, oldest first, the newest last
 /// (never empty). Each publication makes a new one from the last (a few
@@ -779,7 +781,7 @@ mod tests {
             assert_eq!(w[1].prev_version, w[0].version, "consecutive publications");
         }
         // Large statuses: fewer, within the byte bound.
-        let big = "x".repeat(3000);
+        let big = "x".repeat(1000);
         for _ in 0..10 {
             b.set_fields("ns", "a", &set("n", &big), now).unwrap();
         }
@@ -792,7 +794,7 @@ mod tests {
             older <= RECENT_BYTES,
             "{older} bytes kept besides the newest"
         );
-        assert_eq!(recent.all().len(), 1 + RECENT_BYTES / 3002);
+        assert_eq!(recent.all().len(), 1 + RECENT_BYTES / 1002);
     }
 
     #[tokio::test(start_paused = true)]
