@@ -253,6 +253,15 @@ fn print_status(s: &StatusInfo) {
     if let Some(m) = s.path_mtu {
         println!("path mtu:   {m} bytes");
     }
+    if let Some(t) = &s.traffic {
+        println!(
+            "traffic:    sent {} packets ({}), received {} packets ({})",
+            t.sent_packets,
+            size(t.sent_bytes),
+            t.received_packets,
+            size(t.received_bytes)
+        );
+    }
     if let Some(t) = &s.tun {
         println!(
             "tun:        {} {} {} (mtu {}{})",
@@ -276,6 +285,24 @@ fn print_status(s: &StatusInfo) {
     if let Some(e) = &s.last_error {
         println!("last error: {e}");
     }
+}
+
+/// A byte count in the largest binary unit that keeps it at least 1.
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = UNITS[0];
+    for u in &UNITS[1..] {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    format!("{v:.1} {unit}")
 }
 
 pub(crate) async fn status(out: &Output) -> Result<()> {
@@ -370,4 +397,20 @@ pub(crate) async fn ping(a: PingArgs, out: &Output) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size;
+
+    #[test]
+    fn sizes_read_in_the_largest_unit_that_keeps_them_at_least_one() {
+        assert_eq!(size(0), "0 B");
+        assert_eq!(size(1023), "1023 B");
+        assert_eq!(size(1024), "1.0 KiB");
+        assert_eq!(size(16 << 20), "16.0 MiB");
+        assert_eq!(size(3 << 30), "3.0 GiB");
+        assert_eq!(size(5 << 40), "5.0 TiB");
+        assert_eq!(size(u64::MAX), "16777216.0 TiB");
+    }
 }

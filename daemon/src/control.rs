@@ -170,6 +170,10 @@ pub struct StatusInfo {
     /// up to 16 000 over the TCP carrier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_mtu: Option<u16>,
+    /// QUIC packets and bytes to and from the relay on the current
+    /// connection (when connected), whichever carrier they took.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<Traffic>,
     /// Messages received and not yet taken by `recv`.
     pub inbox: usize,
     /// Sends waiting for an answer.
@@ -198,6 +202,20 @@ pub struct TunAddrs {
     pub ipv6: String,
 }
 
+/// QUIC packets and bytes of the connection to the relay (its
+/// UDP datagrams, or the packets carried over TCP).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    /// Packets sent to the relay.
+    pub sent_packets: u64,
+    /// Bytes of those packets.
+    pub sent_bytes: u64,
+    /// Packets received from the relay.
+    pub received_packets: u64,
+    /// Bytes of those packets.
+    pub received_bytes: u64,
+}
+
 /// This peer's TUN interface.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TunInfo {
@@ -220,7 +238,7 @@ pub struct TunInfo {
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     /// Answer to `status`.
-    Status(StatusInfo),
+    Status(Box<StatusInfo>),
     /// Answer to `send`: the relay accepted the message.
     Sent {
         /// Message id.
@@ -390,7 +408,7 @@ impl Client {
     /// The daemon's status.
     pub async fn status(&mut self) -> Result<StatusInfo, ControlError> {
         match self.call(&Request::Status).await? {
-            Reply::Status(s) => Ok(s),
+            Reply::Status(s) => Ok(*s),
             other => Err(ControlError::Protocol(format!("{other:?}"))),
         }
     }

@@ -671,7 +671,7 @@ async fn answer(
         Op::Json(req) => req,
     };
     reply_out(match req {
-        Request::Status => Reply::Status(status(shared)),
+        Request::Status => Reply::Status(Box::new(status(shared))),
         Request::SetStatus {
             set,
             clear,
@@ -725,10 +725,18 @@ fn status(shared: &Shared) -> StatusInfo {
     let st = shared.state.borrow().clone();
     let path = shared.conn.lock().ok().and_then(|c| {
         c.as_ref().map(|c| {
+            let stats = c.stats();
+            let traffic = crate::control::Traffic {
+                sent_packets: stats.udp_tx.datagrams,
+                sent_bytes: stats.udp_tx.bytes,
+                received_packets: stats.udp_rx.datagrams,
+                received_bytes: stats.udp_rx.bytes,
+            };
             (
                 c.rtt().as_secs_f64() * 1000.0,
                 shared.paths.carrier(c.remote_address()),
-                c.stats().path.current_mtu,
+                stats.path.current_mtu,
+                traffic,
             )
         })
     });
@@ -742,6 +750,7 @@ fn status(shared: &Shared) -> StatusInfo {
         rtt_ms: None,
         carrier: None,
         path_mtu: None,
+        traffic: None,
         inbox: shared.inbox().len(),
         pending_sends: shared.pending_sends.load(Ordering::Relaxed),
         attempts: 0,
@@ -788,10 +797,11 @@ fn status(shared: &Shared) -> StatusInfo {
             s.namespace = Some(welcome.namespace);
             s.name = welcome.name;
             s.connected_since = Some(humantime::format_rfc3339_seconds(since).to_string());
-            if let Some((rtt, carrier, mtu)) = path {
+            if let Some((rtt, carrier, mtu, traffic)) = path {
                 s.rtt_ms = Some(rtt);
                 s.carrier = Some(carrier.to_string());
                 s.path_mtu = Some(mtu);
+                s.traffic = Some(traffic);
             }
         }
         ConnState::Stopped { error } => {

@@ -22,6 +22,15 @@ async fn path_mtu_of(d: &TestDaemon) -> Result<u16> {
         .context("no path MTU while connected")
 }
 
+async fn traffic_of(d: &TestDaemon) -> Result<swb_daemon::control::Traffic> {
+    d.client()
+        .await?
+        .status()
+        .await?
+        .traffic
+        .context("no traffic figures while connected")
+}
+
 /// The bound of quinn's MTU discovery on UDP paths.
 const UDP_MTU_BOUND: u16 = 1452;
 
@@ -65,6 +74,10 @@ async fn a_daemon_on_the_tcp_carrier_sends_receives_and_streams() -> Result<()> 
     let addr = hs.addr;
     let tcp = TestDaemon::start_with(&relay, &key, "overtcp", |c| {
         c.transport = Transport::Tcp;
+        c.expose = vec![swb_daemon::Exposure {
+            port: 9000,
+            target: addr.to_string(),
+        }];
     })
     .await?;
     let udp = TestDaemon::start_with(&relay, &key, "overudp", |c| {
@@ -91,6 +104,25 @@ async fn a_daemon_on_the_tcp_carrier_sends_receives_and_streams() -> Result<()> 
     .await?;
     eprintln!("path MTU over the carrier: {}", path_mtu_of(&tcp).await?);
     assert!(path_mtu_of(&udp).await? <= UDP_MTU_BOUND);
+    // The relay's end of the carrier path grows too: 8 MiB from the UDP
+    // peer reach the carrier's daemon in packets larger than UDP's on
+    // average — with the relay held at UDP's bound the average stays
+    // below it.
+    let before = traffic_of(&tcp).await?;
+    let s = udp.open_stream("overtcp", 9000).await?;
+    let (sent, back) = swb_tests::send_and_collect(s, 23, 8 << 20).await?;
+    assert_eq!(sent, back, "8 MiB more over the carrier, checksum");
+    let after = traffic_of(&tcp).await?;
+    let packets = after.received_packets - before.received_packets;
+    let bytes = after.received_bytes - before.received_bytes;
+    let mean = bytes / packets.max(1);
+    eprintln!(
+        "from the relay over the carrier: {packets} packets, {bytes} bytes, {mean} on average"
+    );
+    assert!(
+        bytes >= 8 << 20 && mean > u64::from(UDP_MTU_BOUND),
+        "the relay sends {mean}-byte packets on average over the carrier"
+    );
     let open = relay
         .handle()
         .metrics_text()
