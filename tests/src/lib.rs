@@ -410,6 +410,17 @@ impl TestDaemon {
         Ok(msgs)
     }
 
+    /// The packets and bytes of its connection to the relay so far, as
+    /// `swbd status` reports them.
+    pub async fn traffic(&self) -> Result<swb_daemon::control::Traffic> {
+        self.client()
+            .await?
+            .status()
+            .await?
+            .traffic
+            .context("no traffic figures while connected")
+    }
+
     /// Receives and acknowledges until exactly `n` messages arrived; fails
     /// if they do not within [`WAIT`] or if more arrive.
     pub async fn recv_n(&self, n: usize) -> Result<Vec<InMessage>> {

@@ -22,15 +22,6 @@ async fn path_mtu_of(d: &TestDaemon) -> Result<u16> {
         .context("no path MTU while connected")
 }
 
-async fn traffic_of(d: &TestDaemon) -> Result<swb_daemon::control::Traffic> {
-    d.client()
-        .await?
-        .status()
-        .await?
-        .traffic
-        .context("no traffic figures while connected")
-}
-
 /// The bound of quinn's MTU discovery on UDP paths.
 const UDP_MTU_BOUND: u16 = 1452;
 
@@ -108,11 +99,11 @@ async fn a_daemon_on_the_tcp_carrier_sends_receives_and_streams() -> Result<()> 
     // peer reach the carrier's daemon in packets larger than UDP's on
     // average — with the relay held at UDP's bound the average stays
     // below it.
-    let before = traffic_of(&tcp).await?;
+    let before = tcp.traffic().await?;
     let s = udp.open_stream("overtcp", 9000).await?;
     let (sent, back) = swb_tests::send_and_collect(s, 23, 8 << 20).await?;
     assert_eq!(sent, back, "8 MiB more over the carrier, checksum");
-    let after = traffic_of(&tcp).await?;
+    let after = tcp.traffic().await?;
     let packets = after.received_packets - before.received_packets;
     let bytes = after.received_bytes - before.received_bytes;
     let mean = bytes / packets.max(1);

@@ -778,3 +778,40 @@ async fn relay_at_its_handshake_limit_refuses_at_once_and_the_daemon_gets_in_lat
         .map_err(anyhow::Error::msg)?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_daemon_acknowledges_the_relays_packets_in_few_of_its_own() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let london = TestDaemon::start(&relay, &key, "london").await?;
+    let laptop = TestDaemon::start(&relay, &key, "laptop").await?;
+    // One delivery per packet from the relay (each send waits for its
+    // acceptance); nobody reads london's inbox, so all london sends back
+    // are QUIC acknowledgements (and a keep-alive or two).
+    let before = london.traffic().await?;
+    let mut c = laptop.client().await?;
+    for i in 0..400u32 {
+        c.send("london", format!("m{i}").as_bytes(), WAIT).await?;
+    }
+    swb_tests::eventually("400 messages in london's inbox", WAIT, || async {
+        Ok((london.client().await?.status().await?.inbox == 400).then_some(()))
+    })
+    .await?;
+    let after = london.traffic().await?;
+    let (received, sent) = (
+        after.received_packets - before.received_packets,
+        after.sent_packets - before.sent_packets,
+    );
+    eprintln!("london received {received} packets from the relay, sent {sent}");
+    assert!(received >= 400, "400 deliveries in {received} packets");
+    // The relay asks for an ACK every 9 ack-eliciting packets (QUIC ACK
+    // frequency) or after 25 ms; QUIC's default, every 2nd, sends at
+    // least half as many (checked: 200 for 400 without the request, 45
+    // with it).
+    assert!(
+        sent * 3 < received,
+        "{sent} packets back for {received}: one every {}",
+        received / sent.max(1)
+    );
+    Ok(())
+}
