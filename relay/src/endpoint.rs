@@ -20,13 +20,13 @@ pub(crate) type MeshIncoming = (quinn::Connection, OwnedSemaphorePermit);
 /// Bidirectional streams a new connection may open before its session
 /// raises the limit.
 pub(crate) const INITIAL_STREAMS: u32 = 8;
-/// Used when the configured idle timeout does not fit QUIC's.
 /// Ack-eliciting packets a peer may receive before it must acknowledge
 /// (quinn's default without the extension: 1). 8 measured best of 1, 8
 /// and 32 in `swbd-bench fanout` (same relay +10 %, mesh hop +5 % over 1;
 /// 32 no better than 8); stream goodput, message rate and latency
 /// unchanged.
 const ACK_ELICITING_THRESHOLD: u32 = 8;
+/// Used when the configured idle timeout does not fit QUIC's.
 const DEFAULT_IDLE: Duration = Duration::from_secs(15);
 
 /// What [`bind`] made: one endpoint per shard (the first also dials the
