@@ -2,7 +2,9 @@
 //! next key phase's keys are derived when first needed instead of when the
 //! handshake completes (an idle connection never needs them). Both ends
 //! must still move through any number of key phases, started by either
-//! side or by both at once, with every byte arriving intact.
+//! side or by both at once, with every byte arriving intact — also after a
+//! server gave back its TLS session (`release_handshake_state`, what the
+//! relay does for every peer), which keeps only the secrets key updates use.
 
 use anyhow::{Context, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,6 +13,7 @@ use std::time::Duration;
 use tracing_subscriber::Layer as _;
 
 const WAIT: Duration = Duration::from_secs(20);
+const ALPN: &[u8] = b"key-updates";
 
 /// A server endpoint with a fresh self-signed certificate and a client
 /// endpoint that trusts it, both on 127.0.0.1:0.
@@ -19,20 +22,22 @@ fn endpoints() -> Result<(quinn::Endpoint, quinn::Endpoint)> {
     let der = cert.cert.der().clone();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(vec![der.clone()], key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
     let server = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
     ));
     let server = quinn::Endpoint::server(server, "127.0.0.1:0".parse()?)?;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der)?;
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
     client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
@@ -76,6 +81,26 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for UpdatesSeen {
 
 #[tokio::test]
 async fn connections_move_through_key_phases_started_by_either_side() -> Result<()> {
+    key_phases(false).await
+}
+
+#[tokio::test]
+async fn a_server_that_gave_back_its_tls_session_still_moves_through_key_phases() -> Result<()> {
+    key_phases(true).await
+}
+
+/// The ALPN a connection negotiated, as quinn reports it.
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
+
+/// Twelve key phases over one connection, started in turn by the client
+/// and the server; with `release`, the server gives back its TLS session
+/// as soon as the connection is up.
+async fn key_phases(release: bool) -> Result<()> {
     use tracing_subscriber::layer::SubscriberExt;
     let seen = Arc::new(AtomicUsize::new(0));
     let subscriber = tracing_subscriber::registry().with(
@@ -89,6 +114,19 @@ async fn connections_move_through_key_phases_started_by_either_side() -> Result<
     // starts a key update of its own first.
     let echo = tokio::spawn(async move {
         let conn = server.accept().await.context("no incoming")?.await?;
+        let mut ekm = [0u8; 32];
+        anyhow::ensure!(conn.export_keying_material(&mut ekm, b"label", b"").is_ok());
+        if release {
+            anyhow::ensure!(conn.release_handshake_state(), "nothing was given back");
+            // What the session still answers for, and what it no longer can.
+            anyhow::ensure!(alpn(&conn).as_deref() == Some(ALPN), "ALPN lost");
+            anyhow::ensure!(
+                conn.export_keying_material(&mut ekm, b"label", b"")
+                    .is_err(),
+                "keying material exported from a released session"
+            );
+            anyhow::ensure!(!conn.release_handshake_state(), "given back twice");
+        }
         while let Ok((mut send, mut recv)) = conn.accept_bi().await {
             let data = recv.read_to_end(1 << 20).await?;
             if data.first() == Some(&b'U') {
@@ -100,6 +138,12 @@ async fn connections_move_through_key_phases_started_by_either_side() -> Result<
         anyhow::Ok(())
     });
     let conn = tokio::time::timeout(WAIT, client.connect(addr, "localhost")?).await??;
+    // A client keeps its session (the server may still send it tickets).
+    assert!(
+        !conn.release_handshake_state(),
+        "a client gave back its session"
+    );
+    assert_eq!(alpn(&conn).as_deref(), Some(ALPN));
     let body = |tag: u8, n: usize| -> Vec<u8> {
         let mut v: Vec<u8> = (0..64 * 1024).map(|i| (i * 31 + n) as u8).collect();
         v[0] = tag;

@@ -91,6 +91,18 @@ pub trait Session: Send + Sync + 'static {
         label: &[u8],
         context: &[u8],
     ) -> Result<(), ExportKeyingMaterialError>;
+
+    /// Gives back the memory of the TLS session once the handshake is over, keeping what packet
+    /// protection and key updates need
+    ///
+    /// For a server holding many long-lived connections. Afterwards
+    /// [`handshake_data`](Self::handshake_data) and [`peer_identity`](Self::peer_identity) are
+    /// answered from a copy, [`export_keying_material`](Self::export_keying_material) fails and
+    /// any further handshake message from the peer is a protocol error. Returns whether
+    /// anything was given back; the default does nothing.
+    fn release_handshake_state(&mut self) -> bool {
+        false
+    }
 }
 
 /// A pair of keys for bidirectional communication

@@ -646,6 +646,21 @@ impl Connection {
             .export_keying_material(output, label, context)
     }
 
+    /// Gives back the memory of the TLS session once the handshake is over (servers)
+    ///
+    /// For a server holding many long-lived connections: packet protection and key updates are
+    /// unaffected, [`handshake_data`](Self::handshake_data) and
+    /// [`peer_identity`](Self::peer_identity) are answered from a copy, and
+    /// [`export_keying_material`](Self::export_keying_material) fails from then on. Returns
+    /// whether anything was given back (nothing on a client, or before the handshake is over).
+    pub fn release_handshake_state(&self) -> bool {
+        self.0
+            .state
+            .lock("release_handshake_state")
+            .inner
+            .release_handshake_state()
+    }
+
     /// Modify the number of remotely initiated unidirectional streams that may be concurrently open
     ///
     /// No streams may be opened by the peer unless fewer than `count` are already open. Large

@@ -268,16 +268,65 @@ impl PacketSpace {
     }
 }
 
-impl Index<SpaceId> for [PacketSpace; 3] {
-    type Output = PacketSpace;
-    fn index(&self, space: SpaceId) -> &PacketSpace {
-        &self.as_ref()[space as usize]
+/// The three packet number spaces of a connection.
+///
+/// The Initial and Handshake spaces are on the heap while they are in use and given back when
+/// their keys are discarded: an established connection does not keep two spaces (~1.5 KiB) it
+/// can never send or receive in again. A given-back space reads as a new, keyless space (nothing
+/// pending, nothing in flight); writing to one makes a new one, so every use stays correct, it
+/// only costs the memory again.
+pub(super) struct Spaces {
+    early: [Option<Box<PacketSpace>>; 2],
+    data: PacketSpace,
+}
+
+impl Spaces {
+    pub(super) fn new(initial: PacketSpace, now: Instant) -> Self {
+        Self {
+            early: [
+                Some(Box::new(initial)),
+                Some(Box::new(PacketSpace::new(now))),
+            ],
+            data: PacketSpace::new(now),
+        }
+    }
+
+    /// Gives back an Initial or Handshake space whose keys were discarded
+    pub(super) fn release(&mut self, space: SpaceId) {
+        debug_assert!(space != SpaceId::Data);
+        if let Some(early) = self.early.get_mut(space as usize) {
+            debug_assert!(early.as_ref().is_none_or(|s| s.crypto.is_none()));
+            *early = None;
+        }
     }
 }
 
-impl IndexMut<SpaceId> for [PacketSpace; 3] {
+/// What a given-back space reads as
+fn released() -> &'static PacketSpace {
+    static RELEASED: std::sync::OnceLock<PacketSpace> = std::sync::OnceLock::new();
+    RELEASED.get_or_init(|| PacketSpace::new(Instant::now()))
+}
+
+impl Index<SpaceId> for Spaces {
+    type Output = PacketSpace;
+    fn index(&self, space: SpaceId) -> &PacketSpace {
+        match space {
+            SpaceId::Data => &self.data,
+            early => match self.early[early as usize].as_deref() {
+                Some(space) => space,
+                None => released(),
+            },
+        }
+    }
+}
+
+impl IndexMut<SpaceId> for Spaces {
     fn index_mut(&mut self, space: SpaceId) -> &mut PacketSpace {
-        &mut self.as_mut()[space as usize]
+        match space {
+            SpaceId::Data => &mut self.data,
+            early => self.early[early as usize]
+                .get_or_insert_with(|| Box::new(PacketSpace::new(Instant::now()))),
+        }
     }
 }
 

@@ -39,17 +39,63 @@ pub struct TlsSession {
     version: Version,
     got_handshake_data: bool,
     next_secrets: Option<Secrets>,
-    inner: Connection,
+    inner: Tls,
     suite: Suite,
 }
 
+/// The rustls connection, or what is kept of it once it was given back
+enum Tls {
+    Live(Box<Connection>),
+    Released(Box<Released>),
+}
+
+/// What a session still answers for after [`crypto::Session::release_handshake_state`]
+struct Released {
+    side: Side,
+    handshake: HandshakeData,
+    peer_certificates: Option<Vec<CertificateDer<'static>>>,
+}
+
 impl TlsSession {
-    fn side(&self) -> Side {
-        match self.inner {
-            Connection::Client(_) => Side::Client,
-            Connection::Server(_) => Side::Server,
+    fn new(version: Version, inner: Connection, suite: Suite) -> Self {
+        Self {
+            version,
+            got_handshake_data: false,
+            next_secrets: None,
+            inner: Tls::Live(Box::new(inner)),
+            suite,
         }
     }
+
+    fn side(&self) -> Side {
+        match &self.inner {
+            Tls::Live(conn) => match **conn {
+                Connection::Client(_) => Side::Client,
+                Connection::Server(_) => Side::Server,
+            },
+            Tls::Released(released) => released.side,
+        }
+    }
+}
+
+fn handshake_data_of(conn: &Connection) -> HandshakeData {
+    HandshakeData {
+        protocol: conn.alpn_protocol().map(|x| x.into()),
+        server_name: match conn {
+            Connection::Client(_) => None,
+            Connection::Server(session) => session.server_name().map(|x| x.into()),
+        },
+        #[cfg(feature = "__rustls-post-quantum-test")]
+        negotiated_key_exchange_group: conn
+            .negotiated_key_exchange_group()
+            .expect("key exchange group is negotiated")
+            .name(),
+    }
+}
+
+fn peer_certificates_of(conn: &Connection) -> Option<Vec<CertificateDer<'static>>> {
+    conn.peer_certificates()
+        .map(|v| v.iter().map(|v| v.clone().into_owned()).collect())
 }
 
 impl crypto::Session for TlsSession {
@@ -61,51 +107,57 @@ impl crypto::Session for TlsSession {
         if !self.got_handshake_data {
             return None;
         }
-        Some(Box::new(HandshakeData {
-            protocol: self.inner.alpn_protocol().map(|x| x.into()),
-            server_name: match self.inner {
-                Connection::Client(_) => None,
-                Connection::Server(ref session) => session.server_name().map(|x| x.into()),
-            },
-            #[cfg(feature = "__rustls-post-quantum-test")]
-            negotiated_key_exchange_group: self
-                .inner
-                .negotiated_key_exchange_group()
-                .expect("key exchange group is negotiated")
-                .name(),
+        Some(Box::new(match &self.inner {
+            Tls::Live(conn) => handshake_data_of(conn),
+            Tls::Released(released) => released.handshake.clone(),
         }))
     }
 
     /// For the rustls `TlsSession`, the `Any` type is `Vec<rustls::pki_types::CertificateDer>`
     fn peer_identity(&self) -> Option<Box<dyn Any>> {
-        self.inner.peer_certificates().map(|v| -> Box<dyn Any> {
-            Box::new(
-                v.iter()
-                    .map(|v| v.clone().into_owned())
-                    .collect::<Vec<CertificateDer<'static>>>(),
-            )
-        })
+        let certificates = match &self.inner {
+            Tls::Live(conn) => peer_certificates_of(conn),
+            Tls::Released(released) => released.peer_certificates.clone(),
+        };
+        certificates.map(|v| -> Box<dyn Any> { Box::new(v) })
     }
 
     fn early_crypto(&self) -> Option<(Box<dyn HeaderKey>, Box<dyn crypto::PacketKey>)> {
-        let keys = self.inner.zero_rtt_keys()?;
+        let Tls::Live(conn) = &self.inner else {
+            return None;
+        };
+        let keys = conn.zero_rtt_keys()?;
         Some((Box::new(keys.header), Box::new(keys.packet)))
     }
 
     fn early_data_accepted(&self) -> Option<bool> {
-        match self.inner {
-            Connection::Client(ref session) => Some(session.is_early_data_accepted()),
-            _ => None,
+        match &self.inner {
+            Tls::Live(conn) => match **conn {
+                Connection::Client(ref session) => Some(session.is_early_data_accepted()),
+                _ => None,
+            },
+            Tls::Released(_) => None,
         }
     }
 
     fn is_handshaking(&self) -> bool {
-        self.inner.is_handshaking()
+        match &self.inner {
+            Tls::Live(conn) => conn.is_handshaking(),
+            Tls::Released(_) => false,
+        }
     }
 
     fn read_handshake(&mut self, buf: &[u8]) -> Result<bool, TransportError> {
-        self.inner.read_hs(buf).map_err(|e| {
-            if let Some(alert) = self.inner.alert() {
+        let Tls::Live(conn) = &mut self.inner else {
+            // What rustls answers a handshake message after the handshake with
+            return Err(TransportError {
+                code: TransportErrorCode::crypto(rustls::AlertDescription::UnexpectedMessage.into()),
+                frame: None,
+                reason: "TLS message after the handshake".into(),
+            });
+        };
+        conn.read_hs(buf).map_err(|e| {
+            if let Some(alert) = conn.alert() {
                 TransportError {
                     code: TransportErrorCode::crypto(alert.into()),
                     frame: None,
@@ -119,11 +171,11 @@ impl crypto::Session for TlsSession {
             // Hack around the lack of an explicit signal from rustls to reflect ClientHello being
             // ready on incoming connections, or ALPN negotiation completing on outgoing
             // connections.
-            let have_server_name = match self.inner {
+            let have_server_name = match **conn {
                 Connection::Client(_) => false,
                 Connection::Server(ref session) => session.server_name().is_some(),
             };
-            if self.inner.alpn_protocol().is_some() || have_server_name || !self.is_handshaking() {
+            if conn.alpn_protocol().is_some() || have_server_name || !conn.is_handshaking() {
                 self.got_handshake_data = true;
                 return Ok(true);
             }
@@ -132,7 +184,10 @@ impl crypto::Session for TlsSession {
     }
 
     fn transport_parameters(&self) -> Result<Option<TransportParameters>, TransportError> {
-        match self.inner.quic_transport_parameters() {
+        let Tls::Live(conn) = &self.inner else {
+            return Ok(None);
+        };
+        match conn.quic_transport_parameters() {
             None => Ok(None),
             Some(buf) => match TransportParameters::read(self.side(), &mut io::Cursor::new(buf)) {
                 Ok(params) => Ok(Some(params)),
@@ -142,7 +197,10 @@ impl crypto::Session for TlsSession {
     }
 
     fn write_handshake(&mut self, buf: &mut Vec<u8>) -> Option<Keys> {
-        let keys = match self.inner.write_hs(buf)? {
+        let Tls::Live(conn) = &mut self.inner else {
+            return None;
+        };
+        let keys = match conn.write_hs(buf)? {
             KeyChange::Handshake { keys } => keys,
             KeyChange::OneRtt { keys, next } => {
                 self.next_secrets = Some(next);
@@ -204,10 +262,29 @@ impl crypto::Session for TlsSession {
         label: &[u8],
         context: &[u8],
     ) -> Result<(), ExportKeyingMaterialError> {
-        self.inner
-            .export_keying_material(output, label, Some(context))
+        let Tls::Live(conn) = &self.inner else {
+            return Err(ExportKeyingMaterialError);
+        };
+        conn.export_keying_material(output, label, Some(context))
             .map_err(|_| ExportKeyingMaterialError)?;
         Ok(())
+    }
+
+    /// Given back by a server only, once the handshake is over: a client may still receive
+    /// session tickets.
+    fn release_handshake_state(&mut self) -> bool {
+        let Tls::Live(conn) = &self.inner else {
+            return false;
+        };
+        if conn.is_handshaking() || !matches!(**conn, Connection::Server(_)) {
+            return false;
+        }
+        self.inner = Tls::Released(Box::new(Released {
+            side: Side::Server,
+            handshake: handshake_data_of(conn),
+            peer_certificates: peer_certificates_of(conn),
+        }));
+        true
     }
 }
 
@@ -256,6 +333,7 @@ impl crypto::HeaderKey for Box<dyn HeaderProtectionKey> {
 }
 
 /// Authentication data for (rustls) TLS session
+#[derive(Clone)]
 pub struct HandshakeData {
     /// The negotiated application protocol, if ALPN is in use
     ///
@@ -361,11 +439,9 @@ impl crypto::ClientConfig for QuicClientConfig {
         params: &TransportParameters,
     ) -> Result<Box<dyn crypto::Session>, ConnectError> {
         let version = interpret_version(version)?;
-        Ok(Box::new(TlsSession {
+        Ok(Box::new(TlsSession::new(
             version,
-            got_handshake_data: false,
-            next_secrets: None,
-            inner: rustls::quic::Connection::Client(
+            rustls::quic::Connection::Client(
                 rustls::quic::ClientConnection::new(
                     self.inner.clone(),
                     version,
@@ -376,8 +452,8 @@ impl crypto::ClientConfig for QuicClientConfig {
                 )
                 .unwrap(),
             ),
-            suite: self.initial,
-        }))
+            self.initial,
+        )))
     }
 }
 
@@ -517,16 +593,14 @@ impl crypto::ServerConfig for QuicServerConfig {
     ) -> Box<dyn crypto::Session> {
         // Safe: `start_session()` is never called if `initial_keys()` rejected `version`
         let version = interpret_version(version).unwrap();
-        Box::new(TlsSession {
+        Box::new(TlsSession::new(
             version,
-            got_handshake_data: false,
-            next_secrets: None,
-            inner: rustls::quic::Connection::Server(
+            rustls::quic::Connection::Server(
                 rustls::quic::ServerConnection::new(self.inner.clone(), version, to_vec(params))
                     .unwrap(),
             ),
-            suite: self.initial,
-        })
+            self.initial,
+        ))
     }
 
     fn initial_keys(
