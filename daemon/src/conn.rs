@@ -57,7 +57,8 @@ enum Served {
     /// The relay went silent and the next one welcomed this peer on a new
     /// connection, already registered: serve that one.
     Moved {
-        link: Link,
+        // Boxed: the other outcomes are small.
+        link: Box<Link>,
         welcome: Welcome,
         relay: String,
     },
@@ -333,7 +334,7 @@ impl Actor {
                             self.shared.metrics.reconnects.inc();
                             info!(silent = %home.1, home = %welcome.relay_id, "relay went silent: moved to the relay that is home now");
                             self.silent = Some(Silent::new(&home.1, &self.core));
-                            self.ready = Some((link, welcome, to));
+                            self.ready = Some((*link, welcome, to));
                             continue;
                         }
                     };
@@ -574,7 +575,7 @@ impl Actor {
                         Ok((new, welcome)) => {
                             link.conn.close(close::NORMAL.into(), b"moved: the relay went silent");
                             let relay = new.addr.to_string();
-                            return Served::Moved { link: new, welcome, relay };
+                            return Served::Moved { link: Box::new(new), welcome, relay };
                         }
                         Err(ConnectError::Redirect(r)) if r.id == home.1 => {
                             debug!("the next relay still names {} home: waiting", r.id);

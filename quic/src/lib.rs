@@ -164,18 +164,16 @@ pub async fn read_frame(
 #[derive(Debug)]
 pub struct FrameStream {
     recv: quinn::RecvStream,
-    buf: BytesMut,
-    max: usize,
+    reader: swb_wire::FrameReader,
 }
 
 impl FrameStream {
     /// Reads `recv`; no frame body may exceed `max` (nor
-    /// [`swb_wire::MAX_FRAME_LEN`]).
+    /// [`swb_wire::MAX_FRAME_LEN`]), refused from its header.
     pub fn new(recv: quinn::RecvStream, max: usize) -> Self {
         Self {
             recv,
-            buf: BytesMut::new(),
-            max: max.min(swb_wire::MAX_FRAME_LEN),
+            reader: swb_wire::FrameReader::with_limit(max),
         }
     }
 
@@ -183,24 +181,16 @@ impl FrameStream {
     /// a frame is an error). Cancel-safe.
     pub async fn next(&mut self) -> Result<Option<Frame>, FrameIoError> {
         loop {
-            if self.buf.len() >= HEADER_LEN {
-                let h = &self.buf;
-                let len = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize;
-                // Refused before anything is reserved for it.
-                if len > self.max {
-                    return Err(FrameIoError::TooLarge { len, max: self.max });
+            match self.reader.next_frame() {
+                Ok(Some(frame)) => return Ok(Some(frame)),
+                Ok(None) => {}
+                Err(swb_wire::DecodeError::FrameTooLarge { len, max, .. }) => {
+                    return Err(FrameIoError::TooLarge {
+                        len: len as usize,
+                        max: max as usize,
+                    })
                 }
-                match decode(&self.buf).map_err(|e| FrameIoError::Codec(e.to_string()))? {
-                    Decoded::Frame { frame, consumed } => {
-                        let _ = self.buf.split_to(consumed);
-                        return Ok(Some(frame));
-                    }
-                    Decoded::Unknown { consumed, .. } => {
-                        let _ = self.buf.split_to(consumed);
-                        continue;
-                    }
-                    Decoded::Incomplete { .. } => {}
-                }
+                Err(e) => return Err(FrameIoError::Codec(e.to_string())),
             }
             match self
                 .recv
@@ -208,8 +198,8 @@ impl FrameStream {
                 .await
                 .map_err(stream)?
             {
-                Some(c) => self.buf.extend_from_slice(&c.bytes),
-                None if self.buf.is_empty() => return Ok(None),
+                Some(c) => self.reader.buf().extend_from_slice(&c.bytes),
+                None if !self.reader.has_partial() => return Ok(None),
                 None => {
                     return Err(FrameIoError::Stream(
                         "the stream ended inside a frame".into(),

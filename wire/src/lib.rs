@@ -1095,13 +1095,16 @@ pub enum DecodeError {
     /// The stream did not start with [`MAGIC`].
     #[error("not a Switchboard stream (bad magic)")]
     BadMagic,
-    /// A frame header announced more than [`MAX_FRAME_LEN`] bytes.
-    #[error("frame of type {ty} announces {len} bytes, more than the limit of {MAX_FRAME_LEN}")]
+    /// A frame header announced more than the reader's limit
+    /// ([`MAX_FRAME_LEN`] at most).
+    #[error("frame of type {ty} announces {len} bytes, more than the limit of {max}")]
     FrameTooLarge {
         /// Frame type byte.
         ty: u8,
         /// Announced length.
         len: u32,
+        /// The limit it was checked against.
+        max: u32,
     },
     /// The body of a known frame type did not decode.
     #[error("malformed {ty:?} frame: {reason}")]
@@ -1355,7 +1358,11 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
     let ty_byte = src[0];
     let len = u32::from_be_bytes([src[1], src[2], src[3], src[4]]);
     if len as usize > MAX_FRAME_LEN {
-        return Err(DecodeError::FrameTooLarge { ty: ty_byte, len });
+        return Err(DecodeError::FrameTooLarge {
+            ty: ty_byte,
+            len,
+            max: MAX_FRAME_LEN as u32,
+        });
     }
     let total = HEADER_LEN + len as usize;
     if src.len() < total {
@@ -1525,16 +1532,33 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
 
 /// Buffers bytes read from a stream and yields whole frames; unknown frame
 /// types are skipped (and counted). The owner reads into [`FrameReader::buf`].
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameReader {
     buf: BytesMut,
     skipped: u64,
+    max: usize,
+}
+
+impl Default for FrameReader {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FrameReader {
-    /// An empty reader.
+    /// An empty reader of frames up to [`MAX_FRAME_LEN`].
     pub fn new() -> Self {
-        Self::default()
+        Self::with_limit(MAX_FRAME_LEN)
+    }
+
+    /// An empty reader that refuses a frame body over `max` bytes (and over
+    /// [`MAX_FRAME_LEN`]) from its header, before holding any of it.
+    pub fn with_limit(max: usize) -> Self {
+        Self {
+            buf: BytesMut::new(),
+            skipped: 0,
+            max: max.min(MAX_FRAME_LEN),
+        }
     }
 
     /// The buffer to read stream bytes into.
@@ -1553,9 +1577,19 @@ impl FrameReader {
     }
 
     /// Next complete frame, `Ok(None)` if more bytes are needed. Reserves
-    /// room for the announced frame (bounded by [`MAX_FRAME_LEN`]).
+    /// room for the announced frame (bounded by the reader's limit).
     pub fn next_frame(&mut self) -> Result<Option<Frame>, DecodeError> {
         loop {
+            if let [ty, a, b, c, d, ..] = self.buf[..] {
+                let len = u32::from_be_bytes([a, b, c, d]);
+                if len as usize > self.max {
+                    return Err(DecodeError::FrameTooLarge {
+                        ty,
+                        len,
+                        max: self.max as u32,
+                    });
+                }
+            }
             match decode(&self.buf)? {
                 Decoded::Frame { frame, consumed } => {
                     self.buf.advance(consumed);

@@ -342,7 +342,8 @@ fn oversized_frame_header_is_refused_before_allocation() {
         decode(&b),
         Err(DecodeError::FrameTooLarge {
             ty: 4,
-            len: u32::MAX
+            len: u32::MAX,
+            max: MAX_FRAME_LEN as u32,
         })
     );
     let mut r = FrameReader::new();
@@ -352,6 +353,37 @@ fn oversized_frame_header_is_refused_before_allocation() {
         r.buf().capacity() < 1024,
         "reader must not reserve for a refused frame"
     );
+}
+
+#[test]
+fn a_readers_own_limit_refuses_a_frame_from_its_header() {
+    let ping = Frame::Ping(Ping { nonce: 300 }).to_bytes().unwrap();
+    let body = ping.len() - HEADER_LEN;
+    // A frame at the limit is read; one byte over is refused from the
+    // header alone, with the limit it broke, before any body arrives.
+    let mut r = FrameReader::with_limit(body);
+    r.buf().extend_from_slice(&ping);
+    assert_eq!(r.next_frame(), Ok(Some(Frame::Ping(Ping { nonce: 300 }))));
+    let mut r = FrameReader::with_limit(body - 1);
+    r.buf().extend_from_slice(&ping[..HEADER_LEN]);
+    assert_eq!(
+        r.next_frame(),
+        Err(DecodeError::FrameTooLarge {
+            ty: FrameType::Ping as u8,
+            len: body as u32,
+            max: body as u32 - 1,
+        })
+    );
+    // A limit above the wire's is the wire's.
+    let mut r = FrameReader::with_limit(usize::MAX);
+    let mut b = BytesMut::new();
+    b.put_u8(FrameType::Send as u8);
+    b.put_u32(MAX_FRAME_LEN as u32 + 1);
+    r.buf().extend_from_slice(&b);
+    assert!(matches!(
+        r.next_frame(),
+        Err(DecodeError::FrameTooLarge { max, .. }) if max as usize == MAX_FRAME_LEN
+    ));
 }
 
 #[test]
