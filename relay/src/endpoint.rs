@@ -211,7 +211,7 @@ pub(crate) async fn connection(
         return;
     }
     // A peer's session needs nothing more from TLS (no exporter, no peer
-    // certificate): the TLS session's memory, ~2 KiB, is given back for the
+    // certificate): the TLS session's memory, about 4 KiB, is given back for the
     // connection's life (memory per idle client). Mesh links keep theirs for
     // the channel-bound proof.
     conn.release_handshake_state();
