@@ -50,8 +50,8 @@ enum Tls {
 }
 
 /// What a session still answers for after [`crypto::Session::release_handshake_state`]
+/// (only a server's is ever released)
 struct Released {
-    side: Side,
     handshake: HandshakeData,
     peer_certificates: Option<Vec<CertificateDer<'static>>>,
 }
@@ -73,7 +73,7 @@ impl TlsSession {
                 Connection::Client(_) => Side::Client,
                 Connection::Server(_) => Side::Server,
             },
-            Tls::Released(released) => released.side,
+            Tls::Released(_) => Side::Server,
         }
     }
 }
@@ -280,7 +280,6 @@ impl crypto::Session for TlsSession {
             return false;
         }
         self.inner = Tls::Released(Box::new(Released {
-            side: Side::Server,
             handshake: handshake_data_of(conn),
             peer_certificates: peer_certificates_of(conn),
         }));
