@@ -4,7 +4,10 @@
 //! Benchmarks print figures; they assert nothing about speed.
 
 /// The same allocator as `swbd`, so in-process relays and daemons measure
-/// what ships (see the README's performance section).
+/// what ships (see the README's performance section). The `system-alloc`
+/// feature leaves the system allocator in place, for heaptrack (which sees
+/// only malloc) with `SWB_BENCH_WRAP`.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -497,9 +497,52 @@ enum TunDone {
 /// A session's TUN calls in flight: owned by its loop (they end with it),
 /// answered in the order they were asked, while deliveries, sends and
 /// acks go on.
-type TunCalls = futures_util::stream::FuturesOrdered<
-    std::pin::Pin<Box<dyn std::future::Future<Output = TunDone> + Send>>,
->;
+type TunCalls = Ordered<std::pin::Pin<Box<dyn std::future::Future<Output = TunDone> + Send>>>;
+
+/// A `FuturesOrdered` that exists only while it holds futures: made by the
+/// first push, dropped once drained. `FuturesOrdered::new` allocates its
+/// ready-to-run queue at once (~150 bytes), and every idle session would
+/// otherwise keep two.
+struct Ordered<F: std::future::Future>(Option<futures_util::stream::FuturesOrdered<F>>);
+
+impl<F: std::future::Future> Ordered<F> {
+    fn new() -> Self {
+        Self(None)
+    }
+
+    fn push_back(&mut self, f: F) {
+        self.0
+            .get_or_insert_with(futures_util::stream::FuturesOrdered::new)
+            .push_back(f);
+    }
+
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |q| q.len())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The next output in order; pending while empty.
+    async fn next(&mut self) -> F::Output {
+        let Some(q) = self.0.as_mut() else {
+            return std::future::pending().await;
+        };
+        match futures_util::StreamExt::next(q).await {
+            Some(out) => {
+                if q.is_empty() {
+                    self.0 = None;
+                }
+                out
+            }
+            None => {
+                self.0 = None;
+                std::future::pending().await
+            }
+        }
+    }
+}
 
 /// After a mesh change: if the namespace's TUN allocator is another relay
 /// than the one that gave this peer its index, asks it for that index
@@ -642,7 +685,7 @@ async fn serve(
     let mut fwd: Option<Forwarding> = None;
     // Answers to local sends, each ready once its message is durable (they
     // complete in order: the store commits in order).
-    let mut durable: Durables = futures_util::stream::FuturesOrdered::new();
+    let mut durable: Durables = Ordered::new();
     let mut tun_calls = TunCalls::new();
     // The allocator a re-ask after a mesh change went to, while it is in
     // flight: one at a time, however often the mesh changes meanwhile.
@@ -676,7 +719,7 @@ async fn serve(
                     reask = tun_reask(router, &mut tun_calls, ns, name, tun.as_ref());
                 }
             }
-            Some(done) = futures_util::StreamExt::next(&mut tun_calls), if !tun_calls.is_empty() => {
+            done = tun_calls.next(), if !tun_calls.is_empty() => {
                 let reply = match done {
                     TunDone::Joined { allocator, index, answer } => {
                         let a = tun_joined(router, ctl, conn, ns, allocator, index, &mut tun);
@@ -716,7 +759,7 @@ async fn serve(
                     }
                 }
             }
-            Some(reply) = futures_util::StreamExt::next(&mut durable), if !durable.is_empty() => {
+            reply = durable.next(), if !durable.is_empty() => {
                 if let Err(e) = io.queue(&reply) {
                     return e;
                 }
@@ -842,9 +885,7 @@ async fn forwarder(
 }
 
 /// Answers waiting for their messages to be durable.
-type Durables = futures_util::stream::FuturesOrdered<
-    std::pin::Pin<Box<dyn std::future::Future<Output = Frame> + Send>>,
->;
+type Durables = Ordered<std::pin::Pin<Box<dyn std::future::Future<Output = Frame> + Send>>>;
 
 fn handle(
     router: &Arc<Router>,

@@ -259,7 +259,7 @@ impl Endpoint {
         // Update connection socket references
         for sender in inner.recv_state.connections.senders.values() {
             // Ignoring errors from dropped connections
-            let _ = sender.send(Box::new(ConnectionEvent::Rebind(inner.socket.clone())));
+            sender.send(Box::new(ConnectionEvent::Rebind(inner.socket.clone())));
         }
         if let Some(driver) = inner.driver.take() {
             // Ensure the driver can register for wake-ups from the new socket
@@ -302,7 +302,7 @@ impl Endpoint {
         endpoint.recv_state.connections.close = Some((error_code, reason.clone()));
         for sender in endpoint.recv_state.connections.senders.values() {
             // Ignoring errors from dropped connections
-            let _ = sender.send(Box::new(ConnectionEvent::Close {
+            sender.send(Box::new(ConnectionEvent::Close {
                 error_code,
                 reason: reason.clone(),
             }));
@@ -538,8 +538,8 @@ impl State {
             let Some(event) = self.inner.handle_event(ch, event) else {
                 continue;
             };
-            // Ignoring errors from dropped connections that haven't yet been cleaned up
-            let _ = self
+            // Dropped if the connection is gone but not yet cleaned up
+            self
                 .recv_state
                 .connections
                 .senders
@@ -596,7 +596,7 @@ fn proto_ecn(ecn: udp::EcnCodepoint) -> proto::EcnCodepoint {
 #[derive(Debug)]
 struct ConnectionSet {
     /// Senders for communicating with the endpoint's connections
-    senders: FxHashMap<ConnectionHandle, mpsc::UnboundedSender<Box<ConnectionEvent>>>,
+    senders: FxHashMap<ConnectionHandle, crate::events::EventSender>,
     /// Stored to give out clones to new ConnectionInners
     sender: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
     /// Set if the endpoint has been manually closed
@@ -611,13 +611,12 @@ impl ConnectionSet {
         socket: Arc<dyn AsyncUdpSocket>,
         runtime: Arc<dyn Runtime>,
     ) -> Connecting {
-        let (send, recv) = mpsc::unbounded_channel();
+        let (send, recv) = crate::events::queue();
         if let Some((error_code, ref reason)) = self.close {
             send.send(Box::new(ConnectionEvent::Close {
                 error_code,
                 reason: reason.clone(),
-            }))
-            .unwrap();
+            }));
         }
         self.senders.insert(handle, send);
         Connecting::new(handle, conn, self.sender.clone(), recv, socket, runtime)
@@ -821,9 +820,9 @@ impl RecvState {
                                     }
                                 }
                                 Some(DatagramEvent::ConnectionEvent(handle, event)) => {
-                                    // Ignoring errors from dropped connections that haven't yet been cleaned up
+                                    // Dropped if the connection is gone but not yet cleaned up
                                     received_connection_packet = true;
-                                    let _ = self
+                                    self
                                         .connections
                                         .senders
                                         .get_mut(&handle)
