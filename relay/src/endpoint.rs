@@ -18,8 +18,10 @@ use tracing::{debug, warn};
 pub(crate) type MeshIncoming = (quinn::Connection, OwnedSemaphorePermit);
 
 /// Bidirectional streams a new connection may open before its session
-/// raises the limit.
-pub(crate) const INITIAL_STREAMS: u32 = 8;
+/// raises the limit (its first accepted stream does). quinn keeps an entry
+/// per allowed stream in two hash maps; 3 fit their smallest table (4
+/// buckets), where 8 took 16 each (~400 bytes more per idle client).
+pub(crate) const INITIAL_STREAMS: u32 = 3;
 /// Ack-eliciting packets a peer may receive before it must acknowledge
 /// (quinn's default without the extension: 1). 8 measured best of 1, 8
 /// and 32 in `swbd-bench fanout` (same relay +10 %, mesh hop +5 % over 1;
@@ -52,7 +54,8 @@ pub(crate) fn bind(
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(qcfg));
     let mut transport = quinn::TransportConfig::default();
     // Few streams at first: quinn keeps state per allowed stream (about
-    // 80 bytes each), and an idle client needs only its control stream.
+    // 36 bytes each, in tables sized by powers of two), and an idle client
+    // needs only its control stream.
     // Sessions raise the limit as they use streams (up to a little above
     // `max_streams_per_peer`, so the refusal can be delivered), mesh links
     // once they proved the mesh key.

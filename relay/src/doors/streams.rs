@@ -17,7 +17,9 @@ use tracing::{debug, Instrument};
 /// session loop (no task of their own while the session idles). Owns
 /// every stream task; they end with it (the connection is gone by then).
 pub(crate) struct Streams {
-    tasks: JoinSet<()>,
+    /// Made by the first stream (a `JoinSet` allocates when made; an idle
+    /// session has none).
+    tasks: Option<JoinSet<()>>,
     seq: u64,
     /// The QUIC stream limit of the moment: it grows with use (see
     /// `INITIAL_STREAMS`) up to `ceiling`.
@@ -28,7 +30,7 @@ pub(crate) struct Streams {
 impl Streams {
     pub(crate) fn new(router: &Router) -> Self {
         Self {
-            tasks: JoinSet::new(),
+            tasks: None,
             seq: 0,
             limit: crate::INITIAL_STREAMS,
             ceiling: (router.config().max_streams_per_peer + 16).min(u32::MAX as usize) as u32,
@@ -45,14 +47,15 @@ impl Streams {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
-        let open_now = ctl.streams.load(Ordering::Relaxed) as u32 + self.tasks.len() as u32 + 2;
+        let tasks = self.tasks.get_or_insert_with(JoinSet::new);
+        let open_now = ctl.streams.load(Ordering::Relaxed) as u32 + tasks.len() as u32 + 2;
         if open_now + 2 >= self.limit && self.limit < self.ceiling {
             self.limit = (self.limit * 2).min(self.ceiling);
             ctl.conn.set_max_concurrent_bi_streams(self.limit.into());
         }
         self.seq += 1;
         let span = tracing::debug_span!("stream", n = self.seq);
-        self.tasks.spawn(
+        tasks.spawn(
             router.tasks().track_future(
                 open(
                     router.clone(),
@@ -69,7 +72,11 @@ impl Streams {
 
     /// Waits for a stream task to end (never, while there is none).
     pub(crate) async fn reap(&mut self) {
-        match self.tasks.join_next().await {
+        let Some(tasks) = self.tasks.as_mut() else {
+            return std::future::pending().await;
+        };
+        match tasks.join_next().await {
+            Some(_) if tasks.is_empty() => self.tasks = None,
             Some(_) => {}
             None => std::future::pending().await,
         }

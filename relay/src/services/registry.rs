@@ -163,20 +163,30 @@ struct HttpPresence {
     open_polls: usize,
     last_poll: Option<Instant>,
     since: Option<SystemTime>,
+    /// Wakes HTTP long polls of this name.
+    notify: Arc<Notify>,
 }
 
+/// A name's entry. The mailbox and the HTTP state are made when first
+/// needed (the first message, the first poll) and kept with the slot, so
+/// a peer that only attached costs a small entry in the slot table (56
+/// bytes with its key, where they inline made it 216, plus a `Notify`).
 #[derive(Debug, Default)]
 struct Slot {
     session: Option<Arc<SessionCtl>>,
-    mailbox: Mailbox,
-    http: HttpPresence,
-    /// Wakes HTTP long polls of this name.
-    http_notify: Arc<Notify>,
+    mailbox: Option<Box<Mailbox>>,
+    http: Option<Box<HttpPresence>>,
 }
 
 impl Slot {
     fn http_active(&self, now: Instant, visibility: Duration) -> bool {
-        self.http.open_polls > 0 || self.http.last_poll.is_some_and(|t| now < t + visibility)
+        self.http
+            .as_ref()
+            .is_some_and(|h| h.open_polls > 0 || h.last_poll.is_some_and(|t| now < t + visibility))
+    }
+
+    fn holds_mail(&self) -> bool {
+        self.mailbox.as_ref().is_some_and(|m| !m.msgs.is_empty())
     }
 
     fn online(&self, now: Instant, visibility: Duration) -> bool {
@@ -184,7 +194,7 @@ impl Slot {
     }
 
     fn is_idle(&self, now: Instant, visibility: Duration) -> bool {
-        self.session.is_none() && self.mailbox.msgs.is_empty() && !self.http_active(now, visibility)
+        self.session.is_none() && !self.holds_mail() && !self.http_active(now, visibility)
     }
 
     fn wake(&self) {
@@ -193,8 +203,8 @@ impl Slot {
         }
         // Only an open HTTP poll waits on it (and it is counted before it
         // waits, under the registry lock).
-        if self.http.open_polls > 0 {
-            self.http_notify.notify_waiters();
+        if let Some(h) = self.http.as_ref().filter(|h| h.open_polls > 0) {
+            h.notify.notify_waiters();
         }
     }
 }
@@ -363,7 +373,9 @@ impl Registry {
                 slot.session = None;
                 // Its leases are free again: HTTP pollers of the name may
                 // take the messages now.
-                slot.http_notify.notify_waiters();
+                if let Some(h) = &slot.http {
+                    h.notify.notify_waiters();
+                }
             }
             let now = Instant::now();
             if !slot.online(now, self.limits.visibility) {
@@ -392,13 +404,9 @@ impl Registry {
         let k = key(ns, to);
         let slot = self.slots.get(&k);
         let online = slot.is_some_and(|s| s.online(now, lim.visibility));
-        if let Some(s) = slot {
-            if let Some(m) = s
-                .mailbox
-                .by_id
-                .get(&id)
-                .and_then(|seq| s.mailbox.msgs.get(seq))
-            {
+        let held = slot.and_then(|s| s.mailbox.as_deref());
+        if let Some(mb) = held {
+            if let Some(m) = mb.by_id.get(&id).and_then(|seq| mb.msgs.get(seq)) {
                 // The same message again (a retried send): accepted once.
                 if &*m.from == from && m.body == body {
                     return Enqueued::Accepted { online, new: false };
@@ -410,7 +418,7 @@ impl Registry {
                 ));
             }
         }
-        let (mb_len, mb_bytes) = slot.map_or((0, 0), |s| (s.mailbox.msgs.len(), s.mailbox.bytes));
+        let (mb_len, mb_bytes) = held.map_or((0, 0), |m| (m.msgs.len(), m.bytes));
         let cost = held_cost(from, &body);
         if mb_len + 1 > lim.messages || mb_bytes + cost > lim.bytes {
             return Enqueued::Refused(Refusal::new(
@@ -436,7 +444,7 @@ impl Registry {
         }
         let ttl = lim.ttl;
         let slot = self.slots.entry(k.clone()).or_default();
-        let mb = &mut slot.mailbox;
+        let mb = slot.mailbox.get_or_insert_with(Default::default);
         if mb.msgs.is_empty() {
             self.expiry.insert((now + ttl, k.clone()));
         }
@@ -487,10 +495,13 @@ impl Registry {
             cursor,
             more: false,
         };
-        let Some(slot) = self.slots.get_mut(&key(ns, name)) else {
+        let Some(mb) = self
+            .slots
+            .get_mut(&key(ns, name))
+            .and_then(|s| s.mailbox.as_deref_mut())
+        else {
             return b;
         };
-        let mb = &mut slot.mailbox;
         let start = match mb.rewind.take() {
             Some(r) if r < cursor => r,
             _ => cursor,
@@ -538,21 +549,27 @@ impl Registry {
         let k = key(ns, name);
         self.http_seen.insert(k.clone());
         let slot = self.slots.entry(k).or_default();
-        if !slot.http_active(now, visibility) {
-            slot.http.since = Some(SystemTime::now());
+        let active = slot.http_active(now, visibility);
+        let h = slot.http.get_or_insert_with(Default::default);
+        if !active {
+            h.since = Some(SystemTime::now());
         }
-        slot.http.open_polls += 1;
-        slot.http.last_poll = Some(now);
-        let notify = slot.http_notify.clone();
+        h.open_polls += 1;
+        h.last_poll = Some(now);
+        let notify = h.notify.clone();
         self.status.set_presence(ns, name, true, now);
         notify
     }
 
     /// Ends an HTTP poll begun with [`Self::http_poll_begin`].
     pub(crate) fn http_poll_end(&mut self, ns: &str, name: &str, now: Instant) {
-        if let Some(slot) = self.slots.get_mut(&key(ns, name)) {
-            slot.http.open_polls = slot.http.open_polls.saturating_sub(1);
-            slot.http.last_poll = Some(now);
+        if let Some(h) = self
+            .slots
+            .get_mut(&key(ns, name))
+            .and_then(|s| s.http.as_deref_mut())
+        {
+            h.open_polls = h.open_polls.saturating_sub(1);
+            h.last_poll = Some(now);
         }
     }
 
@@ -570,7 +587,9 @@ impl Registry {
             return Vec::new();
         };
         let current = slot.session.as_ref().map(|s| s.id);
-        let mb = &mut slot.mailbox;
+        let Some(mb) = slot.mailbox.as_deref_mut() else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for m in mb.msgs.values_mut() {
             if out.len() >= max {
@@ -616,7 +635,10 @@ impl Registry {
                 self.leased.remove(&k);
                 continue;
             };
-            let mb = &mut slot.mailbox;
+            let Some(mb) = slot.mailbox.as_deref_mut() else {
+                self.leased.remove(&k);
+                continue;
+            };
             let mut n = 0;
             if mb.http_leased > 0 {
                 for (seq, m) in mb.msgs.iter_mut() {
@@ -666,7 +688,9 @@ impl Registry {
         let Some(slot) = self.slots.get_mut(k) else {
             return 0;
         };
-        let mb = &mut slot.mailbox;
+        let Some(mb) = slot.mailbox.as_deref_mut() else {
+            return 0;
+        };
         let before_len = mb.msgs.len();
         let head_before = mb.msgs.first_key_value().map(|(_, m)| m.expires_at);
         let mut freed = 0;
@@ -755,7 +779,7 @@ impl Registry {
                 if let Some(h) = self
                     .slots
                     .get(&k)
-                    .and_then(|s| s.mailbox.msgs.first_key_value())
+                    .and_then(|s| s.mailbox.as_ref()?.msgs.first_key_value())
                     .map(|(_, m)| m.expires_at)
                     .filter(|h| *h > t)
                 {
@@ -799,7 +823,11 @@ impl Registry {
                 } else if s.http_active(now, visibility) {
                     Some(Peer {
                         name: name.to_string(),
-                        since: s.http.since.unwrap_or_else(SystemTime::now),
+                        since: s
+                            .http
+                            .as_ref()
+                            .and_then(|h| h.since)
+                            .unwrap_or_else(SystemTime::now),
                         via: Via::Http,
                     })
                 } else {
@@ -816,7 +844,7 @@ impl Registry {
     pub(crate) fn export(&self, now: Instant, wall_now_ms: u64) -> Vec<super::persist::Saved> {
         let mut out = Vec::new();
         for ((ns, to), slot) in &self.slots {
-            for m in slot.mailbox.msgs.values() {
+            for m in slot.mailbox.iter().flat_map(|mb| mb.msgs.values()) {
                 let left = m.expires_at.saturating_duration_since(now).as_millis() as u64;
                 out.push(super::persist::Saved {
                     ns: ns.to_string(),
@@ -846,9 +874,13 @@ impl Registry {
         match self.enqueue(&m.ns, &m.from, &m.to, m.id, m.body, m.sent_at_ms, now) {
             Enqueued::Accepted { .. } => {
                 // enqueue gave it the full TTL; keep its remaining one.
-                if let Some(slot) = self.slots.get_mut(&key(&m.ns, &m.to)) {
-                    if let Some(seq) = slot.mailbox.by_id.get(&m.id).copied() {
-                        if let Some(s) = slot.mailbox.msgs.get_mut(&seq) {
+                let mb = self
+                    .slots
+                    .get_mut(&key(&m.ns, &m.to))
+                    .and_then(|s| s.mailbox.as_deref_mut());
+                if let Some(mb) = mb {
+                    if let Some(seq) = mb.by_id.get(&m.id).copied() {
+                        if let Some(s) = mb.msgs.get_mut(&seq) {
                             s.expires_at = now + left.min(self.limits.ttl);
                         }
                     }
@@ -866,9 +898,10 @@ impl Registry {
 
     /// Held messages and their body bytes (all namespaces).
     pub(crate) fn held(&self) -> (usize, usize) {
-        self.slots.values().fold((0, 0), |(n, b), s| {
-            (n + s.mailbox.msgs.len(), b + s.mailbox.bytes)
-        })
+        self.slots
+            .values()
+            .filter_map(|s| s.mailbox.as_deref())
+            .fold((0, 0), |(n, b), m| (n + m.msgs.len(), b + m.bytes))
     }
 }
 
