@@ -22,6 +22,8 @@ pub(crate) type MeshIncoming = (quinn::Connection, OwnedSemaphorePermit);
 /// per allowed stream in two hash maps; 3 fit their smallest table (4
 /// buckets), where 8 took 16 each (~400 bytes more per idle client).
 pub(crate) const INITIAL_STREAMS: u32 = 3;
+/// Connection IDs the relay keeps issued to each client (see `bind`).
+const MAX_ISSUED_CIDS: u32 = 3;
 /// Ack-eliciting packets a peer may receive before it must acknowledge
 /// (quinn's default without the extension: 1). 8 measured best of 1, 8
 /// and 32 in `swbd-bench fanout` (same relay +10 %, mesh hop +5 % over 1;
@@ -61,6 +63,11 @@ pub(crate) fn bind(
     // once they proved the mesh key.
     transport.max_concurrent_bidi_streams(INITIAL_STREAMS.into());
     transport.max_concurrent_uni_streams(0u32.into());
+    // Connection IDs: 3 issued per client (the handshake's and two spares
+    // for path changes, renewed as they are retired) instead of quinn's 8
+    // capped by the daemon's limit of 5: each is an entry in the endpoint's
+    // routing table and the connection's own (~60 bytes per idle client).
+    transport.max_issued_connection_ids(MAX_ISSUED_CIDS);
     // Flow control before authentication is the budget of a stranger;
     // sessions and mesh links raise the connection's window once proven.
     transport.receive_window(swb_quic::PREAUTH_RECEIVE_WINDOW.into());

@@ -524,22 +524,25 @@ impl<F: std::future::Future> Ordered<F> {
         self.len() == 0
     }
 
-    /// The next output in order; pending while empty.
-    async fn next(&mut self) -> F::Output {
+    /// The next output in order; pending while empty (no waker kept then:
+    /// a select polls this only when it is not empty).
+    fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        use std::task::Poll;
         let Some(q) = self.0.as_mut() else {
-            return std::future::pending().await;
+            return Poll::Pending;
         };
-        match futures_util::StreamExt::next(q).await {
-            Some(out) => {
+        match futures_util::StreamExt::poll_next_unpin(q, cx) {
+            Poll::Ready(Some(out)) => {
                 if q.is_empty() {
                     self.0 = None;
                 }
-                out
+                Poll::Ready(out)
             }
-            None => {
+            Poll::Ready(None) => {
                 self.0 = None;
-                std::future::pending().await
+                Poll::Pending
             }
+            Poll::Pending => Poll::Pending,
         }
     }
 }
@@ -719,7 +722,7 @@ async fn serve(
                     reask = tun_reask(router, &mut tun_calls, ns, name, tun.as_ref());
                 }
             }
-            done = tun_calls.next(), if !tun_calls.is_empty() => {
+            done = std::future::poll_fn(|cx| tun_calls.poll_next(cx)), if !tun_calls.is_empty() => {
                 let reply = match done {
                     TunDone::Joined { allocator, index, answer } => {
                         let a = tun_joined(router, ctl, conn, ns, allocator, index, &mut tun);
@@ -759,7 +762,7 @@ async fn serve(
                     }
                 }
             }
-            reply = durable.next(), if !durable.is_empty() => {
+            reply = std::future::poll_fn(|cx| durable.poll_next(cx)), if !durable.is_empty() => {
                 if let Err(e) = io.queue(&reply) {
                     return e;
                 }

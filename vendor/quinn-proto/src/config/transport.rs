@@ -42,6 +42,7 @@ pub struct TransportConfig {
     pub(crate) path_mtu_upper_bound: Option<PathMtuUpperBound>,
     pub(crate) pad_to_mtu: bool,
     pub(crate) ack_frequency_config: Option<AckFrequencyConfig>,
+    pub(crate) max_issued_cids: u32,
 
     pub(crate) persistent_congestion_threshold: u32,
     pub(crate) keep_alive_interval: Option<Duration>,
@@ -68,6 +69,19 @@ impl TransportConfig {
     /// stream_receive_window`, with an upper bound proportional to `receive_window`.
     pub fn max_concurrent_bidi_streams(&mut self, value: VarInt) -> &mut Self {
         self.max_concurrent_bidi_streams = value;
+        self
+    }
+
+    /// Connection IDs this endpoint keeps issued to its peer at most, counting
+    /// the one the handshake used (2 to 8; default 8, quinn's own cap)
+    ///
+    /// The peer's `active_connection_id_limit` caps it too. Every issued ID is
+    /// an entry in the endpoint's routing table and in the connection's own, so
+    /// a server holding many idle connections may issue fewer; a peer still has
+    /// a spare ID for its next path change, and gets a new one when it retires
+    /// an old one.
+    pub fn max_issued_connection_ids(&mut self, value: u32) -> &mut Self {
+        self.max_issued_cids = value.clamp(2, crate::LOC_CID_COUNT as u32);
         self
     }
 
@@ -410,6 +424,7 @@ impl Default for TransportConfig {
             path_mtu_upper_bound: None,
             pad_to_mtu: false,
             ack_frequency_config: None,
+            max_issued_cids: crate::LOC_CID_COUNT as u32,
 
             persistent_congestion_threshold: 3,
             keep_alive_interval: None,
@@ -448,6 +463,7 @@ impl fmt::Debug for TransportConfig {
             path_mtu_upper_bound,
             pad_to_mtu,
             ack_frequency_config,
+            max_issued_cids,
             persistent_congestion_threshold,
             keep_alive_interval,
             crypto_buffer_size,
@@ -478,6 +494,7 @@ impl fmt::Debug for TransportConfig {
             .field("path_mtu_upper_bound", &path_mtu_upper_bound.is_some())
             .field("pad_to_mtu", pad_to_mtu)
             .field("ack_frequency_config", ack_frequency_config)
+            .field("max_issued_cids", max_issued_cids)
             .field(
                 "persistent_congestion_threshold",
                 persistent_congestion_threshold,
