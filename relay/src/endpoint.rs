@@ -21,7 +21,7 @@ pub(crate) type MeshIncoming = (quinn::Connection, OwnedSemaphorePermit);
 /// raises the limit (its first accepted stream does). quinn keeps an entry
 /// per allowed stream in two hash maps; 3 fit their smallest table (4
 /// buckets), where 8 took 16 each (~400 bytes more per idle client).
-pub(crate) const INITIAL_STREAMS: u32 = 3;
+pub const INITIAL_STREAMS: u32 = 3;
 /// Connection IDs the relay keeps issued to each client (see `bind`).
 const MAX_ISSUED_CIDS: u32 = 3;
 /// Ack-eliciting packets a peer may receive before it must acknowledge

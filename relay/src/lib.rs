@@ -92,7 +92,7 @@ pub use swb_quic::{
 };
 pub use tls::Identity;
 
-pub(crate) use endpoint::INITIAL_STREAMS;
+pub use endpoint::INITIAL_STREAMS;
 pub use shards::MAX_SHARDS;
 
 use mesh::Mesh;

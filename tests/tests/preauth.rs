@@ -25,8 +25,8 @@ async fn bytes_a_stranger_pushes(relay: &TestRelay, alpn: &[u8]) -> Result<u64> 
     let written = Arc::new(AtomicU64::new(0));
     let mut writers = tokio::task::JoinSet::new();
     let (_first, _r) = conn.open_bi().await?;
-    // The relay allows 8 streams before a session raises the limit.
-    for _ in 1..8 {
+    // Every stream the relay allows before a session raises the limit.
+    for _ in 1..swb_relay::INITIAL_STREAMS {
         let (mut s, r) = conn.open_bi().await?;
         let written = written.clone();
         writers.spawn(async move {

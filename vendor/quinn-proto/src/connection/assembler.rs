@@ -59,7 +59,14 @@ impl Assembler {
     /// Get the the next chunk
     pub(super) fn read(&mut self, max_length: usize, ordered: bool) -> Option<Chunk> {
         loop {
-            let mut chunk = self.data.peek_mut()?;
+            let Some(mut chunk) = self.data.peek_mut() else {
+                // Drained: give the heap's buffer back (an idle stream, such
+                // as a long-lived control stream, would keep it).
+                if self.data.capacity() > 0 {
+                    self.data = BinaryHeap::new();
+                }
+                return None;
+            };
 
             if ordered {
                 if chunk.offset > self.bytes_read {

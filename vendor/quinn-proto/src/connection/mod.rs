@@ -404,6 +404,8 @@ impl Connection {
         if let Some(x) = self.events.pop_front() {
             return Some(x);
         }
+        // Drained: give the buffer back (an idle connection would keep it)
+        give_back(&mut self.events);
 
         if let Some(event) = self.streams.poll() {
             return Some(Event::Stream(event));
@@ -419,7 +421,11 @@ impl Connection {
     /// Return endpoint-facing events
     #[must_use]
     pub fn poll_endpoint_events(&mut self) -> Option<EndpointEvent> {
-        self.endpoint_events.pop_front().map(EndpointEvent)
+        let event = self.endpoint_events.pop_front();
+        if event.is_none() {
+            give_back(&mut self.endpoint_events);
+        }
+        event.map(EndpointEvent)
     }
 
     /// Provide control over streams
@@ -3359,6 +3365,7 @@ impl Connection {
                 space.pending.crypto.push_front(frame);
             }
         }
+        give_back(&mut space.pending.crypto);
 
         if space_id == SpaceId::Data {
             self.streams.write_control_frames(
@@ -3374,7 +3381,12 @@ impl Connection {
         while buf.len() + NewConnectionId::SIZE_BOUND < max_size {
             let issued = match space.pending.new_cids.pop() {
                 Some(x) => x,
-                None => break,
+                None => {
+                    if space.pending.new_cids.capacity() > 0 {
+                        space.pending.new_cids = Vec::new();
+                    }
+                    break;
+                }
             };
             trace!(
                 sequence = issued.sequence,
@@ -4296,5 +4308,14 @@ mod tests {
             assert_eq!(negotiate_max_idle_timeout(left, right), result);
             assert_eq!(negotiate_max_idle_timeout(right, left), result);
         }
+    }
+}
+
+/// Replaces an empty queue that holds a buffer with one that holds none:
+/// queues that fill once (the handshake's events and CRYPTO frames) or now
+/// and then would otherwise keep their buffers for the connection's life.
+fn give_back<T>(q: &mut VecDeque<T>) {
+    if q.is_empty() && q.capacity() > 0 {
+        *q = VecDeque::new();
     }
 }
