@@ -161,7 +161,8 @@ impl Connecting {
             .ok_or_else(|| {
                 inner
                     .error
-                    .clone()
+                    .as_deref()
+                    .cloned()
                     .expect("spurious handshake data ready notification")
             })
     }
@@ -205,7 +206,8 @@ impl Future for Connecting {
             } else {
                 Err(inner
                     .error
-                    .clone()
+                    .as_deref()
+                    .cloned()
                     .expect("connected signaled without connection success or error"))
             }
         })
@@ -376,7 +378,7 @@ impl Connection {
     pub async fn closed(&self) -> ConnectionError {
         {
             let conn = self.0.state.lock("closed");
-            if let Some(error) = conn.error.as_ref() {
+            if let Some(error) = conn.error.as_deref() {
                 return error.clone();
             }
             // Construct the future while the lock is held to ensure we can't miss a wakeup if
@@ -389,7 +391,7 @@ impl Connection {
             .state
             .lock("closed")
             .error
-            .as_ref()
+            .as_deref()
             .expect("closed without an error")
             .clone()
     }
@@ -398,7 +400,7 @@ impl Connection {
     ///
     /// Returns `None` if the connection is still open.
     pub fn close_reason(&self) -> Option<ConnectionError> {
-        self.0.state.lock("close_reason").error.clone()
+        self.0.state.lock("close_reason").error.as_deref().cloned()
     }
 
     /// Close the connection immediately.
@@ -447,7 +449,7 @@ impl Connection {
     /// datagram, in order of oldest to newest.
     pub fn send_datagram(&self, data: Bytes) -> Result<(), SendDatagramError> {
         let conn = &mut *self.0.state.lock("send_datagram");
-        if let Some(ref x) = conn.error {
+        if let Some(x) = conn.error.as_deref() {
             return Err(SendDatagramError::ConnectionLost(x.clone()));
         }
         use proto::SendDatagramError::*;
@@ -745,7 +747,7 @@ fn poll_open<'a>(
     dir: Dir,
 ) -> Poll<Result<(ConnectionRef, StreamId, bool), ConnectionError>> {
     let mut state = conn.state.lock("poll_open");
-    if let Some(ref e) = state.error {
+    if let Some(e) = state.error.as_deref() {
         return Poll::Ready(Err(e.clone()));
     } else if let Some(id) = state.inner.streams().open(dir) {
         let is_0rtt = state.inner.side().is_client() && state.inner.is_handshaking();
@@ -819,7 +821,7 @@ fn poll_accept<'a>(
         state.wake(); // To send additional stream ID credit
         drop(state); // Release the lock so clone can take it
         return Poll::Ready(Ok((conn.clone(), id, is_0rtt)));
-    } else if let Some(ref e) = state.error {
+    } else if let Some(e) = state.error.as_deref() {
         return Poll::Ready(Err(e.clone()));
     }
     loop {
@@ -850,7 +852,7 @@ impl Future for ReadDatagram<'_> {
         // datagrams, which are necessarily finite, can be drained from a closed connection.
         if let Some(x) = state.inner.datagrams().recv() {
             return Poll::Ready(Ok(x));
-        } else if let Some(ref e) = state.error {
+        } else if let Some(e) = state.error.as_deref() {
             return Poll::Ready(Err(e.clone()));
         }
         loop {
@@ -881,7 +883,7 @@ impl Future for SendDatagram<'_> {
     fn poll(self: Pin<&mut Self>, ctx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         let mut state = this.conn.state.lock("SendDatagram::poll");
-        if let Some(ref e) = state.error {
+        if let Some(e) = state.error.as_deref() {
             return Poll::Ready(Err(SendDatagramError::ConnectionLost(e.clone())));
         }
         use proto::SendDatagramError::*;
@@ -935,16 +937,17 @@ impl ConnectionRef {
                 inner: conn,
                 driver: None,
                 handle,
-                on_handshake_data: Some(on_handshake_data),
-                on_connected: Some(on_connected),
+                handshake_signals: Some(Box::new(HandshakeSignals {
+                    on_handshake_data: Some(on_handshake_data),
+                    on_connected: Some(on_connected),
+                })),
                 connected: false,
                 timer: None,
                 timer_deadline: None,
                 conn_events,
                 endpoint_events,
-                blocked_writers: FxHashMap::default(),
                 blocked_readers: FxHashMap::default(),
-                stopped: FxHashMap::default(),
+                write_waiters: None,
                 error: None,
                 io_poller: socket.clone().create_io_poller(),
                 socket,
@@ -1017,27 +1020,56 @@ pub(crate) struct State {
     pub(crate) inner: proto::Connection,
     driver: Option<Waker>,
     handle: ConnectionHandle,
-    on_handshake_data: Option<oneshot::Sender<()>>,
-    on_connected: Option<oneshot::Sender<bool>>,
+    /// Boxed and dropped once both are sent (switchboard patch): 32 bytes inline otherwise, for
+    /// the life of the connection
+    handshake_signals: Option<Box<HandshakeSignals>>,
     connected: bool,
     timer: Option<Pin<Box<dyn AsyncTimer>>>,
     timer_deadline: Option<Instant>,
     conn_events: crate::events::EventReceiver,
     endpoint_events: mpsc::UnboundedSender<(ConnectionHandle, EndpointEvent)>,
-    pub(crate) blocked_writers: FxHashMap<StreamId, Waker>,
     pub(crate) blocked_readers: FxHashMap<StreamId, Waker>,
-    pub(crate) stopped: FxHashMap<StreamId, Arc<Notify>>,
+    /// Writers blocked on flow control and `stopped()` waiters, made when the first one waits
+    /// (switchboard patch): two empty maps are 64 bytes inline that idle connections never use
+    write_waiters: Option<Box<WriteWaiters>>,
     /// Always set to Some before the connection becomes drained
-    pub(crate) error: Option<ConnectionError>,
+    ///
+    /// Boxed (switchboard patch): a live connection has none, 56 bytes inline otherwise.
+    pub(crate) error: Option<Box<ConnectionError>>,
     socket: Arc<dyn AsyncUdpSocket>,
     io_poller: Pin<Box<dyn UdpPoller>>,
     runtime: Arc<dyn Runtime>,
     send_buffer: Vec<u8>,
     /// We buffer a transmit when the underlying I/O would block
-    buffered_transmit: Option<proto::Transmit>,
+    ///
+    /// Boxed (switchboard patch): rarely present, 80 bytes inline in every connection otherwise.
+    buffered_transmit: Option<Box<proto::Transmit>>,
+}
+
+/// See [`State::write_waiters`]
+#[derive(Default)]
+pub(crate) struct WriteWaiters {
+    pub(crate) blocked_writers: FxHashMap<StreamId, Waker>,
+    pub(crate) stopped: FxHashMap<StreamId, Arc<Notify>>,
+}
+
+/// Signals of a connection's handshake to its `Connecting` future
+struct HandshakeSignals {
+    on_handshake_data: Option<oneshot::Sender<()>>,
+    on_connected: Option<oneshot::Sender<bool>>,
 }
 
 impl State {
+    /// The write waiters, made if there are none yet
+    pub(crate) fn write_waiters(&mut self) -> &mut WriteWaiters {
+        self.write_waiters.get_or_insert_with(Default::default)
+    }
+
+    /// The write waiters, if any ever waited
+    pub(crate) fn write_waiters_mut(&mut self) -> Option<&mut WriteWaiters> {
+        self.write_waiters.as_deref_mut()
+    }
+
     fn drive_transmit(&mut self, cx: &mut Context) -> io::Result<bool> {
         let now = self.runtime.now();
         let mut transmits = 0;
@@ -1050,7 +1082,7 @@ impl State {
         loop {
             // Retry the last transmit, or get a new one.
             let t = match self.buffered_transmit.take() {
-                Some(t) => t,
+                Some(t) => *t,
                 None => {
                     // No reservation up front (switchboard patch): the
                     // connection reserves what each packet needs, so a poll
@@ -1081,7 +1113,7 @@ impl State {
 
             if self.io_poller.as_mut().poll_writable(cx)?.is_pending() {
                 // Retry after a future wakeup
-                self.buffered_transmit = Some(t);
+                self.buffered_transmit = Some(Box::new(t));
                 return Ok(false);
             }
 
@@ -1099,7 +1131,7 @@ impl State {
                 // `poll_writable` call determines that the socket is indeed not writable and
                 // registers us for a wakeup, or the send succeeds if this really was just a
                 // transient failure.
-                self.buffered_transmit = Some(t);
+                self.buffered_transmit = Some(Box::new(t));
                 continue;
             }
 
@@ -1160,28 +1192,49 @@ impl State {
             use proto::Event::*;
             match event {
                 HandshakeDataReady => {
-                    if let Some(x) = self.on_handshake_data.take() {
+                    if let Some(x) = self
+                        .handshake_signals
+                        .as_mut()
+                        .and_then(|s| s.on_handshake_data.take())
+                    {
                         let _ = x.send(());
                     }
                 }
                 Connected => {
                     self.connected = true;
-                    if let Some(x) = self.on_connected.take() {
+                    if let Some(x) = self
+                        .handshake_signals
+                        .as_mut()
+                        .and_then(|s| s.on_connected.take())
+                    {
                         // We don't care if the on-connected future was dropped
                         let _ = x.send(self.inner.accepted_0rtt());
+                    }
+                    if self
+                        .handshake_signals
+                        .as_ref()
+                        .is_some_and(|s| s.on_handshake_data.is_none())
+                    {
+                        self.handshake_signals = None;
                     }
                     if self.inner.side().is_client() && !self.inner.accepted_0rtt() {
                         // Wake up rejected 0-RTT streams so they can fail immediately with
                         // `ZeroRttRejected` errors.
-                        wake_all(&mut self.blocked_writers);
+                        if let Some(w) = self.write_waiters.as_deref_mut() {
+                            wake_all(&mut w.blocked_writers);
+                            wake_all_notify(&mut w.stopped);
+                        }
                         wake_all(&mut self.blocked_readers);
-                        wake_all_notify(&mut self.stopped);
                     }
                 }
                 ConnectionLost { reason } => {
                     self.terminate(reason, shared);
                 }
-                Stream(StreamEvent::Writable { id }) => wake_stream(id, &mut self.blocked_writers),
+                Stream(StreamEvent::Writable { id }) => {
+                    if let Some(w) = self.write_waiters.as_deref_mut() {
+                        wake_stream(id, &mut w.blocked_writers);
+                    }
+                }
                 Stream(StreamEvent::Opened { dir: Dir::Uni }) => {
                     shared.stream_incoming[Dir::Uni as usize].notify_waiters();
                 }
@@ -1199,10 +1252,16 @@ impl State {
                     // Might mean any number of streams are ready, so we wake up everyone
                     shared.stream_budget_available[dir as usize].notify_waiters();
                 }
-                Stream(StreamEvent::Finished { id }) => wake_stream_notify(id, &mut self.stopped),
+                Stream(StreamEvent::Finished { id }) => {
+                    if let Some(w) = self.write_waiters.as_deref_mut() {
+                        wake_stream_notify(id, &mut w.stopped);
+                    }
+                }
                 Stream(StreamEvent::Stopped { id, .. }) => {
-                    wake_stream_notify(id, &mut self.stopped);
-                    wake_stream(id, &mut self.blocked_writers);
+                    if let Some(w) = self.write_waiters.as_deref_mut() {
+                        wake_stream_notify(id, &mut w.stopped);
+                        wake_stream(id, &mut w.blocked_writers);
+                    }
                 }
             }
         }
@@ -1260,11 +1319,19 @@ impl State {
 
     /// Used to wake up all blocked futures when the connection becomes closed for any reason
     fn terminate(&mut self, reason: ConnectionError, shared: &Shared) {
-        self.error = Some(reason.clone());
-        if let Some(x) = self.on_handshake_data.take() {
+        self.error = Some(Box::new(reason.clone()));
+        let signals = self.handshake_signals.take();
+        let (on_handshake_data, on_connected) = match signals {
+            Some(s) => (s.on_handshake_data, s.on_connected),
+            None => (None, None),
+        };
+        if let Some(x) = on_handshake_data {
             let _ = x.send(());
         }
-        wake_all(&mut self.blocked_writers);
+        let mut write_waiters = self.write_waiters.take();
+        if let Some(w) = write_waiters.as_deref_mut() {
+            wake_all(&mut w.blocked_writers);
+        }
         wake_all(&mut self.blocked_readers);
         shared.stream_budget_available[Dir::Uni as usize].notify_waiters();
         shared.stream_budget_available[Dir::Bi as usize].notify_waiters();
@@ -1272,10 +1339,12 @@ impl State {
         shared.stream_incoming[Dir::Bi as usize].notify_waiters();
         shared.datagram_received.notify_waiters();
         shared.datagrams_unblocked.notify_waiters();
-        if let Some(x) = self.on_connected.take() {
+        if let Some(x) = on_connected {
             let _ = x.send(false);
         }
-        wake_all_notify(&mut self.stopped);
+        if let Some(w) = write_waiters.as_deref_mut() {
+            wake_all_notify(&mut w.stopped);
+        }
         shared.closed.notify_waiters();
     }
 

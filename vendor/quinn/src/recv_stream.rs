@@ -324,7 +324,7 @@ impl RecvStream {
                     Poll::Ready(Ok(Some(error_code)))
                 }
                 Ok(None) => {
-                    if let Some(e) = &conn.error {
+                    if let Some(e) = conn.error.as_deref() {
                         return Poll::Ready(Err(e.clone().into()));
                     }
                     // Resets always notify readers, since a reset is an immediate read error. We
@@ -388,7 +388,7 @@ impl RecvStream {
             ReadStatus::Failed(read, Blocked) => match read {
                 Some(val) => Poll::Ready(Ok(Some(val))),
                 None => {
-                    if let Some(ref x) = conn.error {
+                    if let Some(x) = conn.error.as_deref() {
                         return Poll::Ready(Err(ReadError::ConnectionLost(x.clone())));
                     }
                     conn.blocked_readers.insert(self.stream, cx.waker().clone());

@@ -144,14 +144,16 @@ impl SendStream {
             conn.check_0rtt()
                 .map_err(|()| WriteError::ZeroRttRejected)?;
         }
-        if let Some(ref x) = conn.error {
+        if let Some(x) = conn.error.as_deref() {
             return Poll::Ready(Err(WriteError::ConnectionLost(x.clone())));
         }
 
         let result = match write_fn(&mut conn.inner.send_stream(self.stream)) {
             Ok(result) => result,
             Err(Blocked) => {
-                conn.blocked_writers.insert(self.stream, cx.waker().clone());
+                conn.write_waiters()
+                    .blocked_writers
+                    .insert(self.stream, cx.waker().clone());
                 return Poll::Pending;
             }
             Err(Stopped(error_code)) => {
@@ -260,7 +262,12 @@ impl SendStream {
                         return output;
                     }
 
-                    notify = conn.stopped.entry(stream).or_default().clone();
+                    notify = conn
+                        .write_waiters()
+                        .stopped
+                        .entry(stream)
+                        .or_default()
+                        .clone();
                     notify.notified()
                 }
                 .await
@@ -304,7 +311,7 @@ fn send_stream_stopped(
     match conn.inner.send_stream(stream).stopped() {
         Err(ClosedStream { .. }) => Some(Ok(None)),
         Ok(Some(error_code)) => Some(Ok(Some(error_code))),
-        Ok(None) => conn.error.clone().map(|error| Err(error.into())),
+        Ok(None) => conn.error.as_deref().map(|error| Err(error.clone().into())),
     }
 }
 
@@ -346,7 +353,9 @@ impl Drop for SendStream {
         let mut conn = self.conn.state.lock("SendStream::drop");
 
         // clean up any previously registered wakers
-        conn.blocked_writers.remove(&self.stream);
+        if let Some(w) = conn.write_waiters_mut() {
+            w.blocked_writers.remove(&self.stream);
+        }
 
         if conn.error.is_some() || (self.is_0rtt && conn.check_0rtt().is_err()) {
             return;

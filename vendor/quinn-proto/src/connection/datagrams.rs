@@ -39,19 +39,14 @@ impl Datagrams<'_> {
         if data.len() > Ord::min(max, max_buffer_payload) {
             return Err(SendDatagramError::TooLarge);
         }
+        let state = self.conn.datagrams.get_or_insert_with(Default::default);
         if drop {
-            self.conn
-                .datagrams
-                .make_space_for(data.len(), send_buffer_size);
-        } else if !self
-            .conn
-            .datagrams
-            .has_send_buffer_space(data.len(), send_buffer_size)
-        {
-            self.conn.datagrams.send_blocked = true;
+            state.make_space_for(data.len(), send_buffer_size);
+        } else if !state.has_send_buffer_space(data.len(), send_buffer_size) {
+            state.send_blocked = true;
             return Err(SendDatagramError::Blocked(data));
         }
-        self.conn.datagrams.outgoing.push_back(Datagram { data });
+        state.outgoing.push_back(Datagram { data });
         Ok(())
     }
 
@@ -60,13 +55,14 @@ impl Datagrams<'_> {
         let Some(max_datagram_size) = self.max_size() else {
             return;
         };
-        if !self.conn.datagrams.drop_oversized(max_datagram_size)
-            || !self.conn.datagrams.send_blocked
-        {
+        let Some(state) = self.conn.datagrams.as_deref_mut() else {
+            return;
+        };
+        if !state.drop_oversized(max_datagram_size) || !state.send_blocked {
             return;
         }
 
-        self.conn.datagrams.send_blocked = false;
+        state.send_blocked = false;
         self.conn.events.push_back(Event::DatagramsUnblocked);
     }
 
@@ -97,7 +93,7 @@ impl Datagrams<'_> {
 
     /// Receive an unreliable, unordered datagram
     pub fn recv(&mut self) -> Option<Bytes> {
-        self.conn.datagrams.recv()
+        self.conn.datagrams.as_deref_mut()?.recv()
     }
 
     /// Bytes available in the outgoing datagram buffer
@@ -108,11 +104,19 @@ impl Datagrams<'_> {
         self.conn
             .config
             .datagram_send_buffer_size
-            .saturating_sub(self.conn.datagrams.outgoing.memory_used())
+            .saturating_sub(
+                self.conn
+                    .datagrams
+                    .as_deref()
+                    .map_or(0, |d| d.outgoing.memory_used()),
+            )
             .saturating_sub(size_of::<Datagram>())
     }
 }
 
+/// A connection's datagram queues, made when it first sends or receives one (switchboard patch:
+/// `Connection` holds an `Option<Box<DatagramState>>`, 8 bytes instead of 88 for connections that
+/// never use datagrams)
 #[derive(Default)]
 pub(super) struct DatagramState {
     pub(super) incoming: DatagramBuffer,

@@ -116,7 +116,7 @@ impl PacketBuilder {
                 src_cid: conn.handshake_cid,
                 dst_cid,
                 token: match &conn.side {
-                    ConnectionSide::Client { token, .. } => token.clone(),
+                    ConnectionSide::Client(client) => client.token.clone(),
                     ConnectionSide::Server { .. } => Bytes::new(),
                 },
                 number,
