@@ -882,9 +882,22 @@ impl Storm {
     }
 }
 
+/// The wait a busy relay's refusal asks for (`swb_wire::busy`), if `e` is one.
+fn busy_hint(e: &anyhow::Error) -> Option<Duration> {
+    match e.downcast_ref::<quinn::ConnectionError>()? {
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            swb_wire::busy::retry_in(&c.reason)
+        }
+        _ => None,
+    }
+}
+
 /// A reconnect storm: `n` clients connect at the same moment, and each
 /// retries a failed attempt the way a daemon does (10 s per attempt, then a
-/// jittered backoff from 200 ms, doubling, at most 10 s) until `give_up`.
+/// jittered backoff from 200 ms, doubling, at most 10 s, or a random point
+/// of the wait a busy relay's refusal asks for) until `give_up`.
 async fn storm(
     eps: &[quinn::Endpoint],
     cfg: &quinn::ClientConfig,
@@ -908,14 +921,22 @@ async fn storm(
                 let hello = key.as_deref().map(|k| (k, name.as_str()));
                 let attempt =
                     tokio::time::timeout(Duration::from_secs(10), attach(&ep, &cfg, addr, hello));
-                if let Ok(Ok(a)) = attempt.await {
-                    return (Some(a), failed, start.elapsed());
-                }
+                // A busy relay's hint of when to come back, taken as the
+                // daemon takes it: a random point of its window.
+                let hinted = match attempt.await {
+                    Ok(Ok(a)) => return (Some(a), failed, start.elapsed()),
+                    Ok(Err(e)) => busy_hint(&e),
+                    Err(_) => None,
+                };
                 failed += 1;
                 if start.elapsed() > give_up {
                     return (None, failed, start.elapsed());
                 }
-                tokio::time::sleep(delay.mul_f64(0.5 + 0.5 * fastrand::f64())).await;
+                let wait = match hinted {
+                    Some(w) => w.mul_f64(fastrand::f64()),
+                    None => delay.mul_f64(0.5 + 0.5 * fastrand::f64()),
+                };
+                tokio::time::sleep(wait).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         });

@@ -281,6 +281,8 @@ impl Actor {
                     (relay, attempt)
                 }
             };
+            // A busy relay's own idea of when to come back, if it gave one.
+            let mut hinted = None;
             let err = match attempt {
                 Ok((link, welcome)) => {
                     self.shared.metrics.connects.inc();
@@ -405,13 +407,23 @@ impl Actor {
                     relay_idx += 1;
                     why
                 }
+                Err(ConnectError::Busy(why, wait)) => {
+                    // Same relay (it is up, only full), when it asked: a
+                    // random point of its window, so the clients it refused
+                    // together do not come back together.
+                    self.shared.metrics.connect_failures.inc();
+                    debug!(relay = %relay, attempts, ?wait, "relay busy: {why}");
+                    attempts += 1;
+                    hinted = Some(wait.mul_f64(fastrand::f64()));
+                    format!("{why} (the relay is busy; retrying within {wait:?})")
+                }
             };
             self.shared.state.send_replace(ConnState::Connecting {
                 relay: relays[relay_idx % relays.len()].clone(),
                 attempts,
                 last_error: Some(err),
             });
-            let delay = backoff.delay(attempts, fastrand::f64());
+            let delay = hinted.unwrap_or_else(|| backoff.delay(attempts, fastrand::f64()));
             let until = tokio::time::Instant::now() + delay;
             // Keep absorbing commands while waiting, so CLI calls don't block.
             loop {
@@ -584,7 +596,9 @@ impl Actor {
                             link.conn.close(close::NORMAL.into(), b"redirected");
                             return Served::Ended(End::Redirect(r));
                         }
-                        Err(ConnectError::Retry(why)) => debug!("probe: {why}"),
+                        Err(ConnectError::Retry(why) | ConnectError::Busy(why, _)) => {
+                            debug!("probe: {why}")
+                        }
                         // Not ours to stop on (the session still stands),
                         // but worth saying once per silence.
                         Err(ConnectError::Fatal(e)) if !probe_failed => {

@@ -28,10 +28,25 @@ const READ_GROW: usize = 16 * 1024;
 pub(crate) enum ConnectError {
     /// Try again later (the reason, for the log and `swbd status`).
     Retry(String),
+    /// The relay had too many handshakes at once and asked for a retry
+    /// within this long (`swb_wire::busy`).
+    Busy(String, std::time::Duration),
     /// This relay is not our home: go to that one.
     Redirect(RelayRecord),
     /// Stop the daemon.
     Fatal(DaemonError),
+}
+
+/// The wait a busy relay's refusal asks for, if `e` is one.
+fn busy_hint(e: &quinn::ConnectionError) -> Option<std::time::Duration> {
+    match e {
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            swb_wire::busy::retry_in(&c.reason)
+        }
+        _ => None,
+    }
 }
 
 /// Why the control stream to the relay failed, in words for the log and
@@ -391,6 +406,9 @@ impl Dialer {
                     return Err(ConnectError::Fatal(DaemonError::Untrusted(format!(
                         "TLS with {relay} failed: {e}; check --ca / --relay-fingerprint / --server-name"
                     ))));
+                }
+                if let Some(wait) = busy_hint(&e) {
+                    return Err(ConnectError::Busy(e.to_string(), wait));
                 }
                 return Err(ConnectError::Retry(e.to_string()));
             }

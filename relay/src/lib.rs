@@ -716,6 +716,7 @@ impl Main {
         let mut live = router.placement().live();
         let mut handoffs = tokio::task::JoinSet::new();
         let mut handoff_again = false;
+        let mut retry_hint = crate::limits::RetryHint::new(tokio::time::Instant::now());
         status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut keys_tick = tokio::time::interval(config.keys_poll);
@@ -789,12 +790,15 @@ impl Main {
                             continue;
                         }
                     }
+                    let now = tokio::time::Instant::now();
                     let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                        // Too many handshakes at once: the client retries later.
+                        // Too many handshakes at once: the client retries
+                        // when the hint says (`swb_wire::busy`).
                         services.metrics.handshake("refused", "busy");
-                        incoming.refuse();
+                        incoming.refuse_with_reason(swb_wire::busy::reason(retry_hint.refused(now)));
                         continue;
                     };
+                    retry_hint.admitted(now);
                     conn_seq += 1;
                     let span = tracing::debug_span!("conn", conn = conn_seq, remote = %incoming.remote_address());
                     sessions.spawn(tasks.track_future(

@@ -168,6 +168,60 @@ impl LogLimit {
 /// quinn's per-connection buffer while the connection is not (yet) one
 /// whose datagrams are read (before `Hello` or a mesh proof, or a session
 /// not in TUN mode); pends forever once the connection is gone.
+/// How long a client refused for too many handshakes at once should wait
+/// before it tries again (sent as [`swb_wire::busy`]'s hint): the refusals
+/// of about the last second divided by the rate handshakes were admitted at,
+/// so the refused come back spread over the time the relay needs for them
+/// instead of all at once, again and again, each attempt a TLS ClientHello
+/// the relay must read and answer.
+#[derive(Debug)]
+pub(crate) struct RetryHint {
+    refused: f64,
+    admitted: f64,
+    at: Instant,
+}
+
+impl RetryHint {
+    /// The time constant of the decaying counts (about the last second).
+    const WINDOW: Duration = Duration::from_secs(1);
+    /// The shortest hint: about a handshake's time, for a slot to free.
+    pub(crate) const MIN_WAIT: Duration = Duration::from_millis(250);
+    /// Admissions per second assumed at least (nothing admitted lately, say
+    /// every slot in a slow handshake, must not read as an infinite wait).
+    const MIN_RATE: f64 = 50.0;
+
+    pub(crate) fn new(now: Instant) -> Self {
+        Self {
+            refused: 0.0,
+            admitted: 0.0,
+            at: now,
+        }
+    }
+
+    fn decay(&mut self, now: Instant) {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        let f = (-dt / Self::WINDOW.as_secs_f64()).exp();
+        self.refused *= f;
+        self.admitted *= f;
+        self.at = now;
+    }
+
+    /// A handshake got a slot.
+    pub(crate) fn admitted(&mut self, now: Instant) {
+        self.decay(now);
+        self.admitted += 1.0;
+    }
+
+    /// A handshake was refused: how long its client should wait.
+    pub(crate) fn refused(&mut self, now: Instant) -> Duration {
+        self.decay(now);
+        self.refused += 1.0;
+        let rate = (self.admitted / Self::WINDOW.as_secs_f64()).max(Self::MIN_RATE);
+        Duration::from_secs_f64(self.refused / rate)
+            .clamp(Self::MIN_WAIT, swb_wire::busy::MAX_RETRY_IN)
+    }
+}
+
 pub(crate) async fn discard_datagrams(
     conn: &quinn::Connection,
     counter: &prometheus::IntCounter,
@@ -181,6 +235,35 @@ pub(crate) async fn discard_datagrams(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_hint_spreads_a_storm_over_the_time_its_admissions_take() {
+        let t0 = Instant::now();
+        let mut h = RetryHint::new(t0);
+        // A steady 2 000 admissions a second for a few seconds.
+        for i in 0..6000u32 {
+            h.admitted(t0 + Duration::from_micros(500 * u64::from(i)));
+        }
+        let t1 = t0 + Duration::from_secs(3);
+        // A lone refusal waits about a handshake's time.
+        assert_eq!(h.refused(t1), RetryHint::MIN_WAIT);
+        // 10 000 refused within 100 ms: the last is told about 10 000 /
+        // 2 000 per second.
+        let mut last = Duration::ZERO;
+        for i in 0..10_000u32 {
+            last = h.refused(t1 + Duration::from_micros(10 * u64::from(i)));
+        }
+        assert!(
+            last > Duration::from_secs(4) && last < Duration::from_secs(6),
+            "{last:?}"
+        );
+        // Nothing admitted for a minute and a flood refused: capped.
+        let t2 = t1 + Duration::from_secs(60);
+        for _ in 0..100_000 {
+            last = h.refused(t2);
+        }
+        assert_eq!(last, swb_wire::busy::MAX_RETRY_IN);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_bucket_allows_its_burst_then_its_rate() {

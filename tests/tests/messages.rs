@@ -771,6 +771,28 @@ async fn relay_at_its_handshake_limit_refuses_at_once_and_the_daemon_gets_in_lat
         })
         .await?;
     assert!(!d.handle.state().borrow().is_connected());
+    // A refusal says when to come back (`swb_wire::busy`)...
+    let mut ep = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+    ep.set_default_client_config(swb_tests::raw_client_config_alpn(&relay, swb_wire::ALPN)?);
+    match tokio::time::timeout(WAIT, ep.connect(relay.addr(), "localhost")?).await? {
+        Err(quinn::ConnectionError::ConnectionClosed(c))
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            let wait = swb_wire::busy::retry_in(&c.reason)
+                .ok_or_else(|| anyhow::anyhow!("a refusal without a hint: {c}"))?;
+            assert!(
+                wait >= Duration::from_millis(250) && wait <= swb_wire::busy::MAX_RETRY_IN,
+                "{wait:?}"
+            );
+        }
+        other => anyhow::bail!("expected a busy refusal, got {other:?}"),
+    }
+    // ...and the daemon took its refusal as one.
+    let why = match &*d.handle.state().borrow() {
+        ConnState::Connecting { last_error, .. } => last_error.clone().unwrap_or_default(),
+        other => anyhow::bail!("expected the daemon still connecting, got {other:?}"),
+    };
+    assert!(why.contains("the relay is busy; retrying within"), "{why}");
     // The slot frees when that connection goes; the daemon's retry gets in.
     drop(raw);
     tokio::time::timeout(WAIT, d.handle.connected())

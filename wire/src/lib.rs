@@ -112,6 +112,39 @@ pub mod close {
     pub const PROTOCOL: u32 = 2;
 }
 
+/// The hint a busy relay puts in the reason of its QUIC `CONNECTION_REFUSED`
+/// (too many handshakes at once): how long the client should wait before it
+/// tries again, chosen so that the clients it refuses come back spread over
+/// the time the relay needs for them. Clients without it back off as usual.
+pub mod busy {
+    use std::time::Duration;
+
+    /// The longest wait a hint may ask for; longer hints are read as this
+    /// (a forged refusal cannot park a client for longer).
+    pub const MAX_RETRY_IN: Duration = Duration::from_secs(30);
+
+    const PREFIX: &str = "busy; retry in ";
+    const SUFFIX: &str = " ms";
+
+    /// The reason phrase asking for a retry after `wait`.
+    pub fn reason(wait: Duration) -> String {
+        let ms = wait.min(MAX_RETRY_IN).as_millis();
+        format!("{PREFIX}{ms}{SUFFIX}")
+    }
+
+    /// The wait a refusal's reason phrase asks for, if it carries a hint
+    /// (at most [`MAX_RETRY_IN`]).
+    pub fn retry_in(reason: &[u8]) -> Option<Duration> {
+        let text = std::str::from_utf8(reason).ok()?;
+        let digits = text.strip_prefix(PREFIX)?.strip_suffix(SUFFIX)?;
+        if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let ms: u64 = digits.parse().ok()?;
+        Some(Duration::from_millis(ms).min(MAX_RETRY_IN))
+    }
+}
+
 /// Application error codes of a reset or stopped QUIC stream.
 pub mod reset {
     /// Reset by a relay (setup failed, or the other side went away).

@@ -630,3 +630,39 @@ fn relay_records_beyond_the_limits_are_refused() {
         })
     ));
 }
+
+#[test]
+fn a_busy_refusal_reason_round_trips_and_is_capped() {
+    use std::time::Duration;
+    let wait = Duration::from_millis(1234);
+    assert_eq!(busy::retry_in(busy::reason(wait).as_bytes()), Some(wait));
+    assert_eq!(
+        busy::retry_in(busy::reason(Duration::from_secs(3600)).as_bytes()),
+        Some(busy::MAX_RETRY_IN)
+    );
+    assert_eq!(
+        busy::retry_in(b"busy; retry in 999999999 ms"),
+        Some(busy::MAX_RETRY_IN)
+    );
+    for bad in [
+        &b""[..],
+        b"busy; retry in  ms",
+        b"busy; retry in -5 ms",
+        b"busy; retry in 12",
+        b"busy; retry in 1e3 ms",
+        b"busy; retry in 9999999999 ms",
+        b"refused",
+        b"\xff\xfe",
+    ] {
+        assert_eq!(busy::retry_in(bad), None, "{bad:?}");
+    }
+}
+
+proptest! {
+    #[test]
+    fn any_refusal_reason_reads_without_panicking(reason in proptest::collection::vec(any::<u8>(), 0..64)) {
+        if let Some(d) = busy::retry_in(&reason) {
+            prop_assert!(d <= busy::MAX_RETRY_IN);
+        }
+    }
+}

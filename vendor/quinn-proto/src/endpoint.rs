@@ -729,6 +729,20 @@ impl Endpoint {
 
     /// Reject this incoming connection attempt
     pub fn refuse(&mut self, incoming: Incoming, buf: &mut Vec<u8>) -> Transmit {
+        self.refuse_with_reason(incoming, String::new(), buf)
+    }
+
+    /// Reject this incoming connection attempt, with a reason phrase in the `CONNECTION_CLOSE`
+    ///
+    /// As [`refuse`](Self::refuse); the client sees `reason` in its
+    /// `ConnectionError::ConnectionClosed`. Meant for a hint such as when to try again: it
+    /// travels in an Initial packet, so it is readable (and forgeable) on the path.
+    pub fn refuse_with_reason(
+        &mut self,
+        incoming: Incoming,
+        reason: String,
+        buf: &mut Vec<u8>,
+    ) -> Transmit {
         self.clean_up_incoming(&incoming);
         incoming.improper_drop_warner.dismiss();
 
@@ -737,7 +751,7 @@ impl Endpoint {
             incoming.addresses,
             &incoming.crypto,
             &incoming.packet.header.src_cid,
-            TransportError::CONNECTION_REFUSED(""),
+            TransportError::CONNECTION_REFUSED(reason),
             buf,
         )
     }

@@ -43,7 +43,16 @@ impl Incoming {
     /// Reject this incoming connection attempt
     pub fn refuse(mut self) {
         let state = self.0.take().unwrap();
-        state.endpoint.refuse(state.inner);
+        state.endpoint.refuse(state.inner, String::new());
+    }
+
+    /// Reject this incoming connection attempt with a reason phrase (switchboard patch)
+    ///
+    /// As [`refuse`](Self::refuse); the client reads `reason` in its
+    /// `ConnectionError::ConnectionClosed`, e.g. a hint of when to try again.
+    pub fn refuse_with_reason(mut self, reason: String) {
+        let state = self.0.take().unwrap();
+        state.endpoint.refuse(state.inner, reason);
     }
 
     /// Respond with a retry packet, requiring the client to retry with address validation
@@ -104,7 +113,7 @@ impl Drop for Incoming {
     fn drop(&mut self) {
         // Implicit reject, similar to Connection's implicit close
         if let Some(state) = self.0.take() {
-            state.endpoint.refuse(state.inner);
+            state.endpoint.refuse(state.inner, String::new());
         }
     }
 }
