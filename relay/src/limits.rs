@@ -1,6 +1,6 @@
 //! Rate limits (a leaf): token buckets, one per key or per source address
-//! in a bounded table, and a limiter for log lines an attacker could
-//! otherwise multiply.
+//! in a bounded table, a limiter for log lines an attacker could otherwise
+//! multiply, and the wait a busy relay asks refused clients for.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -164,10 +164,6 @@ impl LogLimit {
     }
 }
 
-/// Reads and counts away every datagram `conn` receives, so none waits in
-/// quinn's per-connection buffer while the connection is not (yet) one
-/// whose datagrams are read (before `Hello` or a mesh proof, or a session
-/// not in TUN mode); pends forever once the connection is gone.
 /// How long a client refused for too many handshakes at once should wait
 /// before it tries again (sent as [`swb_wire::busy`]'s hint): the refusals
 /// of about the last second divided by the rate handshakes were admitted at,
@@ -222,6 +218,10 @@ impl RetryHint {
     }
 }
 
+/// Reads and counts away every datagram `conn` receives, so none waits in
+/// quinn's per-connection buffer while the connection is not (yet) one
+/// whose datagrams are read (before `Hello` or a mesh proof, or a session
+/// not in TUN mode); pends forever once the connection is gone.
 pub(crate) async fn discard_datagrams(
     conn: &quinn::Connection,
     counter: &prometheus::IntCounter,
