@@ -310,14 +310,22 @@ async fn sigkill_with_http_senders_loses_no_accepted_message() -> Result<()> {
                 let body = serde_json::json!({"from": "ci", "to": "beta", "body": format!("h{i}")});
                 i += 1;
                 // A refused or failed request is not accepted; move on.
-                if let Ok(Ok(r)) =
-                    tokio::time::timeout(Duration::from_secs(5), http.post("/v1/messages", &body))
-                        .await
+                match tokio::time::timeout(Duration::from_secs(5), http.post("/v1/messages", &body))
+                    .await
                 {
-                    if r.status == 202 {
-                        let id = r.json["id"].as_str().unwrap_or_default().to_string();
-                        accepted.lock().expect("lock").push(id);
+                    Ok(Ok(r)) => {
+                        if r.status == 202 {
+                            let id = r.json["id"].as_str().unwrap_or_default().to_string();
+                            accepted.lock().expect("lock").push(id);
+                        }
                     }
+                    // The relay is down (between a kill and its restart):
+                    // pace the reconnects. Thousands of connects a second to
+                    // a closed port in the ephemeral range will sooner or
+                    // later pick that port as their own source — a TCP
+                    // self-connection that holds the port, and the restart
+                    // cannot bind it (seen once in CI).
+                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
             }
         })
