@@ -566,23 +566,31 @@ fn min_max(v: &[f64]) -> (f64, f64) {
 /// type) and default transport settings.
 async fn direct_once(identity: &Identity, bytes: u64) -> Result<Duration> {
     let tls = identity.server_config(&[b"bench"])?;
-    let server_cfg = quinn::ServerConfig::with_crypto(Arc::new(
+    let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
     ));
+    // Same path MTU bounds as relay and daemon.
+    let transport = || {
+        let mut t = quinn::TransportConfig::default();
+        t.path_mtu_upper_bound(Some(swb_quic::carrier::path_mtu_hook()));
+        Arc::new(t)
+    };
+    server_cfg.transport_config(transport());
     // Same socket settings as relay and daemon.
     let server = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        swb_quic::carrier::endpoint_config(),
         Some(server_cfg),
         swb_relay::udp_socket("127.0.0.1:0".parse()?)?,
         Arc::new(quinn::TokioRuntime),
     )?;
     let addr = server.local_addr()?;
     let ctls = Trust::Fingerprint(identity.fingerprint()).rustls_config(&[b"bench"])?;
-    let client_cfg = quinn::ClientConfig::new(Arc::new(
+    let mut client_cfg = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(ctls)?,
     ));
+    client_cfg.transport_config(transport());
     let mut client = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        swb_quic::carrier::endpoint_config(),
         None,
         swb_relay::udp_socket("127.0.0.1:0".parse()?)?,
         Arc::new(quinn::TokioRuntime),

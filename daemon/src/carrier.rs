@@ -28,6 +28,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+/// QUIC's smallest packet size, where a path's MTU discovery starts.
+const QUIC_MIN_MTU: u16 = 1200;
 /// How long UDP has to answer a relay before a carrier is opened.
 pub const HEAD_START: Duration = Duration::from_millis(300);
 /// How long UDP that worked may go unanswered before packets move to a
@@ -227,8 +229,9 @@ impl Paths {
     /// Keeps `conn`'s path MTU in step with how its packets to `addr`
     /// travel: discovered up to [`carrier::CARRIER_MTU`] while they take the
     /// carrier (a stream carries large packets: fewer to encrypt, frame and
-    /// acknowledge), quinn's UDP bound while they take UDP (falling back at
-    /// once when they return to it). To quinn the relay's address is the
+    /// acknowledge), the UDP link's bound while they take UDP
+    /// ([`carrier::path_mtu_bound`]; falling back at once when they return
+    /// to it). To quinn the relay's address is the
     /// same either way, so it cannot tell by itself. Ends when the
     /// connection closes or the daemon stops.
     pub(crate) fn follow(self: &Arc<Self>, conn: quinn::Connection, addr: SocketAddr) {
@@ -247,7 +250,17 @@ impl Paths {
                 let now_tcp = paths.carrier(addr) == "tcp";
                 if now_tcp != on_tcp {
                     on_tcp = now_tcp;
-                    conn.set_path_mtu_upper_bound(on_tcp.then_some(carrier::CARRIER_MTU));
+                    if on_tcp {
+                        conn.set_path_mtu_upper_bound(Some(carrier::CARRIER_MTU));
+                    } else {
+                        // What the carrier took says nothing about UDP
+                        // (a loopback or jumbo-frame link may take as
+                        // much, or not): down to QUIC's minimum first,
+                        // then discovery starts over within the link's
+                        // bound.
+                        conn.set_path_mtu_upper_bound(Some(QUIC_MIN_MTU));
+                        conn.set_path_mtu_upper_bound(carrier::path_mtu_bound(addr));
+                    }
                     debug!(relay = %addr, on_tcp, "path MTU bound follows the carrier");
                 }
                 tokio::select! {

@@ -162,6 +162,8 @@ pub(crate) fn quic_client_config(
     transport.max_concurrent_uni_streams(0u32.into());
     // TUN packets ride datagrams (only after a `TunJoin`).
     transport.datagram_receive_buffer_size(Some(swb_quic::DATAGRAM_BUFFER));
+    // Packets as large as the link toward the relay takes (1452 on Ethernet).
+    transport.path_mtu_upper_bound(Some(swb_quic::carrier::path_mtu_hook()));
     client_cfg.transport_config(Arc::new(transport));
     Ok(client_cfg)
 }

@@ -28,7 +28,9 @@ pub const TUN_MTU: u16 = 1280;
 /// interface MTU: a mesh hop's header (namespace and index, up to 69
 /// bytes) and a little for a path that shrinks before QUIC notices.
 const MTU_HEADROOM: usize = 80;
-/// The largest QUIC packet a UDP path discovers (quinn's bound).
+/// The largest QUIC packet a UDP path over Ethernet discovers (quinn's
+/// bound): what the interface is sized for, whatever this daemon's own
+/// path takes, since the peer's path to its relay may be no larger.
 const UDP_MTU_BOUND: usize = 1452;
 /// How often the interface MTU is checked against the connection's.
 const MTU_CHECK: std::time::Duration = std::time::Duration::from_secs(2);
@@ -260,9 +262,10 @@ async fn follow_mtu(s: Arc<TunState>, conn: quinn::Connection) {
         let Some(max) = conn.max_datagram_size() else {
             return;
         };
-        // Over the TCP carrier the relay path takes far larger packets than
-        // a peer's UDP path will: the interface stays at what a UDP path
-        // could give (the same datagram overhead, on UDP's MTU bound).
+        // Over the TCP carrier (or a loopback or jumbo-frame link) the relay
+        // path takes far larger packets than a peer's UDP path may: the
+        // interface stays at what an Ethernet UDP path could give (the same
+        // datagram overhead, on quinn's MTU bound).
         let mtu = usize::from(conn.stats().path.current_mtu);
         let max = max.saturating_sub(mtu.saturating_sub(UDP_MTU_BOUND));
         let (want, now) = (mtu_for(max), s.dev.mtu());

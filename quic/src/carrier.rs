@@ -27,7 +27,8 @@ pub const PATH: &str = "/v1/quic";
 /// The `Upgrade:` protocol token.
 pub const PROTOCOL: &str = "swb-quic/1";
 /// The MTU discovery bound of a path over a carrier: QUIC packets up to
-/// this size (UDP paths stay at quinn's 1452). A stream carries any size,
+/// this size (UDP paths go as far as their first link takes, see
+/// [`path_mtu_bound`]). A stream carries any size,
 /// and a large packet is one encryption, one header and one frame where
 /// Ethernet-size ones are eleven; TLS records hold 16 KiB.
 pub const CARRIER_MTU: u16 = 16_000;
@@ -39,7 +40,12 @@ pub const MAX_PACKET: usize = 16 * 1024;
 pub const QUEUE: usize = 32;
 /// Bytes queued toward one carrier connection at most, whatever the
 /// transmits' sizes; past it new transmits are dropped like past [`QUEUE`].
-pub const QUEUE_BYTES: usize = 256 * 1024;
+/// A quarter of this (the bound before) dropped a bulk sender's packets
+/// while the writer encrypted the previous batch, and each drop halves
+/// QUIC's congestion window: 1 MiB took the carrier from ~530 to ~650 MB/s
+/// here. A relay also bounds all its carriers together
+/// ([`outbound_sharing`]).
+pub const QUEUE_BYTES: usize = 1024 * 1024;
 /// Read buffer of a carrier connection: room kept for one large read.
 const READ_ROOM: usize = 64 * 1024;
 /// Packets from all carriers queued for the endpoint before new ones are
@@ -47,8 +53,8 @@ const READ_ROOM: usize = 64 * 1024;
 pub const INBOUND_QUEUE: usize = 1024;
 
 /// An endpoint configuration that takes packets up to [`CARRIER_MTU`]
-/// (the `max_udp_payload_size` it tells peers): what lets a carrier path
-/// grow past UDP's bound. UDP paths stay at quinn's MTU discovery bound.
+/// (the `max_udp_payload_size` it tells peers): what lets a carrier path,
+/// or a UDP path over a link with a large MTU, grow past Ethernet's bound.
 pub fn endpoint_config() -> quinn::EndpointConfig {
     let mut c = quinn::EndpointConfig::default();
     // In quinn's range (1200..=65527): cannot fail.
@@ -56,11 +62,58 @@ pub fn endpoint_config() -> quinn::EndpointConfig {
     c
 }
 
-/// The path MTU hook of a relay's transport configuration: paths to
-/// carrier connections' addresses ([`is_virtual`]) discover up to
-/// [`CARRIER_MTU`].
-pub fn relay_path_mtu() -> quinn::PathMtuUpperBound {
-    std::sync::Arc::new(|a: SocketAddr| is_virtual(&a).then_some(CARRIER_MTU))
+/// The path MTU hook of every transport configuration here (relay, daemon,
+/// mesh links): see [`path_mtu_bound`].
+pub fn path_mtu_hook() -> quinn::PathMtuUpperBound {
+    std::sync::Arc::new(path_mtu_bound)
+}
+
+/// Headers below a QUIC packet on the largest IP path: IPv6 (40) and UDP
+/// (8). An Ethernet link's 1500 less these is quinn's own bound, 1452.
+const IP_UDP_OVERHEAD: u32 = 48;
+/// Smallest UDP payload QUIC works over.
+const QUIC_MIN_PAYLOAD: u32 = 1200;
+
+/// The MTU discovery bound of a path to `remote`: [`CARRIER_MTU`] over a
+/// carrier connection ([`is_virtual`]); over UDP what the first link toward
+/// `remote` takes ([`route_udp_payload`]), as TCP derives its MSS from the
+/// interface — 1452 on Ethernet as before (no probe sent that the link
+/// itself must drop), 8952 on a jumbo-frame network, [`CARRIER_MTU`] on
+/// loopback, less on a tunnel interface; `None` (quinn's 1452) when the
+/// route cannot be looked up.
+pub fn path_mtu_bound(remote: SocketAddr) -> Option<u16> {
+    if is_virtual(&remote) {
+        return Some(CARRIER_MTU);
+    }
+    route_udp_payload(remote)
+}
+
+/// The kernel's MTU of the route to `remote` (a connected UDP socket's
+/// `IP_MTU`/`IPV6_MTU`: a route lookup, no packet sent), less the IP and
+/// UDP headers, within `1200..=CARRIER_MTU`.
+pub fn route_udp_payload(remote: SocketAddr) -> Option<u16> {
+    let remote = SocketAddr::new(remote.ip().to_canonical(), remote.port());
+    let local: SocketAddr = match remote {
+        SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let sock = std::net::UdpSocket::bind(local).ok()?;
+    sock.connect(remote).ok()?;
+    let mtu = match remote {
+        SocketAddr::V4(_) => rustix::net::sockopt::ip_mtu(&sock),
+        SocketAddr::V6(_) => rustix::net::sockopt::ipv6_mtu(&sock),
+    }
+    .ok()?;
+    Some(udp_payload_for(mtu))
+}
+
+/// The largest QUIC packet a link of `mtu` bytes takes, within
+/// `1200..=CARRIER_MTU`.
+fn udp_payload_for(mtu: u32) -> u16 {
+    let payload = mtu
+        .saturating_sub(IP_UDP_OVERHEAD)
+        .clamp(QUIC_MIN_PAYLOAD, u32::from(CARRIER_MTU));
+    u16::try_from(payload).unwrap_or(CARRIER_MTU)
 }
 
 /// Why a carrier connection ended.
@@ -160,6 +213,7 @@ fn push_framed(b: &mut BytesMut, p: &[u8]) {
 pub struct Outbound {
     tx: mpsc::Sender<Bytes>,
     queued: Arc<AtomicUsize>,
+    shared: Option<SharedQueue>,
 }
 
 /// The carrier task's end of an [`Outbound`] queue.
@@ -167,32 +221,116 @@ pub struct Outbound {
 pub struct OutboundRx {
     rx: mpsc::Receiver<Bytes>,
     queued: Arc<AtomicUsize>,
+    shared: Option<SharedQueue>,
+    /// Bytes taken off the channel and being written (released after).
+    writing: usize,
+}
+
+/// Bytes queued toward a group of carriers together, and their bound.
+#[derive(Debug, Clone)]
+pub struct SharedQueue {
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl SharedQueue {
+    /// A group bound of `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            queued: Arc::new(AtomicUsize::new(0)),
+            limit,
+        }
+    }
+
+    /// Bytes queued in the group now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
+    }
+}
+
+/// Takes `n` bytes of `queued`'s room under `limit`; `false` (nothing
+/// taken) when they do not fit.
+fn take_room(queued: &AtomicUsize, n: usize, limit: usize) -> bool {
+    if queued.fetch_add(n, Ordering::AcqRel) + n > limit {
+        queued.fetch_sub(n, Ordering::AcqRel);
+        return false;
+    }
+    true
 }
 
 /// A carrier connection's write queue.
 pub fn outbound() -> (Outbound, OutboundRx) {
+    outbound_in(None)
+}
+
+/// A carrier connection's write queue that also counts against `shared`
+/// (a relay's bound over all its carriers, so [`QUEUE_BYTES`] times its
+/// connection limit is not what a crowd of stalled carriers can pin).
+pub fn outbound_sharing(shared: &SharedQueue) -> (Outbound, OutboundRx) {
+    outbound_in(Some(shared.clone()))
+}
+
+fn outbound_in(shared: Option<SharedQueue>) -> (Outbound, OutboundRx) {
     let (tx, rx) = mpsc::channel(QUEUE);
     let queued = Arc::new(AtomicUsize::new(0));
     (
         Outbound {
             tx,
             queued: queued.clone(),
+            shared: shared.clone(),
         },
-        OutboundRx { rx, queued },
+        OutboundRx {
+            rx,
+            queued,
+            shared,
+            writing: 0,
+        },
     )
+}
+
+impl OutboundRx {
+    /// `n` bytes written out (or given up): their room comes back.
+    fn release(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::AcqRel);
+        if let Some(s) = &self.shared {
+            s.queued.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for OutboundRx {
+    fn drop(&mut self) {
+        // What is queued or was being written will never be: its room goes
+        // back (to the group's count above all). Closed first, so a
+        // sender racing this fails its send and takes its own bytes back.
+        self.rx.close();
+        let mut n = std::mem::take(&mut self.writing);
+        while let Ok(b) = self.rx.try_recv() {
+            n += b.len();
+        }
+        self.release(n);
+    }
 }
 
 impl Outbound {
     /// Queues framed packets; `false` (dropped, as a full socket buffer
-    /// would) when the queue is full or its carrier gone.
+    /// would) when the queue (or its group's) is full or its carrier gone.
     pub fn try_send(&self, framed: Bytes) -> bool {
         let n = framed.len();
-        if self.queued.fetch_add(n, Ordering::AcqRel) + n > QUEUE_BYTES {
-            self.queued.fetch_sub(n, Ordering::AcqRel);
+        if !take_room(&self.queued, n, QUEUE_BYTES) {
             return false;
+        }
+        if let Some(s) = &self.shared {
+            if !take_room(&s.queued, n, s.limit) {
+                self.queued.fetch_sub(n, Ordering::AcqRel);
+                return false;
+            }
         }
         if self.tx.try_send(framed).is_err() {
             self.queued.fetch_sub(n, Ordering::AcqRel);
+            if let Some(s) = &self.shared {
+                s.queued.fetch_sub(n, Ordering::AcqRel);
+            }
             return false;
         }
         true
@@ -228,6 +366,9 @@ pub async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
     from: SocketAddr,
     idle: std::time::Duration,
 ) -> PumpEnd {
+    // A write an earlier pump on this queue was cut off in: its room back.
+    let cut_off = std::mem::take(&mut rx.writing);
+    rx.release(cut_off);
     let (mut rd, mut wr) = tokio::io::split(io);
     let read = async {
         let mut buf = BytesMut::new();
@@ -247,8 +388,10 @@ pub async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
         let mut scratch = Vec::new();
         while rx.rx.recv_many(&mut batch, QUEUE).await > 0 {
             let bytes = batch.iter().map(Bytes::len).sum::<usize>();
+            rx.writing = bytes;
             let written = write_framed(&mut wr, &batch, &mut scratch).await;
-            rx.queued.fetch_sub(bytes, Ordering::AcqRel);
+            rx.writing = 0;
+            rx.release(bytes);
             if written.is_err() {
                 break;
             }
@@ -440,9 +583,13 @@ mod tests {
     #[tokio::test]
     async fn a_carriers_queue_is_bounded_by_bytes_and_freed_as_it_is_written() {
         let (tx, mut rx) = outbound();
-        let big = frame_one(&vec![1u8; MAX_PACKET]);
+        // A GSO batch's worth of large packets, framed as one transmit.
+        let big = Bytes::from(frame_one(&vec![1u8; MAX_PACKET]).repeat(4));
         let fit = QUEUE_BYTES / big.len();
-        assert!(fit < QUEUE, "the byte bound binds first for large packets");
+        assert!(
+            fit < QUEUE,
+            "the byte bound binds first for large transmits"
+        );
         for _ in 0..fit {
             assert!(tx.try_send(big.clone()));
         }
@@ -481,6 +628,54 @@ mod tests {
         }
         assert!(sent_again, "room again once written");
         pump.abort();
+    }
+
+    #[tokio::test]
+    async fn carriers_sharing_a_bound_are_held_to_it_together_and_freed_when_closed() {
+        let one = frame_one(&[7u8; 1000]);
+        let shared = SharedQueue::new(3 * one.len());
+        let (a, a_rx) = outbound_sharing(&shared);
+        let (b, b_rx) = outbound_sharing(&shared);
+        assert!(a.try_send(one.clone()) && a.try_send(one.clone()));
+        assert!(b.try_send(one.clone()));
+        // Each is far within its own bound, the group is full.
+        assert!(!a.try_send(one.clone()), "past the group's bound: dropped");
+        assert!(!b.try_send(one.clone()), "the other carrier too");
+        assert_eq!(shared.queued(), 3 * one.len());
+        // A carrier that ends gives its queued bytes back to the group.
+        drop(a_rx);
+        assert_eq!(shared.queued(), one.len());
+        assert!(!a.try_send(one.clone()), "a closed carrier takes nothing");
+        assert_eq!(
+            shared.queued(),
+            one.len(),
+            "nor keeps the failed send's room"
+        );
+        assert!(b.try_send(one.clone()), "room for the others again");
+        drop(b_rx);
+        assert_eq!(shared.queued(), 0);
+    }
+
+    #[test]
+    fn path_mtu_bounds_follow_the_carrier_and_the_first_links_mtu() {
+        assert_eq!(path_mtu_bound(virtual_addr(3)), Some(CARRIER_MTU));
+        // Loopback's MTU (65 536 on Linux) is past what the endpoint takes.
+        for lo in ["127.0.0.1:9", "[::ffff:127.0.0.1]:9"] {
+            let a: SocketAddr = lo.parse().expect("addr");
+            assert_eq!(route_udp_payload(a), Some(CARRIER_MTU), "{lo}");
+            assert_eq!(path_mtu_bound(a), Some(CARRIER_MTU), "{lo}");
+        }
+        // Ethernet gives quinn's own bound; jumbo frames, tunnels and
+        // the limits on either side.
+        for (mtu, payload) in [
+            (1500, 1452),
+            (9000, 8952),
+            (1420, 1372),
+            (65_536, CARRIER_MTU),
+            (1000, 1200),
+        ] {
+            assert_eq!(udp_payload_for(mtu), payload, "link MTU {mtu}");
+        }
     }
 
     #[test]

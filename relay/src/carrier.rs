@@ -31,6 +31,10 @@ pub const MAX_CARRIERS_PER_IP: usize = 256;
 /// A carrier that carried no packet either way this long is closed (a
 /// live QUIC connection sends at least a keep-alive every few seconds).
 pub const CARRIER_IDLE: Duration = Duration::from_secs(60);
+/// Bytes queued toward all carriers together at most (each also within
+/// [`carrier::QUEUE_BYTES`]): past it new transmits are dropped, as a full
+/// socket buffer would, and QUIC resends them.
+pub const CARRIERS_QUEUE_BYTES: usize = 64 << 20;
 
 /// Why a carrier was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,13 +46,27 @@ pub(crate) enum Refused {
 }
 
 /// Every carrier connection of the relay.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Carriers {
     inbound: Inbound,
     /// Each carrier's way out, and the client address it came from.
     out: Mutex<HashMap<SocketAddr, (carrier::Outbound, IpAddr)>>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     next: AtomicU64,
+    /// Bytes queued toward every carrier, within [`CARRIERS_QUEUE_BYTES`].
+    queued: carrier::SharedQueue,
+}
+
+impl Default for Carriers {
+    fn default() -> Self {
+        Self {
+            inbound: Inbound::default(),
+            out: Mutex::default(),
+            per_ip: Mutex::default(),
+            next: AtomicU64::default(),
+            queued: carrier::SharedQueue::new(CARRIERS_QUEUE_BYTES),
+        }
+    }
 }
 
 /// A carrier's place, given back when it ends.
@@ -95,7 +113,7 @@ impl Carriers {
         }
         *n += 1;
         let addr = carrier::virtual_addr(self.next.fetch_add(1, Ordering::Relaxed) + 1);
-        let (tx, rx) = carrier::outbound();
+        let (tx, rx) = carrier::outbound_sharing(&self.queued);
         out.insert(addr, (tx, ip));
         Ok(Slot {
             carriers: self.clone(),

@@ -78,8 +78,9 @@ pub(crate) fn bind(
     transport.max_idle_timeout(idle.ok());
     // TUN packets ride datagrams; unread ones are bounded like the window.
     transport.datagram_receive_buffer_size(Some(swb_quic::RELAY_DATAGRAM_BUFFER));
-    // Paths over TCP carriers take large packets (UDP ones keep quinn's bound).
-    transport.path_mtu_upper_bound(Some(swb_quic::carrier::relay_path_mtu()));
+    // Paths over TCP carriers take large packets, UDP ones what their
+    // first link takes (1452 on Ethernet, quinn's bound).
+    transport.path_mtu_upper_bound(Some(swb_quic::carrier::path_mtu_hook()));
     // Peers acknowledge every ACK_ELICITING_THRESHOLD + 1 packets (QUIC
     // ACK frequency extension) instead of every second one, or after
     // their ACK delay (25 ms, as for a lone packet before): a relay

@@ -170,6 +170,8 @@ pub(crate) fn client_config() -> Result<quinn::ClientConfig, MeshError> {
     t.max_idle_timeout(quinn::IdleTimeout::try_from(MESH_IDLE).ok());
     t.max_concurrent_bidi_streams(MESH_STREAMS.into());
     t.receive_window(swb_quic::MESH_RECEIVE_WINDOW.into());
+    // Packets as large as the link toward the other relay takes.
+    t.path_mtu_upper_bound(Some(swb_quic::carrier::path_mtu_hook()));
     c.transport_config(Arc::new(t));
     Ok(c)
 }

@@ -1077,7 +1077,13 @@ impl State {
         let max_datagrams = self
             .socket
             .max_transmit_segments()
-            .min(MAX_TRANSMIT_SEGMENTS);
+            .min(MAX_TRANSMIT_SEGMENTS)
+            // Switchboard patch: a GSO batch is one UDP datagram to the
+            // kernel, at most 64 KiB; with packets past Ethernet size (a
+            // loopback or jumbo-frame path) fewer of them fit. Over the
+            // limit `sendmsg` fails with EINVAL and quinn-udp turns GSO
+            // off for the whole socket.
+            .min(usize::from(MAX_GSO_BYTES / self.inner.current_mtu().max(1)).max(1));
 
         loop {
             // Retry the last transmit, or get a new one.
@@ -1442,3 +1448,7 @@ const MAX_TRANSMIT_DATAGRAMS: usize = 20;
 /// memory allocations when calling `poll_transmit()`. Benchmarks have shown
 /// that numbers around 10 are a good compromise.
 const MAX_TRANSMIT_SEGMENTS: usize = 10;
+
+/// The bytes of one GSO batch at most (switchboard patch): UDP's 65 507
+/// bytes of IPv4 payload, rounded down.
+const MAX_GSO_BYTES: u16 = 65_000;
