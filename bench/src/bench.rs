@@ -892,14 +892,7 @@ impl Storm {
 
 /// The wait a busy relay's refusal asks for (`swb_wire::busy`), if `e` is one.
 fn busy_hint(e: &anyhow::Error) -> Option<Duration> {
-    match e.downcast_ref::<quinn::ConnectionError>()? {
-        quinn::ConnectionError::ConnectionClosed(c)
-            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
-        {
-            swb_wire::busy::retry_in(&c.reason)
-        }
-        _ => None,
-    }
+    swb_quic::busy_hint(e.downcast_ref::<quinn::ConnectionError>()?)
 }
 
 /// A reconnect storm: `n` clients connect at the same moment, and each

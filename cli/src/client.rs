@@ -255,11 +255,13 @@ fn print_status(s: &StatusInfo) {
     }
     if let Some(t) = &s.traffic {
         println!(
-            "traffic:    sent {} packets ({}), received {} packets ({})",
+            "traffic:    sent {} packets ({}), received {} packets ({}); {} lost ({} congestion events)",
             t.sent_packets,
             size(t.sent_bytes),
             t.received_packets,
-            size(t.received_bytes)
+            size(t.received_bytes),
+            t.lost_packets,
+            t.congestion_events
         );
     }
     if let Some(t) = &s.tun {

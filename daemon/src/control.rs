@@ -214,6 +214,12 @@ pub struct Traffic {
     pub received_packets: u64,
     /// Bytes of those packets.
     pub received_bytes: u64,
+    /// Packets QUIC declared lost on the current path (resent as needed).
+    #[serde(default)]
+    pub lost_packets: u64,
+    /// Losses that made QUIC shrink its congestion window on that path.
+    #[serde(default)]
+    pub congestion_events: u64,
 }
 
 /// This peer's TUN interface.

@@ -37,18 +37,6 @@ pub(crate) enum ConnectError {
     Fatal(DaemonError),
 }
 
-/// The wait a busy relay's refusal asks for, if `e` is one.
-fn busy_hint(e: &quinn::ConnectionError) -> Option<std::time::Duration> {
-    match e {
-        quinn::ConnectionError::ConnectionClosed(c)
-            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
-        {
-            swb_wire::busy::retry_in(&c.reason)
-        }
-        _ => None,
-    }
-}
-
 /// Why the control stream to the relay failed, in words for the log and
 /// `swbd status`.
 #[derive(Debug, thiserror::Error)]
@@ -409,7 +397,7 @@ impl Dialer {
                         "TLS with {relay} failed: {e}; check --ca / --relay-fingerprint / --server-name"
                     ))));
                 }
-                if let Some(wait) = busy_hint(&e) {
+                if let Some(wait) = swb_quic::busy_hint(&e) {
                     return Err(ConnectError::Busy(e.to_string(), wait));
                 }
                 return Err(ConnectError::Retry(e.to_string()));

@@ -731,6 +731,8 @@ fn status(shared: &Shared) -> StatusInfo {
                 sent_bytes: stats.udp_tx.bytes,
                 received_packets: stats.udp_rx.datagrams,
                 received_bytes: stats.udp_rx.bytes,
+                lost_packets: stats.path.lost_packets,
+                congestion_events: stats.path.congestion_events,
             };
             (
                 c.rtt().as_secs_f64() * 1000.0,

@@ -157,7 +157,9 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
     Ok(Some(buf.split_to(len).freeze()))
 }
 
-/// Writes framed packets (see [`frame`]) in one write, and flushes.
+/// Writes framed packets (see [`frame`]) as one write, and flushes: a
+/// vectored write where `w` takes one (TLS then cuts full records across
+/// the packets without a copy into one buffer first), else one buffer.
 pub async fn write_framed<W: AsyncWrite + Unpin>(
     w: &mut W,
     framed: &[Bytes],
@@ -165,6 +167,18 @@ pub async fn write_framed<W: AsyncWrite + Unpin>(
 ) -> io::Result<()> {
     match framed {
         [one] => w.write_all(one).await?,
+        _ if w.is_write_vectored() => {
+            let mut slices: Vec<io::IoSlice<'_>> =
+                framed.iter().map(|f| io::IoSlice::new(f)).collect();
+            let mut rest = &mut slices[..];
+            while !rest.is_empty() {
+                let n = w.write_vectored(rest).await?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                io::IoSlice::advance_slices(&mut rest, n);
+            }
+        }
         _ => {
             scratch.clear();
             for f in framed {
@@ -546,6 +560,73 @@ macro_rules! pass_through_socket {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A vectored writer that takes at most 7 bytes a call, across slices.
+    #[derive(Default)]
+    struct Trickle(Vec<u8>);
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(7);
+            self.0.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(7 - n);
+                self.0.extend_from_slice(&b[..take]);
+                n += take;
+                if n == 7 {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vectored_write_of_many_packets_survives_partial_writes() {
+        let ps: Vec<Bytes> = (0..5u8)
+            .map(|i| Bytes::from(vec![i; 3 + 5 * usize::from(i)]))
+            .collect();
+        let framed: Vec<Bytes> = ps.iter().map(|p| frame_one(p)).collect();
+        let mut w = Trickle::default();
+        write_framed(&mut w, &framed, &mut Vec::new())
+            .await
+            .expect("write");
+        let mut r = &w.0[..];
+        let mut buf = BytesMut::new();
+        for p in &ps {
+            let got = read_packet(&mut r, &mut buf).await.expect("read");
+            assert_eq!(got.as_ref(), Some(p), "packets in order, intact");
+        }
+        assert!(read_packet(&mut r, &mut buf).await.expect("end").is_none());
+    }
 
     #[tokio::test]
     async fn packets_round_trip_and_bad_lengths_are_refused() {

@@ -33,6 +33,19 @@ pub const RELAY_DATAGRAM_BUFFER: usize = 512 * 1024;
 /// What one stream may have in flight (within its connection's window).
 pub const STREAM_RECEIVE_WINDOW: u32 = 1250 * 1000;
 
+/// The wait a busy relay's refusal asks for ([`swb_wire::busy`]), if `e`
+/// is one: a `CONNECTION_REFUSED` close whose reason carries the hint.
+pub fn busy_hint(e: &quinn::ConnectionError) -> Option<std::time::Duration> {
+    match e {
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            swb_wire::busy::retry_in(&c.reason)
+        }
+        _ => None,
+    }
+}
+
 /// Binds a UDP socket with [`UDP_BUFFER`] buffers (best effort: a smaller
 /// buffer still works).
 pub fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
@@ -216,4 +229,34 @@ pub async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), 
     f.encode(&mut b)
         .map_err(|e| FrameIoError::Codec(e.to_string()))?;
     send.write_all(&b).await.map_err(stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn closed(code: quinn::TransportErrorCode, reason: &str) -> quinn::ConnectionError {
+        quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+            error_code: code,
+            frame_type: None,
+            reason: bytes::Bytes::copy_from_slice(reason.as_bytes()),
+        })
+    }
+
+    #[test]
+    fn a_busy_refusal_gives_its_wait_and_nothing_else_does() {
+        let busy = swb_wire::busy::reason(Duration::from_millis(750));
+        let refused = quinn::TransportErrorCode::CONNECTION_REFUSED;
+        assert_eq!(
+            busy_hint(&closed(refused, &busy)),
+            Some(Duration::from_millis(750))
+        );
+        // A refusal without the hint, the hint under another code, or no
+        // close at all: no wait asked for.
+        assert_eq!(busy_hint(&closed(refused, "")), None);
+        let other = quinn::TransportErrorCode::PROTOCOL_VIOLATION;
+        assert_eq!(busy_hint(&closed(other, &busy)), None);
+        assert_eq!(busy_hint(&quinn::ConnectionError::TimedOut), None);
+    }
 }

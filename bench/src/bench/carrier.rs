@@ -91,6 +91,9 @@ pub(crate) async fn carrier_bench(a: CarrierArgs, out: &Output) -> Result<()> {
         }
     };
     let (mut udp, mut tcp, mut rat) = (Vec::new(), Vec::new(), Vec::new());
+    // Losses QUIC saw on the source's path during a run (packets lost,
+    // congestion events): what caps a run that is not CPU-bound.
+    let mut losses = [(0u64, 0u64); 2];
     for i in 0..a.runs {
         if let Some(r) = &rathole {
             let s = tokio::net::TcpStream::connect(r.service).await?;
@@ -105,14 +108,25 @@ pub(crate) async fn carrier_bench(a: CarrierArgs, out: &Output) -> Result<()> {
             );
             rat.push(mb_s(a.bytes, t.elapsed()));
         }
-        for (d, v) in [(&over_udp, &mut udp), (&over_tcp, &mut tcp)] {
+        for (k, (d, v)) in [(&over_udp, &mut udp), (&over_tcp, &mut tcp)]
+            .into_iter()
+            .enumerate()
+        {
             let c = Client::connect(d.control_path()).await?;
+            let mut st = Client::connect(d.control_path()).await?;
+            let lost = |s: swb_daemon::control::StatusInfo| {
+                s.traffic
+                    .map_or((0, 0), |t| (t.lost_packets, t.congestion_events))
+            };
+            let before = lost(st.status().await?);
             let s = c.connect_stream("sink", 9, Duration::from_secs(5)).await?;
             let (r, w) = tokio::io::split(s);
             let t = Instant::now();
             let got = push(w, r, a.bytes).await?;
             ensure!(got == a.bytes, "sink counted {got} of {} bytes", a.bytes);
             v.push(mb_s(a.bytes, t.elapsed()));
+            let after = lost(st.status().await?);
+            losses[k] = (after.0 - before.0, after.1 - before.1);
         }
         if !out.json {
             let anchor = rat
@@ -120,10 +134,14 @@ pub(crate) async fn carrier_bench(a: CarrierArgs, out: &Output) -> Result<()> {
                 .map(|r| format!("   rathole over TLS {r:>8.1} MB/s"))
                 .unwrap_or_default();
             println!(
-                "  run {}: UDP {:>8.1} MB/s   TCP carrier {:>8.1} MB/s{anchor}",
+                "  run {}: UDP {:>8.1} MB/s   TCP carrier {:>8.1} MB/s{anchor}   (lost/congestion events: UDP {}/{}, carrier {}/{})",
                 i + 1,
                 udp[i as usize],
-                tcp[i as usize]
+                tcp[i as usize],
+                losses[0].0,
+                losses[0].1,
+                losses[1].0,
+                losses[1].1
             );
         }
     }
