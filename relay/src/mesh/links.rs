@@ -126,6 +126,12 @@ pub(crate) async fn accept(
     permit: tokio::sync::OwnedSemaphorePermit,
     cancel: CancellationToken,
 ) {
+    // A relay that announced it is leaving takes no new links: one made
+    // now would make it live again to the other side until it times out.
+    if mesh.leaving.load(Ordering::Relaxed) {
+        conn.close(close::NORMAL.into(), b"relay leaving the mesh");
+        return;
+    }
     let remote = conn.remote_address();
     let setup = async {
         let (mut send, mut recv) = conn.accept_bi().await?;
@@ -519,6 +525,10 @@ pub(crate) async fn dialer(
         }
         mesh.close_surplus(now);
         dialing.retain(|_, h| !h.is_finished());
+        if mesh.leaving.load(Ordering::Relaxed) {
+            // Leaving: no new links (see `accept`).
+            continue;
+        }
         let targets: Vec<String> = {
             let live = mesh.placement.live_now();
             let m = mesh.membership();

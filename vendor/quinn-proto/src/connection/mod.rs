@@ -575,10 +575,16 @@ impl Connection {
                 continue;
             }
 
-            let mut ack_eliciting = !self.spaces[space_id].pending.is_empty(&self.streams)
-                || self.spaces[space_id].ping_pending
-                || self.spaces[space_id].immediate_ack_pending;
-            if space_id == SpaceId::Data {
+            // A closing connection sends CONNECTION_CLOSE (and ACKs) only,
+            // which are not ack-eliciting and not congestion controlled
+            // (RFC 9002, section 7; switchboard patch): data still queued
+            // must not hold the close back behind a full congestion window,
+            // or the peer only learns of the close by its idle timeout.
+            let mut ack_eliciting = !close
+                && (!self.spaces[space_id].pending.is_empty(&self.streams)
+                    || self.spaces[space_id].ping_pending
+                    || self.spaces[space_id].immediate_ack_pending);
+            if space_id == SpaceId::Data && !close {
                 ack_eliciting |= self.can_send_1rtt(frame_space_1rtt);
             }
 
