@@ -102,6 +102,10 @@ pub(crate) struct StreamArgs {
     /// Runs per path; the median is reported.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=50))]
     runs: u32,
+    /// Runs of each path first, not counted: the first bulk transfer over
+    /// the daemons' connections (idle until then) runs well below the rest.
+    #[arg(long, default_value_t = 1)]
+    warmup: u32,
 }
 
 pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
@@ -656,9 +660,8 @@ pub(crate) async fn stream(a: StreamArgs, out: &Output) -> Result<()> {
     }
     let mut direct = Vec::new();
     let mut relayed = Vec::new();
-    for i in 0..a.runs {
+    for run in 0..a.warmup + a.runs {
         let d = direct_once(&identity, a.bytes).await?;
-        direct.push(mb_s(a.bytes, d));
         let c = Client::connect(source.control_path()).await?;
         let s = c.connect_stream("sink", 9, Duration::from_secs(5)).await?;
         let (r, w) = tokio::io::split(s);
@@ -670,6 +673,14 @@ pub(crate) async fn stream(a: StreamArgs, out: &Output) -> Result<()> {
             "relayed: sink counted {got} of {} bytes",
             a.bytes
         );
+        if run < a.warmup {
+            if !out.json {
+                println!("  warm-up run (not counted)");
+            }
+            continue;
+        }
+        let i = run - a.warmup;
+        direct.push(mb_s(a.bytes, d));
         relayed.push(mb_s(a.bytes, took));
         if !out.json {
             println!(
@@ -2546,6 +2557,7 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
         StreamArgs {
             bytes: if s { 1 << 20 } else { 256 << 20 },
             runs: if s { 1 } else { 3 },
+            warmup: if s { 0 } else { 1 },
         },
         out,
     )
@@ -2576,6 +2588,7 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
             bytes: if s { 1 << 20 } else { 128 << 20 },
             runs: if s { 1 } else { 3 },
             samples: if s { 20 } else { 500 },
+            warmup: if s { 0 } else { 1 },
         },
         out,
     )

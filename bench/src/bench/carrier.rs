@@ -26,6 +26,10 @@ pub(crate) struct CarrierArgs {
     /// Message round trips per carrier.
     #[arg(long, default_value_t = 500)]
     pub(crate) samples: usize,
+    /// Runs of each contender first, not counted: the first bulk transfer
+    /// over a connection that was idle runs well below the rest.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) warmup: u32,
 }
 
 pub(crate) async fn carrier_bench(a: CarrierArgs, out: &Output) -> Result<()> {
@@ -94,7 +98,8 @@ pub(crate) async fn carrier_bench(a: CarrierArgs, out: &Output) -> Result<()> {
     // Losses QUIC saw on the source's path during a run (packets lost,
     // congestion events): what caps a run that is not CPU-bound.
     let mut losses = [(0u64, 0u64); 2];
-    for i in 0..a.runs {
+    for run in 0..a.warmup + a.runs {
+        let counted = run >= a.warmup;
         if let Some(r) = &rathole {
             let s = tokio::net::TcpStream::connect(r.service).await?;
             let _ = s.set_nodelay(true);
@@ -106,7 +111,9 @@ pub(crate) async fn carrier_bench(a: CarrierArgs, out: &Output) -> Result<()> {
                 "rathole: sink counted {got} of {} bytes",
                 a.bytes
             );
-            rat.push(mb_s(a.bytes, t.elapsed()));
+            if counted {
+                rat.push(mb_s(a.bytes, t.elapsed()));
+            }
         }
         for (k, (d, v)) in [(&over_udp, &mut udp), (&over_tcp, &mut tcp)]
             .into_iter()
@@ -124,10 +131,20 @@ pub(crate) async fn carrier_bench(a: CarrierArgs, out: &Output) -> Result<()> {
             let t = Instant::now();
             let got = push(w, r, a.bytes).await?;
             ensure!(got == a.bytes, "sink counted {got} of {} bytes", a.bytes);
-            v.push(mb_s(a.bytes, t.elapsed()));
+            let took = mb_s(a.bytes, t.elapsed());
+            if counted {
+                v.push(took);
+            }
             let after = lost(st.status().await?);
             losses[k] = (after.0 - before.0, after.1 - before.1);
         }
+        if !counted {
+            if !out.json {
+                println!("  warm-up run (not counted)");
+            }
+            continue;
+        }
+        let i = run - a.warmup;
         if !out.json {
             let anchor = rat
                 .get(i as usize)
