@@ -19,7 +19,6 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -657,11 +656,11 @@ async fn open(dest: SocketAddr, target: &Target, proxy: Option<&Proxy>) -> io::R
     }
 }
 
-/// An endpoint's socket: UDP and the carriers of [`Paths`].
+/// An endpoint's socket: UDP and the carriers of [`Paths`] (their packets
+/// handed to the endpoint as read, without a copy).
 pub(crate) struct ClientSocket {
     udp: Arc<dyn quinn::AsyncUdpSocket>,
     paths: Arc<Paths>,
-    carriers_first: AtomicBool,
 }
 
 impl std::fmt::Debug for ClientSocket {
@@ -672,11 +671,7 @@ impl std::fmt::Debug for ClientSocket {
 
 impl ClientSocket {
     pub(crate) fn new(udp: Arc<dyn quinn::AsyncUdpSocket>, paths: Arc<Paths>) -> Self {
-        Self {
-            udp,
-            paths,
-            carriers_first: AtomicBool::new(false),
-        }
+        Self { udp, paths }
     }
 }
 
@@ -715,12 +710,22 @@ impl quinn::AsyncUdpSocket for ClientSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let paths = &self.paths;
-        paths
-            .inbound
-            .poll_with_udp(&*self.udp, &self.carriers_first, cx, bufs, meta, |read| {
-                paths.heard_udp(read.iter().map(|m| m.addr), Instant::now())
-            })
+        let read = self.udp.poll_recv(cx, bufs, meta);
+        if let Poll::Ready(Ok(n)) = read {
+            let heard = meta[..n.min(meta.len())].iter().map(|m| m.addr);
+            self.paths.heard_udp(heard, Instant::now());
+        }
+        read
+    }
+
+    /// What the carriers read, handed over as read (no copy).
+    fn poll_recv_owned(
+        &self,
+        cx: &mut Context,
+        out: &mut Vec<(SocketAddr, bytes::BytesMut)>,
+        max: usize,
+    ) -> Poll<()> {
+        self.paths.inbound.poll_owned(cx, out, max)
     }
 }
 

@@ -14,7 +14,7 @@
 //! does) keeps one connection on both.
 
 use bytes::{Buf, Bytes, BytesMut};
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -131,7 +131,7 @@ pub enum CarrierError {
 pub async fn read_packet<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
-) -> Result<Option<Bytes>, CarrierError> {
+) -> Result<Option<BytesMut>, CarrierError> {
     if buf.capacity() - buf.len() < MAX_PACKET {
         buf.reserve(READ_ROOM);
     }
@@ -154,7 +154,8 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
         }
     }
     buf.advance(2);
-    Ok(Some(buf.split_to(len).freeze()))
+    // Its own part of the buffer: quinn decrypts it in place.
+    Ok(Some(buf.split_to(len)))
 }
 
 /// Writes framed packets (see [`frame`]) as one write, and flushes: a
@@ -376,7 +377,7 @@ pub enum PumpEnd {
 pub async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
     io: S,
     rx: &mut OutboundRx,
-    into_endpoint: mpsc::Sender<(SocketAddr, Bytes)>,
+    into_endpoint: mpsc::Sender<(SocketAddr, BytesMut)>,
     from: SocketAddr,
     idle: std::time::Duration,
 ) -> PumpEnd {
@@ -437,8 +438,8 @@ pub fn is_virtual(a: &SocketAddr) -> bool {
 /// Packets arriving from carriers, as an endpoint's socket reads them.
 #[derive(Debug)]
 pub struct Inbound {
-    rx: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
-    tx: mpsc::Sender<(SocketAddr, Bytes)>,
+    rx: Mutex<mpsc::Receiver<(SocketAddr, BytesMut)>>,
+    tx: mpsc::Sender<(SocketAddr, BytesMut)>,
 }
 
 impl Default for Inbound {
@@ -454,77 +455,60 @@ impl Default for Inbound {
 impl Inbound {
     /// Where carriers put the packets they read (`try_send`: a full queue
     /// drops the packet, as a full socket buffer would).
-    pub fn sender(&self) -> mpsc::Sender<(SocketAddr, Bytes)> {
+    pub fn sender(&self) -> mpsc::Sender<(SocketAddr, BytesMut)> {
         self.tx.clone()
     }
 
-    /// An endpoint socket's receive: from `udp` or the carriers, by turns
-    /// (`carriers_first` flips on each call, so neither starves); `heard`
-    /// sees the entries read from UDP.
-    pub fn poll_with_udp(
-        &self,
-        udp: &dyn quinn::AsyncUdpSocket,
-        carriers_first: &std::sync::atomic::AtomicBool,
-        cx: &mut Context,
-        bufs: &mut [IoSliceMut<'_>],
-        meta: &mut [quinn::udp::RecvMeta],
-        heard: impl FnOnce(&[quinn::udp::RecvMeta]),
-    ) -> Poll<io::Result<usize>> {
-        if carriers_first.fetch_xor(true, std::sync::atomic::Ordering::Relaxed) {
-            if let Poll::Ready(n) = self.poll_recv(cx, bufs, meta) {
-                return Poll::Ready(Ok(n));
-            }
-        }
-        match udp.poll_recv(cx, bufs, meta) {
-            Poll::Ready(Ok(n)) => {
-                heard(&meta[..n.min(meta.len())]);
-                Poll::Ready(Ok(n))
-            }
-            Poll::Pending => self.poll_recv(cx, bufs, meta).map(Ok),
-            err => err,
-        }
-    }
-
-    /// Moves queued packets into quinn's receive buffers, one per entry;
-    /// `Pending` (woken by the next packet) when none is queued.
-    fn poll_recv(
+    /// Hands up to `max` queued packets to the endpoint as they are (see
+    /// [`quinn::AsyncUdpSocket::poll_recv_owned`]: no copy into its receive
+    /// buffers); `Pending`, woken by the next packet, when none is queued.
+    pub fn poll_owned(
         &self,
         cx: &mut Context,
-        bufs: &mut [IoSliceMut<'_>],
-        meta: &mut [quinn::udp::RecvMeta],
-    ) -> Poll<usize> {
+        out: &mut Vec<(SocketAddr, BytesMut)>,
+        max: usize,
+    ) -> Poll<()> {
         let mut rx = self.rx.lock().unwrap_or_else(|p| p.into_inner());
-        let mut n = 0;
-        while n < bufs.len().min(meta.len()) {
-            let polled = if n == 0 {
-                rx.poll_recv(cx)
-            } else {
-                match rx.try_recv() {
-                    Ok(x) => Poll::Ready(Some(x)),
-                    Err(_) => break,
-                }
-            };
-            let (from, p) = match polled {
-                Poll::Ready(Some(x)) => x,
+        let start = out.len();
+        while out.len() - start < max {
+            match rx.poll_recv(cx) {
+                Poll::Ready(Some(x)) => out.push(x),
                 Poll::Ready(None) | Poll::Pending => break,
-            };
-            let len = p.len().min(bufs[n].len());
-            bufs[n][..len].copy_from_slice(&p[..len]);
-            meta[n] = quinn::udp::RecvMeta {
-                addr: from,
-                len,
-                stride: len,
-                ecn: None,
-                dst_ip: None,
-            };
-            n += 1;
+            }
         }
-        if n == 0 {
-            Poll::Pending
+        if out.len() > start {
+            Poll::Ready(())
         } else {
-            Poll::Ready(n)
+            Poll::Pending
         }
     }
+}
+
+/// Owned packets from `poll` (a layer's [`Inbound::poll_owned`] or the
+/// socket under it), each passed through `route`, which keeps it
+/// (`Some`) or takes it elsewhere (`None`: dropped or handed on). A batch
+/// with none kept is read past, up to 16 in a row; then `Pending` with a
+/// wake-up at once, so a flood with nothing kept cannot hold the endpoint.
+pub fn poll_owned_kept(
+    cx: &mut Context,
+    out: &mut Vec<(SocketAddr, BytesMut)>,
+    max: usize,
+    mut poll: impl FnMut(&mut Context, &mut Vec<(SocketAddr, BytesMut)>, usize) -> Poll<()>,
+    mut route: impl FnMut((SocketAddr, BytesMut)) -> Option<(SocketAddr, BytesMut)>,
+) -> Poll<()> {
+    let start = out.len();
+    for _ in 0..16 {
+        if poll(cx, out, max).is_pending() {
+            return Poll::Pending;
+        }
+        let read = out.split_off(start);
+        out.extend(read.into_iter().filter_map(&mut route));
+        if out.len() > start {
+            return Poll::Ready(());
+        }
+    }
+    cx.waker().wake_by_ref();
+    Poll::Pending
 }
 
 /// The [`quinn::AsyncUdpSocket`] methods a socket layer passes through to
@@ -623,7 +607,7 @@ mod tests {
         let mut buf = BytesMut::new();
         for p in &ps {
             let got = read_packet(&mut r, &mut buf).await.expect("read");
-            assert_eq!(got.as_ref(), Some(p), "packets in order, intact");
+            assert_eq!(got.as_deref(), Some(&p[..]), "packets in order, intact");
         }
         assert!(read_packet(&mut r, &mut buf).await.expect("end").is_none());
     }
@@ -643,7 +627,7 @@ mod tests {
         let mut buf = BytesMut::new();
         for p in &ps {
             let got = read_packet(&mut b, &mut buf).await.expect("read");
-            assert_eq!(got.as_ref(), Some(p));
+            assert_eq!(got.as_deref(), Some(&p[..]));
         }
         assert!(read_packet(&mut b, &mut buf).await.expect("end").is_none());
         for bad in [[0u8, 0], (MAX_PACKET as u16 + 1).to_be_bytes()] {
@@ -757,6 +741,59 @@ mod tests {
         ] {
             assert_eq!(udp_payload_for(mtu), payload, "link MTU {mtu}");
         }
+    }
+
+    /// A waker that counts its wake-ups.
+    struct Count(AtomicUsize);
+
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn owned_packets_are_handed_over_filtered_and_a_flood_of_dropped_ones_yields() {
+        let inbound = Inbound::default();
+        let from: SocketAddr = "[100::1]:443".parse().expect("addr");
+        let tx = inbound.sender();
+        for i in 0..10u8 {
+            tx.try_send((from, BytesMut::from(&[i; 3][..])))
+                .expect("room");
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = std::task::Waker::from(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        // Even ones kept, odd ones taken elsewhere; at most 4 read a time.
+        let mut out = Vec::new();
+        let poll = |cx: &mut Context, out: &mut Vec<_>, max| inbound.poll_owned(cx, out, max);
+        let even = |(a, p): (SocketAddr, BytesMut)| (p[0] % 2 == 0).then_some((a, p));
+        assert!(poll_owned_kept(&mut cx, &mut out, 4, poll, even).is_ready());
+        let firsts: Vec<u8> = out.iter().map(|(_, p)| p[0]).collect();
+        assert_eq!(firsts, [0, 2], "the first four read, the even ones kept");
+        // The rest, then nothing: pending, woken by the next packet.
+        out.clear();
+        while poll_owned_kept(&mut cx, &mut out, 4, poll, even).is_ready() {}
+        let firsts: Vec<u8> = out.iter().map(|(_, p)| p[0]).collect();
+        assert_eq!(firsts, [4, 6, 8]);
+        tx.try_send((from, BytesMut::from(&[12u8][..])))
+            .expect("room");
+        assert_eq!(count.0.load(Ordering::Relaxed), 1, "woken by a new packet");
+        // A flood of which nothing is kept: read past 16 batches, then
+        // pending with a wake-up at once instead of spinning.
+        for i in 0..(16 * 4 + 10) {
+            let _ = tx.try_send((from, BytesMut::from(&[i as u8 | 1][..])));
+        }
+        out.clear();
+        let before = count.0.load(Ordering::Relaxed);
+        let none = |_: (SocketAddr, BytesMut)| None;
+        assert!(poll_owned_kept(&mut cx, &mut out, 4, poll, none).is_pending());
+        assert!(out.is_empty());
+        assert_eq!(
+            count.0.load(Ordering::Relaxed),
+            before + 1,
+            "woken to go on"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -157,14 +157,13 @@ pub(crate) async fn serve<S: AsyncRead + AsyncWrite + Unpin>(io: S, mut slot: Sl
 }
 
 /// The endpoint's socket: UDP, plus every carrier connection (received
-/// by the first shard's socket only; each shard sends on them).
+/// by the first shard's socket only, as owned packets the endpoint takes
+/// without a copy; each shard sends on them).
 pub(crate) struct CarrierSocket {
     udp: Arc<dyn quinn::AsyncUdpSocket>,
     carriers: Arc<Carriers>,
     /// Whether this socket reads what the carriers received.
     reads_carriers: bool,
-    /// Which source to read first next time (so neither starves).
-    carriers_first: AtomicBool,
 }
 
 impl std::fmt::Debug for CarrierSocket {
@@ -183,7 +182,6 @@ impl CarrierSocket {
             udp,
             carriers,
             reads_carriers,
-            carriers_first: AtomicBool::new(false),
         }
     }
 }
@@ -215,17 +213,20 @@ impl quinn::AsyncUdpSocket for CarrierSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        self.udp.poll_recv(cx, bufs, meta)
+    }
+
+    /// What the carriers read, handed over as read (no copy).
+    fn poll_recv_owned(
+        &self,
+        cx: &mut Context,
+        out: &mut Vec<(SocketAddr, bytes::BytesMut)>,
+        max: usize,
+    ) -> Poll<()> {
         if !self.reads_carriers {
-            return self.udp.poll_recv(cx, bufs, meta);
+            return Poll::Pending;
         }
-        self.carriers.inbound.poll_with_udp(
-            &*self.udp,
-            &self.carriers_first,
-            cx,
-            bufs,
-            meta,
-            |_| {},
-        )
+        self.carriers.inbound.poll_owned(cx, out, max)
     }
 }
 

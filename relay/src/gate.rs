@@ -182,6 +182,37 @@ impl quinn::AsyncUdpSocket for Gate {
             },
         )
     }
+
+    /// The owned packets of the layers below (what the TCP carriers read)
+    /// pass the same gate as UDP entries.
+    fn poll_recv_owned(
+        &self,
+        cx: &mut Context,
+        out: &mut Vec<(std::net::SocketAddr, bytes::BytesMut)>,
+        max: usize,
+    ) -> Poll<()> {
+        let mut tables = None;
+        let now = tokio::time::Instant::now();
+        swb_quic::carrier::poll_owned_kept(
+            cx,
+            out,
+            max,
+            |cx, out, max| self.inner.poll_recv_owned(cx, out, max),
+            |(addr, p)| {
+                if !tokenless_initial(&p) {
+                    return Some((addr, p));
+                }
+                let t = tables
+                    .get_or_insert_with(|| self.tables.lock().unwrap_or_else(|p| p.into_inner()));
+                if self.admit(t, addr.ip(), now) {
+                    Some((addr, p))
+                } else {
+                    self.dropped.inc();
+                    None
+                }
+            },
+        )
+    }
 }
 
 /// Reads entries with `recv` and returns those `keep` admits ([`compact`]).

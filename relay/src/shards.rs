@@ -18,10 +18,10 @@
 //! Everything above the endpoints — registry, mailboxes, status, mesh — is
 //! shared by the shards as it is by the sessions of one endpoint.
 
-use bytes::Bytes;
+use bytes::BytesMut;
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use swb_quic::carrier::Inbound;
@@ -36,7 +36,7 @@ pub(crate) const CID_LEN: usize = 8;
 #[derive(Debug)]
 pub(crate) struct ShardTable {
     inbound: Vec<Inbound>,
-    senders: Vec<mpsc::Sender<(SocketAddr, Bytes)>>,
+    senders: Vec<mpsc::Sender<(SocketAddr, BytesMut)>>,
     /// Packets handed from the shard that received them to the one whose
     /// connection they belong to.
     pub(crate) forwarded: prometheus::IntCounter,
@@ -165,16 +165,7 @@ impl quinn::AsyncUdpSocket for ShardSocket {
             cx,
             bufs,
             meta,
-            |cx, bufs, meta| {
-                self.table.inbound[self.shard].poll_with_udp(
-                    &*self.inner,
-                    &self.handed_first,
-                    cx,
-                    bufs,
-                    meta,
-                    |_| {},
-                )
-            },
+            |cx, bufs, meta| self.inner.poll_recv(cx, bufs, meta),
             |m, entry| {
                 let Some(to) = shard_of(entry, shards).filter(|&s| s != self.shard) else {
                     return true;
@@ -184,7 +175,7 @@ impl quinn::AsyncUdpSocket for ShardSocket {
                 for seg in entry.chunks(m.stride.max(1)) {
                     // A full queue drops the packet, as a full socket would.
                     if self.table.senders[to]
-                        .try_send((m.addr, Bytes::copy_from_slice(seg)))
+                        .try_send((m.addr, BytesMut::from(seg)))
                         .is_ok()
                     {
                         self.table.forwarded.inc();
@@ -193,6 +184,51 @@ impl quinn::AsyncUdpSocket for ShardSocket {
                 false
             },
         )
+    }
+
+    /// Packets other shards handed over (this shard's to take as they
+    /// are) and the owned ones of the layer below (the carriers'), each of
+    /// which another shard's connection may own; by turns, so neither
+    /// starves.
+    fn poll_recv_owned(
+        &self,
+        cx: &mut Context,
+        out: &mut Vec<(SocketAddr, BytesMut)>,
+        max: usize,
+    ) -> Poll<()> {
+        let shards = self.table.len();
+        let handed = |cx: &mut Context, out: &mut Vec<(SocketAddr, BytesMut)>| {
+            self.table.inbound[self.shard].poll_owned(cx, out, max)
+        };
+        let below = |cx: &mut Context, out: &mut Vec<(SocketAddr, BytesMut)>| {
+            swb_quic::carrier::poll_owned_kept(
+                cx,
+                out,
+                max,
+                |cx, out, max| self.inner.poll_recv_owned(cx, out, max),
+                |(addr, p)| {
+                    let Some(to) = shard_of(&p, shards).filter(|&s| s != self.shard) else {
+                        return Some((addr, p));
+                    };
+                    // A full queue drops the packet, as a full socket would.
+                    if self.table.senders[to].try_send((addr, p)).is_ok() {
+                        self.table.forwarded.inc();
+                    }
+                    None
+                },
+            )
+        };
+        if self.handed_first.fetch_xor(true, Ordering::Relaxed) {
+            if handed(cx, out).is_ready() {
+                return Poll::Ready(());
+            }
+            below(cx, out)
+        } else {
+            if below(cx, out).is_ready() {
+                return Poll::Ready(());
+            }
+            handed(cx, out)
+        }
     }
 }
 

@@ -562,6 +562,50 @@ impl Drop for State {
     }
 }
 
+/// One received datagram to the endpoint (and its answer, if any, out);
+/// whether it went to an existing connection. (Switchboard patch: shared by
+/// datagrams read into the receive buffers and owned ones.)
+fn handle_datagram(
+    connections: &mut ConnectionSet,
+    incoming: &mut VecDeque<proto::Incoming>,
+    endpoint: &mut proto::Endpoint,
+    socket: &dyn AsyncUdpSocket,
+    now: Instant,
+    (addr, dst_ip, ecn): (
+        SocketAddr,
+        Option<std::net::IpAddr>,
+        Option<proto::EcnCodepoint>,
+    ),
+    buf: BytesMut,
+) -> bool {
+    let mut response_buffer = Vec::new();
+    match endpoint.handle(now, addr, dst_ip, ecn, buf, &mut response_buffer) {
+        Some(DatagramEvent::NewConnection(new)) => {
+            if connections.close.is_none() {
+                incoming.push_back(new);
+            } else {
+                let transmit = endpoint.refuse(new, &mut response_buffer);
+                respond(transmit, &response_buffer, socket);
+            }
+            false
+        }
+        Some(DatagramEvent::ConnectionEvent(handle, event)) => {
+            // Dropped if the connection is gone but not yet cleaned up
+            connections
+                .senders
+                .get_mut(&handle)
+                .unwrap()
+                .send(Box::new(ConnectionEvent::Proto(event)));
+            true
+        }
+        Some(DatagramEvent::Response(transmit)) => {
+            respond(transmit, &response_buffer, socket);
+            false
+        }
+        None => false,
+    }
+}
+
 fn respond(transmit: proto::Transmit, response_buffer: &[u8], socket: &dyn AsyncUdpSocket) {
     // Send if there's kernel buffer space; otherwise, drop it
     //
@@ -747,6 +791,8 @@ struct RecvState {
     connections: ConnectionSet,
     recv_buf: Box<[u8]>,
     recv_limiter: WorkLimiter,
+    /// Owned datagrams taken from the socket (switchboard patch), reused.
+    owned: Vec<(SocketAddr, BytesMut)>,
 }
 
 impl RecvState {
@@ -771,6 +817,7 @@ impl RecvState {
             incoming: VecDeque::new(),
             recv_buf: recv_buf.into(),
             recv_limiter: WorkLimiter::new(RECV_TIME_BOUND),
+            owned: Vec::new(),
         }
     }
 
@@ -796,6 +843,24 @@ impl RecvState {
             std::array::from_fn(|_| bufs.next().expect("BATCH_SIZE elements"))
         };
         loop {
+            // Owned datagrams first (switchboard patch): handled without a copy.
+            let owned = socket.poll_recv_owned(cx, &mut self.owned, BATCH_SIZE);
+            if owned.is_ready() {
+                self.recv_limiter.record_work(self.owned.len());
+                let mut batch = mem::take(&mut self.owned);
+                for (addr, data) in batch.drain(..) {
+                    received_connection_packet |= handle_datagram(
+                        &mut self.connections,
+                        &mut self.incoming,
+                        endpoint,
+                        socket,
+                        now,
+                        (addr, None, None),
+                        data,
+                    );
+                }
+                self.owned = batch;
+            }
             match socket.poll_recv(cx, &mut iovs, &mut metas) {
                 Poll::Ready(Ok(msgs)) => {
                     self.recv_limiter.record_work(msgs);
@@ -803,42 +868,21 @@ impl RecvState {
                         let mut data: BytesMut = buf[0..meta.len].into();
                         while !data.is_empty() {
                             let buf = data.split_to(meta.stride.min(data.len()));
-                            let mut response_buffer = Vec::new();
-                            match endpoint.handle(
+                            received_connection_packet |= handle_datagram(
+                                &mut self.connections,
+                                &mut self.incoming,
+                                endpoint,
+                                socket,
                                 now,
-                                meta.addr,
-                                meta.dst_ip,
-                                meta.ecn.map(proto_ecn),
+                                (meta.addr, meta.dst_ip, meta.ecn.map(proto_ecn)),
                                 buf,
-                                &mut response_buffer,
-                            ) {
-                                Some(DatagramEvent::NewConnection(incoming)) => {
-                                    if self.connections.close.is_none() {
-                                        self.incoming.push_back(incoming);
-                                    } else {
-                                        let transmit =
-                                            endpoint.refuse(incoming, &mut response_buffer);
-                                        respond(transmit, &response_buffer, socket);
-                                    }
-                                }
-                                Some(DatagramEvent::ConnectionEvent(handle, event)) => {
-                                    // Dropped if the connection is gone but not yet cleaned up
-                                    received_connection_packet = true;
-                                    self
-                                        .connections
-                                        .senders
-                                        .get_mut(&handle)
-                                        .unwrap()
-                                        .send(Box::new(ConnectionEvent::Proto(event)));
-                                }
-                                Some(DatagramEvent::Response(transmit)) => {
-                                    respond(transmit, &response_buffer, socket);
-                                }
-                                None => {}
-                            }
+                            );
                         }
                     }
                 }
+                // More owned ones may be waiting (none registered a wake-up):
+                // poll again.
+                Poll::Pending if owned.is_ready() => {}
                 Poll::Pending => {
                     return Ok(PollProgress {
                         received_connection_packet,

@@ -66,6 +66,23 @@ pub trait AsyncUdpSocket: Send + Sync + Debug + 'static {
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>>;
 
+    /// Receive datagrams the socket already holds as owned buffers, without a copy into the
+    /// endpoint's receive buffers (switchboard patch): up to `max` appended to `out`, each with
+    /// its source address, or register to be woken when one arrives
+    ///
+    /// For sockets that also carry packets read from somewhere else than a UDP socket, e.g. QUIC
+    /// packets carried over a TCP stream. The endpoint polls it besides [`Self::poll_recv`];
+    /// the default has none and registers nothing.
+    fn poll_recv_owned(
+        &self,
+        cx: &mut Context,
+        out: &mut Vec<(SocketAddr, bytes::BytesMut)>,
+        max: usize,
+    ) -> Poll<()> {
+        let _ = (cx, out, max);
+        Poll::Pending
+    }
+
     /// Look up the local IP address and port used by this socket
     fn local_addr(&self) -> io::Result<SocketAddr>;
 
