@@ -784,9 +784,11 @@ impl Main {
                     }
                     if let Some(l) = per_ip.as_mut() {
                         let ip = carriers.client_ip(incoming.remote_address());
-                        if l.take(&ip, tokio::time::Instant::now()).is_err() {
+                        if let Err(wait) = l.take(&ip, tokio::time::Instant::now()) {
+                            // The refusal says when the address has a
+                            // connection again (`swb_wire::busy`).
                             services.metrics.handshake("refused", "rate");
-                            incoming.refuse();
+                            incoming.refuse_with_reason(swb_wire::busy::reason(wait));
                             continue;
                         }
                     }

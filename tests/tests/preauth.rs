@@ -3,7 +3,7 @@
 //! budget, so strangers holding every handshake slot still pin little of
 //! the relay's memory, and real daemons still attach.
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -173,9 +173,13 @@ async fn one_address_opening_connections_too_fast_is_refused_and_others_are_not(
     for _ in 0..5 {
         match connect([127, 0, 2, 1]).await? {
             Ok(_) => ok += 1,
-            Err(quinn::ConnectionError::ConnectionClosed(c))
-                if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
-            {
+            Err(e @ quinn::ConnectionError::ConnectionClosed(_)) => {
+                // Refused with when to come back: a token comes every 2 s.
+                let wait = swb_quic::busy_hint(&e).with_context(|| format!("no hint: {e}"))?;
+                assert!(
+                    wait > Duration::ZERO && wait <= Duration::from_secs(2),
+                    "hinted wait {wait:?}"
+                );
                 refused += 1
             }
             Err(e) => anyhow::bail!("unexpected: {e}"),
