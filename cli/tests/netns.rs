@@ -1570,6 +1570,42 @@ async fn tun_packets_cross_one_mesh_hop_between_peers_homed_on_two_relays() -> R
 }
 
 /// How the daemon at `control` reaches its relay now (`udp` / `tcp`).
+async fn path_mtu(control: &Path) -> Result<u64> {
+    let out = ok(swbd(control).args(["--json", "status"])).await?;
+    let v: serde_json::Value = serde_json::from_str(out.trim())?;
+    v["path_mtu"].as_u64().context("no path MTU in the status")
+}
+
+#[tokio::test]
+async fn a_path_takes_the_packets_its_links_take_jumbo_frames_where_all_do_ethernet_where_not(
+) -> Result<()> {
+    let Some(net) = Internet::new("jumbo", 1, 2)? else {
+        return Ok(());
+    };
+    // Beta's site and the relay's link take 9000-byte frames; alpha's
+    // site stays at Ethernet's 1500.
+    net.set_site_mtu(1, 9000)?;
+    let dir = tempfile::tempdir()?;
+    let p = pair(&net, dir.path(), &["--socks", "off"], &["--socks", "off"]).await?;
+    messages_and_status(&p.alpha, &p.beta, "mixed MTUs").await?;
+    // 9000 less the IPv6 and UDP headers, found by QUIC's MTU discovery
+    // up to the bound the route gives; Ethernet gives quinn's 1452.
+    swb_tests::eventually("beta's path at jumbo size", swb_tests::WAIT, || async {
+        Ok((path_mtu(&p.beta).await? == 8952).then_some(()))
+    })
+    .await?;
+    let alpha = path_mtu(&p.alpha).await?;
+    assert!(
+        (1200..=1452).contains(&alpha),
+        "alpha's Ethernet path at {alpha}"
+    );
+    eprintln!("path MTU: beta (jumbo links) 8952, alpha (Ethernet) {alpha}");
+    // Both ways across the two sizes again, now that beta's path is large:
+    // the relay sends each what its own path takes.
+    messages_and_status(&p.alpha, &p.beta, "after discovery").await?;
+    Ok(())
+}
+
 async fn carrier(control: &Path) -> Result<String> {
     let out = ok(swbd(control).args(["--json", "status"])).await?;
     let v: serde_json::Value = serde_json::from_str(out.trim())?;

@@ -275,6 +275,26 @@ impl Internet {
         Ok(Some(net))
     }
 
+    /// Every link between site `site`'s host and the relay machines takes
+    /// frames of `mtu` bytes (jumbo frames, for 9000): the host's and the
+    /// router's interfaces, the router's and the relays' ports on the
+    /// public bridge. The other sites keep Ethernet's 1500.
+    pub fn set_site_mtu(&self, site: usize, mtu: u32) -> Result<()> {
+        let mtu = mtu.to_string();
+        let s = &self.sites[site];
+        s.host.ns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+        s.router.ns.ip(&["link", "set", "lan0", "mtu", &mtu])?;
+        s.router.ns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+        self.public
+            .ip(&["link", "set", &format!("s{site}"), "mtu", &mtu])?;
+        for (i, r) in self.relays.iter().enumerate() {
+            r.ns.ip(&["link", "set", "eth0", "mtu", &mtu])?;
+            self.public
+                .ip(&["link", "set", &format!("r{i}"), "mtu", &mtu])?;
+        }
+        Ok(())
+    }
+
     /// The host of site `from` loses its only interface (down) and gets a
     /// new one, to the router of site `to` (a laptop leaving one network
     /// for another): a new LAN, a new address (returned), a new NAT.
