@@ -40,11 +40,10 @@ pub const MAX_PACKET: usize = 16 * 1024;
 pub const QUEUE: usize = 32;
 /// Bytes queued toward one carrier connection at most, whatever the
 /// transmits' sizes; past it new transmits are dropped like past [`QUEUE`].
-/// A quarter of this (the bound before) dropped a bulk sender's packets
-/// while the writer encrypted the previous batch, and each drop halves
-/// QUIC's congestion window: 1 MiB took the carrier from ~530 to ~650 MB/s
-/// here. A relay also bounds all its carriers together
-/// ([`outbound_sharing`]).
+/// 1 MiB took the carrier from ~530 to ~650 MB/s here against a quarter of
+/// it (the bound before; the cause assumed, transmits dropped while the
+/// writer encrypts the previous batch, was not measured). A relay also
+/// bounds all its carriers together ([`outbound_sharing`]).
 pub const QUEUE_BYTES: usize = 1024 * 1024;
 /// Read buffer of a carrier connection: room kept for one large read.
 const READ_ROOM: usize = 64 * 1024;
