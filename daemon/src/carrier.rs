@@ -27,8 +27,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 use tracing::{debug, info};
 
-/// QUIC's smallest packet size, where a path's MTU discovery starts.
-const QUIC_MIN_MTU: u16 = 1200;
 /// How long UDP has to answer a relay before a carrier is opened.
 pub const HEAD_START: Duration = Duration::from_millis(300);
 /// How long UDP that worked may go unanswered before packets move to a
@@ -257,7 +255,7 @@ impl Paths {
                         // much, or not): down to QUIC's minimum first,
                         // then discovery starts over within the link's
                         // bound.
-                        conn.set_path_mtu_upper_bound(Some(QUIC_MIN_MTU));
+                        conn.set_path_mtu_upper_bound(Some(carrier::QUIC_MIN_MTU));
                         conn.set_path_mtu_upper_bound(carrier::path_mtu_bound(addr));
                     }
                     debug!(relay = %addr, on_tcp, "path MTU bound follows the carrier");

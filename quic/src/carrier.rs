@@ -70,8 +70,9 @@ pub fn path_mtu_hook() -> quinn::PathMtuUpperBound {
 /// Headers below a QUIC packet on the largest IP path: IPv6 (40) and UDP
 /// (8). An Ethernet link's 1500 less these is quinn's own bound, 1452.
 const IP_UDP_OVERHEAD: u32 = 48;
-/// Smallest UDP payload QUIC works over.
-const QUIC_MIN_PAYLOAD: u32 = 1200;
+/// Smallest UDP payload QUIC works over, where a path's MTU discovery
+/// starts.
+pub const QUIC_MIN_MTU: u16 = 1200;
 
 /// The MTU discovery bound of a path to `remote`: [`CARRIER_MTU`] over a
 /// carrier connection ([`is_virtual`]); over UDP what the first link toward
@@ -111,7 +112,7 @@ pub fn route_udp_payload(remote: SocketAddr) -> Option<u16> {
 fn udp_payload_for(mtu: u32) -> u16 {
     let payload = mtu
         .saturating_sub(IP_UDP_OVERHEAD)
-        .clamp(QUIC_MIN_PAYLOAD, u32::from(CARRIER_MTU));
+        .clamp(u32::from(QUIC_MIN_MTU), u32::from(CARRIER_MTU));
     u16::try_from(payload).unwrap_or(CARRIER_MTU)
 }
 

@@ -473,7 +473,7 @@ impl RelayHandle {
             .collect()
     }
 
-    /// UDP packets a shard received for another shard's connection and
+    /// QUIC packets a shard received (over UDP, or from a TCP carrier) for another shard's connection and
     /// handed over (clients that moved; `swb_relay_shard_forwarded_total`).
     pub fn shard_forwarded(&self) -> u64 {
         self.shards.forwarded.get()

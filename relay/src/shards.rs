@@ -51,7 +51,7 @@ impl ShardTable {
             senders,
             forwarded: prometheus::IntCounter::new(
                 "swb_relay_shard_forwarded_total",
-                "UDP packets a relay shard received for a connection of another shard (a client that moved) and handed over.",
+                "QUIC packets a relay shard received (over UDP, or from a TCP carrier) for a connection of another shard (a client that moved) and handed over.",
             )?,
         }))
     }
