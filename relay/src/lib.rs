@@ -473,8 +473,9 @@ impl RelayHandle {
             .collect()
     }
 
-    /// QUIC packets a shard received (over UDP, or from a TCP carrier) for another shard's connection and
-    /// handed over (clients that moved; `swb_relay_shard_forwarded_total`).
+    /// QUIC packets a shard received (over UDP, or from a TCP carrier) for
+    /// another shard's connection and handed over (clients that moved;
+    /// `swb_relay_shard_forwarded_total`).
     pub fn shard_forwarded(&self) -> u64 {
         self.shards.forwarded.get()
     }
