@@ -252,11 +252,9 @@ impl Paths {
                     } else {
                         // What the carrier took says nothing about UDP
                         // (a loopback or jumbo-frame link may take as
-                        // much, or not): down to QUIC's minimum first,
-                        // then discovery starts over within the link's
-                        // bound.
-                        conn.set_path_mtu_upper_bound(Some(carrier::QUIC_MIN_MTU));
-                        conn.set_path_mtu_upper_bound(carrier::path_mtu_bound(addr));
+                        // much, or not): discovery starts over from
+                        // QUIC's minimum, within the link's bound.
+                        conn.restart_path_mtu_discovery(carrier::path_mtu_bound(addr));
                     }
                     debug!(relay = %addr, on_tcp, "path MTU bound follows the carrier");
                 }

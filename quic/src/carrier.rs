@@ -513,7 +513,9 @@ pub fn poll_owned_kept(
 
 /// The [`quinn::AsyncUdpSocket`] methods a socket layer passes through to
 /// the socket under it (the field named): write-readiness, the local
-/// address, GSO/GRO segment counts, fragmentation.
+/// address, GSO/GRO segment counts, fragmentation. Not the packets
+/// (`try_send`, `poll_recv`, `poll_recv_owned`): each layer says what it
+/// does with those, and the vendored trait requires all three of it.
 #[macro_export]
 macro_rules! pass_through_socket {
     ($inner:ident) => {

@@ -1328,3 +1328,45 @@ pub fn ssh_args(dir: &std::path::Path, control: &std::path::Path, swbd: &str) ->
         ),
     ]
 }
+
+/// A bare quinn server endpoint with a fresh self-signed certificate and a
+/// client endpoint that trusts it (`localhost`), both on 127.0.0.1:0,
+/// speaking `alpn`; `transport` for both, if given. For tests of the
+/// vendored quinn itself.
+pub fn quinn_pair(
+    alpn: &[u8],
+    transport: Option<Arc<quinn::TransportConfig>>,
+) -> Result<(quinn::Endpoint, quinn::Endpoint)> {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
+    let der = cert.cert.der().clone();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![der.clone()], key)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
+    ));
+    if let Some(t) = &transport {
+        server.transport_config(t.clone());
+    }
+    let server = quinn::Endpoint::server(server, "127.0.0.1:0".parse()?)?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+    ));
+    if let Some(t) = transport {
+        config.transport_config(t);
+    }
+    client.set_default_client_config(config);
+    Ok((server, client))
+}

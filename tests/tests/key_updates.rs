@@ -15,34 +15,8 @@ use tracing_subscriber::Layer as _;
 const WAIT: Duration = Duration::from_secs(20);
 const ALPN: &[u8] = b"key-updates";
 
-/// A server endpoint with a fresh self-signed certificate and a client
-/// endpoint that trusts it, both on 127.0.0.1:0.
 fn endpoints() -> Result<(quinn::Endpoint, quinn::Endpoint)> {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()])?;
-    let der = cert.cert.der().clone();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(vec![der.clone()], key)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let server = quinn::ServerConfig::with_crypto(Arc::new(
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
-    ));
-    let server = quinn::Endpoint::server(server, "127.0.0.1:0".parse()?)?;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der)?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    client.set_default_client_config(quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
-    )));
-    Ok((server, client))
+    swb_tests::quinn_pair(ALPN, None)
 }
 
 /// Sends `data` on a new stream and checks the echo is the same bytes.

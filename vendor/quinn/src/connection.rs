@@ -626,6 +626,17 @@ impl Connection {
         state.wake();
     }
 
+    /// Discover the current path's MTU again from the initial MTU, up to `bound` (`None`: the
+    /// configured bound)
+    ///
+    /// See [`proto::Connection::restart_path_mtu_discovery`]: for when what the path took
+    /// before says nothing about the path now.
+    pub fn restart_path_mtu_discovery(&self, bound: Option<u16>) {
+        let mut state = self.0.state.lock("restart_path_mtu_discovery");
+        state.inner.restart_path_mtu_discovery(bound);
+        state.wake();
+    }
+
     /// Derive keying material from this connection's TLS session secrets.
     ///
     /// When both peers call this method with the same `label` and `context`

@@ -71,17 +71,18 @@ pub trait AsyncUdpSocket: Send + Sync + Debug + 'static {
     /// its source address, or register to be woken when one arrives
     ///
     /// For sockets that also carry packets read from somewhere else than a UDP socket, e.g. QUIC
-    /// packets carried over a TCP stream. The endpoint polls it besides [`Self::poll_recv`];
-    /// the default has none and registers nothing.
+    /// packets carried over a TCP stream. The endpoint polls it besides [`Self::poll_recv`].
+    ///
+    /// Required, with no default: a socket that wraps another must pass these packets on (or
+    /// filter them) as it does `poll_recv`'s, and a default that returned none would let a
+    /// wrapper lose them silently. A plain UDP socket has none: it returns `Poll::Pending`
+    /// without registering `cx`.
     fn poll_recv_owned(
         &self,
         cx: &mut Context,
         out: &mut Vec<(SocketAddr, bytes::BytesMut)>,
         max: usize,
-    ) -> Poll<()> {
-        let _ = (cx, out, max);
-        Poll::Pending
-    }
+    ) -> Poll<()>;
 
     /// Look up the local IP address and port used by this socket
     fn local_addr(&self) -> io::Result<SocketAddr>;

@@ -1346,6 +1346,20 @@ impl Connection {
     /// initial MTU and is discovered again. A higher one starts a search from the current MTU.
     /// Still bounded by the peer's `max_udp_payload_size`. No effect without MTU discovery.
     pub fn set_path_mtu_upper_bound(&mut self, bound: Option<u16>) {
+        self.rediscover_path_mtu(bound, false);
+    }
+
+    /// Discover the current path's MTU again from the initial MTU, up to `bound` (`None`: the
+    /// configured [`MtuDiscoveryConfig::upper_bound`](crate::MtuDiscoveryConfig::upper_bound))
+    ///
+    /// For when what the path took before says nothing about the path now (packets that were
+    /// carried over a TCP stream go back to UDP): the MTU falls back to the initial MTU at
+    /// once, whatever the bound. Otherwise as [`Self::set_path_mtu_upper_bound`].
+    pub fn restart_path_mtu_discovery(&mut self, bound: Option<u16>) {
+        self.rediscover_path_mtu(bound, true);
+    }
+
+    fn rediscover_path_mtu(&mut self, bound: Option<u16>, from_initial: bool) {
         if !self.allow_mtud {
             return;
         }
@@ -1356,7 +1370,7 @@ impl Connection {
             config.upper_bound(bound);
         }
         let before = self.path.current_mtu();
-        let start = if before <= config.upper_bound {
+        let start = if before <= config.upper_bound && !from_initial {
             before
         } else {
             self.config.get_initial_mtu()

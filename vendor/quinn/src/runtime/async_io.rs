@@ -111,6 +111,16 @@ impl AsyncUdpSocket for UdpSocket {
         }))
     }
 
+    fn poll_recv_owned(
+        &self,
+        _cx: &mut Context,
+        _out: &mut Vec<(std::net::SocketAddr, bytes::BytesMut)>,
+        _max: usize,
+    ) -> Poll<()> {
+        // Only what `poll_recv` reads.
+        Poll::Pending
+    }
+
     fn try_send(&self, transmit: &udp::Transmit) -> io::Result<()> {
         self.inner.send((&self.io).into(), transmit)
     }

@@ -1,6 +1,7 @@
 use std::{
     future::Future,
     io,
+    net::SocketAddr,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll, ready},
@@ -60,6 +61,16 @@ impl AsyncUdpSocket for UdpSocket {
             let socket = self.clone();
             async move { socket.io.writable().await }
         }))
+    }
+
+    fn poll_recv_owned(
+        &self,
+        _cx: &mut Context,
+        _out: &mut Vec<(SocketAddr, bytes::BytesMut)>,
+        _max: usize,
+    ) -> Poll<()> {
+        // Only what `poll_recv` reads.
+        Poll::Pending
     }
 
     fn try_send(&self, transmit: &udp::Transmit) -> io::Result<()> {
