@@ -2599,6 +2599,7 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
             updates: if s { 50 } else { 20_000 },
             publishers: 32,
             runs: if s { 1 } else { 3 },
+            one_at_a_time: if s { 20 } else { 2_000 },
         },
         out,
     )

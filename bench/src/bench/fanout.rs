@@ -11,7 +11,9 @@
 //! it. NATS delivers every
 //! message to every subscriber. Watchers read through the daemon's Rust
 //! API (`DaemonHandle::watch`), as the NATS subscribers read the wire; the
-//! publisher uses control connections, as `swbd set-status` does.
+//! publisher uses control connections, as `swbd set-status` does. Then,
+//! per path, changes one at a time to one watcher (latency percentiles),
+//! beside NATS+TLS messages one at a time to one subscriber.
 
 use super::{bench_daemon, median, nats_rate, record};
 use crate::Output;
@@ -41,6 +43,11 @@ pub(crate) struct FanoutArgs {
     /// Runs per contender; median and min–max reported.
     #[arg(long, default_value_t = 3)]
     pub(crate) runs: usize,
+    /// Changes published one at a time to one watcher, per path, for the
+    /// latency (publisher's `set-status` → the watcher has it); NATS+TLS
+    /// the same with one message (publish → the subscriber has it).
+    #[arg(long, default_value_t = 2_000)]
+    pub(crate) one_at_a_time: usize,
 }
 
 /// One run's figures.
@@ -136,6 +143,72 @@ async fn run_once(
     })
 }
 
+/// One change at a time from `publisher` to `watcher`: how long from the
+/// publisher's `set-status` (a control connection, as `swbd set-status`)
+/// until the watcher (the Rust API) has the change.
+async fn latency_once(
+    publisher: &swb_daemon::DaemonHandle,
+    pub_name: &str,
+    watcher: &swb_daemon::DaemonHandle,
+    n: usize,
+) -> Result<Vec<Duration>> {
+    let mut w = watcher
+        .watch(vec![pub_name.to_string()], Duration::from_secs(10))
+        .await?;
+    w.next().await?.context("watch ended")?;
+    let mut c = Client::connect(publisher.control_path()).await?;
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        let tag = format!("one-{i}");
+        let set = BTreeMap::from([("n".to_string(), tag.clone())]);
+        let t = Instant::now();
+        let seen = async {
+            loop {
+                let u = w.next().await?.context("watch ended")?;
+                if u.status.get("n") == Some(&tag) {
+                    return anyhow::Ok(t.elapsed());
+                }
+            }
+        };
+        let (set, seen) =
+            tokio::join!(c.set_status(set, Vec::new(), Duration::from_secs(10)), seen);
+        set?;
+        times.push(seen?);
+    }
+    Ok(times)
+}
+
+/// One message at a time, NATS publisher → one subscriber (TLS).
+async fn nats_latency(
+    addr: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    n: usize,
+) -> Result<Vec<Duration>> {
+    let (mut stx, mut srx) = crate::nats::connect(addr, Some(tls.clone())).await?;
+    stx.sub("one", 1);
+    stx.ping();
+    stx.flush().await?;
+    srx.until_pong().await?;
+    let (mut tx, _rx) = crate::nats::connect(addr, Some(tls)).await?;
+    let body = vec![0x42u8; 32];
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        tx.publish("one", None, &body);
+        tx.flush().await?;
+        tokio::time::timeout(Duration::from_secs(10), srx.next())
+            .await
+            .context("NATS delivery stalled")??;
+        times.push(t.elapsed());
+        if srx.pings > 0 {
+            srx.pings = 0;
+            stx.pong();
+            stx.flush().await?;
+        }
+    }
+    Ok(times)
+}
+
 /// Median, min and max of `v`.
 fn spread(v: &[f64]) -> (f64, f64, f64) {
     let (lo, hi) = super::min_max(v);
@@ -203,6 +276,21 @@ pub(crate) async fn fanout_bench(a: FanoutArgs, out: &Output) -> Result<()> {
             .await?,
         );
     }
+    // One change at a time: latency per path, and NATS's.
+    let mut lat: Vec<(String, Vec<Duration>)> = Vec::new();
+    if a.one_at_a_time > 0 {
+        for (label, ws) in &groups {
+            let w = ws.first().context("a watcher")?;
+            lat.push((
+                format!("status, {label}"),
+                latency_once(&publisher, &pub_name, w, a.one_at_a_time).await?,
+            ));
+        }
+        lat.push((
+            "NATS+TLS pub/sub".to_string(),
+            nats_latency(nats.addr, tls.clone(), a.one_at_a_time).await?,
+        ));
+    }
     let (nm, nl, nh) = spread(&nt);
     if !out.json {
         println!(
@@ -238,6 +326,27 @@ pub(crate) async fn fanout_bench(a: FanoutArgs, out: &Output) -> Result<()> {
                 "  status, {label:<17}: {dm:>10.0} deliveries/s ({dl:.0}–{dh:.0}), ratio vs NATS+TLS {:.2} (goal >= 0.6); {pm:.0} changes/s published, {cm:.1} % coalesced ({cl:.1}–{ch:.1})",
                 dm / nm
             );
+        }
+    }
+    if let Some((_, nats_times)) = lat.last() {
+        let nats_h = super::Hist::of(nats_times)?;
+        let (np50, np99) = (super::pct(&nats_h, 0.5), super::pct(&nats_h, 0.99));
+        for (label, times) in &lat {
+            let h = super::Hist::of(times)?;
+            let (p50, p99) = (super::pct(&h, 0.5), super::pct(&h, 0.99));
+            if out.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"bench": "fanout", "one_at_a_time": label,
+                        "n": times.len(), "p50_ms": p50, "p99_ms": p99})
+                );
+            } else {
+                println!(
+                    "  one at a time, {label:<27}: p50 {p50:.3} ms, p99 {p99:.3} ms ({:.2} / {:.2} of NATS+TLS's)",
+                    p50 / np50,
+                    p99 / np99
+                );
+            }
         }
     }
     drop(groups);
