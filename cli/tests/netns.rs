@@ -1569,7 +1569,7 @@ async fn tun_packets_cross_one_mesh_hop_between_peers_homed_on_two_relays() -> R
     Ok(())
 }
 
-/// How the daemon at `control` reaches its relay now (`udp` / `tcp`).
+/// The path MTU of the daemon at `control`'s connection to its relay.
 async fn path_mtu(control: &Path) -> Result<u64> {
     let out = ok(swbd(control).args(["--json", "status"])).await?;
     let v: serde_json::Value = serde_json::from_str(out.trim())?;
@@ -1606,6 +1606,7 @@ async fn a_path_takes_the_packets_its_links_take_jumbo_frames_where_all_do_ether
     Ok(())
 }
 
+/// How the daemon at `control` reaches its relay now (`udp` / `tcp`).
 async fn carrier(control: &Path) -> Result<String> {
     let out = ok(swbd(control).args(["--json", "status"])).await?;
     let v: serde_json::Value = serde_json::from_str(out.trim())?;

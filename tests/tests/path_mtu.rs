@@ -84,8 +84,11 @@ async fn a_restart_starts_over_from_the_minimum_where_a_new_bound_keeps_what_fit
         assert!(mtu(&conn) <= 1300, "past its bound: {}", mtu(&conn));
     }
 
+    // The echo ends with the connection, and says if it failed before.
     conn.close(0u32.into(), b"done");
     client.wait_idle().await;
-    echo.abort();
+    tokio::time::timeout(WAIT, echo)
+        .await
+        .context("the echo outlived its connection")???;
     Ok(())
 }
