@@ -68,9 +68,17 @@ async fn relay_on(
         .args(["--dev-name", &host.addr.to_string()])
         .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()?;
     let mut out = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    // The relay's log, shown with the test's output when it fails.
+    let mut err = BufReader::new(child.stderr.take().context("stderr")?).lines();
+    let who = format!("relay {}", host.addr);
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = err.next_line().await {
+            eprintln!("[{who}] {l}");
+        }
+    });
     let fp = line_with(&mut out, "fingerprint sha256:").await?;
     let fp = fp.trim_start_matches("fingerprint ").trim().to_string();
     tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });

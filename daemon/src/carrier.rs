@@ -119,6 +119,9 @@ struct PathState {
     recent: std::collections::VecDeque<Bytes>,
     next_probe: Option<Instant>,
     probe_gap: Duration,
+    /// Handshakes in flight that began on the carrier: they finish there
+    /// (see [`Paths::handshake`]).
+    carrier_handshakes: usize,
 }
 
 /// Packets kept per relay for a move to the carrier.
@@ -211,6 +214,28 @@ impl Paths {
         self.state().entry(addr).or_default().target = Some(target);
     }
 
+    /// A handshake to `addr` begins now. One that begins on the carrier
+    /// stays on it until the returned guard is dropped: the relay answers
+    /// a handshake only where it began (QUIC migrates only established
+    /// connections, and a Retry token is good only from the address it
+    /// went to), so a UDP packet heard meanwhile — a late answer to an
+    /// attempt given up, or to an established connection's probe — must
+    /// not move it.
+    pub(crate) fn handshake(self: &Arc<Self>, addr: SocketAddr) -> Handshake {
+        let mut all = self.state();
+        let st = all.entry(addr).or_default();
+        let on_carrier = self.transport == Transport::Auto && st.on_tcp;
+        if on_carrier {
+            st.carrier_handshakes += 1;
+        }
+        Handshake {
+            paths: self.clone(),
+            addr,
+            on_carrier,
+            began: Instant::now(),
+        }
+    }
+
     /// Resolves when packets to `addr` move to the carrier (never, unless
     /// they do after this call).
     pub(crate) async fn moved_to_tcp(&self, addr: SocketAddr) {
@@ -282,7 +307,16 @@ impl Paths {
         }
     }
 
-    fn choose(self: &Arc<Self>, dest: SocketAddr, now: Instant, size: usize) -> Choice {
+    /// How the packet of `size` bytes to `dest` travels; `long_header`: a
+    /// handshake's packet (QUIC long header), never a probe — the relay
+    /// takes a handshake only on the path it began on.
+    fn choose(
+        self: &Arc<Self>,
+        dest: SocketAddr,
+        now: Instant,
+        size: usize,
+        long_header: bool,
+    ) -> Choice {
         if self.transport == Transport::Udp {
             return Choice::Udp;
         }
@@ -322,6 +356,7 @@ impl Paths {
                 // Due: a small packet, or any once overdue by a gap.
                 Some(t)
                     if now >= t
+                        && !long_header
                         && (size <= PROBE_SMALL
                             || now.saturating_duration_since(t) >= st.probe_gap) =>
                 {
@@ -443,6 +478,10 @@ impl Paths {
             st.recent.clear();
             st.want_tcp = false;
             if st.on_tcp && self.transport == Transport::Auto {
+                if st.carrier_handshakes > 0 {
+                    debug!(relay = %a, "UDP answers; a handshake that began on the carrier finishes there");
+                    continue;
+                }
                 st.on_tcp = false;
                 self.moves.send_modify(|n| *n += 1);
                 info!(relay = %a, "UDP answers again: packets take UDP");
@@ -524,6 +563,43 @@ impl Paths {
             if !st.on_tcp && self.transport == Transport::Auto {
                 self.due(dest, st, Instant::now());
             }
+        }
+    }
+}
+
+/// A handshake in flight to one relay address (see [`Paths::handshake`]).
+pub(crate) struct Handshake {
+    paths: Arc<Paths>,
+    addr: SocketAddr,
+    on_carrier: bool,
+    began: Instant,
+}
+
+impl Handshake {
+    /// Whether it began on the carrier (and stays there).
+    pub(crate) fn on_carrier(&self) -> bool {
+        self.on_carrier
+    }
+
+    /// Whether any UDP packet came from the relay since it began: UDP is
+    /// not blocked, so a handshake that moved to the carrier is only slow
+    /// (a relay busy with a reconnect storm), not lost.
+    pub(crate) fn udp_heard(&self) -> bool {
+        self.paths
+            .state()
+            .get(&self.addr)
+            .and_then(|s| s.udp_heard)
+            .is_some_and(|t| t >= self.began)
+    }
+}
+
+impl Drop for Handshake {
+    fn drop(&mut self) {
+        if !self.on_carrier {
+            return;
+        }
+        if let Some(st) = self.paths.state().get_mut(&self.addr) {
+            st.carrier_handshakes = st.carrier_handshakes.saturating_sub(1);
         }
     }
 }
@@ -679,9 +755,10 @@ impl quinn::AsyncUdpSocket for ClientSocket {
         let to_tcp = |tx: &carrier::Outbound| {
             tx.try_send(carrier::frame(t));
         };
+        let long_header = t.contents.first().is_some_and(|b| b & 0x80 != 0);
         match self
             .paths
-            .choose(t.destination, Instant::now(), t.contents.len())
+            .choose(t.destination, Instant::now(), t.contents.len(), long_header)
         {
             Choice::Udp => self.udp.try_send(t),
             Choice::UdpKeep => {
@@ -754,52 +831,89 @@ mod tests {
         let d: SocketAddr = "192.0.2.1:7443".parse().expect("addr");
         let t0 = Instant::now();
         let udp = |c: Choice| matches!(c, Choice::Udp | Choice::UdpKeep);
-        assert!(udp(paths.choose(d, t0, 1200)));
-        assert!(udp(paths.choose(d, t0 + HEAD_START / 2, 1200)));
+        assert!(udp(paths.choose(d, t0, 1200, false)));
+        assert!(udp(paths.choose(d, t0 + HEAD_START / 2, 1200, false)));
         // Past the head start with a carrier up: the carrier.
         let (tx, _rx) = carrier::outbound();
         paths.finish(d, Some(tx));
         let t = t0 + HEAD_START;
-        assert!(matches!(paths.choose(d, t, 40), Choice::Tcp(_)));
+        assert!(matches!(paths.choose(d, t, 40, false), Choice::Tcp(_)));
         assert_eq!(paths.carrier(d), "tcp");
         // A probe over UDP after PROBE_MIN: the next small packet, not a
         // large one (unless overdue by a gap); then a doubled gap.
         assert!(matches!(
-            paths.choose(d, t + PROBE_MIN, 1200),
-            Choice::Tcp(_)
-        ));
-        assert!(matches!(paths.choose(d, t + PROBE_MIN, 40), Choice::Probe));
-        assert!(matches!(
-            paths.choose(d, t + PROBE_MIN + PROBE_MIN, 40),
+            paths.choose(d, t + PROBE_MIN, 1200, false),
             Choice::Tcp(_)
         ));
         assert!(matches!(
-            paths.choose(d, t + PROBE_MIN * 3, 40),
+            paths.choose(d, t + PROBE_MIN, 40, false),
+            Choice::Probe
+        ));
+        assert!(matches!(
+            paths.choose(d, t + PROBE_MIN + PROBE_MIN, 40, false),
+            Choice::Tcp(_)
+        ));
+        assert!(matches!(
+            paths.choose(d, t + PROBE_MIN * 3, 40, false),
             Choice::Probe
         ));
         // Overdue by a whole gap: a large packet probes too.
         assert!(matches!(
-            paths.choose(d, t + PROBE_MIN * 3 + PROBE_MIN * 4 * 2, 1200),
+            paths.choose(d, t + PROBE_MIN * 3 + PROBE_MIN * 4 * 2, 1200, false),
             Choice::Probe
         ));
         // UDP answers: back on UDP, which then has FALLBACK to fail.
         let t = t + PROBE_MIN * 11;
         paths.heard_udp([d].into_iter(), t);
         assert_eq!(paths.carrier(d), "udp");
-        assert!(udp(paths.choose(d, t, 1200)));
+        assert!(udp(paths.choose(d, t, 1200, false)));
         assert!(matches!(
-            paths.choose(d, t + FALLBACK / 2, 1200),
+            paths.choose(d, t + FALLBACK / 2, 1200, false),
             Choice::UdpKeep
         ));
         assert!(matches!(
-            paths.choose(d, t + FALLBACK, 1200),
+            paths.choose(d, t + FALLBACK, 1200, false),
             Choice::Tcp(_)
         ));
         // UDP only: never the carrier.
         let only = Paths::new(Transport::Udp, Default::default(), Default::default());
         assert!(matches!(
-            only.choose(d, t + FALLBACK * 10, 1200),
+            only.choose(d, t + FALLBACK * 10, 1200, false),
             Choice::Udp
         ));
+    }
+
+    #[tokio::test]
+    async fn a_handshake_that_began_on_the_carrier_finishes_there() {
+        let paths = Paths::new(Transport::Auto, Default::default(), Default::default());
+        let d: SocketAddr = "192.0.2.2:7443".parse().expect("addr");
+        let t0 = Instant::now();
+        let (tx, _rx) = carrier::outbound();
+        paths.finish(d, Some(tx));
+        paths.choose(d, t0, 1200, true);
+        let t = t0 + HEAD_START;
+        assert!(matches!(paths.choose(d, t, 1200, true), Choice::Tcp(_)));
+        // A handshake begins on the carrier.
+        let hs = paths.handshake(d);
+        assert!(hs.on_carrier());
+        assert!(!hs.udp_heard());
+        // Its packets (long headers) never probe UDP, however overdue.
+        let late = t + PROBE_MAX * 4;
+        assert!(matches!(paths.choose(d, late, 1200, true), Choice::Tcp(_)));
+        // A UDP packet (a late answer to an attempt given up) does not
+        // move it; it is noted.
+        paths.heard_udp([d].into_iter(), late);
+        assert_eq!(paths.carrier(d), "tcp");
+        assert!(hs.udp_heard());
+        // Once it is over, UDP answers move packets back.
+        drop(hs);
+        let later = late + PROBE_MIN;
+        assert!(matches!(paths.choose(d, later, 40, false), Choice::Probe));
+        paths.heard_udp([d].into_iter(), later);
+        assert_eq!(paths.carrier(d), "udp");
+        // One that begins on UDP is not held there: a handshake that goes
+        // unanswered moves to the carrier as before.
+        let hs = paths.handshake(d);
+        assert!(!hs.on_carrier());
     }
 }

@@ -367,18 +367,30 @@ impl Dialer {
         // A handshake that began on UDP and moved to the TCP carrier may
         // never finish there (the relay saw the UDP Initial but its answers
         // were dropped: it takes only that path until the handshake is
-        // done): after a grace, start over on the carrier.
+        // done): after a grace with nothing heard over UDP, start over on
+        // the carrier. Once UDP has answered, it is only slow (a relay busy
+        // with a reconnect storm): starting over would throw away the
+        // relay's work and come back as more of it. One that began on the
+        // carrier stays there (`handshake`).
+        let handshake = self.paths.handshake(addr);
         let connecting = async {
             tokio::pin!(connecting);
+            if handshake.on_carrier() {
+                return Some(connecting.await);
+            }
             let moved = self.paths.moved_to_tcp(addr);
             tokio::select! {
                 r = &mut connecting => Some(r),
-                _ = moved => {
+                _ = moved => loop {
                     tokio::select! {
-                        r = &mut connecting => Some(r),
-                        _ = tokio::time::sleep(crate::carrier::HANDSHAKE_GRACE) => None,
+                        r = &mut connecting => break Some(r),
+                        _ = tokio::time::sleep(crate::carrier::HANDSHAKE_GRACE) => {
+                            if !handshake.udp_heard() {
+                                break None;
+                            }
+                        }
                     }
-                }
+                },
             }
         };
         let Some(connected) = connecting.await else {
