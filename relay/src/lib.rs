@@ -694,11 +694,12 @@ impl Main {
         let services = router.services().clone();
         let tasks = router.tasks().clone();
         let handshakes = Arc::new(tokio::sync::Semaphore::new(config.max_handshakes.max(1)));
-        let offload = match offload::Offload::new(config.handshake_threads) {
+        let taken_over = services.metrics.handshakes_taken_over.clone();
+        let offload = match offload::Offload::new(config.handshake_threads, taken_over.clone()) {
             Ok(o) => Arc::new(o),
             Err(e) => {
                 warn!("cannot start handshake threads ({e}); handshakes run on the workers");
-                Arc::new(offload::Offload::inline())
+                Arc::new(offload::Offload::inline(taken_over))
             }
         };
         let mut sessions = tokio::task::JoinSet::new();

@@ -29,6 +29,9 @@ pub(crate) struct Metrics {
     pub(crate) delivered: IntCounter,
     pub(crate) acked: IntCounter,
     pub(crate) expired: IntCounter,
+    /// Handshake jobs the workers ran because the handshake threads had
+    /// not started them in time (`offload::STARVED`).
+    pub(crate) handshakes_taken_over: IntCounter,
     /// Accepted into a mailbox → first handed to a receiver.
     pub(crate) delivery_seconds: Histogram,
     pub(crate) held_messages: IntGauge,
@@ -109,6 +112,7 @@ impl Metrics {
             delivered: counter(&r, "swb_relay_messages_delivered_total", "Messages handed to receivers (QUIC deliveries and HTTP receives, redeliveries included)."),
             acked: counter(&r, "swb_relay_messages_acknowledged_total", "Messages acknowledged by their receiver and forgotten."),
             expired: counter(&r, "swb_relay_messages_expired_total", "Messages dropped because their TTL ran out before anyone took them."),
+            handshakes_taken_over: counter(&r, "swb_relay_handshakes_taken_over_total", "TLS handshakes the runtime's workers computed because the handshake threads (nice +10) had not started them within 250 ms: other processes keep the machine's cores busy."),
             delivery_seconds: seconds_histogram(&r, "swb_relay_delivery_seconds", "Time from a message's acceptance to its first hand-out to a receiver."),
             held_messages: gauge(&r, "swb_relay_mail_held_messages", "Messages held in mailboxes now."),
             held_bytes: gauge(&r, "swb_relay_mail_held_bytes", "Bytes held in mailboxes now, as the byte limits count them: body, sender name and 64 bytes per message."),

@@ -47,6 +47,8 @@ pub(crate) struct Offload {
     tx: Mutex<Option<mpsc::Sender<Slot>>>,
     threads: usize,
     takeover: Mutex<crate::limits::Limiter<()>>,
+    /// Jobs the workers took over.
+    taken_over: prometheus::IntCounter,
 }
 
 impl fmt::Debug for Offload {
@@ -62,18 +64,20 @@ pub(crate) const HANDSHAKE_NICE: i32 = 10;
 
 impl Offload {
     /// No threads: jobs run inline on the caller.
-    pub(crate) fn inline() -> Self {
+    pub(crate) fn inline(taken_over: prometheus::IntCounter) -> Self {
         Self {
             tx: Mutex::new(None),
             threads: 0,
             takeover: Mutex::new(crate::limits::Limiter::new(TAKEOVER, 1)),
+            taken_over,
         }
     }
 
-    /// `threads` workers (0: run jobs inline on the caller).
-    pub(crate) fn new(threads: usize) -> std::io::Result<Self> {
+    /// `threads` workers (0: run jobs inline on the caller); the jobs the
+    /// workers take over are counted in `taken_over`.
+    pub(crate) fn new(threads: usize, taken_over: prometheus::IntCounter) -> std::io::Result<Self> {
         if threads == 0 {
-            return Ok(Self::inline());
+            return Ok(Self::inline(taken_over));
         }
         let (tx, rx) = mpsc::channel::<Slot>();
         let rx = Arc::new(Mutex::new(rx));
@@ -104,6 +108,7 @@ impl Offload {
             tx: Mutex::new(Some(tx)),
             threads,
             takeover: Mutex::new(crate::limits::Limiter::new(TAKEOVER, 1)),
+            taken_over,
         })
     }
 
@@ -144,6 +149,7 @@ impl Offload {
             }
         });
         if let Some(job) = job {
+            self.taken_over.inc();
             tracing::debug!(waited = ?STARVED, "handshake threads starved: a worker takes the job");
             run_caught(job);
         }
@@ -213,6 +219,10 @@ impl quinn::Runtime for MainRuntime {
 mod tests {
     use super::*;
 
+    fn counter() -> prometheus::IntCounter {
+        prometheus::IntCounter::new("taken_over", "jobs taken over").expect("counter")
+    }
+
     /// Queues `job` for the pool's threads, not through `run`.
     fn queue(pool: &Offload, job: Job) {
         let tx = pool.tx.lock().expect("tx").clone().expect("threads");
@@ -232,7 +242,7 @@ mod tests {
 
     #[tokio::test]
     async fn jobs_run_on_the_handshake_threads_at_lower_priority() {
-        let pool = Offload::new(1).expect("pool");
+        let pool = Offload::new(1, counter()).expect("pool");
         let (name, nice) = on_thread(&pool, || {
             let name = std::thread::current().name().map(String::from);
             let nice = rustix::process::getpriority_process(Some(rustix::thread::gettid()));
@@ -241,7 +251,7 @@ mod tests {
         assert_eq!(name.as_deref(), Some("swb-handshake-0"));
         assert_eq!(nice.ok(), Some(HANDSHAKE_NICE));
         // Inline without threads.
-        let inline = Offload::inline();
+        let inline = Offload::inline(counter());
         let here = std::thread::current().id();
         assert_eq!(
             inline.run(move || std::thread::current().id()).await,
@@ -266,7 +276,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_job_the_starved_threads_do_not_take_runs_on_the_worker() {
-        let pool = Offload::new(1).expect("pool");
+        let pool = Offload::new(1, counter()).expect("pool");
         let release = block_the_thread(&pool);
         // The next job waits STARVED (paused clock), then runs here.
         let here = std::thread::current().id();
@@ -274,6 +284,7 @@ mod tests {
         let ran_on = pool.run(move || std::thread::current().id()).await;
         assert_eq!(ran_on, Some(here), "taken over by the waiting worker");
         assert!(t0.elapsed() >= STARVED, "only once starved");
+        assert_eq!(pool.taken_over.get(), 1, "counted");
         // The thread skips the job taken from it and serves the next one
         // (queued directly: with the clock paused, `run` would take it
         // over before the thread could).
@@ -284,7 +295,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_workers_take_over_at_most_the_takeover_budget() {
-        let pool = Arc::new(Offload::new(1).expect("pool"));
+        let pool = Arc::new(Offload::new(1, counter()).expect("pool"));
         let release = block_the_thread(&pool);
         // A burst one over the budget, all at once: the budget's worth
         // run on the worker, the last waits for the thread.
@@ -310,6 +321,7 @@ mod tests {
             }
         }
         assert_eq!(taken, TAKEOVER.burst as usize);
+        assert_eq!(pool.taken_over.get(), TAKEOVER.burst as u64);
         assert_eq!(waiting.len(), 1, "over the budget: left to the thread");
         release.send(()).expect("release");
         let last = waiting.pop().expect("one").await.expect("job task");
@@ -318,7 +330,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_that_panics_loses_its_answer_not_the_thread() {
-        let pool = Offload::new(1).expect("pool");
+        let pool = Offload::new(1, counter()).expect("pool");
         let lost: Option<()> = pool.run(|| panic!("a bug in one handshake")).await;
         assert_eq!(lost, None);
         assert_eq!(pool.run(|| 7).await, Some(7), "the thread still serves");
