@@ -301,30 +301,24 @@ mod tests {
         // run on the worker, the last waits for the thread.
         let here = std::thread::current().id();
         let n = TAKEOVER.burst as usize + 1;
-        let jobs: Vec<_> = (0..n)
-            .map(|_| {
-                let pool = pool.clone();
-                tokio::spawn(async move { pool.run(move || std::thread::current().id()).await })
-            })
-            .collect();
+        let mut jobs = tokio::task::JoinSet::new();
+        for _ in 0..n {
+            let pool = pool.clone();
+            jobs.spawn(async move { pool.run(move || std::thread::current().id()).await });
+        }
         // Past STARVED, well before a new token (the clock is paused:
         // the runtime advances it only while every task waits).
         tokio::time::sleep(STARVED + Duration::from_millis(1)).await;
         let mut taken = 0;
-        let mut waiting = Vec::new();
-        for j in jobs {
-            if j.is_finished() {
-                assert_eq!(j.await.expect("job task"), Some(here));
-                taken += 1;
-            } else {
-                waiting.push(j);
-            }
+        while let Some(done) = jobs.try_join_next() {
+            assert_eq!(done.expect("job task"), Some(here));
+            taken += 1;
         }
         assert_eq!(taken, TAKEOVER.burst as usize);
         assert_eq!(pool.taken_over.get(), TAKEOVER.burst as u64);
-        assert_eq!(waiting.len(), 1, "over the budget: left to the thread");
+        assert_eq!(jobs.len(), 1, "over the budget: left to the thread");
         release.send(()).expect("release");
-        let last = waiting.pop().expect("one").await.expect("job task");
+        let last = jobs.join_next().await.expect("one").expect("job task");
         assert!(last.is_some_and(|t| t != here), "run by the thread");
     }
 
