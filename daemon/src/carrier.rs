@@ -40,7 +40,8 @@ pub const PROBE_MIN: Duration = Duration::from_secs(1);
 /// a short stall while the relay's path check fails: hence the backoff.)
 pub const PROBE_MAX: Duration = Duration::from_secs(8);
 /// How long a handshake that moved to the carrier may take there before
-/// the daemon starts it over on the carrier.
+/// the daemon starts it over on the carrier — unless UDP answered since it
+/// began (then it is only slow, and goes on).
 pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(1);
 /// A carrier that reads nothing this long is closed (the relay closes
 /// idle ones after a minute too; the keep-alive keeps a used one busy).
