@@ -72,13 +72,8 @@ async fn relay_on(
         .spawn()?;
     let mut out = BufReader::new(child.stdout.take().context("stdout")?).lines();
     // The relay's log, shown with the test's output when it fails.
-    let mut err = BufReader::new(child.stderr.take().context("stderr")?).lines();
-    let who = format!("relay {}", host.addr);
-    tokio::spawn(async move {
-        while let Ok(Some(l)) = err.next_line().await {
-            eprintln!("[{who}] {l}");
-        }
-    });
+    let err = BufReader::new(child.stderr.take().context("stderr")?).lines();
+    echo_lines(err, format!("relay {}", host.addr));
     let fp = line_with(&mut out, "fingerprint sha256:").await?;
     let fp = fp.trim_start_matches("fingerprint ").trim().to_string();
     tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
@@ -133,13 +128,21 @@ async fn up_env(
     let mut err = BufReader::new(child.stderr.take().context("stderr")?).lines();
     line_with(&mut err, "connected to relay").await?;
     // Shown with the test's output when it fails.
-    let who = name.to_string();
+    echo_lines(err, name.to_string());
+    Ok(child)
+}
+
+/// The rest of `lines` as `[who] line` on the test's stderr; ends when
+/// the process closes it (exits).
+fn echo_lines<R: tokio::io::AsyncBufRead + Unpin + Send + 'static>(
+    mut lines: tokio::io::Lines<R>,
+    who: String,
+) {
     tokio::spawn(async move {
-        while let Ok(Some(l)) = err.next_line().await {
+        while let Ok(Some(l)) = lines.next_line().await {
             eprintln!("[{who}] {l}");
         }
     });
-    Ok(child)
 }
 
 /// A real sshd on `host` at 127.0.0.1:22 (its own namespace: the port is

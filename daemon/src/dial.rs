@@ -381,13 +381,13 @@ impl Dialer {
             let moved = self.paths.moved_to_tcp(addr);
             tokio::select! {
                 r = &mut connecting => Some(r),
-                _ = moved => loop {
-                    tokio::select! {
-                        r = &mut connecting => break Some(r),
-                        _ = tokio::time::sleep(crate::carrier::HANDSHAKE_GRACE) => {
-                            if !handshake.udp_heard() {
-                                break None;
-                            }
+                _ = moved => tokio::select! {
+                    r = &mut connecting => Some(r),
+                    _ = tokio::time::sleep(crate::carrier::HANDSHAKE_GRACE) => {
+                        if handshake.udp_heard() {
+                            Some(connecting.await)
+                        } else {
+                            None
                         }
                     }
                 },
