@@ -1992,6 +1992,12 @@ pub(crate) struct RateArgs {
     /// Runs per shape, each measuring every contender; medians are reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Shapes to measure: receivers per sender (1 → 1, 1 → 100).
+    #[arg(long, value_delimiter = ',', default_value = "1,100")]
+    receivers: Vec<usize>,
+    /// Our contenders to measure (NATS and NATS+TLS always run beside them).
+    #[arg(long, value_delimiter = ',', default_value = "rust,socket,compact")]
+    apis: Vec<Api>,
 }
 
 /// The writing half of a pipelined control connection, in either encoding.
@@ -2180,7 +2186,7 @@ async fn receive_all(c: Client, compact: bool, mut on: impl FnMut(usize)) -> Res
 }
 
 /// How the benchmark talks to its daemons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Api {
     /// The control socket (JSON lines, pipelined): any language.
     Socket,
@@ -2433,28 +2439,26 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
     let (dir, relay, plain, tls_server, tls) =
         (&env.dir, &env.relay, &env.plain, &env.tls_server, &env.tls);
     let mut rows = Vec::new();
-    for receivers in [1usize, 100] {
+    for &receivers in &a.receivers {
         // Contenders take turns within each run, so a slow spell of the
         // machine falls on all of them; the median of the runs is reported.
-        let (mut rust, mut socket, mut compact, mut np, mut nt) =
-            (vec![], vec![], vec![], vec![], vec![]);
+        let mut ours: Vec<(Api, Vec<f64>)> = a.apis.iter().map(|&api| (api, vec![])).collect();
+        let (mut np, mut nt) = (vec![], vec![]);
         for _ in 0..a.runs.max(1) {
-            rust.push(ours_rate(relay, &env.key, dir.path(), receivers, &a, Api::Rust).await?);
-            socket.push(ours_rate(relay, &env.key, dir.path(), receivers, &a, Api::Socket).await?);
-            compact
-                .push(ours_rate(relay, &env.key, dir.path(), receivers, &a, Api::Compact).await?);
+            for (api, v) in &mut ours {
+                v.push(ours_rate(relay, &env.key, dir.path(), receivers, &a, *api).await?);
+            }
             np.push(nats_rate(plain.addr, None, receivers, a.messages).await?);
             nt.push(nats_rate(tls_server.addr, Some(tls.clone()), receivers, a.messages).await?);
         }
-        let ours = vec![
-            (Api::Rust, median(rust)),
-            (Api::Socket, median(socket)),
-            (Api::Compact, median(compact)),
-        ];
+        let ours = ours
+            .into_iter()
+            .map(|(api, v)| (api, min_max(&v), median(v)))
+            .collect::<Vec<_>>();
         rows.push((receivers, ours, median(np), median(nt)));
     }
     for (receivers, ours, _, nt) in &rows {
-        for (api, r) in ours {
+        for (api, _, r) in ours {
             record(
                 "rate",
                 &format!(
@@ -2472,7 +2476,7 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
         if out.json {
             let mut o = serde_json::json!({"bench": "rate", "receivers": receivers, "size": 128,
                 "nats_per_sec": np, "nats_tls_per_sec": nt});
-            for (api, r) in ours {
+            for (api, _, r) in ours {
                 o[format!(
                     "ours_{}_per_sec",
                     api.label().replace(' ', "_").to_lowercase()
@@ -2484,9 +2488,9 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
                 "rate 1 -> {receivers:<3}: nats {np:>9.0}/s   nats+tls {nt:>9.0}/s   (medians of {} runs)",
                 a.runs.max(1)
             );
-            for (api, r) in ours {
+            for (api, (lo, hi), r) in ours {
                 println!(
-                    "  switchboard, {:<14} {r:>9.0}/s   ratio vs nats+tls {:.2} (goal >= {})",
+                    "  switchboard, {:<14} {r:>9.0}/s ({lo:.0}–{hi:.0})   ratio vs nats+tls {:.2} (goal >= {})",
                     api.label(),
                     r / nt,
                     api.rate_goal()
@@ -2637,6 +2641,8 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
             senders: 1,
             window: 1024,
             runs: if s { 1 } else { 3 },
+            receivers: vec![1, 100],
+            apis: vec![Api::Rust, Api::Socket, Api::Compact],
         },
         out,
     )
