@@ -368,7 +368,7 @@ impl Leased {
         let acked: Vec<Identity> = self
             .0
             .extract_if(.., |d| wanted.contains(&d.id))
-            .map(Identity::of)
+            .map(|d| Identity::of(&d))
             .collect();
         let n = acked.len();
         if n > 0 {

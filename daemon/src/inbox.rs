@@ -5,46 +5,37 @@
 //! two messages.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::sync::OnceLock;
 use swb_wire::{Deliver, MessageId};
 
-/// A message's identity: the id its sender gave it, and the sender. Equal
-/// when both are (the id compared first); hashed by the id alone, which is
-/// 16 random bytes, with a per-process random key — no sender can aim at
-/// one bucket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A message's identity: the id its sender gave it, and its sender — as a
+/// 64-bit hash of the name under a key drawn once per process, so an
+/// identity is 24 bytes, copied and compared without touching the name.
+/// Two senders' names meet in it with probability 2⁻⁶⁴ per pair, and only
+/// with the same id as well; no sender can aim at another's (the key is
+/// secret and random). Hashed with a per-process random key too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct Identity {
     pub(crate) id: MessageId,
-    pub(crate) from: String,
-}
-
-impl Hash for Identity {
-    fn hash<H: Hasher>(&self, h: &mut H) {
-        self.id.hash(h);
-    }
+    from: u64,
 }
 
 impl Identity {
-    /// The identity of a message given up (no copy of its sender's name).
-    pub(crate) fn of(d: Deliver) -> Self {
+    pub(crate) fn of(d: &Deliver) -> Self {
+        static KEY: OnceLock<ahash::RandomState> = OnceLock::new();
         Self {
             id: d.id,
-            from: d.from,
+            from: KEY.get_or_init(ahash::RandomState::new).hash_one(&d.from),
         }
-    }
-}
-
-fn identity(d: &Deliver) -> Identity {
-    Identity {
-        id: d.id,
-        from: d.from.clone(),
     }
 }
 
 type Set = HashSet<Identity, ahash::RandomState>;
 
-/// How many acknowledged ids are remembered to recognise a late redelivery.
-const ACKED_MEMORY: usize = 16 * 1024;
+/// Acknowledged identities are remembered, to recognise a late redelivery,
+/// in two generations of this many: the newest between this many and
+/// twice as many.
+const ACKED_GENERATION: usize = 16 * 1024;
 
 /// What [`Inbox::push`] did.
 #[derive(Debug, PartialEq, Eq)]
@@ -62,14 +53,15 @@ pub(crate) struct Inbox {
     queue: VecDeque<Deliver>,
     /// Queued or leased to a control connection.
     known: Set,
+    /// Acknowledged, newest generation; `acked_old` is the one before.
     acked: Set,
-    acked_order: VecDeque<Identity>,
+    acked_old: Set,
 }
 
 impl Inbox {
     pub(crate) fn push(&mut self, d: Deliver) -> Pushed {
-        let who = identity(&d);
-        if self.acked.contains(&who) {
+        let who = Identity::of(&d);
+        if self.acked.contains(&who) || self.acked_old.contains(&who) {
             return Pushed::Reack;
         }
         if !self.known.insert(who) {
@@ -96,14 +88,12 @@ impl Inbox {
     pub(crate) fn acked(&mut self, msgs: impl IntoIterator<Item = Identity>) {
         for who in msgs {
             self.known.remove(&who);
-            if self.acked.insert(who.clone()) {
-                self.acked_order.push_back(who);
+            if self.acked.len() >= ACKED_GENERATION {
+                // The older generation goes; its table is reused.
+                std::mem::swap(&mut self.acked, &mut self.acked_old);
+                self.acked.clear();
             }
-        }
-        while self.acked_order.len() > ACKED_MEMORY {
-            if let Some(old) = self.acked_order.pop_front() {
-                self.acked.remove(&old);
-            }
+            self.acked.insert(who);
         }
     }
 
@@ -133,7 +123,7 @@ mod tests {
         assert_eq!(i.push(d(1)), Pushed::Duplicate);
         let taken = i.take(10);
         assert_eq!(i.push(d(1)), Pushed::Duplicate, "leased is still known");
-        i.acked([identity(&taken[0])]);
+        i.acked([Identity::of(&taken[0])]);
         assert_eq!(i.push(d(1)), Pushed::Reack);
     }
 
@@ -145,8 +135,33 @@ mod tests {
         assert_eq!(i.push(d(1)), Pushed::New);
         assert_eq!(i.push(other.clone()), Pushed::New);
         assert_eq!(i.len(), 2);
-        i.acked([identity(&d(1))]);
+        i.acked([Identity::of(&d(1))]);
         assert_eq!(i.push(other), Pushed::Duplicate, "b's is still held");
+    }
+
+    #[test]
+    fn acked_ids_are_remembered_for_at_least_a_generation() {
+        let mut i = Inbox::default();
+        let msg = |n: usize| Deliver {
+            id: MessageId(u128::to_be_bytes(n as u128)),
+            from: "a".into(),
+            body: Bytes::new(),
+            sent_at_ms: 0,
+        };
+        let ack = |i: &mut Inbox, r: std::ops::Range<usize>| {
+            i.acked(r.map(|n| Identity::of(&msg(n))));
+        };
+        ack(&mut i, 0..ACKED_GENERATION);
+        assert_eq!(i.push(msg(0)), Pushed::Reack);
+        // A generation later the first is still there (in the old one)…
+        ack(&mut i, ACKED_GENERATION..2 * ACKED_GENERATION);
+        assert_eq!(i.push(msg(0)), Pushed::Reack);
+        assert_eq!(i.push(msg(ACKED_GENERATION)), Pushed::Reack);
+        // …and goes with the next; what is not remembered is new again.
+        ack(&mut i, 2 * ACKED_GENERATION..2 * ACKED_GENERATION + 1);
+        assert_eq!(i.push(msg(0)), Pushed::New);
+        assert_eq!(i.push(msg(2 * ACKED_GENERATION - 1)), Pushed::Reack);
+        assert!(i.acked.len() + i.acked_old.len() <= 2 * ACKED_GENERATION);
     }
 
     #[test]

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 mod name;
-pub use name::{normalize_name, NameError, DNS_SUFFIX};
+pub use name::{normalize_name, normalized, NameError, DNS_SUFFIX};
 
 /// The four bytes that open every control stream, in both directions.
 pub const MAGIC: [u8; 4] = *b"SWBD";

@@ -1,5 +1,7 @@
 //! Peer names: DNS labels, case-folded.
 
+use std::borrow::Cow;
+
 /// The pseudo top-level domain applications use: `london.switchboard`.
 pub const DNS_SUFFIX: &str = "switchboard";
 
@@ -23,11 +25,30 @@ pub enum NameError {
 /// Validates a peer name and folds it to lower case. Accepts `NAME` and
 /// `NAME.switchboard` (any case); returns the bare label.
 pub fn normalize_name(raw: &str) -> Result<String, NameError> {
+    normalized(raw).map(Cow::into_owned)
+}
+
+/// [`normalize_name`] without a copy when `raw` is already a bare,
+/// lower-case label (as every name a daemon sends on is).
+pub fn normalized(raw: &str) -> Result<Cow<'_, str>, NameError> {
+    let label = raw
+        .strip_suffix(".switchboard.")
+        .or_else(|| raw.strip_suffix(".switchboard"))
+        .unwrap_or(raw);
+    if check_label(label).is_ok() {
+        return Ok(Cow::Borrowed(label));
+    }
     let lower = raw.to_ascii_lowercase();
     let label = lower
         .strip_suffix(".switchboard.")
         .or_else(|| lower.strip_suffix(".switchboard"))
         .unwrap_or(&lower);
+    check_label(label)?;
+    Ok(Cow::Owned(label.to_string()))
+}
+
+/// Whether `label` is a valid lower-case peer name as it is.
+fn check_label(label: &str) -> Result<(), NameError> {
     if label.is_empty() {
         return Err(NameError::Empty);
     }
@@ -43,7 +64,7 @@ pub fn normalize_name(raw: &str) -> Result<String, NameError> {
     if label.starts_with('-') || label.ends_with('-') {
         return Err(NameError::Hyphen);
     }
-    Ok(label.to_string())
+    Ok(())
 }
 
 #[cfg(test)]
@@ -69,5 +90,25 @@ mod tests {
         assert_eq!(normalize_name(&"a".repeat(64)), Err(NameError::TooLong(64)));
         assert!(normalize_name(&"a".repeat(63)).is_ok());
         assert_eq!(normalize_name("é"), Err(NameError::BadChar('é')));
+    }
+
+    #[test]
+    fn a_name_already_normal_is_borrowed_and_the_rest_folded() {
+        for raw in ["london", "a-1", "london.switchboard", "london.switchboard."] {
+            assert!(
+                matches!(normalized(raw), Ok(Cow::Borrowed("london" | "a-1"))),
+                "{raw}"
+            );
+        }
+        for raw in ["London", "LONDON.Switchboard", "london.SWITCHBOARD."] {
+            assert!(
+                matches!(normalized(raw), Ok(Cow::Owned(ref n)) if n == "london"),
+                "{raw}"
+            );
+        }
+        // Errors name the folded label, whichever way it went.
+        assert_eq!(normalized("A B"), Err(NameError::BadChar(' ')));
+        assert_eq!(normalized("-A.switchboard"), Err(NameError::Hyphen));
+        assert_eq!(normalized(".switchboard"), Err(NameError::Empty));
     }
 }

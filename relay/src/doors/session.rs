@@ -917,12 +917,12 @@ fn handle(
                 }));
             }
             // Recipient homed on another relay: one mesh hop.
-            if let Ok(to) = swb_wire::normalize_name(&s.to) {
+            if let Ok(to) = swb_wire::normalized(&s.to) {
                 if let Route::Remote(home) = router.route(ns, &to) {
                     let job = swb_wire::MeshForward {
                         namespace: ns.to_string(),
                         from: name.to_string(),
-                        to,
+                        to: to.into_owned(),
                         id: s.id,
                         body: s.body,
                         sent_at_ms: now_ms(),
@@ -959,7 +959,7 @@ fn handle_local(
 ) -> Result<(), End> {
     match f {
         Frame::Send(s) => {
-            let result = match swb_wire::normalize_name(&s.to) {
+            let result = match swb_wire::normalized(&s.to) {
                 Err(e) => {
                     let r = Refusal::new(Code::BAD_NAME, format!("{e}: {:?}", s.to));
                     services.metrics.refused(r.code);

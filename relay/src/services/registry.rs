@@ -283,13 +283,58 @@ pub(crate) struct Batch {
 
 type Key = (Arc<str>, Arc<str>);
 
+/// A slot's key seen through borrowed parts, so that looking a slot up by
+/// `(&str, &str)` allocates nothing. Hashes and compares as [`Key`] does
+/// (a tuple hashes its fields in order; `Arc<str>` hashes as `str`).
+trait KeyParts {
+    fn parts(&self) -> (&str, &str);
+}
+
+impl KeyParts for Key {
+    fn parts(&self) -> (&str, &str) {
+        (&self.0, &self.1)
+    }
+}
+
+impl KeyParts for (&str, &str) {
+    fn parts(&self) -> (&str, &str) {
+        (self.0, self.1)
+    }
+}
+
+impl std::hash::Hash for dyn KeyParts + '_ {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.parts().hash(h);
+    }
+}
+
+impl PartialEq for dyn KeyParts + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn KeyParts + '_ {}
+
+impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for Key {
+    fn borrow(&self) -> &(dyn KeyParts + 'a) {
+        self
+    }
+}
+
+/// Slot tables: names are chosen by peers, so a keyed hash (ahash's is
+/// seeded per process), and a fast one — every message looks its
+/// recipient up.
+type Map<K, V> = HashMap<K, V, ahash::RandomState>;
+type Set<K> = HashSet<K, ahash::RandomState>;
+
 /// All slots of this relay.
 #[derive(Debug)]
 pub(crate) struct Registry {
-    slots: HashMap<Key, Slot>,
+    slots: Map<Key, Slot>,
     /// Status and presence of every peer.
     pub(crate) status: super::status::StatusBoard,
-    usage: HashMap<Arc<str>, NsUsage>,
+    usage: Map<Arc<str>, NsUsage>,
     limits: MailboxLimits,
     next_session: u64,
     /// Observes accept → first hand-out of each message, if set.
@@ -303,10 +348,10 @@ pub(crate) struct Registry {
     /// visits only mailboxes with something to expire.
     expiry: BTreeSet<(Instant, Key)>,
     /// Mailboxes that may hold HTTP leases (cleaned lazily).
-    leased: HashSet<Key>,
+    leased: Set<Key>,
     /// Names polled over HTTP recently (cleaned lazily): the only slots
     /// that go idle, and the only presence that ends, by time alone.
-    http_seen: HashSet<Key>,
+    http_seen: Set<Key>,
 }
 
 /// A removed message: (namespace, recipient, sender, id).
@@ -323,12 +368,12 @@ impl Registry {
         status_interval: Duration,
     ) -> Self {
         Self {
-            slots: HashMap::new(),
+            slots: Map::default(),
             expiry: BTreeSet::new(),
-            leased: HashSet::new(),
-            http_seen: HashSet::new(),
+            leased: Set::default(),
+            http_seen: Set::default(),
             status: super::status::StatusBoard::new(status_retention, status_interval),
-            usage: HashMap::new(),
+            usage: Map::default(),
             limits,
             next_session: 1,
             delivery_wait: None,
@@ -339,6 +384,19 @@ impl Registry {
 
     pub(crate) fn limits(&self) -> &MailboxLimits {
         &self.limits
+    }
+
+    fn slot(&self, ns: &str, name: &str) -> Option<&Slot> {
+        self.slots.get(&(ns, name) as &dyn KeyParts)
+    }
+
+    /// The key of `(ns, name)`: the slot's own if there is one (no
+    /// allocation), else a new one.
+    fn key_of(&self, ns: &str, name: &str) -> Key {
+        match self.slots.get_key_value(&(ns, name) as &dyn KeyParts) {
+            Some((k, _)) => k.clone(),
+            None => key(ns, name),
+        }
     }
 
     pub(crate) fn next_session_id(&mut self) -> u64 {
@@ -362,7 +420,7 @@ impl Registry {
 
     /// The session attached as `(ns, name)`, if any.
     pub(crate) fn session(&self, ns: &str, name: &str) -> Option<Arc<SessionCtl>> {
-        self.slots.get(&key(ns, name))?.session.clone()
+        self.slot(ns, name)?.session.clone()
     }
 
     /// Removes a session if it is still the registered one.
@@ -400,8 +458,8 @@ impl Registry {
         sent_at_ms: u64,
         now: Instant,
     ) -> Enqueued {
+        let k = self.key_of(ns, to);
         let lim = &self.limits;
-        let k = key(ns, to);
         let slot = self.slots.get(&k);
         let online = slot.is_some_and(|s| s.online(now, lim.visibility));
         let held = slot.and_then(|s| s.mailbox.as_deref());
@@ -443,6 +501,11 @@ impl Registry {
             ));
         }
         let ttl = lim.ttl;
+        // The sender's name as its own slot holds it, if it has one here.
+        let from = match self.slots.get_key_value(&(ns, from) as &dyn KeyParts) {
+            Some((f, _)) => f.1.clone(),
+            None => Arc::from(from),
+        };
         let slot = self.slots.entry(k.clone()).or_default();
         let mb = slot.mailbox.get_or_insert_with(Default::default);
         if mb.msgs.is_empty() {
@@ -457,7 +520,7 @@ impl Registry {
             seq,
             Stored {
                 id,
-                from: Arc::from(from),
+                from,
                 body,
                 sent_at_ms,
                 expires_at: now + ttl,
@@ -497,7 +560,7 @@ impl Registry {
         };
         let Some(mb) = self
             .slots
-            .get_mut(&key(ns, name))
+            .get_mut(&(ns, name) as &dyn KeyParts)
             .and_then(|s| s.mailbox.as_deref_mut())
         else {
             return b;
@@ -565,7 +628,7 @@ impl Registry {
     pub(crate) fn http_poll_end(&mut self, ns: &str, name: &str, now: Instant) {
         if let Some(h) = self
             .slots
-            .get_mut(&key(ns, name))
+            .get_mut(&(ns, name) as &dyn KeyParts)
             .and_then(|s| s.http.as_deref_mut())
         {
             h.open_polls = h.open_polls.saturating_sub(1);
@@ -583,7 +646,7 @@ impl Registry {
         now: Instant,
     ) -> Vec<Taken> {
         let until = now + self.limits.visibility;
-        let Some(slot) = self.slots.get_mut(&key(ns, name)) else {
+        let Some(slot) = self.slots.get_mut(&(ns, name) as &dyn KeyParts) else {
             return Vec::new();
         };
         let current = slot.session.as_ref().map(|s| s.id);
@@ -756,7 +819,8 @@ impl Registry {
         if ids.is_empty() {
             return 0;
         }
-        self.remove_msg(&key(ns, name), |_| false, ids)
+        let k = self.key_of(ns, name);
+        self.remove_msg(&k, |_| false, ids)
     }
 
     /// Drops expired messages, at most about `budget`; returns how many,
@@ -876,7 +940,7 @@ impl Registry {
                 // enqueue gave it the full TTL; keep its remaining one.
                 let mb = self
                     .slots
-                    .get_mut(&key(&m.ns, &m.to))
+                    .get_mut(&(m.ns.as_str(), m.to.as_str()) as &dyn KeyParts)
                     .and_then(|s| s.mailbox.as_deref_mut());
                 if let Some(mb) = mb {
                     if let Some(seq) = mb.by_id.get(&m.id).copied() {
@@ -908,6 +972,23 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slot_key_is_found_by_its_borrowed_parts() {
+        let mut m: Map<Key, u32> = Map::default();
+        // Pairs whose concatenations collide: the parts must hash apart.
+        let pairs = [("ns", "ab"), ("nsa", "b"), ("n", "sab"), ("", "nsab"), ("x", "")];
+        for (i, (ns, name)) in pairs.iter().enumerate() {
+            let k = key(ns, name);
+            let kp: &dyn KeyParts = &(*ns, *name);
+            assert_eq!(m.hasher().hash_one(&k), m.hasher().hash_one(kp));
+            m.insert(k, i as u32);
+        }
+        for (i, (ns, name)) in pairs.iter().enumerate() {
+            assert_eq!(m.get(&(*ns, *name) as &dyn KeyParts), Some(&(i as u32)));
+        }
+        assert_eq!(m.get(&("ns", "a") as &dyn KeyParts), None);
+    }
 
     fn reg(messages: usize, bytes: usize) -> Registry {
         Registry::new(
