@@ -6,6 +6,7 @@
 
 pub(crate) mod persist;
 pub(crate) mod registry;
+pub(crate) mod seqmap;
 pub(crate) mod splice;
 pub(crate) mod status;
 pub(crate) mod store;

@@ -14,7 +14,7 @@
 //! let receivers drop the duplicates this can cause.
 
 use bytes::Bytes;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -144,7 +144,7 @@ struct Stored {
 #[derive(Debug, Default)]
 struct Mailbox {
     next_seq: u64,
-    msgs: BTreeMap<u64, Stored>,
+    msgs: super::seqmap::SeqMap<Stored>,
     /// Ids are chosen by senders: a keyed hash, fast (16 bytes per
     /// message).
     by_id: HashMap<MessageId, u64, ahash::RandomState>,
@@ -464,7 +464,7 @@ impl Registry {
         let online = slot.is_some_and(|s| s.online(now, lim.visibility));
         let held = slot.and_then(|s| s.mailbox.as_deref());
         if let Some(mb) = held {
-            if let Some(m) = mb.by_id.get(&id).and_then(|seq| mb.msgs.get(seq)) {
+            if let Some(m) = mb.by_id.get(&id).and_then(|seq| mb.msgs.get(*seq)) {
                 // The same message again (a retried send): accepted once.
                 if &*m.from == from && m.body == body {
                     return Enqueued::Accepted { online, new: false };
@@ -508,26 +508,31 @@ impl Registry {
         };
         let slot = self.slots.entry(k.clone()).or_default();
         let mb = slot.mailbox.get_or_insert_with(Default::default);
-        if mb.msgs.is_empty() {
-            self.expiry.insert((now + ttl, k.clone()));
-        }
+        let was_empty = mb.msgs.is_empty();
         let seq = mb.next_seq;
+        let stored = Stored {
+            id,
+            from,
+            body,
+            sent_at_ms,
+            expires_at: now + ttl,
+            lease: Lease::Free,
+            waiting_since: Some(now),
+        };
+        // Sequence numbers only count up, so this cannot be refused.
+        if mb.msgs.push(seq, stored).is_err() {
+            return Enqueued::Refused(Refusal::new(
+                Code::INTERNAL,
+                format!("the mailbox of {to} is out of order; retry"),
+            ));
+        }
         mb.next_seq += 1;
         mb.bytes += cost;
         mb.by_id.insert(id, seq);
+        if was_empty {
+            self.expiry.insert((now + ttl, k.clone()));
+        }
         let len = cost;
-        mb.msgs.insert(
-            seq,
-            Stored {
-                id,
-                from,
-                body,
-                sent_at_ms,
-                expires_at: now + ttl,
-                lease: Lease::Free,
-                waiting_since: Some(now),
-            },
-        );
         let u = self.usage.entry(k.0.clone()).or_default();
         u.bytes += len;
         if mb_len == 0 {
@@ -571,7 +576,7 @@ impl Registry {
         };
         let mut bytes = 0;
         let mut released = 0;
-        for (seq, m) in mb.msgs.range_mut(start..) {
+        for (seq, m) in mb.msgs.iter_from(start) {
             let deliverable = match m.lease {
                 Lease::Free => true,
                 Lease::Session(s) => s != session,
@@ -707,7 +712,7 @@ impl Registry {
                 for (seq, m) in mb.msgs.iter_mut() {
                     if matches!(m.lease, Lease::Http(t) if t <= now) {
                         m.lease = Lease::Free;
-                        mb.rewind = Some(mb.rewind.map_or(*seq, |r| r.min(*seq)));
+                        mb.rewind = Some(mb.rewind.map_or(seq, |r| r.min(seq)));
                         n += 1;
                     }
                 }
@@ -755,13 +760,13 @@ impl Registry {
             return 0;
         };
         let before_len = mb.msgs.len();
-        let head_before = mb.msgs.first_key_value().map(|(_, m)| m.expires_at);
+        let head_before = mb.msgs.first().map(|(_, m)| m.expires_at);
         let mut freed = 0;
         let seqs: Vec<u64> = if ids.is_empty() {
             mb.msgs
                 .iter()
                 .filter(|(_, m)| pred(m))
-                .map(|(s, _)| *s)
+                .map(|(s, _)| s)
                 .collect()
         } else {
             ids.iter()
@@ -769,7 +774,7 @@ impl Registry {
                 .collect()
         };
         for seq in &seqs {
-            if let Some(m) = mb.msgs.remove(seq) {
+            if let Some(m) = mb.msgs.remove(*seq) {
                 if self.track_removed {
                     self.removed
                         .push((k.0.clone(), k.1.clone(), m.from.clone(), m.id));
@@ -785,7 +790,7 @@ impl Registry {
         }
         let removed = before_len - mb.msgs.len();
         let now_empty = mb.msgs.is_empty();
-        let head_after = mb.msgs.first_key_value().map(|(_, m)| m.expires_at);
+        let head_after = mb.msgs.first().map(|(_, m)| m.expires_at);
         if head_after != head_before {
             if let Some(t) = head_before {
                 self.expiry.remove(&(t, k.clone()));
@@ -843,7 +848,7 @@ impl Registry {
                 if let Some(h) = self
                     .slots
                     .get(&k)
-                    .and_then(|s| s.mailbox.as_ref()?.msgs.first_key_value())
+                    .and_then(|s| s.mailbox.as_ref()?.msgs.first())
                     .map(|(_, m)| m.expires_at)
                     .filter(|h| *h > t)
                 {
@@ -944,7 +949,7 @@ impl Registry {
                     .and_then(|s| s.mailbox.as_deref_mut());
                 if let Some(mb) = mb {
                     if let Some(seq) = mb.by_id.get(&m.id).copied() {
-                        if let Some(s) = mb.msgs.get_mut(&seq) {
+                        if let Some(s) = mb.msgs.get_mut(seq) {
                             s.expires_at = now + left.min(self.limits.ttl);
                         }
                     }
@@ -977,7 +982,13 @@ mod tests {
     fn a_slot_key_is_found_by_its_borrowed_parts() {
         let mut m: Map<Key, u32> = Map::default();
         // Pairs whose concatenations collide: the parts must hash apart.
-        let pairs = [("ns", "ab"), ("nsa", "b"), ("n", "sab"), ("", "nsab"), ("x", "")];
+        let pairs = [
+            ("ns", "ab"),
+            ("nsa", "b"),
+            ("n", "sab"),
+            ("", "nsab"),
+            ("x", ""),
+        ];
         for (i, (ns, name)) in pairs.iter().enumerate() {
             let k = key(ns, name);
             let kp: &dyn KeyParts = &(*ns, *name);
