@@ -390,15 +390,6 @@ impl Registry {
         self.slots.get(&(ns, name) as &dyn KeyParts)
     }
 
-    /// The key of `(ns, name)`: the slot's own if there is one (no
-    /// allocation), else a new one.
-    fn key_of(&self, ns: &str, name: &str) -> Key {
-        match self.slots.get_key_value(&(ns, name) as &dyn KeyParts) {
-            Some((k, _)) => k.clone(),
-            None => key(ns, name),
-        }
-    }
-
     pub(crate) fn next_session_id(&mut self) -> u64 {
         let id = self.next_session;
         self.next_session += 1;
@@ -458,9 +449,13 @@ impl Registry {
         sent_at_ms: u64,
         now: Instant,
     ) -> Enqueued {
-        let k = self.key_of(ns, to);
+        // Looked up by borrowed parts: the key's shared names are cloned
+        // only where one is stored (an atomic count on a line the
+        // recipient's session uses too).
+        let parts = (ns, to);
+        let kp: &dyn KeyParts = &parts;
         let lim = &self.limits;
-        let slot = self.slots.get(&k);
+        let slot = self.slots.get(kp);
         let online = slot.is_some_and(|s| s.online(now, lim.visibility));
         let held = slot.and_then(|s| s.mailbox.as_deref());
         if let Some(mb) = held {
@@ -506,7 +501,15 @@ impl Registry {
             Some((f, _)) => f.1.clone(),
             None => Arc::from(from),
         };
-        let slot = self.slots.entry(k.clone()).or_default();
+        if !self.slots.contains_key(kp) {
+            self.slots.insert(key(ns, to), Slot::default());
+        }
+        let Some(slot) = self.slots.get_mut(kp) else {
+            return Enqueued::Refused(Refusal::new(
+                Code::INTERNAL,
+                format!("the mailbox of {to} could not be made; retry"),
+            ));
+        };
         let mb = slot.mailbox.get_or_insert_with(Default::default);
         let was_empty = mb.msgs.is_empty();
         let seq = mb.next_seq;
@@ -529,16 +532,26 @@ impl Registry {
         mb.next_seq += 1;
         mb.bytes += cost;
         mb.by_id.insert(id, seq);
-        if was_empty {
-            self.expiry.insert((now + ttl, k.clone()));
-        }
-        let len = cost;
-        let u = self.usage.entry(k.0.clone()).or_default();
-        u.bytes += len;
-        if mb_len == 0 {
-            u.mailboxes += 1;
-        }
         slot.wake();
+        if was_empty {
+            if let Some((k, _)) = self.slots.get_key_value(kp) {
+                self.expiry.insert((now + ttl, k.clone()));
+            }
+        }
+        let boxes = usize::from(was_empty);
+        match self.usage.get_mut(ns) {
+            Some(u) => {
+                u.bytes += cost;
+                u.mailboxes += boxes;
+            }
+            None => {
+                let u = NsUsage {
+                    bytes: cost,
+                    mailboxes: boxes,
+                };
+                self.usage.insert(Arc::from(ns), u);
+            }
+        }
         Enqueued::Accepted { online, new: true }
     }
 
@@ -752,8 +765,21 @@ impl Registry {
         freed
     }
 
-    fn remove_msg(&mut self, k: &Key, pred: impl Fn(&Stored) -> bool, ids: &[MessageId]) -> usize {
-        let Some(slot) = self.slots.get_mut(k) else {
+    fn remove_msg(
+        &mut self,
+        ns: &str,
+        name: &str,
+        pred: impl Fn(&Stored) -> bool,
+        ids: &[MessageId],
+    ) -> usize {
+        let parts = (ns, name);
+        let kp: &dyn KeyParts = &parts;
+        // The slot's key, for the store's record of what went.
+        let k = match self.track_removed {
+            true => self.slots.get_key_value(kp).map(|(k, _)| k.clone()),
+            false => None,
+        };
+        let Some(slot) = self.slots.get_mut(kp) else {
             return 0;
         };
         let Some(mb) = slot.mailbox.as_deref_mut() else {
@@ -775,7 +801,7 @@ impl Registry {
         };
         for seq in &seqs {
             if let Some(m) = mb.msgs.remove(*seq) {
-                if self.track_removed {
+                if let Some(k) = &k {
                     self.removed
                         .push((k.0.clone(), k.1.clone(), m.from.clone(), m.id));
                 }
@@ -791,25 +817,28 @@ impl Registry {
         let removed = before_len - mb.msgs.len();
         let now_empty = mb.msgs.is_empty();
         let head_after = mb.msgs.first().map(|(_, m)| m.expires_at);
+        let idle = slot.is_idle(Instant::now(), self.limits.visibility);
         if head_after != head_before {
-            if let Some(t) = head_before {
-                self.expiry.remove(&(t, k.clone()));
-            }
-            if let Some(t) = head_after {
-                self.expiry.insert((t, k.clone()));
+            if let Some((k, _)) = self.slots.get_key_value(kp) {
+                if let Some(t) = head_before {
+                    self.expiry.remove(&(t, k.clone()));
+                }
+                if let Some(t) = head_after {
+                    self.expiry.insert((t, k.clone()));
+                }
             }
         }
-        if let Some(u) = self.usage.get_mut(&k.0) {
+        if let Some(u) = self.usage.get_mut(ns) {
             u.bytes -= freed;
             if removed > 0 && now_empty {
                 u.mailboxes -= 1;
             }
             if u.mailboxes == 0 && u.bytes == 0 {
-                self.usage.remove(&k.0);
+                self.usage.remove(ns);
             }
         }
-        if slot.is_idle(Instant::now(), self.limits.visibility) {
-            self.slots.remove(k);
+        if idle {
+            self.slots.remove(kp);
         }
         removed
     }
@@ -824,8 +853,7 @@ impl Registry {
         if ids.is_empty() {
             return 0;
         }
-        let k = self.key_of(ns, name);
-        self.remove_msg(&k, |_| false, ids)
+        self.remove_msg(ns, name, |_| false, ids)
     }
 
     /// Drops expired messages, at most about `budget`; returns how many,
@@ -840,7 +868,7 @@ impl Registry {
             if n >= budget {
                 return (n, true);
             }
-            n += self.remove_msg(&k, |m| m.expires_at <= now, &[]);
+            n += self.remove_msg(&k.0, &k.1, |m| m.expires_at <= now, &[]);
             // Whatever remained (a message restored out of order), this
             // entry is done with.
             if self.expiry.first() == Some(&(t, k.clone())) {
