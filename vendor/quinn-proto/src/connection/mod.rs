@@ -1258,6 +1258,9 @@ impl Connection {
                     debug!("path validation failed");
                     if let Some((_, prev)) = self.prev_path.take().map(|b| *b) {
                         self.path = prev;
+                        // Upstream #2660: the loss detection timer was armed for
+                        // the abandoned path's packets in flight.
+                        self.set_loss_detection_timer(now);
                     }
                     self.path.challenge = None;
                     self.path.challenge_pending = false;
