@@ -99,6 +99,18 @@ impl RelayProc {
         Ok(())
     }
 
+    /// Sends `sig` to the relay process (SIGSTOP, SIGCONT).
+    fn signal(&self, sig: rustix::process::Signal) -> Result<()> {
+        let pid = self
+            .child
+            .as_ref()
+            .and_then(|c| c.id())
+            .context("relay not running")?;
+        let pid = rustix::process::Pid::from_raw(i32::try_from(pid)?).context("pid")?;
+        rustix::process::kill_process(pid, sig)?;
+        Ok(())
+    }
+
     async fn kill(&mut self) -> Result<()> {
         if let Some(mut c) = self.child.take() {
             c.start_kill()?; // SIGKILL
@@ -435,4 +447,74 @@ async fn sigkill_of_the_home_relay_in_a_mesh_loses_no_accepted_message() -> Resu
     r1.kill().await?;
     r2.kill().await?;
     r3.kill().await
+}
+
+/// `swb_daemon_rebinds_total` of a daemon: its moves to a new UDP socket,
+/// which a silence probe begins with.
+fn rebinds(d: &TestDaemon) -> u64 {
+    d.handle
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("swb_daemon_rebinds_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A relay stalled (SIGSTOP) past its daemons' silence probe: every daemon
+/// moves to a new UDP socket and probes the relay on a new connection;
+/// once the relay runs again each is attached — on its old connection (the
+/// relay answered it, the probe is dropped) or on its probe's (the relay
+/// registered the name there first and replaced the old session, which the
+/// daemon takes for its own doing, not another machine's: see
+/// `replaced_by` in `daemon/src/conn.rs`) — and gets its mail; none stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stalled_past_the_silence_probe_keeps_every_daemon() -> Result<()> {
+    swb_tests::init_logs();
+    const N: usize = 32;
+    let dir = tempfile::tempdir()?;
+    let keys = dir.path().join("keys.toml");
+    let key = new_key(&keys)?;
+    let mut relay = RelayProc::start(&dir.path().join("relay"), &keys, &[]).await?;
+    let mut daemons = Vec::new();
+    for i in 0..N {
+        let mut c = daemon_config(&[&relay], &key, &format!("s{i}"));
+        // Silence, not death: the connections outlive the stall.
+        c.idle_timeout = Duration::from_secs(30);
+        c.silence_probe = Duration::from_secs(1);
+        daemons.push(TestDaemon::spawn(c).await?);
+    }
+    for d in &daemons {
+        tokio::time::timeout(LONG, d.handle.connected()).await??;
+    }
+    relay.signal(rustix::process::Signal::STOP)?;
+    let probed = eventually("every daemon to probe the stalled relay", LONG, || async {
+        Ok(daemons.iter().all(|d| rebinds(d) >= 1).then_some(()))
+    })
+    .await;
+    relay.signal(rustix::process::Signal::CONT)?;
+    probed?;
+    // Mail around the ring: each daemon reaches the next, so every one is
+    // attached again (a stopped daemon's control socket is gone).
+    for (i, d) in daemons.iter().enumerate() {
+        let to = format!("s{}", (i + 1) % N);
+        d.send(&to, format!("after the stall {i}").as_bytes())
+            .await
+            .with_context(|| format!("s{i} sends to {to}"))?;
+    }
+    for (i, d) in daemons.iter().enumerate() {
+        let got = d
+            .recv_n(1)
+            .await
+            .with_context(|| format!("s{i} receives"))?;
+        let from = (i + N - 1) % N;
+        ensure!(got[0].from == format!("s{from}"), "s{i} got {:?}", got[0]);
+    }
+    for (i, d) in daemons.iter().enumerate() {
+        let s = d.handle.state().borrow().clone();
+        ensure!(
+            matches!(s, swb_daemon::ConnState::Connected { .. }),
+            "s{i} is not attached: {s:?}"
+        );
+    }
+    relay.kill().await
 }
