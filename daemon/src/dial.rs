@@ -315,24 +315,34 @@ impl Dialer {
             crate::Transport::Udp => None,
             _ => Some(self.carrier_tls_for(target)?),
         };
-        match tokio::time::timeout(
+        // Each step gets the whole timeout: a relay that finished the
+        // handshake is alive, only slow (a reconnect storm), and starting
+        // over would throw its work away and come back as more of it.
+        let (conn, addr) = match tokio::time::timeout(
             timeout,
-            self.connect_inner(relay, cfg, carrier_tls, target.is_some()),
+            self.handshake(relay, cfg, carrier_tls, target.is_some()),
         )
         .await
         {
+            Ok(r) => r?,
+            Err(_) => return Err(ConnectError::Retry(format!("no answer within {timeout:?}"))),
+        };
+        match tokio::time::timeout(timeout, self.hello(conn, addr)).await {
             Ok(r) => r,
-            Err(_) => Err(ConnectError::Retry(format!("no answer within {timeout:?}"))),
+            Err(_) => Err(ConnectError::Retry(format!(
+                "the relay took the connection but sent no welcome within {timeout:?}"
+            ))),
         }
     }
 
-    async fn connect_inner(
+    /// The QUIC handshake with `relay`, on UDP or the TCP carrier.
+    async fn handshake(
         &mut self,
         relay: &str,
         client_cfg: quinn::ClientConfig,
         carrier_tls: Option<Arc<rustls::ClientConfig>>,
         redirected: bool,
-    ) -> Result<(Link, Welcome), ConnectError> {
+    ) -> Result<(quinn::Connection, SocketAddr), ConnectError> {
         let (host, port) = split_host_port(relay);
         let addr = tokio::net::lookup_host((host.as_str(), port))
             .await
@@ -416,6 +426,15 @@ impl Dialer {
             }
         };
         self.paths.follow(conn.clone(), addr);
+        Ok((conn, addr))
+    }
+
+    /// `Hello` on a new connection, and the relay's answer.
+    async fn hello(
+        &mut self,
+        conn: quinn::Connection,
+        addr: SocketAddr,
+    ) -> Result<(Link, Welcome), ConnectError> {
         let (mut send, recv) = conn
             .open_bi()
             .await
