@@ -94,7 +94,8 @@ impl Silent {
 /// for the probe's doing (a stalled relay may read its hello long after the
 /// probe gave up) and the daemon reconnects; later, it means another daemon
 /// took the name, and this one stops. A daemon elsewhere that takes the
-/// name within the window replaces this one again, and then it stops.
+/// name within the window is replaced in turn by that reconnect (and stops,
+/// unless it probed lately too): there, the one that was first keeps it.
 const REPLACED_BY_PROBE: Duration = Duration::from_secs(30);
 
 /// A connection attempt running beside the session it may replace.
@@ -730,9 +731,8 @@ fn replaced_by(
 /// The session was replaced while a probe ran (see [`Actor::serve`]): the
 /// probe's connection, if it came up, is the session now. If it did not,
 /// the replacement is taken for the probe's too — its welcome lost or
-/// late — and the daemon reconnects rather than stop; a daemon on another
-/// machine under the same name replaces this one again, with no probe
-/// running, and then it stops.
+/// late — and the daemon reconnects rather than stop (see
+/// [`REPLACED_BY_PROBE`] for a daemon elsewhere under the same name).
 fn replaced_while_probing(r: Result<(Link, Welcome), ConnectError>) -> Served {
     match r {
         Ok((new, welcome)) => {
