@@ -292,8 +292,8 @@ impl Dialer {
     }
 
     /// Connects to `relay` (an address; `target` is its record when it came
-    /// from a relay map or a redirect) and registers, within the connect
-    /// timeout.
+    /// from a relay map or a redirect) and registers: the handshake within
+    /// the connect timeout, then the welcome within another.
     pub(crate) async fn connect(
         &mut self,
         relay: &str,
@@ -303,7 +303,7 @@ impl Dialer {
         self.connect_within(relay, target, timeout).await
     }
 
-    /// [`Dialer::connect`] within `timeout`.
+    /// [`Dialer::connect`] with `timeout` for each step.
     pub(crate) async fn connect_within(
         &mut self,
         relay: &str,

@@ -110,7 +110,8 @@ pub struct DaemonConfig {
     /// relay that is only slow, or a network that is down for everyone,
     /// keeps the connection and its streams.
     pub silence_probe: Duration,
-    /// Time allowed for one connection attempt (QUIC + Hello).
+    /// Time allowed for each step of a connection attempt: the QUIC
+    /// handshake, then the relay's answer to Hello.
     pub connect_timeout: Duration,
     /// First reconnect delay.
     pub backoff_min: Duration,
