@@ -23,7 +23,8 @@ const CLOSE_LINGER: Duration = Duration::from_millis(500);
 /// How often a connection's health is looked at: the route to the relay,
 /// and whether the relay has been heard.
 const WATCH_TICK: Duration = Duration::from_millis(250);
-/// How long one probe of the next relay may take.
+/// How long each step of a probe of the next relay (handshake, welcome)
+/// may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The wait between probes while the relay stays silent.
 const PROBE_AGAIN: Duration = Duration::from_millis(500);
