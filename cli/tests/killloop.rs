@@ -452,12 +452,7 @@ async fn sigkill_of_the_home_relay_in_a_mesh_loses_no_accepted_message() -> Resu
 /// `swb_daemon_rebinds_total` of a daemon: its moves to a new UDP socket,
 /// which a silence probe begins with.
 fn rebinds(d: &TestDaemon) -> u64 {
-    d.handle
-        .metrics_text()
-        .lines()
-        .find_map(|l| l.strip_prefix("swb_daemon_rebinds_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+    swb_tests::metric(&d.handle.metrics_text(), "swb_daemon_rebinds_total").unwrap_or(0)
 }
 
 /// A relay stalled (SIGSTOP) past its daemons' silence probe: every daemon

@@ -776,6 +776,16 @@ impl Drop for HashServer {
     }
 }
 
+/// The value of `series` (a metric's name with its labels, as exposed:
+/// `swb_relay_tun_packets_total{result="not_joined"}`) in Prometheus text
+/// from a relay's or daemon's `metrics_text()`; `None` if it is not there.
+pub fn metric(text: &str, series: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let v = l.strip_prefix(series)?.strip_prefix(' ')?;
+        v.trim().parse().ok()
+    })
+}
+
 /// Deterministic pseudo-random bytes for integrity tests.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut rng = fastrand::Rng::with_seed(seed);

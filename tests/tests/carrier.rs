@@ -125,13 +125,11 @@ async fn a_daemon_on_the_tcp_carrier_sends_receives_and_streams() -> Result<()> 
         bytes >= 8 << 20 && mean > u64::from(UDP_MTU_BOUND),
         "the relay sends {mean}-byte packets on average over the carrier"
     );
-    let open = relay
-        .handle()
-        .metrics_text()
-        .lines()
-        .find_map(|l| l.strip_prefix("swb_relay_tcp_carriers_open "))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .context("carriers gauge")?;
+    let open = swb_tests::metric(
+        &relay.handle().metrics_text(),
+        "swb_relay_tcp_carriers_open",
+    )
+    .context("carriers gauge")?;
     assert_eq!(open, 1);
     Ok(())
 }
@@ -216,12 +214,7 @@ async fn auto_moves_to_the_carrier_when_udp_stops_and_back_when_it_returns() -> 
         "the stream survived both moves"
     );
     // One connection throughout: the relay never saw a second session.
-    let sessions = relay
-        .handle()
-        .metrics_text()
-        .lines()
-        .find_map(|l| l.strip_prefix("swb_relay_sessions_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok())
+    let sessions = swb_tests::metric(&relay.handle().metrics_text(), "swb_relay_sessions_total")
         .context("sessions counter")?;
     assert_eq!(sessions, 2, "mover and server, once each");
     fwd.abort();

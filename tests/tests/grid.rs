@@ -252,12 +252,7 @@ async fn tun_packets_between_unlinked_relays_take_two_hops() -> Result<()> {
     let (y, ya) = swb_tests::tun_join(&relays[b], &api, &beta).await?;
     let (x4, y4) = (swb_tests::tun_v4(&xa), swb_tests::tun_v4(&ya));
     let via = |r: &TestRelay| {
-        r.handle()
-            .metrics_text()
-            .lines()
-            .find_map(|l| l.strip_prefix("swb_relay_mesh_via_total "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
+        swb_tests::metric(&r.handle().metrics_text(), "swb_relay_mesh_via_total").unwrap_or(0)
     };
     let before = via(&relays[middle]);
     // Datagrams may be lost: send until one arrives each way.

@@ -289,13 +289,8 @@ async fn an_initial_flood_from_one_address_is_dropped_before_any_handshake() -> 
 
 /// `swb_relay_tun_packets_total{result="not_joined"}` of `relay`.
 fn not_joined(relay: &TestRelay) -> u64 {
-    let want = "swb_relay_tun_packets_total{result=\"not_joined\"} ";
-    relay
-        .handle()
-        .metrics_text()
-        .lines()
-        .find_map(|l| l.strip_prefix(want).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
+    let series = "swb_relay_tun_packets_total{result=\"not_joined\"}";
+    swb_tests::metric(&relay.handle().metrics_text(), series).unwrap_or(0)
 }
 
 #[tokio::test]

@@ -18,13 +18,8 @@ fn v4(a: &TunAssigned) -> IpAddr {
 }
 
 fn counter(relay: &TestRelay, result: &str) -> u64 {
-    let want = format!("swb_relay_tun_packets_total{{result=\"{result}\"}} ");
-    relay
-        .handle()
-        .metrics_text()
-        .lines()
-        .find_map(|l| l.strip_prefix(&want).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0)
+    let series = format!("swb_relay_tun_packets_total{{result=\"{result}\"}}");
+    swb_tests::metric(&relay.handle().metrics_text(), &series).unwrap_or(0)
 }
 
 #[tokio::test]
