@@ -134,6 +134,25 @@ impl From<StatusUpdate> for StatusView {
     }
 }
 
+/// The last time written, kept to write the same instant again without
+/// formatting it: a watched peer's `since` stays put across its changes,
+/// and changes made in the same millisecond share `updated`.
+#[derive(Debug, Default)]
+struct LastTime(Option<(u64, Option<String>)>);
+
+impl LastTime {
+    fn time(&mut self, ms: u64) -> Option<String> {
+        match &self.0 {
+            Some((last, t)) if *last == ms => t.clone(),
+            _ => {
+                let t = time(ms);
+                self.0 = Some((ms, t.clone()));
+                t
+            }
+        }
+    }
+}
+
 fn lost(e: impl std::fmt::Display) -> StreamError {
     StreamError {
         code: "relay_error".into(),
@@ -315,6 +334,8 @@ pub struct StatusWatcher {
     _send: quinn::SendStream,
     /// Buffered: the relay writes many changes at once.
     recv: swb_quic::FrameStream,
+    since: LastTime,
+    updated: LastTime,
 }
 
 impl StatusWatcher {
@@ -334,6 +355,8 @@ impl StatusWatcher {
         Ok(Self {
             _send: send,
             recv: swb_quic::FrameStream::new(recv, swb_wire::MAX_STREAM_HEADER),
+            since: LastTime::default(),
+            updated: LastTime::default(),
         })
     }
 
@@ -342,7 +365,18 @@ impl StatusWatcher {
     pub async fn next(&mut self) -> Result<Option<StatusView>, StreamError> {
         loop {
             match self.recv.next().await.map_err(lost)? {
-                Some(Frame::StatusUpdate(u)) => return Ok(Some(u.into())),
+                Some(Frame::StatusUpdate(u)) => {
+                    return Ok(Some(StatusView {
+                        since: self.since.time(u.since_ms),
+                        updated: self.updated.time(u.updated_ms),
+                        name: u.name,
+                        version: u.version,
+                        online: u.online,
+                        status: u.fields.into_iter().collect(),
+                        lagged: u.lagged,
+                        tun: None,
+                    }))
+                }
                 Some(_) => continue,
                 None => return Ok(None),
             }
@@ -404,5 +438,20 @@ mod tests {
             Some("9999-12-31T23:59:59.999Z")
         );
         assert_eq!(super::time(0), None);
+    }
+
+    #[test]
+    fn a_kept_time_is_written_as_the_instant_asked_for() {
+        let mut last = super::LastTime::default();
+        for ms in [
+            0,
+            1_700_000_000_000,
+            1_700_000_000_000,
+            1_700_000_000_001,
+            0,
+            5,
+        ] {
+            assert_eq!(last.time(ms), super::time(ms), "{ms}");
+        }
     }
 }
