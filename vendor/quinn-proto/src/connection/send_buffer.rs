@@ -25,6 +25,12 @@ pub(super) struct SendBuffer {
     acks: RangeSet,
     /// Previously transmitted ranges deemed lost
     retransmits: RangeSet,
+    /// Where the last `get` found its data: the index of that segment in `unacked_segments` and
+    /// the stream offset it starts at (switchboard patch). Packets take new data in order, so the
+    /// next `get` starts its search here instead of at the front: with many small writes
+    /// unacknowledged, a search from the front made building each packet cost as much as the
+    /// segments before its data
+    cursor: Option<(usize, u64)>,
 }
 
 impl SendBuffer {
@@ -80,6 +86,11 @@ impl SendBuffer {
                 to_advance -= front.len();
                 self.unacked_segments.pop_front();
                 self.front_trimmed = 0;
+                // Every segment moved one index towards the front (switchboard patch)
+                self.cursor = match self.cursor {
+                    Some((index, start)) if index > 0 => Some((index - 1, start)),
+                    _ => None,
+                };
 
                 if self.unacked_segments.len() * 4 < self.unacked_segments.capacity() {
                     self.unacked_segments.shrink_to_fit();
@@ -88,6 +99,10 @@ impl SendBuffer {
                 front.advance(to_advance);
                 self.front_trimmed += to_advance;
                 to_advance = 0;
+                // The front segment starts later now (switchboard patch)
+                if matches!(self.cursor, Some((0, _))) {
+                    self.cursor = None;
+                }
             }
         }
     }
@@ -155,20 +170,31 @@ impl SendBuffer {
     /// in noncontiguous fashion in the send buffer. In this case callers
     /// should call the function again with an incremented start offset to
     /// retrieve more data.
-    pub(super) fn get(&self, offsets: Range<u64>) -> &[u8] {
+    pub(super) fn get(&mut self, offsets: Range<u64>) -> &[u8] {
         let base_offset = self.offset - self.unacked_len as u64;
 
-        let mut segment_offset = base_offset;
-        for segment in self.unacked_segments.iter() {
+        // From where the last search ended if the data is at or past it, else from the front
+        // (switchboard patch)
+        let (mut index, mut segment_offset) = match self.cursor {
+            Some((index, start))
+                if start <= offsets.start && index < self.unacked_segments.len() =>
+            {
+                (index, start)
+            }
+            _ => (0, base_offset),
+        };
+        for segment in self.unacked_segments.range(index..) {
             if offsets.start >= segment_offset
                 && offsets.start < segment_offset + segment.len() as u64
             {
+                self.cursor = Some((index, segment_offset));
                 let start = (offsets.start - segment_offset) as usize;
                 let end = (offsets.end - segment_offset) as usize;
 
                 return &segment[start..end.min(segment.len())];
             }
             segment_offset += segment.len() as u64;
+            index += 1;
         }
 
         &[]
