@@ -62,7 +62,7 @@ async fn one_run(a: &ShardsArgs, shards: usize) -> Result<f64> {
     let t = Instant::now();
     let mut writers = tokio::task::JoinSet::new();
     for (i, d) in daemons.iter().step_by(2).enumerate() {
-        let (to, body) = (format!("r{i}"), body.clone());
+        let (to, body) = (std::sync::Arc::<str>::from(format!("r{i}")), body.clone());
         let mut left = a.messages;
         writers.spawn(submit_windowed(d.sender(), a.window, move || {
             left = left.checked_sub(1)?;
