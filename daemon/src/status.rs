@@ -121,12 +121,20 @@ fn time(ms: u64) -> Option<String> {
 
 impl From<StatusUpdate> for StatusView {
     fn from(u: StatusUpdate) -> Self {
+        let (since, updated) = (time(u.since_ms), time(u.updated_ms));
+        Self::with_times(u, since, updated)
+    }
+}
+
+impl StatusView {
+    /// `u` with its two instants already written (RFC 3339).
+    fn with_times(u: StatusUpdate, since: Option<String>, updated: Option<String>) -> Self {
         Self {
             name: u.name,
             version: u.version,
             online: u.online,
-            since: time(u.since_ms),
-            updated: time(u.updated_ms),
+            since,
+            updated,
             status: u.fields.into_iter().collect(),
             lagged: u.lagged,
             tun: None,
@@ -366,16 +374,9 @@ impl StatusWatcher {
         loop {
             match self.recv.next().await.map_err(lost)? {
                 Some(Frame::StatusUpdate(u)) => {
-                    return Ok(Some(StatusView {
-                        since: self.since.time(u.since_ms),
-                        updated: self.updated.time(u.updated_ms),
-                        name: u.name,
-                        version: u.version,
-                        online: u.online,
-                        status: u.fields.into_iter().collect(),
-                        lagged: u.lagged,
-                        tun: None,
-                    }))
+                    let since = self.since.time(u.since_ms);
+                    let updated = self.updated.time(u.updated_ms);
+                    return Ok(Some(StatusView::with_times(u, since, updated)));
                 }
                 Some(_) => continue,
                 None => return Ok(None),
