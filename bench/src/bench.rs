@@ -1542,6 +1542,10 @@ pub(crate) struct LatencyArgs {
     /// Request and reply size in bytes.
     #[arg(long, default_value_t = 256)]
     size: usize,
+    /// Runs, each measuring every contender in turn; medians are reported,
+    /// with the spread of the per-run ratios.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
 }
 
 /// Round trips in an HdrHistogram (1 µs to 60 s, 3 significant digits).
@@ -1867,6 +1871,69 @@ async fn nats_env() -> Result<NatsEnv> {
     })
 }
 
+/// Quantiles of one measurement (ms), kept per run.
+#[derive(Debug, Clone, Copy)]
+struct Quantiles {
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    p999: f64,
+}
+
+impl Quantiles {
+    fn of(times: &[Duration]) -> Result<Self> {
+        let h = Hist::of(times)?;
+        Ok(Self {
+            p50: pct(&h, 0.5),
+            p90: pct(&h, 0.9),
+            p99: pct(&h, 0.99),
+            p999: pct(&h, 0.999),
+        })
+    }
+
+    /// The median over runs of each quantile.
+    fn median_of(runs: &[Quantiles]) -> Self {
+        let m = |f: fn(&Quantiles) -> f64| median(runs.iter().map(f).collect());
+        Self {
+            p50: m(|q| q.p50),
+            p90: m(|q| q.p90),
+            p99: m(|q| q.p99),
+            p999: m(|q| q.p999),
+        }
+    }
+}
+
+/// One contender's measurements of one shape, a [`Quantiles`] per run.
+struct Contender {
+    label: String,
+    runs: Vec<Quantiles>,
+}
+
+impl Contender {
+    fn new(label: impl Into<String>) -> Self {
+        Self {
+            label: label.into(),
+            runs: Vec::new(),
+        }
+    }
+
+    fn median(&self) -> Quantiles {
+        Quantiles::median_of(&self.runs)
+    }
+
+    /// Per run, this contender's `q` over the baseline's in the same run:
+    /// the median and the smallest and largest.
+    fn ratios(&self, base: &Contender, q: fn(&Quantiles) -> f64) -> (f64, (f64, f64)) {
+        let r: Vec<f64> = self
+            .runs
+            .iter()
+            .zip(&base.runs)
+            .map(|(o, b)| q(o) / q(b))
+            .collect();
+        (median(r.clone()), min_max(&r))
+    }
+}
+
 pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
     let env = nats_env().await?;
     let (dir, relay, plain, tls_server, tls) =
@@ -1879,91 +1946,108 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         ds[0].control_path().to_path_buf(),
         ds[1].control_path().to_path_buf(),
     );
+    let runs = a.runs.max(1);
     let mut rows = Vec::new();
     for inflight in [1usize, 64] {
-        let rust = api_latency(&ds[0], &ds[1], "requester", a.requests, a.size, inflight).await?;
-        let mut ours = vec![(Api::Rust, Hist::of(&rust)?)];
-        for (api, compact) in [(Api::Socket, false), (Api::Compact, true)] {
-            let times = ours_latency(
-                &a_ctl,
-                b_ctl.clone(),
-                "requester",
+        let apis = [Api::Rust, Api::Socket, Api::Compact];
+        let mut ours: Vec<(Api, Contender)> = apis
+            .iter()
+            .map(|&api| (api, Contender::new(format!("switchboard, {}", api.label()))))
+            .collect();
+        let (mut np, mut nt) = (Contender::new("nats"), Contender::new("nats+tls"));
+        // Contenders take turns within each run, so a slow spell of the
+        // machine falls on all of them; each ratio is taken within a run.
+        for _ in 0..runs {
+            for (api, c) in &mut ours {
+                let times = match api {
+                    Api::Rust => {
+                        api_latency(&ds[0], &ds[1], "requester", a.requests, a.size, inflight)
+                            .await?
+                    }
+                    Api::Socket | Api::Compact => {
+                        ours_latency(
+                            &a_ctl,
+                            b_ctl.clone(),
+                            "requester",
+                            a.requests,
+                            a.size,
+                            inflight,
+                            *api == Api::Compact,
+                        )
+                        .await?
+                    }
+                };
+                c.runs.push(Quantiles::of(&times)?);
+            }
+            let times = nats_latency(plain.addr, None, a.requests, a.size, inflight).await?;
+            np.runs.push(Quantiles::of(&times)?);
+            let times = nats_latency(
+                tls_server.addr,
+                Some(tls.clone()),
                 a.requests,
                 a.size,
                 inflight,
-                compact,
             )
             .await?;
-            ours.push((api, Hist::of(&times)?));
+            nt.runs.push(Quantiles::of(&times)?);
         }
-        let np = nats_latency(plain.addr, None, a.requests, a.size, inflight).await?;
-        let nt = nats_latency(
-            tls_server.addr,
-            Some(tls.clone()),
-            a.requests,
-            a.size,
-            inflight,
-        )
-        .await?;
-        rows.push((inflight, ours, Hist::of(&np)?, Hist::of(&nt)?));
+        rows.push((inflight, ours, np, nt));
     }
+    let p50 = |q: &Quantiles| q.p50;
+    let p99 = |q: &Quantiles| q.p99;
     for (inflight, ours, np, _) in &rows {
-        for (api, h) in ours {
-            for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+        for (api, c) in ours {
+            for (q, name) in [(p50 as fn(&Quantiles) -> f64, "p50"), (p99, "p99")] {
                 record(
                     "latency",
                     &format!("{name} ms, {inflight} in flight, {} (vs NATS)", api.label()),
-                    pct(h, q),
-                    pct(np, q),
+                    q(&c.median()),
+                    q(&np.median()),
                     false,
                     1.0,
                 );
             }
         }
     }
-    let ms = |h: &Hist| serde_json::json!({"p50": pct(h, 0.5), "p90": pct(h, 0.9), "p99": pct(h, 0.99), "p999": pct(h, 0.999)});
+    let ms = |q: Quantiles| serde_json::json!({"p50": q.p50, "p90": q.p90, "p99": q.p99, "p999": q.p999});
     for (inflight, ours, np, nt) in &rows {
         if out.json {
             let mut o = serde_json::json!({"bench": "latency", "in_flight": inflight, "size": a.size, "requests": a.requests,
-                "nats_ms": ms(np), "nats_tls_ms": ms(nt)});
-            for (api, h) in ours {
+                "runs": runs, "nats_ms": ms(np.median()), "nats_tls_ms": ms(nt.median())});
+            for (api, c) in ours {
                 let k = api.key();
-                o[format!("{k}_ms")] = ms(h);
-                o[format!("{k}_p50_ratio_vs_nats")] = serde_json::json!(pct(h, 0.5) / pct(np, 0.5));
-                o[format!("{k}_p99_ratio_vs_nats")] =
-                    serde_json::json!(pct(h, 0.99) / pct(np, 0.99));
+                let ((r50, s50), (r99, s99)) = (c.ratios(np, p50), c.ratios(np, p99));
+                o[format!("{k}_ms")] = ms(c.median());
+                o[format!("{k}_p50_ratio_vs_nats")] = serde_json::json!(r50);
+                o[format!("{k}_p50_ratio_vs_nats_min_max")] = serde_json::json!([s50.0, s50.1]);
+                o[format!("{k}_p99_ratio_vs_nats")] = serde_json::json!(r99);
+                o[format!("{k}_p99_ratio_vs_nats_min_max")] = serde_json::json!([s99.0, s99.1]);
             }
             println!("{o}");
         } else {
             println!(
-                "latency: {} B request -> reply, {inflight} in flight, {} requests (ms, HdrHistogram)",
+                "latency: {} B request -> reply, {inflight} in flight, {} requests x {runs} runs (ms, HdrHistogram; medians of the runs)",
                 a.size, a.requests
             );
-            let lines = ours
-                .iter()
-                .map(|(api, h)| (format!("switchboard, {}", api.label()), h))
-                .chain([("nats".to_string(), np), ("nats+tls".to_string(), nt)]);
-            for (label, v) in lines {
+            for c in ours.iter().map(|(_, c)| c).chain([np, nt]) {
+                let m = c.median();
+                let (lo, hi) = min_max(&c.runs.iter().map(|q| q.p50).collect::<Vec<_>>());
                 println!(
-                    "  {label:<30} p50 {:>7.3}  p90 {:>7.3}  p99 {:>7.3}  p99.9 {:>7.3}",
-                    pct(v, 0.5),
-                    pct(v, 0.9),
-                    pct(v, 0.99),
-                    pct(v, 0.999)
+                    "  {:<30} p50 {:>7.3} ({lo:.3}–{hi:.3})  p90 {:>7.3}  p99 {:>7.3}  p99.9 {:>7.3}",
+                    c.label, m.p50, m.p90, m.p99, m.p999
                 );
             }
-            let ratios: Vec<String> = ours
-                .iter()
-                .map(|(api, h)| {
-                    format!(
-                        "{} p50 {:.2} p99 {:.2}",
-                        api.label(),
-                        pct(h, 0.5) / pct(np, 0.5),
-                        pct(h, 0.99) / pct(np, 0.99)
-                    )
-                })
-                .collect();
-            println!("  ratio vs nats: {}   (goal <= 1.0)", ratios.join("; "));
+            for (api, c) in ours {
+                let ((r50, s50), (r99, s99)) = (c.ratios(np, p50), c.ratios(np, p99));
+                println!(
+                    "  ratio vs nats, {:<16} p50 {r50:.2} ({:.2}–{:.2})  p99 {r99:.2} ({:.2}–{:.2})   (per run; goal <= 1.0)",
+                    api.label(),
+                    s50.0,
+                    s50.1,
+                    s99.0,
+                    s99.1
+                );
+            }
         }
     }
     for d in ds {
@@ -2636,6 +2720,7 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
         LatencyArgs {
             requests: if s { 20 } else { 20_000 },
             size: 256,
+            runs: if s { 1 } else { 3 },
         },
         out,
     )
