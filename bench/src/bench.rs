@@ -1169,6 +1169,10 @@ pub(crate) struct RelayProcessArgs {
     /// clients from few addresses.
     #[arg(long)]
     deployed_limits: bool,
+    /// Mail in memory only (`--durability memory`) instead of the store
+    /// in the data dir.
+    #[arg(long)]
+    memory_mail: bool,
 }
 
 pub(crate) async fn relay_process_main(a: RelayProcessArgs) -> Result<()> {
@@ -1186,6 +1190,9 @@ pub(crate) async fn relay_process_main(a: RelayProcessArgs) -> Result<()> {
         config.initials.per_ip = None;
     }
     config.key_send_rate = None;
+    if a.memory_mail {
+        config.durability = Some(swb_relay::Durability::Memory);
+    }
     config.handshake_threads = a.handshake_threads;
     config.shards = a.shards;
     let relay = Relay::spawn(config).await?;
@@ -1946,6 +1953,16 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         ds[0].control_path().to_path_buf(),
         ds[1].control_path().to_path_buf(),
     );
+    // The same two daemons' exchange with the relay in its own process,
+    // as deployed (and as nats-server runs): every hop between a daemon
+    // and the relay wakes another process's thread.
+    let own = RelayProc::start(&["--memory-mail"]).await?;
+    let mut pds = Vec::new();
+    for n in ["requester", RESPONDER] {
+        let d = swb_daemon::Daemon::spawn(own.daemon_config(n)).await?;
+        d.connected().await.map_err(anyhow::Error::msg)?;
+        pds.push(d);
+    }
     let runs = a.runs.max(1);
     let mut rows = Vec::new();
     for inflight in [1usize, 64] {
@@ -1954,6 +1971,7 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             .iter()
             .map(|&api| (api, Contender::new(format!("switchboard, {}", api.label()))))
             .collect();
+        let mut rp = Contender::new("switchboard, Rust API, relay process");
         let (mut np, mut nt) = (Contender::new("nats"), Contender::new("nats+tls"));
         // Contenders take turns within each run, so a slow spell of the
         // machine falls on all of them; each ratio is taken within a run.
@@ -1979,6 +1997,9 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                 };
                 c.runs.push(Quantiles::of(&times)?);
             }
+            let times =
+                api_latency(&pds[0], &pds[1], "requester", a.requests, a.size, inflight).await?;
+            rp.runs.push(Quantiles::of(&times)?);
             let times = nats_latency(plain.addr, None, a.requests, a.size, inflight).await?;
             np.runs.push(Quantiles::of(&times)?);
             let times = nats_latency(
@@ -1991,16 +2012,17 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             .await?;
             nt.runs.push(Quantiles::of(&times)?);
         }
-        rows.push((inflight, ours, np, nt));
+        rows.push((inflight, ours, rp, np, nt));
     }
     let p50 = |q: &Quantiles| q.p50;
     let p99 = |q: &Quantiles| q.p99;
-    for (inflight, ours, np, _) in &rows {
-        for (api, c) in ours {
+    for (inflight, ours, rp, np, _) in &rows {
+        let labelled = ours.iter().map(|(api, c)| (api.label(), c));
+        for (label, c) in labelled.chain([("Rust API, relay process", rp)]) {
             for (q, name) in [(p50 as fn(&Quantiles) -> f64, "p50"), (p99, "p99")] {
                 record(
                     "latency",
-                    &format!("{name} ms, {inflight} in flight, {} (vs NATS)", api.label()),
+                    &format!("{name} ms, {inflight} in flight, {label} (vs NATS)"),
                     q(&c.median()),
                     q(&np.median()),
                     false,
@@ -2010,12 +2032,15 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         }
     }
     let ms = |q: Quantiles| serde_json::json!({"p50": q.p50, "p90": q.p90, "p99": q.p99, "p999": q.p999});
-    for (inflight, ours, np, nt) in &rows {
+    for (inflight, ours, rp, np, nt) in &rows {
+        let keyed = ours.iter().map(|(api, c)| (api.key(), api.label(), c));
+        let keyed: Vec<_> = keyed
+            .chain([("rust_api_relay_process", "Rust API, relay process", rp)])
+            .collect();
         if out.json {
             let mut o = serde_json::json!({"bench": "latency", "in_flight": inflight, "size": a.size, "requests": a.requests,
                 "runs": runs, "nats_ms": ms(np.median()), "nats_tls_ms": ms(nt.median())});
-            for (api, c) in ours {
-                let k = api.key();
+            for (k, _, c) in &keyed {
                 let ((r50, s50), (r99, s99)) = (c.ratios(np, p50), c.ratios(np, p99));
                 o[format!("{k}_ms")] = ms(c.median());
                 o[format!("{k}_p50_ratio_vs_nats")] = serde_json::json!(r50);
@@ -2029,19 +2054,18 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                 "latency: {} B request -> reply, {inflight} in flight, {} requests x {runs} runs (ms, HdrHistogram; medians of the runs)",
                 a.size, a.requests
             );
-            for c in ours.iter().map(|(_, c)| c).chain([np, nt]) {
+            for c in keyed.iter().map(|(_, _, c)| *c).chain([np, nt]) {
                 let m = c.median();
                 let (lo, hi) = min_max(&c.runs.iter().map(|q| q.p50).collect::<Vec<_>>());
                 println!(
-                    "  {:<30} p50 {:>7.3} ({lo:.3}–{hi:.3})  p90 {:>7.3}  p99 {:>7.3}  p99.9 {:>7.3}",
+                    "  {:<38} p50 {:>7.3} ({lo:.3}–{hi:.3})  p90 {:>7.3}  p99 {:>7.3}  p99.9 {:>7.3}",
                     c.label, m.p50, m.p90, m.p99, m.p999
                 );
             }
-            for (api, c) in ours {
+            for (_, label, c) in &keyed {
                 let ((r50, s50), (r99, s99)) = (c.ratios(np, p50), c.ratios(np, p99));
                 println!(
-                    "  ratio vs nats, {:<16} p50 {r50:.2} ({:.2}–{:.2})  p99 {r99:.2} ({:.2}–{:.2})   (per run; goal <= 1.0)",
-                    api.label(),
+                    "  ratio vs nats, {label:<24} p50 {r50:.2} ({:.2}–{:.2})  p99 {r99:.2} ({:.2}–{:.2})   (per run; goal <= 1.0)",
                     s50.0,
                     s50.1,
                     s99.0,
@@ -2050,10 +2074,11 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             }
         }
     }
-    for d in ds {
+    for d in ds.into_iter().chain(pds) {
         d.shutdown();
         let _ = d.join().await;
     }
+    drop(own);
     relay.shutdown();
     let NatsEnv { relay, .. } = env;
     relay.join().await;
