@@ -1912,14 +1912,18 @@ impl Quantiles {
 
 /// One contender's measurements of one shape, a [`Quantiles`] per run.
 struct Contender {
-    label: String,
+    /// Its name in the JSON output.
+    key: &'static str,
+    /// Its name in the tables.
+    label: &'static str,
     runs: Vec<Quantiles>,
 }
 
 impl Contender {
-    fn new(label: impl Into<String>) -> Self {
+    fn new(key: &'static str, label: &'static str) -> Self {
         Self {
-            label: label.into(),
+            key,
+            label,
             runs: Vec::new(),
         }
     }
@@ -1966,23 +1970,28 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
     let runs = a.runs.max(1);
     let mut rows = Vec::new();
     for inflight in [1usize, 64] {
-        let apis = [Api::Rust, Api::Socket, Api::Compact];
-        let mut ours: Vec<(Api, Contender)> = apis
-            .iter()
-            .map(|&api| (api, Contender::new(format!("switchboard, {}", api.label()))))
+        // Ours: the three APIs through the in-process relay, then the Rust
+        // API through the relay process.
+        let mut ours: Vec<(Option<Api>, Contender)> = [Api::Rust, Api::Socket, Api::Compact]
+            .into_iter()
+            .map(|api| (Some(api), Contender::new(api.key(), api.label())))
+            .chain([(
+                None,
+                Contender::new("rust_api_relay_process", "Rust API, relay process"),
+            )])
             .collect();
-        let mut rp = Contender::new("switchboard, Rust API, relay process");
-        let (mut np, mut nt) = (Contender::new("nats"), Contender::new("nats+tls"));
+        let mut np = Contender::new("nats", "nats");
+        let mut nt = Contender::new("nats_tls", "nats+tls");
         // Contenders take turns within each run, so a slow spell of the
         // machine falls on all of them; each ratio is taken within a run.
         for _ in 0..runs {
             for (api, c) in &mut ours {
                 let times = match api {
-                    Api::Rust => {
+                    Some(Api::Rust) => {
                         api_latency(&ds[0], &ds[1], "requester", a.requests, a.size, inflight)
                             .await?
                     }
-                    Api::Socket | Api::Compact => {
+                    Some(api @ (Api::Socket | Api::Compact)) => {
                         ours_latency(
                             &a_ctl,
                             b_ctl.clone(),
@@ -1994,12 +2003,13 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                         )
                         .await?
                     }
+                    None => {
+                        api_latency(&pds[0], &pds[1], "requester", a.requests, a.size, inflight)
+                            .await?
+                    }
                 };
                 c.runs.push(Quantiles::of(&times)?);
             }
-            let times =
-                api_latency(&pds[0], &pds[1], "requester", a.requests, a.size, inflight).await?;
-            rp.runs.push(Quantiles::of(&times)?);
             let times = nats_latency(plain.addr, None, a.requests, a.size, inflight).await?;
             np.runs.push(Quantiles::of(&times)?);
             let times = nats_latency(
@@ -2012,17 +2022,17 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             .await?;
             nt.runs.push(Quantiles::of(&times)?);
         }
-        rows.push((inflight, ours, rp, np, nt));
+        let ours: Vec<Contender> = ours.into_iter().map(|(_, c)| c).collect();
+        rows.push((inflight, ours, np, nt));
     }
     let p50 = |q: &Quantiles| q.p50;
     let p99 = |q: &Quantiles| q.p99;
-    for (inflight, ours, rp, np, _) in &rows {
-        let labelled = ours.iter().map(|(api, c)| (api.label(), c));
-        for (label, c) in labelled.chain([("Rust API, relay process", rp)]) {
+    for (inflight, ours, np, _) in &rows {
+        for c in ours {
             for (q, name) in [(p50 as fn(&Quantiles) -> f64, "p50"), (p99, "p99")] {
                 record(
                     "latency",
-                    &format!("{name} ms, {inflight} in flight, {label} (vs NATS)"),
+                    &format!("{name} ms, {inflight} in flight, {} (vs NATS)", c.label),
                     q(&c.median()),
                     q(&np.median()),
                     false,
@@ -2032,15 +2042,15 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         }
     }
     let ms = |q: Quantiles| serde_json::json!({"p50": q.p50, "p90": q.p90, "p99": q.p99, "p999": q.p999});
-    for (inflight, ours, rp, np, nt) in &rows {
-        let keyed = ours.iter().map(|(api, c)| (api.key(), api.label(), c));
-        let keyed: Vec<_> = keyed
-            .chain([("rust_api_relay_process", "Rust API, relay process", rp)])
-            .collect();
+    for (inflight, ours, np, nt) in &rows {
         if out.json {
             let mut o = serde_json::json!({"bench": "latency", "in_flight": inflight, "size": a.size, "requests": a.requests,
-                "runs": runs, "nats_ms": ms(np.median()), "nats_tls_ms": ms(nt.median())});
-            for (k, _, c) in &keyed {
+                "runs": runs});
+            for c in [np, nt] {
+                o[format!("{}_ms", c.key)] = ms(c.median());
+            }
+            for c in ours {
+                let k = c.key;
                 let ((r50, s50), (r99, s99)) = (c.ratios(np, p50), c.ratios(np, p99));
                 o[format!("{k}_ms")] = ms(c.median());
                 o[format!("{k}_p50_ratio_vs_nats")] = serde_json::json!(r50);
@@ -2054,15 +2064,20 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                 "latency: {} B request -> reply, {inflight} in flight, {} requests x {runs} runs (ms, HdrHistogram; medians of the runs)",
                 a.size, a.requests
             );
-            for c in keyed.iter().map(|(_, _, c)| *c).chain([np, nt]) {
+            let lines = ours
+                .iter()
+                .map(|c| (format!("switchboard, {}", c.label), c))
+                .chain([np, nt].map(|c| (c.label.to_string(), c)));
+            for (label, c) in lines {
                 let m = c.median();
                 let (lo, hi) = min_max(&c.runs.iter().map(|q| q.p50).collect::<Vec<_>>());
                 println!(
-                    "  {:<38} p50 {:>7.3} ({lo:.3}–{hi:.3})  p90 {:>7.3}  p99 {:>7.3}  p99.9 {:>7.3}",
-                    c.label, m.p50, m.p90, m.p99, m.p999
+                    "  {label:<38} p50 {:>7.3} ({lo:.3}–{hi:.3})  p90 {:>7.3}  p99 {:>7.3}  p99.9 {:>7.3}",
+                    m.p50, m.p90, m.p99, m.p999
                 );
             }
-            for (_, label, c) in &keyed {
+            for c in ours {
+                let label = c.label;
                 let ((r50, s50), (r99, s99)) = (c.ratios(np, p50), c.ratios(np, p99));
                 println!(
                     "  ratio vs nats, {label:<24} p50 {r50:.2} ({:.2}–{:.2})  p99 {r99:.2} ({:.2}–{:.2})   (per run; goal <= 1.0)",
