@@ -21,6 +21,7 @@ mod carrier;
 mod durable;
 mod fanout;
 mod flood;
+mod floor;
 mod grid;
 mod shards;
 
@@ -2567,15 +2568,19 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
     let env = nats_env().await?;
     let (dir, relay, plain, tls_server, tls) =
         (&env.dir, &env.relay, &env.plain, &env.tls_server, &env.tls);
+    let floor_identity = Identity::ephemeral()?;
     let mut rows = Vec::new();
     for &receivers in &a.receivers {
         // Contenders take turns within each run, so a slow spell of the
         // machine falls on all of them; the median of the runs is reported.
         let mut ours: Vec<(Api, Vec<f64>)> = a.apis.iter().map(|&api| (api, vec![])).collect();
-        let (mut np, mut nt) = (vec![], vec![]);
+        let (mut np, mut nt, mut fl) = (vec![], vec![], vec![]);
         for _ in 0..a.runs.max(1) {
             for (api, v) in &mut ours {
                 v.push(ours_rate(relay, &env.key, dir.path(), receivers, &a, *api).await?);
+            }
+            if receivers == 1 {
+                fl.push(floor::floor_rate(&floor_identity, a.messages).await?);
             }
             np.push(nats_rate(plain.addr, None, receivers, a.messages).await?);
             nt.push(nats_rate(tls_server.addr, Some(tls.clone()), receivers, a.messages).await?);
@@ -2584,9 +2589,10 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
             .into_iter()
             .map(|(api, v)| (api, min_max(&v), median(v)))
             .collect::<Vec<_>>();
-        rows.push((receivers, ours, median(np), median(nt)));
+        let floor = (!fl.is_empty()).then(|| (min_max(&fl), median(fl)));
+        rows.push((receivers, ours, median(np), median(nt), floor));
     }
-    for (receivers, ours, _, nt) in &rows {
+    for (receivers, ours, _, nt, _) in &rows {
         for (api, _, r) in ours {
             record(
                 "rate",
@@ -2601,10 +2607,13 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
             );
         }
     }
-    for (receivers, ours, np, nt) in &rows {
+    for (receivers, ours, np, nt, floor) in &rows {
         if out.json {
             let mut o = serde_json::json!({"bench": "rate", "receivers": receivers, "size": 128,
                 "nats_per_sec": np, "nats_tls_per_sec": nt});
+            if let Some((_, f)) = floor {
+                o["quinn_forwarder_floor_per_sec"] = serde_json::json!(f);
+            }
             for (api, _, r) in ours {
                 o[format!(
                     "ours_{}_per_sec",
@@ -2618,11 +2627,21 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
                 a.runs.max(1)
             );
             for (api, (lo, hi), r) in ours {
+                let of_floor = floor
+                    .as_ref()
+                    .map(|(_, f)| format!(", {:.2} of the floor", r / f))
+                    .unwrap_or_default();
                 println!(
-                    "  switchboard, {:<14} {r:>9.0}/s ({lo:.0}–{hi:.0})   ratio vs nats+tls {:.2} (goal >= {})",
+                    "  switchboard, {:<14} {r:>9.0}/s ({lo:.0}–{hi:.0})   ratio vs nats+tls {:.2} (goal >= {}){of_floor}",
                     api.label(),
                     r / nt,
                     api.rate_goal()
+                );
+            }
+            if let Some(((lo, hi), f)) = floor {
+                println!(
+                    "  floor: quinn forwarder      {f:>9.0}/s ({lo:.0}–{hi:.0})   ratio vs nats+tls {:.2} (forwarding only: no acceptance, ack or mailbox)",
+                    f / nt
                 );
             }
         }
