@@ -1969,6 +1969,7 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         pds.push(d);
     }
     let runs = a.runs.max(1);
+    let floor_identity = Identity::ephemeral()?;
     let mut rows = Vec::new();
     for inflight in [1usize, 64] {
         // Ours: the three APIs through the in-process relay, then the Rust
@@ -1983,6 +1984,7 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             .collect();
         let mut np = Contender::new("nats", "nats");
         let mut nt = Contender::new("nats_tls", "nats+tls");
+        let mut fl = Contender::new("quinn_forwarder_floor", "floor: quinn forwarder");
         // Contenders take turns within each run, so a slow spell of the
         // machine falls on all of them; each ratio is taken within a run.
         for _ in 0..runs {
@@ -2022,13 +2024,15 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             )
             .await?;
             nt.runs.push(Quantiles::of(&times)?);
+            let times = floor::floor_latency(&floor_identity, a.requests, a.size, inflight).await?;
+            fl.runs.push(Quantiles::of(&times)?);
         }
         let ours: Vec<Contender> = ours.into_iter().map(|(_, c)| c).collect();
-        rows.push((inflight, ours, np, nt));
+        rows.push((inflight, ours, np, nt, fl));
     }
     let p50 = |q: &Quantiles| q.p50;
     let p99 = |q: &Quantiles| q.p99;
-    for (inflight, ours, np, _) in &rows {
+    for (inflight, ours, np, _, _) in &rows {
         for c in ours {
             for (q, name) in [(p50 as fn(&Quantiles) -> f64, "p50"), (p99, "p99")] {
                 record(
@@ -2043,14 +2047,14 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         }
     }
     let ms = |q: Quantiles| serde_json::json!({"p50": q.p50, "p90": q.p90, "p99": q.p99, "p999": q.p999});
-    for (inflight, ours, np, nt) in &rows {
+    for (inflight, ours, np, nt, fl) in &rows {
         if out.json {
             let mut o = serde_json::json!({"bench": "latency", "in_flight": inflight, "size": a.size, "requests": a.requests,
                 "runs": runs});
             for c in [np, nt] {
                 o[format!("{}_ms", c.key)] = ms(c.median());
             }
-            for c in ours {
+            for c in ours.iter().chain([fl]) {
                 let k = c.key;
                 let ((r50, s50), (r99, s99)) = (c.ratios(np, p50), c.ratios(np, p99));
                 o[format!("{k}_ms")] = ms(c.median());
@@ -2068,7 +2072,7 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             let lines = ours
                 .iter()
                 .map(|c| (format!("switchboard, {}", c.label), c))
-                .chain([np, nt].map(|c| (c.label.to_string(), c)));
+                .chain([np, nt, fl].map(|c| (c.label.to_string(), c)));
             for (label, c) in lines {
                 let m = c.median();
                 let (lo, hi) = min_max(&c.runs.iter().map(|q| q.p50).collect::<Vec<_>>());
@@ -2077,11 +2081,16 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                     m.p50, m.p90, m.p99, m.p999
                 );
             }
-            for c in ours {
+            for c in ours.iter().chain([fl]) {
                 let label = c.label;
                 let ((r50, s50), (r99, s99)) = (c.ratios(np, p50), c.ratios(np, p99));
+                let what = if std::ptr::eq(c, fl) {
+                    "the stack's floor: forwarding only"
+                } else {
+                    "goal <= 1.0"
+                };
                 println!(
-                    "  ratio vs nats, {label:<24} p50 {r50:.2} ({:.2}–{:.2})  p99 {r99:.2} ({:.2}–{:.2})   (per run; goal <= 1.0)",
+                    "  ratio vs nats, {label:<24} p50 {r50:.2} ({:.2}–{:.2})  p99 {r99:.2} ({:.2}–{:.2})   (per run; {what})",
                     s50.0,
                     s50.1,
                     s99.0,

@@ -1,5 +1,6 @@
-//! The floor of the `rate` scenario: what a relay built on the same stack
-//! (quinn, rustls, tokio, one task per connection) delivers when it does
+//! The floor of the `rate` and `latency` scenarios: what a relay built on
+//! the same stack
+//! (quinn, rustls, tokio, one task per connection) does when it does
 //! nothing but forward. Two client endpoints and a forwarder endpoint with
 //! the relay's TLS and socket settings; the sender writes 128 B messages in
 //! length-prefixed frames, batched per write as the daemon batches its
@@ -44,9 +45,10 @@ fn endpoint(server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint> {
     )?)
 }
 
-/// Deliveries per second of `n` messages of 128 B, one sender to one
-/// receiver through a forwarding-only quinn relay.
-pub(crate) async fn floor_rate(identity: &Identity, n: usize) -> Result<f64> {
+/// The forwarder's endpoint, its address, and the clients' configuration.
+fn setup(
+    identity: &Identity,
+) -> Result<(quinn::Endpoint, std::net::SocketAddr, quinn::ClientConfig)> {
     let tls = identity.server_config(&[ALPN])?;
     let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(
         quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
@@ -59,56 +61,21 @@ pub(crate) async fn floor_rate(identity: &Identity, n: usize) -> Result<f64> {
         quinn::crypto::rustls::QuicClientConfig::try_from(ctls)?,
     ));
     client_cfg.transport_config(transport());
+    Ok((server, addr, client_cfg))
+}
 
+/// Deliveries per second of `n` messages of 128 B, one sender to one
+/// receiver through a forwarding-only quinn relay.
+pub(crate) async fn floor_rate(identity: &Identity, n: usize) -> Result<f64> {
+    let (server, addr, client_cfg) = setup(identity)?;
     // The forwarder: the receiver's connection first, then the sender's.
-    let fwd = {
-        let server = server.clone();
-        tokio::spawn(async move {
-            let rconn = server.accept().await.context("no receiver")?.await?;
-            let (mut to_receiver, _) = rconn.accept_bi().await?;
-            let sconn = server.accept().await.context("no sender")?.await?;
-            let (_, mut from_sender) = sconn.accept_bi().await?;
-            let (hop, mut hop_rx) = tokio::sync::mpsc::channel::<Bytes>(HOP_QUEUE);
-            let writer = tokio::spawn(async move {
-                while let Some(b) = hop_rx.recv().await {
-                    to_receiver.write_all(&b).await?;
-                }
-                // The receiver stops reading once it counted them all.
-                let _ = to_receiver.finish();
-                anyhow::Ok(())
-            });
-            let mut buf = BytesMut::with_capacity(64 << 10);
-            loop {
-                match from_sender.read_chunk(64 << 10, true).await? {
-                    None => break,
-                    Some(c) => buf.extend_from_slice(&c.bytes),
-                }
-                // Walk the complete frames; hand them on in one piece.
-                let mut at = 0;
-                while buf.len() >= at + 2 {
-                    let len = u16::from_be_bytes([buf[at], buf[at + 1]]) as usize;
-                    if buf.len() < at + 2 + len {
-                        break;
-                    }
-                    at += 2 + len;
-                }
-                if at > 0 && hop.send(buf.split_to(at).freeze()).await.is_err() {
-                    break;
-                }
-            }
-            drop(hop);
-            writer.await??;
-            sconn.close(0u32.into(), b"done");
-            anyhow::Ok(())
-        })
-    };
-
+    let fwd = tokio::spawn(forwarder(server.clone()));
     let mut rx_ep = endpoint(None)?;
     rx_ep.set_default_client_config(client_cfg.clone());
     let rconn = rx_ep.connect(addr, "localhost")?.await?;
     let (mut hello, mut from_relay) = rconn.open_bi().await?;
-    // A stream exists for the peer once it carries a byte.
-    hello.write_all(&[0]).await?;
+    // A stream exists for the peer once it carries a byte: an empty frame.
+    hello.write_all(&[0, 0]).await?;
     let receiver = tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(64 << 10);
         let mut got = 0usize;
@@ -167,4 +134,157 @@ pub(crate) async fn floor_rate(identity: &Identity, n: usize) -> Result<f64> {
     tx_ep.wait_idle().await;
     rx_ep.wait_idle().await;
     Ok(n as f64 / took.as_secs_f64())
+}
+
+/// The forwarder: accepts the far end's connection (its stream opens with
+/// an empty frame), then the near end's, and pumps frames both ways until
+/// both ends finish their streams.
+async fn forwarder(server: quinn::Endpoint) -> Result<()> {
+    let far = server.accept().await.context("no far end")?.await?;
+    let (far_send, mut far_recv) = far.accept_bi().await?;
+    let mut hello = [0u8; 2];
+    far_recv.read_exact(&mut hello).await?;
+    let near = server.accept().await.context("no near end")?.await?;
+    let (near_send, near_recv) = near.accept_bi().await?;
+    let (a, b) = tokio::join!(pump(near_recv, far_send), pump(far_recv, near_send));
+    a?;
+    b?;
+    near.close(0u32.into(), b"done");
+    far.close(0u32.into(), b"done");
+    Ok(())
+}
+
+/// Reads frames from `from` and hands each read's complete frames, in one
+/// piece, to a task writing them to `to` (a hop between two sessions).
+async fn pump(mut from: quinn::RecvStream, mut to: quinn::SendStream) -> Result<()> {
+    let (hop, mut hop_rx) = tokio::sync::mpsc::channel::<Bytes>(HOP_QUEUE);
+    let writer = tokio::spawn(async move {
+        while let Some(b) = hop_rx.recv().await {
+            to.write_all(&b).await?;
+        }
+        // The far end may have stopped reading once it had what it wanted.
+        let _ = to.finish();
+        anyhow::Ok(())
+    });
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    loop {
+        match from.read_chunk(64 << 10, true).await? {
+            None => break,
+            Some(c) => buf.extend_from_slice(&c.bytes),
+        }
+        let at = complete_frames(&buf);
+        if at > 0 && hop.send(buf.split_to(at).freeze()).await.is_err() {
+            break;
+        }
+    }
+    drop(hop);
+    writer.await?
+}
+
+/// How many leading bytes of `buf` are complete length-prefixed frames.
+fn complete_frames(buf: &[u8]) -> usize {
+    let mut at = 0;
+    while buf.len() >= at + 2 {
+        let len = u16::from_be_bytes([buf[at], buf[at + 1]]) as usize;
+        if buf.len() < at + 2 + len {
+            break;
+        }
+        at += 2 + len;
+    }
+    at
+}
+
+/// Request → reply round trips of `size` bytes through a forwarding-only
+/// quinn relay, `inflight` at a time: the requester writes a request, the
+/// responder reads it and writes it back as the reply. `n` round trips.
+pub(crate) async fn floor_latency(
+    identity: &Identity,
+    n: usize,
+    size: usize,
+    inflight: usize,
+) -> Result<Vec<Duration>> {
+    let size = size.clamp(8, u16::MAX as usize);
+    let (server, addr, client_cfg) = setup(identity)?;
+    let fwd = tokio::spawn(forwarder(server.clone()));
+    let mut resp_ep = endpoint(None)?;
+    resp_ep.set_default_client_config(client_cfg.clone());
+    let rconn = resp_ep.connect(addr, "localhost")?.await?;
+    let (mut to_fwd, mut from_fwd) = rconn.open_bi().await?;
+    to_fwd.write_all(&[0, 0]).await?;
+    // The responder echoes every complete frame it reads, as it reads it.
+    let responder = tokio::spawn(async move {
+        let mut buf = BytesMut::with_capacity(64 << 10);
+        while let Some(c) = from_fwd.read_chunk(64 << 10, true).await? {
+            buf.extend_from_slice(&c.bytes);
+            let at = complete_frames(&buf);
+            if at > 0 {
+                to_fwd.write_all(&buf.split_to(at)).await?;
+            }
+        }
+        let _ = to_fwd.finish();
+        anyhow::Ok(())
+    });
+    let mut req_ep = endpoint(None)?;
+    req_ep.set_default_client_config(client_cfg);
+    let qconn = req_ep.connect(addr, "localhost")?.await?;
+    let (mut send, mut recv) = qconn.open_bi().await?;
+    let request = |seq: u64| {
+        let mut f = Vec::with_capacity(2 + size);
+        f.extend_from_slice(&(size as u16).to_be_bytes());
+        f.extend_from_slice(&seq.to_be_bytes());
+        f.resize(2 + size, 0x42);
+        f
+    };
+    let mut sent_at = std::collections::HashMap::new();
+    let mut times = Vec::with_capacity(n);
+    let mut next = 0u64;
+    let mut out = Vec::new();
+    while (next as usize) < n.min(inflight) {
+        sent_at.insert(next, Instant::now());
+        out.extend_from_slice(&request(next));
+        next += 1;
+    }
+    send.write_all(&out).await?;
+    let mut buf = BytesMut::with_capacity(64 << 10);
+    while times.len() < n {
+        let c = tokio::time::timeout(Duration::from_secs(30), recv.read_chunk(64 << 10, true))
+            .await
+            .context("no reply from the floor within 30 s")??
+            .context("the floor's forwarder closed the stream")?;
+        buf.extend_from_slice(&c.bytes);
+        out.clear();
+        while buf.len() >= 2 {
+            let len = u16::from_be_bytes([buf[0], buf[1]]) as usize;
+            if buf.len() < 2 + len {
+                break;
+            }
+            let frame = buf.split_to(2 + len);
+            let seq = u64::from_be_bytes(frame[2..10].try_into().context("short reply")?);
+            if let Some(t) = sent_at.remove(&seq) {
+                times.push(t.elapsed());
+            }
+            if (next as usize) < n {
+                sent_at.insert(next, Instant::now());
+                out.extend_from_slice(&request(next));
+                next += 1;
+            }
+        }
+        if !out.is_empty() {
+            send.write_all(&out).await?;
+        }
+    }
+    send.finish()?;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        responder.await??;
+        fwd.await?
+    })
+    .await
+    .context("the floor's forwarder did not end")??;
+    qconn.close(0u32.into(), b"done");
+    rconn.close(0u32.into(), b"done");
+    server.close(0u32.into(), b"done");
+    req_ep.wait_idle().await;
+    resp_ep.wait_idle().await;
+    ensure!(times.len() == n, "floor: {} of {n} replies", times.len());
+    Ok(times)
 }
