@@ -70,12 +70,7 @@ pub(crate) async fn floor_rate(identity: &Identity, n: usize) -> Result<f64> {
     let (server, addr, client_cfg) = setup(identity)?;
     // The forwarder: the receiver's connection first, then the sender's.
     let fwd = tokio::spawn(forwarder(server.clone()));
-    let mut rx_ep = endpoint(None)?;
-    rx_ep.set_default_client_config(client_cfg.clone());
-    let rconn = rx_ep.connect(addr, "localhost")?.await?;
-    let (mut hello, mut from_relay) = rconn.open_bi().await?;
-    // A stream exists for the peer once it carries a byte: an empty frame.
-    hello.write_all(&[0, 0]).await?;
+    let (rx_ep, rconn, hello, mut from_relay) = client(addr, &client_cfg, true).await?;
     let receiver = tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(64 << 10);
         let mut got = 0usize;
@@ -84,23 +79,15 @@ pub(crate) async fn floor_rate(identity: &Identity, n: usize) -> Result<f64> {
                 break;
             };
             buf.extend_from_slice(&c.bytes);
-            while buf.len() >= 2 {
-                let len = u16::from_be_bytes([buf[0], buf[1]]) as usize;
-                if buf.len() < 2 + len {
-                    break;
-                }
-                buf.advance(2 + len);
-                got += 1;
-            }
+            let at = complete_frames(&buf);
+            got += frames(&buf[..at]).count();
+            buf.advance(at);
         }
         drop(hello);
         anyhow::Ok(got)
     });
 
-    let mut tx_ep = endpoint(None)?;
-    tx_ep.set_default_client_config(client_cfg);
-    let sconn = tx_ep.connect(addr, "localhost")?.await?;
-    let (mut to_relay, _) = sconn.open_bi().await?;
+    let (tx_ep, sconn, mut to_relay, _) = client(addr, &client_cfg, false).await?;
     let mut frame = Vec::with_capacity(2 + BODY);
     frame.extend_from_slice(&(BODY as u16).to_be_bytes());
     frame.extend_from_slice(&[0x42; BODY]);
@@ -194,6 +181,39 @@ fn complete_frames(buf: &[u8]) -> usize {
     at
 }
 
+/// The bodies of the complete frames `region` holds (see [`complete_frames`]).
+fn frames(mut region: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        let len = u16::from_be_bytes([*region.first()?, *region.get(1)?]) as usize;
+        let body = region.get(2..2 + len)?;
+        region = &region[2 + len..];
+        Some(body)
+    })
+}
+
+/// A client endpoint connected to the forwarder, with its stream; the far
+/// end announces its stream with an empty frame (a stream exists for the
+/// peer once it carries a byte).
+async fn client(
+    addr: std::net::SocketAddr,
+    cfg: &quinn::ClientConfig,
+    far: bool,
+) -> Result<(
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+)> {
+    let mut ep = endpoint(None)?;
+    ep.set_default_client_config(cfg.clone());
+    let conn = ep.connect(addr, "localhost")?.await?;
+    let (mut send, recv) = conn.open_bi().await?;
+    if far {
+        send.write_all(&[0, 0]).await?;
+    }
+    Ok((ep, conn, send, recv))
+}
+
 /// Request → reply round trips of `size` bytes through a forwarding-only
 /// quinn relay, `inflight` at a time: the requester writes a request, the
 /// responder reads it and writes it back as the reply. `n` round trips.
@@ -206,11 +226,7 @@ pub(crate) async fn floor_latency(
     let size = size.clamp(8, u16::MAX as usize);
     let (server, addr, client_cfg) = setup(identity)?;
     let fwd = tokio::spawn(forwarder(server.clone()));
-    let mut resp_ep = endpoint(None)?;
-    resp_ep.set_default_client_config(client_cfg.clone());
-    let rconn = resp_ep.connect(addr, "localhost")?.await?;
-    let (mut to_fwd, mut from_fwd) = rconn.open_bi().await?;
-    to_fwd.write_all(&[0, 0]).await?;
+    let (resp_ep, rconn, mut to_fwd, mut from_fwd) = client(addr, &client_cfg, true).await?;
     // The responder echoes every complete frame it reads, as it reads it.
     let responder = tokio::spawn(async move {
         let mut buf = BytesMut::with_capacity(64 << 10);
@@ -224,10 +240,7 @@ pub(crate) async fn floor_latency(
         let _ = to_fwd.finish();
         anyhow::Ok(())
     });
-    let mut req_ep = endpoint(None)?;
-    req_ep.set_default_client_config(client_cfg);
-    let qconn = req_ep.connect(addr, "localhost")?.await?;
-    let (mut send, mut recv) = qconn.open_bi().await?;
+    let (req_ep, qconn, mut send, mut recv) = client(addr, &client_cfg, false).await?;
     let request = |seq: u64| {
         let mut f = Vec::with_capacity(2 + size);
         f.extend_from_slice(&(size as u16).to_be_bytes());
@@ -253,13 +266,9 @@ pub(crate) async fn floor_latency(
             .context("the floor's forwarder closed the stream")?;
         buf.extend_from_slice(&c.bytes);
         out.clear();
-        while buf.len() >= 2 {
-            let len = u16::from_be_bytes([buf[0], buf[1]]) as usize;
-            if buf.len() < 2 + len {
-                break;
-            }
-            let frame = buf.split_to(2 + len);
-            let seq = u64::from_be_bytes(frame[2..10].try_into().context("short reply")?);
+        let replies = buf.split_to(complete_frames(&buf));
+        for body in frames(&replies) {
+            let seq = u64::from_be_bytes(body[..8].try_into().context("short reply")?);
             if let Some(t) = sent_at.remove(&seq) {
                 times.push(t.elapsed());
             }
