@@ -179,13 +179,12 @@ pub(crate) async fn submit(
     }
     let id = random_id()?;
     let (tx, rx) = oneshot::channel();
-    let cmd = Cmd::Send {
-        to,
-        id,
-        body,
-        reply: tx,
-    };
-    if shared.cmd_tx.send(cmd).await.is_err() {
+    if shared
+        .out
+        .send(&shared.cmd_tx, &shared.tasks, to, id, body, tx)
+        .await
+        .is_err()
+    {
         return Err(ApiError::new("stopped", "the daemon is stopping"));
     }
     Ok(PendingSend {

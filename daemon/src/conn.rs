@@ -3,7 +3,7 @@
 //! What the protocol means lives in the sans-IO [`crate::session`] core;
 //! this actor only moves frames between it, the link and the control side.
 
-use crate::dial::{ConnectError, Dialer, Link};
+use crate::dial::{ConnectError, Dialer, Link, LinkError};
 use crate::session::{Cmd, Effects, End, SessionCore};
 use crate::tls::VerifyNote;
 use crate::{ConnState, DaemonError, Shared};
@@ -202,6 +202,11 @@ struct Actor {
     ready: Option<(Link, Welcome, String)>,
     /// The relay that last went silent, and when.
     silent: Option<Silent>,
+    /// Connections served so far: the number of the current one.
+    link_gen: u64,
+    /// Sends taken from the queue and not written yet (see
+    /// [`crate::outbound`]).
+    unwritten: usize,
 }
 
 /// Runs until shutdown or a fatal refusal.
@@ -214,13 +219,15 @@ pub(crate) async fn run(
 ) -> Result<(), DaemonError> {
     let dialer = Dialer::new(shared.config.clone(), tls, note, shared.paths.clone())?;
     let mut actor = Actor {
-        shared,
         cmd_rx,
-        core: SessionCore::default(),
+        core: SessionCore::new(shared.out.reqs()),
+        shared,
         dialer,
         next: None,
         ready: None,
         silent: None,
+        link_gen: 0,
+        unwritten: 0,
     };
     let res = actor.run(cancel).await;
     let error = match &res {
@@ -243,6 +250,32 @@ pub(crate) async fn run(
 }
 
 impl Actor {
+    /// A command, taken while connection `current` is served (if any); the
+    /// frame to write for it, if any.
+    fn absorb(&mut self, cmd: Cmd, current: Option<u64>) -> Option<Frame> {
+        self.unwritten += usize::from(queued(&cmd));
+        self.core.absorb(cmd, current)
+    }
+
+    /// Everything absorbed so far was written (or dropped, unwanted).
+    fn settle(&mut self) {
+        self.shared.out.written(std::mem::take(&mut self.unwritten));
+    }
+
+    /// Writes the actor's frames; then everything absorbed is written.
+    async fn write(&mut self, link: &Link, frames: &[Frame]) -> Result<(), End> {
+        if frames.is_empty() {
+            return Ok(());
+        }
+        match self.shared.out.write(frames).await {
+            Ok(()) => {
+                self.settle();
+                Ok(())
+            }
+            Err(e) => Err(End::Lost(lost(link, e))),
+        }
+    }
+
     fn publish_pending(&self) {
         self.shared
             .pending_sends
@@ -277,7 +310,9 @@ impl Actor {
                             r = &mut connect => break 'dial r,
                             cmd = self.cmd_rx.recv() => match cmd {
                                 Some(c) => {
-                                    let _ = self.core.absorb(c);
+                                    // (Fields apart: `connect` holds the dialer.)
+                                    self.unwritten += usize::from(queued(&c));
+                                    let _ = self.core.absorb(c, None);
                                     self.shared
                                         .pending_sends
                                         .store(self.core.pending_sends(), Ordering::Relaxed);
@@ -331,9 +366,21 @@ impl Actor {
                         .instrument(tracing::Span::current())
                     }));
                     let served = self.serve(link, &relay, &home, &cancel).await;
+                    // Done with, however it ended (closed already as a
+                    // rule): a caller's write still waiting on it ends too.
+                    let done = self
+                        .shared
+                        .conn
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take();
+                    if let Some(conn) = done {
+                        conn.close(close::NORMAL.into(), b"reconnecting");
+                    }
+                    // Sends queue for the actor again until the next one.
+                    self.shared.out.remove().await;
                     streams_stop.cancel();
                     let _ = streams.await;
-                    *self.shared.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     let end = match served {
                         Served::Shutdown => return Ok(()),
                         Served::Ended(end) => end,
@@ -443,7 +490,7 @@ impl Actor {
                     cmd = self.cmd_rx.recv() => match cmd {
                         Some(c) => {
                             // Frames are written on the next connection.
-                            let _ = self.core.absorb(c);
+                            let _ = self.absorb(c, None);
                             self.publish_pending();
                         }
                         None => return Ok(()),
@@ -557,19 +604,24 @@ impl Actor {
             first.push(Frame::TunJoin(swb_wire::TunJoin { want }));
         }
         self.publish_pending();
-        if let Err(e) = link.write(&first).await {
-            return Served::Ended(End::Lost(e.to_string()));
+        let Some(send) = link.take_send() else {
+            return Served::Ended(End::Lost("the control stream was taken".into()));
+        };
+        self.link_gen += 1;
+        let current = Some(self.link_gen);
+        // From here, callers may write their sends themselves.
+        if let Err(e) = self.shared.out.install(self.link_gen, send, &first).await {
+            return Served::Ended(End::Lost(lost(&link, e)));
         }
+        self.settle();
         // Frames that arrived together with the Welcome (mail held while
         // this peer was away) are already buffered.
         let mut out = Vec::new();
         if let Err(end) = self.drain(&mut link, &mut out) {
             return Served::Ended(end);
         }
-        if !out.is_empty() {
-            if let Err(e) = link.write(&out).await {
-                return Served::Ended(End::Lost(e.to_string()));
-            }
+        if let Err(end) = self.write(&link, &out).await {
+            return Served::Ended(end);
         }
         let now = tokio::time::Instant::now();
         let mut watch = Watch::new(
@@ -649,11 +701,11 @@ impl Actor {
                 cmd = self.cmd_rx.recv() => match cmd {
                     None => return Served::Shutdown,
                     Some(c) => {
-                        let mut out: Vec<Frame> = self.core.absorb(c).into_iter().collect();
+                        let mut out: Vec<Frame> = self.absorb(c, current).into_iter().collect();
                         // Whatever else is queued goes out in the same write.
                         while out.len() < CMD_BATCH {
                             match self.cmd_rx.try_recv() {
-                                Ok(c) => out.extend(self.core.absorb(c)),
+                                Ok(c) => out.extend(self.absorb(c, current)),
                                 Err(_) => break,
                             }
                         }
@@ -666,7 +718,17 @@ impl Actor {
                     if let Err(e) = r {
                         return Served::Ended(End::Lost(e.to_string()));
                     }
+                    // Sends their callers wrote are registered before the
+                    // relay can answer them, but may still be queued: take
+                    // them first.
                     let mut out = Vec::new();
+                    for _ in 0..self.cmd_rx.len() {
+                        match self.cmd_rx.try_recv() {
+                            Ok(c) => out.extend(self.absorb(c, current)),
+                            Err(_) => break,
+                        }
+                    }
+                    out.extend(self.core.take_acks());
                     if let Err(end) = self.drain(&mut link, &mut out) {
                         if let End::Fatal(r) = &end {
                             if r.code == Code::REPLACED {
@@ -693,12 +755,24 @@ impl Actor {
                     out
                 }
             };
-            if !out.is_empty() {
-                if let Err(e) = link.write(&out).await {
-                    return Served::Ended(End::Lost(e.to_string()));
-                }
+            if let Err(end) = self.write(&link, &out).await {
+                return Served::Ended(end);
             }
         }
+    }
+}
+
+/// Whether `cmd` is a send its caller queued for the actor to write.
+fn queued(cmd: &Cmd) -> bool {
+    matches!(cmd, Cmd::Send { written: None, .. })
+}
+
+/// Why writing to `link` failed, in words (the connection's own reason if
+/// it has one).
+fn lost(link: &Link, e: LinkError) -> String {
+    match e {
+        LinkError::Lost(why) => link.lost(&why).to_string(),
+        other => other.to_string(),
     }
 }
 

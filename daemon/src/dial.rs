@@ -55,7 +55,8 @@ pub(crate) enum LinkError {
 /// An established control stream to a relay.
 pub(crate) struct Link {
     pub(crate) conn: quinn::Connection,
-    pub(crate) send: quinn::SendStream,
+    /// Taken by the connection actor when it serves the link.
+    send: Option<quinn::SendStream>,
     recv: quinn::RecvStream,
     pub(crate) reader: FrameReader,
     pub(crate) addr: SocketAddr,
@@ -96,16 +97,9 @@ impl Link {
         }
     }
 
-    /// Writes frames in one write.
-    pub(crate) async fn write(&mut self, frames: &[Frame]) -> Result<(), LinkError> {
-        let mut b = BytesMut::new();
-        for f in frames {
-            f.encode(&mut b)?;
-        }
-        match self.send.write_all(&b).await {
-            Ok(()) => Ok(()),
-            Err(e) => Err(self.lost(&e.to_string())),
-        }
+    /// The control stream's write side (once).
+    pub(crate) fn take_send(&mut self) -> Option<quinn::SendStream> {
+        self.send.take()
     }
 }
 
@@ -459,7 +453,7 @@ impl Dialer {
             .map_err(|e| ConnectError::Retry(e.to_string()))?;
         let mut link = Link {
             conn,
-            send,
+            send: Some(send),
             recv,
             reader: FrameReader::new(),
             addr,

@@ -41,6 +41,7 @@ mod dial;
 pub mod framing;
 mod inbox;
 mod metrics;
+mod outbound;
 pub mod ping;
 mod server;
 mod session;
@@ -255,6 +256,8 @@ pub(crate) struct Shared {
     pub(crate) inbox_gen: watch::Sender<u64>,
     pub(crate) conn: Mutex<Option<quinn::Connection>>,
     pub(crate) cmd_tx: mpsc::Sender<session::Cmd>,
+    /// The control stream's write side (see [`outbound`]).
+    pub(crate) out: outbound::Outbound,
     pub(crate) pending_sends: AtomicUsize,
     /// Relays in the last relay map.
     pub(crate) relay_count: AtomicUsize,
@@ -421,6 +424,7 @@ impl Daemon {
             inbox_gen: watch::channel(0).0,
             conn: Mutex::new(None),
             cmd_tx,
+            out: outbound::Outbound::default(),
             pending_sends: AtomicUsize::new(0),
             own_status: tokio::sync::Mutex::new(status::OwnStatus::default()),
             relay_count: AtomicUsize::new(0),

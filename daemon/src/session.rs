@@ -8,6 +8,8 @@
 use crate::inbox::{Inbox, Pushed};
 use bytes::Bytes;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use swb_wire::{Ack, Code, Frame, MessageId, Refusal, RelayMapPages, RelayRecord, Send};
 use tokio::sync::oneshot;
 
@@ -26,6 +28,8 @@ pub(crate) enum Cmd {
         id: MessageId,
         body: Bytes,
         reply: oneshot::Sender<SendResult>,
+        /// Already written by its caller (see [`crate::outbound`]).
+        written: Option<Written>,
     },
     Ack(Vec<MessageId>),
     /// The TUN address index of a peer (the name responder).
@@ -33,6 +37,14 @@ pub(crate) enum Cmd {
         name: String,
         reply: oneshot::Sender<Option<u32>>,
     },
+}
+
+/// A send its caller wrote itself: with which request number, on which
+/// connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Written {
+    pub(crate) req: u64,
+    pub(crate) link: u64,
 }
 
 struct PendingSend {
@@ -83,7 +95,8 @@ pub(crate) struct Effects {
 #[derive(Default)]
 pub(crate) struct SessionCore {
     pending: BTreeMap<u64, PendingSend>,
-    next_req: u64,
+    /// Request numbers, shared with the callers that write their own sends.
+    reqs: Arc<AtomicU64>,
     pending_acks: Vec<MessageId>,
     /// Live relays, as the last relay told us.
     map: Vec<RelayRecord>,
@@ -95,23 +108,43 @@ pub(crate) struct SessionCore {
 }
 
 impl SessionCore {
-    /// A command from the control side; the frame to write now, if any.
-    pub(crate) fn absorb(&mut self, cmd: Cmd) -> Option<Frame> {
+    /// A core taking request numbers from `reqs`.
+    pub(crate) fn new(reqs: Arc<AtomicU64>) -> Self {
+        Self {
+            reqs,
+            ..Self::default()
+        }
+    }
+
+    fn next_req(&self) -> u64 {
+        self.reqs.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A command from the control side, taken while connection `current`
+    /// is served (if any); the frame to write now, if any. A send its
+    /// caller wrote on `current` needs none.
+    pub(crate) fn absorb(&mut self, cmd: Cmd, current: Option<u64>) -> Option<Frame> {
         match cmd {
             Cmd::Send {
                 to,
                 id,
                 body,
                 reply,
+                written,
             } => {
-                self.next_req += 1;
-                let req = self.next_req;
-                let frame = Frame::Send(Send {
-                    req,
-                    id,
-                    to: to.clone(),
-                    body: body.clone(),
-                });
+                let req = match written {
+                    Some(w) => w.req,
+                    None => self.next_req(),
+                };
+                let frame = match written {
+                    Some(w) if Some(w.link) == current => None,
+                    _ => Some(Frame::Send(Send {
+                        req,
+                        id,
+                        to: to.clone(),
+                        body: body.clone(),
+                    })),
+                };
                 self.pending.insert(
                     req,
                     PendingSend {
@@ -121,15 +154,14 @@ impl SessionCore {
                         reply,
                     },
                 );
-                Some(frame)
+                frame
             }
             Cmd::Ack(ids) => {
                 self.pending_acks.extend(ids);
                 None
             }
             Cmd::TunResolve { name, reply } => {
-                self.next_req += 1;
-                let req = self.next_req;
+                let req = self.next_req();
                 let frame = Frame::TunResolve(swb_wire::TunResolve {
                     req,
                     name: name.clone(),
@@ -302,12 +334,16 @@ mod tests {
     fn send(core: &mut SessionCore, to: &str, n: u8) -> (oneshot::Receiver<SendResult>, Frame) {
         let (tx, rx) = oneshot::channel();
         let f = core
-            .absorb(Cmd::Send {
-                to: to.into(),
-                id: MessageId([n; 16]),
-                body: Bytes::from(vec![n]),
-                reply: tx,
-            })
+            .absorb(
+                Cmd::Send {
+                    to: to.into(),
+                    id: MessageId([n; 16]),
+                    body: Bytes::from(vec![n]),
+                    reply: tx,
+                    written: None,
+                },
+                Some(1),
+            )
             .expect("a send is written at once");
         (rx, f)
     }
@@ -326,7 +362,7 @@ mod tests {
         let (_b_rx, b) = send(&mut core, "london", 2);
         let (c_rx, _c) = send(&mut core, "paris", 3);
         drop(c_rx); // nobody waits for this one any more
-        core.absorb(Cmd::Ack(vec![MessageId([9; 16])]));
+        core.absorb(Cmd::Ack(vec![MessageId([9; 16])]), Some(1));
         // The relay answers `a`; the connection drops before `b`.
         let mut inbox = Inbox::default();
         let (mut out, mut fx) = (Vec::new(), Effects::default());
@@ -353,6 +389,52 @@ mod tests {
         assert!(matches!(&again[1], Frame::Ack(a) if a.ids == vec![MessageId([9; 16])]));
         assert_eq!(core.pending_sends(), 1);
         assert!(core.take_acks().is_empty(), "acks go out once");
+    }
+
+    #[test]
+    fn a_send_its_caller_wrote_is_remembered_and_written_again_only_on_another_connection() {
+        let reqs = Arc::new(AtomicU64::new(0));
+        let mut core = SessionCore::new(reqs.clone());
+        let (_queued_rx, queued) = send(&mut core, "london", 1);
+        // A caller wrote this one on connection 1 with the next number.
+        let req = reqs.fetch_add(1, Ordering::Relaxed) + 1;
+        assert_ne!(req, req_of(&queued), "one counter for both paths");
+        let (tx, mut rx) = oneshot::channel();
+        let own = |reply| Cmd::Send {
+            to: "paris".into(),
+            id: MessageId([2; 16]),
+            body: Bytes::from_static(b"hi"),
+            reply,
+            written: Some(Written { req, link: 1 }),
+        };
+        assert!(
+            core.absorb(own(tx), Some(1)).is_none(),
+            "already on the wire"
+        );
+        assert_eq!(core.pending_sends(), 2);
+        // Its answer reaches its caller.
+        let (mut inbox, mut out, mut fx) = (Inbox::default(), Vec::new(), Effects::default());
+        let accepted = Frame::SendAccepted(SendAccepted {
+            req,
+            id: MessageId([2; 16]),
+            online: false,
+        });
+        core.on_frame(accepted, &mut inbox, &mut out, &mut fx)
+            .expect("an answer");
+        assert_eq!(rx.try_recv(), Ok(Ok(false)));
+        // Taken only after connection 1 was lost (or while dialing): the
+        // frame went to a dead connection and is written again, with its
+        // number.
+        let mut waiting = Vec::new();
+        for current in [Some(2), None] {
+            let (tx, rx) = oneshot::channel();
+            waiting.push(rx);
+            let f = core.absorb(own(tx), current).expect("written again");
+            assert_eq!(req_of(&f), req);
+        }
+        // And every unanswered one goes again on the next connection.
+        let again: Vec<u64> = core.on_connected().iter().map(req_of).collect();
+        assert_eq!(again, vec![req_of(&queued), req]);
     }
 
     #[test]

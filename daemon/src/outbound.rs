@@ -1,0 +1,201 @@
+//! The write side of the control stream, shared by the connection actor and
+//! the callers of `send`.
+//!
+//! A send whose caller finds the stream free, with none of the sends handed
+//! to the actor still unwritten, is written by the caller itself: one task
+//! hop fewer per message, and under load the writing is spread over the
+//! callers instead of queued behind the actor's reading. The caller first
+//! registers the send with the actor (over the same bounded channel, so the
+//! actor knows it before the relay can answer it) and says on which
+//! connection it wrote it; the actor keeps it until answered and writes it
+//! again on the next connection if this one is lost, as it does any send.
+//! Everything else — acknowledgements, resends, sends that find the stream
+//! busy — the actor writes, under the same lock.
+
+use crate::dial::LinkError;
+use crate::session::{Cmd, SendResult, Written};
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use swb_wire::{Frame, MessageId};
+use tokio::sync::{mpsc, oneshot, Mutex, OwnedMutexGuard};
+use tokio_util::task::TaskTracker;
+
+/// The control stream of the connection being served.
+struct Writer {
+    /// Which connection (the actor numbers them).
+    link: u64,
+    send: quinn::SendStream,
+}
+
+/// The daemon is stopping: nothing takes commands any more.
+#[derive(Debug)]
+pub(crate) struct Stopped;
+
+/// See the module documentation.
+#[derive(Default)]
+pub(crate) struct Outbound {
+    writer: Arc<Mutex<Option<Writer>>>,
+    /// Request numbers, shared with the session core.
+    reqs: Arc<AtomicU64>,
+    /// Sends handed to the actor and not written yet. While any are, a
+    /// caller's send queues behind them: one caller's sends stay in order.
+    queued: AtomicUsize,
+}
+
+impl Outbound {
+    /// The request-number counter, for the session core.
+    pub(crate) fn reqs(&self) -> Arc<AtomicU64> {
+        self.reqs.clone()
+    }
+
+    /// Hands a send to the connection: written here if the stream is free
+    /// (see the module documentation), else queued for the actor.
+    pub(crate) async fn send(
+        &self,
+        cmd_tx: &mpsc::Sender<Cmd>,
+        tasks: &TaskTracker,
+        to: String,
+        id: MessageId,
+        body: Bytes,
+        reply: oneshot::Sender<SendResult>,
+    ) -> Result<(), Stopped> {
+        let mut cmd = Cmd::Send {
+            to,
+            id,
+            body,
+            reply,
+            written: None,
+        };
+        if let Some(guard) = self.free() {
+            match self.write_own(guard, cmd_tx, tasks, cmd) {
+                Ok(()) => return Ok(()),
+                Err(back) => cmd = back,
+            }
+        }
+        // Reserve first: counted as queued only once it surely is (a caller
+        // that goes away while waiting for room leaves no count behind).
+        let permit = cmd_tx.reserve().await.map_err(|_| Stopped)?;
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        permit.send(cmd);
+        Ok(())
+    }
+
+    /// The stream, if a connection is served, no other writer holds it and
+    /// no queued send waits to be written before this one.
+    fn free(&self) -> Option<OwnedMutexGuard<Option<Writer>>> {
+        let guard = self.writer.clone().try_lock_owned().ok()?;
+        (guard.is_some() && self.queued.load(Ordering::Acquire) == 0).then_some(guard)
+    }
+
+    /// Registers `cmd` with the actor and writes its frame; gives it back
+    /// (unregistered, unwritten) if the channel has no room.
+    fn write_own(
+        &self,
+        mut guard: OwnedMutexGuard<Option<Writer>>,
+        cmd_tx: &mpsc::Sender<Cmd>,
+        tasks: &TaskTracker,
+        mut cmd: Cmd,
+    ) -> Result<(), Cmd> {
+        let Some(w) = guard.as_mut() else {
+            return Err(cmd);
+        };
+        let Cmd::Send {
+            to,
+            id,
+            body,
+            written,
+            ..
+        } = &mut cmd
+        else {
+            return Err(cmd);
+        };
+        let req = self.reqs.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut buf = BytesMut::new();
+        let frame = Frame::Send(swb_wire::Send {
+            req,
+            id: *id,
+            to: to.clone(),
+            body: body.clone(),
+        });
+        if frame.encode(&mut buf).is_err() {
+            // The actor's path reports what is wrong with it.
+            return Err(cmd);
+        }
+        *written = Some(Written { req, link: w.link });
+        // Registered before written: the actor learns of the send before
+        // the relay's answer can reach it.
+        if let Err(e) = cmd_tx.try_send(cmd) {
+            let mut cmd = e.into_inner();
+            if let Cmd::Send { written, .. } = &mut cmd {
+                *written = None;
+            }
+            return Err(cmd);
+        }
+        let buf = buf.freeze();
+        // Most writes complete at once; the rest is finished by a task (a
+        // caller that goes away must not leave half a frame on the stream).
+        let rest = match w.send.write(&buf).now_or_never() {
+            Some(Ok(n)) if n == buf.len() => return Ok(()),
+            Some(Ok(n)) => buf.slice(n..),
+            // The connection is gone: the actor notices, and writes the
+            // send again on the next one.
+            Some(Err(_)) => return Ok(()),
+            None => buf,
+        };
+        tasks.spawn(async move {
+            if let Some(w) = guard.as_mut() {
+                // An error means the connection is gone (as above).
+                let _ = w.send.write_all(&rest).await;
+            }
+        });
+        Ok(())
+    }
+
+    /// The actor starts serving connection `link`: its stream becomes the
+    /// one written to, beginning with `first`.
+    pub(crate) async fn install(
+        &self,
+        link: u64,
+        send: quinn::SendStream,
+        first: &[Frame],
+    ) -> Result<(), LinkError> {
+        let mut w = self.writer.lock().await;
+        let w = w.insert(Writer { link, send });
+        write_frames(&mut w.send, first).await
+    }
+
+    /// Writes the actor's frames to the connection being served.
+    pub(crate) async fn write(&self, frames: &[Frame]) -> Result<(), LinkError> {
+        match self.writer.lock().await.as_mut() {
+            Some(w) => write_frames(&mut w.send, frames).await,
+            None => Err(LinkError::Lost("no connection to write to".into())),
+        }
+    }
+
+    /// The connection is no longer served: sends queue for the actor.
+    pub(crate) async fn remove(&self) {
+        self.writer.lock().await.take();
+    }
+
+    /// `n` sends the actor took from the queue were written (or dropped).
+    pub(crate) fn written(&self, n: usize) {
+        if n > 0 {
+            self.queued.fetch_sub(n, Ordering::AcqRel);
+        }
+    }
+}
+
+async fn write_frames(send: &mut quinn::SendStream, frames: &[Frame]) -> Result<(), LinkError> {
+    if frames.is_empty() {
+        return Ok(());
+    }
+    let mut b = BytesMut::new();
+    for f in frames {
+        f.encode(&mut b)?;
+    }
+    send.write_all(&b)
+        .await
+        .map_err(|e| LinkError::Lost(e.to_string()))
+}
