@@ -13,10 +13,10 @@
 //! busy — the actor writes, under the same lock.
 
 use crate::dial::LinkError;
-use crate::session::{Cmd, SendResult, Written};
+use crate::session::{Cmd, Reqs, SendResult, Written};
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use swb_wire::{Frame, MessageId};
 use tokio::sync::{mpsc, oneshot, Mutex, OwnedMutexGuard};
@@ -38,7 +38,7 @@ pub(crate) struct Stopped;
 pub(crate) struct Outbound {
     writer: Arc<Mutex<Option<Writer>>>,
     /// Request numbers, shared with the session core.
-    reqs: Arc<AtomicU64>,
+    reqs: Arc<Reqs>,
     /// Sends handed to the actor and not written yet. While any are, a
     /// caller's send queues behind them: one caller's sends stay in order.
     queued: AtomicUsize,
@@ -46,7 +46,7 @@ pub(crate) struct Outbound {
 
 impl Outbound {
     /// The request-number counter, for the session core.
-    pub(crate) fn reqs(&self) -> Arc<AtomicU64> {
+    pub(crate) fn reqs(&self) -> Arc<Reqs> {
         self.reqs.clone()
     }
 
@@ -111,7 +111,7 @@ impl Outbound {
         else {
             return Err(cmd);
         };
-        let req = self.reqs.fetch_add(1, Ordering::Relaxed) + 1;
+        let req = self.reqs.next();
         let mut buf = BytesMut::new();
         let frame = Frame::Send(swb_wire::Send {
             req,
@@ -120,7 +120,10 @@ impl Outbound {
             body: body.clone(),
         });
         if frame.encode(&mut buf).is_err() {
-            // The actor's path reports what is wrong with it.
+            // Cannot happen for a send `submit` checked (size, name). If it
+            // did, the actor's path takes it as it took every send before
+            // this one existed (its write fails and ends the connection).
+            // The number taken here is simply never used.
             return Err(cmd);
         }
         *written = Some(Written { req, link: w.link });

@@ -91,12 +91,24 @@ pub(crate) struct Effects {
     pub(crate) map_changed: bool,
 }
 
+/// Request numbers, one counter for the actor and for the callers that
+/// write their own sends (a number is never given twice).
+#[derive(Debug, Default)]
+pub(crate) struct Reqs(AtomicU64);
+
+impl Reqs {
+    /// The next request number (the first is 1).
+    pub(crate) fn next(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
 /// The session state that outlives connections.
 #[derive(Default)]
 pub(crate) struct SessionCore {
     pending: BTreeMap<u64, PendingSend>,
     /// Request numbers, shared with the callers that write their own sends.
-    reqs: Arc<AtomicU64>,
+    reqs: Arc<Reqs>,
     pending_acks: Vec<MessageId>,
     /// Live relays, as the last relay told us.
     map: Vec<RelayRecord>,
@@ -109,15 +121,11 @@ pub(crate) struct SessionCore {
 
 impl SessionCore {
     /// A core taking request numbers from `reqs`.
-    pub(crate) fn new(reqs: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(reqs: Arc<Reqs>) -> Self {
         Self {
             reqs,
             ..Self::default()
         }
-    }
-
-    fn next_req(&self) -> u64 {
-        self.reqs.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// A command from the control side, taken while connection `current`
@@ -134,7 +142,7 @@ impl SessionCore {
             } => {
                 let req = match written {
                     Some(w) => w.req,
-                    None => self.next_req(),
+                    None => self.reqs.next(),
                 };
                 let frame = match written {
                     Some(w) if Some(w.link) == current => None,
@@ -161,7 +169,7 @@ impl SessionCore {
                 None
             }
             Cmd::TunResolve { name, reply } => {
-                let req = self.next_req();
+                let req = self.reqs.next();
                 let frame = Frame::TunResolve(swb_wire::TunResolve {
                     req,
                     name: name.clone(),
@@ -393,11 +401,11 @@ mod tests {
 
     #[test]
     fn a_send_its_caller_wrote_is_remembered_and_written_again_only_on_another_connection() {
-        let reqs = Arc::new(AtomicU64::new(0));
+        let reqs = Arc::new(Reqs::default());
         let mut core = SessionCore::new(reqs.clone());
         let (_queued_rx, queued) = send(&mut core, "london", 1);
         // A caller wrote this one on connection 1 with the next number.
-        let req = reqs.fetch_add(1, Ordering::Relaxed) + 1;
+        let req = reqs.next();
         assert_ne!(req, req_of(&queued), "one counter for both paths");
         let (tx, mut rx) = oneshot::channel();
         let own = |reply| Cmd::Send {
