@@ -2416,7 +2416,7 @@ async fn ours_rate(
     receivers: usize,
     a: &RateArgs,
     api: Api,
-) -> Result<f64> {
+) -> Result<Measured> {
     let (n, senders, window) = (a.messages, a.senders, a.window);
     let tag = api.tag();
     let sender = bench_daemon(
@@ -2471,6 +2471,7 @@ async fn ours_rate(
         }
     }
     let body = bytes::Bytes::from(vec![0x42u8; 128]);
+    let cpu0 = proc_cpu_ticks(std::process::id())?;
     let t = Instant::now();
     let finished = done.notified();
     tokio::pin!(finished);
@@ -2518,22 +2519,61 @@ async fn ours_rate(
         .await
         .context("not all delivered")?;
     let rate = n as f64 / t.elapsed().as_secs_f64();
+    let cpu = cpu_us_per(proc_cpu_ticks(std::process::id())?.saturating_sub(cpu0), n);
     readers.abort_all();
     sender.shutdown();
     for d in rs {
         d.shutdown();
     }
-    Ok(rate)
+    Ok(Measured { rate, cpu })
+}
+
+/// A rate measurement: deliveries per second, and the CPU time all the
+/// parts spent per delivery (µs; relay, daemons and clients, or NATS's
+/// server and clients). CPU is the steadier figure on a shared machine:
+/// another tenant's load slows the clock but barely moves it.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    rate: f64,
+    cpu: f64,
+}
+
+/// Medians and ranges of a contender's runs.
+struct Summary {
+    rate: f64,
+    rate_range: (f64, f64),
+    cpu: f64,
+    cpu_range: (f64, f64),
+}
+
+impl Summary {
+    fn of(runs: &[Measured]) -> Self {
+        let rates: Vec<f64> = runs.iter().map(|m| m.rate).collect();
+        let cpus: Vec<f64> = runs.iter().map(|m| m.cpu).collect();
+        Self {
+            rate_range: min_max(&rates),
+            rate: median(rates),
+            cpu_range: min_max(&cpus),
+            cpu: median(cpus),
+        }
+    }
+}
+
+fn cpu_us_per(ticks: u64, n: usize) -> f64 {
+    // Linux reports process CPU in clock ticks of 10 ms (USER_HZ 100).
+    ticks as f64 * 10_000.0 / n.max(1) as f64
 }
 
 /// Deliveries per second from one NATS publisher to `subs` subscribers
 /// (each gets every message), 128 B each, `n` deliveries in total.
 async fn nats_rate(
-    addr: std::net::SocketAddr,
+    server: &crate::nats::NatsServer,
     tls: Option<Arc<rustls::ClientConfig>>,
     subs: usize,
     n: usize,
-) -> Result<f64> {
+) -> Result<Measured> {
+    let addr = server.addr;
+    let pid = server.pid().context("nats-server is not running")?;
     let per_sub = (n / subs).max(1);
     let mut readers = tokio::task::JoinSet::new();
     for _ in 0..subs {
@@ -2556,6 +2596,7 @@ async fn nats_rate(
     }
     let (mut tx, _rx) = crate::nats::connect(addr, tls).await?;
     let body = vec![0x42u8; 128];
+    let cpu0 = proc_cpu_ticks(std::process::id())? + proc_cpu_ticks(pid)?;
     let t = Instant::now();
     for i in 0..per_sub {
         tx.publish("rate", None, &body);
@@ -2570,7 +2611,12 @@ async fn nats_rate(
     {
         r??;
     }
-    Ok((per_sub * subs) as f64 / t.elapsed().as_secs_f64())
+    let rate = (per_sub * subs) as f64 / t.elapsed().as_secs_f64();
+    let ticks = (proc_cpu_ticks(std::process::id())? + proc_cpu_ticks(pid)?).saturating_sub(cpu0);
+    Ok(Measured {
+        rate,
+        cpu: cpu_us_per(ticks, per_sub * subs),
+    })
 }
 
 pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
@@ -2582,7 +2628,7 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
     for &receivers in &a.receivers {
         // Contenders take turns within each run, so a slow spell of the
         // machine falls on all of them; the median of the runs is reported.
-        let mut ours: Vec<(Api, Vec<f64>)> = a.apis.iter().map(|&api| (api, vec![])).collect();
+        let mut ours: Vec<(Api, Vec<Measured>)> = a.apis.iter().map(|&api| (api, vec![])).collect();
         let (mut np, mut nt, mut fl) = (vec![], vec![], vec![]);
         for _ in 0..a.runs.max(1) {
             for (api, v) in &mut ours {
@@ -2591,26 +2637,26 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
             if receivers == 1 {
                 fl.push(floor::floor_rate(&floor_identity, a.messages).await?);
             }
-            np.push(nats_rate(plain.addr, None, receivers, a.messages).await?);
-            nt.push(nats_rate(tls_server.addr, Some(tls.clone()), receivers, a.messages).await?);
+            np.push(nats_rate(plain, None, receivers, a.messages).await?);
+            nt.push(nats_rate(tls_server, Some(tls.clone()), receivers, a.messages).await?);
         }
         let ours = ours
             .into_iter()
-            .map(|(api, v)| (api, min_max(&v), median(v)))
+            .map(|(api, v)| (api, Summary::of(&v)))
             .collect::<Vec<_>>();
         let floor = (!fl.is_empty()).then(|| (min_max(&fl), median(fl)));
-        rows.push((receivers, ours, median(np), median(nt), floor));
+        rows.push((receivers, ours, Summary::of(&np), Summary::of(&nt), floor));
     }
     for (receivers, ours, _, nt, _) in &rows {
-        for (api, _, r) in ours {
+        for (api, r) in ours {
             record(
                 "rate",
                 &format!(
                     "deliveries/s 1 -> {receivers}, {} (vs NATS over TLS)",
                     api.label()
                 ),
-                *r,
-                *nt,
+                r.rate,
+                nt.rate,
                 true,
                 api.rate_goal(),
             );
@@ -2619,38 +2665,53 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
     for (receivers, ours, np, nt, floor) in &rows {
         if out.json {
             let mut o = serde_json::json!({"bench": "rate", "receivers": receivers, "size": 128,
-                "nats_per_sec": np, "nats_tls_per_sec": nt});
+                "nats_per_sec": np.rate, "nats_tls_per_sec": nt.rate,
+                "nats_cpu_us_per_msg": np.cpu, "nats_tls_cpu_us_per_msg": nt.cpu});
             if let Some((_, f)) = floor {
                 o["quinn_forwarder_floor_per_sec"] = serde_json::json!(f);
             }
-            for (api, _, r) in ours {
-                o[format!(
-                    "ours_{}_per_sec",
-                    api.label().replace(' ', "_").to_lowercase()
-                )] = serde_json::json!(r);
+            for (api, r) in ours {
+                let label = api.label().replace(' ', "_").to_lowercase();
+                o[format!("ours_{label}_per_sec")] = serde_json::json!(r.rate);
+                o[format!("ours_{label}_cpu_us_per_msg")] = serde_json::json!(r.cpu);
             }
             println!("{o}");
         } else {
             println!(
-                "rate 1 -> {receivers:<3}: nats {np:>9.0}/s   nats+tls {nt:>9.0}/s   (medians of {} runs)",
+                "rate 1 -> {receivers:<3}: nats {:>9.0}/s   nats+tls {:>9.0}/s   (medians of {} runs)",
+                np.rate,
+                nt.rate,
                 a.runs.max(1)
             );
-            for (api, (lo, hi), r) in ours {
+            println!(
+                "  CPU per delivery (all processes): nats {:.2} µs ({:.2}–{:.2})   nats+tls {:.2} µs ({:.2}–{:.2})",
+                np.cpu, np.cpu_range.0, np.cpu_range.1, nt.cpu, nt.cpu_range.0, nt.cpu_range.1
+            );
+            for (api, r) in ours {
                 let of_floor = floor
                     .as_ref()
-                    .map(|(_, f)| format!(", {:.2} of the floor", r / f))
+                    .map(|(_, f)| format!(", {:.2} of the floor", r.rate / f))
                     .unwrap_or_default();
+                let (lo, hi) = r.rate_range;
                 println!(
-                    "  switchboard, {:<14} {r:>9.0}/s ({lo:.0}–{hi:.0})   ratio vs nats+tls {:.2} (goal >= {}){of_floor}",
+                    "  switchboard, {:<14} {:>9.0}/s ({lo:.0}–{hi:.0})   ratio vs nats+tls {:.2} (goal >= {}){of_floor}",
                     api.label(),
-                    r / nt,
+                    r.rate,
+                    r.rate / nt.rate,
                     api.rate_goal()
+                );
+                println!(
+                    "    CPU per delivery {:.2} µs ({:.2}–{:.2}) = {:.1}× nats+tls",
+                    r.cpu,
+                    r.cpu_range.0,
+                    r.cpu_range.1,
+                    r.cpu / nt.cpu
                 );
             }
             if let Some(((lo, hi), f)) = floor {
                 println!(
                     "  floor: quinn forwarder      {f:>9.0}/s ({lo:.0}–{hi:.0})   ratio vs nats+tls {:.2} (forwarding only: no acceptance, ack or mailbox)",
-                    f / nt
+                    f / nt.rate
                 );
             }
         }

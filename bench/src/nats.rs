@@ -201,6 +201,13 @@ pub(crate) struct NatsServer {
     drain: tokio::task::JoinHandle<()>,
 }
 
+impl NatsServer {
+    /// The server's process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         let _ = self.child.start_kill();

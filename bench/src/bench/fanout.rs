@@ -267,13 +267,9 @@ pub(crate) async fn fanout_bench(a: FanoutArgs, out: &Output) -> Result<()> {
             runs[i].push(run_once(&publisher, &pub_name, ws, &a, r * 10 + i).await?);
         }
         nt.push(
-            nats_rate(
-                nats.addr,
-                Some(tls.clone()),
-                a.watchers,
-                a.updates * a.watchers,
-            )
-            .await?,
+            nats_rate(&nats, Some(tls.clone()), a.watchers, a.updates * a.watchers)
+                .await?
+                .rate,
         );
     }
     // One change at a time: latency per path, and NATS's.
