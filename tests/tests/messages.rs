@@ -6,7 +6,7 @@ use std::time::Duration;
 use swb_daemon::{ConnState, ControlError, DaemonError};
 use swb_relay::keys::{self, KeysFile};
 use swb_relay::MailboxLimits;
-use swb_tests::{RawClient, RelayOptions, TestDaemon, TestRelay, WAIT};
+use swb_tests::{RawClient, RelayOptions, TestDaemon, TestRelay, UdpCut, WAIT};
 use swb_wire::{Code, Frame, MessageId, MAX_MESSAGE_BODY};
 
 fn code_of(r: Result<swb_daemon::control::Sent, ControlError>) -> String {
@@ -675,6 +675,78 @@ async fn rust_api_submitted_sends_keep_their_order() -> Result<()> {
     let want: Vec<String> = (0..1000).map(|i| format!("m{i}")).collect();
     assert_eq!(bodies, want);
     assert_eq!(got.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
+    Ok(())
+}
+
+/// Sends around a connection's death — answered before it, taken by the
+/// relay with the answer lost, written by their callers on the dead
+/// connection before the daemon noticed, submitted once the next one is up
+/// — are each accepted once and arrive once, in the order submitted.
+#[tokio::test]
+async fn sends_in_flight_when_the_connection_dies_arrive_once_and_in_order() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let cut = UdpCut::start(relay.addr()).await?;
+    let mut cfg = relay.daemon_config(&key, "a", std::path::PathBuf::new());
+    cfg.relays = vec![cut.addr.to_string()];
+    let a = TestDaemon::spawn(cfg).await?;
+    let first_since = match a.wait_state(|s| s.is_connected()).await? {
+        ConnState::Connected { since, .. } => since,
+        _ => unreachable!(),
+    };
+    let submit = |range: std::ops::Range<usize>| {
+        let sender = a.handle.sender();
+        async move {
+            let mut pending = Vec::new();
+            for i in range {
+                pending.push(sender.submit("b", format!("m{i}"), WAIT).await?);
+            }
+            anyhow::Ok(pending)
+        }
+    };
+    let mut pending = submit(0..300).await?;
+    relay.wait_stats("300 held", |s| s.held == 300).await?;
+    // The relay's answers dropped: these reach it, their answers do not.
+    cut.cut_answers();
+    pending.extend(submit(300..450).await?);
+    relay.wait_stats("450 held", |s| s.held == 450).await?;
+    // Every packet dropped: the daemon serves the connection until the
+    // QUIC idle timeout, and its callers write these on it.
+    cut.cut();
+    pending.extend(submit(450..600).await?);
+    a.wait_state(|s| !s.is_connected()).await?;
+    cut.restore();
+    a.wait_state(|s| matches!(s, ConnState::Connected { since, .. } if *since > first_since))
+        .await?;
+    pending.extend(submit(600..1000).await?);
+    let mut ids = Vec::new();
+    for mut p in pending {
+        let id = p.id();
+        assert_eq!(p.answer().await?.id, id, "each send accepted");
+        ids.push(id);
+    }
+    // The recipient comes afterwards: it gets what the relay holds.
+    let b = TestDaemon::start(&relay, &key, "b").await?;
+    let mut rx = b.handle.receiver();
+    let mut got = Vec::new();
+    while got.len() < 1000 {
+        let batch = rx.recv(500, WAIT).await?;
+        anyhow::ensure!(!batch.is_empty(), "only {} of 1000 arrived", got.len());
+        rx.ack(&batch.iter().map(|m| m.id).collect::<Vec<_>>())
+            .await?;
+        got.extend(batch);
+    }
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    let want: Vec<String> = (0..1000).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, want, "each once, in order");
+    assert_eq!(got.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
+    // No second copy of any is left behind.
+    relay
+        .wait_stats("all acknowledged", |s| s.held == 0)
+        .await?;
     Ok(())
 }
 
