@@ -653,17 +653,30 @@ async fn rust_api_submitted_sends_keep_their_order() -> Result<()> {
     for i in 0..1000 {
         pending.push(a.handle.submit("b", format!("m{i}"), WAIT).await?);
     }
+    let ids = answered(pending).await?;
+    receive_in_order(&b, &ids).await
+}
+
+/// Each send's answer: accepted, under the id it was submitted with.
+async fn answered(pending: Vec<swb_daemon::PendingSend>) -> Result<Vec<MessageId>> {
     let mut ids = Vec::new();
     for mut p in pending {
         let id = p.id();
-        assert_eq!(p.answer().await?.id, id);
+        assert_eq!(p.answer().await?.id, id, "each send accepted");
         ids.push(id);
     }
+    Ok(ids)
+}
+
+/// Receives and acknowledges "m0", "m1", … (as many as `ids`): each once,
+/// in order, under the ids their sender was told.
+async fn receive_in_order(b: &TestDaemon, ids: &[MessageId]) -> Result<()> {
+    let n = ids.len();
     let mut rx = b.handle.receiver();
     let mut got = Vec::new();
-    while got.len() < 1000 {
+    while got.len() < n {
         let batch = rx.recv(500, WAIT).await?;
-        anyhow::ensure!(!batch.is_empty(), "only {} of 1000 arrived", got.len());
+        anyhow::ensure!(!batch.is_empty(), "only {} of {n} arrived", got.len());
         rx.ack(&batch.iter().map(|m| m.id).collect::<Vec<_>>())
             .await?;
         got.extend(batch);
@@ -672,8 +685,8 @@ async fn rust_api_submitted_sends_keep_their_order() -> Result<()> {
         .iter()
         .map(|m| String::from_utf8_lossy(&m.body).into_owned())
         .collect();
-    let want: Vec<String> = (0..1000).map(|i| format!("m{i}")).collect();
-    assert_eq!(bodies, want);
+    let want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, want, "each once, in order");
     assert_eq!(got.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
     Ok(())
 }
@@ -719,30 +732,10 @@ async fn sends_in_flight_when_the_connection_dies_arrive_once_and_in_order() -> 
     a.wait_state(|s| matches!(s, ConnState::Connected { since, .. } if *since > first_since))
         .await?;
     pending.extend(submit(600..1000).await?);
-    let mut ids = Vec::new();
-    for mut p in pending {
-        let id = p.id();
-        assert_eq!(p.answer().await?.id, id, "each send accepted");
-        ids.push(id);
-    }
+    let ids = answered(pending).await?;
     // The recipient comes afterwards: it gets what the relay holds.
     let b = TestDaemon::start(&relay, &key, "b").await?;
-    let mut rx = b.handle.receiver();
-    let mut got = Vec::new();
-    while got.len() < 1000 {
-        let batch = rx.recv(500, WAIT).await?;
-        anyhow::ensure!(!batch.is_empty(), "only {} of 1000 arrived", got.len());
-        rx.ack(&batch.iter().map(|m| m.id).collect::<Vec<_>>())
-            .await?;
-        got.extend(batch);
-    }
-    let bodies: Vec<String> = got
-        .iter()
-        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
-        .collect();
-    let want: Vec<String> = (0..1000).map(|i| format!("m{i}")).collect();
-    assert_eq!(bodies, want, "each once, in order");
-    assert_eq!(got.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
+    receive_in_order(&b, &ids).await?;
     // No second copy of any is left behind.
     relay
         .wait_stats("all acknowledged", |s| s.held == 0)
