@@ -253,6 +253,14 @@ impl SessionCore {
                     let _ = p.reply.send(Ok(a.online));
                 }
             }
+            Frame::SendsAccepted(b) => {
+                fx.accepted += b.accepted.len();
+                for a in b.accepted {
+                    if let Some(p) = self.pending.remove(&a.req) {
+                        let _ = p.reply.send(Ok(a.online));
+                    }
+                }
+            }
             Frame::SendRefused(r) => {
                 fx.refused += 1;
                 if let Some(p) = self.pending.remove(&r.req) {
@@ -397,6 +405,44 @@ mod tests {
         assert!(matches!(&again[1], Frame::Ack(a) if a.ids == vec![MessageId([9; 16])]));
         assert_eq!(core.pending_sends(), 1);
         assert!(core.take_acks().is_empty(), "acks go out once");
+    }
+
+    #[test]
+    fn one_frame_answers_a_run_of_sends_each_to_its_caller() {
+        let mut core = SessionCore::default();
+        let (mut a_rx, a) = send(&mut core, "london", 1);
+        let (mut b_rx, _b) = send(&mut core, "london", 2);
+        let (mut c_rx, c) = send(&mut core, "paris", 3);
+        let (mut inbox, mut out, mut fx) = (Inbox::default(), Vec::new(), Effects::default());
+        let answers = Frame::SendsAccepted(swb_wire::SendsAccepted {
+            accepted: vec![
+                swb_wire::Accepted {
+                    req: req_of(&c),
+                    online: false,
+                },
+                swb_wire::Accepted {
+                    req: req_of(&a),
+                    online: true,
+                },
+                // A request number this daemon does not wait for (an
+                // answer to a send given up meanwhile) is passed over.
+                swb_wire::Accepted {
+                    req: 999,
+                    online: true,
+                },
+            ],
+        });
+        core.on_frame(answers, &mut inbox, &mut out, &mut fx)
+            .expect("answers");
+        assert_eq!(a_rx.try_recv(), Ok(Ok(true)));
+        assert_eq!(c_rx.try_recv(), Ok(Ok(false)));
+        assert!(b_rx.try_recv().is_err(), "b is not answered yet");
+        assert_eq!(core.pending_sends(), 1);
+        assert!(out.is_empty());
+        // Only b is written again on the next connection.
+        let again = core.on_connected();
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert!(matches!(&again[0], Frame::Send(s) if s.id == MessageId([2; 16])));
     }
 
     #[test]

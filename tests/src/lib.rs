@@ -610,6 +610,16 @@ impl RawClient {
         self.send.write_all(&b).await?;
         Ok(())
     }
+
+    /// Writes frames in one write, as a daemon writes what it has queued.
+    pub async fn write_frames(&mut self, fs: &[Frame]) -> Result<()> {
+        let mut b = BytesMut::new();
+        for f in fs {
+            f.encode(&mut b)?;
+        }
+        self.send.write_all(&b).await?;
+        Ok(())
+    }
 }
 
 /// One HTTP answer: status, headers and the body parsed as JSON.

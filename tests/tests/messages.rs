@@ -241,6 +241,73 @@ async fn oversized_body_is_refused_by_daemon_and_relay() -> Result<()> {
 }
 
 #[tokio::test]
+async fn sends_read_together_are_answered_together_each_once() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let (mut raw, f) = RawClient::hello(&relay, &key, "raw").await?;
+    assert!(matches!(f, Frame::Welcome(_)));
+    // 40 sends in one write; the 20th names nobody a name can name.
+    let bad = 20;
+    let sends: Vec<Frame> = (1..=40u64)
+        .map(|req| {
+            Frame::Send(swb_wire::Send {
+                req,
+                id: MessageId([req as u8; 16]),
+                to: if req == bad { "bad name!" } else { "away" }.into(),
+                body: Bytes::from_static(b"hello"),
+            })
+        })
+        .collect();
+    raw.write_frames(&sends).await?;
+    // Every answer once: runs of accepted sends merge into one frame (a
+    // refusal needs no store and may overtake the acceptances before it).
+    let (mut answers, mut frames) = (Vec::new(), 0);
+    while answers.len() < sends.len() {
+        match raw.read_frame().await? {
+            Frame::SendsAccepted(b) => {
+                frames += 1;
+                answers.extend(b.accepted.iter().map(|a| (a.req, Ok(a.online))));
+            }
+            Frame::SendAccepted(a) => {
+                frames += 1;
+                answers.push((a.req, Ok(a.online)));
+            }
+            Frame::SendRefused(r) => answers.push((r.req, Err(r.refusal.code))),
+            other => panic!("expected answers, got {other:?}"),
+        }
+    }
+    answers.sort_by_key(|(req, _)| *req);
+    let expected: Vec<_> = (1..=40u64)
+        .map(|req| {
+            (
+                req,
+                if req == bad {
+                    Err(Code::BAD_NAME)
+                } else {
+                    Ok(false)
+                },
+            )
+        })
+        .collect();
+    assert_eq!(answers, expected);
+    assert!(
+        frames < 39,
+        "39 accepted sends written at once took {frames} answer frames"
+    );
+    // What was accepted is there, once each.
+    let r = TestDaemon::start(&relay, &key, "away").await?;
+    let got = r.recv_n(39).await?;
+    assert_eq!(
+        got.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+        (1..=40u8)
+            .filter(|&i| u64::from(i) != bad)
+            .map(|i| MessageId([i; 16]).to_string())
+            .collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn full_mailbox_is_a_refusal_the_sender_sees() -> Result<()> {
     let relay = TestRelay::spawn_with(RelayOptions {
         limits: MailboxLimits {

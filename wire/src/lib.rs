@@ -30,6 +30,9 @@
 //!
 //! - 1: Hello/Welcome/Refused, Send/SendAccepted/SendRefused, Deliver/Ack,
 //!   Ping/Pong, Goodbye.
+//! - 2: `SendsAccepted` answers a run of sends in one frame; a relay sends
+//!   it for sends it accepts at once (a daemon of version 1 would skip it
+//!   as unknown and wait for answers that never come, hence the bump).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -41,7 +44,7 @@ pub use name::{normalize_name, normalized, NameError, DNS_SUFFIX};
 /// The four bytes that open every control stream, in both directions.
 pub const MAGIC: [u8; 4] = *b"SWBD";
 /// The protocol version this crate speaks. See the changelog in the crate docs.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Length of the [`Preamble`] on the wire.
 pub const PREAMBLE_LEN: usize = 6;
 /// Length of a frame header: type (1) + length (4).
@@ -79,6 +82,8 @@ pub const MAX_KEY_LEN: usize = 256;
 pub const MAX_REASON_LEN: usize = 1024;
 /// Largest number of ids in one `Ack` frame.
 pub const MAX_ACK_IDS: usize = 1024;
+/// Most answers in one [`SendsAccepted`] frame.
+pub const MAX_SENDS_ACCEPTED: usize = 4096;
 /// Largest frame body. Room for a maximal message plus its envelope, and a
 /// little more so that a body slightly over [`MAX_MESSAGE_BODY`] still
 /// decodes and can be refused with a specific code instead of a protocol error.
@@ -258,6 +263,9 @@ pub enum FrameType {
     /// Relay → relay on the mesh control stream, after a whole
     /// `MeshMembers` map: what changed in the relays I hear since.
     MeshMembersDelta = 37,
+    /// Relay → daemon: several `Send`s were accepted (one frame for the
+    /// sends a relay read and accepted together).
+    SendsAccepted = 38,
 }
 
 impl FrameType {
@@ -298,6 +306,7 @@ impl FrameType {
             35 => Self::TunResolved,
             36 => Self::MeshVia,
             37 => Self::MeshMembersDelta,
+            38 => Self::SendsAccepted,
             30 => Self::MeshCall,
             31 => Self::MeshAnswer,
             _ => return None,
@@ -560,6 +569,24 @@ pub struct SendAccepted {
     /// Whether the recipient was attached when the message was accepted.
     /// A name of another namespace looks exactly like a name nobody holds.
     pub online: bool,
+}
+
+/// One send of a [`SendsAccepted`] frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Accepted {
+    /// Echo of `Send::req`.
+    pub req: u64,
+    /// Whether the recipient was attached when the message was accepted.
+    pub online: bool,
+}
+
+/// Relay → daemon: these sends are in their recipients' mailboxes, each as
+/// a [`SendAccepted`] would say (without echoing the ids: the request
+/// number names the send).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SendsAccepted {
+    /// At most [`MAX_SENDS_ACCEPTED`].
+    pub accepted: Vec<Accepted>,
 }
 
 /// Relay → daemon: the message was not accepted.
@@ -1043,6 +1070,8 @@ pub enum Frame {
     Send(Send),
     /// See [`FrameType::SendAccepted`].
     SendAccepted(SendAccepted),
+    /// See [`FrameType::SendsAccepted`].
+    SendsAccepted(SendsAccepted),
     /// See [`FrameType::SendRefused`].
     SendRefused(SendRefused),
     /// See [`FrameType::Deliver`].
@@ -1168,6 +1197,7 @@ impl Frame {
             Frame::Refused(_) => FrameType::Refused,
             Frame::Send(_) => FrameType::Send,
             Frame::SendAccepted(_) => FrameType::SendAccepted,
+            Frame::SendsAccepted(_) => FrameType::SendsAccepted,
             Frame::SendRefused(_) => FrameType::SendRefused,
             Frame::Deliver(_) => FrameType::Deliver,
             Frame::Ack(_) => FrameType::Ack,
@@ -1213,6 +1243,7 @@ impl Frame {
             Frame::Refused(v) | Frame::Goodbye(v) => len(v),
             Frame::Send(v) => len(v),
             Frame::SendAccepted(v) => len(v),
+            Frame::SendsAccepted(v) => len(v),
             Frame::SendRefused(v) => len(v),
             Frame::Deliver(v) => len(v),
             Frame::Ack(v) => len(v),
@@ -1268,6 +1299,7 @@ impl Frame {
             Frame::Refused(v) | Frame::Goodbye(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::Send(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::SendAccepted(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::SendsAccepted(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::SendRefused(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::Deliver(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::Ack(v) => postcard::to_slice(v, out).map(|s| s.len()),
@@ -1419,6 +1451,15 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
         FrameType::Refused => Frame::Refused(body(ty, b)?),
         FrameType::Send => Frame::Send(body(ty, b)?),
         FrameType::SendAccepted => Frame::SendAccepted(body(ty, b)?),
+        FrameType::SendsAccepted => {
+            let a: SendsAccepted = body(ty, b)?;
+            check_len(
+                "sends_accepted.accepted",
+                a.accepted.len(),
+                MAX_SENDS_ACCEPTED,
+            )?;
+            Frame::SendsAccepted(a)
+        }
         FrameType::SendRefused => Frame::SendRefused(body(ty, b)?),
         FrameType::Deliver => Frame::Deliver(body(ty, b)?),
         FrameType::Ack => {

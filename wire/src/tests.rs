@@ -267,6 +267,14 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             .prop_map(|(req, id, to, body)| Frame::Send(Send { req, id, to, body })),
         (any::<u64>(), arb_id(), any::<bool>())
             .prop_map(|(req, id, online)| Frame::SendAccepted(SendAccepted { req, id, online })),
+        proptest::collection::vec((any::<u64>(), any::<bool>()), 0..64).prop_map(|v| {
+            Frame::SendsAccepted(SendsAccepted {
+                accepted: v
+                    .into_iter()
+                    .map(|(req, online)| Accepted { req, online })
+                    .collect(),
+            })
+        }),
         (any::<u64>(), arb_refusal())
             .prop_map(|(req, refusal)| Frame::SendRefused(SendRefused { req, refusal })),
         (arb_id(), "[a-z]{0,63}", arb_bytes(2048), any::<u64>()).prop_map(
@@ -614,6 +622,35 @@ fn a_members_delta_that_fits_encodes_within_one_frame() {
         Decoded::Frame { frame, .. } => assert_eq!(frame, f),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_full_sends_accepted_frame_fits_and_one_more_answer_is_refused() {
+    // The largest request numbers, so every answer takes its most bytes.
+    let answer = Accepted {
+        req: u64::MAX,
+        online: true,
+    };
+    let mut f = SendsAccepted {
+        accepted: vec![answer; MAX_SENDS_ACCEPTED],
+    };
+    let mut b = BytesMut::new();
+    Frame::SendsAccepted(f.clone())
+        .encode(&mut b)
+        .expect("a full frame is within MAX_FRAME_LEN");
+    assert!(
+        matches!(decode(&b), Ok(Decoded::Frame { frame: Frame::SendsAccepted(g), .. }) if g == f)
+    );
+    f.accepted.push(answer);
+    let mut b = BytesMut::new();
+    Frame::SendsAccepted(f).encode(&mut b).expect("encodes");
+    assert!(matches!(
+        decode(&b),
+        Err(DecodeError::FieldTooLarge {
+            field: "sends_accepted.accepted",
+            ..
+        })
+    ));
 }
 
 #[test]

@@ -57,10 +57,21 @@ struct Io {
     recv: quinn::RecvStream,
     reader: FrameReader,
     out: BytesMut,
+    /// Sends accepted at once since the last flush, answered together in
+    /// one `SendsAccepted` frame (taken whole at each flush: an idle
+    /// session holds no capacity).
+    accepted: Vec<swb_wire::Accepted>,
 }
 
 impl Io {
+    /// Queues `f` after the answers accepted before it (frames keep the
+    /// order they were made in; only runs of accepted sends merge).
     fn queue(&mut self, f: &Frame) -> Result<(), End> {
+        self.queue_accepted()?;
+        self.encode(f)
+    }
+
+    fn encode(&mut self, f: &Frame) -> Result<(), End> {
         if self.out.capacity() == 0 {
             // One allocation for a whole batch instead of growing it step by
             // step (this buffer is handed to QUIC whole at each flush).
@@ -70,7 +81,34 @@ impl Io {
             .map_err(|e| End::Protocol(format!("cannot encode {:?}: {e}", f.frame_type())))
     }
 
+    /// Answers a send accepted at once: with the others read in the same
+    /// turn, in one frame at the next flush.
+    fn accepted(&mut self, req: u64, online: bool) -> Result<(), End> {
+        self.accepted.push(swb_wire::Accepted { req, online });
+        if self.accepted.len() >= swb_wire::MAX_SENDS_ACCEPTED {
+            self.queue_accepted()?;
+        }
+        Ok(())
+    }
+
+    /// Queues the answer to a send: an accepted one joins the run.
+    fn answer(&mut self, reply: Frame) -> Result<(), End> {
+        match reply {
+            Frame::SendAccepted(a) => self.accepted(a.req, a.online),
+            other => self.queue(&other),
+        }
+    }
+
+    fn queue_accepted(&mut self) -> Result<(), End> {
+        if self.accepted.is_empty() {
+            return Ok(());
+        }
+        let accepted = std::mem::take(&mut self.accepted);
+        self.encode(&Frame::SendsAccepted(swb_wire::SendsAccepted { accepted }))
+    }
+
     async fn flush(&mut self, cancel: &CancellationToken) -> Result<(), End> {
+        self.queue_accepted()?;
         if self.out.is_empty() {
             return Ok(());
         }
@@ -218,6 +256,7 @@ async fn open(
         recv,
         reader: FrameReader::new(),
         out: BytesMut::with_capacity(1024),
+        accepted: Vec::new(),
     };
     Preamble {
         version: PROTOCOL_VERSION,
@@ -554,6 +593,20 @@ impl<F: std::future::Future> Ordered<F> {
             Poll::Pending => Poll::Pending,
         }
     }
+
+    /// Every output ready now, in order; pending until there is one.
+    fn poll_run(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Vec<F::Output>> {
+        use std::task::Poll;
+        let mut run = Vec::new();
+        while let Poll::Ready(out) = self.poll_next(cx) {
+            run.push(out);
+        }
+        if run.is_empty() {
+            Poll::Pending
+        } else {
+            Poll::Ready(run)
+        }
+    }
 }
 
 /// After a mesh change: if the namespace's TUN allocator is another relay
@@ -771,9 +824,13 @@ async fn serve(
                     }
                 }
             }
-            reply = std::future::poll_fn(|cx| durable.poll_next(cx)), if !durable.is_empty() => {
-                if let Err(e) = io.queue(&reply) {
-                    return e;
+            // Every answer the store made ready (it commits in groups), so
+            // a run of accepted sends goes out as one frame.
+            replies = std::future::poll_fn(|cx| durable.poll_run(cx)), if !durable.is_empty() => {
+                for reply in replies {
+                    if let Err(e) = io.answer(reply) {
+                        return e;
+                    }
                 }
             }
             Some(reply) = async {
@@ -782,8 +839,14 @@ async fn serve(
                     None => std::future::pending().await,
                 }
             } => {
-                if let Err(e) = io.queue(&reply) {
+                if let Err(e) = io.answer(reply) {
                     return e;
+                }
+                // And the other answers other relays gave meanwhile.
+                while let Some(Ok(reply)) = fwd.as_mut().map(|f| f.done.try_recv()) {
+                    if let Err(e) = io.answer(reply) {
+                        return e;
+                    }
                 }
             }
             // Read more once every complete frame read so far is handled.
@@ -971,10 +1034,10 @@ fn handle_local(
                 Ok((online, stored)) => {
                     debug!(id = %s.id, online, "message accepted");
                     let (req, id) = (s.req, s.id);
-                    let accepted = Frame::SendAccepted(SendAccepted { req, id, online });
                     if stored.is_done() {
-                        return io.queue(&accepted);
+                        return io.accepted(req, online);
                     }
+                    let accepted = Frame::SendAccepted(SendAccepted { req, id, online });
                     // `accepted` only once the message is durable.
                     durable.push_back(Box::pin(async move {
                         match stored.wait().await {
