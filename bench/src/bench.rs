@@ -774,6 +774,8 @@ async fn attach(
             key: key.to_string(),
             name: name.to_string(),
             agent: "swbd-bench".into(),
+            // Each attachment its own daemon, as far as the relay knows.
+            instance: fastrand::u64(..),
         })
         .encode(&mut b)?;
         send.write_all(&b).await?;

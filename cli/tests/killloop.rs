@@ -459,9 +459,9 @@ fn rebinds(d: &TestDaemon) -> u64 {
 /// moves to a new UDP socket and probes the relay on a new connection;
 /// once the relay runs again each is attached — on its old connection (the
 /// relay answered it, the probe is dropped) or on its probe's (the relay
-/// registered the name there first and replaced the old session, which the
-/// daemon takes for its own doing, not another machine's: see
-/// `replaced_by` in `daemon/src/conn.rs`) — and gets its mail; none stops.
+/// registered the name there first and, knowing the daemon's instance,
+/// ended the old connection with `moved`, not `replaced`) — and gets its
+/// mail; none stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_stalled_past_the_silence_probe_keeps_every_daemon() -> Result<()> {
     swb_tests::init_logs();

@@ -91,14 +91,6 @@ impl Silent {
     }
 }
 
-/// For this long after a probe began, a `replaced` from the relay is taken
-/// for the probe's doing (a stalled relay may read its hello long after the
-/// probe gave up) and the daemon reconnects; later, it means another daemon
-/// took the name, and this one stops. A daemon elsewhere that takes the
-/// name within the window is replaced in turn by that reconnect (and stops,
-/// unless it probed lately too): there, the one that was first keeps it.
-const REPLACED_BY_PROBE: Duration = Duration::from_secs(30);
-
 /// A connection attempt running beside the session it may replace.
 type Probe = std::pin::Pin<
     Box<dyn std::future::Future<Output = Result<(Link, Welcome), ConnectError>> + Send>,
@@ -408,7 +400,9 @@ impl Actor {
                             self.next = Some(r);
                             continue;
                         }
-                        End::Lost(why) => {
+                        // Moved with no probe of its own running: a
+                        // connection of this daemon the relay took late.
+                        End::Lost(why) | End::Moved(Refusal { message: why, .. }) => {
                             self.shared.metrics.reconnects.inc();
                             warn!(relay = %relay, "lost connection to relay: {why}; reconnecting");
                             last_logged = Some(why.clone());
@@ -632,8 +626,6 @@ impl Actor {
         let mut tick = tokio::time::interval(WATCH_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut probe: Option<Probe> = None;
-        // When the last probe began (see `REPLACED_BY_PROBE`).
-        let mut probed_at: Option<tokio::time::Instant> = None;
         let mut probe_failed = false;
         loop {
             // Ranked: shutdown, then local commands, then relay frames.
@@ -694,7 +686,6 @@ impl Actor {
                     // Silent on UDP: the TCP carrier first, then another relay.
                     if look.probe && !self.shared.paths.hold_probe(link.addr, now) {
                         probe = Some(self.probe(relay, home));
-                        probed_at = Some(now);
                     }
                     Vec::new()
                 }
@@ -730,25 +721,18 @@ impl Actor {
                     }
                     out.extend(self.core.take_acks());
                     if let Err(end) = self.drain(&mut link, &mut out) {
-                        if let End::Fatal(r) = &end {
-                            if r.code == Code::REPLACED {
-                                let now = tokio::time::Instant::now();
-                                match (replaced_by(probe.is_some(), probed_at, now), probe.as_mut()) {
-                                    (ReplacedBy::RunningProbe, Some(running)) => {
-                                        link.conn.close(close::NORMAL.into(), b"replaced by this daemon's probe");
-                                        return tokio::select! {
-                                            _ = cancel.cancelled() => Served::Shutdown,
-                                            r = running => replaced_while_probing(r),
-                                        };
-                                    }
-                                    (ReplacedBy::RecentProbe, _) => {
-                                        return Served::Ended(End::Lost(format!(
-                                            "replaced, most likely by this daemon's own probe of the relay, which gave up waiting ({r})"
-                                        )));
-                                    }
-                                    _ => {}
-                                }
-                            }
+                        // This daemon attached again on another connection
+                        // (the relay knows it by its instance): its running
+                        // probe's, as a rule — wait for it. Without one, a
+                        // probe's hello the relay read late: reconnect. (A
+                        // `replaced` is another daemon's doing: this one
+                        // stops.)
+                        if let (End::Moved(_), Some(running)) = (&end, probe.as_mut()) {
+                            link.conn.close(close::NORMAL.into(), b"moved to this daemon's probe");
+                            return tokio::select! {
+                                _ = cancel.cancelled() => Served::Shutdown,
+                                r = running => moved_while_probing(r),
+                            };
                         }
                         return Served::Ended(end);
                     }
@@ -776,39 +760,11 @@ fn lost(link: &Link, e: LinkError) -> String {
     }
 }
 
-/// Who replaced this daemon's session at the relay, as far as it can tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ReplacedBy {
-    /// A probe of this daemon is running: its new connection, as a rule
-    /// (it registered the name there); wait for it.
-    RunningProbe,
-    /// A probe began within [`REPLACED_BY_PROBE`] and gave up: a stalled
-    /// relay may have read its hello late. Reconnect.
-    RecentProbe,
-    /// Another daemon took the name: stop.
-    Another,
-}
-
-fn replaced_by(
-    probe_running: bool,
-    probed_at: Option<tokio::time::Instant>,
-    now: tokio::time::Instant,
-) -> ReplacedBy {
-    if probe_running {
-        ReplacedBy::RunningProbe
-    } else if probed_at.is_some_and(|t| now.saturating_duration_since(t) < REPLACED_BY_PROBE) {
-        ReplacedBy::RecentProbe
-    } else {
-        ReplacedBy::Another
-    }
-}
-
-/// The session was replaced while a probe ran (see [`Actor::serve`]): the
-/// probe's connection, if it came up, is the session now. If it did not,
-/// the replacement is taken for the probe's too — its welcome lost or
-/// late — and the daemon reconnects rather than stop (see
-/// [`REPLACED_BY_PROBE`] for a daemon elsewhere under the same name).
-fn replaced_while_probing(r: Result<(Link, Welcome), ConnectError>) -> Served {
+/// The session moved while a probe ran (see [`Actor::serve`]): the probe's
+/// connection, if it came up, is the session now. If it did not, the move
+/// was the probe's all the same — its welcome lost or late — and the
+/// daemon reconnects.
+fn moved_while_probing(r: Result<(Link, Welcome), ConnectError>) -> Served {
     match r {
         Ok((new, welcome)) => {
             let relay = new.addr.to_string();
@@ -820,10 +776,10 @@ fn replaced_while_probing(r: Result<(Link, Welcome), ConnectError>) -> Served {
         }
         Err(ConnectError::Redirect(r)) => Served::Ended(End::Redirect(r)),
         Err(ConnectError::Retry(why) | ConnectError::Busy(why, _)) => Served::Ended(End::Lost(
-            format!("replaced while this daemon's probe ran, which did not finish: {why}"),
+            format!("moved while this daemon's probe ran, which did not finish: {why}"),
         )),
         Err(ConnectError::Fatal(e)) => Served::Ended(End::Lost(format!(
-            "replaced while this daemon's probe ran, which failed: {e}"
+            "moved while this daemon's probe ran, which failed: {e}"
         ))),
     }
 }
@@ -831,22 +787,6 @@ fn replaced_while_probing(r: Result<(Link, Welcome), ConnectError>) -> Served {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn replaced_while_or_soon_after_probing_is_taken_for_the_probe() {
-        let t0 = tokio::time::Instant::now();
-        let s = |n: u64| t0 + Duration::from_secs(n);
-        assert_eq!(
-            replaced_by(true, Some(s(0)), s(1)),
-            ReplacedBy::RunningProbe
-        );
-        assert_eq!(
-            replaced_by(false, Some(s(0)), s(29)),
-            ReplacedBy::RecentProbe
-        );
-        assert_eq!(replaced_by(false, Some(s(0)), s(30)), ReplacedBy::Another);
-        assert_eq!(replaced_by(false, None, s(1)), ReplacedBy::Another);
-    }
 
     #[test]
     fn a_silent_relay_means_one_rebind_then_probes_until_heard() {

@@ -127,6 +127,17 @@ pub(crate) struct Dialer {
     /// TLS for TCP carriers, by the fingerprint pinned (`None`: the
     /// configured trust).
     carrier_tls: HashMap<Option<String>, Arc<rustls::ClientConfig>>,
+    /// This daemon's instance (`Hello::instance`), the same on every
+    /// connection it makes, probes included.
+    instance: u64,
+}
+
+/// A random instance number for a daemon's `Hello`s.
+fn new_instance() -> Result<u64, DaemonError> {
+    let mut b = [0u8; 8];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+        .map_err(|_| DaemonError::Config("no randomness for the daemon's instance".into()))?;
+    Ok(u64::from_le_bytes(b))
 }
 
 /// The QUIC client configuration on top of `tls`.
@@ -166,6 +177,7 @@ impl Dialer {
             pinned: HashMap::new(),
             paths,
             carrier_tls: HashMap::new(),
+            instance: new_instance()?,
         })
     }
 
@@ -443,6 +455,7 @@ impl Dialer {
             key: self.config.api_key.expose().to_string(),
             name: self.config.name.clone(),
             agent: concat!("swbd/", env!("CARGO_PKG_VERSION")).into(),
+            instance: self.instance,
         })
         .encode(&mut first)
         .map_err(|e| {

@@ -76,6 +76,9 @@ pub(crate) enum End {
     Lost(String),
     /// Our home moved to another relay: go there.
     Redirect(RelayRecord),
+    /// This daemon attached again on another connection (a probe's, or a
+    /// reconnect the relay read late): this one ends, the daemon goes on.
+    Moved(Refusal),
 }
 
 /// What handling frames changed, for the actor to report.
@@ -289,6 +292,7 @@ impl SessionCore {
                 }
             }
             Frame::Redirect(r) if !r.addrs.is_empty() => return Err(End::Redirect(r)),
+            Frame::Goodbye(r) if r.code == Code::MOVED => return Err(End::Moved(r)),
             Frame::Goodbye(r) => {
                 return Err(if is_fatal(r.code) {
                     End::Fatal(r)
@@ -523,6 +527,23 @@ mod tests {
             core.on_frame(Frame::Goodbye(shutting), &mut inbox, &mut out, &mut fx),
             Err(End::Lost(_))
         ));
+        // Another daemon took the name: stop. This one attached again on
+        // another connection: go on there.
+        let replaced = Refusal::new(Code::REPLACED, "another daemon");
+        assert_eq!(
+            core.on_frame(
+                Frame::Goodbye(replaced.clone()),
+                &mut inbox,
+                &mut out,
+                &mut fx
+            ),
+            Err(End::Fatal(replaced))
+        );
+        let moved = Refusal::new(Code::MOVED, "this daemon again");
+        assert_eq!(
+            core.on_frame(Frame::Goodbye(moved.clone()), &mut inbox, &mut out, &mut fx),
+            Err(End::Moved(moved))
+        );
     }
 
     #[test]

@@ -536,6 +536,16 @@ impl RawClient {
     /// Connects and sends preamble + Hello; returns the client and the
     /// relay's first frame (Welcome or Refused).
     pub async fn hello(relay: &TestRelay, key: &str, name: &str) -> Result<(Self, Frame)> {
+        Self::hello_as(relay, key, name, fastrand::u64(..)).await
+    }
+
+    /// [`RawClient::hello`] as daemon instance `instance`.
+    pub async fn hello_as(
+        relay: &TestRelay,
+        key: &str,
+        name: &str,
+        instance: u64,
+    ) -> Result<(Self, Frame)> {
         let mut b = BytesMut::new();
         Preamble {
             version: PROTOCOL_VERSION,
@@ -546,6 +556,7 @@ impl RawClient {
             key: key.into(),
             name: name.into(),
             agent: "raw-test".into(),
+            instance,
         })
         .encode(&mut b)?;
         let mut c = Self::open(relay, &b).await?;

@@ -444,6 +444,34 @@ async fn second_daemon_with_the_same_name_takes_over_and_the_first_stops() -> Re
 }
 
 #[tokio::test]
+async fn the_same_daemon_attaching_again_moves_its_session_and_another_replaces_it() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let goodbye = |f: Frame| match f {
+        Frame::Goodbye(r) => r.code,
+        other => panic!("expected a goodbye, got {other:?}"),
+    };
+    let (mut first, f) = RawClient::hello_as(&relay, &key, "london", 7).await?;
+    assert!(matches!(f, Frame::Welcome(_)), "{f:?}");
+    // Instance 7 again, on a new connection: its old one ends as moved.
+    let (mut second, f) = RawClient::hello_as(&relay, &key, "london", 7).await?;
+    assert!(matches!(f, Frame::Welcome(_)), "{f:?}");
+    assert_eq!(goodbye(first.read_frame().await?), Code::MOVED);
+    // Another instance takes the name: the one it replaces stops.
+    let (mut third, f) = RawClient::hello_as(&relay, &key, "london", 8).await?;
+    assert!(matches!(f, Frame::Welcome(_)), "{f:?}");
+    assert_eq!(goodbye(second.read_frame().await?), Code::REPLACED);
+    // Mail reaches the session that holds the name now.
+    let sender = TestDaemon::start(&relay, &key, "paris").await?;
+    sender.send("london", b"to the third").await?;
+    match third.read_frame().await? {
+        Frame::Deliver(d) => assert_eq!(&d.body[..], b"to the third"),
+        other => panic!("expected the message, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn garbage_on_a_connection_does_not_disturb_others() -> Result<()> {
     let relay = TestRelay::spawn().await?;
     let key = relay.create_key("acme")?;

@@ -33,6 +33,9 @@
 //! - 2: `SendsAccepted` answers a run of sends in one frame; a relay sends
 //!   it for sends it accepts at once (a daemon of version 1 would skip it
 //!   as unknown and wait for answers that never come, hence the bump).
+//!   `Hello` carries the daemon's `instance`: the same instance attaching
+//!   again moves its session (the old connection ends with `moved`), only
+//!   another one replaces it (`replaced`).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -190,7 +193,7 @@ pub enum FrameType {
     Ping = 9,
     /// Either direction: answer to `Ping`.
     Pong = 10,
-    /// Relay → daemon: the session ends (replaced, revoked, shutdown).
+    /// Relay → daemon: the session ends (replaced, moved, revoked, shutdown).
     Goodbye = 11,
     /// Daemon → relay, first frame of a data stream: connect me to a port of a peer.
     StreamOpen = 12,
@@ -368,6 +371,7 @@ codes! {
     NAME_NOT_ALLOWED = 22, "name_not_allowed";
     RATE_LIMITED = 23, "rate_limited";
     TUN_UNAVAILABLE = 24, "tun_unavailable";
+    MOVED = 25, "moved";
 }
 
 impl fmt::Debug for Code {
@@ -472,6 +476,11 @@ pub struct Hello {
     pub name: String,
     /// Free-form client identification, e.g. `swbd/0.1.0`.
     pub agent: String,
+    /// Random per daemon process, the same on all its connections: a new
+    /// connection of the same instance moves the session (the old one ends
+    /// with [`Code::MOVED`]); another instance replaces it
+    /// ([`Code::REPLACED`]). Never logged: `Debug` masks it.
+    pub instance: u64,
 }
 
 impl fmt::Debug for Hello {
@@ -481,6 +490,7 @@ impl fmt::Debug for Hello {
             .field("key", &"<redacted>")
             .field("name", &self.name)
             .field("agent", &self.agent)
+            .field("instance", &"<redacted>")
             .finish()
     }
 }

@@ -83,16 +83,22 @@ fn arb_mesh_answer() -> impl Strategy<Value = MeshAnswer> {
 
 fn arb_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (any::<u16>(), ".{0,100}", "[a-z0-9-]{0,63}", ".{0,20}").prop_map(
-            |(version, key, name, agent)| {
+        (
+            any::<u16>(),
+            ".{0,100}",
+            "[a-z0-9-]{0,63}",
+            ".{0,20}",
+            any::<u64>()
+        )
+            .prop_map(|(version, key, name, agent, instance)| {
                 Frame::Hello(Hello {
                     version,
                     key,
                     name,
                     agent,
+                    instance,
                 })
-            }
-        ),
+            }),
         (
             ".{0,20}",
             "[a-z]{0,63}",
@@ -479,14 +485,17 @@ fn preamble_round_trip_and_bad_magic() {
 }
 
 #[test]
-fn hello_debug_never_shows_the_key() {
+fn hello_debug_never_shows_the_key_or_the_instance() {
     let h = Hello {
         version: 1,
         key: "swbk_secret".into(),
         name: "n".into(),
         agent: "a".into(),
+        instance: 987_654_321,
     };
-    assert!(!format!("{h:?}").contains("secret"));
+    let shown = format!("{h:?}");
+    assert!(!shown.contains("secret"), "{shown}");
+    assert!(!shown.contains("987654321"), "{shown}");
 }
 
 #[test]

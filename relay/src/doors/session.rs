@@ -360,18 +360,33 @@ async fn open(
             remote,
             cancel,
             conn.clone(),
+            hello.instance,
         ));
         let replaced = reg.attach(&ns, &name, ctl.clone());
         (ctl, replaced, reg.limits().clone())
     };
-    if let Some(old) = replaced {
-        info!(%ns, peer = %name, old = %old.remote, new = %remote, "name taken over by a new connection");
-        old.end_with(Refusal::new(
-            Code::REPLACED,
-            format!(
-                "another daemon attached as {name} (from {remote}); this one stops. Use a different --name on each machine"
-            ),
-        ));
+    match replaced {
+        // The same daemon on a new connection (a reconnect the old one's
+        // end has not reached yet, or its probe of a silent path).
+        Some(old) if old.instance == hello.instance => {
+            debug!(%ns, peer = %name, old = %old.remote, new = %remote, "session moved to a new connection of the same daemon");
+            old.end_with(Refusal::new(
+                Code::MOVED,
+                format!(
+                    "this daemon attached as {name} again (from {remote}); this connection ends"
+                ),
+            ));
+        }
+        Some(old) => {
+            info!(%ns, peer = %name, old = %old.remote, new = %remote, "name taken over by another daemon");
+            old.end_with(Refusal::new(
+                Code::REPLACED,
+                format!(
+                    "another daemon attached as {name} (from {remote}); this one stops. Use a different --name on each machine"
+                ),
+            ));
+        }
+        None => {}
     }
     // Authenticated and registered: a session's flow-control budget.
     conn.set_receive_window(swb_quic::SESSION_RECEIVE_WINDOW.into());

@@ -81,6 +81,8 @@ pub(crate) struct SessionCtl {
     pub(crate) conn: quinn::Connection,
     /// Data streams open on this connection (as caller or target).
     pub(crate) streams: std::sync::atomic::AtomicUsize,
+    /// The daemon's instance (`Hello::instance`).
+    pub(crate) instance: u64,
 }
 
 impl SessionCtl {
@@ -90,6 +92,7 @@ impl SessionCtl {
         remote: SocketAddr,
         cancel: CancellationToken,
         conn: quinn::Connection,
+        instance: u64,
     ) -> Self {
         Self {
             id,
@@ -101,6 +104,7 @@ impl SessionCtl {
             end: Mutex::new(None),
             conn,
             streams: std::sync::atomic::AtomicUsize::new(0),
+            instance,
         }
     }
 
