@@ -189,16 +189,24 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the outermost context, then its causes.
-            let mut line = e.to_string();
-            for cause in e.chain().skip(1) {
-                line.push_str(": ");
-                line.push_str(&cause.to_string());
-            }
-            eprintln!("swbd: error: {line}");
+            eprintln!("swbd: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// One line: the outermost context, then its causes — each once, though an
+/// error that names its source in its own text also reports it as a cause.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !line.ends_with(&cause) {
+            line.push_str(": ");
+            line.push_str(&cause);
+        }
+    }
+    line
 }
 
 #[cfg(test)]
@@ -218,5 +226,20 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         assert!(parse_duration("-1").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        let io = || std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let bind = swb_relay::RelayError::Bind {
+            addr: "127.0.0.1:9".parse().expect("addr"),
+            source: io(),
+        };
+        let e = anyhow::Error::new(bind).context("starting the relay");
+        let line = one_line(&e);
+        assert_eq!(line.matches(&io().to_string()).count(), 1, "{line}");
+        assert!(line.starts_with("starting the relay: cannot listen on 127.0.0.1:9: "));
+        let e = anyhow::Error::new(io()).context("reading keys");
+        assert_eq!(one_line(&e), format!("reading keys: {}", io()));
     }
 }

@@ -31,6 +31,16 @@ struct RelayProc {
 }
 
 async fn spawn_relay(args: &[String], log: &Path) -> Result<(Child, SocketAddr, String)> {
+    spawn_relay_logged(args, log).await.with_context(|| {
+        // The log lives in a temporary directory: say its end here.
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        format!("swbd {}\n--- end of its log ---\n{tail}", args.join(" "))
+    })
+}
+
+async fn spawn_relay_logged(args: &[String], log: &Path) -> Result<(Child, SocketAddr, String)> {
     // Each run's log appended to one file beside its data, for diagnosis.
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -75,10 +85,21 @@ impl RelayProc {
         args.extend(["--mailbox-messages".into(), "100000".into()]);
         args.extend(["--mailbox-bytes".into(), "67108864".into()]);
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut with_port = args.clone();
-        with_port.extend(["--listen".into(), "127.0.0.1:0".into()]);
         let log = dir.with_extension("log");
-        let (child, addr, fingerprint) = spawn_relay(&with_port, &log).await?;
+        // Not on a port the kernel gave out: while the relay is down,
+        // another test's socket could take that and the restart would fail.
+        let mut tries = 0;
+        let (child, addr, fingerprint) = loop {
+            let mut with_port = args.clone();
+            with_port.extend([
+                "--listen".into(),
+                swb_tests::restartable_addr()?.to_string(),
+            ]);
+            match spawn_relay(&with_port, &log).await {
+                Err(e) if swb_tests::is_addr_in_use(&e) && tries < 5 => tries += 1,
+                r => break r?,
+            }
+        };
         Ok(Self {
             child: Some(child),
             args,

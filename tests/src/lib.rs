@@ -3,7 +3,7 @@
 //! [`TestRelay`] and daemons through [`TestDaemon`]; waits are on events
 //! (state changes, answers), never on sleeps.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -118,6 +118,37 @@ impl Default for RelayOptions {
             status_interval: swb_relay::MIN_PUBLISH_INTERVAL,
         }
     }
+}
+
+/// A loopback address for a relay *process* that a test kills and starts
+/// again on the same address: a random port below the kernel's ephemeral
+/// range, free for UDP and TCP when chosen. While the relay is down no
+/// socket bound to port 0 and no outgoing connection can take it (they get
+/// ephemeral ports), as one could take a port the kernel gave out. Another
+/// test may still pick it first: start the relay with [`is_addr_in_use`]
+/// in mind and pick again.
+pub fn restartable_addr() -> Result<SocketAddr> {
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    ensure!(low > 2048, "the ephemeral port range starts at {low}");
+    for _ in 0..1000 {
+        let port = fastrand::u16(low / 2..low);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if std::net::UdpSocket::bind(addr).is_ok() && std::net::TcpListener::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    bail!("no free port below {low} for UDP and TCP")
+}
+
+/// Whether `e` (with its causes and any log it quotes) says an address was
+/// in use: a relay started on [`restartable_addr`] lost the port to another
+/// test.
+pub fn is_addr_in_use(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    text.contains("os error 98") || text.contains("Address already in use")
 }
 
 /// A relay on `127.0.0.1:0` with its own keys file in a temp dir.
