@@ -2898,6 +2898,7 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
                 Duration::from_secs(5)
             },
             attacker_nice: 0,
+            deployed_only: s,
         },
         out,
     )

@@ -7,21 +7,38 @@ use std::time::Duration;
 
 const BENCH: &str = env!("CARGO_BIN_EXE_swbd-bench");
 
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 #[tokio::test]
 async fn every_benchmark_runs_at_smoke_size() -> Result<()> {
-    let out = tokio::time::timeout(
-        Duration::from_secs(300),
-        tokio::process::Command::new(BENCH)
-            .args(["--json", "all", "--smoke"])
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await??;
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    // Output goes to files, so a run that does not finish still says how far
+    // it got (which scenario hangs or is slow).
+    let dir = tempfile::tempdir()?;
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = tokio::process::Command::new(BENCH)
+        .args(["--json", "all", "--smoke"])
+        .stdout(std::fs::File::create(&out_path)?)
+        .stderr(std::fs::File::create(&err_path)?)
+        .kill_on_drop(true)
+        .spawn()?;
+    let status = tokio::time::timeout(Duration::from_secs(420), child.wait()).await;
+    let stdout = std::fs::read_to_string(&out_path)?;
+    let stderr = std::fs::read_to_string(&err_path)?;
+    let Ok(status) = status else {
+        child.kill().await?;
+        anyhow::bail!(
+            "bench all --smoke did not finish in 420 s; its output so far:\n{}\n--- stderr:\n{}",
+            tail(&stdout, 10),
+            tail(&stderr, 30)
+        );
+    };
     ensure!(
-        out.status.success(),
-        "bench all --smoke failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
+        status?.success(),
+        "bench all --smoke failed: {stdout}{stderr}"
     );
     let summary: Vec<serde_json::Value> = stdout
         .lines()

@@ -40,6 +40,11 @@ pub(crate) struct FloodArgs {
     /// attacker on another machine would.
     #[arg(long, default_value_t = 0)]
     pub(crate) attacker_nice: i32,
+    /// Only the relay as deployed, not the two relays without limits it is
+    /// compared with (the smoke run: an unoptimised relay without limits
+    /// takes the 30 s attach timeout under a flood, and proves nothing more).
+    #[arg(long)]
+    pub(crate) deployed_only: bool,
 }
 
 /// `swbd-bench flood-gen`: floods a relay until killed; writes the count
@@ -98,8 +103,13 @@ pub(crate) async fn flood_bench(a: FloodArgs, out: &Output) -> Result<()> {
     // setups × phases × runs
     let mut figs: Vec<Vec<Vec<Figures>>> = vec![vec![Vec::new(); phases.len()]; SETUPS.len()];
     let mut dropped = [0u64; SETUPS.len()];
+    let setups = if a.deployed_only {
+        &SETUPS[..1]
+    } else {
+        &SETUPS[..]
+    };
     for run in 0..a.runs {
-        for (si, (_, threads, deployed)) in SETUPS.iter().enumerate() {
+        for (si, (_, threads, deployed)) in setups.iter().enumerate() {
             let (f, d) = one_relay(&a, *threads, *deployed, &phases, run).await?;
             for (i, x) in f.into_iter().enumerate() {
                 figs[si][i].push(x);
@@ -119,7 +129,7 @@ pub(crate) async fn flood_bench(a: FloodArgs, out: &Output) -> Result<()> {
             "relay", "phase", "p50 ms", "p99 ms", "flood /s", "attach ms"
         );
     }
-    for (si, (label, _, _)) in SETUPS.iter().enumerate() {
+    for (si, (label, _, _)) in setups.iter().enumerate() {
         let quiet_p99 = med(&figs[si][0].iter().map(|f| f.p99).collect::<Vec<_>>());
         for (i, phase) in phases.iter().enumerate() {
             let p50: Vec<f64> = figs[si][i].iter().map(|f| f.p50).collect();
