@@ -10,7 +10,9 @@ use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use swb_wire::{Ack, Code, Frame, MessageId, Refusal, RelayMapPages, RelayRecord, Send};
+use swb_wire::{
+    Ack, Code, Deliver, Frame, MessageId, Refusal, RelayMapPages, RelayRecord, Send, MAX_ACK_IDS,
+};
 use tokio::sync::oneshot;
 
 /// Result of a send as the relay answered it: `Ok(online)` or the refusal.
@@ -52,6 +54,18 @@ struct PendingSend {
     id: MessageId,
     body: Bytes,
     reply: oneshot::Sender<SendResult>,
+}
+
+/// One delivered message into the inbox. Returns its id if the relay must
+/// hear the acknowledgement again (the application took it before).
+fn deliver(d: Deliver, inbox: &mut Inbox, fx: &mut Effects) -> Option<MessageId> {
+    let id = d.id;
+    match inbox.push(d) {
+        Pushed::New => fx.received += 1,
+        Pushed::Duplicate => tracing::debug!(%id, "duplicate delivery dropped"),
+        Pushed::Reack => return Some(id),
+    }
+    None
 }
 
 /// Refusal codes that retrying cannot fix: the daemon stops.
@@ -271,11 +285,17 @@ impl SessionCore {
                 }
             }
             Frame::Deliver(d) => {
-                let id = d.id;
-                match inbox.push(d) {
-                    Pushed::New => fx.received += 1,
-                    Pushed::Duplicate => tracing::debug!(%id, "duplicate delivery dropped"),
-                    Pushed::Reack => out.push(Frame::Ack(Ack { ids: vec![id] })),
+                if let Some(id) = deliver(d, inbox, fx) {
+                    out.push(Frame::Ack(Ack { ids: vec![id] }));
+                }
+            }
+            Frame::Deliveries(b) => {
+                let mut reack = Vec::new();
+                for d in b.into_delivers() {
+                    reack.extend(deliver(d, inbox, fx));
+                }
+                for ids in reack.chunks(MAX_ACK_IDS) {
+                    out.push(Frame::Ack(Ack { ids: ids.to_vec() }));
                 }
             }
             Frame::Ping(p) => out.push(Frame::Pong(p)),
@@ -340,6 +360,7 @@ impl SessionCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inbox::Identity;
     use swb_wire::{Deliver, RelayMap, SendAccepted, SendRefused};
 
     fn rec(id: &str) -> RelayRecord {
@@ -569,6 +590,56 @@ mod tests {
         )
         .expect("ping");
         assert_eq!(out, vec![Frame::Pong(swb_wire::Ping { nonce: 5 })]);
+    }
+
+    #[test]
+    fn a_deliveries_frame_fills_the_inbox_in_order_and_reacks_in_one_frame() {
+        use swb_wire::{Delivered, Deliveries, DeliveryRun};
+        let mut core = SessionCore::default();
+        let (mut inbox, mut out, mut fx) = (Inbox::default(), Vec::new(), Effects::default());
+        let msg = |n: u8| Delivered {
+            id: MessageId([n; 16]),
+            body: Bytes::from(vec![n]),
+            sent_at_ms: u64::from(n),
+        };
+        let run = |from: &str, ns: &[u8]| DeliveryRun {
+            from: from.into(),
+            msgs: ns.iter().map(|&n| msg(n)).collect(),
+        };
+        let frame = Deliveries {
+            runs: vec![run("paris", &[1, 2]), run("rome", &[3]), run("paris", &[4])],
+        };
+        core.on_frame(
+            Frame::Deliveries(frame.clone()),
+            &mut inbox,
+            &mut out,
+            &mut fx,
+        )
+        .expect("deliveries");
+        assert_eq!(fx.received, 4);
+        assert!(out.is_empty(), "nothing to acknowledge again yet");
+        let got = inbox.take(10);
+        let seen: Vec<(&str, u8, &[u8], u64)> = got
+            .iter()
+            .map(|d| (&d.from[..], d.id.0[0], &d.body[..], d.sent_at_ms))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                ("paris", 1, &[1u8][..], 1),
+                ("paris", 2, &[2][..], 2),
+                ("rome", 3, &[3][..], 3),
+                ("paris", 4, &[4][..], 4),
+            ]
+        );
+        // The application took them; the acknowledgement was lost and the
+        // relay delivers all four again: one Ack frame says so again.
+        inbox.acked(got.iter().map(Identity::of));
+        core.on_frame(Frame::Deliveries(frame), &mut inbox, &mut out, &mut fx)
+            .expect("again");
+        assert_eq!((fx.received, inbox.len()), (4, 0));
+        let ids: Vec<MessageId> = [1, 2, 3, 4].map(|n| MessageId([n; 16])).to_vec();
+        assert_eq!(out, vec![Frame::Ack(Ack { ids })]);
     }
 
     #[test]

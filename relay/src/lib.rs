@@ -155,7 +155,7 @@ pub struct RelayStats {
     pub accepted: u64,
     /// Sends refused.
     pub refused_send: u64,
-    /// Deliver frames written (redeliveries included).
+    /// Messages delivered on sessions (redeliveries included).
     pub delivered: u64,
     /// Messages acknowledged and forgotten.
     pub acked: u64,

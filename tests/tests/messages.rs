@@ -465,7 +465,14 @@ async fn the_same_daemon_attaching_again_moves_its_session_and_another_replaces_
     let sender = TestDaemon::start(&relay, &key, "paris").await?;
     sender.send("london", b"to the third").await?;
     match third.read_frame().await? {
-        Frame::Deliver(d) => assert_eq!(&d.body[..], b"to the third"),
+        Frame::Deliveries(d) => {
+            let got: Vec<_> = d.into_delivers().collect();
+            assert_eq!(got.len(), 1, "{got:?}");
+            assert_eq!(
+                (&got[0].from[..], &got[0].body[..]),
+                ("paris", &b"to the third"[..])
+            );
+        }
         other => panic!("expected the message, got {other:?}"),
     }
     Ok(())
@@ -890,10 +897,11 @@ async fn relay_delivers_at_most_a_window_of_unacknowledged_messages() -> Result<
     let mut ids = Vec::new();
     while ids.len() < DELIVERY_WINDOW {
         match raw.read_frame().await? {
-            Frame::Deliver(d) => ids.push(d.id),
+            Frame::Deliveries(d) => ids.extend(d.into_delivers().map(|d| d.id)),
             other => anyhow::bail!("expected a delivery, got {other:?}"),
         }
     }
+    assert_eq!(ids.len(), DELIVERY_WINDOW, "exactly one window is out");
     // A window is out: the relay waits for acks, so the pong comes next.
     raw.write_frame(&Frame::Ping(Ping { nonce: 7 })).await?;
     match raw.read_frame().await? {
@@ -905,12 +913,14 @@ async fn relay_delivers_at_most_a_window_of_unacknowledged_messages() -> Result<
         ids: ids[..100].to_vec(),
     }))
     .await?;
-    for _ in 0..100 {
+    let mut rest = 0;
+    while rest < 100 {
         match raw.read_frame().await? {
-            Frame::Deliver(_) => {}
+            Frame::Deliveries(d) => rest += d.len(),
             other => anyhow::bail!("expected a delivery, got {other:?}"),
         }
     }
+    assert_eq!(rest, 100);
     Ok(())
 }
 

@@ -88,7 +88,11 @@ async fn a_client_that_moves_keeps_its_session_on_its_shard() -> Result<()> {
     let got = tokio::time::timeout(WAIT, async {
         loop {
             match raw.read_frame().await? {
-                Frame::Deliver(d) => return anyhow::Ok(d),
+                Frame::Deliveries(d) => {
+                    let mut d: Vec<_> = d.into_delivers().collect();
+                    anyhow::ensure!(d.len() == 1, "one message: {d:?}");
+                    return anyhow::Ok(d.remove(0));
+                }
                 Frame::Pong(_) | Frame::RelayMap(_) => continue,
                 other => anyhow::bail!("expected a delivery, got {other:?}"),
             }

@@ -35,7 +35,9 @@
 //!   as unknown and wait for answers that never come, hence the bump).
 //!   `Hello` carries the daemon's `instance`: the same instance attaching
 //!   again moves its session (the old connection ends with `moved`), only
-//!   another one replaces it (`replaced`).
+//!   another one replaces it (`replaced`). `Deliveries` carries many
+//!   messages in one frame, grouped in runs by sender (the relay sends it
+//!   instead of one `Deliver` per message).
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -87,6 +89,8 @@ pub const MAX_REASON_LEN: usize = 1024;
 pub const MAX_ACK_IDS: usize = 1024;
 /// Most answers in one [`SendsAccepted`] frame.
 pub const MAX_SENDS_ACCEPTED: usize = 4096;
+/// Most runs and messages, counted together, in one [`Deliveries`] frame.
+pub const MAX_DELIVERIES: usize = 4096;
 /// Largest frame body. Room for a maximal message plus its envelope, and a
 /// little more so that a body slightly over [`MAX_MESSAGE_BODY`] still
 /// decodes and can be refused with a specific code instead of a protocol error.
@@ -269,6 +273,8 @@ pub enum FrameType {
     /// Relay → daemon: several `Send`s were accepted (one frame for the
     /// sends a relay read and accepted together).
     SendsAccepted = 38,
+    /// Relay → daemon: messages for this peer, many in one frame.
+    Deliveries = 39,
 }
 
 impl FrameType {
@@ -310,6 +316,7 @@ impl FrameType {
             36 => Self::MeshVia,
             37 => Self::MeshMembersDelta,
             38 => Self::SendsAccepted,
+            39 => Self::Deliveries,
             30 => Self::MeshCall,
             31 => Self::MeshAnswer,
             _ => return None,
@@ -620,6 +627,146 @@ pub struct Deliver {
     pub body: Bytes,
     /// When the relay accepted it, milliseconds since the Unix epoch.
     pub sent_at_ms: u64,
+}
+
+/// One message of a [`DeliveryRun`]: a [`Deliver`] without the sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivered {
+    /// Message id (drop duplicates by it).
+    pub id: MessageId,
+    /// Body.
+    pub body: Bytes,
+    /// When the relay accepted it, milliseconds since the Unix epoch.
+    pub sent_at_ms: u64,
+}
+
+/// Consecutive messages of one [`Deliveries`] frame from the same sender.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryRun {
+    /// Sender's name.
+    pub from: String,
+    /// The messages, in mailbox order.
+    pub msgs: Vec<Delivered>,
+}
+
+/// Relay → daemon: messages for this peer in mailbox order, each as a
+/// [`Deliver`] would carry it; runs from the same sender share its name.
+/// At most [`MAX_DELIVERIES`] runs and messages together.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deliveries {
+    /// The runs, in mailbox order.
+    pub runs: Vec<DeliveryRun>,
+}
+
+impl Deliveries {
+    /// Messages in the frame.
+    pub fn len(&self) -> usize {
+        self.runs.iter().map(|r| r.msgs.len()).sum()
+    }
+
+    /// Whether the frame holds no message.
+    pub fn is_empty(&self) -> bool {
+        self.runs.iter().all(|r| r.msgs.is_empty())
+    }
+
+    /// The messages as [`Deliver`]s, in order.
+    pub fn into_delivers(self) -> impl Iterator<Item = Deliver> {
+        self.runs.into_iter().flat_map(|r| {
+            let from = r.from;
+            r.msgs.into_iter().map(move |m| Deliver {
+                id: m.id,
+                from: from.clone(),
+                body: m.body,
+                sent_at_ms: m.sent_at_ms,
+            })
+        })
+    }
+}
+
+/// Bytes a postcard varint of `v` takes.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Builds [`Deliveries`] frames from messages in order: each frame within
+/// [`MAX_FRAME_LEN`] and [`MAX_DELIVERIES`], consecutive messages of one
+/// sender in one run.
+#[derive(Debug, Default)]
+pub struct DeliveriesBuilder {
+    frame: Deliveries,
+    /// Encoded body bytes of `frame`, counting its run count at its most.
+    bytes: usize,
+    /// Runs and messages in `frame`.
+    items: usize,
+}
+
+impl DeliveriesBuilder {
+    /// An empty builder.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a message from `from`. Returns the frame built so far if this
+    /// message does not fit in it (the message starts the next frame).
+    pub fn push(
+        &mut self,
+        from: &str,
+        id: MessageId,
+        body: Bytes,
+        sent_at_ms: u64,
+    ) -> Option<Deliveries> {
+        let msg_len = 16 + varint_len(body.len() as u64) + body.len() + varint_len(sent_at_ms);
+        let same_run = self.frame.runs.last().is_some_and(|r| r.from == from);
+        // A new run: its name, and its message count at its most (3 bytes
+        // hold MAX_DELIVERIES).
+        let run_len = if same_run {
+            0
+        } else {
+            varint_len(from.len() as u64) + from.len() + 3
+        };
+        let items = if same_run { 1 } else { 2 };
+        let mut full = None;
+        if !self.frame.runs.is_empty()
+            && (self.bytes + run_len + msg_len > MAX_FRAME_LEN
+                || self.items + items > MAX_DELIVERIES)
+        {
+            full = self.finish();
+        }
+        if self.frame.runs.is_empty() {
+            // The run count at its most.
+            self.bytes = 3;
+        }
+        let m = Delivered {
+            id,
+            body,
+            sent_at_ms,
+        };
+        match self.frame.runs.last_mut() {
+            Some(r) if r.from == from => {
+                r.msgs.push(m);
+                self.bytes += msg_len;
+                self.items += 1;
+            }
+            _ => {
+                self.frame.runs.push(DeliveryRun {
+                    from: from.to_owned(),
+                    msgs: vec![m],
+                });
+                self.bytes += varint_len(from.len() as u64) + from.len() + 3 + msg_len;
+                self.items += 2;
+            }
+        }
+        full
+    }
+
+    /// The frame built so far, if it holds a message; the builder is empty
+    /// afterwards.
+    pub fn finish(&mut self) -> Option<Deliveries> {
+        self.bytes = 0;
+        self.items = 0;
+        let f = std::mem::take(&mut self.frame);
+        (!f.runs.is_empty()).then_some(f)
+    }
 }
 
 /// Daemon → relay: these messages were taken by the application.
@@ -1086,6 +1233,8 @@ pub enum Frame {
     SendRefused(SendRefused),
     /// See [`FrameType::Deliver`].
     Deliver(Deliver),
+    /// See [`FrameType::Deliveries`].
+    Deliveries(Deliveries),
     /// See [`FrameType::Ack`].
     Ack(Ack),
     /// See [`FrameType::Ping`].
@@ -1210,6 +1359,7 @@ impl Frame {
             Frame::SendsAccepted(_) => FrameType::SendsAccepted,
             Frame::SendRefused(_) => FrameType::SendRefused,
             Frame::Deliver(_) => FrameType::Deliver,
+            Frame::Deliveries(_) => FrameType::Deliveries,
             Frame::Ack(_) => FrameType::Ack,
             Frame::Ping(_) => FrameType::Ping,
             Frame::Pong(_) => FrameType::Pong,
@@ -1256,6 +1406,7 @@ impl Frame {
             Frame::SendsAccepted(v) => len(v),
             Frame::SendRefused(v) => len(v),
             Frame::Deliver(v) => len(v),
+            Frame::Deliveries(v) => len(v),
             Frame::Ack(v) => len(v),
             Frame::Ping(v) | Frame::Pong(v) => len(v),
             Frame::StreamOpen(v) => len(v),
@@ -1312,6 +1463,7 @@ impl Frame {
             Frame::SendsAccepted(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::SendRefused(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::Deliver(v) => postcard::to_slice(v, out).map(|s| s.len()),
+            Frame::Deliveries(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::Ack(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::Ping(v) | Frame::Pong(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::StreamOpen(v) => postcard::to_slice(v, out).map(|s| s.len()),
@@ -1472,6 +1624,12 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
         }
         FrameType::SendRefused => Frame::SendRefused(body(ty, b)?),
         FrameType::Deliver => Frame::Deliver(body(ty, b)?),
+        FrameType::Deliveries => {
+            let d: Deliveries = body(ty, b)?;
+            let items = d.runs.len() + d.len();
+            check_len("deliveries.messages", items, MAX_DELIVERIES)?;
+            Frame::Deliveries(d)
+        }
         FrameType::Ack => {
             let a: Ack = body(ty, b)?;
             check_len("ack.ids", a.ids.len(), MAX_ACK_IDS)?;

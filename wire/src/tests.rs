@@ -293,6 +293,29 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
                 })
             }
         ),
+        proptest::collection::vec(
+            (
+                "[a-z]{0,63}",
+                proptest::collection::vec((arb_id(), arb_bytes(256), any::<u64>()), 0..8)
+            ),
+            0..8
+        )
+        .prop_map(|runs| Frame::Deliveries(Deliveries {
+            runs: runs
+                .into_iter()
+                .map(|(from, msgs)| DeliveryRun {
+                    from,
+                    msgs: msgs
+                        .into_iter()
+                        .map(|(id, body, sent_at_ms)| Delivered {
+                            id,
+                            body,
+                            sent_at_ms
+                        })
+                        .collect(),
+                })
+                .collect(),
+        })),
         proptest::collection::vec(arb_id(), 0..50).prop_map(|ids| Frame::Ack(Ack { ids })),
         any::<u64>().prop_map(|nonce| Frame::Ping(Ping { nonce })),
         any::<u64>().prop_map(|nonce| Frame::Pong(Ping { nonce })),
@@ -657,6 +680,112 @@ fn a_full_sends_accepted_frame_fits_and_one_more_answer_is_refused() {
         decode(&b),
         Err(DecodeError::FieldTooLarge {
             field: "sends_accepted.accepted",
+            ..
+        })
+    ));
+}
+
+/// Encodes and decodes `f`, which must fit in a frame.
+fn round_trip(f: &Deliveries) -> Deliveries {
+    let mut b = BytesMut::new();
+    Frame::Deliveries(f.clone())
+        .encode(&mut b)
+        .expect("a built frame is within MAX_FRAME_LEN");
+    match decode(&b) {
+        Ok(Decoded::Frame {
+            frame: Frame::Deliveries(g),
+            ..
+        }) => g,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn deliveries_builder_frames_fit_and_keep_every_message_in_order() {
+    let id = |n: u32| {
+        let mut b = [0u8; 16];
+        b[..4].copy_from_slice(&n.to_be_bytes());
+        MessageId(b)
+    };
+    // Small messages past the message limit, from alternating senders in
+    // runs of three; then bodies so large that few fit a frame; then one of
+    // the largest body a message may have.
+    let mut want = Vec::new();
+    for n in 0..5000u32 {
+        let from = if (n / 3) % 2 == 0 {
+            "alpha"
+        } else {
+            "bravo-long-name"
+        };
+        want.push((
+            from,
+            id(n),
+            Bytes::from(vec![n as u8; 8]),
+            u64::MAX - n as u64,
+        ));
+    }
+    for n in 5000..5020u32 {
+        want.push(("charlie", id(n), Bytes::from(vec![1u8; 30_000]), 1));
+    }
+    want.push((
+        "delta",
+        id(9999),
+        Bytes::from(vec![2u8; MAX_MESSAGE_BODY]),
+        2,
+    ));
+    let mut builder = DeliveriesBuilder::new();
+    let mut frames = Vec::new();
+    for (from, id, body, at) in want.iter().cloned() {
+        frames.extend(builder.push(from, id, body, at));
+    }
+    frames.extend(builder.finish());
+    assert!(builder.finish().is_none(), "finish empties the builder");
+    assert!(
+        frames.len() >= 3,
+        "the message limit and the size limit cut frames"
+    );
+    let mut got = Vec::new();
+    for f in &frames {
+        assert!(!f.is_empty());
+        let items = f.runs.len() + f.len();
+        assert!(items <= MAX_DELIVERIES, "{items} items");
+        // Consecutive messages of one sender share a run.
+        assert!(f.runs.windows(2).all(|w| w[0].from != w[1].from));
+        let g = round_trip(f);
+        assert_eq!(&g, f);
+        got.extend(g.into_delivers());
+    }
+    assert_eq!(got.len(), want.len());
+    for (d, (from, id, body, at)) in got.iter().zip(&want) {
+        assert_eq!(
+            (&d.from[..], d.id, &d.body, d.sent_at_ms),
+            (*from, *id, body, *at)
+        );
+    }
+}
+
+#[test]
+fn a_deliveries_frame_over_its_message_limit_is_refused() {
+    let msg = Delivered {
+        id: MessageId([0; 16]),
+        body: Bytes::new(),
+        sent_at_ms: 0,
+    };
+    // One run of MAX_DELIVERIES - 1 messages: at the limit.
+    let mut f = Deliveries {
+        runs: vec![DeliveryRun {
+            from: "a".into(),
+            msgs: vec![msg.clone(); MAX_DELIVERIES - 1],
+        }],
+    };
+    assert_eq!(round_trip(&f), f);
+    f.runs[0].msgs.push(msg);
+    let mut b = BytesMut::new();
+    Frame::Deliveries(f).encode(&mut b).expect("encodes");
+    assert!(matches!(
+        decode(&b),
+        Err(DecodeError::FieldTooLarge {
+            field: "deliveries.messages",
             ..
         })
     ));

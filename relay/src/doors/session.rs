@@ -828,13 +828,13 @@ async fn serve(
                 }
                 let batch = services.registry().pending(ns, name, ctl.id, cursor, FLUSH_BYTES, room, tokio::time::Instant::now());
                 cursor = batch.cursor;
-                unacked += batch.frames.len();
+                unacked += batch.count;
                 if batch.more {
                     ctl.notify.notify_one();
                 }
-                services.metrics.delivered.inc_by(batch.frames.len() as u64);
+                services.metrics.delivered.inc_by(batch.count as u64);
                 for d in batch.frames {
-                    if let Err(e) = io.queue(&Frame::Deliver(d)) {
+                    if let Err(e) = io.queue(&Frame::Deliveries(d)) {
                         return e;
                     }
                 }

@@ -18,7 +18,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use swb_wire::{Code, Deliver, MessageId, Refusal};
+use swb_wire::{Code, Deliveries, DeliveriesBuilder, MessageId, Refusal};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -278,11 +278,24 @@ pub(crate) enum Enqueued {
     Refused(Refusal),
 }
 
-/// A batch of mail for one session.
+/// A batch of mail for one session, as `Deliveries` frames.
 pub(crate) struct Batch {
-    pub(crate) frames: Vec<Deliver>,
+    pub(crate) frames: Vec<Deliveries>,
+    /// Messages in `frames`.
+    pub(crate) count: usize,
     pub(crate) cursor: u64,
     pub(crate) more: bool,
+}
+
+#[cfg(test)]
+impl Batch {
+    /// The messages' ids, in order.
+    pub(crate) fn ids(&self) -> Vec<MessageId> {
+        self.frames
+            .iter()
+            .flat_map(|f| f.runs.iter().flat_map(|r| r.msgs.iter().map(|m| m.id)))
+            .collect()
+    }
 }
 
 type Key = (Arc<str>, Arc<str>);
@@ -577,6 +590,7 @@ impl Registry {
     ) -> Batch {
         let mut b = Batch {
             frames: Vec::new(),
+            count: 0,
             cursor,
             more: false,
         };
@@ -593,6 +607,7 @@ impl Registry {
         };
         let mut bytes = 0;
         let mut released = 0;
+        let mut frames = DeliveriesBuilder::new();
         for (seq, m) in mb.msgs.iter_from(start) {
             let deliverable = match m.lease {
                 Lease::Free => true,
@@ -600,9 +615,7 @@ impl Registry {
                 Lease::Http(until) => until <= now,
             };
             if deliverable {
-                if b.frames.len() >= max_msgs
-                    || (!b.frames.is_empty() && bytes + m.body.len() > max_bytes)
-                {
+                if b.count >= max_msgs || (b.count > 0 && bytes + m.body.len() > max_bytes) {
                     b.more = true;
                     break;
                 }
@@ -614,15 +627,13 @@ impl Registry {
                 if let (Some(t), Some(h)) = (m.waiting_since.take(), &self.delivery_wait) {
                     h.observe(now.saturating_duration_since(t).as_secs_f64());
                 }
-                b.frames.push(Deliver {
-                    id: m.id,
-                    from: m.from.to_string(),
-                    body: m.body.clone(),
-                    sent_at_ms: m.sent_at_ms,
-                });
+                b.count += 1;
+                b.frames
+                    .extend(frames.push(&m.from, m.id, m.body.clone(), m.sent_at_ms));
             }
             b.cursor = seq + 1;
         }
+        b.frames.extend(frames.finish());
         mb.http_leased -= released;
         b
     }
@@ -1188,29 +1199,19 @@ mod tests {
         send(&mut r, "ns", "b", 1, 1);
         send(&mut r, "ns", "b", 2, 1);
         let b = r.pending("ns", "b", 7, 0, 1, usize::MAX, now);
-        assert_eq!(b.frames.len(), 1);
+        assert_eq!(b.count, 1);
         assert!(b.more);
         let b2 = r.pending("ns", "b", 7, b.cursor, 1000, usize::MAX, now);
-        assert_eq!(b2.frames.len(), 1);
+        assert_eq!(b2.count, 1);
         // Session 7 has both; a new session 8 gets both again.
+        assert_eq!(r.pending("ns", "b", 7, 0, 1000, usize::MAX, now).count, 0);
         assert_eq!(
-            r.pending("ns", "b", 7, 0, 1000, usize::MAX, now)
-                .frames
-                .len(),
-            0
-        );
-        assert_eq!(
-            r.pending("ns", "b", 8, 0, 1000, usize::MAX, now)
-                .frames
-                .len(),
-            2
+            r.pending("ns", "b", 8, 0, 1000, usize::MAX, now).ids(),
+            vec![id(1), id(2)]
         );
         r.ack("ns", "b", &[id(1)]);
         let b3 = r.pending("ns", "b", 9, 0, 1000, usize::MAX, now);
-        assert_eq!(
-            b3.frames.iter().map(|d| d.id).collect::<Vec<_>>(),
-            vec![id(2)]
-        );
+        assert_eq!(b3.ids(), vec![id(2)]);
     }
 
     #[tokio::test]
@@ -1226,16 +1227,13 @@ mod tests {
         assert!(r.http_take("ns", "b", 10, t0).is_empty());
         // A session attached meanwhile skips HTTP-leased mail...
         let b = r.pending("ns", "b", 3, 0, 1000, usize::MAX, t0);
-        assert!(b.frames.is_empty());
+        assert!(b.frames.is_empty() && b.count == 0);
         // ...until the lease runs out: the sweep frees it and rewinds.
         r.ack("ns", "b", &[id(2)]);
         let later = t0 + Duration::from_secs(6);
         assert_eq!(r.sweep_leases(later), 1);
         let b = r.pending("ns", "b", 3, b.cursor, 1000, usize::MAX, later);
-        assert_eq!(
-            b.frames.iter().map(|d| d.id).collect::<Vec<_>>(),
-            vec![id(1)]
-        );
+        assert_eq!(b.ids(), vec![id(1)]);
         assert_eq!(r.held_messages(), 1);
     }
 
