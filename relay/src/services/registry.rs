@@ -278,6 +278,12 @@ pub(crate) enum Enqueued {
     Refused(Refusal),
 }
 
+/// Most messages the relay puts in one `Deliveries` frame: a receiver
+/// takes none of a frame's messages before the whole frame is read, so
+/// frames stay short enough that the first are taken (and acknowledged,
+/// making room in the mailbox) while the rest are on their way.
+pub(crate) const DELIVERIES_PER_FRAME: usize = 64;
+
 /// A batch of mail for one session, as `Deliveries` frames.
 pub(crate) struct Batch {
     pub(crate) frames: Vec<Deliveries>,
@@ -630,6 +636,9 @@ impl Registry {
                 b.count += 1;
                 b.frames
                     .extend(frames.push(&m.from, m.id, m.body.clone(), m.sent_at_ms));
+                if b.count.is_multiple_of(DELIVERIES_PER_FRAME) {
+                    b.frames.extend(frames.finish());
+                }
             }
             b.cursor = seq + 1;
         }
@@ -1212,6 +1221,36 @@ mod tests {
         r.ack("ns", "b", &[id(1)]);
         let b3 = r.pending("ns", "b", 9, 0, 1000, usize::MAX, now);
         assert_eq!(b3.ids(), vec![id(2)]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_out_in_frames_of_at_most_deliveries_per_frame() {
+        let mut r = Registry::new(
+            MailboxLimits {
+                messages: 1000,
+                bytes: 1 << 20,
+                ttl: Duration::from_secs(10),
+                namespace_bytes: 1 << 20,
+                namespace_mailboxes: 3,
+                visibility: Duration::from_secs(5),
+            },
+            Duration::from_secs(3600),
+            crate::MIN_PUBLISH_INTERVAL,
+        );
+        let n = 2 * DELIVERIES_PER_FRAME + 2;
+        for i in 0..n {
+            let m = u8::try_from(i).expect("fits");
+            assert!(matches!(
+                send(&mut r, "ns", "b", m, 1),
+                Enqueued::Accepted { .. }
+            ));
+        }
+        let b = r.pending("ns", "b", 1, 0, 1 << 20, usize::MAX, Instant::now());
+        assert_eq!(b.count, n);
+        let sizes: Vec<usize> = b.frames.iter().map(|f| f.len()).collect();
+        assert_eq!(sizes, vec![DELIVERIES_PER_FRAME, DELIVERIES_PER_FRAME, 2]);
+        let want: Vec<MessageId> = (0..n).map(|i| id(i as u8)).collect();
+        assert_eq!(b.ids(), want, "in mailbox order");
     }
 
     #[tokio::test]
