@@ -689,21 +689,43 @@ fn varint_len(v: u64) -> usize {
 }
 
 /// Builds [`Deliveries`] frames from messages in order: each frame within
-/// [`MAX_FRAME_LEN`] and [`MAX_DELIVERIES`], consecutive messages of one
-/// sender in one run.
-#[derive(Debug, Default)]
+/// [`MAX_FRAME_LEN`] and [`MAX_DELIVERIES`] (and, if asked, a smaller
+/// number of messages), consecutive messages of one sender in one run.
+#[derive(Debug)]
 pub struct DeliveriesBuilder {
     frame: Deliveries,
     /// Encoded body bytes of `frame`, counting its run count at its most.
     bytes: usize,
     /// Runs and messages in `frame`.
     items: usize,
+    /// Messages in `frame`.
+    messages: usize,
+    /// Messages a frame holds at most.
+    max_messages: usize,
+}
+
+impl Default for DeliveriesBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl DeliveriesBuilder {
-    /// An empty builder.
+    /// An empty builder of frames as large as the protocol allows.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_max_messages(MAX_DELIVERIES)
+    }
+
+    /// An empty builder of frames of at most `max_messages` messages (at
+    /// least one; frames stay within the protocol's limits whatever it is).
+    pub fn with_max_messages(max_messages: usize) -> Self {
+        Self {
+            frame: Deliveries::default(),
+            bytes: 0,
+            items: 0,
+            messages: 0,
+            max_messages: max_messages.max(1),
+        }
     }
 
     /// Adds a message from `from`. Returns the frame built so far if this
@@ -728,7 +750,8 @@ impl DeliveriesBuilder {
         let mut full = None;
         if !self.frame.runs.is_empty()
             && (self.bytes + run_len + msg_len > MAX_FRAME_LEN
-                || self.items + items > MAX_DELIVERIES)
+                || self.items + items > MAX_DELIVERIES
+                || self.messages >= self.max_messages)
         {
             full = self.finish();
         }
@@ -741,6 +764,7 @@ impl DeliveriesBuilder {
             body,
             sent_at_ms,
         };
+        self.messages += 1;
         match self.frame.runs.last_mut() {
             Some(r) if r.from == from => {
                 r.msgs.push(m);
@@ -764,6 +788,7 @@ impl DeliveriesBuilder {
     pub fn finish(&mut self) -> Option<Deliveries> {
         self.bytes = 0;
         self.items = 0;
+        self.messages = 0;
         let f = std::mem::take(&mut self.frame);
         (!f.runs.is_empty()).then_some(f)
     }

@@ -765,6 +765,37 @@ fn deliveries_builder_frames_fit_and_keep_every_message_in_order() {
 }
 
 #[test]
+fn a_builder_with_a_message_cap_cuts_frames_at_it() {
+    let id = |n: u32| MessageId([n as u8; 16]);
+    let mut builder = DeliveriesBuilder::with_max_messages(3);
+    let mut frames = Vec::new();
+    let mut want = Vec::new();
+    for n in 0..8u32 {
+        // Runs of two, so a cut falls inside a run as well as between.
+        let from = if n / 2 % 2 == 0 { "a" } else { "b" };
+        want.push((from, id(n)));
+        frames.extend(builder.push(from, id(n), Bytes::from_static(b"x"), 0));
+    }
+    frames.extend(builder.finish());
+    let sizes: Vec<usize> = frames.iter().map(Deliveries::len).collect();
+    assert_eq!(sizes, vec![3, 3, 2]);
+    let got: Vec<(String, MessageId)> = frames
+        .into_iter()
+        .flat_map(Deliveries::into_delivers)
+        .map(|d| (d.from, d.id))
+        .collect();
+    let want: Vec<(String, MessageId)> = want.into_iter().map(|(f, i)| (f.into(), i)).collect();
+    assert_eq!(got, want, "every message once, in order");
+    // A cap of zero is taken as one: no empty frames.
+    let mut one = DeliveriesBuilder::with_max_messages(0);
+    assert!(one.push("a", id(0), Bytes::new(), 0).is_none());
+    assert_eq!(
+        one.push("a", id(1), Bytes::new(), 0).map(|f| f.len()),
+        Some(1)
+    );
+}
+
+#[test]
 fn a_deliveries_frame_over_its_message_limit_is_refused() {
     let msg = Delivered {
         id: MessageId([0; 16]),

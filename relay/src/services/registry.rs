@@ -613,7 +613,7 @@ impl Registry {
         };
         let mut bytes = 0;
         let mut released = 0;
-        let mut frames = DeliveriesBuilder::new();
+        let mut frames = DeliveriesBuilder::with_max_messages(DELIVERIES_PER_FRAME);
         for (seq, m) in mb.msgs.iter_from(start) {
             let deliverable = match m.lease {
                 Lease::Free => true,
@@ -636,9 +636,6 @@ impl Registry {
                 b.count += 1;
                 b.frames
                     .extend(frames.push(&m.from, m.id, m.body.clone(), m.sent_at_ms));
-                if b.count.is_multiple_of(DELIVERIES_PER_FRAME) {
-                    b.frames.extend(frames.finish());
-                }
             }
             b.cursor = seq + 1;
         }
