@@ -136,21 +136,21 @@ impl Outbound {
             }
             return Err(cmd);
         }
-        let buf = buf.freeze();
+        // Handed to QUIC as it is (the frame's exact size): no copy.
+        let mut rest = [buf.freeze()];
         // Most writes complete at once; the rest is finished by a task (a
         // caller that goes away must not leave half a frame on the stream).
-        let rest = match w.send.write(&buf).now_or_never() {
-            Some(Ok(n)) if n == buf.len() => return Ok(()),
-            Some(Ok(n)) => buf.slice(n..),
+        match w.send.write_chunks(&mut rest).now_or_never() {
+            Some(Ok(_)) if rest[0].is_empty() => return Ok(()),
+            Some(Ok(_)) | None => {}
             // The connection is gone: the actor notices, and writes the
             // send again on the next one.
             Some(Err(_)) => return Ok(()),
-            None => buf,
-        };
+        }
         tasks.spawn(async move {
             if let Some(w) = guard.as_mut() {
                 // An error means the connection is gone (as above).
-                let _ = w.send.write_all(&rest).await;
+                let _ = w.send.write_all_chunks(&mut rest).await;
             }
         });
         Ok(())
@@ -198,7 +198,7 @@ async fn write_frames(send: &mut quinn::SendStream, frames: &[Frame]) -> Result<
     for f in frames {
         f.encode(&mut b)?;
     }
-    send.write_all(&b)
+    send.write_chunk(swb_quic::outgoing(b))
         .await
         .map_err(|e| LinkError::Lost(e.to_string()))
 }

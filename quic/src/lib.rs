@@ -4,7 +4,7 @@
 
 pub mod carrier;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use std::net::SocketAddr;
 use swb_wire::{decode, Decoded, Frame, HEADER_LEN, MAX_STREAM_HEADER};
 
@@ -223,12 +223,26 @@ impl FrameStream {
     }
 }
 
+/// Frames encoded in `buf`, as the bytes to hand to quinn's
+/// `write_chunk`. quinn keeps what it is given until the peer acknowledges
+/// it, counting its length, not its capacity: a buffer at least half full
+/// goes whole (no copy, no allocation); a mostly empty one is copied to its
+/// length — what `write_all` does with every buffer — so that small writes
+/// never pin large buffers.
+pub fn outgoing(buf: BytesMut) -> Bytes {
+    if buf.len() * 2 >= buf.capacity() {
+        buf.freeze()
+    } else {
+        Bytes::copy_from_slice(&buf)
+    }
+}
+
 /// Writes one frame to a stream.
 pub async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), FrameIoError> {
     let mut b = BytesMut::new();
     f.encode(&mut b)
         .map_err(|e| FrameIoError::Codec(e.to_string()))?;
-    send.write_all(&b).await.map_err(stream)
+    send.write_chunk(outgoing(b)).await.map_err(stream)
 }
 
 #[cfg(test)]
@@ -242,6 +256,22 @@ mod tests {
             frame_type: None,
             reason: bytes::Bytes::copy_from_slice(reason.as_bytes()),
         })
+    }
+
+    #[test]
+    fn outgoing_hands_over_full_buffers_and_copies_mostly_empty_ones() {
+        let mut full = BytesMut::with_capacity(100);
+        full.extend_from_slice(&[7; 60]);
+        let at = full.as_ptr();
+        let b = outgoing(full);
+        assert_eq!((b.as_ptr(), &b[..]), (at, &[7u8; 60][..]), "no copy");
+        let mut sparse = BytesMut::with_capacity(64 * 1024);
+        sparse.extend_from_slice(b"ping");
+        let at = sparse.as_ptr();
+        let b = outgoing(sparse);
+        assert_eq!(&b[..], b"ping");
+        assert_ne!(b.as_ptr(), at, "copied: the 64 KiB buffer is not kept");
+        assert!(outgoing(BytesMut::new()).is_empty());
     }
 
     #[test]

@@ -27,8 +27,10 @@ const GOODBYE_LINGER: Duration = Duration::from_secs(2);
 /// waits in the mailbox (bounds the daemon's inbox; keeps it small and hot).
 pub const DELIVERY_WINDOW: usize = 4096;
 
-/// First allocation of a session's write buffer after each flush.
-const OUT_CHUNK: usize = 64 * 1024;
+/// First allocation of a session's write buffer after each flush: a
+/// frame of `DELIVERIES_PER_FRAME` (the registry's) messages of
+/// 128 B fits, and fills it enough to go to QUIC without a copy.
+const OUT_CHUNK: usize = 16 * 1024;
 
 /// Bytes of mail bodies written per flush before yielding to other branches.
 const FLUSH_BYTES: usize = 256 * 1024;
@@ -113,12 +115,13 @@ impl Io {
             return Ok(());
         }
         // Take the buffer whole: `split` would leave its spare capacity
-        // here for the life of the session (memory per idle client).
-        let buf = std::mem::take(&mut self.out).freeze();
+        // here for the life of the session (memory per idle client). QUIC
+        // takes it without a copy if it is mostly full.
+        let buf = swb_quic::outgoing(std::mem::take(&mut self.out));
         tokio::select! {
             biased;
             _ = cancel.cancelled() => Err(End::Gone),
-            r = self.send.write_all(&buf) => r.map_err(|e| {
+            r = self.send.write_chunk(buf) => r.map_err(|e| {
                 debug!("write failed: {e}");
                 End::Gone
             }),
