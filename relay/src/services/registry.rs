@@ -478,7 +478,10 @@ impl Registry {
         let parts = (ns, to);
         let kp: &dyn KeyParts = &parts;
         let lim = &self.limits;
-        let slot = self.slots.get(kp);
+        // One lookup here, one to change the slot below (and one more for a
+        // recipient without a slot, or with an empty mailbox).
+        let found = self.slots.get_key_value(kp);
+        let slot = found.map(|(_, s)| s);
         let online = slot.is_some_and(|s| s.online(now, lim.visibility));
         let held = slot.and_then(|s| s.mailbox.as_deref());
         if let Some(mb) = held {
@@ -495,6 +498,9 @@ impl Registry {
             }
         }
         let (mb_len, mb_bytes) = held.map_or((0, 0), |m| (m.msgs.len(), m.bytes));
+        // The key, to file an empty mailbox's expiry under (cloned only then).
+        let slot_key = found.and_then(|(k, _)| (mb_len == 0).then(|| k.clone()));
+        let had_slot = found.is_some();
         let cost = held_cost(from, &body);
         if mb_len + 1 > lim.messages || mb_bytes + cost > lim.bytes {
             return Enqueued::Refused(Refusal::new(
@@ -524,9 +530,13 @@ impl Registry {
             Some((f, _)) => f.1.clone(),
             None => Arc::from(from),
         };
-        if !self.slots.contains_key(kp) {
-            self.slots.insert(key(ns, to), Slot::default());
-        }
+        let slot_key = if had_slot {
+            slot_key
+        } else {
+            let k = key(ns, to);
+            self.slots.insert(k.clone(), Slot::default());
+            Some(k)
+        };
         let Some(slot) = self.slots.get_mut(kp) else {
             return Enqueued::Refused(Refusal::new(
                 Code::INTERNAL,
@@ -557,8 +567,8 @@ impl Registry {
         mb.by_id.insert(id, seq);
         slot.wake();
         if was_empty {
-            if let Some((k, _)) = self.slots.get_key_value(kp) {
-                self.expiry.insert((now + ttl, k.clone()));
+            if let Some(k) = slot_key {
+                self.expiry.insert((now + ttl, k));
             }
         }
         let boxes = usize::from(was_empty);
