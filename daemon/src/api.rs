@@ -332,10 +332,8 @@ impl Leased {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         loop {
             gen.borrow_and_update();
-            let got = shared.inbox().take(max);
-            if !got.is_empty() {
-                let start = self.0.len();
-                self.0.extend(got);
+            let start = self.0.len();
+            if shared.inbox().take_into(&mut self.0, max) > 0 {
                 return Ok(&self.0[start..]);
             }
             if let ConnState::Stopped { error } = &*shared.state.borrow() {

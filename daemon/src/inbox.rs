@@ -72,9 +72,19 @@ impl Inbox {
     }
 
     /// Takes up to `max` messages; they stay known until acked or given back.
+    #[cfg(test)]
     pub(crate) fn take(&mut self, max: usize) -> Vec<Deliver> {
+        let mut v = Vec::new();
+        self.take_into(&mut v, max);
+        v
+    }
+
+    /// Moves up to `max` messages to the end of `into` (a reader's leased
+    /// ones: no batch of its own in between); returns how many.
+    pub(crate) fn take_into(&mut self, into: &mut Vec<Deliver>, max: usize) -> usize {
         let n = max.min(self.queue.len());
-        self.queue.drain(..n).collect()
+        into.extend(self.queue.drain(..n));
+        n
     }
 
     /// Returns leased messages to the front, in their order.
