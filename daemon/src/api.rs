@@ -362,11 +362,12 @@ impl Leased {
         ids: &[MessageId],
     ) -> Result<usize, ApiError> {
         let wanted: HashSet<&MessageId, ahash::RandomState> = ids.iter().collect();
-        let acked: Vec<Identity> = self
-            .0
-            .extract_if(.., |d| wanted.contains(&d.id))
-            .map(|d| Identity::of(&d))
-            .collect();
+        let mut acked: Vec<Identity> = Vec::with_capacity(ids.len().min(self.0.len()));
+        acked.extend(
+            self.0
+                .extract_if(.., |d| wanted.contains(&d.id))
+                .map(|d| Identity::of(&d)),
+        );
         let n = acked.len();
         if n > 0 {
             let ids = acked.iter().map(|i| i.id).collect();

@@ -296,7 +296,10 @@ pub fn answer(kind: u8, payload: Bytes) -> Result<Answer, BadFrame> {
             }))
         }
         KIND_RECV => {
-            let mut out = Vec::new();
+            // Room for as many messages as could fit (each takes at least
+            // MIN_MESSAGE bytes), within reason for large bodies.
+            const MIN_MESSAGE: usize = 16 + 8 + 1 + 4;
+            let mut out = Vec::with_capacity((p.len() / MIN_MESSAGE).min(256));
             while !p.is_empty() {
                 need(p, 16 + 8 + 1, "messages")?;
                 let mut id = [0u8; 16];

@@ -729,8 +729,18 @@ impl CompactReplies {
                 "a reply frame of {len} bytes (the limit is {MAX_REPLY_FRAME})"
             )));
         }
-        let mut payload = bytes::BytesMut::zeroed(len);
-        self.rd.read_exact(&mut payload).await?;
+        // Read into fresh, unzeroed room (the answer's bodies keep slices
+        // of it, so it is not reused); zeroing a large batch first cost
+        // more than reading it.
+        let mut payload = bytes::BytesMut::with_capacity(len);
+        while payload.len() < len {
+            let want = (len - payload.len()) as u64;
+            if (&mut self.rd).take(want).read_buf(&mut payload).await? == 0 {
+                return Err(ControlError::Protocol(
+                    "the daemon closed the connection inside a reply".into(),
+                ));
+            }
+        }
         match crate::compact::answer(head[0], payload.freeze()) {
             Ok(Answer::Reply(r)) => match *r {
                 Reply::Error { code, message } => Err(ControlError::Remote { code, message }),
@@ -831,4 +841,58 @@ pub(crate) fn current_uid() -> u32 {
     std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
         .unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compact::{Answer, KIND_ACK, KIND_RECV};
+
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![kind];
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[tokio::test]
+    async fn compact_replies_read_whole_frames_and_refuse_a_cut_one() {
+        let (a, b) = UnixStream::pair().expect("socket pair");
+        let (rd, _wr) = a.into_split();
+        let mut replies = CompactReplies {
+            rd: BufReader::new(rd),
+        };
+        // A batch larger than the reader's buffer, written in pieces.
+        let body = vec![9u8; 20_000];
+        let mut msg = vec![1u8; 16];
+        msg.extend_from_slice(&7u64.to_be_bytes());
+        msg.push(3);
+        msg.extend_from_slice(b"bob");
+        msg.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        msg.extend_from_slice(&body);
+        let mut out = frame(KIND_RECV, &msg);
+        out.extend(frame(KIND_ACK, &5u32.to_be_bytes()));
+        // Then a frame that announces 100 bytes and brings 10.
+        out.extend_from_slice(&frame(KIND_ACK, &[0; 100])[..crate::compact::HEADER + 10]);
+        let writer = tokio::spawn(async move {
+            let mut b = b;
+            for piece in out.chunks(3000) {
+                b.write_all(piece).await.expect("write");
+                tokio::task::yield_now().await;
+            }
+            // Closed here: the last frame stays cut.
+        });
+        match replies.next().await.expect("a batch") {
+            Answer::Messages(m) => {
+                assert_eq!(m.len(), 1);
+                assert_eq!((&m[0].from[..], m[0].sent_at_ms), ("bob", 7));
+                assert_eq!(m[0].body, body);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(replies.next().await, Ok(Answer::Acked(5))));
+        writer.await.expect("writer");
+        let e = replies.next().await.expect_err("cut");
+        assert!(e.to_string().contains("inside a reply"), "{e}");
+    }
 }
