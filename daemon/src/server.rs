@@ -138,18 +138,38 @@ enum Codec {
 enum Out {
     Reply(Box<Reply>),
     Sent(Accepted),
-    Messages(Vec<Deliver>),
     Acked(usize),
 }
 
 impl Codec {
+    /// Appends the answer to a `recv`: `msgs`, encoded.
+    fn push_messages(self, out: &mut Vec<u8>, msgs: &[Deliver]) {
+        if self == Codec::Compact {
+            compact::put_messages(out, msgs);
+            return;
+        }
+        let r = Reply::Messages {
+            messages: msgs
+                .iter()
+                .map(|d| InMessage {
+                    id: d.id.to_string(),
+                    from: d.from.clone(),
+                    body_b64: base64::engine::general_purpose::STANDARD.encode(&d.body),
+                    sent_at_ms: d.sent_at_ms,
+                })
+                .collect(),
+        };
+        if serde_json::to_writer(&mut *out, &r).is_ok() {
+            out.push(b'\n');
+        }
+    }
+
     /// Appends `o`, encoded.
     fn push(self, out: &mut Vec<u8>, o: &Out) {
         if self == Codec::Compact {
             match o {
                 Out::Reply(r) => compact::put_json(out, r),
                 Out::Sent(a) => compact::put_sent(out, a),
-                Out::Messages(m) => compact::put_messages(out, m),
                 Out::Acked(n) => compact::put_acked(out, *n),
             }
             return;
@@ -161,20 +181,6 @@ impl Codec {
                 owned = Reply::Sent {
                     id: a.id.to_string(),
                     online: a.online,
-                };
-                &owned
-            }
-            Out::Messages(m) => {
-                owned = Reply::Messages {
-                    messages: m
-                        .iter()
-                        .map(|d| InMessage {
-                            id: d.id.to_string(),
-                            from: d.from.clone(),
-                            body_b64: base64::engine::general_purpose::STANDARD.encode(&d.body),
-                            sent_at_ms: d.sent_at_ms,
-                        })
-                        .collect(),
                 };
                 &owned
             }
@@ -542,10 +548,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                 };
                 codec.push(&mut out, &reply_out(r));
             }
-            op => {
-                let r = answer(&shared, op, &mut leased, &cancel).await;
-                codec.push(&mut out, &r);
-            }
+            op => answer(&shared, op, &mut leased, &cancel, codec, &mut out).await,
         }
     }
     // Whatever this connection took and did not acknowledge goes back.
@@ -643,12 +646,27 @@ async fn watch_forward(
     drop(watcher);
 }
 
+/// Answers `op` into `out`.
 async fn answer(
     shared: &Arc<Shared>,
     op: Op,
     leased: &mut Leased,
     cancel: &CancellationToken,
-) -> Out {
+    codec: Codec,
+    out: &mut Vec<u8>,
+) {
+    match op {
+        // Encoded from the leased messages where they are: no copy of them.
+        Op::Recv { wait, max } => match leased.take(shared, max, wait, cancel).await {
+            Ok(got) => codec.push_messages(out, got),
+            Err(e) => codec.push(out, &reply_out(e.into())),
+        },
+        op => codec.push(out, &answer_other(shared, op, leased).await),
+    }
+}
+
+/// Answers every request but `recv`.
+async fn answer_other(shared: &Arc<Shared>, op: Op, leased: &mut Leased) -> Out {
     let req = match op {
         Op::Send { to, body, timeout } => {
             return start_send(shared, to, body, timeout.min(MAX_WAIT))
@@ -656,11 +674,8 @@ async fn answer(
                 .wait()
                 .await
         }
-        Op::Recv { wait, max } => {
-            return match leased.take(shared, max, wait, cancel).await {
-                Ok(got) => Out::Messages(got.to_vec()),
-                Err(e) => reply_out(e.into()),
-            }
+        Op::Recv { .. } => {
+            return reply_out(err("internal", "recv is answered by answer()"));
         }
         Op::Ack(ids) => {
             return match leased.ack(shared, &ids).await {
