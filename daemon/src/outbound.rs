@@ -113,13 +113,7 @@ impl Outbound {
         };
         let req = self.reqs.next();
         let mut buf = BytesMut::new();
-        let frame = Frame::Send(swb_wire::Send {
-            req,
-            id: *id,
-            to: to.clone(),
-            body: body.clone(),
-        });
-        if frame.encode(&mut buf).is_err() {
+        if swb_wire::encode_send(&mut buf, req, *id, to, body).is_err() {
             // Cannot happen for a send `submit` checked (size, name). If it
             // did, the actor's path takes it as it took every send before
             // this one existed (its write fails and ends the connection).

@@ -683,6 +683,65 @@ impl Deliveries {
     }
 }
 
+/// A [`Send`] by reference, encoded exactly as [`Send`] is.
+#[derive(Serialize)]
+struct SendRef<'a> {
+    req: u64,
+    id: MessageId,
+    to: &'a str,
+    body: &'a Bytes,
+}
+
+/// Appends a [`Frame::Send`] of these parts to `dst`: the same bytes as
+/// encoding the frame, without copying the recipient's name or the body
+/// into one first (a sender's per-message path).
+pub fn encode_send(
+    dst: &mut BytesMut,
+    req: u64,
+    id: MessageId,
+    to: &str,
+    body: &Bytes,
+) -> Result<(), EncodeError> {
+    let v = SendRef { req, id, to, body };
+    let len = postcard::experimental::serialized_size(&v)
+        .map_err(|e| EncodeError::Postcard(e.to_string()))?;
+    put_frame(dst, FrameType::Send, len, |out| {
+        postcard::to_slice(&v, out).map(|s| s.len())
+    })
+}
+
+/// Appends a frame of type `ty` whose body of `len` bytes `write` puts in
+/// the slice it is given (returning how many it wrote); nothing is left of
+/// it in `dst` if that fails.
+fn put_frame(
+    dst: &mut BytesMut,
+    ty: FrameType,
+    len: usize,
+    write: impl FnOnce(&mut [u8]) -> Result<usize, postcard::Error>,
+) -> Result<(), EncodeError> {
+    if len > MAX_FRAME_LEN {
+        return Err(EncodeError::TooLarge { len });
+    }
+    dst.reserve(HEADER_LEN + len);
+    dst.put_u8(ty as u8);
+    dst.put_u32(len as u32);
+    let start = dst.len();
+    dst.resize(start + len, 0);
+    match write(&mut dst[start..]) {
+        Ok(n) if n == len => Ok(()),
+        Ok(n) => {
+            dst.truncate(start - HEADER_LEN);
+            Err(EncodeError::Postcard(format!(
+                "size mismatch: computed {len}, wrote {n}"
+            )))
+        }
+        Err(e) => {
+            dst.truncate(start - HEADER_LEN);
+            Err(EncodeError::Postcard(e.to_string()))
+        }
+    }
+}
+
 /// Bytes a postcard varint of `v` takes.
 fn varint_len(v: u64) -> usize {
     (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
@@ -1470,16 +1529,7 @@ impl Frame {
     /// would exceed [`MAX_FRAME_LEN`].
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
         let len = self.body_len()?;
-        if len > MAX_FRAME_LEN {
-            return Err(EncodeError::TooLarge { len });
-        }
-        dst.reserve(HEADER_LEN + len);
-        dst.put_u8(self.frame_type() as u8);
-        dst.put_u32(len as u32);
-        let start = dst.len();
-        dst.resize(start + len, 0);
-        let out = &mut dst[start..];
-        let res = match self {
+        put_frame(dst, self.frame_type(), len, |out| match self {
             Frame::Hello(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::Welcome(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::Refused(v) | Frame::Goodbye(v) => postcard::to_slice(v, out).map(|s| s.len()),
@@ -1517,20 +1567,7 @@ impl Frame {
             Frame::TunAnswer(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::TunResolve(v) => postcard::to_slice(v, out).map(|s| s.len()),
             Frame::TunResolved(v) => postcard::to_slice(v, out).map(|s| s.len()),
-        };
-        match res {
-            Ok(n) if n == len => Ok(()),
-            Ok(n) => {
-                dst.truncate(start - HEADER_LEN);
-                Err(EncodeError::Postcard(format!(
-                    "size mismatch: computed {len}, wrote {n}"
-                )))
-            }
-            Err(e) => {
-                dst.truncate(start - HEADER_LEN);
-                Err(EncodeError::Postcard(e.to_string()))
-            }
-        }
+        })
     }
 
     /// Encodes into a fresh buffer.

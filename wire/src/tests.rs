@@ -765,6 +765,39 @@ fn deliveries_builder_frames_fit_and_keep_every_message_in_order() {
 }
 
 #[test]
+fn encode_send_writes_the_bytes_of_a_send_frame() {
+    for (to, body) in [
+        ("bob", Bytes::new()),
+        ("a-much-longer-peer-name", Bytes::from(vec![5u8; 300])),
+        ("x", Bytes::from(vec![1u8; MAX_MESSAGE_BODY])),
+    ] {
+        for req in [0, 127, 128, u64::MAX] {
+            let id = MessageId([req as u8; 16]);
+            let mut want = BytesMut::from(&b"prefix"[..]);
+            let mut got = want.clone();
+            Frame::Send(Send {
+                req,
+                id,
+                to: to.into(),
+                body: body.clone(),
+            })
+            .encode(&mut want)
+            .expect("encodes");
+            encode_send(&mut got, req, id, to, &body).expect("encodes");
+            assert_eq!(got, want, "to {to}, req {req}, {} bytes", body.len());
+        }
+    }
+    // Over the frame limit: refused, nothing written.
+    let mut b = BytesMut::new();
+    let huge = Bytes::from(vec![0u8; MAX_FRAME_LEN + 1]);
+    assert!(matches!(
+        encode_send(&mut b, 1, MessageId([0; 16]), "bob", &huge),
+        Err(EncodeError::TooLarge { .. })
+    ));
+    assert!(b.is_empty());
+}
+
+#[test]
 fn a_builder_with_a_message_cap_cuts_frames_at_it() {
     let id = |n: u32| MessageId([n as u8; 16]);
     let mut builder = DeliveriesBuilder::with_max_messages(3);
