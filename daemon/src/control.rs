@@ -874,24 +874,26 @@ mod tests {
         out.extend(frame(KIND_ACK, &5u32.to_be_bytes()));
         // Then a frame that announces 100 bytes and brings 10.
         out.extend_from_slice(&frame(KIND_ACK, &[0; 100])[..crate::compact::HEADER + 10]);
-        let writer = tokio::spawn(async move {
+        let writer = async move {
             let mut b = b;
             for piece in out.chunks(3000) {
                 b.write_all(piece).await.expect("write");
                 tokio::task::yield_now().await;
             }
             // Closed here: the last frame stays cut.
-        });
-        match replies.next().await.expect("a batch") {
-            Answer::Messages(m) => {
-                assert_eq!(m.len(), 1);
-                assert_eq!((&m[0].from[..], m[0].sent_at_ms), ("bob", 7));
-                assert_eq!(m[0].body, body);
+        };
+        let reader = async {
+            match replies.next().await.expect("a batch") {
+                Answer::Messages(m) => {
+                    assert_eq!(m.len(), 1);
+                    assert_eq!((&m[0].from[..], m[0].sent_at_ms), ("bob", 7));
+                    assert_eq!(m[0].body, body);
+                }
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
-        }
-        assert!(matches!(replies.next().await, Ok(Answer::Acked(5))));
-        writer.await.expect("writer");
+            assert!(matches!(replies.next().await, Ok(Answer::Acked(5))));
+        };
+        tokio::join!(writer, reader);
         let e = replies.next().await.expect_err("cut");
         assert!(e.to_string().contains("inside a reply"), "{e}");
     }
