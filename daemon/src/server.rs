@@ -655,36 +655,29 @@ async fn answer(
     codec: Codec,
     out: &mut Vec<u8>,
 ) {
-    match op {
+    let o = match op {
         // Encoded from the leased messages where they are: no copy of them.
         Op::Recv { wait, max } => match leased.take(shared, max, wait, cancel).await {
-            Ok(got) => codec.push_messages(out, got),
-            Err(e) => codec.push(out, &reply_out(e.into())),
+            Ok(got) => return codec.push_messages(out, got),
+            Err(e) => reply_out(e.into()),
         },
-        op => codec.push(out, &answer_other(shared, op, leased).await),
-    }
-}
-
-/// Answers every request but `recv`.
-async fn answer_other(shared: &Arc<Shared>, op: Op, leased: &mut Leased) -> Out {
-    let req = match op {
         Op::Send { to, body, timeout } => {
-            return start_send(shared, to, body, timeout.min(MAX_WAIT))
+            start_send(shared, to, body, timeout.min(MAX_WAIT))
                 .await
                 .wait()
                 .await
         }
-        Op::Recv { .. } => {
-            return reply_out(err("internal", "recv is answered by answer()"));
-        }
-        Op::Ack(ids) => {
-            return match leased.ack(shared, &ids).await {
-                Ok(acked) => Out::Acked(acked),
-                Err(e) => reply_out(e.into()),
-            }
-        }
-        Op::Json(req) => req,
+        Op::Ack(ids) => match leased.ack(shared, &ids).await {
+            Ok(acked) => Out::Acked(acked),
+            Err(e) => reply_out(e.into()),
+        },
+        Op::Json(req) => answer_json(shared, req).await,
     };
+    codec.push(out, &o);
+}
+
+/// Answers a request of the JSON kind.
+async fn answer_json(shared: &Arc<Shared>, req: Request) -> Out {
     reply_out(match req {
         Request::Status => Reply::Status(Box::new(status(shared))),
         Request::SetStatus {

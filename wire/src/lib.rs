@@ -757,8 +757,6 @@ pub struct DeliveriesBuilder {
     bytes: usize,
     /// Runs and messages in `frame`.
     items: usize,
-    /// Messages in `frame`.
-    messages: usize,
     /// Messages a frame holds at most.
     max_messages: usize,
 }
@@ -782,7 +780,6 @@ impl DeliveriesBuilder {
             frame: Deliveries::default(),
             bytes: 0,
             items: 0,
-            messages: 0,
             max_messages: max_messages.max(1),
         }
     }
@@ -810,7 +807,7 @@ impl DeliveriesBuilder {
         if !self.frame.runs.is_empty()
             && (self.bytes + run_len + msg_len > MAX_FRAME_LEN
                 || self.items + items > MAX_DELIVERIES
-                || self.messages >= self.max_messages)
+                || self.items - self.frame.runs.len() >= self.max_messages)
         {
             full = self.finish();
         }
@@ -823,7 +820,6 @@ impl DeliveriesBuilder {
             body,
             sent_at_ms,
         };
-        self.messages += 1;
         match self.frame.runs.last_mut() {
             Some(r) if r.from == from => {
                 r.msgs.push(m);
@@ -847,7 +843,6 @@ impl DeliveriesBuilder {
     pub fn finish(&mut self) -> Option<Deliveries> {
         self.bytes = 0;
         self.items = 0;
-        self.messages = 0;
         let f = std::mem::take(&mut self.frame);
         (!f.runs.is_empty()).then_some(f)
     }
