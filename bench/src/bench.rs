@@ -1292,7 +1292,7 @@ fn proc_rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
-fn proc_cpu_ticks(pid: u32) -> Result<u64> {
+pub(crate) fn proc_cpu_ticks(pid: u32) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may contain spaces).
     let rest = s.rsplit_once(") ").map(|x| x.1).context("stat")?;
@@ -2561,7 +2561,7 @@ impl Summary {
     }
 }
 
-fn cpu_us_per(ticks: u64, n: usize) -> f64 {
+pub(crate) fn cpu_us_per(ticks: u64, n: usize) -> f64 {
     // Linux reports process CPU in clock ticks of 10 ms (USER_HZ 100).
     ticks as f64 * 10_000.0 / n.max(1) as f64
 }

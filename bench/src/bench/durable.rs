@@ -14,7 +14,9 @@
 //! message at a time, the time until the sender's answer (`accept`) and
 //! until the receiver has it (`delivery`), p50 and p99.
 
-use super::{bench_daemon, bench_relay_config, median, pct, record, Hist};
+use super::{
+    bench_daemon, bench_relay_config, cpu_us_per, median, pct, proc_cpu_ticks, record, Hist,
+};
 use crate::nats::{self, NatsRx, NatsTx};
 use crate::Output;
 use anyhow::{bail, ensure, Context, Result};
@@ -44,6 +46,10 @@ pub(crate) struct DurableArgs {
 #[derive(Debug, Clone, Copy)]
 struct Figures {
     per_sec: f64,
+    /// CPU time per message of the rate run (µs), all the contender's
+    /// processes: the relay, daemons and clients (one process), or
+    /// nats-server and the bench's NATS clients.
+    cpu_us: f64,
     accept_p50: f64,
     accept_p99: f64,
     delivery_p50: f64,
@@ -92,7 +98,8 @@ pub(crate) async fn durable_bench(a: DurableArgs, out: &Output) -> Result<()> {
                 } else {
                     "file"
                 };
-                js.push(js_once(server.addr, tls.clone(), storage, &a).await?);
+                let pid = server.pid().context("nats-server is not running")?;
+                js.push(js_once(server.addr, pid, tls.clone(), storage, &a).await?);
                 drop(server);
             }
             let _ = std::fs::remove_dir_all(&dir);
@@ -156,6 +163,7 @@ fn summarize(runs: &[Figures]) -> (Figures, (f64, f64)) {
     (
         Figures {
             per_sec: m(|f| f.per_sec),
+            cpu_us: m(|f| f.cpu_us),
             accept_p50: m(|f| f.accept_p50),
             accept_p99: m(|f| f.accept_p99),
             delivery_p50: m(|f| f.delivery_p50),
@@ -178,6 +186,7 @@ fn print(
     if out.json {
         let fig = |f: &(Figures, (f64, f64))| {
             serde_json::json!({"per_sec": f.0.per_sec, "per_sec_min": f.1 .0, "per_sec_max": f.1 .1,
+                "cpu_us_per_msg": f.0.cpu_us,
                 "accept_p50_ms": f.0.accept_p50, "accept_p99_ms": f.0.accept_p99,
                 "delivery_p50_ms": f.0.delivery_p50, "delivery_p99_ms": f.0.delivery_p99})
         };
@@ -191,8 +200,8 @@ fn print(
     println!("durable at {label}: medians of {runs} runs, {BODY} B, one sender, one receiver acking each message");
     let line = |who: &str, f: &(Figures, (f64, f64))| {
         println!(
-            "  {who:<38} {:>8.0}/s ({:.0}–{:.0})   accept p50 {:>6.2} ms p99 {:>6.2} ms   delivery p50 {:>6.2} ms p99 {:>6.2} ms",
-            f.0.per_sec, f.1 .0, f.1 .1, f.0.accept_p50, f.0.accept_p99, f.0.delivery_p50, f.0.delivery_p99
+            "  {who:<38} {:>8.0}/s ({:.0}–{:.0})  CPU {:>5.2} µs/msg   accept p50 {:>6.2} ms p99 {:>6.2} ms   delivery p50 {:>6.2} ms p99 {:>6.2} ms",
+            f.0.per_sec, f.1 .0, f.1 .1, f.0.cpu_us, f.0.accept_p50, f.0.accept_p99, f.0.delivery_p50, f.0.delivery_p99
         );
     };
     line(&format!("switchboard, Rust API, {label}"), o);
@@ -238,6 +247,8 @@ async fn ours_once(
 
     // Rate: `window` sends unanswered; the receiver acknowledges what it takes.
     let n = a.messages;
+    let me = std::process::id();
+    let cpu0 = proc_cpu_ticks(me)?;
     let t = Instant::now();
     let send = async {
         let mut waiting = std::collections::VecDeque::with_capacity(a.window);
@@ -267,6 +278,7 @@ async fn ours_once(
     };
     tokio::try_join!(send, recv)?;
     let per_sec = n as f64 / t.elapsed().as_secs_f64();
+    let cpu_us = cpu_us_per(proc_cpu_ticks(me)?.saturating_sub(cpu0), n);
 
     // Latency: one message at a time.
     let (mut accept, mut delivery) = (Vec::new(), Vec::new());
@@ -295,13 +307,18 @@ async fn ours_once(
     rx.shutdown();
     relay.shutdown();
     relay.join().await;
-    figures(per_sec, &accept, &delivery)
+    figures((per_sec, cpu_us), &accept, &delivery)
 }
 
-fn figures(per_sec: f64, accept: &[Duration], delivery: &[Duration]) -> Result<Figures> {
+fn figures(
+    (per_sec, cpu_us): (f64, f64),
+    accept: &[Duration],
+    delivery: &[Duration],
+) -> Result<Figures> {
     let (ha, hd) = (Hist::of(accept)?, Hist::of(delivery)?);
     Ok(Figures {
         per_sec,
+        cpu_us,
         accept_p50: pct(&ha, 0.5),
         accept_p99: pct(&ha, 0.99),
         delivery_p50: pct(&hd, 0.5),
@@ -337,6 +354,7 @@ fn check_puback(payload: &[u8]) -> Result<()> {
 /// acknowledging explicitly; one run.
 async fn js_once(
     addr: std::net::SocketAddr,
+    server_pid: u32,
     tls: Arc<rustls::ClientConfig>,
     storage: &str,
     a: &DurableArgs,
@@ -370,6 +388,9 @@ async fn js_once(
     // Rate.
     let n = a.messages;
     let room = Arc::new(tokio::sync::Semaphore::new(a.window.max(1)));
+    let me = std::process::id();
+    let cpu = || anyhow::Ok(proc_cpu_ticks(me)? + proc_cpu_ticks(server_pid)?);
+    let cpu0 = cpu()?;
     let t = Instant::now();
     let publish = {
         let room = room.clone();
@@ -416,6 +437,7 @@ async fn js_once(
     .await
     .context("JetStream rate run stalled")??;
     let per_sec = n as f64 / t.elapsed().as_secs_f64();
+    let cpu_us = cpu_us_per(cpu()?.saturating_sub(cpu0), n);
 
     // Latency: one message at a time.
     let (mut accept, mut delivery) = (Vec::new(), Vec::new());
@@ -445,5 +467,5 @@ async fn js_once(
         accept.push(s);
         delivery.push(r);
     }
-    figures(per_sec, &accept, &delivery)
+    figures((per_sec, cpu_us), &accept, &delivery)
 }

@@ -31,9 +31,9 @@ pub(crate) async fn handoff(mesh: &Mesh, ring: &Ring) -> (usize, usize) {
         }
         let (ns, to, id) = (m.ns.clone(), m.to.clone(), m.id);
         let f = MeshForward {
-            namespace: m.ns,
-            from: m.from,
-            to: m.to,
+            namespace: m.ns.to_string(),
+            from: m.from.to_string(),
+            to: m.to.to_string(),
             id: m.id,
             body: m.body,
             sent_at_ms: m.sent_at_ms,

@@ -89,7 +89,7 @@ impl Services {
             config.status_interval,
         );
         r.delivery_wait = Some(metrics.delivery_seconds.clone());
-        r.track_removed = store.durability() != store::Durability::Memory;
+        r.track_store = store.durability() != store::Durability::Memory;
         Self {
             registry: Mutex::new(r),
             metrics,
@@ -157,14 +157,7 @@ impl Services {
             self.store.append_quiet(
                 removed
                     .into_iter()
-                    .map(|(ns, to, from, id)| {
-                        Record::Del(MsgKey {
-                            ns: ns.to_string(),
-                            to: to.to_string(),
-                            from: from.to_string(),
-                            id,
-                        })
-                    })
+                    .map(|(ns, to, from, id)| Record::Del(MsgKey { ns, to, from, id }))
                     .collect(),
             );
         }
@@ -272,14 +265,9 @@ impl Services {
             ));
         }
         // The store's record, unless it keeps none (memory durability).
-        let stored = self.store.keeps_records().then(|| persist::Saved {
-            ns: ns.to_string(),
-            to: to.to_string(),
-            from: from.to_string(),
-            id,
-            body: body.clone(),
-            sent_at_ms,
-            expires_at_ms: wall_ms() + self.config.limits.ttl.as_millis() as u64,
+        let record = self.store.keeps_records().then(|| {
+            let expires_at_ms = wall_ms() + self.config.limits.ttl.as_millis() as u64;
+            (body.clone(), expires_at_ms)
         });
         let mut reg = self.registry();
         let r = reg.enqueue(
@@ -296,8 +284,25 @@ impl Services {
                 self.metrics.accepted.inc();
                 // Appended under the registry lock: the log's order is the
                 // mailboxes' order, a put always before its removal.
-                let durable = match stored {
-                    Some(stored) if new => self.store.append(vec![Record::put(stored)]),
+                let durable = match record {
+                    Some((body, expires_at_ms)) if new => {
+                        // The registry's names, shared (made here only if
+                        // it kept none, which it does whenever the store
+                        // keeps records).
+                        let (ns, to, from) = reg
+                            .take_put()
+                            .unwrap_or_else(|| (Arc::from(ns), Arc::from(to), Arc::from(from)));
+                        let saved = persist::Saved {
+                            ns,
+                            to,
+                            from,
+                            id,
+                            body,
+                            sent_at_ms,
+                            expires_at_ms,
+                        };
+                        self.store.append(vec![Record::put(saved)])
+                    }
                     _ => self.store.barrier(),
                 };
                 Ok((online, durable))

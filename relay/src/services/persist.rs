@@ -7,6 +7,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use swb_wire::MessageId;
 
 /// File name inside the state dir.
@@ -16,9 +17,11 @@ const VERSION: u32 = 1;
 /// One held message as saved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Saved {
-    pub(crate) ns: String,
-    pub(crate) to: String,
-    pub(crate) from: String,
+    /// The names are shared with the registry's (and the store index's)
+    /// copies: storing a message copies none of them.
+    pub(crate) ns: Arc<str>,
+    pub(crate) to: Arc<str>,
+    pub(crate) from: Arc<str>,
     pub(crate) id: MessageId,
     pub(crate) body: Bytes,
     pub(crate) sent_at_ms: u64,

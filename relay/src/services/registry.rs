@@ -362,8 +362,13 @@ pub(crate) struct Registry {
     next_session: u64,
     /// Observes accept → first hand-out of each message, if set.
     pub(crate) delivery_wait: Option<prometheus::Histogram>,
-    /// Whether removed messages are recorded in `removed` (for the store).
-    pub(crate) track_removed: bool,
+    /// Whether changes are recorded for the store: removed messages in
+    /// `removed`, the names of the message last put in `put`.
+    pub(crate) track_store: bool,
+    /// The names (namespace, recipient, sender) of the message the last
+    /// [`Registry::enqueue`] stored, when `track_store`: the store's record
+    /// shares them instead of copying each.
+    put: Option<PutNames>,
     /// Messages removed since the last [`Registry::take_removed`]:
     /// (namespace, recipient, sender, id).
     removed: Vec<Removed>,
@@ -379,6 +384,9 @@ pub(crate) struct Registry {
 
 /// A removed message: (namespace, recipient, sender, id).
 pub(crate) type Removed = (Arc<str>, Arc<str>, Arc<str>, MessageId);
+
+/// A stored message's names: (namespace, recipient, sender).
+pub(crate) type PutNames = (Arc<str>, Arc<str>, Arc<str>);
 
 fn key(ns: &str, name: &str) -> Key {
     (Arc::from(ns), Arc::from(name))
@@ -400,7 +408,8 @@ impl Registry {
             limits,
             next_session: 1,
             delivery_wait: None,
-            track_removed: false,
+            track_store: false,
+            put: None,
             removed: Vec::new(),
         }
     }
@@ -498,8 +507,15 @@ impl Registry {
             }
         }
         let (mb_len, mb_bytes) = held.map_or((0, 0), |m| (m.msgs.len(), m.bytes));
+        let found_key = found.map(|(k, _)| k);
         // The key, to file an empty mailbox's expiry under (cloned only then).
-        let slot_key = found.and_then(|(k, _)| (mb_len == 0).then(|| k.clone()));
+        let slot_key = found_key.and_then(|k| (mb_len == 0).then(|| k.clone()));
+        // The names the store's record of the message shares.
+        let mut put_key = if self.track_store {
+            found_key.cloned()
+        } else {
+            None
+        };
         let had_slot = found.is_some();
         let cost = held_cost(from, &body);
         if mb_len + 1 > lim.messages || mb_bytes + cost > lim.bytes {
@@ -535,8 +551,12 @@ impl Registry {
         } else {
             let k = key(ns, to);
             self.slots.insert(k.clone(), Slot::default());
+            if self.track_store {
+                put_key = Some(k.clone());
+            }
             Some(k)
         };
+        let put = put_key.map(|(ns, to)| (ns, to, from.clone()));
         let Some(slot) = self.slots.get_mut(kp) else {
             return Enqueued::Refused(Refusal::new(
                 Code::INTERNAL,
@@ -585,6 +605,7 @@ impl Registry {
                 self.usage.insert(Arc::from(ns), u);
             }
         }
+        self.put = put;
         Enqueued::Accepted { online, new: true }
     }
 
@@ -806,7 +827,7 @@ impl Registry {
         let parts = (ns, name);
         let kp: &dyn KeyParts = &parts;
         // The slot's key, for the store's record of what went.
-        let k = match self.track_removed {
+        let k = match self.track_store {
             true => self.slots.get_key_value(kp).map(|(k, _)| k.clone()),
             false => None,
         };
@@ -874,9 +895,15 @@ impl Registry {
         removed
     }
 
-    /// Messages removed since the last call (when `track_removed`).
+    /// Messages removed since the last call (when `track_store`).
     pub(crate) fn take_removed(&mut self) -> Vec<Removed> {
         std::mem::take(&mut self.removed)
+    }
+
+    /// The names of the message the last [`Self::enqueue`] stored (when
+    /// `track_store`), once.
+    pub(crate) fn take_put(&mut self) -> Option<PutNames> {
+        self.put.take()
     }
 
     /// Forgets acknowledged messages; returns how many were held.
@@ -975,9 +1002,9 @@ impl Registry {
             for m in slot.mailbox.iter().flat_map(|mb| mb.msgs.values()) {
                 let left = m.expires_at.saturating_duration_since(now).as_millis() as u64;
                 out.push(super::persist::Saved {
-                    ns: ns.to_string(),
-                    to: to.to_string(),
-                    from: m.from.to_string(),
+                    ns: ns.clone(),
+                    to: to.clone(),
+                    from: m.from.clone(),
                     id: m.id,
                     body: m.body.clone(),
                     sent_at_ms: m.sent_at_ms,
@@ -1004,7 +1031,7 @@ impl Registry {
                 // enqueue gave it the full TTL; keep its remaining one.
                 let mb = self
                     .slots
-                    .get_mut(&(m.ns.as_str(), m.to.as_str()) as &dyn KeyParts)
+                    .get_mut(&(&*m.ns, &*m.to) as &dyn KeyParts)
                     .and_then(|s| s.mailbox.as_deref_mut());
                 if let Some(mb) = mb {
                     if let Some(seq) = mb.by_id.get(&m.id).copied() {
@@ -1077,6 +1104,47 @@ mod tests {
 
     fn id(n: u8) -> MessageId {
         MessageId([n; 16])
+    }
+
+    #[tokio::test]
+    async fn the_store_record_of_a_message_shares_the_registrys_names() {
+        let mut r = reg(10, 10_000);
+        send(&mut r, "ns", "b", 1, 1);
+        assert_eq!(r.take_put(), None, "nothing kept without a store");
+        r.track_store = true;
+        assert!(matches!(
+            send(&mut r, "ns", "b", 2, 1),
+            Enqueued::Accepted { new: true, .. }
+        ));
+        let (ns, to, from) = r.take_put().expect("the put's names");
+        let (k, slot) = r
+            .slots
+            .get_key_value(&("ns", "b") as &dyn KeyParts)
+            .expect("slot");
+        assert!(
+            Arc::ptr_eq(&k.0, &ns) && Arc::ptr_eq(&k.1, &to),
+            "the slot's key"
+        );
+        let held = slot.mailbox.as_ref().expect("mailbox");
+        let stored = held.msgs.values().last().expect("message");
+        assert!(
+            Arc::ptr_eq(&stored.from, &from),
+            "the held message's sender"
+        );
+        assert_eq!((&*ns, &*to, &*from), ("ns", "b", "a"));
+        assert_eq!(r.take_put(), None, "taken once");
+        // A retried send stores nothing, so it has no record either.
+        assert!(matches!(
+            send(&mut r, "ns", "b", 2, 1),
+            Enqueued::Accepted { new: false, .. }
+        ));
+        assert_eq!(r.take_put(), None);
+        // A refused one neither.
+        assert!(matches!(
+            send(&mut r, "ns", "b", 3, 100_000),
+            Enqueued::Refused(_)
+        ));
+        assert_eq!(r.take_put(), None);
     }
 
     fn send(r: &mut Registry, ns: &str, to: &str, n: u8, len: usize) -> Enqueued {

@@ -104,9 +104,9 @@ impl std::str::FromStr for Durability {
 /// Where a held message is in the mailbox space: its mailbox and identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub(crate) struct MsgKey {
-    pub(crate) ns: String,
-    pub(crate) to: String,
-    pub(crate) from: String,
+    pub(crate) ns: Arc<str>,
+    pub(crate) to: Arc<str>,
+    pub(crate) from: Arc<str>,
     pub(crate) id: MessageId,
 }
 
@@ -143,27 +143,41 @@ impl Record {
 }
 
 impl Record {
+    /// Appends the record (header, kind, postcard body) to `out`,
+    /// serialized in place; on an error `out` is left as it was.
     fn encode(&self, out: &mut Vec<u8>) -> std::io::Result<()> {
-        let (kind, body) = match self {
-            Record::Put(p) => (KIND_PUT, postcard::to_stdvec(p)),
-            Record::Del(k) => (KIND_DEL, postcard::to_stdvec(k)),
-            Record::Status(s) => (KIND_STATUS, postcard::to_stdvec(s)),
+        let start = out.len();
+        out.extend_from_slice(&[0; HEADER]);
+        let written = match self {
+            Record::Put(p) => {
+                out.push(KIND_PUT);
+                postcard::to_io(p, &mut *out).map(drop)
+            }
+            Record::Del(k) => {
+                out.push(KIND_DEL);
+                postcard::to_io(k, &mut *out).map(drop)
+            }
+            Record::Status(s) => {
+                out.push(KIND_STATUS);
+                postcard::to_io(s, &mut *out).map(drop)
+            }
         };
-        let body = body.map_err(std::io::Error::other)?;
-        let len = 1 + body.len();
-        if len > MAX_RECORD {
-            return Err(std::io::Error::new(
+        let len = out.len() - start - HEADER;
+        let refused = match written {
+            Err(e) => Some(std::io::Error::other(e)),
+            Ok(()) if len > MAX_RECORD => Some(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!("a store record of {len} bytes exceeds {MAX_RECORD}"),
-            ));
+            )),
+            Ok(()) => None,
+        };
+        if let Some(e) = refused {
+            out.truncate(start);
+            return Err(e);
         }
-        let mut h = crc32fast::Hasher::new();
-        h.update(&[kind]);
-        h.update(&body);
-        out.extend_from_slice(&(len as u32).to_le_bytes());
-        out.extend_from_slice(&h.finalize().to_le_bytes());
-        out.push(kind);
-        out.extend_from_slice(&body);
+        let crc = crc32fast::hash(&out[start + HEADER..]);
+        out[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+        out[start + 4..start + HEADER].copy_from_slice(&crc.to_le_bytes());
         Ok(())
     }
 
@@ -204,8 +218,10 @@ struct SegInfo {
 #[derive(Debug, Default)]
 struct Index {
     segs: BTreeMap<u64, SegInfo>,
-    msgs: HashMap<MsgKey, (u64, u64)>,
-    statuses: HashMap<(String, String), (u64, u64)>,
+    /// Keyed hashes (names are chosen by peers), and fast ones: every
+    /// message is added and removed once.
+    msgs: HashMap<MsgKey, (u64, u64), ahash::RandomState>,
+    statuses: HashMap<(String, String), (u64, u64), ahash::RandomState>,
     /// Segment → the older segments holding messages it removes. A
     /// removal must outlive the put it cancels: a segment is deleted only
     /// once the segments it pins are gone (or go first, in the same pass).
@@ -538,7 +554,10 @@ struct Writer {
     active: u64,
     file: File,
     index: Index,
+    /// The bytes of one batch; kept, as `sizes` is, from batch to batch.
     buf: Vec<u8>,
+    /// Each record's size in `buf`.
+    sizes: Vec<u64>,
     next_seq: u64,
 }
 
@@ -558,6 +577,7 @@ impl Writer {
             file,
             index,
             buf: Vec::new(),
+            sizes: Vec::new(),
             next_seq,
         };
         w.index.segs.entry(active).or_default();
@@ -582,9 +602,13 @@ impl Writer {
         type Waiter = oneshot::Sender<Result<(), Arc<std::io::Error>>>;
         let mut waiters: Vec<Waiter> = Vec::new();
         let mut stop: Option<std::sync::mpsc::Sender<()>> = None;
+        // Kept from batch to batch (a busy relay's batches hold thousands
+        // of records; a new vector each time was fresh pages each time).
+        let mut jobs: Vec<Job> = Vec::new();
+        let mut batch: Vec<Record> = Vec::new();
         while stop.is_none() {
             let Ok(first) = rx.recv() else { break };
-            let mut jobs = vec![first];
+            jobs.push(first);
             let mut records = 0;
             while records < BATCH_RECORDS {
                 match rx.try_recv() {
@@ -597,8 +621,7 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let mut batch: Vec<Record> = Vec::new();
-            for j in jobs {
+            for j in jobs.drain(..) {
                 match j {
                     Job::Append(r, w) => {
                         batch.extend(r);
@@ -607,7 +630,8 @@ impl Writer {
                     Job::Stop(done) => stop = Some(done),
                 }
             }
-            let result = self.commit(batch).map_err(Arc::new);
+            let result = self.commit(&mut batch).map_err(Arc::new);
+            batch.clear();
             if let Err(e) = &result {
                 tracing::error!("store: cannot write the mail log: {e}");
             }
@@ -635,7 +659,7 @@ impl Writer {
     /// numbers) and accounts them; the segments that lost live records.
     fn write(&mut self, batch: &mut [Record]) -> std::io::Result<Vec<u64>> {
         self.buf.clear();
-        let mut sizes = Vec::with_capacity(batch.len());
+        self.sizes.clear();
         for r in batch.iter_mut() {
             if let Record::Put(p) = r {
                 if p.seq == 0 {
@@ -645,14 +669,14 @@ impl Writer {
             }
             let before = self.buf.len();
             r.encode(&mut self.buf)?;
-            sizes.push((self.buf.len() - before) as u64);
+            self.sizes.push((self.buf.len() - before) as u64);
         }
         if !self.buf.is_empty() {
             self.file.write_all(&self.buf)?;
         }
         let mut touched = Vec::new();
-        for (r, size) in batch.iter().zip(sizes) {
-            if let Some(seg) = self.index.add(self.active, r, size) {
+        for (r, size) in batch.iter().zip(&self.sizes) {
+            if let Some(seg) = self.index.add(self.active, r, *size) {
                 if seg != self.active && !touched.contains(&seg) {
                     touched.push(seg);
                 }
@@ -662,12 +686,12 @@ impl Writer {
     }
 
     /// Writes a batch and makes it as durable as promised.
-    fn commit(&mut self, mut batch: Vec<Record>) -> std::io::Result<()> {
+    fn commit(&mut self, batch: &mut [Record]) -> std::io::Result<()> {
         if batch.is_empty() {
             // A barrier: everything before was already committed.
             return Ok(());
         }
-        let touched = self.write(&mut batch)?;
+        let touched = self.write(batch)?;
         if self.durability == Durability::Sync {
             self.file.sync_data()?;
         }
@@ -789,6 +813,40 @@ mod tests {
             sent_at_ms: u64::from(i),
             expires_at_ms: u64::MAX,
         }
+    }
+
+    #[test]
+    fn records_are_encoded_in_place_and_a_refused_one_leaves_the_buffer_as_it_was() {
+        let put = Put {
+            seq: 7,
+            msg: msg(3, b"hello"),
+        };
+        let mut buf = b"before".to_vec();
+        Record::Put(put.clone()).encode(&mut buf).expect("encodes");
+        let body = postcard::to_stdvec(&put).expect("postcard");
+        let rec = &buf[6..];
+        assert_eq!(rec.len(), HEADER + 1 + body.len());
+        let len = u32::from_le_bytes(rec[..4].try_into().unwrap()) as usize;
+        let crc = u32::from_le_bytes(rec[4..8].try_into().unwrap());
+        assert_eq!(len, 1 + body.len());
+        assert_eq!(crc, crc32fast::hash(&rec[HEADER..]));
+        assert_eq!(rec[HEADER], KIND_PUT);
+        assert_eq!(&rec[HEADER + 1..], &body[..]);
+        assert_eq!(
+            Record::decode(rec[HEADER], &rec[HEADER + 1..]),
+            Some(Record::Put(put))
+        );
+        let before = buf.clone();
+        let huge = Record::Status(StoredStatus {
+            ns: "acme".into(),
+            name: "london".into(),
+            fields: vec![("k".into(), "v".repeat(MAX_RECORD))],
+            updated_ms: 0,
+        });
+        let e = huge.encode(&mut buf).expect_err("over the record limit");
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("exceeds"), "{e}");
+        assert_eq!(buf, before, "nothing of the refused record is left");
     }
 
     async fn put(store: &Store, m: Saved) {
