@@ -1176,6 +1176,12 @@ pub(crate) struct RelayProcessArgs {
     /// in the data dir.
     #[arg(long)]
     memory_mail: bool,
+    /// Mailboxes as deep as a NATS subscription's default pending limits
+    /// (65 536 messages, 64 MiB), as `rate` has them: senders whose mail
+    /// is accepted faster than receivers acknowledge it (mail in memory)
+    /// are not refused `mailbox_full` at the default 1 000.
+    #[arg(long)]
+    deep_mailboxes: bool,
 }
 
 pub(crate) async fn relay_process_main(a: RelayProcessArgs) -> Result<()> {
@@ -1196,6 +1202,10 @@ pub(crate) async fn relay_process_main(a: RelayProcessArgs) -> Result<()> {
     if a.memory_mail {
         config.durability = Some(swb_relay::Durability::Memory);
     }
+    if a.deep_mailboxes {
+        config.limits.messages = 65_536;
+        config.limits.bytes = 64 * 1024 * 1024;
+    }
     config.handshake_threads = a.handshake_threads;
     config.shards = a.shards;
     let relay = Relay::spawn(config).await?;
@@ -1212,6 +1222,8 @@ pub(crate) async fn relay_process_main(a: RelayProcessArgs) -> Result<()> {
 /// that reach it with that key.
 pub(crate) struct RelayProc {
     _child: Child,
+    /// The relay process (or the wrapper's, under `SWB_BENCH_WRAP`).
+    pub(crate) pid: u32,
     pub(crate) addr: std::net::SocketAddr,
     pub(crate) fingerprint: String,
     key: String,
@@ -1238,7 +1250,7 @@ impl RelayProc {
         ];
         args.extend_from_slice(extra);
         let mut addr: Option<std::net::SocketAddr> = None;
-        let (child, (addr, fingerprint), _pid) = spawn_self(&args, |l| {
+        let (child, (addr, fingerprint), pid) = spawn_self(&args, |l| {
             if let Some(x) = l.strip_prefix("relay listening on ") {
                 addr = x.split_whitespace().next().and_then(|a| a.parse().ok());
             }
@@ -1248,6 +1260,7 @@ impl RelayProc {
         .await?;
         Ok(Self {
             _child: child,
+            pid,
             addr,
             fingerprint,
             key: new.key,
@@ -1300,6 +1313,33 @@ pub(crate) fn proc_cpu_ticks(pid: u32) -> Result<u64> {
     let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
     let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
     Ok(utime + stime)
+}
+
+/// CPU ticks (utime + stime) of each thread of `pid`: (thread id, name,
+/// ticks).
+pub(crate) fn thread_cpu_ticks(pid: u32) -> Result<Vec<(u32, String, u64)>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let e = e?;
+        let Some(tid) = e.file_name().to_str().and_then(|t| t.parse().ok()) else {
+            continue;
+        };
+        // A thread that ended between the listing and the read is skipped.
+        let Ok(s) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        let name = s
+            .split_once(" (")
+            .and_then(|(_, r)| r.rsplit_once(") "))
+            .map(|(n, _)| n.to_string())
+            .context("thread stat")?;
+        let rest = s.rsplit_once(") ").map(|x| x.1).context("thread stat")?;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        out.push((tid, name, utime + stime));
+    }
+    Ok(out)
 }
 
 struct Child {
