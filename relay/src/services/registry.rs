@@ -1026,7 +1026,10 @@ impl Registry {
             return Err(NotRestored::Expired);
         }
         let left = Duration::from_millis(m.expires_at_ms - wall_now_ms);
-        match self.enqueue(&m.ns, &m.from, &m.to, m.id, m.body, m.sent_at_ms, now) {
+        let r = self.enqueue(&m.ns, &m.from, &m.to, m.id, m.body, m.sent_at_ms, now);
+        // The store has this message already: no record, no names kept.
+        self.put = None;
+        match r {
             Enqueued::Accepted { .. } => {
                 // enqueue gave it the full TTL; keep its remaining one.
                 let mb = self
