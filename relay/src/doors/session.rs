@@ -611,20 +611,6 @@ impl<F: std::future::Future> Ordered<F> {
             Poll::Pending => Poll::Pending,
         }
     }
-
-    /// Every output ready now, in order; pending until there is one.
-    fn poll_run(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Vec<F::Output>> {
-        use std::task::Poll;
-        let mut run = Vec::new();
-        while let Poll::Ready(out) = self.poll_next(cx) {
-            run.push(out);
-        }
-        if run.is_empty() {
-            Poll::Pending
-        } else {
-            Poll::Ready(run)
-        }
-    }
 }
 
 /// After a mesh change: if the namespace's TUN allocator is another relay
@@ -768,7 +754,7 @@ async fn serve(
     let mut fwd: Option<Forwarding> = None;
     // Answers to local sends, each ready once its message is durable (they
     // complete in order: the store commits in order).
-    let mut durable: Durables = Ordered::new();
+    let mut durable = Durables::new();
     let mut tun_calls = TunCalls::new();
     // The allocator a re-ask after a mesh change went to, while it is in
     // flight: one at a time, however often the mesh changes meanwhile.
@@ -844,7 +830,7 @@ async fn serve(
             }
             // Every answer the store made ready (it commits in groups), so
             // a run of accepted sends goes out as one frame.
-            replies = std::future::poll_fn(|cx| durable.poll_run(cx)), if !durable.is_empty() => {
+            replies = durable.next_run(), if !durable.is_empty() => {
                 for reply in replies {
                     if let Err(e) = io.answer(reply) {
                         return e;
@@ -977,8 +963,89 @@ async fn forwarder(
     }
 }
 
-/// Answers waiting for their messages to be durable.
-type Durables = Ordered<std::pin::Pin<Box<dyn std::future::Future<Output = Frame> + Send>>>;
+/// Answers to local sends waiting for their messages to be durable, in
+/// order (the store settles appends in order). One receiver of the store's
+/// settled updates serves them all, made with the first and dropped with
+/// the last (an idle session keeps none); one update answers every send
+/// its group commit held.
+struct Durables {
+    settled: Option<tokio::sync::watch::Receiver<crate::services::store::Settled>>,
+    /// (append number, request, message id, recipient online).
+    waiting: std::collections::VecDeque<(u64, u64, swb_wire::MessageId, bool)>,
+}
+
+impl Durables {
+    fn new() -> Self {
+        Self {
+            settled: None,
+            waiting: std::collections::VecDeque::new(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.waiting.is_empty()
+    }
+
+    fn push(
+        &mut self,
+        services: &crate::services::Services,
+        n: u64,
+        req: u64,
+        id: swb_wire::MessageId,
+        online: bool,
+    ) {
+        self.settled.get_or_insert_with(|| services.settled());
+        self.waiting.push_back((n, req, id, online));
+    }
+
+    /// The answers of every send settled now, in order; waits for the
+    /// store's next update while there are none. Cancel-safe: nothing is
+    /// taken from `waiting` across an await.
+    async fn next_run(&mut self) -> Vec<Frame> {
+        loop {
+            let Some(rx) = self.settled.as_mut() else {
+                return std::future::pending().await;
+            };
+            let mut run = Vec::new();
+            {
+                let s = rx.borrow_and_update();
+                while let Some(&(n, req, id, online)) = self.waiting.front() {
+                    let Some(outcome) = s.outcome(n) else { break };
+                    self.waiting.pop_front();
+                    run.push(match outcome {
+                        Ok(()) => Frame::SendAccepted(SendAccepted { req, id, online }),
+                        Err(e) => Frame::SendRefused(SendRefused {
+                            req,
+                            refusal: crate::services::not_stored(&e),
+                        }),
+                    });
+                }
+            }
+            if !run.is_empty() {
+                if self.waiting.is_empty() {
+                    self.settled = None;
+                }
+                return run;
+            }
+            if rx.changed().await.is_err() {
+                // The writer is gone without a last word (it always
+                // leaves one): nothing waiting will be stored.
+                return self
+                    .waiting
+                    .drain(..)
+                    .map(|(_, req, _, _)| {
+                        Frame::SendRefused(SendRefused {
+                            req,
+                            refusal: crate::services::not_stored(
+                                &crate::services::store::StoreError::Stopped,
+                            ),
+                        })
+                    })
+                    .collect();
+            }
+        }
+    }
+}
 
 fn handle(
     router: &Arc<Router>,
@@ -1052,21 +1119,18 @@ fn handle_local(
                 Ok((online, stored)) => {
                     debug!(id = %s.id, online, "message accepted");
                     let (req, id) = (s.req, s.id);
-                    if stored.is_done() {
-                        return io.accepted(req, online);
-                    }
-                    let accepted = Frame::SendAccepted(SendAccepted { req, id, online });
-                    // `accepted` only once the message is durable.
-                    durable.push_back(Box::pin(async move {
-                        match stored.wait().await {
-                            Ok(()) => accepted,
-                            Err(e) => Frame::SendRefused(SendRefused {
-                                req,
-                                refusal: crate::services::not_stored(&e),
-                            }),
+                    match stored.number() {
+                        Ok(None) => io.accepted(req, online),
+                        // `accepted` only once the message is durable.
+                        Ok(Some(n)) => {
+                            durable.push(services, n, req, id, online);
+                            Ok(())
                         }
-                    }));
-                    Ok(())
+                        Err(e) => io.queue(&Frame::SendRefused(SendRefused {
+                            req,
+                            refusal: crate::services::not_stored(&e),
+                        })),
+                    }
                 }
                 Err(refusal) => {
                     debug!(code = %refusal.code, "send refused");

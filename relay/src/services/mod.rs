@@ -146,6 +146,11 @@ impl Services {
     }
 
     /// How durable accepted mail is here.
+    /// What the store settled (see [`store::Settled`]).
+    pub(crate) fn settled(&self) -> tokio::sync::watch::Receiver<store::Settled> {
+        self.store.settled()
+    }
+
     pub(crate) fn durability(&self) -> store::Durability {
         self.store.durability()
     }

@@ -42,7 +42,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use swb_wire::MessageId;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 /// Longest record body: a message of the largest size with its envelope.
@@ -271,18 +271,58 @@ impl Index {
 
 /// A request to the writer.
 enum Job {
-    /// Append these records; answer when they are as durable as asked.
-    Append(
-        Vec<Record>,
-        Option<oneshot::Sender<Result<(), Arc<std::io::Error>>>>,
-    ),
+    /// Append these records; the number of this append (appends are
+    /// numbered in the order the writer receives them).
+    Append(Vec<Record>, u64),
     /// Stop after everything before.
     Stop(std::sync::mpsc::Sender<()>),
 }
 
+/// What the writer has settled, published after every group commit: one
+/// update wakes everyone waiting on that commit, however many appends it
+/// held (a channel per append was an allocation and a wake-up per message).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Settled {
+    /// Every append numbered up to this is durable.
+    through: u64,
+    /// The store failed, for good: no append after `through` becomes
+    /// durable. A failed write may have left part of a record in the log
+    /// and a failed sync may have dropped written pages, so nothing
+    /// appended after it could be promised (the fail-stop rule databases
+    /// follow since fsync errors were understood).
+    failed: Option<Arc<std::io::Error>>,
+    /// The writer stopped.
+    stopped: bool,
+}
+
+impl Settled {
+    /// What became of append `n`, if it is settled.
+    pub(crate) fn outcome(&self, n: u64) -> Option<Result<(), StoreError>> {
+        if self.through >= n {
+            Some(Ok(()))
+        } else if let Some(e) = &self.failed {
+            Some(Err(StoreError::Io(e.clone())))
+        } else if self.stopped {
+            Some(Err(StoreError::Stopped))
+        } else {
+            None
+        }
+    }
+}
+
 /// Awaits the durability of what was appended with it.
 #[derive(Debug)]
-pub(crate) struct Durable(Option<oneshot::Receiver<Result<(), Arc<std::io::Error>>>>);
+pub(crate) struct Durable(Pending);
+
+#[derive(Debug)]
+enum Pending {
+    /// Nothing to wait for.
+    Done,
+    /// Append `n`, settled as the writer publishes.
+    Wait(u64, watch::Receiver<Settled>),
+    /// Never to be durable (the writer is gone).
+    Failed(StoreError),
+}
 
 /// Why a write did not become durable.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -298,22 +338,33 @@ pub enum StoreError {
 impl Durable {
     /// Already durable (nothing was written, or memory durability).
     pub(crate) fn done() -> Self {
-        Self(None)
+        Self(Pending::Done)
     }
 
-    /// Whether there is nothing to wait for.
-    pub(crate) fn is_done(&self) -> bool {
-        self.0.is_none()
+    /// Without waiting: `Ok(None)` if durable already, `Ok(Some(n))` to
+    /// wait for append `n` with the store's [`Settled`] updates
+    /// ([`Store::settled`]: one receiver for many appends), or the error.
+    pub(crate) fn number(&self) -> Result<Option<u64>, StoreError> {
+        match &self.0 {
+            Pending::Done => Ok(None),
+            Pending::Wait(n, _) => Ok(Some(*n)),
+            Pending::Failed(e) => Err(e.clone()),
+        }
     }
 
     /// Waits until the records are as durable as the store promises.
     pub(crate) async fn wait(self) -> Result<(), StoreError> {
         match self.0 {
-            None => Ok(()),
-            Some(rx) => match rx.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(StoreError::Io(e)),
-                Err(_) => Err(StoreError::Stopped),
+            Pending::Done => Ok(()),
+            Pending::Failed(e) => Err(e),
+            Pending::Wait(n, mut rx) => loop {
+                if let Some(r) = rx.borrow_and_update().outcome(n) {
+                    return r;
+                }
+                if rx.changed().await.is_err() {
+                    // The writer is gone; its last word decides.
+                    return rx.borrow().outcome(n).unwrap_or(Err(StoreError::Stopped));
+                }
             },
         }
     }
@@ -322,7 +373,11 @@ impl Durable {
 /// The store's handle: appends go to the writer thread.
 #[derive(Debug)]
 pub(crate) struct Store {
-    tx: Option<mpsc::Sender<Job>>,
+    /// The last append's number and the writer's queue, together: numbers
+    /// are given in the order the writer receives the appends.
+    tx: Option<std::sync::Mutex<(u64, mpsc::Sender<Job>)>>,
+    /// What the writer settled.
+    settled: watch::Receiver<Settled>,
     durability: Durability,
     writer: Option<std::thread::JoinHandle<()>>,
 }
@@ -376,6 +431,7 @@ impl Store {
     pub(crate) fn memory() -> Self {
         Self {
             tx: None,
+            settled: watch::channel(Settled::default()).1,
             durability: Durability::Memory,
             writer: None,
         }
@@ -463,9 +519,10 @@ impl Store {
         let active = numbers.last().copied().unwrap_or(0) + 1;
         let writer = Writer::start(dir.to_path_buf(), active, index, durability, next_seq)?;
         let (tx, rx) = mpsc::channel();
+        let (publish, settled) = watch::channel(Settled::default());
         let handle = std::thread::Builder::new()
             .name("swb-store".into())
-            .spawn(move || writer.run(rx))?;
+            .spawn(move || writer.run(rx, publish))?;
         if rec.messages.len() + rec.statuses.len() > 0 || rec.truncated_bytes > 0 {
             info!(
                 messages = rec.messages.len(),
@@ -478,7 +535,8 @@ impl Store {
         }
         Ok((
             Self {
-                tx: Some(tx),
+                tx: Some(std::sync::Mutex::new((0, tx))),
+                settled,
                 durability,
                 writer: Some(handle),
             },
@@ -500,36 +558,57 @@ impl Store {
     /// Appends records; the returned [`Durable`] completes once they are as
     /// durable as the store's level promises.
     pub(crate) fn append(&self, records: Vec<Record>) -> Durable {
-        let Some(tx) = &self.tx else {
-            return Durable::done();
-        };
-        let (done, rx) = oneshot::channel();
-        match tx.send(Job::Append(records, Some(done))) {
-            Ok(()) => Durable(Some(rx)),
-            Err(_) => {
-                let (tx2, rx2) = oneshot::channel();
-                let _ = tx2.send(Err(Arc::new(std::io::Error::other("the store stopped"))));
-                Durable(Some(rx2))
-            }
+        match self.send(records) {
+            None => Durable::done(),
+            Some(Ok(n)) => Durable(Pending::Wait(n, self.settled.clone())),
+            Some(Err(e)) => Durable(Pending::Failed(e)),
         }
     }
 
     /// Appends records nobody waits for (removals: losing one redelivers a
     /// message under its id, never loses one).
     pub(crate) fn append_quiet(&self, records: Vec<Record>) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.send(Job::Append(records, None));
-        }
+        let _ = self.send(records);
     }
 
-    /// Completes once everything appended before is durable.
+    /// Numbers the append and queues it for the writer, under one lock so
+    /// that numbers follow the queue's order; `None` without a writer.
+    fn send(&self, records: Vec<Record>) -> Option<Result<u64, StoreError>> {
+        let tx = self.tx.as_ref()?;
+        let mut q = tx.lock().unwrap_or_else(|p| p.into_inner());
+        let n = q.0 + 1;
+        Some(match q.1.send(Job::Append(records, n)) {
+            Ok(()) => {
+                q.0 = n;
+                Ok(n)
+            }
+            Err(_) => Err(StoreError::Stopped),
+        })
+    }
+
+    /// Completes once everything appended before is durable (nothing is
+    /// queued for it).
     pub(crate) fn barrier(&self) -> Durable {
-        self.append(Vec::new())
+        let Some(tx) = &self.tx else {
+            return Durable::done();
+        };
+        let n = tx.lock().unwrap_or_else(|p| p.into_inner()).0;
+        if n == 0 {
+            return Durable::done();
+        }
+        Durable(Pending::Wait(n, self.settled.clone()))
+    }
+
+    /// What the writer settled, to wait for appends by their numbers
+    /// ([`Durable::number`]) with one receiver.
+    pub(crate) fn settled(&self) -> watch::Receiver<Settled> {
+        self.settled.clone()
     }
 
     /// Stops the writer after everything queued; waits for it.
     pub(crate) fn close(&mut self) {
         if let Some(tx) = self.tx.take() {
+            let tx = tx.into_inner().unwrap_or_else(|p| p.into_inner()).1;
             let (done, rx) = std::sync::mpsc::channel();
             if tx.send(Job::Stop(done)).is_ok() {
                 let _ = rx.recv();
@@ -598,14 +677,13 @@ impl Writer {
         Ok(f)
     }
 
-    fn run(mut self, rx: mpsc::Receiver<Job>) {
-        type Waiter = oneshot::Sender<Result<(), Arc<std::io::Error>>>;
-        let mut waiters: Vec<Waiter> = Vec::new();
+    fn run(mut self, rx: mpsc::Receiver<Job>, publish: watch::Sender<Settled>) {
         let mut stop: Option<std::sync::mpsc::Sender<()>> = None;
         // Kept from batch to batch (a busy relay's batches hold thousands
         // of records; a new vector each time was fresh pages each time).
         let mut jobs: Vec<Job> = Vec::new();
         let mut batch: Vec<Record> = Vec::new();
+        let mut failed: Option<Arc<std::io::Error>> = None;
         while stop.is_none() {
             let Ok(first) = rx.recv() else { break };
             jobs.push(first);
@@ -621,35 +699,45 @@ impl Writer {
                     Err(_) => break,
                 }
             }
+            let mut last = None;
             for j in jobs.drain(..) {
                 match j {
-                    Job::Append(r, w) => {
+                    Job::Append(r, n) => {
                         batch.extend(r);
-                        waiters.extend(w);
+                        last = Some(n);
                     }
                     Job::Stop(done) => stop = Some(done),
                 }
             }
-            let result = self.commit(&mut batch).map_err(Arc::new);
+            if failed.is_none() {
+                match self.commit(&mut batch) {
+                    Ok(()) => {
+                        if let Some(n) = last {
+                            publish.send_modify(|s| s.through = s.through.max(n));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!("store: cannot write the mail log ({e}); no more mail is accepted as durable until the relay is restarted");
+                        let e = Arc::new(e);
+                        failed = Some(e.clone());
+                        publish.send_modify(|s| s.failed = Some(e));
+                    }
+                }
+            }
             batch.clear();
-            if let Err(e) = &result {
-                tracing::error!("store: cannot write the mail log: {e}");
-            }
-            for w in waiters.drain(..) {
-                let _ = w.send(result.clone());
-            }
             let full = self
                 .index
                 .segs
                 .get(&self.active)
                 .is_some_and(|s| s.bytes >= SEGMENT_BYTES);
-            if result.is_ok() && full {
+            if failed.is_none() && full {
                 if let Err(e) = self.rotate() {
                     tracing::error!("store: cannot start a new segment: {e}");
                 }
             }
         }
         let _ = self.file.sync_data();
+        publish.send_modify(|s| s.stopped = true);
         if let Some(done) = stop {
             let _ = done.send(());
         }
@@ -847,6 +935,90 @@ mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
         assert!(e.to_string().contains("exceeds"), "{e}");
         assert_eq!(buf, before, "nothing of the refused record is left");
+    }
+
+    #[tokio::test]
+    async fn appends_are_numbered_in_order_and_settle_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Durability::Process).expect("open");
+        assert_eq!(
+            store.barrier().number().ok(),
+            Some(None),
+            "nothing to wait for yet"
+        );
+        let appends: Vec<Durable> = (1..=3)
+            .map(|i| store.append(vec![Record::put(msg(i, b"x"))]))
+            .collect();
+        let numbers: Vec<u64> = appends
+            .iter()
+            .map(|d| d.number().expect("no error").expect("a number"))
+            .collect();
+        assert_eq!(numbers, vec![1, 2, 3]);
+        store.append_quiet(vec![Record::Del(key_of(&msg(1, b"x")))]);
+        let barrier = store.barrier();
+        assert_eq!(
+            barrier.number().ok(),
+            Some(Some(4)),
+            "after the quiet append"
+        );
+        barrier.wait().await.expect("durable");
+        let settled = store.settled();
+        let s = settled.borrow();
+        for n in 1..=4 {
+            assert!(matches!(s.outcome(n), Some(Ok(()))), "append {n}");
+        }
+        assert!(s.outcome(5).is_none(), "not appended yet");
+        drop(s);
+        for d in appends {
+            d.wait().await.expect("durable");
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_commit_nothing_is_promised_durable_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = Store::open(dir.path(), Durability::Process).expect("open");
+        put(&store, msg(1, b"before")).await;
+        // A record the writer cannot write fails its commit.
+        let bad = store.append(vec![Record::Status(StoredStatus {
+            ns: "acme".into(),
+            name: "london".into(),
+            fields: vec![("k".into(), "v".repeat(MAX_RECORD))],
+            updated_ms: 0,
+        })]);
+        let e = bad.wait().await.expect_err("not written");
+        assert!(e.to_string().contains("exceeds"), "{e}");
+        // And everything after it fails too, for good: the log's state
+        // after a failed write or sync is not known.
+        for i in 2..4 {
+            let later = store.append(vec![Record::put(msg(i, b"after"))]);
+            assert!(matches!(later.wait().await, Err(StoreError::Io(_))));
+        }
+        assert!(matches!(
+            store.barrier().wait().await,
+            Err(StoreError::Io(_))
+        ));
+        store.close();
+        // What was durable before the failure stays so.
+        let (_store, rec) = Store::open(dir.path(), Durability::Process).expect("reopen");
+        assert_eq!(rec.messages, vec![msg(1, b"before")]);
+    }
+
+    #[tokio::test]
+    async fn a_stopped_writer_leaves_its_last_word() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, _) = Store::open(dir.path(), Durability::Process).expect("open");
+        let d = store.append(vec![Record::put(msg(1, b"x"))]);
+        let settled = store.settled();
+        store.close();
+        let s = settled.borrow().clone();
+        assert!(s.stopped);
+        assert!(
+            matches!(s.outcome(1), Some(Ok(()))),
+            "queued before the stop: written"
+        );
+        assert!(matches!(s.outcome(2), Some(Err(StoreError::Stopped))));
+        d.wait().await.expect("durable");
     }
 
     async fn put(store: &Store, m: Saved) {
