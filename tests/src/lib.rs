@@ -94,6 +94,8 @@ pub struct RelayOptions {
     pub shards: usize,
     /// Least time between two field publications of one peer.
     pub status_interval: Duration,
+    /// The relay's state dir (mail log); default `state/` in its temp dir.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for RelayOptions {
@@ -116,6 +118,7 @@ impl Default for RelayOptions {
             tun_range: (std::net::Ipv4Addr::new(100, 64, 0, 0), 10),
             shards: 1,
             status_interval: swb_relay::MIN_PUBLISH_INTERVAL,
+            state_dir: None,
         }
     }
 }
@@ -207,7 +210,11 @@ impl TestRelay {
         cfg.connections_per_ip = opts.connections_per_ip;
         cfg.key_send_rate = opts.key_send_rate;
         cfg.key_http_rate = opts.key_http_rate;
-        cfg.state_dir = Some(dir.path().join("state"));
+        cfg.state_dir = Some(
+            opts.state_dir
+                .clone()
+                .unwrap_or_else(|| dir.path().join("state")),
+        );
         cfg.ocsp = opts.ocsp.clone();
         cfg.tun_range = opts.tun_range;
         cfg.shards = opts.shards;

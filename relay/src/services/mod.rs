@@ -146,6 +146,12 @@ impl Services {
     }
 
     /// How durable accepted mail is here.
+    /// Why the mail store failed, once it did (it stays failed: see
+    /// [`store::Settled`]).
+    pub(crate) fn store_failure(&self) -> Option<String> {
+        self.store.settled().borrow().failure()
+    }
+
     /// What the store settled (see [`store::Settled`]).
     pub(crate) fn settled(&self) -> tokio::sync::watch::Receiver<store::Settled> {
         self.store.settled()

@@ -296,6 +296,11 @@ pub(crate) struct Settled {
 }
 
 impl Settled {
+    /// The error the store failed with, if it did.
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.failed.as_ref().map(|e| e.to_string())
+    }
+
     /// What became of append `n`, if it is settled.
     pub(crate) fn outcome(&self, n: u64) -> Option<Result<(), StoreError>> {
         if self.through >= n {
@@ -988,6 +993,10 @@ mod tests {
         })]);
         let e = bad.wait().await.expect_err("not written");
         assert!(e.to_string().contains("exceeds"), "{e}");
+        assert!(
+            store.settled().borrow().failure().is_some(),
+            "said once failed"
+        );
         // And everything after it fails too, for good: the log's state
         // after a failed write or sync is not known.
         for i in 2..4 {

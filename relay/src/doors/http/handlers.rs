@@ -508,8 +508,17 @@ pub(crate) async fn watch_status(
         .into_response())
 }
 
-pub(crate) async fn health() -> ApiResult {
-    ok(StatusCode::OK, json!({"status": "ok"}))
+/// Liveness: `503` once the mail store failed (it stays failed until the
+/// relay restarts, so an orchestrator should restart it).
+pub(crate) async fn health(State(api): State<Api>) -> ApiResult {
+    match api.router.services().store_failure() {
+        None => ok(StatusCode::OK, json!({"status": "ok"})),
+        Some(e) => ok(
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"status": "store_failed",
+                "error": format!("the mail store failed ({e}); no mail is accepted until the relay is restarted")}),
+        ),
+    }
 }
 
 pub(crate) async fn openapi_doc(State(api): State<Api>) -> ApiResult {

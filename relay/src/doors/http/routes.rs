@@ -147,7 +147,13 @@ pub(crate) const ENDPOINTS: &[Endpoint] = &[
         op: Op::Health,
         auth: false,
         summary: "Liveness",
-        responses: &[(200, "{\"status\": \"ok\"}")],
+        responses: &[
+            (200, "{\"status\": \"ok\"}"),
+            (
+                503,
+                "{\"status\": \"store_failed\", \"error\": \"...\"}: the mail store failed; restart the relay",
+            ),
+        ],
     },
     Endpoint {
         method: "get",
