@@ -1307,12 +1307,19 @@ fn proc_rss_kib(pid: u32) -> Result<u64> {
 
 pub(crate) fn proc_cpu_ticks(pid: u32) -> Result<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    Ok(stat_ticks(&s)?.1)
+}
+
+/// The command name and CPU ticks (utime + stime) of a `/proc/…/stat`
+/// line.
+fn stat_ticks(s: &str) -> Result<(&str, u64)> {
     // Fields after the command name (which may contain spaces).
-    let rest = s.rsplit_once(") ").map(|x| x.1).context("stat")?;
+    let (head, rest) = s.rsplit_once(") ").context("stat")?;
+    let name = head.split_once(" (").context("stat")?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
     let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-    Ok(utime + stime)
+    Ok((name, utime + stime))
 }
 
 /// CPU ticks (utime + stime) of each thread of `pid`: (thread id, name,
@@ -1328,16 +1335,8 @@ pub(crate) fn thread_cpu_ticks(pid: u32) -> Result<Vec<(u32, String, u64)>> {
         let Ok(s) = std::fs::read_to_string(e.path().join("stat")) else {
             continue;
         };
-        let name = s
-            .split_once(" (")
-            .and_then(|(_, r)| r.rsplit_once(") "))
-            .map(|(n, _)| n.to_string())
-            .context("thread stat")?;
-        let rest = s.rsplit_once(") ").map(|x| x.1).context("thread stat")?;
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-        out.push((tid, name, utime + stime));
+        let (name, ticks) = stat_ticks(&s)?;
+        out.push((tid, name.to_string(), ticks));
     }
     Ok(out)
 }

@@ -145,11 +145,10 @@ impl Services {
             .clone()
     }
 
-    /// How durable accepted mail is here.
     /// Why the mail store failed, once it did (it stays failed: see
     /// [`store::Settled`]).
     pub(crate) fn store_failure(&self) -> Option<String> {
-        self.store.settled().borrow().failure()
+        self.store.failure()
     }
 
     /// What the store settled (see [`store::Settled`]).
@@ -157,6 +156,7 @@ impl Services {
         self.store.settled()
     }
 
+    /// How durable accepted mail is here.
     pub(crate) fn durability(&self) -> store::Durability {
         self.store.durability()
     }

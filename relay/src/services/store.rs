@@ -296,11 +296,6 @@ pub(crate) struct Settled {
 }
 
 impl Settled {
-    /// The error the store failed with, if it did.
-    pub(crate) fn failure(&self) -> Option<String> {
-        self.failed.as_ref().map(|e| e.to_string())
-    }
-
     /// What became of append `n`, if it is settled.
     pub(crate) fn outcome(&self, n: u64) -> Option<Result<(), StoreError>> {
         if self.through >= n {
@@ -610,6 +605,11 @@ impl Store {
         self.settled.clone()
     }
 
+    /// The error the store failed with, if it did.
+    pub(crate) fn failure(&self) -> Option<String> {
+        self.settled.borrow().failed.as_ref().map(|e| e.to_string())
+    }
+
     /// Stops the writer after everything queued; waits for it.
     pub(crate) fn close(&mut self) {
         if let Some(tx) = self.tx.take() {
@@ -688,7 +688,6 @@ impl Writer {
         // of records; a new vector each time was fresh pages each time).
         let mut jobs: Vec<Job> = Vec::new();
         let mut batch: Vec<Record> = Vec::new();
-        let mut failed: Option<Arc<std::io::Error>> = None;
         while stop.is_none() {
             let Ok(first) = rx.recv() else { break };
             jobs.push(first);
@@ -714,7 +713,9 @@ impl Writer {
                     Job::Stop(done) => stop = Some(done),
                 }
             }
-            if failed.is_none() {
+            // Once failed, nothing more is written (see `Settled::failed`).
+            let failed = || publish.borrow().failed.is_some();
+            if !failed() {
                 match self.commit(&mut batch) {
                     Ok(()) => {
                         if let Some(n) = last {
@@ -723,9 +724,7 @@ impl Writer {
                     }
                     Err(e) => {
                         tracing::error!("store: cannot write the mail log ({e}); no more mail is accepted as durable until the relay is restarted");
-                        let e = Arc::new(e);
-                        failed = Some(e.clone());
-                        publish.send_modify(|s| s.failed = Some(e));
+                        publish.send_modify(|s| s.failed = Some(Arc::new(e)));
                     }
                 }
             }
@@ -735,7 +734,7 @@ impl Writer {
                 .segs
                 .get(&self.active)
                 .is_some_and(|s| s.bytes >= SEGMENT_BYTES);
-            if failed.is_none() && full {
+            if !failed() && full {
                 if let Err(e) = self.rotate() {
                     tracing::error!("store: cannot start a new segment: {e}");
                 }
@@ -781,7 +780,7 @@ impl Writer {
     /// Writes a batch and makes it as durable as promised.
     fn commit(&mut self, batch: &mut [Record]) -> std::io::Result<()> {
         if batch.is_empty() {
-            // A barrier: everything before was already committed.
+            // Only a stop (or empty appends): nothing to write.
             return Ok(());
         }
         let touched = self.write(batch)?;
@@ -993,10 +992,7 @@ mod tests {
         })]);
         let e = bad.wait().await.expect_err("not written");
         assert!(e.to_string().contains("exceeds"), "{e}");
-        assert!(
-            store.settled().borrow().failure().is_some(),
-            "said once failed"
-        );
+        assert!(store.failure().is_some(), "said once failed");
         // And everything after it fails too, for good: the log's state
         // after a failed write or sync is not known.
         for i in 2..4 {
