@@ -621,7 +621,7 @@ impl RelayHandle {
             streams_opened: m.streams_opened.get(),
             streams_refused: m.streams_refused.get(),
             mesh_refused: m.mesh_refused.get(),
-            held: reg.held_messages() as u64,
+            held: reg.held().0 as u64,
             attached: reg.sessions().len() as u64,
         }
     }
@@ -646,7 +646,7 @@ fn render_metrics(
         let (msgs, bytes) = reg.held();
         m.held_messages.set(msgs as i64);
         m.held_bytes.set(bytes as i64);
-        let published = reg.status.published;
+        let published = reg.board().published;
         m.status_publications
             .inc_by(published.saturating_sub(m.status_publications.get()));
     }
@@ -821,9 +821,9 @@ impl Main {
                     router.refresh_keys(Duration::ZERO);
                 }
                 _ = status_tick.tick() => {
-                    let mut reg = services.registry();
-                    if reg.status.has_dirty() {
-                        reg.status.flush(tokio::time::Instant::now());
+                    let mut board = services.registry().board();
+                    if board.has_dirty() {
+                        board.flush(tokio::time::Instant::now());
                     }
                 }
                 _ = lease_tick.tick() => {

@@ -376,7 +376,7 @@ impl Router {
         let mut all: BTreeMap<String, Arc<Snapshot>> = self
             .services
             .registry()
-            .status
+            .board()
             .known(ns)
             .into_iter()
             .map(|s| (s.name.to_string(), s))

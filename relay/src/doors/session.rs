@@ -355,8 +355,8 @@ async fn open(
         return None;
     }
     let (ctl, replaced, limits) = {
-        let mut reg = router.services().registry();
-        let id = reg.next_session_id();
+        let registry = router.services().registry();
+        let id = registry.next_session_id();
         let ctl = Arc::new(SessionCtl::new(
             id,
             info.id.clone(),
@@ -365,6 +365,7 @@ async fn open(
             conn.clone(),
             hello.instance,
         ));
+        let mut reg = registry.of(&ns, &name);
         let replaced = reg.attach(&ns, &name, ctl.clone());
         (ctl, replaced, reg.limits().clone())
     };
@@ -434,12 +435,18 @@ async fn attached(router: Arc<Router>, mut a: Box<Attached>) {
         ..
     } = unbox(a);
     let queued = queued.and_then(|()| queue_relay_map(&router, &mut io));
+    // Shared by the messages this session sends that wait in mailboxes.
+    let name: Arc<str> = Arc::from(name);
     {
         let end = match queued {
             Ok(()) => serve(&router, &ctl, &conn, &mut io, &ns, &name, live).await,
             Err(e) => e,
         };
-        router.services().registry().detach(&ns, &name, ctl.id);
+        router
+            .services()
+            .registry()
+            .of(&ns, &name)
+            .detach(&ns, &name, ctl.id);
         let end = match end {
             // A cancellation carries its reason in the ctl; none means shutdown.
             End::Gone if ctl.cancel.is_cancelled() => {
@@ -734,7 +741,7 @@ async fn serve(
     conn: &quinn::Connection,
     io: &mut Io,
     ns: &str,
-    name: &str,
+    name: &Arc<str>,
     mut live: tokio::sync::watch::Receiver<Arc<crate::placement::LiveSet>>,
 ) -> End {
     let mut tun: Option<TunSession> = None;
@@ -815,7 +822,7 @@ async fn serve(
                     stalled = true;
                     continue;
                 }
-                let batch = services.registry().pending(ns, name, ctl.id, cursor, FLUSH_BYTES, room, tokio::time::Instant::now());
+                let batch = services.registry().of(ns, name).pending(ns, name, ctl.id, cursor, FLUSH_BYTES, room, tokio::time::Instant::now());
                 cursor = batch.cursor;
                 unacked += batch.count;
                 if batch.more {
@@ -1050,7 +1057,7 @@ impl Durables {
 fn handle(
     router: &Arc<Router>,
     io: &mut Io,
-    (ns, name, key_id): (&str, &str, &str),
+    (ns, name, key_id): (&str, &Arc<str>, &str),
     f: Frame,
     fwd: &mut Option<Forwarding>,
     durable: &mut Durables,
@@ -1101,7 +1108,7 @@ fn handle_local(
     services: &crate::services::Services,
     io: &mut Io,
     ns: &str,
-    name: &str,
+    name: &Arc<str>,
     f: Frame,
     durable: &mut Durables,
 ) -> Result<(), End> {

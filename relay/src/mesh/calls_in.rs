@@ -66,7 +66,7 @@ pub(crate) async fn serve(
                 return;
             }
             if q.names.is_empty() {
-                let known = mesh.services.registry().status.known(&q.namespace);
+                let known = mesh.services.registry().board().known(&q.namespace);
                 for s in known {
                     if write_frame(&mut send, &Frame::StatusUpdate(s.to_update(false)))
                         .await

@@ -38,7 +38,7 @@ impl Mesh {
                 let (_s, mut r, _using) = self.status_query(&home, q).await?;
                 while let Some(f) = read_frame(&mut r).await? {
                     if let Frame::StatusUpdate(u) = f {
-                        self.services.registry().status.mirror_update(
+                        self.services.registry().board().mirror_update(
                             ns,
                             &u,
                             tokio::time::Instant::now(),
@@ -83,7 +83,7 @@ async fn mirror(mesh: Arc<Mesh>, key: (String, String)) {
         };
         let Ok((_send, recv, _using)) = mesh.status_query(&home.id, q).await else {
             tokio::time::sleep(MIRROR_RETRY).await;
-            if !mesh.services.registry().status.watched(ns, name) {
+            if !mesh.services.registry().board().watched(ns, name) {
                 break;
             }
             continue;
@@ -94,7 +94,7 @@ async fn mirror(mesh: Arc<Mesh>, key: (String, String)) {
             tokio::select! {
                 f = recv.next() => match f {
                     Ok(Some(Frame::StatusUpdate(u))) => {
-                        mesh.services.registry().status.mirror_update(ns, &u, tokio::time::Instant::now());
+                        mesh.services.registry().board().mirror_update(ns, &u, tokio::time::Instant::now());
                     }
                     Ok(Some(_)) => {}
                     Ok(None) | Err(_) => continue 'outer,
@@ -106,7 +106,7 @@ async fn mirror(mesh: Arc<Mesh>, key: (String, String)) {
                     continue 'outer; // the home may have moved
                 }
                 _ = check.tick() => {
-                    if !mesh.services.registry().status.watched(ns, name) {
+                    if !mesh.services.registry().board().watched(ns, name) {
                         break 'outer;
                     }
                 }

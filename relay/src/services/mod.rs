@@ -17,7 +17,7 @@ pub(crate) mod watch;
 
 use crate::metrics::Metrics;
 use crate::RelayConfig;
-use registry::{Enqueued, Registry, Taken};
+use registry::{Enqueued, Registries, Registry, Taken};
 use status::Snapshot;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,7 +31,7 @@ pub(crate) const EXPIRE_BATCH: usize = 4096;
 /// The local services of one relay.
 pub(crate) struct Services {
     pub(crate) config: Arc<RelayConfig>,
-    registry: Mutex<Registry>,
+    registry: Registries,
     pub(crate) metrics: Arc<Metrics>,
     /// Where accepted mail and set statuses are kept across crashes.
     store: Store,
@@ -83,15 +83,19 @@ impl std::fmt::Debug for Services {
 
 impl Services {
     pub(crate) fn new(config: Arc<RelayConfig>, metrics: Arc<Metrics>, store: Store) -> Self {
-        let mut r = Registry::new(
+        let track_store = store.durability() != store::Durability::Memory;
+        let registry = Registries::new(
             config.limits.clone(),
             config.status_retention,
             config.status_interval,
+            registry::REGISTRY_STRIPES,
+            |r| {
+                r.delivery_wait = Some(metrics.delivery_seconds.clone());
+                r.track_store = track_store;
+            },
         );
-        r.delivery_wait = Some(metrics.delivery_seconds.clone());
-        r.track_store = store.durability() != store::Durability::Memory;
         Self {
-            registry: Mutex::new(r),
+            registry,
             metrics,
             store,
             revocations: Mutex::new(std::collections::HashMap::new()),
@@ -180,12 +184,12 @@ impl Services {
     /// and counted. Returns (restored, not restored).
     pub(crate) fn restore(&self, rec: store::Recovered) -> (usize, usize) {
         let (now, wall) = (tokio::time::Instant::now(), wall_ms());
-        let mut reg = self.registry();
         let (mut ok, mut lost) = (0, 0);
         let mut dels = Vec::new();
         for m in rec.messages {
             let key = store::key_of(&m);
-            match reg.restore(m, now, wall) {
+            let r = self.registry.of(&m.ns, &m.to).restore(m, now, wall);
+            match r {
                 Ok(()) => ok += 1,
                 Err(why) => {
                     lost += 1;
@@ -196,6 +200,7 @@ impl Services {
         }
         self.store.append_quiet(dels);
         let retention = self.config.status_retention.as_millis() as u64;
+        let mut board = self.registry.board();
         for s in rec.statuses {
             if s.updated_ms + retention < wall {
                 continue;
@@ -205,7 +210,7 @@ impl Services {
                 clear: Vec::new(),
                 replace: true,
             };
-            let _ = reg.status.set_fields(&s.ns, &s.name, &change, now);
+            let _ = board.set_fields(&s.ns, &s.name, &change, now);
         }
         self.metrics.expired.inc_by(lost as u64);
         (ok, lost)
@@ -215,12 +220,12 @@ impl Services {
     /// one file, and stores it in the log.
     pub(crate) fn import(&self, saved: Vec<persist::Saved>) -> (usize, usize) {
         let (now, wall) = (tokio::time::Instant::now(), wall_ms());
-        let mut reg = self.registry();
         let (mut ok, mut lost) = (0, 0);
         let mut puts = Vec::new();
         for m in saved {
             let copy = m.clone();
-            match reg.restore(m, now, wall) {
+            let r = self.registry.of(&m.ns, &m.to).restore(m, now, wall);
+            match r {
                 Ok(()) => {
                     ok += 1;
                     puts.push(Record::put(copy));
@@ -241,10 +246,9 @@ impl Services {
         let _ = self.store.barrier().wait().await;
     }
 
-    /// The registry (sessions, mailboxes, status board).
-    pub(crate) fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
-        // A panic while holding the lock would be a bug; keep serving.
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    /// The registry (sessions, mailboxes, status board), striped by name.
+    pub(crate) fn registry(&self) -> &Registries {
+        &self.registry
     }
 
     /// Puts a message into the mailbox of `to` (homed here): whether `to`
@@ -253,10 +257,10 @@ impl Services {
     /// either way. A retried send (same sender, id and body) is accepted
     /// again without a second copy; its answer waits for the first copy.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn enqueue(
+    pub(crate) fn enqueue<'a>(
         &self,
         ns: &str,
-        from: &str,
+        from: impl Into<registry::NameRef<'a>>,
         to: &str,
         id: MessageId,
         body: bytes::Bytes,
@@ -280,7 +284,8 @@ impl Services {
             let expires_at_ms = wall_ms() + self.config.limits.ttl.as_millis() as u64;
             (body.clone(), expires_at_ms)
         });
-        let mut reg = self.registry();
+        let from = from.into();
+        let mut reg = self.registry.of(ns, to);
         let r = reg.enqueue(
             ns,
             from,
@@ -293,8 +298,9 @@ impl Services {
         match r {
             Enqueued::Accepted { online, new } => {
                 self.metrics.accepted.inc();
-                // Appended under the registry lock: the log's order is the
-                // mailboxes' order, a put always before its removal.
+                // Appended under the recipient's stripe lock: the log's
+                // order is each mailbox's order, a put always before its
+                // removal.
                 let durable = match record {
                     Some((body, expires_at_ms)) if new => {
                         // The registry's names, shared (made here only if
@@ -302,7 +308,7 @@ impl Services {
                         // keeps records).
                         let (ns, to, from) = reg
                             .take_put()
-                            .unwrap_or_else(|| (Arc::from(ns), Arc::from(to), Arc::from(from)));
+                            .unwrap_or_else(|| (Arc::from(ns), Arc::from(to), Arc::from(&*from)));
                         let saved = persist::Saved {
                             ns,
                             to,
@@ -351,9 +357,10 @@ impl Services {
         max: usize,
         cancel: &CancellationToken,
     ) -> Vec<Taken> {
-        let notify = self
-            .registry()
-            .http_poll_begin(ns, name, tokio::time::Instant::now());
+        let notify =
+            self.registry
+                .of(ns, name)
+                .http_poll_begin(ns, name, tokio::time::Instant::now());
         let _presence = HttpPresence {
             services: self,
             ns,
@@ -366,9 +373,10 @@ impl Services {
             let notified = notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let got = self
-                .registry()
-                .http_take(ns, name, max, tokio::time::Instant::now());
+            let got =
+                self.registry
+                    .of(ns, name)
+                    .http_take(ns, name, max, tokio::time::Instant::now());
             if !got.is_empty() {
                 self.metrics.delivered.inc_by(got.len() as u64);
                 return got;
@@ -383,7 +391,7 @@ impl Services {
 
     /// Forgets acknowledged messages of `name`; how many were held.
     pub(crate) fn ack(&self, ns: &str, name: &str, ids: &[MessageId]) -> usize {
-        let mut reg = self.registry();
+        let mut reg = self.registry.of(ns, name);
         let n = reg.ack(ns, name, ids);
         self.log_removed(&mut reg);
         self.metrics.acked.inc_by(n as u64);
@@ -392,27 +400,32 @@ impl Services {
 
     /// Forgets a message its new home accepted (a handoff).
     pub(crate) fn handed_off(&self, ns: &str, to: &str, id: MessageId) {
-        let mut reg = self.registry();
+        let mut reg = self.registry.of(ns, to);
         reg.ack(ns, to, &[id]);
         self.log_removed(&mut reg);
     }
 
-    /// Drops expired messages; how many. Takes the registry lock for at
+    /// Drops expired messages; how many. Takes a stripe's lock for at
     /// most [`EXPIRE_BATCH`] messages at a time.
     pub(crate) fn expire(&self) -> usize {
         let now = tokio::time::Instant::now();
         let mut total = 0;
-        loop {
-            let mut reg = self.registry();
-            let (n, more) = reg.expire(now, EXPIRE_BATCH);
-            self.log_removed(&mut reg);
-            drop(reg);
-            total += n;
-            if !more {
-                return total;
+        for stripe in 0..self.registry.stripes() {
+            loop {
+                let Some(mut reg) = self.registry.nth(stripe) else {
+                    return total;
+                };
+                let (n, more) = reg.expire(now, EXPIRE_BATCH);
+                self.log_removed(&mut reg);
+                drop(reg);
+                total += n;
+                if !more {
+                    break;
+                }
+                std::thread::yield_now();
             }
-            std::thread::yield_now();
         }
+        total
     }
 
     /// Changes the status of `name` (homed here); the new status, and what
@@ -423,10 +436,8 @@ impl Services {
         name: &str,
         change: &SetStatus,
     ) -> Result<(Arc<Snapshot>, Durable), Refusal> {
-        let mut reg = self.registry();
-        let snap = reg
-            .status
-            .set_fields(ns, name, change, tokio::time::Instant::now())?;
+        let mut board = self.registry.board();
+        let snap = board.set_fields(ns, name, change, tokio::time::Instant::now())?;
         let durable = self.store.append(vec![Record::Status(StoredStatus {
             ns: ns.to_string(),
             name: name.to_string(),
@@ -499,8 +510,10 @@ struct HttpPresence<'a> {
 
 impl Drop for HttpPresence<'_> {
     fn drop(&mut self) {
-        self.services
-            .registry()
-            .http_poll_end(self.ns, self.name, tokio::time::Instant::now());
+        self.services.registry.of(self.ns, self.name).http_poll_end(
+            self.ns,
+            self.name,
+            tokio::time::Instant::now(),
+        );
     }
 }

@@ -16,12 +16,15 @@
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use swb_wire::{Code, Deliveries, DeliveriesBuilder, MessageId, Refusal};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use super::status::StatusBoard;
 
 /// What a held message counts against mailbox and namespace byte limits:
 /// its body, its sender's name and a fixed overhead for its bookkeeping,
@@ -252,10 +255,55 @@ pub struct Peer {
     pub via: Via,
 }
 
+/// What one namespace holds in all stripes: counted before a message is
+/// stored (and given back if it is refused after all), so the stripes
+/// together never hold more than the namespace's limits.
 #[derive(Debug, Default)]
 struct NsUsage {
-    bytes: usize,
-    mailboxes: usize,
+    bytes: AtomicUsize,
+    mailboxes: AtomicUsize,
+}
+
+impl NsUsage {
+    /// Counts `n` more against `limit`; the count before if that would go
+    /// over it (then nothing was counted).
+    fn reserve(counter: &AtomicUsize, n: usize, limit: usize) -> Result<(), usize> {
+        let before = counter.fetch_add(n, Ordering::Relaxed);
+        if before + n > limit {
+            counter.fetch_sub(n, Ordering::Relaxed);
+            return Err(before);
+        }
+        Ok(())
+    }
+}
+
+/// Namespace usage shared by the stripes. A namespace's entry stays once
+/// made: namespaces are the operator's (one per API key's namespace), not
+/// chosen by peers, so the table is bounded by the keys file.
+#[derive(Debug, Default)]
+pub(crate) struct Usage {
+    by_ns: Mutex<Map<Arc<str>, Arc<NsUsage>>>,
+}
+
+/// The usage entry of `ns`, from the stripe's own table (`cache`), which
+/// copies the shared one's handle on its first use of the namespace. Takes
+/// the two fields, not the stripe, so the stripe's slots stay borrowable.
+fn ns_usage<'a>(
+    cache: &'a mut Map<Arc<str>, Arc<NsUsage>>,
+    shared: &Usage,
+    ns: &str,
+) -> &'a NsUsage {
+    if !cache.contains_key(ns) {
+        let u = shared
+            .by_ns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(Arc::from(ns))
+            .or_default()
+            .clone();
+        cache.insert(Arc::from(ns), u);
+    }
+    &cache[ns]
 }
 
 /// Why a saved message was not put back.
@@ -306,6 +354,43 @@ impl Batch {
 
 type Key = (Arc<str>, Arc<str>);
 
+/// A sender's name as the caller holds it: borrowed, or already shared (a
+/// session's own name), which held messages then share instead of each
+/// copying it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum NameRef<'a> {
+    Str(&'a str),
+    Shared(&'a Arc<str>),
+}
+
+impl<'a> From<&'a str> for NameRef<'a> {
+    fn from(s: &'a str) -> Self {
+        NameRef::Str(s)
+    }
+}
+
+impl<'a> From<&'a String> for NameRef<'a> {
+    fn from(s: &'a String) -> Self {
+        NameRef::Str(s)
+    }
+}
+
+impl<'a> From<&'a Arc<str>> for NameRef<'a> {
+    fn from(s: &'a Arc<str>) -> Self {
+        NameRef::Shared(s)
+    }
+}
+
+impl std::ops::Deref for NameRef<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        match self {
+            NameRef::Str(s) => s,
+            NameRef::Shared(s) => s,
+        }
+    }
+}
+
 /// A slot's key seen through borrowed parts, so that looking a slot up by
 /// `(&str, &str)` allocates nothing. Hashes and compares as [`Key`] does
 /// (a tuple hashes its fields in order; `Arc<str>` hashes as `str`).
@@ -351,15 +436,19 @@ impl<'a> std::borrow::Borrow<dyn KeyParts + 'a> for Key {
 type Map<K, V> = HashMap<K, V, ahash::RandomState>;
 type Set<K> = HashSet<K, ahash::RandomState>;
 
-/// All slots of this relay.
+/// One stripe of the registry: the slots whose `(namespace, name)` hash
+/// to it (see [`Registries`]).
 #[derive(Debug)]
 pub(crate) struct Registry {
     slots: Map<Key, Slot>,
-    /// Status and presence of every peer.
-    pub(crate) status: super::status::StatusBoard,
-    usage: Map<Arc<str>, NsUsage>,
+    /// Status and presence of every peer, shared by the stripes. Taken
+    /// while a stripe is held, never the other way round.
+    board: Arc<Mutex<StatusBoard>>,
+    /// Namespace usage, shared by the stripes; `usage` holds this stripe's
+    /// handles to its entries.
+    shared_usage: Arc<Usage>,
+    usage: Map<Arc<str>, Arc<NsUsage>>,
     limits: MailboxLimits,
-    next_session: u64,
     /// Observes accept → first hand-out of each message, if set.
     pub(crate) delivery_wait: Option<prometheus::Histogram>,
     /// Whether changes are recorded for the store: removed messages in
@@ -395,18 +484,18 @@ fn key(ns: &str, name: &str) -> Key {
 impl Registry {
     pub(crate) fn new(
         limits: MailboxLimits,
-        status_retention: Duration,
-        status_interval: Duration,
+        board: Arc<Mutex<StatusBoard>>,
+        shared_usage: Arc<Usage>,
     ) -> Self {
         Self {
             slots: Map::default(),
             expiry: BTreeSet::new(),
             leased: Set::default(),
             http_seen: Set::default(),
-            status: super::status::StatusBoard::new(status_retention, status_interval),
+            board,
+            shared_usage,
             usage: Map::default(),
             limits,
-            next_session: 1,
             delivery_wait: None,
             track_store: false,
             put: None,
@@ -422,12 +511,6 @@ impl Registry {
         self.slots.get(&(ns, name) as &dyn KeyParts)
     }
 
-    pub(crate) fn next_session_id(&mut self) -> u64 {
-        let id = self.next_session;
-        self.next_session += 1;
-        id
-    }
-
     /// Registers a session; returns the one it replaces, if any.
     pub(crate) fn attach(
         &mut self,
@@ -437,7 +520,7 @@ impl Registry {
     ) -> Option<Arc<SessionCtl>> {
         let slot = self.slots.entry(key(ns, name)).or_default();
         let old = slot.session.replace(ctl);
-        self.status.set_presence(ns, name, true, Instant::now());
+        lock(&self.board).set_presence(ns, name, true, Instant::now());
         old
     }
 
@@ -460,7 +543,7 @@ impl Registry {
             }
             let now = Instant::now();
             if !slot.online(now, self.limits.visibility) {
-                self.status.set_presence(ns, name, false, now);
+                lock(&self.board).set_presence(ns, name, false, now);
             }
             if slot.is_idle(now, self.limits.visibility) {
                 self.slots.remove(&k);
@@ -471,16 +554,18 @@ impl Registry {
     /// Puts a message into `to`'s mailbox, enforcing every limit before
     /// storing anything.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn enqueue(
+    pub(crate) fn enqueue<'a>(
         &mut self,
         ns: &str,
-        from: &str,
+        sender: impl Into<NameRef<'a>>,
         to: &str,
         id: MessageId,
         body: Bytes,
         sent_at_ms: u64,
         now: Instant,
     ) -> Enqueued {
+        let sender = sender.into();
+        let from: &str = &sender;
         // Looked up by borrowed parts: the key's shared names are cloned
         // only where one is stored (an atomic count on a line the
         // recipient's session uses too).
@@ -527,24 +612,42 @@ impl Registry {
                 ),
             ));
         }
-        let usage = self.usage.get(ns);
-        let (ns_bytes, ns_boxes) = usage.map_or((0, 0), |u| (u.bytes, u.mailboxes));
-        if ns_bytes + cost > lim.namespace_bytes
-            || (mb_len == 0 && ns_boxes + 1 > lim.namespace_mailboxes)
-        {
-            return Enqueued::Refused(Refusal::new(
+        // Counted against the namespace (all stripes) before anything is
+        // stored; given back below if the message is not stored after all.
+        let usage = ns_usage(&mut self.usage, &self.shared_usage, ns);
+        let full = |ns_boxes: usize, ns_bytes: usize| {
+            Enqueued::Refused(Refusal::new(
                 Code::NAMESPACE_FULL,
                 format!(
                     "this namespace holds too much undelivered mail ({ns_boxes} mailboxes, {ns_bytes} bytes; limits {}, {}); retry once recipients have received their mail",
                     lim.namespace_mailboxes, lim.namespace_bytes
                 ),
-            ));
+            ))
+        };
+        if let Err(before) = NsUsage::reserve(&usage.bytes, cost, lim.namespace_bytes) {
+            return full(usage.mailboxes.load(Ordering::Relaxed), before);
         }
+        if mb_len == 0 {
+            if let Err(before) = NsUsage::reserve(&usage.mailboxes, 1, lim.namespace_mailboxes) {
+                usage.bytes.fetch_sub(cost, Ordering::Relaxed);
+                return full(before, usage.bytes.load(Ordering::Relaxed));
+            }
+        }
+        let give_back = || {
+            usage.bytes.fetch_sub(cost, Ordering::Relaxed);
+            if mb_len == 0 {
+                usage.mailboxes.fetch_sub(1, Ordering::Relaxed);
+            }
+        };
         let ttl = lim.ttl;
-        // The sender's name as its own slot holds it, if it has one here.
-        let from = match self.slots.get_key_value(&(ns, from) as &dyn KeyParts) {
-            Some((f, _)) => f.1.clone(),
-            None => Arc::from(from),
+        // The sender's name as the caller or the sender's own slot (if it
+        // is in this stripe) holds it; a copy only failing both.
+        let from = match sender {
+            NameRef::Shared(a) => a.clone(),
+            NameRef::Str(_) => match self.slots.get_key_value(&(ns, from) as &dyn KeyParts) {
+                Some((f, _)) => f.1.clone(),
+                None => Arc::from(from),
+            },
         };
         let slot_key = if had_slot {
             slot_key
@@ -558,6 +661,7 @@ impl Registry {
         };
         let put = put_key.map(|(ns, to)| (ns, to, from.clone()));
         let Some(slot) = self.slots.get_mut(kp) else {
+            give_back();
             return Enqueued::Refused(Refusal::new(
                 Code::INTERNAL,
                 format!("the mailbox of {to} could not be made; retry"),
@@ -577,6 +681,7 @@ impl Registry {
         };
         // Sequence numbers only count up, so this cannot be refused.
         if mb.msgs.push(seq, stored).is_err() {
+            give_back();
             return Enqueued::Refused(Refusal::new(
                 Code::INTERNAL,
                 format!("the mailbox of {to} is out of order; retry"),
@@ -589,20 +694,6 @@ impl Registry {
         if was_empty {
             if let Some(k) = slot_key {
                 self.expiry.insert((now + ttl, k));
-            }
-        }
-        let boxes = usize::from(was_empty);
-        match self.usage.get_mut(ns) {
-            Some(u) => {
-                u.bytes += cost;
-                u.mailboxes += boxes;
-            }
-            None => {
-                let u = NsUsage {
-                    bytes: cost,
-                    mailboxes: boxes,
-                };
-                self.usage.insert(Arc::from(ns), u);
             }
         }
         self.put = put;
@@ -690,7 +781,7 @@ impl Registry {
         h.open_polls += 1;
         h.last_poll = Some(now);
         let notify = h.notify.clone();
-        self.status.set_presence(ns, name, true, now);
+        lock(&self.board).set_presence(ns, name, true, now);
         notify
     }
 
@@ -804,7 +895,7 @@ impl Registry {
                 None => (false, true, false),
             };
             if !online {
-                self.status.set_presence(&k.0, &k.1, false, now);
+                lock(&self.board).set_presence(&k.0, &k.1, false, now);
             }
             if idle {
                 self.slots.remove(&k);
@@ -813,7 +904,6 @@ impl Registry {
                 self.http_seen.remove(&k);
             }
         }
-        self.status.sweep(now);
         freed
     }
 
@@ -880,13 +970,11 @@ impl Registry {
                 }
             }
         }
-        if let Some(u) = self.usage.get_mut(ns) {
-            u.bytes -= freed;
-            if removed > 0 && now_empty {
-                u.mailboxes -= 1;
-            }
-            if u.mailboxes == 0 && u.bytes == 0 {
-                self.usage.remove(ns);
+        if removed > 0 {
+            let u = ns_usage(&mut self.usage, &self.shared_usage, ns);
+            u.bytes.fetch_sub(freed, Ordering::Relaxed);
+            if now_empty {
+                u.mailboxes.fetch_sub(1, Ordering::Relaxed);
             }
         }
         if idle {
@@ -1049,17 +1137,153 @@ impl Registry {
         }
     }
 
-    /// Number of held messages (all namespaces).
+    /// Number of held messages (this stripe).
+    #[cfg(test)]
     pub(crate) fn held_messages(&self) -> usize {
         self.held().0
     }
 
-    /// Held messages and their body bytes (all namespaces).
+    /// Held messages and their body bytes (this stripe).
     pub(crate) fn held(&self) -> (usize, usize) {
         self.slots
             .values()
             .filter_map(|s| s.mailbox.as_deref())
             .fold((0, 0), |(n, b), m| (n + m.msgs.len(), b + m.bytes))
+    }
+}
+
+/// Takes a lock; a panic while it was held would be a bug, so serving goes on.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Stripes of the registry (a power of two). Many more than cores, so two
+/// busy names rarely share one.
+pub(crate) const REGISTRY_STRIPES: usize = 64;
+
+/// The registry, striped by `(namespace, name)`: each stripe is a
+/// [`Registry`] of the slots that hash to it, under its own lock. A message
+/// takes only its recipient's stripe, a session's hand-out and
+/// acknowledgement only its own, so sessions on different cores (and
+/// endpoint shards) work in different stripes; delivery into another
+/// stripe is the message put in its mailbox there and the recipient's
+/// session woken. What spans stripes is shared apart: the status board
+/// (its own lock, taken inside a stripe's, never around one) and each
+/// namespace's usage (atomic counters, see [`NsUsage`]).
+#[derive(Debug)]
+pub(crate) struct Registries {
+    stripes: Box<[Mutex<Registry>]>,
+    /// Picks a name's stripe: names are chosen by peers, so keyed.
+    pick: ahash::RandomState,
+    board: Arc<Mutex<StatusBoard>>,
+    next_session: AtomicU64,
+}
+
+impl Registries {
+    /// `stripes` (rounded up to a power of two) stripes, each set up by `setup`.
+    pub(crate) fn new(
+        limits: MailboxLimits,
+        status_retention: Duration,
+        status_interval: Duration,
+        stripes: usize,
+        setup: impl Fn(&mut Registry),
+    ) -> Self {
+        let board = Arc::new(Mutex::new(StatusBoard::new(
+            status_retention,
+            status_interval,
+        )));
+        let usage = Arc::new(Usage::default());
+        let stripes = (0..stripes.max(1).next_power_of_two())
+            .map(|_| {
+                let mut r = Registry::new(limits.clone(), board.clone(), usage.clone());
+                setup(&mut r);
+                Mutex::new(r)
+            })
+            .collect();
+        Self {
+            stripes,
+            pick: ahash::RandomState::new(),
+            board,
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    /// The stripe of `(ns, name)`, locked.
+    pub(crate) fn of(&self, ns: &str, name: &str) -> MutexGuard<'_, Registry> {
+        let h = self.pick.hash_one((ns, name)) as usize;
+        lock(&self.stripes[h & (self.stripes.len() - 1)])
+    }
+
+    /// How many stripes.
+    pub(crate) fn stripes(&self) -> usize {
+        self.stripes.len()
+    }
+
+    /// Stripe `i`, locked; none past the last.
+    pub(crate) fn nth(&self, i: usize) -> Option<MutexGuard<'_, Registry>> {
+        self.stripes.get(i).map(lock)
+    }
+
+    /// Every stripe, each locked while the caller holds it (one at a time
+    /// when the caller drops each before taking the next).
+    pub(crate) fn each(&self) -> impl Iterator<Item = MutexGuard<'_, Registry>> {
+        self.stripes.iter().map(lock)
+    }
+
+    /// The status board. Never take a stripe while holding it.
+    pub(crate) fn board(&self) -> MutexGuard<'_, StatusBoard> {
+        lock(&self.board)
+    }
+
+    /// A new session id (unique for this process).
+    pub(crate) fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The session attached as `(ns, name)`, if any.
+    pub(crate) fn session(&self, ns: &str, name: &str) -> Option<Arc<SessionCtl>> {
+        self.of(ns, name).session(ns, name)
+    }
+
+    /// Every attached session.
+    pub(crate) fn sessions(&self) -> Vec<Arc<SessionCtl>> {
+        self.each().flat_map(|r| r.sessions()).collect()
+    }
+
+    /// Attached sessions with the name each is attached as.
+    pub(crate) fn sessions_named(&self) -> Vec<(Arc<str>, Arc<SessionCtl>)> {
+        self.each().flat_map(|r| r.sessions_named()).collect()
+    }
+
+    /// Names attached in `ns` (over QUIC, or polling over HTTP), sorted.
+    pub(crate) fn peers(&self, ns: &str, now: Instant) -> Vec<Peer> {
+        let mut v: Vec<Peer> = self.each().flat_map(|r| r.peers(ns, now)).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Every held message (see [`Registry::export`]).
+    pub(crate) fn export(&self, now: Instant, wall_now_ms: u64) -> Vec<super::persist::Saved> {
+        self.each()
+            .flat_map(|r| r.export(now, wall_now_ms))
+            .collect()
+    }
+
+    /// Held messages and their body bytes (all namespaces).
+    pub(crate) fn held(&self) -> (usize, usize) {
+        self.each().fold((0, 0), |(n, b), r| {
+            let (rn, rb) = r.held();
+            (n + rn, b + rb)
+        })
+    }
+
+    /// Frees HTTP leases that ran out, forgets idle HTTP pollers (every
+    /// stripe, one at a time), and sweeps the status board. Returns how
+    /// many leases.
+    pub(crate) fn sweep_leases(&self, now: Instant) -> usize {
+        let freed = self.each().map(|mut r| r.sweep_leases(now)).sum();
+        self.board().sweep(now);
+        freed
     }
 }
 
@@ -1090,19 +1314,21 @@ mod tests {
         assert_eq!(m.get(&("ns", "a") as &dyn KeyParts), None);
     }
 
+    /// A stripe with a board and namespace usage of its own.
+    fn stripe(limits: MailboxLimits) -> Registry {
+        let board = StatusBoard::new(Duration::from_secs(3600), crate::MIN_PUBLISH_INTERVAL);
+        Registry::new(limits, Arc::new(Mutex::new(board)), Arc::default())
+    }
+
     fn reg(messages: usize, bytes: usize) -> Registry {
-        Registry::new(
-            MailboxLimits {
-                messages,
-                bytes,
-                ttl: Duration::from_secs(10),
-                namespace_bytes: 1000,
-                namespace_mailboxes: 3,
-                visibility: Duration::from_secs(5),
-            },
-            Duration::from_secs(3600),
-            crate::MIN_PUBLISH_INTERVAL,
-        )
+        stripe(MailboxLimits {
+            messages,
+            bytes,
+            ttl: Duration::from_secs(10),
+            namespace_bytes: 1000,
+            namespace_mailboxes: 3,
+            visibility: Duration::from_secs(5),
+        })
     }
 
     fn id(n: u8) -> MessageId {
@@ -1254,6 +1480,146 @@ mod tests {
         assert_eq!(r.ack("ns", "b", &[id(1)]), 1);
     }
 
+    fn striped(namespace_mailboxes: usize, namespace_bytes: usize) -> Registries {
+        let limits = MailboxLimits {
+            messages: 10,
+            bytes: 1000,
+            ttl: Duration::from_secs(10),
+            namespace_bytes,
+            namespace_mailboxes,
+            visibility: Duration::from_secs(5),
+        };
+        Registries::new(
+            limits,
+            Duration::from_secs(3600),
+            crate::MIN_PUBLISH_INTERVAL,
+            REGISTRY_STRIPES,
+            |_| {},
+        )
+    }
+
+    /// Names whose slots are in `n` different stripes.
+    fn names_in_different_stripes(r: &Registries, ns: &str, n: usize) -> Vec<String> {
+        let stripe = |name: &str| r.pick.hash_one((ns, name)) as usize & (r.stripes() - 1);
+        let mut seen = HashSet::new();
+        let names: Vec<String> = (0..)
+            .map(|i| format!("p{i}"))
+            .filter(|name| seen.insert(stripe(name)))
+            .take(n)
+            .collect();
+        assert_eq!(names.len(), n);
+        names
+    }
+
+    fn send_to(r: &Registries, ns: &str, to: &str, n: u8, len: usize) -> Enqueued {
+        let body = Bytes::from(vec![0; len]);
+        r.of(ns, to)
+            .enqueue(ns, "a", to, id(n), body, 0, Instant::now())
+    }
+
+    #[tokio::test]
+    async fn namespace_limits_hold_across_stripes() {
+        let r = striped(3, 1000);
+        let names = names_in_different_stripes(&r, "ns", 5);
+        for (i, to) in names[..3].iter().enumerate() {
+            assert!(matches!(
+                send_to(&r, "ns", to, i as u8, 1),
+                Enqueued::Accepted { .. }
+            ));
+        }
+        // A fourth mailbox, in a fourth stripe: over the namespace's limit.
+        assert!(
+            matches!(send_to(&r, "ns", &names[3], 9, 1), Enqueued::Refused(ref x) if x.code == Code::NAMESPACE_FULL)
+        );
+        // More mail for a mailbox that holds some already is no new mailbox.
+        assert!(matches!(
+            send_to(&r, "ns", &names[0], 10, 1),
+            Enqueued::Accepted { .. }
+        ));
+        // Another namespace is unaffected.
+        assert!(matches!(
+            send_to(&r, "other", &names[3], 9, 1),
+            Enqueued::Accepted { .. }
+        ));
+        // Emptying a mailbox in one stripe makes room in another.
+        assert_eq!(r.of("ns", &names[1]).ack("ns", &names[1], &[id(1)]), 1);
+        assert!(matches!(
+            send_to(&r, "ns", &names[4], 11, 1),
+            Enqueued::Accepted { .. }
+        ));
+        assert_eq!(r.held(), (5, 5 * held_cost("a", &[0])));
+
+        // Bytes: what all stripes hold together counts, and a refused
+        // message counts nothing.
+        let r = striped(100, 3 * held_cost("a", &[0; 100]));
+        let names = names_in_different_stripes(&r, "ns", 4);
+        for (i, to) in names[..3].iter().enumerate() {
+            assert!(matches!(
+                send_to(&r, "ns", to, i as u8, 100),
+                Enqueued::Accepted { .. }
+            ));
+        }
+        for _ in 0..2 {
+            assert!(
+                matches!(send_to(&r, "ns", &names[3], 9, 100), Enqueued::Refused(ref x) if x.code == Code::NAMESPACE_FULL)
+            );
+        }
+        assert_eq!(r.of("ns", &names[0]).ack("ns", &names[0], &[id(0)]), 1);
+        assert!(matches!(
+            send_to(&r, "ns", &names[3], 9, 100),
+            Enqueued::Accepted { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn every_stripe_is_seen_by_what_spans_them() {
+        let r = striped(100, 1 << 20);
+        let names = names_in_different_stripes(&r, "ns", 8);
+        let now = Instant::now();
+        for (i, to) in names.iter().enumerate() {
+            send_to(&r, "ns", to, i as u8, 1);
+            r.of("ns", to).http_poll_begin("ns", to, now);
+        }
+        // Peers: all of them, in name order, one namespace only.
+        let mut want: Vec<String> = names.clone();
+        want.sort();
+        let got: Vec<String> = r.peers("ns", now).into_iter().map(|p| p.name).collect();
+        assert_eq!(got, want);
+        assert!(r.peers("other", now).is_empty());
+        // Presence reached the one board.
+        assert!(names.iter().all(|n| r.board().get("ns", n).online));
+        assert_eq!(r.export(now, 0).len(), 8);
+        assert_eq!(r.held(), (8, 8 * held_cost("a", &[0])));
+        // Polls end; after the visibility timeout every stripe's pollers
+        // are offline and their (still full) slots stay.
+        for to in &names {
+            r.of("ns", to).http_poll_end("ns", to, now);
+        }
+        r.sweep_leases(now + Duration::from_secs(6));
+        assert!(names.iter().all(|n| !r.board().get("ns", n).online));
+        assert_eq!(r.held(), (8, 8 * held_cost("a", &[0])));
+        // Session ids are unique across stripes.
+        let ids: HashSet<u64> = (0..100).map(|_| r.next_session_id()).collect();
+        assert_eq!(ids.len(), 100);
+    }
+
+    #[tokio::test]
+    async fn a_held_message_shares_its_sessions_name() {
+        let r = striped(100, 1 << 20);
+        let sender: Arc<str> = Arc::from("a");
+        let body = Bytes::from_static(b"x");
+        let mut stripe = r.of("ns", "b");
+        let got = stripe.enqueue("ns", &sender, "b", id(1), body.clone(), 0, Instant::now());
+        assert!(matches!(got, Enqueued::Accepted { new: true, .. }));
+        let held = stripe.export(Instant::now(), 0);
+        assert!(Arc::ptr_eq(&held[0].from, &sender), "shared, not copied");
+        // A borrowed name of a sender without a slot here is copied.
+        let got = stripe.enqueue("ns", "c", "b", id(2), body, 0, Instant::now());
+        assert!(matches!(got, Enqueued::Accepted { new: true, .. }));
+        let held = stripe.export(Instant::now(), 0);
+        assert_eq!(&*held[1].from, "c");
+    }
+
     #[tokio::test]
     async fn namespace_limits_apply_per_namespace() {
         let mut r = reg(10, 1000);
@@ -1303,18 +1669,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_goes_out_in_frames_of_at_most_deliveries_per_frame() {
-        let mut r = Registry::new(
-            MailboxLimits {
-                messages: 1000,
-                bytes: 1 << 20,
-                ttl: Duration::from_secs(10),
-                namespace_bytes: 1 << 20,
-                namespace_mailboxes: 3,
-                visibility: Duration::from_secs(5),
-            },
-            Duration::from_secs(3600),
-            crate::MIN_PUBLISH_INTERVAL,
-        );
+        let mut r = stripe(MailboxLimits {
+            messages: 1000,
+            bytes: 1 << 20,
+            ttl: Duration::from_secs(10),
+            namespace_bytes: 1 << 20,
+            namespace_mailboxes: 3,
+            visibility: Duration::from_secs(5),
+        });
         let n = 2 * DELIVERIES_PER_FRAME + 2;
         for i in 0..n {
             let m = u8::try_from(i).expect("fits");
@@ -1396,24 +1758,23 @@ mod tests {
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(r.expire(Instant::now(), 100), (1, false));
         assert_eq!(r.held_messages(), 0);
-        assert!(r.slots.is_empty() && r.usage.is_empty());
+        assert!(r.slots.is_empty());
+        let u = &r.usage["ns"];
+        assert_eq!(u.bytes.load(Ordering::Relaxed), 0);
+        assert_eq!(u.mailboxes.load(Ordering::Relaxed), 0);
         assert!(r.expiry.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
     async fn sweeps_visit_only_what_is_due() {
-        let mut r = Registry::new(
-            MailboxLimits {
-                messages: 10,
-                bytes: 1000,
-                ttl: Duration::from_secs(10),
-                namespace_bytes: 1_000_000,
-                namespace_mailboxes: 1000,
-                visibility: Duration::from_secs(5),
-            },
-            Duration::from_secs(3600),
-            crate::MIN_PUBLISH_INTERVAL,
-        );
+        let mut r = stripe(MailboxLimits {
+            messages: 10,
+            bytes: 1000,
+            ttl: Duration::from_secs(10),
+            namespace_bytes: 1_000_000,
+            namespace_mailboxes: 1000,
+            visibility: Duration::from_secs(5),
+        });
         // Many mailboxes, messages acknowledged and not; HTTP polls.
         for i in 0..50u8 {
             send(&mut r, "ns", &format!("p{i}"), i, 1);

@@ -49,14 +49,14 @@ impl std::fmt::Debug for StatusWatcher {
 impl StatusWatcher {
     /// Subscribes to `names` (already normalised) in `ns`.
     pub(crate) fn new(services: &Services, ns: &str, names: &[String]) -> Self {
-        let mut reg = services.registry();
+        let mut board = services.registry().board();
         let mut ready = VecDeque::with_capacity(names.len());
         let mut changes = StreamMap::new();
         for (i, n) in names.iter().enumerate() {
-            let mut rx = reg.status.subscribe(ns, n);
+            let mut rx = board.subscribe(ns, n);
             rx.borrow_and_update();
             // The newest value, even if its publication waits for the interval.
-            ready.push_back((reg.status.get(ns, n), false));
+            ready.push_back((board.get(ns, n), false));
             changes.insert(i, WatchStream::from_changes(rx));
         }
         let last = ready.iter().map(|(s, _)| s.version).collect();

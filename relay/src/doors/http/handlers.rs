@@ -426,7 +426,7 @@ pub(crate) async fn get_status(
         .router
         .services()
         .registry()
-        .status
+        .board()
         .get(&key.namespace, &who);
     ok(StatusCode::OK, s.to_json())
 }
