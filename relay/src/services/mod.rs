@@ -25,7 +25,7 @@ use store::{Durable, MsgKey, Record, Store, StoreError, StoredStatus};
 use swb_wire::{Code, MessageId, Refusal, SetStatus, MAX_MESSAGE_BODY};
 use tokio_util::sync::CancellationToken;
 
-/// Most messages expired under one hold of the registry lock.
+/// Most messages expired under one hold of a registry stripe's lock.
 pub(crate) const EXPIRE_BATCH: usize = 4096;
 
 /// The local services of one relay.

@@ -209,7 +209,7 @@ impl Slot {
             s.notify.notify_one();
         }
         // Only an open HTTP poll waits on it (and it is counted before it
-        // waits, under the registry lock).
+        // waits, under its stripe's lock).
         if let Some(h) = self.http.as_ref().filter(|h| h.open_polls > 0) {
             h.notify.notify_waiters();
         }
