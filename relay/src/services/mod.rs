@@ -318,7 +318,7 @@ impl Services {
                             sent_at_ms,
                             expires_at_ms,
                         };
-                        self.store.append(vec![Record::put(saved)])
+                        self.store.append_one(Record::put(saved))
                     }
                     _ => self.store.barrier(),
                 };
@@ -438,7 +438,7 @@ impl Services {
     ) -> Result<(Arc<Snapshot>, Durable), Refusal> {
         let mut board = self.registry.board();
         let snap = board.set_fields(ns, name, change, tokio::time::Instant::now())?;
-        let durable = self.store.append(vec![Record::Status(StoredStatus {
+        let durable = self.store.append_one(Record::Status(StoredStatus {
             ns: ns.to_string(),
             name: name.to_string(),
             fields: snap
@@ -447,7 +447,7 @@ impl Services {
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
             updated_ms: wall_ms(),
-        })]);
+        }));
         Ok((snap, durable))
     }
 

@@ -274,6 +274,8 @@ enum Job {
     /// Append these records; the number of this append (appends are
     /// numbered in the order the writer receives them).
     Append(Vec<Record>, u64),
+    /// One record (a message's put: no vector of its own per message).
+    One(Record, u64),
     /// Stop after everything before.
     Stop(std::sync::mpsc::Sender<()>),
 }
@@ -557,8 +559,20 @@ impl Store {
 
     /// Appends records; the returned [`Durable`] completes once they are as
     /// durable as the store's level promises.
+    #[cfg(any(test, feature = "store-compare"))]
     pub(crate) fn append(&self, records: Vec<Record>) -> Durable {
-        match self.send(records) {
+        self.durable(self.send(|n| Job::Append(records, n)))
+    }
+
+    /// Appends one record (a message's put, a status; no vector per
+    /// message); the returned [`Durable`] completes once it is as durable
+    /// as the store's level promises.
+    pub(crate) fn append_one(&self, record: Record) -> Durable {
+        self.durable(self.send(|n| Job::One(record, n)))
+    }
+
+    fn durable(&self, sent: Option<Result<u64, StoreError>>) -> Durable {
+        match sent {
             None => Durable::done(),
             Some(Ok(n)) => Durable(Pending::Wait(n, self.settled.clone())),
             Some(Err(e)) => Durable(Pending::Failed(e)),
@@ -568,16 +582,16 @@ impl Store {
     /// Appends records nobody waits for (removals: losing one redelivers a
     /// message under its id, never loses one).
     pub(crate) fn append_quiet(&self, records: Vec<Record>) {
-        let _ = self.send(records);
+        let _ = self.send(|n| Job::Append(records, n));
     }
 
     /// Numbers the append and queues it for the writer, under one lock so
     /// that numbers follow the queue's order; `None` without a writer.
-    fn send(&self, records: Vec<Record>) -> Option<Result<u64, StoreError>> {
+    fn send(&self, job: impl FnOnce(u64) -> Job) -> Option<Result<u64, StoreError>> {
         let tx = self.tx.as_ref()?;
         let mut q = tx.lock().unwrap_or_else(|p| p.into_inner());
         let n = q.0 + 1;
-        Some(match q.1.send(Job::Append(records, n)) {
+        Some(match q.1.send(job(n)) {
             Ok(()) => {
                 q.0 = n;
                 Ok(n)
@@ -695,9 +709,11 @@ impl Writer {
             while records < BATCH_RECORDS {
                 match rx.try_recv() {
                     Ok(j) => {
-                        if let Job::Append(r, _) = &j {
-                            records += r.len();
-                        }
+                        records += match &j {
+                            Job::Append(r, _) => r.len(),
+                            Job::One(..) => 1,
+                            Job::Stop(_) => 0,
+                        };
                         jobs.push(j);
                     }
                     Err(_) => break,
@@ -708,6 +724,10 @@ impl Writer {
                 match j {
                     Job::Append(r, n) => {
                         batch.extend(r);
+                        last = Some(n);
+                    }
+                    Job::One(r, n) => {
+                        batch.push(r);
                         last = Some(n);
                     }
                     Job::Stop(done) => stop = Some(done),
@@ -950,8 +970,12 @@ mod tests {
             Some(None),
             "nothing to wait for yet"
         );
+        // One record alone and in a vector: numbered alike.
         let appends: Vec<Durable> = (1..=3)
-            .map(|i| store.append(vec![Record::put(msg(i, b"x"))]))
+            .map(|i| match i {
+                2 => store.append_one(Record::put(msg(i, b"x"))),
+                _ => store.append(vec![Record::put(msg(i, b"x"))]),
+            })
             .collect();
         let numbers: Vec<u64> = appends
             .iter()
