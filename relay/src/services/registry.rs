@@ -294,10 +294,7 @@ fn ns_usage<'a>(
     ns: &str,
 ) -> &'a NsUsage {
     if !cache.contains_key(ns) {
-        let u = shared
-            .by_ns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let u = lock(&shared.by_ns)
             .entry(Arc::from(ns))
             .or_default()
             .clone();
@@ -627,18 +624,20 @@ impl Registry {
         if let Err(before) = NsUsage::reserve(&usage.bytes, cost, lim.namespace_bytes) {
             return full(usage.mailboxes.load(Ordering::Relaxed), before);
         }
-        if mb_len == 0 {
-            if let Err(before) = NsUsage::reserve(&usage.mailboxes, 1, lim.namespace_mailboxes) {
-                usage.bytes.fetch_sub(cost, Ordering::Relaxed);
-                return full(before, usage.bytes.load(Ordering::Relaxed));
-            }
-        }
-        let give_back = || {
+        // Undoes what was counted: the bytes, and the mailbox if it was
+        // counted as a new one.
+        let give_back = |mailbox: bool| {
             usage.bytes.fetch_sub(cost, Ordering::Relaxed);
-            if mb_len == 0 {
+            if mailbox {
                 usage.mailboxes.fetch_sub(1, Ordering::Relaxed);
             }
         };
+        if mb_len == 0 {
+            if let Err(before) = NsUsage::reserve(&usage.mailboxes, 1, lim.namespace_mailboxes) {
+                give_back(false);
+                return full(before, usage.bytes.load(Ordering::Relaxed));
+            }
+        }
         let ttl = lim.ttl;
         // The sender's name as the caller or the sender's own slot (if it
         // is in this stripe) holds it; a copy only failing both.
@@ -661,7 +660,7 @@ impl Registry {
         };
         let put = put_key.map(|(ns, to)| (ns, to, from.clone()));
         let Some(slot) = self.slots.get_mut(kp) else {
-            give_back();
+            give_back(mb_len == 0);
             return Enqueued::Refused(Refusal::new(
                 Code::INTERNAL,
                 format!("the mailbox of {to} could not be made; retry"),
@@ -681,7 +680,7 @@ impl Registry {
         };
         // Sequence numbers only count up, so this cannot be refused.
         if mb.msgs.push(seq, stored).is_err() {
-            give_back();
+            give_back(mb_len == 0);
             return Enqueued::Refused(Refusal::new(
                 Code::INTERNAL,
                 format!("the mailbox of {to} is out of order; retry"),
@@ -1569,6 +1568,68 @@ mod tests {
             send_to(&r, "ns", &names[3], 9, 100),
             Enqueued::Accepted { .. }
         ));
+    }
+
+    /// Senders on several threads racing for a namespace's last room: no
+    /// more is ever held than its limit, and a refused send leaves nothing
+    /// counted, so afterwards the namespace fills to exactly its limit and
+    /// empties back to zero. Once for mailboxes, once for bytes.
+    #[test]
+    fn racing_senders_never_hold_more_than_a_namespace_allows() {
+        const LIMIT: usize = 40;
+        const THREADS: usize = 4;
+        const PER_THREAD: usize = 30;
+        let cost = held_cost("a", &[0]);
+        for r in [striped(LIMIT, 1 << 20), striped(1 << 20, LIMIT * cost)] {
+            let name = |t: usize, i: usize| format!("t{t}-{i}");
+            let accepted: usize = std::thread::scope(|s| {
+                let racers: Vec<_> = (0..THREADS)
+                    .map(|t| {
+                        let (r, name) = (&r, &name);
+                        s.spawn(move || {
+                            (0..PER_THREAD)
+                                .filter(|&i| {
+                                    matches!(
+                                        send_to(r, "ns", &name(t, i), 1, 1),
+                                        Enqueued::Accepted { .. }
+                                    )
+                                })
+                                .count()
+                        })
+                    })
+                    .collect();
+                racers
+                    .into_iter()
+                    .map(|h| h.join().expect("a racer panicked"))
+                    .sum()
+            });
+            // 120 sends for 40 places: exactly 40 taken, as many as held.
+            // (Every reservation is the same size and none is given back
+            // during the race, so none is refused before 40 are taken.)
+            assert_eq!(accepted, LIMIT);
+            assert_eq!(r.held(), (LIMIT, LIMIT * cost));
+            assert!(
+                matches!(send_to(&r, "ns", "late", 1, 1), Enqueued::Refused(ref x) if x.code == Code::NAMESPACE_FULL)
+            );
+            // Emptied, the namespace takes exactly its limit again: the
+            // refusals counted nothing and the acknowledgements gave all back.
+            for t in 0..THREADS {
+                for i in 0..PER_THREAD {
+                    let to = name(t, i);
+                    r.of("ns", &to).ack("ns", &to, &[id(1)]);
+                }
+            }
+            assert_eq!(r.held(), (0, 0));
+            let refill = (0..2 * LIMIT)
+                .take_while(|i| {
+                    matches!(
+                        send_to(&r, "ns", &format!("again-{i}"), 1, 1),
+                        Enqueued::Accepted { .. }
+                    )
+                })
+                .count();
+            assert_eq!(refill, LIMIT);
+        }
     }
 
     #[tokio::test]
