@@ -7,7 +7,7 @@
 
 use crate::inbox::{Inbox, Pushed};
 use bytes::Bytes;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use swb_wire::{
@@ -123,7 +123,10 @@ impl Reqs {
 /// The session state that outlives connections.
 #[derive(Default)]
 pub(crate) struct SessionCore {
-    pending: BTreeMap<u64, PendingSend>,
+    /// Unanswered sends by request number. Answers come in about the order
+    /// of sending but a hash table costs less per send than a B-tree; the
+    /// rare resend on a new connection sorts them.
+    pending: HashMap<u64, PendingSend, ahash::RandomState>,
     /// Request numbers, shared with the callers that write their own sends.
     reqs: Arc<Reqs>,
     pending_acks: Vec<MessageId>,
@@ -211,9 +214,11 @@ impl SessionCore {
     pub(crate) fn on_connected(&mut self) -> Vec<Frame> {
         self.redirects = 0;
         self.pending.retain(|_, p| !p.reply.is_closed());
-        let mut out: Vec<Frame> = self
-            .pending
-            .iter()
+        // In the order they were first sent.
+        let mut unanswered: Vec<(&u64, &PendingSend)> = self.pending.iter().collect();
+        unanswered.sort_unstable_by_key(|(req, _)| **req);
+        let mut out: Vec<Frame> = unanswered
+            .into_iter()
             .map(|(req, p)| {
                 Frame::Send(Send {
                     req: *req,
@@ -430,6 +435,15 @@ mod tests {
         assert!(matches!(&again[1], Frame::Ack(a) if a.ids == vec![MessageId([9; 16])]));
         assert_eq!(core.pending_sends(), 1);
         assert!(core.take_acks().is_empty(), "acks go out once");
+    }
+
+    #[test]
+    fn unanswered_sends_are_resent_in_the_order_they_were_sent() {
+        let mut core = SessionCore::default();
+        let waiting: Vec<_> = (0..200u8).map(|n| send(&mut core, "london", n)).collect();
+        let sent: Vec<u64> = waiting.iter().map(|(_, f)| req_of(f)).collect();
+        let again: Vec<u64> = core.on_connected().iter().map(req_of).collect();
+        assert_eq!(again, sent);
     }
 
     #[test]
