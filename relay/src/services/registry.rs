@@ -735,6 +735,9 @@ impl Registry {
         let mut bytes = 0;
         let mut released = 0;
         let mut frames = DeliveriesBuilder::with_max_messages(DELIVERIES_PER_FRAME);
+        // Waits observed here, added to the shared histogram once (on drop)
+        // rather than with four atomic updates per message.
+        let mut waits: Option<prometheus::local::LocalHistogram> = None;
         for (seq, m) in mb.msgs.iter_from(start) {
             let deliverable = match m.lease {
                 Lease::Free => true,
@@ -752,7 +755,9 @@ impl Registry {
                 }
                 m.lease = Lease::Session(session);
                 if let (Some(t), Some(h)) = (m.waiting_since.take(), &self.delivery_wait) {
-                    h.observe(now.saturating_duration_since(t).as_secs_f64());
+                    waits
+                        .get_or_insert_with(|| h.local())
+                        .observe(now.saturating_duration_since(t).as_secs_f64());
                 }
                 b.count += 1;
                 b.frames
