@@ -822,6 +822,7 @@ async fn serve(
                     stalled = true;
                     continue;
                 }
+                ctl.will_look();
                 let batch = services.registry().of(ns, name).pending(ns, name, ctl.id, cursor, FLUSH_BYTES, room, tokio::time::Instant::now());
                 cursor = batch.cursor;
                 unacked += batch.count;

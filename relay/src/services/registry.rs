@@ -16,7 +16,7 @@
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 use swb_wire::{Code, Deliveries, DeliveriesBuilder, MessageId, Refusal};
@@ -77,6 +77,11 @@ pub(crate) struct SessionCtl {
     pub(crate) since: SystemTime,
     /// Wakes the session to flush its mailbox.
     pub(crate) notify: Notify,
+    /// Whether new mail woke the session and it has not looked at its
+    /// mailbox since: further mail need not wake it again (`Notify` takes a
+    /// lock per wake). Set under the stripe's lock; the session clears it
+    /// just before it takes that lock to look ([`Self::will_look`]).
+    woken: AtomicBool,
     /// Ends the session; `end` says why.
     pub(crate) cancel: CancellationToken,
     end: Mutex<Option<Refusal>>,
@@ -103,12 +108,32 @@ impl SessionCtl {
             remote,
             since: SystemTime::now(),
             notify: Notify::new(),
+            woken: AtomicBool::new(false),
             cancel,
             end: Mutex::new(None),
             conn,
             streams: std::sync::atomic::AtomicUsize::new(0),
             instance,
         }
+    }
+
+    /// Wakes the session for new mail unless a wake is outstanding.
+    fn wake_for_mail(&self) {
+        // A plain load and store: under the stripe's lock only the session's
+        // own clearing can race with this, and either order ends with the
+        // mail seen (below).
+        if !self.woken.load(Ordering::Relaxed) {
+            self.woken.store(true, Ordering::Relaxed);
+            self.notify.notify_one();
+        }
+    }
+
+    /// The session is about to look at its mailbox (under the stripe's
+    /// lock): mail that comes after must wake it again. Mail that found the
+    /// flag still set is in the mailbox before the session takes the lock
+    /// (it was put there under that lock), so it is seen by this look.
+    pub(crate) fn will_look(&self) {
+        self.woken.store(false, Ordering::Relaxed);
     }
 
     /// Ends the session with a goodbye; the first reason wins.
@@ -206,7 +231,7 @@ impl Slot {
 
     fn wake(&self) {
         if let Some(s) = &self.session {
-            s.notify.notify_one();
+            s.wake_for_mail();
         }
         // Only an open HTTP poll waits on it (and it is counted before it
         // waits, under its stripe's lock).
