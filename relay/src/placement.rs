@@ -68,7 +68,17 @@ impl Placement {
 
     /// The record of the home relay of `(ns, name)` if that is not this relay.
     pub(crate) fn home_elsewhere(&self, ns: &str, name: &str) -> Option<RelayRecord> {
-        let live = self.live.borrow();
+        self.home_elsewhere_in(&self.live.borrow(), ns, name)
+    }
+
+    /// [`Self::home_elsewhere`] in the live set `live` (one a caller
+    /// holds: see [`Seen`]).
+    pub(crate) fn home_elsewhere_in(
+        &self,
+        live: &LiveSet,
+        ns: &str,
+        name: &str,
+    ) -> Option<RelayRecord> {
         let home = live.ring.home(ns, name)?;
         if home == self.me.id {
             return None;
@@ -86,5 +96,90 @@ impl Placement {
     /// Ids of the live relays, sorted.
     pub(crate) fn live_ids(&self) -> Vec<String> {
         self.live.borrow().ring.ids().to_vec()
+    }
+}
+
+/// The live set a session last saw, beside its receiver of changes: it
+/// answers where a send goes while no newer set is published. Checking
+/// that is a load of the watch's version; borrowing the watch takes its
+/// lock, whose count every sending session on every core would write per
+/// message.
+#[derive(Debug)]
+pub(crate) struct Seen(Arc<LiveSet>);
+
+impl Seen {
+    /// The set `rx` holds now (its version not marked seen: the owner's
+    /// `changed()` still reports it).
+    pub(crate) fn new(rx: &watch::Receiver<Arc<LiveSet>>) -> Self {
+        Self(rx.borrow().clone())
+    }
+
+    /// Takes the set `rx` holds now; called once its `changed()` fired.
+    pub(crate) fn refresh(&mut self, rx: &watch::Receiver<Arc<LiveSet>>) {
+        self.0 = rx.borrow().clone();
+    }
+
+    /// The set to route by: this one, unless `rx` has a newer one not yet
+    /// taken (then `None`: ask the placement).
+    pub(crate) fn current(&self, rx: &watch::Receiver<Arc<LiveSet>>) -> Option<&LiveSet> {
+        match rx.has_changed() {
+            Ok(false) => Some(&self.0),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> RelayRecord {
+        RelayRecord {
+            id: id.into(),
+            addrs: vec![format!("{id}.example:7000")],
+            fingerprint: String::new(),
+            incarnation: 1,
+        }
+    }
+
+    fn set(ids: &[&str]) -> LiveSet {
+        LiveSet {
+            ring: Ring::new(ids.iter().map(|s| s.to_string())),
+            relays: ids.iter().map(|id| (id.to_string(), record(id))).collect(),
+        }
+    }
+
+    #[test]
+    fn a_seen_live_set_routes_until_a_newer_one_is_published() {
+        let p = Placement::new(record("a"));
+        let mut rx = p.live();
+        let mut seen = Seen::new(&rx);
+        // Alone, every name is at home here.
+        let names: Vec<String> = (0..64).map(|i| format!("peer{i}")).collect();
+        let live = seen.current(&rx).expect("nothing newer yet");
+        assert!(names
+            .iter()
+            .all(|n| p.home_elsewhere_in(live, "ns", n).is_none()));
+        // A second relay: the seen set is stale at once, before the
+        // session took it — routing must then ask the placement.
+        assert!(p.publish(set(&["a", "b"])));
+        assert!(seen.current(&rx).is_none(), "a stale set was used");
+        let elsewhere: Vec<&String> = names
+            .iter()
+            .filter(|n| p.home_elsewhere("ns", n).is_some())
+            .collect();
+        assert!(!elsewhere.is_empty(), "b is home of none of 64 names");
+        // Taken (as the session does once `changed()` fired): the seen set
+        // answers as the placement does.
+        rx.borrow_and_update();
+        seen.refresh(&rx);
+        let live = seen.current(&rx).expect("up to date");
+        for n in &names {
+            assert_eq!(
+                p.home_elsewhere_in(live, "ns", n),
+                p.home_elsewhere("ns", n),
+                "{n}"
+            );
+        }
     }
 }

@@ -185,6 +185,25 @@ impl Router {
         }
     }
 
+    /// [`Self::route`] by the live set a session saw, if it is still the
+    /// newest (see [`crate::placement::Seen`]).
+    pub(crate) fn route_seen(
+        &self,
+        seen: &crate::placement::Seen,
+        rx: &tokio::sync::watch::Receiver<Arc<crate::placement::LiveSet>>,
+        ns: &str,
+        name: &str,
+    ) -> Route {
+        let home = match seen.current(rx) {
+            Some(live) => self.placement.home_elsewhere_in(live, ns, name),
+            None => self.placement.home_elsewhere(ns, name),
+        };
+        match home {
+            Some(home) => Route::Remote(home),
+            None => Route::Local,
+        }
+    }
+
     /// Re-reads the keys file if it changed (at most once per `gap`); on a
     /// new key set, ends the sessions of keys that are gone. Whether a new
     /// set was installed.

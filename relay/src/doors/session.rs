@@ -755,6 +755,8 @@ async fn serve(
     let mut stalled = false;
     // Deliver whatever waited while the peer was away.
     ctl.notify.notify_one();
+    // Where sends go, while no newer live set is published.
+    let mut seen = crate::placement::Seen::new(&live);
     let services = router.services();
     // The forwarder to other relays starts with the first message for a
     // peer homed elsewhere (an idle session costs no task or channel).
@@ -778,6 +780,7 @@ async fn serve(
             biased;
             _ = cancel.cancelled() => return End::Gone,
             Ok(()) = live.changed() => {
+                seen.refresh(&live);
                 // The mesh changed: tell the daemon, and move it if its
                 // home is now another relay.
                 if let Route::Remote(home) = router.route(ns, name) {
@@ -906,6 +909,7 @@ async fn serve(
                         io,
                         (ns, name, &ctl.key_id),
                         f,
+                        (&seen, &live),
                         &mut fwd,
                         &mut durable,
                     ) {
@@ -1060,6 +1064,10 @@ fn handle(
     io: &mut Io,
     (ns, name, key_id): (&str, &Arc<str>, &str),
     f: Frame,
+    (seen, live): (
+        &crate::placement::Seen,
+        &tokio::sync::watch::Receiver<Arc<crate::placement::LiveSet>>,
+    ),
     fwd: &mut Option<Forwarding>,
     durable: &mut Durables,
 ) -> Result<(), End> {
@@ -1074,7 +1082,7 @@ fn handle(
             }
             // Recipient homed on another relay: one mesh hop.
             if let Ok(to) = swb_wire::normalized(&s.to) {
-                if let Route::Remote(home) = router.route(ns, &to) {
+                if let Route::Remote(home) = router.route_seen(seen, live, ns, &to) {
                     let job = swb_wire::MeshForward {
                         namespace: ns.to_string(),
                         from: name.to_string(),
