@@ -174,7 +174,7 @@ pub(crate) async fn submit(
     let to = swb_wire::normalize_name(to)
         .map_err(|e| ApiError::new("bad_name", format!("{e}: {to:?}")))?;
     let deadline = tokio::time::Instant::now() + timeout;
-    if !shared.state.borrow().is_connected() {
+    if !shared.connected.load(std::sync::atomic::Ordering::Acquire) {
         wait_connected(shared, deadline, timeout).await?;
     }
     let id = random_id()?;

@@ -226,10 +226,7 @@ pub(crate) async fn run(
         Ok(()) => None,
         Err(e) => Some(e.to_string()),
     };
-    actor
-        .shared
-        .state
-        .send_replace(ConnState::Stopped { error });
+    actor.shared.set_state(ConnState::Stopped { error });
     actor.core.fail_pending(&Refusal::new(
         Code::SHUTTING_DOWN,
         "the daemon stopped before the relay answered; the message was not confirmed",
@@ -331,7 +328,7 @@ impl Actor {
                     let home = (welcome.namespace.clone(), welcome.relay_id.clone());
                     *self.shared.conn.lock().unwrap_or_else(|p| p.into_inner()) =
                         Some(link.conn.clone());
-                    self.shared.state.send_replace(ConnState::Connected {
+                    self.shared.set_state(ConnState::Connected {
                         relay: relay.clone(),
                         welcome,
                         since: SystemTime::now(),
@@ -468,7 +465,7 @@ impl Actor {
                     format!("{why} (the relay is busy; retrying within {wait:?})")
                 }
             };
-            self.shared.state.send_replace(ConnState::Connecting {
+            self.shared.set_state(ConnState::Connecting {
                 relay: relays[relay_idx % relays.len()].clone(),
                 attempts,
                 last_error: Some(err),

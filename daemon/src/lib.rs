@@ -250,7 +250,12 @@ impl DaemonError {
 
 pub(crate) struct Shared {
     pub(crate) config: DaemonConfig,
+    /// Changed only through [`Shared::set_state`].
     pub(crate) state: watch::Sender<ConnState>,
+    /// Whether `state` is `Connected`, read by every send: a load, where
+    /// borrowing the watch takes its lock — a count each sending thread
+    /// and the connection's task would write per message.
+    pub(crate) connected: std::sync::atomic::AtomicBool,
     pub(crate) inbox: Mutex<inbox::Inbox>,
     /// Bumped whenever the inbox gains messages.
     pub(crate) inbox_gen: watch::Sender<u64>,
@@ -289,6 +294,14 @@ impl Shared {
 }
 
 impl Shared {
+    /// The connection's state is now `s`.
+    pub(crate) fn set_state(&self, s: ConnState) {
+        let connected = s.is_connected();
+        self.state.send_replace(s);
+        self.connected
+            .store(connected, std::sync::atomic::Ordering::Release);
+    }
+
     pub(crate) fn inbox(&self) -> std::sync::MutexGuard<'_, inbox::Inbox> {
         self.inbox.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -419,6 +432,8 @@ impl Daemon {
         let tasks = tokio_util::task::TaskTracker::new();
         let stop = CancellationToken::new();
         let shared = Arc::new(Shared {
+            // The state starts as `Connecting`.
+            connected: std::sync::atomic::AtomicBool::new(false),
             state,
             inbox: Mutex::new(inbox::Inbox::default()),
             inbox_gen: watch::channel(0).0,

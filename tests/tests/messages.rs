@@ -745,6 +745,30 @@ async fn rust_api_sends_receives_and_acknowledges_in_process() -> Result<()> {
 }
 
 #[tokio::test]
+async fn rust_api_sends_wait_for_a_connection_and_say_when_there_is_none() -> Result<()> {
+    let mut relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "a").await?;
+    a.wait_state(|s| s.is_connected()).await?;
+    a.handle.send("a", &b"connected"[..], WAIT).await?;
+    // The relay goes: a send waits for a connection, then says there is
+    // none (it is not queued behind a connection that is gone).
+    relay.stop().await;
+    a.wait_state(|s| !s.is_connected()).await?;
+    let e = a
+        .handle
+        .send("a", &b"nobody"[..], Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "not_connected", "{e:?}");
+    // Back: sends go through again.
+    relay.restart().await?;
+    a.wait_state(|s| s.is_connected()).await?;
+    a.handle.send("a", &b"again"[..], WAIT).await?;
+    Ok(())
+}
+
+#[tokio::test]
 async fn rust_api_submitted_sends_keep_their_order() -> Result<()> {
     let relay = TestRelay::spawn().await?;
     let key = relay.create_key("acme")?;
