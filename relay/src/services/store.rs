@@ -858,8 +858,8 @@ impl Writer {
     /// the newest sealed segment. The newest one's live messages are
     /// mostly the ones still on their way (sent a moment before it was
     /// sealed, acknowledged a moment after); compacting it read 16 MiB
-    /// back to copy forward mail that died a few milliseconds later — a
-    /// fifth to a third of the writer's time under a steady stream. By the
+    /// back to copy forward mail that died a few milliseconds later (5–35 %
+    /// of the writer's samples in four profiles of a steady stream). By the
     /// time a newer segment is sealed too, what is still live in it is
     /// mail that waits (a peer away), worth the copy. Costs at most one
     /// more segment of disk.
