@@ -2,6 +2,7 @@
 //! in a bounded table, a limiter for log lines an attacker could otherwise
 //! multiply, and the wait a busy relay asks refused clients for.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::Duration;
@@ -55,6 +56,15 @@ impl Bucket {
         }
     }
 
+    /// Takes one token, or says how long until one is there.
+    fn take_or_wait(&mut self, rate: Rate, now: Instant) -> Result<(), Duration> {
+        if self.take(rate, now) {
+            Ok(())
+        } else {
+            Err(self.wait(rate))
+        }
+    }
+
     /// Time until one token is there.
     fn wait(&self, rate: Rate) -> Duration {
         if self.tokens >= 1.0 || rate.per_sec <= 0.0 {
@@ -71,35 +81,40 @@ impl Bucket {
 pub struct Limiter<K> {
     rate: Rate,
     max_keys: usize,
-    buckets: HashMap<K, Bucket>,
+    /// Keyed (addresses and key ids come from the network) and fast: the
+    /// per-key send rate is looked up on every message.
+    buckets: HashMap<K, Bucket, ahash::RandomState>,
 }
 
-impl<K: Hash + Eq + Clone> Limiter<K> {
+impl<K: Hash + Eq> Limiter<K> {
     /// A limiter of `rate` per key, remembering at most `max_keys` keys.
     pub fn new(rate: Rate, max_keys: usize) -> Self {
         Self {
             rate,
             max_keys: max_keys.max(1),
-            buckets: HashMap::new(),
+            buckets: HashMap::default(),
         }
     }
 
     /// Takes one token of `key`: `Ok` if allowed, else how long until
-    /// the next one.
-    pub fn take(&mut self, key: &K, now: Instant) -> Result<(), Duration> {
-        if !self.buckets.contains_key(key) && self.buckets.len() >= self.max_keys {
+    /// the next one. A key already in the table is looked up as it is
+    /// given (no owned copy made: this runs per message).
+    pub fn take<Q>(&mut self, key: &Q, now: Instant) -> Result<(), Duration>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let rate = self.rate;
+        if let Some(b) = self.buckets.get_mut(key) {
+            return b.take_or_wait(rate, now);
+        }
+        if self.buckets.len() >= self.max_keys {
             self.trim(now);
         }
-        let rate = self.rate;
-        let b = self
-            .buckets
-            .entry(key.clone())
-            .or_insert_with(|| Bucket::full(rate, now));
-        if b.take(rate, now) {
-            Ok(())
-        } else {
-            Err(b.wait(rate))
-        }
+        self.buckets
+            .entry(key.to_owned())
+            .or_insert_with(|| Bucket::full(rate, now))
+            .take_or_wait(rate, now)
     }
 
     /// Keys remembered now.

@@ -118,7 +118,7 @@ impl Services {
         let r = l
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take(&key_id.to_string(), tokio::time::Instant::now());
+            .take(key_id, tokio::time::Instant::now());
         r.map_err(|wait| {
             self.metrics.refused(Code::RATE_LIMITED);
             rate_refusal("sends", rate, wait)
@@ -133,7 +133,7 @@ impl Services {
         let r = l
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take(&key_id.to_string(), tokio::time::Instant::now());
+            .take(key_id, tokio::time::Instant::now());
         r.map_err(|wait| (rate_refusal("makes HTTP requests", rate, wait), wait))
     }
 
