@@ -111,14 +111,14 @@ impl Services {
     }
 
     /// Takes one send of `key_id` from its rate; the refusal if it is over.
-    pub(crate) fn take_send(&self, key_id: &str) -> Result<(), Refusal> {
+    pub(crate) fn take_send(&self, key_id: &str, now: tokio::time::Instant) -> Result<(), Refusal> {
         let (Some(l), Some(rate)) = (&self.send_rate, self.config.key_send_rate) else {
             return Ok(());
         };
         let r = l
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .take(key_id, tokio::time::Instant::now());
+            .take(key_id, now);
         r.map_err(|wait| {
             self.metrics.refused(Code::RATE_LIMITED);
             rate_refusal("sends", rate, wait)
@@ -265,6 +265,7 @@ impl Services {
         id: MessageId,
         body: bytes::Bytes,
         sent_at_ms: u64,
+        now: tokio::time::Instant,
     ) -> Result<(bool, Durable), Refusal> {
         let refusal = |r: Refusal| {
             self.metrics.refused(r.code);
@@ -286,15 +287,7 @@ impl Services {
         });
         let from = from.into();
         let mut reg = self.registry.of(ns, to);
-        let r = reg.enqueue(
-            ns,
-            from,
-            to,
-            id,
-            body,
-            sent_at_ms,
-            tokio::time::Instant::now(),
-        );
+        let r = reg.enqueue(ns, from, to, id, body, sent_at_ms, now);
         match r {
             Enqueued::Accepted { online, new } => {
                 self.metrics.accepted.inc();
@@ -341,7 +334,8 @@ impl Services {
         body: bytes::Bytes,
         sent_at_ms: u64,
     ) -> Result<bool, Refusal> {
-        let (online, durable) = self.enqueue(ns, from, to, id, body, sent_at_ms)?;
+        let now = tokio::time::Instant::now();
+        let (online, durable) = self.enqueue(ns, from, to, id, body, sent_at_ms, now)?;
         durable.wait().await.map_err(|e| not_stored(&e))?;
         Ok(online)
     }

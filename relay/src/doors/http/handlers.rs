@@ -196,7 +196,7 @@ pub(crate) async fn send(State(api): State<Api>, headers: HeaderMap, body: Body)
     allowed(&key, &from)?;
     api.router
         .services()
-        .take_send(&key.id)
+        .take_send(&key.id, tokio::time::Instant::now())
         .map_err(|r| ApiError::rate_limited(r, Duration::from_secs(1)))?;
     let id = match id {
         Some(id) => id,
