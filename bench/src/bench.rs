@@ -1713,33 +1713,40 @@ async fn ours_latency(
     let mut taker = Taker::new(Client::connect(a_ctl).await?, compact).await?;
     let (mut req, rep) = pipe(Client::connect(a_ctl).await?, compact).await?;
     let sent = tokio::spawn(expect_sent(rep));
-    let mut sent_at: HashMap<u64, Instant> = HashMap::new();
-    let mut times = Vec::with_capacity(n);
-    let mut next = 0u64;
-    while (next as usize) < n.min(inflight) {
-        sent_at.insert(next, Instant::now());
-        req.send(RESPONDER, &seq_body(next, size)).await?;
-        next += 1;
-    }
-    req.flush().await?;
-    while times.len() < n {
-        let msgs = tokio::time::timeout(Duration::from_secs(30), taker.next())
-            .await
-            .context("no reply")??;
-        for body in msgs {
-            if let Some(t) = sent_at.remove(&seq_of(&body)) {
-                times.push(t.elapsed());
-            }
-            if (next as usize) < n {
-                sent_at.insert(next, Instant::now());
-                req.send(RESPONDER, &seq_body(next, size)).await?;
-                next += 1;
-            }
+    // The requester is a task of its own, as the responder is (and as both
+    // ends are in the other contenders).
+    let requester = tokio::spawn(async move {
+        let mut sent_at: HashMap<u64, Instant> = HashMap::new();
+        let mut times = Vec::with_capacity(n);
+        let mut next = 0u64;
+        while (next as usize) < n.min(inflight) {
+            sent_at.insert(next, Instant::now());
+            req.send(RESPONDER, &seq_body(next, size)).await?;
+            next += 1;
         }
         req.flush().await?;
-    }
+        while times.len() < n {
+            let msgs = tokio::time::timeout(Duration::from_secs(30), taker.next())
+                .await
+                .context("no reply")??;
+            for body in msgs {
+                if let Some(t) = sent_at.remove(&seq_of(&body)) {
+                    times.push(t.elapsed());
+                }
+                if (next as usize) < n {
+                    sent_at.insert(next, Instant::now());
+                    req.send(RESPONDER, &seq_body(next, size)).await?;
+                    next += 1;
+                }
+            }
+            req.flush().await?;
+        }
+        anyhow::Ok(times)
+    });
+    let times = requester.await;
     responder.abort();
     sent.abort();
+    let mut times = times??;
     times.sort();
     Ok(times)
 }
@@ -1755,8 +1762,74 @@ async fn expect_accepted(
     Ok(())
 }
 
+/// Where the two ends of a request → reply exchange run: each a task of
+/// its own on the bench's runtime (with the in-process relay, if any), or
+/// each on a runtime of its own ([`Program`]), as two programs would.
+#[derive(Clone)]
+struct Ends {
+    requester: tokio::runtime::Handle,
+    responder: tokio::runtime::Handle,
+}
+
+impl Ends {
+    /// Both ends on the runtime this runs on.
+    fn here() -> Self {
+        let h = tokio::runtime::Handle::current();
+        Self {
+            requester: h.clone(),
+            responder: h,
+        }
+    }
+}
+
+/// A program of its own for one end of an exchange: a single-threaded
+/// tokio runtime on a thread of its own. What runs there is woken by its
+/// own thread only, never stolen by a worker that the relay or the other
+/// end left parked. (Multi-threaded runtimes per end, tokio's default of
+/// one worker per core, were measured too: six workers on two cores, both
+/// ours and NATS' figures were worse and noisier.)
+struct Program {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Program {
+    fn new(name: &str) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                rt.block_on(async {
+                    let _ = stopped.await;
+                });
+                rt.shutdown_background();
+            })?;
+        Ok(Self {
+            handle,
+            stop: Some(stop),
+        })
+    }
+
+    fn handle(&self) -> Result<tokio::runtime::Handle> {
+        Ok(self.handle.clone())
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
 /// [`ours_latency`] with the Rust API in the daemons' process instead of
-/// the control socket.
+/// the control socket; each end's loop runs where `ends` says (its daemon
+/// should run there too).
 async fn api_latency(
     a: &swb_daemon::DaemonHandle,
     b: &swb_daemon::DaemonHandle,
@@ -1764,12 +1837,13 @@ async fn api_latency(
     n: usize,
     size: usize,
     inflight: usize,
+    ends: &Ends,
 ) -> Result<Vec<Duration>> {
     let wait = Duration::from_secs(30);
     let to = a_name.to_string();
     let (mut brx, btx) = (b.receiver(), b.sender());
-    let (check, answers) = tokio::sync::mpsc::unbounded_channel();
-    let responder = tokio::spawn(async move {
+    let responder = ends.responder.spawn(async move {
+        let (check, answers) = tokio::sync::mpsc::unbounded_channel();
         let answer = async {
             loop {
                 let msgs = brx.recv(1000, wait).await?;
@@ -1785,55 +1859,92 @@ async fn api_latency(
         tokio::try_join!(answer, expect_accepted(answers)).map(|_| ())
     });
     let (mut arx, atx) = (a.receiver(), a.sender());
-    let (check, answers) = tokio::sync::mpsc::unbounded_channel();
-    let checker = tokio::spawn(expect_accepted(answers));
-    let mut sent_at: HashMap<u64, Instant> = HashMap::new();
-    let mut times = Vec::with_capacity(n);
-    let mut next = 0u64;
-    while (next as usize) < n.min(inflight) {
-        sent_at.insert(next, Instant::now());
-        check.send(atx.submit(RESPONDER, seq_body(next, size), wait).await?)?;
-        next += 1;
-    }
-    while times.len() < n {
-        let msgs = arx.recv(1000, wait).await?;
-        anyhow::ensure!(!msgs.is_empty(), "no reply within {wait:?}");
-        for m in &msgs {
-            if let Some(t) = sent_at.remove(&seq_of(&m.body)) {
-                times.push(t.elapsed());
-            }
-            if (next as usize) < n {
-                sent_at.insert(next, Instant::now());
-                check.send(atx.submit(RESPONDER, seq_body(next, size), wait).await?)?;
-                next += 1;
-            }
+    let requester = ends.requester.spawn(async move {
+        let (check, answers) = tokio::sync::mpsc::unbounded_channel();
+        let checker = tokio::spawn(expect_accepted(answers));
+        let mut sent_at: HashMap<u64, Instant> = HashMap::new();
+        let mut times = Vec::with_capacity(n);
+        let mut next = 0u64;
+        while (next as usize) < n.min(inflight) {
+            sent_at.insert(next, Instant::now());
+            check.send(atx.submit(RESPONDER, seq_body(next, size), wait).await?)?;
+            next += 1;
         }
-        arx.ack(&msgs.iter().map(|m| m.id).collect::<Vec<_>>())
-            .await?;
-    }
+        while times.len() < n {
+            let msgs = arx.recv(1000, wait).await?;
+            anyhow::ensure!(!msgs.is_empty(), "no reply within {wait:?}");
+            for m in &msgs {
+                if let Some(t) = sent_at.remove(&seq_of(&m.body)) {
+                    times.push(t.elapsed());
+                }
+                if (next as usize) < n {
+                    sent_at.insert(next, Instant::now());
+                    check.send(atx.submit(RESPONDER, seq_body(next, size), wait).await?)?;
+                    next += 1;
+                }
+            }
+            arx.ack(&msgs.iter().map(|m| m.id).collect::<Vec<_>>())
+                .await?;
+        }
+        drop(check);
+        checker.await??;
+        anyhow::Ok(times)
+    });
+    let times = requester.await?;
     responder.abort();
-    drop(check);
-    checker.await??;
-    Ok(times)
+    times
 }
 
 /// The responder's peer name in the latency benchmark.
 const RESPONDER: &str = "responder";
 
-/// Request → reply through nats-server.
+/// One in-flight depth's measurements in `latency`.
+struct LatencyRows {
+    inflight: usize,
+    /// The Rust API, the control socket and its compact form through the
+    /// in-process relay, and the Rust API through the relay process.
+    ours: Vec<Contender>,
+    /// The Rust API with each end on its own runtime, through the relay
+    /// process.
+    apart: Contender,
+    nats: Contender,
+    /// NATS' two clients each on its own runtime.
+    nats_apart: Contender,
+    nats_tls: Contender,
+    floor: Contender,
+}
+
+impl LatencyRows {
+    /// Each of ours with the NATS run it is held against: ends apart
+    /// against NATS' ends apart, the rest against NATS in the bench's
+    /// runtime.
+    fn compared(&self) -> impl Iterator<Item = (&Contender, &Contender)> + '_ {
+        self.ours
+            .iter()
+            .map(move |c| (c, &self.nats))
+            .chain([(&self.apart, &self.nats_apart)])
+    }
+}
+
+/// Request → reply through nats-server; each end runs where `ends` says.
 async fn nats_latency(
     addr: std::net::SocketAddr,
     tls: Option<Arc<rustls::ClientConfig>>,
     n: usize,
     size: usize,
     inflight: usize,
+    ends: &Ends,
 ) -> Result<Vec<Duration>> {
-    let (mut rtx, mut rrx) = crate::nats::connect(addr, tls.clone()).await?;
-    rtx.sub("req", 1);
-    rtx.ping();
-    rtx.flush().await?;
-    rrx.until_pong().await?;
-    let responder = tokio::spawn(async move {
+    let (ready, subscribed) = tokio::sync::oneshot::channel();
+    let rtls = tls.clone();
+    let responder = ends.responder.spawn(async move {
+        // Connected on its own runtime: the socket belongs to its driver.
+        let (mut rtx, mut rrx) = crate::nats::connect(addr, rtls).await?;
+        rtx.sub("req", 1);
+        rtx.ping();
+        rtx.flush().await?;
+        rrx.until_pong().await?;
+        let _ = ready.send(());
         loop {
             let m = rrx.next().await?;
             if let Some(r) = &m.reply {
@@ -1847,39 +1958,51 @@ async fn nats_latency(
         #[allow(unreachable_code)]
         anyhow::Ok(())
     });
-    let (mut tx, mut rx) = crate::nats::connect(addr, tls).await?;
-    tx.sub("inbox", 1);
-    tx.ping();
-    tx.flush().await?;
-    // Both subscriptions are in effect once the server answered our PINGs.
-    rx.until_pong().await?;
-    let mut sent_at: HashMap<u64, Instant> = HashMap::new();
-    let mut times = Vec::with_capacity(n);
-    let mut next = 0u64;
-    while (next as usize) < n.min(inflight) {
-        sent_at.insert(next, Instant::now());
-        tx.publish("req", Some("inbox"), &seq_body(next, size));
-        next += 1;
+    if subscribed.await.is_err() {
+        return match responder.await {
+            Ok(Err(e)) => Err(e.context("NATS responder")),
+            _ => Err(anyhow::anyhow!("NATS responder ended")),
+        };
     }
-    tx.flush().await?;
-    while times.len() < n {
-        let m = tokio::time::timeout(Duration::from_secs(30), rx.next())
-            .await
-            .context("no NATS reply")??;
-        if let Some(t) = sent_at.remove(&seq_of(&m.payload)) {
-            times.push(t.elapsed());
-        }
-        if (next as usize) < n {
+    let requester = ends.requester.spawn(async move {
+        let (mut tx, mut rx) = crate::nats::connect(addr, tls).await?;
+        tx.sub("inbox", 1);
+        tx.ping();
+        tx.flush().await?;
+        // The responder subscribed before; ours is in effect once the
+        // server answered our PING.
+        rx.until_pong().await?;
+        let mut sent_at: HashMap<u64, Instant> = HashMap::new();
+        let mut times = Vec::with_capacity(n);
+        let mut next = 0u64;
+        while (next as usize) < n.min(inflight) {
             sent_at.insert(next, Instant::now());
             tx.publish("req", Some("inbox"), &seq_body(next, size));
             next += 1;
         }
-        for _ in 0..std::mem::take(&mut rx.pings) {
-            tx.pong();
-        }
         tx.flush().await?;
-    }
+        while times.len() < n {
+            let m = tokio::time::timeout(Duration::from_secs(30), rx.next())
+                .await
+                .context("no NATS reply")??;
+            if let Some(t) = sent_at.remove(&seq_of(&m.payload)) {
+                times.push(t.elapsed());
+            }
+            if (next as usize) < n {
+                sent_at.insert(next, Instant::now());
+                tx.publish("req", Some("inbox"), &seq_body(next, size));
+                next += 1;
+            }
+            for _ in 0..std::mem::take(&mut rx.pings) {
+                tx.pong();
+            }
+            tx.flush().await?;
+        }
+        anyhow::Ok(times)
+    });
+    let times = requester.await?;
     responder.abort();
+    let mut times = times?;
     times.sort();
     Ok(times)
 }
@@ -2011,6 +2134,37 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         d.connected().await.map_err(anyhow::Error::msg)?;
         pds.push(d);
     }
+    // And with each end (its daemon and its program's loop) on a runtime
+    // of its own, as two programs on two machines would be, with the relay
+    // process between them; NATS' two clients alike. The rows above share
+    // the bench's runtime: every wake there may go to a worker that another
+    // end's work left parked.
+    let programs = [
+        Program::new("swb-requester")?,
+        Program::new("swb-responder")?,
+    ];
+    let apart = Ends {
+        requester: programs[0].handle()?,
+        responder: programs[1].handle()?,
+    };
+    // A relay process of their own: the names are taken on the other one.
+    let own_apart = RelayProc::start(&["--memory-mail"]).await?;
+    let mut qds = Vec::new();
+    for (n, h) in [
+        ("requester", &apart.requester),
+        (RESPONDER, &apart.responder),
+    ] {
+        let cfg = own_apart.daemon_config(n);
+        let d = h
+            .spawn(async move {
+                let d = swb_daemon::Daemon::spawn(cfg).await?;
+                d.connected().await.map_err(anyhow::Error::msg)?;
+                anyhow::Ok(d)
+            })
+            .await??;
+        qds.push(d);
+    }
+    let here = Ends::here();
     let runs = a.runs.max(1);
     let floor_identity = Identity::ephemeral()?;
     let mut rows = Vec::new();
@@ -2025,7 +2179,9 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                 Contender::new("rust_api_relay_process", "Rust API, relay process"),
             )])
             .collect();
+        let mut apart_ours = Contender::new("rust_api_apart", "Rust API, ends apart");
         let mut np = Contender::new("nats", "nats");
+        let mut np_apart = Contender::new("nats_apart", "nats, ends apart");
         let mut nt = Contender::new("nats_tls", "nats+tls");
         let mut fl = Contender::new("quinn_forwarder_floor", "floor: quinn forwarder");
         // Contenders take turns within each run, so a slow spell of the
@@ -2034,8 +2190,16 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             for (api, c) in &mut ours {
                 let times = match api {
                     Some(Api::Rust) => {
-                        api_latency(&ds[0], &ds[1], "requester", a.requests, a.size, inflight)
-                            .await?
+                        api_latency(
+                            &ds[0],
+                            &ds[1],
+                            "requester",
+                            a.requests,
+                            a.size,
+                            inflight,
+                            &here,
+                        )
+                        .await?
                     }
                     Some(api @ (Api::Socket | Api::Compact)) => {
                         ours_latency(
@@ -2050,39 +2214,68 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                         .await?
                     }
                     None => {
-                        api_latency(&pds[0], &pds[1], "requester", a.requests, a.size, inflight)
-                            .await?
+                        api_latency(
+                            &pds[0],
+                            &pds[1],
+                            "requester",
+                            a.requests,
+                            a.size,
+                            inflight,
+                            &here,
+                        )
+                        .await?
                     }
                 };
                 c.runs.push(Quantiles::of(&times)?);
             }
-            let times = nats_latency(plain.addr, None, a.requests, a.size, inflight).await?;
-            np.runs.push(Quantiles::of(&times)?);
-            let times = nats_latency(
-                tls_server.addr,
-                Some(tls.clone()),
+            let times = api_latency(
+                &qds[0],
+                &qds[1],
+                "requester",
                 a.requests,
                 a.size,
                 inflight,
+                &apart,
             )
             .await?;
+            apart_ours.runs.push(Quantiles::of(&times)?);
+            let (n, size) = (a.requests, a.size);
+            let times = nats_latency(plain.addr, None, n, size, inflight, &here).await?;
+            np.runs.push(Quantiles::of(&times)?);
+            let times = nats_latency(plain.addr, None, n, size, inflight, &apart).await?;
+            np_apart.runs.push(Quantiles::of(&times)?);
+            let times =
+                nats_latency(tls_server.addr, Some(tls.clone()), n, size, inflight, &here).await?;
             nt.runs.push(Quantiles::of(&times)?);
             let times = floor::floor_latency(&floor_identity, a.requests, a.size, inflight).await?;
             fl.runs.push(Quantiles::of(&times)?);
         }
         let ours: Vec<Contender> = ours.into_iter().map(|(_, c)| c).collect();
-        rows.push((inflight, ours, np, nt, fl));
+        rows.push(LatencyRows {
+            inflight,
+            ours,
+            apart: apart_ours,
+            nats: np,
+            nats_apart: np_apart,
+            nats_tls: nt,
+            floor: fl,
+        });
     }
     let p50 = |q: &Quantiles| q.p50;
     let p99 = |q: &Quantiles| q.p99;
-    for (inflight, ours, np, _, _) in &rows {
-        for c in ours {
+    for r in &rows {
+        let inflight = r.inflight;
+        for (c, base) in r.compared() {
             for (q, name) in [(p50 as fn(&Quantiles) -> f64, "p50"), (p99, "p99")] {
                 record(
                     "latency",
-                    &format!("{name} ms, {inflight} in flight, {} (vs NATS)", c.label),
+                    &format!(
+                        "{name} ms, {inflight} in flight, {} (vs {})",
+                        c.label,
+                        base.label.replacen("nats", "NATS", 1)
+                    ),
                     q(&c.median()),
-                    q(&np.median()),
+                    q(&base.median()),
                     false,
                     1.0,
                 );
@@ -2090,21 +2283,23 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         }
     }
     let ms = |q: Quantiles| serde_json::json!({"p50": q.p50, "p90": q.p90, "p99": q.p99, "p999": q.p999});
-    for (inflight, ours, np, nt, fl) in &rows {
+    for r in &rows {
+        let inflight = r.inflight;
+        let compared = r.compared().chain([(&r.floor, &r.nats)]);
         if out.json {
             let mut o = serde_json::json!({"bench": "latency", "in_flight": inflight, "size": a.size, "requests": a.requests,
                 "runs": runs});
-            for c in [np, nt] {
+            for c in [&r.nats, &r.nats_apart, &r.nats_tls] {
                 o[format!("{}_ms", c.key)] = ms(c.median());
             }
-            for c in ours.iter().chain([fl]) {
-                let k = c.key;
-                let ((r50, s50), (r99, s99)) = (c.ratios(np, p50), c.ratios(np, p99));
+            for (c, base) in compared {
+                let (k, b) = (c.key, base.key);
+                let ((r50, s50), (r99, s99)) = (c.ratios(base, p50), c.ratios(base, p99));
                 o[format!("{k}_ms")] = ms(c.median());
-                o[format!("{k}_p50_ratio_vs_nats")] = serde_json::json!(r50);
-                o[format!("{k}_p50_ratio_vs_nats_min_max")] = serde_json::json!([s50.0, s50.1]);
-                o[format!("{k}_p99_ratio_vs_nats")] = serde_json::json!(r99);
-                o[format!("{k}_p99_ratio_vs_nats_min_max")] = serde_json::json!([s99.0, s99.1]);
+                o[format!("{k}_p50_ratio_vs_{b}")] = serde_json::json!(r50);
+                o[format!("{k}_p50_ratio_vs_{b}_min_max")] = serde_json::json!([s50.0, s50.1]);
+                o[format!("{k}_p99_ratio_vs_{b}")] = serde_json::json!(r99);
+                o[format!("{k}_p99_ratio_vs_{b}_min_max")] = serde_json::json!([s99.0, s99.1]);
             }
             println!("{o}");
         } else {
@@ -2112,10 +2307,15 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                 "latency: {} B request -> reply, {inflight} in flight, {} requests x {runs} runs (ms, HdrHistogram; medians of the runs)",
                 a.size, a.requests
             );
-            let lines = ours
+            let lines = r
+                .ours
                 .iter()
+                .chain([&r.apart])
                 .map(|c| (format!("switchboard, {}", c.label), c))
-                .chain([np, nt, fl].map(|c| (c.label.to_string(), c)));
+                .chain(
+                    [&r.nats, &r.nats_apart, &r.nats_tls, &r.floor]
+                        .map(|c| (c.label.to_string(), c)),
+                );
             for (label, c) in lines {
                 let m = c.median();
                 let (lo, hi) = min_max(&c.runs.iter().map(|q| q.p50).collect::<Vec<_>>());
@@ -2124,16 +2324,17 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                     m.p50, m.p90, m.p99, m.p999
                 );
             }
-            for c in ours.iter().chain([fl]) {
+            for (c, base) in compared {
                 let label = c.label;
-                let ((r50, s50), (r99, s99)) = (c.ratios(np, p50), c.ratios(np, p99));
-                let what = if std::ptr::eq(c, fl) {
+                let ((r50, s50), (r99, s99)) = (c.ratios(base, p50), c.ratios(base, p99));
+                let what = if std::ptr::eq(c, &r.floor) {
                     "the stack's floor: forwarding only"
                 } else {
                     "goal <= 1.0"
                 };
                 println!(
-                    "  ratio vs nats, {label:<24} p50 {r50:.2} ({:.2}–{:.2})  p99 {r99:.2} ({:.2}–{:.2})   (per run; {what})",
+                    "  ratio vs {}, {label:<24} p50 {r50:.2} ({:.2}–{:.2})  p99 {r99:.2} ({:.2}–{:.2})   (per run; {what})",
+                    base.label,
                     s50.0,
                     s50.1,
                     s99.0,
@@ -2142,10 +2343,12 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             }
         }
     }
-    for d in ds.into_iter().chain(pds) {
+    for d in ds.into_iter().chain(pds).chain(qds) {
         d.shutdown();
         let _ = d.join().await;
     }
+    drop(programs);
+    drop(own_apart);
     drop(own);
     relay.shutdown();
     let NatsEnv { relay, .. } = env;

@@ -241,47 +241,52 @@ pub(crate) async fn floor_latency(
         anyhow::Ok(())
     });
     let (req_ep, qconn, mut send, mut recv) = client(addr, &client_cfg, false).await?;
-    let request = |seq: u64| {
-        let mut f = Vec::with_capacity(2 + size);
-        f.extend_from_slice(&(size as u16).to_be_bytes());
-        f.extend_from_slice(&seq.to_be_bytes());
-        f.resize(2 + size, 0x42);
-        f
-    };
-    let mut sent_at = std::collections::HashMap::new();
-    let mut times = Vec::with_capacity(n);
-    let mut next = 0u64;
-    let mut out = Vec::new();
-    while (next as usize) < n.min(inflight) {
-        sent_at.insert(next, Instant::now());
-        out.extend_from_slice(&request(next));
-        next += 1;
-    }
-    send.write_all(&out).await?;
-    let mut buf = BytesMut::with_capacity(64 << 10);
-    while times.len() < n {
-        let c = tokio::time::timeout(Duration::from_secs(30), recv.read_chunk(64 << 10, true))
-            .await
-            .context("no reply from the floor within 30 s")??
-            .context("the floor's forwarder closed the stream")?;
-        buf.extend_from_slice(&c.bytes);
-        out.clear();
-        let replies = buf.split_to(complete_frames(&buf));
-        for body in frames(&replies) {
-            let seq = u64::from_be_bytes(body[..8].try_into().context("short reply")?);
-            if let Some(t) = sent_at.remove(&seq) {
-                times.push(t.elapsed());
+    // The requester is a task of its own, as the responder is.
+    let requester = tokio::spawn(async move {
+        let request = |seq: u64| {
+            let mut f = Vec::with_capacity(2 + size);
+            f.extend_from_slice(&(size as u16).to_be_bytes());
+            f.extend_from_slice(&seq.to_be_bytes());
+            f.resize(2 + size, 0x42);
+            f
+        };
+        let mut sent_at = std::collections::HashMap::new();
+        let mut times = Vec::with_capacity(n);
+        let mut next = 0u64;
+        let mut out = Vec::new();
+        while (next as usize) < n.min(inflight) {
+            sent_at.insert(next, Instant::now());
+            out.extend_from_slice(&request(next));
+            next += 1;
+        }
+        send.write_all(&out).await?;
+        let mut buf = BytesMut::with_capacity(64 << 10);
+        while times.len() < n {
+            let c = tokio::time::timeout(Duration::from_secs(30), recv.read_chunk(64 << 10, true))
+                .await
+                .context("no reply from the floor within 30 s")??
+                .context("the floor's forwarder closed the stream")?;
+            buf.extend_from_slice(&c.bytes);
+            out.clear();
+            let replies = buf.split_to(complete_frames(&buf));
+            for body in frames(&replies) {
+                let seq = u64::from_be_bytes(body[..8].try_into().context("short reply")?);
+                if let Some(t) = sent_at.remove(&seq) {
+                    times.push(t.elapsed());
+                }
+                if (next as usize) < n {
+                    sent_at.insert(next, Instant::now());
+                    out.extend_from_slice(&request(next));
+                    next += 1;
+                }
             }
-            if (next as usize) < n {
-                sent_at.insert(next, Instant::now());
-                out.extend_from_slice(&request(next));
-                next += 1;
+            if !out.is_empty() {
+                send.write_all(&out).await?;
             }
         }
-        if !out.is_empty() {
-            send.write_all(&out).await?;
-        }
-    }
+        anyhow::Ok((times, send))
+    });
+    let (times, mut send) = requester.await??;
     send.finish()?;
     tokio::time::timeout(Duration::from_secs(10), async {
         responder.await??;
