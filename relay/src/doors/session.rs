@@ -788,6 +788,9 @@ async fn serve(
     // Data streams the daemon opens, and their tasks (they end with this
     // loop).
     let mut streams = super::streams::Streams::new(router);
+    // The key's send rate, shared with its other sessions and HTTP: looked
+    // up once, taken from per send without a lock.
+    let key_rate = router.services().send_rate_of(&ctl.key_id);
     // The read buffer may hold complete frames not yet handled.
     let mut parse = false;
     loop {
@@ -926,7 +929,7 @@ async fn serve(
                     if let Err(e) = handle(
                         router,
                         io,
-                        (ns, name, &ctl.key_id),
+                        (ns, name, key_rate.as_ref()),
                         f,
                         (&seen, &live, *clock.get_or_insert_with(Clock::now)),
                         &mut fwd,
@@ -1081,7 +1084,7 @@ impl Durables {
 fn handle(
     router: &Arc<Router>,
     io: &mut Io,
-    (ns, name, key_id): (&str, &Arc<str>, &str),
+    (ns, name, key_rate): (&str, &Arc<str>, Option<&crate::limits::KeyRate>),
     f: Frame,
     // Where sends go, and when they came.
     (seen, live, clock): (
@@ -1095,7 +1098,7 @@ fn handle(
     match f {
         Frame::Send(s) if s.body.len() <= MAX_MESSAGE_BODY => {
             // The key's send rate, across its sessions and HTTP.
-            if let Err(refusal) = router.services().take_send(key_id, clock.at) {
+            if let Err(refusal) = router.services().take_send_from(key_rate, clock.at) {
                 return io.queue(&Frame::SendRefused(SendRefused {
                     req: s.req,
                     refusal,

@@ -39,7 +39,7 @@ pub(crate) struct Services {
     /// and event streams of the key wait on besides their own work.
     revocations: Mutex<std::collections::HashMap<String, tokio_util::sync::CancellationToken>>,
     /// Per-key send rate (all doors) and HTTP request rate.
-    send_rate: Option<Mutex<crate::limits::Limiter<String>>>,
+    send_rate: Option<crate::limits::KeyRates>,
     http_rate: Option<Mutex<crate::limits::Limiter<String>>>,
     /// TUN address allocators and the peers attached with TUN.
     pub(crate) tun: tun::Tun,
@@ -101,7 +101,7 @@ impl Services {
             revocations: Mutex::new(std::collections::HashMap::new()),
             send_rate: config
                 .key_send_rate
-                .map(|r| Mutex::new(crate::limits::Limiter::new(r, RATE_KEYS))),
+                .map(|r| crate::limits::KeyRates::new(r, RATE_KEYS)),
             http_rate: config
                 .key_http_rate
                 .map(|r| Mutex::new(crate::limits::Limiter::new(r, RATE_KEYS))),
@@ -112,16 +112,28 @@ impl Services {
 
     /// Takes one send of `key_id` from its rate; the refusal if it is over.
     pub(crate) fn take_send(&self, key_id: &str, now: tokio::time::Instant) -> Result<(), Refusal> {
-        let (Some(l), Some(rate)) = (&self.send_rate, self.config.key_send_rate) else {
+        self.take_send_from(self.send_rate_of(key_id).as_ref(), now)
+    }
+
+    /// The send rate of `key_id`, for a session to take from per message
+    /// ([`Self::take_send_from`]); `None` if sends are not limited.
+    pub(crate) fn send_rate_of(&self, key_id: &str) -> Option<crate::limits::KeyRate> {
+        self.send_rate.as_ref().map(|r| r.rate_of(key_id))
+    }
+
+    /// Takes one send from a key's rate as [`Self::send_rate_of`] gave it
+    /// (no lookup, no lock); the refusal if it is over.
+    pub(crate) fn take_send_from(
+        &self,
+        rate: Option<&crate::limits::KeyRate>,
+        now: tokio::time::Instant,
+    ) -> Result<(), Refusal> {
+        let (Some(r), Some(limits)) = (rate, &self.send_rate) else {
             return Ok(());
         };
-        let r = l
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take(key_id, now);
-        r.map_err(|wait| {
+        r.take(now).map_err(|wait| {
             self.metrics.refused(Code::RATE_LIMITED);
-            rate_refusal("sends", rate, wait)
+            rate_refusal("sends", limits.rate(), wait)
         })
     }
 
