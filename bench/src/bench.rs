@@ -193,6 +193,14 @@ async fn latency(
 
 struct DaemonHandleRef<'a>(&'a swb_daemon::DaemonHandle);
 
+/// The per-key send rate of every relay a bench runs: on, as deployed, at
+/// a rate no bench reaches — its work per send is measured, its refusals
+/// never come.
+pub(crate) const UNREACHED_SEND_RATE: swb_relay::limits::Rate = swb_relay::limits::Rate {
+    per_sec: 1e12,
+    burst: 1e12,
+};
+
 /// A relay config on a free loopback port, without the HTTP endpoint, with
 /// one fresh API key (namespace `bench`); returns it and the key.
 fn bench_relay_config(identity: Identity) -> Result<(RelayConfig, String)> {
@@ -210,9 +218,7 @@ fn bench_relay_config(identity: Identity) -> Result<(RelayConfig, String)> {
     // policy (QUIC Retry under load stays on, as deployed).
     rc.connections_per_ip = None;
     rc.initials.per_ip = None;
-    // The per-key send rate stays on, as deployed, at a rate no bench
-    // reaches: its work per send is measured, its refusals never come.
-    rc.key_send_rate = Some(swb_relay::limits::Rate::new(1e12, 1e12));
+    rc.key_send_rate = Some(UNREACHED_SEND_RATE);
     rc.key_http_rate = None;
     Ok((rc, new.key))
 }
@@ -276,7 +282,7 @@ pub(crate) async fn mesh_relays(
         );
         rc.relay_id = (*id).into();
         rc.http_listen = HttpListen::Off;
-        rc.key_send_rate = None;
+        rc.key_send_rate = Some(UNREACHED_SEND_RATE);
         rc.mesh = Some(MeshConfig {
             key: key.clone(),
             peers: relays
@@ -1200,7 +1206,7 @@ pub(crate) async fn relay_process_main(a: RelayProcessArgs) -> Result<()> {
         config.connections_per_ip = None;
         config.initials.per_ip = None;
     }
-    config.key_send_rate = None;
+    config.key_send_rate = Some(UNREACHED_SEND_RATE);
     if a.memory_mail {
         config.durability = Some(swb_relay::Durability::Memory);
     }

@@ -173,15 +173,16 @@ struct Gcra {
 
 impl Gcra {
     fn of(rate: Rate) -> Self {
-        let per_tick = rate.per_sec / (1e9 * TICKS_PER_NS as f64);
-        let interval = if rate.per_sec > 0.0 {
-            (1.0 / per_tick).round().min(u64::MAX as f64 / 4.0) as u64
-        } else {
-            u64::MAX / 4
-        };
-        let tolerance = ((rate.burst - 1.0).max(0.0) * interval as f64).min(u64::MAX as f64 / 4.0);
+        let cap = u64::MAX as f64 / 4.0;
+        // Ticks per token, unrounded (infinite for a rate of nothing).
+        let ticks = 1e9 * TICKS_PER_NS as f64 / rate.per_sec.max(0.0);
+        // From the unrounded interval: a rate too fast to count still has
+        // its burst's worth of tolerance, so a take timed a moment before
+        // another session's (each reads its clock once per run of frames)
+        // is not refused.
+        let tolerance = ((rate.burst - 1.0).max(0.0) * ticks).min(cap);
         Self {
-            interval,
+            interval: ticks.round().min(cap) as u64,
             tolerance: tolerance as u64,
         }
     }
@@ -616,5 +617,18 @@ mod tests {
         assert!(rates.take("new", later).is_ok());
         assert!(rates.take("newer", later).is_ok());
         assert!(rates.rate_of("held").take(later).is_ok());
+    }
+
+    #[test]
+    fn a_take_timed_before_another_sessions_is_not_refused() {
+        // Sessions read the clock once per run of frames: one may take at
+        // an instant a little before one another session already took at.
+        for rate in [Rate::new(50_000.0, 100_000.0), Rate::new(1e12, 1e12)] {
+            let rates = KeyRates::new(rate, 10);
+            let t0 = Instant::now() + Duration::from_secs(1);
+            let (a, b) = (rates.rate_of("k"), rates.rate_of("k"));
+            assert!(a.take(t0 + Duration::from_millis(1)).is_ok());
+            assert!(b.take(t0).is_ok(), "{rate:?}");
+        }
     }
 }
