@@ -202,7 +202,7 @@ async fn wait_connected(
     deadline: tokio::time::Instant,
     timeout: Duration,
 ) -> Result<(), ApiError> {
-    let mut state = shared.state.subscribe();
+    let mut state = shared.watch_state();
     let ready = tokio::time::timeout_at(
         deadline,
         state.wait_for(|s| matches!(s, ConnState::Connected { .. } | ConnState::Stopped { .. })),
@@ -211,7 +211,7 @@ async fn wait_connected(
     .map(|r| r.map(|s| s.clone()));
     match ready {
         Err(_) => {
-            let why = match &*shared.state.borrow() {
+            let why = match &*shared.state() {
                 ConnState::Connecting {
                     last_error: Some(e),
                     ..
@@ -336,7 +336,7 @@ impl Leased {
             if shared.inbox().take_into(&mut self.0, max) > 0 {
                 return Ok(&self.0[start..]);
             }
-            if let ConnState::Stopped { error } = &*shared.state.borrow() {
+            if let ConnState::Stopped { error } = &*shared.state() {
                 return Err(ApiError::new(
                     "stopped",
                     format!(

@@ -250,8 +250,10 @@ impl DaemonError {
 
 pub(crate) struct Shared {
     pub(crate) config: DaemonConfig,
-    /// Changed only through [`Shared::set_state`].
-    pub(crate) state: watch::Sender<ConnState>,
+    /// Private: changed only through [`Shared::set_state`], which keeps
+    /// `connected` in step; read with [`Shared::state`] and
+    /// [`Shared::watch_state`].
+    state: watch::Sender<ConnState>,
     /// Whether `state` is `Connected`, read by every send: a load, where
     /// borrowing the watch takes its lock — a count each sending thread
     /// and the connection's task would write per message.
@@ -294,6 +296,16 @@ impl Shared {
 }
 
 impl Shared {
+    /// The connection's state now.
+    pub(crate) fn state(&self) -> watch::Ref<'_, ConnState> {
+        self.state.borrow()
+    }
+
+    /// The connection's state, and its changes.
+    pub(crate) fn watch_state(&self) -> watch::Receiver<ConnState> {
+        self.state.subscribe()
+    }
+
     /// The connection's state is now `s`.
     pub(crate) fn set_state(&self, s: ConnState) {
         let connected = s.is_connected();

@@ -45,7 +45,7 @@ pub struct Pinger {
 }
 
 fn my_relay(shared: &Shared) -> String {
-    match &*shared.state.borrow() {
+    match &*shared.state() {
         ConnState::Connected { welcome, .. } => welcome.relay_id.clone(),
         _ => String::new(),
     }

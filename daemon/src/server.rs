@@ -730,7 +730,7 @@ async fn start_send(shared: &Arc<Shared>, to: String, body: Bytes, timeout: Dura
 }
 
 fn status(shared: &Shared) -> StatusInfo {
-    let st = shared.state.borrow().clone();
+    let st = shared.state().clone();
     let path = shared.conn.lock().ok().and_then(|c| {
         c.as_ref().map(|c| {
             let stats = c.stats();

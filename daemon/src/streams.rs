@@ -124,7 +124,7 @@ pub(crate) async fn connection(
     shared: &Shared,
     wait: Duration,
 ) -> Result<quinn::Connection, StreamError> {
-    let mut rx = shared.state.subscribe();
+    let mut rx = shared.watch_state();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         if let Some(c) = shared
