@@ -1945,11 +1945,7 @@ async fn nats_latency(
     let rtls = tls.clone();
     let responder = ends.responder.spawn(async move {
         // Connected on its own runtime: the socket belongs to its driver.
-        let (mut rtx, mut rrx) = crate::nats::connect(addr, rtls).await?;
-        rtx.sub("req", 1);
-        rtx.ping();
-        rtx.flush().await?;
-        rrx.until_pong().await?;
+        let (mut rtx, mut rrx) = crate::nats::subscribed(addr, rtls, "req").await?;
         let _ = ready.send(());
         loop {
             let m = rrx.next().await?;
@@ -1971,13 +1967,9 @@ async fn nats_latency(
         };
     }
     let requester = ends.requester.spawn(async move {
-        let (mut tx, mut rx) = crate::nats::connect(addr, tls).await?;
-        tx.sub("inbox", 1);
-        tx.ping();
-        tx.flush().await?;
-        // The responder subscribed before; ours is in effect once the
-        // server answered our PING.
-        rx.until_pong().await?;
+        // The responder subscribed before; ours is in effect once
+        // `subscribed` returns.
+        let (mut tx, mut rx) = crate::nats::subscribed(addr, tls, "inbox").await?;
         let mut sent_at: HashMap<u64, Instant> = HashMap::new();
         let mut times = Vec::with_capacity(n);
         let mut next = 0u64;
@@ -2829,11 +2821,7 @@ async fn nats_rate(
     let per_sub = (n / subs).max(1);
     let mut readers = tokio::task::JoinSet::new();
     for _ in 0..subs {
-        let (mut tx, mut rx) = crate::nats::connect(addr, tls.clone()).await?;
-        tx.sub("rate", 1);
-        tx.ping();
-        tx.flush().await?;
-        rx.until_pong().await?;
+        let (mut tx, mut rx) = crate::nats::subscribed(addr, tls.clone(), "rate").await?;
         readers.spawn(async move {
             for _ in 0..per_sub {
                 rx.next().await?;

@@ -33,6 +33,21 @@ pub(crate) struct Msg {
     pub(crate) payload: Vec<u8>,
 }
 
+/// Connects and subscribes to `subject`; returns once the server answered
+/// a PING sent after the SUB, so the subscription is in effect.
+pub(crate) async fn subscribed(
+    addr: std::net::SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    subject: &str,
+) -> Result<(NatsTx, NatsRx)> {
+    let (mut tx, mut rx) = connect(addr, tls).await?;
+    tx.sub(subject, 1);
+    tx.ping();
+    tx.flush().await?;
+    rx.until_pong().await?;
+    Ok((tx, rx))
+}
+
 /// Connects (with `tls`, upgrading after INFO) and says CONNECT.
 pub(crate) async fn connect(
     addr: std::net::SocketAddr,

@@ -359,20 +359,12 @@ async fn js_once(
     storage: &str,
     a: &DurableArgs,
 ) -> Result<Figures> {
-    let (mut ptx, mut prx) = nats::connect(addr, Some(tls.clone())).await?;
-    ptx.sub(ACKS, 1);
-    ptx.ping();
-    ptx.flush().await?;
-    prx.until_pong().await?;
+    let (mut ptx, mut prx) = nats::subscribed(addr, Some(tls.clone()), ACKS).await?;
     let stream = format!(
         r#"{{"name":"DURABLE","subjects":["{SUBJECT}"],"storage":"{storage}","retention":"workqueue","num_replicas":1}}"#
     );
     js_api(&mut ptx, &mut prx, "$JS.API.STREAM.CREATE.DURABLE", &stream).await?;
-    let (mut ctx, mut crx) = nats::connect(addr, Some(tls)).await?;
-    ctx.sub(DELIVER, 1);
-    ctx.ping();
-    ctx.flush().await?;
-    crx.until_pong().await?;
+    let (mut ctx, mut crx) = nats::subscribed(addr, Some(tls), DELIVER).await?;
     let consumer = format!(
         r#"{{"stream_name":"DURABLE","config":{{"deliver_subject":"{DELIVER}","ack_policy":"explicit","max_ack_pending":65536,"deliver_policy":"all"}}}}"#
     );

@@ -184,11 +184,7 @@ async fn nats_latency(
     tls: Arc<rustls::ClientConfig>,
     n: usize,
 ) -> Result<Vec<Duration>> {
-    let (mut stx, mut srx) = crate::nats::connect(addr, Some(tls.clone())).await?;
-    stx.sub("one", 1);
-    stx.ping();
-    stx.flush().await?;
-    srx.until_pong().await?;
+    let (mut stx, mut srx) = crate::nats::subscribed(addr, Some(tls.clone()), "one").await?;
     let (mut tx, _rx) = crate::nats::connect(addr, Some(tls)).await?;
     let body = vec![0x42u8; 32];
     let mut times = Vec::with_capacity(n);
