@@ -406,7 +406,13 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
             }
             out.clear();
         }
-        let read = tokio::select! {
+        let read = if whole && queue.len() < MAX_PIPELINED_SENDS {
+            // A whole request is buffered: reading it does not wait, so
+            // neither the front answer nor cancellation is polled for it
+            // (the next request that does wait polls both).
+            read_request(codec, &mut rd, &mut line).await
+        } else {
+            tokio::select! {
             biased;
             _ = cancel.cancelled() => break,
             r = async {
@@ -420,6 +426,7 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                 continue;
             }
             r = read_request(codec, &mut rd, &mut line), if queue.len() < MAX_PIPELINED_SENDS => r,
+            }
         };
         let last = match read {
             Read::Request => None,
