@@ -413,19 +413,19 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
             read_request(codec, &mut rd, &mut line).await
         } else {
             tokio::select! {
-            biased;
-            _ = cancel.cancelled() => break,
-            r = async {
-                match queue.front_mut() {
-                    Some(q) => q.wait().await,
-                    None => std::future::pending().await,
+                biased;
+                _ = cancel.cancelled() => break,
+                r = async {
+                    match queue.front_mut() {
+                        Some(q) => q.wait().await,
+                        None => std::future::pending().await,
+                    }
+                }, if !queue.is_empty() => {
+                    queue.pop_front();
+                    codec.push(&mut out, &r);
+                    continue;
                 }
-            }, if !queue.is_empty() => {
-                queue.pop_front();
-                codec.push(&mut out, &r);
-                continue;
-            }
-            r = read_request(codec, &mut rd, &mut line), if queue.len() < MAX_PIPELINED_SENDS => r,
+                r = read_request(codec, &mut rd, &mut line), if queue.len() < MAX_PIPELINED_SENDS => r,
             }
         };
         let last = match read {
