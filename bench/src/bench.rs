@@ -18,6 +18,7 @@ use swb_relay::{HttpListen, Identity, KeySource, Relay, RelayConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod carrier;
+mod cores;
 mod durable;
 mod fanout;
 mod flood;
@@ -2870,7 +2871,10 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
         // machine falls on all of them; the median of the runs is reported.
         let mut ours: Vec<(Api, Vec<Measured>)> = a.apis.iter().map(|&api| (api, vec![])).collect();
         let (mut np, mut nt, mut fl) = (vec![], vec![], vec![]);
+        // How far apart the two CPUs were around each run (see `cores`).
+        let mut apart = vec![];
         for _ in 0..a.runs.max(1) {
+            let before = cores::measure().await;
             for (api, v) in &mut ours {
                 v.push(ours_rate(relay, &env.key, dir.path(), receivers, &a, *api).await?);
             }
@@ -2879,15 +2883,31 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
             }
             np.push(nats_rate(plain, None, receivers, a.messages).await?);
             nt.push(nats_rate(tls_server, Some(tls.clone()), receivers, a.messages).await?);
+            apart.push((before, cores::measure().await));
         }
+        let per_run = |v: &[Measured]| -> Vec<f64> { v.iter().map(|m| m.cpu).collect() };
+        let cpu_runs = (
+            per_run(&nt),
+            ours.iter()
+                .map(|(api, v)| (*api, per_run(v)))
+                .collect::<Vec<_>>(),
+        );
         let ours = ours
             .into_iter()
             .map(|(api, v)| (api, Summary::of(&v)))
             .collect::<Vec<_>>();
         let floor = (!fl.is_empty()).then(|| (min_max(&fl), median(fl)));
-        rows.push((receivers, ours, Summary::of(&np), Summary::of(&nt), floor));
+        rows.push((
+            receivers,
+            ours,
+            Summary::of(&np),
+            Summary::of(&nt),
+            floor,
+            apart,
+            cpu_runs,
+        ));
     }
-    for (receivers, ours, _, nt, _) in &rows {
+    for (receivers, ours, _, nt, ..) in &rows {
         for (api, r) in ours {
             record(
                 "rate",
@@ -2902,11 +2922,17 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
             );
         }
     }
-    for (receivers, ours, np, nt, floor) in &rows {
+    for (receivers, ours, np, nt, floor, apart, (nt_runs, our_runs)) in &rows {
         if out.json {
             let mut o = serde_json::json!({"bench": "rate", "receivers": receivers, "size": 128,
                 "nats_per_sec": np.rate, "nats_tls_per_sec": nt.rate,
-                "nats_cpu_us_per_msg": np.cpu, "nats_tls_cpu_us_per_msg": nt.cpu});
+                "nats_cpu_us_per_msg": np.cpu, "nats_tls_cpu_us_per_msg": nt.cpu,
+                "nats_tls_cpu_us_per_msg_runs": nt_runs,
+                "cross_core_round_trip_ns_runs": apart.iter().map(|(b, a)| [b, a]).collect::<Vec<_>>()});
+            for (api, v) in our_runs {
+                let label = api.label().replace(' ', "_").to_lowercase();
+                o[format!("ours_{label}_cpu_us_per_msg_runs")] = serde_json::json!(v);
+            }
             if let Some((_, f)) = floor {
                 o["quinn_forwarder_floor_per_sec"] = serde_json::json!(f);
             }
@@ -2924,8 +2950,22 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
                 a.runs.max(1)
             );
             println!(
-                "  CPU per delivery (all processes): nats {:.2} µs ({:.2}–{:.2})   nats+tls {:.2} µs ({:.2}–{:.2})",
-                np.cpu, np.cpu_range.0, np.cpu_range.1, nt.cpu, nt.cpu_range.0, nt.cpu_range.1
+                "  cross-core round trip around each run (before / after): {}",
+                apart
+                    .iter()
+                    .map(|(b, a)| format!("{} / {}", cores::show(*b), cores::show(*a)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            println!(
+                "  CPU per delivery (all processes): nats {:.2} µs ({:.2}–{:.2})   nats+tls {:.2} µs ({:.2}–{:.2}; by run {})",
+                np.cpu,
+                np.cpu_range.0,
+                np.cpu_range.1,
+                nt.cpu,
+                nt.cpu_range.0,
+                nt.cpu_range.1,
+                by_run(nt_runs)
             );
             for (api, r) in ours {
                 let of_floor = floor
@@ -2940,8 +2980,13 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
                     r.rate / nt.rate,
                     api.rate_goal()
                 );
+                let runs = our_runs
+                    .iter()
+                    .find(|(a, _)| a == api)
+                    .map(|(_, v)| by_run(v))
+                    .unwrap_or_default();
                 println!(
-                    "    CPU per delivery {:.2} µs ({:.2}–{:.2}) = {:.1}× nats+tls",
+                    "    CPU per delivery {:.2} µs ({:.2}–{:.2}; by run {runs}) = {:.1}× nats+tls",
                     r.cpu,
                     r.cpu_range.0,
                     r.cpu_range.1,
@@ -2960,6 +3005,22 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
     let NatsEnv { relay, .. } = env;
     relay.join().await;
     Ok(())
+}
+
+/// Per-run figures in run order: `1.66, 2.96, 1.70`.
+fn by_run(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Per-run counts in run order: `1418768, 1385759`.
+fn by_run0(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 // ---- the summary of `bench all` ----

@@ -258,7 +258,10 @@ pub(crate) async fn fanout_bench(a: FanoutArgs, out: &Output) -> Result<()> {
     // machine falls on all of them.
     let mut runs: Vec<Vec<Run>> = groups.iter().map(|_| Vec::new()).collect();
     let mut nt = Vec::new();
+    // How far apart the two CPUs were around each run (see `cores`).
+    let mut apart = Vec::new();
     for r in 0..a.runs.max(1) {
+        let before = super::cores::measure().await;
         for (i, (_, ws)) in groups.iter().enumerate() {
             runs[i].push(run_once(&publisher, &pub_name, ws, &a, r * 10 + i).await?);
         }
@@ -267,6 +270,7 @@ pub(crate) async fn fanout_bench(a: FanoutArgs, out: &Output) -> Result<()> {
                 .await?
                 .rate,
         );
+        apart.push((before, super::cores::measure().await));
     }
     // One change at a time: latency per path, and NATS's.
     let mut lat: Vec<(String, Vec<Duration>)> = Vec::new();
@@ -284,10 +288,25 @@ pub(crate) async fn fanout_bench(a: FanoutArgs, out: &Output) -> Result<()> {
         ));
     }
     let (nm, nl, nh) = spread(&nt);
-    if !out.json {
+    if out.json {
         println!(
-            "  NATS+TLS 1 -> {}: {nm:>10.0} deliveries/s ({nl:.0}–{nh:.0})",
-            a.watchers
+            "{}",
+            serde_json::json!({"bench": "fanout",
+                "cross_core_round_trip_ns_runs": apart.iter().map(|(b, a)| [b, a]).collect::<Vec<_>>()})
+        );
+    } else {
+        println!(
+            "  cross-core round trip around each run (before / after): {}",
+            apart
+                .iter()
+                .map(|(b, a)| format!("{} / {}", super::cores::show(*b), super::cores::show(*a)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "  NATS+TLS 1 -> {}: {nm:>10.0} deliveries/s ({nl:.0}–{nh:.0}; by run {})",
+            a.watchers,
+            super::by_run0(&nt)
         );
     }
     for ((label, _), rs) in groups.iter().zip(&runs) {
@@ -315,7 +334,8 @@ pub(crate) async fn fanout_bench(a: FanoutArgs, out: &Output) -> Result<()> {
             );
         } else {
             println!(
-                "  status, {label:<17}: {dm:>10.0} deliveries/s ({dl:.0}–{dh:.0}), ratio vs NATS+TLS {:.2} (goal >= 0.6); {pm:.0} changes/s published, {cm:.1} % coalesced ({cl:.1}–{ch:.1})",
+                "  status, {label:<17}: {dm:>10.0} deliveries/s ({dl:.0}–{dh:.0}; by run {}), ratio vs NATS+TLS {:.2} (goal >= 0.6); {pm:.0} changes/s published, {cm:.1} % coalesced ({cl:.1}–{ch:.1})",
+                super::by_run0(&d),
                 dm / nm
             );
         }
