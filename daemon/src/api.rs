@@ -145,6 +145,11 @@ impl PendingSend {
 
     /// Waits for the relay's answer (until the send's timeout).
     pub async fn answer(&mut self) -> Result<Accepted, ApiError> {
+        // An answer already here needs no timer: arming one takes the
+        // runtime's handle (a reference count every worker shares).
+        if let Some(r) = self.try_answer() {
+            return r;
+        }
         let r = match tokio::time::timeout_at(self.deadline, &mut self.rx).await {
             Ok(r) => Some(r.map_err(|_| ())),
             Err(_) => None,
