@@ -375,9 +375,8 @@ impl Leased {
         );
         let n = acked.len();
         if n > 0 {
-            let ids = acked.iter().map(|i| i.id).collect();
-            shared.inbox().acked(acked);
-            if shared.cmd_tx.send(Cmd::Ack(ids)).await.is_err() {
+            // The connection actor marks them in the inbox.
+            if shared.cmd_tx.send(Cmd::Ack(acked)).await.is_err() {
                 return Err(ApiError::new(
                     "stopped",
                     "the daemon is stopping; the relay will deliver these again",

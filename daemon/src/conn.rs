@@ -238,11 +238,24 @@ pub(crate) async fn run(
     res
 }
 
+/// Marks what an acknowledgement names as acknowledged in the inbox. Here,
+/// on the actor's side, and not where the application acknowledged: the
+/// inbox's sets are then written by the thread that reads them for every
+/// delivery, not by two threads taking turns with their cache lines.
+/// Until then the messages stay known, so a redelivery meanwhile is
+/// dropped as a duplicate (and this acknowledgement is still sent).
+fn mark_acked(shared: &Shared, cmd: &Cmd) {
+    if let Cmd::Ack(acked) = cmd {
+        shared.inbox().acked(acked.iter().copied());
+    }
+}
+
 impl Actor {
     /// A command, taken while connection `current` is served (if any); the
     /// frame to write for it, if any.
     fn absorb(&mut self, cmd: Cmd, current: Option<u64>) -> Option<Frame> {
         self.unwritten += usize::from(queued(&cmd));
+        mark_acked(&self.shared, &cmd);
         self.core.absorb(cmd, current)
     }
 
@@ -301,6 +314,7 @@ impl Actor {
                                 Some(c) => {
                                     // (Fields apart: `connect` holds the dialer.)
                                     self.unwritten += usize::from(queued(&c));
+                                    mark_acked(&self.shared, &c);
                                     let _ = self.core.absorb(c, None);
                                     self.shared
                                         .pending_sends

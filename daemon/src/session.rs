@@ -5,7 +5,7 @@
 //! from the last relay map) or says to (a redirect). No sockets and no
 //! clock: the connection actor feeds it, unit tests drive it directly.
 
-use crate::inbox::{Inbox, Pushed};
+use crate::inbox::{Identity, Inbox, Pushed};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,7 +33,10 @@ pub(crate) enum Cmd {
         /// Already written by its caller (see [`crate::outbound`]).
         written: Option<Written>,
     },
-    Ack(Vec<MessageId>),
+    /// Messages the application acknowledged: the connection actor marks
+    /// them in the inbox (only its thread touches the inbox's sets) and
+    /// tells the relay.
+    Ack(Vec<Identity>),
     /// The TUN address index of a peer (the name responder).
     TunResolve {
         name: String,
@@ -184,8 +187,8 @@ impl SessionCore {
                 );
                 frame
             }
-            Cmd::Ack(ids) => {
-                self.pending_acks.extend(ids);
+            Cmd::Ack(acked) => {
+                self.pending_acks.extend(acked.iter().map(|a| a.id));
                 None
             }
             Cmd::TunResolve { name, reply } => {
@@ -365,7 +368,6 @@ impl SessionCore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inbox::Identity;
     use swb_wire::{Deliver, RelayMap, SendAccepted, SendRefused};
 
     fn rec(id: &str) -> RelayRecord {
@@ -408,7 +410,13 @@ mod tests {
         let (_b_rx, b) = send(&mut core, "london", 2);
         let (c_rx, _c) = send(&mut core, "paris", 3);
         drop(c_rx); // nobody waits for this one any more
-        core.absorb(Cmd::Ack(vec![MessageId([9; 16])]), Some(1));
+        let nine = Deliver {
+            id: MessageId([9; 16]),
+            from: "rome".into(),
+            body: Bytes::new(),
+            sent_at_ms: 0,
+        };
+        core.absorb(Cmd::Ack(vec![Identity::of(&nine)]), Some(1));
         // The relay answers `a`; the connection drops before `b`.
         let mut inbox = Inbox::default();
         let (mut out, mut fx) = (Vec::new(), Effects::default());
