@@ -474,7 +474,11 @@ impl Daemon {
                 async move {
                     let server_cancel = cancel.child_token();
                     let actor = async {
-                        let r = conn::run(shared.clone(), cmd_rx, tls, note, cancel).await;
+                        // A token of its own: the actor polls it on every
+                        // wake-up, and a token's waiters are behind a lock
+                        // every task waiting on that token takes.
+                        let r = conn::run(shared.clone(), cmd_rx, tls, note, cancel.child_token())
+                            .await;
                         server_cancel.cancel();
                         r
                     };
@@ -561,7 +565,8 @@ impl DaemonHandle {
         Receiver {
             shared: self.shared.clone(),
             leased: api::Leased::default(),
-            cancel: self.cancel.clone(),
+            // Its own token (see `conn::run`'s).
+            cancel: self.cancel.child_token(),
         }
     }
 

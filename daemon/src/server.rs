@@ -109,7 +109,7 @@ pub(crate) async fn serve(listener: UnixListener, shared: Arc<Shared>, cancel: C
             _ = cancel.cancelled() => break,
             a = listener.accept() => match a {
                 Ok((s, _)) => {
-                    conns.spawn(shared.tasks.track_future(handle(s, shared.clone(), cancel.clone())));
+                    conns.spawn(shared.tasks.track_future(handle(s, shared.clone(), cancel.child_token())));
                 }
                 Err(e) => {
                     debug!("control accept failed: {e}");
@@ -460,9 +460,13 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
                 continue;
             }
             Ok(Op::Send { to, body, timeout }) => {
+                // The send first: it is almost always handed over at once,
+                // and then the cancellation's waiter is never registered
+                // (a lock, and another to remove it, per send).
                 let q = tokio::select! {
-                    _ = cancel.cancelled() => break,
+                    biased;
                     q = start_send(&shared, to, body, timeout.min(MAX_WAIT)) => q,
+                    _ = cancel.cancelled() => break,
                 };
                 queue.push_back(q);
                 continue;
