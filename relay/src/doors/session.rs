@@ -907,6 +907,7 @@ async fn serve(
         // calls are at their limit: the rest waits for one to be answered).
         // Sends read together are timed together.
         let mut clock: Option<Clock> = None;
+        let mut accepted = Tally::new(&services.metrics.accepted);
         while parse && tun_calls.len() < TUN_CALLS {
             match io.reader.next_frame() {
                 Ok(Some(Frame::Ack(a))) => {
@@ -933,7 +934,7 @@ async fn serve(
                         f,
                         (&seen, &live, *clock.get_or_insert_with(Clock::now)),
                         &mut fwd,
-                        &mut durable,
+                        (&mut durable, &mut accepted.0),
                     ) {
                         return e;
                     }
@@ -942,8 +943,29 @@ async fn serve(
                 Err(e) => return End::Protocol(e.to_string()),
             }
         }
+        // Counted before the answers go out.
+        drop(accepted);
         if let Err(e) = io.flush(&cancel).await {
             return e;
+        }
+    }
+}
+
+/// Messages a session accepted from one batch of frames, added to the
+/// relay's counter once (when dropped, so an early return counts too): the
+/// counter is one word every session on every core writes.
+struct Tally<'a>(u64, &'a prometheus::IntCounter);
+
+impl<'a> Tally<'a> {
+    fn new(counter: &'a prometheus::IntCounter) -> Self {
+        Self(0, counter)
+    }
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            self.1.inc_by(self.0);
         }
     }
 }
@@ -1093,7 +1115,8 @@ fn handle(
         Clock,
     ),
     fwd: &mut Option<Forwarding>,
-    durable: &mut Durables,
+    // Sends waiting for the store; sends accepted in this batch.
+    (durable, accepted): (&mut Durables, &mut u64),
 ) -> Result<(), End> {
     match f {
         Frame::Send(s) if s.body.len() <= MAX_MESSAGE_BODY => {
@@ -1138,10 +1161,18 @@ fn handle(
                 name,
                 Frame::Send(s),
                 clock,
-                durable,
+                (durable, accepted),
             )
         }
-        other => handle_local(router.services(), io, ns, name, other, clock, durable),
+        other => handle_local(
+            router.services(),
+            io,
+            ns,
+            name,
+            other,
+            clock,
+            (durable, accepted),
+        ),
     }
 }
 
@@ -1152,7 +1183,7 @@ fn handle_local(
     name: &Arc<str>,
     f: Frame,
     clock: Clock,
-    durable: &mut Durables,
+    (durable, accepted): (&mut Durables, &mut u64),
 ) -> Result<(), End> {
     match f {
         Frame::Send(s) => {
@@ -1166,6 +1197,7 @@ fn handle_local(
             };
             match result {
                 Ok((online, stored)) => {
+                    *accepted += 1;
                     debug!(id = %s.id, online, "message accepted");
                     let (req, id) = (s.req, s.id);
                     match stored.number() {

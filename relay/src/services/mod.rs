@@ -302,7 +302,9 @@ impl Services {
         let r = reg.enqueue(ns, from, to, id, body, sent_at_ms, now);
         match r {
             Enqueued::Accepted { online, new } => {
-                self.metrics.accepted.inc();
+                // Counted by the caller (`swb_relay_messages_accepted_total`):
+                // a session once per batch of frames, not once per message
+                // on a counter every session writes.
                 // Appended under the recipient's stripe lock: the log's
                 // order is each mailbox's order, a put always before its
                 // removal.
@@ -348,6 +350,7 @@ impl Services {
     ) -> Result<bool, Refusal> {
         let now = tokio::time::Instant::now();
         let (online, durable) = self.enqueue(ns, from, to, id, body, sent_at_ms, now)?;
+        self.metrics.accepted.inc();
         durable.wait().await.map_err(|e| not_stored(&e))?;
         Ok(online)
     }
