@@ -2928,7 +2928,7 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
                 "nats_per_sec": np.rate, "nats_tls_per_sec": nt.rate,
                 "nats_cpu_us_per_msg": np.cpu, "nats_tls_cpu_us_per_msg": nt.cpu,
                 "nats_tls_cpu_us_per_msg_runs": nt_runs,
-                "cross_core_round_trip_ns_runs": apart.iter().map(|(b, a)| [b, a]).collect::<Vec<_>>()});
+                "cross_core_round_trip_ns_runs": cores::json(apart)});
             for (api, v) in our_runs {
                 let label = api.label().replace(' ', "_").to_lowercase();
                 o[format!("ours_{label}_cpu_us_per_msg_runs")] = serde_json::json!(v);
@@ -2949,14 +2949,7 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
                 nt.rate,
                 a.runs.max(1)
             );
-            println!(
-                "  cross-core round trip around each run (before / after): {}",
-                apart
-                    .iter()
-                    .map(|(b, a)| format!("{} / {}", cores::show(*b), cores::show(*a)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
+            println!("{}", cores::line(apart));
             println!(
                 "  CPU per delivery (all processes): nats {:.2} µs ({:.2}–{:.2})   nats+tls {:.2} µs ({:.2}–{:.2}; by run {})",
                 np.cpu,
@@ -2965,7 +2958,7 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
                 nt.cpu,
                 nt.cpu_range.0,
                 nt.cpu_range.1,
-                by_run(nt_runs)
+                by_run(nt_runs, 2)
             );
             for (api, r) in ours {
                 let of_floor = floor
@@ -2983,7 +2976,7 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
                 let runs = our_runs
                     .iter()
                     .find(|(a, _)| a == api)
-                    .map(|(_, v)| by_run(v))
+                    .map(|(_, v)| by_run(v, 2))
                     .unwrap_or_default();
                 println!(
                     "    CPU per delivery {:.2} µs ({:.2}–{:.2}; by run {runs}) = {:.1}× nats+tls",
@@ -3007,18 +3000,10 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
     Ok(())
 }
 
-/// Per-run figures in run order: `1.66, 2.96, 1.70`.
-fn by_run(v: &[f64]) -> String {
+/// Per-run figures in run order with `decimals` places: `1.66, 2.96, 1.70`.
+fn by_run(v: &[f64], decimals: usize) -> String {
     v.iter()
-        .map(|x| format!("{x:.2}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Per-run counts in run order: `1418768, 1385759`.
-fn by_run0(v: &[f64]) -> String {
-    v.iter()
-        .map(|x| format!("{x:.0}"))
+        .map(|x| format!("{x:.decimals$}"))
         .collect::<Vec<_>>()
         .join(", ")
 }

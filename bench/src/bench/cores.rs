@@ -116,9 +116,26 @@ pub(crate) async fn measure() -> Option<f64> {
         .flatten()
 }
 
-/// Round trips as the benches print them: `86 ns`, or `-` when unmeasured.
-pub(crate) fn show(ns: Option<f64>) -> String {
-    ns.map_or_else(|| "-".to_string(), |ns| format!("{ns:.0} ns"))
+/// Round trips measured before and after each run.
+pub(crate) type Runs = [(Option<f64>, Option<f64>)];
+
+/// The benches' line for [`Runs`]: `86 ns / 88 ns, 390 ns / -` (`-`:
+/// unmeasured).
+pub(crate) fn line(runs: &Runs) -> String {
+    let show = |ns: Option<f64>| ns.map_or_else(|| "-".to_string(), |ns| format!("{ns:.0} ns"));
+    let runs: Vec<String> = runs
+        .iter()
+        .map(|(b, a)| format!("{} / {}", show(*b), show(*a)))
+        .collect();
+    format!(
+        "  cross-core round trip around each run (before / after): {}",
+        runs.join(", ")
+    )
+}
+
+/// [`Runs`] for `--json`: `[[before, after], …]`, `null` where unmeasured.
+pub(crate) fn json(runs: &Runs) -> serde_json::Value {
+    serde_json::json!(runs.iter().map(|(b, a)| [b, a]).collect::<Vec<_>>())
 }
 
 #[cfg(test)]

@@ -292,21 +292,14 @@ pub(crate) async fn fanout_bench(a: FanoutArgs, out: &Output) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({"bench": "fanout",
-                "cross_core_round_trip_ns_runs": apart.iter().map(|(b, a)| [b, a]).collect::<Vec<_>>()})
+                "cross_core_round_trip_ns_runs": super::cores::json(&apart)})
         );
     } else {
-        println!(
-            "  cross-core round trip around each run (before / after): {}",
-            apart
-                .iter()
-                .map(|(b, a)| format!("{} / {}", super::cores::show(*b), super::cores::show(*a)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+        println!("{}", super::cores::line(&apart));
         println!(
             "  NATS+TLS 1 -> {}: {nm:>10.0} deliveries/s ({nl:.0}–{nh:.0}; by run {})",
             a.watchers,
-            super::by_run0(&nt)
+            super::by_run(&nt, 0)
         );
     }
     for ((label, _), rs) in groups.iter().zip(&runs) {
@@ -335,7 +328,7 @@ pub(crate) async fn fanout_bench(a: FanoutArgs, out: &Output) -> Result<()> {
         } else {
             println!(
                 "  status, {label:<17}: {dm:>10.0} deliveries/s ({dl:.0}–{dh:.0}; by run {}), ratio vs NATS+TLS {:.2} (goal >= 0.6); {pm:.0} changes/s published, {cm:.1} % coalesced ({cl:.1}–{ch:.1})",
-                super::by_run0(&d),
+                super::by_run(&d, 0),
                 dm / nm
             );
         }

@@ -265,9 +265,12 @@ impl Services {
 
     /// Puts a message into the mailbox of `to` (homed here): whether `to`
     /// is attached, and what completes once the message is durable (the
-    /// sender must hear `accepted` only then). Counted in the metrics
-    /// either way. A retried send (same sender, id and body) is accepted
-    /// again without a second copy; its answer waits for the first copy.
+    /// sender must hear `accepted` only then). A refusal is counted here;
+    /// an acceptance by the caller (`swb_relay_messages_accepted_total`:
+    /// a session adds a batch of frames' at once, not one per message on a
+    /// word every session writes). A retried send (same sender, id and
+    /// body) is accepted again without a second copy; its answer waits for
+    /// the first copy.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn enqueue<'a>(
         &self,
@@ -302,9 +305,6 @@ impl Services {
         let r = reg.enqueue(ns, from, to, id, body, sent_at_ms, now);
         match r {
             Enqueued::Accepted { online, new } => {
-                // Counted by the caller (`swb_relay_messages_accepted_total`):
-                // a session once per batch of frames, not once per message
-                // on a counter every session writes.
                 // Appended under the recipient's stripe lock: the log's
                 // order is each mailbox's order, a put always before its
                 // removal.
