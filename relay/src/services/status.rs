@@ -170,13 +170,20 @@ impl Snapshot {
     /// The `StatusUpdate` frame of [`Self::to_update`], encoded (once per
     /// snapshot and `lagged`; later calls share the bytes).
     pub fn wire(&self, lagged: bool) -> Result<bytes::Bytes, swb_wire::EncodeError> {
+        self.wire_ref(lagged).cloned()
+    }
+
+    /// [`Self::wire`] without taking a share of the bytes: a watch stream
+    /// copies them into its own write, so the count of a change's shared
+    /// bytes is not written by every watcher's task, on every core.
+    pub fn wire_ref(&self, lagged: bool) -> Result<&bytes::Bytes, swb_wire::EncodeError> {
         let cell = &self.wire.0[usize::from(lagged)];
         if let Some(b) = cell.get() {
-            return Ok(b.clone());
+            return Ok(b);
         }
         let mut b = bytes::BytesMut::new();
         swb_wire::Frame::StatusUpdate(self.to_update(lagged)).encode(&mut b)?;
-        Ok(cell.get_or_init(|| b.freeze()).clone())
+        Ok(cell.get_or_init(|| b.freeze()))
     }
 
     /// The JSON form of the HTTP API.
