@@ -710,6 +710,11 @@ mod tests {
             two.as_ptr(),
             "the second watcher shares the bytes"
         );
+        assert_eq!(
+            snap.wire_ref(false).unwrap().as_ptr(),
+            one.as_ptr(),
+            "a watch stream copies from the same bytes, without a share"
+        );
         for (bytes, lagged) in [(one, false), (snap.wire(true).unwrap(), true)] {
             match swb_wire::decode(&bytes).unwrap() {
                 swb_wire::Decoded::Frame { frame, consumed } => {
