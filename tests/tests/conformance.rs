@@ -61,8 +61,14 @@ async fn the_http_api_does_what_its_openapi_document_says() -> Result<()> {
                 "10",
                 "--request-retries",
                 "2",
+                // One worker: with two threads, Python 3.11's `ast.parse`
+                // (which Hypothesis calls to describe its strategies) can
+                // fail with "AST constructor recursion depth mismatch"
+                // (its AST depth counter lives in state the interpreter's
+                // threads share; cf. CPython gh-106905), an error of the
+                // tool, not of the API. Seen once in a CI run on 2026-12-05.
                 "--workers",
-                "2",
+                "1",
             ])
             .arg("--tls-verify")
             .arg(dir.path().join("relay.crt"))
