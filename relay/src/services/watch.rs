@@ -16,11 +16,6 @@ use tokio_stream::StreamMap;
 /// Bytes of `StatusUpdate` frames a watch stream writes at once at most.
 const WRITE_BATCH: usize = 64 * 1024;
 
-/// Changes a watch stream's write first makes room for (it grows past
-/// that as needed, up to [`WRITE_BATCH`]): under load a write carried
-/// 17–26 changes.
-const BATCH_GUESS: usize = 32;
-
 /// Times a watch stream with nothing more to write lets other tasks run
 /// first, while each brings more changes (see [`pump`]). Measured with
 /// `swbd-bench fanout` (2026-12-02, 100 watchers, single runs alternating):
@@ -123,25 +118,26 @@ pub(crate) async fn pump(
 ) {
     let mut initial = count;
     let mut probe = [0u8; 1];
-    // One write's changes, copied into one buffer: one chunk for QUIC to
-    // keep and free instead of a shared share of every change.
-    let mut batch: Vec<u8> = Vec::new();
+    // One write's changes. Several are copied into one buffer of their
+    // exact size: one chunk for QUIC to keep and free, instead of a share
+    // of every change's bytes (whose count every watcher's task writes).
+    // One alone goes as its shared bytes: no copy per watcher of a peer
+    // that changes now and then.
+    let mut batch: Vec<(Arc<Snapshot>, bool)> = Vec::new();
     loop {
         tokio::select! {
             next = watcher.next() => {
                 let Some(mut v) = next else { return };
+                let mut bytes = 0;
                 let mut yields = 0;
                 loop {
                     let (snap, lagged) = v;
                     // Encoded once per change however many watch it.
                     let Ok(b) = snap.wire_ref(lagged) else { return };
-                    if batch.capacity() == 0 {
-                        // Room for a run of changes like this one at once.
-                        batch.reserve(b.len() * BATCH_GUESS);
-                    }
-                    batch.extend_from_slice(b);
+                    bytes += b.len();
+                    batch.push((snap, lagged));
                     initial = initial.saturating_sub(1);
-                    if (!lasting && initial == 0) || batch.len() >= WRITE_BATCH {
+                    if (!lasting && initial == 0) || bytes >= WRITE_BATCH {
                         break;
                     }
                     if let Some(n) = watcher.next_now() {
@@ -164,7 +160,7 @@ pub(crate) async fn pump(
                         None => break,
                     }
                 }
-                let chunk = bytes::Bytes::from(std::mem::take(&mut batch));
+                let Some(chunk) = one_chunk(&mut batch, bytes) else { return };
                 if send.write_chunk(chunk).await.is_err() {
                     return;
                 }
@@ -179,6 +175,22 @@ pub(crate) async fn pump(
             }
         }
     }
+}
+
+/// The encoded changes of `batch` (`bytes` long together) as one chunk,
+/// emptying `batch`: a lone change's shared bytes, several copied into one
+/// buffer of exactly their size. `None` if one cannot be encoded.
+fn one_chunk(batch: &mut Vec<(Arc<Snapshot>, bool)>, bytes: usize) -> Option<bytes::Bytes> {
+    if let [(snap, lagged)] = batch.as_slice() {
+        let b = snap.wire(*lagged).ok();
+        batch.clear();
+        return b;
+    }
+    let mut out = Vec::with_capacity(bytes);
+    for (snap, lagged) in batch.drain(..) {
+        out.extend_from_slice(snap.wire_ref(lagged).ok()?);
+    }
+    Some(out.into())
 }
 
 /// A watched name that is not a peer name.
@@ -210,5 +222,61 @@ impl Services {
     /// A watcher of `names` (normalised) in `ns`.
     pub(crate) fn watcher(&self, ns: &str, names: &[String]) -> StatusWatcher {
         StatusWatcher::new(self, ns, names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::services::status::StatusBoard;
+    use std::time::Duration;
+    use swb_wire::SetStatus;
+    use tokio::time::Instant;
+
+    fn change(b: &mut StatusBoard, n: usize) -> Arc<Snapshot> {
+        let set = SetStatus {
+            set: vec![("n".into(), n.to_string())],
+            clear: vec![],
+            replace: false,
+        };
+        b.set_fields("ns", "a", &set, Instant::now()).unwrap()
+    }
+
+    #[test]
+    fn a_lone_change_goes_as_its_shared_bytes_several_as_one_exact_copy() {
+        let mut b = StatusBoard::new(Duration::from_secs(60), Duration::ZERO);
+        let one = change(&mut b, 1);
+        let shared = one.wire(false).unwrap();
+        let mut batch = vec![(one.clone(), false)];
+        let chunk = one_chunk(&mut batch, shared.len()).unwrap();
+        assert_eq!(chunk.as_ptr(), shared.as_ptr(), "no copy for one change");
+        assert!(batch.is_empty());
+
+        let (two, three) = (change(&mut b, 2), change(&mut b, 3));
+        let parts = [
+            one.wire(false).unwrap(),
+            two.wire(true).unwrap(),
+            three.wire(false).unwrap(),
+        ];
+        let len = parts.iter().map(|p| p.len()).sum();
+        let mut batch = vec![(one, false), (two, true), (three, false)];
+        let chunk = one_chunk(&mut batch, len).unwrap();
+        assert_eq!(chunk, parts.concat(), "the frames in order, back to back");
+        assert!(batch.is_empty());
+        // The frames read back as the three changes, in order.
+        let mut rest = &chunk[..];
+        for want in ["1", "2", "3"] {
+            match swb_wire::decode(rest).unwrap() {
+                swb_wire::Decoded::Frame {
+                    frame: swb_wire::Frame::StatusUpdate(u),
+                    consumed,
+                } => {
+                    assert_eq!(u.fields, vec![("n".to_string(), want.to_string())]);
+                    rest = &rest[consumed..];
+                }
+                other => panic!("not a status update: {other:?}"),
+            }
+        }
+        assert!(rest.is_empty());
     }
 }
