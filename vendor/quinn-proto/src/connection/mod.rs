@@ -245,6 +245,10 @@ pub struct Connection {
     /// Whether the last `poll_transmit` call yielded no data because there was
     /// no outgoing application data.
     app_limited: bool,
+    /// An IMMEDIATE_ACK went out because the congestion window blocked
+    /// sending while the peer could sit on every packet in flight; no
+    /// other until an ACK of new packets arrives (switchboard patch).
+    blocked_ack_requested: bool,
 
     streams: StreamsState,
     /// Surplus remote CIDs for future use on new paths
@@ -360,6 +364,7 @@ impl Connection {
             pto_count: 0,
 
             app_limited: false,
+            blocked_ack_requested: false,
             receiving_ecn: false,
             total_authed_packets: 0,
 
@@ -643,7 +648,9 @@ impl Connection {
                     debug_assert!(untracked_bytes <= segment_size as u64);
 
                     let bytes_to_send = segment_size as u64 + untracked_bytes;
-                    if self.path.in_flight.bytes + bytes_to_send >= self.path.congestion.window() {
+                    if self.path.in_flight.bytes + bytes_to_send >= self.path.congestion.window()
+                        && !(space_id == SpaceId::Data && self.request_blocked_ack())
+                    {
                         space_idx += 1;
                         congestion_blocked = true;
                         // We continue instead of breaking here in order to avoid
@@ -1593,6 +1600,7 @@ impl Connection {
         if newly_acked.is_empty() {
             return Ok(());
         }
+        self.blocked_ack_requested = false;
 
         let mut ack_eliciting_acked = false;
         for packet in newly_acked.elts() {
@@ -3717,6 +3725,40 @@ impl Connection {
 
     fn peer_supports_ack_frequency(&self) -> bool {
         self.peer_params.min_ack_delay.is_some()
+    }
+
+    /// Called when the congestion window blocks the next 1-RTT datagram
+    /// (switchboard patch). The peer acknowledges once more than its
+    /// ack-eliciting threshold of packets arrived, or after its ACK delay
+    /// (25 ms by default): with no more packets than that in flight, it
+    /// may sit on all of them while this end waits for their ACK to send
+    /// anything — a stall of the peer's ACK delay, every time a burst
+    /// meets a window that is few packets wide (the initial window, or
+    /// two 16 KB packets on loopback). draft-ietf-quic-ack-frequency
+    /// (section "Congestion Control") asks a sender to make the receiver
+    /// acknowledge at least once per round trip, by an IMMEDIATE_ACK frame
+    /// or a threshold within the window. So, once per ACK received: queue
+    /// an IMMEDIATE_ACK and let this one datagram go as a loss probe does
+    /// — past the window, at most `min_mtu` bytes. Returns whether it did.
+    fn request_blocked_ack(&mut self) -> bool {
+        let threshold = self
+            .config
+            .ack_frequency_config
+            .as_ref()
+            .map_or(1, |c| c.ack_eliciting_threshold.into_inner());
+        let in_flight = self.path.in_flight.ack_eliciting;
+        if self.blocked_ack_requested
+            || !self.peer_supports_ack_frequency()
+            || in_flight == 0
+            || in_flight > threshold
+        {
+            return false;
+        }
+        self.blocked_ack_requested = true;
+        let space = &mut self.spaces[SpaceId::Data];
+        space.immediate_ack_pending = true;
+        space.loss_probes = space.loss_probes.saturating_add(1);
+        true
     }
 
     /// Send an IMMEDIATE_ACK frame to the remote endpoint
