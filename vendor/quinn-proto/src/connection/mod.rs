@@ -648,6 +648,8 @@ impl Connection {
                     debug_assert!(untracked_bytes <= segment_size as u64);
 
                     let bytes_to_send = segment_size as u64 + untracked_bytes;
+                    // Blocked, unless this datagram goes as a probe asking the
+                    // peer for an immediate ACK (switchboard patch).
                     if self.path.in_flight.bytes + bytes_to_send >= self.path.congestion.window()
                         && !(space_id == SpaceId::Data && self.request_blocked_ack())
                     {
