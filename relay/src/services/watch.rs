@@ -128,16 +128,16 @@ pub(crate) async fn pump(
         tokio::select! {
             next = watcher.next() => {
                 let Some(mut v) = next else { return };
-                let mut bytes = 0;
+                let mut len = 0;
                 let mut yields = 0;
                 loop {
                     let (snap, lagged) = v;
                     // Encoded once per change however many watch it.
                     let Ok(b) = snap.wire_ref(lagged) else { return };
-                    bytes += b.len();
+                    len += b.len();
                     batch.push((snap, lagged));
                     initial = initial.saturating_sub(1);
-                    if (!lasting && initial == 0) || bytes >= WRITE_BATCH {
+                    if (!lasting && initial == 0) || len >= WRITE_BATCH {
                         break;
                     }
                     if let Some(n) = watcher.next_now() {
@@ -160,7 +160,7 @@ pub(crate) async fn pump(
                         None => break,
                     }
                 }
-                let Some(chunk) = one_chunk(&mut batch, bytes) else { return };
+                let Some(chunk) = one_chunk(&mut batch, len) else { return };
                 if send.write_chunk(chunk).await.is_err() {
                     return;
                 }
@@ -177,16 +177,16 @@ pub(crate) async fn pump(
     }
 }
 
-/// The encoded changes of `batch` (`bytes` long together) as one chunk,
+/// The encoded changes of `batch` (`len` bytes together) as one chunk,
 /// emptying `batch`: a lone change's shared bytes, several copied into one
 /// buffer of exactly their size. `None` if one cannot be encoded.
-fn one_chunk(batch: &mut Vec<(Arc<Snapshot>, bool)>, bytes: usize) -> Option<bytes::Bytes> {
+fn one_chunk(batch: &mut Vec<(Arc<Snapshot>, bool)>, len: usize) -> Option<bytes::Bytes> {
     if let [(snap, lagged)] = batch.as_slice() {
         let b = snap.wire(*lagged).ok();
         batch.clear();
         return b;
     }
-    let mut out = Vec::with_capacity(bytes);
+    let mut out = Vec::with_capacity(len);
     for (snap, lagged) in batch.drain(..) {
         out.extend_from_slice(snap.wire_ref(lagged).ok()?);
     }
