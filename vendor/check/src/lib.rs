@@ -1,5 +1,6 @@
 //! The vendored quinn-proto's send buffer (`vendor/quinn-proto`, patched:
-//! see its `SWITCHBOARD.md`, item 15), compiled here with the few modules
+//! see its `SWITCHBOARD.md`, item 15) and its skip over a run of PADDING
+//! frames (item 17, in `coding.rs`), compiled here with the few modules
 //! it uses, so that its unit tests — upstream's and the model test below —
 //! run in this workspace: quinn-proto itself is a `[patch]`, not a member,
 //! and Cargo does not build a non-member's tests. Nothing here is used by
@@ -27,3 +28,5 @@ pub(crate) use varint::VarInt;
 
 #[cfg(test)]
 mod model;
+#[cfg(test)]
+mod padding;

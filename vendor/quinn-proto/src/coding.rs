@@ -128,3 +128,16 @@ impl<T: BufMut> BufMutExt for T {
         VarInt::from_u64(x).unwrap().encode(self);
     }
 }
+
+/// How many bytes at the start of `b` are zero, 32 at a time where it can
+/// (a run of PADDING frames; switchboard patch).
+pub(crate) fn zero_prefix(b: &[u8]) -> usize {
+    let mut n = 0;
+    for chunk in b.chunks_exact(32) {
+        if chunk.iter().fold(0u8, |acc, &x| acc | x) != 0 {
+            break;
+        }
+        n += 32;
+    }
+    n + b[n..].iter().take_while(|&&x| x == 0).count()
+}
