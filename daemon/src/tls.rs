@@ -358,7 +358,7 @@ pub(crate) fn client_config(
     alpn: &[u8],
     note: VerifyNote,
 ) -> Result<rustls::ClientConfig, TrustError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(swb_quic::tls_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TrustError::Config(e.to_string()))?;

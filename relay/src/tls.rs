@@ -169,12 +169,11 @@ impl Identity {
         alpn: &[&[u8]],
         resolver: Option<Arc<dyn rustls::server::ResolvesServerCert>>,
     ) -> Result<rustls::ServerConfig, TlsError> {
-        let builder = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_no_client_auth();
+        let builder =
+            rustls::ServerConfig::builder_with_provider(Arc::new(swb_quic::tls_provider()))
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(|e| TlsError::Config(e.to_string()))?
+                .with_no_client_auth();
         let mut cfg = match resolver {
             Some(r) => builder.with_cert_resolver(r),
             None => builder
@@ -182,6 +181,90 @@ impl Identity {
                 .map_err(|e| TlsError::Config(e.to_string()))?,
         };
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        // The provider's order (AES-128-GCM first), whatever a client
+        // prefers: a daemon older than that order gets it too.
+        cfg.ignore_client_order = true;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client config of `provider`'s suites that trusts nothing: the
+    /// suite is chosen from the ClientHello, before any certificate.
+    fn client(provider: rustls::crypto::CryptoProvider) -> rustls::ClientConfig {
+        rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    }
+
+    /// The suite `server` picks for `client`'s ClientHello.
+    fn picked(client: rustls::ClientConfig, server: rustls::ServerConfig) -> rustls::CipherSuite {
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let mut c = rustls::ClientConnection::new(Arc::new(client), name).expect("client");
+        let mut s = rustls::ServerConnection::new(Arc::new(server)).expect("server");
+        let mut hello = Vec::new();
+        c.write_tls(&mut hello).expect("ClientHello");
+        s.read_tls(&mut hello.as_slice()).expect("read ClientHello");
+        s.process_new_packets().expect("ClientHello accepted");
+        s.negotiated_cipher_suite().expect("a suite").suite()
+    }
+
+    fn without_aes_128() -> rustls::crypto::CryptoProvider {
+        let mut p = rustls::crypto::ring::default_provider();
+        p.cipher_suites
+            .retain(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+        p
+    }
+
+    #[test]
+    fn the_relay_picks_aes_128_gcm_even_for_a_client_preferring_aes_256() {
+        let id = Identity::ephemeral().expect("identity");
+        let default_order = rustls::crypto::ring::default_provider();
+        assert_eq!(
+            default_order.cipher_suites[0].suite(),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            "this test's client must prefer AES-256 to show the relay's choice"
+        );
+        let server = id.server_config(&[b"test"]).expect("server config");
+        assert_eq!(
+            picked(client(default_order), server),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
+        // A client without it still gets a suite it offers.
+        let server = id.server_config(&[b"test"]).expect("server config");
+        assert_eq!(
+            picked(client(without_aes_128()), server),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+        );
+    }
+
+    #[test]
+    fn a_daemon_asks_for_aes_128_gcm_of_a_relay_that_follows_the_client() {
+        let id = Identity::ephemeral().expect("identity");
+        // A relay of rustls' default order, which follows the client's.
+        let older = || {
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .expect("TLS 1.3")
+            .with_no_client_auth()
+            .with_single_cert(id.chain.clone(), id.key.clone_key())
+            .expect("server config")
+        };
+        assert_eq!(
+            picked(client(rustls::crypto::ring::default_provider()), older()),
+            rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            "the older relay follows the client"
+        );
+        assert_eq!(
+            picked(client(swb_quic::tls_provider()), older()),
+            rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+        );
     }
 }

@@ -154,7 +154,7 @@ impl rustls::client::danger::ServerCertVerifier for ProvenByMeshKey {
 
 /// The QUIC client configuration for dialing other relays.
 pub(crate) fn client_config() -> Result<quinn::ClientConfig, MeshError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(swb_quic::tls_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| MeshError::Tls(e.to_string()))?
