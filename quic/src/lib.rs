@@ -38,7 +38,8 @@ pub const STREAM_RECEIVE_WINDOW: u32 = 1250 * 1000;
 /// 1.3's AES-128-GCM-SHA256 put first, ahead of its default
 /// AES-256-GCM-SHA384. The handshake's key schedule and transcript then
 /// run on SHA-256, which most current x86-64 and ARMv8 CPUs do in hardware
-/// (SHA-384 none do: a tenth of a relay's CPU while accepting connections), and
+/// (ring computes SHA-384 in software on x86-64: a tenth of a relay's CPU
+/// while accepting connections), and
 /// every packet takes 10 AES rounds instead of 14. It is the suite TLS 1.3
 /// requires of every implementation and the one QUIC's Initial packets use
 /// anyway; ChaCha20-Poly1305 and AES-256 stay offered after it.
