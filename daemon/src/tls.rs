@@ -420,6 +420,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_relay_connection_offers_aes_128_gcm_first() {
+        let trust = Trust::Fingerprint(format!("sha256:{}", "ab".repeat(32)));
+        let cfg = client_config(&trust, OcspPolicy::Check, b"x", VerifyNote::default())
+            .expect("client config");
+        let suites: Vec<_> = cfg
+            .crypto_provider()
+            .cipher_suites
+            .iter()
+            .map(|s| s.suite())
+            .collect();
+        assert_eq!(
+            suites.first(),
+            Some(&rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+        );
+        assert!(suites.contains(&rustls::CipherSuite::TLS13_AES_256_GCM_SHA384));
+    }
+
+    #[test]
     fn fingerprint_parsing() {
         let hex = "ab".repeat(32);
         assert_eq!(
