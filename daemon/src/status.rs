@@ -135,7 +135,7 @@ impl StatusView {
             online: u.online,
             since,
             updated,
-            status: u.fields.into_iter().collect(),
+            status: u.fields,
             lagged: u.lagged,
             tun: None,
         }

@@ -905,8 +905,12 @@ pub struct StatusUpdate {
     pub since_ms: u64,
     /// When the status fields last changed, ms since the Unix epoch (0: never).
     pub updated_ms: u64,
-    /// The status, sorted by key.
-    pub fields: Vec<(String, String)>,
+    /// The status, sorted by key. On the wire a count, then each key and
+    /// its value: the bytes a `Vec<(String, String)>` encodes to, which is
+    /// what this field was before it was a map (`status_update_fields_
+    /// encode_as_a_list_of_pairs`). A watcher decodes it straight into
+    /// the map it hands on, with no list in between.
+    pub fields: std::collections::BTreeMap<String, String>,
     /// This watcher missed updates of this peer (it fell behind); this is
     /// the newest value.
     pub lagged: bool,

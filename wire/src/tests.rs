@@ -73,7 +73,7 @@ fn arb_mesh_answer() -> impl Strategy<Value = MeshAnswer> {
                     online,
                     since_ms,
                     updated_ms,
-                    fields: vec![("k".into(), "v".into())],
+                    fields: [("k".to_string(), "v".to_string())].into(),
                     lagged: false,
                 })
             }
@@ -137,7 +137,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         (
             "[a-z]{0,10}",
             any::<(u64, bool, u64, u64, bool)>(),
-            proptest::collection::vec(("[a-z]{1,8}", ".{0,20}"), 0..4)
+            proptest::collection::btree_map("[a-z]{1,8}", ".{0,20}", 0..4)
         )
             .prop_map(
                 |(name, (version, online, since_ms, updated_ms, lagged), fields)| {
@@ -362,6 +362,61 @@ proptest! {
         }
         prop_assert_eq!(out, frames);
         prop_assert!(!r.has_partial());
+    }
+
+    #[test]
+    fn status_update_fields_encode_as_a_list_of_pairs(
+        fields in proptest::collection::vec(("[a-z]{1,8}", ".{0,20}"), 0..6),
+        (version, since_ms) in any::<(u64, u64)>(),
+    ) {
+        // `StatusUpdate` as it was, with the fields a list: what daemons
+        // and relays of earlier builds write and read.
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Listed {
+            name: String,
+            version: u64,
+            online: bool,
+            since_ms: u64,
+            updated_ms: u64,
+            fields: Vec<(String, String)>,
+            lagged: bool,
+        }
+        let mut sorted: std::collections::BTreeMap<String, String> = Default::default();
+        for (k, v) in &fields {
+            sorted.insert(k.clone(), v.clone());
+        }
+        let listed = Listed {
+            name: "london".into(),
+            version,
+            online: true,
+            since_ms,
+            updated_ms: since_ms / 2,
+            fields: sorted.clone().into_iter().collect(),
+            lagged: false,
+        };
+        let map = StatusUpdate {
+            name: "london".into(),
+            version,
+            online: true,
+            since_ms,
+            updated_ms: since_ms / 2,
+            fields: sorted.clone(),
+            lagged: false,
+        };
+        // The same bytes both ways.
+        let listed_bytes = postcard::to_stdvec(&listed).unwrap();
+        prop_assert_eq!(&postcard::to_stdvec(&map).unwrap(), &listed_bytes);
+        prop_assert_eq!(&postcard::from_bytes::<Listed>(&listed_bytes).unwrap(), &listed);
+        // A list in any order, with a key twice (a peer's bug or an
+        // attack): read as a map, the last value of a key wins, as the
+        // daemon's view collected from the list did.
+        let unsorted = Listed {
+            fields: fields.clone(),
+            ..listed
+        };
+        let got: StatusUpdate = postcard::from_bytes(&postcard::to_stdvec(&unsorted).unwrap()).unwrap();
+        let collected: std::collections::BTreeMap<String, String> = fields.into_iter().collect();
+        prop_assert_eq!(got.fields, collected);
     }
 
     #[test]

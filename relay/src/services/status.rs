@@ -145,7 +145,7 @@ impl Snapshot {
             online: u.online,
             since: t(u.since_ms),
             updated: t(u.updated_ms),
-            fields: Arc::new(u.fields.iter().cloned().collect()),
+            fields: Arc::new(u.fields.clone()),
             wire: WireOnce::default(),
         }
     }
@@ -158,11 +158,7 @@ impl Snapshot {
             online: self.online,
             since_ms: ms(self.since),
             updated_ms: ms(self.updated),
-            fields: self
-                .fields
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            fields: (*self.fields).clone(),
             lagged,
         }
     }
@@ -370,7 +366,7 @@ impl StatusBoard {
             online: u.online,
             since: t(u.since_ms),
             updated: t(u.updated_ms),
-            fields: Arc::new(u.fields.iter().cloned().collect()),
+            fields: Arc::new(u.fields.clone()),
             wire: WireOnce::default(),
         });
         Self::publish(e, now);

@@ -271,7 +271,7 @@ mod tests {
                     frame: swb_wire::Frame::StatusUpdate(u),
                     consumed,
                 } => {
-                    assert_eq!(u.fields, vec![("n".to_string(), want.to_string())]);
+                    assert_eq!(u.fields, [("n".to_string(), want.to_string())].into());
                     rest = &rest[consumed..];
                 }
                 other => panic!("not a status update: {other:?}"),
