@@ -80,7 +80,9 @@ pub use services::registry::{MailboxLimits, Peer, Via, MESSAGE_OVERHEAD};
 /// body, the longest sender name, [`MESSAGE_OVERHEAD`]): a mailbox must
 /// allow at least this much.
 pub const LARGEST_HELD: usize = swb_wire::MAX_MESSAGE_BODY + 63 + MESSAGE_OVERHEAD;
-pub use services::status::{Snapshot, MIN_PUBLISH_INTERVAL, RECENT_BYTES, RECENT_CHANGES};
+pub use services::status::{
+    Snapshot, MIN_PUBLISH_INTERVAL, RECENT_BYTES, RECENT_CHANGES, RECENT_FOR,
+};
 pub use services::store::{Durability, Recovered, StoreError};
 /// The measurement behind the mail store (feature `store-compare`).
 #[cfg(feature = "store-compare")]

@@ -196,7 +196,16 @@ impl Snapshot {
 }
 
 /// Published values a watched peer's channel keeps besides the newest.
-pub const RECENT_CHANGES: usize = 32;
+/// Measured with `swbd-bench fanout` (2026-12-06, one CPU): 32 let a
+/// publisher with more than 32 changes in flight outrun its watchers, who
+/// then skip changes (40–67 % with 128 in flight) and write smaller batches.
+pub const RECENT_CHANGES: usize = 128;
+
+/// How long a published value is kept for watchers that have not taken it
+/// yet, besides the newest: a peer that published a burst and went quiet
+/// keeps only its newest value once this has passed (trimmed at its next
+/// publication, or at the board's walk of every entry, once a minute).
+pub const RECENT_FOR: Duration = Duration::from_secs(1);
 
 /// Status bytes (keys, values and names) a watched peer's channel keeps
 /// besides the newest value's: with large statuses fewer than
@@ -210,39 +219,56 @@ pub const RECENT_BYTES: usize = 4 * 1024;
 /// pointer copies) and sends it on the peer's channel: a watcher takes the
 /// values newer than what it had.
 #[derive(Debug, Clone)]
-pub(crate) struct Recent(Arc<[Arc<Snapshot>]>);
+/// Each value with when it was published.
+pub(crate) struct Recent(Arc<[(Instant, Arc<Snapshot>)]>);
 
 impl Recent {
-    fn one(s: Arc<Snapshot>) -> Self {
-        Self(Arc::from([s]))
+    fn one(s: Arc<Snapshot>, at: Instant) -> Self {
+        Self(Arc::from([(at, s)]))
     }
 
-    /// `self` with `s` appended, the oldest dropped past the bounds.
-    fn then(&self, s: Arc<Snapshot>) -> Self {
+    /// How many of the values before the newest are within the bounds at
+    /// `now`, counted from the newest back.
+    fn keep(now: Instant, older: &[(Instant, Arc<Snapshot>)]) -> usize {
         let mut bytes = 0;
-        let keep = self
-            .0
+        older
             .iter()
             .rev()
             .take(RECENT_CHANGES)
-            .take_while(|o| {
+            .take_while(|(at, o)| {
                 bytes += o.weight();
-                bytes <= RECENT_BYTES
+                bytes <= RECENT_BYTES && now.saturating_duration_since(*at) <= RECENT_FOR
             })
-            .count();
+            .count()
+    }
+
+    /// `self` with `s` (published at `now`) appended, the oldest dropped
+    /// past the bounds.
+    fn then(&self, s: Arc<Snapshot>, now: Instant) -> Self {
+        let keep = Self::keep(now, &self.0);
         let start = self.0.len() - keep;
-        Self(self.0[start..].iter().cloned().chain([s]).collect())
+        Self(self.0[start..].iter().cloned().chain([(now, s)]).collect())
+    }
+
+    /// `self` without the values past [`RECENT_FOR`] at `now` (the newest
+    /// stays); `None` if there are none.
+    fn trimmed(&self, now: Instant) -> Option<Self> {
+        let older = &self.0[..self.0.len() - 1];
+        let keep = Self::keep(now, older);
+        (keep < older.len()).then(|| Self(self.0[self.0.len() - 1 - keep..].into()))
     }
 
     /// The newest value.
     pub(crate) fn newest(&self) -> &Arc<Snapshot> {
-        // Never empty: made by `one` and grown by `then`.
-        &self.0[self.0.len() - 1]
+        // Never empty: made by `one`, grown by `then`, `trimmed` keeps it.
+        &self.0[self.0.len() - 1].1
     }
 
     /// All kept values, oldest first.
-    pub(crate) fn all(&self) -> &[Arc<Snapshot>] {
-        &self.0
+    pub(crate) fn all(
+        &self,
+    ) -> impl DoubleEndedIterator<Item = &Arc<Snapshot>> + ExactSizeIterator {
+        self.0.iter().map(|(_, s)| s)
     }
 }
 
@@ -388,7 +414,7 @@ impl StatusBoard {
         e.current = s.clone();
         e.published = s.clone();
         if let Some(tx) = &e.tx {
-            let next = tx.borrow().then(s);
+            let next = tx.borrow().then(s, now);
             tx.send_replace(next);
         }
         e.last_publish = Some(now);
@@ -473,7 +499,8 @@ impl StatusBoard {
     /// A subscription to `(ns, name)`: its current value and every change.
     pub(crate) fn subscribe(&mut self, ns: &str, name: &str) -> watch::Receiver<Recent> {
         let e = self.entry(ns, name).0;
-        e.tx.get_or_insert_with(|| watch::Sender::new(Recent::one(e.published.clone())))
+        let at = e.last_publish.unwrap_or_else(Instant::now);
+        e.tx.get_or_insert_with(|| watch::Sender::new(Recent::one(e.published.clone(), at)))
             .subscribe()
     }
 
@@ -573,6 +600,16 @@ impl StatusBoard {
         self.entries.retain(|k, e| {
             if !e.watched() {
                 e.tx = None;
+            }
+            // Values kept for watchers behind, past their time: dropped
+            // without waking anyone (nothing new to read).
+            if let Some(tx) = &e.tx {
+                tx.send_if_modified(|r| {
+                    if let Some(t) = r.trimmed(now) {
+                        *r = t;
+                    }
+                    false
+                });
             }
             let keep = (e.current.version > 0 && !e.mirror) || e.watched();
             if !keep {
@@ -775,17 +812,18 @@ mod tests {
         let mut b = StatusBoard::new(Duration::from_secs(60), Duration::ZERO);
         let mut rx = b.subscribe("ns", "a");
         let now = Instant::now();
-        for i in 0..100 {
+        for i in 0..300 {
             b.set_fields("ns", "a", &set("n", &i.to_string()), now)
                 .unwrap();
         }
         let recent = rx.borrow_and_update().clone();
-        let n: Vec<_> = recent.all().iter().map(|s| s.fields["n"].clone()).collect();
-        let want: Vec<_> = (100 - RECENT_CHANGES - 1..100)
+        let n: Vec<_> = recent.all().map(|s| s.fields["n"].clone()).collect();
+        let want: Vec<_> = (300 - RECENT_CHANGES - 1..300)
             .map(|i| i.to_string())
             .collect();
         assert_eq!(n, want, "the newest and the {RECENT_CHANGES} before it");
-        for w in recent.all().windows(2) {
+        let kept: Vec<_> = recent.all().collect();
+        for w in kept.windows(2) {
             assert_eq!(w[1].prev_version, w[0].version, "consecutive publications");
         }
         // Large statuses: fewer, within the byte bound.
@@ -794,8 +832,9 @@ mod tests {
             b.set_fields("ns", "a", &set("n", &big), now).unwrap();
         }
         let recent = rx.borrow_and_update().clone();
-        let older: usize = recent.all()[..recent.all().len() - 1]
-            .iter()
+        let older: usize = recent
+            .all()
+            .take(recent.all().len() - 1)
             .map(|s| s.weight())
             .sum();
         assert!(
@@ -803,6 +842,57 @@ mod tests {
             "{older} bytes kept besides the newest"
         );
         assert_eq!(recent.all().len(), 1 + RECENT_BYTES / 1002);
+    }
+
+    #[test]
+    fn kept_values_last_only_recent_for() {
+        let mut b = StatusBoard::new(Duration::from_secs(60), Duration::ZERO);
+        let mut rx = b.subscribe("ns", "a");
+        let t0 = Instant::now();
+        for i in 0..10 {
+            b.set_fields("ns", "a", &set("n", &i.to_string()), t0)
+                .unwrap();
+        }
+        assert_eq!(
+            rx.borrow_and_update().all().len(),
+            11,
+            "the first value and ten changes"
+        );
+        // A burst, then quiet: the board's walk drops what is past its
+        // time, and wakes no watcher for it.
+        b.sweep(t0 + RECENT_FOR + Duration::from_millis(1));
+        assert!(!rx.has_changed().unwrap(), "trimming is not a change");
+        let kept: Vec<_> = rx.borrow().all().map(|s| s.fields["n"].clone()).collect();
+        assert_eq!(kept, ["9"], "only the newest is left");
+        // A publication drops the values past their time too, keeping those
+        // within it.
+        let t1 = t0 + Duration::from_secs(10);
+        b.set_fields("ns", "a", &set("n", "10"), t1).unwrap();
+        b.set_fields("ns", "a", &set("n", "11"), t1 + RECENT_FOR)
+            .unwrap();
+        let kept: Vec<_> = rx
+            .borrow_and_update()
+            .all()
+            .map(|s| s.fields["n"].clone())
+            .collect();
+        assert_eq!(
+            kept,
+            ["10", "11"],
+            "the value published {RECENT_FOR:?} ago stays"
+        );
+        b.set_fields(
+            "ns",
+            "a",
+            &set("n", "12"),
+            t1 + RECENT_FOR + Duration::from_millis(1),
+        )
+        .unwrap();
+        let kept: Vec<_> = rx
+            .borrow_and_update()
+            .all()
+            .map(|s| s.fields["n"].clone())
+            .collect();
+        assert_eq!(kept, ["11", "12"]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -71,7 +71,7 @@ impl StatusWatcher {
     fn take(&mut self, i: usize, recent: &Recent) {
         let last = &mut self.last[i];
         let mut first = true;
-        for s in recent.all().iter().filter(|s| s.version > *last) {
+        for s in recent.all().filter(|s| s.version > *last) {
             // Missed changes: the value it had is not the one before this.
             let lagged = first && s.prev_version > *last;
             first = false;
