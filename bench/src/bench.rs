@@ -3105,7 +3105,7 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
         fanout::FanoutArgs {
             watchers: if s { 3 } else { 100 },
             updates: if s { 50 } else { 20_000 },
-            publishers: 32,
+            publishers: 128,
             runs: if s { 1 } else { 3 },
             one_at_a_time: if s { 20 } else { 2_000 },
         },

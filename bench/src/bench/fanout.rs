@@ -37,8 +37,9 @@ pub(crate) struct FanoutArgs {
     /// Control connections the publisher's changes are spread over (each
     /// waits for its change's answer before the next, as `swbd
     /// set-status` does). Fewer leave the publisher's round trips, not
-    /// the fan-out, setting the pace (NATS' publisher waits for nothing).
-    #[arg(long, default_value_t = 32)]
+    /// the fan-out, setting the pace (NATS' publisher waits for nothing):
+    /// with 32, no watch write could carry more than 32 changes.
+    #[arg(long, default_value_t = 128)]
     pub(crate) publishers: usize,
     /// Runs per contender; median and min–max reported.
     #[arg(long, default_value_t = 3)]
