@@ -209,17 +209,18 @@ pub const RECENT_FOR: Duration = Duration::from_secs(1);
 
 /// Status bytes (keys, values and names) a watched peer's channel keeps
 /// besides the newest value's: with large statuses fewer than
-/// [`RECENT_CHANGES`] are kept (one of the largest, 4096 bytes). So a
-/// watched peer holds at most about twice what it held with only its
-/// newest value, however its watchers read.
+/// [`RECENT_CHANGES`] are kept (one of the largest, 4096 bytes). Each
+/// kept value also holds its snapshot, map and encoded frame, about
+/// 0.85 KiB for a one-key status (README, *Limits*), for at most
+/// [`RECENT_FOR`] after a later publication.
 pub const RECENT_BYTES: usize = 4 * 1024;
 
 /// A watched peer's last published values, oldest first, the newest last
 /// (never empty). Each publication makes a new one from the last (a few
 /// pointer copies) and sends it on the peer's channel: a watcher takes the
-/// values newer than what it had.
+/// values newer than what it had. Each value is kept with when it was
+/// published (for [`RECENT_FOR`]).
 #[derive(Debug, Clone)]
-/// Each value with when it was published.
 pub(crate) struct Recent(Arc<[(Instant, Arc<Snapshot>)]>);
 
 impl Recent {
