@@ -808,6 +808,11 @@ mod tests {
         assert!(!b.has_dirty());
     }
 
+    /// The kept values' `n` fields, oldest first.
+    fn kept_n(recent: &Recent) -> Vec<String> {
+        recent.all().map(|s| s.fields["n"].clone()).collect()
+    }
+
     #[test]
     fn a_watched_peer_keeps_its_last_changes_bounded_by_count_and_bytes() {
         let mut b = StatusBoard::new(Duration::from_secs(60), Duration::ZERO);
@@ -818,7 +823,7 @@ mod tests {
                 .unwrap();
         }
         let recent = rx.borrow_and_update().clone();
-        let n: Vec<_> = recent.all().map(|s| s.fields["n"].clone()).collect();
+        let n = kept_n(&recent);
         let want: Vec<_> = (300 - RECENT_CHANGES - 1..300)
             .map(|i| i.to_string())
             .collect();
@@ -859,25 +864,19 @@ mod tests {
             11,
             "the first value and ten changes"
         );
-        // A burst, then quiet: the board's walk drops what is past its
-        // time, and wakes no watcher for it.
+        // A burst, then quiet: the board's walk (its first sweep walks
+        // every entry) drops what is past its time, and wakes no watcher.
         b.sweep(t0 + RECENT_FOR + Duration::from_millis(1));
         assert!(!rx.has_changed().unwrap(), "trimming is not a change");
-        let kept: Vec<_> = rx.borrow().all().map(|s| s.fields["n"].clone()).collect();
-        assert_eq!(kept, ["9"], "only the newest is left");
+        assert_eq!(kept_n(&rx.borrow()), ["9"], "only the newest is left");
         // A publication drops the values past their time too, keeping those
         // within it.
         let t1 = t0 + Duration::from_secs(10);
         b.set_fields("ns", "a", &set("n", "10"), t1).unwrap();
         b.set_fields("ns", "a", &set("n", "11"), t1 + RECENT_FOR)
             .unwrap();
-        let kept: Vec<_> = rx
-            .borrow_and_update()
-            .all()
-            .map(|s| s.fields["n"].clone())
-            .collect();
         assert_eq!(
-            kept,
+            kept_n(&rx.borrow_and_update()),
             ["10", "11"],
             "the value published {RECENT_FOR:?} ago stays"
         );
@@ -888,12 +887,7 @@ mod tests {
             t1 + RECENT_FOR + Duration::from_millis(1),
         )
         .unwrap();
-        let kept: Vec<_> = rx
-            .borrow_and_update()
-            .all()
-            .map(|s| s.fields["n"].clone())
-            .collect();
-        assert_eq!(kept, ["11", "12"]);
+        assert_eq!(kept_n(&rx.borrow_and_update()), ["11", "12"]);
     }
 
     #[tokio::test(start_paused = true)]
