@@ -363,3 +363,96 @@ pub(crate) fn put_deliveries(dst: &mut BytesMut, d: &Deliveries) -> Result<(), E
         }
     })
 }
+
+/// What `decode` did for the four hot frames before this module: postcard,
+/// then the limits. The reference the tests and the fuzz target hold the
+/// hand-written decoders to.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn by_postcard(ty: FrameType, b: &[u8]) -> Result<crate::Frame, DecodeError> {
+    use crate::{body, Frame};
+    Ok(match ty {
+        FrameType::Send => Frame::Send(body(ty, b)?),
+        FrameType::Ack => {
+            let a: Ack = body(ty, b)?;
+            check_len("ack.ids", a.ids.len(), MAX_ACK_IDS)?;
+            Frame::Ack(a)
+        }
+        FrameType::SendsAccepted => {
+            let a: SendsAccepted = body(ty, b)?;
+            check_len(
+                "sends_accepted.accepted",
+                a.accepted.len(),
+                MAX_SENDS_ACCEPTED,
+            )?;
+            Frame::SendsAccepted(a)
+        }
+        FrameType::Deliveries => {
+            let d: Deliveries = body(ty, b)?;
+            check_len(
+                "deliveries.messages",
+                d.runs.len() + d.len(),
+                MAX_DELIVERIES,
+            )?;
+            Frame::Deliveries(d)
+        }
+        other => return Err(not_hot(other)),
+    })
+}
+
+/// A hot frame's body read by the hand-written decoders.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn by_hand(ty: FrameType, b: &[u8]) -> Result<crate::Frame, DecodeError> {
+    use crate::Frame;
+    Ok(match ty {
+        FrameType::Send => Frame::Send(send(b)?),
+        FrameType::Ack => Frame::Ack(ack(b)?),
+        FrameType::SendsAccepted => Frame::SendsAccepted(sends_accepted(b)?),
+        FrameType::Deliveries => Frame::Deliveries(deliveries(b)?),
+        other => return Err(not_hot(other)),
+    })
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+fn not_hot(ty: FrameType) -> DecodeError {
+    DecodeError::Malformed {
+        ty,
+        reason: "not one of the hand-decoded frames".into(),
+    }
+}
+
+/// For the fuzz target `wire_decode`: `data` (its first byte picks one of
+/// the four frames, the rest is the body) must decode to the same frame by
+/// hand and by postcard, or be refused by both; what decodes must encode,
+/// by hand, to the bytes postcard writes for it.
+#[cfg(feature = "fuzzing")]
+pub fn agrees_with_postcard(data: &[u8]) {
+    let Some((&pick, b)) = data.split_first() else {
+        return;
+    };
+    let ty = [
+        FrameType::Send,
+        FrameType::Ack,
+        FrameType::SendsAccepted,
+        FrameType::Deliveries,
+    ][usize::from(pick % 4)];
+    match (by_hand(ty, b), by_postcard(ty, b)) {
+        (Ok(hand), Ok(reference)) => {
+            assert_eq!(hand, reference, "the decoders disagree on {ty:?}");
+            let mut ours = BytesMut::new();
+            hand.encode(&mut ours).expect("a decoded frame encodes");
+            let theirs = match &hand {
+                crate::Frame::Send(v) => postcard::to_stdvec(v),
+                crate::Frame::Ack(v) => postcard::to_stdvec(v),
+                crate::Frame::SendsAccepted(v) => postcard::to_stdvec(v),
+                crate::Frame::Deliveries(v) => postcard::to_stdvec(v),
+                _ => unreachable!("by_hand gives only the four"),
+            }
+            .expect("postcard encodes what it decoded");
+            assert_eq!(&ours[HEADER_LEN..], &theirs[..], "the encoders disagree");
+        }
+        (Err(_), Err(_)) => {}
+        (hand, reference) => {
+            panic!("{ty:?}: by hand {hand:?}, by postcard {reference:?}")
+        }
+    }
+}

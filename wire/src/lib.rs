@@ -44,6 +44,8 @@ use serde::{Deserialize, Serialize};
 use std::fmt;
 
 mod hot;
+#[cfg(feature = "fuzzing")]
+pub use hot::agrees_with_postcard as fuzz_hot_frames;
 mod name;
 pub use name::{normalize_name, normalized, NameError, DNS_SUFFIX};
 

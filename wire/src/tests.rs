@@ -961,47 +961,7 @@ proptest! {
     }
 }
 
-/// What `decode` did for the four hot frames before `hot`: postcard, then
-/// the limits.
-fn by_postcard(ty: FrameType, b: &[u8]) -> Result<Frame, DecodeError> {
-    Ok(match ty {
-        FrameType::Send => Frame::Send(body(ty, b)?),
-        FrameType::Ack => {
-            let a: Ack = body(ty, b)?;
-            check_len("ack.ids", a.ids.len(), MAX_ACK_IDS)?;
-            Frame::Ack(a)
-        }
-        FrameType::SendsAccepted => {
-            let a: SendsAccepted = body(ty, b)?;
-            check_len(
-                "sends_accepted.accepted",
-                a.accepted.len(),
-                MAX_SENDS_ACCEPTED,
-            )?;
-            Frame::SendsAccepted(a)
-        }
-        FrameType::Deliveries => {
-            let d: Deliveries = body(ty, b)?;
-            check_len(
-                "deliveries.messages",
-                d.runs.len() + d.len(),
-                MAX_DELIVERIES,
-            )?;
-            Frame::Deliveries(d)
-        }
-        _ => unreachable!("not a hot frame"),
-    })
-}
-
-fn by_hand(ty: FrameType, b: &[u8]) -> Result<Frame, DecodeError> {
-    Ok(match ty {
-        FrameType::Send => Frame::Send(hot::send(b)?),
-        FrameType::Ack => Frame::Ack(hot::ack(b)?),
-        FrameType::SendsAccepted => Frame::SendsAccepted(hot::sends_accepted(b)?),
-        FrameType::Deliveries => Frame::Deliveries(hot::deliveries(b)?),
-        _ => unreachable!("not a hot frame"),
-    })
-}
+use hot::{by_hand, by_postcard};
 
 /// A hot frame: its type and its postcard body.
 fn arb_hot() -> impl Strategy<Value = (FrameType, Vec<u8>)> {
