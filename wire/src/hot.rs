@@ -157,19 +157,29 @@ pub(crate) fn send(b: &[u8]) -> Result<Send, DecodeError> {
     })
 }
 
+/// `n` items, each read by `item` and at least `min` bytes long: a count
+/// the body cannot hold fails before anything is reserved for it.
+fn list<'a, T>(
+    r: &mut Reader<'a>,
+    n: usize,
+    min: usize,
+    mut item: impl FnMut(&mut Reader<'a>) -> Result<T, Error>,
+) -> Result<Vec<T>, Error> {
+    if n.saturating_mul(min) > r.0.len() {
+        return Err(Pe::DeserializeUnexpectedEnd.into());
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(item(r)?);
+    }
+    Ok(v)
+}
+
 pub(crate) fn ack(b: &[u8]) -> Result<Ack, DecodeError> {
     whole(FrameType::Ack, b, |r| {
         let n = r.len()?;
         check_len("ack.ids", n, MAX_ACK_IDS)?;
-        // Each id is 16 bytes: a count the body cannot hold fails before
-        // anything is reserved for it.
-        if n.saturating_mul(16) > r.0.len() {
-            return Err(Pe::DeserializeUnexpectedEnd.into());
-        }
-        let mut ids = Vec::with_capacity(n);
-        for _ in 0..n {
-            ids.push(r.id()?);
-        }
+        let ids = list(r, n, 16, |r| Ok(r.id()?))?;
         Ok(Ack { ids })
     })
 }
@@ -178,17 +188,13 @@ pub(crate) fn sends_accepted(b: &[u8]) -> Result<SendsAccepted, DecodeError> {
     whole(FrameType::SendsAccepted, b, |r| {
         let n = r.len()?;
         check_len("sends_accepted.accepted", n, MAX_SENDS_ACCEPTED)?;
-        // Each is at least two bytes (a one-byte request number, a bool).
-        if n.saturating_mul(2) > r.0.len() {
-            return Err(Pe::DeserializeUnexpectedEnd.into());
-        }
-        let mut accepted = Vec::with_capacity(n);
-        for _ in 0..n {
-            accepted.push(Accepted {
+        // At least a one-byte request number and a bool.
+        let accepted = list(r, n, 2, |r| {
+            Ok(Accepted {
                 req: r.u64()?,
                 online: r.bool()?,
-            });
-        }
+            })
+        })?;
         Ok(SendsAccepted { accepted })
     })
 }
@@ -197,32 +203,24 @@ pub(crate) fn deliveries(b: &[u8]) -> Result<Deliveries, DecodeError> {
     whole(FrameType::Deliveries, b, |r| {
         // Runs and messages together, as `decode` counts them.
         let n_runs = r.len()?;
-        check_len("deliveries.messages", n_runs, MAX_DELIVERIES)?;
-        // A run is at least two bytes (an empty name, no messages).
-        if n_runs.saturating_mul(2) > r.0.len() {
-            return Err(Pe::DeserializeUnexpectedEnd.into());
-        }
         let mut items = n_runs;
-        let mut runs = Vec::with_capacity(n_runs);
-        for _ in 0..n_runs {
+        check_len("deliveries.messages", items, MAX_DELIVERIES)?;
+        // A run is at least an empty name and a count of no messages.
+        let runs = list(r, n_runs, 2, |r| {
             let from = r.string()?;
             let n = r.len()?;
             items = items.saturating_add(n);
             check_len("deliveries.messages", items, MAX_DELIVERIES)?;
-            // A message is at least 18 bytes (id, empty body, time 0).
-            if n.saturating_mul(18) > r.0.len() {
-                return Err(Pe::DeserializeUnexpectedEnd.into());
-            }
-            let mut msgs = Vec::with_capacity(n);
-            for _ in 0..n {
-                msgs.push(Delivered {
+            // A message is at least its id, an empty body and a time of 0.
+            let msgs = list(r, n, 18, |r| {
+                Ok(Delivered {
                     id: r.id()?,
                     body: r.bytes()?,
                     sent_at_ms: r.u64()?,
-                });
-            }
-            runs.push(DeliveryRun { from, msgs });
-        }
+                })
+            })?;
+            Ok(DeliveryRun { from, msgs })
+        })?;
         Ok(Deliveries { runs })
     })
 }

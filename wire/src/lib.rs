@@ -1516,7 +1516,8 @@ impl Frame {
     /// Appends header and body to `dst`. Fails, writing nothing, if the body
     /// would exceed [`MAX_FRAME_LEN`].
     pub fn encode(&self, dst: &mut BytesMut) -> Result<(), EncodeError> {
-        // The frames on every message's path, by hand (module `hot`).
+        // The frames on every message's path, by hand (module `hot`); their
+        // postcard arms below are never reached.
         match self {
             Frame::Send(v) => return hot::put_send(dst, v.req, v.id, &v.to, &v.body),
             Frame::SendsAccepted(v) => return hot::put_sends_accepted(dst, v),
