@@ -1,6 +1,8 @@
 //! Hand-written encoders and decoders for the four frames on every
 //! message's path: [`Send`] and [`Ack`] (daemon → relay), [`Deliveries`] and
-//! [`SendsAccepted`] (relay → daemon).
+//! [`SendsAccepted`] (relay → daemon); and a decoder for the frame every
+//! watcher reads once per status change, [`StatusUpdate`] (a relay encodes
+//! each change once for all its watchers, so its encoder stays postcard's).
 //!
 //! The encoders write exactly the bytes postcard writes for these types
 //! (the property test `hot_encoders_write_what_postcard_writes`), in one
@@ -21,7 +23,7 @@
 
 use crate::{
     check_len, Accepted, Ack, Delivered, Deliveries, DeliveryRun, MessageId, Send, SendsAccepted,
-    MAX_ACK_IDS, MAX_DELIVERIES, MAX_SENDS_ACCEPTED,
+    StatusUpdate, MAX_ACK_IDS, MAX_DELIVERIES, MAX_SENDS_ACCEPTED,
 };
 use crate::{varint_len, DecodeError, EncodeError, FrameType, HEADER_LEN, MAX_FRAME_LEN};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -225,6 +227,37 @@ pub(crate) fn deliveries(b: &[u8]) -> Result<Deliveries, DecodeError> {
     })
 }
 
+pub(crate) fn status_update(b: &[u8]) -> Result<StatusUpdate, DecodeError> {
+    whole(FrameType::StatusUpdate, b, |r| {
+        let name = r.string()?;
+        let version = r.u64()?;
+        let online = r.bool()?;
+        let since_ms = r.u64()?;
+        let updated_ms = r.u64()?;
+        // A map as serde reads one: a count, then that many key and value
+        // pairs, each inserted (a key twice: the last value wins). Nothing
+        // is reserved for the count; a pair is at least two bytes, so a
+        // count the body cannot hold ends at the body's end.
+        let n = r.len()?;
+        let mut fields = std::collections::BTreeMap::new();
+        for _ in 0..n {
+            let k = r.string()?;
+            let v = r.string()?;
+            fields.insert(k, v);
+        }
+        let lagged = r.bool()?;
+        Ok(StatusUpdate {
+            name,
+            version,
+            online,
+            since_ms,
+            updated_ms,
+            fields,
+            lagged,
+        })
+    })
+}
+
 #[inline]
 fn put_varint(dst: &mut BytesMut, mut v: u64) {
     while v >= 0x80 {
@@ -362,7 +395,7 @@ pub(crate) fn put_deliveries(dst: &mut BytesMut, d: &Deliveries) -> Result<(), E
     })
 }
 
-/// What `decode` did for the four hot frames before this module: postcard,
+/// What `decode` did for the hot frames before this module: postcard,
 /// then the limits. The reference the tests and the fuzz target hold the
 /// hand-written decoders to.
 #[cfg(any(test, feature = "fuzzing"))]
@@ -393,6 +426,7 @@ pub(crate) fn by_postcard(ty: FrameType, b: &[u8]) -> Result<crate::Frame, Decod
             )?;
             Frame::Deliveries(d)
         }
+        FrameType::StatusUpdate => Frame::StatusUpdate(body(ty, b)?),
         other => return Err(not_hot(other)),
     })
 }
@@ -406,6 +440,7 @@ pub(crate) fn by_hand(ty: FrameType, b: &[u8]) -> Result<crate::Frame, DecodeErr
         FrameType::Ack => Frame::Ack(ack(b)?),
         FrameType::SendsAccepted => Frame::SendsAccepted(sends_accepted(b)?),
         FrameType::Deliveries => Frame::Deliveries(deliveries(b)?),
+        FrameType::StatusUpdate => Frame::StatusUpdate(status_update(b)?),
         other => return Err(not_hot(other)),
     })
 }
@@ -419,9 +454,9 @@ fn not_hot(ty: FrameType) -> DecodeError {
 }
 
 /// For the fuzz target `wire_decode`: `data` (its first byte picks one of
-/// the four frames, the rest is the body) must decode to the same frame by
+/// the five frames, the rest is the body) must decode to the same frame by
 /// hand and by postcard, or be refused by both; what decodes must encode,
-/// by hand, to the bytes postcard writes for it.
+/// by hand, to the bytes postcard writes for it (the four with encoders).
 #[cfg(feature = "fuzzing")]
 pub fn agrees_with_postcard(data: &[u8]) {
     let Some((&pick, b)) = data.split_first() else {
@@ -432,7 +467,8 @@ pub fn agrees_with_postcard(data: &[u8]) {
         FrameType::Ack,
         FrameType::SendsAccepted,
         FrameType::Deliveries,
-    ][usize::from(pick % 4)];
+        FrameType::StatusUpdate,
+    ][usize::from(pick % 5)];
     match (by_hand(ty, b), by_postcard(ty, b)) {
         (Ok(hand), Ok(reference)) => {
             assert_eq!(hand, reference, "the decoders disagree on {ty:?}");
@@ -443,7 +479,8 @@ pub fn agrees_with_postcard(data: &[u8]) {
                 crate::Frame::Ack(v) => postcard::to_stdvec(v),
                 crate::Frame::SendsAccepted(v) => postcard::to_stdvec(v),
                 crate::Frame::Deliveries(v) => postcard::to_stdvec(v),
-                _ => unreachable!("by_hand gives only the four"),
+                crate::Frame::StatusUpdate(v) => postcard::to_stdvec(v),
+                _ => unreachable!("by_hand gives only the five"),
             }
             .expect("postcard encodes what it decoded");
             assert_eq!(&ours[HEADER_LEN..], &theirs[..], "the encoders disagree");

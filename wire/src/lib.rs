@@ -1696,7 +1696,7 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
             check_len("status_watch.names", w.names.len(), MAX_WATCH_NAMES)?;
             Frame::StatusWatch(w)
         }
-        FrameType::StatusUpdate => Frame::StatusUpdate(body(ty, b)?),
+        FrameType::StatusUpdate => Frame::StatusUpdate(hot::status_update(b)?),
         FrameType::SetStatus => {
             let s: SetStatus = body(ty, b)?;
             check_len("set_status.set", s.set.len(), MAX_STATUS_KEYS * 4)?;

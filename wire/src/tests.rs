@@ -992,6 +992,31 @@ fn arb_hot() -> impl Strategy<Value = (FrameType, Vec<u8>)> {
             let v = Deliveries { runs };
             (FrameType::Deliveries, postcard::to_stdvec(&v).unwrap())
         }),
+        (
+            (
+                ".{0,12}",
+                any::<u64>(),
+                any::<bool>(),
+                any::<u64>(),
+                any::<u64>()
+            ),
+            proptest::collection::btree_map("[a-z.:_-]{1,8}", ".{0,12}", 0..5),
+            any::<bool>(),
+        )
+            .prop_map(
+                |((name, version, online, since_ms, updated_ms), fields, lagged)| {
+                    let v = StatusUpdate {
+                        name,
+                        version,
+                        online,
+                        since_ms,
+                        updated_ms,
+                        fields,
+                        lagged,
+                    };
+                    (FrameType::StatusUpdate, postcard::to_stdvec(&v).unwrap())
+                }
+            ),
     ]
 }
 
@@ -1039,6 +1064,8 @@ proptest! {
             Frame::Ack(v) => postcard::to_stdvec(v),
             Frame::SendsAccepted(v) => postcard::to_stdvec(v),
             Frame::Deliveries(v) => postcard::to_stdvec(v),
+            // Encoded by postcard itself: the test holds `encoded_len` to it.
+            Frame::StatusUpdate(v) => postcard::to_stdvec(v),
             _ => unreachable!("not a hot frame"),
         }
         .unwrap();
@@ -1139,6 +1166,31 @@ fn hot_decoders_agree_at_the_edges() {
         FrameType::Deliveries,
         [varint(1), vec![0], varint(u64::MAX)].concat(),
     ));
+    // A status update: a key twice (the last value wins, both ways), a
+    // field count the body cannot hold, a value that is not UTF-8, and a
+    // `lagged` of 2.
+    let head = [vec![1, b'p'], varint(u64::MAX), vec![1, 0, 0]].concat();
+    let pair = |k: &[u8], v: &[u8]| {
+        [
+            varint(k.len() as u64),
+            k.to_vec(),
+            varint(v.len() as u64),
+            v.to_vec(),
+        ]
+        .concat()
+    };
+    for (fields, lagged) in [
+        (
+            [varint(2), pair(b"k", b"1"), pair(b"k", b"2")].concat(),
+            0u8,
+        ),
+        (varint(u64::MAX), 0),
+        ([varint(1), pair(b"k", &[0xc3, 0x28])].concat(), 0),
+        ([varint(1), pair(b"k", b"v")].concat(), 2),
+    ] {
+        let b = [head.clone(), fields, vec![lagged]].concat();
+        cases.push((FrameType::StatusUpdate, b));
+    }
     let mut oks = 0;
     for (ty, b) in cases {
         match (by_hand(ty, &b), by_postcard(ty, &b)) {
@@ -1151,6 +1203,6 @@ fn hot_decoders_agree_at_the_edges() {
         }
     }
     // Those that should decode did (not every case failed alike): two
-    // sends, and each limit exactly met.
-    assert_eq!(oks, 6);
+    // sends, each limit exactly met, and the status with a key twice.
+    assert_eq!(oks, 7);
 }
