@@ -70,14 +70,16 @@ impl StatusWatcher {
     /// Queues the values of peer `i` newer than what it had.
     fn take(&mut self, i: usize, recent: &Recent) {
         let last = &mut self.last[i];
+        let had = *last;
         let mut first = true;
-        for s in recent.all().filter(|s| s.version > *last) {
+        let ready = &mut self.ready;
+        let newest = recent.newer_than(had, |s| {
             // Missed changes: the value it had is not the one before this.
-            let lagged = first && s.prev_version > *last;
+            let lagged = first && s.prev_version > had;
             first = false;
-            self.ready.push_back((s.clone(), lagged));
-        }
-        *last = (*last).max(recent.newest().version);
+            ready.push_back((s.clone(), lagged));
+        });
+        *last = had.max(newest);
     }
 
     /// The next value and whether changes were missed before it; `None`
@@ -240,6 +242,48 @@ mod tests {
             replace: false,
         };
         b.set_fields("ns", "a", &set, Instant::now()).unwrap()
+    }
+
+    #[test]
+    fn a_watcher_takes_each_change_once_and_one_behind_gets_lagged() {
+        let mut b = StatusBoard::new(Duration::from_secs(60), Duration::ZERO);
+        let rx = b.subscribe("ns", "a");
+        let mut w = StatusWatcher {
+            ready: VecDeque::new(),
+            changes: StreamMap::new(),
+            last: vec![0],
+        };
+        let recent = rx.borrow().clone();
+        let mut taken = |w: &mut StatusWatcher| -> Vec<(String, bool)> {
+            w.take(0, &recent);
+            w.ready
+                .drain(..)
+                .map(|(s, lagged)| (s.fields["n"].clone(), lagged))
+                .collect()
+        };
+        for n in 1..=3 {
+            change(&mut b, n);
+        }
+        let want: Vec<_> = (1..=3).map(|n| (n.to_string(), false)).collect();
+        assert_eq!(taken(&mut w), want, "each change, in order");
+        assert_eq!(taken(&mut w), [], "nothing twice");
+        // Further behind than the values kept: the rest, the first lagged.
+        let last = super::super::status::RECENT_CHANGES + 13;
+        for n in 4..=last {
+            change(&mut b, n);
+        }
+        let got = taken(&mut w);
+        assert_eq!(got.len(), super::super::status::RECENT_CHANGES + 1);
+        assert_eq!(
+            got[0],
+            (
+                (last - super::super::status::RECENT_CHANGES).to_string(),
+                true
+            )
+        );
+        assert!(got[1..].iter().all(|(_, lagged)| !lagged));
+        assert_eq!(got.last().unwrap().0, last.to_string());
+        assert_eq!(w.last[0], b.get("ns", "a").version);
     }
 
     #[test]
