@@ -254,7 +254,7 @@ mod tests {
             last: vec![0],
         };
         let recent = rx.borrow().clone();
-        let mut taken = |w: &mut StatusWatcher| -> Vec<(String, bool)> {
+        let taken = |w: &mut StatusWatcher| -> Vec<(String, bool)> {
             w.take(0, &recent);
             w.ready
                 .drain(..)
