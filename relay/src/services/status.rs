@@ -26,6 +26,8 @@ use swb_wire::{Refusal, SetStatus, StatusUpdate};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::registry::KeyParts;
+
 /// Least time between two field publications of one peer, by default
 /// (`RelayConfig::status_interval`).
 pub const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(50);
@@ -362,11 +364,13 @@ pub(crate) const MAX_STATUS_PER_NAMESPACE: usize = 10_000;
 
 /// All statuses of this relay.
 pub(crate) struct StatusBoard {
-    entries: HashMap<Key, Entry>,
+    /// Keyed by peer-chosen names: a keyed hash (ahash's is seeded per
+    /// process), and a fast one.
+    entries: HashMap<Key, Entry, ahash::RandomState>,
     /// Entries per namespace (for [`MAX_STATUS_PER_NAMESPACE`]).
     per_ns: HashMap<Arc<str>, usize>,
     next_version: u64,
-    dirty: HashSet<Key>,
+    dirty: HashSet<Key, ahash::RandomState>,
     /// How long an offline peer's status is kept.
     retention: Duration,
     /// Least time between two field publications of one peer.
@@ -392,10 +396,10 @@ impl StatusBoard {
     pub(crate) fn new(retention: Duration, interval: Duration) -> Self {
         Self {
             interval,
-            entries: HashMap::new(),
+            entries: HashMap::default(),
             per_ns: HashMap::new(),
             next_version: 1,
-            dirty: HashSet::new(),
+            dirty: HashSet::default(),
             retention,
             published: 0,
             offline: BTreeSet::new(),
@@ -404,10 +408,15 @@ impl StatusBoard {
     }
 
     fn entry(&mut self, ns: &str, name: &str) -> (&mut Entry, Key) {
-        let k: Key = (Arc::from(ns), Arc::from(name));
-        if !self.entries.contains_key(&k) {
-            *self.per_ns.entry(k.0.clone()).or_default() += 1;
-        }
+        // The key held, shared; made (two allocations) only for a new name.
+        let k: Key = match self.entries.get_key_value(&(ns, name) as &dyn KeyParts) {
+            Some((k, _)) => k.clone(),
+            None => {
+                let k: Key = (Arc::from(ns), Arc::from(name));
+                *self.per_ns.entry(k.0.clone()).or_default() += 1;
+                k
+            }
+        };
         let e = self.entries.entry(k.clone()).or_insert_with(|| {
             let s = Arc::new(Snapshot::unknown(name));
             Entry {
@@ -462,7 +471,7 @@ impl StatusBoard {
     /// Whether anyone here watches `(ns, name)`.
     pub(crate) fn watched(&self, ns: &str, name: &str) -> bool {
         self.entries
-            .get(&(Arc::from(ns), Arc::from(name)))
+            .get(&(ns, name) as &dyn KeyParts)
             .is_some_and(Entry::watched)
     }
 
@@ -483,7 +492,7 @@ impl StatusBoard {
     pub(crate) fn set_presence(&mut self, ns: &str, name: &str, online: bool, now: Instant) {
         if self
             .entries
-            .get(&(Arc::from(ns), Arc::from(name)))
+            .get(&(ns, name) as &dyn KeyParts)
             .is_some_and(|e| e.current.online == online)
         {
             return;
@@ -513,7 +522,7 @@ impl StatusBoard {
         change: &SetStatus,
         now: Instant,
     ) -> Result<Arc<Snapshot>, Refusal> {
-        let known = self.entries.contains_key(&(Arc::from(ns), Arc::from(name)));
+        let known = self.entries.contains_key(&(ns, name) as &dyn KeyParts);
         if !known && self.per_ns.get(ns).copied().unwrap_or(0) >= MAX_STATUS_PER_NAMESPACE {
             return Err(Refusal::new(
                 swb_wire::Code::NAMESPACE_FULL,
@@ -565,7 +574,7 @@ impl StatusBoard {
 
     /// The newest value of `(ns, name)`.
     pub(crate) fn get(&self, ns: &str, name: &str) -> Arc<Snapshot> {
-        match self.entries.get(&(Arc::from(ns), Arc::from(name))) {
+        match self.entries.get(&(ns, name) as &dyn KeyParts) {
             Some(e) => e.current.clone(),
             None => Arc::new(Snapshot::unknown(name)),
         }
