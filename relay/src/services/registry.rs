@@ -416,7 +416,7 @@ impl std::ops::Deref for NameRef<'_> {
 /// A slot's key seen through borrowed parts, so that looking a slot up by
 /// `(&str, &str)` allocates nothing. Hashes and compares as [`Key`] does
 /// (a tuple hashes its fields in order; `Arc<str>` hashes as `str`).
-pub(super) trait KeyParts {
+trait KeyParts {
     fn parts(&self) -> (&str, &str);
 }
 

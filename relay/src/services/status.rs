@@ -26,8 +26,6 @@ use swb_wire::{Refusal, SetStatus, StatusUpdate};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::registry::KeyParts;
-
 /// Least time between two field publications of one peer, by default
 /// (`RelayConfig::status_interval`).
 pub const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(50);
@@ -364,13 +362,11 @@ pub(crate) const MAX_STATUS_PER_NAMESPACE: usize = 10_000;
 
 /// All statuses of this relay.
 pub(crate) struct StatusBoard {
-    /// Keyed by peer-chosen names: a keyed hash (ahash's is seeded per
-    /// process), and a fast one.
-    entries: HashMap<Key, Entry, ahash::RandomState>,
+    entries: HashMap<Key, Entry>,
     /// Entries per namespace (for [`MAX_STATUS_PER_NAMESPACE`]).
     per_ns: HashMap<Arc<str>, usize>,
     next_version: u64,
-    dirty: HashSet<Key, ahash::RandomState>,
+    dirty: HashSet<Key>,
     /// How long an offline peer's status is kept.
     retention: Duration,
     /// Least time between two field publications of one peer.
@@ -396,10 +392,10 @@ impl StatusBoard {
     pub(crate) fn new(retention: Duration, interval: Duration) -> Self {
         Self {
             interval,
-            entries: HashMap::default(),
+            entries: HashMap::new(),
             per_ns: HashMap::new(),
             next_version: 1,
-            dirty: HashSet::default(),
+            dirty: HashSet::new(),
             retention,
             published: 0,
             offline: BTreeSet::new(),
@@ -408,15 +404,10 @@ impl StatusBoard {
     }
 
     fn entry(&mut self, ns: &str, name: &str) -> (&mut Entry, Key) {
-        // The key held, shared; made (two allocations) only for a new name.
-        let k: Key = match self.entries.get_key_value(&(ns, name) as &dyn KeyParts) {
-            Some((k, _)) => k.clone(),
-            None => {
-                let k: Key = (Arc::from(ns), Arc::from(name));
-                *self.per_ns.entry(k.0.clone()).or_default() += 1;
-                k
-            }
-        };
+        let k: Key = (Arc::from(ns), Arc::from(name));
+        if !self.entries.contains_key(&k) {
+            *self.per_ns.entry(k.0.clone()).or_default() += 1;
+        }
         let e = self.entries.entry(k.clone()).or_insert_with(|| {
             let s = Arc::new(Snapshot::unknown(name));
             Entry {
@@ -471,7 +462,7 @@ impl StatusBoard {
     /// Whether anyone here watches `(ns, name)`.
     pub(crate) fn watched(&self, ns: &str, name: &str) -> bool {
         self.entries
-            .get(&(ns, name) as &dyn KeyParts)
+            .get(&(Arc::from(ns), Arc::from(name)))
             .is_some_and(Entry::watched)
     }
 
@@ -492,7 +483,7 @@ impl StatusBoard {
     pub(crate) fn set_presence(&mut self, ns: &str, name: &str, online: bool, now: Instant) {
         if self
             .entries
-            .get(&(ns, name) as &dyn KeyParts)
+            .get(&(Arc::from(ns), Arc::from(name)))
             .is_some_and(|e| e.current.online == online)
         {
             return;
@@ -522,7 +513,7 @@ impl StatusBoard {
         change: &SetStatus,
         now: Instant,
     ) -> Result<Arc<Snapshot>, Refusal> {
-        let known = self.entries.contains_key(&(ns, name) as &dyn KeyParts);
+        let known = self.entries.contains_key(&(Arc::from(ns), Arc::from(name)));
         if !known && self.per_ns.get(ns).copied().unwrap_or(0) >= MAX_STATUS_PER_NAMESPACE {
             return Err(Refusal::new(
                 swb_wire::Code::NAMESPACE_FULL,
@@ -574,7 +565,7 @@ impl StatusBoard {
 
     /// The newest value of `(ns, name)`.
     pub(crate) fn get(&self, ns: &str, name: &str) -> Arc<Snapshot> {
-        match self.entries.get(&(ns, name) as &dyn KeyParts) {
+        match self.entries.get(&(Arc::from(ns), Arc::from(name))) {
             Some(e) => e.current.clone(),
             None => Arc::new(Snapshot::unknown(name)),
         }
