@@ -225,8 +225,8 @@ pub const RECENT_BYTES: usize = 4 * 1024;
 /// Appending in place costs the same however many are kept. Before, each
 /// publication made a new list of them all (a reference count written
 /// per kept value, then again when the old list went): with
-/// [`RECENT_CHANGES`] of 128, about 4 % of the relay's and watchers' CPU
-/// in `swbd-bench fanout` on one CPU.
+/// [`RECENT_CHANGES`] of 128, about 3 % of all samples in
+/// a one-CPU profile of `swbd-bench fanout`.
 #[derive(Debug, Clone)]
 pub(crate) struct Recent(Arc<std::sync::Mutex<Kept>>);
 
