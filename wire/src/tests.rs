@@ -81,6 +81,27 @@ fn arb_mesh_answer() -> impl Strategy<Value = MeshAnswer> {
     ]
 }
 
+/// A status update: any name (the decoders read what they are sent), keys
+/// of the status key alphabet, any values.
+fn arb_status_update() -> impl Strategy<Value = StatusUpdate> {
+    (
+        ".{0,12}",
+        any::<(u64, bool, u64, u64, bool)>(),
+        proptest::collection::btree_map("[a-z0-9.:_-]{1,8}", ".{0,20}", 0..5),
+    )
+        .prop_map(
+            |(name, (version, online, since_ms, updated_ms, lagged), fields)| StatusUpdate {
+                name,
+                version,
+                online,
+                since_ms,
+                updated_ms,
+                fields,
+                lagged,
+            },
+        )
+}
+
 fn arb_frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         (
@@ -134,24 +155,7 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             any::<bool>()
         )
             .prop_map(|(names, once)| Frame::StatusWatch(StatusWatch { names, once })),
-        (
-            "[a-z]{0,10}",
-            any::<(u64, bool, u64, u64, bool)>(),
-            proptest::collection::btree_map("[a-z]{1,8}", ".{0,20}", 0..4)
-        )
-            .prop_map(
-                |(name, (version, online, since_ms, updated_ms, lagged), fields)| {
-                    Frame::StatusUpdate(StatusUpdate {
-                        name,
-                        version,
-                        online,
-                        since_ms,
-                        updated_ms,
-                        fields,
-                        lagged,
-                    })
-                }
-            ),
+        arb_status_update().prop_map(Frame::StatusUpdate),
         (
             proptest::collection::vec(("[a-z]{1,8}", ".{0,20}"), 0..4),
             proptest::collection::vec("[a-z]{1,8}", 0..3),
@@ -992,31 +996,8 @@ fn arb_hot() -> impl Strategy<Value = (FrameType, Vec<u8>)> {
             let v = Deliveries { runs };
             (FrameType::Deliveries, postcard::to_stdvec(&v).unwrap())
         }),
-        (
-            (
-                ".{0,12}",
-                any::<u64>(),
-                any::<bool>(),
-                any::<u64>(),
-                any::<u64>()
-            ),
-            proptest::collection::btree_map("[a-z.:_-]{1,8}", ".{0,12}", 0..5),
-            any::<bool>(),
-        )
-            .prop_map(
-                |((name, version, online, since_ms, updated_ms), fields, lagged)| {
-                    let v = StatusUpdate {
-                        name,
-                        version,
-                        online,
-                        since_ms,
-                        updated_ms,
-                        fields,
-                        lagged,
-                    };
-                    (FrameType::StatusUpdate, postcard::to_stdvec(&v).unwrap())
-                }
-            ),
+        arb_status_update()
+            .prop_map(|v| (FrameType::StatusUpdate, postcard::to_stdvec(&v).unwrap())),
     ]
 }
 

@@ -241,9 +241,8 @@ struct Kept {
 impl Kept {
     /// Drops the oldest values until those before the newest are within
     /// the bounds at `now`: at most [`RECENT_CHANGES`], [`RECENT_BYTES`]
-    /// together, none published more than [`RECENT_FOR`] ago. Whether any
-    /// was dropped.
-    fn trim(&mut self, now: Instant) -> bool {
+    /// together, none published more than [`RECENT_FOR`] ago.
+    fn trim(&mut self, now: Instant) {
         let before = self.values.len();
         while self.values.len() > 1 {
             let (at, oldest) = &self.values[0];
@@ -256,12 +255,10 @@ impl Kept {
             self.older_bytes -= oldest.weight();
             self.values.pop_front();
         }
-        let dropped = self.values.len() < before;
         // A burst's room is given back once it is over.
-        if dropped && self.values.capacity() > 4 * self.values.len().max(4) {
+        if self.values.len() < before && self.values.capacity() > 4 * self.values.len().max(4) {
             self.values.shrink_to_fit();
         }
-        dropped
     }
 }
 
@@ -292,10 +289,9 @@ impl Recent {
         k.trim(now);
     }
 
-    /// Drops the values past [`RECENT_FOR`] at `now` (the newest stays);
-    /// whether any was dropped.
-    fn trim(&self, now: Instant) -> bool {
-        self.lock().trim(now)
+    /// Drops the values past [`RECENT_FOR`] at `now` (the newest stays).
+    fn trim(&self, now: Instant) {
+        self.lock().trim(now);
     }
 
     /// The newest value.
