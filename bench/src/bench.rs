@@ -2188,7 +2188,8 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         for _ in 0..runs {
             for (api, c) in &mut ours {
                 let times = match api {
-                    Some(Api::Rust) => {
+                    // (Batches are measured for rate only.)
+                    Some(Api::Rust | Api::Batch) => {
                         api_latency(
                             &ds[0],
                             &ds[1],
@@ -2574,6 +2575,9 @@ enum Api {
     /// The Rust API in the daemon's process (`DaemonHandle::sender`,
     /// `receiver`): no socket, JSON or base64.
     Rust,
+    /// The Rust API's `Sender::submit_batch`, 64 messages a batch (the
+    /// same window of unanswered sends); received as `rust` receives.
+    Batch,
 }
 
 impl Api {
@@ -2582,6 +2586,7 @@ impl Api {
             Api::Socket => "s",
             Api::Compact => "c",
             Api::Rust => "r",
+            Api::Batch => "b",
         }
     }
 
@@ -2590,7 +2595,7 @@ impl Api {
     fn rate_goal(self) -> f64 {
         match self {
             Api::Compact => 0.4,
-            Api::Socket | Api::Rust => 0.6,
+            Api::Socket | Api::Rust | Api::Batch => 0.6,
         }
     }
 
@@ -2600,6 +2605,7 @@ impl Api {
             Api::Socket => "control_socket",
             Api::Compact => "compact_socket",
             Api::Rust => "rust_api",
+            Api::Batch => "rust_api_batches",
         }
     }
 
@@ -2608,6 +2614,7 @@ impl Api {
             Api::Socket => "control socket",
             Api::Compact => "compact socket",
             Api::Rust => "Rust API",
+            Api::Batch => "Rust API batches",
         }
     }
 }
@@ -2634,6 +2641,55 @@ pub(crate) async fn submit_windowed(
     }
     for mut p in waiting {
         p.answer().await?;
+    }
+    Ok(sent)
+}
+
+/// Messages per batch in the rate benchmark's `batch` contender.
+const RATE_BATCH: usize = 64;
+
+/// Sends what `item` yields through the Rust API in batches of `batch`,
+/// keeping up to `window` sends unanswered (the oldest batch answered
+/// first), then waits for the rest; returns how many were sent.
+pub(crate) async fn submit_batches(
+    tx: swb_daemon::Sender,
+    window: usize,
+    batch: usize,
+    mut item: impl FnMut() -> Option<(Arc<str>, bytes::Bytes)>,
+) -> Result<usize> {
+    let batch = batch.clamp(1, swb_daemon::MAX_SEND_BATCH);
+    let mut waiting = std::collections::VecDeque::new();
+    let (mut sent, mut unanswered) = (0, 0);
+    let mut msgs: Vec<(Arc<str>, bytes::Bytes)> = Vec::with_capacity(batch);
+    loop {
+        msgs.clear();
+        msgs.extend(std::iter::from_fn(&mut item).take(batch));
+        if msgs.is_empty() {
+            break;
+        }
+        while unanswered + msgs.len() > window.max(batch) {
+            let mut p: swb_daemon::PendingBatch = waiting.pop_front().context("window")?;
+            let n = p.ids().len();
+            for r in p.answer().await? {
+                r?;
+            }
+            unanswered -= n;
+        }
+        // (A named function: a closure here makes the future not `Send`.)
+        fn pair((to, body): &(Arc<str>, bytes::Bytes)) -> (&str, bytes::Bytes) {
+            (to, body.clone())
+        }
+        let p = tx
+            .submit_batch(msgs.iter().map(pair), Duration::from_secs(30))
+            .await?;
+        unanswered += msgs.len();
+        sent += msgs.len();
+        waiting.push_back(p);
+    }
+    for mut p in waiting {
+        for r in p.answer().await? {
+            r?;
+        }
     }
     Ok(sent)
 }
@@ -2710,7 +2766,7 @@ async fn ours_rate(
                     receive_all(rx, true, count).await
                 });
             }
-            Api::Rust => {
+            Api::Rust | Api::Batch => {
                 readers.spawn(receive_rust(d.receiver(), count));
             }
         }
@@ -2754,6 +2810,9 @@ async fn ours_rate(
             }
             Api::Rust => {
                 writers.spawn(submit_windowed(sender.sender(), window, item));
+            }
+            Api::Batch => {
+                writers.spawn(submit_batches(sender.sender(), window, RATE_BATCH, item));
             }
         }
     }
@@ -3147,7 +3206,7 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
             window: 1024,
             runs: if s { 1 } else { 3 },
             receivers: vec![1, 100],
-            apis: vec![Api::Rust, Api::Socket, Api::Compact],
+            apis: vec![Api::Rust, Api::Batch, Api::Socket, Api::Compact],
         },
         out,
     )

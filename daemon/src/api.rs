@@ -27,7 +27,7 @@
 //! ```
 
 use crate::inbox::Identity;
-use crate::session::{Cmd, SendResult};
+use crate::session::{BatchItem, Cmd, SendResult};
 use crate::{ConnState, Shared};
 use bytes::Bytes;
 use std::collections::HashSet;
@@ -42,6 +42,9 @@ pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 
 /// Most messages one `recv` returns.
 pub const MAX_RECV_BATCH: usize = 10_000;
+
+/// Most messages one [`Sender::submit_batch`] takes.
+pub const MAX_SEND_BATCH: usize = 1024;
 
 /// Why a send, receive or acknowledgement did not happen. `code` is the
 /// same stable code the control socket reports (`mailbox_full`,
@@ -158,6 +161,68 @@ impl PendingSend {
     }
 }
 
+/// Sends handed to the relay connection together (from
+/// [`Sender::submit_batch`]); await [`PendingBatch::answer`] for the
+/// relay's answers, all at once.
+#[derive(Debug)]
+pub struct PendingBatch {
+    ids: Vec<MessageId>,
+    rx: oneshot::Receiver<Vec<SendResult>>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
+impl PendingBatch {
+    /// The messages' ids, in the batch's order (known before the relay
+    /// answers).
+    pub fn ids(&self) -> &[MessageId] {
+        &self.ids
+    }
+
+    /// Waits (until the batch's timeout) for the relay to answer every
+    /// send: one result per message, in the batch's order — accepted, or
+    /// refused with the relay's code (`mailbox_full`, …), as
+    /// [`PendingSend::answer`] gives it. The error is for the whole batch:
+    /// the daemon stopped, or the relay did not answer them all in time
+    /// (and those it did not answer may not have been accepted).
+    pub async fn answer(&mut self) -> Result<Vec<Result<Accepted, ApiError>>, ApiError> {
+        let r = match self.rx.try_recv() {
+            Ok(r) => Ok(r),
+            Err(oneshot::error::TryRecvError::Closed) => Err(true),
+            Err(oneshot::error::TryRecvError::Empty) => {
+                match tokio::time::timeout_at(self.deadline, &mut self.rx).await {
+                    Ok(r) => r.map_err(|_| true),
+                    Err(_) => Err(false),
+                }
+            }
+        };
+        match r {
+            Ok(results) if results.len() == self.ids.len() => Ok((self.ids.iter())
+                .zip(results)
+                .map(|(&id, r)| match r {
+                    Ok(online) => Ok(Accepted { id, online }),
+                    Err(r) => Err(ApiError::new(r.code.as_str(), r.message)),
+                })
+                .collect()),
+            Ok(results) => Err(ApiError::new(
+                "internal",
+                format!("{} answers for a batch of {}", results.len(), self.ids.len()),
+            )),
+            Err(true) => Err(ApiError::new(
+                "stopped",
+                "the daemon stopped before the relay answered",
+            )),
+            Err(false) => Err(ApiError::new(
+                "timeout",
+                format!(
+                    "the relay did not answer every send of the batch within {:?}; those it did not answer may not have been accepted",
+                    self.timeout
+                ),
+            )),
+        }
+    }
+}
+
 /// Checks a send and hands it to the connection actor, waiting up to
 /// `timeout` for a relay connection first; the relay answers later.
 pub(crate) async fn submit(
@@ -167,17 +232,8 @@ pub(crate) async fn submit(
     timeout: Duration,
 ) -> Result<PendingSend, ApiError> {
     let timeout = timeout.min(MAX_WAIT);
-    if body.len() > MAX_MESSAGE_BODY {
-        return Err(ApiError::new(
-            "body_too_large",
-            format!(
-                "the message body has {} bytes; the limit is {MAX_MESSAGE_BODY}. Send large data over a stream instead",
-                body.len()
-            ),
-        ));
-    }
-    let to = swb_wire::normalize_name(to)
-        .map_err(|e| ApiError::new("bad_name", format!("{e}: {to:?}")))?;
+    check_body(&body)?;
+    let to = checked_name(to)?;
     let deadline = tokio::time::Instant::now() + timeout;
     if !shared.connected.load(std::sync::atomic::Ordering::Acquire) {
         wait_connected(shared, deadline, timeout).await?;
@@ -194,6 +250,101 @@ pub(crate) async fn submit(
     }
     Ok(PendingSend {
         id,
+        rx,
+        deadline,
+        timeout,
+    })
+}
+
+/// A body within [`MAX_MESSAGE_BODY`], or why not.
+fn check_body(body: &Bytes) -> Result<(), ApiError> {
+    if body.len() > MAX_MESSAGE_BODY {
+        return Err(ApiError::new(
+            "body_too_large",
+            format!(
+                "the message body has {} bytes; the limit is {MAX_MESSAGE_BODY}. Send large data over a stream instead",
+                body.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A recipient's name as the relay knows it, or why it is none.
+fn checked_name(to: &str) -> Result<Arc<str>, ApiError> {
+    swb_wire::normalized(to)
+        .map(|n| Arc::from(&*n))
+        .map_err(|e| ApiError::new("bad_name", format!("{e}: {to:?}")))
+}
+
+/// Checks every send of a batch, then hands them to the connection actor
+/// together (see [`Sender::submit_batch`]).
+pub(crate) async fn submit_batch<'a, B: Into<Bytes>>(
+    shared: &Arc<Shared>,
+    msgs: impl IntoIterator<Item = (&'a str, B)>,
+    timeout: Duration,
+) -> Result<PendingBatch, ApiError> {
+    let timeout = timeout.min(MAX_WAIT);
+    let msgs = msgs.into_iter();
+    let mut items = Vec::with_capacity(msgs.size_hint().0.min(MAX_SEND_BATCH));
+    // One name, as a batch to one peer gives it, is checked and shared once.
+    let mut last: Option<(&str, Arc<str>)> = None;
+    for (i, (to, body)) in msgs.enumerate() {
+        if i == MAX_SEND_BATCH {
+            return Err(ApiError::new(
+                "batch_too_large",
+                format!(
+                    "a batch holds at most {MAX_SEND_BATCH} messages; submit the rest in another"
+                ),
+            ));
+        }
+        let body = body.into();
+        let in_batch = |e: ApiError| {
+            ApiError::new(&e.code, format!("message {i} of the batch: {}", e.message))
+        };
+        check_body(&body).map_err(in_batch)?;
+        let name = match &last {
+            Some((raw, name)) if *raw == to => name.clone(),
+            _ => {
+                let name = checked_name(to).map_err(in_batch)?;
+                last = Some((to, name.clone()));
+                name
+            }
+        };
+        items.push(BatchItem {
+            to: name,
+            id: MessageId([0; 16]),
+            body,
+        });
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let (tx, rx) = oneshot::channel();
+    if items.is_empty() {
+        let _ = tx.send(Vec::new());
+        return Ok(PendingBatch {
+            ids: Vec::new(),
+            rx,
+            deadline,
+            timeout,
+        });
+    }
+    if !shared.connected.load(std::sync::atomic::Ordering::Acquire) {
+        wait_connected(shared, deadline, timeout).await?;
+    }
+    for item in &mut items {
+        item.id = random_id()?;
+    }
+    let ids = items.iter().map(|i| i.id).collect();
+    if shared
+        .out
+        .send_batch(&shared.cmd_tx, &shared.tasks, items, tx)
+        .await
+        .is_err()
+    {
+        return Err(ApiError::new("stopped", "the daemon is stopping"));
+    }
+    Ok(PendingBatch {
+        ids,
         rx,
         deadline,
         timeout,
@@ -283,6 +434,35 @@ impl Sender {
         timeout: Duration,
     ) -> Result<PendingSend, ApiError> {
         submit(&self.shared, to, body.into(), timeout).await
+    }
+
+    /// Hands up to [`MAX_SEND_BATCH`] sends to the relay connection
+    /// together, as [`Self::submit`] would one after another (in order,
+    /// each with its own id and answer), for less work per message: the
+    /// sends are checked, registered and written at once, and answered
+    /// together. Every send is checked before any is handed over: a bad
+    /// name or a body over [`MAX_MESSAGE_BODY`] fails the whole batch and
+    /// says which message. Waits up to `timeout` for a relay connection
+    /// and for the answers. A batch counts as one of the 1024 submissions
+    /// that may wait to be written.
+    pub async fn submit_batch<'a, B: Into<Bytes>>(
+        &self,
+        msgs: impl IntoIterator<Item = (&'a str, B)>,
+        timeout: Duration,
+    ) -> Result<PendingBatch, ApiError> {
+        submit_batch(&self.shared, msgs, timeout).await
+    }
+
+    /// [`Self::submit_batch`], then waits for every answer.
+    pub async fn send_batch<'a, B: Into<Bytes>>(
+        &self,
+        msgs: impl IntoIterator<Item = (&'a str, B)>,
+        timeout: Duration,
+    ) -> Result<Vec<Result<Accepted, ApiError>>, ApiError> {
+        submit_batch(&self.shared, msgs, timeout)
+            .await?
+            .answer()
+            .await
     }
 }
 

@@ -251,12 +251,12 @@ fn mark_acked(shared: &Shared, cmd: &Cmd) {
 }
 
 impl Actor {
-    /// A command, taken while connection `current` is served (if any); the
-    /// frame to write for it, if any.
-    fn absorb(&mut self, cmd: Cmd, current: Option<u64>) -> Option<Frame> {
+    /// A command, taken while connection `current` is served (if any);
+    /// the frames to write for it go to `out`.
+    fn absorb(&mut self, cmd: Cmd, current: Option<u64>, out: &mut Vec<Frame>) {
         self.unwritten += usize::from(queued(&cmd));
         mark_acked(&self.shared, &cmd);
-        self.core.absorb(cmd, current)
+        self.core.absorb(cmd, current, out);
     }
 
     /// Everything absorbed so far was written (or dropped, unwanted).
@@ -315,7 +315,8 @@ impl Actor {
                                     // (Fields apart: `connect` holds the dialer.)
                                     self.unwritten += usize::from(queued(&c));
                                     mark_acked(&self.shared, &c);
-                                    let _ = self.core.absorb(c, None);
+                                    // Written on the connection, when it comes.
+                                    self.core.absorb(c, None, &mut Vec::new());
                                     self.shared
                                         .pending_sends
                                         .store(self.core.pending_sends(), Ordering::Relaxed);
@@ -495,7 +496,7 @@ impl Actor {
                     cmd = self.cmd_rx.recv() => match cmd {
                         Some(c) => {
                             // Frames are written on the next connection.
-                            let _ = self.absorb(c, None);
+                            self.absorb(c, None, &mut Vec::new());
                             self.publish_pending();
                         }
                         None => return Ok(()),
@@ -703,11 +704,12 @@ impl Actor {
                 cmd = self.cmd_rx.recv() => match cmd {
                     None => return Served::Shutdown,
                     Some(c) => {
-                        let mut out: Vec<Frame> = self.absorb(c, current).into_iter().collect();
+                        let mut out = Vec::new();
+                        self.absorb(c, current, &mut out);
                         // Whatever else is queued goes out in the same write.
                         while out.len() < CMD_BATCH {
                             match self.cmd_rx.try_recv() {
-                                Ok(c) => out.extend(self.absorb(c, current)),
+                                Ok(c) => self.absorb(c, current, &mut out),
                                 Err(_) => break,
                             }
                         }
@@ -726,7 +728,7 @@ impl Actor {
                     let mut out = Vec::new();
                     for _ in 0..self.cmd_rx.len() {
                         match self.cmd_rx.try_recv() {
-                            Ok(c) => out.extend(self.absorb(c, current)),
+                            Ok(c) => self.absorb(c, current, &mut out),
                             Err(_) => break,
                         }
                     }
@@ -759,7 +761,10 @@ impl Actor {
 
 /// Whether `cmd` is a send its caller queued for the actor to write.
 fn queued(cmd: &Cmd) -> bool {
-    matches!(cmd, Cmd::Send { written: None, .. })
+    matches!(
+        cmd,
+        Cmd::Send { written: None, .. } | Cmd::SendBatch { written: None, .. }
+    )
 }
 
 /// Why writing to `link` failed, in words (the connection's own reason if

@@ -52,7 +52,9 @@ pub mod streams;
 pub mod tls;
 pub mod tun;
 
-pub use api::{Accepted, ApiError, Message, PendingSend, Receiver, Sender};
+pub use api::{
+    Accepted, ApiError, Message, PendingBatch, PendingSend, Receiver, Sender, MAX_SEND_BATCH,
+};
 pub use carrier::Transport;
 pub use control::{default_control_path, Client, ControlError};
 pub use ping::{Pinger, Pong};

@@ -13,7 +13,7 @@
 //! busy — the actor writes, under the same lock.
 
 use crate::dial::LinkError;
-use crate::session::{Cmd, Reqs, SendResult, Written};
+use crate::session::{BatchItem, Cmd, Reqs, SendResult, Written};
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,18 +56,44 @@ impl Outbound {
         &self,
         cmd_tx: &mpsc::Sender<Cmd>,
         tasks: &TaskTracker,
-        to: String,
+        to: Arc<str>,
         id: MessageId,
         body: Bytes,
         reply: oneshot::Sender<SendResult>,
     ) -> Result<(), Stopped> {
-        let mut cmd = Cmd::Send {
+        let cmd = Cmd::Send {
             to,
             id,
             body,
             reply,
             written: None,
         };
+        self.hand(cmd_tx, tasks, cmd).await
+    }
+
+    /// Hands sends answered together to the connection, as [`Self::send`]
+    /// does one: in one command and, written here, in one write.
+    pub(crate) async fn send_batch(
+        &self,
+        cmd_tx: &mpsc::Sender<Cmd>,
+        tasks: &TaskTracker,
+        items: Vec<BatchItem>,
+        reply: oneshot::Sender<Vec<SendResult>>,
+    ) -> Result<(), Stopped> {
+        let cmd = Cmd::SendBatch {
+            items,
+            reply,
+            written: None,
+        };
+        self.hand(cmd_tx, tasks, cmd).await
+    }
+
+    async fn hand(
+        &self,
+        cmd_tx: &mpsc::Sender<Cmd>,
+        tasks: &TaskTracker,
+        mut cmd: Cmd,
+    ) -> Result<(), Stopped> {
         if let Some(guard) = self.free() {
             match self.write_own(guard, cmd_tx, tasks, cmd) {
                 Ok(()) => return Ok(()),
@@ -89,8 +115,9 @@ impl Outbound {
         (guard.is_some() && self.queued.load(Ordering::Acquire) == 0).then_some(guard)
     }
 
-    /// Registers `cmd` with the actor and writes its frame; gives it back
-    /// (unregistered, unwritten) if the channel has no room.
+    /// Registers `cmd` (a send or a batch) with the actor and writes its
+    /// frames; gives it back (unregistered, unwritten) if the channel has no
+    /// room.
     fn write_own(
         &self,
         mut guard: OwnedMutexGuard<Option<Writer>>,
@@ -101,31 +128,41 @@ impl Outbound {
         let Some(w) = guard.as_mut() else {
             return Err(cmd);
         };
-        let Cmd::Send {
-            to,
-            id,
-            body,
-            written,
-            ..
-        } = &mut cmd
-        else {
+        let mut buf = BytesMut::new();
+        let (encoded, written) = match &mut cmd {
+            Cmd::Send {
+                to,
+                id,
+                body,
+                written,
+                ..
+            } => {
+                let req = self.reqs.next();
+                let encoded = swb_wire::encode_send(&mut buf, req, *id, to, body);
+                (encoded.map(|_| req), written)
+            }
+            Cmd::SendBatch { items, written, .. } => {
+                let first = self.reqs.take(items.len());
+                let encoded = (items.iter().zip(first..)).try_for_each(|(i, req)| {
+                    swb_wire::encode_send(&mut buf, req, i.id, &i.to, &i.body).map(|_| ())
+                });
+                (encoded.map(|()| first), written)
+            }
+            _ => return Err(cmd),
+        };
+        let Ok(req) = encoded else {
+            // Cannot happen for sends `submit` checked (size, name). If it
+            // did, the actor's path takes them as it took every send before
+            // this path existed (its write fails and ends the connection).
+            // The numbers taken here are simply never used.
             return Err(cmd);
         };
-        let req = self.reqs.next();
-        let mut buf = BytesMut::new();
-        if swb_wire::encode_send(&mut buf, req, *id, to, body).is_err() {
-            // Cannot happen for a send `submit` checked (size, name). If it
-            // did, the actor's path takes it as it took every send before
-            // this one existed (its write fails and ends the connection).
-            // The number taken here is simply never used.
-            return Err(cmd);
-        }
         *written = Some(Written { req, link: w.link });
         // Registered before written: the actor learns of the send before
         // the relay's answer can reach it.
         if let Err(e) = cmd_tx.try_send(cmd) {
             let mut cmd = e.into_inner();
-            if let Cmd::Send { written, .. } = &mut cmd {
+            if let Cmd::Send { written, .. } | Cmd::SendBatch { written, .. } = &mut cmd {
                 *written = None;
             }
             return Err(cmd);

@@ -26,10 +26,19 @@ pub(crate) const MAX_REDIRECTS: u32 = 4;
 #[derive(Debug)]
 pub(crate) enum Cmd {
     Send {
-        to: String,
+        to: Arc<str>,
         id: MessageId,
         body: Bytes,
         reply: oneshot::Sender<SendResult>,
+        /// Already written by its caller (see [`crate::outbound`]).
+        written: Option<Written>,
+    },
+    /// Sends answered together: one reply when the relay has answered
+    /// every one. Their request numbers follow one another from
+    /// `written.req` (or from the actor's next ones).
+    SendBatch {
+        items: Vec<BatchItem>,
+        reply: oneshot::Sender<Vec<SendResult>>,
         /// Already written by its caller (see [`crate::outbound`]).
         written: Option<Written>,
     },
@@ -44,8 +53,17 @@ pub(crate) enum Cmd {
     },
 }
 
-/// A send its caller wrote itself: with which request number, on which
-/// connection.
+/// One send of a [`Cmd::SendBatch`].
+#[derive(Debug)]
+pub(crate) struct BatchItem {
+    /// A batch's sends to one peer share its name.
+    pub(crate) to: Arc<str>,
+    pub(crate) id: MessageId,
+    pub(crate) body: Bytes,
+}
+
+/// A send its caller wrote itself: with which request number (the first
+/// of a batch's), on which connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Written {
     pub(crate) req: u64,
@@ -53,10 +71,38 @@ pub(crate) struct Written {
 }
 
 struct PendingSend {
-    to: String,
+    to: Arc<str>,
     id: MessageId,
     body: Bytes,
-    reply: oneshot::Sender<SendResult>,
+    reply: Reply,
+}
+
+/// Who waits for a send's answer.
+enum Reply {
+    One(oneshot::Sender<SendResult>),
+    /// Place `index` of the batch filed under `batch` (its first request
+    /// number).
+    Batch {
+        batch: u64,
+        index: usize,
+    },
+}
+
+/// A batch some of whose sends are unanswered.
+struct Batch {
+    results: Vec<Option<SendResult>>,
+    left: usize,
+    reply: oneshot::Sender<Vec<SendResult>>,
+}
+
+/// The frame of a send.
+fn send_frame(req: u64, id: MessageId, to: &str, body: &Bytes) -> Frame {
+    Frame::Send(Send {
+        req,
+        id,
+        to: to.to_owned(),
+        body: body.clone(),
+    })
 }
 
 /// One delivered message into the inbox. Returns its id if the relay must
@@ -119,7 +165,12 @@ pub(crate) struct Reqs(AtomicU64);
 impl Reqs {
     /// The next request number (the first is 1).
     pub(crate) fn next(&self) -> u64 {
-        self.0.fetch_add(1, Ordering::Relaxed) + 1
+        self.take(1)
+    }
+
+    /// `n` request numbers in a row; the first of them.
+    pub(crate) fn take(&self, n: usize) -> u64 {
+        self.0.fetch_add(n as u64, Ordering::Relaxed) + 1
     }
 }
 
@@ -130,6 +181,8 @@ pub(crate) struct SessionCore {
     /// of sending but a hash table costs less per send than a B-tree; the
     /// rare resend on a new connection sorts them.
     pending: HashMap<u64, PendingSend, ahash::RandomState>,
+    /// Batches with sends in `pending`, by their first request number.
+    batches: HashMap<u64, Batch, ahash::RandomState>,
     /// Request numbers, shared with the callers that write their own sends.
     reqs: Arc<Reqs>,
     pending_acks: Vec<MessageId>,
@@ -152,9 +205,9 @@ impl SessionCore {
     }
 
     /// A command from the control side, taken while connection `current`
-    /// is served (if any); the frame to write now, if any. A send its
-    /// caller wrote on `current` needs none.
-    pub(crate) fn absorb(&mut self, cmd: Cmd, current: Option<u64>) -> Option<Frame> {
+    /// is served (if any); the frames to write now go to `out`. Sends their
+    /// caller wrote on `current` need none.
+    pub(crate) fn absorb(&mut self, cmd: Cmd, current: Option<u64>, out: &mut Vec<Frame>) {
         match cmd {
             Cmd::Send {
                 to,
@@ -167,38 +220,107 @@ impl SessionCore {
                     Some(w) => w.req,
                     None => self.reqs.next(),
                 };
-                let frame = match written {
-                    Some(w) if Some(w.link) == current => None,
-                    _ => Some(Frame::Send(Send {
-                        req,
-                        id,
-                        to: to.clone(),
-                        body: body.clone(),
-                    })),
-                };
+                if !matches!(written, Some(w) if Some(w.link) == current) {
+                    out.push(send_frame(req, id, &to, &body));
+                }
                 self.pending.insert(
                     req,
                     PendingSend {
                         to,
                         id,
                         body,
+                        reply: Reply::One(reply),
+                    },
+                );
+            }
+            Cmd::SendBatch {
+                items,
+                reply,
+                written,
+            } => {
+                if items.is_empty() {
+                    let _ = reply.send(Vec::new());
+                    return;
+                }
+                let first = match written {
+                    Some(w) => w.req,
+                    None => self.reqs.take(items.len()),
+                };
+                let on_wire = matches!(written, Some(w) if Some(w.link) == current);
+                self.batches.insert(
+                    first,
+                    Batch {
+                        results: vec![None; items.len()],
+                        left: items.len(),
                         reply,
                     },
                 );
-                frame
+                for (index, BatchItem { to, id, body }) in items.into_iter().enumerate() {
+                    let req = first + index as u64;
+                    if !on_wire {
+                        out.push(send_frame(req, id, &to, &body));
+                    }
+                    self.pending.insert(
+                        req,
+                        PendingSend {
+                            to,
+                            id,
+                            body,
+                            reply: Reply::Batch {
+                                batch: first,
+                                index,
+                            },
+                        },
+                    );
+                }
             }
             Cmd::Ack(acked) => {
                 self.pending_acks.extend(acked.iter().map(|a| a.id));
-                None
             }
             Cmd::TunResolve { name, reply } => {
                 let req = self.reqs.next();
-                let frame = Frame::TunResolve(swb_wire::TunResolve {
+                out.push(Frame::TunResolve(swb_wire::TunResolve {
                     req,
                     name: name.clone(),
-                });
+                }));
                 self.resolving.insert(req, (name, reply));
-                Some(frame)
+            }
+        }
+    }
+
+    /// The relay's answer to request `req`, to whoever waits for it.
+    fn answer(&mut self, req: u64, result: SendResult) {
+        let Some(p) = self.pending.remove(&req) else {
+            return;
+        };
+        match p.reply {
+            Reply::One(reply) => {
+                let _ = reply.send(result);
+            }
+            Reply::Batch { batch, index } => {
+                let Some(b) = self.batches.get_mut(&batch) else {
+                    return;
+                };
+                if let Some(slot) = b.results.get_mut(index) {
+                    if slot.replace(result).is_none() {
+                        b.left -= 1;
+                    }
+                }
+                if b.left == 0 {
+                    if let Some(b) = self.batches.remove(&batch) {
+                        let _ = b.reply.send(b.results.into_iter().flatten().collect());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether nobody waits for `p`'s answer any more.
+    fn unwanted(&self, p: &PendingSend) -> bool {
+        match &p.reply {
+            Reply::One(reply) => reply.is_closed(),
+            Reply::Batch { batch, .. } => {
+                self.batches.get(batch).is_none_or(|b| b.reply.is_closed())
             }
         }
     }
@@ -216,20 +338,20 @@ impl SessionCore {
     /// more are dropped) and the pending acknowledgements.
     pub(crate) fn on_connected(&mut self) -> Vec<Frame> {
         self.redirects = 0;
-        self.pending.retain(|_, p| !p.reply.is_closed());
+        let unwanted: Vec<u64> = (self.pending.iter())
+            .filter(|(_, p)| self.unwanted(p))
+            .map(|(req, _)| *req)
+            .collect();
+        for req in unwanted {
+            self.pending.remove(&req);
+        }
+        self.batches.retain(|_, b| !b.reply.is_closed());
         // In the order they were first sent.
         let mut unanswered: Vec<(&u64, &PendingSend)> = self.pending.iter().collect();
         unanswered.sort_unstable_by_key(|(req, _)| **req);
         let mut out: Vec<Frame> = unanswered
             .into_iter()
-            .map(|(req, p)| {
-                Frame::Send(Send {
-                    req: *req,
-                    id: p.id,
-                    to: p.to.clone(),
-                    body: p.body.clone(),
-                })
-            })
+            .map(|(req, p)| send_frame(*req, p.id, &p.to, &p.body))
             .collect();
         out.extend(self.take_acks());
         self.resolving.retain(|_, (_, r)| !r.is_closed());
@@ -274,23 +396,17 @@ impl SessionCore {
         match f {
             Frame::SendAccepted(a) => {
                 fx.accepted += 1;
-                if let Some(p) = self.pending.remove(&a.req) {
-                    let _ = p.reply.send(Ok(a.online));
-                }
+                self.answer(a.req, Ok(a.online));
             }
             Frame::SendsAccepted(b) => {
                 fx.accepted += b.accepted.len();
                 for a in b.accepted {
-                    if let Some(p) = self.pending.remove(&a.req) {
-                        let _ = p.reply.send(Ok(a.online));
-                    }
+                    self.answer(a.req, Ok(a.online));
                 }
             }
             Frame::SendRefused(r) => {
                 fx.refused += 1;
-                if let Some(p) = self.pending.remove(&r.req) {
-                    let _ = p.reply.send(Err(r.refusal));
-                }
+                self.answer(r.req, Err(r.refusal));
             }
             Frame::Deliver(d) => {
                 if let Some(id) = deliver(d, inbox, fx) {
@@ -359,8 +475,10 @@ impl SessionCore {
 
     /// Answers every unanswered send with `refusal` (the daemon stops).
     pub(crate) fn fail_pending(&mut self, refusal: &Refusal) {
-        for (_, p) in std::mem::take(&mut self.pending) {
-            let _ = p.reply.send(Err(refusal.clone()));
+        let mut reqs: Vec<u64> = self.pending.keys().copied().collect();
+        reqs.sort_unstable();
+        for req in reqs {
+            self.answer(req, Err(refusal.clone()));
         }
     }
 }
@@ -379,21 +497,25 @@ mod tests {
         }
     }
 
+    /// The frames absorbing `cmd` writes.
+    fn absorbed(core: &mut SessionCore, cmd: Cmd, current: Option<u64>) -> Vec<Frame> {
+        let mut out = Vec::new();
+        core.absorb(cmd, current, &mut out);
+        out
+    }
+
     fn send(core: &mut SessionCore, to: &str, n: u8) -> (oneshot::Receiver<SendResult>, Frame) {
         let (tx, rx) = oneshot::channel();
-        let f = core
-            .absorb(
-                Cmd::Send {
-                    to: to.into(),
-                    id: MessageId([n; 16]),
-                    body: Bytes::from(vec![n]),
-                    reply: tx,
-                    written: None,
-                },
-                Some(1),
-            )
-            .expect("a send is written at once");
-        (rx, f)
+        let cmd = Cmd::Send {
+            to: to.into(),
+            id: MessageId([n; 16]),
+            body: Bytes::from(vec![n]),
+            reply: tx,
+            written: None,
+        };
+        let mut f = absorbed(core, cmd, Some(1));
+        assert_eq!(f.len(), 1, "a send is written at once");
+        (rx, f.remove(0))
     }
 
     fn req_of(f: &Frame) -> u64 {
@@ -416,7 +538,7 @@ mod tests {
             body: Bytes::new(),
             sent_at_ms: 0,
         };
-        core.absorb(Cmd::Ack(vec![Identity::of(&nine)]), Some(1));
+        assert!(absorbed(&mut core, Cmd::Ack(vec![Identity::of(&nine)]), Some(1)).is_empty());
         // The relay answers `a`; the connection drops before `b`.
         let mut inbox = Inbox::default();
         let (mut out, mut fx) = (Vec::new(), Effects::default());
@@ -509,7 +631,7 @@ mod tests {
             written: Some(Written { req, link: 1 }),
         };
         assert!(
-            core.absorb(own(tx), Some(1)).is_none(),
+            absorbed(&mut core, own(tx), Some(1)).is_empty(),
             "already on the wire"
         );
         assert_eq!(core.pending_sends(), 2);
@@ -530,12 +652,108 @@ mod tests {
         for current in [Some(2), None] {
             let (tx, rx) = oneshot::channel();
             waiting.push(rx);
-            let f = core.absorb(own(tx), current).expect("written again");
-            assert_eq!(req_of(&f), req);
+            let f = absorbed(&mut core, own(tx), current);
+            assert_eq!(
+                f.iter().map(req_of).collect::<Vec<_>>(),
+                vec![req],
+                "written again"
+            );
         }
         // And every unanswered one goes again on the next connection.
         let again: Vec<u64> = core.on_connected().iter().map(req_of).collect();
         assert_eq!(again, vec![req_of(&queued), req]);
+    }
+
+    fn batch(
+        core: &mut SessionCore,
+        n: u8,
+        current: Option<u64>,
+    ) -> (oneshot::Receiver<Vec<SendResult>>, Vec<Frame>) {
+        let (tx, rx) = oneshot::channel();
+        let items = (0..n)
+            .map(|i| BatchItem {
+                to: Arc::from("london"),
+                id: MessageId([i; 16]),
+                body: Bytes::from(vec![i]),
+            })
+            .collect();
+        let cmd = Cmd::SendBatch {
+            items,
+            reply: tx,
+            written: None,
+        };
+        (rx, absorbed(core, cmd, current))
+    }
+
+    #[test]
+    fn a_batch_is_answered_once_every_send_is_and_resent_send_by_send() {
+        let mut core = SessionCore::default();
+        let (mut rx, frames) = batch(&mut core, 3, Some(1));
+        let reqs: Vec<u64> = frames.iter().map(req_of).collect();
+        assert_eq!(
+            reqs,
+            vec![1, 2, 3],
+            "numbers in a row, in the batch's order"
+        );
+        let (mut inbox, mut out, mut fx) = (Inbox::default(), Vec::new(), Effects::default());
+        let refused = Refusal::new(Code::MAILBOX_FULL, "full");
+        let frames = [
+            Frame::SendsAccepted(swb_wire::SendsAccepted {
+                accepted: vec![swb_wire::Accepted {
+                    req: 3,
+                    online: true,
+                }],
+            }),
+            Frame::SendRefused(SendRefused {
+                req: 1,
+                refusal: refused.clone(),
+            }),
+        ];
+        for f in frames {
+            core.on_frame(f, &mut inbox, &mut out, &mut fx)
+                .expect("answers");
+        }
+        assert!(rx.try_recv().is_err(), "not before every send is answered");
+        // The connection is lost: the unanswered one goes again, alone.
+        let again = core.on_connected();
+        assert_eq!(again.iter().map(req_of).collect::<Vec<_>>(), vec![2]);
+        assert!(matches!(&again[0], Frame::Send(s) if s.id == MessageId([1; 16])));
+        let accepted = Frame::SendAccepted(SendAccepted {
+            req: 2,
+            id: MessageId([1; 16]),
+            online: false,
+        });
+        core.on_frame(accepted, &mut inbox, &mut out, &mut fx)
+            .expect("an answer");
+        assert_eq!(
+            rx.try_recv(),
+            Ok(vec![Err(refused), Ok(false), Ok(true)]),
+            "each answer in its send's place"
+        );
+        assert_eq!(core.pending_sends(), 0);
+        assert!(core.batches.is_empty());
+    }
+
+    #[test]
+    fn a_batch_nobody_waits_for_is_dropped_and_a_stopping_daemon_answers_the_rest() {
+        let mut core = SessionCore::default();
+        // Taken while dialing: nothing written yet, all written on connect.
+        let (gone, frames) = batch(&mut core, 2, None);
+        assert_eq!(frames.len(), 2, "the actor writes what no caller wrote");
+        drop(gone);
+        let (mut kept, _) = batch(&mut core, 2, None);
+        let again = core.on_connected();
+        assert_eq!(again.iter().map(req_of).collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!(core.pending_sends(), 2);
+        let stop = Refusal::new(Code::UNAUTHORIZED, "revoked");
+        core.fail_pending(&stop);
+        assert_eq!(kept.try_recv(), Ok(vec![Err(stop.clone()), Err(stop)]));
+        assert!(core.batches.is_empty());
+        // An empty batch is answered at once and takes no number.
+        let (mut empty, frames) = batch(&mut core, 0, Some(1));
+        assert!(frames.is_empty());
+        assert_eq!(empty.try_recv(), Ok(vec![]));
+        assert_eq!(core.reqs.next(), 5);
     }
 
     #[test]

@@ -783,13 +783,146 @@ async fn rust_api_submitted_sends_keep_their_order() -> Result<()> {
     receive_in_order(&b, &ids).await
 }
 
+#[tokio::test]
+async fn rust_api_batches_keep_their_order_among_single_sends() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "a").await?;
+    let b = TestDaemon::start(&relay, &key, "b").await?;
+    let tx = a.handle.sender();
+    // 1000 (the recipient's mailbox): batches of every size up to 64 and
+    // single sends in between, one name spelled two ways.
+    let (mut pending, mut i, mut size) = (Vec::new(), 0, 1);
+    while i < 1000 {
+        let n = size.min(1000 - i);
+        let to = if size % 2 == 0 { "b" } else { "B.switchboard" };
+        let msgs = (i..i + n).map(|k| (to, format!("m{k}")));
+        pending.push(Pending::Batch(tx.submit_batch(msgs, WAIT).await?));
+        i += n;
+        if i < 1000 {
+            pending.push(Pending::One(tx.submit("b", format!("m{i}"), WAIT).await?));
+            i += 1;
+        }
+        size = size % 64 + 1;
+    }
+    let ids = answered_all(pending).await?;
+    receive_in_order(&b, &ids).await
+}
+
+#[tokio::test]
+async fn rust_api_batches_are_checked_whole_and_answered_per_message() -> Result<()> {
+    let relay = TestRelay::spawn_with(RelayOptions {
+        limits: MailboxLimits {
+            messages: 3,
+            ..MailboxLimits::default()
+        },
+        ..RelayOptions::default()
+    })
+    .await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "a").await?;
+    let tx = a.handle.sender();
+    // A bad name or body anywhere: nothing of the batch is sent, and the
+    // error says which message.
+    let big = vec![0u8; MAX_MESSAGE_BODY + 1];
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("x", b"0".to_vec()),
+        ("y", b"1".to_vec()),
+        ("not a name!", b"2".to_vec()),
+    ];
+    let e = tx.send_batch(bad, WAIT).await.unwrap_err();
+    assert_eq!(e.code, "bad_name", "{e:?}");
+    assert!(e.message.starts_with("message 2 of the batch"), "{e:?}");
+    let e = tx
+        .send_batch([("x", b"0".to_vec()), ("x", big)], WAIT)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code, "body_too_large", "{e:?}");
+    assert!(e.message.starts_with("message 1 of the batch"), "{e:?}");
+    let too_many = (0..=swb_daemon::MAX_SEND_BATCH).map(|_| ("x", &b"m"[..]));
+    let e = tx.send_batch(too_many, WAIT).await.unwrap_err();
+    assert_eq!(e.code, "batch_too_large", "{e:?}");
+    assert!(tx
+        .send_batch(Vec::<(&str, Vec<u8>)>::new(), WAIT)
+        .await?
+        .is_empty());
+    // Nothing of those reached the relay; a probe send shows it is served.
+    tx.send("a", &b"probe"[..], WAIT).await?;
+    relay
+        .wait_stats("only the probe held", |s| s.held == 1)
+        .await?;
+    // Five to a mailbox of three: each send answered for itself, in order.
+    let answers = tx
+        .send_batch((0..5).map(|i| ("offline", format!("{i}"))), WAIT)
+        .await?;
+    let codes: Vec<String> = answers
+        .iter()
+        .map(|r| match r {
+            Ok(a) => {
+                assert!(!a.online);
+                "accepted".to_string()
+            }
+            Err(e) => e.code.clone(),
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "accepted",
+            "accepted",
+            "accepted",
+            "mailbox_full",
+            "mailbox_full"
+        ]
+    );
+    // Exactly the three accepted arrive, under the ids the batch gave.
+    let r = TestDaemon::start(&relay, &key, "offline").await?;
+    let got = r.recv_n(3).await?;
+    assert_eq!(
+        got.iter().map(|m| m.body()).collect::<Vec<_>>(),
+        vec![b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]
+    );
+    let accepted: Vec<String> = answers[..3]
+        .iter()
+        .map(|r| r.clone().map(|a| a.id.to_string()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        got.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+        accepted
+    );
+    Ok(())
+}
+
 /// Each send's answer: accepted, under the id it was submitted with.
 async fn answered(pending: Vec<swb_daemon::PendingSend>) -> Result<Vec<MessageId>> {
+    answered_all(pending.into_iter().map(Pending::One).collect()).await
+}
+
+/// A send or a batch submitted through the Rust API.
+enum Pending {
+    One(swb_daemon::PendingSend),
+    Batch(swb_daemon::PendingBatch),
+}
+
+/// [`answered`], for sends and batches in the order submitted.
+async fn answered_all(pending: Vec<Pending>) -> Result<Vec<MessageId>> {
     let mut ids = Vec::new();
-    for mut p in pending {
-        let id = p.id();
-        assert_eq!(p.answer().await?.id, id, "each send accepted");
-        ids.push(id);
+    for p in pending {
+        match p {
+            Pending::One(mut p) => {
+                let id = p.id();
+                assert_eq!(p.answer().await?.id, id, "each send accepted");
+                ids.push(id);
+            }
+            Pending::Batch(mut b) => {
+                let want = b.ids().to_vec();
+                let got: Vec<MessageId> = (b.answer().await?.into_iter())
+                    .map(|r| r.map(|a| a.id))
+                    .collect::<Result<_, _>>()?;
+                assert_eq!(got, want, "each send of the batch accepted, in order");
+                ids.extend(want);
+            }
+        }
     }
     Ok(ids)
 }
@@ -819,8 +952,9 @@ async fn receive_in_order(b: &TestDaemon, ids: &[MessageId]) -> Result<()> {
 
 /// Sends around a connection's death — answered before it, taken by the
 /// relay with the answer lost, written by their callers on the dead
-/// connection before the daemon noticed, submitted once the next one is up
-/// — are each accepted once and arrive once, in the order submitted.
+/// connection before the daemon noticed, submitted once the next one is up;
+/// one by one and in batches — are each accepted once and arrive once, in
+/// the order submitted.
 #[tokio::test]
 async fn sends_in_flight_when_the_connection_dies_arrive_once_and_in_order() -> Result<()> {
     let relay = TestRelay::spawn().await?;
@@ -833,12 +967,22 @@ async fn sends_in_flight_when_the_connection_dies_arrive_once_and_in_order() -> 
         ConnState::Connected { since, .. } => since,
         _ => unreachable!(),
     };
+    // Ten at a time, one by one and as a batch in turn.
     let submit = |range: std::ops::Range<usize>| {
         let sender = a.handle.sender();
         async move {
             let mut pending = Vec::new();
-            for i in range {
-                pending.push(sender.submit("b", format!("m{i}"), WAIT).await?);
+            let all: Vec<usize> = range.collect();
+            for (k, ten) in all.chunks(10).enumerate() {
+                if k % 2 == 0 {
+                    for i in ten {
+                        let p = sender.submit("b", format!("m{i}"), WAIT).await?;
+                        pending.push(Pending::One(p));
+                    }
+                } else {
+                    let msgs = ten.iter().map(|i| ("b", format!("m{i}")));
+                    pending.push(Pending::Batch(sender.submit_batch(msgs, WAIT).await?));
+                }
             }
             anyhow::Ok(pending)
         }
@@ -858,7 +1002,7 @@ async fn sends_in_flight_when_the_connection_dies_arrive_once_and_in_order() -> 
     a.wait_state(|s| matches!(s, ConnState::Connected { since, .. } if *since > first_since))
         .await?;
     pending.extend(submit(600..1000).await?);
-    let ids = answered(pending).await?;
+    let ids = answered_all(pending).await?;
     // The recipient comes afterwards: it gets what the relay holds.
     let b = TestDaemon::start(&relay, &key, "b").await?;
     receive_in_order(&b, &ids).await?;
