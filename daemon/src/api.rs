@@ -186,16 +186,33 @@ impl PendingBatch {
     /// the daemon stopped, or the relay did not answer them all in time
     /// (and those it did not answer may not have been accepted).
     pub async fn answer(&mut self) -> Result<Vec<Result<Accepted, ApiError>>, ApiError> {
-        let r = match self.rx.try_recv() {
-            Ok(r) => Ok(r),
-            Err(oneshot::error::TryRecvError::Closed) => Err(true),
-            Err(oneshot::error::TryRecvError::Empty) => {
-                match tokio::time::timeout_at(self.deadline, &mut self.rx).await {
-                    Ok(r) => r.map_err(|_| true),
-                    Err(_) => Err(false),
-                }
-            }
+        if let Some(r) = self.try_answer() {
+            return r;
+        }
+        let r = match tokio::time::timeout_at(self.deadline, &mut self.rx).await {
+            Ok(r) => r.map_err(|_| true),
+            Err(_) => Err(false),
         };
+        self.outcome(r)
+    }
+
+    /// The answers if they are already known.
+    pub(crate) fn try_answer(
+        &mut self,
+    ) -> Option<Result<Vec<Result<Accepted, ApiError>>, ApiError>> {
+        match self.rx.try_recv() {
+            Ok(r) => Some(self.outcome(Ok(r))),
+            Err(oneshot::error::TryRecvError::Closed) => Some(self.outcome(Err(true))),
+            Err(oneshot::error::TryRecvError::Empty) => None,
+        }
+    }
+
+    /// The answers, from the actor's (`Err(true)`: the daemon stopped;
+    /// `Err(false)`: the timeout passed).
+    fn outcome(
+        &self,
+        r: Result<Vec<SendResult>, bool>,
+    ) -> Result<Vec<Result<Accepted, ApiError>>, ApiError> {
         match r {
             Ok(results) if results.len() == self.ids.len() => Ok((self.ids.iter())
                 .zip(results)

@@ -1,7 +1,7 @@
 //! The control socket server. See [`crate::control`] for the protocol.
 
 use crate::api;
-use crate::api::{Accepted, ApiError, Leased, PendingSend, MAX_WAIT};
+use crate::api::{Accepted, ApiError, Leased, PendingBatch, PendingSend, MAX_WAIT};
 use crate::compact::{self, CompactRequest};
 use crate::control::{
     InMessage, Reply, Request, StatusInfo, MAX_PIPELINED_SENDS, MAX_REQUEST_LINE,
@@ -336,7 +336,17 @@ fn parse(codec: Codec, line: &[u8]) -> Result<Op, Box<Reply>> {
 enum Queued {
     Ready(Box<Reply>),
     Send(PendingSend),
+    /// Sends read together and handed over as one batch (see
+    /// [`SEND_BATCH`]); their answers, in order, once the relay has
+    /// answered every one.
+    Batch(PendingBatch, VecDeque<Out>),
 }
+
+/// Sends read together from one control connection (each a whole request
+/// in the read buffer, with the same timeout) are handed to the relay
+/// connection as one batch of up to this many: one registration, one
+/// write and one answer for them all.
+const SEND_BATCH: usize = 64;
 
 fn reply_out(r: Reply) -> Out {
     Out::Reply(Box::new(r))
@@ -346,6 +356,14 @@ fn sent_out(r: Result<Accepted, ApiError>) -> Out {
     match r {
         Ok(a) => Out::Sent(a),
         Err(e) => reply_out(e.into()),
+    }
+}
+
+/// A batch's answers, one for each of its `n` sends.
+fn batch_outs(n: usize, r: Result<Vec<Result<Accepted, ApiError>>, ApiError>) -> VecDeque<Out> {
+    match r {
+        Ok(v) => v.into_iter().map(sent_out).collect(),
+        Err(e) => (0..n).map(|_| reply_out(e.clone().into())).collect(),
     }
 }
 
@@ -359,20 +377,107 @@ impl From<ApiError> for Reply {
 }
 
 impl Queued {
-    /// The answer if it is known without waiting.
-    fn try_ready(&mut self) -> Option<Out> {
+    /// The requests this entry answers.
+    fn len(&self) -> usize {
         match self {
-            Queued::Ready(r) => Some(Out::Reply(r.clone())),
-            Queued::Send(p) => p.try_answer().map(sent_out),
+            Queued::Ready(_) | Queued::Send(_) => 1,
+            Queued::Batch(p, _) => p.ids().len(),
         }
     }
 
-    async fn wait(&mut self) -> Out {
+    /// The next answer if it is known without waiting, and whether it is
+    /// this entry's last.
+    fn try_next(&mut self) -> Option<(Out, bool)> {
         match self {
-            Queued::Ready(r) => Out::Reply(r.clone()),
-            Queued::Send(p) => sent_out(p.answer().await),
+            Queued::Ready(r) => Some((Out::Reply(r.clone()), true)),
+            Queued::Send(p) => p.try_answer().map(|r| (sent_out(r), true)),
+            Queued::Batch(p, answers) => {
+                if answers.is_empty() {
+                    *answers = batch_outs(p.ids().len(), p.try_answer()?);
+                }
+                next_of(answers)
+            }
         }
     }
+
+    /// The next answer, and whether it is this entry's last.
+    async fn next(&mut self) -> (Out, bool) {
+        match self {
+            Queued::Ready(r) => (Out::Reply(r.clone()), true),
+            Queued::Send(p) => (sent_out(p.answer().await), true),
+            Queued::Batch(p, answers) => {
+                if answers.is_empty() {
+                    *answers = batch_outs(p.ids().len(), p.answer().await);
+                }
+                next_of(answers).unwrap_or_else(|| {
+                    let e = err("internal", "a batch of sends without answers");
+                    (reply_out(e), true)
+                })
+            }
+        }
+    }
+}
+
+/// The front of a batch's answers, and whether it was the last.
+fn next_of(answers: &mut VecDeque<Out>) -> Option<(Out, bool)> {
+    let o = answers.pop_front()?;
+    Some((o, answers.is_empty()))
+}
+
+/// The answers waiting to go out on one control connection, in request
+/// order, and how many requests they answer.
+#[derive(Default)]
+struct Answers {
+    queue: VecDeque<Queued>,
+    waiting: usize,
+}
+
+impl Answers {
+    fn push(&mut self, q: Queued) {
+        self.waiting += q.len();
+        self.queue.push_back(q);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Whether another send may be read ([`MAX_PIPELINED_SENDS`]).
+    fn has_room(&self) -> bool {
+        self.waiting < MAX_PIPELINED_SENDS
+    }
+
+    /// The front answer, if known without waiting.
+    fn try_pop(&mut self) -> Option<Out> {
+        let (o, last) = self.queue.front_mut()?.try_next()?;
+        self.popped(last);
+        Some(o)
+    }
+
+    /// The front answer, when known (pending forever while none waits).
+    /// Cancel-safe: an answer taken is returned.
+    async fn pop(&mut self) -> Out {
+        let Some(q) = self.queue.front_mut() else {
+            return std::future::pending().await;
+        };
+        let (o, last) = q.next().await;
+        self.popped(last);
+        o
+    }
+
+    fn popped(&mut self, last: bool) {
+        self.waiting -= 1;
+        if last {
+            self.queue.pop_front();
+        }
+    }
+}
+
+/// What the connection loop goes on with: a read's outcome, or a request
+/// read (and parsed) already while gathering a batch of sends.
+enum Next {
+    Read(Read),
+    Op(Result<Op, Box<Reply>>),
 }
 
 /// One control connection: reads requests, answers in request order.
@@ -387,88 +492,125 @@ async fn handle(stream: UnixStream, shared: Arc<Shared>, cancel: CancellationTok
     let mut pinger: Option<crate::Pinger> = None;
     let mut codec = Codec::Json;
     let mut line = Vec::new();
-    let mut queue: VecDeque<Queued> = VecDeque::new();
+    let mut queue = Answers::default();
     let mut out: Vec<u8> = Vec::new();
+    // A request read while gathering a batch of sends, to go on with.
+    let mut carried: Option<Next> = None;
     'conn: loop {
         // Answers that are known go out before we wait for anything.
-        while let Some(r) = queue.front_mut().and_then(Queued::try_ready) {
-            queue.pop_front();
+        while let Some(r) = queue.try_pop() {
             codec.push(&mut out, &r);
         }
-        // Answers wait in `out` only while a whole request is already
-        // buffered: never block on the socket with answers unsent (a client
-        // that waits for them before writing the rest of a request would
-        // otherwise wait forever).
-        let whole = codec.whole(&line, rd.buffer());
-        if !out.is_empty() && (!whole || queue.len() >= MAX_PIPELINED_SENDS) {
-            if w.write_all(&out).await.is_err() {
-                break;
-            }
-            out.clear();
-        }
-        let read = if whole && queue.len() < MAX_PIPELINED_SENDS {
-            // A whole request is buffered: reading it does not wait, so
-            // neither the front answer nor cancellation is polled for it
-            // (the next request that does wait polls both).
-            read_request(codec, &mut rd, &mut line).await
-        } else {
-            tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                r = async {
-                    match queue.front_mut() {
-                        Some(q) => q.wait().await,
-                        None => std::future::pending().await,
+        let next = match carried.take() {
+            Some(next) => next,
+            None => {
+                // Answers wait in `out` only while a whole request is
+                // already buffered: never block on the socket with answers
+                // unsent (a client that waits for them before writing the
+                // rest of a request would otherwise wait forever).
+                let whole = codec.whole(&line, rd.buffer());
+                if !out.is_empty() && (!whole || !queue.has_room()) {
+                    if w.write_all(&out).await.is_err() {
+                        break;
                     }
-                }, if !queue.is_empty() => {
-                    queue.pop_front();
-                    codec.push(&mut out, &r);
-                    continue;
+                    out.clear();
                 }
-                r = read_request(codec, &mut rd, &mut line), if queue.len() < MAX_PIPELINED_SENDS => r,
+                Next::Read(if whole && queue.has_room() {
+                    // A whole request is buffered: reading it does not
+                    // wait, so neither the front answer nor cancellation is
+                    // polled for it (the next request that does wait polls
+                    // both).
+                    read_request(codec, &mut rd, &mut line).await
+                } else {
+                    let room = queue.has_room();
+                    tokio::select! {
+                        biased;
+                        _ = cancel.cancelled() => break,
+                        r = queue.pop(), if !queue.is_empty() => {
+                            codec.push(&mut out, &r);
+                            continue;
+                        }
+                        r = read_request(codec, &mut rd, &mut line), if room => r,
+                    }
+                })
             }
         };
-        let last = match read {
-            Read::Request => None,
-            Read::Failed => break,
-            Read::End => Some(None),
-            Read::TooLarge => Some(Some(err(
-                "request_too_large",
-                format!("request exceeds {MAX_REQUEST_LINE} bytes"),
-            ))),
-            Read::Truncated => Some(Some(err(
-                "bad_request",
-                "the connection ended inside a compact frame",
-            ))),
+        let op = match next {
+            Next::Op(op) => op,
+            Next::Read(read) => {
+                let last = match read {
+                    Read::Request => None,
+                    Read::Failed => break,
+                    Read::End => Some(None),
+                    Read::TooLarge => Some(Some(err(
+                        "request_too_large",
+                        format!("request exceeds {MAX_REQUEST_LINE} bytes"),
+                    ))),
+                    Read::Truncated => Some(Some(err(
+                        "bad_request",
+                        "the connection ended inside a compact frame",
+                    ))),
+                };
+                if let Some(refusal) = last {
+                    // The client finished writing (or broke the framing):
+                    // answer what it asked, then end.
+                    if let Some(r) = refusal {
+                        queue.push(Queued::Ready(Box::new(r)));
+                    }
+                    if drain(&mut queue, &mut out, codec, &cancel).await {
+                        let _ = w.write_all(&out).await;
+                    }
+                    break;
+                }
+                let op = parse(codec, &line);
+                line.clear();
+                op
+            }
         };
-        if let Some(refusal) = last {
-            // The client finished writing (or broke the framing): answer
-            // what it asked, then end.
-            if let Some(r) = refusal {
-                queue.push_back(Queued::Ready(Box::new(r)));
-            }
-            if drain(&mut queue, &mut out, codec, &cancel).await {
-                let _ = w.write_all(&out).await;
-            }
-            break;
-        }
-        let op = parse(codec, &line);
-        line.clear();
         let op = match op {
             Err(r) => {
-                queue.push_back(Queued::Ready(r));
+                queue.push(Queued::Ready(r));
                 continue;
             }
             Ok(Op::Send { to, body, timeout }) => {
-                // The send first: it is almost always handed over at once,
-                // and then the cancellation's waiter is never registered
-                // (a lock, and another to remove it, per send).
-                let q = tokio::select! {
+                // Further sends already buffered whole, with the same
+                // timeout, go with this one as a batch (reading them does
+                // not wait); the first other request is carried over.
+                let mut sends = vec![(to, body)];
+                while sends.len() < SEND_BATCH
+                    && queue.waiting + sends.len() < MAX_PIPELINED_SENDS
+                    && codec.whole(&line, rd.buffer())
+                {
+                    let read = read_request(codec, &mut rd, &mut line).await;
+                    if !matches!(read, Read::Request) {
+                        carried = Some(Next::Read(read));
+                        break;
+                    }
+                    let op = parse(codec, &line);
+                    line.clear();
+                    match op {
+                        Ok(Op::Send {
+                            to,
+                            body,
+                            timeout: t,
+                        }) if t == timeout => sends.push((to, body)),
+                        op => {
+                            carried = Some(Next::Op(op));
+                            break;
+                        }
+                    }
+                }
+                // The sends first: they are almost always handed over at
+                // once, and then the cancellation's waiter is never
+                // registered (a lock, and another to remove it, per send).
+                let qs = tokio::select! {
                     biased;
-                    q = start_send(&shared, to, body, timeout.min(MAX_WAIT)) => q,
+                    qs = start_sends(&shared, sends, timeout.min(MAX_WAIT)) => qs,
                     _ = cancel.cancelled() => break,
                 };
-                queue.push_back(q);
+                for q in qs {
+                    queue.push(q);
+                }
                 continue;
             }
             Ok(op) => op,
@@ -603,17 +745,16 @@ async fn ping(
 /// Waits for every queued answer, in order, into `out`; false if the
 /// daemon stops first.
 async fn drain(
-    queue: &mut VecDeque<Queued>,
+    queue: &mut Answers,
     out: &mut Vec<u8>,
     codec: Codec,
     cancel: &CancellationToken,
 ) -> bool {
-    while let Some(q) = queue.front_mut() {
+    while !queue.is_empty() {
         let r = tokio::select! {
             _ = cancel.cancelled() => return false,
-            r = q.wait() => r,
+            r = queue.pop() => r,
         };
-        queue.pop_front();
         codec.push(out, &r);
     }
     true
@@ -675,8 +816,9 @@ async fn answer(
         Op::Send { to, body, timeout } => {
             start_send(shared, to, body, timeout.min(MAX_WAIT))
                 .await
-                .wait()
+                .next()
                 .await
+                .0
         }
         Op::Ack(ids) => match leased.ack(shared, &ids).await {
             Ok(acked) => Out::Acked(acked),
@@ -737,6 +879,41 @@ async fn start_send(shared: &Arc<Shared>, to: String, body: Bytes, timeout: Dura
     match api::submit(shared, &to, body, timeout).await {
         Ok(p) => Queued::Send(p),
         Err(e) => Queued::Ready(Box::new(e.into())),
+    }
+}
+
+/// Hands sends read together to the connection actor: as one batch, or one
+/// by one if one of them is bad (each request gets its own answer).
+async fn start_sends(
+    shared: &Arc<Shared>,
+    mut sends: Vec<(String, Bytes)>,
+    timeout: Duration,
+) -> Vec<Queued> {
+    if sends.len() == 1 {
+        if let Some((to, body)) = sends.pop() {
+            return vec![start_send(shared, to, body, timeout).await];
+        }
+    }
+    let n = sends.len();
+    // (A named function: with a closure the future is not `Send`.)
+    fn pair((to, body): &(String, Bytes)) -> (&str, Bytes) {
+        (to, body.clone())
+    }
+    match api::submit_batch(shared, sends.iter().map(pair), timeout).await {
+        Ok(p) => vec![Queued::Batch(p, VecDeque::new())],
+        // A bad request among them: checked before anything was handed
+        // over, so each goes alone and gets its own answer.
+        Err(e) if e.code == "bad_name" || e.code == "body_too_large" => {
+            let mut qs = Vec::with_capacity(n);
+            for (to, body) in sends {
+                qs.push(start_send(shared, to, body, timeout).await);
+            }
+            qs
+        }
+        // Not connected in time, stopping: the same for every one.
+        Err(e) => (0..n)
+            .map(|_| Queued::Ready(Box::new(e.clone().into())))
+            .collect(),
     }
 }
 

@@ -685,13 +685,22 @@ async fn pipelined_refusals_keep_their_place() -> Result<()> {
     let key = relay.create_key("acme")?;
     let d = TestDaemon::start(&relay, &key, "sender").await?;
     let (mut req, mut rep) = d.client().await?.pipeline();
-    for i in 0..5 {
-        req.send("offline", format!("{i}").as_bytes(), WAIT).await?;
+    // Read together, so handed over in batches: a bad name among them and
+    // a send with another timeout keep their places too.
+    for i in 0..6 {
+        match i {
+            2 => req.send("not a name!", b"x", WAIT).await?,
+            3 => req.send("offline", b"2", WAIT * 2).await?,
+            _ => {
+                req.send("offline", format!("{}", i.min(2)).as_bytes(), WAIT)
+                    .await?
+            }
+        }
     }
     req.push(&swb_daemon::control::Request::Status).await?;
     req.flush().await?;
     let mut seen = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..7 {
         seen.push(match rep.next().await {
             Ok(swb_daemon::control::Reply::Sent { .. }) => "sent".to_string(),
             Ok(swb_daemon::control::Reply::Status(_)) => "status".to_string(),
@@ -705,11 +714,19 @@ async fn pipelined_refusals_keep_their_place() -> Result<()> {
         [
             "sent",
             "sent",
+            "bad_name",
             "sent",
             "mailbox_full",
             "mailbox_full",
             "status"
         ]
+    );
+    // The three accepted, in order.
+    let r = TestDaemon::start(&relay, &key, "offline").await?;
+    let got = r.recv_n(3).await?;
+    assert_eq!(
+        got.iter().map(|m| m.body()).collect::<Vec<_>>(),
+        vec![b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]
     );
     Ok(())
 }
