@@ -731,6 +731,36 @@ async fn pipelined_refusals_keep_their_place() -> Result<()> {
     Ok(())
 }
 
+/// Sends read together are handed over together only when they share a
+/// timeout: one whose timeout passes does not take a later one with it.
+#[tokio::test]
+async fn pipelined_sends_are_held_each_to_its_own_timeout() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let cut = UdpCut::start(relay.addr()).await?;
+    let mut cfg = relay.daemon_config(&key, "a", std::path::PathBuf::new());
+    cfg.relays = vec![cut.addr.to_string()];
+    let d = TestDaemon::spawn(cfg).await?;
+    d.wait_state(|s| s.is_connected()).await?;
+    // The relay's answers are lost from now on.
+    cut.cut_answers();
+    let (mut req, mut rep) = d.client().await?.pipeline();
+    req.send("b", b"short", Duration::from_millis(300)).await?;
+    req.send("b", b"long", WAIT).await?;
+    req.flush().await?;
+    match rep.next().await {
+        Err(ControlError::Remote { code, .. }) => assert_eq!(code, "timeout"),
+        other => anyhow::bail!("expected the short send to time out, got {other:?}"),
+    }
+    // Answers get through again: the long send is answered in its time.
+    cut.restore();
+    match rep.next().await {
+        Ok(swb_daemon::control::Reply::Sent { .. }) => {}
+        other => anyhow::bail!("expected the long send accepted, got {other:?}"),
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn rust_api_sends_receives_and_acknowledges_in_process() -> Result<()> {
     let relay = TestRelay::spawn().await?;
