@@ -16,6 +16,12 @@
 //! let tx = daemon.sender();
 //! let mut pending = tx.submit("london", bytes, Duration::from_secs(10)).await?;
 //! let accepted = pending.answer().await?;
+//! // Batches: handed over together, each send answered for itself.
+//! let msgs = [("london", "a"), ("paris", "b")];
+//! let mut batch = tx.submit_batch(msgs, Duration::from_secs(10)).await?;
+//! for answer in batch.answer().await? {
+//!     let accepted = answer?;
+//! }
 //! // Receiving: messages are leased to the receiver until acknowledged;
 //! // dropping it gives the unacknowledged ones back.
 //! let mut rx = daemon.receiver();
