@@ -220,18 +220,14 @@ impl SessionCore {
                     Some(w) => w.req,
                     None => self.reqs.next(),
                 };
-                if !matches!(written, Some(w) if Some(w.link) == current) {
-                    out.push(send_frame(req, id, &to, &body));
-                }
-                self.pending.insert(
-                    req,
-                    PendingSend {
-                        to,
-                        id,
-                        body,
-                        reply: Reply::One(reply),
-                    },
-                );
+                let p = PendingSend {
+                    to,
+                    id,
+                    body,
+                    reply: Reply::One(reply),
+                };
+                let on_wire = matches!(written, Some(w) if Some(w.link) == current);
+                self.file(req, p, on_wire, out);
             }
             Cmd::SendBatch {
                 items,
@@ -256,22 +252,17 @@ impl SessionCore {
                     },
                 );
                 for (index, BatchItem { to, id, body }) in items.into_iter().enumerate() {
-                    let req = first + index as u64;
-                    if !on_wire {
-                        out.push(send_frame(req, id, &to, &body));
-                    }
-                    self.pending.insert(
-                        req,
-                        PendingSend {
-                            to,
-                            id,
-                            body,
-                            reply: Reply::Batch {
-                                batch: first,
-                                index,
-                            },
-                        },
-                    );
+                    let reply = Reply::Batch {
+                        batch: first,
+                        index,
+                    };
+                    let p = PendingSend {
+                        to,
+                        id,
+                        body,
+                        reply,
+                    };
+                    self.file(first + index as u64, p, on_wire, out);
                 }
             }
             Cmd::Ack(acked) => {
@@ -286,6 +277,15 @@ impl SessionCore {
                 self.resolving.insert(req, (name, reply));
             }
         }
+    }
+
+    /// Files send `req` as unanswered; its frame goes to `out` unless its
+    /// caller wrote it on the connection served (`on_wire`).
+    fn file(&mut self, req: u64, p: PendingSend, on_wire: bool, out: &mut Vec<Frame>) {
+        if !on_wire {
+            out.push(send_frame(req, p.id, &p.to, &p.body));
+        }
+        self.pending.insert(req, p);
     }
 
     /// The relay's answer to request `req`, to whoever waits for it.

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use bytes::Bytes;
 use std::time::Duration;
+use swb_daemon::control::InMessage;
 use swb_daemon::{ConnState, ControlError, DaemonError};
 use swb_relay::keys::{self, KeysFile};
 use swb_relay::MailboxLimits;
@@ -307,16 +308,33 @@ async fn sends_read_together_are_answered_together_each_once() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn full_mailbox_is_a_refusal_the_sender_sees() -> Result<()> {
-    let relay = TestRelay::spawn_with(RelayOptions {
+/// A relay whose mailboxes hold `n` messages.
+async fn relay_with_mailboxes_of(n: usize) -> Result<TestRelay> {
+    TestRelay::spawn_with(RelayOptions {
         limits: MailboxLimits {
-            messages: 3,
+            messages: n,
             ..MailboxLimits::default()
         },
         ..RelayOptions::default()
     })
-    .await?;
+    .await
+}
+
+/// Peer `offline` attaches and gets exactly the bodies "0", "1" and "2",
+/// in order.
+async fn offline_gets_0_1_2(relay: &TestRelay, key: &str) -> Result<Vec<InMessage>> {
+    let r = TestDaemon::start(relay, key, "offline").await?;
+    let got = r.recv_n(3).await?;
+    assert_eq!(
+        got.iter().map(|m| m.body()).collect::<Vec<_>>(),
+        vec![b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]
+    );
+    Ok(got)
+}
+
+#[tokio::test]
+async fn full_mailbox_is_a_refusal_the_sender_sees() -> Result<()> {
+    let relay = relay_with_mailboxes_of(3).await?;
     let key = relay.create_key("acme")?;
     let d = TestDaemon::start(&relay, &key, "sender").await?;
     for i in 0..3 {
@@ -327,12 +345,7 @@ async fn full_mailbox_is_a_refusal_the_sender_sees() -> Result<()> {
         "mailbox_full"
     );
     // Nothing accepted was lost: the recipient gets exactly the three.
-    let r = TestDaemon::start(&relay, &key, "offline").await?;
-    let got = r.recv_n(3).await?;
-    assert_eq!(
-        got.iter().map(|m| m.body()).collect::<Vec<_>>(),
-        vec![b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]
-    );
+    offline_gets_0_1_2(&relay, &key).await?;
     // Room again.
     d.send("offline", b"fits now").await?;
     Ok(())
@@ -674,14 +687,7 @@ async fn answers_go_out_while_the_next_request_is_still_arriving() -> Result<()>
 
 #[tokio::test]
 async fn pipelined_refusals_keep_their_place() -> Result<()> {
-    let relay = TestRelay::spawn_with(RelayOptions {
-        limits: MailboxLimits {
-            messages: 3,
-            ..MailboxLimits::default()
-        },
-        ..RelayOptions::default()
-    })
-    .await?;
+    let relay = relay_with_mailboxes_of(3).await?;
     let key = relay.create_key("acme")?;
     let d = TestDaemon::start(&relay, &key, "sender").await?;
     let (mut req, mut rep) = d.client().await?.pipeline();
@@ -722,13 +728,16 @@ async fn pipelined_refusals_keep_their_place() -> Result<()> {
         ]
     );
     // The three accepted, in order.
-    let r = TestDaemon::start(&relay, &key, "offline").await?;
-    let got = r.recv_n(3).await?;
-    assert_eq!(
-        got.iter().map(|m| m.body()).collect::<Vec<_>>(),
-        vec![b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]
-    );
+    offline_gets_0_1_2(&relay, &key).await?;
     Ok(())
+}
+
+/// A daemon `name` whose packets to and from `relay` pass through a cut.
+async fn behind_cut(relay: &TestRelay, key: &str, name: &str) -> Result<(UdpCut, TestDaemon)> {
+    let cut = UdpCut::start(relay.addr()).await?;
+    let mut cfg = relay.daemon_config(key, name, std::path::PathBuf::new());
+    cfg.relays = vec![cut.addr.to_string()];
+    Ok((cut, TestDaemon::spawn(cfg).await?))
 }
 
 /// Sends read together are handed over together only when they share a
@@ -737,10 +746,7 @@ async fn pipelined_refusals_keep_their_place() -> Result<()> {
 async fn pipelined_sends_are_held_each_to_its_own_timeout() -> Result<()> {
     let relay = TestRelay::spawn().await?;
     let key = relay.create_key("acme")?;
-    let cut = UdpCut::start(relay.addr()).await?;
-    let mut cfg = relay.daemon_config(&key, "a", std::path::PathBuf::new());
-    cfg.relays = vec![cut.addr.to_string()];
-    let d = TestDaemon::spawn(cfg).await?;
+    let (cut, d) = behind_cut(&relay, &key, "a").await?;
     d.wait_state(|s| s.is_connected()).await?;
     // The relay's answers are lost from now on.
     cut.cut_answers();
@@ -858,14 +864,7 @@ async fn rust_api_batches_keep_their_order_among_single_sends() -> Result<()> {
 
 #[tokio::test]
 async fn rust_api_batches_are_checked_whole_and_answered_per_message() -> Result<()> {
-    let relay = TestRelay::spawn_with(RelayOptions {
-        limits: MailboxLimits {
-            messages: 3,
-            ..MailboxLimits::default()
-        },
-        ..RelayOptions::default()
-    })
-    .await?;
+    let relay = relay_with_mailboxes_of(3).await?;
     let key = relay.create_key("acme")?;
     let a = TestDaemon::start(&relay, &key, "a").await?;
     let tx = a.handle.sender();
@@ -923,12 +922,7 @@ async fn rust_api_batches_are_checked_whole_and_answered_per_message() -> Result
         ]
     );
     // Exactly the three accepted arrive, under the ids the batch gave.
-    let r = TestDaemon::start(&relay, &key, "offline").await?;
-    let got = r.recv_n(3).await?;
-    assert_eq!(
-        got.iter().map(|m| m.body()).collect::<Vec<_>>(),
-        vec![b"0".to_vec(), b"1".to_vec(), b"2".to_vec()]
-    );
+    let got = offline_gets_0_1_2(&relay, &key).await?;
     let accepted: Vec<String> = answers[..3]
         .iter()
         .map(|r| r.clone().map(|a| a.id.to_string()))
@@ -1006,10 +1000,7 @@ async fn receive_in_order(b: &TestDaemon, ids: &[MessageId]) -> Result<()> {
 async fn sends_in_flight_when_the_connection_dies_arrive_once_and_in_order() -> Result<()> {
     let relay = TestRelay::spawn().await?;
     let key = relay.create_key("acme")?;
-    let cut = UdpCut::start(relay.addr()).await?;
-    let mut cfg = relay.daemon_config(&key, "a", std::path::PathBuf::new());
-    cfg.relays = vec![cut.addr.to_string()];
-    let a = TestDaemon::spawn(cfg).await?;
+    let (cut, a) = behind_cut(&relay, &key, "a").await?;
     let first_since = match a.wait_state(|s| s.is_connected()).await? {
         ConnState::Connected { since, .. } => since,
         _ => unreachable!(),
