@@ -554,6 +554,16 @@ impl DaemonHandle {
         self.sender().submit(to, body, timeout).await
     }
 
+    /// Hands up to [`MAX_SEND_BATCH`] sends to the relay connection
+    /// together; see [`Sender::submit_batch`].
+    pub async fn submit_batch<'a, B: Into<bytes::Bytes>>(
+        &self,
+        msgs: impl IntoIterator<Item = (&'a str, B)>,
+        timeout: Duration,
+    ) -> Result<PendingBatch, ApiError> {
+        self.sender().submit_batch(msgs, timeout).await
+    }
+
     /// A sender for other tasks (cheap to clone).
     pub fn sender(&self) -> Sender {
         Sender {

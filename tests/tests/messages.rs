@@ -850,7 +850,7 @@ async fn rust_api_batches_keep_their_order_among_single_sends() -> Result<()> {
         let n = size.min(1000 - i);
         let to = if size % 2 == 0 { "b" } else { "B.switchboard" };
         let msgs = (i..i + n).map(|k| (to, format!("m{k}")));
-        pending.push(Pending::Batch(tx.submit_batch(msgs, WAIT).await?));
+        pending.push(Pending::Batch(a.handle.submit_batch(msgs, WAIT).await?));
         i += n;
         if i < 1000 {
             pending.push(Pending::One(tx.submit("b", format!("m{i}"), WAIT).await?));
