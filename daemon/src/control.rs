@@ -8,6 +8,9 @@
 //! which come in request order. The daemon hands each `send` to the relay
 //! as it reads it (up to [`MAX_PIPELINED_SENDS`] waiting for the relay per
 //! connection); any other request is answered after the sends before it.
+//! Sends read together (each already whole in the read buffer, with the
+//! same timeout) go over as one batch of up to 64, as
+//! [`crate::Sender::submit_batch`] hands them; each keeps its own answer.
 //!
 //! `recv` leases messages to the asking connection; they are acknowledged
 //! to the relay only when the same connection sends `ack` for them. If the
