@@ -2188,8 +2188,8 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         for _ in 0..runs {
             for (api, c) in &mut ours {
                 let times = match api {
-                    // (Batches are measured for rate only.)
-                    Some(Api::Rust | Api::Batch) => {
+                    Some(Api::Batch) => anyhow::bail!("batches are measured for rate only"),
+                    Some(Api::Rust) => {
                         api_latency(
                             &ds[0],
                             &ds[1],
@@ -2668,12 +2668,7 @@ pub(crate) async fn submit_batches(
             break;
         }
         while unanswered + msgs.len() > window.max(batch) {
-            let mut p: swb_daemon::PendingBatch = waiting.pop_front().context("window")?;
-            let n = p.ids().len();
-            for r in p.answer().await? {
-                r?;
-            }
-            unanswered -= n;
+            unanswered -= all_accepted(waiting.pop_front().context("window")?).await?;
         }
         // (A named function: a closure here makes the future not `Send`.)
         fn pair((to, body): &(Arc<str>, bytes::Bytes)) -> (&str, bytes::Bytes) {
@@ -2686,12 +2681,20 @@ pub(crate) async fn submit_batches(
         sent += msgs.len();
         waiting.push_back(p);
     }
-    for mut p in waiting {
-        for r in p.answer().await? {
-            r?;
-        }
+    for p in waiting {
+        all_accepted(p).await?;
     }
     Ok(sent)
+}
+
+/// Waits for a batch's answers: an error unless every send was accepted;
+/// how many there were.
+async fn all_accepted(mut p: swb_daemon::PendingBatch) -> Result<usize> {
+    let answers = p.answer().await?;
+    for a in &answers {
+        a.clone()?;
+    }
+    Ok(answers.len())
 }
 
 /// Receives and acknowledges through the Rust API until aborted, telling

@@ -258,9 +258,7 @@ pub(crate) async fn submit(
     check_body(&body)?;
     let to = checked_name(to)?;
     let deadline = tokio::time::Instant::now() + timeout;
-    if !shared.connected.load(std::sync::atomic::Ordering::Acquire) {
-        wait_connected(shared, deadline, timeout).await?;
-    }
+    connected(shared, deadline, timeout).await?;
     let id = random_id()?;
     let (tx, rx) = oneshot::channel();
     if shared
@@ -269,7 +267,7 @@ pub(crate) async fn submit(
         .await
         .is_err()
     {
-        return Err(ApiError::new("stopped", "the daemon is stopping"));
+        return Err(stopping());
     }
     Ok(PendingSend {
         id,
@@ -277,6 +275,24 @@ pub(crate) async fn submit(
         deadline,
         timeout,
     })
+}
+
+/// Returns once the daemon is connected to its relay (at once, as a rule);
+/// an error if it stopped or `deadline` passed first.
+async fn connected(
+    shared: &Shared,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<(), ApiError> {
+    if shared.connected.load(std::sync::atomic::Ordering::Acquire) {
+        return Ok(());
+    }
+    wait_connected(shared, deadline, timeout).await
+}
+
+/// The daemon stopped taking sends.
+fn stopping() -> ApiError {
+    ApiError::new("stopped", "the daemon is stopping")
 }
 
 /// A body within [`MAX_MESSAGE_BODY`], or why not.
@@ -334,11 +350,8 @@ pub(crate) async fn submit_batch<'a, B: Into<Bytes>>(
                 name
             }
         };
-        items.push(BatchItem {
-            to: name,
-            id: MessageId([0; 16]),
-            body,
-        });
+        let id = random_id()?;
+        items.push(BatchItem { to: name, id, body });
     }
     let deadline = tokio::time::Instant::now() + timeout;
     let (tx, rx) = oneshot::channel();
@@ -351,12 +364,7 @@ pub(crate) async fn submit_batch<'a, B: Into<Bytes>>(
             timeout,
         });
     }
-    if !shared.connected.load(std::sync::atomic::Ordering::Acquire) {
-        wait_connected(shared, deadline, timeout).await?;
-    }
-    for item in &mut items {
-        item.id = random_id()?;
-    }
+    connected(shared, deadline, timeout).await?;
     let ids = items.iter().map(|i| i.id).collect();
     if shared
         .out
@@ -364,7 +372,7 @@ pub(crate) async fn submit_batch<'a, B: Into<Bytes>>(
         .await
         .is_err()
     {
-        return Err(ApiError::new("stopped", "the daemon is stopping"));
+        return Err(stopping());
     }
     Ok(PendingBatch {
         ids,

@@ -80,12 +80,9 @@ struct PendingSend {
 /// Who waits for a send's answer.
 enum Reply {
     One(oneshot::Sender<SendResult>),
-    /// Place `index` of the batch filed under `batch` (its first request
-    /// number).
-    Batch {
-        batch: u64,
-        index: usize,
-    },
+    /// The batch filed under this first request number; the send's place
+    /// in it is how far its own number is past that.
+    Batch(u64),
 }
 
 /// A batch some of whose sends are unanswered.
@@ -251,18 +248,15 @@ impl SessionCore {
                         reply,
                     },
                 );
-                for (index, BatchItem { to, id, body }) in items.into_iter().enumerate() {
-                    let reply = Reply::Batch {
-                        batch: first,
-                        index,
-                    };
+                for (req, BatchItem { to, id, body }) in (first..).zip(items) {
+                    let reply = Reply::Batch(first);
                     let p = PendingSend {
                         to,
                         id,
                         body,
                         reply,
                     };
-                    self.file(first + index as u64, p, on_wire, out);
+                    self.file(req, p, on_wire, out);
                 }
             }
             Cmd::Ack(acked) => {
@@ -297,10 +291,11 @@ impl SessionCore {
             Reply::One(reply) => {
                 let _ = reply.send(result);
             }
-            Reply::Batch { batch, index } => {
+            Reply::Batch(batch) => {
                 let Some(b) = self.batches.get_mut(&batch) else {
                     return;
                 };
+                let index = usize::try_from(req - batch).unwrap_or(usize::MAX);
                 if let Some(slot) = b.results.get_mut(index) {
                     if slot.replace(result).is_none() {
                         b.left -= 1;
@@ -311,16 +306,6 @@ impl SessionCore {
                         let _ = b.reply.send(b.results.into_iter().flatten().collect());
                     }
                 }
-            }
-        }
-    }
-
-    /// Whether nobody waits for `p`'s answer any more.
-    fn unwanted(&self, p: &PendingSend) -> bool {
-        match &p.reply {
-            Reply::One(reply) => reply.is_closed(),
-            Reply::Batch { batch, .. } => {
-                self.batches.get(batch).is_none_or(|b| b.reply.is_closed())
             }
         }
     }
@@ -338,14 +323,12 @@ impl SessionCore {
     /// more are dropped) and the pending acknowledgements.
     pub(crate) fn on_connected(&mut self) -> Vec<Frame> {
         self.redirects = 0;
-        let unwanted: Vec<u64> = (self.pending.iter())
-            .filter(|(_, p)| self.unwanted(p))
-            .map(|(req, _)| *req)
-            .collect();
-        for req in unwanted {
-            self.pending.remove(&req);
-        }
         self.batches.retain(|_, b| !b.reply.is_closed());
+        let batches = &self.batches;
+        self.pending.retain(|_, p| match &p.reply {
+            Reply::One(reply) => !reply.is_closed(),
+            Reply::Batch(batch) => batches.contains_key(batch),
+        });
         // In the order they were first sent.
         let mut unanswered: Vec<(&u64, &PendingSend)> = self.pending.iter().collect();
         unanswered.sort_unstable_by_key(|(req, _)| **req);
@@ -475,8 +458,7 @@ impl SessionCore {
 
     /// Answers every unanswered send with `refusal` (the daemon stops).
     pub(crate) fn fail_pending(&mut self, refusal: &Refusal) {
-        let mut reqs: Vec<u64> = self.pending.keys().copied().collect();
-        reqs.sort_unstable();
+        let reqs: Vec<u64> = self.pending.keys().copied().collect();
         for req in reqs {
             self.answer(req, Err(refusal.clone()));
         }
