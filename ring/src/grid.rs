@@ -77,13 +77,13 @@ impl Grid {
         // Placement order: by seed (the index breaks the astronomically
         // rare tie).
         let mut order: Vec<usize> = (0..n).collect();
-        order.sort_by_key(|&i| (ring.seeds[i], i));
+        order.sort_by_key(|&i| (ring.seeds[i].0, i));
         let mut cols: Vec<Vec<u32>> = vec![Vec::with_capacity(q + 1); c];
         let mut col_of = vec![0u32; n];
         let mut big = 0usize;
         let mut prefs: Vec<(u64, u32)> = Vec::with_capacity(c);
         for &i in &order {
-            let seed = ring.seeds[i];
+            let seed = ring.seeds[i].0;
             prefs.clear();
             prefs.extend((0..c as u32).map(|k| (col_score(seed, k), k)));
             prefs.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));

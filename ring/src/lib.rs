@@ -16,9 +16,10 @@
 //! - **Fallback order.** Sorting the scores gives every key a preference
 //!   list: when its home dies, the next relay in the list takes over, which is
 //!   what a daemon does to re-home without asking anyone.
-//! - **Cost.** A lookup computes N scores. With a one-multiply mixer per
-//!   relay and branch-free max this is well under 1 µs at N = 1000, and needs
-//!   no memory beyond one seed per relay.
+//! - **Cost.** A lookup computes N scores: one 64×64→128 multiply per
+//!   relay, four relays at a time, about 1 µs at N = 1000 and 0.12 µs at
+//!   N = 100 on the 2.25 GHz EPYC of the README's figures; it needs no
+//!   memory beyond a seed and a multiplier per relay.
 //!
 //! The hash functions here are part of the protocol: every relay and daemon
 //! must compute the same home from the same relay set, across versions and
@@ -66,7 +67,19 @@ pub fn relay_seed(id: &str) -> u64 {
 /// (the "mum" mixer), cheap enough to do for every relay on every lookup.
 #[inline(always)]
 fn score(k: u64, seed: u64) -> u64 {
-    let p = u128::from(k ^ seed).wrapping_mul(u128::from(seed ^ 0x9e37_79b9_7f4a_7c15 | 1));
+    score_with(k, seed, multiplier(seed))
+}
+
+/// The odd multiplier [`score`] uses for relay `seed`.
+#[inline(always)]
+fn multiplier(seed: u64) -> u64 {
+    seed ^ 0x9e37_79b9_7f4a_7c15 | 1
+}
+
+/// [`score`] with the relay's multiplier computed once, ahead.
+#[inline(always)]
+fn score_with(k: u64, seed: u64, mult: u64) -> u64 {
+    let p = u128::from(k ^ seed).wrapping_mul(u128::from(mult));
     (p as u64) ^ ((p >> 64) as u64)
 }
 
@@ -75,7 +88,9 @@ fn score(k: u64, seed: u64) -> u64 {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ring {
     ids: Vec<String>,
-    seeds: Vec<u64>,
+    /// Each relay's seed and the multiplier of its score, side by side
+    /// (one cache line holds four relays' pairs).
+    seeds: Vec<(u64, u64)>,
 }
 
 impl Ring {
@@ -89,7 +104,13 @@ impl Ring {
         let mut ids: Vec<String> = ids.into_iter().map(Into::into).collect();
         ids.sort();
         ids.dedup();
-        let seeds = ids.iter().map(|i| relay_seed(i)).collect();
+        let seeds = ids
+            .iter()
+            .map(|i| {
+                let s = relay_seed(i);
+                (s, multiplier(s))
+            })
+            .collect();
         Self { ids, seeds }
     }
 
@@ -113,18 +134,61 @@ impl Ring {
         self.ids.binary_search_by(|i| i.as_str().cmp(id)).is_ok()
     }
 
-    /// The index of the home of key hash `k`.
+    /// The index of the home of key hash `k`: the highest score, a tie
+    /// (astronomically rare) to the smaller index, so the same set always
+    /// gives the same home.
+    ///
+    /// Four lanes, each the best of every fourth relay, merged at the end:
+    /// with one running best, every relay's compare waited for the one
+    /// before it; this way four relays' multiplies overlap (N = 1000:
+    /// 1269 → about 1045 ns a lookup with the multipliers computed ahead;
+    /// N = 100: 168 → 113 ns; `swbd-bench ring`).
     #[inline]
     fn home_index(&self, k: u64) -> Option<usize> {
-        let mut best: Option<(u64, usize)> = None;
-        for (i, s) in self.seeds.iter().enumerate() {
-            let sc = score(k, *s);
-            // Ties (astronomically rare) go to the smaller id: deterministic.
-            if best.is_none_or(|(b, _)| sc > b) {
-                best = Some((sc, i));
+        let score = |&(s, m): &(u64, u64)| score_with(k, s, m);
+        let (head, body) = match self.seeds.split_at_checked(4) {
+            Some(split) => split,
+            // Fewer than four relays: the first highest.
+            None => {
+                let mut best: Option<(u64, usize)> = None;
+                for (i, seed) in self.seeds.iter().enumerate() {
+                    let s = score(seed);
+                    if best.is_none_or(|(b, _)| s > b) {
+                        best = Some((s, i));
+                    }
+                }
+                return best.map(|(_, i)| i);
+            }
+        };
+        let mut lanes = [0, 1, 2, 3].map(|l| (score(&head[l]), l));
+        let chunks = body.chunks_exact(4);
+        let rest = chunks.remainder();
+        for (c, q) in chunks.enumerate() {
+            let at = 4 + 4 * c;
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                let s = score(&q[l]);
+                // Within a lane indices only grow: strictly greater keeps
+                // the smaller index on a tie.
+                if s > lane.0 {
+                    *lane = (s, at + l);
+                }
             }
         }
-        best.map(|(_, i)| i)
+        let (mut best, mut at) = lanes.into_iter().reduce(|b, c| {
+            if c.0 > b.0 || (c.0 == b.0 && c.1 < b.1) {
+                c
+            } else {
+                b
+            }
+        })?;
+        // The last few come after every lane's: strictly greater again.
+        for (i, seed) in (self.seeds.len() - rest.len()..).zip(rest) {
+            let s = score(seed);
+            if s > best {
+                (best, at) = (s, i);
+            }
+        }
+        Some(at)
     }
 
     /// The home relay of `(namespace, name)`; `None` for an empty ring.
@@ -150,7 +214,7 @@ impl Ring {
             .seeds
             .iter()
             .enumerate()
-            .map(|(i, s)| (score(k, *s), i))
+            .map(|(i, (s, m))| (score_with(k, *s, *m), i))
             .collect();
         v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         v.into_iter().map(|(_, i)| self.ids[i].as_str()).collect()
@@ -239,7 +303,42 @@ mod tests {
         assert!(frac >= 0.9 * ideal, "moved {frac}, ideal {ideal}");
     }
 
+    /// The home as the placement defines it: the first relay with the
+    /// highest score.
+    fn first_highest(r: &Ring, k: u64) -> Option<usize> {
+        let mut best: Option<(u64, usize)> = None;
+        for (i, (s, _)) in r.seeds.iter().enumerate() {
+            let sc = score(k, *s);
+            if best.is_none_or(|(b, _)| sc > b) {
+                best = Some((sc, i));
+            }
+        }
+        best.map(|(_, i)| i)
+    }
+
     proptest! {
+        #[test]
+        fn the_lanes_find_the_first_highest_score(n in 0usize..40, k in any::<u64>()) {
+            let r = ring(n);
+            prop_assert_eq!(r.home_index(k), first_highest(&r, k));
+        }
+
+        /// Relays sharing a seed tie on every key: the smaller index wins,
+        /// whichever lanes the tied relays fall in.
+        #[test]
+        fn ties_go_to_the_smaller_index(pool in proptest::collection::vec(0u8..3, 1..40), k in any::<u64>()) {
+            let seeds: Vec<(u64, u64)> = pool
+                .iter()
+                .map(|v| {
+                    let s = relay_seed(&format!("seed-{v}"));
+                    (s, multiplier(s))
+                })
+                .collect();
+            let ids = (0..seeds.len()).map(|i| format!("relay-{i:02}")).collect();
+            let r = Ring { ids, seeds };
+            prop_assert_eq!(r.home_index(k), first_highest(&r, k));
+        }
+
         #[test]
         fn same_set_same_home_in_any_order(mut ids in proptest::collection::vec("[a-z0-9]{1,8}", 1..20), key in "[a-z]{1,10}") {
             let a = Ring::new(ids.clone());
