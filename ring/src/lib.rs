@@ -140,19 +140,20 @@ impl Ring {
     ///
     /// Four lanes, each the best of every fourth relay, merged at the end:
     /// with one running best, every relay's compare waited for the one
-    /// before it; this way four relays' multiplies overlap (N = 1000:
-    /// 1269 → about 1045 ns a lookup with the multipliers computed ahead;
-    /// N = 100: 168 → 113 ns; `swbd-bench ring`).
+    /// before it; this way four relays' multiplies overlap. With the
+    /// multipliers computed ahead, on a slow day of the README's machine:
+    /// N = 1000 1268 → about 1003 ns a lookup, N = 100 167 → 115 ns
+    /// (`swbd-bench ring`; eight lanes were slower than four).
     #[inline]
     fn home_index(&self, k: u64) -> Option<usize> {
-        let score = |&(s, m): &(u64, u64)| score_with(k, s, m);
+        let scored = |&(s, m): &(u64, u64)| score_with(k, s, m);
         let (head, body) = match self.seeds.split_at_checked(4) {
             Some(split) => split,
             // Fewer than four relays: the first highest.
             None => {
                 let mut best: Option<(u64, usize)> = None;
                 for (i, seed) in self.seeds.iter().enumerate() {
-                    let s = score(seed);
+                    let s = scored(seed);
                     if best.is_none_or(|(b, _)| s > b) {
                         best = Some((s, i));
                     }
@@ -160,13 +161,13 @@ impl Ring {
                 return best.map(|(_, i)| i);
             }
         };
-        let mut lanes = [0, 1, 2, 3].map(|l| (score(&head[l]), l));
+        let mut lanes = [0, 1, 2, 3].map(|l| (scored(&head[l]), l));
         let chunks = body.chunks_exact(4);
         let rest = chunks.remainder();
         for (c, q) in chunks.enumerate() {
             let at = 4 + 4 * c;
             for (l, lane) in lanes.iter_mut().enumerate() {
-                let s = score(&q[l]);
+                let s = scored(&q[l]);
                 // Within a lane indices only grow: strictly greater keeps
                 // the smaller index on a tie.
                 if s > lane.0 {
@@ -183,7 +184,7 @@ impl Ring {
         })?;
         // The last few come after every lane's: strictly greater again.
         for (i, seed) in (self.seeds.len() - rest.len()..).zip(rest) {
-            let s = score(seed);
+            let s = scored(seed);
             if s > best {
                 (best, at) = (s, i);
             }
