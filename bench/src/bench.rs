@@ -2378,6 +2378,11 @@ pub(crate) struct RateArgs {
     /// Our contenders to measure (NATS and NATS+TLS always run beside them).
     #[arg(long, value_delimiter = ',', default_value = "rust,socket,compact")]
     apis: Vec<Api>,
+    /// Our relay in a process of its own, as deployed and as nats-server
+    /// runs (mail in memory, mailboxes as deep): the daemons and clients
+    /// stay in this one. Its CPU counts in the CPU per delivery.
+    #[arg(long)]
+    relay_process: bool,
 }
 
 /// The writing half of a pipelined control connection, in either encoding.
@@ -2713,36 +2718,49 @@ pub(crate) async fn receive_rust(
     }
 }
 
+/// Where `rate` runs our relay.
+enum RateRelay<'a> {
+    /// In this process, with its key and the daemons' socket dir.
+    Here(&'a swb_relay::RelayHandle, &'a str, &'a std::path::Path),
+    /// In a process of its own.
+    Process(&'a RelayProc),
+}
+
+impl RateRelay<'_> {
+    /// A daemon of this process attached as `name`, once welcomed.
+    async fn daemon(&self, name: &str) -> Result<swb_daemon::DaemonHandle> {
+        match self {
+            Self::Here(relay, key, dir) => bench_daemon(relay, key, name, dir, Vec::new()).await,
+            Self::Process(p) => {
+                let d = Daemon::spawn(p.daemon_config(name)).await?;
+                d.connected().await.map_err(anyhow::Error::msg)?;
+                Ok(d)
+            }
+        }
+    }
+
+    /// CPU ticks of every process taking part: this one, and the relay's.
+    fn cpu_ticks(&self) -> Result<u64> {
+        let here = proc_cpu_ticks(std::process::id())?;
+        Ok(match self {
+            Self::Here(..) => here,
+            Self::Process(p) => here + proc_cpu_ticks(p.pid)?,
+        })
+    }
+}
+
 async fn ours_rate(
-    relay: &swb_relay::RelayHandle,
-    key: &str,
-    dir: &std::path::Path,
+    relay: &RateRelay<'_>,
     receivers: usize,
     a: &RateArgs,
     api: Api,
 ) -> Result<Measured> {
     let (n, senders, window) = (a.messages, a.senders, a.window);
     let tag = api.tag();
-    let sender = bench_daemon(
-        relay,
-        key,
-        &format!("sender{receivers}{tag}"),
-        dir,
-        Vec::new(),
-    )
-    .await?;
+    let sender = relay.daemon(&format!("sender{receivers}{tag}")).await?;
     let mut rs = Vec::new();
     for i in 0..receivers {
-        rs.push(
-            bench_daemon(
-                relay,
-                key,
-                &format!("r{receivers}{tag}-{i}"),
-                dir,
-                Vec::new(),
-            )
-            .await?,
-        );
+        rs.push(relay.daemon(&format!("r{receivers}{tag}-{i}")).await?);
     }
     let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let done = Arc::new(tokio::sync::Notify::new());
@@ -2775,7 +2793,7 @@ async fn ours_rate(
         }
     }
     let body = bytes::Bytes::from(vec![0x42u8; 128]);
-    let cpu0 = proc_cpu_ticks(std::process::id())?;
+    let cpu0 = relay.cpu_ticks()?;
     let t = Instant::now();
     let finished = done.notified();
     tokio::pin!(finished);
@@ -2826,7 +2844,7 @@ async fn ours_rate(
         .await
         .context("not all delivered")?;
     let rate = n as f64 / t.elapsed().as_secs_f64();
-    let cpu = cpu_us_per(proc_cpu_ticks(std::process::id())?.saturating_sub(cpu0), n);
+    let cpu = cpu_us_per(relay.cpu_ticks()?.saturating_sub(cpu0), n);
     readers.abort_all();
     sender.shutdown();
     for d in rs {
@@ -2927,6 +2945,16 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
     let (dir, relay, plain, tls_server, tls) =
         (&env.dir, &env.relay, &env.plain, &env.tls_server, &env.tls);
     let floor_identity = Identity::ephemeral()?;
+    let own = match a.relay_process {
+        true => Some(RelayProc::start(&["--memory-mail", "--deep-mailboxes"]).await?),
+        false => None,
+    };
+    let ours_at = match &own {
+        Some(p) => RateRelay::Process(p),
+        None => RateRelay::Here(relay, &env.key, dir.path()),
+    };
+    // Where our relay ran, in the figures' labels.
+    let at = if own.is_some() { ", relay process" } else { "" };
     let mut rows = Vec::new();
     for &receivers in &a.receivers {
         // Contenders take turns within each run, so a slow spell of the
@@ -2938,7 +2966,7 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
         for _ in 0..a.runs.max(1) {
             let before = cores::measure().await;
             for (api, v) in &mut ours {
-                v.push(ours_rate(relay, &env.key, dir.path(), receivers, &a, *api).await?);
+                v.push(ours_rate(&ours_at, receivers, &a, *api).await?);
             }
             if receivers == 1 {
                 fl.push(floor::floor_rate(&floor_identity, a.messages).await?);
@@ -2974,7 +3002,7 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
             record(
                 "rate",
                 &format!(
-                    "deliveries/s 1 -> {receivers}, {} (vs NATS over TLS)",
+                    "deliveries/s 1 -> {receivers}, {}{at} (vs NATS over TLS)",
                     api.label()
                 ),
                 r.rate,
@@ -2987,6 +3015,7 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
     for (receivers, ours, np, nt, floor, apart, (nt_runs, our_runs)) in &rows {
         if out.json {
             let mut o = serde_json::json!({"bench": "rate", "receivers": receivers, "size": 128,
+                "relay_process": a.relay_process,
                 "nats_per_sec": np.rate, "nats_tls_per_sec": nt.rate,
                 "nats_cpu_us_per_msg": np.cpu, "nats_tls_cpu_us_per_msg": nt.cpu,
                 "nats_tls_cpu_us_per_msg_runs": nt_runs,
@@ -3006,10 +3035,11 @@ pub(crate) async fn rate_bench(a: RateArgs, out: &Output) -> Result<()> {
             println!("{o}");
         } else {
             println!(
-                "rate 1 -> {receivers:<3}: nats {:>9.0}/s   nats+tls {:>9.0}/s   (medians of {} runs)",
+                "rate 1 -> {receivers:<3}: nats {:>9.0}/s   nats+tls {:>9.0}/s   (medians of {} runs{})",
                 np.rate,
                 nt.rate,
-                a.runs.max(1)
+                a.runs.max(1),
+                if a.relay_process { "; our relay in its own process" } else { "" }
             );
             println!("{}", cores::line(apart));
             println!(
@@ -3210,6 +3240,22 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
             runs: if s { 1 } else { 3 },
             receivers: vec![1, 100],
             apis: vec![Api::Rust, Api::Batch, Api::Socket, Api::Compact],
+            relay_process: false,
+        },
+        out,
+    )
+    .await?;
+    // And 1 -> 1 as deployed: the relay in a process of its own, as
+    // nats-server is.
+    rate_bench(
+        RateArgs {
+            messages: if s { 200 } else { 500_000 },
+            senders: 1,
+            window: 1024,
+            runs: if s { 1 } else { 3 },
+            receivers: vec![1],
+            apis: vec![Api::Rust, Api::Batch, Api::Compact],
+            relay_process: true,
         },
         out,
     )
