@@ -3232,34 +3232,25 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
         out,
     )
     .await?;
-    rate_bench(
-        RateArgs {
-            messages: if s { 200 } else { 500_000 },
-            senders: 1,
-            window: 1024,
-            runs: if s { 1 } else { 3 },
-            receivers: vec![1, 100],
-            apis: vec![Api::Rust, Api::Batch, Api::Socket, Api::Compact],
-            relay_process: false,
-        },
-        out,
-    )
-    .await?;
+    let rate = RateArgs {
+        messages: if s { 200 } else { 500_000 },
+        senders: 1,
+        window: 1024,
+        runs: if s { 1 } else { 3 },
+        receivers: vec![1, 100],
+        apis: vec![Api::Rust, Api::Batch, Api::Socket, Api::Compact],
+        relay_process: false,
+    };
     // And 1 -> 1 as deployed: the relay in a process of its own, as
     // nats-server is.
-    rate_bench(
-        RateArgs {
-            messages: if s { 200 } else { 500_000 },
-            senders: 1,
-            window: 1024,
-            runs: if s { 1 } else { 3 },
-            receivers: vec![1],
-            apis: vec![Api::Rust, Api::Batch, Api::Compact],
-            relay_process: true,
-        },
-        out,
-    )
-    .await?;
+    let deployed = RateArgs {
+        receivers: vec![1],
+        apis: vec![Api::Rust, Api::Batch, Api::Compact],
+        relay_process: true,
+        ..rate
+    };
+    rate_bench(rate, out).await?;
+    rate_bench(deployed, out).await?;
     durable::durable_bench(
         durable::DurableArgs {
             messages: if s { 200 } else { 50_000 },
