@@ -2696,10 +2696,11 @@ pub(crate) async fn submit_batches(
 /// how many there were.
 async fn all_accepted(mut p: swb_daemon::PendingBatch) -> Result<usize> {
     let answers = p.answer().await?;
-    for a in &answers {
-        a.clone()?;
+    let n = answers.len();
+    for a in answers {
+        a?;
     }
-    Ok(answers.len())
+    Ok(n)
 }
 
 /// Receives and acknowledges through the Rust API until aborted, telling
