@@ -1044,15 +1044,15 @@ fn median_range(v: &mut [f64], digits: usize) -> String {
     )
 }
 
-/// The benchmark of README *Across real networks*: stream goodput through
-/// NAT and the relay vs direct TCP over the same uplink (iperf3 both
-/// ways), the re-home time after a relay crash, and the longest gap of an
+/// The benchmark of `docs/performance.md`, *Across real networks*: stream
+/// goodput through NAT and the relay vs direct TCP over the same uplink
+/// (iperf3 both ways), the re-home time after a relay crash, and the longest gap of an
 /// ssh session across address changes — each repeated `SWB_NETNS_RUNS`
 /// (default 3) times. Run it in release mode:
 /// `cargo test --release -p swbd --test netns -- --ignored --nocapture netns_benchmark`
 /// (needs root and iperf3).
 #[tokio::test]
-#[ignore = "a benchmark: run in release mode (README, Performance)"]
+#[ignore = "a benchmark: run in release mode (docs/performance.md)"]
 async fn netns_benchmark() -> Result<()> {
     let runs: usize = std::env::var("SWB_NETNS_RUNS")
         .ok()

@@ -39,8 +39,8 @@ pub struct RelayConfig {
     pub handshake_threads: usize,
     /// QUIC endpoints, each with its own UDP socket on `listen`
     /// (`SO_REUSEPORT`) and its own packet-processing task; connections
-    /// stay with their shard when clients move (see the README's *Relay
-    /// shards*). 1 to [`crate::MAX_SHARDS`]; default 1.
+    /// stay with their shard when clients move (see `docs/performance.md`,
+    /// *Relay shards*). 1 to [`crate::MAX_SHARDS`]; default 1.
     pub shards: usize,
     /// QUIC Initials without a token (first contact) per source address
     /// and in total; more are dropped before the handshake starts.

@@ -18,7 +18,7 @@
 //!   what a daemon does to re-home without asking anyone.
 //! - **Cost.** A lookup computes N scores: one 64×64→128 multiply per
 //!   relay, four relays at a time, about 1 µs at N = 1000 and 0.12 µs at
-//!   N = 100 on the 2.25 GHz EPYC of the README's figures; it needs no
+//!   N = 100 on the 2.25 GHz EPYC of `docs/performance.md`; it needs no
 //!   memory beyond a seed and a multiplier per relay.
 //!
 //! The hash functions here are part of the protocol: every relay and daemon
@@ -141,9 +141,10 @@ impl Ring {
     /// Four lanes, each the best of every fourth relay, merged at the end:
     /// with one running best, every relay's compare waited for the one
     /// before it; this way four relays' multiplies overlap. With the
-    /// multipliers computed ahead, on a slow day of the README's machine:
-    /// N = 1000 1268 → about 1003 ns a lookup, N = 100 167 → 115 ns
-    /// (`swbd-bench ring`; eight lanes were slower than four).
+    /// multipliers computed ahead, on a slow day of the machine of
+    /// `docs/performance.md`: N = 1000 1268 → about 1003 ns a lookup,
+    /// N = 100 167 → 115 ns (`swbd-bench ring`; eight lanes were slower
+    /// than four).
     #[inline]
     fn home_index(&self, k: u64) -> Option<usize> {
         let scored = |&(s, m): &(u64, u64)| score_with(k, s, m);

@@ -3,7 +3,8 @@
 //! place the two vCPUs on one core complex (tens of ns) or on two (hundreds),
 //! and move them while a benchmark runs. Every message we pass from task to
 //! task on the other worker pays that distance, so `rate` and `fanout`
-//! print it beside each run (see the README, *the two modes*).
+//! print it beside each run (see `docs/performance.md`, *What the two
+//! modes are*).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
