@@ -1118,110 +1118,95 @@ fn handle(
     // Sends waiting for the store; sends accepted in this batch.
     (durable, accepted): (&mut Durables, &mut u64),
 ) -> Result<(), End> {
-    match f {
-        Frame::Send(s) if s.body.len() <= MAX_MESSAGE_BODY => {
-            // The key's send rate, across its sessions and HTTP.
-            if let Err(refusal) = router.services().take_send_from(key_rate, clock.at) {
-                return io.queue(&Frame::SendRefused(SendRefused {
+    let Frame::Send(s) = f else {
+        return handle_local(router.services(), io, ns, name, f);
+    };
+    let services = router.services();
+    // An oversized body is refused by the mailbox, after the name.
+    let fits = s.body.len() <= MAX_MESSAGE_BODY;
+    // The key's send rate, across its sessions and HTTP.
+    if fits {
+        if let Err(refusal) = services.take_send_from(key_rate, clock.at) {
+            return io.queue(&Frame::SendRefused(SendRefused {
+                req: s.req,
+                refusal,
+            }));
+        }
+    }
+    // The name is checked once, here, for both ways a send goes.
+    let to = match swb_wire::normalized(&s.to) {
+        Ok(to) => to,
+        Err(e) => {
+            let refusal = Refusal::new(Code::BAD_NAME, format!("{e}: {:?}", s.to));
+            services.metrics.refused(refusal.code);
+            debug!(code = %refusal.code, "send refused");
+            return io.queue(&Frame::SendRefused(SendRefused {
+                req: s.req,
+                refusal,
+            }));
+        }
+    };
+    // Recipient homed on another relay: one mesh hop.
+    if fits {
+        if let Route::Remote(home) = router.route_seen(seen, live, ns, &to) {
+            let job = swb_wire::MeshForward {
+                namespace: ns.to_string(),
+                from: name.to_string(),
+                to: to.into_owned(),
+                id: s.id,
+                body: s.body,
+                sent_at_ms: clock.wall_ms,
+                hops: 0,
+            };
+            let f = fwd.get_or_insert_with(|| Forwarding::start(router));
+            if f.jobs.try_send((s.req, home.id, job)).is_err() {
+                let refusal = Refusal::new(
+                    Code::BUSY,
+                    format!("{FORWARD_QUEUE} messages of this session are waiting for another relay already; retry"),
+                );
+                services.metrics.refused(refusal.code);
+                io.queue(&Frame::SendRefused(SendRefused {
                     req: s.req,
                     refusal,
-                }));
+                }))?;
             }
-            // Recipient homed on another relay: one mesh hop.
-            if let Ok(to) = swb_wire::normalized(&s.to) {
-                if let Route::Remote(home) = router.route_seen(seen, live, ns, &to) {
-                    let job = swb_wire::MeshForward {
-                        namespace: ns.to_string(),
-                        from: name.to_string(),
-                        to: to.into_owned(),
-                        id: s.id,
-                        body: s.body,
-                        sent_at_ms: clock.wall_ms,
-                        hops: 0,
-                    };
-                    let f = fwd.get_or_insert_with(|| Forwarding::start(router));
-                    if f.jobs.try_send((s.req, home.id, job)).is_err() {
-                        let refusal = Refusal::new(
-                            Code::BUSY,
-                            format!("{FORWARD_QUEUE} messages of this session are waiting for another relay already; retry"),
-                        );
-                        router.services().metrics.refused(refusal.code);
-                        io.queue(&Frame::SendRefused(SendRefused {
-                            req: s.req,
-                            refusal,
-                        }))?;
-                    }
-                    return Ok(());
-                }
-            }
-            handle_local(
-                router.services(),
-                io,
-                ns,
-                name,
-                Frame::Send(s),
-                clock,
-                (durable, accepted),
-            )
+            return Ok(());
         }
-        other => handle_local(
-            router.services(),
-            io,
-            ns,
-            name,
-            other,
-            clock,
-            (durable, accepted),
-        ),
+    }
+    let (req, id) = (s.req, s.id);
+    match services.enqueue(ns, name, &to, id, s.body, clock.wall_ms, clock.at) {
+        Ok((online, stored)) => {
+            *accepted += 1;
+            debug!(%id, online, "message accepted");
+            match stored.number() {
+                Ok(None) => io.accepted(req, online),
+                // `accepted` only once the message is durable.
+                Ok(Some(n)) => {
+                    durable.push(services, n, req, id, online);
+                    Ok(())
+                }
+                Err(e) => io.queue(&Frame::SendRefused(SendRefused {
+                    req,
+                    refusal: crate::services::not_stored(&e),
+                })),
+            }
+        }
+        Err(refusal) => {
+            debug!(code = %refusal.code, "send refused");
+            io.queue(&Frame::SendRefused(SendRefused { req, refusal }))
+        }
     }
 }
 
+/// A daemon's frames other than sends.
 fn handle_local(
     services: &crate::services::Services,
     io: &mut Io,
     ns: &str,
     name: &Arc<str>,
     f: Frame,
-    clock: Clock,
-    (durable, accepted): (&mut Durables, &mut u64),
 ) -> Result<(), End> {
     match f {
-        Frame::Send(s) => {
-            let result = match swb_wire::normalized(&s.to) {
-                Err(e) => {
-                    let r = Refusal::new(Code::BAD_NAME, format!("{e}: {:?}", s.to));
-                    services.metrics.refused(r.code);
-                    Err(r)
-                }
-                Ok(to) => services.enqueue(ns, name, &to, s.id, s.body, clock.wall_ms, clock.at),
-            };
-            match result {
-                Ok((online, stored)) => {
-                    *accepted += 1;
-                    debug!(id = %s.id, online, "message accepted");
-                    let (req, id) = (s.req, s.id);
-                    match stored.number() {
-                        Ok(None) => io.accepted(req, online),
-                        // `accepted` only once the message is durable.
-                        Ok(Some(n)) => {
-                            durable.push(services, n, req, id, online);
-                            Ok(())
-                        }
-                        Err(e) => io.queue(&Frame::SendRefused(SendRefused {
-                            req,
-                            refusal: crate::services::not_stored(&e),
-                        })),
-                    }
-                }
-                Err(refusal) => {
-                    debug!(code = %refusal.code, "send refused");
-                    io.queue(&Frame::SendRefused(SendRefused {
-                        req: s.req,
-                        refusal,
-                    }))
-                }
-            }
-        }
         Frame::Ack(a) => {
             services.ack(ns, name, &a.ids);
             Ok(())
