@@ -226,6 +226,47 @@ async fn a_key_past_its_send_rate_is_refused_and_other_keys_are_not() -> Result<
     Ok(())
 }
 
+/// A send the relay refuses for its name still took from the key's send
+/// rate: a client that skips the daemon's own check cannot send without
+/// limit by naming nobody.
+#[tokio::test]
+async fn sends_to_bad_names_count_against_the_key_send_rate() -> Result<()> {
+    let relay = TestRelay::spawn_with(swb_tests::RelayOptions {
+        key_send_rate: Some(swb_relay::limits::Rate::new(0.01, 3.0)),
+        ..swb_tests::RelayOptions::default()
+    })
+    .await?;
+    let key = relay.create_key("acme")?;
+    let (mut raw, f) = swb_tests::RawClient::hello(&relay, &key, "raw").await?;
+    anyhow::ensure!(
+        matches!(f, swb_wire::Frame::Welcome(_)),
+        "expected welcome, got {f:?}"
+    );
+    let send = |req: u64, to: &str| {
+        swb_wire::Frame::Send(swb_wire::Send {
+            req,
+            id: swb_wire::MessageId([req as u8; 16]),
+            to: to.into(),
+            body: bytes::Bytes::from_static(b"x"),
+        })
+    };
+    async fn answer(raw: &mut swb_tests::RawClient) -> Result<(u64, swb_wire::Code)> {
+        match raw.read_frame().await? {
+            swb_wire::Frame::SendRefused(r) => Ok((r.req, r.refusal.code)),
+            other => anyhow::bail!("expected a refusal, got {other:?}"),
+        }
+    }
+    // The burst of 3, spent on names nobody can have.
+    for req in 1..=3 {
+        raw.write_frame(&send(req, "bad name!")).await?;
+        assert_eq!(answer(&mut raw).await?, (req, swb_wire::Code::BAD_NAME));
+    }
+    // So a good one is over the rate.
+    raw.write_frame(&send(4, "away")).await?;
+    assert_eq!(answer(&mut raw).await?, (4, swb_wire::Code::RATE_LIMITED));
+    Ok(())
+}
+
 /// `n` QUIC Initials (first contact, no token) from real quinn clients,
 /// recorded at a socket of ours instead of sent to a relay.
 async fn record_initials(relay: &TestRelay, n: usize) -> Result<Vec<Vec<u8>>> {
