@@ -1119,7 +1119,7 @@ fn handle(
     (durable, accepted): (&mut Durables, &mut u64),
 ) -> Result<(), End> {
     let Frame::Send(s) = f else {
-        return handle_local(router.services(), io, ns, name, f);
+        return handle_other(io, f);
     };
     let services = router.services();
     // An oversized body is refused by the mailbox, after the name.
@@ -1198,19 +1198,11 @@ fn handle(
     }
 }
 
-/// A daemon's frames other than sends.
-fn handle_local(
-    services: &crate::services::Services,
-    io: &mut Io,
-    ns: &str,
-    name: &Arc<str>,
-    f: Frame,
-) -> Result<(), End> {
+/// A daemon's frames other than sends, acknowledgements and TUN calls
+/// (the session loop handles those itself: an ack also frees room in the
+/// delivery window).
+fn handle_other(io: &mut Io, f: Frame) -> Result<(), End> {
     match f {
-        Frame::Ack(a) => {
-            services.ack(ns, name, &a.ids);
-            Ok(())
-        }
         Frame::Ping(p) => io.queue(&Frame::Pong(p)),
         Frame::Pong(_) => Ok(()),
         other => Err(End::Protocol(format!(
