@@ -1130,6 +1130,76 @@ async fn relay_delivers_at_most_a_window_of_unacknowledged_messages() -> Result<
     Ok(())
 }
 
+/// Two senders' mail for a recipient that reads nothing fills its control
+/// stream's flow-control window many times over: the relay's writes wait
+/// part-way, with more mail arriving meanwhile. A recipient that catches up
+/// reads every message once, whole, and in each sender's order.
+#[tokio::test]
+async fn mail_for_a_recipient_that_reads_nothing_arrives_whole_and_in_order() -> Result<()> {
+    const EACH: usize = 200;
+    const BODY: usize = 16 * 1024;
+    let relay = TestRelay::spawn_with(RelayOptions {
+        limits: MailboxLimits {
+            messages: 10_000,
+            bytes: 64 * 1024 * 1024,
+            ..MailboxLimits::default()
+        },
+        ..RelayOptions::default()
+    })
+    .await?;
+    let key = relay.create_key("acme")?;
+    // Attached before any mail: every message is delivered at once, into a
+    // stream whose receive window (quinn's default, about 1.2 MB) holds a
+    // tenth of the 6.5 MB sent.
+    let (mut raw, first) = RawClient::hello(&relay, &key, "raw").await?;
+    assert!(matches!(first, Frame::Welcome(_)), "{first:?}");
+    let a = TestDaemon::start(&relay, &key, "a").await?;
+    let c = TestDaemon::start(&relay, &key, "c").await?;
+    let body = |who: &str, i: usize| {
+        let mut b = format!("{who}{i:05}").into_bytes();
+        b.resize(BODY, b'.');
+        Bytes::from(b)
+    };
+    let send_all = |d: &TestDaemon, who: &'static str| {
+        let h = d.handle.sender();
+        async move {
+            let mut pending = Vec::new();
+            for i in 0..EACH {
+                pending.push(h.submit("raw", body(who, i), WAIT).await?);
+            }
+            answered(pending).await
+        }
+    };
+    // Both senders at once, so the relay's two ways of delivering meet.
+    let (from_a, from_c) = tokio::join!(send_all(&a, "a"), send_all(&c, "c"));
+    let (from_a, from_c) = (from_a?, from_c?);
+    let mut next = std::collections::HashMap::from([("a", 0usize), ("c", 0usize)]);
+    let mut got = 0;
+    while got < 2 * EACH {
+        let Frame::Deliveries(d) = raw.read_frame().await? else {
+            anyhow::bail!("expected only deliveries");
+        };
+        for m in d.into_delivers() {
+            let (who, ids) = match m.from.as_str() {
+                "a" => ("a", &from_a),
+                "c" => ("c", &from_c),
+                other => anyhow::bail!("mail from {other}, who sent none"),
+            };
+            let i = next.entry(who).or_default();
+            assert!(*i < EACH, "more than {EACH} messages from {who}");
+            assert_eq!(
+                m.id, ids[*i],
+                "message {i} from {who}: out of order or repeated"
+            );
+            assert_eq!(m.body, body(who, *i), "message {i} from {who}: its body");
+            *i += 1;
+            got += 1;
+        }
+    }
+    assert_eq!((next["a"], next["c"]), (EACH, EACH));
+    Ok(())
+}
+
 #[tokio::test]
 async fn relay_at_its_handshake_limit_refuses_at_once_and_the_daemon_gets_in_later() -> Result<()> {
     let relay = TestRelay::spawn_with(RelayOptions {
