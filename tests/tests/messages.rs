@@ -1150,7 +1150,7 @@ async fn mail_for_a_recipient_that_reads_nothing_arrives_whole_and_in_order() ->
     let key = relay.create_key("acme")?;
     // Attached before any mail: every message is delivered at once, into a
     // stream whose receive window (quinn's default, about 1.2 MB) holds a
-    // tenth of the 6.5 MB sent.
+    // fifth of the 6.5 MB sent.
     let (mut raw, first) = RawClient::hello(&relay, &key, "raw").await?;
     assert!(matches!(first, Frame::Welcome(_)), "{first:?}");
     let a = TestDaemon::start(&relay, &key, "a").await?;
@@ -1170,7 +1170,8 @@ async fn mail_for_a_recipient_that_reads_nothing_arrives_whole_and_in_order() ->
             answered(pending).await
         }
     };
-    // Both senders at once, so the relay's two ways of delivering meet.
+    // Both senders at once: their mail interleaves in the mailbox while the
+    // relay's writes to the recipient wait for room.
     let (from_a, from_c) = tokio::join!(send_all(&a, "a"), send_all(&c, "c"));
     let (from_a, from_c) = (from_a?, from_c?);
     let mut next = std::collections::HashMap::from([("a", 0usize), ("c", 0usize)]);
