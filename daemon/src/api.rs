@@ -310,10 +310,30 @@ fn check_body(body: &Bytes) -> Result<(), ApiError> {
 }
 
 /// A recipient's name as the relay knows it, or why it is none.
+///
+/// The last name checked on this thread is remembered, as given and as the
+/// relay knows it: a program sending to one peer after another has it
+/// checked and copied once, and each send shares the copy.
 fn checked_name(to: &str) -> Result<Arc<str>, ApiError> {
-    swb_wire::normalized(to)
-        .map(|n| Arc::from(&*n))
-        .map_err(|e| ApiError::new("bad_name", format!("{e}: {to:?}")))
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(Box<str>, Arc<str>)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if let Some((given, name)) = &*last {
+            if **given == *to {
+                return Ok(name.clone());
+            }
+        }
+        let name: Arc<str> = swb_wire::normalized(to)
+            .map(|n| Arc::from(&*n))
+            .map_err(|e| ApiError::new("bad_name", format!("{e}: {to:?}")))?;
+        // Names are short (`MAX_NAME_LEN`); a longer string is not a name
+        // and was refused above.
+        *last = Some((Box::from(to), name.clone()));
+        Ok(name)
+    })
 }
 
 /// Checks every send of a batch, then hands them to the connection actor
@@ -658,6 +678,29 @@ impl Drop for Receiver {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_remembered_name_is_never_given_for_another() {
+        // Each answer is the name given, as the relay knows it, whatever
+        // was checked just before on this thread.
+        let ok = |given: &str, want: &str| {
+            let got = checked_name(given).expect("a name");
+            assert_eq!(&*got, want, "{given:?}");
+        };
+        ok("London", "london");
+        ok("London", "london");
+        ok("paris", "paris");
+        ok("LONDON", "london");
+        ok("London.switchboard", "london");
+        assert_eq!(checked_name("not a name!").unwrap_err().code, "bad_name");
+        // A refused name leaves the one remembered as it was.
+        ok("LONDON", "london");
+        assert_eq!(checked_name("not a name!").unwrap_err().code, "bad_name");
+        ok("paris", "paris");
+        // Two sends to one name share one copy of it.
+        let (a, b) = (checked_name("oslo").unwrap(), checked_name("oslo").unwrap());
+        assert!(Arc::ptr_eq(&a, &b));
+    }
 
     #[test]
     fn message_ids_stay_distinct_across_pool_refills() {

@@ -27,6 +27,29 @@ struct Writer {
     /// Which connection (the actor numbers them).
     link: u64,
     send: quinn::SendStream,
+    /// Where callers encode their sends: each frame is split off and handed
+    /// to QUIC as a slice of this buffer, so a send costs no allocation of
+    /// its own (one per [`ARENA`] bytes of frames). QUIC holds a frame until
+    /// the relay acknowledges it, so a chunk lives while any frame in it is
+    /// unacknowledged, and the last one for as long as the connection.
+    arena: BytesMut,
+}
+
+/// The size of the chunks [`Writer::arena`] takes (a larger frame takes
+/// what it needs).
+const ARENA: usize = 16 * 1024;
+
+/// Room left in the arena below which the next frame starts a new chunk.
+const ARENA_MIN_ROOM: usize = 512;
+
+impl Writer {
+    /// The arena, with a chunk to encode into.
+    fn arena(&mut self) -> &mut BytesMut {
+        if self.arena.capacity() < ARENA_MIN_ROOM {
+            self.arena = BytesMut::with_capacity(ARENA);
+        }
+        &mut self.arena
+    }
 }
 
 /// The daemon is stopping: nothing takes commands any more.
@@ -128,7 +151,7 @@ impl Outbound {
         let Some(w) = guard.as_mut() else {
             return Err(cmd);
         };
-        let mut buf = BytesMut::new();
+        let buf = w.arena();
         let (encoded, written) = match &mut cmd {
             Cmd::Send {
                 to,
@@ -138,25 +161,29 @@ impl Outbound {
                 ..
             } => {
                 let req = self.reqs.next();
-                let encoded = swb_wire::encode_send(&mut buf, req, *id, to, body);
+                let encoded = swb_wire::encode_send(buf, req, *id, to, body);
                 (encoded.map(|_| req), written)
             }
             Cmd::SendBatch { items, written, .. } => {
                 let first = self.reqs.take(items.len());
                 let encoded = (items.iter().zip(first..)).try_for_each(|(i, req)| {
-                    swb_wire::encode_send(&mut buf, req, i.id, &i.to, &i.body).map(|_| ())
+                    swb_wire::encode_send(buf, req, i.id, &i.to, &i.body).map(|_| ())
                 });
                 (encoded.map(|()| first), written)
             }
             _ => return Err(cmd),
         };
         let Ok(req) = encoded else {
+            // Whatever part of the batch was encoded is not sent.
+            buf.clear();
             // Cannot happen for sends `submit` checked (size, name). If it
             // did, the actor's path takes them as it took every send before
             // this path existed (its write fails and ends the connection).
             // The numbers taken here are simply never used.
             return Err(cmd);
         };
+        // The frames, as one slice of the arena (its exact size): no copy.
+        let frames = buf.split().freeze();
         *written = Some(Written { req, link: w.link });
         // Registered before written: the actor learns of the send before
         // the relay's answer can reach it.
@@ -167,8 +194,7 @@ impl Outbound {
             }
             return Err(cmd);
         }
-        // Handed to QUIC as it is (the frame's exact size): no copy.
-        let mut rest = [buf.freeze()];
+        let mut rest = [frames];
         // Most writes complete at once; the rest is finished by a task (a
         // caller that goes away must not leave half a frame on the stream).
         match w.send.write_chunks(&mut rest).now_or_never() {
@@ -196,7 +222,11 @@ impl Outbound {
         first: &[Frame],
     ) -> Result<(), LinkError> {
         let mut w = self.writer.lock().await;
-        let w = w.insert(Writer { link, send });
+        let w = w.insert(Writer {
+            link,
+            send,
+            arena: BytesMut::new(),
+        });
         write_frames(&mut w.send, first).await
     }
 

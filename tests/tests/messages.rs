@@ -797,6 +797,73 @@ async fn rust_api_sends_receives_and_acknowledges_in_process() -> Result<()> {
     Ok(())
 }
 
+/// The daemon encodes the sends its callers write into shared chunks of
+/// memory: bodies of every size up to the limit, small and larger than a
+/// chunk, pipelined to two names given in changing case, each arrive whole
+/// and in the order sent.
+#[tokio::test]
+async fn rust_api_pipelined_sends_of_every_size_arrive_whole_and_in_order() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "a").await?;
+    let b = TestDaemon::start(&relay, &key, "b").await?;
+    let c = TestDaemon::start(&relay, &key, "c").await?;
+    let sizes = [
+        1,
+        100,
+        16_000,
+        MAX_MESSAGE_BODY,
+        3,
+        16_384,
+        500,
+        40_000,
+        0,
+        MAX_MESSAGE_BODY - 1,
+        7,
+    ];
+    let body =
+        |i: usize, n: usize| -> Vec<u8> { (0..n).map(|k| ((i * 31 + k) % 251) as u8).collect() };
+    let tx = a.handle.sender();
+    let mut pending = Vec::new();
+    let (mut to_b, mut to_c) = (Vec::new(), Vec::new());
+    for round in 0..4 {
+        for (j, &n) in sizes.iter().enumerate() {
+            let i = round * sizes.len() + j;
+            let (to, want) = match i % 3 {
+                0 => ("B", &mut to_b),
+                1 => ("c.switchboard", &mut to_c),
+                _ => ("b", &mut to_b),
+            };
+            want.push(body(i, n));
+            pending.push(tx.submit(to, body(i, n), WAIT).await?);
+        }
+    }
+    for mut p in pending {
+        p.answer().await?;
+    }
+    for (d, want) in [(&b, to_b), (&c, to_c)] {
+        let mut rx = d.handle.receiver();
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let msgs = rx.recv(100, WAIT).await?;
+            anyhow::ensure!(!msgs.is_empty(), "{} of {} arrived", got.len(), want.len());
+            rx.ack(&msgs.iter().map(|m| m.id).collect::<Vec<_>>())
+                .await?;
+            got.extend(msgs.into_iter().map(|m| m.body.to_vec()));
+        }
+        assert_eq!(got.len(), want.len());
+        for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                g == w,
+                "message {k}: {} bytes arrived, {} sent, or not the same bytes",
+                g.len(),
+                w.len()
+            );
+        }
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn rust_api_sends_wait_for_a_connection_and_say_when_there_is_none() -> Result<()> {
     let mut relay = TestRelay::spawn().await?;
