@@ -31,7 +31,9 @@ struct Writer {
     /// to QUIC as a slice of this buffer, so a send costs no allocation of
     /// its own (one per [`ARENA`] bytes of frames). QUIC holds a frame until
     /// the relay acknowledges it, so a chunk lives while any frame in it is
-    /// unacknowledged, and the last one for as long as the connection.
+    /// unacknowledged, and the last one for as long as the connection. A
+    /// chunk grown past [`ARENA`] for a large batch is not written into
+    /// again.
     arena: BytesMut,
 }
 
@@ -184,6 +186,11 @@ impl Outbound {
         };
         // The frames, as one slice of the arena (its exact size): no copy.
         let frames = buf.split().freeze();
+        // An arena grown for a large batch is not kept for the next sends:
+        // its memory goes once QUIC is done with these frames.
+        if buf.capacity() > ARENA {
+            *buf = BytesMut::new();
+        }
         *written = Some(Written { req, link: w.link });
         // Registered before written: the actor learns of the send before
         // the relay's answer can reach it.

@@ -799,8 +799,8 @@ async fn rust_api_sends_receives_and_acknowledges_in_process() -> Result<()> {
 
 /// The daemon encodes the sends its callers write into shared chunks of
 /// memory: bodies of every size up to the limit, small and larger than a
-/// chunk, pipelined to two names given in changing case, each arrive whole
-/// and in the order sent.
+/// chunk, pipelined to two names given in changing case, and a batch many
+/// chunks long, each arrive whole and in the order sent.
 #[tokio::test]
 async fn rust_api_pipelined_sends_of_every_size_arrive_whole_and_in_order() -> Result<()> {
     let relay = TestRelay::spawn().await?;
@@ -837,6 +837,19 @@ async fn rust_api_pipelined_sends_of_every_size_arrive_whole_and_in_order() -> R
             want.push(body(i, n));
             pending.push(tx.submit(to, body(i, n), WAIT).await?);
         }
+    }
+    // A batch far larger than a chunk, and single sends after it.
+    let big: Vec<Vec<u8>> = (0..8).map(|k| body(1000 + k, MAX_MESSAGE_BODY)).collect();
+    to_c.extend(big.iter().cloned());
+    let mut batch = tx
+        .submit_batch(big.iter().map(|m| ("C", m.clone())), WAIT)
+        .await?;
+    for i in 2000..2003 {
+        to_b.push(body(i, 200));
+        pending.push(tx.submit("b", body(i, 200), WAIT).await?);
+    }
+    for r in batch.answer().await? {
+        r?;
     }
     for mut p in pending {
         p.answer().await?;
