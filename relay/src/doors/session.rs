@@ -793,12 +793,20 @@ async fn serve(
     let key_rate = router.services().send_rate_of(&ctl.key_id);
     // The read buffer may hold complete frames not yet handled.
     let mut parse = false;
+    // Waits that stay armed from one turn of the loop to the next, each made
+    // again only once it fired: made and dropped every turn, they took a
+    // lock or two each to register and unregister their wakers — about a
+    // thousand instructions a turn at one message in flight, where a turn
+    // handles one frame.
+    let mut cancelled = std::pin::pin!(cancel.cancelled());
+    let mut mail = std::pin::pin!(ctl.notify.notified());
+    let mut incoming = std::pin::pin!(conn.accept_bi());
     loop {
         // Ranked: cancellation first (replaced, revoked, shutdown), then new
         // mail, then frames from the daemon.
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => return End::Gone,
+            () = &mut cancelled => return End::Gone,
             Ok(()) = live.changed() => {
                 seen.refresh(&live);
                 // The mesh changed: tell the daemon, and move it if its
@@ -838,7 +846,8 @@ async fn serve(
                     }
                 }
             }
-            _ = ctl.notify.notified() => {
+            () = &mut mail => {
+                mail.set(ctl.notify.notified());
                 let room = DELIVERY_WINDOW.saturating_sub(unacked);
                 if room == 0 {
                     // The daemon has a window's worth: the next ack resumes.
@@ -892,8 +901,11 @@ async fn serve(
                 parse = true;
             }
             () = streams.reap() => {}
-            s = conn.accept_bi() => match s {
-                Ok((send, recv)) => streams.opened(router, ctl, (ns, name), send, recv),
+            s = &mut incoming => match s {
+                Ok((send, recv)) => {
+                    incoming.set(conn.accept_bi());
+                    streams.opened(router, ctl, (ns, name), send, recv)
+                }
                 Err(_) => return End::Gone,
             },
             // Not (yet) in TUN mode: datagrams go nowhere (the pump reads
