@@ -346,8 +346,6 @@ pub(crate) async fn submit_batch<'a, B: Into<Bytes>>(
     let timeout = timeout.min(MAX_WAIT);
     let msgs = msgs.into_iter();
     let mut items = Vec::with_capacity(msgs.size_hint().0.min(MAX_SEND_BATCH));
-    // One name, as a batch to one peer gives it, is checked and shared once.
-    let mut last: Option<(&str, Arc<str>)> = None;
     for (i, (to, body)) in msgs.enumerate() {
         if i == MAX_SEND_BATCH {
             return Err(ApiError::new(
@@ -362,14 +360,9 @@ pub(crate) async fn submit_batch<'a, B: Into<Bytes>>(
             ApiError::new(&e.code, format!("message {i} of the batch: {}", e.message))
         };
         check_body(&body).map_err(in_batch)?;
-        let name = match &last {
-            Some((raw, name)) if *raw == to => name.clone(),
-            _ => {
-                let name = checked_name(to).map_err(in_batch)?;
-                last = Some((to, name.clone()));
-                name
-            }
-        };
+        // A batch to one peer has its name checked and copied once
+        // (`checked_name` remembers it).
+        let name = checked_name(to).map_err(in_batch)?;
         let id = random_id()?;
         items.push(BatchItem { to: name, id, body });
     }
