@@ -77,6 +77,10 @@ pub(crate) enum BenchCommand {
     /// (internal) The flood generator of `flood`.
     #[command(hide = true)]
     FloodGen(flood::FloodGenArgs),
+    /// (internal) The floor's quinn forwarder in a process of its own, for
+    /// `latency`.
+    #[command(hide = true)]
+    FloorProcess,
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +133,7 @@ pub(crate) async fn run(cmd: BenchCommand, out: &Output) -> Result<()> {
         BenchCommand::All(a) => all(a, out).await,
         BenchCommand::BareServer(a) => bare_server_main(a).await,
         BenchCommand::RelayProcess(a) => relay_process_main(a).await,
+        BenchCommand::FloorProcess => floor::floor_process_main().await,
     }
 }
 
@@ -1919,6 +1924,9 @@ struct LatencyRows {
     nats_apart: Contender,
     nats_tls: Contender,
     floor: Contender,
+    /// The floor with its forwarder in a process of its own: the stack's
+    /// floor for the relay-process rows.
+    floor_process: Contender,
 }
 
 impl LatencyRows {
@@ -2166,6 +2174,14 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
     let here = Ends::here();
     let runs = a.runs.max(1);
     let floor_identity = Identity::ephemeral()?;
+    // The floor's forwarder in a process of its own, beside the relay
+    // process: what the stack costs across processes.
+    let (_floor_proc, (floor_addr, floor_fp), _) = spawn_self(&["floor-process"], |l| {
+        let mut w = l.strip_prefix("listening ")?.split_whitespace();
+        let addr: std::net::SocketAddr = w.next()?.parse().ok()?;
+        Some((addr, w.next()?.to_string()))
+    })
+    .await?;
     let mut rows = Vec::new();
     for inflight in [1usize, 64] {
         // Ours: the three APIs through the in-process relay, then the Rust
@@ -2183,6 +2199,10 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         let mut np_apart = Contender::new("nats_apart", "nats, ends apart");
         let mut nt = Contender::new("nats_tls", "nats+tls");
         let mut fl = Contender::new("quinn_forwarder_floor", "floor: quinn forwarder");
+        let mut flp = Contender::new(
+            "quinn_forwarder_floor_process",
+            "floor: quinn forwarder, own process",
+        );
         // Contenders take turns within each run, so a slow spell of the
         // machine falls on all of them; each ratio is taken within a run.
         for _ in 0..runs {
@@ -2247,8 +2267,12 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             let times =
                 nats_latency(tls_server.addr, Some(tls.clone()), n, size, inflight, &here).await?;
             nt.runs.push(Quantiles::of(&times)?);
-            let times = floor::floor_latency(&floor_identity, a.requests, a.size, inflight).await?;
+            let (n, floor) = (a.requests, floor::Floor::Here(&floor_identity));
+            let times = floor::floor_latency(floor, n, a.size, inflight).await?;
             fl.runs.push(Quantiles::of(&times)?);
+            let floor = floor::Floor::Process(floor_addr, &floor_fp);
+            let times = floor::floor_latency(floor, n, a.size, inflight).await?;
+            flp.runs.push(Quantiles::of(&times)?);
         }
         let ours: Vec<Contender> = ours.into_iter().map(|(_, c)| c).collect();
         rows.push(LatencyRows {
@@ -2259,6 +2283,7 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             nats_apart: np_apart,
             nats_tls: nt,
             floor: fl,
+            floor_process: flp,
         });
     }
     let p50 = |q: &Quantiles| q.p50;
@@ -2285,7 +2310,15 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
     let ms = |q: Quantiles| serde_json::json!({"p50": q.p50, "p90": q.p90, "p99": q.p99, "p999": q.p999});
     for r in &rows {
         let inflight = r.inflight;
-        let compared = r.compared().chain([(&r.floor, &r.nats)]);
+        // And the relay process over the floor in its own process: what
+        // ours adds to the stack, both relays crossing processes alike.
+        let relay_process = r.ours.last().context("no relay-process row")?;
+        let floors = [
+            (&r.floor, &r.nats),
+            (&r.floor_process, &r.nats),
+            (relay_process, &r.floor_process),
+        ];
+        let compared = r.compared().chain(floors);
         if out.json {
             let mut o = serde_json::json!({"bench": "latency", "in_flight": inflight, "size": a.size, "requests": a.requests,
                 "runs": runs});
@@ -2313,8 +2346,14 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                 .chain([&r.apart])
                 .map(|c| (format!("switchboard, {}", c.label), c))
                 .chain(
-                    [&r.nats, &r.nats_apart, &r.nats_tls, &r.floor]
-                        .map(|c| (c.label.to_string(), c)),
+                    [
+                        &r.nats,
+                        &r.nats_apart,
+                        &r.nats_tls,
+                        &r.floor,
+                        &r.floor_process,
+                    ]
+                    .map(|c| (c.label.to_string(), c)),
                 );
             for (label, c) in lines {
                 let m = c.median();
@@ -2329,6 +2368,10 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                 let ((r50, s50), (r99, s99)) = (c.ratios(base, p50), c.ratios(base, p99));
                 let what = if std::ptr::eq(c, &r.floor) {
                     "the stack's floor: forwarding only"
+                } else if std::ptr::eq(c, &r.floor_process) {
+                    "the floor of the relay-process rows"
+                } else if std::ptr::eq(base, &r.floor_process) {
+                    "ours over the stack, both relays in a process of their own"
                 } else {
                     "goal <= 1.0"
                 };

@@ -55,6 +55,29 @@ async fn every_benchmark_runs_at_smoke_size() -> Result<()> {
     ] {
         ensure!(scenarios.contains(s), "no summary for {s}: {stdout}");
     }
+    // The latency floors, in this process and in one of their own, each
+    // held against NATS, and the relay process against its floor.
+    let latency: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["bench"] == "latency")
+        .collect();
+    ensure!(
+        latency.len() == 2,
+        "latency at 1 and 64 in flight: {stdout}"
+    );
+    for v in &latency {
+        for k in [
+            "quinn_forwarder_floor_p50_ratio_vs_nats",
+            "quinn_forwarder_floor_process_p50_ratio_vs_nats",
+            "rust_api_relay_process_p50_ratio_vs_quinn_forwarder_floor_process",
+        ] {
+            ensure!(
+                v[k].as_f64().is_some_and(|r| r.is_finite() && r > 0.0),
+                "latency has no {k}: {v}"
+            );
+        }
+    }
     ensure!(
         summary
             .iter()

@@ -56,12 +56,34 @@ fn setup(
     server_cfg.transport_config(transport());
     let server = endpoint(Some(server_cfg))?;
     let addr = server.local_addr()?;
-    let ctls = Trust::Fingerprint(identity.fingerprint()).rustls_config(&[ALPN])?;
+    Ok((server, addr, client_config(&identity.fingerprint())?))
+}
+
+/// The clients' configuration for a forwarder of certificate `fingerprint`.
+fn client_config(fingerprint: &str) -> Result<quinn::ClientConfig> {
+    let ctls = Trust::Fingerprint(fingerprint.to_string()).rustls_config(&[ALPN])?;
     let mut client_cfg = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(ctls)?,
     ));
     client_cfg.transport_config(transport());
-    Ok((server, addr, client_cfg))
+    Ok(client_cfg)
+}
+
+/// `swbd-bench floor-process`: the floor's forwarder in a process of its
+/// own, as the relay runs in `relay-process` (the same runtime). Prints its
+/// address and fingerprint, then forwards one pair of clients after another
+/// (each [`floor_latency`] run is a pair) until killed.
+pub(crate) async fn floor_process_main() -> Result<()> {
+    let identity = Identity::ephemeral()?;
+    let (server, addr, _) = setup(&identity)?;
+    println!("listening {addr} {}", identity.fingerprint());
+    loop {
+        if let Err(e) = forwarder(server.clone()).await {
+            // A pair that went wrong (a bench killed mid-run) is no reason
+            // to stop serving the next.
+            tracing::warn!("floor: a pair ended with an error: {e:#}");
+        }
+    }
 }
 
 /// Deliveries per second of `n` messages of 128 B, one sender to one
@@ -214,18 +236,33 @@ async fn client(
     Ok((ep, conn, send, recv))
 }
 
+/// Where [`floor_latency`] forwards through.
+pub(crate) enum Floor<'a> {
+    /// A forwarder in this process, made for the run.
+    Here(&'a Identity),
+    /// The forwarder of a `floor-process` (its address and fingerprint):
+    /// in a process of its own, as the relay process is.
+    Process(std::net::SocketAddr, &'a str),
+}
+
 /// Request → reply round trips of `size` bytes through a forwarding-only
 /// quinn relay, `inflight` at a time: the requester writes a request, the
 /// responder reads it and writes it back as the reply. `n` round trips.
 pub(crate) async fn floor_latency(
-    identity: &Identity,
+    floor: Floor<'_>,
     n: usize,
     size: usize,
     inflight: usize,
 ) -> Result<Vec<Duration>> {
     let size = size.clamp(8, u16::MAX as usize);
-    let (server, addr, client_cfg) = setup(identity)?;
-    let fwd = tokio::spawn(forwarder(server.clone()));
+    let (server, addr, client_cfg) = match floor {
+        Floor::Here(identity) => {
+            let (server, addr, client_cfg) = setup(identity)?;
+            (Some(server), addr, client_cfg)
+        }
+        Floor::Process(addr, fingerprint) => (None, addr, client_config(fingerprint)?),
+    };
+    let fwd = server.clone().map(|s| tokio::spawn(forwarder(s)));
     let (resp_ep, rconn, mut to_fwd, mut from_fwd) = client(addr, &client_cfg, true).await?;
     // The responder echoes every complete frame it reads, as it reads it.
     let responder = tokio::spawn(async move {
@@ -290,13 +327,18 @@ pub(crate) async fn floor_latency(
     send.finish()?;
     tokio::time::timeout(Duration::from_secs(10), async {
         responder.await??;
-        fwd.await?
+        match fwd {
+            Some(f) => f.await?,
+            None => Ok(()),
+        }
     })
     .await
     .context("the floor's forwarder did not end")??;
     qconn.close(0u32.into(), b"done");
     rconn.close(0u32.into(), b"done");
-    server.close(0u32.into(), b"done");
+    if let Some(server) = server {
+        server.close(0u32.into(), b"done");
+    }
     req_ep.wait_idle().await;
     resp_ep.wait_idle().await;
     ensure!(times.len() == n, "floor: {} of {n} replies", times.len());
