@@ -199,6 +199,9 @@ struct Actor {
     /// Sends taken from the queue and not written yet (see
     /// [`crate::outbound`]).
     unwritten: usize,
+    /// Room for the sends callers registered, taken from
+    /// [`crate::outbound::Outbound`] (kept between takes).
+    registered: Vec<Cmd>,
 }
 
 /// Runs until shutdown or a fatal refusal.
@@ -220,6 +223,7 @@ pub(crate) async fn run(
         silent: None,
         link_gen: 0,
         unwritten: 0,
+        registered: Vec::new(),
     };
     let res = actor.run(cancel).await;
     let error = match &res {
@@ -257,6 +261,17 @@ impl Actor {
         self.unwritten += usize::from(queued(&cmd));
         mark_acked(&self.shared, &cmd);
         self.core.absorb(cmd, current, out);
+    }
+
+    /// Files the sends callers wrote themselves (on connection `current`,
+    /// if it is still the one served) since the last call.
+    fn file_registered(&mut self, current: Option<u64>, out: &mut Vec<Frame>) {
+        let mut registered = std::mem::take(&mut self.registered);
+        self.shared.out.take_registered(&mut registered);
+        for cmd in registered.drain(..) {
+            self.absorb(cmd, current, out);
+        }
+        self.registered = registered;
     }
 
     /// Everything absorbed so far was written (or dropped, unwanted).
@@ -383,6 +398,10 @@ impl Actor {
                     }
                     // Sends queue for the actor again until the next one.
                     self.shared.out.remove().await;
+                    // What callers wrote on it is unanswered: the next
+                    // connection starts with it.
+                    self.file_registered(None, &mut Vec::new());
+                    self.publish_pending();
                     streams_stop.cancel();
                     let _ = streams.await;
                     let end = match served {
@@ -705,6 +724,8 @@ impl Actor {
                     None => return Served::Shutdown,
                     Some(c) => {
                         let mut out = Vec::new();
+                        // Filed in the order their callers sent them.
+                        self.file_registered(current, &mut out);
                         self.absorb(c, current, &mut out);
                         // Whatever else is queued goes out in the same write.
                         while out.len() < CMD_BATCH {
@@ -723,15 +744,9 @@ impl Actor {
                         return Served::Ended(End::Lost(e.to_string()));
                     }
                     // Sends their callers wrote are registered before the
-                    // relay can answer them, but may still be queued: take
-                    // them first.
+                    // relay can answer them: file them first.
                     let mut out = Vec::new();
-                    for _ in 0..self.cmd_rx.len() {
-                        match self.cmd_rx.try_recv() {
-                            Ok(c) => self.absorb(c, current, &mut out),
-                            Err(_) => break,
-                        }
-                    }
+                    self.file_registered(current, &mut out);
                     out.extend(self.core.take_acks());
                     if let Err(end) = self.drain(&mut link, &mut out) {
                         // This daemon attached again on another connection

@@ -5,10 +5,11 @@
 //! to the actor still unwritten, is written by the caller itself: one task
 //! hop fewer per message, and under load the writing is spread over the
 //! callers instead of queued behind the actor's reading. The caller first
-//! registers the send with the actor (over the same bounded channel, so the
-//! actor knows it before the relay can answer it) and says on which
-//! connection it wrote it; the actor keeps it until answered and writes it
-//! again on the next connection if this one is lost, as it does any send.
+//! registers the send for the actor (in a list the actor takes before it
+//! reads what the relay answered, so it knows the send before it can meet
+//! its answer; registering wakes no one) and says on which connection it
+//! wrote it; the actor keeps it until answered and writes it again on the
+//! next connection if this one is lost, as it does any send.
 //! Everything else — acknowledgements, resends, sends that find the stream
 //! busy — the actor writes, under the same lock.
 
@@ -44,6 +45,12 @@ const ARENA: usize = 16 * 1024;
 /// Room left in the arena below which the next frame starts a new chunk.
 const ARENA_MIN_ROOM: usize = 512;
 
+/// Sends (or batches) callers wrote and the actor has not taken yet, at
+/// most: past it a caller's send queues for the actor, whose channel makes
+/// callers wait. The actor takes them all whenever the relay's answers
+/// arrive, so the list is only this long while the relay answers nothing.
+pub(crate) const REGISTERED_MAX: usize = 1024;
+
 impl Writer {
     /// The arena, with a chunk to encode into.
     fn arena(&mut self) -> &mut BytesMut {
@@ -67,6 +74,9 @@ pub(crate) struct Outbound {
     /// Sends handed to the actor and not written yet. While any are, a
     /// caller's send queues behind them: one caller's sends stay in order.
     queued: AtomicUsize,
+    /// Sends their callers wrote, for the actor to file (see the module
+    /// documentation), in the order written.
+    registered: std::sync::Mutex<Vec<Cmd>>,
 }
 
 impl Outbound {
@@ -120,7 +130,7 @@ impl Outbound {
         mut cmd: Cmd,
     ) -> Result<(), Stopped> {
         if let Some(guard) = self.free() {
-            match self.write_own(guard, cmd_tx, tasks, cmd) {
+            match self.write_own(guard, tasks, cmd) {
                 Ok(()) => return Ok(()),
                 Err(back) => cmd = back,
             }
@@ -140,13 +150,12 @@ impl Outbound {
         (guard.is_some() && self.queued.load(Ordering::Acquire) == 0).then_some(guard)
     }
 
-    /// Registers `cmd` (a send or a batch) with the actor and writes its
-    /// frames; gives it back (unregistered, unwritten) if the channel has no
-    /// room.
+    /// Registers `cmd` (a send or a batch) for the actor and writes its
+    /// frames; gives it back (unregistered, unwritten) if
+    /// [`REGISTERED_MAX`] are registered already.
     fn write_own(
         &self,
         mut guard: OwnedMutexGuard<Option<Writer>>,
-        cmd_tx: &mpsc::Sender<Cmd>,
         tasks: &TaskTracker,
         mut cmd: Cmd,
     ) -> Result<(), Cmd> {
@@ -194,12 +203,16 @@ impl Outbound {
         *written = Some(Written { req, link: w.link });
         // Registered before written: the actor learns of the send before
         // the relay's answer can reach it.
-        if let Err(e) = cmd_tx.try_send(cmd) {
-            let mut cmd = e.into_inner();
-            if let Cmd::Send { written, .. } | Cmd::SendBatch { written, .. } = &mut cmd {
-                *written = None;
+        {
+            let mut registered = self.registered();
+            if registered.len() >= REGISTERED_MAX {
+                drop(registered);
+                if let Cmd::Send { written, .. } | Cmd::SendBatch { written, .. } = &mut cmd {
+                    *written = None;
+                }
+                return Err(cmd);
             }
-            return Err(cmd);
+            registered.push(cmd);
         }
         let mut rest = [frames];
         // Most writes complete at once; the rest is finished by a task (a
@@ -248,6 +261,22 @@ impl Outbound {
     /// The connection is no longer served: sends queue for the actor.
     pub(crate) async fn remove(&self) {
         self.writer.lock().await.take();
+    }
+
+    fn registered(&self) -> std::sync::MutexGuard<'_, Vec<Cmd>> {
+        self.registered.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves the sends callers registered since the last call into `into`
+    /// (empty; its room is kept for the next registrations).
+    pub(crate) fn take_registered(&self, into: &mut Vec<Cmd>) {
+        debug_assert!(into.is_empty());
+        std::mem::swap(&mut *self.registered(), into);
+    }
+
+    /// Sends callers registered that the actor has not taken yet.
+    pub(crate) fn registered_len(&self) -> usize {
+        self.registered().len()
     }
 
     /// `n` sends the actor took from the queue were written (or dropped).

@@ -950,7 +950,7 @@ fn status(shared: &Shared) -> StatusInfo {
         path_mtu: None,
         traffic: None,
         inbox: shared.inbox().len(),
-        pending_sends: shared.pending_sends.load(Ordering::Relaxed),
+        pending_sends: shared.pending_sends.load(Ordering::Relaxed) + shared.out.registered_len(),
         attempts: 0,
         last_error: None,
         relays: shared.relay_count.load(Ordering::Relaxed),
