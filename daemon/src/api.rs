@@ -597,13 +597,19 @@ impl Leased {
         shared: &Shared,
         ids: &[MessageId],
     ) -> Result<usize, ApiError> {
-        let wanted: HashSet<&MessageId, ahash::RandomState> = ids.iter().collect();
         let mut acked: Vec<Identity> = Vec::with_capacity(ids.len().min(self.0.len()));
-        acked.extend(
-            self.0
-                .extract_if(.., |d| wanted.contains(&d.id))
-                .map(|d| Identity::of(&d)),
-        );
+        // As a rule a program acknowledges everything it took, in the order
+        // taken: then every leased message goes, with no set to look in.
+        if ids.len() == self.0.len() && self.0.iter().zip(ids).all(|(d, id)| d.id == *id) {
+            acked.extend(self.0.drain(..).map(|d| Identity::of(&d)));
+        } else {
+            let wanted: HashSet<&MessageId, ahash::RandomState> = ids.iter().collect();
+            acked.extend(
+                self.0
+                    .extract_if(.., |d| wanted.contains(&d.id))
+                    .map(|d| Identity::of(&d)),
+            );
+        }
         let n = acked.len();
         if n > 0 {
             // The connection actor marks them in the inbox.

@@ -204,6 +204,9 @@ struct Actor {
     registered: Vec<Cmd>,
 }
 
+/// Registered sends [`Actor::registered`] keeps room for between takes.
+const REGISTERED_ROOM: usize = 64;
+
 /// Runs until shutdown or a fatal refusal.
 pub(crate) async fn run(
     shared: Arc<Shared>,
@@ -268,8 +271,15 @@ impl Actor {
     fn file_registered(&mut self, current: Option<u64>, out: &mut Vec<Frame>) {
         let mut registered = std::mem::take(&mut self.registered);
         self.shared.out.take_registered(&mut registered);
+        let taken = registered.len();
         for cmd in registered.drain(..) {
             self.absorb(cmd, current, out);
+        }
+        // Room a burst grew is kept while sends come as fast, not once
+        // they slow down (the list and this buffer trade places at every
+        // take, so both shrink).
+        if taken < REGISTERED_ROOM && registered.capacity() > REGISTERED_ROOM {
+            registered = Vec::new();
         }
         self.registered = registered;
     }

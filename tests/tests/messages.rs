@@ -797,6 +797,51 @@ async fn rust_api_sends_receives_and_acknowledges_in_process() -> Result<()> {
     Ok(())
 }
 
+/// An acknowledgement counts the taken messages it names, in any order,
+/// each once: the whole batch taken, in order (as most programs do), a
+/// part out of order, names of messages not taken, and names again.
+#[tokio::test]
+async fn rust_api_acks_count_the_taken_messages_they_name_in_any_order() -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "a").await?;
+    let b = TestDaemon::start(&relay, &key, "b").await?;
+    let mut rx = b.handle.receiver();
+    for i in 0..3 {
+        a.handle.send("b", format!("m{i}"), WAIT).await?;
+    }
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        got.extend(rx.recv(10, WAIT).await?);
+    }
+    let ids: Vec<MessageId> = got.iter().map(|m| m.id).collect();
+    assert_eq!(rx.ack(&ids).await?, 3, "the whole batch, in order");
+    assert_eq!(rx.ack(&ids).await?, 0, "each once");
+    relay.wait_stats("3 acknowledged", |s| s.acked == 3).await?;
+    for i in 3..7 {
+        a.handle.send("b", format!("m{i}"), WAIT).await?;
+    }
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        got.extend(rx.recv(10, WAIT).await?);
+    }
+    let ids: Vec<MessageId> = got.iter().map(|m| m.id).collect();
+    assert_eq!(rx.ack(&[ids[0]]).await?, 1, "a part, in order");
+    assert_eq!(rx.ack(&[ids[3], ids[1]]).await?, 2, "a part, out of order");
+    let stranger = MessageId([7; 16]);
+    assert_eq!(
+        rx.ack(&[ids[1], stranger]).await?,
+        0,
+        "acked already, and never taken"
+    );
+    // As many names as are leased, but not theirs.
+    assert_eq!(rx.ack(&[stranger]).await?, 0);
+    assert_eq!(rx.ack(&[ids[2]]).await?, 1, "the last one");
+    relay.wait_stats("7 acknowledged", |s| s.acked == 7).await?;
+    relay.wait_stats("none held", |s| s.held == 0).await?;
+    Ok(())
+}
+
 /// The daemon encodes the sends its callers write into shared chunks of
 /// memory: bodies of every size up to the limit, small and larger than a
 /// chunk, pipelined to two names given in changing case, and a batch many
