@@ -72,17 +72,25 @@ fn client_config(fingerprint: &str) -> Result<quinn::ClientConfig> {
 /// `swbd-bench floor-process`: the floor's forwarder in a process of its
 /// own, as the relay runs in `relay-process` (the same runtime). Prints its
 /// address and fingerprint, then forwards one pair of clients after another
-/// (each [`floor_latency`] run is a pair) until killed.
+/// (each [`floor_latency`] run is a pair) until killed or interrupted.
 pub(crate) async fn floor_process_main() -> Result<()> {
     let identity = Identity::ephemeral()?;
     let (server, addr, _) = setup(&identity)?;
     println!("listening {addr} {}", identity.fingerprint());
-    loop {
-        if let Err(e) = forwarder(server.clone()).await {
-            // A pair that went wrong (a bench killed mid-run) is no reason
-            // to stop serving the next.
-            tracing::warn!("floor: a pair ended with an error: {e:#}");
+    // The endpoint is never closed here, so each turn waits for a new
+    // pair: an error cannot make this spin.
+    let serve = async {
+        loop {
+            if let Err(e) = forwarder(server.clone()).await {
+                // A pair that went wrong (a bench killed mid-run) is no
+                // reason to stop serving the next.
+                tracing::warn!("floor: a pair ended with an error: {e:#}");
+            }
         }
+    };
+    tokio::select! {
+        () = serve => Ok(()),
+        r = tokio::signal::ctrl_c() => Ok(r?),
     }
 }
 
