@@ -807,25 +807,23 @@ async fn rust_api_acks_count_the_taken_messages_they_name_in_any_order() -> Resu
     let a = TestDaemon::start(&relay, &key, "a").await?;
     let b = TestDaemon::start(&relay, &key, "b").await?;
     let mut rx = b.handle.receiver();
-    for i in 0..3 {
-        a.handle.send("b", format!("m{i}"), WAIT).await?;
-    }
-    let mut got = Vec::new();
-    while got.len() < 3 {
-        got.extend(rx.recv(10, WAIT).await?);
-    }
-    let ids: Vec<MessageId> = got.iter().map(|m| m.id).collect();
+    // `a` sends messages `range` to `b`; `b` takes them all (unacknowledged).
+    let send_and_take = async |rx: &mut swb_daemon::Receiver, range: std::ops::Range<usize>| {
+        let n = range.len();
+        for i in range {
+            a.handle.send("b", format!("m{i}"), WAIT).await?;
+        }
+        let mut got = Vec::new();
+        while got.len() < n {
+            got.extend(rx.recv(10, WAIT).await?);
+        }
+        anyhow::Ok(got.iter().map(|m| m.id).collect::<Vec<MessageId>>())
+    };
+    let ids = send_and_take(&mut rx, 0..3).await?;
     assert_eq!(rx.ack(&ids).await?, 3, "the whole batch, in order");
     assert_eq!(rx.ack(&ids).await?, 0, "each once");
     relay.wait_stats("3 acknowledged", |s| s.acked == 3).await?;
-    for i in 3..7 {
-        a.handle.send("b", format!("m{i}"), WAIT).await?;
-    }
-    let mut got = Vec::new();
-    while got.len() < 4 {
-        got.extend(rx.recv(10, WAIT).await?);
-    }
-    let ids: Vec<MessageId> = got.iter().map(|m| m.id).collect();
+    let ids = send_and_take(&mut rx, 3..7).await?;
     assert_eq!(rx.ack(&[ids[0]]).await?, 1, "a part, in order");
     assert_eq!(rx.ack(&[ids[3], ids[1]]).await?, 2, "a part, out of order");
     let stranger = MessageId([7; 16]);
