@@ -1914,8 +1914,10 @@ const RESPONDER: &str = "responder";
 struct LatencyRows {
     inflight: usize,
     /// The Rust API, the control socket and its compact form through the
-    /// in-process relay, and the Rust API through the relay process.
+    /// in-process relay.
     ours: Vec<Contender>,
+    /// The Rust API through the relay process.
+    relay_process: Contender,
     /// The Rust API with each end on its own runtime, through the relay
     /// process.
     apart: Contender,
@@ -1936,6 +1938,7 @@ impl LatencyRows {
     fn compared(&self) -> impl Iterator<Item = (&Contender, &Contender)> + '_ {
         self.ours
             .iter()
+            .chain([&self.relay_process])
             .map(move |c| (c, &self.nats))
             .chain([(&self.apart, &self.nats_apart)])
     }
@@ -2186,14 +2189,11 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
     for inflight in [1usize, 64] {
         // Ours: the three APIs through the in-process relay, then the Rust
         // API through the relay process.
-        let mut ours: Vec<(Option<Api>, Contender)> = [Api::Rust, Api::Socket, Api::Compact]
+        let mut ours: Vec<(Api, Contender)> = [Api::Rust, Api::Socket, Api::Compact]
             .into_iter()
-            .map(|api| (Some(api), Contender::new(api.key(), api.label())))
-            .chain([(
-                None,
-                Contender::new("rust_api_relay_process", "Rust API, relay process"),
-            )])
+            .map(|api| (api, Contender::new(api.key(), api.label())))
             .collect();
+        let mut relay_process = Contender::new("rust_api_relay_process", "Rust API, relay process");
         let mut apart_ours = Contender::new("rust_api_apart", "Rust API, ends apart");
         let mut np = Contender::new("nats", "nats");
         let mut np_apart = Contender::new("nats_apart", "nats, ends apart");
@@ -2208,8 +2208,8 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         for _ in 0..runs {
             for (api, c) in &mut ours {
                 let times = match api {
-                    Some(Api::Batch) => anyhow::bail!("batches are measured for rate only"),
-                    Some(Api::Rust) => {
+                    Api::Batch => anyhow::bail!("batches are measured for rate only"),
+                    Api::Rust => {
                         api_latency(
                             &ds[0],
                             &ds[1],
@@ -2221,7 +2221,7 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                         )
                         .await?
                     }
-                    Some(api @ (Api::Socket | Api::Compact)) => {
+                    api @ (Api::Socket | Api::Compact) => {
                         ours_latency(
                             &a_ctl,
                             b_ctl.clone(),
@@ -2233,21 +2233,20 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                         )
                         .await?
                     }
-                    None => {
-                        api_latency(
-                            &pds[0],
-                            &pds[1],
-                            "requester",
-                            a.requests,
-                            a.size,
-                            inflight,
-                            &here,
-                        )
-                        .await?
-                    }
                 };
                 c.runs.push(Quantiles::of(&times)?);
             }
+            let times = api_latency(
+                &pds[0],
+                &pds[1],
+                "requester",
+                a.requests,
+                a.size,
+                inflight,
+                &here,
+            )
+            .await?;
+            relay_process.runs.push(Quantiles::of(&times)?);
             let times = api_latency(
                 &qds[0],
                 &qds[1],
@@ -2278,6 +2277,7 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         rows.push(LatencyRows {
             inflight,
             ours,
+            relay_process,
             apart: apart_ours,
             nats: np,
             nats_apart: np_apart,
@@ -2312,11 +2312,10 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         let inflight = r.inflight;
         // And the relay process over the floor in its own process: what
         // ours adds to the stack, both relays crossing processes alike.
-        let relay_process = r.ours.last().context("no relay-process row")?;
         let floors = [
             (&r.floor, &r.nats),
             (&r.floor_process, &r.nats),
-            (relay_process, &r.floor_process),
+            (&r.relay_process, &r.floor_process),
         ];
         let compared = r.compared().chain(floors);
         if out.json {
@@ -2343,7 +2342,7 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             let lines = r
                 .ours
                 .iter()
-                .chain([&r.apart])
+                .chain([&r.relay_process, &r.apart])
                 .map(|c| (format!("switchboard, {}", c.label), c))
                 .chain(
                     [

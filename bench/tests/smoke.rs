@@ -40,9 +40,12 @@ async fn every_benchmark_runs_at_smoke_size() -> Result<()> {
         status?.success(),
         "bench all --smoke failed: {stdout}{stderr}"
     );
-    let summary: Vec<serde_json::Value> = stdout
+    let lines: Vec<serde_json::Value> = stdout
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .collect();
+    let summary: Vec<&serde_json::Value> = lines
+        .iter()
         .filter(|v| v.get("summary").is_some())
         .collect();
     let scenarios: std::collections::BTreeSet<&str> = summary
@@ -57,11 +60,8 @@ async fn every_benchmark_runs_at_smoke_size() -> Result<()> {
     }
     // The latency floors, in this process and in one of their own, each
     // held against NATS, and the relay process against its floor.
-    let latency: Vec<serde_json::Value> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["bench"] == "latency")
-        .collect();
+    let latency: Vec<&serde_json::Value> =
+        lines.iter().filter(|v| v["bench"] == "latency").collect();
     ensure!(
         latency.len() == 2,
         "latency at 1 and 64 in flight: {stdout}"

@@ -49,7 +49,7 @@ const ARENA_MIN_ROOM: usize = 512;
 /// most: past it a caller's send queues for the actor, whose channel makes
 /// callers wait. The actor takes them all whenever the relay's answers
 /// arrive, so the list is only this long while the relay answers nothing.
-pub(crate) const REGISTERED_MAX: usize = 1024;
+const REGISTERED_MAX: usize = 1024;
 
 impl Writer {
     /// The arena, with a chunk to encode into.
