@@ -2187,12 +2187,14 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
     .await?;
     let mut rows = Vec::new();
     for inflight in [1usize, 64] {
-        // Ours: the three APIs through the in-process relay, then the Rust
-        // API through the relay process.
-        let mut ours: Vec<(Api, Contender)> = [Api::Rust, Api::Socket, Api::Compact]
+        // Ours: the control socket and its compact form through the
+        // in-process relay; the Rust API through it, through the relay
+        // process, and through the relay process with the ends apart.
+        let mut sockets: Vec<(bool, Contender)> = [Api::Socket, Api::Compact]
             .into_iter()
-            .map(|api| (api, Contender::new(api.key(), api.label())))
+            .map(|api| (api == Api::Compact, Contender::new(api.key(), api.label())))
             .collect();
+        let mut rust = Contender::new(Api::Rust.key(), Api::Rust.label());
         let mut relay_process = Contender::new("rust_api_relay_process", "Rust API, relay process");
         let mut apart_ours = Contender::new("rust_api_apart", "Rust API, ends apart");
         let mut np = Contender::new("nats", "nats");
@@ -2206,58 +2208,36 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
         // Contenders take turns within each run, so a slow spell of the
         // machine falls on all of them; each ratio is taken within a run.
         for _ in 0..runs {
-            for (api, c) in &mut ours {
-                let times = match api {
-                    Api::Batch => anyhow::bail!("batches are measured for rate only"),
-                    Api::Rust => {
-                        api_latency(
-                            &ds[0],
-                            &ds[1],
-                            "requester",
-                            a.requests,
-                            a.size,
-                            inflight,
-                            &here,
-                        )
-                        .await?
-                    }
-                    api @ (Api::Socket | Api::Compact) => {
-                        ours_latency(
-                            &a_ctl,
-                            b_ctl.clone(),
-                            "requester",
-                            a.requests,
-                            a.size,
-                            inflight,
-                            *api == Api::Compact,
-                        )
-                        .await?
-                    }
-                };
+            for (compact, c) in &mut sockets {
+                let times = ours_latency(
+                    &a_ctl,
+                    b_ctl.clone(),
+                    "requester",
+                    a.requests,
+                    a.size,
+                    inflight,
+                    *compact,
+                )
+                .await?;
                 c.runs.push(Quantiles::of(&times)?);
             }
-            let times = api_latency(
-                &pds[0],
-                &pds[1],
-                "requester",
-                a.requests,
-                a.size,
-                inflight,
-                &here,
-            )
-            .await?;
-            relay_process.runs.push(Quantiles::of(&times)?);
-            let times = api_latency(
-                &qds[0],
-                &qds[1],
-                "requester",
-                a.requests,
-                a.size,
-                inflight,
-                &apart,
-            )
-            .await?;
-            apart_ours.runs.push(Quantiles::of(&times)?);
+            for (ds, ends, c) in [
+                (&ds, &here, &mut rust),
+                (&pds, &here, &mut relay_process),
+                (&qds, &apart, &mut apart_ours),
+            ] {
+                let times = api_latency(
+                    &ds[0],
+                    &ds[1],
+                    "requester",
+                    a.requests,
+                    a.size,
+                    inflight,
+                    ends,
+                )
+                .await?;
+                c.runs.push(Quantiles::of(&times)?);
+            }
             let (n, size) = (a.requests, a.size);
             let times = nats_latency(plain.addr, None, n, size, inflight, &here).await?;
             np.runs.push(Quantiles::of(&times)?);
@@ -2273,7 +2253,10 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
             let times = floor::floor_latency(floor, n, a.size, inflight).await?;
             flp.runs.push(Quantiles::of(&times)?);
         }
-        let ours: Vec<Contender> = ours.into_iter().map(|(_, c)| c).collect();
+        let ours: Vec<Contender> = [rust]
+            .into_iter()
+            .chain(sockets.into_iter().map(|(_, c)| c))
+            .collect();
         rows.push(LatencyRows {
             inflight,
             ours,
