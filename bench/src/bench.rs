@@ -2221,14 +2221,16 @@ pub(crate) async fn latency_bench(a: LatencyArgs, out: &Output) -> Result<()> {
                 .await?;
                 c.runs.push(Quantiles::of(&times)?);
             }
-            for (ds, ends, c) in [
+            // Daemons on the in-process relay, on the relay process, and
+            // on the relay process with their loops on runtimes of their own.
+            for (pair, ends, c) in [
                 (&ds, &here, &mut rust),
                 (&pds, &here, &mut relay_process),
                 (&qds, &apart, &mut apart_ours),
             ] {
                 let times = api_latency(
-                    &ds[0],
-                    &ds[1],
+                    &pair[0],
+                    &pair[1],
                     "requester",
                     a.requests,
                     a.size,
