@@ -668,11 +668,14 @@ impl Actor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut probe: Option<Probe> = None;
         let mut probe_failed = false;
+        // Armed once for the session, not made and dropped every turn (each
+        // took a lock to register and another to unregister).
+        let mut cancelled = std::pin::pin!(cancel.cancelled());
         loop {
             // Ranked: shutdown, then local commands, then relay frames.
             let out: Vec<Frame> = tokio::select! {
                 biased;
-                _ = cancel.cancelled() => {
+                () = &mut cancelled => {
                     link.conn.close(close::NORMAL.into(), b"daemon stopping");
                     return Served::Shutdown;
                 }

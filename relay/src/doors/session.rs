@@ -135,13 +135,16 @@ impl Io {
         // here for the life of the session (memory per idle client). QUIC
         // takes it without a copy if it is mostly full.
         let buf = swb_quic::outgoing(std::mem::take(&mut self.out));
+        // The write first: it mostly completes at once, and then the wait
+        // for cancellation is never armed (arming and disarming it takes a
+        // lock each). A session cancelled meanwhile ends at its next turn.
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => Err(End::Gone),
             r = self.send.write_chunk(buf) => r.map_err(|e| {
                 debug!("write failed: {e}");
                 End::Gone
             }),
+            () = cancel.cancelled() => Err(End::Gone),
         }
     }
 
@@ -751,6 +754,18 @@ fn tun_joined(
     swb_wire::TunAnswer::Assigned(assigned)
 }
 
+/// Waits for the next change of the live set on `rx`, and gives `rx` back
+/// (a wait that owns its receiver can stay armed across a loop's turns).
+async fn live_changed(
+    mut rx: tokio::sync::watch::Receiver<Arc<crate::placement::LiveSet>>,
+) -> (
+    Result<(), tokio::sync::watch::error::RecvError>,
+    tokio::sync::watch::Receiver<Arc<crate::placement::LiveSet>>,
+) {
+    let r = rx.changed().await;
+    (r, rx)
+}
+
 /// The session's actor loop. Returns why it ended.
 async fn serve(
     router: &Arc<Router>,
@@ -801,13 +816,27 @@ async fn serve(
     let mut cancelled = std::pin::pin!(cancel.cancelled());
     let mut mail = std::pin::pin!(ctl.notify.notified());
     let mut incoming = std::pin::pin!(conn.accept_bi());
+    // The same for datagrams and for the live set. A change of the live set
+    // is waited for on a clone of `live` (the wait owns it), so `live`
+    // stays free for routing; once a change fired, `live` takes it too.
+    let mut datagram = std::pin::pin!(conn.read_datagram());
+    let mut changed = std::pin::pin!(live_changed(live.clone()));
+    let mut live_open = true;
     loop {
         // Ranked: cancellation first (replaced, revoked, shutdown), then new
         // mail, then frames from the daemon.
         tokio::select! {
             biased;
             () = &mut cancelled => return End::Gone,
-            Ok(()) = live.changed() => {
+            // An error: the placement is gone (the relay is stopping), no
+            // more changes to wait for.
+            (r, rx) = &mut changed, if live_open => 'changed: {
+                live_open = r.is_ok();
+                if !live_open {
+                    break 'changed;
+                }
+                changed.set(live_changed(rx));
+                live.borrow_and_update();
                 seen.refresh(&live);
                 // The mesh changed: tell the daemon, and move it if its
                 // home is now another relay.
@@ -825,7 +854,7 @@ async fn serve(
                 if reask.is_none() {
                     reask = tun_reask(router, &mut tun_calls, ns, name, tun.as_ref());
                 }
-            }
+            },
             done = std::future::poll_fn(|cx| tun_calls.poll_next(cx)), if !tun_calls.is_empty() => {
                 let reply = match done {
                     TunDone::Joined { allocator, index, answer } => {
@@ -910,8 +939,11 @@ async fn serve(
             },
             // Not (yet) in TUN mode: datagrams go nowhere (the pump reads
             // them once joined). Last: a flood of them cannot starve frames.
-            d = conn.read_datagram(), if tun.is_none() => match d {
-                Ok(_) => services.metrics.tun.not_joined.inc(),
+            d = &mut datagram, if tun.is_none() => match d {
+                Ok(_) => {
+                    datagram.set(conn.read_datagram());
+                    services.metrics.tun.not_joined.inc()
+                }
                 Err(_) => return End::Gone,
             },
         }
