@@ -14,6 +14,7 @@ pub(crate) mod session;
 pub(crate) mod status_streams;
 pub(crate) mod streams;
 pub(crate) mod tun;
+mod wake_gate;
 
 /// Least time between keys-file reads triggered by unknown keys.
 pub(crate) const KEYS_REFRESH_GAP: std::time::Duration = std::time::Duration::from_millis(100);

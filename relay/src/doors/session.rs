@@ -6,6 +6,7 @@ use super::KEYS_REFRESH_GAP;
 use crate::router::{Route, Router};
 use crate::services::registry::SessionCtl;
 use bytes::BytesMut;
+use std::future::poll_fn;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use swb_wire::{
@@ -822,20 +823,31 @@ async fn serve(
     let mut datagram = std::pin::pin!(conn.read_datagram());
     let mut changed = std::pin::pin!(live_changed(live.clone()));
     let mut live_open = true;
+    // And those that rarely fire are polled only after one of them woke:
+    // polling one armed takes locks (quinn's connection, which its driver
+    // takes for every packet; the cancellation token's two; the live set's
+    // waiter list, which every session shares). New mail, which fires at
+    // every message, is not gated.
+    let rare = super::wake_gate::WakeGate::new();
+    const CANCELLED: u8 = 0;
+    const CHANGED: u8 = 1;
+    const INCOMING: u8 = 2;
+    const DATAGRAM: u8 = 3;
     loop {
         // Ranked: cancellation first (replaced, revoked, shutdown), then new
         // mail, then frames from the daemon.
         tokio::select! {
             biased;
-            () = &mut cancelled => return End::Gone,
+            () = poll_fn(|cx| rare.poll(cx, CANCELLED, cancelled.as_mut())) => return End::Gone,
             // An error: the placement is gone (the relay is stopping), no
             // more changes to wait for.
-            (r, rx) = &mut changed, if live_open => 'changed: {
+            (r, rx) = poll_fn(|cx| rare.poll(cx, CHANGED, changed.as_mut())), if live_open => 'changed: {
                 live_open = r.is_ok();
                 if !live_open {
                     break 'changed;
                 }
                 changed.set(live_changed(rx));
+                rare.arm(CHANGED);
                 live.borrow_and_update();
                 seen.refresh(&live);
                 // The mesh changed: tell the daemon, and move it if its
@@ -855,7 +867,7 @@ async fn serve(
                     reask = tun_reask(router, &mut tun_calls, ns, name, tun.as_ref());
                 }
             },
-            done = std::future::poll_fn(|cx| tun_calls.poll_next(cx)), if !tun_calls.is_empty() => {
+            done = poll_fn(|cx| tun_calls.poll_next(cx)), if !tun_calls.is_empty() => {
                 let reply = match done {
                     TunDone::Joined { allocator, index, answer } => {
                         let a = tun_joined(router, ctl, conn, ns, allocator, index, &mut tun);
@@ -930,18 +942,20 @@ async fn serve(
                 parse = true;
             }
             () = streams.reap() => {}
-            s = &mut incoming => match s {
+            s = poll_fn(|cx| rare.poll(cx, INCOMING, incoming.as_mut())) => match s {
                 Ok((send, recv)) => {
                     incoming.set(conn.accept_bi());
+                    rare.arm(INCOMING);
                     streams.opened(router, ctl, (ns, name), send, recv)
                 }
                 Err(_) => return End::Gone,
             },
             // Not (yet) in TUN mode: datagrams go nowhere (the pump reads
             // them once joined). Last: a flood of them cannot starve frames.
-            d = &mut datagram, if tun.is_none() => match d {
+            d = poll_fn(|cx| rare.poll(cx, DATAGRAM, datagram.as_mut())), if tun.is_none() => match d {
                 Ok(_) => {
                     datagram.set(conn.read_datagram());
+                    rare.arm(DATAGRAM);
                     services.metrics.tun.not_joined.inc()
                 }
                 Err(_) => return End::Gone,
