@@ -44,7 +44,8 @@ pub(crate) enum BenchCommand {
     /// relay, and across a mesh hop) vs. NATS+TLS pub/sub 1 -> N.
     Fanout(fanout::FanoutArgs),
     /// Messages between peers on the same relay vs. one mesh hop vs. two
-    /// (nine relays linked as a 3×3 grid): rate and latency, in one run.
+    /// (nine relays linked as a 3×3 grid): rate one send at a time,
+    /// pipelined rate, and latency, in one run.
     Mesh(MeshArgs),
     /// Connections per second the relay accepts (handshake, auth,
     /// registration) vs. bare quinn, and a reconnect storm.
@@ -91,6 +92,13 @@ pub(crate) struct MeshArgs {
     /// Round trips for the latency figures.
     #[arg(long, default_value_t = 500)]
     samples: usize,
+    /// Messages per pipelined run (up to 1024 sends unanswered, through
+    /// the Rust API).
+    #[arg(long, default_value_t = 100_000)]
+    pipelined: usize,
+    /// Pipelined runs of each path, taken in turns; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
 }
 
 #[derive(Debug, Args)]
@@ -169,6 +177,47 @@ async fn rate(
     s?;
     r?;
     Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Pipelined sends through the Rust API (1024 unanswered): deliveries/s.
+async fn pipelined(
+    from: &swb_daemon::DaemonHandle,
+    to: &swb_daemon::DaemonHandle,
+    to_name: &str,
+    n: usize,
+) -> Result<f64> {
+    let got = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let (g, d) = (got.clone(), done.clone());
+    let mut reader = tokio::spawn(receive_rust(to.receiver(), move |k| {
+        if g.fetch_add(k, std::sync::atomic::Ordering::Relaxed) + k >= n {
+            d.notify_one();
+        }
+    }));
+    let name: Arc<str> = Arc::from(to_name);
+    let body = bytes::Bytes::from(vec![0x42u8; 128]);
+    let t = Instant::now();
+    let mut i = 0;
+    let sent = submit_windowed(from.sender(), 1024, || {
+        i += 1;
+        (i <= n).then(|| (name.clone(), body.clone()))
+    });
+    let received = async {
+        tokio::select! {
+            () = done.notified() => Ok(()),
+            r = &mut reader => match r {
+                Ok(Err(e)) => Err(e.context("receiving")),
+                _ => Err(anyhow::anyhow!("the receiver stopped")),
+            },
+        }
+    };
+    let all = async { tokio::try_join!(sent, received) };
+    let r = tokio::time::timeout(Duration::from_secs(300), all).await;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    // Its receiver ends with the run (its lease, all acknowledged, goes).
+    reader.abort();
+    r.context("pipelined run: no end in 300 s")??;
+    Ok(rate)
 }
 
 /// One message at a time: send → received at the other end; latencies.
@@ -317,7 +366,13 @@ async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
     // Nine relays past a full-mesh threshold of four: a 3×3 grid, where
     // half the pairs have a link (one hop) and half do not (two hops).
     const IDS: [&str; 9] = ["r1", "r2", "r3", "r4", "r5", "r6", "r7", "r8", "r9"];
-    let (relays, api) = mesh_relays(&IDS, 4, |_| {}).await?;
+    // Mailboxes as deep as `rate`'s (a NATS subscription's pending
+    // limits): the pipelined runs' receivers may fall that far behind.
+    let (relays, api) = mesh_relays(&IDS, 4, |rc| {
+        rc.limits.messages = 65_536;
+        rc.limits.bytes = 64 * 1024 * 1024;
+    })
+    .await?;
     let ring = swb_ring::Ring::new(IDS);
     let grid = swb_ring::Grid::new(&ring);
     // r1's grid neighbours (one hop) and the others (two hops).
@@ -369,6 +424,19 @@ async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
     let same = rate(&a_d, &b_d, &b_name, a.messages).await?;
     let cross = rate(&a_d, &c_d, &c_name, a.messages).await?;
     let two = rate(&a_d, &d_d, &d_name, a.messages).await?;
+    // Pipelined: a sender that keeps many sends unanswered, as a program
+    // streaming messages would; the paths take turns, run by run.
+    let (mut ps_same, mut ps_cross, mut ps_two) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..a.runs.max(1) {
+        ps_same.push(pipelined(&ds[0], &ds[1], &b_name, a.pipelined).await?);
+        ps_cross.push(pipelined(&ds[0], &ds[2], &c_name, a.pipelined).await?);
+        ps_two.push(pipelined(&ds[0], &ds[3], &d_name, a.pipelined).await?);
+    }
+    let (p_same, p_cross, p_two) = (
+        median(ps_same.clone()),
+        median(ps_cross.clone()),
+        median(ps_two.clone()),
+    );
     let l_same = latency(&a_d, &b_d, &b_name, a.samples).await?;
     let l_cross = latency(&a_d, &c_d, &c_name, a.samples).await?;
     let l_two = latency(&a_d, &d_d, &d_name, a.samples).await?;
@@ -399,6 +467,22 @@ async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
     );
     record(
         "mesh",
+        "pipelined deliveries/s across one mesh hop (vs same relay)",
+        p_cross,
+        p_same,
+        true,
+        0.45,
+    );
+    record(
+        "mesh",
+        "pipelined deliveries/s across two mesh hops (vs same relay)",
+        p_two,
+        p_same,
+        true,
+        0.3,
+    );
+    record(
+        "mesh",
         "p50 ms across two mesh hops (vs same relay)",
         p(&l_two, 0.5),
         p(&l_same, 0.5),
@@ -413,11 +497,24 @@ async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
                 "rate_ratio": cross / same, "two_hops_rate_ratio": two / same,
                 "same_relay_p50_ms": p(&l_same, 0.5), "one_hop_p50_ms": p(&l_cross, 0.5), "two_hops_p50_ms": p(&l_two, 0.5),
                 "same_relay_p99_ms": p(&l_same, 0.99), "one_hop_p99_ms": p(&l_cross, 0.99), "two_hops_p99_ms": p(&l_two, 0.99),
-                "p50_ratio": p(&l_cross, 0.5) / p(&l_same, 0.5), "two_hops_p50_ratio": p(&l_two, 0.5) / p(&l_same, 0.5)})
+                "p50_ratio": p(&l_cross, 0.5) / p(&l_same, 0.5), "two_hops_p50_ratio": p(&l_two, 0.5) / p(&l_same, 0.5),
+                "pipelined_messages": a.pipelined, "pipelined_runs": a.runs.max(1),
+                "pipelined_same_relay_per_sec": p_same, "pipelined_one_hop_per_sec": p_cross, "pipelined_two_hops_per_sec": p_two,
+                "pipelined_rate_ratio": p_cross / p_same, "pipelined_two_hops_rate_ratio": p_two / p_same})
         );
     } else {
         println!("messages: peers on one relay vs. one mesh hop vs. two (nine relays, full-mesh max 4: a 3x3 grid); each send waits for acceptance");
         println!("  rate      same relay {same:>8.0} msg/s   one hop {cross:>8.0} msg/s ({:.2}, goal >= 0.45)   two hops {two:>8.0} msg/s ({:.2}, goal >= 0.3)", cross / same, two / same);
+        let span = |v: &[f64]| {
+            let (lo, hi) = v
+                .iter()
+                .fold((f64::MAX, 0f64), |(l, h), x| (l.min(*x), h.max(*x)));
+            format!("{lo:.0}–{hi:.0}")
+        };
+        println!(
+            "  pipelined (1024 unanswered, Rust API; medians of {}): same relay {p_same:>8.0}/s ({})   one hop {p_cross:>8.0}/s ({}; {:.2}, goal >= 0.45)   two hops {p_two:>8.0}/s ({}; {:.2}, goal >= 0.3)",
+            ps_same.len(), span(&ps_same), span(&ps_cross), p_cross / p_same, span(&ps_two), p_two / p_same
+        );
         println!(
             "  latency   same relay p50 {:.3} ms p99 {:.3} ms   one hop p50 {:.3} ms p99 {:.3} ms ({:.2}, goal <= 2)   two hops p50 {:.3} ms p99 {:.3} ms ({:.2}, goal <= 3)",
             p(&l_same, 0.5), p(&l_same, 0.99), p(&l_cross, 0.5), p(&l_cross, 0.99), p(&l_cross, 0.5) / p(&l_same, 0.5),
@@ -3207,6 +3304,8 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
         MeshArgs {
             messages: if s { 50 } else { 5000 },
             samples: if s { 20 } else { 500 },
+            pipelined: if s { 2000 } else { 100_000 },
+            runs: if s { 1 } else { 3 },
         },
         out,
     )

@@ -264,6 +264,23 @@ pub async fn write_frame(send: &mut quinn::SendStream, f: &Frame) -> Result<(), 
     send.write_chunk(outgoing(b)).await.map_err(stream)
 }
 
+/// Writes frames to a stream in one write (one buffer, one hand-off to
+/// QUIC, however many frames).
+pub async fn write_frames<'a>(
+    send: &mut quinn::SendStream,
+    frames: impl IntoIterator<Item = &'a Frame>,
+) -> Result<(), FrameIoError> {
+    let mut b = BytesMut::new();
+    for f in frames {
+        f.encode(&mut b)
+            .map_err(|e| FrameIoError::Codec(e.to_string()))?;
+    }
+    if b.is_empty() {
+        return Ok(());
+    }
+    send.write_chunk(outgoing(b)).await.map_err(stream)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -173,6 +173,9 @@ pub struct RelayStats {
     pub streams_refused: u64,
     /// Mesh links refused for a missing or wrong mesh-key proof.
     pub mesh_refused: u64,
+    /// Calls that carried sends made here (by peers attached here or over
+    /// HTTP) to their recipients' home relays, one message or many each.
+    pub mesh_forward_calls: u64,
     /// Connections sent a QUIC Retry (address validation while busy).
     pub handshakes_retried: u64,
     /// Connections refused for their source address's rate.
@@ -506,6 +509,28 @@ impl RelayHandle {
         }
     }
 
+    /// Makes one forward call to relay `home` with these messages, as a
+    /// session's sends to peers homed there go: one answer per message,
+    /// in order. For tests of the mesh's forward calls.
+    #[doc(hidden)]
+    pub async fn mesh_forward_call(
+        &self,
+        home: &str,
+        fs: Vec<swb_wire::MeshForward>,
+    ) -> Vec<Result<bool, swb_wire::Refusal>> {
+        self.router.forward_batch(home, fs).await
+    }
+
+    /// From now on answers only the first message of each forward call
+    /// and ends it, as relays did before calls carried many messages. For
+    /// tests of the callers' fallback to a call per message.
+    #[doc(hidden)]
+    pub fn mesh_answer_one_forward_per_call(&self) {
+        if let Some(m) = &self.mesh {
+            m.answer_one_forward_per_call();
+        }
+    }
+
     /// How durable accepted mail is at this relay.
     pub fn durability(&self) -> Durability {
         self.router.services().durability()
@@ -623,6 +648,7 @@ impl RelayHandle {
             streams_opened: m.streams_opened.get(),
             streams_refused: m.streams_refused.get(),
             mesh_refused: m.mesh_refused.get(),
+            mesh_forward_calls: m.forward_calls.get(),
             held: reg.held().0 as u64,
             attached: reg.sessions().len() as u64,
         }

@@ -25,6 +25,9 @@ pub(crate) struct Metrics {
     /// Sends accepted by another relay (the recipient's home) for a sender
     /// attached here.
     pub(crate) forwarded: IntCounter,
+    /// Calls that carried sends made here to their recipients' home
+    /// relays (one message or many each).
+    pub(crate) forward_calls: IntCounter,
     pub(crate) refused_send: IntCounterVec,
     pub(crate) delivered: IntCounter,
     pub(crate) acked: IntCounter,
@@ -108,6 +111,7 @@ impl Metrics {
             handshake_seconds: seconds_histogram(&r, "swb_relay_handshake_seconds", "Time from a connection's first packet to its session being registered (QUIC, TLS, Hello, key check)."),
             accepted: counter(&r, "swb_relay_messages_accepted_total", "Messages accepted into a mailbox of this relay."),
             forwarded: counter(&r, "swb_relay_messages_forwarded_total", "Sends from peers attached here that the recipient's home relay accepted (one mesh hop)."),
+            forward_calls: counter(&r, "swb_relay_mesh_forward_calls_total", "Calls that carried sends made here (by attached peers or over HTTP) to their recipients' home relays. A session's call takes every send it has queued for that relay: swb_relay_messages_forwarded_total over this is how far the mesh hop batches."),
             refused_send: counter_vec(&r, "swb_relay_messages_refused_total", "Sends refused, by refusal code.", &["code"]),
             delivered: counter(&r, "swb_relay_messages_delivered_total", "Messages handed to receivers (QUIC deliveries and HTTP receives, redeliveries included)."),
             acked: counter(&r, "swb_relay_messages_acknowledged_total", "Messages acknowledged by their receiver and forgotten."),

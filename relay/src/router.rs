@@ -4,7 +4,7 @@
 //! see the mesh; the mesh never sees a door.
 
 use crate::keys::Keys;
-use crate::mesh::{CallError, Mesh};
+use crate::mesh::{unavailable, CallError, Mesh};
 use crate::placement::Placement;
 use crate::services::splice::Opened;
 use crate::services::status::Snapshot;
@@ -44,13 +44,6 @@ impl std::fmt::Debug for Router {
             .field("relay", &self.placement.me().id)
             .finish()
     }
-}
-
-fn unavailable(to: &str, home: &str, e: &CallError) -> Refusal {
-    Refusal::new(
-        Code::RELAY_UNAVAILABLE,
-        format!("the home relay of {to} ({home}) is unreachable right now ({e}); retry"),
-    )
 }
 
 impl Router {
@@ -247,6 +240,7 @@ impl Router {
     /// recipient is attached there.
     pub(crate) async fn forward(&self, home: &str, f: MeshForward) -> Result<bool, Refusal> {
         let metrics = &self.services.metrics;
+        metrics.forward_calls.inc();
         let to = f.to.clone();
         let r = match &self.mesh {
             Some(m) => match m.forward(home, f).await {
@@ -258,6 +252,31 @@ impl Router {
         match &r {
             Ok(_) => metrics.forwarded.inc(),
             Err(refusal) => metrics.refused(refusal.code),
+        }
+        r
+    }
+
+    /// Hands messages to `home`, their recipients' relay, on one call, in
+    /// order: for each, whether its recipient is attached there.
+    pub(crate) async fn forward_batch(
+        &self,
+        home: &str,
+        fs: Vec<MeshForward>,
+    ) -> Vec<Result<bool, Refusal>> {
+        let metrics = &self.services.metrics;
+        metrics.forward_calls.inc();
+        let r = match &self.mesh {
+            Some(m) => m.forward_batch(home, fs).await,
+            None => fs
+                .iter()
+                .map(|_| Err(Refusal::new(Code::INTERNAL, "this relay is not in a mesh")))
+                .collect(),
+        };
+        for one in &r {
+            match one {
+                Ok(_) => metrics.forwarded.inc(),
+                Err(refusal) => metrics.refused(refusal.code),
+            }
         }
         r
     }

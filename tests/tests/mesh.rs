@@ -539,3 +539,167 @@ async fn http_works_against_any_relay_of_the_mesh() -> Result<()> {
     );
     Ok(())
 }
+
+/// Takes `n` messages through the Rust API, acknowledging them; their
+/// bodies in the order received.
+async fn take_bodies(d: &swb_tests::TestDaemon, n: usize) -> Result<Vec<Vec<u8>>> {
+    let mut rx = d.handle.receiver();
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let msgs = rx.recv(n - got.len(), WAIT).await?;
+        anyhow::ensure!(!msgs.is_empty(), "{} of {n} arrived", got.len());
+        rx.ack(&msgs.iter().map(|m| m.id).collect::<Vec<_>>())
+            .await?;
+        got.extend(msgs.iter().map(|m| m.body.to_vec()));
+    }
+    Ok(got)
+}
+
+#[tokio::test]
+async fn pipelined_sends_cross_the_mesh_in_order_in_few_calls() -> Result<()> {
+    let (relays, api) = mesh3('q').await?;
+    let ids = ["r1", "r2", "r3"];
+    let a_name = name_homed_on(&ids, "acme", "r2");
+    let b_name = name_homed_on(&ids, "acme", "r3");
+    let c_name = name_homed_on(&ids, "acme", "r1");
+    let a = swb_tests::TestDaemon::start(&relays[1], &api, &a_name).await?;
+    let b = swb_tests::TestDaemon::start(&relays[2], &api, &b_name).await?;
+    let c = swb_tests::TestDaemon::start(&relays[0], &api, &c_name).await?;
+    for (d, home) in [(&a, "r2"), (&b, "r3"), (&c, "r1")] {
+        assert_eq!(home_of(d).await?, home);
+    }
+    // Interleaved to two peers homed on two other relays, many sends
+    // unanswered at a time (under the default mailbox's 1000 each).
+    const EACH: usize = 900;
+    let before = relays[1].handle().stats().mesh_forward_calls;
+    let tx = a.handle.sender();
+    let mut waiting = std::collections::VecDeque::new();
+    for i in 0..EACH {
+        for to in [&b_name, &c_name] {
+            if waiting.len() >= 512 {
+                let mut p: swb_daemon::PendingSend = waiting.pop_front().context("window")?;
+                p.answer().await?;
+            }
+            waiting.push_back(
+                tx.submit(to, format!("{to}-{i}").into_bytes(), WAIT)
+                    .await?,
+            );
+        }
+    }
+    for mut p in waiting {
+        p.answer().await?;
+    }
+    // Every send answered as accepted: each arrives, once, in order.
+    for (d, to) in [(&b, &b_name), (&c, &c_name)] {
+        let want: Vec<Vec<u8>> = (0..EACH)
+            .map(|i| format!("{to}-{i}").into_bytes())
+            .collect();
+        assert_eq!(take_bodies(d, EACH).await?, want, "to {to}");
+    }
+    // Not a call per message: each call took what was queued for its relay.
+    let calls = relays[1].handle().stats().mesh_forward_calls - before;
+    assert!(
+        calls >= 2 && calls <= EACH as u64,
+        "{calls} forward calls for {} messages",
+        2 * EACH
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_forward_call_over_the_limit_is_refused_past_it_and_the_relay_serves_on() -> Result<()> {
+    let (relays, api) = mesh3('u').await?;
+    let ids = ["r1", "r2", "r3"];
+    let b_name = name_homed_on(&ids, "acme", "r3");
+    let over = swb_wire::MAX_FORWARDS_PER_CALL + 8;
+    let fs = (0..over)
+        .map(|i| swb_wire::MeshForward {
+            namespace: "acme".into(),
+            from: "sender".into(),
+            to: b_name.clone(),
+            id: swb_wire::MessageId([
+                i as u8,
+                (i >> 8) as u8,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+            ]),
+            body: bytes::Bytes::from(format!("m{i}")),
+            sent_at_ms: 1,
+            hops: 0,
+        })
+        .collect();
+    let held = relays[2].handle().stats().held;
+    let answers = relays[1].handle().mesh_forward_call("r3", fs).await;
+    // Every message answered, none silently: the limit's worth taken at
+    // most, the first past it refused as a protocol error (or, if the
+    // home stopped reading before the call was written, all refused as
+    // unavailable — to be retried, taken again by their ids).
+    assert_eq!(answers.len(), over);
+    let taken = relays[2].handle().stats().held - held;
+    assert_eq!(taken, swb_wire::MAX_FORWARDS_PER_CALL as u64);
+    let limit = &answers[swb_wire::MAX_FORWARDS_PER_CALL];
+    match limit {
+        Err(r) if r.code == swb_wire::Code::PROTOCOL => {
+            assert!(r.message.contains("more than"), "{r:?}");
+            assert!(answers[..swb_wire::MAX_FORWARDS_PER_CALL]
+                .iter()
+                .all(|a| a.is_ok()));
+        }
+        Err(r) => assert_eq!(r.code, swb_wire::Code::RELAY_UNAVAILABLE, "{r:?}"),
+        Ok(_) => panic!("the message past the limit was taken"),
+    }
+    assert!(answers[swb_wire::MAX_FORWARDS_PER_CALL + 1..]
+        .iter()
+        .all(|a| a.is_err()));
+    // The home relay serves on: the recipient gets the taken ones, and a
+    // send across the mesh after it goes through.
+    let b = swb_tests::TestDaemon::start(&relays[0], &api, &b_name).await?;
+    assert_eq!(home_of(&b).await?, "r3");
+    let got = take_bodies(&b, swb_wire::MAX_FORWARDS_PER_CALL).await?;
+    assert_eq!(got[0], b"m0");
+    let a =
+        swb_tests::TestDaemon::start(&relays[1], &api, &name_homed_on(&ids, "acme", "r2")).await?;
+    a.send(&b_name, b"after").await?;
+    assert_eq!(take_bodies(&b, 1).await?, vec![b"after".to_vec()]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_home_relay_that_takes_one_message_a_call_still_gets_every_message_in_order() -> Result<()>
+{
+    let (relays, api) = mesh3('w').await?;
+    // r3 answers as relays did before calls carried many messages.
+    relays[2].handle().mesh_answer_one_forward_per_call();
+    let ids = ["r1", "r2", "r3"];
+    let a_name = name_homed_on(&ids, "acme", "r2");
+    let b_name = name_homed_on(&ids, "acme", "r3");
+    let a = swb_tests::TestDaemon::start(&relays[1], &api, &a_name).await?;
+    let b = swb_tests::TestDaemon::start(&relays[2], &api, &b_name).await?;
+    const N: usize = 300;
+    let tx = a.handle.sender();
+    let mut waiting = Vec::new();
+    for i in 0..N {
+        waiting.push(
+            tx.submit(&b_name, format!("m{i}").into_bytes(), WAIT)
+                .await?,
+        );
+    }
+    for mut p in waiting {
+        p.answer().await?;
+    }
+    let want: Vec<Vec<u8>> = (0..N).map(|i| format!("m{i}").into_bytes()).collect();
+    assert_eq!(take_bodies(&b, N).await?, want);
+    Ok(())
+}

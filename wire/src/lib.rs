@@ -230,6 +230,8 @@ pub enum FrameType {
     RelayMap = 23,
     /// Relay → relay, first frame of a mesh stream: put this message in a
     /// mailbox you hold; answered with `SendAccepted` or `SendRefused`.
+    /// More may follow on the same stream (up to
+    /// [`MAX_FORWARDS_PER_CALL`]), each answered in turn.
     MeshForward = 24,
     /// Relay → relay, first frame of a mesh stream: connect it to a port of
     /// a peer attached to you; answered with `StreamReply`, then payload.
@@ -1093,6 +1095,12 @@ pub struct MeshForward {
 /// home (relays that briefly disagree about the ring); past that it is
 /// held where it is and moves when the ring agrees again.
 pub const MAX_FORWARD_HOPS: u8 = 1;
+
+/// Most messages one forward call carries: `MeshForward` frames one after
+/// another on the call's stream, answered in order, one `SendAccepted` or
+/// `SendRefused` each. The receiving relay answers the rest of a longer
+/// call with a refusal and stops reading.
+pub const MAX_FORWARDS_PER_CALL: usize = 512;
 
 /// Relay → relay: a stream from `from` to `port` of `to`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,6 +19,9 @@ use tracing::{debug, info, Instrument};
 /// Sends one session may have waiting for another relay's answer; more
 /// are refused with `busy`.
 const FORWARD_QUEUE: usize = 1024;
+/// Most body bytes one forward call to another relay carries (a larger
+/// message goes alone).
+const FORWARD_BATCH_BYTES: usize = 1024 * 1024;
 /// How long the last frame (a refusal, a goodbye) may take to go out.
 const GOODBYE_FLUSH: Duration = Duration::from_secs(1);
 /// How long the relay waits for the daemon to close after the last frame.
@@ -1057,22 +1060,61 @@ impl Drop for Forwarding {
     }
 }
 
-/// Forwards this session's sends to other relays, one at a time so a
-/// sender's messages to a peer keep their order; answers come back as
-/// frames for the daemon.
+/// Forwards this session's sends to other relays: what is queued when
+/// the last calls end goes in one call per home relay (up to
+/// [`swb_wire::MAX_FORWARDS_PER_CALL`] messages and [`FORWARD_BATCH_BYTES`]
+/// of bodies), the homes' calls side by side. One batch at a time, and
+/// each home takes a call's messages in order, so a sender's messages to
+/// a peer keep their order. A lone send is a call of one: nothing waits
+/// for more. Answers come back as frames for the daemon.
 async fn forwarder(
     router: Arc<Router>,
     mut jobs: tokio::sync::mpsc::Receiver<Forward>,
     done: tokio::sync::mpsc::Sender<Frame>,
 ) {
-    while let Some((req, home, f)) = jobs.recv().await {
-        let id = f.id;
-        let reply = match router.forward(&home, f).await {
-            Ok(online) => Frame::SendAccepted(SendAccepted { req, id, online }),
-            Err(refusal) => Frame::SendRefused(SendRefused { req, refusal }),
-        };
-        if done.send(reply).await.is_err() {
-            return;
+    let mut batch: Vec<Forward> = Vec::new();
+    while let Some(job) = jobs.recv().await {
+        let mut bytes = job.2.body.len();
+        batch.push(job);
+        while batch.len() < swb_wire::MAX_FORWARDS_PER_CALL && bytes < FORWARD_BATCH_BYTES {
+            match jobs.try_recv() {
+                Ok(job) => {
+                    bytes += job.2.body.len();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        // Each home's messages, in the order sent (a few homes at most,
+        // as a rule: a linear search).
+        let mut homes: Vec<(String, Vec<u64>, Vec<swb_wire::MeshForward>)> = Vec::new();
+        for (req, home, f) in batch.drain(..) {
+            match homes.iter_mut().find(|(h, _, _)| *h == home) {
+                Some((_, reqs, fs)) => {
+                    reqs.push(req);
+                    fs.push(f);
+                }
+                None => homes.push((home, vec![req], vec![f])),
+            }
+        }
+        let calls = homes.into_iter().map(|(home, reqs, fs)| {
+            let router = &router;
+            async move {
+                let ids: Vec<swb_wire::MessageId> = fs.iter().map(|f| f.id).collect();
+                let answers = router.forward_batch(&home, fs).await;
+                (reqs, ids, answers)
+            }
+        });
+        for (reqs, ids, answers) in futures_util::future::join_all(calls).await {
+            for ((req, id), answer) in reqs.into_iter().zip(ids).zip(answers) {
+                let reply = match answer {
+                    Ok(online) => Frame::SendAccepted(SendAccepted { req, id, online }),
+                    Err(refusal) => Frame::SendRefused(SendRefused { req, refusal }),
+                };
+                if done.send(reply).await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }

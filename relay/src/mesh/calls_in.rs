@@ -50,11 +50,7 @@ pub(crate) async fn serve(
                 }
             }
         }
-        Frame::MeshForward(f) => {
-            let reply = forward_in(mesh, f).await;
-            let _ = write_frame(&mut send, &reply).await;
-            let _ = send.finish();
-        }
+        Frame::MeshForward(f) => forwards_in(mesh, f, recv, &mut send).await,
         Frame::MeshStreamOpen(o) => stream_in(mesh, o, send, recv).await,
         Frame::MeshCall(c) => {
             call_in(mesh, c, &mut send).await;
@@ -119,20 +115,114 @@ fn check_forward(mut f: MeshForward) -> Result<MeshForward, Refusal> {
     Ok(f)
 }
 
-async fn forward_in(mesh: &Mesh, f: MeshForward) -> Frame {
+/// A forward call: its first message, then (from a relay that sends
+/// several on one call) the rest until the stream ends, each taken in
+/// turn. Answered in order once every message taken here is durable, one
+/// `SendAccepted` or `SendRefused` each (`req` its place in the call). At
+/// most [`swb_wire::MAX_FORWARDS_PER_CALL`] messages, read within
+/// [`CALL_HEADER_TIMEOUT`]: a message past the limit, or another frame, is
+/// refused and ends the call; a stream that fails or stalls ends it with
+/// the messages read so far answered.
+async fn forwards_in(
+    mesh: &Mesh,
+    first: MeshForward,
+    recv: quinn::RecvStream,
+    send: &mut quinn::SendStream,
+) {
+    let deadline = tokio::time::Instant::now() + CALL_HEADER_TIMEOUT;
+    let mut answers = vec![forward_in(mesh, first).await];
+    let mut rest = swb_quic::FrameStream::new(recv, swb_wire::MAX_FRAME_LEN);
+    let one = mesh
+        .one_forward_per_call
+        .load(std::sync::atomic::Ordering::Relaxed);
+    loop {
+        if one {
+            break;
+        }
+        let f = match tokio::time::timeout_at(deadline, rest.next()).await {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                debug!("forward call ended after {} messages: {e}", answers.len());
+                break;
+            }
+            Err(_) => {
+                debug!("forward call stalled after {} messages", answers.len());
+                break;
+            }
+        };
+        let refused = match f {
+            Frame::MeshForward(f) if answers.len() < swb_wire::MAX_FORWARDS_PER_CALL => {
+                answers.push(forward_in(mesh, f).await);
+                continue;
+            }
+            Frame::MeshForward(f) => (
+                f.id,
+                Refusal::new(
+                    Code::PROTOCOL,
+                    format!(
+                        "more than {} messages in one forward call",
+                        swb_wire::MAX_FORWARDS_PER_CALL
+                    ),
+                ),
+            ),
+            other => (
+                swb_wire::MessageId([0; 16]),
+                Refusal::new(
+                    Code::PROTOCOL,
+                    format!("{:?} in a forward call", other.frame_type()),
+                ),
+            ),
+        };
+        mesh.services.metrics.refused(refused.1.code);
+        answers.push((refused.0, Taken::Now(Err(refused.1))));
+        break;
+    }
+    let mut out = Vec::with_capacity(answers.len());
+    for (req, (id, taken)) in (0u64..).zip(answers) {
+        let r = match taken {
+            Taken::Now(r) => r,
+            Taken::Stored(durable, online) => durable
+                .wait()
+                .await
+                .map(|()| online)
+                .map_err(|e| crate::services::not_stored(&e)),
+        };
+        out.push(match r {
+            Ok(online) => Frame::SendAccepted(SendAccepted { req, id, online }),
+            Err(refusal) => Frame::SendRefused(SendRefused { req, refusal }),
+        });
+    }
+    let _ = swb_quic::write_frames(send, &out).await;
+    let _ = send.finish();
+}
+
+/// A forwarded message taken: its answer, or the answer once it is durable
+/// here (the sender's relay, or the old home in a handoff, forgets the
+/// message when it hears it).
+enum Taken {
+    Now(Result<bool, Refusal>),
+    Stored(crate::services::store::Durable, bool),
+}
+
+/// One message another relay forwarded: its id and how it was taken.
+async fn forward_in(mesh: &Mesh, f: MeshForward) -> (swb_wire::MessageId, Taken) {
     let (id, hops) = (f.id, f.hops);
     let f = match check_forward(f) {
         Ok(f) => f,
         Err(refusal) => {
             mesh.services.metrics.refused(refusal.code);
-            return Frame::SendRefused(SendRefused { req: 0, refusal });
+            return (id, Taken::Now(Err(refusal)));
         }
     };
     let home = swb_wire::normalize_name(&f.to)
         .ok()
         .and_then(|to| mesh.placement.home_elsewhere(&f.namespace, &to));
-    let result = match swb_wire::normalize_name(&f.to) {
-        Err(e) => Err(Refusal::new(Code::BAD_NAME, format!("{e}: {:?}", f.to))),
+    let taken = match swb_wire::normalize_name(&f.to) {
+        Err(e) => Taken::Now(Err(Refusal::new(
+            Code::BAD_NAME,
+            format!("{e}: {:?}", f.to),
+        ))),
         // Not its home as this relay sees the ring: pass it on (once), so
         // it is not parked where its recipient will not look.
         Ok(_) if home.is_some() && hops < swb_wire::MAX_FORWARD_HOPS => {
@@ -141,26 +231,27 @@ async fn forward_in(mesh: &Mesh, f: MeshForward) -> Frame {
                 hops: hops + 1,
                 ..f
             };
-            match mesh.forward(&home, f).await {
+            Taken::Now(match mesh.forward(&home, f).await {
                 Ok(r) => r,
                 Err(e) => Err(Refusal::new(
                     Code::RELAY_UNAVAILABLE,
                     format!("the home relay ({home}) is unreachable right now ({e}); retry"),
                 )),
+            })
+        }
+        Ok(to) => {
+            let services = &mesh.services;
+            let now = tokio::time::Instant::now();
+            match services.enqueue(&f.namespace, &*f.from, &to, f.id, f.body, f.sent_at_ms, now) {
+                Ok((online, durable)) => {
+                    services.metrics.accepted.inc();
+                    Taken::Stored(durable, online)
+                }
+                Err(refusal) => Taken::Now(Err(refusal)),
             }
         }
-        // Accepted only once durable here: the sender's relay (or the old
-        // home in a handoff) forgets the message when it hears this.
-        Ok(to) => {
-            mesh.services
-                .enqueue_durable(&f.namespace, &f.from, &to, f.id, f.body, f.sent_at_ms)
-                .await
-        }
     };
-    match result {
-        Ok(online) => Frame::SendAccepted(SendAccepted { req: 0, id, online }),
-        Err(refusal) => Frame::SendRefused(SendRefused { req: 0, refusal }),
-    }
+    (id, taken)
 }
 
 /// A stream another relay opens to a peer attached here.

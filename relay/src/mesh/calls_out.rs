@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use swb_wire::{
-    Deliver, Frame, MeshAnswer, MeshCall, MeshForward, MeshOp, MeshStatusQuery, MeshStreamOpen,
-    MeshVia, Refusal, StatusUpdate, StreamReply, MAX_VIA_TTL,
+    Code, Deliver, Frame, MeshAnswer, MeshCall, MeshForward, MeshOp, MeshStatusQuery,
+    MeshStreamOpen, MeshVia, Refusal, StatusUpdate, StreamReply, MAX_VIA_TTL,
 };
 use tracing::debug;
 
@@ -39,6 +39,15 @@ pub(crate) enum CallError {
     /// An answer this call does not expect.
     #[error("unexpected answer {0}")]
     Unexpected(String),
+}
+
+/// The refusal of a message for `to` whose home relay `home` could not be
+/// reached: the sender may retry it.
+pub(crate) fn unavailable(to: &str, home: &str, e: &CallError) -> Refusal {
+    Refusal::new(
+        Code::RELAY_UNAVAILABLE,
+        format!("the home relay of {to} ({home}) is unreachable right now ({e}); retry"),
+    )
 }
 
 /// First byte of a TUN datagram another relay is to pass on (a plain
@@ -157,6 +166,83 @@ impl Mesh {
         tokio::time::timeout(MESH_CALL_TIMEOUT, rpc)
             .await
             .map_err(|_| CallError::Timeout)?
+    }
+
+    /// Forwards `fs` to relay `home` on one stream, in order; the home
+    /// relay answers each in turn. One answer per message, in the same
+    /// order. A relay that answers only the first — an older version, one
+    /// message a call — is sent the rest one call each. Messages the call
+    /// leaves unanswered (no link, a failed stream, no answer in time, a
+    /// call that ended early) are refused as [`unavailable`]: the sender
+    /// retries them, and a message the home relay took already is taken
+    /// again as a retry (by its id).
+    pub(crate) async fn forward_batch(
+        &self,
+        home: &str,
+        fs: Vec<MeshForward>,
+    ) -> Vec<Result<bool, Refusal>> {
+        let n = fs.len();
+        let frames: Vec<Frame> = fs.into_iter().map(Frame::MeshForward).collect();
+        let mut answers = Vec::with_capacity(n);
+        let rpc = async {
+            let first = frames
+                .first()
+                .ok_or(CallError::Unexpected("no message".into()))?;
+            let (mut s, r, _using) = self.open_call(home, first).await?;
+            // A relay that takes one message a call stops reading after
+            // it: its answer is read all the same.
+            let _ = swb_quic::write_frames(&mut s, &frames[1..]).await;
+            let _ = s.finish();
+            let mut r = swb_quic::FrameStream::new(r, swb_wire::MAX_FRAME_LEN);
+            while answers.len() < n {
+                match r.next().await? {
+                    Some(Frame::SendAccepted(a)) => answers.push(Ok(a.online)),
+                    Some(Frame::SendRefused(r)) => answers.push(Err(r.refusal)),
+                    None if !answers.is_empty() => break,
+                    other => {
+                        return Err(CallError::Unexpected(format!(
+                            "{:?}",
+                            other.map(|f| f.frame_type())
+                        )))
+                    }
+                }
+            }
+            Ok(())
+        };
+        let ended = match tokio::time::timeout(MESH_CALL_TIMEOUT, rpc).await {
+            Ok(r) => r.err(),
+            Err(_) => Some(CallError::Timeout),
+        };
+        let mut rest = frames
+            .into_iter()
+            .skip(answers.len())
+            .filter_map(|f| match f {
+                Frame::MeshForward(f) => Some(f),
+                _ => None,
+            });
+        // Only the first answered, the stream ended cleanly: a relay that
+        // takes one message a call. The rest go one call each.
+        let mut ended = ended;
+        if ended.is_none() && answers.len() == 1 {
+            for f in rest.by_ref() {
+                let to = f.to.clone();
+                match self.forward(home, f).await {
+                    Ok(r) => answers.push(r),
+                    Err(e) => {
+                        answers.push(Err(unavailable(&to, home, &e)));
+                        ended = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        if answers.len() < n {
+            let e = ended.unwrap_or_else(|| {
+                CallError::Unexpected(format!("the call ended after {} answers", answers.len()))
+            });
+            answers.extend(rest.map(|f| Err(unavailable(&f.to, home, &e))));
+        }
+        answers
     }
 
     /// Opens a stream to `port` of `to`, homed on relay `home`.

@@ -42,7 +42,7 @@ pub(crate) mod membership;
 mod mirror;
 
 pub use auth::{MeshError, MeshKey};
-pub(crate) use calls_out::CallError;
+pub(crate) use calls_out::{unavailable, CallError};
 pub(crate) use handoff::handoff;
 pub(crate) use links::dialer;
 pub use membership::MESH_IDLE;
@@ -106,6 +106,10 @@ pub(crate) struct Mesh {
     changed: Notify,
     /// This relay is stopping: links announce it.
     leaving: AtomicBool,
+    /// Answers forward calls as relays did before calls carried many
+    /// messages: the first message only (for tests of the callers'
+    /// fallback).
+    one_forward_per_call: AtomicBool,
     /// Upstream status subscriptions for peers homed elsewhere: one per
     /// (namespace, name), owned here.
     #[allow(clippy::type_complexity)]
@@ -141,10 +145,16 @@ impl Mesh {
             seeds: Mutex::new(cfg.peers.iter().map(|p| (p.clone(), None)).collect()),
             changed: Notify::new(),
             leaving: AtomicBool::new(false),
+            one_forward_per_call: AtomicBool::new(false),
             mirrors: Mutex::new((HashSet::new(), JoinSet::new())),
             tasks,
             stop,
         })
+    }
+
+    /// See [`Mesh::one_forward_per_call`].
+    pub(crate) fn answer_one_forward_per_call(&self) {
+        self.one_forward_per_call.store(true, Ordering::Relaxed);
     }
 
     fn membership(&self) -> std::sync::MutexGuard<'_, Membership> {
