@@ -339,12 +339,22 @@ async fn a_relay_stopping_gracefully_hands_its_held_mail_to_the_new_home() -> Re
     let away = name_homed_on(&ids, "acme", "r2");
     let sender =
         swb_tests::TestDaemon::start(&relays[0], &api, &name_homed_on(&ids, "acme", "r1")).await?;
-    for i in 0..5 {
-        let s = sender.send(&away, format!("held {i}").as_bytes()).await?;
-        assert!(!s.online);
+    // More than one handoff call's worth (MAX_FORWARDS_PER_CALL), under
+    // the default mailbox's 1000.
+    const HELD: usize = 900;
+    let tx = sender.handle.sender();
+    let mut waiting = Vec::new();
+    for i in 0..HELD {
+        waiting.push(
+            tx.submit(&away, format!("held {i}").into_bytes(), WAIT)
+                .await?,
+        );
+    }
+    for mut p in waiting {
+        assert!(!p.answer().await?.online);
     }
     relays[1]
-        .wait_stats("r2 holds the mail", |s| s.held == 5)
+        .wait_stats("r2 holds the mail", |s| s.held == HELD as u64)
         .await?;
     relays[1].stop().await;
     let successor = swb_ring::Ring::new(["r1", "r3"])
@@ -353,13 +363,18 @@ async fn a_relay_stopping_gracefully_hands_its_held_mail_to_the_new_home() -> Re
         .to_string();
     let idx = if successor == "r1" { 0 } else { 2 };
     relays[idx]
-        .wait_stats("the successor holds it", |s| s.held >= 5)
+        .wait_stats("the successor holds it", |s| s.held >= HELD as u64)
         .await?;
     let d = swb_tests::TestDaemon::start(&relays[0], &api, &away).await?;
     assert_eq!(home_of(&d).await?, successor);
-    let bodies: Vec<Vec<u8>> = d.recv_n(5).await?.iter().map(|m| m.body()).collect();
-    let want: Vec<Vec<u8>> = (0..5).map(|i| format!("held {i}").into_bytes()).collect();
-    assert_eq!(bodies, want, "nothing accepted was lost, order kept");
+    let want: Vec<Vec<u8>> = (0..HELD)
+        .map(|i| format!("held {i}").into_bytes())
+        .collect();
+    assert_eq!(
+        take_bodies(&d, HELD).await?,
+        want,
+        "nothing accepted was lost, order kept"
+    );
     Ok(())
 }
 

@@ -19,9 +19,6 @@ use tracing::{debug, info, Instrument};
 /// Sends one session may have waiting for another relay's answer; more
 /// are refused with `busy`.
 const FORWARD_QUEUE: usize = 1024;
-/// Most body bytes one forward call to another relay carries (a larger
-/// message goes alone).
-const FORWARD_BATCH_BYTES: usize = 1024 * 1024;
 /// How long the last frame (a refusal, a goodbye) may take to go out.
 const GOODBYE_FLUSH: Duration = Duration::from_secs(1);
 /// How long the relay waits for the daemon to close after the last frame.
@@ -1062,11 +1059,12 @@ impl Drop for Forwarding {
 
 /// Forwards this session's sends to other relays: what is queued when
 /// the last calls end goes in one call per home relay (up to
-/// [`swb_wire::MAX_FORWARDS_PER_CALL`] messages and [`FORWARD_BATCH_BYTES`]
-/// of bodies), the homes' calls side by side. One batch at a time, and
-/// each home takes a call's messages in order, so a sender's messages to
-/// a peer keep their order. A lone send is a call of one: nothing waits
-/// for more. Answers come back as frames for the daemon.
+/// [`swb_wire::MAX_FORWARDS_PER_CALL`] messages; it stops taking more at
+/// [`crate::mesh::FORWARD_CALL_BYTES`] of bodies), the homes' calls side
+/// by side. One batch at a time, and each home takes a call's messages in
+/// order, so a sender's messages to a peer keep their order. A lone send
+/// is a call of one: nothing waits for more. Answers come back as frames
+/// for the daemon.
 async fn forwarder(
     router: Arc<Router>,
     mut jobs: tokio::sync::mpsc::Receiver<Forward>,
@@ -1076,7 +1074,9 @@ async fn forwarder(
     while let Some(job) = jobs.recv().await {
         let mut bytes = job.2.body.len();
         batch.push(job);
-        while batch.len() < swb_wire::MAX_FORWARDS_PER_CALL && bytes < FORWARD_BATCH_BYTES {
+        while batch.len() < swb_wire::MAX_FORWARDS_PER_CALL
+            && bytes < crate::mesh::FORWARD_CALL_BYTES
+        {
             match jobs.try_recv() {
                 Ok(job) => {
                     bytes += job.2.body.len();

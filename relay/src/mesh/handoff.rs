@@ -1,16 +1,22 @@
 //! Held mail follows its names: when the ring moves a name to another
 //! relay (one joined, or this one is stopping), its held messages are
-//! forwarded one by one and removed here only once the new home accepted
-//! them.
+//! forwarded — in calls of many, as sessions' sends are — and removed here
+//! only once the new home accepted them.
 
+use super::calls_out::FORWARD_CALL_BYTES;
 use super::Mesh;
+use crate::services::persist::Saved;
+use std::collections::HashMap;
 use swb_ring::Ring;
-use swb_wire::MeshForward;
+use swb_wire::{MeshForward, MAX_FORWARDS_PER_CALL};
 use tracing::debug;
 
 /// Hands held mail to the relays that are its home on `ring` (this relay
-/// is not, or no longer): forwarded one by one, removed here only once the
-/// new home accepted it. Returns (handed off, kept).
+/// is not, or no longer): each new home's messages in the order held, in
+/// calls of up to [`MAX_FORWARDS_PER_CALL`] messages and
+/// [`FORWARD_CALL_BYTES`] of bodies, one call at a time; a message is
+/// removed here only once its new home accepted it. Returns (handed off,
+/// kept).
 pub(crate) async fn handoff(mesh: &Mesh, ring: &Ring) -> (usize, usize) {
     let me = mesh.me.id.clone();
     let wall = std::time::SystemTime::now()
@@ -21,36 +27,67 @@ pub(crate) async fn handoff(mesh: &Mesh, ring: &Ring) -> (usize, usize) {
         .services
         .registry()
         .export(tokio::time::Instant::now(), wall);
-    let (mut moved, mut kept) = (0, 0);
+    let mut by_home: HashMap<String, Vec<Saved>> = HashMap::new();
     for m in held {
-        let Some(home) = ring.home(&m.ns, &m.to).map(str::to_string) else {
+        let Some(home) = ring.home(&m.ns, &m.to) else {
             continue;
         };
-        if home == me {
-            continue;
+        if home != me {
+            by_home.entry(home.to_string()).or_default().push(m);
         }
-        let (ns, to, id) = (m.ns.clone(), m.to.clone(), m.id);
-        let f = MeshForward {
-            namespace: m.ns.to_string(),
-            from: m.from.to_string(),
-            to: m.to.to_string(),
-            id: m.id,
-            body: m.body,
-            sent_at_ms: m.sent_at_ms,
-            hops: 0,
-        };
-        match mesh.forward(&home, f).await {
-            Ok(Ok(_)) => {
+    }
+    let (mut moved, mut kept) = (0, 0);
+    for (home, msgs) in by_home {
+        let mut call: Vec<Saved> = Vec::new();
+        let mut bytes = 0;
+        for m in msgs {
+            if !call.is_empty()
+                && (call.len() >= MAX_FORWARDS_PER_CALL
+                    || bytes + m.body.len() > FORWARD_CALL_BYTES)
+            {
+                let (m, k) = hand(mesh, &home, std::mem::take(&mut call)).await;
+                (moved, kept, bytes) = (moved + m, kept + k, 0);
+            }
+            bytes += m.body.len();
+            call.push(m);
+        }
+        if !call.is_empty() {
+            let (m, k) = hand(mesh, &home, call).await;
+            (moved, kept) = (moved + m, kept + k);
+        }
+    }
+    (moved, kept)
+}
+
+/// One call of [`handoff`]: (handed off, kept).
+async fn hand(mesh: &Mesh, home: &str, call: Vec<Saved>) -> (usize, usize) {
+    let mut held = Vec::with_capacity(call.len());
+    let fs = call
+        .into_iter()
+        .map(|m| {
+            let f = MeshForward {
+                namespace: m.ns.to_string(),
+                from: m.from.to_string(),
+                to: m.to.to_string(),
+                id: m.id,
+                body: m.body,
+                sent_at_ms: m.sent_at_ms,
+                hops: 0,
+            };
+            held.push((m.ns, m.to, m.id));
+            f
+        })
+        .collect();
+    let (mut moved, mut kept) = (0, 0);
+    for ((ns, to, id), answer) in held.into_iter().zip(mesh.forward_batch(home, fs).await) {
+        match answer {
+            Ok(_) => {
                 mesh.services.handed_off(&ns, &to, id);
                 moved += 1;
             }
-            Ok(Err(r)) => {
+            Err(r) => {
                 kept += 1;
                 debug!(%ns, %to, %home, "handoff refused: {r}");
-            }
-            Err(e) => {
-                kept += 1;
-                debug!(%ns, %to, %home, "handoff failed: {e}");
             }
         }
     }
