@@ -1102,6 +1102,10 @@ pub const MAX_FORWARD_HOPS: u8 = 1;
 /// call with a refusal and stops reading.
 pub const MAX_FORWARDS_PER_CALL: usize = 512;
 
+/// Body bytes at which a relay's forward call stops taking more messages
+/// (a call holds at least one, however large).
+pub const FORWARD_CALL_BYTES: usize = 1024 * 1024;
+
 /// Relay → relay: a stream from `from` to `port` of `to`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeshStreamOpen {

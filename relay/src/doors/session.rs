@@ -1060,7 +1060,7 @@ impl Drop for Forwarding {
 /// Forwards this session's sends to other relays: what is queued when
 /// the last calls end goes in one call per home relay (up to
 /// [`swb_wire::MAX_FORWARDS_PER_CALL`] messages; it stops taking more at
-/// [`crate::mesh::FORWARD_CALL_BYTES`] of bodies), the homes' calls side
+/// [`swb_wire::FORWARD_CALL_BYTES`] of bodies), the homes' calls side
 /// by side. One batch at a time, and each home takes a call's messages in
 /// order, so a sender's messages to a peer keep their order. A lone send
 /// is a call of one: nothing waits for more. Answers come back as frames
@@ -1074,8 +1074,7 @@ async fn forwarder(
     while let Some(job) = jobs.recv().await {
         let mut bytes = job.2.body.len();
         batch.push(job);
-        while batch.len() < swb_wire::MAX_FORWARDS_PER_CALL
-            && bytes < crate::mesh::FORWARD_CALL_BYTES
+        while batch.len() < swb_wire::MAX_FORWARDS_PER_CALL && bytes < swb_wire::FORWARD_CALL_BYTES
         {
             match jobs.try_recv() {
                 Ok(job) => {

@@ -16,10 +16,6 @@ use swb_wire::{
 };
 use tracing::debug;
 
-/// Most body bytes a forward call this relay makes carries (a larger
-/// message goes alone).
-pub(crate) const FORWARD_CALL_BYTES: usize = 1024 * 1024;
-
 /// Time a call may take beyond any wait it asks for.
 pub(crate) const MESH_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a status query to another relay may take.

@@ -3,12 +3,11 @@
 //! forwarded — in calls of many, as sessions' sends are — and removed here
 //! only once the new home accepted them.
 
-use super::calls_out::FORWARD_CALL_BYTES;
 use super::Mesh;
 use crate::services::persist::Saved;
 use std::collections::HashMap;
 use swb_ring::Ring;
-use swb_wire::{MeshForward, MAX_FORWARDS_PER_CALL};
+use swb_wire::{MeshForward, FORWARD_CALL_BYTES, MAX_FORWARDS_PER_CALL};
 use tracing::debug;
 
 /// Hands held mail to the relays that are its home on `ring` (this relay

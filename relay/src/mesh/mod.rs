@@ -42,7 +42,7 @@ pub(crate) mod membership;
 mod mirror;
 
 pub use auth::{MeshError, MeshKey};
-pub(crate) use calls_out::{unavailable, CallError, FORWARD_CALL_BYTES};
+pub(crate) use calls_out::{unavailable, CallError};
 pub(crate) use handoff::handoff;
 pub(crate) use links::dialer;
 pub use membership::MESH_IDLE;
