@@ -239,21 +239,15 @@ impl Router {
     /// Hands a message to `home`, the recipient's relay: whether the
     /// recipient is attached there.
     pub(crate) async fn forward(&self, home: &str, f: MeshForward) -> Result<bool, Refusal> {
-        let metrics = &self.services.metrics;
-        metrics.forward_calls.inc();
-        let to = f.to.clone();
-        let r = match &self.mesh {
-            Some(m) => match m.forward(home, f).await {
-                Ok(r) => r,
-                Err(e) => Err(unavailable(&to, home, &e)),
-            },
-            None => Err(Refusal::new(Code::INTERNAL, "this relay is not in a mesh")),
-        };
-        match &r {
-            Ok(_) => metrics.forwarded.inc(),
-            Err(refusal) => metrics.refused(refusal.code),
-        }
-        r
+        self.forward_batch(home, vec![f])
+            .await
+            .pop()
+            .unwrap_or_else(|| {
+                Err(Refusal::new(
+                    Code::INTERNAL,
+                    "a forward call gave no answer",
+                ))
+            })
     }
 
     /// Hands messages to `home`, their recipients' relay, on one call, in

@@ -231,12 +231,10 @@ async fn forward_in(mesh: &Mesh, f: MeshForward) -> (swb_wire::MessageId, Taken)
                 hops: hops + 1,
                 ..f
             };
+            let to = f.to.clone();
             Taken::Now(match mesh.forward(&home, f).await {
                 Ok(r) => r,
-                Err(e) => Err(Refusal::new(
-                    Code::RELAY_UNAVAILABLE,
-                    format!("the home relay ({home}) is unreachable right now ({e}); retry"),
-                )),
+                Err(e) => Err(super::unavailable(&to, &home, &e)),
             })
         }
         Ok(to) => {
