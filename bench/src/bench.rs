@@ -506,9 +506,7 @@ async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
         println!("messages: peers on one relay vs. one mesh hop vs. two (nine relays, full-mesh max 4: a 3x3 grid); each send waits for acceptance");
         println!("  rate      same relay {same:>8.0} msg/s   one hop {cross:>8.0} msg/s ({:.2}, goal >= 0.45)   two hops {two:>8.0} msg/s ({:.2}, goal >= 0.3)", cross / same, two / same);
         let span = |v: &[f64]| {
-            let (lo, hi) = v
-                .iter()
-                .fold((f64::MAX, 0f64), |(l, h), x| (l.min(*x), h.max(*x)));
+            let (lo, hi) = min_max(v);
             format!("{lo:.0}–{hi:.0}")
         };
         println!(
