@@ -106,6 +106,13 @@ pub(crate) struct RingArgs {
     /// Sampled names per relay for the balance and movement figures.
     #[arg(long, default_value_t = 10_000)]
     keys_per_relay: usize,
+    /// Runs of each home-lookup figure (computed and cached take turns);
+    /// the median is reported with the min–max.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
+    runs: u32,
+    /// Lookups timed per run of the home-lookup figures.
+    #[arg(long, default_value_t = 200_000)]
+    lookups: usize,
 }
 
 #[derive(Debug, Args)]
@@ -616,7 +623,105 @@ fn ring(a: RingArgs, out: &Output) -> Result<()> {
     if !out.json {
         println!("(max/mean includes sampling noise of about 3/sqrt(samples per relay); raise --keys-per-relay to shrink it)");
     }
+    ring_lookups(&a, out);
     Ok(())
+}
+
+/// The home lookup as the relay makes it for every message it routes
+/// (`Ring::home` by namespace and name): computed every time, against the
+/// ring's cache of homes found, over `working` distinct recipients asked
+/// in a pseudo-random order. The cache is warmed by one pass first: the
+/// figure is a ring that has served a while, as a live set does between
+/// changes.
+fn ring_lookups(a: &RingArgs, out: &Output) {
+    use swb_ring::Ring;
+    if !out.json {
+        println!();
+        println!(
+            "home lookup by name, as the relay routes a message: ns per lookup, median of {} runs (min-max); caching from {} relays",
+            a.runs,
+            swb_ring::CACHE_MIN_RELAYS
+        );
+        println!(
+            "{:>6} {:>10} {:>22} {:>22} {:>10}",
+            "relays", "recipients", "computed", "cached", "ratio"
+        );
+    }
+    for n in [10usize, 32, 100, 1000, 4000] {
+        let r = Ring::new((0..n).map(|i| format!("relay-{i:04}")));
+        for working in [1_000usize, 10_000, 100_000, 1_000_000] {
+            let names: Vec<String> = (0..working).map(|i| format!("peer-{i}")).collect();
+            // An LCG over the working set: every name, no pattern the
+            // cache or the CPU could predict.
+            let mut x = 0x2545_f491_4f6c_dd1du64;
+            let order: Vec<u32> = (0..a.lookups)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    ((x >> 33) % working as u64) as u32
+                })
+                .collect();
+            for name in &names {
+                std::hint::black_box(r.home("bench", name));
+            }
+            let time = |cache: bool| {
+                let t = Instant::now();
+                let mut acc = 0usize;
+                for &i in &order {
+                    let name = &names[i as usize];
+                    let home = if cache {
+                        r.home("bench", name)
+                    } else {
+                        r.home_computed("bench", name)
+                    };
+                    acc = acc.wrapping_add(home.map_or(0, str::len));
+                }
+                std::hint::black_box(acc);
+                t.elapsed().as_nanos() as f64 / order.len() as f64
+            };
+            let (mut computed, mut cached) = (Vec::new(), Vec::new());
+            for _ in 0..a.runs {
+                computed.push(time(false));
+                cached.push(time(true));
+            }
+            let ratios: Vec<f64> = cached.iter().zip(&computed).map(|(c, p)| c / p).collect();
+            let (c_lo, c_hi) = min_max(&computed);
+            let (k_lo, k_hi) = min_max(&cached);
+            let (r_lo, r_hi) = min_max(&ratios);
+            let (c_med, k_med, r_med) = (
+                median(computed.clone()),
+                median(cached.clone()),
+                median(ratios.clone()),
+            );
+            if n == 1000 && working == 10_000 {
+                record(
+                    "ring",
+                    "home lookup ns, 1000 relays, 10 000 recipients, cached (vs computed)",
+                    k_med,
+                    c_med,
+                    false,
+                    0.2,
+                );
+            }
+            if out.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"bench": "ring_lookup", "relays": n, "recipients": working,
+                        "computed_ns": c_med, "computed_ns_min": c_lo, "computed_ns_max": c_hi,
+                        "cached_ns": k_med, "cached_ns_min": k_lo, "cached_ns_max": k_hi,
+                        "cached_over_computed": r_med, "ratio_min": r_lo, "ratio_max": r_hi})
+                );
+            } else {
+                println!(
+                    "{n:>6} {working:>10} {:>22} {:>22} {:>10}",
+                    format!("{c_med:.0} ({c_lo:.0}-{c_hi:.0})"),
+                    format!("{k_med:.0} ({k_lo:.0}-{k_hi:.0})"),
+                    format!("{r_med:.2} ({r_lo:.2}-{r_hi:.2})"),
+                );
+            }
+        }
+    }
 }
 
 const CHUNK: usize = 256 * 1024;
@@ -3288,6 +3393,8 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
     ring(
         RingArgs {
             keys_per_relay: if s { 10 } else { 10_000 },
+            runs: if s { 1 } else { 5 },
+            lookups: if s { 1_000 } else { 200_000 },
         },
         out,
     )?;

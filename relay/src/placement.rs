@@ -17,15 +17,27 @@ pub struct LiveSet {
     pub ring: Ring,
     /// Their records, by id.
     pub relays: BTreeMap<String, RelayRecord>,
+    /// The same records in the ring's order, shared: a route is an index
+    /// and a count, not a map lookup and a copy of the record's strings.
+    by_index: Vec<Arc<RelayRecord>>,
 }
 
 impl LiveSet {
+    /// These relays and the ring over them.
+    pub(crate) fn new(relays: BTreeMap<String, RelayRecord>) -> Self {
+        let ring = Ring::new(relays.keys().cloned());
+        // The ring's ids are the map's keys, sorted as the map sorts them.
+        let by_index = relays.values().cloned().map(Arc::new).collect();
+        Self {
+            ring,
+            relays,
+            by_index,
+        }
+    }
+
     /// Just `me`.
     pub(crate) fn alone(me: &RelayRecord) -> Self {
-        Self {
-            ring: Ring::new([me.id.clone()]),
-            relays: [(me.id.clone(), me.clone())].into(),
-        }
+        Self::new([(me.id.clone(), me.clone())].into())
     }
 }
 
@@ -67,7 +79,7 @@ impl Placement {
     }
 
     /// The record of the home relay of `(ns, name)` if that is not this relay.
-    pub(crate) fn home_elsewhere(&self, ns: &str, name: &str) -> Option<RelayRecord> {
+    pub(crate) fn home_elsewhere(&self, ns: &str, name: &str) -> Option<Arc<RelayRecord>> {
         self.home_elsewhere_in(&self.live.borrow(), ns, name)
     }
 
@@ -78,12 +90,9 @@ impl Placement {
         live: &LiveSet,
         ns: &str,
         name: &str,
-    ) -> Option<RelayRecord> {
-        let home = live.ring.home(ns, name)?;
-        if home == self.me.id {
-            return None;
-        }
-        live.relays.get(home).cloned()
+    ) -> Option<Arc<RelayRecord>> {
+        let home = live.by_index.get(live.ring.home_at(ns, name)?)?;
+        (home.id != self.me.id).then(|| home.clone())
     }
 
     /// The live relays for daemons, in pages that each fit a frame.
@@ -143,10 +152,32 @@ mod tests {
     }
 
     fn set(ids: &[&str]) -> LiveSet {
-        LiveSet {
-            ring: Ring::new(ids.iter().map(|s| s.to_string())),
-            relays: ids.iter().map(|id| (id.to_string(), record(id))).collect(),
+        LiveSet::new(ids.iter().map(|id| (id.to_string(), record(id))).collect())
+    }
+
+    #[test]
+    fn a_route_names_the_record_of_the_ring_home() {
+        // Ids whose map order and insertion order differ, past the size
+        // where the ring caches homes.
+        let ids: Vec<String> = (0..40).map(|i| format!("r{}", 97 * i % 40)).collect();
+        let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let p = Placement::new(record("r0"));
+        p.publish(set(&refs));
+        let live = p.live_now();
+        let mut away = 0;
+        for i in 0..500 {
+            let n = format!("peer{i}");
+            let home = live.ring.home("ns", &n).expect("a home");
+            match p.home_elsewhere("ns", &n) {
+                Some(r) => {
+                    assert_eq!(r.id, home, "{n}");
+                    assert_eq!(*r, live.relays[home]);
+                    away += 1;
+                }
+                None => assert_eq!(home, "r0", "{n}"),
+            }
         }
+        assert!(away > 400, "only {away} of 500 homed elsewhere");
     }
 
     #[test]

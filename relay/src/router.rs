@@ -25,7 +25,7 @@ pub(crate) enum Route {
     /// Here: local services.
     Local,
     /// On this other relay: one mesh hop.
-    Remote(RelayRecord),
+    Remote(Arc<RelayRecord>),
 }
 
 /// The router of one relay.
@@ -120,7 +120,7 @@ impl Router {
     /// `None` for this relay.
     pub(crate) fn tun_allocator(&self, ns: &str) -> Option<String> {
         match self.route(ns, crate::services::tun::TUN_KEY) {
-            Route::Remote(home) => Some(home.id),
+            Route::Remote(home) => Some(home.id.clone()),
             Route::Local => None,
         }
     }

@@ -372,7 +372,7 @@ async fn open(
     if let Route::Remote(home) = router.route(&ns, &name) {
         debug!(%remote, %ns, peer = %name, home = %home.id, "redirected to its home relay");
         metrics.handshake("redirected", "home_elsewhere");
-        finish(&conn, &mut io, End::Redirect(home), true).await;
+        finish(&conn, &mut io, End::Redirect((*home).clone()), true).await;
         return None;
     }
     let (ctl, replaced, limits) = {
@@ -853,7 +853,7 @@ async fn serve(
                 // The mesh changed: tell the daemon, and move it if its
                 // home is now another relay.
                 if let Route::Remote(home) = router.route(ns, name) {
-                    return End::Redirect(home);
+                    return End::Redirect((*home).clone());
                 }
                 if let Err(e) = queue_relay_map(router, io) {
                     return e;
@@ -1029,7 +1029,7 @@ impl Drop for Tally<'_> {
 }
 
 /// A send whose recipient is homed on another relay, for the forwarder.
-type Forward = (u64, String, swb_wire::MeshForward);
+type Forward = (u64, Arc<swb_wire::RelayRecord>, swb_wire::MeshForward);
 
 /// A session's forwarder task and its channels; the task ends with this.
 struct Forwarding {
@@ -1086,9 +1086,13 @@ async fn forwarder(
         }
         // Each home's messages, in the order sent (a few homes at most,
         // as a rule: a linear search).
-        let mut homes: Vec<(String, Vec<u64>, Vec<swb_wire::MeshForward>)> = Vec::new();
+        let mut homes: Vec<(
+            Arc<swb_wire::RelayRecord>,
+            Vec<u64>,
+            Vec<swb_wire::MeshForward>,
+        )> = Vec::new();
         for (req, home, f) in batch.drain(..) {
-            match homes.iter_mut().find(|(h, _, _)| *h == home) {
+            match homes.iter_mut().find(|(h, _, _)| h.id == home.id) {
                 Some((_, reqs, fs)) => {
                     reqs.push(req);
                     fs.push(f);
@@ -1100,7 +1104,7 @@ async fn forwarder(
             let router = &router;
             async move {
                 let ids: Vec<swb_wire::MessageId> = fs.iter().map(|f| f.id).collect();
-                let answers = router.forward_batch(&home, fs).await;
+                let answers = router.forward_batch(&home.id, fs).await;
                 (reqs, ids, answers)
             }
         });
@@ -1258,7 +1262,7 @@ fn handle(
                 hops: 0,
             };
             let f = fwd.get_or_insert_with(|| Forwarding::start(router));
-            if f.jobs.try_send((s.req, home.id, job)).is_err() {
+            if f.jobs.try_send((s.req, home, job)).is_err() {
                 let refusal = Refusal::new(
                     Code::BUSY,
                     format!("{FORWARD_QUEUE} messages of this session are waiting for another relay already; retry"),

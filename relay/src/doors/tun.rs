@@ -89,7 +89,7 @@ pub(crate) async fn pump(
                     }
                 };
                 let home = name.and_then(|n| match router.route(&ns, &n) {
-                    Route::Remote(h) => Some(h.id),
+                    Route::Remote(h) => Some(h.id.clone()),
                     Route::Local => None,
                 });
                 let (Some(home), Some(md)) = (home, encode_mesh(&ns, i, &d)) else {

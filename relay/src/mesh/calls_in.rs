@@ -226,7 +226,7 @@ async fn forward_in(mesh: &Mesh, f: MeshForward) -> (swb_wire::MessageId, Taken)
         // Not its home as this relay sees the ring: pass it on (once), so
         // it is not parked where its recipient will not look.
         Ok(_) if home.is_some() && hops < swb_wire::MAX_FORWARD_HOPS => {
-            let home = home.map(|h| h.id).unwrap_or_default();
+            let home = home.map(|h| h.id.clone()).unwrap_or_default();
             let f = MeshForward {
                 hops: hops + 1,
                 ..f

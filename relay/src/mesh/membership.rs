@@ -27,7 +27,6 @@
 use crate::placement::LiveSet;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use swb_ring::Ring;
 use swb_wire::RelayRecord;
 use tokio::time::Instant;
 
@@ -246,10 +245,7 @@ impl Membership {
                 relays.insert(id.clone(), k.record.clone());
             }
         }
-        LiveSet {
-            ring: Ring::new(relays.keys().cloned()),
-            relays,
-        }
+        LiveSet::new(relays)
     }
 
     /// A live neighbour that hears `to`, for a two-hop path when this
@@ -539,7 +535,7 @@ mod tests {
     async fn past_full_mesh_max_a_relay_dials_only_its_grid_links() {
         let t0 = Instant::now();
         let all: Vec<RelayRecord> = (0..9).map(|i| rec(&format!("r{i}"), 1)).collect();
-        let ring = Ring::new(all.iter().map(|r| r.id.clone()));
+        let ring = swb_ring::Ring::new(all.iter().map(|r| r.id.clone()));
         let grid = swb_ring::Grid::new(&ring);
         for me in 0..9u32 {
             let mut m = Membership::new(all[me as usize].clone(), 4);

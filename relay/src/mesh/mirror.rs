@@ -25,7 +25,7 @@ impl Mesh {
         let mut by_home: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for n in names {
             if let Some(h) = self.placement.home_elsewhere(ns, n) {
-                by_home.entry(h.id).or_default().push(n.clone());
+                by_home.entry(h.id.clone()).or_default().push(n.clone());
             }
         }
         for (home, names) in by_home {
