@@ -113,6 +113,10 @@ pub(crate) struct RingArgs {
     /// Lookups timed per run of the home-lookup figures.
     #[arg(long, default_value_t = 200_000)]
     lookups: usize,
+    /// The largest working set of recipients the home-lookup figures
+    /// take (1 000, then ten times as many up to this).
+    #[arg(long, default_value_t = 1_000_000)]
+    max_recipients: usize,
 }
 
 #[derive(Debug, Args)]
@@ -649,7 +653,8 @@ fn ring_lookups(a: &RingArgs, out: &Output) {
     }
     for n in [10usize, 32, 100, 1000, 4000] {
         let r = Ring::new((0..n).map(|i| format!("relay-{i:04}")));
-        for working in [1_000usize, 10_000, 100_000, 1_000_000] {
+        let sets = std::iter::successors(Some(1_000usize), |w| Some(w * 10));
+        for working in sets.take_while(|w| *w <= a.max_recipients.max(1_000)) {
             let names: Vec<String> = (0..working).map(|i| format!("peer-{i}")).collect();
             // An LCG over the working set: every name, no pattern the
             // cache or the CPU could predict.
@@ -3395,6 +3400,7 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
             keys_per_relay: if s { 10 } else { 10_000 },
             runs: if s { 1 } else { 5 },
             lookups: if s { 1_000 } else { 200_000 },
+            max_recipients: if s { 10_000 } else { 1_000_000 },
         },
         out,
     )?;
