@@ -73,6 +73,9 @@ impl Placement {
     pub(crate) fn publish(&self, live: LiveSet) -> bool {
         let changed = self.live.borrow().ring != live.ring;
         if changed {
+            // The membership task zeroes the new ring's home cache, not
+            // the first session to route by it.
+            live.ring.make_cache();
             self.live.send_replace(Arc::new(live));
         }
         changed

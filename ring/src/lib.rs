@@ -306,6 +306,15 @@ impl Ring {
         self.home_at(namespace, name).map(|i| self.ids[i].as_str())
     }
 
+    /// Makes the home cache now, if this ring keeps one, rather than on
+    /// its first lookup: 2 MiB to zero, which the owner of a new live set
+    /// can pay instead of the first message routed by it.
+    pub fn make_cache(&self) {
+        if self.ids.len() >= CACHE_MIN_RELAYS {
+            self.homes.table();
+        }
+    }
+
     /// [`Self::home`] as its index in [`Self::ids`] (for a caller keeping
     /// something per relay beside the ring).
     pub fn home_at(&self, namespace: &str, name: &str) -> Option<usize> {
@@ -495,6 +504,20 @@ mod tests {
         for (i, k) in ks.iter().enumerate() {
             assert_eq!(Homes::get(t, *k), Some(i));
         }
+    }
+
+    #[test]
+    fn only_rings_from_the_cache_size_up_make_a_cache() {
+        let made = |r: &Ring| r.homes.0.get().is_some();
+        let (small, large) = (ring(CACHE_MIN_RELAYS - 1), ring(CACHE_MIN_RELAYS));
+        assert!(small.home("ns", "x").is_some() && !made(&small));
+        small.make_cache();
+        assert!(!made(&small));
+        assert!(!made(&large));
+        large.make_cache();
+        assert!(made(&large));
+        let fresh = ring(CACHE_MIN_RELAYS);
+        assert!(fresh.home("ns", "x").is_some() && made(&fresh));
     }
 
     #[test]
