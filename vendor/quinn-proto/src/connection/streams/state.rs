@@ -90,6 +90,11 @@ pub struct StreamsState {
     flow_control_adjusted: bool,
     /// Lowest remotely-initiated stream index that haven't actually been opened by the peer
     pub(super) next_remote: [u64; 2],
+    /// Remotely-initiated stream indices below this have entries in `send`/`recv` (or had them:
+    /// an absent one is closed); those from here to `max_remote` are permitted but have none yet,
+    /// and get them when the peer first names one (switchboard patch: not one entry per
+    /// permitted stream up front)
+    initialized_remote: [u64; 2],
     /// Whether the remote endpoint has opened any streams the application doesn't know about yet,
     /// per directionality
     opened: [bool; 2],
@@ -153,7 +158,7 @@ impl StreamsState {
         receive_window: VarInt,
         stream_receive_window: VarInt,
     ) -> Self {
-        let mut this = Self {
+        let this = Self {
             side,
             send: FxHashMap::default(),
             recv: FxHashMap::default(),
@@ -166,6 +171,7 @@ impl StreamsState {
             max_concurrent_remote_count: [max_remote_bi.into(), max_remote_uni.into()],
             flow_control_adjusted: false,
             next_remote: [0, 0],
+            initialized_remote: [0, 0],
             opened: [false, false],
             next_reported_remote: [0, 0],
             send_streams: 0,
@@ -187,13 +193,8 @@ impl StreamsState {
             receive_window_shrink_debt: 0,
             data_blocked_limit: None,
         };
-
-        for dir in Dir::iter() {
-            for i in 0..this.max_remote[dir as usize] {
-                this.insert(true, StreamId::new(!side, dir, i));
-            }
-        }
-
+        // Entries for the permitted remote streams are made as the peer names them
+        // (`init_remote`).
         this
     }
 
@@ -204,7 +205,7 @@ impl StreamsState {
         self.max[Dir::Bi as usize] = params.initial_max_streams_bidi.into();
         self.max[Dir::Uni as usize] = params.initial_max_streams_uni.into();
         self.received_max_data(params.initial_max_data);
-        for i in 0..self.max_remote[Dir::Bi as usize] {
+        for i in 0..self.initialized_remote[Dir::Bi as usize] {
             let id = StreamId::new(!self.side, Dir::Bi, i);
             if let Some(s) = self.send.get_mut(&id).and_then(|s| s.as_mut()) {
                 s.max_data = params.initial_max_stream_data_bidi_local.into();
@@ -217,12 +218,31 @@ impl StreamsState {
     fn ensure_remote_streams(&mut self, dir: Dir) {
         let new_count = self.max_concurrent_remote_count[dir as usize]
             .saturating_sub(self.allocated_remote_count[dir as usize]);
-        for i in 0..new_count {
-            let id = StreamId::new(!self.side, dir, self.max_remote[dir as usize] + i);
-            self.insert(true, id);
-        }
+        // The new streams' entries are made when the peer names them (`init_remote`).
         self.allocated_remote_count[dir as usize] += new_count;
         self.max_remote[dir as usize] += new_count;
+    }
+
+    /// Makes the entries of the remote streams up to and including `id` that are permitted and
+    /// have none yet, as `new` and `ensure_remote_streams` made them all up front before
+    /// (switchboard patch). Called wherever a frame from the peer names a stream, before its
+    /// entry is looked up; a remote stream below `initialized_remote` without an entry is closed.
+    /// The peer opens streams in order as a rule, so this makes one entry at a time; naming the
+    /// highest permitted stream at once makes all below it, as before. A stream not permitted
+    /// gets none.
+    fn init_remote(&mut self, id: StreamId) {
+        if id.initiator() == self.side {
+            return;
+        }
+        let dir = id.dir() as usize;
+        // A stream not permitted gets no entry (and the frame's checks refuse it).
+        if id.index() >= self.max_remote[dir] {
+            return;
+        }
+        for i in self.initialized_remote[dir]..=id.index() {
+            self.insert(true, StreamId::new(!self.side, id.dir(), i));
+        }
+        self.initialized_remote[dir] = self.initialized_remote[dir].max(id.index() + 1);
     }
 
     pub(crate) fn zero_rtt_rejected(&mut self) {
@@ -266,6 +286,7 @@ impl StreamsState {
         self.validate_receive_id(id).inspect_err(|_e| {
             debug!("received illegal STREAM frame");
         })?;
+        self.init_remote(id);
 
         let rs = match self
             .recv
@@ -319,6 +340,7 @@ impl StreamsState {
         self.validate_receive_id(id).inspect_err(|_e| {
             debug!("received illegal RESET_STREAM frame");
         })?;
+        self.init_remote(id);
 
         let rs = match self
             .recv
@@ -369,6 +391,7 @@ impl StreamsState {
     /// Process incoming `STOP_SENDING` frame
     #[allow(unreachable_pub)] // fuzzing only
     pub fn received_stop_sending(&mut self, id: StreamId, error_code: VarInt) {
+        self.init_remote(id);
         let max_send_data = self.max_send_data(id);
         let stream = match self
             .send
@@ -807,6 +830,7 @@ impl StreamsState {
             self.validate_receive_id(id).inspect_err(|_| {
                 debug!("received illegal MAX_STREAM_DATA frame");
             })?;
+            self.init_remote(id);
         }
 
         let write_limit = self.write_limit();
