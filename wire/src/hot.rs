@@ -1,6 +1,8 @@
 //! Hand-written encoders and decoders for the four frames on every
 //! message's path: [`Send`] and [`Ack`] (daemon → relay), [`Deliveries`] and
-//! [`SendsAccepted`] (relay → daemon); and a decoder for the frame every
+//! [`SendsAccepted`] (relay → daemon); the two on every message's path
+//! across the mesh: [`MeshForward`] (sender's relay → home relay) and its
+//! answer [`SendAccepted`]; and a decoder for the frame every
 //! watcher reads once per status change, [`StatusUpdate`] (a relay encodes
 //! each change once for all its watchers, so its encoder stays postcard's).
 //!
@@ -22,8 +24,8 @@
 //! could have the relay allocate a megabyte before the limit was checked).
 
 use crate::{
-    check_len, Accepted, Ack, Delivered, Deliveries, DeliveryRun, MessageId, Send, SendsAccepted,
-    StatusUpdate, MAX_ACK_IDS, MAX_DELIVERIES, MAX_SENDS_ACCEPTED,
+    check_len, Accepted, Ack, Delivered, Deliveries, DeliveryRun, MeshForward, MessageId, Send,
+    SendAccepted, SendsAccepted, StatusUpdate, MAX_ACK_IDS, MAX_DELIVERIES, MAX_SENDS_ACCEPTED,
 };
 use crate::{varint_len, DecodeError, EncodeError, FrameType, HEADER_LEN, MAX_FRAME_LEN};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -177,6 +179,30 @@ fn list<'a, T>(
     Ok(v)
 }
 
+pub(crate) fn send_accepted(b: &[u8]) -> Result<SendAccepted, DecodeError> {
+    whole(FrameType::SendAccepted, b, |r| {
+        Ok(SendAccepted {
+            req: r.u64()?,
+            id: r.id()?,
+            online: r.bool()?,
+        })
+    })
+}
+
+pub(crate) fn mesh_forward(b: &[u8]) -> Result<MeshForward, DecodeError> {
+    whole(FrameType::MeshForward, b, |r| {
+        Ok(MeshForward {
+            namespace: r.string()?,
+            from: r.string()?,
+            to: r.string()?,
+            id: r.id()?,
+            body: r.bytes()?,
+            sent_at_ms: r.u64()?,
+            hops: r.byte()?,
+        })
+    })
+}
+
 pub(crate) fn ack(b: &[u8]) -> Result<Ack, DecodeError> {
     whole(FrameType::Ack, b, |r| {
         let n = r.len()?;
@@ -327,6 +353,42 @@ pub(crate) fn put_send(
     })
 }
 
+pub(crate) fn send_accepted_len(a: &SendAccepted) -> usize {
+    varint_len(a.req) + 16 + 1
+}
+
+pub(crate) fn put_send_accepted(dst: &mut BytesMut, a: &SendAccepted) -> Result<(), EncodeError> {
+    put_frame(dst, FrameType::SendAccepted, send_accepted_len(a), |dst| {
+        put_varint(dst, a.req);
+        dst.put_slice(&a.id.0);
+        dst.put_u8(u8::from(a.online));
+    })
+}
+
+pub(crate) fn mesh_forward_len(f: &MeshForward) -> usize {
+    prefixed_len(f.namespace.len())
+        + prefixed_len(f.from.len())
+        + prefixed_len(f.to.len())
+        + 16
+        + prefixed_len(f.body.len())
+        + varint_len(f.sent_at_ms)
+        + 1
+}
+
+pub(crate) fn put_mesh_forward(dst: &mut BytesMut, f: &MeshForward) -> Result<(), EncodeError> {
+    put_frame(dst, FrameType::MeshForward, mesh_forward_len(f), |dst| {
+        for s in [&f.namespace, &f.from, &f.to] {
+            put_len(dst, s.len());
+            dst.put_slice(s.as_bytes());
+        }
+        dst.put_slice(&f.id.0);
+        put_len(dst, f.body.len());
+        dst.put_slice(&f.body);
+        put_varint(dst, f.sent_at_ms);
+        dst.put_u8(f.hops);
+    })
+}
+
 pub(crate) fn ack_len(a: &Ack) -> usize {
     varint_len(a.ids.len() as u64) + 16 * a.ids.len()
 }
@@ -427,6 +489,8 @@ pub(crate) fn by_postcard(ty: FrameType, b: &[u8]) -> Result<crate::Frame, Decod
             Frame::Deliveries(d)
         }
         FrameType::StatusUpdate => Frame::StatusUpdate(body(ty, b)?),
+        FrameType::SendAccepted => Frame::SendAccepted(body(ty, b)?),
+        FrameType::MeshForward => Frame::MeshForward(body(ty, b)?),
         other => return Err(not_hot(other)),
     })
 }
@@ -441,6 +505,8 @@ pub(crate) fn by_hand(ty: FrameType, b: &[u8]) -> Result<crate::Frame, DecodeErr
         FrameType::SendsAccepted => Frame::SendsAccepted(sends_accepted(b)?),
         FrameType::Deliveries => Frame::Deliveries(deliveries(b)?),
         FrameType::StatusUpdate => Frame::StatusUpdate(status_update(b)?),
+        FrameType::SendAccepted => Frame::SendAccepted(send_accepted(b)?),
+        FrameType::MeshForward => Frame::MeshForward(mesh_forward(b)?),
         other => return Err(not_hot(other)),
     })
 }
@@ -454,9 +520,9 @@ fn not_hot(ty: FrameType) -> DecodeError {
 }
 
 /// For the fuzz target `wire_decode`: `data` (its first byte picks one of
-/// the five frames, the rest is the body) must decode to the same frame by
+/// the seven frames, the rest is the body) must decode to the same frame by
 /// hand and by postcard, or be refused by both; what decodes must encode,
-/// by hand, to the bytes postcard writes for it (the four with encoders).
+/// by hand, to the bytes postcard writes for it (the six with encoders).
 #[cfg(feature = "fuzzing")]
 pub fn agrees_with_postcard(data: &[u8]) {
     let Some((&pick, b)) = data.split_first() else {
@@ -468,7 +534,9 @@ pub fn agrees_with_postcard(data: &[u8]) {
         FrameType::SendsAccepted,
         FrameType::Deliveries,
         FrameType::StatusUpdate,
-    ][usize::from(pick % 5)];
+        FrameType::SendAccepted,
+        FrameType::MeshForward,
+    ][usize::from(pick % 7)];
     match (by_hand(ty, b), by_postcard(ty, b)) {
         (Ok(hand), Ok(reference)) => {
             assert_eq!(hand, reference, "the decoders disagree on {ty:?}");
@@ -480,7 +548,9 @@ pub fn agrees_with_postcard(data: &[u8]) {
                 crate::Frame::SendsAccepted(v) => postcard::to_stdvec(v),
                 crate::Frame::Deliveries(v) => postcard::to_stdvec(v),
                 crate::Frame::StatusUpdate(v) => postcard::to_stdvec(v),
-                _ => unreachable!("by_hand gives only the five"),
+                crate::Frame::SendAccepted(v) => postcard::to_stdvec(v),
+                crate::Frame::MeshForward(v) => postcard::to_stdvec(v),
+                _ => unreachable!("by_hand gives only the seven"),
             }
             .expect("postcard encodes what it decoded");
             assert_eq!(&ours[HEADER_LEN..], &theirs[..], "the encoders disagree");

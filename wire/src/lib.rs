@@ -1486,7 +1486,7 @@ impl Frame {
             Frame::Welcome(v) => len(v),
             Frame::Refused(v) | Frame::Goodbye(v) => len(v),
             Frame::Send(v) => Ok(hot::send_len(v.req, &v.to, &v.body)),
-            Frame::SendAccepted(v) => len(v),
+            Frame::SendAccepted(v) => Ok(hot::send_accepted_len(v)),
             Frame::SendsAccepted(v) => Ok(hot::sends_accepted_len(v)),
             Frame::SendRefused(v) => len(v),
             Frame::Deliver(v) => len(v),
@@ -1504,7 +1504,7 @@ impl Frame {
             Frame::MeshWelcome(v) => len(v),
             Frame::MeshMembers(v) | Frame::RelayMap(v) => len(v),
             Frame::Redirect(v) => len(v),
-            Frame::MeshForward(v) => len(v),
+            Frame::MeshForward(v) => Ok(hot::mesh_forward_len(v)),
             Frame::MeshStreamOpen(v) => len(v),
             Frame::MeshLeaving => Ok(0),
             Frame::MeshStatusQuery(v) => len(v),
@@ -1535,6 +1535,8 @@ impl Frame {
             Frame::SendsAccepted(v) => return hot::put_sends_accepted(dst, v),
             Frame::Deliveries(v) => return hot::put_deliveries(dst, v),
             Frame::Ack(v) => return hot::put_ack(dst, v),
+            Frame::SendAccepted(v) => return hot::put_send_accepted(dst, v),
+            Frame::MeshForward(v) => return hot::put_mesh_forward(dst, v),
             _ => {}
         }
         let len = self.body_len()?;
@@ -1683,7 +1685,7 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
         FrameType::Welcome => Frame::Welcome(body(ty, b)?),
         FrameType::Refused => Frame::Refused(body(ty, b)?),
         FrameType::Send => Frame::Send(hot::send(b)?),
-        FrameType::SendAccepted => Frame::SendAccepted(body(ty, b)?),
+        FrameType::SendAccepted => Frame::SendAccepted(hot::send_accepted(b)?),
         FrameType::SendsAccepted => Frame::SendsAccepted(hot::sends_accepted(b)?),
         FrameType::SendRefused => Frame::SendRefused(body(ty, b)?),
         FrameType::Deliver => Frame::Deliver(body(ty, b)?),
@@ -1756,7 +1758,7 @@ pub fn decode(src: &[u8]) -> Result<Decoded, DecodeError> {
             check_record(&r)?;
             Frame::Redirect(r)
         }
-        FrameType::MeshForward => Frame::MeshForward(body(ty, b)?),
+        FrameType::MeshForward => Frame::MeshForward(hot::mesh_forward(b)?),
         FrameType::MeshStreamOpen => Frame::MeshStreamOpen(body(ty, b)?),
         FrameType::MeshCall => {
             let c: MeshCall = body(ty, b)?;

@@ -998,6 +998,29 @@ fn arb_hot() -> impl Strategy<Value = (FrameType, Vec<u8>)> {
         }),
         arb_status_update()
             .prop_map(|v| (FrameType::StatusUpdate, postcard::to_stdvec(&v).unwrap())),
+        (any::<u64>(), arb_id(), any::<bool>()).prop_map(|(req, id, online)| {
+            let v = SendAccepted { req, id, online };
+            (FrameType::SendAccepted, postcard::to_stdvec(&v).unwrap())
+        }),
+        (
+            (".{0,8}", ".{0,8}", ".{0,12}"),
+            arb_id(),
+            arb_bytes(64),
+            any::<u64>(),
+            any::<u8>()
+        )
+            .prop_map(|((namespace, from, to), id, body, sent_at_ms, hops)| {
+                let v = MeshForward {
+                    namespace,
+                    from,
+                    to,
+                    id,
+                    body,
+                    sent_at_ms,
+                    hops,
+                };
+                (FrameType::MeshForward, postcard::to_stdvec(&v).unwrap())
+            }),
     ]
 }
 
@@ -1047,6 +1070,8 @@ proptest! {
             Frame::Deliveries(v) => postcard::to_stdvec(v),
             // Encoded by postcard itself: the test holds `encoded_len` to it.
             Frame::StatusUpdate(v) => postcard::to_stdvec(v),
+            Frame::SendAccepted(v) => postcard::to_stdvec(v),
+            Frame::MeshForward(v) => postcard::to_stdvec(v),
             _ => unreachable!("not a hot frame"),
         }
         .unwrap();
@@ -1108,6 +1133,40 @@ fn hot_decoders_agree_at_the_edges() {
     ));
     // A bool that is neither 0 nor 1.
     cases.push((FrameType::SendsAccepted, vec![1, 5, 2]));
+    // A single answer: the longest req, a bad bool, one byte short.
+    cases.push((
+        FrameType::SendAccepted,
+        [max.to_vec(), id.to_vec(), vec![1]].concat(),
+    ));
+    cases.push((
+        FrameType::SendAccepted,
+        [vec![3], id.to_vec(), vec![2]].concat(),
+    ));
+    cases.push((
+        FrameType::SendAccepted,
+        [vec![3], id[..15].to_vec()].concat(),
+    ));
+    // A forward: the longest time, a namespace that is not UTF-8, a body
+    // longer than what is left, and no hop count.
+    let fwd = |ns: &[u8], body: &[u8], at: &[u8], hops: &[u8]| {
+        [
+            vec![ns.len() as u8],
+            ns.to_vec(),
+            vec![1, b'a', 1, b'b'],
+            id.to_vec(),
+            body.to_vec(),
+            at.to_vec(),
+            hops.to_vec(),
+        ]
+        .concat()
+    };
+    cases.push((FrameType::MeshForward, fwd(b"ns", &[1, b'x'], &max, &[1])));
+    cases.push((
+        FrameType::MeshForward,
+        fwd(&[0xc3, 0x28], &[1, b'x'], &[5], &[0]),
+    ));
+    cases.push((FrameType::MeshForward, fwd(b"ns", &[9, b'x'], &[5], &[0])));
+    cases.push((FrameType::MeshForward, fwd(b"ns", &[1, b'x'], &[5], &[])));
     // Counts at, past and far past the limits, with and without the bytes.
     let varint = |mut n: u64| {
         let mut out = Vec::new();
@@ -1184,6 +1243,7 @@ fn hot_decoders_agree_at_the_edges() {
         }
     }
     // Those that should decode did (not every case failed alike): two
-    // sends, each limit exactly met, and the status with a key twice.
-    assert_eq!(oks, 7);
+    // sends, each limit exactly met, the status with a key twice, the
+    // longest answer and the longest forward.
+    assert_eq!(oks, 9);
 }

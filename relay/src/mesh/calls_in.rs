@@ -215,18 +215,20 @@ async fn forward_in(mesh: &Mesh, f: MeshForward) -> (swb_wire::MessageId, Taken)
             return (id, Taken::Now(Err(refusal)));
         }
     };
-    let home = swb_wire::normalize_name(&f.to)
-        .ok()
-        .and_then(|to| mesh.placement.home_elsewhere(&f.namespace, &to));
-    let taken = match swb_wire::normalize_name(&f.to) {
-        Err(e) => Taken::Now(Err(Refusal::new(
-            Code::BAD_NAME,
-            format!("{e}: {:?}", f.to),
-        ))),
+    let to = match swb_wire::normalize_name(&f.to) {
+        Ok(to) => to,
+        Err(e) => {
+            let refusal = Refusal::new(Code::BAD_NAME, format!("{e}: {:?}", f.to));
+            mesh.services.metrics.refused(refusal.code);
+            return (id, Taken::Now(Err(refusal)));
+        }
+    };
+    let home = mesh.placement.home_elsewhere(&f.namespace, &to);
+    let taken = match home {
         // Not its home as this relay sees the ring: pass it on (once), so
         // it is not parked where its recipient will not look.
-        Ok(_) if home.is_some() && hops < swb_wire::MAX_FORWARD_HOPS => {
-            let home = home.map(|h| h.id.clone()).unwrap_or_default();
+        Some(home) if hops < swb_wire::MAX_FORWARD_HOPS => {
+            let home = home.id.clone();
             let f = MeshForward {
                 hops: hops + 1,
                 ..f
@@ -237,7 +239,7 @@ async fn forward_in(mesh: &Mesh, f: MeshForward) -> (swb_wire::MessageId, Taken)
                 Err(e) => Err(super::unavailable(&to, &home, &e)),
             })
         }
-        Ok(to) => {
+        _ => {
             let services = &mesh.services;
             let now = tokio::time::Instant::now();
             match services.enqueue(&f.namespace, &*f.from, &to, f.id, f.body, f.sent_at_ms, now) {
