@@ -20,11 +20,12 @@
 //!   relay, four relays at a time, about 1 µs at N = 1000 and 0.12 µs at
 //!   N = 100 on the 2.25 GHz EPYC of `docs/performance.md`. The relay asks
 //!   it for every message it routes, so a ring of [`CACHE_MIN_RELAYS`] or
-//!   more keeps the homes it found in a table ([`Homes`]): a recipient
+//!   more keeps the homes it found in a table: a recipient
 //!   found before costs its key hash and a load, whatever N is (at
 //!   N = 1000, 17–39 ns for 1 000–10 000 recipients and 118–223 ns for
-//!   100 000, against 1.0–1.7 µs computed). The cache is exact (the home depends only on the 64-bit key hash, and the table
-//!   keeps all 64 bits of it), so placement is the same with it or without.
+//!   100 000, against 1.0–1.7 µs computed). The cache is exact (the home
+//!   depends only on the 64-bit key hash, and the table keeps all 64 bits
+//!   of it), so placement is the same with it or without.
 //!
 //! The hash functions here are part of the protocol: every relay and daemon
 //! must compute the same home from the same relay set, across versions and
@@ -91,7 +92,7 @@ fn score_with(k: u64, seed: u64, mult: u64) -> u64 {
     (p as u64) ^ ((p >> 64) as u64)
 }
 
-/// Rings this large keep the homes they found ([`Homes`]); smaller ones
+/// Rings this large keep the homes they found; smaller ones
 /// compute every lookup. At 32 relays a lookup by name computes in about
 /// 60 ns and a cached one takes 16–50 ns; at 10, computing is as fast as
 /// the cache (`swbd-bench ring` prints both).
