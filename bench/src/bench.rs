@@ -97,8 +97,13 @@ pub(crate) struct MeshArgs {
     #[arg(long, default_value_t = 100_000)]
     pipelined: usize,
     /// Pipelined runs of each path, taken in turns; medians are reported.
+    /// Also the handoff runs of each kind.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Messages a gracefully stopping relay holds and hands to their new
+    /// home in the handoff runs (0: none).
+    #[arg(long, default_value_t = 20_000)]
+    handoff: usize,
 }
 
 #[derive(Debug, Args)]
@@ -537,6 +542,106 @@ async fn mesh(a: MeshArgs, out: &Output) -> Result<()> {
     for r in relays {
         r.shutdown();
         r.join().await;
+    }
+    if a.handoff > 0 {
+        handoff(a.handoff, a.runs.max(1), out).await?;
+    }
+    Ok(())
+}
+
+/// Held mail handed over by a relay stopping gracefully: three relays in
+/// a full mesh, `n` messages held on one for a peer that is offline, the
+/// relay stopped, and the time until the peer's new home holds them all.
+/// Against the same with a new home that takes one message a call (as
+/// relays did before calls carried many: the stopping relay then sends
+/// the rest a call each), run by run in turns.
+async fn handoff(n: usize, runs: usize, out: &Output) -> Result<()> {
+    const IDS: [&str; 3] = ["h1", "h2", "h3"];
+    let ring = swb_ring::Ring::new(IDS);
+    // Homed on h2, taken over by h3: the sender's relay (h1) is neither.
+    let name = (0..100_000)
+        .map(|i| format!("away{i}"))
+        .find(|n| ring.ranked("bench", n)[..2] == ["h2", "h3"])
+        .context("no name homed on h2 with h3 next")?;
+    let ring = &ring;
+    let once = |one_a_call: bool| {
+        let name = name.clone();
+        async move {
+            let (relays, api) = mesh_relays(&IDS, 4, |rc| {
+                rc.limits.messages = 65_536;
+                rc.limits.bytes = 64 * 1024 * 1024;
+            })
+            .await?;
+            let dir = tempfile::tempdir()?;
+            let sender_name = (0..100_000)
+                .map(|i| format!("sender{i}"))
+                .find(|s| ring.home("bench", s) == Some("h1"))
+                .context("no name homed on h1")?;
+            let sender =
+                bench_daemon(&relays[0], &api, &sender_name, dir.path(), Vec::new()).await?;
+            let to: Arc<str> = Arc::from(name.as_str());
+            let body = bytes::Bytes::from(vec![0x42u8; 128]);
+            let mut i = 0;
+            submit_windowed(sender.sender(), 1024, || {
+                i += 1;
+                (i <= n).then(|| (to.clone(), body.clone()))
+            })
+            .await?;
+            ensure!(
+                relays[1].stats().held == n as u64,
+                "h2 holds {} of {n}",
+                relays[1].stats().held
+            );
+            if one_a_call {
+                relays[2].mesh_answer_one_forward_per_call();
+            }
+            let t = Instant::now();
+            let mut relays = relays.into_iter();
+            let (h1, h2, h3) = (
+                relays.next().context("h1")?,
+                relays.next().context("h2")?,
+                relays.next().context("h3")?,
+            );
+            h2.shutdown();
+            // Polled: the figure is seconds, the step a millisecond.
+            let took = tokio::time::timeout(Duration::from_secs(60), async {
+                while h3.stats().held < n as u64 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                t.elapsed()
+            })
+            .await
+            .with_context(|| format!("h3 holds {} of {n} after 60 s", h3.stats().held))?;
+            h2.join().await;
+            drop(sender);
+            for r in [h1, h3] {
+                r.shutdown();
+                r.join().await;
+            }
+            anyhow::Ok(n as f64 / took.as_secs_f64())
+        }
+    };
+    let (mut batched, mut single) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        batched.push(once(false).await?);
+        single.push(once(true).await?);
+    }
+    let (b, s1) = (median(batched.clone()), median(single.clone()));
+    let (b_lo, b_hi) = min_max(&batched);
+    let (s_lo, s_hi) = min_max(&single);
+    if out.json {
+        println!(
+            "{}",
+            serde_json::json!({"bench": "mesh_handoff", "messages": n, "runs": runs,
+                "calls_of_many_per_sec": b, "calls_of_many_min": b_lo, "calls_of_many_max": b_hi,
+                "call_per_message_per_sec": s1, "call_per_message_min": s_lo, "call_per_message_max": s_hi,
+                "ratio": b / s1})
+        );
+    } else {
+        println!(
+            "  handoff   {n} held messages to their new home as the relay stops (medians of {runs}): calls of many {b:>8.0}/s ({b_lo:.0}–{b_hi:.0})   a call per message {s1:>8.0}/s ({s_lo:.0}–{s_hi:.0})   ratio {:.1}",
+            b / s1
+        );
     }
     Ok(())
 }
@@ -3417,6 +3522,7 @@ async fn all(a: AllArgs, out: &Output) -> Result<()> {
             samples: if s { 20 } else { 500 },
             pipelined: if s { 2000 } else { 100_000 },
             runs: if s { 1 } else { 3 },
+            handoff: if s { 200 } else { 20_000 },
         },
         out,
     )

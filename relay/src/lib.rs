@@ -531,6 +531,26 @@ impl RelayHandle {
         }
     }
 
+    /// From now on ignores peers' announcements that they are leaving the
+    /// mesh, as a relay that has not read them yet does. For tests of the
+    /// mail handoff's race with the announcement.
+    #[doc(hidden)]
+    pub fn mesh_ignore_leaving(&self) {
+        if let Some(m) = &self.mesh {
+            m.ignore_leaving();
+        }
+    }
+
+    /// Announces that this relay is leaving the mesh, as a graceful stop
+    /// does first, without stopping. For tests of what a leaving relay
+    /// takes.
+    #[doc(hidden)]
+    pub fn mesh_announce_leaving(&self) {
+        if let Some(m) = &self.mesh {
+            m.announce_leaving();
+        }
+    }
+
     /// How durable accepted mail is at this relay.
     pub fn durability(&self) -> Durability {
         self.router.services().durability()

@@ -208,6 +208,19 @@ enum Taken {
 /// One message another relay forwarded: its id and how it was taken.
 async fn forward_in(mesh: &Mesh, f: MeshForward) -> (swb_wire::MessageId, Taken) {
     let (id, hops) = (f.id, f.hops);
+    // Stopping: its mailbox is being handed over, and what landed now
+    // would stay behind. The sender retries at the new home.
+    if mesh.is_leaving() {
+        let refusal = Refusal::new(
+            Code::RELAY_UNAVAILABLE,
+            format!(
+                "relay {} is leaving the mesh and takes no more mail; retry",
+                mesh.me.id
+            ),
+        );
+        mesh.services.metrics.refused(refusal.code);
+        return (id, Taken::Now(Err(refusal)));
+    }
     let f = match check_forward(f) {
         Ok(f) => f,
         Err(refusal) => {

@@ -58,6 +58,11 @@ pub(crate) async fn handoff(mesh: &Mesh, ring: &Ring) -> (usize, usize) {
     (moved, kept)
 }
 
+/// Handoff passes a leaving relay makes at most: the first moves the
+/// mailbox, the next what landed while it ran (forwards taken as the
+/// leaving went out), the last confirms.
+const LEAVE_PASSES: usize = 3;
+
 /// One call of [`handoff`]: (handed off, kept).
 async fn hand(mesh: &Mesh, home: &str, call: Vec<Saved>) -> (usize, usize) {
     let mut held = Vec::with_capacity(call.len());
@@ -71,7 +76,12 @@ async fn hand(mesh: &Mesh, home: &str, call: Vec<Saved>) -> (usize, usize) {
                 id: m.id,
                 body: m.body,
                 sent_at_ms: m.sent_at_ms,
-                hops: 0,
+                // Its last hop: the new home keeps it even if its ring has
+                // not caught up with this one (it has not read that this
+                // relay is leaving, say), and moves it when the rings
+                // agree. Passed on, it would come back here, to a relay
+                // that takes no more mail.
+                hops: swb_wire::MAX_FORWARD_HOPS,
             };
             held.push((m.ns, m.to, m.id));
             f
@@ -96,9 +106,24 @@ async fn hand(mesh: &Mesh, home: &str, call: Vec<Saved>) -> (usize, usize) {
 impl Mesh {
     /// This relay leaves the mesh: peers stop routing here, held mail
     /// goes to the relays that take over its names. Returns (moved, kept).
+    ///
+    /// From the announcement on, this relay refuses forwarded mail
+    /// (`relay_unavailable`: the sender retries at the new home); a
+    /// forward that was being taken as the announcement went out may land
+    /// after the first pass exported the mailbox, so passes repeat until
+    /// one finds nothing to move (at most [`LEAVE_PASSES`]).
     pub(crate) async fn leave(&self) -> (usize, usize) {
         self.announce_leaving();
         let ring = self.placement.live_now().ring.without(&self.me.id);
-        handoff(self, &ring).await
+        let (mut moved, mut kept) = (0, 0);
+        for _ in 0..LEAVE_PASSES {
+            let (m, k) = handoff(self, &ring).await;
+            moved += m;
+            kept = k;
+            if m == 0 {
+                break;
+            }
+        }
+        (moved, kept)
     }
 }

@@ -351,7 +351,7 @@ async fn run_link(
                         }
                     }
                 }
-                Ok(Some(Frame::MeshLeaving)) => {
+                Ok(Some(Frame::MeshLeaving)) if !mesh.ignore_leaving.load(Ordering::Relaxed) => {
                     info!(peer = %peer.id, "relay is leaving the mesh");
                     mesh.membership().leaving(&peer.id);
                     mesh.publish();

@@ -110,6 +110,10 @@ pub(crate) struct Mesh {
     /// messages: the first message only (for tests of the callers'
     /// fallback).
     one_forward_per_call: AtomicBool,
+    /// Ignores peers' announcements that they are leaving, as a relay
+    /// that has not read them yet does (for tests of the handoff's race
+    /// with them).
+    ignore_leaving: AtomicBool,
     /// Upstream status subscriptions for peers homed elsewhere: one per
     /// (namespace, name), owned here.
     #[allow(clippy::type_complexity)]
@@ -146,6 +150,7 @@ impl Mesh {
             changed: Notify::new(),
             leaving: AtomicBool::new(false),
             one_forward_per_call: AtomicBool::new(false),
+            ignore_leaving: AtomicBool::new(false),
             mirrors: Mutex::new((HashSet::new(), JoinSet::new())),
             tasks,
             stop,
@@ -155,6 +160,16 @@ impl Mesh {
     /// See [`Mesh::one_forward_per_call`].
     pub(crate) fn answer_one_forward_per_call(&self) {
         self.one_forward_per_call.store(true, Ordering::Relaxed);
+    }
+
+    /// See [`Mesh::ignore_leaving`].
+    pub(crate) fn ignore_leaving(&self) {
+        self.ignore_leaving.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether this relay announced it is leaving: it takes no more mail.
+    pub(crate) fn is_leaving(&self) -> bool {
+        self.leaving.load(Ordering::Relaxed)
     }
 
     fn membership(&self) -> std::sync::MutexGuard<'_, Membership> {
