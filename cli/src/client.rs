@@ -146,7 +146,7 @@ pub(crate) async fn send(a: SendArgs, out: &Output) -> Result<()> {
         .await
         .with_context(|| format!("message to {} not sent", a.to))?;
     if out.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"id": sent.id, "to": a.to, "online": sent.online})
         );
@@ -224,23 +224,23 @@ fn ago(since: SystemTime) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
 
-fn print_status(s: &StatusInfo) {
-    println!("state:      {}", s.state);
-    println!("name:       {}", s.name);
-    println!("namespace:  {}", s.namespace.as_deref().unwrap_or("-"));
+fn print_status(s: &StatusInfo) -> Result<()> {
+    outln!("state:      {}", s.state);
+    outln!("name:       {}", s.name);
+    outln!("namespace:  {}", s.namespace.as_deref().unwrap_or("-"));
     match &s.relay_id {
-        Some(id) => println!("relay:      {} (home relay {id})", s.relay),
-        None => println!("relay:      {}", s.relay),
+        Some(id) => outln!("relay:      {} (home relay {id})", s.relay),
+        None => outln!("relay:      {}", s.relay),
     }
     if s.relays > 0 {
-        println!("relays:     {} live in the mesh", s.relays);
+        outln!("relays:     {} live in the mesh", s.relays);
     }
     if let Some(since) = &s.connected_since {
         let t = humantime::parse_rfc3339(since).unwrap_or(UNIX_EPOCH);
-        println!("connected:  since {since} ({} ago)", ago(t));
+        outln!("connected:  since {since} ({} ago)", ago(t));
     }
     if let Some(rtt) = s.rtt_ms {
-        println!("rtt:        {rtt:.2} ms");
+        outln!("rtt:        {rtt:.2} ms");
     }
     if let Some(c) = &s.carrier {
         let how = if c == "tcp" {
@@ -248,13 +248,13 @@ fn print_status(s: &StatusInfo) {
         } else {
             "udp"
         };
-        println!("carrier:    {how}");
+        outln!("carrier:    {how}");
     }
     if let Some(m) = s.path_mtu {
-        println!("path mtu:   {m} bytes");
+        outln!("path mtu:   {m} bytes");
     }
     if let Some(t) = &s.traffic {
-        println!(
+        outln!(
             "traffic:    sent {} packets ({}), received {} packets ({}); {} lost ({} congestion events)",
             t.sent_packets,
             size(t.sent_bytes),
@@ -265,7 +265,7 @@ fn print_status(s: &StatusInfo) {
         );
     }
     if let Some(t) = &s.tun {
-        println!(
+        outln!(
             "tun:        {} {} {} (mtu {}{})",
             t.interface,
             t.ipv4,
@@ -275,18 +275,19 @@ fn print_status(s: &StatusInfo) {
         );
     }
     if let Some(e) = &s.tun_error {
-        println!("tun:        off: {e}");
+        outln!("tun:        off: {e}");
     }
-    println!("inbox:      {} waiting", s.inbox);
+    outln!("inbox:      {} waiting", s.inbox);
     if s.pending_sends > 0 {
-        println!("sending:    {} waiting for the relay", s.pending_sends);
+        outln!("sending:    {} waiting for the relay", s.pending_sends);
     }
     if s.state != "connected" {
-        println!("attempts:   {}", s.attempts);
+        outln!("attempts:   {}", s.attempts);
     }
     if let Some(e) = &s.last_error {
-        println!("last error: {e}");
+        outln!("last error: {e}");
     }
+    Ok(())
 }
 
 /// A byte count in the largest binary unit that keeps it at least 1.
@@ -311,9 +312,9 @@ pub(crate) async fn status(out: &Output) -> Result<()> {
     let mut c = Client::connect(&out.control).await?;
     let s = c.status().await?;
     if out.json {
-        println!("{}", serde_json::to_string(&s)?);
+        outln!("{}", serde_json::to_string(&s)?);
     } else {
-        print_status(&s);
+        print_status(&s)?;
     }
     Ok(())
 }
@@ -351,12 +352,12 @@ pub(crate) async fn ping(a: PingArgs, out: &Output) -> Result<()> {
             Ok(p) => {
                 let ms = p.rtt.as_secs_f64() * 1000.0;
                 if out.json {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({"seq": seq, "to": p.to, "rtt_ms": ms, "via": p.via})
                     );
                 } else {
-                    println!("pong from {} via {}: {ms:.3} ms", p.to, p.via.join(" -> "));
+                    outln!("pong from {} via {}: {ms:.3} ms", p.to, p.via.join(" -> "));
                 }
                 rtts.push(p.rtt);
             }
@@ -366,12 +367,12 @@ pub(crate) async fn ping(a: PingArgs, out: &Output) -> Result<()> {
                     bail!("cannot ping {peer}: {message}");
                 }
                 if out.json {
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::json!({"seq": seq, "to": peer, "error": {"code": code, "message": message}})
                     );
                 } else {
-                    println!("no answer from {peer} (ping {seq}): {message}");
+                    outln!("no answer from {peer} (ping {seq}): {message}");
                 }
                 last_err = Some(message);
             }
@@ -383,7 +384,7 @@ pub(crate) async fn ping(a: PingArgs, out: &Output) -> Result<()> {
         rtts.sort();
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         if let (Some(min), Some(max)) = (rtts.first(), rtts.last()) {
-            println!(
+            outln!(
                 "{} sent, {answered} answered; round trip min/median/max {:.3}/{:.3}/{:.3} ms",
                 a.count,
                 ms(*min),

@@ -41,7 +41,7 @@ impl Steps {
             .with_context(|| format!("demo step failed: {what}"))?;
         let took = t.elapsed();
         if !self.json {
-            println!("  ok  {what:<66} {:>9}", fmt_dur(took));
+            outln!("  ok  {what:<66} {:>9}", fmt_dur(took));
         }
         Ok((r, took))
     }
@@ -98,7 +98,7 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
         .tempdir()
         .context("cannot create a temporary directory")?;
     if !out.json {
-        println!("Switchboard demo: a dev relay and peers in this process, on loopback.\n");
+        outln!("Switchboard demo: a dev relay and peers in this process, on loopback.\n");
     }
 
     let ((relay, key), relay_t) = steps
@@ -328,7 +328,7 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
     let per_msg = burst_t / n as u32;
     let rate = n as f64 / burst_t.as_secs_f64();
     if out.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "ok": true,
@@ -352,23 +352,23 @@ pub(crate) async fn run(a: DemoArgs, out: &Output) -> Result<()> {
         );
         return Ok(());
     }
-    println!(
+    outln!(
         "\nAll steps worked in {}. {} messages accepted and acknowledged end to end;",
         fmt_dur(total),
         stats.accepted
     );
-    println!(
+    outln!(
         "the burst ran at {rate:.0} messages/s ({} per message, each one send -> relay accepted -> delivered -> acknowledged).",
         fmt_dur(per_msg)
     );
-    println!(
+    outln!(
         "a 16 MiB stream went to london's port 8080 and back at {:.0} MB/s each way; port 22 was refused: \"{refusal}\".\n\
          a ping from laptop to london via {} took {:.3} ms.",
         STREAM_BYTES as f64 / stream_t.as_secs_f64() / 1e6,
         pong.via.join(" -> "),
         pong.rtt.as_secs_f64() * 1e3
     );
-    println!(
+    outln!(
         "\nThe same with separate processes (each in its own terminal):\n\n\
          \x20 swbd keys create --keys keys.toml --namespace acme        # prints the key\n\
          \x20 swbd relay --dev --data-dir ./relay --keys keys.toml --listen 127.0.0.1:7443\n\

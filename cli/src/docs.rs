@@ -41,8 +41,7 @@ pub(crate) fn completions(a: CompletionsArgs) -> Result<()> {
     };
     let mut buf = Vec::new();
     clap_complete::generate(shell, &mut cmd, "swbd", &mut buf);
-    std::io::Write::write_all(&mut std::io::stdout().lock(), &buf)
-        .context("cannot write the completions to stdout")
+    std::io::Write::write_all(&mut std::io::stdout().lock(), &buf).map_err(crate::stdout_error)
 }
 
 /// Writes the man pages into `a.dir` (created if missing) and lists them.
@@ -52,7 +51,7 @@ pub(crate) fn man(a: ManArgs) -> Result<()> {
     let cmd = crate::Cli::command();
     let written = write_pages(&cmd, &a.dir)?;
     for p in written {
-        println!("{}", p.display());
+        outln!("{}", p.display());
     }
     Ok(())
 }

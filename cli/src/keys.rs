@@ -4,7 +4,6 @@
 use crate::Output;
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use std::io::Write;
 use std::path::PathBuf;
 use swb_relay::keys::{self, KeysFile};
 
@@ -66,12 +65,12 @@ pub(crate) fn run(cmd: KeysCommand, out: &Output) -> Result<()> {
                 Ok(())
             })?;
             if out.json {
-                println!(
+                outln!(
                     "{}",
                     serde_json::json!({"key": new.key, "id": id, "namespace": namespace})
                 );
             } else {
-                println!("{}", new.key);
+                outln!("{}", new.key);
             }
             eprintln!(
                 "swbd: created key {id} for namespace {namespace} in {}; this is the only time the key is shown",
@@ -88,35 +87,34 @@ pub(crate) fn run(cmd: KeysCommand, out: &Output) -> Result<()> {
                 Ok((e.id.clone(), e.namespace.clone()))
             })?;
             if out.json {
-                println!("{}", serde_json::json!({"revoked": id, "namespace": ns}));
+                outln!("{}", serde_json::json!({"revoked": id, "namespace": ns}));
             } else {
-                println!("revoked key {id} (namespace {ns}); running relays close its connections");
+                outln!("revoked key {id} (namespace {ns}); running relays close its connections");
             }
             Ok(())
         }
         KeysCommand::List { keys: path } => {
             let file = KeysFile::load(&path)
                 .with_context(|| format!("cannot list keys of {}", path.display()))?;
-            let stdout = std::io::stdout();
-            let mut w = stdout.lock();
             if out.json {
                 for k in &file.keys {
-                    writeln!(
-                        w,
+                    outln!(
                         "{}",
                         serde_json::json!({
                             "id": k.id, "namespace": k.namespace, "label": k.label,
                             "created_unix": k.created_unix, "revoked": k.revoked,
                             "names": k.names,
                         })
-                    )?;
+                    );
                 }
             } else {
-                writeln!(
-                    w,
+                outln!(
                     "{:<14} {:<20} {:<8} {:<22} LABEL",
-                    "ID", "NAMESPACE", "STATE", "CREATED"
-                )?;
+                    "ID",
+                    "NAMESPACE",
+                    "STATE",
+                    "CREATED"
+                );
                 for k in &file.keys {
                     let created = humantime::format_rfc3339_seconds(
                         // Clamped: the file is input, and past year 9999 would panic.
@@ -129,11 +127,14 @@ pub(crate) fn run(cmd: KeysCommand, out: &Output) -> Result<()> {
                     } else {
                         format!("  (names {})", k.names.join(","))
                     };
-                    writeln!(
-                        w,
+                    outln!(
                         "{:<14} {:<20} {:<8} {:<22} {}{scope}",
-                        k.id, k.namespace, state, created, k.label
-                    )?;
+                        k.id,
+                        k.namespace,
+                        state,
+                        created,
+                        k.label
+                    );
                 }
             }
             Ok(())

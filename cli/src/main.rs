@@ -10,6 +10,15 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `println!` that returns: a reader that went away (`swbd peers | head -1`)
+/// ends the command quietly through [`StdoutClosed`] instead of the panic
+/// `println!` gives on a closed pipe. Use it where `?` returns `anyhow`.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::stdout_line(format_args!($($arg)*))?
+    };
+}
+
 mod client;
 mod demo;
 mod docs;
@@ -188,10 +197,43 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<StdoutClosed>() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("swbd: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Standard output was closed by its reader (`EPIPE`): the command ends
+/// quietly with exit 0, as `ripgrep` does — what was wanted was read.
+#[derive(Debug)]
+pub(crate) struct StdoutClosed;
+
+impl std::fmt::Display for StdoutClosed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("standard output was closed by its reader")
+    }
+}
+
+impl std::error::Error for StdoutClosed {}
+
+/// Writes one line to stdout (see [`outln!`]).
+pub(crate) fn stdout_line(args: std::fmt::Arguments<'_>) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut w = std::io::stdout().lock();
+    w.write_fmt(args)
+        .and_then(|()| w.write_all(b"\n"))
+        .map_err(stdout_error)
+}
+
+/// A failed write to stdout: [`StdoutClosed`] when the reader went away,
+/// otherwise the error itself.
+pub(crate) fn stdout_error(e: std::io::Error) -> anyhow::Error {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(e).context("cannot write to stdout")
     }
 }
 

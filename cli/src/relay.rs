@@ -10,6 +10,14 @@ use swb_relay::{HttpListen, Identity, KeySource, MailboxLimits, Relay, RelayConf
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
+/// The startup banner: a relay whose stdout is gone (closed pipe) serves on
+/// and logs to stderr, so a failed banner line is not an error.
+macro_rules! banner {
+    ($($arg:tt)*) => {{
+        let _ = crate::stdout_line(format_args!($($arg)*));
+    }};
+}
+
 /// Default `--listen`.
 const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 7443);
@@ -481,44 +489,44 @@ pub(crate) async fn run(mut a: RelayArgs) -> Result<()> {
     } else {
         addr.to_string()
     };
-    println!("relay listening on {addr} (udp)");
-    println!("relay id {relay_id}");
-    println!("mail durability {}", handle.durability().as_str());
+    banner!("relay listening on {addr} (udp)");
+    banner!("relay id {relay_id}");
+    banner!("mail durability {}", handle.durability().as_str());
     if a.mesh_key_file.is_some() {
-        println!(
+        banner!(
             "mesh: dialing {} seed relay(s); others are learned",
             a.mesh_peers.len()
         );
     }
     if let Some(h) = handle.http_addr() {
-        println!("https listening on {h} (tcp): HTTP + JSON API, see /v1/openapi.json");
+        banner!("https listening on {h} (tcp): HTTP + JSON API, see /v1/openapi.json");
     }
     if let Some(m) = handle.metrics_addr() {
-        println!("metrics on http://{m}/metrics (Prometheus text format)");
+        banner!("metrics on http://{m}/metrics (Prometheus text format)");
     }
-    println!("fingerprint {fp}");
+    banner!("fingerprint {fp}");
     if let Some(d) = a.data_dir.as_ref().filter(|_| a.dev) {
-        println!("(also written to {})", d.join("fingerprint").display());
+        banner!("(also written to {})", d.join("fingerprint").display());
     }
-    println!("keys file {} ({n} active)", keys_path.display());
+    banner!("keys file {} ({n} active)", keys_path.display());
     if let (Some(h), Some(d)) = (handle.http_addr(), a.data_dir.as_ref().filter(|_| a.dev)) {
         let host = if h.ip().is_unspecified() {
             "localhost".to_string()
         } else {
             h.ip().to_string()
         };
-        println!("try the HTTP API with:");
-        println!(
+        banner!("try the HTTP API with:");
+        banner!(
             "  curl --cacert {} -H \"Authorization: Bearer $SWB_API_KEY\" https://{host}:{}/v1/peers",
             d.join("relay.crt").display(),
             h.port()
         );
     }
-    println!("connect a peer with:");
+    banner!("connect a peer with:");
     if a.dev {
-        println!("  SWB_API_KEY=... swbd up --relay {shown} --relay-fingerprint {fp} --name NAME");
+        banner!("  SWB_API_KEY=... swbd up --relay {shown} --relay-fingerprint {fp} --name NAME");
     } else {
-        println!("  SWB_API_KEY=... swbd up --relay {shown} --name NAME   (add --ca FILE if the certificate is not from a public CA)");
+        banner!("  SWB_API_KEY=... swbd up --relay {shown} --name NAME   (add --ca FILE if the certificate is not from a public CA)");
     }
 
     let mut hup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;

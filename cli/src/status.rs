@@ -4,7 +4,6 @@ use crate::{parse_duration, Output};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::time::Duration;
 use swb_daemon::control::StatusView;
 use swb_daemon::Client;
@@ -63,26 +62,22 @@ fn presence(s: &StatusView) -> String {
 }
 
 fn print(out: &Output, s: &StatusView) -> Result<()> {
-    let stdout = std::io::stdout();
-    let mut w = stdout.lock();
     if out.json {
-        writeln!(w, "{}", serde_json::to_string(s)?)?;
+        outln!("{}", serde_json::to_string(s)?);
     } else {
         let lag = if s.lagged {
             " (lagged: newest value shown)"
         } else {
             ""
         };
-        writeln!(
-            w,
+        outln!(
             "{}\t{}\tv{}\t{}{lag}",
             s.name,
             presence(s),
             s.version,
             summary(s)
-        )?;
+        );
     }
-    w.flush()?;
     Ok(())
 }
 
@@ -140,8 +135,6 @@ pub(crate) async fn peers(a: PeersArgs, out: &Output) -> Result<()> {
         }
         return Ok(());
     }
-    let stdout = std::io::stdout();
-    let mut w = stdout.lock();
     // With TUN, a column of virtual addresses (IPv4) before the status.
     let tun = list.iter().any(|s| s.tun.is_some());
     let tun_col = |s: Option<&str>| {
@@ -151,25 +144,23 @@ pub(crate) async fn peers(a: PeersArgs, out: &Output) -> Result<()> {
             String::new()
         }
     };
-    writeln!(
-        w,
+    outln!(
         "{:<20} {:<8} {:<26} {}STATUS",
         "NAME",
         "STATE",
         "SINCE",
         tun_col(Some("TUN"))
-    )?;
+    );
     for s in &list {
         let state = if s.online { "online" } else { "offline" };
-        writeln!(
-            w,
+        outln!(
             "{:<20} {:<8} {:<26} {}{}",
             s.name,
             state,
             s.since.as_deref().unwrap_or("-"),
             tun_col(s.tun.as_ref().map(|t| t.ipv4.as_str())),
             summary(s)
-        )?;
+        );
     }
     Ok(())
 }

@@ -299,6 +299,79 @@ async fn ping_prints_round_trips_and_the_path_on_one_relay_and_across_a_mesh() -
     Ok(())
 }
 
+/// `swbd ARGS` with stdout a pipe whose reader has already gone, as after
+/// `| head -1` read what it wanted: every write fails with `EPIPE`.
+async fn closed_stdout(control: &Path, args: &[&str]) -> Result<Output> {
+    let (reader, writer) = std::io::pipe()?;
+    drop(reader);
+    // Not `output()`: tokio's pipes stdout over the one given.
+    let child = swbd()
+        .arg("--control")
+        .arg(control)
+        .args(args)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()?;
+    Ok(tokio::time::timeout(WAIT, child.wait_with_output())
+        .await
+        .context("swbd did not finish")??)
+}
+
+#[tokio::test]
+async fn commands_end_quietly_when_their_reader_closes_and_recv_then_acknowledges_nothing(
+) -> Result<()> {
+    let relay = TestRelay::spawn().await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "alpha").await?;
+    let b = TestDaemon::start(&relay, &key, "beta").await?;
+    let ctl = a.handle.control_path().to_path_buf();
+    let keys = relay.keys_path();
+    let keys = keys.to_str().context("keys path")?;
+    b.client()
+        .await?
+        .set_status(
+            [("role".to_string(), "db".to_string())].into(),
+            vec![],
+            WAIT,
+        )
+        .await?;
+
+    // What a reader that stops early sees: exit 0, nothing on stderr — not
+    // the panic and backtrace of `println!` on a closed pipe.
+    for args in [
+        &["status"][..],
+        &["--json", "status"],
+        &["peers"],
+        &["--json", "peers"],
+        &["get-status", "beta"],
+        &["ping", "beta", "--count", "2", "--interval", "0"],
+        &["keys", "list", "--keys", keys],
+        &["completions", "bash"],
+    ] {
+        let out = closed_stdout(&ctl, args).await?;
+        let e = text(&out.stderr);
+        ensure!(
+            out.status.success() && e.is_empty(),
+            "swbd {args:?} with a closed stdout: {} and stderr {e:?}",
+            out.status
+        );
+    }
+
+    // `recv` acknowledges only what reached stdout: with nowhere to print,
+    // it says so and exits 1, and the message is received again.
+    b.send("alpha", b"kept").await?;
+    let out = closed_stdout(&ctl, &["recv", "--wait", "10s"]).await?;
+    let e = text(&out.stderr);
+    ensure!(
+        out.status.code() == Some(1) && e.contains("the messages were not acknowledged"),
+        "{}: {e}",
+        out.status
+    );
+    let got = a.recv_n(1).await?;
+    assert_eq!(got[0].body(), b"kept");
+    Ok(())
+}
+
 #[tokio::test]
 async fn completions_for_three_shells_and_man_pages_come_from_the_cli() -> Result<()> {
     for (shell, marker) in [
