@@ -2107,7 +2107,8 @@ mod tests {
         for _ in 0..2 {
             client.set_max_concurrent(Dir::Uni, 200u32.into());
             client.set_max_concurrent(Dir::Bi, 201u32.into());
-            assert_eq!(client.recv.len(), 200 + 201);
+            // Switchboard patch, item 18: no entries until the peer names a stream.
+            assert_eq!(client.recv.len(), 0);
             assert_eq!(client.max_remote[Dir::Uni as usize], 200);
             assert_eq!(client.max_remote[Dir::Bi as usize], 201);
         }
@@ -2334,6 +2335,42 @@ mod tests {
         // Assert that only `smaller_send_window` bytes are accepted
         assert_eq!(stream.write(&data), Ok(smaller_send_window as usize));
         assert_eq!(stream.write(&data), Err(WriteError::Blocked));
+    }
+
+    /// Switchboard patch, item 18: the first frame of the peer's to name a stream may be a
+    /// MAX_STREAM_DATA (the peer reads a bidirectional stream before writing to it). It makes
+    /// the entries up to that stream and none past it, and the credit it gives is kept for the
+    /// stream's data when it comes.
+    #[test]
+    fn max_stream_data_first_names_a_remote_stream() {
+        let mut server = make(Side::Server);
+        let bi = |i| StreamId::new(Side::Client, Dir::Bi, i);
+        assert!(server.send.is_empty() && server.recv.is_empty());
+        server.received_max_stream_data(bi(5), 1 << 30).unwrap();
+        assert_eq!(server.initialized_remote[Dir::Bi as usize], 6);
+        for i in 0..6 {
+            assert!(server.send.contains_key(&bi(i)), "no send entry for {}", bi(i));
+            assert!(server.recv.contains_key(&bi(i)), "no recv entry for {}", bi(i));
+        }
+        assert!(!server.send.contains_key(&bi(6)) && !server.recv.contains_key(&bi(6)));
+        let credit = |s: &StreamsState| s.send[&bi(5)].as_ref().map(|ss| ss.max_data);
+        assert_eq!(credit(&server), Some(1 << 30), "the credit was dropped");
+
+        // The stream's data then arrives on the entry made, and the credit stays.
+        server
+            .received(
+                frame::Stream {
+                    id: bi(5),
+                    offset: 0,
+                    fin: false,
+                    data: Bytes::from_static(&[7; 16]),
+                },
+                16,
+            )
+            .unwrap();
+        assert_eq!(server.initialized_remote[Dir::Bi as usize], 6);
+        assert_eq!(credit(&server), Some(1 << 30));
+        assert!(matches!(server.recv.get(&bi(5)), Some(Some(_))));
     }
 
     #[test]
