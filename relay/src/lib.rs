@@ -551,6 +551,17 @@ impl RelayHandle {
         }
     }
 
+    /// Makes `f` land in this relay's mailbox after the first handoff
+    /// pass of its graceful stop, as a forward that passed the leaving
+    /// check just before the announcement and was stored while the pass
+    /// ran. For tests of the passes after the first.
+    #[doc(hidden)]
+    pub fn mesh_land_after_first_leave_pass(&self, f: swb_wire::MeshForward) {
+        if let Some(m) = &self.mesh {
+            m.land_after_first_leave_pass(f);
+        }
+    }
+
     /// How durable accepted mail is at this relay.
     pub fn durability(&self) -> Durability {
         self.router.services().durability()

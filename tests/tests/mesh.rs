@@ -457,6 +457,48 @@ async fn a_relay_leaving_the_mesh_takes_no_more_forwarded_mail() -> Result<()> {
     Ok(())
 }
 
+/// A forward that passed the leaving check just before the announcement
+/// can be stored after the first handoff pass exported the mailbox. The
+/// next pass moves it: nothing accepted stays behind at the stopping relay.
+#[tokio::test]
+async fn mail_stored_during_the_first_handoff_pass_is_moved_by_the_next() -> Result<()> {
+    let (mut relays, api) = mesh3('v').await?;
+    let ids = ["r1", "r2", "r3"];
+    let away = name_homed_on(&ids, "acme", "r2");
+    let fwd = |i: u8, body: &'static [u8]| swb_wire::MeshForward {
+        namespace: "acme".into(),
+        from: "someone".into(),
+        to: away.clone(),
+        id: swb_wire::MessageId([i; 16]),
+        body: bytes::Bytes::from_static(body),
+        sent_at_ms: 1,
+        hops: 0,
+    };
+    let first = relays[0]
+        .handle()
+        .mesh_forward_call("r2", vec![fwd(1, b"first")])
+        .await;
+    assert!(matches!(first[..], [Ok(false)]), "{first:?}");
+    relays[1]
+        .handle()
+        .mesh_land_after_first_leave_pass(fwd(2, b"late"));
+    let successor = swb_ring::Ring::new(["r1", "r3"])
+        .home("acme", &away)
+        .unwrap_or("")
+        .to_string();
+    let idx = if successor == "r1" { 0 } else { 2 };
+    relays[1].stop().await;
+    relays[idx]
+        .wait_stats("the successor holds both", |s| s.held == 2)
+        .await?;
+    let d = swb_tests::TestDaemon::start(&relays[0], &api, &away).await?;
+    assert_eq!(
+        take_bodies(&d, 2).await?,
+        vec![b"first".to_vec(), b"late".to_vec()]
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_joining_relay_moves_only_the_names_the_ring_gives_it() -> Result<()> {
     let (relays, api) = mesh3('l').await?;

@@ -116,14 +116,41 @@ impl Mesh {
         self.announce_leaving();
         let ring = self.placement.live_now().ring.without(&self.me.id);
         let (mut moved, mut kept) = (0, 0);
-        for _ in 0..LEAVE_PASSES {
+        for pass in 0..LEAVE_PASSES {
             let (m, k) = handoff(self, &ring).await;
             moved += m;
             kept = k;
+            if pass == 0 {
+                self.take_late_forward();
+            }
             if m == 0 {
                 break;
             }
         }
         (moved, kept)
+    }
+
+    /// Takes the forward a test set to land after the first pass (see
+    /// [`Mesh::late_forward`]), as `forward_in` takes one at its home.
+    fn take_late_forward(&self) {
+        let late = self
+            .late_forward
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(f) = late else {
+            return;
+        };
+        let Ok(to) = swb_wire::normalize_name(&f.to) else {
+            return;
+        };
+        let now = tokio::time::Instant::now();
+        let taken =
+            self.services
+                .enqueue(&f.namespace, &*f.from, &to, f.id, f.body, f.sent_at_ms, now);
+        debug!(
+            ok = taken.is_ok(),
+            "a late forward landed after the first handoff pass"
+        );
     }
 }

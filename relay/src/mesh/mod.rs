@@ -53,7 +53,7 @@ use membership::Membership;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use swb_wire::RelayRecord;
+use swb_wire::{MeshForward, RelayRecord};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio_util::task::TaskTracker;
@@ -114,6 +114,10 @@ pub(crate) struct Mesh {
     /// that has not read them yet does (for tests of the handoff's race
     /// with them).
     ignore_leaving: AtomicBool,
+    /// A forward to take after the first handoff pass of [`Mesh::leave`],
+    /// as one that passed the leaving check just before the announcement
+    /// and landed while the pass ran (for tests of the passes after it).
+    late_forward: Mutex<Option<MeshForward>>,
     /// Upstream status subscriptions for peers homed elsewhere: one per
     /// (namespace, name), owned here.
     #[allow(clippy::type_complexity)]
@@ -151,6 +155,7 @@ impl Mesh {
             leaving: AtomicBool::new(false),
             one_forward_per_call: AtomicBool::new(false),
             ignore_leaving: AtomicBool::new(false),
+            late_forward: Mutex::new(None),
             mirrors: Mutex::new((HashSet::new(), JoinSet::new())),
             tasks,
             stop,
@@ -165,6 +170,11 @@ impl Mesh {
     /// See [`Mesh::ignore_leaving`].
     pub(crate) fn ignore_leaving(&self) {
         self.ignore_leaving.store(true, Ordering::Relaxed);
+    }
+
+    /// See [`Mesh::late_forward`].
+    pub(crate) fn land_after_first_leave_pass(&self, f: MeshForward) {
+        *self.late_forward.lock().unwrap_or_else(|p| p.into_inner()) = Some(f);
     }
 
     /// Whether this relay announced it is leaving: it takes no more mail.
