@@ -33,7 +33,7 @@
 //! ```
 
 use crate::inbox::Identity;
-use crate::session::{BatchItem, Cmd, SendResult};
+use crate::session::{BatchItem, SendResult};
 use crate::{ConnState, Shared};
 use bytes::Bytes;
 use std::collections::HashSet;
@@ -613,7 +613,11 @@ impl Leased {
         let n = acked.len();
         if n > 0 {
             // The connection actor marks them in the inbox.
-            if shared.cmd_tx.send(Cmd::Ack(acked)).await.is_err() {
+            if (shared.out)
+                .ack(&shared.cmd_tx, &shared.tasks, acked)
+                .await
+                .is_err()
+            {
                 return Err(ApiError::new(
                     "stopped",
                     "the daemon is stopping; the relay will deliver these again",

@@ -252,7 +252,7 @@ pub(crate) async fn run(
 /// Until then the messages stay known, so a redelivery meanwhile is
 /// dropped as a duplicate (and this acknowledgement is still sent).
 fn mark_acked(shared: &Shared, cmd: &Cmd) {
-    if let Cmd::Ack(acked) = cmd {
+    if let Cmd::Ack(acked) | Cmd::AckWritten(acked) = cmd {
         shared.inbox().acked(acked.iter().copied());
     }
 }

@@ -10,10 +10,15 @@
 //! its answer; registering wakes no one) and says on which connection it
 //! wrote it; the actor keeps it until answered and writes it again on the
 //! next connection if this one is lost, as it does any send.
-//! Everything else — acknowledgements, resends, sends that find the stream
-//! busy — the actor writes, under the same lock.
+//! Acknowledgements go the same way: written by the caller when the stream
+//! is free, and registered for the actor, which marks them in the inbox. A
+//! program that answers a message and then acknowledges it so writes both
+//! before QUIC sends either: one packet, not two.
+//! Everything else — resends, sends and acknowledgements that find the
+//! stream busy — the actor writes, under the same lock.
 
 use crate::dial::LinkError;
+use crate::inbox::Identity;
 use crate::session::{BatchItem, Cmd, Reqs, SendResult, Written};
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
@@ -123,6 +128,29 @@ impl Outbound {
         self.hand(cmd_tx, tasks, cmd).await
     }
 
+    /// Hands acknowledgements to the connection: written here if the
+    /// stream is free (see the module documentation), else queued for the
+    /// actor. Either way the actor marks them in the inbox.
+    pub(crate) async fn ack(
+        &self,
+        cmd_tx: &mpsc::Sender<Cmd>,
+        tasks: &TaskTracker,
+        acked: Vec<Identity>,
+    ) -> Result<(), Stopped> {
+        let mut cmd = Cmd::AckWritten(acked);
+        if let Some(guard) = self.free() {
+            match self.write_own(guard, tasks, cmd) {
+                Ok(()) => return Ok(()),
+                Err(back) => cmd = back,
+            }
+        }
+        let cmd = match cmd {
+            Cmd::AckWritten(acked) => Cmd::Ack(acked),
+            other => other,
+        };
+        cmd_tx.send(cmd).await.map_err(|_| Stopped)
+    }
+
     async fn hand(
         &self,
         cmd_tx: &mpsc::Sender<Cmd>,
@@ -150,8 +178,8 @@ impl Outbound {
         (guard.is_some() && self.queued.load(Ordering::Acquire) == 0).then_some(guard)
     }
 
-    /// Registers `cmd` (a send or a batch) for the actor and writes its
-    /// frames; gives it back (unregistered, unwritten) if
+    /// Registers `cmd` (a send, a batch or acknowledgements) for the actor
+    /// and writes its frames; gives it back (unregistered, unwritten) if
     /// [`REGISTERED_MAX`] are registered already.
     fn write_own(
         &self,
@@ -182,6 +210,20 @@ impl Outbound {
                 });
                 (encoded.map(|()| first), written)
             }
+            Cmd::AckWritten(acked) => {
+                let encoded = acked.chunks(swb_wire::MAX_ACK_IDS).try_for_each(|c| {
+                    Frame::Ack(swb_wire::Ack {
+                        ids: c.iter().map(|a| a.id).collect(),
+                    })
+                    .encode(buf)
+                });
+                if encoded.is_err() {
+                    buf.clear();
+                    return Err(cmd);
+                }
+                let frames = buf.split().freeze();
+                return self.register_and_write(guard, tasks, frames, cmd);
+            }
             _ => return Err(cmd),
         };
         let Ok(req) = encoded else {
@@ -201,7 +243,23 @@ impl Outbound {
             *buf = BytesMut::new();
         }
         *written = Some(Written { req, link: w.link });
-        // Registered before written: the actor learns of the send before
+        self.register_and_write(guard, tasks, frames, cmd)
+    }
+
+    /// Registers `cmd` for the actor and writes its `frames`; gives it back
+    /// (unregistered, unwritten) if [`REGISTERED_MAX`] are registered
+    /// already.
+    fn register_and_write(
+        &self,
+        mut guard: OwnedMutexGuard<Option<Writer>>,
+        tasks: &TaskTracker,
+        frames: Bytes,
+        mut cmd: Cmd,
+    ) -> Result<(), Cmd> {
+        let Some(w) = guard.as_mut() else {
+            return Err(cmd);
+        };
+        // Registered before written: the actor learns of a send before
         // the relay's answer can reach it.
         {
             let mut registered = self.registered();
@@ -220,8 +278,9 @@ impl Outbound {
         match w.send.write_chunks(&mut rest).now_or_never() {
             Some(Ok(_)) if rest[0].is_empty() => return Ok(()),
             Some(Ok(_)) | None => {}
-            // The connection is gone: the actor notices, and writes the
-            // send again on the next one.
+            // The connection is gone: the actor notices, and writes a
+            // send again on the next one (acknowledgements go again when
+            // the relay delivers their messages again).
             Some(Err(_)) => return Ok(()),
         }
         tasks.spawn(async move {

@@ -46,6 +46,11 @@ pub(crate) enum Cmd {
     /// them in the inbox (only its thread touches the inbox's sets) and
     /// tells the relay.
     Ack(Vec<Identity>),
+    /// Messages the application acknowledged and whose acknowledgement its
+    /// caller wrote itself (see [`crate::outbound`]): the actor only marks
+    /// them in the inbox. One lost with its connection is sent again when
+    /// the relay delivers the message again (the inbox knows it as acked).
+    AckWritten(Vec<Identity>),
     /// The TUN address index of a peer (the name responder).
     TunResolve {
         name: String,
@@ -262,6 +267,8 @@ impl SessionCore {
             Cmd::Ack(acked) => {
                 self.pending_acks.extend(acked.iter().map(|a| a.id));
             }
+            // On the wire already; the inbox was told (`mark_acked`).
+            Cmd::AckWritten(_) => {}
             Cmd::TunResolve { name, reply } => {
                 let req = self.reqs.next();
                 out.push(Frame::TunResolve(swb_wire::TunResolve {
