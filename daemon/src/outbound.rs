@@ -222,6 +222,10 @@ impl Outbound {
                     return Err(cmd);
                 }
                 let frames = buf.split().freeze();
+                // As for a large batch below: a grown arena is not kept.
+                if buf.capacity() > ARENA {
+                    *buf = BytesMut::new();
+                }
                 return self.register_and_write(guard, tasks, frames, cmd);
             }
             _ => return Err(cmd),

@@ -1407,3 +1407,46 @@ async fn a_daemon_acknowledges_the_relays_packets_in_few_of_its_own() -> Result<
     );
     Ok(())
 }
+
+/// More messages than one Ack frame names (`MAX_ACK_IDS`), acknowledged in
+/// one call through the Rust API: the caller writes them as several frames
+/// and the relay forgets every one.
+#[tokio::test]
+async fn an_acknowledgement_of_more_than_one_frame_holds_reaches_the_relay_whole() -> Result<()> {
+    const N: usize = swb_wire::MAX_ACK_IDS * 2 + 100;
+    let relay = relay_with_mailboxes_of(N).await?;
+    let key = relay.create_key("acme")?;
+    let a = TestDaemon::start(&relay, &key, "alpha").await?;
+    let b = TestDaemon::start(&relay, &key, "beta").await?;
+    let batch: Vec<(&str, Bytes)> = (0..N)
+        .map(|i| ("beta", Bytes::from(i.to_string())))
+        .collect();
+    for chunk in batch.chunks(swb_daemon::MAX_SEND_BATCH) {
+        for r in a
+            .handle
+            .sender()
+            .submit_batch(chunk.iter().cloned(), WAIT)
+            .await?
+            .answer()
+            .await?
+        {
+            r?;
+        }
+    }
+    relay.wait_stats("all held", |s| s.held == N as u64).await?;
+    let mut rx = b.handle.receiver();
+    let mut got = Vec::new();
+    while got.len() < N {
+        let more = rx.recv(N - got.len(), WAIT).await?;
+        anyhow::ensure!(!more.is_empty(), "received {} of {N}", got.len());
+        got.extend(more);
+    }
+    let ids: Vec<MessageId> = got.iter().map(|m| m.id).collect();
+    assert_eq!(rx.ack(&ids).await?, N);
+    relay
+        .wait_stats("every message forgotten", |s| {
+            s.held == 0 && s.acked == N as u64
+        })
+        .await?;
+    Ok(())
+}
